@@ -1,0 +1,169 @@
+"""Model configuration: one dataclass per part, the presets, and reading a checkpoint's config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pi05_ros.engine.errors import CheckpointError
+
+IMAGE_KEYS: tuple[str, ...] = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """SigLIP vision tower (pre-LN blocks, post-LN at the end, no pooling head)."""
+
+    image_size: int = 224
+    patch_size: int = 14
+    width: int = 1152
+    depth: int = 27
+    num_heads: int = 16
+    mlp_dim: int = 4304
+    layer_norm_eps: float = 1e-6
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+
+@dataclass(frozen=True)
+class GemmaConfig:
+    """One Gemma transformer: the 2B VLM or the 300M action expert."""
+
+    width: int
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10_000.0
+
+
+GEMMA_2B = GemmaConfig(width=2048, depth=18, mlp_dim=16_384, num_heads=8, num_kv_heads=1, head_dim=256)
+GEMMA_300M = GemmaConfig(width=1024, depth=18, mlp_dim=4096, num_heads=8, num_kv_heads=1, head_dim=256)
+
+
+@dataclass(frozen=True)
+class Pi05Config:
+    """Everything that fixes the shapes and the numerics of a Pi0.5 model."""
+
+    name: str = "pi05"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    vlm: GemmaConfig = GEMMA_2B
+    expert: GemmaConfig = GEMMA_300M
+    vocab_size: int = 257_152
+    action_dim: int = 32
+    action_horizon: int = 50
+    max_token_len: int = 200
+    # pi05 writes the discretized state into the prompt; pi05_libero was trained with the pi0 prompt format.
+    state_in_prompt: bool = True
+    time_min_period: float = 4e-3
+    time_max_period: float = 4.0
+    image_keys: tuple[str, ...] = IMAGE_KEYS
+
+    @property
+    def text_embed_scale(self) -> float:
+        return math.sqrt(self.vlm.width)
+
+    def replace(self, **changes: Any) -> Pi05Config:
+        return dataclasses.replace(self, **changes)
+
+
+TINY = Pi05Config(
+    name="tiny",
+    vision=VisionConfig(width=64, depth=2, num_heads=4, mlp_dim=112),
+    vlm=GemmaConfig(width=96, depth=3, mlp_dim=192, num_heads=4, num_kv_heads=1, head_dim=32),
+    expert=GemmaConfig(width=48, depth=3, mlp_dim=96, num_heads=4, num_kv_heads=1, head_dim=32),
+    vocab_size=1024,
+    action_horizon=10,
+    max_token_len=24,
+)
+
+PRESETS: dict[str, Pi05Config] = {
+    "pi05": Pi05Config(),
+    "pi05_droid": Pi05Config(name="pi05_droid", action_horizon=15),
+    "pi05_libero": Pi05Config(name="pi05_libero", action_horizon=10, state_in_prompt=False),
+    "tiny": TINY,
+}
+
+_VARIANTS: dict[str, GemmaConfig] = {"gemma_2b": GEMMA_2B, "gemma_300m": GEMMA_300M}
+
+
+def preset(name: str) -> Pi05Config:
+    """The preset called `name`; the error lists the known ones."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise CheckpointError(
+            f"unknown config preset {name!r}; choose one of {', '.join(sorted(PRESETS))}"
+        ) from None
+
+
+def _gemma_from_tiny_dict(d: dict[str, Any]) -> GemmaConfig:
+    return GemmaConfig(
+        width=d["width"], depth=d["depth"], mlp_dim=d["mlp_dim"], num_heads=d["num_heads"],
+        num_kv_heads=d["num_kv_heads"], head_dim=d["head_dim"],
+        rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=d.get("rope_theta", 10_000.0),
+    )
+
+
+def config_from_dict(raw: dict[str, Any], base: Pi05Config) -> Pi05Config:
+    """Overlay what a checkpoint's config.json says (openpi or LeRobot keys) onto `base`."""
+    changes: dict[str, Any] = {}
+    # openpi keys
+    for key in ("action_dim", "action_horizon", "max_token_len"):
+        if key in raw:
+            changes[key] = int(raw[key])
+    # LeRobot keys
+    if "chunk_size" in raw:
+        changes["action_horizon"] = int(raw["chunk_size"])
+    if "max_action_dim" in raw:
+        changes["action_dim"] = int(raw["max_action_dim"])
+    if "tokenizer_max_length" in raw:
+        changes["max_token_len"] = int(raw["tokenizer_max_length"])
+    for key, part in (("paligemma_variant", "vlm"), ("action_expert_variant", "expert")):
+        variant = raw.get(key)
+        if variant in _VARIANTS:
+            changes[part] = _VARIANTS[variant]
+    tiny = raw.get("tiny")
+    if isinstance(tiny, dict):  # the golden test checkpoint spells out its small dimensions
+        v = tiny["vision"]
+        changes["vision"] = VisionConfig(
+            image_size=v["image_size"], patch_size=v["patch_size"], width=v["hidden_size"],
+            depth=v["num_hidden_layers"], num_heads=v["num_attention_heads"], mlp_dim=v["intermediate_size"],
+            layer_norm_eps=v.get("layer_norm_eps", 1e-6),
+        )
+        changes["vlm"] = _gemma_from_tiny_dict(tiny["vlm"])
+        changes["expert"] = _gemma_from_tiny_dict(tiny["expert"])
+        changes["vocab_size"] = int(tiny["vlm"]["vocab_size"])
+        changes["name"] = "tiny"
+    if "image_keys" in raw:
+        changes["image_keys"] = tuple(raw["image_keys"])
+    return dataclasses.replace(base, **changes)
+
+
+def load_config(checkpoint_dir: Path, preset_name: str | None = None) -> Pi05Config:
+    """The config of a checkpoint directory: the preset (default `pi05`) overlaid with its config.json."""
+    base = preset(preset_name or "pi05")
+    path = Path(checkpoint_dir) / "config.json"
+    if not path.is_file():
+        return base
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); restore the checkpoint's config.json") from exc
+    if preset_name is None and raw.get("paligemma_variant") == "tiny":
+        base = TINY
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return config_from_dict(raw, base)

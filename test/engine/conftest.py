@@ -1,0 +1,74 @@
+"""Fixtures for engine tests: the golden data, a trained SentencePiece model, small checkpoints on disk."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pi05_ros.engine.checkpoint import load_model
+from pi05_ros.engine.config import TINY
+from pi05_ros.engine.demo import demo_tokenizer, random_model, write_checkpoint
+from pi05_ros.engine.reference import ModelInputs, Pi05Model
+
+
+def shared_dir() -> Path:
+    env = os.environ.get("PI05_SHARED")
+    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared"
+
+
+GOLDEN = shared_dir() / "golden" / "pi05_tiny"
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    assert (GOLDEN / "model.safetensors").is_file(), f"golden data missing at {GOLDEN} (set PI05_SHARED)"
+    return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def golden_cases(golden_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(golden_dir / "cases.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def golden_model(golden_dir: Path) -> Pi05Model:
+    model, _ = load_model(golden_dir)
+    return model
+
+
+@pytest.fixture(scope="session")
+def case_inputs(golden_cases: dict[str, torch.Tensor]) -> Callable[[int], ModelInputs]:
+    """case_inputs(k): the model inputs of golden case k."""
+
+    def make(k: int) -> ModelInputs:
+        p = f"case{k}/"
+        return ModelInputs(
+            images=torch.stack([golden_cases[f"{p}image{v}"] for v in range(3)], dim=1),
+            image_masks=torch.stack([golden_cases[f"{p}image_mask{v}"] for v in range(3)], dim=1),
+            tokens=golden_cases[p + "tokens"],
+            token_mask=golden_cases[p + "token_mask"],
+            noise=golden_cases[p + "noise"],
+        )
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real SentencePiece model, trained here, with PaliGemma's special ids."""
+    return demo_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Pi05Model:
+    return random_model(TINY, seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_model: Pi05Model) -> Path:
+    return write_checkpoint(tiny_model, tmp_path_factory.mktemp("ckpt") / "pi05_tiny_openpi", fmt="openpi")
