@@ -11,6 +11,7 @@ so host memory never holds more than the tensors kept plus the one in flight.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from collections.abc import Iterable
@@ -89,17 +90,18 @@ class CheckpointInfo:
         return out
 
     def parameter_counts(self) -> dict[str, int]:
+        """Stored parameters per part (vision, projector, vlm, expert, action head, embed_tokens, unused)."""
         counts: dict[str, int] = {}
-        for name, (shape, _) in self.tensors.items():
-            n = 1
-            for s in shape:
-                n *= s
-            internal = map_name(name[len(self.prefix):])
-            part = "lm_head (unused)" if name.endswith("lm_head.weight") and name[len(self.prefix):] != self.embed_name \
-                else (internal.split(".")[0] if internal else "unmapped")
-            if self.embed_name and name == self.prefix + self.embed_name:
+        for stored, (shape, _) in self.tensors.items():
+            name = stored[len(self.prefix):]
+            if name == self.embed_name:
                 part = "embed_tokens"
-            counts[part] = counts.get(part, 0) + n
+            elif name in EMBED_NAMES or name in SKIPPED_NAMES:
+                part = "unused (lm_head)"
+            else:
+                internal = map_name(name)
+                part = internal.split(".")[0] if internal else "unexpected"
+            counts[part] = counts.get(part, 0) + math.prod(shape)
         return counts
 
 
@@ -156,10 +158,13 @@ def inspect_checkpoint(path: str | Path, config_preset: str | None = None) -> Ch
     else:
         sample = ", ".join(names[:3]) or "no tensors at all"
         raise CheckpointError(
-            f"{weights} holds no Pi0.5 tensors (first names: {sample}); pass an openpi PyTorch or LeRobot pi05 checkpoint"
+            f"{weights} holds no Pi0.5 tensors (first names: {sample}); "
+            "pass an openpi PyTorch or LeRobot pi05 checkpoint"
         )
     if any(n[len(prefix):] in PI0_MARKERS for n in names):
-        raise CheckpointError(f"{weights} is a Pi0 checkpoint (it has state_proj/action_time_mlp); pi05_ros runs Pi0.5 only")
+        raise CheckpointError(
+            f"{weights} is a Pi0 checkpoint (it has state_proj/action_time_mlp); pi05_ros runs Pi0.5 only"
+        )
     info = CheckpointInfo(ckpt_dir, weights, fmt, config, prefix, tensors)
     _check_names(info)
     return info
@@ -229,10 +234,7 @@ class _Progress:
 
 def _nbytes(shape: Iterable[int], dtype: str) -> int:
     size = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "F8_E4M3": 1, "U8": 1}.get(dtype, 4)
-    n = 1
-    for s in shape:
-        n *= s
-    return n * size
+    return math.prod(shape) * size
 
 
 def load_model(
@@ -253,7 +255,8 @@ def load_model(
             "Check that this is a Pi0.5 checkpoint and that config.json / the config preset match it."
         )
     if info.unexpected:
-        log.warning("ignoring %d tensors the model does not use: %s", len(info.unexpected), ", ".join(info.unexpected[:5]))
+        log.warning("ignoring %d tensors the model does not use: %s",
+                    len(info.unexpected), ", ".join(info.unexpected[:5]))
     device = torch.device(device)
     with torch.device("meta"):
         model = Pi05Model(info.config)

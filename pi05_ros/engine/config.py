@@ -67,6 +67,9 @@ class Pi05Config:
     max_token_len: int = 200
     # pi05 writes the discretized state into the prompt; pi05_libero was trained with the pi0 prompt format.
     state_in_prompt: bool = True
+    # openpi writes only the robot's real state dims into the prompt; LeRobot pads the state to
+    # max_state_dim first (the padded zeros print as bin 128). Models must see the format they were trained on.
+    prompt_state_dim: int | None = None
     time_min_period: float = 4e-3
     time_max_period: float = 4.0
     image_keys: tuple[str, ...] = IMAGE_KEYS
@@ -129,6 +132,8 @@ def config_from_dict(raw: dict[str, Any], base: Pi05Config) -> Pi05Config:
         changes["action_horizon"] = int(raw["chunk_size"])
     if "max_action_dim" in raw:
         changes["action_dim"] = int(raw["max_action_dim"])
+    if "max_state_dim" in raw:
+        changes["prompt_state_dim"] = int(raw["max_state_dim"])
     if "tokenizer_max_length" in raw:
         changes["max_token_len"] = int(raw["tokenizer_max_length"])
     for key, part in (("paligemma_variant", "vlm"), ("action_expert_variant", "expert")):

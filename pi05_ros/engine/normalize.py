@@ -121,6 +121,52 @@ def find_norm_stats(checkpoint_dir: Path, asset_id: str | None = None) -> Path:
     raise CheckpointError(f"{checkpoint_dir} has several norm stats ({names}); choose one with norm_stats=<asset id>")
 
 
+LEROBOT_STATS_GLOBS = ("policy_postprocessor_step_*_unnormalizer_processor.safetensors",
+                       "policy_preprocessor_step_*_normalizer_processor.safetensors")
+
+
+def find_lerobot_norm_stats(checkpoint_dir: Path) -> Path:
+    """LeRobot keeps stats in its processor files rather than in assets/."""
+    for pattern in LEROBOT_STATS_GLOBS:
+        found = sorted(Path(checkpoint_dir).glob(pattern))
+        if found:
+            return found[0]
+    raise CheckpointError(
+        f"{checkpoint_dir} has no LeRobot normalizer file ({LEROBOT_STATS_GLOBS[0]}); lerobot/pi05_base ships none: "
+        "pass norm_stats=<norm_stats.json of your dataset>"
+    )
+
+
+def load_lerobot_norm_stats(path: str | Path) -> NormStats:
+    """Read a LeRobot (un)normalizer processor file: flat keys `observation.state.q01`, `action.q99`, ...
+
+    The mode (QUANTILES or MEAN_STD) comes from the `policy_*processor.json` beside it when present.
+    """
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    try:
+        flat = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own types for truncated or foreign files
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from exc
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in flat.items():
+        feature, stat = key.rsplit(".", 1)
+        groups.setdefault(feature, {})[stat] = value
+    if "observation.state" not in groups or "action" not in groups:
+        raise CheckpointError(f"{path} has no observation.state / action statistics (found {sorted(groups)})")
+    use_quantiles = True
+    for cfg_file in sorted(path.parent.glob("policy_*processor.json")):
+        text = cfg_file.read_text()
+        if '"MEAN_STD"' in text and '"QUANTILES"' not in text:
+            use_quantiles = False
+    return NormStats(
+        _stats_from_dict(groups["observation.state"], "observation.state", path, use_quantiles),
+        _stats_from_dict(groups["action"], "action", path, use_quantiles),
+        use_quantiles,
+    )
+
+
 def save_norm_stats(path: str | Path, state: Stats, actions: Stats) -> None:
     """Write stats in openpi's norm_stats.json layout (used by tests and the demo model)."""
     def as_dict(s: Stats) -> dict:

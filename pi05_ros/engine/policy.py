@@ -24,7 +24,13 @@ import torch
 from pi05_ros.engine.checkpoint import CheckpointInfo, load_model
 from pi05_ros.engine.config import PRESETS, Pi05Config
 from pi05_ros.engine.errors import CheckpointError, InputError
-from pi05_ros.engine.normalize import NormStats, find_norm_stats, load_norm_stats
+from pi05_ros.engine.normalize import (
+    NormStats,
+    find_lerobot_norm_stats,
+    find_norm_stats,
+    load_lerobot_norm_stats,
+    load_norm_stats,
+)
 from pi05_ros.engine.preprocess import resize_with_pad, to_model_range, validate_image
 from pi05_ros.engine.reference import ModelInputs, Pi05Model
 from pi05_ros.engine.timing import StageClock, StageStats
@@ -93,6 +99,20 @@ class ReferenceRunner:
         timings = clock.finish()
         timings.pop("total")
         return out, timings
+
+
+def _resolve_norm_stats(info: CheckpointInfo, norm_stats: str | Path | None, use_quantiles: bool) -> NormStats:
+    """A norm_stats.json path, a LeRobot processor .safetensors path, an asset id, or None (find it)."""
+    if norm_stats is not None:
+        path = Path(str(norm_stats)).expanduser()
+        if path.suffix == ".json":
+            return load_norm_stats(path, use_quantiles=use_quantiles)
+        if path.suffix == ".safetensors":
+            return load_lerobot_norm_stats(path)
+        return load_norm_stats(find_norm_stats(info.path, str(norm_stats)), use_quantiles=use_quantiles)
+    if info.format == "lerobot" and not (info.path / "assets").is_dir():
+        return load_lerobot_norm_stats(find_lerobot_norm_stats(info.path))
+    return load_norm_stats(find_norm_stats(info.path), use_quantiles=use_quantiles)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -173,11 +193,7 @@ class Policy:
         prec = resolve_precision(precision, dev)
         model, info = load_model(checkpoint, config_preset=config_preset, device=dev,
                                  dtype=torch.float32 if prec == "fp32" else torch.bfloat16)
-        if norm_stats is not None and Path(str(norm_stats)).suffix == ".json":
-            stats_path = Path(norm_stats)
-        else:
-            stats_path = find_norm_stats(info.path, str(norm_stats) if norm_stats else None)
-        stats = load_norm_stats(stats_path, use_quantiles=use_quantiles)
+        stats = _resolve_norm_stats(info, norm_stats, use_quantiles)
         tok = PromptTokenizer(tokenizer, model.cfg.max_token_len, model.cfg.state_in_prompt)
         policy = cls(model, tok, stats, precision=prec, action_dim=action_dim, seed=seed, checkpoint=info)
         log.info("loaded %s", policy.describe())
@@ -235,7 +251,9 @@ class Policy:
         """Validate and convert one observation into model units (host only)."""
         unknown = set(images) - set(self.image_keys)
         if unknown:
-            raise InputError(f"unknown camera slot(s) {sorted(unknown)}; this model's slots are {list(self.image_keys)}")
+            raise InputError(
+                f"unknown camera slot(s) {sorted(unknown)}; this model's slots are {list(self.image_keys)}"
+            )
         if not images:
             raise InputError(f"no camera image given; provide at least one of {list(self.image_keys)}")
         size = self.config.vision.image_size
@@ -250,7 +268,11 @@ class Policy:
         if state.shape[0] != self.state_dim:
             raise InputError(f"state has {state.shape[0]} values but the norm stats describe {self.state_dim}; "
                              "select the robot's joints in the order the model was trained with")
-        tokens, mask = self.tokenizer(prompt, self.norm_stats.normalize_state(state))
+        state_norm = self.norm_stats.normalize_state(state)
+        pad_to = self.config.prompt_state_dim
+        if pad_to and pad_to > state_norm.shape[0]:
+            state_norm = np.pad(state_norm, (0, pad_to - state_norm.shape[0]))
+        tokens, mask = self.tokenizer(prompt, state_norm)
         shape = (self.config.action_horizon, self.config.action_dim)
         if noise is None:
             noise = self._noise_gen.standard_normal(shape, dtype=np.float32)

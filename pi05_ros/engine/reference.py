@@ -261,7 +261,8 @@ class GemmaStack(nn.Module):
         self.cfg = cfg
         self.layers = nn.ModuleList(GemmaLayer(cfg, cond_dim) for _ in range(cfg.depth))
         self.norm: nn.Module = (
-            RMSNorm(cfg.width, cfg.rms_norm_eps) if cond_dim is None else AdaRMSNorm(cfg.width, cond_dim, cfg.rms_norm_eps)
+            RMSNorm(cfg.width, cfg.rms_norm_eps) if cond_dim is None
+            else AdaRMSNorm(cfg.width, cond_dim, cfg.rms_norm_eps)
         )
 
 

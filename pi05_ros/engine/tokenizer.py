@@ -48,7 +48,9 @@ class PromptTokenizer:
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(path))
         except (RuntimeError, OSError) as exc:
-            raise CheckpointError(f"{path} is not a SentencePiece model ({exc}); pass paligemma_tokenizer.model") from exc
+            raise CheckpointError(
+                f"{path} is not a SentencePiece model ({exc}); pass paligemma_tokenizer.model"
+            ) from exc
         self.path = path
         self.max_len = max_len
         self.state_in_prompt = state_in_prompt

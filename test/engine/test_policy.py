@@ -1,0 +1,113 @@
+"""The Policy end to end on a tiny checkpoint written to disk: images + state + prompt -> robot actions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pi05_ros.engine.errors import CheckpointError, InputError
+from pi05_ros.engine.policy import Policy
+from pi05_ros.engine.preprocess import prepare_image
+from pi05_ros.engine.reference import ModelInputs
+
+RNG = np.random.default_rng(0)
+IMG = RNG.integers(0, 256, (480, 640, 3), dtype=np.uint8)
+WRIST = RNG.integers(0, 256, (240, 320, 3), dtype=np.uint8)
+STATE = np.array([0.1, -0.5, 1.2, 0.0, 2.0, -2.4, 0.7], np.float32)
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_checkpoint: Path, tokenizer_path: Path) -> Policy:
+    return Policy.load(tiny_checkpoint, tokenizer_path, device="cpu")
+
+
+def test_infer_returns_robot_actions_and_timings(policy: Policy) -> None:
+    chunk = policy.infer({"base_0_rgb": IMG, "left_wrist_0_rgb": WRIST}, STATE, "put the cup in the sink", 3)
+    assert chunk.actions.shape == (policy.action_horizon, 7) and chunk.actions.dtype == np.float32
+    assert np.isfinite(chunk.actions).all() and chunk.num_steps == 3 and chunk.num_prompt_tokens > 10
+    assert set(chunk.timings) == set(policy.stage_names)
+    assert all(v >= 0 for v in chunk.timings.values())
+    assert chunk.timings["total"] >= chunk.timings["denoise"]
+    stats = policy.stage_stats()
+    assert set(stats["total"]) >= {"mean", "std", "p50", "p99"}
+
+
+def test_policy_equals_model_on_same_inputs(policy: Policy) -> None:
+    """Policy = preprocess + tokenize + model + un-normalize, nothing else."""
+    noise = RNG.standard_normal((policy.action_horizon, 32)).astype(np.float32)
+    chunk = policy.infer({"base_0_rgb": IMG}, STATE, "stack the blocks", 2, noise=noise)
+    tokens, mask = policy.tokenizer("stack the blocks", policy.norm_stats.normalize_state(STATE))
+    masked = np.full((3, 224, 224), -1, np.float32)
+    images = np.stack([prepare_image(IMG), masked, masked])
+    inputs = ModelInputs(torch.from_numpy(images)[None], torch.tensor([[True, False, False]]),
+                         torch.from_numpy(tokens)[None], torch.from_numpy(mask)[None], torch.from_numpy(noise)[None])
+    raw = policy.model.sample_actions(inputs, 2)[0].numpy()
+    expected = policy.norm_stats.unnormalize_actions(raw[:, :7])
+    np.testing.assert_allclose(chunk.actions, expected, rtol=1e-5, atol=1e-5)  # float32, same ops
+
+
+def test_same_noise_same_actions_and_seeded_noise_differs(policy: Policy) -> None:
+    noise = np.zeros((policy.action_horizon, 32), np.float32)
+    a = policy.infer({"base_0_rgb": IMG}, STATE, "wipe the table", 1, noise=noise).actions
+    b = policy.infer({"base_0_rgb": IMG}, STATE, "wipe the table", 1, noise=noise).actions
+    np.testing.assert_array_equal(a, b)
+    c = policy.infer({"base_0_rgb": IMG}, STATE, "wipe the table", 1).actions
+    assert not np.array_equal(a, c)
+
+
+def test_state_changes_the_prompt_and_actions(policy: Policy) -> None:
+    noise = np.zeros((policy.action_horizon, 32), np.float32)
+    a = policy.infer({"base_0_rgb": IMG}, STATE, "fold the towel", 2, noise=noise).actions
+    b = policy.infer({"base_0_rgb": IMG}, -STATE, "fold the towel", 2, noise=noise).actions
+    assert not np.allclose(a, b)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"state": np.array([np.nan] * 7)}, "NaN"),
+    ({"state": np.zeros(5)}, "5 values but the norm stats describe 7"),
+    ({"state": np.zeros((7, 1))}, "1-D"),
+    ({"prompt": ""}, "prompt is empty"),
+    ({"images": {"top_cam": IMG}}, "unknown camera slot"),
+    ({"images": {}}, "no camera image"),
+    ({"images": {"base_0_rgb": IMG.astype(np.float32)}}, "expected uint8"),
+    ({"num_steps": 0}, "num_steps"),
+    ({"noise": np.zeros((3, 3), np.float32)}, "noise must have shape"),
+])
+def test_bad_inputs_raise_input_error(policy: Policy, kwargs: dict, message: str) -> None:
+    args = {"images": {"base_0_rgb": IMG}, "state": STATE, "prompt": "go", "num_steps": 1} | kwargs
+    with pytest.raises(InputError, match=message):
+        policy.infer(**args)
+
+
+def test_policy_keeps_working_after_bad_input(policy: Policy) -> None:
+    with pytest.raises(InputError):
+        policy.infer({"base_0_rgb": IMG}, np.full(7, np.inf), "go", 1)
+    assert policy.infer({"base_0_rgb": IMG}, STATE, "go", 1).actions.shape[1] == 7
+
+
+def test_action_dim_override_and_describe(tiny_checkpoint: Path, tokenizer_path: Path) -> None:
+    p = Policy.load(tiny_checkpoint, tokenizer_path, device="cpu", action_dim=4)
+    assert p.infer({"base_0_rgb": IMG}, STATE, "go", 1).actions.shape == (p.action_horizon, 4)
+    assert "tiny" in p.describe() and "cpu" in p.describe() and not p.is_demo
+
+
+def test_load_errors(tiny_checkpoint: Path, tokenizer_path: Path, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="tokenizer .* does not exist"):
+        Policy.load(tiny_checkpoint, tmp_path / "nope.model", device="cpu")
+    with pytest.raises(CheckpointError, match="no norm stats for asset 'other'"):
+        Policy.load(tiny_checkpoint, tokenizer_path, device="cpu", norm_stats="other")
+    with pytest.raises(CheckpointError, match="unknown precision"):
+        Policy.load(tiny_checkpoint, tokenizer_path, device="cpu", precision="int3")
+    if not torch.cuda.is_available():
+        with pytest.raises(CheckpointError, match="no CUDA GPU"):
+            Policy.load(tiny_checkpoint, tokenizer_path, device="cuda")
+
+
+def test_demo_policy_runs_on_cpu() -> None:
+    demo = Policy.demo(device="cpu")
+    assert demo.is_demo and demo.config.name == "tiny" and demo.state_dim == demo.action_dof == 7
+    chunk = demo.infer({"base_0_rgb": IMG}, np.zeros(7), "pick up the red cube and put it in the bowl", 2)
+    assert chunk.actions.shape == (10, 7) and "demo" in demo.describe()

@@ -1,0 +1,56 @@
+"""Images -> 224x224 in [-1, 1]: resize-with-pad geometry, value range, and input errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pi05_ros.engine.errors import InputError
+from pi05_ros.engine.preprocess import prepare_image, resize_with_pad, to_model_range
+
+
+def test_square_224_is_untouched() -> None:
+    img = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(resize_with_pad(img), img)
+
+
+def test_wide_image_is_letterboxed_top_and_bottom() -> None:
+    img = np.full((480, 640, 3), 200, dtype=np.uint8)
+    out = resize_with_pad(img)
+    assert out.shape == (224, 224, 3) and out.dtype == np.uint8
+    # 640x480 -> 224x168: 56 rows of padding split 28 above, 28 below
+    assert (out[:28] == 0).all() and (out[-28:] == 0).all()
+    assert (out[28:196] == 200).all()
+
+
+def test_tall_image_is_pillarboxed_with_extra_column_on_the_right() -> None:
+    img = np.full((300, 101, 3), 50, dtype=np.uint8)
+    out = resize_with_pad(img)
+    new_w = int(101 / (300 / 224))  # 75 columns, 149 of padding: 74 left, 75 right
+    assert (out[:, :74] == 0).all() and (out[:, 74:74 + new_w] == 50).all() and (out[:, 74 + new_w:] == 0).all()
+
+
+def test_small_image_is_upscaled() -> None:
+    img = np.full((112, 112, 3), 9, dtype=np.uint8)
+    assert (resize_with_pad(img) == 9).all()
+
+
+def test_value_range_is_openpi_expression() -> None:
+    img = np.array([[[0, 255, 128]]], dtype=np.uint8)
+    out = to_model_range(img)
+    assert out.shape == (3, 1, 1) and out.dtype == np.float32
+    np.testing.assert_array_equal(out[:, 0, 0], np.array([0, 255, 128], np.float32) / 255.0 * 2.0 - 1.0)
+    padded = prepare_image(np.full((100, 200, 3), 255, dtype=np.uint8))
+    assert padded.min() == -1.0 and padded.max() == 1.0  # padding is black = -1 after scaling
+
+
+@pytest.mark.parametrize(("image", "message"), [
+    (np.zeros((10, 10, 3), np.float32), "expected uint8"),
+    (np.zeros((10, 10), np.uint8), "HxWx3"),
+    (np.zeros((10, 10, 4), np.uint8), "HxWx3"),
+    (np.zeros((0, 10, 3), np.uint8), "empty"),
+    ([[1, 2, 3]], "numpy array"),
+])
+def test_bad_images_are_rejected_clearly(image, message: str) -> None:  # noqa: ANN001
+    with pytest.raises(InputError, match=message):
+        resize_with_pad(image)
