@@ -1,0 +1,288 @@
+"""Pi05Pipeline: the fast CUDA path, a Runner for `Policy` (see engine/policy.py).
+
+Per observation: host-side token-row gather into pinned staging -> one H2D copy per input -> three CUDA
+graph replays (vision; text embedding + prefix K/V prefill; all denoise steps) -> one D2H copy. Nothing is
+allocated and the host does not wait on the GPU until the actions are needed.
+
+Graphs are captured lazily and kept:
+- vision: one per number of valid camera views;
+- prefill: one per (views, text tokens rounded up to a tile of `text_tile`);
+- denoise: one per (denoise steps, prefix layout).
+The valid text length travels as data (a device scalar): attention masks and RoPE positions read it, so a
+prompt that grows by a few tokens replays the same graphs, and at most `text_tile - 1` padding tokens are
+computed. Stage times come from CUDA events recorded between the replays.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pi05_ros.engine.fast.blocks import FastModel, prefix_capacity
+from pi05_ros.engine.policy import PreparedObservation
+from pi05_ros.engine.reference import Pi05Model
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_FILE = "pi05_ros_fp8_calibration.json"
+
+
+def fp8_supported(device: torch.device) -> bool:
+    """FP8 e4m3 GEMMs (torch._scaled_mm) need compute capability 8.9 (Ada) or newer."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+class _Graph:
+    """A CUDA graph of `fn`, warmed up on a side stream first (so lazy initialisation stays out of it)."""
+
+    def __init__(self, fn: Callable[[], None], pool: object) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            fn()
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+class Pi05Pipeline:
+    """Fast inference of a loaded Pi05Model on a CUDA GPU. Implements the `Runner` protocol."""
+
+    name = "fast"
+    stage_names = ("embed_prefix", "host_copy_in", "vision", "prefill_kv", "denoise", "host_copy_out")
+
+    def __init__(
+        self,
+        model: Pi05Model,
+        precision: str = "bf16",
+        max_views: int = 3,
+        calibration: str | Path | None = None,
+        text_tile: int = 16,
+        fp8_vision: bool = False,
+        use_graphs: bool = True,
+    ) -> None:
+        if precision not in ("bf16", "fp8"):
+            raise ValueError(f"precision must be bf16 or fp8, got {precision!r}")
+        self.device = model.device
+        if self.device.type != "cuda":
+            raise ValueError("Pi05Pipeline needs a CUDA GPU; use the reference runner on CPU")
+        if precision == "fp8" and not fp8_supported(self.device):
+            log.warning("this GPU has no FP8 GEMMs (needs SM 8.9+): running bf16")
+            precision = "bf16"
+        self.precision, self.text_tile, self.use_graphs = precision, text_tile, use_graphs
+        self.setup_times: dict[str, float] = {}
+        cfg = model.cfg
+        self.cfg = cfg
+        start = time.perf_counter()
+        self.fast = FastModel(model, torch.bfloat16)
+        self.embed_table = model.embed_tokens  # host memory: rows are gathered on the CPU
+        self._allocate(max_views)
+        self._graphs: dict[tuple, _Graph] = {}
+        self._pool = torch.cuda.graph_pool_handle() if use_graphs else None
+        self._schedules: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._events = [torch.cuda.Event(enable_timing=True) for _ in range(6)]
+        torch.cuda.synchronize()
+        self.setup_times["prepare_weights"] = time.perf_counter() - start
+        if precision == "fp8":
+            start = time.perf_counter()
+            self._quantize(load_or_calibrate(self, calibration), fp8_vision)
+            torch.cuda.synchronize()
+            self.setup_times["calibrate_fp8"] = time.perf_counter() - start
+        self.setup_times["capture"] = 0.0
+
+    # --- setup
+
+    def _allocate(self, max_views: int) -> None:
+        cfg, dev = self.cfg, self.device
+        d, width = cfg.vlm.head_dim, cfg.vlm.width
+        self.max_views = max_views
+        max_text, max_prefix = prefix_capacity(cfg, max_views, cfg.max_token_len, self.text_tile)
+        size = cfg.vision.image_size
+        pin = dict(pin_memory=True)
+        self.h_images = torch.zeros(max_views, size, size, 3, dtype=torch.uint8, **pin)
+        self.h_text = torch.zeros(max_text, width, dtype=self.embed_table.dtype, **pin)
+        self.h_noise = torch.zeros(1, cfg.action_horizon, cfg.action_dim, dtype=torch.float32, **pin)
+        self.h_n_valid = torch.zeros((), dtype=torch.int64, **pin)
+        self.h_actions = torch.zeros(cfg.action_horizon, cfg.action_dim, dtype=torch.float32, **pin)
+        self.d_images = torch.zeros(max_views, size, size, 3, dtype=torch.uint8, device=dev)
+        self.d_text = torch.zeros(max_text, width, dtype=self.embed_table.dtype, device=dev)
+        self.d_noise = torch.zeros_like(self.h_noise, device=dev)
+        self.d_n_valid = torch.zeros((), dtype=torch.int64, device=dev)
+        self.d_x = torch.zeros_like(self.d_noise)
+        self.d_prefix = torch.zeros(1, max_prefix, width, dtype=torch.float32, device=dev)
+        total = max_prefix + cfg.action_horizon
+        self.d_keys = [torch.zeros(1, 1, total, d, dtype=torch.bfloat16, device=dev) for _ in range(cfg.vlm.depth)]
+        self.d_values = [torch.zeros_like(k) for k in self.d_keys]
+
+    def _quantize(self, amax: dict[str, float], fp8_vision: bool) -> None:
+        for name, linear in self.fast.linears().items():
+            if name.startswith("vision") and not fp8_vision:
+                continue
+            if name == "projector":
+                continue
+            linear.quantize_fp8(amax[name])
+
+    def schedule(self, num_steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if num_steps not in self._schedules:
+            self._schedules[num_steps] = self.fast.step_modulation(num_steps)
+        return self._schedules[num_steps]
+
+    # --- the three stages as closures over static buffers
+
+    def _vision_fn(self, views: int) -> Callable[[], None]:
+        out = self.d_prefix[0, : views * self.cfg.vision.num_patches]
+        return lambda: self.fast.vision(self.d_images[:views], out)
+
+    def _prefill_fn(self, views: int, text_len: int) -> Callable[[], None]:
+        start = views * self.cfg.vision.num_patches
+        length = start + text_len
+        prefix = self.d_prefix[:, :length]
+        keys = [k[:, :, :length] for k in self.d_keys]
+        values = [v[:, :, :length] for v in self.d_values]
+
+        def run() -> None:
+            self.fast.embed_text_rows(self.d_text[:text_len], self.d_prefix[0, start:length])
+            self.fast.prefill(prefix, self.d_n_valid, keys, values)
+
+        return run
+
+    def _denoise_fn(self, num_steps: int, prefix_len: int) -> Callable[[], None]:
+        mods, final_mods, dt = self.schedule(num_steps)
+        total = prefix_len + self.cfg.action_horizon
+        keys = [k[:, :, :total] for k in self.d_keys]
+        values = [v[:, :, :total] for v in self.d_values]
+
+        def run() -> None:
+            self.d_x.copy_(self.d_noise)  # the noise buffer stays intact: warm-up and replays start alike
+            self.fast.denoise(self.d_x, self.d_n_valid, prefix_len, keys, values, mods, final_mods, dt)
+
+        return run
+
+    def _stage(self, key: tuple, make: Callable[[], Callable[[], None]]) -> Callable[[], None]:
+        if not self.use_graphs:
+            return make()
+        graph = self._graphs.get(key)
+        if graph is None:
+            start = time.perf_counter()
+            graph = _Graph(make(), self._pool)
+            self._graphs[key] = graph
+            self.setup_times["capture"] += time.perf_counter() - start
+            log.info("captured CUDA graph %s in %.2f s", key, time.perf_counter() - start)
+        return graph.replay
+
+    # --- Runner protocol
+
+    @torch.no_grad()
+    def run(self, obs: PreparedObservation, num_steps: int) -> tuple[np.ndarray, dict[str, float]]:
+        host_start = time.perf_counter()
+        views = [im for im in obs.images if im is not None]
+        n_views = len(views)
+        if not 1 <= n_views <= self.max_views:
+            raise ValueError(f"{n_views} camera views; this pipeline was built for 1..{self.max_views}")
+        ids = obs.tokens[obs.token_mask]
+        text_len, prefix_len = prefix_capacity(self.cfg, n_views, len(ids), self.text_tile)
+        # Host staging: token-table rows gathered here (the table stays in host memory), images, noise.
+        torch.index_select(self.embed_table, 0, torch.from_numpy(ids), out=self.h_text[: len(ids)])
+        self.h_text[len(ids):text_len].zero_()
+        for i, image in enumerate(views):
+            self.h_images[i].numpy()[...] = image
+        self.h_noise[0].numpy()[...] = obs.noise
+        self.h_n_valid.fill_(n_views * self.cfg.vision.num_patches + len(ids))
+        vision = self._stage(("vision", n_views), lambda: self._vision_fn(n_views))
+        prefill = self._stage(("prefill", n_views, text_len), lambda: self._prefill_fn(n_views, text_len))
+        denoise = self._stage(("denoise", num_steps, prefix_len), lambda: self._denoise_fn(num_steps, prefix_len))
+        host_ms = (time.perf_counter() - host_start) * 1e3
+        ev = self._events
+        ev[0].record()
+        self.d_images[:n_views].copy_(self.h_images[:n_views], non_blocking=True)
+        self.d_text[:text_len].copy_(self.h_text[:text_len], non_blocking=True)
+        self.d_noise.copy_(self.h_noise, non_blocking=True)
+        self.d_n_valid.copy_(self.h_n_valid, non_blocking=True)
+        ev[1].record()
+        vision()
+        ev[2].record()
+        prefill()
+        ev[3].record()
+        denoise()
+        ev[4].record()
+        self.h_actions.copy_(self.d_x[0], non_blocking=True)
+        ev[5].record()
+        ev[5].synchronize()
+        names = ("host_copy_in", "vision", "prefill_kv", "denoise", "host_copy_out")
+        timings = {"embed_prefix": host_ms}
+        timings.update({n: ev[i].elapsed_time(ev[i + 1]) for i, n in enumerate(names)})
+        timings["vision_per_view"] = timings["vision"] / n_views
+        timings["denoise_step"] = timings["denoise"] / num_steps
+        return self.h_actions.numpy().copy(), timings
+
+
+# --- FP8 calibration ------------------------------------------------------------------------------------
+
+
+def synthetic_observations(cfg, count: int, views: int = 2, seed: int = 0) -> Iterable[PreparedObservation]:  # noqa: ANN001
+    """Smooth random images (natural-image-like low frequencies, not white noise), random tokens and noise."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    size = cfg.vision.image_size
+    for _ in range(count):
+        images = []
+        for _ in range(views):
+            small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            img = cv2.resize(small, (size, size), interpolation=cv2.INTER_CUBIC)
+            images.append(np.clip(img.astype(np.int16) + rng.integers(-8, 9, img.shape), 0, 255).astype(np.uint8))
+        n_text = int(rng.integers(20, min(80, cfg.max_token_len) + 1))
+        tokens = np.zeros(cfg.max_token_len, np.int64)
+        tokens[:n_text] = rng.integers(4, min(cfg.vocab_size, 32_000), n_text)
+        tokens[0] = 2
+        mask = np.arange(cfg.max_token_len) < n_text
+        noise = rng.standard_normal((cfg.action_horizon, cfg.action_dim)).astype(np.float32)
+        yield PreparedObservation(images + [None] * (len(cfg.image_keys) - views), tokens, mask, noise)
+
+
+def calibrate(pipeline: Pi05Pipeline, observations: Iterable[PreparedObservation], num_steps: int = 10) -> dict:
+    """Largest |input| of every linear layer over the observations (bf16 path, eager, all denoise steps)."""
+    linears = pipeline.fast.linears()
+    for linear in linears.values():
+        linear.amax = 0.0
+    use_graphs, pipeline.use_graphs = pipeline.use_graphs, False
+    try:
+        for obs in observations:
+            pipeline.run(obs, num_steps)
+    finally:
+        pipeline.use_graphs = use_graphs
+    amax = {name: float(linear.amax) for name, linear in linears.items()}
+    for linear in linears.values():
+        linear.amax = None
+    return amax
+
+
+def load_or_calibrate(pipeline: Pi05Pipeline, calibration: str | Path | None) -> dict[str, float]:
+    """Scales from `calibration` (a json file) if it exists and fits, else calibrate and save them there."""
+    names = set(pipeline.fast.linears())
+    if calibration is not None and Path(calibration).is_file():
+        amax = json.loads(Path(calibration).read_text())["amax"]
+        if set(amax) == names:
+            log.info("FP8 scales from %s", calibration)
+            return amax
+        log.warning("%s does not fit this model; calibrating again", calibration)
+    log.info("calibrating FP8 activation scales on synthetic observations")
+    amax = calibrate(pipeline, synthetic_observations(pipeline.cfg, 8, views=min(2, pipeline.max_views)))
+    if calibration is not None:
+        try:
+            Path(calibration).write_text(json.dumps({"amax": amax, "observations": "synthetic x8"}, indent=1))
+            log.info("FP8 scales saved to %s", calibration)
+        except OSError as exc:
+            log.warning("could not save FP8 scales to %s (%s); next start calibrates again", calibration, exc)
+    return amax

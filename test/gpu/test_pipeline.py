@@ -1,0 +1,106 @@
+"""The fast CUDA pipeline against the float32 reference: full-size random weights and the golden model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pi05_ros.engine.checkpoint import load_model
+from pi05_ros.engine.config import PRESETS
+from pi05_ros.engine.demo import random_model
+from pi05_ros.engine.pipeline import Pi05Pipeline, synthetic_observations
+from pi05_ros.engine.policy import PreparedObservation
+from pi05_ros.engine.preprocess import to_model_range
+from pi05_ros.engine.reference import ModelInputs, Pi05Model
+
+GOLDEN = Path(__file__).resolve().parents[3] / "shared" / "golden" / "pi05_tiny"
+# Relative L2 bounds from issue 3 (openpi's own bf16 mixed precision measures ~1e-2).
+BOUND = {"bf16": 2e-2, "fp8": 3e-2, "fp8_vision": 5e-2}
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def reference_actions(model: Pi05Model, obs: PreparedObservation, steps: int) -> np.ndarray:
+    size = model.cfg.vision.image_size
+    images = np.stack([to_model_range(im) if im is not None else np.full((3, size, size), -1.0, np.float32)
+                       for im in obs.images])
+    inputs = ModelInputs(torch.from_numpy(images)[None], torch.tensor([[im is not None for im in obs.images]]),
+                         torch.from_numpy(obs.tokens)[None], torch.from_numpy(obs.token_mask)[None],
+                         torch.from_numpy(obs.noise)[None])
+    return model.sample_actions(inputs, steps)[0].cpu().numpy()
+
+
+@pytest.fixture(scope="module")
+def full_model() -> Pi05Model:
+    return random_model(PRESETS["pi05"], seed=0, device="cuda", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def observation(full_model: Pi05Model) -> PreparedObservation:
+    obs = next(iter(synthetic_observations(full_model.cfg, 1, views=2, seed=123)))
+    mask = np.arange(full_model.cfg.max_token_len) < 48  # a ~48-token prompt
+    return PreparedObservation(obs.images, np.where(mask, obs.tokens, 0), mask, obs.noise)
+
+
+@pytest.fixture(scope="module")
+def reference(full_model: Pi05Model, observation: PreparedObservation) -> dict[int, np.ndarray]:
+    return {steps: reference_actions(full_model, observation, steps) for steps in (1, 10)}
+
+
+@pytest.mark.parametrize("variant", ["bf16", "fp8", "fp8_vision"])
+def test_full_size_fidelity(full_model, observation, reference, variant: str, record_property) -> None:
+    precision = "bf16" if variant == "bf16" else "fp8"
+    pipe = Pi05Pipeline(full_model, precision=precision, fp8_vision=variant == "fp8_vision")
+    for steps in (1, 10):
+        actions, timings = pipe.run(observation, steps)
+        err = rel_err(actions, reference[steps])
+        print(f"FIDELITY {variant} steps={steps} rel_l2={err:.4e} total_gpu_ms={sum(timings.values()):.2f}")
+        record_property(f"{variant}_{steps}", err)
+        assert err <= BOUND[variant], (variant, steps, err)
+
+
+def test_graph_replay_equals_eager_and_step_switching(full_model, observation) -> None:
+    graphs = Pi05Pipeline(full_model, precision="bf16")
+    eager = Pi05Pipeline(full_model, precision="bf16", use_graphs=False)
+    results = {}
+    for steps in (1, 10, 3, 10, 1):  # switching back and forth captures once per count and keeps earlier graphs
+        a, _ = graphs.run(observation, steps)
+        b, _ = eager.run(observation, steps)
+        # same kernels in the same order: equal up to cuBLAS/SDPA run-to-run rounding
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-3 * np.abs(b).max())
+        if steps in results:
+            np.testing.assert_array_equal(a, results[steps])  # replay is deterministic
+        results[steps] = a
+    assert sum(1 for key in graphs._graphs if key[0] == "denoise") == 3
+
+
+def test_prompt_length_changes_reuse_graphs(full_model, observation) -> None:
+    pipe = Pi05Pipeline(full_model, precision="bf16")
+    for n_text in (40, 41, 45, 48):  # one 16-token tile: the same prefill/denoise graphs serve all
+        mask = np.arange(full_model.cfg.max_token_len) < n_text
+        obs = PreparedObservation(observation.images, np.where(mask, observation.tokens, 0), mask, observation.noise)
+        actions, _ = pipe.run(obs, 3)
+        assert rel_err(actions, reference_actions(full_model, obs, 3)) <= BOUND["bf16"]
+    assert len(pipe._graphs) == 3
+
+
+def test_golden_tiny_model_on_gpu() -> None:
+    from safetensors.torch import load_file
+
+    model, _ = load_model(GOLDEN, device="cuda")
+    cases = load_file(str(GOLDEN / "cases.safetensors"))
+    p = "case0/"
+    images = [cases[f"{p}image{v}_u8"][0].numpy() if cases[f"{p}image_mask{v}"][0] else None for v in range(3)]
+    obs = PreparedObservation(images, cases[p + "tokens"][0].numpy(), cases[p + "token_mask"][0].numpy(),
+                              cases[p + "noise"][0].numpy())
+    pipe = Pi05Pipeline(model, precision="bf16")
+    for steps in (1, 3, 10):
+        actions, _ = pipe.run(obs, steps)
+        err = rel_err(actions, cases[f"{p}actions_steps{steps}"][0].numpy())
+        print(f"GOLDEN bf16 steps={steps} rel_l2={err:.4e}")
+        assert err <= BOUND["bf16"]
