@@ -23,7 +23,7 @@ from safetensors import safe_open
 
 from pi05_ros.engine.config import Pi05Config, load_config
 from pi05_ros.engine.errors import CheckpointError
-from pi05_ros.engine.reference import Pi05Model, keeps_float32
+from pi05_ros.engine.reference import Pi05Model, build_on_meta, keeps_float32
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +171,7 @@ def inspect_checkpoint(path: str | Path, config_preset: str | None = None) -> Ch
 
 
 def _expected_shapes(config: Pi05Config) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
-        model = Pi05Model(config)
+    model = build_on_meta(config)
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
@@ -258,8 +257,7 @@ def load_model(
         log.warning("ignoring %d tensors the model does not use: %s",
                     len(info.unexpected), ", ".join(info.unexpected[:5]))
     device = torch.device(device)
-    with torch.device("meta"):
-        model = Pi05Model(info.config)
+    model = build_on_meta(info.config)
     to_load = [n for n in info.tensors if n[len(info.prefix):] != info.embed_name and n not in info.unexpected
                and n[len(info.prefix):] not in SKIPPED_NAMES]
     total = sum(_nbytes(*info.tensors[n]) for n in to_load) + _nbytes(*info.tensors[info.prefix + info.embed_name])

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from pi05_ros.engine.checkpoint import EMBED_NAMES, NAME_PREFIXES
 from pi05_ros.engine.config import Pi05Config
 from pi05_ros.engine.normalize import Stats, save_norm_stats
-from pi05_ros.engine.reference import Pi05Model
+from pi05_ros.engine.reference import Pi05Model, build_on_meta
 
 DEMO_DOF = 7
 DEMO_PROMPT = "pick up the red cube and put it in the bowl"
@@ -77,8 +77,7 @@ def random_model(cfg: Pi05Config, seed: int = 0, device: str | torch.device = "c
                  dtype: torch.dtype = torch.float32) -> Pi05Model:
     """A Pi05Model with random weights, created directly on `device` (full size never passes through the CPU)."""
     device = torch.device(device)
-    with torch.device("meta"):
-        model = Pi05Model(cfg)
+    model = build_on_meta(cfg)
     model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():

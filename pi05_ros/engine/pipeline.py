@@ -71,6 +71,7 @@ class Pi05Pipeline:
         text_tile: int = 16,
         fp8_vision: bool = False,
         use_graphs: bool = True,
+        fp8_headroom: float = 4.0,
     ) -> None:
         if precision not in ("bf16", "fp8"):
             raise ValueError(f"precision must be bf16 or fp8, got {precision!r}")
@@ -81,6 +82,7 @@ class Pi05Pipeline:
             log.warning("this GPU has no FP8 GEMMs (needs SM 8.9+): running bf16")
             precision = "bf16"
         self.precision, self.text_tile, self.use_graphs = precision, text_tile, use_graphs
+        self.fp8_headroom = fp8_headroom
         self.setup_times: dict[str, float] = {}
         cfg = model.cfg
         self.cfg = cfg
@@ -131,7 +133,7 @@ class Pi05Pipeline:
                 continue
             if name == "projector":
                 continue
-            linear.quantize_fp8(amax[name])
+            linear.quantize_fp8(amax[name], self.fp8_headroom)
 
     def schedule(self, num_steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if num_steps not in self._schedules:

@@ -433,5 +433,11 @@ class Pi05Model(nn.Module):
         return x
 
 
+def build_on_meta(cfg: Pi05Config) -> Pi05Model:
+    """The model's module tree without memory (weights come later from a checkpoint or an initializer)."""
+    with torch.device("meta"):
+        return Pi05Model(cfg)
+
+
 def parameter_count(model: nn.Module, exclude: Sequence[str] = ()) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if not any(e in n for e in exclude))

@@ -24,6 +24,7 @@ from pi05_ros.engine.config import Pi05Config
 from pi05_ros.engine.reference import Pi05Model, euler_schedule
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_HEADROOM = 4.0
 
 
 class Linear(nn.Module):
@@ -36,13 +37,18 @@ class Linear(nn.Module):
         self.fp8 = False
         self.amax: float | None = None  # set while calibrating: the largest |input| seen
 
-    def quantize_fp8(self, input_amax: float) -> None:
-        """Quantize the weight once; inputs will be scaled by a static amax from calibration."""
+    def quantize_fp8(self, input_amax: float, headroom: float = FP8_HEADROOM) -> None:
+        """Quantize the weight once; inputs will be scaled by a static amax from calibration.
+
+        e4m3 is a floating-point format: scaling the calibrated amax up by `headroom` costs little precision
+        (only the tiniest values reach subnormals) and keeps inputs larger than any seen in calibration from
+        being clipped, which costs far more.
+        """
         w = self.weight.float()
         w_scale = (w.abs().max() / FP8_MAX).clamp(min=1e-12)
         self.weight = (w / w_scale).to(torch.float8_e4m3fn).contiguous()
         self.register_buffer("w_scale", w_scale.reshape(()).float())
-        x_scale = torch.tensor(max(input_amax, 1e-6) / FP8_MAX, device=w.device)
+        x_scale = torch.tensor(max(input_amax, 1e-6) * headroom / FP8_MAX, device=w.device)
         self.register_buffer("x_scale", x_scale.float())
         self.register_buffer("x_inv_scale", (1.0 / x_scale).float())
         if self.bias is not None:
