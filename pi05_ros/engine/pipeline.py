@@ -7,7 +7,8 @@ allocated and the host does not wait on the GPU until the actions are needed.
 Graphs are captured lazily and kept:
 - vision: one per number of valid camera views;
 - prefill: one per (views, text tokens rounded up to a tile of `text_tile`);
-- denoise: one per (denoise steps, prefix layout).
+- denoise: one per number of denoise steps (the suffix's K/V sit after the largest prefix, so the same
+  graph serves every prefix layout).
 The valid text length travels as data (a device scalar): attention masks and RoPE positions read it, so a
 prompt that grows by a few tokens replays the same graphs, and at most `text_tile - 1` padding tokens are
 computed. Stage times come from CUDA events recorded between the replays.
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pi05_ros.engine.fast import blocks
 from pi05_ros.engine.fast.blocks import FastModel, prefix_capacity
 from pi05_ros.engine.policy import PreparedObservation
 from pi05_ros.engine.reference import Pi05Model
@@ -72,6 +74,9 @@ class Pi05Pipeline:
         fp8_vision: bool = False,
         use_graphs: bool = True,
         fp8_headroom: float = 4.0,
+        compile: bool = True,
+        attention: str = "gemm",
+        fp8_parts: tuple[str, ...] = ("prefix", "expert"),
     ) -> None:
         if precision not in ("bf16", "fp8"):
             raise ValueError(f"precision must be bf16 or fp8, got {precision!r}")
@@ -87,21 +92,24 @@ class Pi05Pipeline:
         cfg = model.cfg
         self.cfg = cfg
         start = time.perf_counter()
-        self.fast = FastModel(model, torch.bfloat16)
+        self.fast = FastModel(model, torch.bfloat16, attention=attention)
+        self.fp8_parts = fp8_parts + (("vision",) if fp8_vision else ())
         self.embed_table = model.embed_tokens  # host memory: rows are gathered on the CPU
         self._allocate(max_views)
         self._graphs: dict[tuple, _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle() if use_graphs else None
-        self._schedules: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._schedules: dict[int, tuple[torch.Tensor, ...]] = {}
         self._events = [torch.cuda.Event(enable_timing=True) for _ in range(6)]
         torch.cuda.synchronize()
         self.setup_times["prepare_weights"] = time.perf_counter() - start
         if precision == "fp8":
             start = time.perf_counter()
-            self._quantize(load_or_calibrate(self, calibration), fp8_vision)
+            self._quantize(load_or_calibrate(self, calibration))
             torch.cuda.synchronize()
             self.setup_times["calibrate_fp8"] = time.perf_counter() - start
-        self.setup_times["capture"] = 0.0
+        if compile:
+            self.fast.compile()
+        self.setup_times["capture"] = 0.0  # includes torch.compile's first compilation of each stage
 
     # --- setup
 
@@ -127,17 +135,15 @@ class Pi05Pipeline:
         self.d_keys = [torch.zeros(1, 1, total, d, dtype=torch.bfloat16, device=dev) for _ in range(cfg.vlm.depth)]
         self.d_values = [torch.zeros_like(k) for k in self.d_keys]
 
-    def _quantize(self, amax: dict[str, float], fp8_vision: bool) -> None:
+    def _quantize(self, amax: dict[str, float]) -> None:
+        """FP8 for the linears of the chosen parts (prefix = Gemma 2B, expert, vision = SigLIP)."""
         for name, linear in self.fast.linears().items():
-            if name.startswith("vision") and not fp8_vision:
-                continue
-            if name == "projector":
-                continue
-            linear.quantize_fp8(amax[name], self.fp8_headroom)
+            if name.split("_")[0] in self.fp8_parts:
+                linear.quantize_fp8(amax[name], self.fp8_headroom)
 
-    def schedule(self, num_steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def schedule(self, num_steps: int) -> tuple[torch.Tensor, ...]:
         if num_steps not in self._schedules:
-            self._schedules[num_steps] = self.fast.step_modulation(num_steps)
+            self._schedules[num_steps] = self.fast.step_schedule(num_steps)
         return self._schedules[num_steps]
 
     # --- the three stages as closures over static buffers
@@ -159,15 +165,12 @@ class Pi05Pipeline:
 
         return run
 
-    def _denoise_fn(self, num_steps: int, prefix_len: int) -> Callable[[], None]:
-        mods, final_mods, dt = self.schedule(num_steps)
-        total = prefix_len + self.cfg.action_horizon
-        keys = [k[:, :, :total] for k in self.d_keys]
-        values = [v[:, :, :total] for v in self.d_values]
+    def _denoise_fn(self, num_steps: int) -> Callable[[], None]:
+        schedule = self.schedule(num_steps)
 
         def run() -> None:
             self.d_x.copy_(self.d_noise)  # the noise buffer stays intact: warm-up and replays start alike
-            self.fast.denoise(self.d_x, self.d_n_valid, prefix_len, keys, values, mods, final_mods, dt)
+            self.fast.denoise(self.d_x, self.d_n_valid, self.d_keys, self.d_values, schedule)
 
         return run
 
@@ -177,7 +180,9 @@ class Pi05Pipeline:
         graph = self._graphs.get(key)
         if graph is None:
             start = time.perf_counter()
-            graph = _Graph(make(), self._pool)
+            fn = make()
+            fn()  # first run on the current stream: torch.compile compiles here, outside any capture
+            graph = _Graph(fn, self._pool)
             self._graphs[key] = graph
             self.setup_times["capture"] += time.perf_counter() - start
             log.info("captured CUDA graph %s in %.2f s", key, time.perf_counter() - start)
@@ -193,7 +198,7 @@ class Pi05Pipeline:
         if not 1 <= n_views <= self.max_views:
             raise ValueError(f"{n_views} camera views; this pipeline was built for 1..{self.max_views}")
         ids = obs.tokens[obs.token_mask]
-        text_len, prefix_len = prefix_capacity(self.cfg, n_views, len(ids), self.text_tile)
+        text_len, _ = prefix_capacity(self.cfg, n_views, len(ids), self.text_tile)
         # Host staging: token-table rows gathered here (the table stays in host memory), images, noise.
         torch.index_select(self.embed_table, 0, torch.from_numpy(ids), out=self.h_text[: len(ids)])
         self.h_text[len(ids):text_len].zero_()
@@ -203,7 +208,7 @@ class Pi05Pipeline:
         self.h_n_valid.fill_(n_views * self.cfg.vision.num_patches + len(ids))
         vision = self._stage(("vision", n_views), lambda: self._vision_fn(n_views))
         prefill = self._stage(("prefill", n_views, text_len), lambda: self._prefill_fn(n_views, text_len))
-        denoise = self._stage(("denoise", num_steps, prefix_len), lambda: self._denoise_fn(num_steps, prefix_len))
+        denoise = self._stage(("denoise", num_steps), lambda: self._denoise_fn(num_steps))
         host_ms = (time.perf_counter() - host_start) * 1e3
         ev = self._events
         ev[0].record()
@@ -255,19 +260,17 @@ def synthetic_observations(cfg, count: int, views: int = 2, seed: int = 0) -> It
 
 def calibrate(pipeline: Pi05Pipeline, observations: Iterable[PreparedObservation], num_steps: int = 10) -> dict:
     """Largest |input| of every linear layer over the observations (bf16 path, eager, all denoise steps)."""
-    linears = pipeline.fast.linears()
-    for linear in linears.values():
-        linear.amax = 0.0
+    names = {linear.weight.data_ptr(): name for name, linear in pipeline.fast.linears().items()}
     use_graphs, pipeline.use_graphs = pipeline.use_graphs, False
+    blocks._amax_record = {}
     try:
         for obs in observations:
             pipeline.run(obs, num_steps)
+        recorded = blocks._amax_record
     finally:
+        blocks._amax_record = None
         pipeline.use_graphs = use_graphs
-    amax = {name: float(linear.amax) for name, linear in linears.items()}
-    for linear in linears.values():
-        linear.amax = None
-    return amax
+    return {names[ptr]: amax for ptr, amax in recorded.items()}
 
 
 def load_or_calibrate(pipeline: Pi05Pipeline, calibration: str | Path | None) -> dict[str, float]:

@@ -26,16 +26,39 @@ from pi05_ros.engine.reference import Pi05Model, euler_schedule
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_HEADROOM = 4.0
 
+# (weight, bias, weight scale, input scale, 1 / input scale); the scales are None for a bf16 linear.
+LinearParams = tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]
+
+# While calibrating (eager only): weight data_ptr -> largest |input| seen.
+_amax_record: dict[int, float] | None = None
+
+
+def linear(x: Tensor, p: LinearParams) -> Tensor:
+    """x W^T + b through a bf16 GEMM, or an FP8 e4m3 GEMM with per-tensor scales (bf16 out)."""
+    weight, bias, w_scale, x_scale, x_inv_scale = p
+    if _amax_record is not None:
+        key = weight.data_ptr()
+        _amax_record[key] = max(_amax_record.get(key, 0.0), float(x.detach().abs().max()))
+    if w_scale is None:
+        return F.linear(x.to(weight.dtype), weight, bias)
+    lead = x.shape[:-1]
+    xq = (x.reshape(-1, x.shape[-1]).float() * x_inv_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=w_scale, bias=bias, out_dtype=torch.bfloat16)
+    return y.reshape(*lead, -1)
+
 
 class Linear(nn.Module):
-    """y = x W^T + b: bfloat16 GEMM, or FP8 e4m3 with per-tensor weight and static activation scales."""
+    """Holds one linear layer's tensors (bf16, or FP8 e4m3 after `quantize_fp8`)."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> None:
         super().__init__()
         self.register_buffer("weight", weight.to(dtype).contiguous())
         self.register_buffer("bias", None if bias is None else bias.to(dtype))
-        self.fp8 = False
-        self.amax: float | None = None  # set while calibrating: the largest |input| seen
+        self.w_scale = self.x_scale = self.x_inv_scale = None
+
+    @property
+    def params(self) -> LinearParams:
+        return (self.weight, self.bias, self.w_scale, self.x_scale, self.x_inv_scale)
 
     def quantize_fp8(self, input_amax: float, headroom: float = FP8_HEADROOM) -> None:
         """Quantize the weight once; inputs will be scaled by a static amax from calibration.
@@ -47,25 +70,15 @@ class Linear(nn.Module):
         w = self.weight.float()
         w_scale = (w.abs().max() / FP8_MAX).clamp(min=1e-12)
         self.weight = (w / w_scale).to(torch.float8_e4m3fn).contiguous()
-        self.register_buffer("w_scale", w_scale.reshape(()).float())
-        x_scale = torch.tensor(max(input_amax, 1e-6) * headroom / FP8_MAX, device=w.device)
-        self.register_buffer("x_scale", x_scale.float())
-        self.register_buffer("x_inv_scale", (1.0 / x_scale).float())
+        self.w_scale = w_scale.reshape(()).float()
+        self.x_scale = torch.tensor(max(input_amax, 1e-6) * headroom / FP8_MAX, device=w.device)
+        self.x_inv_scale = 1.0 / self.x_scale
         if self.bias is not None:
             self.bias = self.bias.to(torch.bfloat16)
-        self.fp8 = True
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.amax is not None:  # calibration pass (eager only)
-            self.amax = max(self.amax, float(x.detach().abs().max()))
-        if not self.fp8:
-            return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
-        xq = (x2.float() * self.x_inv_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        y = torch._scaled_mm(xq, self.weight.t(), scale_a=self.x_scale, scale_b=self.w_scale,
-                             bias=self.bias, out_dtype=torch.bfloat16)
-        return y.reshape(*lead, -1)
+    @property
+    def is_fp8(self) -> bool:
+        return self.w_scale is not None
 
 
 def _rms(x: Tensor, eps: float) -> Tensor:
@@ -79,11 +92,94 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x.float() * cos + rotated.float() * sin
 
 
-def _fold_layernorm(ln: nn.LayerNorm, linear: nn.Linear) -> tuple[Tensor, Tensor]:
-    """linear(LN(x)) = linear'(normalize(x)) with W' = W * gamma, b' = b + W @ beta (in float32)."""
-    w = linear.weight.float()
-    bias = linear.bias.float() if linear.bias is not None else torch.zeros(w.shape[0], device=w.device)
+def _gqa_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor) -> Tensor:
+    """q [B, N, H, D] against one K/V head [B, 1, L, D] -> [B, N, H * D]; key_mask [1, 1, 1, L] bool.
+
+    With a single K/V head, every (token, head) query row is independent: folding the heads into the query
+    rows gives one [N*H, D] x [D, L] problem, i.e. two plain GEMMs around a masked softmax that
+    torch.compile fuses. At these sizes (<= 4.7k query rows, <= 1k keys) that beats the flash-style SDPA
+    kernels, which parallelize over heads and query tiles and so leave most of the GPU idle with one KV head
+    (measured in docs/benchmarks.md). Logits come out of the GEMM in the input dtype and the softmax runs in
+    float32, as openpi's eager attention does.
+    """
+    b, n, h, d = q.shape
+    scores = torch.matmul(q.reshape(b, n * h, d), k[:, 0].transpose(-1, -2)).float() * (d**-0.5)
+    scores = scores.masked_fill(~key_mask.view(1, 1, -1), float("-inf"))
+    out = torch.matmul(scores.softmax(dim=-1).to(v.dtype), v[:, 0])
+    return out.reshape(b, n, h * d)
+
+
+def _gqa_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor) -> Tensor:
+    """The same through PyTorch SDPA (cuDNN / memory-efficient kernels), kept to compare against."""
+    b, n, h, d = q.shape
+    out = F.scaled_dot_product_attention(q.reshape(b, 1, n * h, d), k, v, attn_mask=key_mask)
+    return out.reshape(b, n, h * d)
+
+
+ATTENTION = {"gemm": _gqa_attention, "sdpa": _gqa_attention_sdpa}
+
+
+def _fold_layernorm(ln: nn.LayerNorm, lin: nn.Linear) -> tuple[Tensor, Tensor]:
+    """lin(LN(x)) = lin'(normalize(x)) with W' = W * gamma, b' = b + W @ beta (in float32)."""
+    w = lin.weight.float()
+    bias = lin.bias.float() if lin.bias is not None else torch.zeros(w.shape[0], device=w.device)
     return w * ln.weight.float()[None, :], bias + w @ ln.bias.float()
+
+
+# --- the layer functions: pure over tensors, so one torch.compile serves every layer of a stack
+
+
+def vision_layer(x: Tensor, qkv: LinearParams, out: LinearParams, fc1: LinearParams, fc2: LinearParams,
+                 num_heads: int, eps: float) -> Tensor:
+    b, n, width = x.shape
+    h = F.layer_norm(x, (width,), eps=eps)
+    q, k, v = linear(h, qkv).view(b, n, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
+    attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, width)
+    x = x + linear(attn, out).float()
+    h = F.layer_norm(x, (width,), eps=eps)
+    return x + linear(F.gelu(linear(h, fc1), approximate="tanh"), fc2).float()
+
+
+def prefix_layer(x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor, k_out: Tensor, v_out: Tensor,
+                 qkv: LinearParams, out: LinearParams | None, gate_up: LinearParams | None, down: LinearParams | None,
+                 num_heads: int, head_dim: int, eps: float, attention: str = "gemm") -> Tensor:
+    """A Gemma 2B layer over the packed prefix, writing its K/V; `out` None = K/V only (the last layer)."""
+    b, n, _ = x.shape
+    d = head_dim
+    y = linear(_rms(x, eps), qkv)
+    kv = y[..., -2 * d:]
+    k_out.copy_(_rope(kv[..., :d], cos, sin).unsqueeze(1))
+    v_out.copy_(kv[..., d:].unsqueeze(1))
+    if out is None:
+        return x
+    q = _rope(y[..., : num_heads * d].view(b, n, num_heads, d), cos[:, None], sin[:, None]).to(k_out.dtype)
+    x = x + linear(ATTENTION[attention](q, k_out, v_out, key_mask), out).float()
+    gate, up = linear(_rms(x, eps), gate_up).chunk(2, dim=-1)
+    return x + linear(F.gelu(gate, approximate="tanh") * up, down).float()
+
+
+def expert_layer(x: Tensor, mod: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor, k_cache: Tensor,
+                 v_cache: Tensor, qkv: LinearParams, out: LinearParams, gate_up: LinearParams, down: LinearParams,
+                 num_heads: int, head_dim: int, eps: float, attention: str = "gemm") -> Tensor:
+    """An action-expert layer. mod [6, W]: (1+scale, shift, gate) of the attention norm, then of the MLP norm.
+
+    The suffix's own K/V go into the last `horizon` rows of the cache, after the prefix's rows.
+    """
+    b, n, _ = x.shape
+    d = head_dim
+    y = linear(_rms(x, eps) * mod[0] + mod[1], qkv)
+    q_width = num_heads * d
+    k_cache[:, :, -n:].copy_(_rope(y[..., q_width:q_width + d], cos, sin).unsqueeze(1))
+    v_cache[:, :, -n:].copy_(y[..., q_width + d:].unsqueeze(1))
+    q = _rope(y[..., :q_width].view(b, n, num_heads, d), cos[:, None], sin[:, None]).to(k_cache.dtype)
+    x = x + linear(ATTENTION[attention](q, k_cache, v_cache, key_mask), out).float() * mod[2]
+    gate, up = linear(_rms(x, eps) * mod[3] + mod[4], gate_up).chunk(2, dim=-1)
+    return x + linear(F.gelu(gate, approximate="tanh") * up, down).float() * mod[5]
+
+
+def action_head(x_t: Tensor, x: Tensor, final_mod: Tensor, out_w: Tensor, out_b: Tensor, eps: float) -> None:
+    """Final adaptive norm, the (dt-folded) output projection and the Euler update, in place on x_t."""
+    x_t.add_(F.linear(_rms(x, eps) * final_mod[0] + final_mod[1], out_w, out_b))
 
 
 class VisionBlock(nn.Module):
@@ -97,30 +193,24 @@ class VisionBlock(nn.Module):
         self.fc1 = Linear(*_fold_layernorm(layer.layer_norm2, layer.mlp.fc1), dtype)
         self.fc2 = Linear(layer.mlp.fc2.weight, layer.mlp.fc2.bias, dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
-        b, n, width = x.shape
-        h = F.layer_norm(x, (width,), eps=self.eps)
-        qkv = self.qkv(h).view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        attn = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
-        x = x + self.out(attn.transpose(1, 2).reshape(b, n, width)).float()
-        h = F.layer_norm(x, (width,), eps=self.eps)
-        return x + self.fc2(F.gelu(self.fc1(h), approximate="tanh")).float()
+    def args(self) -> tuple:
+        return (self.qkv.params, self.out.params, self.fc1.params, self.fc2.params, self.num_heads, self.eps)
 
 
 class PrefixBlock(nn.Module):
-    """A Gemma 2B layer over the packed prefix, writing its K/V into the cache."""
+    """A Gemma 2B layer's weights, with the norms' (1 + w) folded into the following GEMMs."""
 
     def __init__(self, layer: nn.Module, dtype: torch.dtype, kv_only: bool) -> None:
         super().__init__()
         cfg = layer.self_attn.cfg
-        self.num_heads, self.head_dim, self.eps, self.kv_only = cfg.num_heads, cfg.head_dim, cfg.rms_norm_eps, kv_only
-        self.q_width = cfg.num_heads * cfg.head_dim
+        self.num_heads, self.head_dim, self.eps = cfg.num_heads, cfg.head_dim, cfg.rms_norm_eps
         scale1 = 1.0 + layer.input_layernorm.weight.float()
         attn = layer.self_attn
         w_qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).float() * scale1[None, :]
         if kv_only:  # the last layer's queries, output and MLP feed nothing
-            w_qkv = w_qkv[self.q_width:]
+            w_qkv = w_qkv[cfg.num_heads * cfg.head_dim:]
         self.qkv = Linear(w_qkv, None, dtype)
+        self.out = self.gate_up = self.down = None
         if not kv_only:
             scale2 = 1.0 + layer.post_attention_layernorm.weight.float()
             self.out = Linear(attn.o_proj.weight, None, dtype)
@@ -128,61 +218,36 @@ class PrefixBlock(nn.Module):
             self.gate_up = Linear(gate_up, None, dtype)
             self.down = Linear(layer.mlp.down_proj.weight, None, dtype)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor, k_out: Tensor, v_out: Tensor) -> Tensor:
-        b, n, width = x.shape
-        d = self.head_dim
-        qkv = self.qkv(_rms(x, self.eps))
-        kv = qkv[..., -2 * d:]
-        k_out.copy_(_rope(kv[..., :d].unsqueeze(1), cos, sin))
-        v_out.copy_(kv[..., d:].unsqueeze(1))
-        if self.kv_only:
-            return x
-        q = _rope(qkv[..., : self.q_width].view(b, n, self.num_heads, d).transpose(1, 2), cos, sin).to(k_out.dtype)
-        attn = F.scaled_dot_product_attention(q, k_out.expand(b, self.num_heads, n, d),
-                                              v_out.expand(b, self.num_heads, n, d), attn_mask=key_mask)
-        x = x + self.out(attn.transpose(1, 2).reshape(b, n, -1)).float()
-        gate, up = self.gate_up(_rms(x, self.eps)).chunk(2, dim=-1)
-        return x + self.down(F.gelu(gate, approximate="tanh") * up).float()
+    def args(self) -> tuple:
+        rest = (None, None, None) if self.out is None else (self.out.params, self.gate_up.params, self.down.params)
+        return (self.qkv.params, *rest, self.num_heads, self.head_dim, self.eps)
 
 
 class ExpertBlock(nn.Module):
-    """An action-expert layer; its adaRMS modulation comes in precomputed for the current step."""
+    """An action-expert layer's weights; its adaRMS modulation is precomputed per step schedule."""
 
     def __init__(self, layer: nn.Module, dtype: torch.dtype) -> None:
         super().__init__()
         cfg = layer.self_attn.cfg
         self.num_heads, self.head_dim, self.eps = cfg.num_heads, cfg.head_dim, cfg.rms_norm_eps
-        self.q_width = cfg.num_heads * cfg.head_dim
         attn = layer.self_attn
         self.qkv = Linear(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]), None, dtype)
         self.out = Linear(attn.o_proj.weight, None, dtype)
         self.gate_up = Linear(torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]), None, dtype)
         self.down = Linear(layer.mlp.down_proj.weight, None, dtype)
 
-    def forward(self, x: Tensor, mod: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor,
-                k_cache: Tensor, v_cache: Tensor, prefix_len: int) -> Tensor:
-        """mod [6, width]: (1+scale, shift, gate) for the attention norm, then for the MLP norm."""
-        b, n, _ = x.shape
-        d = self.head_dim
-        qkv = self.qkv(_rms(x, self.eps) * mod[0] + mod[1])
-        k_cache[:, :, prefix_len:].copy_(_rope(qkv[..., self.q_width:self.q_width + d].unsqueeze(1), cos, sin))
-        v_cache[:, :, prefix_len:].copy_(qkv[..., self.q_width + d:].unsqueeze(1))
-        q = _rope(qkv[..., : self.q_width].view(b, n, self.num_heads, d).transpose(1, 2), cos, sin).to(k_cache.dtype)
-        total = k_cache.shape[2]
-        attn = F.scaled_dot_product_attention(q, k_cache.expand(b, self.num_heads, total, d),
-                                              v_cache.expand(b, self.num_heads, total, d), attn_mask=key_mask)
-        x = x + self.out(attn.transpose(1, 2).reshape(b, n, -1)).float() * mod[2]
-        gate, up = self.gate_up(_rms(x, self.eps) * mod[3] + mod[4]).chunk(2, dim=-1)
-        return x + self.down(F.gelu(gate, approximate="tanh") * up).float() * mod[5]
+    def args(self) -> tuple:
+        return (self.qkv.params, self.out.params, self.gate_up.params, self.down.params,
+                self.num_heads, self.head_dim, self.eps)
 
 
 class FastModel(nn.Module):
     """Pi0.5 weights prepared for inference. Batch 1; every buffer it writes is passed in by the caller."""
 
-    def __init__(self, ref: Pi05Model, dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(self, ref: Pi05Model, dtype: torch.dtype = torch.bfloat16, attention: str = "gemm") -> None:
         super().__init__()
         cfg: Pi05Config = ref.cfg
-        self.cfg, self.dtype = cfg, dtype
+        self.cfg, self.dtype, self.attention = cfg, dtype, attention
         emb = ref.vision.embeddings
         self.register_buffer("patch_w", emb.patch_embedding.weight.to(dtype))
         self.register_buffer("patch_b", emb.patch_embedding.bias.to(dtype))
@@ -215,26 +280,40 @@ class FastModel(nn.Module):
     def linears(self) -> dict[str, Linear]:
         return {name: m for name, m in self.named_modules() if isinstance(m, Linear)}
 
+    def compile(self) -> None:  # type: ignore[override]
+        """Swap in torch.compile'd layer functions: norms, RoPE, activations and FP8 quantization fuse into
+        a few Triton kernels per layer. One compiled function serves every layer of its stack."""
+        self._vision_layer = torch.compile(vision_layer, dynamic=False)
+        self._prefix_layer = torch.compile(prefix_layer)
+        self._expert_layer = torch.compile(expert_layer, dynamic=False)
+        self._action_head = torch.compile(action_head, dynamic=False)
+
+    _vision_layer = staticmethod(vision_layer)
+    _prefix_layer = staticmethod(prefix_layer)
+    _expert_layer = staticmethod(expert_layer)
+    _action_head = staticmethod(action_head)
+
     # --- schedule-dependent constants
 
     @torch.no_grad()
-    def step_modulation(self, num_steps: int) -> tuple[Tensor, Tensor, Tensor]:
+    def step_schedule(self, num_steps: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """For the `num_steps` schedule: per step and layer (1+scale, shift, gate) x 2 norms [S, L, 6, W];
-        the final norm's (1+scale, shift) [S, 2, W]; and dt (a float32 scalar tensor)."""
+        the final norm's (1+scale, shift) [S, 2, W]; and the action head with dt folded in (weight, bias)."""
         ref = self._ref
         steps = euler_schedule(num_steps)
         t = torch.tensor([s[0] for s in steps], dtype=torch.float32, device=self.pos_embed.device)
-        cond = ref.time_condition(t)  # [S, W]
+        cond = ref.time_condition(t).to(ref.compute_dtype)  # [S, W], rounded as the reference rounds it
         per_layer = []
         for layer in ref.expert.layers:
             mods = []
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-                scale, shift, gate = (m.squeeze(1).float() for m in norm.modulation(cond.to(norm.dense.weight.dtype)))
+                scale, shift, gate = (m.squeeze(1).float() for m in norm.modulation(cond))
                 mods += [1.0 + scale, shift, gate]
             per_layer.append(torch.stack(mods, dim=1))  # [S, 6, W]
         scale, shift, _ = (m.squeeze(1).float() for m in ref.expert.norm.modulation(cond))
-        dt = torch.tensor(steps[0][1], dtype=torch.float32, device=t.device)
-        return torch.stack(per_layer, dim=1).contiguous(), torch.stack([1.0 + scale, shift], 1).contiguous(), dt
+        dt = steps[0][1]
+        return (torch.stack(per_layer, dim=1).contiguous(), torch.stack([1.0 + scale, shift], 1).contiguous(),
+                self.action_out_w * dt, self.action_out_b * dt)
 
     # --- stages
 
@@ -244,9 +323,9 @@ class FastModel(nn.Module):
         x = F.conv2d(x.to(self.dtype), self.patch_w, self.patch_b, stride=self.patch_size)
         x = x.flatten(2).transpose(1, 2).float() + self.pos_embed
         for block in self.vision_blocks:
-            x = block(x)
+            x = self._vision_layer(x, *block.args())
         h = F.layer_norm(x, (x.shape[-1],), eps=self.vision_eps)
-        out.copy_(self.projector(h).reshape(out.shape))
+        out.copy_(linear(h, self.projector.params).reshape(out.shape))
 
     def prefill(self, prefix: Tensor, n_valid: Tensor, keys: list[Tensor], values: list[Tensor]) -> None:
         """Gemma 2B over prefix [1, L, W] (valid tokens first, `n_valid` of them), K/V into keys/values [1,1,L,D]."""
@@ -255,24 +334,27 @@ class FastModel(nn.Module):
         key_mask = (torch.arange(length, device=prefix.device) < n_valid).view(1, 1, 1, length)
         x = prefix
         for block, k, v in zip(self.prefix_blocks, keys, values, strict=True):
-            x = block(x, cos, sin, key_mask, k, v)
+            x = self._prefix_layer(x, cos, sin, key_mask, k, v, *block.args(), self.attention)
 
-    def denoise(self, x_t: Tensor, n_valid: Tensor, prefix_len: int, keys: list[Tensor], values: list[Tensor],
-                mods: Tensor, final_mods: Tensor, dt: Tensor) -> None:
-        """All Euler steps in place on x_t [1, H, action_dim]; keys/values [1, 1, prefix_len + H, D]."""
+    def denoise(self, x_t: Tensor, n_valid: Tensor, keys: list[Tensor], values: list[Tensor],
+                schedule: tuple[Tensor, Tensor, Tensor, Tensor]) -> None:
+        """All Euler steps in place on x_t [1, H, action_dim].
+
+        keys/values [1, 1, C + H, D]: the prefix's rows first (`n_valid` valid ones), the suffix's last H rows.
+        """
+        mods, final_mods, out_w, out_b = schedule
         horizon = x_t.shape[1]
         positions = n_valid + torch.arange(horizon, device=x_t.device)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        total = prefix_len + horizon
+        total = keys[0].shape[2]
         idx = torch.arange(total, device=x_t.device)
-        key_mask = ((idx < n_valid) | (idx >= prefix_len)).view(1, 1, 1, total)
-        out_w, out_b = self.action_out_w * dt, self.action_out_b * dt  # Euler's dt folded into the head
+        key_mask = ((idx < n_valid) | (idx >= total - horizon)).view(1, 1, 1, total)
         for step in range(mods.shape[0]):
             x = F.linear(x_t, self.action_in_w, self.action_in_b)
             for layer, block in enumerate(self.expert_blocks):
-                x = block(x, mods[step, layer], cos, sin, key_mask, keys[layer], values[layer], prefix_len)
-            h = _rms(x, self.expert_eps) * final_mods[step, 0] + final_mods[step, 1]
-            x_t.add_(F.linear(h, out_w, out_b))
+                x = self._expert_layer(x, mods[step, layer], cos, sin, key_mask, keys[layer], values[layer],
+                                       *block.args(), self.attention)
+            self._action_head(x_t, x, final_mods[step], out_w, out_b, self.expert_eps)
 
     def embed_text_rows(self, rows: Tensor, out: Tensor) -> None:
         """Token-table rows (gathered on the host) * sqrt(width) into the prefix slice `out`."""
@@ -300,7 +382,7 @@ def sample_eager(fast: FastModel, images_u8: Tensor, text_rows: Tensor, noise: T
     values = [torch.zeros_like(k) for k in keys]
     fast.prefill(prefix, n_valid, [k[:, :, :prefix_len] for k in keys], [v[:, :, :prefix_len] for v in values])
     x = noise.to(dev, torch.float32).clone()[None]
-    fast.denoise(x, n_valid, prefix_len, keys, values, *fast.step_modulation(num_steps))
+    fast.denoise(x, n_valid, keys, values, fast.step_schedule(num_steps))
     return x[0]
 
 
