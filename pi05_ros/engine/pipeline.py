@@ -16,6 +16,7 @@ computed. Stage times come from CUDA events recorded between the replays.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import time
@@ -32,7 +33,13 @@ from pi05_ros.engine.reference import Pi05Model
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_FILE = "pi05_ros_fp8_calibration.json"
+# Linear layers that run in FP8 (patterns over FastModel's module names). Measured on an H100 with
+# full-size random weights (docs/benchmarks.md, 2026-11-26): Gemma 2B's MLP in FP8 keeps the action error
+# at 1.9e-2 (1 step) / 1.2e-2 (10 steps) and takes most of the gain; adding its attention projections and
+# the expert's linears saves another 0.4 ms (1 step) / 1.3 ms (10 steps) but costs 4.2e-2 / 2.0e-2, over
+# the 3e-2 budget. FP8_ALL_LAYERS is there for who prefers the speed; SigLIP joins with fp8_vision=True.
+FP8_DEFAULT_LAYERS: tuple[str, ...] = ("prefix_blocks.*.gate_up", "prefix_blocks.*.down")
+FP8_ALL_LAYERS: tuple[str, ...] = ("prefix_blocks.*", "expert_blocks.*")
 
 
 def fp8_supported(device: torch.device) -> bool:
@@ -76,7 +83,7 @@ class Pi05Pipeline:
         fp8_headroom: float = 4.0,
         compile: bool = True,
         attention: str = "gemm",
-        fp8_parts: tuple[str, ...] = ("prefix", "expert"),
+        fp8_layers: tuple[str, ...] = FP8_DEFAULT_LAYERS,
     ) -> None:
         if precision not in ("bf16", "fp8"):
             raise ValueError(f"precision must be bf16 or fp8, got {precision!r}")
@@ -93,7 +100,7 @@ class Pi05Pipeline:
         self.cfg = cfg
         start = time.perf_counter()
         self.fast = FastModel(model, torch.bfloat16, attention=attention)
-        self.fp8_parts = fp8_parts + (("vision",) if fp8_vision else ())
+        self.fp8_layers = fp8_layers + (("vision_blocks.*",) if fp8_vision else ())
         self.embed_table = model.embed_tokens  # host memory: rows are gathered on the CPU
         self._allocate(max_views)
         self._graphs: dict[tuple, _Graph] = {}
@@ -112,6 +119,20 @@ class Pi05Pipeline:
         self.setup_times["capture"] = 0.0  # includes torch.compile's first compilation of each stage
 
     # --- setup
+
+    def release_reference(self) -> None:
+        """Free the reference model's copies of weights the fast path re-packed (keeps the time MLP and the
+        expert's adaRMS layers, which schedules need). The reference model cannot run afterwards."""
+        ref = self.fast._ref
+        keep = ("time_mlp", "layernorm.dense", "expert.norm.")
+        for module_name, module in ref.named_modules():
+            for name, param in list(module._parameters.items()):
+                if param is None or any(k in f"{module_name}.{name}" for k in keep):
+                    continue
+                # A new empty Parameter, not `param.data = ...`: FastModel may hold the very same tensor object.
+                module._parameters[name] = torch.nn.Parameter(param.new_empty(0), requires_grad=False)
+        ref.released = True
+        torch.cuda.empty_cache()
 
     def _allocate(self, max_views: int) -> None:
         cfg, dev = self.cfg, self.device
@@ -136,9 +157,9 @@ class Pi05Pipeline:
         self.d_values = [torch.zeros_like(k) for k in self.d_keys]
 
     def _quantize(self, amax: dict[str, float]) -> None:
-        """FP8 for the linears of the chosen parts (prefix = Gemma 2B, expert, vision = SigLIP)."""
+        """FP8 for the linears whose names match `fp8_layers` (e.g. prefix_blocks.3.gate_up)."""
         for name, linear in self.fast.linears().items():
-            if name.split("_")[0] in self.fp8_parts:
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.fp8_layers):
                 linear.quantize_fp8(amax[name], self.fp8_headroom)
 
     def schedule(self, num_steps: int) -> tuple[torch.Tensor, ...]:
@@ -276,17 +297,20 @@ def calibrate(pipeline: Pi05Pipeline, observations: Iterable[PreparedObservation
 def load_or_calibrate(pipeline: Pi05Pipeline, calibration: str | Path | None) -> dict[str, float]:
     """Scales from `calibration` (a json file) if it exists and fits, else calibrate and save them there."""
     names = set(pipeline.fast.linears())
+    # Ties saved scales to these weights: a replaced checkpoint of the same shape must not reuse them.
+    fingerprint = float(pipeline.fast.prefix_blocks[0].qkv.weight.float().abs().mean())
     if calibration is not None and Path(calibration).is_file():
-        amax = json.loads(Path(calibration).read_text())["amax"]
-        if set(amax) == names:
+        saved = json.loads(Path(calibration).read_text())
+        if set(saved.get("amax", {})) == names and abs(saved.get("fingerprint", -1) - fingerprint) < 1e-6:
             log.info("FP8 scales from %s", calibration)
-            return amax
-        log.warning("%s does not fit this model; calibrating again", calibration)
+            return saved["amax"]
+        log.warning("%s does not fit these weights; calibrating again", calibration)
     log.info("calibrating FP8 activation scales on synthetic observations")
     amax = calibrate(pipeline, synthetic_observations(pipeline.cfg, 8, views=min(2, pipeline.max_views)))
     if calibration is not None:
         try:
-            Path(calibration).write_text(json.dumps({"amax": amax, "observations": "synthetic x8"}, indent=1))
+            Path(calibration).write_text(json.dumps(
+                {"amax": amax, "fingerprint": fingerprint, "observations": "synthetic x8"}, indent=1))
             log.info("FP8 scales saved to %s", calibration)
         except OSError as exc:
             log.warning("could not save FP8 scales to %s (%s); next start calibrates again", calibration, exc)

@@ -12,6 +12,7 @@ or the fast CUDA pipeline where one is available.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from pi05_ros.engine.tokenizer import PromptTokenizer
 log = logging.getLogger(__name__)
 
 MAX_DENOISE_STEPS = 100
+CALIBRATION_FILE = "pi05_ros_fp8_calibration.json"
 PRECISIONS = ("fp32", "bf16", "fp8")
 _PRECISION_ALIASES = {"float32": "fp32", "fp32": "fp32", "bfloat16": "bf16", "bf16": "bf16", "fp8": "fp8"}
 
@@ -115,9 +117,21 @@ def _resolve_norm_stats(info: CheckpointInfo, norm_stats: str | Path | None, use
     return load_norm_stats(find_norm_stats(info.path), use_quantiles=use_quantiles)
 
 
+def _calibration_path(directory: Path) -> Path:
+    """Where FP8 scales live: beside the checkpoint, or in the user cache when that folder is read-only."""
+    if directory.is_dir() and os.access(directory, os.W_OK):
+        return directory / CALIBRATION_FILE
+    cache = Path.home() / ".cache" / "pi05_ros" / directory.name
+    cache.mkdir(parents=True, exist_ok=True)
+    return cache / CALIBRATION_FILE
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        log.info("no CUDA GPU: running the plain PyTorch reference path on the CPU")
+        return torch.device("cpu")
     try:
         dev = torch.device(device)
     except RuntimeError as exc:
@@ -128,9 +142,11 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """The precision to run: 'auto' is fp32 on CPU, bf16 on a GPU (fp8 where the fast path provides it)."""
+    """The precision to run: 'auto' is fp32 on CPU, fp8 on a GPU with FP8 GEMMs (SM 8.9+), else bf16."""
     if precision == "auto":
-        return "fp32" if device.type == "cpu" else "bf16"
+        if device.type == "cpu":
+            return "fp32"
+        return "fp8" if torch.cuda.get_device_capability(device) >= (8, 9) else "bf16"
     try:
         resolved = _PRECISION_ALIASES[precision]
     except KeyError:
@@ -139,6 +155,25 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         log.warning("precision %s was asked for on CPU; the CPU reference path runs fp32", resolved)
         return "fp32"
     return resolved
+
+
+def make_runner(model: Pi05Model, precision: str, runner: str, calibration: Path | None,
+                keep_reference: bool) -> Runner:
+    """'auto': the fast CUDA pipeline on a GPU for bf16/fp8, else the reference; or 'fast' / 'reference'."""
+    if runner == "auto":
+        runner = "fast" if model.device.type == "cuda" and precision in ("bf16", "fp8") else "reference"
+    if runner == "reference":
+        return ReferenceRunner(model)
+    if runner != "fast":
+        raise CheckpointError(f"unknown runner {runner!r}; choose auto, fast or reference")
+    if model.device.type != "cuda":
+        raise CheckpointError("the fast runner needs a CUDA GPU; use runner=reference (or auto) on CPU")
+    from pi05_ros.engine.pipeline import Pi05Pipeline  # CUDA-only code, imported only where it runs
+
+    pipeline = Pi05Pipeline(model, precision=precision, calibration=calibration)
+    if not keep_reference:
+        pipeline.release_reference()
+    return pipeline
 
 
 class Policy:
@@ -187,20 +222,28 @@ class Policy:
         action_dim: int | None = None,
         use_quantiles: bool = True,
         seed: int = 0,
+        runner: str = "auto",
+        keep_reference: bool = False,
     ) -> Policy:
-        """Load an openpi or LeRobot Pi0.5 checkpoint. `norm_stats` is a norm_stats.json path or an asset id."""
+        """Load an openpi or LeRobot Pi0.5 checkpoint. `norm_stats` is a norm_stats.json path or an asset id.
+
+        On a GPU the fast pipeline runs (bf16/fp8); its FP8 scales are calibrated on the first start and saved
+        beside the checkpoint (`pi05_ros_fp8_calibration.json`) so later starts skip calibration.
+        """
         dev = resolve_device(device)
         prec = resolve_precision(precision, dev)
         model, info = load_model(checkpoint, config_preset=config_preset, device=dev,
                                  dtype=torch.float32 if prec == "fp32" else torch.bfloat16)
         stats = _resolve_norm_stats(info, norm_stats, use_quantiles)
         tok = PromptTokenizer(tokenizer, model.cfg.max_token_len, model.cfg.state_in_prompt)
-        policy = cls(model, tok, stats, precision=prec, action_dim=action_dim, seed=seed, checkpoint=info)
+        run = make_runner(model, prec, runner, _calibration_path(info.path), keep_reference)
+        policy = cls(model, tok, stats, precision=prec, runner=run, action_dim=action_dim, seed=seed, checkpoint=info)
         log.info("loaded %s", policy.describe())
         return policy
 
     @classmethod
-    def demo(cls, device: str = "auto", precision: str = "auto", seed: int = 0, preset: str | None = None) -> Policy:
+    def demo(cls, device: str = "auto", precision: str = "auto", seed: int = 0, preset: str | None = None,
+             runner: str = "auto") -> Policy:
         """The built-in random-weight model (tiny on CPU, full size on a GPU). Its actions mean nothing."""
         from pi05_ros.engine.demo import DEMO_MAX_TOKEN_LEN, demo_norm_stats, demo_tokenizer, random_model
 
@@ -212,7 +255,9 @@ class Policy:
         model = random_model(cfg, seed=seed, device=dev, dtype=torch.float32 if prec == "fp32" else torch.bfloat16)
         tok = PromptTokenizer(demo_tokenizer(), cfg.max_token_len, cfg.state_in_prompt)
         state, actions = demo_norm_stats()
-        policy = cls(model, tok, NormStats(state, actions), precision=prec, seed=seed, is_demo=True)
+        cache = Path.home() / ".cache" / "pi05_ros" / f"demo_{cfg.name}_seed{seed}"
+        run = make_runner(model, prec, runner, _calibration_path(cache), keep_reference=False)
+        policy = cls(model, tok, NormStats(state, actions), precision=prec, runner=run, seed=seed, is_demo=True)
         log.warning("DEMO MODE: %s with RANDOM weights; its actions are meaningless", policy.describe())
         return policy
 

@@ -331,6 +331,7 @@ class Pi05Model(nn.Module):
         # The VLM's token table serves look-ups only; it lives wherever the loader put it (often host memory).
         self.embed_tokens: Tensor = torch.zeros(0, cfg.vlm.width)
         self.compute_dtype = torch.float32
+        self.released = False  # set when a fast pipeline took over the weights (see Pi05Pipeline)
 
     # --- precision and placement
 
@@ -419,6 +420,8 @@ class Pi05Model(nn.Module):
 
         `hook(stage)` is called as each stage ends ("vision", "embed_prefix", "prefill_kv", "denoise").
         """
+        if self.released:
+            raise RuntimeError("this model's weights were released to a fast pipeline; load it again to run it")
         prefix, valid = self.embed_prefix(inputs, hook)
         cache = self.prefill(prefix, valid)
         if hook:

@@ -52,7 +52,7 @@ def reference(full_model: Pi05Model, observation: PreparedObservation) -> dict[i
     return {steps: reference_actions(full_model, observation, steps) for steps in (1, 10)}
 
 
-@pytest.mark.parametrize("variant", ["bf16", "fp8", "fp8_vision"])
+@pytest.mark.parametrize("variant", ["bf16", "fp8", "fp8_vision"])  # fp8 = the default FP8 layer set
 def test_full_size_fidelity(full_model, observation, reference, variant: str, record_property) -> None:
     precision = "bf16" if variant == "bf16" else "fp8"
     pipe = Pi05Pipeline(full_model, precision=precision, fp8_vision=variant == "fp8_vision")
@@ -104,3 +104,16 @@ def test_golden_tiny_model_on_gpu() -> None:
         err = rel_err(actions, cases[f"{p}actions_steps{steps}"][0].numpy())
         print(f"GOLDEN bf16 steps={steps} rel_l2={err:.4e}")
         assert err <= BOUND["bf16"]
+
+
+def test_policy_uses_fast_pipeline_on_gpu_and_releases_reference(tmp_path: Path) -> None:
+    from pi05_ros.engine.policy import Policy
+
+    policy = Policy.demo(device="cuda", precision="bf16")
+    assert policy.runner.name == "fast" and policy.model.released
+    image = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    chunk = policy.infer({"base_0_rgb": image, "left_wrist_0_rgb": image}, np.zeros(7), "pick up the cube", 10)
+    assert chunk.actions.shape == (50, 7) and np.isfinite(chunk.actions).all()
+    assert {"vision", "prefill_kv", "denoise", "total"} <= set(chunk.timings)
+    # the released reference no longer holds the big weights: the fast copy is what sits on the GPU
+    assert torch.cuda.memory_allocated() < 8e9
