@@ -335,7 +335,8 @@ def _cpu_name() -> str:
 
 def collect_platform(device: torch.device) -> dict[str, Any]:
     repo = Path(__file__).resolve().parents[2]
-    commit = _command_output(["git", "rev-parse", "--short", "HEAD"], cwd=repo)
+    # PI05_GIT_COMMIT: for copies of the tree without .git (e.g. a GPU machine that receives the files only)
+    commit = _command_output(["git", "rev-parse", "--short", "HEAD"], cwd=repo) or os.environ.get("PI05_GIT_COMMIT")
     if commit and _command_output(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo):
         commit += " (uncommitted changes)"
     info: dict[str, Any] = {

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 # the 3e-2 budget. FP8_ALL_LAYERS is there for who prefers the speed; SigLIP joins with fp8_vision=True.
 FP8_DEFAULT_LAYERS: tuple[str, ...] = ("prefix_blocks.*.gate_up", "prefix_blocks.*.down")
 FP8_ALL_LAYERS: tuple[str, ...] = ("prefix_blocks.*", "expert_blocks.*")
+FP8_VISION_LAYERS: tuple[str, ...] = ("vision_blocks.*",)
 
 
 def fp8_supported(device: torch.device) -> bool:
@@ -84,6 +85,7 @@ class Pi05Pipeline:
         compile: bool = True,
         attention: str = "gemm",
         fp8_layers: tuple[str, ...] = FP8_DEFAULT_LAYERS,
+        fp8_vision_layers: tuple[str, ...] = FP8_VISION_LAYERS,
     ) -> None:
         if precision not in ("bf16", "fp8"):
             raise ValueError(f"precision must be bf16 or fp8, got {precision!r}")
@@ -100,7 +102,7 @@ class Pi05Pipeline:
         self.cfg = cfg
         start = time.perf_counter()
         self.fast = FastModel(model, torch.bfloat16, attention=attention)
-        self.fp8_layers = fp8_layers + (("vision_blocks.*",) if fp8_vision else ())
+        self.fp8_layers = fp8_layers + (fp8_vision_layers if fp8_vision else ())
         self.embed_table = model.embed_tokens  # host memory: rows are gathered on the CPU
         self._allocate(max_views)
         self._graphs: dict[tuple, _Graph] = {}

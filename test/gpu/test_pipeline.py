@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ from pi05_ros.engine.policy import PreparedObservation
 from pi05_ros.engine.preprocess import to_model_range
 from pi05_ros.engine.reference import ModelInputs, Pi05Model
 
-GOLDEN = Path(__file__).resolve().parents[3] / "shared" / "golden" / "pi05_tiny"
+# The device machine gets only the repository: copy shared/golden into the checkout and set PI05_SHARED.
+GOLDEN = Path(os.environ.get("PI05_SHARED", Path(__file__).resolve().parents[3] / "shared")) / "golden" / "pi05_tiny"
 # Relative L2 bounds from issue 3 (openpi's own bf16 mixed precision measures ~1e-2).
 BOUND = {"bf16": 2e-2, "fp8": 3e-2, "fp8_vision": 5e-2}
 
@@ -109,11 +111,15 @@ def test_golden_tiny_model_on_gpu() -> None:
 def test_policy_uses_fast_pipeline_on_gpu_and_releases_reference(tmp_path: Path) -> None:
     from pi05_ros.engine.policy import Policy
 
-    policy = Policy.demo(device="cuda", precision="bf16")
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    policy = Policy.demo(device="cuda", precision="fp8")
     assert policy.runner.name == "fast" and policy.model.released
     image = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
     chunk = policy.infer({"base_0_rgb": image, "left_wrist_0_rgb": image}, np.zeros(7), "pick up the cube", 10)
     assert chunk.actions.shape == (50, 7) and np.isfinite(chunk.actions).all()
     assert {"vision", "prefill_kv", "denoise", "total"} <= set(chunk.timings)
-    # the released reference no longer holds the big weights: the fast copy is what sits on the GPU
-    assert torch.cuda.memory_allocated() < 8e9
+    # the released reference no longer holds the big weights: only the fast copy sits on the GPU
+    held = torch.cuda.memory_allocated() - before
+    print(f"POLICY fp8 resident GPU memory {held / 1e9:.2f} GB, peak {torch.cuda.max_memory_allocated() / 1e9:.2f} GB")
+    assert held < 8e9

@@ -1,0 +1,173 @@
+"""ROS message -> numpy conversions for the policy's inputs. No ROS imports: works on any object with the
+fields of `sensor_msgs/Image`, `sensor_msgs/CompressedImage` and `sensor_msgs/JointState`.
+
+Every function raises `ConversionError` with a message that names the cause and the fix; the node reports
+it on /diagnostics and keeps running.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+
+# encoding -> (channels, index of R, G, B in a pixel); mono8 is replicated into all three.
+_IMAGE_LAYOUTS: dict[str, tuple[int, tuple[int, int, int]]] = {
+    "rgb8": (3, (0, 1, 2)),
+    "bgr8": (3, (2, 1, 0)),
+    "rgba8": (4, (0, 1, 2)),
+    "bgra8": (4, (2, 1, 0)),
+    "mono8": (1, (0, 0, 0)),
+}
+SUPPORTED_IMAGE_ENCODINGS: tuple[str, ...] = tuple(_IMAGE_LAYOUTS)
+SUPPORTED_COMPRESSED_FORMATS: tuple[str, ...] = ("jpeg", "png")
+
+
+class ConversionError(ValueError):
+    """A message that cannot be turned into a policy input; str() names the cause and the fix."""
+
+
+def image_shape(msg: Any) -> tuple[int, int]:
+    """(height, width) of a `sensor_msgs/Image`, after checking that its fields agree with its data."""
+    encoding = msg.encoding.lower()
+    if encoding not in _IMAGE_LAYOUTS:
+        raise ConversionError(
+            f"image encoding '{msg.encoding}' is not supported; publish one of "
+            f"{', '.join(SUPPORTED_IMAGE_ENCODINGS)} (set the camera driver's pixel format) or switch this "
+            "camera's transport parameter to 'compressed' and publish jpeg/png"
+        )
+    channels = _IMAGE_LAYOUTS[encoding][0]
+    height, width, step = int(msg.height), int(msg.width), int(msg.step)
+    if height <= 0 or width <= 0:
+        raise ConversionError(f"image is empty ({width}x{height}); the camera publishes no pixels")
+    if step < width * channels:
+        raise ConversionError(
+            f"image step {step} is shorter than width*channels = {width}*{channels} for {encoding}; "
+            "the publisher must set step to the byte length of one row"
+        )
+    if len(msg.data) != height * step:
+        raise ConversionError(
+            f"image data is {len(msg.data)} bytes but height*step = {height}*{step} = {height * step}; "
+            "the publisher's height/step disagree with its data (fix the driver or the bridge that fills it)"
+        )
+    return height, width
+
+
+def image_view(msg: Any) -> np.ndarray:
+    """Zero-copy [height, width, channels] uint8 view of a `sensor_msgs/Image`'s pixels in its own channel
+    order. Rows padded beyond width*channels (step > width*channels) are skipped through strides."""
+    height, width = image_shape(msg)
+    channels = _IMAGE_LAYOUTS[msg.encoding.lower()][0]
+    step = int(msg.step)
+    rows = np.frombuffer(msg.data, dtype=np.uint8, count=height * step).reshape(height, step)
+    return rows[:, : width * channels].reshape(height, width, channels)
+
+
+def image_to_rgb(msg: Any, out: np.ndarray | None = None) -> np.ndarray:
+    """`sensor_msgs/Image` -> uint8 [height, width, 3] RGB, written into `out` when its shape fits."""
+    pixels = image_view(msg)
+    height, width, _ = pixels.shape
+    out = _output_buffer(out, height, width)
+    order = _IMAGE_LAYOUTS[msg.encoding.lower()][1]
+    if order == (0, 1, 2):
+        np.copyto(out, pixels[:, :, :3])
+    elif pixels.shape[2] == 1:
+        np.copyto(out, np.broadcast_to(pixels, out.shape))
+    else:
+        # Reversed channel view (BGR -> RGB) copied in one strided pass; no intermediate array.
+        np.copyto(out, pixels[:, :, 2::-1])
+    return out
+
+
+def compressed_format(msg: Any) -> str:
+    """'jpeg' or 'png' from a `sensor_msgs/CompressedImage` format string such as 'jpeg', 'png' or
+    image_transport's 'rgb8; jpeg compressed bgr8'."""
+    text = msg.format.lower()
+    if "jpeg" in text or "jpg" in text:
+        return "jpeg"
+    if "png" in text:
+        return "png"
+    raise ConversionError(
+        f"compressed image format '{msg.format}' is not supported; publish jpeg or png "
+        "(image_transport's compressed plugin does by default) or switch this camera's transport to 'raw'"
+    )
+
+
+def compressed_to_rgb(msg: Any, out: np.ndarray | None = None) -> np.ndarray:
+    """`sensor_msgs/CompressedImage` (jpeg/png) -> uint8 [height, width, 3] RGB, into `out` when it fits.
+
+    Grayscale files become three equal channels; a PNG's alpha channel is dropped."""
+    kind = compressed_format(msg)
+    if len(msg.data) == 0:
+        raise ConversionError(f"compressed {kind} image has no data; the publisher sent an empty message")
+    encoded = np.frombuffer(msg.data, dtype=np.uint8)
+    bgr = cv2.imdecode(encoded, cv2.IMREAD_COLOR)
+    if bgr is None or bgr.size == 0:
+        raise ConversionError(
+            f"could not decode the {len(msg.data)}-byte compressed image as {kind} (format field "
+            f"'{msg.format}'); the data is corrupt or its format field is wrong"
+        )
+    out = _output_buffer(out, bgr.shape[0], bgr.shape[1])
+    cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=out)
+    return out
+
+
+def _output_buffer(out: np.ndarray | None, height: int, width: int) -> np.ndarray:
+    if out is not None and out.shape == (height, width, 3) and out.dtype == np.uint8 and out.flags.c_contiguous:
+        return out
+    return np.empty((height, width, 3), dtype=np.uint8)
+
+
+class JointSelector:
+    """Picks and orders joint positions from `sensor_msgs/JointState` by name.
+
+    With no names configured, takes every position in the message's order. The name -> index map is cached
+    for the last seen name list, because drivers publish the same names at hundreds of Hz.
+    """
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names: tuple[str, ...] = tuple(names)
+        self._cached_message_names: tuple[str, ...] | None = None
+        self._cached_indices: np.ndarray | None = None
+
+    def positions(self, msg: Any, out: np.ndarray | None = None) -> np.ndarray:
+        """float32 positions in the configured order, written into `out` when its length fits."""
+        position = msg.position
+        if not self.names:
+            values = np.asarray(position, dtype=np.float64)
+            if values.size == 0:
+                raise ConversionError(
+                    "joint_states message has no positions; the driver must fill `position` "
+                    "(or set state_joint_names to the joints to use)"
+                )
+            return _into(out, values)
+        message_names = tuple(msg.name)
+        if message_names != self._cached_message_names:
+            self._cached_indices = self._indices(message_names)
+            self._cached_message_names = message_names
+        if len(position) != len(message_names):
+            raise ConversionError(
+                f"joint_states has {len(message_names)} names but {len(position)} positions; "
+                "the driver must publish one position per name"
+            )
+        values = np.asarray(position, dtype=np.float64)[self._cached_indices]
+        return _into(out, values)
+
+    def _indices(self, message_names: tuple[str, ...]) -> np.ndarray:
+        index_of = {name: i for i, name in enumerate(message_names)}
+        missing = [name for name in self.names if name not in index_of]
+        if missing:
+            raise ConversionError(
+                f"joint_states lacks joint(s) {', '.join(missing)} named in state_joint_names; it has "
+                f"[{', '.join(message_names)}]. Fix state_joint_names or remap joint_states to the right topic"
+            )
+        return np.array([index_of[name] for name in self.names], dtype=np.intp)
+
+
+def _into(out: np.ndarray | None, values: np.ndarray) -> np.ndarray:
+    if out is not None and out.shape == values.shape and out.dtype == np.float32:
+        np.copyto(out, values, casting="same_kind")
+        return out
+    return values.astype(np.float32)

@@ -1,0 +1,158 @@
+"""The newest message of each input, in preallocated host buffers, with stamps and ages.
+
+Writers are ROS subscription callbacks; the one reader is the inference thread. Each input is triple
+buffered: the callback converts into a spare buffer outside the lock and then swaps it in, the reader swaps
+the newest buffer out. The lock only guards a few reference swaps, so a callback never waits for the reader
+to copy or infer, and the reader never sees a half-written frame. No ROS imports.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One input value as the reader got it. `data` stays valid until the reader's next `take()`."""
+
+    data: np.ndarray
+    stamp_ns: int  # header stamp of the message (ROS time, nanoseconds); 0 when it had none
+    received: float  # time.monotonic() at arrival
+    sequence: int  # 1 for the first message of this input, +1 for each later one
+
+
+@dataclass(frozen=True)
+class InputState:
+    """What diagnostics shows of one input."""
+
+    name: str
+    messages: int
+    age_s: float | None  # seconds since the newest good message arrived; None before the first
+    error: str | None  # why the newest message could not be used; None when it was fine
+    dropped: int  # good messages replaced before any inference used them
+
+
+class LatestBuffer:
+    """Newest value of one input. One writer thread at a time, one reader thread."""
+
+    def __init__(self, name: str, dtype: np.dtype | type = np.uint8) -> None:
+        self.name = name
+        self._dtype = np.dtype(dtype)
+        self._lock = threading.Lock()
+        # Three buffers: the writer fills `_spare`; `_newest` holds the newest complete value; the reader
+        # owns `_reading`. Swaps keep at most one allocation per shape change.
+        self._spare: np.ndarray | None = None
+        self._newest: np.ndarray | None = None
+        self._reading: np.ndarray | None = None
+        self._newest_meta: tuple[int, float, int] | None = None  # stamp_ns, received, sequence
+        self._reading_meta: tuple[int, float, int] | None = None
+        self._newest_taken = True
+        self._messages = 0
+        self._dropped = 0
+        self._error: str | None = None
+        self._on_new: Callable[[], None] | None = None
+
+    def on_new_value(self, callback: Callable[[], None] | None) -> None:
+        """Call `callback` (cheap, non-blocking) after each new value; used for the trigger camera."""
+        self._on_new = callback
+
+    def spare(self, shape: tuple[int, ...] | None = None) -> np.ndarray | None:
+        """Writer: a buffer of `shape` to fill before `commit()`; reused while the shape stays the same.
+        With no shape (not known before decoding): the current spare buffer, or None."""
+        buffer = self._spare
+        if shape is None:
+            return buffer
+        if buffer is None or buffer.shape != shape:
+            buffer = np.empty(shape, dtype=self._dtype)
+            self._spare = buffer
+        return buffer
+
+    def commit(self, filled: np.ndarray, stamp_ns: int) -> None:
+        """Writer: make `filled` (normally the array `spare()` returned) the newest value."""
+        received = time.monotonic()
+        with self._lock:
+            self._messages += 1
+            if not self._newest_taken:
+                self._dropped += 1
+            self._spare, self._newest = self._newest, filled
+            self._newest_meta = (stamp_ns, received, self._messages)
+            self._newest_taken = False
+            self._error = None
+        if self._on_new is not None:
+            self._on_new()
+
+    def fail(self, reason: str) -> None:
+        """Writer: the newest message could not be converted; the input is unusable until a good one."""
+        with self._lock:
+            self._messages += 1
+            self._error = reason
+
+    def take(self) -> Sample | None:
+        """Reader: the newest good value (the same one again if nothing newer came), None before the first."""
+        with self._lock:
+            if not self._newest_taken:
+                self._reading, self._newest = self._newest, self._reading
+                self._reading_meta = self._newest_meta
+                self._newest_taken = True
+            data, meta = self._reading, self._reading_meta
+        if data is None or meta is None:
+            return None
+        return Sample(data, *meta)
+
+    def state(self, now: float | None = None) -> InputState:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            meta = self._reading_meta if self._newest_taken else self._newest_meta
+            age = None if meta is None else max(0.0, now - meta[1])
+            return InputState(self.name, self._messages, age, self._error, self._dropped)
+
+    @property
+    def error(self) -> str | None:
+        with self._lock:
+            return self._error
+
+
+class LatestText:
+    """Newest string of an input without a header (the instruction)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._lock = threading.Lock()
+        self._text: str | None = None
+        self._received: float | None = None
+        self._messages = 0
+
+    def set(self, text: str) -> None:
+        with self._lock:
+            self._text, self._received = text, time.monotonic()
+            self._messages += 1
+
+    def get(self) -> str | None:
+        with self._lock:
+            return self._text
+
+    def state(self, now: float | None = None) -> InputState:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            age = None if self._received is None else max(0.0, now - self._received)
+            return InputState(self.name, self._messages, age, None, 0)
+
+
+class InputBuffers:
+    """All inputs of the policy: one `LatestBuffer` per camera, one for the joint state, the instruction."""
+
+    def __init__(self, camera_names: Iterable[str], joint_input: str = "joint_states",
+                 instruction_input: str = "instruction") -> None:
+        self.cameras: dict[str, LatestBuffer] = {name: LatestBuffer(name, np.uint8) for name in camera_names}
+        self.joints = LatestBuffer(joint_input, np.float32)
+        self.instruction = LatestText(instruction_input)
+
+    def states(self) -> list[InputState]:
+        now = time.monotonic()
+        buffers: list[LatestBuffer | LatestText] = [*self.cameras.values(), self.joints, self.instruction]
+        return [buffer.state(now) for buffer in buffers]

@@ -1,0 +1,268 @@
+"""Every parameter of the `pi05_policy` node, declared in this one place with types, ranges and descriptions.
+
+`declare_parameters(node)` declares them and returns the startup configuration; four parameters change at run
+time (`ros2 param set`) and are validated here with a reason when rejected. config/pi05.yaml documents the
+same names for users; test/ros/test_params.py checks that the two agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rcl_interfaces.msg import (
+    FloatingPointRange,
+    IntegerRange,
+    ParameterDescriptor,
+)
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+
+# Mirrors pi05_ros.engine.policy.MAX_DENOISE_STEPS (a test keeps them equal); not imported so that this module
+# loads without torch.
+MAX_DENOISE_STEPS = 100
+MAX_RATE_HZ = 200.0
+MIN_RATE_HZ = 0.1
+
+CAMERA_TRANSPORTS = ("raw", "compressed")
+# Default model slot of the camera inputs a user is most likely to have.
+DEFAULT_CAMERA_SLOTS = {
+    "base_image": "base_0_rgb",
+    "wrist_image": "left_wrist_0_rgb",
+    "left_wrist_image": "left_wrist_0_rgb",
+    "right_wrist_image": "right_wrist_0_rgb",
+}
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter: its name, default (which fixes its type), description and limits."""
+
+    name: str
+    default: Any
+    description: str
+    type_: Parameter.Type
+    dynamic: bool = False  # may change at run time; everything else is read-only after startup
+    int_range: tuple[int, int] | None = None
+    float_range: tuple[float, float] | None = None
+    constraints: str = ""
+
+    def descriptor(self) -> ParameterDescriptor:
+        descriptor = ParameterDescriptor(
+            name=self.name,
+            type=self.type_.value,
+            description=self.description,
+            additional_constraints=self.constraints,
+            read_only=not self.dynamic,
+        )
+        if self.int_range is not None:
+            descriptor.integer_range = [IntegerRange(from_value=self.int_range[0], to_value=self.int_range[1], step=1)]
+        if self.float_range is not None:
+            descriptor.floating_point_range = [
+                FloatingPointRange(from_value=self.float_range[0], to_value=self.float_range[1], step=0.0)
+            ]
+        return descriptor
+
+
+_S, _B, _I, _F, _SA = (Parameter.Type.STRING, Parameter.Type.BOOL, Parameter.Type.INTEGER,
+                       Parameter.Type.DOUBLE, Parameter.Type.STRING_ARRAY)
+
+PARAMETERS: tuple[ParamSpec, ...] = (
+    # --- the model
+    ParamSpec("checkpoint", "", "openpi PyTorch checkpoint directory or LeRobot pi05 model.safetensors. "
+              "Empty: run the built-in random-weight demo model (logged and shown on /diagnostics).", _S),
+    ParamSpec("tokenizer", "", "PaliGemma SentencePiece model (paligemma_tokenizer.model); needed with a "
+              "checkpoint.", _S),
+    ParamSpec("norm_stats", "", "norm_stats.json path, or the asset id under <checkpoint>/assets/. Empty: the "
+              "checkpoint's only assets/*/norm_stats.json.", _S),
+    ParamSpec("config_preset", "", "Model preset when the checkpoint has no config.json: pi05, pi05_droid, "
+              "pi05_libero or tiny. Empty: from the checkpoint.", _S,
+              constraints="'', pi05, pi05_droid, pi05_libero, tiny"),
+    ParamSpec("demo", False, "Run the built-in random-weight model even if a checkpoint is set (tiny on CPU, "
+              "full size on a GPU). Its actions are meaningless: never drive a robot with it.", _B),
+    ParamSpec("device", "auto", "Torch device: auto (cuda if present), cpu, cuda or cuda:N.", _S),
+    ParamSpec("precision", "auto", "Numeric precision: auto (fp32 on CPU, bf16 on a GPU), fp32, bf16, fp8.", _S,
+              constraints="auto, fp32, float32, bf16, bfloat16, fp8"),
+    ParamSpec("cpu_threads", 0, "Torch CPU threads for inference (torch.set_num_threads); 0 keeps torch's "
+              "default (one per core). Set it lower when other nodes share the CPU.", _I, int_range=(0, 256)),
+    ParamSpec("seed", 0, "Seed of the flow-matching noise (and of the demo model's random weights).", _I,
+              int_range=(0, 2**31 - 1)),
+    ParamSpec("warmup", 2, "Inferences on synthetic input after loading the model (first-call allocations, "
+              "CUDA graphs), before the first real one.", _I, int_range=(0, 20)),
+    # --- run-time knobs
+    ParamSpec("denoise_steps", 10, "Flow-matching Euler steps per inference (fewer: faster, coarser). "
+              "Takes effect on the next inference.", _I, dynamic=True, int_range=(1, MAX_DENOISE_STEPS)),
+    ParamSpec("rate_hz", 10.0, "Target inference rate when trigger_camera is empty. Takes effect on the next "
+              "inference.", _F, dynamic=True, float_range=(MIN_RATE_HZ, MAX_RATE_HZ)),
+    ParamSpec("default_instruction", "", "Task prompt used while no message has arrived on `instruction`. "
+              "Takes effect on the next inference.", _S, dynamic=True),
+    ParamSpec("publish_joint_trajectory", True, "Also publish each chunk as trajectory_msgs/JointTrajectory on "
+              "`joint_trajectory`. Takes effect on the next inference.", _B, dynamic=True),
+    # --- timing of the actions
+    ParamSpec("action_dt", 0.05, "Seconds between consecutive actions of a chunk (the rate the policy was "
+              "trained at, e.g. 0.066 for 15 Hz DROID).", _F, float_range=(1e-4, 10.0)),
+    ParamSpec("trigger_camera", "", "Run one inference on every new frame of this camera (one of `cameras`) "
+              "instead of at rate_hz. Empty: run at rate_hz.", _S),
+    ParamSpec("max_input_age_s", 0.5, "An input whose newest message arrived longer ago than this is stale: "
+              "no inference runs and /diagnostics warns.", _F, float_range=(0.01, 3600.0)),
+    # --- inputs and outputs
+    ParamSpec("cameras", ["base_image", "wrist_image"], "Camera inputs; each name is also its (relative) "
+              "topic. Per camera: camera.<name>.slot and camera.<name>.transport.", _SA),
+    ParamSpec("state_joint_names", [], "Joints of joint_states that form the state, in the model's order. "
+              "Empty: every position in the message's order.", _SA),
+    ParamSpec("action_joint_names", [], "Names of the action columns (action_chunk.joint_names and "
+              "joint_trajectory.joint_names). Empty: state_joint_names when the sizes match, else action_<i>.",
+              _SA),
+)
+
+
+def camera_parameters(camera: str) -> tuple[ParamSpec, ...]:
+    """The per-camera parameters, declared once `cameras` is known."""
+    return (
+        ParamSpec(f"camera.{camera}.slot", DEFAULT_CAMERA_SLOTS.get(camera, ""),
+                  f"Model image slot fed by camera input '{camera}' (base_0_rgb, left_wrist_0_rgb or "
+                  "right_wrist_0_rgb for Pi0.5). Slots no camera feeds are masked.", _S),
+        ParamSpec(f"camera.{camera}.transport", "raw",
+                  f"'raw': sensor_msgs/Image on '{camera}' (rgb8, bgr8, rgba8, bgra8, mono8); 'compressed': "
+                  f"sensor_msgs/CompressedImage (jpeg/png) on '{camera}/compressed'.", _S,
+                  constraints="raw, compressed"),
+    )
+
+
+DYNAMIC_PARAMETERS: frozenset[str] = frozenset(spec.name for spec in PARAMETERS if spec.dynamic)
+_SPECS_BY_NAME = {spec.name: spec for spec in PARAMETERS}
+
+
+@dataclass(frozen=True)
+class CameraConfig:
+    name: str  # input name == relative topic of raw images
+    slot: str
+    transport: str
+
+    @property
+    def topic(self) -> str:
+        return self.name if self.transport == "raw" else f"{self.name}/compressed"
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """The run-time changeable parameters; replaced as a whole, so the worker reads a consistent set."""
+
+    denoise_steps: int
+    rate_hz: float
+    default_instruction: str
+    publish_joint_trajectory: bool
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Startup configuration of the node (read-only parameters)."""
+
+    checkpoint: str
+    tokenizer: str
+    norm_stats: str
+    config_preset: str
+    demo: bool
+    device: str
+    precision: str
+    cpu_threads: int
+    seed: int
+    warmup: int
+    action_dt: float
+    trigger_camera: str
+    max_input_age_s: float
+    cameras: tuple[CameraConfig, ...]
+    state_joint_names: tuple[str, ...]
+    action_joint_names: tuple[str, ...]
+    runtime: RuntimeSettings  # the values at startup; the node keeps the current ones
+
+    @property
+    def use_demo_model(self) -> bool:
+        return self.demo or not self.checkpoint
+
+
+class ConfigError(ValueError):
+    """A startup parameter combination the node cannot run with; str() names the cause and the fix."""
+
+
+def declare_parameters(node: Node) -> NodeConfig:
+    """Declare every parameter on `node` and return the startup configuration. Raises ConfigError."""
+    values = {spec.name: _declare(node, spec) for spec in PARAMETERS}
+    cameras = tuple(values["cameras"])
+    if not cameras:
+        raise ConfigError("parameter `cameras` is empty; list at least one camera input, e.g. [base_image]")
+    if len(set(cameras)) != len(cameras):
+        raise ConfigError(f"parameter `cameras` names a camera twice: {list(cameras)}")
+    camera_configs = []
+    for camera in cameras:
+        slot_spec, transport_spec = camera_parameters(camera)
+        slot, transport = _declare(node, slot_spec), _declare(node, transport_spec)
+        if not slot:
+            raise ConfigError(f"camera '{camera}' has no model slot; set camera.{camera}.slot (e.g. base_0_rgb)")
+        if transport not in CAMERA_TRANSPORTS:
+            raise ConfigError(
+                f"camera.{camera}.transport is '{transport}'; use one of {', '.join(CAMERA_TRANSPORTS)}"
+            )
+        camera_configs.append(CameraConfig(camera, slot, transport))
+    slots = [camera.slot for camera in camera_configs]
+    if len(set(slots)) != len(slots):
+        raise ConfigError(f"two cameras feed the same model slot ({slots}); give each camera its own slot")
+    if values["trigger_camera"] and values["trigger_camera"] not in cameras:
+        raise ConfigError(
+            f"trigger_camera '{values['trigger_camera']}' is not one of cameras {list(cameras)}; "
+            "name one of them or leave it empty to run at rate_hz"
+        )
+    runtime = RuntimeSettings(
+        denoise_steps=values["denoise_steps"],
+        rate_hz=values["rate_hz"],
+        default_instruction=values["default_instruction"],
+        publish_joint_trajectory=values["publish_joint_trajectory"],
+    )
+    return NodeConfig(
+        checkpoint=values["checkpoint"], tokenizer=values["tokenizer"], norm_stats=values["norm_stats"],
+        config_preset=values["config_preset"], demo=values["demo"], device=values["device"],
+        precision=values["precision"], cpu_threads=values["cpu_threads"], seed=values["seed"],
+        warmup=values["warmup"],
+        action_dt=values["action_dt"], trigger_camera=values["trigger_camera"],
+        max_input_age_s=values["max_input_age_s"], cameras=tuple(camera_configs),
+        state_joint_names=tuple(values["state_joint_names"]),
+        action_joint_names=tuple(values["action_joint_names"]),
+        runtime=runtime,
+    )
+
+
+def _declare(node: Node, spec: ParamSpec) -> Any:
+    # An empty list default cannot carry its type (rclpy would guess BYTE_ARRAY): declare by type instead.
+    initial = spec.type_ if spec.default == [] else spec.default
+    value = node.declare_parameter(spec.name, initial, spec.descriptor()).value
+    if value is None:
+        return list(spec.default) if isinstance(spec.default, list) else spec.default
+    return value
+
+
+def validate_runtime_value(name: str, value: Any) -> str | None:
+    """None when `value` is acceptable for the run-time parameter `name`, else the reason it is not."""
+    spec = _SPECS_BY_NAME.get(name)
+    if spec is None or not spec.dynamic:
+        return f"{name} cannot change at run time; set it at startup (params file or -p {name}:=...)"
+    expected = {_I: int, _F: float, _S: str, _B: bool}[spec.type_]
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        return f"{name} must be of type {expected.__name__}, got {type(value).__name__} {value!r}"
+    if spec.int_range and not spec.int_range[0] <= value <= spec.int_range[1]:
+        low, high = spec.int_range
+        return f"{name}={value} is out of range; use an integer in {low}..{high}"
+    if spec.float_range and not spec.float_range[0] <= value <= spec.float_range[1]:
+        low, high = spec.float_range
+        return f"{name}={value} is out of range; use a value in [{low}, {high}]"
+    return None
+
+
+def updated_runtime(current: RuntimeSettings, changes: Sequence[Parameter]) -> RuntimeSettings:
+    """`current` with the run-time parameters in `changes` applied (others are ignored)."""
+    updates = {p.name: p.value for p in changes if p.name in DYNAMIC_PARAMETERS}
+    if "rate_hz" in updates:
+        updates["rate_hz"] = float(updates["rate_hz"])
+    return RuntimeSettings(**{**current.__dict__, **updates})
