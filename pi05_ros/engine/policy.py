@@ -170,10 +170,7 @@ def make_runner(model: Pi05Model, precision: str, runner: str, calibration: Path
         raise CheckpointError("the fast runner needs a CUDA GPU; use runner=reference (or auto) on CPU")
     from pi05_ros.engine.pipeline import Pi05Pipeline  # CUDA-only code, imported only where it runs
 
-    pipeline = Pi05Pipeline(model, precision=precision, calibration=calibration)
-    if not keep_reference:
-        pipeline.release_reference()
-    return pipeline
+    return Pi05Pipeline(model, precision=precision, calibration=calibration, release_reference=not keep_reference)
 
 
 class Policy:

@@ -1,6 +1,7 @@
 """Watch a running `pi05_policy` node: print what it reports on /diagnostics and summarize the stage timings.
 
-    python3 -m pi05_ros.ros.monitor --namespace /pi05_demo --duration 20
+    ros2 run pi05_ros policy_monitor --namespace /pi05_demo --duration 20
+    install/pi05_ros/lib/pi05_ros/policy_monitor --namespace /pi05_demo   (here, without ros2 run)
 
 Waits for the first action chunk (up to --startup-timeout), then listens for --duration seconds and prints a
 table of the per-stage latencies from the node's last status. Exit code 0 when chunks arrived, 1 otherwise.

@@ -64,3 +64,18 @@ def test_prefix_capacity() -> None:
     assert prefix_capacity(cfg, 2, 48, 16) == (48, 560)
     assert prefix_capacity(cfg, 2, 49, 16) == (64, 576)
     assert prefix_capacity(cfg, 3, 200, 16) == (208, 976)
+
+
+def test_release_reference_frees_packed_weights_and_keeps_results(golden_dir, golden_cases) -> None:
+    from pi05_ros.engine.checkpoint import load_model
+
+    model, _ = load_model(golden_dir)
+    images, rows, noise = golden_case(golden_cases, model, 0)
+    fast = FastModel(model, torch.float32, release_reference=True)
+    assert model.released
+    assert model.vlm.layers[0].mlp.up_proj.weight.numel() == 0  # the reference's copy is gone
+    assert model.time_mlp_in.weight.numel() > 0  # schedules still need the time MLP and adaRMS layers
+    out = sample_eager(fast, images, rows, noise, 3)
+    assert rel_err(out, golden_cases["case0/actions_steps3"][0]) < 1e-5
+    with pytest.raises(RuntimeError, match="released"):
+        model.sample_actions(None, 1)  # type: ignore[arg-type]

@@ -241,10 +241,31 @@ class ExpertBlock(nn.Module):
                 self.num_heads, self.head_dim, self.eps)
 
 
-class FastModel(nn.Module):
-    """Pi0.5 weights prepared for inference. Batch 1; every buffer it writes is passed in by the caller."""
+# Reference parameters the fast path still reads after packing: the time MLP and the expert's adaRMS
+# layers (to build step schedules). Everything else can be released once packed.
+KEEP_REFERENCE = ("time_mlp", "layernorm.dense", "expert.norm.")
 
-    def __init__(self, ref: Pi05Model, dtype: torch.dtype = torch.bfloat16, attention: str = "gemm") -> None:
+
+def release_parameters(module: nn.Module, prefix: str = "") -> None:
+    """Replace `module`'s parameters (except KEEP_REFERENCE ones) by empty ones, freeing their memory.
+
+    New Parameter objects rather than `param.data = ...`: a packed Linear may hold the very same tensor.
+    """
+    for module_name, sub in module.named_modules(prefix=prefix):
+        for name, param in list(sub._parameters.items()):
+            if param is not None and not any(k in f"{module_name}.{name}" for k in KEEP_REFERENCE):
+                sub._parameters[name] = nn.Parameter(param.new_empty(0), requires_grad=False)
+
+
+class FastModel(nn.Module):
+    """Pi0.5 weights prepared for inference. Batch 1; every buffer it writes is passed in by the caller.
+
+    With `release_reference`, each reference layer's weights are freed as soon as that layer is packed, so
+    building never holds two full copies of the model (the reference cannot run afterwards).
+    """
+
+    def __init__(self, ref: Pi05Model, dtype: torch.dtype = torch.bfloat16, attention: str = "gemm",
+                 release_reference: bool = False) -> None:
         super().__init__()
         cfg: Pi05Config = ref.cfg
         self.cfg, self.dtype, self.attention = cfg, dtype, attention
@@ -253,14 +274,24 @@ class FastModel(nn.Module):
         self.register_buffer("patch_b", emb.patch_embedding.bias.to(dtype))
         self.patch_size = cfg.vision.patch_size
         self.register_buffer("pos_embed", emb.position_embedding.weight.float())
-        self.vision_blocks = nn.ModuleList(VisionBlock(layer, dtype) for layer in ref.vision.layers)
+        def packed(block: nn.Module, layer: nn.Module, name: str) -> nn.Module:
+            if release_reference:
+                release_parameters(layer, name)
+            return block
+
+        self.vision_blocks = nn.ModuleList(
+            packed(VisionBlock(layer, dtype), layer, f"vision.layers.{i}") for i, layer in enumerate(ref.vision.layers)
+        )
         self.vision_eps = cfg.vision.layer_norm_eps
         self.projector = Linear(*_fold_layernorm(ref.vision.post_layernorm, ref.projector), dtype)
         depth = len(ref.vlm.layers)
         self.prefix_blocks = nn.ModuleList(
-            PrefixBlock(layer, dtype, kv_only=i == depth - 1) for i, layer in enumerate(ref.vlm.layers)
+            packed(PrefixBlock(layer, dtype, kv_only=i == depth - 1), layer, f"vlm.layers.{i}")
+            for i, layer in enumerate(ref.vlm.layers)
         )
-        self.expert_blocks = nn.ModuleList(ExpertBlock(layer, dtype) for layer in ref.expert.layers)
+        self.expert_blocks = nn.ModuleList(
+            packed(ExpertBlock(layer, dtype), layer, f"expert.layers.{i}") for i, layer in enumerate(ref.expert.layers)
+        )
         self.expert_eps = cfg.expert.rms_norm_eps
         # The action head stays float32 (small and precision-sensitive, as openpi keeps it).
         self.register_buffer("action_in_w", ref.action_in_proj.weight.float())
@@ -268,6 +299,9 @@ class FastModel(nn.Module):
         self.register_buffer("action_out_w", ref.action_out_proj.weight.float())
         self.register_buffer("action_out_b", ref.action_out_proj.bias.float())
         self._ref = ref  # for the time MLP and the adaRMS dense layers, used only when a schedule is built
+        if release_reference:
+            release_parameters(ref)
+            ref.released = True
         self.text_scale = cfg.text_embed_scale
         # One RoPE table for every position the prefix + suffix can take.
         max_pos = len(cfg.image_keys) * cfg.vision.num_patches + cfg.max_token_len + cfg.action_horizon

@@ -1,0 +1,331 @@
+"""Helpers for the ROS tests (imported by the test modules; test/ros/conftest.py puts this folder on sys.path).
+
+Real rclpy over DDS on loopback, the node as an installed executable in a subprocess, no mocks.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Generous on purpose: CI has 2 cores and the node imports torch and builds the demo model at startup.
+NODE_START_TIMEOUT_S = 90.0
+
+
+def package_prefix() -> Path:
+    from ament_index_python.packages import get_package_prefix
+
+    return Path(get_package_prefix("pi05_ros"))
+
+
+def installed_executable(name: str) -> Path:
+    return package_prefix() / "lib" / "pi05_ros" / name
+
+
+def installed_params_file() -> Path:
+    return package_prefix() / "share" / "pi05_ros" / "config" / "pi05.yaml"
+
+
+def unique_namespace(prefix: str) -> str:
+    return f"/{prefix}_{uuid.uuid4().hex[:8]}"
+
+
+class NodeProcess:
+    """An installed executable run as users run it: `<exe> --ros-args --params-file ... -p k:=v`."""
+
+    def __init__(self, executable: str, namespace: str, *ros_args: str, params_file: Path | None = None) -> None:
+        self.namespace = namespace
+        args = [sys.executable, str(installed_executable(executable)), "--ros-args"]
+        if params_file is not None:
+            args += ["--params-file", str(params_file)]
+        args += ["-r", f"__ns:={namespace}", *ros_args]
+        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self._lines: list[str] = []
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            with self._lock:
+                self._lines.append(line)
+
+    def output(self) -> str:
+        with self._lock:
+            return "".join(self._lines)
+
+    def wait_for_output(self, text: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.output():
+                return True
+            if self.process.poll() is not None:
+                return text in self.output()
+            time.sleep(0.05)
+        return False
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def wait(self, timeout: float) -> int:
+        code = self.process.wait(timeout)
+        self._reader.join(2.0)
+        return code
+
+    def stop(self) -> None:
+        if self.alive():
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(5.0)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5.0)
+        self._reader.join(2.0)
+
+
+def make_image(height: int, width: int, encoding: str = "rgb8", stamp_ns: int = 0,
+               pixels: np.ndarray | None = None, pad: int = 0) -> Any:
+    """A sensor_msgs/Image; RGB `pixels` (or a gradient) converted to `encoding`, rows padded by `pad` bytes."""
+    from sensor_msgs.msg import Image
+
+    if pixels is None:
+        y, x = np.mgrid[0:height, 0:width]
+        pixels = np.stack([x % 256, y % 256, (x + y) % 256], axis=-1).astype(np.uint8)
+    opaque = np.full_like(pixels[:, :, :1], 255)
+    channels = {
+        "rgb8": pixels,
+        "bgr8": pixels[:, :, ::-1],
+        "rgba8": np.dstack([pixels, opaque]),
+        "bgra8": np.dstack([pixels[:, :, ::-1], opaque]),
+        "mono8": pixels[:, :, :1],
+    }[encoding]
+    row = channels.reshape(height, -1)
+    padded = np.concatenate([row, np.full((height, pad), 0xAB, np.uint8)], axis=1) if pad else row
+    msg = Image(height=height, width=width, encoding=encoding, is_bigendian=0, step=padded.shape[1])
+    msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_ns, 1_000_000_000)
+    msg.data = np.ascontiguousarray(padded).tobytes()
+    return msg
+
+
+def make_png(height: int, width: int, stamp_ns: int = 0) -> Any:
+    """A sensor_msgs/CompressedImage holding a PNG of a gradient."""
+    import cv2
+    from sensor_msgs.msg import CompressedImage
+
+    y, x = np.mgrid[0:height, 0:width]
+    bgr = np.stack([(x + y) % 256, y % 256, x % 256], axis=-1).astype(np.uint8)
+    ok, png = cv2.imencode(".png", bgr)
+    assert ok
+    msg = CompressedImage(format="png", data=png.tobytes())
+    msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_ns, 1_000_000_000)
+    return msg
+
+
+def stamp_ns(stamp: Any) -> int:
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+JOINTS = ["joint_1", "joint_2", "joint_3", "joint_4", "joint_5", "joint_6", "gripper"]
+
+
+class Driver:
+    """The robot side of a test: publishes inputs at ~20 Hz from a feeder thread, records what the policy
+    node publishes, and sets its parameters through the real parameter services."""
+
+    def __init__(self, namespace: str, cameras: dict[str, str] | None = None, feed_period_s: float = 0.05) -> None:
+        """`cameras`: input name -> transport ('raw' or 'compressed'), as the node under test is configured."""
+        import rclpy
+        from diagnostic_msgs.msg import DiagnosticArray
+        from rclpy.context import Context
+        from rclpy.executors import SingleThreadedExecutor
+        from rclpy.parameter_client import AsyncParameterClient
+        from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+        from sensor_msgs.msg import CompressedImage, Image, JointState
+        from std_msgs.msg import String
+        from trajectory_msgs.msg import JointTrajectory
+
+        from pi05_ros.msg import ActionChunk
+
+        self.namespace = namespace
+        self.context = Context()
+        rclpy.init(context=self.context)
+        self.node = rclpy.create_node(f"test_driver_{uuid.uuid4().hex[:6]}", namespace=namespace,
+                                      context=self.context)
+        self._lock = threading.Lock()
+        self.chunks: list[tuple[float, Any]] = []
+        self.trajectories: list[tuple[float, Any]] = []
+        self.statuses: list[tuple[float, Any]] = []
+        self.published_stamps: set[int] = set()
+        self.frames_published = 0
+        status_name = f"{namespace}/pi05_policy: policy"
+
+        def record(store: list[tuple[float, Any]]) -> Callable[[Any], None]:
+            def callback(msg: Any) -> None:
+                with self._lock:
+                    store.append((time.monotonic(), msg))
+            return callback
+
+        def on_diagnostics(msg: Any) -> None:
+            for status in msg.status:
+                if status.name == status_name:
+                    with self._lock:
+                        self.statuses.append((time.monotonic(), status))
+
+        self.node.create_subscription(ActionChunk, "action_chunk", record(self.chunks), 50)
+        self.node.create_subscription(JointTrajectory, "joint_trajectory", record(self.trajectories), 50)
+        self.node.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics, 50)
+        cameras = {"base_image": "raw", "wrist_image": "raw"} if cameras is None else cameras
+        self.feed_period_s = feed_period_s
+        self.image_pubs = {
+            name: self.node.create_publisher(Image, name, qos_profile_sensor_data) if transport == "raw"
+            else self.node.create_publisher(CompressedImage, f"{name}/compressed", qos_profile_sensor_data)
+            for name, transport in cameras.items()
+        }
+        self.joint_pub = self.node.create_publisher(JointState, "joint_states", qos_profile_sensor_data)
+        latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                             durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        self.instruction_pub = self.node.create_publisher(String, "instruction", latched)
+        self.params = AsyncParameterClient(self.node, f"{namespace}/pi05_policy")
+
+        # What the feeder publishes; tests swap these factories for bad ones and back.
+        self.image_factory: dict[str, Callable[[int], Any]] = {
+            name: (lambda stamp, i=i: make_image(120, 160 + 16 * i, "rgb8", stamp)) if transport == "raw"
+            else (lambda stamp: make_png(120, 160, stamp))
+            for i, (name, transport) in enumerate(cameras.items())
+        }
+        self.joint_factory: Callable[[int], Any] = self.good_joints
+        self.feeding = threading.Event()
+        self.feeding.set()
+
+        self._executor = SingleThreadedExecutor(context=self.context)
+        self._executor.add_node(self.node)
+        self._stop = threading.Event()
+        self._spinner = threading.Thread(target=self._spin, daemon=True)
+        self._spinner.start()
+        self._feeder = threading.Thread(target=self._feed, daemon=True)
+        self._feeder.start()
+
+    @staticmethod
+    def good_joints(stamp: int) -> Any:
+        from sensor_msgs.msg import JointState
+
+        # Published in an order different from state_joint_names, plus an extra joint, to prove selection.
+        names = ["extra_joint", *reversed(JOINTS)]
+        msg = JointState(name=names, position=[9.0, *[0.1 * i for i in reversed(range(len(JOINTS)))]])
+        msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp, 1_000_000_000)
+        return msg
+
+    def _spin(self) -> None:
+        while not self._stop.is_set():
+            self._executor.spin_once(timeout_sec=0.05)
+
+    def _feed(self) -> None:
+        tick = 0
+        while not self._stop.wait(self.feed_period_s):
+            if not self.feeding.is_set():
+                continue
+            tick += 1
+            # Distinct, increasing synthetic stamps: 1000 s + tick ms for images, +0.5 ms for joints.
+            image_stamp = 1_000_000_000_000 + tick * 1_000_000
+            joint_stamp = image_stamp + 500_000
+            with self._lock:  # recorded first: a chunk may come back before this loop ends
+                self.published_stamps.update((image_stamp, joint_stamp))
+                self.frames_published += 1
+            for name, publisher in self.image_pubs.items():
+                publisher.publish(self.image_factory[name](image_stamp))
+            self.joint_pub.publish(self.joint_factory(joint_stamp))
+
+    def say(self, text: str) -> None:
+        from std_msgs.msg import String
+
+        self.instruction_pub.publish(String(data=text))
+
+    # --- reading what arrived
+
+    def snapshot(self) -> tuple[list[Any], list[Any], list[Any]]:
+        with self._lock:
+            return list(self.chunks), list(self.trajectories), list(self.statuses)
+
+    def chunks_since(self, t: float) -> list[Any]:
+        with self._lock:
+            return [msg for when, msg in self.chunks if when >= t]
+
+    def trajectories_since(self, t: float) -> list[Any]:
+        with self._lock:
+            return [msg for when, msg in self.trajectories if when >= t]
+
+    def statuses_since(self, t: float) -> list[Any]:
+        with self._lock:
+            return [msg for when, msg in self.statuses if when >= t]
+
+    def wait_for_chunks(self, count: int, since: float, timeout: float,
+                        where: Callable[[Any], bool] = lambda _: True) -> list[Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [c for c in self.chunks_since(since) if where(c)]
+            if len(found) >= count:
+                return found
+            time.sleep(0.05)
+        return [c for c in self.chunks_since(since) if where(c)]
+
+    def wait_for_status(self, since: float, timeout: float, where: Callable[[Any], bool]) -> Any | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for status in self.statuses_since(since):
+                if where(status):
+                    return status
+            time.sleep(0.05)
+        return None
+
+    # --- parameters, through the node's real parameter services (what `ros2 param set` does)
+
+    def set_parameter(self, name: str, value: Any, timeout: float = 10.0) -> Any:
+        from rclpy.parameter import Parameter
+
+        assert self.params.wait_for_services(timeout), "parameter services of the policy node not found"
+        future = self.params.set_parameters([Parameter(name, value=value)])
+        deadline = time.monotonic() + timeout
+        while not future.done() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert future.done(), f"set_parameters({name}) got no answer in {timeout} s"
+        return future.result().results[0]
+
+    def get_parameter(self, name: str, timeout: float = 10.0) -> Any:
+        from rclpy.parameter import parameter_value_to_python
+
+        future = self.params.get_parameters([name])
+        deadline = time.monotonic() + timeout
+        while not future.done() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert future.done(), f"get_parameters({name}) got no answer in {timeout} s"
+        return parameter_value_to_python(future.result().values[0])
+
+    def close(self) -> None:
+        import rclpy
+
+        self._stop.set()
+        self._feeder.join(2.0)
+        self._spinner.join(2.0)
+        self._executor.shutdown(timeout_sec=1.0)
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+
+
+def status_values(status: Any) -> dict[str, str]:
+    return {kv.key: kv.value for kv in status.values}
+
+
+def status_level(status: Any) -> int:
+    return status.level[0] if isinstance(status.level, bytes | bytearray) else int(status.level)

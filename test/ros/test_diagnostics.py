@@ -1,0 +1,75 @@
+"""The /diagnostics status built from worker and input snapshots: levels, messages, keys."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pi05_ros.ros.diagnostics import DEMO_BANNER, ModelFacts, build_status
+from pi05_ros.ros.inputs import InputState
+from pi05_ros.ros.params import RuntimeSettings
+from pi05_ros.ros.worker import Level, Phase, Problem, WorkerStatus
+
+STAGES = ("preprocess", "vision", "total")
+RUNTIME = RuntimeSettings(denoise_steps=10, rate_hz=10.0, default_instruction="", publish_joint_trajectory=True)
+MODEL = ModelFacts("Pi0.5 [pi05] from /ckpt", "cuda:0", "bf16", False, STAGES)
+RUNNING = WorkerStatus(
+    phase=Phase.RUNNING, fatal_error=None, problems=(), inferences=50, published=50, skipped={"stale_input": 2},
+    overruns=0, errors=0, achieved_rate_hz=10.0, steady_for_s=5.0, last_latency_ms=42.0, last_denoise_steps=10,
+    stage_stats={s: {"mean": 1.0, "std": 0.1, "p50": 1.0, "p99": 2.0} for s in STAGES},
+    gpu_memory={"allocated": 1024.0, "reserved": 2048.0, "peak": 1500.0},
+)
+INPUTS = [InputState("base_image", 100, 0.02, None, 3), InputState("joint_states", 300, 0.01, None, 0),
+          InputState("instruction", 1, 12.0, None, 0)]
+
+
+def build(worker: WorkerStatus = RUNNING, model: ModelFacts | None = MODEL, **kwargs):
+    options = {"rate_mode": "timer", "demo_requested": False, **kwargs}
+    status = build_status("/ns/pi05_policy: policy", worker, INPUTS, RUNTIME, model, **options)
+    return status, {kv.key: kv.value for kv in status.values}
+
+
+def test_ok_status_carries_stages_inputs_and_gpu_memory() -> None:
+    status, values = build()
+    assert status.level == bytes([Level.OK]) and status.message == "running at 10.0 Hz"
+    for stage in STAGES:
+        assert values[f"stage.{stage}.p99_ms"] == "2.000"
+    assert values["input.base_image.age_s"] == "0.020" and values["dropped_observations"] == "3"
+    assert values["gpu_memory.allocated_mib"] == "1024.0" and values["skipped.stale_input"] == "2"
+    assert values["demo_model"] == "false" and status.hardware_id == "cuda:0"
+
+
+def test_low_rate_warns_only_after_a_full_steady_window() -> None:
+    slow = dataclasses.replace(RUNNING, achieved_rate_hz=6.0)
+    status, _ = build(slow)
+    assert status.level == bytes([Level.WARN]) and "rate 6.0 Hz is below rate_hz 10" in status.message
+    assert "inference takes 1 ms (p50)" in status.message
+    just_resumed = dataclasses.replace(slow, steady_for_s=1.0)
+    assert build(just_resumed)[0].level == bytes([Level.OK])
+    assert build(slow, rate_mode="trigger:front")[0].level == bytes([Level.OK])  # no target in trigger mode
+
+
+def test_problems_set_level_and_message() -> None:
+    stale = dataclasses.replace(RUNNING, problems=(Problem(Level.WARN, "'base_image' is stale"),))
+    assert build(stale)[0].level == bytes([Level.WARN])
+    bad = dataclasses.replace(RUNNING, problems=(Problem(Level.WARN, "no instruction yet"),
+                                                 Problem(Level.ERROR, "bad input: NaN")))
+    status, _ = build(bad)
+    assert status.level == bytes([Level.ERROR]) and status.message == "no instruction yet; bad input: NaN"
+
+
+def test_loading_warns_and_failure_is_an_error() -> None:
+    loading = dataclasses.replace(RUNNING, phase=Phase.LOADING, stage_stats={}, gpu_memory={})
+    status, values = build(loading, model=None)
+    assert status.level == bytes([Level.WARN]) and "loading model, no actions yet" in status.message
+    assert values["model"] == "loading" and values["gpu_memory"].startswith("n/a")
+    failed = dataclasses.replace(loading, phase=Phase.FAILED, fatal_error="checkpoint /x does not exist")
+    status, _ = build(failed, model=None)
+    assert status.level == bytes([Level.ERROR]) and "checkpoint /x does not exist" in status.message
+
+
+def test_demo_model_is_announced_even_before_it_loads() -> None:
+    loading = dataclasses.replace(RUNNING, phase=Phase.LOADING)
+    status, values = build(loading, model=None, demo_requested=True)
+    assert status.message.startswith(DEMO_BANNER) and values["demo_model"] == "true"
+    demo = dataclasses.replace(MODEL, is_demo=True)
+    assert build(model=demo)[0].message.startswith(DEMO_BANNER)

@@ -1,0 +1,91 @@
+"""Starting the node: bad checkpoints and parameters exit with a clear message; a compressed camera as the
+trigger works; SIGTERM stops it within a second."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import numpy as np
+from ros_harness import (
+    JOINTS,
+    NODE_START_TIMEOUT_S,
+    NodeProcess,
+    installed_params_file,
+    status_values,
+    unique_namespace,
+)
+
+
+def run_to_exit(*ros_args: str, timeout: float = NODE_START_TIMEOUT_S) -> tuple[int, str]:
+    node = NodeProcess("policy_node", unique_namespace("pi05_start"), *ros_args,
+                       params_file=installed_params_file())
+    try:
+        code = node.wait(timeout)
+    finally:
+        node.stop()
+    return code, node.output()
+
+
+def test_bad_checkpoint_path_exits_with_a_clear_message() -> None:
+    code, output = run_to_exit("-p", "checkpoint:=/no/such/pi05_checkpoint", "-p", "tokenizer:=/no/such/tok.model")
+    assert code == 1, output
+    assert "cannot start" in output and "/no/such/pi05_checkpoint" in output and "does not exist" in output
+    assert "Traceback" not in output  # a message, not a stack trace
+
+
+def test_checkpoint_without_tokenizer_exits_with_a_clear_message() -> None:
+    code, output = run_to_exit("-p", "checkpoint:=/no/such/pi05_checkpoint")
+    assert code == 1, output
+    assert "tokenizer is empty; set tokenizer:=" in output and "Traceback" not in output
+
+
+def test_invalid_startup_parameter_exits_at_once() -> None:
+    start = time.monotonic()
+    code, output = run_to_exit("-p", "camera.base_image.transport:=h264")
+    assert code == 2, output
+    assert "bad parameters: camera.base_image.transport is 'h264'; use one of raw, compressed" in output
+    assert time.monotonic() - start < 30.0  # before any model work (the bound only guards against a hang)
+
+
+def test_camera_slot_the_model_lacks_exits_after_loading() -> None:
+    code, output = run_to_exit("-p", "camera.base_image.slot:=top_0_rgb", "-p", "warmup:=0")
+    assert code == 1, output
+    assert "camera.base_image.slot is 'top_0_rgb'" in output and "base_0_rgb" in output
+    assert "Traceback" not in output
+
+
+def test_compressed_trigger_camera_runs_once_per_frame_and_sigterm_stops(driver_factory) -> None:
+    namespace = unique_namespace("pi05_trigger")
+    # 4 frames per second: slow enough that every frame gets its own inference even on a busy CPU.
+    driver = driver_factory(namespace, cameras={"front": "compressed"}, feed_period_s=0.25)
+    driver.say("stack the blocks")
+    node = NodeProcess(
+        "policy_node", namespace,
+        "-p", "cameras:=[front]", "-p", "camera.front.slot:=base_0_rgb", "-p", "camera.front.transport:=compressed",
+        "-p", "trigger_camera:=front", "-p", "rate_hz:=50.0", "-p", "warmup:=0", "-p", "cpu_threads:=1",
+        "-p", f"state_joint_names:=[{', '.join(JOINTS)}]",
+        params_file=installed_params_file(),
+    )
+    try:
+        assert driver.wait_for_chunks(1, 0.0, NODE_START_TIMEOUT_S), node.output()
+        frames_before = driver.frames_published
+        since = time.monotonic()
+        time.sleep(3.0)
+        frames = driver.frames_published - frames_before
+        chunks = driver.chunks_since(since)
+        # One chunk per frame (not 50 Hz): +-2 for the frames in flight at both ends of the window.
+        assert abs(len(chunks) - frames) <= 2, (len(chunks), frames)
+        assert all(np.asarray(c.actions).size == c.horizon * c.action_dim for c in chunks)
+        status = driver.wait_for_status(since, 5.0, lambda s: "rate_mode" in status_values(s))
+        assert status is not None and status_values(status)["rate_mode"] == "trigger:front"
+        assert float(status_values(status)["input.front.age_s"]) < 1.0
+
+        start = time.monotonic()
+        node.process.send_signal(signal.SIGTERM)
+        code = node.wait(10.0)
+        elapsed = time.monotonic() - start
+        assert code == 0, node.output()[-3000:]
+        assert elapsed < 1.0, f"took {elapsed:.2f} s to stop"
+    finally:
+        node.stop()

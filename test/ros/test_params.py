@@ -1,0 +1,184 @@
+"""Parameters: declared once with descriptors, config/pi05.yaml in step with them, run-time validation."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import rclpy
+import yaml
+from rclpy.context import Context
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from ros_harness import installed_params_file
+
+from pi05_ros.ros.params import (
+    DYNAMIC_PARAMETERS,
+    MAX_DENOISE_STEPS,
+    PARAMETERS,
+    ConfigError,
+    RuntimeSettings,
+    camera_parameters,
+    declare_parameters,
+    updated_runtime,
+    validate_runtime_value,
+)
+
+SOURCE_CONFIG = Path(__file__).resolve().parents[2] / "config" / "pi05.yaml"
+
+
+@pytest.fixture
+def make_node() -> Iterator:
+    contexts: list[tuple[Context, Node]] = []
+
+    def make(*ros_args: str, namespace: str = "") -> Node:
+        context = Context()
+        rclpy.init(context=context, args=["test", "--ros-args", *ros_args])
+        node = Node("pi05_policy", namespace=namespace, context=context)
+        contexts.append((context, node))
+        return node
+
+    yield make
+    for context, node in contexts:
+        node.destroy_node()
+        rclpy.try_shutdown(context=context)
+
+
+def yaml_parameters(path: Path) -> dict:
+    document = yaml.safe_load(path.read_text())
+    (section,) = document.values()
+    return section["ros__parameters"]
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def test_config_file_sets_exactly_the_declared_parameters_with_their_defaults() -> None:
+    values = flatten(yaml_parameters(SOURCE_CONFIG))
+    camera_specs = [spec for camera in ("base_image", "wrist_image") for spec in camera_parameters(camera)]
+    declared = {spec.name: spec.default for spec in (*PARAMETERS, *camera_specs)}
+    # The two list parameters whose default is empty are documented but commented out: `[]` is not valid
+    # ROS parameter YAML (no element type).
+    commented_out = {"state_joint_names", "action_joint_names"}
+    assert set(values) == set(declared) - commented_out
+    for name, value in values.items():
+        assert value == declared[name], f"config/pi05.yaml: {name}={value!r}, code default {declared[name]!r}"
+    text = SOURCE_CONFIG.read_text()
+    for name in commented_out:
+        assert f"# {name}:" in text
+
+
+def test_installed_config_is_the_source_one() -> None:
+    assert installed_params_file().read_text() == SOURCE_CONFIG.read_text()
+
+
+def test_every_parameter_has_a_description_and_dynamic_ones_are_the_documented_four() -> None:
+    assert DYNAMIC_PARAMETERS == {"denoise_steps", "rate_hz", "default_instruction", "publish_joint_trajectory"}
+    for spec in PARAMETERS:
+        assert len(spec.description) > 20, spec.name
+
+
+def test_declared_descriptors_carry_ranges_and_read_only(make_node) -> None:
+    node = make_node()
+    declare_parameters(node)
+    steps = node.describe_parameter("denoise_steps")
+    assert (steps.integer_range[0].from_value, steps.integer_range[0].to_value) == (1, MAX_DENOISE_STEPS)
+    assert not steps.read_only
+    rate = node.describe_parameter("rate_hz")
+    assert rate.floating_point_range[0].from_value == pytest.approx(0.1)
+    assert node.describe_parameter("checkpoint").read_only
+    assert "random-weight" in node.describe_parameter("checkpoint").description
+    assert node.describe_parameter("camera.base_image.slot").read_only
+
+
+def test_params_file_and_overrides_reach_the_config(make_node) -> None:
+    node = make_node(
+        "--params-file", str(SOURCE_CONFIG),
+        "-p", "denoise_steps:=4", "-p", "cameras:=[base_image, side_cam]",
+        "-p", "camera.side_cam.slot:=right_wrist_0_rgb", "-p", "camera.side_cam.transport:=compressed",
+        "-p", "state_joint_names:=[j1, j2]", "-p", "trigger_camera:=side_cam",
+    )
+    config = declare_parameters(node)
+    assert config.runtime.denoise_steps == 4
+    assert config.use_demo_model  # no checkpoint in the shipped config
+    assert [(c.name, c.slot, c.transport, c.topic) for c in config.cameras] == [
+        ("base_image", "base_0_rgb", "raw", "base_image"),
+        ("side_cam", "right_wrist_0_rgb", "compressed", "side_cam/compressed"),
+    ]
+    assert config.state_joint_names == ("j1", "j2") and config.action_joint_names == ()
+    assert config.trigger_camera == "side_cam"
+
+
+@pytest.mark.parametrize("namespace", ["", "/robot_1", "/fleet/robot_2"])
+def test_config_key_matches_the_node_in_any_namespace(make_node, tmp_path: Path, namespace: str) -> None:
+    # The shipped file's key with a value that differs from the default, to see it arrive.
+    key = next(iter(yaml.safe_load(SOURCE_CONFIG.read_text())))
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({key: {"ros__parameters": {"denoise_steps": 7}}}))
+    node = make_node("--params-file", str(params), namespace=namespace)
+    assert declare_parameters(node).runtime.denoise_steps == 7
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["-p", "cameras:=[cam_x]"], r"camera 'cam_x' has no model slot; set camera.cam_x.slot"),
+        (["-p", "camera.base_image.transport:=h264"], r"camera.base_image.transport is 'h264'; use one of raw"),
+        (["-p", "camera.wrist_image.slot:=base_0_rgb"], "two cameras feed the same model slot"),
+        (["-p", "trigger_camera:=nope"], "trigger_camera 'nope' is not one of cameras"),
+        (["-p", "cameras:=[base_image, base_image]"], "names a camera twice"),
+    ],
+)
+def test_bad_startup_parameters_raise_config_error(make_node, args: list[str], expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        declare_parameters(make_node(*args))
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("denoise_steps", 0, r"out of range; use an integer in 1\.\.100"),
+        ("denoise_steps", 101, "out of range"),
+        ("denoise_steps", 2.5, "must be of type int"),
+        ("denoise_steps", True, "must be of type int"),
+        ("rate_hz", 0.0, r"out of range; use a value in \[0.1, 200.0\]"),
+        ("rate_hz", "fast", "must be of type float"),
+        ("publish_joint_trajectory", 1, "must be of type bool"),
+        ("checkpoint", "/x", "cannot change at run time"),
+    ],
+)
+def test_invalid_runtime_values_have_reasons(name: str, value: object, expected: str) -> None:
+    reason = validate_runtime_value(name, value)
+    assert reason is not None and re.search(expected, reason), reason
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("denoise_steps", 1), ("denoise_steps", 100), ("rate_hz", 5), ("rate_hz", 0.1), ("default_instruction", ""),
+     ("publish_joint_trajectory", False)],
+)
+def test_valid_runtime_values_pass(name: str, value: object) -> None:
+    assert validate_runtime_value(name, value) is None
+
+
+def test_updated_runtime_applies_only_dynamic_parameters() -> None:
+    current = RuntimeSettings(10, 10.0, "", True)
+    new = updated_runtime(current, [Parameter("denoise_steps", value=3), Parameter("checkpoint", value="/x"),
+                                    Parameter("rate_hz", value=4.0)])
+    assert new == RuntimeSettings(3, 4.0, "", True)
+    assert current.denoise_steps == 10  # frozen: the worker's copy never changes under it
+
+
+def test_max_denoise_steps_matches_the_engine() -> None:
+    from pi05_ros.engine.policy import MAX_DENOISE_STEPS as ENGINE_MAX
+
+    assert MAX_DENOISE_STEPS == ENGINE_MAX
