@@ -1,0 +1,132 @@
+"""Development sweeps on the GPU machine: fidelity and speed of fast-path variants in one run.
+
+    PYTHONPATH=. python3 tools/gpu_sweep.py profile bf16 fp8      # stage timings + kernel tables
+    PYTHONPATH=. python3 tools/gpu_sweep.py fp8-sets               # which linears can run in FP8
+    PYTHONPATH=. python3 tools/gpu_sweep.py vision-fp8             # which SigLIP linears can run in FP8
+
+Full-size random weights; fidelity against the float32 reference on two synthetic observations (48-token
+prompt). Kernel tables go to $OUT (or /tmp). Results feed docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from pi05_ros.engine.config import PRESETS
+from pi05_ros.engine.demo import random_model
+from pi05_ros.engine.pipeline import FP8_ALL_LAYERS, FP8_DEFAULT_LAYERS, Pi05Pipeline, synthetic_observations
+from pi05_ros.engine.policy import PreparedObservation
+from pi05_ros.engine.reference import ModelInputs, Pi05Model
+
+OUT = os.environ.get("OUT", "/tmp")
+P, E, V = "prefix_blocks.*.", "expert_blocks.*.", "vision_blocks.*."
+PROFILE_VARIANTS = {
+    "bf16": {"precision": "bf16"},
+    "bf16-sdpa": {"precision": "bf16", "attention": "sdpa"},
+    "bf16-eager": {"precision": "bf16", "compile": False},
+    "fp8": {"precision": "fp8"},
+    "fp8-all": {"precision": "fp8", "fp8_layers": FP8_ALL_LAYERS},
+    "fp8-vision": {"precision": "fp8", "fp8_vision": True},
+}
+FP8_SETS = {
+    "prefix_mlp (default)": FP8_DEFAULT_LAYERS,
+    "prefix_all": (P + "*",),
+    "prefix_mlp+expert_mlp": (P + "gate_up", P + "down", E + "gate_up", E + "down"),
+    "prefix_all+expert_mlp": (P + "*", E + "gate_up", E + "down"),
+    "prefix_all+expert_all": FP8_ALL_LAYERS,
+}
+VISION_SETS = {"all": (V + "*",), "mlp (default)": (V + "fc1", V + "fc2"), "fc1": (V + "fc1",), "fc2": (V + "fc2",)}
+
+
+def observations(model: Pi05Model, seeds: tuple[int, ...] = (123, 7)) -> list[PreparedObservation]:
+    out = []
+    for seed in seeds:
+        obs = next(iter(synthetic_observations(model.cfg, 1, views=2, seed=seed)))
+        mask = np.arange(model.cfg.max_token_len) < 48
+        out.append(PreparedObservation(obs.images, np.where(mask, obs.tokens, 0), mask, obs.noise))
+    return out
+
+
+def reference(model: Pi05Model, obs: PreparedObservation, steps: int) -> np.ndarray:
+    views = [im for im in obs.images if im is not None]
+    images = np.stack([im.astype(np.float32).transpose(2, 0, 1) / 255.0 * 2.0 - 1.0 for im in views])
+    inputs = ModelInputs(torch.from_numpy(images)[None], torch.ones(1, len(images), dtype=torch.bool),
+                         torch.from_numpy(obs.tokens)[None], torch.from_numpy(obs.token_mask)[None],
+                         torch.from_numpy(obs.noise)[None])
+    return model.sample_actions(inputs, steps)[0].cpu().numpy()
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def median_ms(pipe: Pi05Pipeline, obs: PreparedObservation, steps: int, runs: int = 60,
+              key: str | None = None) -> float:
+    for _ in range(5):
+        pipe.run(obs, steps)
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        _, timings = pipe.run(obs, steps)
+        samples.append(timings[key] if key else (time.perf_counter() - start) * 1e3)
+    return float(np.median(samples))
+
+
+def sweep(model: Pi05Model, variants: dict[str, dict], key: str | None) -> None:
+    obss = observations(model)
+    refs = [{s: reference(model, o, s) for s in (1, 10)} for o in obss]
+    for name, kwargs in variants.items():
+        pipe = Pi05Pipeline(model, calibration=f"{OUT}/calibration.json", **kwargs)
+        errs = " ".join(f"{rel_err(pipe.run(o, s)[0], r[s]):.2e}"
+                        for o, r in zip(obss, refs, strict=True) for s in (1, 10))
+        times = f"{key} {median_ms(pipe, obss[0], 1, key=key):.3f} ms" if key else (
+            f"e2e 1 step {median_ms(pipe, obss[0], 1):.2f} ms, 10 steps {median_ms(pipe, obss[0], 10):.2f} ms")
+        print(f"{name:<24} rel err A 1/10, B 1/10: {errs} | {times}", flush=True)
+        del pipe
+        torch.cuda.empty_cache()
+
+
+def profile(model: Pi05Model, names: list[str]) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    obs = observations(model, (1,))[0]
+    for name in names:
+        pipe = Pi05Pipeline(model, calibration=f"{OUT}/calibration.json", **PROFILE_VARIANTS[name])
+        for steps in (1, 3, 10):
+            runs = [pipe.run(obs, steps)[1] for _ in range(60)][10:]
+            stages = " ".join(f"{k}={np.median([r[k] for r in runs]):.3f}" for k in runs[0])
+            print(f"{name} steps={steps} e2e p50 {median_ms(pipe, obs, steps):.2f} ms | {stages}", flush=True)
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            pipe.run(obs, 10)
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+        with open(f"{OUT}/kernels_{name}.txt", "w") as f:
+            f.write(table)
+        del pipe
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    what, rest = sys.argv[1], sys.argv[2:]
+    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    dtype = torch.bfloat16 if what == "profile" else torch.float32  # float32: the fidelity reference
+    model = random_model(PRESETS["pi05"], seed=0, device="cuda", dtype=dtype)
+    if what == "profile":
+        profile(model, rest or ["bf16", "fp8"])
+    elif what == "fp8-sets":
+        variants = {n: {"precision": "fp8", "fp8_layers": s} for n, s in FP8_SETS.items()}
+        sweep(model, {"bf16": {"precision": "bf16"}} | variants, None)
+    elif what == "vision-fp8":
+        variants = {n: {"precision": "fp8", "fp8_vision": True, "fp8_vision_layers": s} for n, s in VISION_SETS.items()}
+        sweep(model, variants, "vision")
+    else:
+        raise SystemExit(__doc__)
+
+
+if __name__ == "__main__":
+    main()
