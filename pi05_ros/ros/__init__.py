@@ -1,5 +1,6 @@
-"""The ROS 2 side of pi05_ros: message conversions, input buffers, the inference worker and the node.
+"""The ROS 2 side of pi05_ros: message conversions, input buffers, the inference worker and the nodes.
 
-Modules here import rclpy / ROS message packages (except `conversions`, `params` constants and `inputs`,
-which only need the message classes they are given); the engine never imports from here.
+`conversions`, `inputs` and `worker` import no ROS package (they take message objects and callables), so they
+also run where rclpy is missing; `params`, `diagnostics`, `node`, `demo_sources` and `monitor` need rclpy.
+The engine never imports from here.
 """

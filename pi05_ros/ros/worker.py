@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pi05_ros.ros.inputs import InputBuffers
-from pi05_ros.ros.params import CameraConfig, RuntimeSettings
 
-if TYPE_CHECKING:  # the engine (torch) is imported in the worker thread, not at node import
+if TYPE_CHECKING:
+    # The engine (torch) is imported in the worker thread, not at node import; params.py needs rclpy.
     from pi05_ros.engine.policy import ActionChunk, Policy
+    from pi05_ros.ros.params import CameraConfig, RuntimeSettings
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class WorkerStatus:
     gpu_memory: dict[str, float] = field(default_factory=dict)  # MiB: allocated, reserved, peak
 
 
-PublishFn = Callable[["ActionChunk", Observation, float, RuntimeSettings], None]
+PublishFn = Callable[["ActionChunk", Observation, float, "RuntimeSettings"], None]
 
 
 class InferenceWorker:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 
@@ -126,3 +128,11 @@ def test_text_and_all_inputs_state() -> None:
     assert text.get() == "pick"
     names = [state.name for state in inputs.states()]
     assert names == ["base_image", "wrist_image", "joint_states", "instruction"]
+
+
+def test_inputs_worker_and_conversions_import_without_ros() -> None:
+    # They hold no ROS code, so they can run (and be tested) where rclpy is missing, e.g. on a GPU machine.
+    code = ("import sys; sys.modules.update(rclpy=None, rcl_interfaces=None, sensor_msgs=None); "
+            "import pi05_ros.ros.inputs, pi05_ros.ros.worker, pi05_ros.ros.conversions")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert result.returncode == 0, result.stderr

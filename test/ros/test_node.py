@@ -209,15 +209,6 @@ def test_joint_trajectory_can_be_switched_off(running) -> None:
     assert driver.trajectories_since(since)
 
 
-def test_default_instruction_is_used_only_without_an_instruction_message(running) -> None:
-    node, driver = running
-    assert driver.set_parameter("default_instruction", "wipe the table").successful
-    assert driver.get_parameter("default_instruction") == "wipe the table"
-    # An instruction has arrived, so chunks keep coming from it; the default only matters before one.
-    assert driver.wait_for_chunks(2, time.monotonic(), 10.0)
-    assert driver.set_parameter("default_instruction", "").successful
-
-
 def test_stale_inputs_stop_publishing_and_warn(running) -> None:
     node, driver = running
     driver.feeding.clear()

@@ -12,6 +12,7 @@ from ros_harness import (
     NODE_START_TIMEOUT_S,
     NodeProcess,
     installed_params_file,
+    status_level,
     status_values,
     unique_namespace,
 )
@@ -87,5 +88,32 @@ def test_compressed_trigger_camera_runs_once_per_frame_and_sigterm_stops(driver_
         elapsed = time.monotonic() - start
         assert code == 0, node.output()[-3000:]
         assert elapsed < 1.0, f"took {elapsed:.2f} s to stop"
+    finally:
+        node.stop()
+
+
+def test_without_instruction_it_warns_then_default_instruction_and_messages_drive_it(driver_factory) -> None:
+    namespace = unique_namespace("pi05_prompt")
+    driver = driver_factory(namespace)  # feeds images and joints, says nothing
+    node = NodeProcess(
+        "policy_node", namespace, "-p", "warmup:=0", "-p", "cpu_threads:=1",
+        "-p", f"state_joint_names:=[{', '.join(JOINTS)}]", params_file=installed_params_file(),
+    )
+    try:
+        status = driver.wait_for_status(
+            0.0, NODE_START_TIMEOUT_S, lambda s: status_values(s)["phase"] == "running" and status_level(s) == 1
+            and "no instruction yet" in s.message)
+        assert status is not None, node.output()
+        assert "default_instruction" in status.message  # the message names the fix
+        assert driver.chunks_since(0.0) == []
+
+        # default_instruction changes at run time and is used while no instruction message has come.
+        assert driver.set_parameter("default_instruction", "wipe the table").successful
+        assert driver.wait_for_chunks(3, time.monotonic(), 15.0), node.output()
+        # An instruction message then takes over; an empty default no longer matters.
+        driver.say("stack the blocks")
+        assert driver.set_parameter("default_instruction", "").successful
+        assert driver.wait_for_chunks(3, time.monotonic() + 0.5, 15.0), node.output()
+        assert "instruction: 'stack the blocks'" in node.output()
     finally:
         node.stop()

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The main job: the whole ROS loop on the built-in random-weight demo model.
+#   bash scripts/demo.sh [SECONDS]      (default 20; PI05_DEVICE=cuda to use a GPU, default cpu)
+# Builds (scripts/setup.sh), starts demo_sources (synthetic cameras, joint states, an instruction) and
+# policy_node, prints what the node reports on /diagnostics and a table of its stage timings, then stops both.
+set -eo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+SECONDS_TO_WATCH="${1:-20}"
+DEVICE="${PI05_DEVICE:-cpu}"
+
+bash scripts/setup.sh
+# shellcheck disable=SC1091
+source scripts/env.sh
+export ROS_DOMAIN_ID="${ROS_DOMAIN_ID:-$((RANDOM % 100 + 1))}"
+NAMESPACE=/pi05_demo
+EXE="$ROOT/install/pi05_ros/lib/pi05_ros"
+LOGS="$ROOT/log/demo"
+mkdir -p "$LOGS"
+
+pids=()
+stop_nodes() {
+  # SIGTERM, not SIGINT: bash starts background jobs of a script with SIGINT ignored, so a SIGINT sent
+  # before a node has installed its own handler would be lost. Both nodes stop cleanly on either.
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  pids=()
+}
+trap stop_nodes EXIT
+
+echo "[demo] ROS_DOMAIN_ID=$ROS_DOMAIN_ID namespace $NAMESPACE device $DEVICE; node logs in $LOGS/"
+"$EXE/demo_sources" --ros-args -r __ns:=$NAMESPACE > "$LOGS/demo_sources.log" 2>&1 &
+pids+=($!)
+"$EXE/policy_node" --ros-args --params-file "$ROOT/install/pi05_ros/share/pi05_ros/config/pi05.yaml" \
+  -r __ns:=$NAMESPACE -p demo:=true -p "device:=$DEVICE" \
+  -p "state_joint_names:=[joint_1, joint_2, joint_3, joint_4, joint_5, joint_6, gripper]" \
+  > "$LOGS/policy_node.log" 2>&1 &
+pids+=($!)
+
+status=0
+"$EXE/policy_monitor" --namespace "$NAMESPACE" --duration "$SECONDS_TO_WATCH" || status=$?
+stop_nodes
+if [[ $status != 0 ]]; then
+  echo "[demo] no action chunks arrived; the policy node's log:" >&2
+  tail -30 "$LOGS/policy_node.log" >&2
+fi
+exit $status
