@@ -3,6 +3,7 @@
     PYTHONPATH=. python3 tools/gpu_sweep.py profile bf16 fp8      # stage timings + kernel tables
     PYTHONPATH=. python3 tools/gpu_sweep.py fp8-sets               # which linears can run in FP8
     PYTHONPATH=. python3 tools/gpu_sweep.py vision-fp8             # which SigLIP linears can run in FP8
+    PYTHONPATH=. python3 tools/gpu_sweep.py tiles                  # new prompt tiles, p99/p50 with GC on/off
 
 Full-size random weights; fidelity against the float32 reference on two synthetic observations (48-token
 prompt). Kernel tables go to $OUT (or /tmp). Results feed docs/benchmarks.md.
@@ -111,13 +112,43 @@ def profile(model: Pi05Model, names: list[str]) -> None:
         torch.cuda.empty_cache()
 
 
+def tiles_and_jitter(model: Pi05Model) -> None:
+    """Cost of a prompt entering a new 16-token tile after warm-up, and p99/p50 with the GC on and off."""
+    import gc
+
+    obs = observations(model, (1,))[0]
+    pipe = Pi05Pipeline(model, precision="fp8", calibration=f"{OUT}/calibration.json")
+    for _ in range(3):
+        pipe.run(obs, 10)
+    for n_text in (70, 100, 150, 199):
+        mask = np.arange(model.cfg.max_token_len) < n_text
+        longer = PreparedObservation(obs.images, np.where(mask, obs.tokens, 1), mask, obs.noise)
+        start = time.perf_counter()
+        pipe.run(longer, 10)
+        first = (time.perf_counter() - start) * 1e3
+        print(f"text {n_text} tokens: first call {first:.1f} ms, then {median_ms(pipe, longer, 10, runs=30):.2f} ms")
+    for gc_on in (True, False):
+        for steps in (1, 10):
+            (gc.enable if gc_on else gc.disable)()
+            walls = []
+            for _ in range(1000):
+                start = time.perf_counter()
+                pipe.run(obs, steps)
+                walls.append((time.perf_counter() - start) * 1e3)
+            p50, p99 = np.percentile(walls, 50), np.percentile(walls, 99)
+            print(f"gc {'on ' if gc_on else 'off'} steps={steps}: p50 {p50:.2f} p99 {p99:.2f} ratio {p99 / p50:.3f}")
+    gc.enable()
+
+
 def main() -> None:
     what, rest = sys.argv[1], sys.argv[2:]
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
-    dtype = torch.bfloat16 if what == "profile" else torch.float32  # float32: the fidelity reference
+    dtype = torch.bfloat16 if what in ("profile", "tiles") else torch.float32  # float32: the fidelity reference
     model = random_model(PRESETS["pi05"], seed=0, device="cuda", dtype=dtype)
     if what == "profile":
         profile(model, rest or ["bf16", "fp8"])
+    elif what == "tiles":
+        tiles_and_jitter(model)
     elif what == "fp8-sets":
         variants = {n: {"precision": "fp8", "fp8_layers": s} for n, s in FP8_SETS.items()}
         sweep(model, {"bf16": {"precision": "bf16"}} | variants, None)

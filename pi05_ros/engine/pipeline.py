@@ -170,8 +170,9 @@ class Pi05Pipeline:
         start = views * self.cfg.vision.num_patches
         length = start + text_len
         prefix = self.d_prefix[:, :length]
-        keys = [k[:, :, :length] for k in self.d_keys]
-        values = [v[:, :, :length] for v in self.d_values]
+        capacity = self.d_prefix.shape[1]  # rows after it hold the suffix's K/V (see _denoise_fn)
+        keys = [k[:, :, :capacity] for k in self.d_keys]
+        values = [v[:, :, :capacity] for v in self.d_values]
 
         def run() -> None:
             self.fast.embed_text_rows(self.d_text[:text_len], self.d_prefix[0, start:length])

@@ -140,20 +140,24 @@ def vision_layer(x: Tensor, qkv: LinearParams, out: LinearParams, fc1: LinearPar
     return x + linear(F.gelu(linear(h, fc1), approximate="tanh"), fc2).float()
 
 
-def prefix_layer(x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor, k_out: Tensor, v_out: Tensor,
+def prefix_layer(x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor, k_cache: Tensor, v_cache: Tensor,
                  qkv: LinearParams, out: LinearParams | None, gate_up: LinearParams | None, down: LinearParams | None,
                  num_heads: int, head_dim: int, eps: float, attention: str = "gemm") -> Tensor:
-    """A Gemma 2B layer over the packed prefix, writing its K/V; `out` None = K/V only (the last layer)."""
+    """A Gemma 2B layer over the packed prefix x [1, N, W]; `out` None = K/V only (the last layer).
+
+    Its K/V go into the first N rows of k_cache/v_cache [1, 1, C, D], and attention runs over all C rows with
+    key_mask: the key length stays fixed whatever the prompt length, so one compiled kernel set serves every N.
+    """
     b, n, _ = x.shape
     d = head_dim
     y = linear(_rms(x, eps), qkv)
     kv = y[..., -2 * d:]
-    k_out.copy_(_rope(kv[..., :d], cos, sin).unsqueeze(1))
-    v_out.copy_(kv[..., d:].unsqueeze(1))
+    k_cache[:, :, :n].copy_(_rope(kv[..., :d], cos, sin).unsqueeze(1))
+    v_cache[:, :, :n].copy_(kv[..., d:].unsqueeze(1))
     if out is None:
         return x
-    q = _rope(y[..., : num_heads * d].view(b, n, num_heads, d), cos[:, None], sin[:, None]).to(k_out.dtype)
-    x = x + linear(ATTENTION[attention](q, k_out, v_out, key_mask), out).float()
+    q = _rope(y[..., : num_heads * d].view(b, n, num_heads, d), cos[:, None], sin[:, None]).to(k_cache.dtype)
+    x = x + linear(ATTENTION[attention](q, k_cache, v_cache, key_mask), out).float()
     gate, up = linear(_rms(x, eps), gate_up).chunk(2, dim=-1)
     return x + linear(F.gelu(gate, approximate="tanh") * up, down).float()
 
@@ -318,10 +322,14 @@ class FastModel(nn.Module):
         """Swap in torch.compile'd layer functions: norms, RoPE, activations and FP8 quantization fuse into
         a few Triton kernels per layer. One compiled function serves every layer of its stack."""
         self._vision_layer = torch.compile(vision_layer, dynamic=False)
+        # The token count is marked dynamic in prefill(): one compilation serves every prompt length, and a
+        # prompt entering a new 16-token tile costs only a graph capture.
         self._prefix_layer = torch.compile(prefix_layer)
+        self._compiled = True
         self._expert_layer = torch.compile(expert_layer, dynamic=False)
         self._action_head = torch.compile(action_head, dynamic=False)
 
+    _compiled = False
     _vision_layer = staticmethod(vision_layer)
     _prefix_layer = staticmethod(prefix_layer)
     _expert_layer = staticmethod(expert_layer)
@@ -362,10 +370,14 @@ class FastModel(nn.Module):
         out.copy_(linear(h, self.projector.params).reshape(out.shape))
 
     def prefill(self, prefix: Tensor, n_valid: Tensor, keys: list[Tensor], values: list[Tensor]) -> None:
-        """Gemma 2B over prefix [1, L, W] (valid tokens first, `n_valid` of them), K/V into keys/values [1,1,L,D]."""
-        length = prefix.shape[1]
+        """Gemma 2B over prefix [1, L, W] (valid tokens first, `n_valid` of them); K/V into the first L rows of
+        keys/values [1, 1, C, D] (C >= L: the capacity, constant across prompt lengths)."""
+        length, capacity = prefix.shape[1], keys[0].shape[2]
         cos, sin = self.rope_cos[:length], self.rope_sin[:length]
-        key_mask = (torch.arange(length, device=prefix.device) < n_valid).view(1, 1, 1, length)
+        key_mask = (torch.arange(capacity, device=prefix.device) < n_valid).view(1, 1, 1, capacity)
+        if self._compiled:
+            for t in (prefix, cos, sin):
+                torch._dynamo.maybe_mark_dynamic(t, 1 if t is prefix else 0)
         x = prefix
         for block, k, v in zip(self.prefix_blocks, keys, values, strict=True):
             x = self._prefix_layer(x, cos, sin, key_mask, k, v, *block.args(), self.attention)
