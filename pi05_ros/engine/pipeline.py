@@ -7,8 +7,8 @@ allocated and the host does not wait on the GPU until the actions are needed.
 Graphs are captured lazily and kept:
 - vision: one per number of valid camera views;
 - prefill: one per (views, text tokens rounded up to a tile of `text_tile`);
-- denoise: one per number of denoise steps (the suffix's K/V sit after the largest prefix, so the same
-  graph serves every prefix layout).
+- denoise: one per (denoise steps, views) (the suffix's K/V sit after the longest prefix those views allow,
+  so the same graph serves every prompt length).
 The valid text length travels as data (a device scalar): attention masks and RoPE positions read it, so a
 prompt that grows by a few tokens replays the same graphs, and at most `text_tile - 1` padding tokens are
 computed. Stage times come from CUDA events recorded between the replays.
@@ -145,7 +145,7 @@ class Pi05Pipeline:
         self.d_n_valid = torch.zeros((), dtype=torch.int64, device=dev)
         self.d_x = torch.zeros_like(self.d_noise)
         self.d_prefix = torch.zeros(1, max_prefix, width, dtype=torch.float32, device=dev)
-        total = max_prefix + cfg.action_horizon
+        total = self._cache_rows(max_prefix)
         self.d_keys = [torch.zeros(1, 1, total, d, dtype=torch.bfloat16, device=dev) for _ in range(cfg.vlm.depth)]
         self.d_values = [torch.zeros_like(k) for k in self.d_keys]
 
@@ -166,11 +166,18 @@ class Pi05Pipeline:
         out = self.d_prefix[0, : views * self.cfg.vision.num_patches]
         return lambda: self.fast.vision(self.d_images[:views], out)
 
+    def _capacity(self, views: int) -> int:
+        """Prefix rows of the K/V cache for this many views (the longest prompt's); the suffix's rows follow.
+
+        Sized per view count, not for the maximum: attention never scans rows no prompt can fill.
+        """
+        return prefix_capacity(self.cfg, views, self.cfg.max_token_len, self.text_tile)[1]
+
     def _prefill_fn(self, views: int, text_len: int) -> Callable[[], None]:
         start = views * self.cfg.vision.num_patches
         length = start + text_len
         prefix = self.d_prefix[:, :length]
-        capacity = self.d_prefix.shape[1]  # rows after it hold the suffix's K/V (see _denoise_fn)
+        capacity = self._capacity(views)
         keys = [k[:, :, :capacity] for k in self.d_keys]
         values = [v[:, :, :capacity] for v in self.d_values]
 
@@ -180,12 +187,21 @@ class Pi05Pipeline:
 
         return run
 
-    def _denoise_fn(self, num_steps: int) -> Callable[[], None]:
+    def _cache_rows(self, capacity: int) -> int:
+        """Prefix capacity + the suffix's rows, rounded up to 64: cuBLAS takes its Hopper kernels for the
+        attention GEMMs only with aligned sizes (770 keys fell back to sm80 kernels). The rows between are
+        masked out."""
+        return -(-(capacity + self.cfg.action_horizon) // 64) * 64
+
+    def _denoise_fn(self, num_steps: int, views: int) -> Callable[[], None]:
         schedule = self.schedule(num_steps)
+        total = self._cache_rows(self._capacity(views))
+        keys = [k[:, :, :total] for k in self.d_keys]
+        values = [v[:, :, :total] for v in self.d_values]
 
         def run() -> None:
             self.d_x.copy_(self.d_noise)  # the noise buffer stays intact: warm-up and replays start alike
-            self.fast.denoise(self.d_x, self.d_n_valid, self.d_keys, self.d_values, schedule)
+            self.fast.denoise(self.d_x, self.d_n_valid, keys, values, schedule)
 
         return run
 
@@ -223,7 +239,7 @@ class Pi05Pipeline:
         self.h_n_valid.fill_(n_views * self.cfg.vision.num_patches + len(ids))
         vision = self._stage(("vision", n_views), lambda: self._vision_fn(n_views))
         prefill = self._stage(("prefill", n_views, text_len), lambda: self._prefill_fn(n_views, text_len))
-        denoise = self._stage(("denoise", num_steps), lambda: self._denoise_fn(num_steps))
+        denoise = self._stage(("denoise", num_steps, n_views), lambda: self._denoise_fn(num_steps, n_views))
         host_ms = (time.perf_counter() - host_start) * 1e3
         ev = self._events
         ev[0].record()

@@ -80,7 +80,7 @@ def test_graph_replay_equals_eager_and_step_switching(full_model, observation) -
         if steps in results:
             np.testing.assert_array_equal(a, results[steps])  # replay is deterministic
         results[steps] = a
-    assert sum(1 for key in graphs._graphs if key[0] == "denoise") == 3
+    assert sum(1 for key in graphs._graphs if key[0] == "denoise") == 3  # (steps, views) keys
 
 
 def test_prompt_length_changes_reuse_graphs(full_model, observation) -> None:
