@@ -19,6 +19,8 @@ from rcl_interfaces.msg import (
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
+from pi05_ros.ros.settings import CameraConfig, RuntimeSettings
+
 # Mirrors pi05_ros.engine.policy.MAX_DENOISE_STEPS (a test keeps them equal); not imported so that this module
 # loads without torch.
 MAX_DENOISE_STEPS = 100
@@ -132,27 +134,6 @@ def camera_parameters(camera: str) -> tuple[ParamSpec, ...]:
 
 DYNAMIC_PARAMETERS: frozenset[str] = frozenset(spec.name for spec in PARAMETERS if spec.dynamic)
 _SPECS_BY_NAME = {spec.name: spec for spec in PARAMETERS}
-
-
-@dataclass(frozen=True)
-class CameraConfig:
-    name: str  # input name == relative topic of raw images
-    slot: str
-    transport: str
-
-    @property
-    def topic(self) -> str:
-        return self.name if self.transport == "raw" else f"{self.name}/compressed"
-
-
-@dataclass(frozen=True)
-class RuntimeSettings:
-    """The run-time changeable parameters; replaced as a whole, so the worker reads a consistent set."""
-
-    denoise_steps: int
-    rate_hz: float
-    default_instruction: str
-    publish_joint_trajectory: bool
 
 
 @dataclass(frozen=True)
