@@ -4,6 +4,7 @@
     PYTHONPATH=. python3 tools/gpu_sweep.py fp8-sets               # which linears can run in FP8
     PYTHONPATH=. python3 tools/gpu_sweep.py vision-fp8             # which SigLIP linears can run in FP8
     PYTHONPATH=. python3 tools/gpu_sweep.py tiles                  # new prompt tiles, p99/p50 with GC on/off
+    PYTHONPATH=. python3 tools/gpu_sweep.py load                   # load + calibrate + capture from a file
 
 Full-size random weights; fidelity against the float32 reference on two synthetic observations (48-token
 prompt). Kernel tables go to $OUT (or /tmp). Results feed docs/benchmarks.md.
@@ -140,9 +141,39 @@ def tiles_and_jitter(model: Pi05Model) -> None:
     gc.enable()
 
 
+def load_times() -> None:
+    """Write a full-size random checkpoint (openpi layout, bf16), then time Policy.load + first inference in
+    fresh processes: the first calibrates FP8 and compiles, the second finds the saved scales and caches."""
+    import subprocess
+
+    from pi05_ros.engine.demo import demo_tokenizer, write_checkpoint
+
+    ckpt = "/tmp/pi05_full_ckpt"
+    start = time.perf_counter()
+    write_checkpoint(random_model(PRESETS["pi05"], seed=0, device="cuda", dtype=torch.bfloat16), ckpt)
+    print(f"wrote {ckpt} in {time.perf_counter() - start:.1f} s", flush=True)
+    tok = demo_tokenizer("/tmp/pi05_tok")
+    child = (
+        "import time, numpy as np; t0 = time.perf_counter()\n"
+        "from pi05_ros.engine.policy import Policy\n"
+        f"p = Policy.load('{ckpt}', '{tok}', device='cuda', precision='fp8'); t1 = time.perf_counter()\n"
+        "img = np.zeros((224, 224, 3), np.uint8)\n"
+        "p.infer({'base_0_rgb': img, 'left_wrist_0_rgb': img}, np.zeros(7), 'pick up the cup', 10)\n"
+        "t2 = time.perf_counter()\n"
+        "print(f'LOAD {t1 - t0:.1f} s (setup {p.runner.setup_times}), first inference {t2 - t1:.1f} s, "
+        "total {t2 - t0:.1f} s')\n"
+    )
+    for run in ("first start", "second start (cached scales)"):
+        out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=os.environ)
+        lines = [ln for ln in (out.stdout + out.stderr).splitlines() if "LOAD" in ln or "Error" in ln]
+        print(run, lines[-3:], flush=True)
+
+
 def main() -> None:
     what, rest = sys.argv[1], sys.argv[2:]
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    if what == "load":
+        return load_times()
     dtype = torch.bfloat16 if what in ("profile", "tiles") else torch.float32  # float32: the fidelity reference
     model = random_model(PRESETS["pi05"], seed=0, device="cuda", dtype=dtype)
     if what == "profile":
