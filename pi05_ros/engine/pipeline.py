@@ -136,6 +136,8 @@ class Pi05Pipeline:
         pin = dict(pin_memory=True)
         self.h_images = torch.zeros(max_views, size, size, 3, dtype=torch.uint8, **pin)
         self.h_text = torch.zeros(max_text, width, dtype=self.embed_table.dtype, **pin)
+        self._table_bytes = self.embed_table.contiguous().view(torch.uint8).numpy()
+        self._h_text_bytes = self.h_text.view(torch.uint8).numpy()
         self.h_noise = torch.zeros(1, cfg.action_horizon, cfg.action_dim, dtype=torch.float32, **pin)
         self.h_n_valid = torch.zeros((), dtype=torch.int64, **pin)
         self.h_actions = torch.zeros(cfg.action_horizon, cfg.action_dim, dtype=torch.float32, **pin)
@@ -231,8 +233,10 @@ class Pi05Pipeline:
         ids = obs.tokens[obs.token_mask]
         text_len, _ = prefix_capacity(self.cfg, n_views, len(ids), self.text_tile)
         # Host staging: token-table rows gathered here (the table stays in host memory), images, noise.
-        torch.index_select(self.embed_table, 0, torch.from_numpy(ids), out=self.h_text[: len(ids)])
-        self.h_text[len(ids):text_len].zero_()
+        # numpy row gather over byte views: single-threaded, where torch's CPU index_select woke its thread
+        # pool and made this staging step the one source of latency spikes (p99 2.8 ms vs p50 0.16 ms).
+        np.take(self._table_bytes, ids, axis=0, out=self._h_text_bytes[: len(ids)])
+        self._h_text_bytes[len(ids):text_len] = 0
         for i, image in enumerate(views):
             self.h_images[i].numpy()[...] = image
         self.h_noise[0].numpy()[...] = obs.noise
