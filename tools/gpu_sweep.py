@@ -160,8 +160,10 @@ def load_times() -> None:
         "img = np.zeros((224, 224, 3), np.uint8)\n"
         "p.infer({'base_0_rgb': img, 'left_wrist_0_rgb': img}, np.zeros(7), 'pick up the cup', 10)\n"
         "t2 = time.perf_counter()\n"
+        "import torch\n"
         "print(f'LOAD {t1 - t0:.1f} s (setup {p.runner.setup_times}), first inference {t2 - t1:.1f} s, "
-        "total {t2 - t0:.1f} s')\n"
+        "total {t2 - t0:.1f} s, GPU memory held {torch.cuda.memory_allocated() / 1e9:.2f} GB, "
+        "peak {torch.cuda.max_memory_allocated() / 1e9:.2f} GB')\n"
     )
     for run in ("first start", "second start (cached scales)"):
         out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=os.environ)
