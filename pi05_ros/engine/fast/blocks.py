@@ -76,10 +76,6 @@ class Linear(nn.Module):
         if self.bias is not None:
             self.bias = self.bias.to(torch.bfloat16)
 
-    @property
-    def is_fp8(self) -> bool:
-        return self.w_scale is not None
-
 
 def _rms(x: Tensor, eps: float) -> Tensor:
     x = x.float()
