@@ -89,6 +89,7 @@ class Pi05Pipeline:
         fp8_layers: tuple[str, ...] = FP8_DEFAULT_LAYERS,
         fp8_vision_layers: tuple[str, ...] = FP8_VISION_LAYERS,
         release_reference: bool = False,
+        calibration_observations: Callable[[], Iterable[PreparedObservation]] | None = None,
     ) -> None:
         if precision not in ("bf16", "fp8"):
             raise ValueError(f"precision must be bf16 or fp8, got {precision!r}")
@@ -118,7 +119,7 @@ class Pi05Pipeline:
         self.setup_times["prepare_weights"] = time.perf_counter() - start
         if precision == "fp8":
             start = time.perf_counter()
-            self._quantize(load_or_calibrate(self, calibration))
+            self._quantize(load_or_calibrate(self, calibration, calibration_observations))
             torch.cuda.synchronize()
             self.setup_times["calibrate_fp8"] = time.perf_counter() - start
         if compile:
@@ -308,8 +309,12 @@ def calibrate(pipeline: Pi05Pipeline, observations: Iterable[PreparedObservation
     return {names[ptr]: amax for ptr, amax in recorded.items()}
 
 
-def load_or_calibrate(pipeline: Pi05Pipeline, calibration: str | Path | None) -> dict[str, float]:
-    """Scales from `calibration` (a json file) if it exists and fits, else calibrate and save them there."""
+def load_or_calibrate(pipeline: Pi05Pipeline, calibration: str | Path | None,
+                      observations: Callable[[], Iterable[PreparedObservation]] | None = None) -> dict[str, float]:
+    """Scales from `calibration` (a json file) if it exists and fits, else calibrate and save them there.
+
+    Calibration runs on `observations()` (e.g. the robot's recordings) or on 8 synthetic observations.
+    """
     names = set(pipeline.fast.linears())
     # Ties saved scales to these weights: a replaced checkpoint of the same shape must not reuse them.
     fingerprint = float(pipeline.fast.prefix_blocks[0].qkv.weight.float().abs().mean())
@@ -319,12 +324,18 @@ def load_or_calibrate(pipeline: Pi05Pipeline, calibration: str | Path | None) ->
             log.info("FP8 scales from %s", calibration)
             return saved["amax"]
         log.warning("%s does not fit these weights; calibrating again", calibration)
-    log.info("calibrating FP8 activation scales on synthetic observations")
-    amax = calibrate(pipeline, synthetic_observations(pipeline.cfg, 8, views=min(2, pipeline.max_views)))
+    if observations is not None:
+        data = list(observations())
+        source = f"recorded x{len(data)}"
+    else:
+        data = list(synthetic_observations(pipeline.cfg, 8, views=min(2, pipeline.max_views)))
+        source = "synthetic x8"
+    log.info("calibrating FP8 activation scales on %s observations", source)
+    amax = calibrate(pipeline, data)
     if calibration is not None:
         try:
             Path(calibration).write_text(json.dumps(
-                {"amax": amax, "fingerprint": fingerprint, "observations": "synthetic x8"}, indent=1))
+                {"amax": amax, "fingerprint": fingerprint, "observations": source}, indent=1))
             log.info("FP8 scales saved to %s", calibration)
         except OSError as exc:
             log.warning("could not save FP8 scales to %s (%s); next start calibrates again", calibration, exc)

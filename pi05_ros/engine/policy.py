@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -33,6 +33,7 @@ from pi05_ros.engine.normalize import (
     load_norm_stats,
 )
 from pi05_ros.engine.preprocess import resize_with_pad, to_model_range, validate_image
+from pi05_ros.engine.recordings import load_observations, recording_files
 from pi05_ros.engine.reference import ModelInputs, Pi05Model
 from pi05_ros.engine.timing import StageClock, StageStats
 from pi05_ros.engine.tokenizer import PromptTokenizer
@@ -158,7 +159,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def make_runner(model: Pi05Model, precision: str, runner: str, calibration: Path | None,
-                keep_reference: bool) -> Runner:
+                keep_reference: bool,
+                calibration_observations: Callable[[], list[PreparedObservation]] | None = None) -> Runner:
     """'auto': the fast CUDA pipeline on a GPU for bf16/fp8, else the reference; or 'fast' / 'reference'."""
     if runner == "auto":
         runner = "fast" if model.device.type == "cuda" and precision in ("bf16", "fp8") else "reference"
@@ -170,7 +172,8 @@ def make_runner(model: Pi05Model, precision: str, runner: str, calibration: Path
         raise CheckpointError("the fast runner needs a CUDA GPU; use runner=reference (or auto) on CPU")
     from pi05_ros.engine.pipeline import Pi05Pipeline  # CUDA-only code, imported only where it runs
 
-    return Pi05Pipeline(model, precision=precision, calibration=calibration, release_reference=not keep_reference)
+    return Pi05Pipeline(model, precision=precision, calibration=calibration, release_reference=not keep_reference,
+                        calibration_observations=calibration_observations)
 
 
 class Policy:
@@ -221,11 +224,14 @@ class Policy:
         seed: int = 0,
         runner: str = "auto",
         keep_reference: bool = False,
+        calibration_data: str | Path | None = None,
     ) -> Policy:
         """Load an openpi or LeRobot Pi0.5 checkpoint. `norm_stats` is a norm_stats.json path or an asset id.
 
         On a GPU the fast pipeline runs (bf16/fp8); its FP8 scales are calibrated on the first start and saved
-        beside the checkpoint (`pi05_ros_fp8_calibration.json`) so later starts skip calibration.
+        beside the checkpoint (`pi05_ros_fp8_calibration.json`) so later starts skip calibration. They come
+        from synthetic observations, or from the robot's own recordings with `calibration_data=<folder>` (see
+        engine/recordings.py); delete the saved file to calibrate again.
         """
         dev = resolve_device(device)
         prec = resolve_precision(precision, dev)
@@ -233,8 +239,15 @@ class Policy:
                                  dtype=torch.float32 if prec == "fp32" else torch.bfloat16)
         stats = _resolve_norm_stats(info, norm_stats, use_quantiles)
         tok = PromptTokenizer(tokenizer, model.cfg.max_token_len, model.cfg.state_in_prompt)
-        run = make_runner(model, prec, runner, _calibration_path(info.path), keep_reference)
-        policy = cls(model, tok, stats, precision=prec, runner=run, action_dim=action_dim, seed=seed, checkpoint=info)
+        policy = cls(model, tok, stats, precision=prec, action_dim=action_dim, seed=seed, checkpoint=info)
+        recorded = None
+        if calibration_data is not None:
+            recording_files(calibration_data)  # fail early on a bad folder, whatever the device
+
+            def recorded() -> list[PreparedObservation]:
+                return [policy.prepare(*obs) for obs in load_observations(calibration_data)]
+
+        policy.runner = make_runner(model, prec, runner, _calibration_path(info.path), keep_reference, recorded)
         log.info("loaded %s", policy.describe())
         return policy
 
@@ -253,8 +266,8 @@ class Policy:
         tok = PromptTokenizer(demo_tokenizer(), cfg.max_token_len, cfg.state_in_prompt)
         state, actions = demo_norm_stats()
         cache = Path.home() / ".cache" / "pi05_ros" / f"demo_{cfg.name}_seed{seed}"
-        run = make_runner(model, prec, runner, _calibration_path(cache), keep_reference=False)
-        policy = cls(model, tok, NormStats(state, actions), precision=prec, runner=run, seed=seed, is_demo=True)
+        policy = cls(model, tok, NormStats(state, actions), precision=prec, seed=seed, is_demo=True)
+        policy.runner = make_runner(model, prec, runner, _calibration_path(cache), keep_reference=False)
         log.warning("DEMO MODE: %s with RANDOM weights; its actions are meaningless", policy.describe())
         return policy
 

@@ -125,3 +125,29 @@ def test_policy_uses_fast_pipeline_on_gpu_and_releases_reference(tmp_path: Path)
     held = torch.cuda.memory_allocated() - before
     print(f"POLICY fp8 resident GPU memory {held / 1e9:.2f} GB, peak {torch.cuda.max_memory_allocated() / 1e9:.2f} GB")
     assert held < 8e9
+
+
+def test_fp8_calibration_from_recorded_observations(tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from pi05_ros.engine.demo import demo_tokenizer
+    from pi05_ros.engine.normalize import Stats, save_norm_stats
+    from pi05_ros.engine.policy import Policy
+    from pi05_ros.engine.recordings import save_observation
+
+    shutil.copytree(GOLDEN, tmp_path / "ckpt")  # its own copy: the scales file is written beside it
+    os.chmod(tmp_path / "ckpt", 0o755)  # shared/ is read-only
+
+    stats = Stats(np.zeros(7, np.float32), np.ones(7, np.float32), -np.ones(7, np.float32), np.ones(7, np.float32))
+    save_norm_stats(tmp_path / "ckpt" / "assets" / "robot" / "norm_stats.json", stats, stats)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        save_observation(tmp_path / "rec" / f"obs_{i}", {"base_0_rgb": rng.integers(0, 256, (240, 320, 3), np.uint8)},
+                         rng.uniform(-1, 1, 7), "stack the blocks")
+    tok = demo_tokenizer(tmp_path / "tok")
+    policy = Policy.load(tmp_path / "ckpt", tok, device="cuda", precision="fp8", calibration_data=tmp_path / "rec")
+    saved = json.loads((tmp_path / "ckpt" / "pi05_ros_fp8_calibration.json").read_text())
+    assert saved["observations"] == "recorded x3"
+    chunk = policy.infer({"base_0_rgb": rng.integers(0, 256, (240, 320, 3), np.uint8)}, np.zeros(7), "stack", 3)
+    assert np.isfinite(chunk.actions).all()
