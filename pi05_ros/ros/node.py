@@ -168,6 +168,7 @@ class PolicyNode(Node):
                 config.checkpoint, config.tokenizer, norm_stats=config.norm_stats or None,
                 config_preset=config.config_preset or None, device=config.device, precision=config.precision,
                 action_dim=len(config.action_joint_names) or None, seed=config.seed,
+                calibration_data=config.fp8_calibration_data or None,
             )
         self._action_names = self._check_against_model(policy)
         self.model_facts = ModelFacts(policy.describe(), policy.device, policy.precision, policy.is_demo,

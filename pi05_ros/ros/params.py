@@ -84,8 +84,11 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("demo", False, "Run the built-in random-weight model even if a checkpoint is set (tiny on CPU, "
               "full size on a GPU). Its actions are meaningless: never drive a robot with it.", _B),
     ParamSpec("device", "auto", "Torch device: auto (cuda if present), cpu, cuda or cuda:N.", _S),
-    ParamSpec("precision", "auto", "Numeric precision: auto (fp32 on CPU, bf16 on a GPU), fp32, bf16, fp8.", _S,
+    ParamSpec("precision", "auto", "Numeric precision: auto (fp32 on CPU; fp8 on GPUs with FP8 GEMMs, SM 8.9+; "
+              "else bf16), fp32, bf16, fp8.", _S,
               constraints="auto, fp32, float32, bf16, bfloat16, fp8"),
+    ParamSpec("fp8_calibration_data", "", "Folder of recorded observations (.npz, see engine/recordings.py) to "
+              "calibrate FP8 scales on when none are saved beside the checkpoint. Empty: synthetic ones.", _S),
     ParamSpec("cpu_threads", 0, "Torch CPU threads for inference (torch.set_num_threads); 0 keeps torch's "
               "default (one per core). Set it lower when other nodes share the CPU.", _I, int_range=(0, 256)),
     ParamSpec("seed", 0, "Seed of the flow-matching noise (and of the demo model's random weights).", _I,
@@ -147,6 +150,7 @@ class NodeConfig:
     demo: bool
     device: str
     precision: str
+    fp8_calibration_data: str
     cpu_threads: int
     seed: int
     warmup: int
@@ -203,7 +207,8 @@ def declare_parameters(node: Node) -> NodeConfig:
     return NodeConfig(
         checkpoint=values["checkpoint"], tokenizer=values["tokenizer"], norm_stats=values["norm_stats"],
         config_preset=values["config_preset"], demo=values["demo"], device=values["device"],
-        precision=values["precision"], cpu_threads=values["cpu_threads"], seed=values["seed"],
+        precision=values["precision"], fp8_calibration_data=values["fp8_calibration_data"],
+        cpu_threads=values["cpu_threads"], seed=values["seed"],
         warmup=values["warmup"],
         action_dt=values["action_dt"], trigger_camera=values["trigger_camera"],
         max_input_age_s=values["max_input_age_s"], cameras=tuple(camera_configs),
