@@ -34,8 +34,6 @@ PROFILE_VARIANTS = {
     "fp8": {"precision": "fp8"},
     "fp8-all": {"precision": "fp8", "fp8_layers": FP8_ALL_LAYERS},
     "fp8-vision": {"precision": "fp8", "fp8_vision": True},
-    "fp8-autotune-expert": {"precision": "fp8", "autotune": ("expert",)},
-    "fp8-autotune-all": {"precision": "fp8", "autotune": ("vision", "prefix", "expert")},
 }
 FP8_SETS = {
     "prefix_mlp (default)": FP8_DEFAULT_LAYERS,
@@ -101,10 +99,7 @@ def profile(model: Pi05Model, names: list[str]) -> None:
 
     obs = observations(model, (1,))[0]
     for name in names:
-        start = time.perf_counter()
         pipe = Pi05Pipeline(model, calibration=f"{OUT}/calibration.json", **PROFILE_VARIANTS[name])
-        pipe.run(obs, 10)
-        print(f"{name}: build + first 10-step run (compile, capture) {time.perf_counter() - start:.1f} s", flush=True)
         for steps in (1, 3, 10):
             runs = [pipe.run(obs, steps)[1] for _ in range(60)][10:]
             stages = " ".join(f"{k}={np.median([r[k] for r in runs]):.3f}" for k in runs[0])

@@ -90,7 +90,6 @@ class Pi05Pipeline:
         fp8_vision_layers: tuple[str, ...] = FP8_VISION_LAYERS,
         release_reference: bool = False,
         calibration_observations: Callable[[], Iterable[PreparedObservation]] | None = None,
-        autotune: tuple[str, ...] = (),
     ) -> None:
         if precision not in ("bf16", "fp8"):
             raise ValueError(f"precision must be bf16 or fp8, got {precision!r}")
@@ -124,7 +123,7 @@ class Pi05Pipeline:
             torch.cuda.synchronize()
             self.setup_times["calibrate_fp8"] = time.perf_counter() - start
         if compile:
-            self.fast.compile(autotune)
+            self.fast.compile()
         self.setup_times["capture"] = 0.0  # includes torch.compile's first compilation of each stage
 
     # --- setup

@@ -316,24 +316,16 @@ class FastModel(nn.Module):
     def linears(self) -> dict[str, Linear]:
         return {name: m for name, m in self.named_modules() if isinstance(m, Linear)}
 
-    def compile(self, autotune: tuple[str, ...] = ()) -> None:  # type: ignore[override]
+    def compile(self) -> None:  # type: ignore[override]
         """Swap in torch.compile'd layer functions: norms, RoPE, activations and FP8 quantization fuse into
-        a few Triton kernels per layer. One compiled function serves every layer of its stack.
-
-        `autotune` names stages ("vision", "prefix", "expert") compiled with inductor's max-autotune: its
-        GEMM templates can take the surrounding elementwise work into their epilogues, at the cost of a longer
-        first compilation (cached on disk afterwards).
-        """
-        def mode(stage: str) -> str | None:
-            return "max-autotune-no-cudagraphs" if stage in autotune else None
-
-        self._vision_layer = torch.compile(vision_layer, dynamic=False, mode=mode("vision"))
+        a few Triton kernels per layer. One compiled function serves every layer of its stack."""
+        self._vision_layer = torch.compile(vision_layer, dynamic=False)
         # The token count is marked dynamic in prefill(): one compilation serves every prompt length, and a
         # prompt entering a new 16-token tile costs only a graph capture.
-        self._prefix_layer = torch.compile(prefix_layer, mode=mode("prefix"))
-        self._expert_layer = torch.compile(expert_layer, dynamic=False, mode=mode("expert"))
-        self._action_head = torch.compile(action_head, dynamic=False)
+        self._prefix_layer = torch.compile(prefix_layer)
         self._compiled = True
+        self._expert_layer = torch.compile(expert_layer, dynamic=False)
+        self._action_head = torch.compile(action_head, dynamic=False)
 
     _compiled = False
     _vision_layer = staticmethod(vision_layer)
