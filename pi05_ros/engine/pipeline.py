@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pi05_ros.engine.config import Pi05Config
 from pi05_ros.engine.fast import blocks
 from pi05_ros.engine.fast.blocks import FastModel, prefix_capacity
 from pi05_ros.engine.policy import PreparedObservation
@@ -273,7 +274,8 @@ class Pi05Pipeline:
 # --- FP8 calibration ------------------------------------------------------------------------------------
 
 
-def synthetic_observations(cfg, count: int, views: int = 2, seed: int = 0) -> Iterable[PreparedObservation]:  # noqa: ANN001
+def synthetic_observations(cfg: Pi05Config, count: int, views: int = 2,
+                           seed: int = 0) -> Iterable[PreparedObservation]:
     """Smooth random images (natural-image-like low frequencies, not white noise), random tokens and noise."""
     import cv2
 
@@ -319,7 +321,11 @@ def load_or_calibrate(pipeline: Pi05Pipeline, calibration: str | Path | None,
     # Ties saved scales to these weights: a replaced checkpoint of the same shape must not reuse them.
     fingerprint = float(pipeline.fast.prefix_blocks[0].qkv.weight.float().abs().mean())
     if calibration is not None and Path(calibration).is_file():
-        saved = json.loads(Path(calibration).read_text())
+        try:
+            saved = json.loads(Path(calibration).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            log.warning("%s is unreadable (%s); calibrating again", calibration, exc)
+            saved = {}
         if set(saved.get("amax", {})) == names and abs(saved.get("fingerprint", -1) - fingerprint) < 1e-6:
             log.info("FP8 scales from %s", calibration)
             return saved["amax"]
