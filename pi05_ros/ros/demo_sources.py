@@ -8,9 +8,7 @@ names are relative and match the policy node's defaults, so both start in the sa
 from __future__ import annotations
 
 import math
-import signal
 import sys
-import threading
 
 import numpy as np
 import rclpy
@@ -20,9 +18,10 @@ from rclpy.logging import get_logger
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
-from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
+
+from pi05_ros.ros.process import init_ros
 
 DEFAULT_JOINTS = ["joint_1", "joint_2", "joint_3", "joint_4", "joint_5", "joint_6", "gripper"]
 DEFAULT_INSTRUCTION = "pick up the red cube and put it in the bowl"
@@ -122,10 +121,7 @@ class _Frame:
 
 
 def main(argv: list[str] | None = None) -> int:
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    rclpy.init(args=sys.argv if argv is None else argv, signal_handler_options=SignalHandlerOptions.NO)
+    stop = init_ros(argv)
     try:
         node = DemoSources()
     except ValueError as exc:

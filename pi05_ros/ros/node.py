@@ -12,7 +12,6 @@ from __future__ import annotations
 import array
 import logging
 import os
-import signal
 import sys
 import threading
 from collections.abc import Sequence
@@ -28,7 +27,6 @@ from rclpy.logging import get_logger
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
-from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import String
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
@@ -46,6 +44,7 @@ from pi05_ros.ros.params import (
     updated_runtime,
     validate_runtime_value,
 )
+from pi05_ros.ros.process import init_ros
 from pi05_ros.ros.worker import InferenceWorker, Observation
 
 if TYPE_CHECKING:
@@ -299,11 +298,7 @@ class _RosLogHandler(logging.Handler):
 def main(argv: list[str] | None = None) -> NoReturn:
     """Run the node until SIGINT/SIGTERM, then exit the process.
     Exit codes: 0 stopped, 1 model failed to load or does not fit the parameters, 2 bad parameters."""
-    stop = threading.Event()
-    # Our own handlers (not rclpy's): a signal only sets a flag, and shutdown runs in order below.
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    rclpy.init(args=sys.argv if argv is None else argv, signal_handler_options=SignalHandlerOptions.NO)
+    stop = init_ros(argv)  # a signal only sets `stop`; shutdown runs in order below
     try:
         node = PolicyNode()
     except ConfigError as exc:

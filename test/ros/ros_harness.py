@@ -84,6 +84,13 @@ class NodeProcess:
         self._reader.join(2.0)
         return code
 
+    def signal_and_wait(self, sig: int, timeout: float = 10.0) -> tuple[int, float]:
+        """Send `sig`; (exit code, seconds until the process ended)."""
+        start = time.monotonic()
+        self.process.send_signal(sig)
+        code = self.wait(timeout)
+        return code, time.monotonic() - start
+
     def stop(self) -> None:
         if self.alive():
             self.process.send_signal(signal.SIGINT)

@@ -82,10 +82,7 @@ def test_compressed_trigger_camera_runs_once_per_frame_and_sigterm_stops(driver_
         assert status is not None and status_values(status)["rate_mode"] == "trigger:front"
         assert float(status_values(status)["input.front.age_s"]) < 1.0
 
-        start = time.monotonic()
-        node.process.send_signal(signal.SIGTERM)
-        code = node.wait(10.0)
-        elapsed = time.monotonic() - start
+        code, elapsed = node.signal_and_wait(signal.SIGTERM)
         assert code == 0, node.output()[-3000:]
         assert elapsed < 1.0, f"took {elapsed:.2f} s to stop"
     finally:
