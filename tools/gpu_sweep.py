@@ -22,8 +22,8 @@ import torch
 from pi05_ros.engine.config import PRESETS
 from pi05_ros.engine.demo import random_model
 from pi05_ros.engine.pipeline import FP8_ALL_LAYERS, FP8_DEFAULT_LAYERS, Pi05Pipeline, synthetic_observations
-from pi05_ros.engine.policy import PreparedObservation
-from pi05_ros.engine.reference import ModelInputs, Pi05Model
+from pi05_ros.engine.policy import PreparedObservation, ReferenceRunner
+from pi05_ros.engine.reference import Pi05Model
 
 OUT = os.environ.get("OUT", "/tmp")
 P, E, V = "prefix_blocks.*.", "expert_blocks.*.", "vision_blocks.*."
@@ -55,12 +55,7 @@ def observations(model: Pi05Model, seeds: tuple[int, ...] = (123, 7)) -> list[Pr
 
 
 def reference(model: Pi05Model, obs: PreparedObservation, steps: int) -> np.ndarray:
-    views = [im for im in obs.images if im is not None]
-    images = np.stack([im.astype(np.float32).transpose(2, 0, 1) / 255.0 * 2.0 - 1.0 for im in views])
-    inputs = ModelInputs(torch.from_numpy(images)[None], torch.ones(1, len(images), dtype=torch.bool),
-                         torch.from_numpy(obs.tokens)[None], torch.from_numpy(obs.token_mask)[None],
-                         torch.from_numpy(obs.noise)[None])
-    return model.sample_actions(inputs, steps)[0].cpu().numpy()
+    return ReferenceRunner(model).run(obs, steps)[0]
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:

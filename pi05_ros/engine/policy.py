@@ -118,13 +118,17 @@ def _resolve_norm_stats(info: CheckpointInfo, norm_stats: str | Path | None, use
     return load_norm_stats(find_norm_stats(info.path), use_quantiles=use_quantiles)
 
 
+def _user_cache(name: str) -> Path:
+    cache = Path.home() / ".cache" / "pi05_ros" / name
+    cache.mkdir(parents=True, exist_ok=True)
+    return cache
+
+
 def _calibration_path(directory: Path) -> Path:
     """Where FP8 scales live: beside the checkpoint, or in the user cache when that folder is read-only."""
     if directory.is_dir() and os.access(directory, os.W_OK):
         return directory / CALIBRATION_FILE
-    cache = Path.home() / ".cache" / "pi05_ros" / directory.name
-    cache.mkdir(parents=True, exist_ok=True)
-    return cache / CALIBRATION_FILE
+    return _user_cache(directory.name) / CALIBRATION_FILE
 
 
 def resolve_device(device: str) -> torch.device:
@@ -265,9 +269,9 @@ class Policy:
         model = random_model(cfg, seed=seed, device=dev, dtype=torch.float32 if prec == "fp32" else torch.bfloat16)
         tok = PromptTokenizer(demo_tokenizer(), cfg.max_token_len, cfg.state_in_prompt)
         state, actions = demo_norm_stats()
-        cache = Path.home() / ".cache" / "pi05_ros" / f"demo_{cfg.name}_seed{seed}"
         policy = cls(model, tok, NormStats(state, actions), precision=prec, seed=seed, is_demo=True)
-        policy.runner = make_runner(model, prec, runner, _calibration_path(cache), keep_reference=False)
+        calibration = _user_cache(f"demo_{cfg.name}_seed{seed}") / CALIBRATION_FILE
+        policy.runner = make_runner(model, prec, runner, calibration, keep_reference=False)
         log.warning("DEMO MODE: %s with RANDOM weights; its actions are meaningless", policy.describe())
         return policy
 

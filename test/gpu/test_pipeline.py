@@ -13,9 +13,8 @@ from pi05_ros.engine.checkpoint import load_model
 from pi05_ros.engine.config import PRESETS
 from pi05_ros.engine.demo import random_model
 from pi05_ros.engine.pipeline import Pi05Pipeline, synthetic_observations
-from pi05_ros.engine.policy import PreparedObservation
-from pi05_ros.engine.preprocess import to_model_range
-from pi05_ros.engine.reference import ModelInputs, Pi05Model
+from pi05_ros.engine.policy import PreparedObservation, ReferenceRunner
+from pi05_ros.engine.reference import Pi05Model
 
 # The device machine gets only the repository: copy shared/golden into the checkout and set PI05_SHARED.
 pytestmark = pytest.mark.gpu
@@ -30,13 +29,7 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def reference_actions(model: Pi05Model, obs: PreparedObservation, steps: int) -> np.ndarray:
-    size = model.cfg.vision.image_size
-    images = np.stack([to_model_range(im) if im is not None else np.full((3, size, size), -1.0, np.float32)
-                       for im in obs.images])
-    inputs = ModelInputs(torch.from_numpy(images)[None], torch.tensor([[im is not None for im in obs.images]]),
-                         torch.from_numpy(obs.tokens)[None], torch.from_numpy(obs.token_mask)[None],
-                         torch.from_numpy(obs.noise)[None])
-    return model.sample_actions(inputs, steps)[0].cpu().numpy()
+    return ReferenceRunner(model).run(obs, steps)[0]
 
 
 @pytest.fixture(scope="module")
