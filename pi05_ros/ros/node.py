@@ -1,9 +1,10 @@
 """The `pi05_policy` node (executable `policy_node`): camera images + joint states + an instruction in,
 action chunks, joint trajectories and /diagnostics out.
 
-Threads: a MultiThreadedExecutor runs the subscription callbacks (one mutually exclusive group per input, so
-inputs convert in parallel), the diagnostics timer and the parameter services; callbacks only convert the
-newest message into a preallocated buffer. The inference thread (worker.py) owns the engine and publishes
+Threads: one SingleThreadedExecutor thread runs the subscription callbacks, the diagnostics timer and the parameter
+services; callbacks only convert the newest message into a preallocated buffer. (rclpy's MultiThreadedExecutor
+busy-spins while a callback waits for a pool thread, rclpy issue 1452: here it burned half a core and, holding the
+GIL, stalled CPU inferences for up to 2 s.) The inference thread (worker.py) owns the engine and publishes
 each chunk itself, so nothing on the executor ever waits for an inference. The node does no math.
 """
 
@@ -21,8 +22,7 @@ import rclpy
 from builtin_interfaces.msg import Duration, Time
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import SetParametersResult
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.executors import MultiThreadedExecutor
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.logging import get_logger
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -81,8 +81,7 @@ class PolicyNode(Node):
         self._trajectory_pub = self.create_publisher(JointTrajectory, "joint_trajectory", 10)
         self._diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._subscribe_inputs()
-        self.create_timer(DIAGNOSTICS_PERIOD_S, self.publish_diagnostics,
-                          callback_group=MutuallyExclusiveCallbackGroup())
+        self.create_timer(DIAGNOSTICS_PERIOD_S, self.publish_diagnostics)
 
         if self.config.use_demo_model:
             why = "demo:=true" if self.config.demo else "no checkpoint parameter is set"
@@ -96,19 +95,16 @@ class PolicyNode(Node):
     def _subscribe_inputs(self) -> None:
         for camera in self.config.cameras:
             buffer = self.inputs.cameras[camera.name]
-            group = MutuallyExclusiveCallbackGroup()
             if camera.transport == "raw":
                 self.create_subscription(Image, camera.topic, lambda msg, b=buffer: self._on_image(b, msg),
-                                         qos_profile_sensor_data, callback_group=group)
+                                         qos_profile_sensor_data)
             else:
                 self.create_subscription(CompressedImage, camera.topic,
                                          lambda msg, b=buffer: self._on_compressed(b, msg),
-                                         qos_profile_sensor_data, callback_group=group)
+                                         qos_profile_sensor_data)
         self._joint_selector = JointSelector(self.config.state_joint_names)
-        self.create_subscription(JointState, "joint_states", self._on_joint_state, qos_profile_sensor_data,
-                                 callback_group=MutuallyExclusiveCallbackGroup())
-        self.create_subscription(String, "instruction", self._on_instruction, INSTRUCTION_QOS,
-                                 callback_group=MutuallyExclusiveCallbackGroup())
+        self.create_subscription(JointState, "joint_states", self._on_joint_state, qos_profile_sensor_data)
+        self.create_subscription(String, "instruction", self._on_instruction, INSTRUCTION_QOS)
 
     def _on_image(self, buffer: LatestBuffer, msg: Image) -> None:
         try:
@@ -309,7 +305,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     engine_log.setLevel(logging.INFO)
     engine_log.addHandler(_RosLogHandler(node))
 
-    executor = MultiThreadedExecutor(num_threads=4)
+    executor = SingleThreadedExecutor()
     executor.add_node(node)
     spinner = threading.Thread(target=executor.spin, name="ros_executor", daemon=True)
     spinner.start()

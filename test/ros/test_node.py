@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import signal
-import statistics
 import time
 from collections.abc import Iterator
 
@@ -65,6 +64,15 @@ def assert_alive(node: NodeProcess) -> None:
     assert node.alive(), f"the node exited; output:\n{node.output()}"
 
 
+def published_rate(driver: Driver, since: float) -> tuple[float, list[float]]:
+    """Chunks per second between the first and the last chunk that arrived after `since`, and the arrivals.
+
+    A rate over a few seconds, not a median of a handful of intervals: DDS hands over late chunks in bursts."""
+    arrivals = [when for when, _ in driver.snapshot()[0] if when >= since]
+    assert len(arrivals) >= 3, f"only {len(arrivals)} chunks arrived"
+    return (len(arrivals) - 1) / (arrivals[-1] - arrivals[0]), arrivals
+
+
 def healthy(status) -> bool:
     # OK, or only a low-rate WARN: other work on a 2-core machine can slow the CPU model below 10 Hz.
     level = status_level(status)
@@ -107,11 +115,11 @@ def test_chunks_arrive_with_shape_names_stamps_and_steps(running) -> None:
 def test_chunks_come_at_rate_hz(running) -> None:
     node, driver = running
     since = time.monotonic()
-    driver.wait_for_chunks(11, since, 30.0)
-    arrivals = [when for when, _ in driver.snapshot()[0] if when >= since]
-    intervals = np.diff(arrivals)
-    # 10 Hz target: median interval 0.1 s; +-40 % allows for DDS delivery jitter on a busy CI machine.
-    assert 0.06 <= statistics.median(intervals) <= 0.16, intervals
+    driver.wait_for_chunks(21, since, 30.0)
+    rate, arrivals = published_rate(driver, since)
+    # 10 Hz target over ~2 s. The node keeps a fixed grid, so it can never beat the target by more than the one
+    # tick it catches up after a late one (+5 %); the floor allows a 2-core CI machine's stalls.
+    assert 6.0 <= rate <= 11.0, np.diff(arrivals)
 
 
 def test_joint_trajectory_matches_the_chunk(running) -> None:
@@ -186,9 +194,11 @@ def test_rate_hz_changes_at_run_time(running) -> None:
     assert driver.set_parameter("rate_hz", 4.0).successful
     time.sleep(0.5)
     since = time.monotonic()
-    driver.wait_for_chunks(6, since, 15.0)
-    arrivals = [when for when, _ in driver.snapshot()[0] if when >= since]
-    assert 0.18 <= statistics.median(np.diff(arrivals)) <= 0.32  # 4 Hz = 0.25 s, +-30 % jitter allowance
+    driver.wait_for_chunks(13, since, 30.0)
+    rate, arrivals = published_rate(driver, since)
+    # 4 Hz over ~3 s: at most one catch-up tick above the target (4.33 Hz) and far from the old 10 Hz; the floor
+    # allows a stall of about a second on a busy 2-core CI machine (seen once: five intervals there are too few).
+    assert 2.0 <= rate <= 4.8, np.diff(arrivals)
     status = driver.wait_for_status(since, 5.0, lambda s: status_values(s)["target_rate_hz"] == "4")
     assert status is not None
     assert not driver.set_parameter("rate_hz", 0.0).successful
