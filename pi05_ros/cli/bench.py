@@ -137,7 +137,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.warmup < 0 or args.iters < 1 or (args.baseline_iters is not None and args.baseline_iters < 1):
         parser.error("--warmup must be >= 0, --iters and --baseline-iters >= 1")
     if args.baseline_iters is None:
-        # The baseline is ~30x slower; 50 runs pin its median well enough for the speed-up.
+        # The baseline is 7-22x slower (docs/benchmarks.md); 50 runs pin its median well enough for the speed-up.
         args.baseline_iters = min(args.iters, 50)
     return args
 

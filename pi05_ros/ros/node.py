@@ -4,8 +4,8 @@ action chunks, joint trajectories and /diagnostics out.
 Threads: one SingleThreadedExecutor thread runs the subscription callbacks, the diagnostics timer and the parameter
 services; callbacks only convert the newest message into a preallocated buffer. (rclpy's MultiThreadedExecutor
 busy-spins while a callback waits for a pool thread, rclpy issue 1452: here it burned half a core and, holding the
-GIL, stalled CPU inferences for up to 2 s.) The inference thread (worker.py) owns the engine and publishes
-each chunk itself, so nothing on the executor ever waits for an inference. The node does no math.
+GIL, stalled CPU inferences for up to 2.5 s: docs/benchmarks.md §16.) The inference thread (worker.py) owns the
+engine and publishes each chunk itself, so nothing on the executor ever waits for an inference. The node does no math.
 """
 
 from __future__ import annotations
@@ -326,8 +326,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
     executor.shutdown(timeout_sec=0.2)
     node.destroy_node()
     rclpy.try_shutdown()  # also flushes and closes ROS logging
-    # Everything is shut down. Skip the interpreter's teardown: torch's and the DDS library's destructors
-    # take about a second, which would break the promise to stop within one.
+    # Everything is shut down. Skip the interpreter's teardown, so that no library destructor and no daemon
+    # thread (an inference still running) can hold the exit past the promise to stop within a second.
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
