@@ -154,8 +154,7 @@ def build_baseline_policy(args: argparse.Namespace, device: torch.device) -> tup
                              config_preset=args.preset, device=str(device), precision=precision, seed=args.seed)
         what, source = "load checkpoint", str(args.checkpoint)
     else:
-        from pi05_ros.engine.demo import DEMO_MAX_TOKEN_LEN, demo_norm_stats, demo_tokenizer, random_model
-        from pi05_ros.engine.tokenizer import PromptTokenizer
+        from pi05_ros.engine.demo import DEMO_MAX_TOKEN_LEN, demo_norm_stats, demo_prompt_tokenizer, random_model
 
         cfg = PRESETS[args.preset or "pi05"]
         if cfg.name == "tiny":  # room for a realistic prompt, as Policy.demo does
@@ -164,7 +163,7 @@ def build_baseline_policy(args: argparse.Namespace, device: torch.device) -> tup
                              dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        tok = PromptTokenizer(demo_tokenizer(), cfg.max_token_len, cfg.state_in_prompt)
+        tok = demo_prompt_tokenizer(cfg.max_token_len, cfg.state_in_prompt)
         state, actions = demo_norm_stats()
         policy = Policy(model, tok, NormStats(state, actions), precision=precision, runner=ReferenceRunner(model),
                         seed=args.seed, is_demo=True)

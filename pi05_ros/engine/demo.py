@@ -20,6 +20,7 @@ from pi05_ros.engine.checkpoint import EMBED_NAMES, NAME_PREFIXES
 from pi05_ros.engine.config import Pi05Config
 from pi05_ros.engine.normalize import Stats, save_norm_stats
 from pi05_ros.engine.reference import Pi05Model, build_on_meta
+from pi05_ros.engine.tokenizer import PromptTokenizer
 
 DEMO_DOF = 7
 DEMO_PROMPT = "pick up the red cube and put it in the bowl"
@@ -37,7 +38,10 @@ _CORPUS_LINES = [
 
 
 def demo_tokenizer(directory: str | Path | None = None, vocab_size: int = 400) -> Path:
-    """Train a small SentencePiece model with PaliGemma's special ids (pad 0, eos 1, bos 2, unk 3)."""
+    """Train a small SentencePiece model with PaliGemma's special ids (pad 0, eos 1, bos 2, unk 3).
+
+    Without `directory` it goes to a new temporary folder that the caller owns; `demo_prompt_tokenizer` is the
+    one to use for a tokenizer in memory with nothing left on disk."""
     directory = Path(directory or tempfile.mkdtemp(prefix="pi05_demo_tok_"))
     directory.mkdir(parents=True, exist_ok=True)
     corpus = directory / "corpus.txt"
@@ -51,6 +55,12 @@ def demo_tokenizer(directory: str | Path | None = None, vocab_size: int = 400) -
         minloglevel=2, num_threads=1,
     )
     return prefix.with_suffix(".model")
+
+
+def demo_prompt_tokenizer(max_len: int, state_in_prompt: bool = True) -> PromptTokenizer:
+    """The demo tokenizer, loaded; its training folder is deleted again (a node start must not leave files)."""
+    with tempfile.TemporaryDirectory(prefix="pi05_demo_tok_") as folder:
+        return PromptTokenizer(demo_tokenizer(folder), max_len, state_in_prompt)
 
 
 def demo_norm_stats(dof: int = DEMO_DOF) -> tuple[Stats, Stats]:

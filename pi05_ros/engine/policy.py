@@ -259,7 +259,7 @@ class Policy:
     def demo(cls, device: str = "auto", precision: str = "auto", seed: int = 0, preset: str | None = None,
              runner: str = "auto") -> Policy:
         """The built-in random-weight model (tiny on CPU, full size on a GPU). Its actions mean nothing."""
-        from pi05_ros.engine.demo import DEMO_MAX_TOKEN_LEN, demo_norm_stats, demo_tokenizer, random_model
+        from pi05_ros.engine.demo import DEMO_MAX_TOKEN_LEN, demo_norm_stats, demo_prompt_tokenizer, random_model
 
         dev = resolve_device(device)
         prec = resolve_precision(precision, dev)
@@ -267,7 +267,7 @@ class Policy:
         if cfg.name == "tiny":
             cfg = cfg.replace(max_token_len=DEMO_MAX_TOKEN_LEN)
         model = random_model(cfg, seed=seed, device=dev, dtype=torch.float32 if prec == "fp32" else torch.bfloat16)
-        tok = PromptTokenizer(demo_tokenizer(), cfg.max_token_len, cfg.state_in_prompt)
+        tok = demo_prompt_tokenizer(cfg.max_token_len, cfg.state_in_prompt)
         state, actions = demo_norm_stats()
         policy = cls(model, tok, NormStats(state, actions), precision=prec, seed=seed, is_demo=True)
         calibration = _user_cache(f"demo_{cfg.name}_seed{seed}") / CALIBRATION_FILE

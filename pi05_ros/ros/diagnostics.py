@@ -70,6 +70,8 @@ def build_status(
         ("model", model.description if model else ("demo (loading)" if demo_requested else "loading")),
         ("demo_model", str(is_demo).lower()),
         ("phase", worker.phase.value),
+        # How many problems the message joins (with "; "): a monitor can tell one warning from several.
+        ("problem_count", str(len(problems))),
         ("device", model.device if model else "?"),
         ("precision", model.precision if model else "?"),
         ("denoise_steps", str(runtime.denoise_steps)),

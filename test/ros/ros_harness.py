@@ -5,6 +5,7 @@ Real rclpy over DDS on loopback, the node as an installed executable in a subpro
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -36,6 +37,12 @@ def installed_params_file() -> Path:
     return package_prefix() / "share" / "pi05_ros" / "config" / "pi05.yaml"
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it (the node's clean stop) when the test process dies, even if pytest
+    itself is killed, so no node outlives its test run (Linux prctl PR_SET_PDEATHSIG)."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def unique_namespace(prefix: str) -> str:
     return f"/{prefix}_{uuid.uuid4().hex[:8]}"
 
@@ -50,7 +57,7 @@ class NodeProcess:
             args += ["--params-file", str(params_file)]
         args += ["-r", f"__ns:={namespace}", *ros_args]
         self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=_die_with_parent)
         self._lines: list[str] = []
         self._lock = threading.Lock()
         self._reader = threading.Thread(target=self._read, daemon=True)

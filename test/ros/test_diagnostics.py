@@ -53,8 +53,10 @@ def test_problems_set_level_and_message() -> None:
     assert build(stale)[0].level == bytes([Level.WARN])
     bad = dataclasses.replace(RUNNING, problems=(Problem(Level.WARN, "no instruction yet"),
                                                  Problem(Level.ERROR, "bad input: NaN")))
-    status, _ = build(bad)
+    status, values = build(bad)
     assert status.level == bytes([Level.ERROR]) and status.message == "no instruction yet; bad input: NaN"
+    assert values["problem_count"] == "2" and build(stale)[1]["problem_count"] == "1"
+    assert build(RUNNING)[1]["problem_count"] == "0"
 
 
 def test_loading_warns_and_failure_is_an_error() -> None:

@@ -64,19 +64,30 @@ def assert_alive(node: NodeProcess) -> None:
     assert node.alive(), f"the node exited; output:\n{node.output()}"
 
 
-def published_rate(driver: Driver, since: float) -> tuple[float, list[float]]:
-    """Chunks per second between the first and the last chunk that arrived after `since`, and the arrivals.
+def assert_publishes_at(driver: Driver, target_hz: float, count: int) -> None:
+    """Over `count` chunks: never faster than `target_hz`, and as fast as the inference time allows.
 
-    A rate over a few seconds, not a median of a handful of intervals: DDS hands over late chunks in bursts."""
-    arrivals = [when for when, _ in driver.snapshot()[0] if when >= since]
-    assert len(arrivals) >= 3, f"only {len(arrivals)} chunks arrived"
-    return (len(arrivals) - 1) / (arrivals[-1] - arrivals[0]), arrivals
+    A rate over a few seconds, not a median of a handful of intervals: DDS hands over late chunks in bursts.
+    Chunks that arrive in the first 50 ms may be a backlog from before, so the window starts after them."""
+    since = time.monotonic() + 0.05
+    driver.wait_for_chunks(count, since, 60.0)
+    window = [(when, chunk) for when, chunk in driver.snapshot()[0] if when >= since]
+    assert len(window) >= count, f"only {len(window)} chunks arrived"
+    arrivals = [when for when, _ in window]
+    rate = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
+    # The node keeps a fixed grid: over a few seconds it beats the target by at most the one tick it catches up
+    # after a late one (+5 % here), plus arrival jitter at the window's ends.
+    assert rate <= 1.1 * target_hz, np.diff(arrivals)
+    # What the machine allows: a 2-core CI machine under load can take longer than the period to infer.
+    capacity_hz = 1.0 / float(np.mean([chunk.inference_latency for _, chunk in window]))
+    assert rate >= 0.6 * min(target_hz, capacity_hz), (rate, capacity_hz, np.diff(arrivals))
 
 
 def healthy(status) -> bool:
     # OK, or only a low-rate WARN: other work on a 2-core machine can slow the CPU model below 10 Hz.
     level = status_level(status)
-    return level == OK or (level == WARN and status.message.count(";") == 0 and "below rate_hz" in status.message)
+    only_slow = status_values(status)["problem_count"] == "1" and "below rate_hz" in status.message
+    return level == OK or (level == WARN and only_slow)
 
 
 def wait_until_healthy(node: NodeProcess, driver: Driver) -> None:
@@ -114,12 +125,7 @@ def test_chunks_arrive_with_shape_names_stamps_and_steps(running) -> None:
 
 def test_chunks_come_at_rate_hz(running) -> None:
     node, driver = running
-    since = time.monotonic()
-    driver.wait_for_chunks(21, since, 30.0)
-    rate, arrivals = published_rate(driver, since)
-    # 10 Hz target over ~2 s. The node keeps a fixed grid, so it can never beat the target by more than the one
-    # tick it catches up after a late one (+5 %); the floor allows a 2-core CI machine's stalls.
-    assert 6.0 <= rate <= 11.0, np.diff(arrivals)
+    assert_publishes_at(driver, 10.0, 31)
 
 
 def test_joint_trajectory_matches_the_chunk(running) -> None:
@@ -168,23 +174,24 @@ def test_denoise_steps_change_at_run_time_and_out_of_range_is_rejected(running) 
     node, driver = running
     result = driver.set_parameter("denoise_steps", 3)
     assert result.successful, result.reason
-    since = time.monotonic()
-    first = driver.wait_for_chunks(1, since, 10.0, where=lambda c: c.denoise_steps == 3)
-    assert first, "no chunk with 3 steps after the change"
-    later = driver.wait_for_chunks(4, time.monotonic(), 10.0)
-    assert [c.denoise_steps for c in later] == [3] * len(later) and len(later) >= 4
+    try:  # the node is shared by this module's tests: a failure here must not leave it at 3 steps
+        since = time.monotonic()
+        first = driver.wait_for_chunks(1, since, 10.0, where=lambda c: c.denoise_steps == 3)
+        assert first, "no chunk with 3 steps after the change"
+        later = driver.wait_for_chunks(4, time.monotonic(), 10.0)
+        assert [c.denoise_steps for c in later] == [3] * len(later) and len(later) >= 4
 
-    for bad in (0, 101):
-        result = driver.set_parameter("denoise_steps", bad)
-        assert not result.successful and "range" in result.reason, result.reason
-    result = driver.set_parameter("denoise_steps", 2.5)
-    assert not result.successful and result.reason
-    assert driver.get_parameter("denoise_steps") == 3  # the old value is kept
-    result = driver.set_parameter("checkpoint", "/somewhere/else")
-    assert not result.successful and "read-only" in result.reason
-    assert all(c.denoise_steps == 3 for c in driver.wait_for_chunks(2, time.monotonic(), 10.0))
-
-    assert driver.set_parameter("denoise_steps", 10).successful
+        for bad in (0, 101):
+            result = driver.set_parameter("denoise_steps", bad)
+            assert not result.successful and "range" in result.reason, result.reason
+        result = driver.set_parameter("denoise_steps", 2.5)
+        assert not result.successful and result.reason
+        assert driver.get_parameter("denoise_steps") == 3  # the old value is kept
+        result = driver.set_parameter("checkpoint", "/somewhere/else")
+        assert not result.successful and "read-only" in result.reason
+        assert all(c.denoise_steps == 3 for c in driver.wait_for_chunks(2, time.monotonic(), 10.0))
+    finally:
+        assert driver.set_parameter("denoise_steps", 10).successful
     assert driver.wait_for_chunks(1, time.monotonic(), 10.0, where=lambda c: c.denoise_steps == 10)
     assert_alive(node)
 
@@ -192,28 +199,28 @@ def test_denoise_steps_change_at_run_time_and_out_of_range_is_rejected(running) 
 def test_rate_hz_changes_at_run_time(running) -> None:
     node, driver = running
     assert driver.set_parameter("rate_hz", 4.0).successful
-    time.sleep(0.5)
-    since = time.monotonic()
-    driver.wait_for_chunks(13, since, 30.0)
-    rate, arrivals = published_rate(driver, since)
-    # 4 Hz over ~3 s: at most one catch-up tick above the target (4.33 Hz) and far from the old 10 Hz; the floor
-    # allows a stall of about a second on a busy 2-core CI machine (seen once: five intervals there are too few).
-    assert 2.0 <= rate <= 4.8, np.diff(arrivals)
-    status = driver.wait_for_status(since, 5.0, lambda s: status_values(s)["target_rate_hz"] == "4")
-    assert status is not None
-    assert not driver.set_parameter("rate_hz", 0.0).successful
-    assert driver.set_parameter("rate_hz", 10.0).successful
+    try:  # the node is shared by this module's tests: a failure here must not leave it at 4 Hz
+        time.sleep(0.5)
+        since = time.monotonic()
+        assert_publishes_at(driver, 4.0, 13)  # ~3 s; 4.4 Hz at most, far from the old 10 Hz
+        status = driver.wait_for_status(since, 5.0, lambda s: status_values(s)["target_rate_hz"] == "4")
+        assert status is not None
+        assert not driver.set_parameter("rate_hz", 0.0).successful
+    finally:
+        assert driver.set_parameter("rate_hz", 10.0).successful
 
 
 def test_joint_trajectory_can_be_switched_off(running) -> None:
     node, driver = running
     assert driver.set_parameter("publish_joint_trajectory", False).successful
-    # The inference running when the switch flips may still publish one: start counting after the next chunk.
-    assert driver.wait_for_chunks(2, time.monotonic(), 15.0)
-    since = time.monotonic()
-    assert len(driver.wait_for_chunks(5, since, 15.0)) >= 5
-    assert driver.trajectories_since(since) == []
-    assert driver.set_parameter("publish_joint_trajectory", True).successful
+    try:
+        # The inference running when the switch flips may still publish one: count from the third chunk on.
+        assert driver.wait_for_chunks(3, time.monotonic(), 15.0)
+        since = time.monotonic()
+        assert len(driver.wait_for_chunks(5, since, 15.0)) >= 5
+        assert driver.trajectories_since(since) == []
+    finally:
+        assert driver.set_parameter("publish_joint_trajectory", True).successful
     since = time.monotonic()
     driver.wait_for_chunks(3, since, 15.0)
     assert driver.trajectories_since(since)
@@ -228,9 +235,10 @@ def test_stale_inputs_stop_publishing_and_warn(running) -> None:
         assert status is not None, "no stale WARN on /diagnostics"
         assert "max_input_age_s" in status.message
         assert int(status_values(status).get("skipped.stale_input", "0")) > 0
-        # max_input_age_s is 0.5 s; allow one more in-flight inference (+0.5 s) before demanding silence.
-        quiet_from = paused + 1.0
-        time.sleep(max(0.0, quiet_from - time.monotonic()) + 1.5)
+        # The worker is one thread: once a tick has found the input stale, no inference runs or starts without
+        # fresh input. Only the last chunk published before that tick may still be on its way (0.2 s for DDS).
+        quiet_from = time.monotonic() + 0.2
+        time.sleep(1.7)
         assert driver.chunks_since(quiet_from) == []
         assert_alive(node)
     finally:

@@ -75,8 +75,9 @@ def test_compressed_trigger_camera_runs_once_per_frame_and_sigterm_stops(driver_
         time.sleep(3.0)
         frames = driver.frames_published - frames_before
         chunks = driver.chunks_since(since)
-        # One chunk per frame (not 50 Hz): +-2 for the frames in flight at both ends of the window.
-        assert abs(len(chunks) - frames) <= 2, (len(chunks), frames)
+        # One chunk per frame, not rate_hz's 50 Hz: at most the frames sent (+2 in flight at the window's ends);
+        # at least half of them, as a frame that arrives while an inference runs on a loaded CPU merges into the next.
+        assert frames // 2 <= len(chunks) <= frames + 2, (len(chunks), frames)
         assert all(np.asarray(c.actions).size == c.horizon * c.action_dim for c in chunks)
         status = driver.wait_for_status(since, 5.0, lambda s: "rate_mode" in status_values(s))
         assert status is not None and status_values(status)["rate_mode"] == "trigger:front"

@@ -1,0 +1,177 @@
+"""FP8 fidelity of the fast path, emulated on the CPU: which scaling scheme and which layer set keep the action
+error of the full-size model within budget. Answers questions the GPU sweeps raised without a GPU.
+
+    PYTHONPATH=. python3 tools/fp8_emulation.py            # ~15 min on 2 cores, ~22 GB of host memory at peak
+
+FastModel runs in bf16 on the CPU, exactly the code the GPU runs eagerly; the `linear` chokepoint of
+fast/blocks.py is swapped for one that quantizes the chosen layers to float8_e4m3fn the way `torch._scaled_mm`
+sees them (fp8 operands, float32 accumulation, bf16 out) under one of these schemes:
+
+    static   per-tensor weight scale, per-tensor input scale from a calibration amax x4 (what the pipeline does)
+    dynamic  per-tensor weight scale, per-tensor input scale from each call's own amax
+    rowwise  per-output-channel weight scales, per-token input scales (torch._scaled_mm's row-wise mode)
+
+Fidelity as in docs/benchmarks.md: relative L2 of the action chunk against the float32 reference (same weights,
+same noise), two 48-token observations A/B, 1 / 10 steps. The CPU's random weights differ from the GPU's (another
+generator), so compare the schemes with each other and with the GPU's per-tensor figures, not digit for digit.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import gc
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pi05_ros.engine.config import PRESETS
+from pi05_ros.engine.demo import random_model
+from pi05_ros.engine.fast import blocks
+from pi05_ros.engine.fast.blocks import FP8_HEADROOM, FP8_MAX, FastModel, prefix_capacity
+from pi05_ros.engine.pipeline import FP8_ALL_LAYERS, FP8_DEFAULT_LAYERS, synthetic_observations
+from pi05_ros.engine.policy import PreparedObservation, ReferenceRunner
+
+E4M3 = torch.float8_e4m3fn
+SETS = {"gemma_mlp (default)": FP8_DEFAULT_LAYERS, "gemma_all+expert_all": FP8_ALL_LAYERS}
+SCHEMES = ("static", "dynamic", "rowwise")
+
+
+def observations(cfg, seeds: tuple[int, ...]) -> list[PreparedObservation]:  # noqa: ANN001
+    """The GPU sweep's observations: two synthetic views, a 48-token prompt."""
+    out = []
+    for seed in seeds:
+        obs = next(iter(synthetic_observations(cfg, 1, views=2, seed=seed)))
+        mask = np.arange(cfg.max_token_len) < 48
+        out.append(PreparedObservation(obs.images, np.where(mask, obs.tokens, 0), mask, obs.noise))
+    return out
+
+
+def quantize(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (t / scale).clamp(-FP8_MAX, FP8_MAX).to(E4M3)
+
+
+class Emulator:
+    """Replaces blocks.linear: the chosen layers go through emulated FP8, the others stay bf16."""
+
+    def __init__(self, fast: FastModel) -> None:
+        self.names = {m.weight.data_ptr(): name for name, m in fast.linears().items()}
+        self.patterns: tuple[str, ...] = ()
+        self.scheme = "static"
+        self.amax: dict[str, float] = {}
+        self.record: dict[str, float] | None = None
+        self._weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def configure(self, patterns: tuple[str, ...], scheme: str) -> None:
+        self.patterns, self.scheme, self._weights = patterns, scheme, {}
+        gc.collect()
+
+    def _weight(self, name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if name not in self._weights:
+            w = weight.float()
+            if self.scheme == "rowwise":
+                scale = (w.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=1e-12)  # [N, 1]
+            else:
+                scale = (w.abs().max() / FP8_MAX).clamp(min=1e-12)
+            self._weights[name] = (quantize(w, scale), scale)
+        return self._weights[name]
+
+    def __call__(self, x: torch.Tensor, p: blocks.LinearParams) -> torch.Tensor:
+        weight, bias = p[0], p[1]
+        name = self.names[weight.data_ptr()]
+        if self.record is not None:
+            self.record[name] = max(self.record.get(name, 0.0), float(x.detach().abs().max()))
+        if not any(fnmatch.fnmatchcase(name, pattern) for pattern in self.patterns):
+            return F.linear(x.to(weight.dtype), weight, bias)
+        wq, w_scale = self._weight(name, weight)
+        lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1]).float()
+        if self.scheme == "static":
+            x_scale = torch.tensor(max(self.amax[name], 1e-6) * FP8_HEADROOM / FP8_MAX)
+        elif self.scheme == "dynamic":
+            x_scale = (x2.abs().max() / FP8_MAX).clamp(min=1e-12)
+        else:
+            x_scale = (x2.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=1e-12)  # [M, 1]
+        y = quantize(x2, x_scale).float() @ wq.float().t()
+        y = y * x_scale * (w_scale.t() if w_scale.dim() else w_scale)
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(torch.bfloat16).reshape(*lead, -1)
+
+
+def run_fast(fast: FastModel, cfg, obs: PreparedObservation, steps: tuple[int, ...]) -> dict[int, np.ndarray]:  # noqa: ANN001
+    """Vision + prefill once, then the denoise loop per step count (sample_eager, sharing the prefix)."""
+    views = [im for im in obs.images if im is not None]
+    images = torch.from_numpy(np.stack(views))
+    rows = fast_rows[torch.from_numpy(obs.tokens[obs.token_mask])]
+    text_len, prefix_len = prefix_capacity(cfg, len(views), rows.shape[0], 16)
+    n_valid = torch.tensor(len(views) * cfg.vision.num_patches + rows.shape[0])
+    prefix = torch.zeros(1, prefix_len, cfg.vlm.width)
+    fast.vision(images, prefix[0, : len(views) * cfg.vision.num_patches])
+    padded = torch.zeros(text_len, cfg.vlm.width, dtype=rows.dtype)
+    padded[: rows.shape[0]] = rows
+    fast.embed_text_rows(padded, prefix[0, len(views) * cfg.vision.num_patches:])
+    total = prefix_len + cfg.action_horizon
+    keys = [torch.zeros(1, 1, total, cfg.vlm.head_dim, dtype=fast.dtype) for _ in fast.prefix_blocks]
+    values = [torch.zeros_like(k) for k in keys]
+    fast.prefill(prefix, n_valid, [k[:, :, :prefix_len] for k in keys], [v[:, :, :prefix_len] for v in values])
+    out = {}
+    for n in steps:
+        x = torch.from_numpy(obs.noise).float().clone()[None]
+        fast.denoise(x, n_valid, keys, values, fast.step_schedule(n))
+        out[n] = x[0].numpy()
+    return out
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+fast_rows: torch.Tensor
+
+
+def main() -> None:
+    global fast_rows
+    torch.set_grad_enabled(False)
+    start = time.time()
+    cfg = PRESETS[os.environ.get("PI05_PRESET", "pi05")]  # "tiny" for a quick check of the script itself
+    model = random_model(cfg, seed=0)
+    print(f"[{time.time() - start:5.0f} s] full-size random model (float32, CPU), {torch.get_num_threads()} threads",
+          flush=True)
+    tests, calib = observations(cfg, (123, 7)), observations(cfg, (1, 2))
+    refs = [{n: ReferenceRunner(model).run(obs, n)[0] for n in (1, 10)} for obs in tests]
+    print(f"[{time.time() - start:5.0f} s] float32 reference actions", flush=True)
+    fast_rows = model.embed_tokens.to(torch.bfloat16)
+    fast = FastModel(model, torch.bfloat16, release_reference=True)
+    del model
+    gc.collect()
+    emulator = Emulator(fast)
+    blocks.linear = emulator  # the layer functions look `linear` up in their module at call time
+
+    emulator.record = {}
+    for obs in calib:
+        run_fast(fast, cfg, obs, (10,))
+    emulator.amax, emulator.record = emulator.record, None
+    print(f"[{time.time() - start:5.0f} s] calibrated {len(emulator.amax)} linears on 2 other observations",
+          flush=True)
+
+    variants = [("bf16 (no FP8)", (), "static")] + [
+        (f"{set_name}, {scheme}", patterns, scheme)
+        for set_name, patterns in SETS.items() for scheme in SCHEMES]
+    only = sys.argv[1:]
+    for label, patterns, scheme in variants:
+        if only and not any(word in label for word in only):
+            continue
+        emulator.configure(patterns, scheme)
+        errs = []
+        for obs, ref in zip(tests, refs, strict=True):
+            got = run_fast(fast, cfg, obs, (1, 10))
+            errs += [rel_err(got[n], ref[n]) for n in (1, 10)]
+        print(f"[{time.time() - start:5.0f} s] {label:<36} A 1/10: {errs[0]:.1e} / {errs[1]:.1e}   "
+              f"B 1/10: {errs[2]:.1e} / {errs[3]:.1e}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
