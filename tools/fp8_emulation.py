@@ -1,7 +1,8 @@
 """FP8 fidelity of the fast path, emulated on the CPU: which scaling scheme and which layer set keep the action
 error of the full-size model within budget. Answers questions the GPU sweeps raised without a GPU.
 
-    PYTHONPATH=. python3 tools/fp8_emulation.py            # ~15 min on 2 cores, ~22 GB of host memory at peak
+    PYTHONPATH=. python3 tools/fp8_emulation.py [WORD...]  # 19 min on 2 cores (docs/benchmarks.md §18); WORDs
+                                                           # pick variants, e.g. `rowwise`
 
 FastModel runs in bf16 on the CPU, exactly the code the GPU runs eagerly; the `linear` chokepoint of
 fast/blocks.py is swapped for one that quantizes the chosen layers to float8_e4m3fn the way `torch._scaled_mm`
