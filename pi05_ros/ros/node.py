@@ -328,6 +328,9 @@ def main(argv: list[str] | None = None) -> NoReturn:
     rclpy.try_shutdown()  # also flushes and closes ROS logging
     # Everything is shut down. Skip the interpreter's teardown, so that no library destructor and no daemon
     # thread (an inference still running) can hold the exit past the promise to stop within a second.
+    took = stop.seconds_since_signal()
+    if took is not None:
+        print(f"[{NODE_NAME}] stopped {took:.3f} s after the signal", flush=True)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

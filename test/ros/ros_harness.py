@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -92,11 +93,23 @@ class NodeProcess:
         return code
 
     def signal_and_wait(self, sig: int, timeout: float = 10.0) -> tuple[int, float]:
-        """Send `sig`; (exit code, seconds until the process ended)."""
+        """Send `sig`; (exit code, seconds until the process ended, as this process saw it)."""
         start = time.monotonic()
         self.process.send_signal(sig)
         code = self.wait(timeout)
         return code, time.monotonic() - start
+
+    def assert_stopped_within(self, sig: int, seconds: float) -> None:
+        """Send `sig`: the node exits with 0 and reports it stopped within `seconds` of the signal. The node's own
+        clock is the judge; this process's view (scheduling on a loaded CI machine) only has to be close."""
+        code, elapsed = self.signal_and_wait(sig)
+        self._reader.join(2.0)
+        output = self.output()
+        assert code == 0, output[-3000:]
+        match = re.search(r"stopped (\d+\.\d+) s after the signal", output)
+        assert match, f"no stop report in the node's output:\n{output[-3000:]}"
+        assert float(match.group(1)) < seconds, f"the node took {match.group(1)} s to stop"
+        assert elapsed < seconds + 2.0, f"the process took {elapsed:.2f} s to end"
 
     def stop(self) -> None:
         if self.alive():

@@ -8,6 +8,7 @@ import numpy as np
 import rclpy
 from rclpy.context import Context
 from rclpy.executors import SingleThreadedExecutor
+from ros_harness import unique_namespace
 
 from pi05_ros.msg import ActionChunk
 
@@ -16,8 +17,9 @@ def test_action_chunk_round_trips_over_dds() -> None:
     context = Context()
     rclpy.init(context=context)
     try:
-        talker = rclpy.create_node("chunk_talker", context=context)
-        listener = rclpy.create_node("chunk_listener", context=context)
+        namespace = unique_namespace("msg_smoke")  # apart from any other run that drew the same ROS domain
+        talker = rclpy.create_node("chunk_talker", namespace=namespace, context=context)
+        listener = rclpy.create_node("chunk_listener", namespace=namespace, context=context)
         received: list[ActionChunk] = []
         listener.create_subscription(ActionChunk, "smoke_chunk", received.append, 10)
         publisher = talker.create_publisher(ActionChunk, "smoke_chunk", 10)
