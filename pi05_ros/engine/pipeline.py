@@ -16,7 +16,6 @@ computed. Stage times come from CUDA events recorded between the replays.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import logging
 import time
@@ -155,9 +154,7 @@ class Pi05Pipeline:
 
     def _quantize(self, amax: dict[str, float]) -> None:
         """FP8 for the linears whose names match `fp8_layers` (e.g. prefix_blocks.3.gate_up)."""
-        for name, linear in self.fast.linears().items():
-            if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.fp8_layers):
-                linear.quantize_fp8(amax[name], self.fp8_headroom)
+        self.fast.quantize_fp8(amax, self.fp8_layers, self.fp8_headroom)
 
     def schedule(self, num_steps: int) -> tuple[torch.Tensor, ...]:
         if num_steps not in self._schedules:
@@ -298,17 +295,14 @@ def synthetic_observations(cfg: Pi05Config, count: int, views: int = 2,
 
 def calibrate(pipeline: Pi05Pipeline, observations: Iterable[PreparedObservation], num_steps: int = 10) -> dict:
     """Largest |input| of every linear layer over the observations (bf16 path, eager, all denoise steps)."""
-    names = {linear.weight.data_ptr(): name for name, linear in pipeline.fast.linears().items()}
     use_graphs, pipeline.use_graphs = pipeline.use_graphs, False
-    blocks._amax_record = {}
     try:
-        for obs in observations:
-            pipeline.run(obs, num_steps)
-        recorded = blocks._amax_record
+        with blocks.record_input_amax(pipeline.fast) as amax:
+            for obs in observations:
+                pipeline.run(obs, num_steps)
     finally:
-        blocks._amax_record = None
         pipeline.use_graphs = use_graphs
-    return {names[ptr]: amax for ptr, amax in recorded.items()}
+    return amax
 
 
 def load_or_calibrate(pipeline: Pi05Pipeline, calibration: str | Path | None,

@@ -14,7 +14,10 @@ it with the reference on CPU) and can be captured into CUDA graphs by `engine/pi
 
 from __future__ import annotations
 
+import fnmatch
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -248,6 +251,21 @@ class ExpertBlock(nn.Module):
 KEEP_REFERENCE = ("time_mlp", "layernorm.dense", "expert.norm.")
 
 
+@contextmanager
+def record_input_amax(fast: FastModel) -> Iterator[dict[str, float]]:
+    """Within the block, eager runs of `fast` record the largest |input| of every linear; the yielded dict holds
+    them by module name once the block ends (FP8 calibration)."""
+    global _amax_record
+    names = {linear.weight.data_ptr(): name for name, linear in fast.linears().items()}
+    result: dict[str, float] = {}
+    _amax_record = {}
+    try:
+        yield result
+    finally:
+        recorded, _amax_record = _amax_record, None
+        result.update({names[ptr]: amax for ptr, amax in recorded.items()})
+
+
 def release_parameters(module: nn.Module, prefix: str = "") -> None:
     """Replace `module`'s parameters (except KEEP_REFERENCE ones) by empty ones, freeing their memory.
 
@@ -315,6 +333,16 @@ class FastModel(nn.Module):
 
     def linears(self) -> dict[str, Linear]:
         return {name: m for name, m in self.named_modules() if isinstance(m, Linear)}
+
+    def quantize_fp8(self, input_amax: dict[str, float], patterns: tuple[str, ...],
+                     headroom: float = FP8_HEADROOM) -> list[str]:
+        """FP8 for the linears whose names match `patterns` (e.g. prefix_blocks.*.gate_up), with static input
+        scales from `input_amax` (see `record_input_amax`); returns their names."""
+        linears = self.linears()
+        chosen = [name for name in linears if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+        for name in chosen:
+            linears[name].quantize_fp8(input_amax[name], headroom)
+        return chosen
 
     def compile(self) -> None:  # type: ignore[override]
         """Swap in torch.compile'd layer functions: norms, RoPE, activations and FP8 quantization fuse into
