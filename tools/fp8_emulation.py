@@ -3,6 +3,8 @@ error of the full-size model within budget. Answers questions the GPU sweeps rai
 
     PYTHONPATH=. python3 tools/fp8_emulation.py [WORD...]  # 19 min on 2 cores (docs/benchmarks.md §18); WORDs
                                                            # pick variants, e.g. `rowwise`
+    PYTHONPATH=. python3 tools/fp8_emulation.py sensitivity  # the default set plus one more group at a time
+    PYTHONPATH=. python3 tools/fp8_emulation.py candidates   # larger sets the sensitivity figures suggest
 
 FastModel runs in bf16 on the CPU, exactly the code the GPU runs eagerly; the `linear` chokepoint of
 fast/blocks.py is swapped for one that quantizes the chosen layers to float8_e4m3fn the way `torch._scaled_mm`
@@ -39,6 +41,13 @@ from pi05_ros.engine.policy import PreparedObservation, ReferenceRunner
 E4M3 = torch.float8_e4m3fn
 SETS = {"gemma_mlp (default)": FP8_DEFAULT_LAYERS, "gemma_all+expert_all": FP8_ALL_LAYERS}
 SCHEMES = ("static", "dynamic", "rowwise")
+# One more group of linears beside the default set, static scheme: which could join within the budget.
+GROUPS = {"gemma_qkv": "prefix_blocks.*.qkv", "gemma_o": "prefix_blocks.*.out", "expert_qkv": "expert_blocks.*.qkv",
+          "expert_o": "expert_blocks.*.out", "expert_gate_up": "expert_blocks.*.gate_up",
+          "expert_down": "expert_blocks.*.down"}
+# Picked from the sensitivity run (docs/benchmarks.md §19): the groups that cost least, added together.
+CANDIDATES = [("expert_qkv", "expert_down"), ("expert_qkv", "expert_down", "gemma_o"),
+              ("expert_qkv", "expert_down", "expert_o"), ("expert_qkv", "expert_gate_up", "expert_down")]
 
 
 def observations(cfg, seeds: tuple[int, ...]) -> list[PreparedObservation]:  # noqa: ANN001
@@ -162,6 +171,14 @@ def main() -> None:
         (f"{set_name}, {scheme}", patterns, scheme)
         for set_name, patterns in SETS.items() for scheme in SCHEMES]
     only = sys.argv[1:]
+    if only == ["candidates"]:
+        variants = [(f"gemma_mlp + {' + '.join(groups)}, static",
+                     (*FP8_DEFAULT_LAYERS, *(GROUPS[g] for g in groups)), "static") for groups in CANDIDATES]
+        only = []
+    if only == ["sensitivity"]:
+        variants = [(f"gemma_mlp + {group}, static", (*FP8_DEFAULT_LAYERS, pattern), "static")
+                    for group, pattern in GROUPS.items()]
+        only = []
     for label, patterns, scheme in variants:
         if only and not any(word in label for word in only):
             continue
