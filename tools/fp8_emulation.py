@@ -29,13 +29,20 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from gpu_sweep import observations, rel_err  # the GPU sweep's observations and error: figures stay comparable
 
 from pi05_ros.engine.config import PRESETS
 from pi05_ros.engine.demo import random_model
 from pi05_ros.engine.fast import blocks
-from pi05_ros.engine.fast.blocks import FP8_HEADROOM, FP8_MAX, FastModel, prefix_capacity
-from pi05_ros.engine.pipeline import FP8_ALL_LAYERS, FP8_DEFAULT_LAYERS, synthetic_observations
+from pi05_ros.engine.fast.blocks import (
+    FP8_HEADROOM,
+    FP8_MAX,
+    FastModel,
+    denoise_eager,
+    prefill_eager,
+    record_input_amax,
+)
+from pi05_ros.engine.pipeline import FP8_ALL_LAYERS, FP8_DEFAULT_LAYERS
 from pi05_ros.engine.policy import PreparedObservation, ReferenceRunner
 
 E4M3 = torch.float8_e4m3fn
@@ -50,29 +57,20 @@ CANDIDATES = [("expert_qkv", "expert_down"), ("expert_qkv", "expert_down", "gemm
               ("expert_qkv", "expert_down", "expert_o"), ("expert_qkv", "expert_gate_up", "expert_down")]
 
 
-def observations(cfg, seeds: tuple[int, ...]) -> list[PreparedObservation]:  # noqa: ANN001
-    """The GPU sweep's observations: two synthetic views, a 48-token prompt."""
-    out = []
-    for seed in seeds:
-        obs = next(iter(synthetic_observations(cfg, 1, views=2, seed=seed)))
-        mask = np.arange(cfg.max_token_len) < 48
-        out.append(PreparedObservation(obs.images, np.where(mask, obs.tokens, 0), mask, obs.noise))
-    return out
-
-
 def quantize(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (t / scale).clamp(-FP8_MAX, FP8_MAX).to(E4M3)
 
 
 class Emulator:
-    """Replaces blocks.linear: the chosen layers go through emulated FP8, the others stay bf16."""
+    """Replaces blocks.linear: the chosen layers go through emulated FP8, the others through blocks' own linear
+    (bf16, recording input amax inside `record_input_amax`)."""
 
     def __init__(self, fast: FastModel) -> None:
         self.names = {m.weight.data_ptr(): name for name, m in fast.linears().items()}
         self.patterns: tuple[str, ...] = ()
         self.scheme = "static"
         self.amax: dict[str, float] = {}
-        self.record: dict[str, float] | None = None
+        self._bf16_linear = blocks.linear
         self._weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def configure(self, patterns: tuple[str, ...], scheme: str) -> None:
@@ -92,10 +90,8 @@ class Emulator:
     def __call__(self, x: torch.Tensor, p: blocks.LinearParams) -> torch.Tensor:
         weight, bias = p[0], p[1]
         name = self.names[weight.data_ptr()]
-        if self.record is not None:
-            self.record[name] = max(self.record.get(name, 0.0), float(x.detach().abs().max()))
         if not any(fnmatch.fnmatchcase(name, pattern) for pattern in self.patterns):
-            return F.linear(x.to(weight.dtype), weight, bias)
+            return self._bf16_linear(x, p)
         wq, w_scale = self._weight(name, weight)
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1]).float()
         if self.scheme == "static":
@@ -111,59 +107,35 @@ class Emulator:
         return y.to(torch.bfloat16).reshape(*lead, -1)
 
 
-def run_fast(fast: FastModel, cfg, obs: PreparedObservation, steps: tuple[int, ...]) -> dict[int, np.ndarray]:  # noqa: ANN001
-    """Vision + prefill once, then the denoise loop per step count (sample_eager, sharing the prefix)."""
-    views = [im for im in obs.images if im is not None]
-    images = torch.from_numpy(np.stack(views))
-    rows = fast_rows[torch.from_numpy(obs.tokens[obs.token_mask])]
-    text_len, prefix_len = prefix_capacity(cfg, len(views), rows.shape[0], 16)
-    n_valid = torch.tensor(len(views) * cfg.vision.num_patches + rows.shape[0])
-    prefix = torch.zeros(1, prefix_len, cfg.vlm.width)
-    fast.vision(images, prefix[0, : len(views) * cfg.vision.num_patches])
-    padded = torch.zeros(text_len, cfg.vlm.width, dtype=rows.dtype)
-    padded[: rows.shape[0]] = rows
-    fast.embed_text_rows(padded, prefix[0, len(views) * cfg.vision.num_patches:])
-    total = prefix_len + cfg.action_horizon
-    keys = [torch.zeros(1, 1, total, cfg.vlm.head_dim, dtype=fast.dtype) for _ in fast.prefix_blocks]
-    values = [torch.zeros_like(k) for k in keys]
-    fast.prefill(prefix, n_valid, [k[:, :, :prefix_len] for k in keys], [v[:, :, :prefix_len] for v in values])
-    out = {}
-    for n in steps:
-        x = torch.from_numpy(obs.noise).float().clone()[None]
-        fast.denoise(x, n_valid, keys, values, fast.step_schedule(n))
-        out[n] = x[0].numpy()
-    return out
-
-
-def rel_err(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-fast_rows: torch.Tensor
+def run_fast(fast: FastModel, token_rows: torch.Tensor, obs: PreparedObservation,
+             steps: tuple[int, ...]) -> dict[int, np.ndarray]:
+    """Vision + prefill once, then the denoise loop per step count."""
+    images = torch.from_numpy(np.stack([im for im in obs.images if im is not None]))
+    prefix = prefill_eager(fast, images, token_rows[torch.from_numpy(obs.tokens[obs.token_mask])])
+    return {n: denoise_eager(fast, prefix, torch.from_numpy(obs.noise), n).numpy() for n in steps}
 
 
 def main() -> None:
-    global fast_rows
     torch.set_grad_enabled(False)
     start = time.time()
     cfg = PRESETS[os.environ.get("PI05_PRESET", "pi05")]  # "tiny" for a quick check of the script itself
     model = random_model(cfg, seed=0)
     print(f"[{time.time() - start:5.0f} s] full-size random model (float32, CPU), {torch.get_num_threads()} threads",
           flush=True)
-    tests, calib = observations(cfg, (123, 7)), observations(cfg, (1, 2))
+    tests, calib = observations(model, (123, 7)), observations(model, (1, 2))
     refs = [{n: ReferenceRunner(model).run(obs, n)[0] for n in (1, 10)} for obs in tests]
     print(f"[{time.time() - start:5.0f} s] float32 reference actions", flush=True)
-    fast_rows = model.embed_tokens.to(torch.bfloat16)
+    token_rows = model.embed_tokens.to(torch.bfloat16)
     fast = FastModel(model, torch.bfloat16, release_reference=True)
     del model
     gc.collect()
     emulator = Emulator(fast)
     blocks.linear = emulator  # the layer functions look `linear` up in their module at call time
 
-    emulator.record = {}
-    for obs in calib:
-        run_fast(fast, cfg, obs, (10,))
-    emulator.amax, emulator.record = emulator.record, None
+    with record_input_amax(fast) as amax:
+        for obs in calib:
+            run_fast(fast, token_rows, obs, (10,))
+    emulator.amax = amax
     print(f"[{time.time() - start:5.0f} s] calibrated {len(emulator.amax)} linears on 2 other observations",
           flush=True)
 
@@ -185,7 +157,7 @@ def main() -> None:
         emulator.configure(patterns, scheme)
         errs = []
         for obs, ref in zip(tests, refs, strict=True):
-            got = run_fast(fast, cfg, obs, (1, 10))
+            got = run_fast(fast, token_rows, obs, (1, 10))
             errs += [rel_err(got[n], ref[n]) for n in (1, 10)]
         print(f"[{time.time() - start:5.0f} s] {label:<36} A 1/10: {errs[0]:.1e} / {errs[1]:.1e}   "
               f"B 1/10: {errs[2]:.1e} / {errs[3]:.1e}", flush=True)

@@ -42,6 +42,21 @@ def golden_model(golden_dir: Path) -> Pi05Model:
 
 
 @pytest.fixture(scope="session")
+def fast_case(golden_cases: dict[str, torch.Tensor], golden_model: Pi05Model) -> Callable[..., tuple]:
+    """fast_case(k, row=0): golden case k's (images_u8 [V,224,224,3], token-table rows, noise) for sample_eager,
+    its masked views and padding left out."""
+
+    def make(k: int, row: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        p = f"case{k}/"
+        views = [v for v in range(3) if golden_cases[f"{p}image_mask{v}"][row]]
+        images = torch.stack([golden_cases[f"{p}image{v}_u8"][row] for v in views])
+        ids = golden_cases[p + "tokens"][row][golden_cases[p + "token_mask"][row]]
+        return images, golden_model.embed_tokens[ids], golden_cases[p + "noise"][row]
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def case_inputs(golden_cases: dict[str, torch.Tensor]) -> Callable[[int], ModelInputs]:
     """case_inputs(k): the model inputs of golden case k."""
 

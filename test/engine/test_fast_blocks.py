@@ -14,35 +14,28 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def golden_case(golden_cases, model: Pi05Model, case: int, row: int = 0):  # noqa: ANN001, ANN201
-    p = f"case{case}/"
-    views = [v for v in range(3) if golden_cases[f"{p}image_mask{v}"][row]]
-    images = torch.stack([golden_cases[f"{p}image{v}_u8"][row] for v in views])
-    ids = golden_cases[p + "tokens"][row][golden_cases[p + "token_mask"][row]]
-    return images, model.embed_tokens[ids], golden_cases[p + "noise"][row]
-
-
 @pytest.mark.parametrize("case", [0, 1])
 @pytest.mark.parametrize("steps", [1, 3, 10])
-def test_fast_model_float32_matches_openpi(golden_model: Pi05Model, golden_cases, case: int, steps: int) -> None:
+def test_fast_model_float32_matches_openpi(golden_model: Pi05Model, golden_cases, fast_case, case: int,
+                                          steps: int) -> None:
     fast = FastModel(golden_model, torch.float32)
-    images, rows, noise = golden_case(golden_cases, golden_model, case)
+    images, rows, noise = fast_case(case)
     out = sample_eager(fast, images, rows, noise, steps)
     # float32 throughout; folding norms into weights reorders a few products: ~2e-7 measured
     assert rel_err(out, golden_cases[f"case{case}/actions_steps{steps}"][0]) < 1e-5
 
 
-def test_fast_model_bfloat16_within_bf16_tolerance(golden_model: Pi05Model, golden_cases) -> None:
+def test_fast_model_bfloat16_within_bf16_tolerance(golden_model: Pi05Model, golden_cases, fast_case) -> None:
     fast = FastModel(golden_model, torch.bfloat16)
-    images, rows, noise = golden_case(golden_cases, golden_model, 1)
+    images, rows, noise = fast_case(1)
     out = sample_eager(fast, images, rows, noise, 10)
     assert rel_err(out, golden_cases["case1/actions_steps10"][0]) < 1e-2  # bf16 GEMM inputs: ~1e-3 measured
 
 
-def test_padding_tile_changes_nothing(golden_model: Pi05Model, golden_cases) -> None:
+def test_padding_tile_changes_nothing(golden_model: Pi05Model, fast_case) -> None:
     """Text padded to a tile is masked out: any tile size gives the same actions."""
     fast = FastModel(golden_model, torch.float32)
-    images, rows, noise = golden_case(golden_cases, golden_model, 0)
+    images, rows, noise = fast_case(0)
     a = sample_eager(fast, images, rows, noise, 3, tile=1)
     b = sample_eager(fast, images, rows, noise, 3, tile=16)
     assert rel_err(b, a) < 1e-6
@@ -66,11 +59,11 @@ def test_prefix_capacity() -> None:
     assert prefix_capacity(cfg, 3, 200, 16) == (208, 976)
 
 
-def test_release_reference_frees_packed_weights_and_keeps_results(golden_dir, golden_cases) -> None:
+def test_release_reference_frees_packed_weights_and_keeps_results(golden_dir, golden_cases, fast_case) -> None:
     from pi05_ros.engine.checkpoint import load_model
 
     model, _ = load_model(golden_dir)
-    images, rows, noise = golden_case(golden_cases, model, 0)
+    images, rows, noise = fast_case(0)
     fast = FastModel(model, torch.float32, release_reference=True)
     assert model.released
     assert model.vlm.layers[0].mlp.up_proj.weight.numel() == 0  # the reference's copy is gone

@@ -33,19 +33,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def golden_case(golden_cases, model: Pi05Model, case: int, row: int = 0):  # noqa: ANN001, ANN201
-    p = f"case{case}/"
-    views = [v for v in range(3) if golden_cases[f"{p}image_mask{v}"][row]]
-    images = torch.stack([golden_cases[f"{p}image{v}_u8"][row] for v in views])
-    ids = golden_cases[p + "tokens"][row][golden_cases[p + "token_mask"][row]]
-    return images, model.embed_tokens[ids], golden_cases[p + "noise"][row]
-
-
-def calibrated(model: Pi05Model, golden_cases, cases: tuple[int, ...] = (0, 2)) -> tuple[FastModel, dict]:  # noqa: ANN001
+def calibrated(model: Pi05Model, fast_case, cases: tuple[int, ...] = (0, 2)) -> tuple[FastModel, dict]:  # noqa: ANN001
     fast = FastModel(model, torch.bfloat16)
     with record_input_amax(fast) as amax:
         for case in cases:
-            sample_eager(fast, *golden_case(golden_cases, model, case), 10)
+            sample_eager(fast, *fast_case(case), 10)
     return fast, amax
 
 
@@ -74,15 +66,15 @@ def test_fp8_linear_is_the_scaled_e4m3_product() -> None:
     assert 5e-3 < rel_err(got.float(), exact) < 8e-2  # measured 4.1e-2
 
 
-def test_calibration_records_every_linear(golden_model: Pi05Model, golden_cases) -> None:
-    fast, amax = calibrated(golden_model, golden_cases)
+def test_calibration_records_every_linear(golden_model: Pi05Model, fast_case) -> None:
+    fast, amax = calibrated(golden_model, fast_case)
     assert set(amax) == set(fast.linears())
     assert all(value > 0 for value in amax.values())
     assert blocks._amax_record is None  # recording ends with the block
 
 
-def test_default_set_is_gemma_mlp_only(golden_model: Pi05Model, golden_cases) -> None:
-    fast, amax = calibrated(golden_model, golden_cases)
+def test_default_set_is_gemma_mlp_only(golden_model: Pi05Model, fast_case) -> None:
+    fast, amax = calibrated(golden_model, fast_case)
     chosen = fast.quantize_fp8(amax, FP8_DEFAULT_LAYERS)
     mlp_layers = golden_model.cfg.vlm.depth - 1  # the last prefix layer only computes K/V: no MLP
     assert sorted(chosen) == sorted([f"prefix_blocks.{i}.{n}" for i in range(mlp_layers) for n in ("gate_up", "down")])
@@ -91,13 +83,13 @@ def test_default_set_is_gemma_mlp_only(golden_model: Pi05Model, golden_cases) ->
 
 
 @pytest.mark.parametrize("steps", [1, 10])
-def test_fp8_everywhere_stays_within_budget_on_the_golden_model(golden_model: Pi05Model, golden_cases,
+def test_fp8_everywhere_stays_within_budget_on_the_golden_model(golden_model: Pi05Model, golden_cases, fast_case,
                                                                 steps: int) -> None:
     """Every Gemma, expert and SigLIP MLP linear in FP8, scales calibrated on cases 0 and 2, tested on case 1."""
-    fast, amax = calibrated(golden_model, golden_cases)
+    fast, amax = calibrated(golden_model, fast_case)
     chosen = fast.quantize_fp8(amax, FP8_ALL_LAYERS + FP8_VISION_LAYERS)
     assert len(chosen) > 0
-    images, rows, noise = golden_case(golden_cases, golden_model, 1)
+    images, rows, noise = fast_case(1)
     err = rel_err(sample_eager(fast, images, rows, noise, steps), golden_cases[f"case1/actions_steps{steps}"][0])
     # Issue 3's budget with SigLIP in FP8 is 5e-2; measured here 2.1e-2 (1 step) / 9.0e-3 (10 steps) on the CPU.
     assert err < 5e-2

@@ -18,6 +18,7 @@ import fnmatch
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -433,6 +434,15 @@ class FastModel(nn.Module):
         out.copy_(rows.float() * self.text_scale)
 
 
+@dataclass
+class EagerPrefix:
+    """The prefix's K/V after `prefill_eager`, with room for the suffix's rows; any number of denoise runs reuse it."""
+
+    n_valid: Tensor
+    keys: list[Tensor]
+    values: list[Tensor]
+
+
 @torch.no_grad()
 def sample_eager(fast: FastModel, images_u8: Tensor, text_rows: Tensor, noise: Tensor, num_steps: int,
                  tile: int = 16) -> Tensor:
@@ -440,6 +450,12 @@ def sample_eager(fast: FastModel, images_u8: Tensor, text_rows: Tensor, noise: T
 
     images_u8 [V, 224, 224, 3] uint8; text_rows [T, width] (token-table rows); noise [H, action_dim].
     """
+    return denoise_eager(fast, prefill_eager(fast, images_u8, text_rows, tile), noise, num_steps)
+
+
+@torch.no_grad()
+def prefill_eager(fast: FastModel, images_u8: Tensor, text_rows: Tensor, tile: int = 16) -> EagerPrefix:
+    """Vision, text rows and Gemma 2B over the prefix (the first half of `sample_eager`)."""
     cfg, dev = fast.cfg, fast.pos_embed.device
     views = images_u8.shape[0]
     text_len, prefix_len = prefix_capacity(cfg, views, text_rows.shape[0], tile)
@@ -453,8 +469,14 @@ def sample_eager(fast: FastModel, images_u8: Tensor, text_rows: Tensor, noise: T
     keys = [torch.zeros(1, 1, total, cfg.vlm.head_dim, dtype=fast.dtype, device=dev) for _ in fast.prefix_blocks]
     values = [torch.zeros_like(k) for k in keys]
     fast.prefill(prefix, n_valid, [k[:, :, :prefix_len] for k in keys], [v[:, :, :prefix_len] for v in values])
-    x = noise.to(dev, torch.float32).clone()[None]
-    fast.denoise(x, n_valid, keys, values, fast.step_schedule(num_steps))
+    return EagerPrefix(n_valid, keys, values)
+
+
+@torch.no_grad()
+def denoise_eager(fast: FastModel, prefix: EagerPrefix, noise: Tensor, num_steps: int) -> Tensor:
+    """`num_steps` Euler steps from `noise` [H, action_dim] against a prefilled prefix -> actions [H, action_dim]."""
+    x = noise.to(prefix.n_valid.device, torch.float32).clone()[None]
+    fast.denoise(x, prefix.n_valid, prefix.keys, prefix.values, fast.step_schedule(num_steps))
     return x[0]
 
 
