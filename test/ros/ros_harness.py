@@ -14,7 +14,8 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -339,6 +340,18 @@ class Driver:
             time.sleep(0.01)
         assert future.done(), f"set_parameters({name}) got no answer in {timeout} s"
         return future.result().results[0]
+
+    @contextmanager
+    def parameter_set_to(self, name: str, value: Any) -> Iterator[None]:
+        """`name` at `value` within the block, its old value back after it, also when the block fails: the
+        node of a module is shared by its tests."""
+        old = self.get_parameter(name)
+        result = self.set_parameter(name, value)
+        assert result.successful, result.reason
+        try:
+            yield
+        finally:
+            assert self.set_parameter(name, old).successful
 
     def get_parameter(self, name: str, timeout: float = 10.0) -> Any:
         from rclpy.parameter import parameter_value_to_python

@@ -178,9 +178,7 @@ def test_diagnostics_carry_every_stage_and_say_demo(running) -> None:
 
 def test_denoise_steps_change_at_run_time_and_out_of_range_is_rejected(running) -> None:
     node, driver = running
-    result = driver.set_parameter("denoise_steps", 3)
-    assert result.successful, result.reason
-    try:  # the node is shared by this module's tests: a failure here must not leave it at 3 steps
+    with driver.parameter_set_to("denoise_steps", 3):
         since = time.monotonic()
         first = driver.wait_for_chunks(1, since, 10.0, where=lambda c: c.denoise_steps == 3)
         assert first, "no chunk with 3 steps after the change"
@@ -196,37 +194,29 @@ def test_denoise_steps_change_at_run_time_and_out_of_range_is_rejected(running) 
         result = driver.set_parameter("checkpoint", "/somewhere/else")
         assert not result.successful and "read-only" in result.reason
         assert all(c.denoise_steps == 3 for c in driver.wait_for_chunks(2, time.monotonic(), 10.0))
-    finally:
-        assert driver.set_parameter("denoise_steps", 10).successful
     assert driver.wait_for_chunks(1, time.monotonic(), 10.0, where=lambda c: c.denoise_steps == 10)
     assert_alive(node)
 
 
 def test_rate_hz_changes_at_run_time(running) -> None:
     node, driver = running
-    assert driver.set_parameter("rate_hz", 4.0).successful
-    try:  # the node is shared by this module's tests: a failure here must not leave it at 4 Hz
+    with driver.parameter_set_to("rate_hz", 4.0):
         time.sleep(0.5)
         since = time.monotonic()
         assert_publishes_at(driver, 4.0, 13)  # ~3 s; 4.4 Hz at most, far from the old 10 Hz
         status = driver.wait_for_status(since, 5.0, lambda s: status_values(s)["target_rate_hz"] == "4")
         assert status is not None
         assert not driver.set_parameter("rate_hz", 0.0).successful
-    finally:
-        assert driver.set_parameter("rate_hz", 10.0).successful
 
 
 def test_joint_trajectory_can_be_switched_off(running) -> None:
     node, driver = running
-    assert driver.set_parameter("publish_joint_trajectory", False).successful
-    try:
+    with driver.parameter_set_to("publish_joint_trajectory", False):
         # The inference running when the switch flips may still publish one: count from the third chunk on.
         assert driver.wait_for_chunks(3, time.monotonic(), 15.0)
         since = time.monotonic()
         assert len(driver.wait_for_chunks(5, since, 15.0)) >= 5
         assert driver.trajectories_since(since) == []
-    finally:
-        assert driver.set_parameter("publish_joint_trajectory", True).successful
     since = time.monotonic()
     driver.wait_for_chunks(3, since, 15.0)
     assert driver.trajectories_since(since)
