@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# openpi's outputs on a tiny random-weight Pi0.5 (test/data/golden/pi05_tiny/README.md says how they were made).
+GOLDEN_DIR = REPO_ROOT / "test" / "data" / "golden" / "pi05_tiny"
 
 
 def _pi05_location() -> str:
@@ -16,6 +18,12 @@ def _pi05_location() -> str:
     if spec is None or not spec.submodule_search_locations:
         return "not importable"
     return str(list(spec.submodule_search_locations)[0])
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    assert (GOLDEN_DIR / "model.safetensors").is_file(), f"golden data missing at {GOLDEN_DIR}: incomplete checkout"
+    return GOLDEN_DIR
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

@@ -1,8 +1,9 @@
-"""Fixtures for engine tests: the golden data, a trained SentencePiece model, small checkpoints on disk."""
+"""Fixtures for engine tests: the golden data, a trained SentencePiece model, small checkpoints on disk.
+
+`golden_dir` (the oracle data in test/data/golden/pi05_tiny) comes from test/conftest.py."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,20 +15,6 @@ from pi05_ros.engine.checkpoint import load_model
 from pi05_ros.engine.config import TINY
 from pi05_ros.engine.demo import demo_tokenizer, random_model, write_checkpoint
 from pi05_ros.engine.reference import ModelInputs, Pi05Model
-
-
-def shared_dir() -> Path:
-    env = os.environ.get("PI05_SHARED")
-    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared"
-
-
-GOLDEN = shared_dir() / "golden" / "pi05_tiny"
-
-
-@pytest.fixture(scope="session")
-def golden_dir() -> Path:
-    assert (GOLDEN / "model.safetensors").is_file(), f"golden data missing at {GOLDEN} (set PI05_SHARED)"
-    return GOLDEN
 
 
 @pytest.fixture(scope="session")

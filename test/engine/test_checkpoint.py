@@ -18,7 +18,8 @@ from pi05_ros.engine.demo import write_checkpoint
 from pi05_ros.engine.errors import CheckpointError
 from pi05_ros.engine.reference import Pi05Model
 
-REFERENCE_TSV = Path(__file__).resolve().parents[3] / "shared" / "reference" / "openpi_pi05_state_dict.tsv"
+# Names, shapes and dtypes of a real openpi Pi0.5 checkpoint's state dict (no weights).
+REFERENCE_TSV = Path(__file__).resolve().parents[1] / "data" / "openpi_pi05_state_dict.tsv"
 
 
 def _copy_with(src: Path, dst: Path, change) -> Path:  # noqa: ANN001
