@@ -6,8 +6,8 @@ error of the full-size model within budget. Answers questions the GPU sweeps rai
     PYTHONPATH=. python3 tools/fp8_emulation.py sensitivity  # the default set plus one more group at a time
     PYTHONPATH=. python3 tools/fp8_emulation.py candidates   # larger sets the sensitivity figures suggest
 
-FastModel runs in bf16 on the CPU, exactly the code the GPU runs eagerly; the `linear` chokepoint of
-fast/blocks.py is swapped for one that quantizes the chosen layers to float8_e4m3fn the way `torch._scaled_mm`
+FastModel runs in bf16 on the CPU, exactly the code the GPU runs eagerly; its linear layers are routed
+(FastModel.linears_through) through one that quantizes the chosen layers to float8_e4m3fn the way `torch._scaled_mm`
 sees them (fp8 operands, float32 accumulation, bf16 out) under one of these schemes:
 
     static   per-tensor weight scale, per-tensor input scale from a calibration amax x4 (what the pipeline does)
@@ -34,16 +34,10 @@ from gpu_sweep import observations, rel_err  # the GPU sweep's observations and 
 from pi05_ros.engine.config import PRESETS
 from pi05_ros.engine.demo import random_model
 from pi05_ros.engine.fast import blocks
-from pi05_ros.engine.fast.blocks import (
-    FP8_HEADROOM,
-    FP8_MAX,
-    FastModel,
-    denoise_eager,
-    prefill_eager,
-    record_input_amax,
-)
-from pi05_ros.engine.pipeline import FP8_ALL_LAYERS, FP8_DEFAULT_LAYERS
-from pi05_ros.engine.policy import PreparedObservation, ReferenceRunner
+from pi05_ros.engine.fast.blocks import FP8_HEADROOM, FP8_MAX, FastModel, denoise_eager, prefill_eager
+from pi05_ros.engine.fast.calibration import record_input_amax
+from pi05_ros.engine.fast.pipeline import FP8_ALL_LAYERS, FP8_DEFAULT_LAYERS
+from pi05_ros.engine.runner import PreparedObservation, ReferenceRunner
 
 E4M3 = torch.float8_e4m3fn
 SETS = {"gemma_mlp (default)": FP8_DEFAULT_LAYERS, "gemma_all+expert_all": FP8_ALL_LAYERS}
@@ -62,8 +56,8 @@ def quantize(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 class Emulator:
-    """Replaces blocks.linear: the chosen layers go through emulated FP8, the others through blocks' own linear
-    (bf16, recording input amax inside `record_input_amax`)."""
+    """Stands in for blocks.linear: the chosen layers go through emulated FP8, the others through blocks' own
+    linear (bf16)."""
 
     def __init__(self, fast: FastModel) -> None:
         self.names = {m.weight.data_ptr(): name for name, m in fast.linears().items()}
@@ -130,9 +124,8 @@ def main() -> None:
     del model
     gc.collect()
     emulator = Emulator(fast)
-    blocks.linear = emulator  # the layer functions look `linear` up in their module at call time
 
-    with record_input_amax(fast) as amax:
+    with record_input_amax(fast) as amax:  # no layer chosen yet: every linear runs bf16 while recording
         for obs in calib:
             run_fast(fast, token_rows, obs, (10,))
     emulator.amax = amax
@@ -151,17 +144,17 @@ def main() -> None:
         variants = [(f"gemma_mlp + {group}, static", (*FP8_DEFAULT_LAYERS, pattern), "static")
                     for group, pattern in GROUPS.items()]
         only = []
-    for label, patterns, scheme in variants:
-        if only and not any(word in label for word in only):
-            continue
-        emulator.configure(patterns, scheme)
-        errs = []
-        for obs, ref in zip(tests, refs, strict=True):
-            got = run_fast(fast, token_rows, obs, (1, 10))
-            errs += [rel_err(got[n], ref[n]) for n in (1, 10)]
-        print(f"[{time.time() - start:5.0f} s] {label:<36} A 1/10: {errs[0]:.1e} / {errs[1]:.1e}   "
-              f"B 1/10: {errs[2]:.1e} / {errs[3]:.1e}", flush=True)
-
+    with fast.linears_through(emulator):
+        for label, patterns, scheme in variants:
+            if only and not any(word in label for word in only):
+                continue
+            emulator.configure(patterns, scheme)
+            errs = []
+            for obs, ref in zip(tests, refs, strict=True):
+                got = run_fast(fast, token_rows, obs, (1, 10))
+                errs += [rel_err(got[n], ref[n]) for n in (1, 10)]
+            print(f"[{time.time() - start:5.0f} s] {label:<36} A 1/10: {errs[0]:.1e} / {errs[1]:.1e}   "
+                  f"B 1/10: {errs[2]:.1e} / {errs[3]:.1e}", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -15,17 +15,21 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from pi05_ros.engine.config import PRESETS
 from pi05_ros.engine.demo import random_model
-from pi05_ros.engine.pipeline import FP8_ALL_LAYERS, FP8_DEFAULT_LAYERS, Pi05Pipeline, synthetic_observations
-from pi05_ros.engine.policy import PreparedObservation, ReferenceRunner
+from pi05_ros.engine.fast.build import build_fast_runner
+from pi05_ros.engine.fast.calibration import synthetic_observations
+from pi05_ros.engine.fast.pipeline import FP8_ALL_LAYERS, FP8_DEFAULT_LAYERS, Pi05Pipeline
 from pi05_ros.engine.reference import Pi05Model
+from pi05_ros.engine.runner import PreparedObservation, ReferenceRunner
 
 OUT = os.environ.get("OUT", "/tmp")
+SCALES = Path(OUT) / "calibration.json"  # one calibration of these weights, reused by every variant
 P, E, V = "prefix_blocks.*.", "expert_blocks.*.", "vision_blocks.*."
 PROFILE_VARIANTS = {
     "bf16": {"precision": "bf16"},
@@ -78,7 +82,7 @@ def sweep(model: Pi05Model, variants: dict[str, dict], key: str | None) -> None:
     obss = observations(model)
     refs = [{s: reference(model, o, s) for s in (1, 10)} for o in obss]
     for name, kwargs in variants.items():
-        pipe = Pi05Pipeline(model, calibration=f"{OUT}/calibration.json", **kwargs)
+        pipe = build_fast_runner(model, scales_file=SCALES, **kwargs)
         errs = " ".join(f"{rel_err(pipe.run(o, s)[0], r[s]):.2e}"
                         for o, r in zip(obss, refs, strict=True) for s in (1, 10))
         times = f"{key} {median_ms(pipe, obss[0], 1, key=key):.3f} ms" if key else (
@@ -94,7 +98,7 @@ def profile(model: Pi05Model, names: list[str]) -> None:
 
     obs = observations(model, (1,))[0]
     for name in names:
-        pipe = Pi05Pipeline(model, calibration=f"{OUT}/calibration.json", **PROFILE_VARIANTS[name])
+        pipe = build_fast_runner(model, scales_file=SCALES, **PROFILE_VARIANTS[name])
         for steps in (1, 3, 10):
             runs = [pipe.run(obs, steps)[1] for _ in range(60)][10:]
             stages = " ".join(f"{k}={np.median([r[k] for r in runs]):.3f}" for k in runs[0])
@@ -113,7 +117,7 @@ def tiles_and_jitter(model: Pi05Model) -> None:
     import gc
 
     obs = observations(model, (1,))[0]
-    pipe = Pi05Pipeline(model, precision="fp8", calibration=f"{OUT}/calibration.json")
+    pipe = build_fast_runner(model, precision="fp8", scales_file=SCALES)
     for _ in range(3):
         pipe.run(obs, 10)
     for n_text in (70, 100, 150, 199):

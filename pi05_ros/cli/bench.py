@@ -65,9 +65,9 @@ def make_fast_runner(model: Pi05Model, precision: str, **kw: Any) -> Runner:
     if model.device.type != "cuda":
         raise FastPathUnavailable(f"device is {model.device.type}: the fast pipeline needs a CUDA GPU")
     try:
-        from pi05_ros.engine.pipeline import Pi05Pipeline
+        from pi05_ros.engine.fast.pipeline import Pi05Pipeline
     except ImportError as exc:
-        raise FastPathUnavailable(f"cannot import pi05_ros.engine.pipeline.Pi05Pipeline ({exc})") from exc
+        raise FastPathUnavailable(f"cannot import pi05_ros.engine.fast.pipeline.Pi05Pipeline ({exc})") from exc
     return Pi05Pipeline(model, precision=precision, **kw)
 
 
@@ -76,9 +76,9 @@ def fast_unavailable_reason(device: torch.device) -> str | None:
     if device.type != "cuda":
         return f"fast pipeline unavailable: device is {device.type}: the fast pipeline needs a CUDA GPU"
     try:
-        import pi05_ros.engine.pipeline  # noqa: F401 - only probing that it imports
+        import pi05_ros.engine.fast.pipeline  # noqa: F401 - only probing that it imports
     except ImportError as exc:
-        return f"fast pipeline unavailable: cannot import pi05_ros.engine.pipeline ({exc})"
+        return f"fast pipeline unavailable: cannot import pi05_ros.engine.fast.pipeline ({exc})"
     return None
 
 

@@ -167,6 +167,42 @@ def load_lerobot_norm_stats(path: str | Path) -> NormStats:
     )
 
 
+def find_checkpoint_norm_stats(checkpoint_dir: Path, fmt: str) -> Path:
+    """The norm stats a checkpoint carries: `assets/<asset_id>/norm_stats.json`, or for a LeRobot checkpoint
+    without assets/ its normalizer processor file. Raises CheckpointError saying what to pass instead."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if fmt == "lerobot" and not (checkpoint_dir / "assets").is_dir():
+        return find_lerobot_norm_stats(checkpoint_dir)
+    try:
+        return find_norm_stats(checkpoint_dir)
+    except CheckpointError as exc:
+        if fmt != "openpi" or (checkpoint_dir / "assets").is_dir():
+            raise
+        raise CheckpointError(
+            f"{checkpoint_dir} has no assets/<asset_id>/norm_stats.json (an openpi checkpoint keeps its norm stats "
+            "there: copy the training run's assets/ folder beside model.safetensors, or make one with openpi's "
+            "scripts/compute_norm_stats.py); or pass norm_stats=<path to norm_stats.json> "
+            "(format: docs/checkpoints.md)"
+        ) from exc
+
+
+def resolve_norm_stats(checkpoint_dir: Path, fmt: str, norm_stats: str | Path | None = None,
+                       use_quantiles: bool = True) -> NormStats:
+    """`norm_stats` as given (a norm_stats.json path, a LeRobot processor .safetensors path or an asset id),
+    or, when None, the ones the checkpoint carries (`find_checkpoint_norm_stats`)."""
+    if norm_stats is not None:
+        path = Path(str(norm_stats)).expanduser()
+        if path.suffix == ".json":
+            return load_norm_stats(path, use_quantiles=use_quantiles)
+        if path.suffix == ".safetensors":
+            return load_lerobot_norm_stats(path)
+        return load_norm_stats(find_norm_stats(checkpoint_dir, str(norm_stats)), use_quantiles=use_quantiles)
+    found = find_checkpoint_norm_stats(checkpoint_dir, fmt)
+    if found.suffix == ".safetensors":
+        return load_lerobot_norm_stats(found)
+    return load_norm_stats(found, use_quantiles=use_quantiles)
+
+
 def save_norm_stats(path: str | Path, state: Stats, actions: Stats) -> None:
     """Write stats in openpi's norm_stats.json layout (used by tests and the demo model)."""
     def as_dict(s: Stats) -> dict:

@@ -12,12 +12,10 @@ or the fast CUDA pipeline where one is available.
 from __future__ import annotations
 
 import logging
-import os
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,110 +23,21 @@ import torch
 from pi05_ros.engine.checkpoint import CheckpointInfo, load_model
 from pi05_ros.engine.config import PRESETS, Pi05Config
 from pi05_ros.engine.errors import CheckpointError, InputError
-from pi05_ros.engine.normalize import (
-    NormStats,
-    find_lerobot_norm_stats,
-    find_norm_stats,
-    load_lerobot_norm_stats,
-    load_norm_stats,
-)
-from pi05_ros.engine.preprocess import resize_with_pad, to_model_range, validate_image
+from pi05_ros.engine.fast.calibration import CALIBRATION_FILE, scales_path, user_cache_dir
+from pi05_ros.engine.normalize import NormStats, resolve_norm_stats
+from pi05_ros.engine.preprocess import resize_with_pad, validate_image
 from pi05_ros.engine.recordings import load_observations, recording_files
-from pi05_ros.engine.reference import ModelInputs, Pi05Model
-from pi05_ros.engine.timing import StageClock, StageStats
+from pi05_ros.engine.reference import Pi05Model
+from pi05_ros.engine.runner import ActionChunk, PreparedObservation, ReferenceRunner, Runner
+from pi05_ros.engine.timing import StageStats
 from pi05_ros.engine.tokenizer import PromptTokenizer
 
 log = logging.getLogger(__name__)
 
 MAX_DENOISE_STEPS = 100
-CALIBRATION_FILE = "pi05_ros_fp8_calibration.json"
 PRECISIONS = ("fp32", "bf16", "fp8")
 _PRECISION_ALIASES = {"float32": "fp32", "fp32": "fp32", "bfloat16": "bf16", "bf16": "bf16", "fp8": "fp8"}
-
-
-@dataclass
-class ActionChunk:
-    """One inference's result."""
-
-    actions: np.ndarray  # [horizon, action_dof] float32, robot units
-    num_steps: int
-    timings: dict[str, float] = field(default_factory=dict)  # stage -> milliseconds
-    num_prompt_tokens: int = 0
-
-
-@dataclass
-class PreparedObservation:
-    """What a runner consumes: everything already on the host in model units."""
-
-    images: list[np.ndarray | None]  # per model slot: uint8 224x224x3, or None when the view is masked
-    tokens: np.ndarray  # int64 [max_len]
-    token_mask: np.ndarray  # bool [max_len]
-    noise: np.ndarray  # float32 [horizon, action_dim]
-
-
-class Runner(Protocol):
-    """Runs the network: prepared observation -> normalized actions [horizon, action_dim] and stage timings."""
-
-    name: str
-    stage_names: tuple[str, ...]
-
-    def run(self, obs: PreparedObservation, num_steps: int) -> tuple[np.ndarray, dict[str, float]]: ...
-
-
-class ReferenceRunner:
-    """The plain PyTorch model, synchronizing at stage ends to time them."""
-
-    name = "reference"
-    stage_names = ("vision", "embed_prefix", "prefill_kv", "denoise")
-
-    def __init__(self, model: Pi05Model) -> None:
-        self.model = model
-
-    def run(self, obs: PreparedObservation, num_steps: int) -> tuple[np.ndarray, dict[str, float]]:
-        device = self.model.device
-        clock = StageClock(device)
-        size = self.model.cfg.vision.image_size
-        images = np.stack([to_model_range(im) if im is not None else np.full((3, size, size), -1.0, np.float32)
-                           for im in obs.images])
-        inputs = ModelInputs(
-            images=torch.from_numpy(images)[None],
-            image_masks=torch.tensor([[im is not None for im in obs.images]]),
-            tokens=torch.from_numpy(obs.tokens)[None],
-            token_mask=torch.from_numpy(obs.token_mask)[None],
-            noise=torch.from_numpy(obs.noise)[None].to(device),
-        )
-        actions = self.model.sample_actions(inputs, num_steps, hook=clock.mark)
-        out = actions[0].cpu().numpy()
-        timings = clock.finish()
-        timings.pop("total")
-        return out, timings
-
-
-def _resolve_norm_stats(info: CheckpointInfo, norm_stats: str | Path | None, use_quantiles: bool) -> NormStats:
-    """A norm_stats.json path, a LeRobot processor .safetensors path, an asset id, or None (find it)."""
-    if norm_stats is not None:
-        path = Path(str(norm_stats)).expanduser()
-        if path.suffix == ".json":
-            return load_norm_stats(path, use_quantiles=use_quantiles)
-        if path.suffix == ".safetensors":
-            return load_lerobot_norm_stats(path)
-        return load_norm_stats(find_norm_stats(info.path, str(norm_stats)), use_quantiles=use_quantiles)
-    if info.format == "lerobot" and not (info.path / "assets").is_dir():
-        return load_lerobot_norm_stats(find_lerobot_norm_stats(info.path))
-    return load_norm_stats(find_norm_stats(info.path), use_quantiles=use_quantiles)
-
-
-def _user_cache(name: str) -> Path:
-    cache = Path.home() / ".cache" / "pi05_ros" / name
-    cache.mkdir(parents=True, exist_ok=True)
-    return cache
-
-
-def _calibration_path(directory: Path) -> Path:
-    """Where FP8 scales live: beside the checkpoint, or in the user cache when that folder is read-only."""
-    if directory.is_dir() and os.access(directory, os.W_OK):
-        return directory / CALIBRATION_FILE
-    return _user_cache(directory.name) / CALIBRATION_FILE
+RUNNERS = ("auto", "fast", "reference")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -162,22 +71,37 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return resolved
 
 
-def make_runner(model: Pi05Model, precision: str, runner: str, calibration: Path | None,
-                keep_reference: bool,
-                calibration_observations: Callable[[], list[PreparedObservation]] | None = None) -> Runner:
-    """'auto': the fast CUDA pipeline on a GPU for bf16/fp8, else the reference; or 'fast' / 'reference'."""
+def fast_runner_unavailable(device: torch.device) -> str | None:
+    """Why the fast pipeline cannot run on `device`, or None when it can."""
+    if device.type != "cuda":
+        return f"device is {device.type}: the fast pipeline needs a CUDA GPU"
+    return None
+
+
+def make_runner(model: Pi05Model, precision: str, runner: str = "auto", *, scales_file: Path | None = None,
+                keep_reference: bool = False,
+                calibration_observations: Callable[[], Iterable[PreparedObservation]] | None = None,
+                **fast_options: Any) -> Runner:
+    """A runner for an already-loaded model: 'auto' is the fast CUDA pipeline on a GPU for bf16/fp8, else the
+    reference; or 'fast' / 'reference'.
+
+    For the fast pipeline: FP8 scales are read from / saved to `scales_file` (None: calibrate every time),
+    calibrated on `calibration_observations()` when given; `keep_reference` keeps the reference weights so
+    the same model can still run the reference (the benchmark's baseline); `fast_options` go to Pi05Pipeline.
+    """
     if runner == "auto":
         runner = "fast" if model.device.type == "cuda" and precision in ("bf16", "fp8") else "reference"
     if runner == "reference":
         return ReferenceRunner(model)
     if runner != "fast":
-        raise CheckpointError(f"unknown runner {runner!r}; choose auto, fast or reference")
-    if model.device.type != "cuda":
-        raise CheckpointError("the fast runner needs a CUDA GPU; use runner=reference (or auto) on CPU")
-    from pi05_ros.engine.pipeline import Pi05Pipeline  # CUDA-only code, imported only where it runs
+        raise CheckpointError(f"unknown runner {runner!r}; choose {', '.join(RUNNERS)}")
+    why = fast_runner_unavailable(model.device)
+    if why:
+        raise CheckpointError(f"{why}; use runner=reference (or auto) on CPU")
+    from pi05_ros.engine.fast.build import build_fast_runner  # the CUDA path: imported only where it runs
 
-    return Pi05Pipeline(model, precision=precision, calibration=calibration, release_reference=not keep_reference,
-                        calibration_observations=calibration_observations)
+    return build_fast_runner(model, precision, scales_file=scales_file, release_reference=not keep_reference,
+                             calibration_observations=calibration_observations, **fast_options)
 
 
 class Policy:
@@ -208,6 +132,7 @@ class Policy:
         self.state_dim = norm_stats.state.dim
         self.is_demo = is_demo
         self.checkpoint = checkpoint
+        self.seed = seed
         self._noise_gen = np.random.default_rng(seed)
         self._stats = StageStats()
 
@@ -241,7 +166,7 @@ class Policy:
         prec = resolve_precision(precision, dev)
         model, info = load_model(checkpoint, config_preset=config_preset, device=dev,
                                  dtype=torch.float32 if prec == "fp32" else torch.bfloat16)
-        stats = _resolve_norm_stats(info, norm_stats, use_quantiles)
+        stats = resolve_norm_stats(info.path, info.format, norm_stats, use_quantiles)
         tok = PromptTokenizer(tokenizer, model.cfg.max_token_len, model.cfg.state_in_prompt)
         policy = cls(model, tok, stats, precision=prec, action_dim=action_dim, seed=seed, checkpoint=info)
         recorded = None
@@ -249,9 +174,10 @@ class Policy:
             recording_files(calibration_data)  # fail early on a bad folder, whatever the device
 
             def recorded() -> list[PreparedObservation]:
-                return [policy.prepare(*obs) for obs in load_observations(calibration_data)]
+                return policy.recorded_observations(calibration_data)
 
-        policy.runner = make_runner(model, prec, runner, _calibration_path(info.path), keep_reference, recorded)
+        policy.runner = make_runner(model, prec, runner, scales_file=scales_path(info.path),
+                                    keep_reference=keep_reference, calibration_observations=recorded)
         log.info("loaded %s", policy.describe())
         return policy
 
@@ -270,10 +196,21 @@ class Policy:
         tok = demo_prompt_tokenizer(cfg.max_token_len, cfg.state_in_prompt)
         state, actions = demo_norm_stats()
         policy = cls(model, tok, NormStats(state, actions), precision=prec, seed=seed, is_demo=True)
-        calibration = _user_cache(f"demo_{cfg.name}_seed{seed}") / CALIBRATION_FILE
-        policy.runner = make_runner(model, prec, runner, calibration, keep_reference=False)
+        scales = user_cache_dir(f"demo_{cfg.name}_seed{seed}") / CALIBRATION_FILE  # written only if it calibrates
+        policy.runner = make_runner(model, prec, runner, scales_file=scales)
         log.warning("DEMO MODE: %s with RANDOM weights; its actions are meaningless", policy.describe())
         return policy
+
+    def with_runner(self, runner: Runner, precision: str | None = None) -> Policy:
+        """Another Policy on the same model, tokenizer and norm stats, running `runner` (e.g. the benchmark's
+        fast pipeline beside its reference baseline). Its noise starts again from the seed."""
+        return Policy(self.model, self.tokenizer, self.norm_stats, precision=precision or self.precision,
+                      runner=runner, action_dim=self.action_dof, seed=self.seed, is_demo=self.is_demo,
+                      checkpoint=self.checkpoint)
+
+    def recorded_observations(self, folder: str | Path) -> list[PreparedObservation]:
+        """The observations recorded in `folder` (engine/recordings.py), prepared for a runner (FP8 calibration)."""
+        return [self.prepare(*observation) for observation in load_observations(folder)]
 
     # --- properties the node and the benchmark read
 
@@ -327,11 +264,7 @@ class Policy:
         if state.shape[0] != self.state_dim:
             raise InputError(f"state has {state.shape[0]} values but the norm stats describe {self.state_dim}; "
                              "select the robot's joints in the order the model was trained with")
-        state_norm = self.norm_stats.normalize_state(state)
-        pad_to = self.config.prompt_state_dim
-        if pad_to and pad_to > state_norm.shape[0]:
-            state_norm = np.pad(state_norm, (0, pad_to - state_norm.shape[0]))
-        tokens, mask = self.tokenizer(prompt, state_norm)
+        tokens, mask = self.tokenizer(prompt, self.prompt_state(state))
         shape = (self.config.action_horizon, self.config.action_dim)
         if noise is None:
             noise = self._noise_gen.standard_normal(shape, dtype=np.float32)
@@ -339,6 +272,18 @@ class Policy:
         if noise.shape != shape:
             raise InputError(f"noise must have shape {shape}, got {noise.shape}")
         return PreparedObservation(prepared, tokens, mask, noise)
+
+    def prompt_state(self, state: np.ndarray) -> np.ndarray:
+        """The normalized state as the prompt writes it (padded to the checkpoint's max_state_dim for LeRobot)."""
+        state_norm = self.norm_stats.normalize_state(np.asarray(state, dtype=np.float32))
+        pad_to = self.config.prompt_state_dim
+        if pad_to and pad_to > state_norm.shape[0]:
+            state_norm = np.pad(state_norm, (0, pad_to - state_norm.shape[0]))
+        return state_norm
+
+    def prompt_tokens(self, prompt: str, state: np.ndarray) -> int:
+        """How many tokens `prompt` with `state` encodes to (the model keeps at most max_token_len of them)."""
+        return len(self.tokenizer.encode(prompt, self.prompt_state(state)))
 
     def infer(self, images: Mapping[str, np.ndarray], state: np.ndarray, prompt: str, num_steps: int = 10,
               noise: np.ndarray | None = None) -> ActionChunk:

@@ -331,7 +331,7 @@ class Pi05Model(nn.Module):
         # The VLM's token table serves look-ups only; it lives wherever the loader put it (often host memory).
         self.embed_tokens: Tensor = torch.zeros(0, cfg.vlm.width)
         self.compute_dtype = torch.float32
-        self.released = False  # set when a fast pipeline took over the weights (see Pi05Pipeline)
+        self.released = False  # set when a fast path took over the weights (see FastModel's release_reference)
 
     # --- precision and placement
 

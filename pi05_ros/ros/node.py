@@ -49,7 +49,8 @@ from pi05_ros.ros.process import init_ros
 from pi05_ros.ros.worker import InferenceWorker, Observation
 
 if TYPE_CHECKING:
-    from pi05_ros.engine.policy import ActionChunk, Policy
+    from pi05_ros.engine.policy import Policy
+    from pi05_ros.engine.runner import ActionChunk
 
 NODE_NAME = "pi05_policy"
 DIAGNOSTICS_PERIOD_S = 1.0

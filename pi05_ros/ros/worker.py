@@ -22,7 +22,8 @@ from pi05_ros.ros.inputs import InputBuffers
 
 if TYPE_CHECKING:
     # The engine (torch) is imported in the worker thread, not at node import; params.py needs rclpy.
-    from pi05_ros.engine.policy import ActionChunk, Policy
+    from pi05_ros.engine.policy import Policy
+    from pi05_ros.engine.runner import ActionChunk
     from pi05_ros.ros.settings import CameraConfig, RuntimeSettings
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ import torch
 
 from pi05_ros.cli import bench
 from pi05_ros.cli.report import order_stages, parent_stage, top_level_stages
-from pi05_ros.engine.policy import PreparedObservation, ReferenceRunner
+from pi05_ros.engine.runner import PreparedObservation, ReferenceRunner
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

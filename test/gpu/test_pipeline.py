@@ -12,9 +12,10 @@ import torch
 from pi05_ros.engine.checkpoint import load_model
 from pi05_ros.engine.config import PRESETS
 from pi05_ros.engine.demo import random_model
-from pi05_ros.engine.pipeline import Pi05Pipeline, synthetic_observations
-from pi05_ros.engine.policy import PreparedObservation, ReferenceRunner
+from pi05_ros.engine.fast.calibration import synthetic_observations
+from pi05_ros.engine.fast.pipeline import Pi05Pipeline
 from pi05_ros.engine.reference import Pi05Model
+from pi05_ros.engine.runner import PreparedObservation, ReferenceRunner
 
 pytestmark = pytest.mark.gpu
 

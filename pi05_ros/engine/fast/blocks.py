@@ -9,14 +9,16 @@ What changes against `engine/reference.py` (the math is the same function):
 - the residual stream is float32, GEMM inputs bfloat16 or FP8 e4m3 (static per-tensor scales).
 
 Everything here is plain PyTorch on preallocated tensors, so it runs eagerly on any device (tests compare
-it with the reference on CPU) and can be captured into CUDA graphs by `engine/pipeline.py`.
+it with the reference on CPU) and can be captured into CUDA graphs by `engine/fast/pipeline.py`.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -32,17 +34,12 @@ FP8_HEADROOM = 4.0
 
 # (weight, bias, weight scale, input scale, 1 / input scale); the scales are None for a bf16 linear.
 LinearParams = tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]
-
-# While calibrating (eager only): weight data_ptr -> largest |input| seen.
-_amax_record: dict[int, float] | None = None
+LinearFn = Callable[[Tensor, LinearParams], Tensor]
 
 
 def linear(x: Tensor, p: LinearParams) -> Tensor:
     """x W^T + b through a bf16 GEMM, or an FP8 e4m3 GEMM with per-tensor scales (bf16 out)."""
     weight, bias, w_scale, x_scale, x_inv_scale = p
-    if _amax_record is not None:
-        key = weight.data_ptr()
-        _amax_record[key] = max(_amax_record.get(key, 0.0), float(x.detach().abs().max()))
     if w_scale is None:
         return F.linear(x.to(weight.dtype), weight, bias)
     lead = x.shape[:-1]
@@ -128,23 +125,26 @@ def _fold_layernorm(ln: nn.LayerNorm, lin: nn.Linear) -> tuple[Tensor, Tensor]:
     return w * ln.weight.float()[None, :], bias + w @ ln.bias.float()
 
 
-# --- the layer functions: pure over tensors, so one torch.compile serves every layer of a stack
+# --- the layer functions: pure over tensors, so one torch.compile serves every layer of a stack.
+# Each takes `linear_fn` (default `linear`): FastModel.linears_through routes every linear layer through a
+# recorder or an emulator that way, and the hot `linear` itself checks nothing.
 
 
 def vision_layer(x: Tensor, qkv: LinearParams, out: LinearParams, fc1: LinearParams, fc2: LinearParams,
-                 num_heads: int, eps: float) -> Tensor:
+                 num_heads: int, eps: float, linear_fn: LinearFn = linear) -> Tensor:
     b, n, width = x.shape
     h = F.layer_norm(x, (width,), eps=eps)
-    q, k, v = linear(h, qkv).view(b, n, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = linear_fn(h, qkv).view(b, n, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
     attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, width)
-    x = x + linear(attn, out).float()
+    x = x + linear_fn(attn, out).float()
     h = F.layer_norm(x, (width,), eps=eps)
-    return x + linear(F.gelu(linear(h, fc1), approximate="tanh"), fc2).float()
+    return x + linear_fn(F.gelu(linear_fn(h, fc1), approximate="tanh"), fc2).float()
 
 
 def prefix_layer(x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor, k_cache: Tensor, v_cache: Tensor,
                  qkv: LinearParams, out: LinearParams | None, gate_up: LinearParams | None, down: LinearParams | None,
-                 num_heads: int, head_dim: int, eps: float, attention: str = "gemm") -> Tensor:
+                 num_heads: int, head_dim: int, eps: float, attention: str = "gemm",
+                 linear_fn: LinearFn = linear) -> Tensor:
     """A Gemma 2B layer over the packed prefix x [1, N, W]; `out` None = K/V only (the last layer).
 
     Its K/V go into the first N rows of k_cache/v_cache [1, 1, C, D], and attention runs over all C rows with
@@ -152,35 +152,36 @@ def prefix_layer(x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor, k_cache:
     """
     b, n, _ = x.shape
     d = head_dim
-    y = linear(_rms(x, eps), qkv)
+    y = linear_fn(_rms(x, eps), qkv)
     kv = y[..., -2 * d:]
     k_cache[:, :, :n].copy_(_rope(kv[..., :d], cos, sin).unsqueeze(1))
     v_cache[:, :, :n].copy_(kv[..., d:].unsqueeze(1))
     if out is None:
         return x
     q = _rope(y[..., : num_heads * d].view(b, n, num_heads, d), cos[:, None], sin[:, None]).to(k_cache.dtype)
-    x = x + linear(ATTENTION[attention](q, k_cache, v_cache, key_mask), out).float()
-    gate, up = linear(_rms(x, eps), gate_up).chunk(2, dim=-1)
-    return x + linear(F.gelu(gate, approximate="tanh") * up, down).float()
+    x = x + linear_fn(ATTENTION[attention](q, k_cache, v_cache, key_mask), out).float()
+    gate, up = linear_fn(_rms(x, eps), gate_up).chunk(2, dim=-1)
+    return x + linear_fn(F.gelu(gate, approximate="tanh") * up, down).float()
 
 
 def expert_layer(x: Tensor, mod: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor, k_cache: Tensor,
                  v_cache: Tensor, qkv: LinearParams, out: LinearParams, gate_up: LinearParams, down: LinearParams,
-                 num_heads: int, head_dim: int, eps: float, attention: str = "gemm") -> Tensor:
+                 num_heads: int, head_dim: int, eps: float, attention: str = "gemm",
+                 linear_fn: LinearFn = linear) -> Tensor:
     """An action-expert layer. mod [6, W]: (1+scale, shift, gate) of the attention norm, then of the MLP norm.
 
     The suffix's own K/V go into the last `horizon` rows of the cache, after the prefix's rows.
     """
     b, n, _ = x.shape
     d = head_dim
-    y = linear(_rms(x, eps) * mod[0] + mod[1], qkv)
+    y = linear_fn(_rms(x, eps) * mod[0] + mod[1], qkv)
     q_width = num_heads * d
     k_cache[:, :, -n:].copy_(_rope(y[..., q_width:q_width + d], cos, sin).unsqueeze(1))
     v_cache[:, :, -n:].copy_(y[..., q_width + d:].unsqueeze(1))
     q = _rope(y[..., :q_width].view(b, n, num_heads, d), cos[:, None], sin[:, None]).to(k_cache.dtype)
-    x = x + linear(ATTENTION[attention](q, k_cache, v_cache, key_mask), out).float() * mod[2]
-    gate, up = linear(_rms(x, eps) * mod[3] + mod[4], gate_up).chunk(2, dim=-1)
-    return x + linear(F.gelu(gate, approximate="tanh") * up, down).float() * mod[5]
+    x = x + linear_fn(ATTENTION[attention](q, k_cache, v_cache, key_mask), out).float() * mod[2]
+    gate, up = linear_fn(_rms(x, eps) * mod[3] + mod[4], gate_up).chunk(2, dim=-1)
+    return x + linear_fn(F.gelu(gate, approximate="tanh") * up, down).float() * mod[5]
 
 
 def action_head(x_t: Tensor, x: Tensor, final_mod: Tensor, out_w: Tensor, out_b: Tensor, eps: float) -> None:
@@ -252,21 +253,6 @@ class ExpertBlock(nn.Module):
 KEEP_REFERENCE = ("time_mlp", "layernorm.dense", "expert.norm.")
 
 
-@contextmanager
-def record_input_amax(fast: FastModel) -> Iterator[dict[str, float]]:
-    """Within the block, eager runs of `fast` record the largest |input| of every linear; the yielded dict holds
-    them by module name once the block ends (FP8 calibration)."""
-    global _amax_record
-    names = {linear.weight.data_ptr(): name for name, linear in fast.linears().items()}
-    result: dict[str, float] = {}
-    _amax_record = {}
-    try:
-        yield result
-    finally:
-        recorded, _amax_record = _amax_record, None
-        result.update({names[ptr]: amax for ptr, amax in recorded.items()})
-
-
 def release_parameters(module: nn.Module, prefix: str = "") -> None:
     """Replace `module`'s parameters (except KEEP_REFERENCE ones) by empty ones, freeing their memory.
 
@@ -288,6 +274,7 @@ class FastModel(nn.Module):
     def __init__(self, ref: Pi05Model, dtype: torch.dtype = torch.bfloat16, attention: str = "gemm",
                  release_reference: bool = False) -> None:
         super().__init__()
+        start = time.perf_counter()
         cfg: Pi05Config = ref.cfg
         self.cfg, self.dtype, self.attention = cfg, dtype, attention
         emb = ref.vision.embeddings
@@ -320,6 +307,7 @@ class FastModel(nn.Module):
         self.register_buffer("action_out_w", ref.action_out_proj.weight.float())
         self.register_buffer("action_out_b", ref.action_out_proj.bias.float())
         self._ref = ref  # for the time MLP and the adaRMS dense layers, used only when a schedule is built
+        self.token_table = ref.embed_tokens  # not a buffer: it stays where the loader put it (host memory)
         if release_reference:
             release_parameters(ref)
             ref.released = True
@@ -331,6 +319,9 @@ class FastModel(nn.Module):
         angles = torch.cat([angles, angles], dim=-1).to(self.pos_embed.device)
         self.register_buffer("rope_cos", angles.cos())
         self.register_buffer("rope_sin", angles.sin())
+        if self.pos_embed.device.type == "cuda":
+            torch.cuda.synchronize(self.pos_embed.device)
+        self.build_seconds = time.perf_counter() - start  # packing time, for the pipeline's setup report
 
     def linears(self) -> dict[str, Linear]:
         return {name: m for name, m in self.named_modules() if isinstance(m, Linear)}
@@ -338,7 +329,7 @@ class FastModel(nn.Module):
     def quantize_fp8(self, input_amax: dict[str, float], patterns: tuple[str, ...],
                      headroom: float = FP8_HEADROOM) -> list[str]:
         """FP8 for the linears whose names match `patterns` (e.g. prefix_blocks.*.gate_up), with static input
-        scales from `input_amax` (see `record_input_amax`); returns their names."""
+        scales from `input_amax` (see engine/fast/calibration.py); returns their names."""
         linears = self.linears()
         chosen = [name for name in linears if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
         for name in chosen:
@@ -361,6 +352,28 @@ class FastModel(nn.Module):
     _prefix_layer = staticmethod(prefix_layer)
     _expert_layer = staticmethod(expert_layer)
     _action_head = staticmethod(action_head)
+    _linear = staticmethod(linear)  # the projector's, called from `vision` directly
+
+    @contextmanager
+    def linears_through(self, linear_fn: LinearFn) -> Iterator[None]:
+        """Within the block every linear layer runs eagerly through `linear_fn(x, params)` instead of `linear`:
+        FP8 calibration records inputs this way (engine/fast/calibration.py), tools/fp8_emulation.py emulates FP8.
+        Compiled layer functions are set aside meanwhile, so `linear_fn` may do anything on the host."""
+        routed = {"_vision_layer": functools.partial(vision_layer, linear_fn=linear_fn),
+                  "_prefix_layer": functools.partial(prefix_layer, linear_fn=linear_fn),
+                  "_expert_layer": functools.partial(expert_layer, linear_fn=linear_fn),
+                  "_linear": linear_fn}
+        saved = {name: self.__dict__.get(name) for name in routed}  # compiled functions, once compile() ran
+        for name, fn in routed.items():
+            setattr(self, name, fn)
+        try:
+            yield
+        finally:
+            for name, fn in saved.items():
+                if fn is None:
+                    delattr(self, name)  # back to the class's plain function
+                else:
+                    setattr(self, name, fn)
 
     # --- schedule-dependent constants
 
@@ -394,7 +407,7 @@ class FastModel(nn.Module):
         for block in self.vision_blocks:
             x = self._vision_layer(x, *block.args())
         h = F.layer_norm(x, (x.shape[-1],), eps=self.vision_eps)
-        out.copy_(linear(h, self.projector.params).reshape(out.shape))
+        out.copy_(self._linear(h, self.projector.params).reshape(out.shape))
 
     def prefill(self, prefix: Tensor, n_valid: Tensor, keys: list[Tensor], values: list[Tensor]) -> None:
         """Gemma 2B over prefix [1, L, W] (valid tokens first, `n_valid` of them); K/V into the first L rows of

@@ -1,4 +1,4 @@
-"""Pi05Pipeline: the fast CUDA path, a Runner for `Policy` (see engine/policy.py).
+"""Pi05Pipeline: the fast CUDA path, a Runner for `Policy` (the contract is engine/runner.py).
 
 Per observation: host-side token-row gather into pinned staging -> one H2D copy per input -> three CUDA
 graph replays (vision; text embedding + prefix K/V prefill; all denoise steps) -> one D2H copy. Nothing is
@@ -12,24 +12,24 @@ Graphs are captured lazily and kept:
 The valid text length travels as data (a device scalar): attention masks and RoPE positions read it, so a
 prompt that grows by a few tokens replays the same graphs, and at most `text_tile - 1` padding tokens are
 computed. Stage times come from CUDA events recorded between the replays.
+
+FP8 scales are handed in (`fp8_scales`, e.g. read by engine/fast/build.py from a saved file), or calibrated
+here on the observations handed in, or on synthetic ones; the pipeline itself reads and writes no file.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from collections.abc import Callable, Iterable
-from pathlib import Path
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
 
-from pi05_ros.engine.config import Pi05Config
-from pi05_ros.engine.fast import blocks
 from pi05_ros.engine.fast.blocks import FastModel, prefix_capacity
-from pi05_ros.engine.policy import PreparedObservation
+from pi05_ros.engine.fast.calibration import SYNTHETIC_COUNT, record_input_amax, synthetic_observations
 from pi05_ros.engine.reference import Pi05Model
+from pi05_ros.engine.runner import PreparedObservation
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +69,26 @@ class _Graph:
 
 
 class Pi05Pipeline:
-    """Fast inference of a loaded Pi05Model on a CUDA GPU. Implements the `Runner` protocol."""
+    """Fast inference of a loaded Pi05Model on a CUDA GPU. Implements the `Runner` protocol.
+
+    `model` is the loaded reference model (packed here) or an already packed FastModel. With precision fp8,
+    `fp8_scales` (amax per linear layer) are used as given; without them the pipeline calibrates on
+    `calibration_observations`, or on synthetic observations, and keeps what it found in `fp8_scales`
+    (`calibrated_on` then says on what).
+    """
 
     name = "fast"
-    stage_names = ("embed_prefix", "host_copy_in", "vision", "prefill_kv", "denoise", "host_copy_out")
+    # vision_per_view and denoise_step are parts of vision / denoise (per view, per step), not extra time.
+    stage_names = ("host_staging", "host_copy_in", "vision", "vision_per_view", "prefill_kv", "denoise",
+                   "denoise_step", "host_copy_out")
 
     def __init__(
         self,
-        model: Pi05Model,
+        model: Pi05Model | FastModel,
         precision: str = "bf16",
         max_views: int = 3,
-        calibration: str | Path | None = None,
+        fp8_scales: Mapping[str, float] | None = None,
+        calibration_observations: Iterable[PreparedObservation] | None = None,
         text_tile: int = 16,
         fp8_vision: bool = False,
         use_graphs: bool = True,
@@ -89,11 +98,10 @@ class Pi05Pipeline:
         fp8_layers: tuple[str, ...] = FP8_DEFAULT_LAYERS,
         fp8_vision_layers: tuple[str, ...] = FP8_VISION_LAYERS,
         release_reference: bool = False,
-        calibration_observations: Callable[[], Iterable[PreparedObservation]] | None = None,
     ) -> None:
         if precision not in ("bf16", "fp8"):
             raise ValueError(f"precision must be bf16 or fp8, got {precision!r}")
-        self.device = model.device
+        self.device = model.pos_embed.device if isinstance(model, FastModel) else model.device
         if self.device.type != "cuda":
             raise ValueError("Pi05Pipeline needs a CUDA GPU; use the reference runner on CPU")
         if precision == "fp8" and not fp8_supported(self.device):
@@ -102,24 +110,38 @@ class Pi05Pipeline:
         self.precision, self.text_tile, self.use_graphs = precision, text_tile, use_graphs
         self.fp8_headroom = fp8_headroom
         self.setup_times: dict[str, float] = {}
-        cfg = model.cfg
-        self.cfg = cfg
+        self.cfg = model.cfg
+        if isinstance(model, FastModel):
+            self.fast = model
+        else:
+            # release_reference: free the reference copy layer by layer while packing (the Policy does; the
+            # benchmark keeps it to run the baseline beside the fast path).
+            self.fast = FastModel(model, torch.bfloat16, attention=attention, release_reference=release_reference)
         start = time.perf_counter()
-        # release_reference: free the reference copy layer by layer while packing (the Policy does; the
-        # benchmark keeps it to run the baseline beside the fast path).
-        self.fast = FastModel(model, torch.bfloat16, attention=attention, release_reference=release_reference)
         self.fp8_layers = fp8_layers + (fp8_vision_layers if fp8_vision else ())
-        self.embed_table = model.embed_tokens  # host memory: rows are gathered on the CPU
+        self.embed_table = self.fast.token_table  # host memory: rows are gathered on the CPU
         self._allocate(max_views)
         self._graphs: dict[tuple, _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle() if use_graphs else None
         self._schedules: dict[int, tuple[torch.Tensor, ...]] = {}
         self._events = [torch.cuda.Event(enable_timing=True) for _ in range(6)]
         torch.cuda.synchronize()
-        self.setup_times["prepare_weights"] = time.perf_counter() - start
+        self.setup_times["prepare_weights"] = self.fast.build_seconds + time.perf_counter() - start
+        self.fp8_scales: dict[str, float] | None = None
+        self.calibrated_on: str | None = None
         if precision == "fp8":
             start = time.perf_counter()
-            self._quantize(load_or_calibrate(self, calibration, calibration_observations))
+            if fp8_scales is None:
+                if calibration_observations is None:
+                    data = list(synthetic_observations(self.cfg, SYNTHETIC_COUNT, views=min(2, self.max_views)))
+                    self.calibrated_on = f"synthetic x{len(data)}"
+                else:
+                    data = list(calibration_observations)
+                    self.calibrated_on = f"recorded x{len(data)}"
+                log.info("calibrating FP8 activation scales on %s observations", self.calibrated_on)
+                fp8_scales = self.calibrate(data)
+            self.fp8_scales = dict(fp8_scales)
+            self.fast.quantize_fp8(self.fp8_scales, self.fp8_layers, self.fp8_headroom)
             torch.cuda.synchronize()
             self.setup_times["calibrate_fp8"] = time.perf_counter() - start
         if compile:
@@ -152,9 +174,16 @@ class Pi05Pipeline:
         self.d_keys = [torch.zeros(1, 1, total, d, dtype=torch.bfloat16, device=dev) for _ in range(cfg.vlm.depth)]
         self.d_values = [torch.zeros_like(k) for k in self.d_keys]
 
-    def _quantize(self, amax: dict[str, float]) -> None:
-        """FP8 for the linears whose names match `fp8_layers` (e.g. prefix_blocks.3.gate_up)."""
-        self.fast.quantize_fp8(amax, self.fp8_layers, self.fp8_headroom)
+    def calibrate(self, observations: Iterable[PreparedObservation], num_steps: int = 10) -> dict[str, float]:
+        """Largest |input| of every linear layer over the observations (bf16 path, eager, all denoise steps)."""
+        use_graphs, self.use_graphs = self.use_graphs, False
+        try:
+            with record_input_amax(self.fast) as amax:
+                for obs in observations:
+                    self.run(obs, num_steps)
+        finally:
+            self.use_graphs = use_graphs
+        return dict(amax)
 
     def schedule(self, num_steps: int) -> tuple[torch.Tensor, ...]:
         if num_steps not in self._schedules:
@@ -261,82 +290,8 @@ class Pi05Pipeline:
         ev[5].record()
         ev[5].synchronize()
         names = ("host_copy_in", "vision", "prefill_kv", "denoise", "host_copy_out")
-        timings = {"embed_prefix": host_ms}
+        timings = {"host_staging": host_ms}
         timings.update({n: ev[i].elapsed_time(ev[i + 1]) for i, n in enumerate(names)})
         timings["vision_per_view"] = timings["vision"] / n_views
         timings["denoise_step"] = timings["denoise"] / num_steps
         return self.h_actions.numpy().copy(), timings
-
-
-# --- FP8 calibration ------------------------------------------------------------------------------------
-
-
-def synthetic_observations(cfg: Pi05Config, count: int, views: int = 2,
-                           seed: int = 0) -> Iterable[PreparedObservation]:
-    """Smooth random images (natural-image-like low frequencies, not white noise), random tokens and noise."""
-    import cv2
-
-    rng = np.random.default_rng(seed)
-    size = cfg.vision.image_size
-    for _ in range(count):
-        images = []
-        for _ in range(views):
-            small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-            img = cv2.resize(small, (size, size), interpolation=cv2.INTER_CUBIC)
-            images.append(np.clip(img.astype(np.int16) + rng.integers(-8, 9, img.shape), 0, 255).astype(np.uint8))
-        n_text = int(rng.integers(20, min(80, cfg.max_token_len) + 1))
-        tokens = np.zeros(cfg.max_token_len, np.int64)
-        tokens[:n_text] = rng.integers(4, min(cfg.vocab_size, 32_000), n_text)
-        tokens[0] = 2
-        mask = np.arange(cfg.max_token_len) < n_text
-        noise = rng.standard_normal((cfg.action_horizon, cfg.action_dim)).astype(np.float32)
-        yield PreparedObservation(images + [None] * (len(cfg.image_keys) - views), tokens, mask, noise)
-
-
-def calibrate(pipeline: Pi05Pipeline, observations: Iterable[PreparedObservation], num_steps: int = 10) -> dict:
-    """Largest |input| of every linear layer over the observations (bf16 path, eager, all denoise steps)."""
-    use_graphs, pipeline.use_graphs = pipeline.use_graphs, False
-    try:
-        with blocks.record_input_amax(pipeline.fast) as amax:
-            for obs in observations:
-                pipeline.run(obs, num_steps)
-    finally:
-        pipeline.use_graphs = use_graphs
-    return amax
-
-
-def load_or_calibrate(pipeline: Pi05Pipeline, calibration: str | Path | None,
-                      observations: Callable[[], Iterable[PreparedObservation]] | None = None) -> dict[str, float]:
-    """Scales from `calibration` (a json file) if it exists and fits, else calibrate and save them there.
-
-    Calibration runs on `observations()` (e.g. the robot's recordings) or on 8 synthetic observations.
-    """
-    names = set(pipeline.fast.linears())
-    # Ties saved scales to these weights: a replaced checkpoint of the same shape must not reuse them.
-    fingerprint = float(pipeline.fast.prefix_blocks[0].qkv.weight.float().abs().mean())
-    if calibration is not None and Path(calibration).is_file():
-        try:
-            saved = json.loads(Path(calibration).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            log.warning("%s is unreadable (%s); calibrating again", calibration, exc)
-            saved = {}
-        if set(saved.get("amax", {})) == names and abs(saved.get("fingerprint", -1) - fingerprint) < 1e-6:
-            log.info("FP8 scales from %s", calibration)
-            return saved["amax"]
-        log.warning("%s does not fit these weights; calibrating again", calibration)
-    if observations is not None:
-        data = list(observations())
-        source = f"recorded x{len(data)}"
-    else:
-        data = list(synthetic_observations(pipeline.cfg, 8, views=min(2, pipeline.max_views)))
-        source = "synthetic x8"
-    log.info("calibrating FP8 activation scales on %s observations", source)
-    amax = calibrate(pipeline, data)
-    if calibration is not None:
-        try:
-            Path(calibration).write_text(json.dumps(
-                {"amax": amax, "fingerprint": fingerprint, "observations": source}, indent=1))
-            log.info("FP8 scales saved to %s", calibration)
-        except OSError as exc:
-            log.warning("could not save FP8 scales to %s (%s); next start calibrates again", calibration, exc)
-    return amax
