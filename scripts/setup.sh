@@ -39,6 +39,7 @@ REQUIREMENTS=(
   sentencepiece==0.2.3
   opencv-python-headless==5.0.0.93
   matplotlib==3.11.2
+  tqdm==4.70.1
   pytest==9.2.0
   pytest-timeout==2.4.0
   ruff==0.17.6

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from safetensors import safe_open
 
 from pi05_ros.engine.config import Pi05Config, load_config
 from pi05_ros.engine.errors import CheckpointError
+from pi05_ros.engine.progress import progress_bar
 from pi05_ros.engine.reference import Pi05Model, build_on_meta, keeps_float32
 
 log = logging.getLogger(__name__)
@@ -205,32 +205,6 @@ def _check_names(info: CheckpointInfo) -> None:
         info.missing.append(info.prefix + src)
 
 
-class _Progress:
-    """A bar on a terminal, a log line every few seconds otherwise."""
-
-    def __init__(self, total_bytes: int, label: str) -> None:
-        self.total, self.done, self.label = max(total_bytes, 1), 0, label
-        self.tty = sys.stderr.isatty()
-        self.start = self.last = time.monotonic()
-
-    def advance(self, nbytes: int) -> None:
-        self.done += nbytes
-        now = time.monotonic()
-        frac = self.done / self.total
-        if self.tty:
-            bar = "#" * int(frac * 30)
-            sys.stderr.write(f"\r{self.label} [{bar:<30}] {frac:5.1%} {self.done / 2**30:.2f} GiB")
-            sys.stderr.flush()
-        elif now - self.last >= 5.0 or self.done >= self.total:
-            log.info("%s: %.0f%% (%.2f / %.2f GiB)", self.label, frac * 100, self.done / 2**30, self.total / 2**30)
-            self.last = now
-
-    def close(self) -> None:
-        if self.tty:
-            sys.stderr.write("\n")
-        log.info("%s: done in %.1f s", self.label, time.monotonic() - self.start)
-
-
 def _nbytes(shape: Iterable[int], dtype: str) -> int:
     size = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "F8_E4M3": 1, "U8": 1}.get(dtype, 4)
     return math.prod(shape) * size
@@ -261,19 +235,21 @@ def load_model(
     to_load = [n for n in info.tensors if n[len(info.prefix):] != info.embed_name and n not in info.unexpected
                and n[len(info.prefix):] not in SKIPPED_NAMES]
     total = sum(_nbytes(*info.tensors[n]) for n in to_load) + _nbytes(*info.tensors[info.prefix + info.embed_name])
-    progress = _Progress(total, f"loading {info.weights_file.name}")
+    label = f"loading {info.weights_file.name}"
+    start = time.monotonic()
     state: dict[str, torch.Tensor] = {}
-    with _open(info.weights_file) as f:
+    with _open(info.weights_file) as f, progress_bar(total, label, log=log, unit="B", unit_scale=True,
+                                                     unit_divisor=1024) as progress:
         for stored in to_load:
             internal = map_name(stored[len(info.prefix):])
             assert internal is not None
             target = torch.float32 if keeps_float32(internal) else dtype
             state[internal] = f.get_tensor(stored).to(device=device, dtype=target)
-            progress.advance(_nbytes(*info.tensors[stored]))
+            progress.update(_nbytes(*info.tensors[stored]))
         embed_stored = info.prefix + info.embed_name  # type: ignore[operator]
         embed = f.get_tensor(embed_stored).to(device=embed_device, dtype=dtype)
-        progress.advance(_nbytes(*info.tensors[embed_stored]))
-    progress.close()
+        progress.update(_nbytes(*info.tensors[embed_stored]))
+    log.info("%s: done in %.1f s", label, time.monotonic() - start)
     model.load_state_dict(state, strict=True, assign=True)
     for p in model.parameters():
         p.requires_grad_(False)

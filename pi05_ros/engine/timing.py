@@ -1,4 +1,4 @@
-"""Stage timings: a clock that marks stage ends and a sliding-window summary (mean/std/p50/p99)."""
+"""Stage timings: a clock that marks stage ends, the statistics of a series of them, and a sliding window."""
 
 from __future__ import annotations
 
@@ -33,6 +33,13 @@ class StageClock:
         return self.timings
 
 
+def summarize(samples: list[float] | deque[float]) -> dict[str, float]:
+    """mean, std, p50, p99, min, max (milliseconds in, milliseconds out) and count of `samples`."""
+    a = np.asarray(samples, dtype=np.float64)
+    return {"mean": float(a.mean()), "std": float(a.std()), "p50": float(np.percentile(a, 50)),
+            "p99": float(np.percentile(a, 99)), "min": float(a.min()), "max": float(a.max()), "count": int(a.size)}
+
+
 class StageStats:
     """Per-stage timings of the last `window` inferences."""
 
@@ -45,14 +52,5 @@ class StageStats:
             self._samples.setdefault(stage, deque(maxlen=self.window)).append(ms)
 
     def summary(self) -> dict[str, dict[str, float]]:
-        out = {}
-        for stage, samples in self._samples.items():
-            a = np.asarray(samples, dtype=np.float64)
-            out[stage] = {
-                "mean": float(a.mean()), "std": float(a.std()),
-                "p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)), "count": float(a.size),
-            }
-        return out
-
-    def clear(self) -> None:
-        self._samples.clear()
+        """`summarize` of each stage's window."""
+        return {stage: summarize(samples) for stage, samples in self._samples.items()}
