@@ -1,12 +1,14 @@
 """pi05-bench: time the fast pipeline beside the reference baseline and write a latency report.
 
-    pi05-bench                                   # full-size random weights, 2 views, steps 1/3/10, bf16+fp8
+    pi05-bench                                   # GPU: full-size random weights, 2 views, steps 1/3/10, bf16+fp8
+                                                 # CPU: the tiny preset, baseline only (it says so)
     pi05-bench --checkpoint DIR --tokenizer paligemma_tokenizer.model --views 1,2,3 --iters 1000
     pi05-bench --preset tiny --device cpu --steps 1,3 --iters 3 --warmup 1 --precision fp32   # CPU smoke run
 
-For each (views, precision, steps) it runs the fast pipeline and, in the same process with the same weights,
-the plain PyTorch reference in bf16 as the baseline; then writes report.md, breakdown.png and results.json
-into --out. See docs/benchmark_cli.md.
+For each (views, precision, steps) it runs the fast pipeline and, on the same loaded model, the plain PyTorch
+reference in bf16 as the baseline; then writes report.md, breakdown.png and results.json into --out. A thin
+shell over the engine: the model comes from Policy.load / Policy.demo, the fast runner from make_runner, the
+statistics from engine/timing.py. See docs/benchmark_cli.md.
 """
 
 from __future__ import annotations
@@ -18,23 +20,24 @@ import json
 import os
 import platform
 import shlex
-import shutil
 import subprocess
 import sys
 import time
 import traceback
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 import torch
 
 from pi05_ros.cli.report import (
     UNATTRIBUTED,
+    TargetsError,
     build_summary,
     evaluate_targets,
     is_aggregate,
+    load_targets,
     order_stages,
     parent_stage,
     rounded,
@@ -42,11 +45,12 @@ from pi05_ros.cli.report import (
 )
 from pi05_ros.engine.config import PRESETS
 from pi05_ros.engine.errors import Pi05Error
-from pi05_ros.engine.normalize import NormStats
-from pi05_ros.engine.policy import Policy, ReferenceRunner, Runner, resolve_device
+from pi05_ros.engine.policy import Policy, fast_runner_unavailable, make_runner, resolve_device
+from pi05_ros.engine.progress import progress_bar
 from pi05_ros.engine.reference import Pi05Model, parameter_count
+from pi05_ros.engine.timing import summarize
 
-HEADLINE_VIEWS = 2  # the issue's workload: two cameras
+HEADLINE_VIEWS = 2  # the usual robot workload: two cameras
 NUM_OBSERVATIONS = 8  # distinct observations cycled through, so the prompt (state) length varies as on a robot
 # Realistic task words, all known to the demo tokenizer; repeated as needed to reach --prompt-tokens.
 _TASK_WORDS = (
@@ -54,32 +58,6 @@ _TASK_WORDS = (
     "to the left and close the gripper then stack the blocks and wipe the table then fold the towel and push "
     "the button then place the bottle on the shelf"
 ).split()
-
-
-class FastPathUnavailable(RuntimeError):
-    """The fast pipeline cannot run here (no GPU, or not importable)."""
-
-
-def make_fast_runner(model: Pi05Model, precision: str, **kw: Any) -> Runner:
-    """The fast CUDA pipeline for `model` (imported lazily: it may not exist, and it needs a GPU)."""
-    if model.device.type != "cuda":
-        raise FastPathUnavailable(f"device is {model.device.type}: the fast pipeline needs a CUDA GPU")
-    try:
-        from pi05_ros.engine.fast.pipeline import Pi05Pipeline
-    except ImportError as exc:
-        raise FastPathUnavailable(f"cannot import pi05_ros.engine.fast.pipeline.Pi05Pipeline ({exc})") from exc
-    return Pi05Pipeline(model, precision=precision, **kw)
-
-
-def fast_unavailable_reason(device: torch.device) -> str | None:
-    """Why the fast pipeline cannot run here, or None when it can be tried."""
-    if device.type != "cuda":
-        return f"fast pipeline unavailable: device is {device.type}: the fast pipeline needs a CUDA GPU"
-    try:
-        import pi05_ros.engine.fast.pipeline  # noqa: F401 - only probing that it imports
-    except ImportError as exc:
-        return f"fast pipeline unavailable: cannot import pi05_ros.engine.fast.pipeline ({exc})"
-    return None
 
 
 # ------------------------------------------------------------------------------------------ arguments
@@ -109,7 +87,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--tokenizer", type=Path, help="PaliGemma SentencePiece model (with --checkpoint)")
     src.add_argument("--norm-stats", default=None, help="norm_stats.json, LeRobot .safetensors or asset id")
     src.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                     help="config preset (default: pi05 for random weights, the checkpoint's own otherwise)")
+                     help="config preset (default for random weights: pi05 on a GPU, tiny on the CPU; with "
+                     "--checkpoint the base its config.json overlays)")
     src.add_argument("--seed", type=int, default=0, help="seed of weights, observations and noise (0)")
     run = parser.add_argument_group("what to time")
     run.add_argument("--views", type=_int_list, default=str(HEADLINE_VIEWS),
@@ -125,12 +104,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="timed runs per baseline configuration (default: min(--iters, 50))")
     run.add_argument("--no-baseline", action="store_true", help="skip the reference baseline")
     run.add_argument("--device", default="auto", help="auto (default), cuda, cuda:N or cpu")
-    run.add_argument("--calibration", default=None,
-                     help="passed to Pi05Pipeline(calibration=...): folder of recorded observations")
+    run.add_argument("--calibration-data", type=Path, default=None,
+                     help="folder of recorded observations (.npz) to calibrate FP8 on (default: synthetic ones)")
     out = parser.add_argument_group("output")
     out.add_argument("--out", type=Path, default=Path("bench_out"), help="report folder (bench_out)")
     out.add_argument("--from-results", type=Path, default=None,
                      help="only re-render report.md and breakdown.png from this results.json")
+    out.add_argument("--targets", type=Path, default=None,
+                     help="a targets file (JSON, docs/benchmark_cli.md) to judge the run against in the report")
     args = parser.parse_args(argv)
     if args.checkpoint and not args.tokenizer:
         parser.error("--checkpoint needs --tokenizer (the PaliGemma SentencePiece model)")
@@ -146,46 +127,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build_baseline_policy(args: argparse.Namespace, device: torch.device) -> tuple[Policy, dict[str, Any]]:
-    """The baseline Policy (reference runner; bf16 on a GPU, fp32 on CPU) and what its setup took."""
+    """The baseline Policy (reference runner; bf16 on a GPU, fp32 on CPU) and what its setup took.
+
+    Its model keeps the reference weights: the fast runners are built on the same model later."""
     precision = "bf16" if device.type == "cuda" else "fp32"
     start = time.perf_counter()
     if args.checkpoint:
-        policy = Policy.load(args.checkpoint, args.tokenizer, norm_stats=args.norm_stats,
-                             config_preset=args.preset, device=str(device), precision=precision, seed=args.seed)
+        policy = Policy.load(args.checkpoint, args.tokenizer, norm_stats=args.norm_stats, config_preset=args.preset,
+                             device=str(device), precision=precision, seed=args.seed, runner="reference")
         what, source = "load checkpoint", str(args.checkpoint)
     else:
-        from pi05_ros.engine.demo import DEMO_MAX_TOKEN_LEN, demo_norm_stats, demo_prompt_tokenizer, random_model
-
-        cfg = PRESETS[args.preset or "pi05"]
-        if cfg.name == "tiny":  # room for a realistic prompt, as Policy.demo does
-            cfg = cfg.replace(max_token_len=DEMO_MAX_TOKEN_LEN)
-        model = random_model(cfg, seed=args.seed, device=device,
-                             dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        tok = demo_prompt_tokenizer(cfg.max_token_len, cfg.state_in_prompt)
-        state, actions = demo_norm_stats()
-        policy = Policy(model, tok, NormStats(state, actions), precision=precision, runner=ReferenceRunner(model),
-                        seed=args.seed, is_demo=True)
+        policy = Policy.demo(device=str(device), precision=precision, seed=args.seed, preset=args.preset or "pi05",
+                             runner="reference")
         what, source = "build random weights", "random weights (demo tokenizer)"
-    seconds = time.perf_counter() - start
-    return policy, {"what": what, "seconds": seconds, "source": source}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return policy, {"what": what, "seconds": time.perf_counter() - start, "source": source}
 
 
 def build_prompt(policy: Policy, target_tokens: int, state: np.ndarray) -> tuple[str, int]:
     """A task prompt whose full tokenized form (with the discretized state) is closest to `target_tokens`."""
     target = min(target_tokens, policy.config.max_token_len)
-    state_norm = policy.norm_stats.normalize_state(np.asarray(state, dtype=np.float32))
-    pad_to = policy.config.prompt_state_dim
-    if pad_to and pad_to > state_norm.shape[0]:
-        state_norm = np.pad(state_norm, (0, pad_to - state_norm.shape[0]))
     words = list(_TASK_WORDS)
     while len(words) < target:
         words += _TASK_WORDS
     best: tuple[int, str, int] | None = None
     for k in range(1, len(words) + 1):
         prompt = " ".join(words[:k])
-        n = len(policy.tokenizer.encode(prompt, state_norm))
+        n = policy.prompt_tokens(prompt, state)
         if best is None or abs(n - target) < best[0]:
             best = (abs(n - target), prompt, n)
         if n >= target:
@@ -209,51 +178,20 @@ def make_observations(policy: Policy, views: int, count: int, seed: int) -> list
 
 
 class Progress:
-    """One line per configuration; on a terminal it updates in place with a bar."""
+    """Numbers the configurations ([3/8]) and shows one progress bar per configuration (engine/progress.py)."""
 
-    def __init__(self, total: int, stream: TextIO = sys.stderr) -> None:
+    def __init__(self, total: int) -> None:
         self.total = total
         self.index = 0
-        self.stream = stream
-        self.tty = stream.isatty()
-        self._title = ""
-        self._last_draw = 0.0
-        self._columns = shutil.get_terminal_size().columns - 1  # one short of the edge, so \r never wraps
+        self.title = ""
 
-    def start(self, title: str) -> None:
+    def start(self, title: str, runs: int) -> Any:
         self.index += 1
-        self._title = f"[{self.index}/{self.total}] {title}"
-        if not self.tty:
-            print(f"{self._title} ...", file=self.stream, flush=True)
-
-    def update(self, phase: str, done: int, count: int, last_ms: float | None) -> None:
-        now = time.monotonic()
-        if not self.tty or (now - self._last_draw < 0.1 and done < count):
-            return
-        self._last_draw = now
-        width = 24
-        filled = round(width * done / max(count, 1))
-        last = f"  last {last_ms:.2f} ms" if last_ms is not None else ""
-        line = f"{self._title}  {phase} [{'#' * filled}{'.' * (width - filled)}] {done}/{count}{last}"
-        self.stream.write("\r" + line[: self._columns].ljust(self._columns))
-        self.stream.flush()
+        self.title = f"[{self.index}/{self.total}] {title}"
+        return progress_bar(runs, self.title, unit="run", leave=False)
 
     def finish(self, message: str) -> None:
-        text = f"{self._title}  {message}"
-        if self.tty:
-            self.stream.write("\r" + text.ljust(self._columns) + "\n")
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def skip(self, title: str, why: str) -> None:
-        print(f"  skipped {title}: {why}", file=self.stream, flush=True)
-
-
-def _stats(samples: list[float]) -> dict[str, float]:
-    a = np.asarray(samples, dtype=np.float64)
-    return {"mean": float(a.mean()), "std": float(a.std()), "p50": float(np.percentile(a, 50)),
-            "p99": float(np.percentile(a, 99)), "min": float(a.min()), "max": float(a.max()), "count": int(a.size)}
+        print(f"{self.title}  {message}", file=sys.stderr, flush=True)
 
 
 def _top_level(keys: tuple[str, ...], cache: dict[tuple[str, ...], list[str]]) -> list[str]:
@@ -263,7 +201,7 @@ def _top_level(keys: tuple[str, ...], cache: dict[tuple[str, ...], list[str]]) -
 
 
 def time_config(policy: Policy, observations: list[tuple[dict[str, np.ndarray], np.ndarray]], prompt: str,
-                steps: int, warmup: int, iters: int, progress: Progress) -> dict[str, Any]:
+                steps: int, warmup: int, iters: int, bar: Any) -> dict[str, Any]:
     """Warm up, then time `iters` inferences; per-stage samples, statistics and peak GPU memory."""
     device = policy.model.device
     cuda = device.type == "cuda"
@@ -276,7 +214,8 @@ def time_config(policy: Policy, observations: list[tuple[dict[str, np.ndarray], 
         images, state = observations[i % len(observations)]
         chunk = policy.infer(images, state, prompt, num_steps=steps)
         first_ms = chunk.timings["total"] if first_ms is None else first_ms
-        progress.update("warm-up", i + 1, warmup, chunk.timings["total"])
+        bar.set_postfix_str(f"warm-up, last {chunk.timings['total']:.2f} ms", refresh=False)
+        bar.update()
     samples: dict[str, list[float]] = {}
     tokens = []
     split_cache: dict[tuple[str, ...], list[str]] = {}
@@ -291,9 +230,10 @@ def time_config(policy: Policy, observations: list[tuple[dict[str, np.ndarray], 
         samples.setdefault(UNATTRIBUTED, []).append(timings["total"] - sum(timings[k] for k in top))
         tokens.append(chunk.num_prompt_tokens)
         first_ms = timings["total"] if first_ms is None else first_ms
-        progress.update("timing", i + 1, iters, timings["total"])
+        bar.set_postfix_str(f"timing, last {timings['total']:.2f} ms", refresh=False)
+        bar.update()
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None
-    stats = {stage: rounded(_stats(values)) for stage, values in samples.items()}
+    stats = {stage: rounded(summarize(values)) for stage, values in samples.items()}
     stats = {stage: stats[stage] for stage in order_stages(stats)}
     total = stats["total"]
     return {
@@ -382,10 +322,10 @@ def _run_plan(policy: Policy, backend: str, precision: str, args: argparse.Names
     for views in args.views:
         for steps in args.steps:
             entry = _config_entry(backend, policy.runner.name, precision, views, steps)
-            progress.start(f"{entry['label']}, {views} view(s), {steps} step(s)")
             t0 = time.perf_counter()
             try:
-                entry.update(time_config(policy, observations[views], prompt, steps, warmup, iters, progress))
+                with progress.start(f"{entry['label']}, {views} view(s), {steps} step(s)", warmup + iters) as bar:
+                    entry.update(time_config(policy, observations[views], prompt, steps, warmup, iters, bar))
             except Exception as exc:  # keep going: one bad config, not a lost run
                 traceback.print_exc()
                 entry.update(status="failed", note=f"{type(exc).__name__}: {exc}")
@@ -415,8 +355,16 @@ def _add_speedups(configs: list[dict[str, Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        targets = load_targets(args.targets) if args.targets else None
+    except TargetsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.from_results:
         results = json.loads(args.from_results.read_text())
+        if targets is not None:
+            results["targets"] = evaluate_targets(results, targets)
+            results["targets_title"] = targets.get("title", str(args.targets))
         written = write_report(results, args.out, write_json=False)
         print("wrote " + ", ".join(str(p) for p in written.values()))
         return 0
@@ -425,6 +373,11 @@ def main(argv: list[str] | None = None) -> int:
     except Pi05Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if device.type == "cpu" and not args.checkpoint and args.preset is None:
+        # The full-size model in fp32 on a CPU takes about a minute to build and minutes per inference.
+        args.preset = "tiny"
+        print("pi05-bench: no CUDA GPU, so the tiny preset runs on the CPU (baseline only); "
+              "--preset pi05 times the full-size model there (slow)", file=sys.stderr)
     torch.manual_seed(args.seed)
     results: dict[str, Any] = {
         "schema": 1, "generated": datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -457,8 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {setup['what']}: {setup['seconds']:.1f} s; prompt {n_tokens} tokens: {prompt!r}", file=sys.stderr)
 
     # Whether the fast pipeline can run at all decides the progress count up front.
-    fast_reason = fast_unavailable_reason(device)
+    fast_reason = fast_runner_unavailable(device)
     if fast_reason:
+        fast_reason = f"fast pipeline unavailable: {fast_reason}"
         results["notes"].append(fast_reason + " (only the baseline was measured)")
     per_backend = len(args.views) * len(args.steps)
     total = (0 if args.no_baseline else per_backend) + (0 if fast_reason else per_backend * len(args.precision))
@@ -471,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             results["notes"].append("baseline skipped (--no-baseline): no speed-up figures")
         if fast_reason:
-            progress.skip("fast configurations", fast_reason)
+            print(f"  skipped fast configurations: {fast_reason}", file=sys.stderr, flush=True)
         else:
             for precision in args.precision:
                 all_ok &= _run_fast(policy, precision, args, observations, prompt, progress, results)
@@ -481,7 +435,9 @@ def main(argv: list[str] | None = None) -> int:
         all_ok = False
     _add_speedups(results["configs"])
     results["summary"] = build_summary(results["configs"])
-    results["targets"] = evaluate_targets(results)
+    if targets is not None:
+        results["targets"] = evaluate_targets(results, targets)
+        results["targets_title"] = targets.get("title", str(args.targets))
     written = write_report(results, args.out)
     print("wrote " + ", ".join(str(p) for p in written.values()), file=sys.stderr)
     return 0 if all_ok else 1
@@ -489,19 +445,24 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run_fast(policy: Policy, precision: str, args: argparse.Namespace, observations: dict[int, list],
               prompt: str, progress: Progress, results: dict[str, Any]) -> bool:
-    """Build one fast runner, time its configurations, free it (so peak memory is this runner's alone)."""
-    kw: dict[str, Any] = {"max_views": max(args.views)}
-    if args.calibration:
-        kw["calibration"] = args.calibration
+    """Build one fast runner on the baseline's model, time its configurations, free it (so peak memory is this
+    runner's alone)."""
+    recorded = None
+    if args.calibration_data:
+        def recorded() -> list:
+            return policy.recorded_observations(args.calibration_data)
+
     print(f"building the fast pipeline ({precision}) ...", file=sys.stderr, flush=True)
     _free_cuda()
     device = policy.model.device
     held_before = _gpu_gb(device)
     start = time.perf_counter()
     try:
-        runner = make_fast_runner(policy.model, precision, **kw)
-        if policy.model.device.type == "cuda":
-            torch.cuda.synchronize(policy.model.device)
+        # No scales file: every run calibrates FP8 afresh, so the setup times include calibration.
+        runner = make_runner(policy.model, precision, "fast", keep_reference=True,
+                             calibration_observations=recorded, max_views=max(args.views))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     except Exception as exc:  # a build failure of one precision must not lose the others
         traceback.print_exc()
         results["notes"].append(f"fast pipeline {precision} failed to build: {type(exc).__name__}: {exc}")
@@ -517,9 +478,7 @@ def _run_fast(policy: Policy, precision: str, args: argparse.Namespace, observat
     if actual != precision:  # e.g. fp8 on a GPU without e4m3: never report such runs as fp8
         label = f"{precision}-as-{actual}"
         results["notes"].append(f"fast pipeline asked for {precision} runs {actual} on this GPU (labelled {label})")
-    fast_policy = Policy(policy.model, policy.tokenizer, policy.norm_stats, precision=actual, runner=runner,
-                         action_dim=policy.action_dof, seed=args.seed, is_demo=policy.is_demo,
-                         checkpoint=policy.checkpoint)
+    fast_policy = policy.with_runner(runner, precision=actual)
     print(f"  built in {build_s:.1f} s; setup {_fmt_times(at_build)}", file=sys.stderr)
     try:
         ok = _run_plan(fast_policy, "fast", label, args, args.iters, args.warmup, observations, prompt, progress,

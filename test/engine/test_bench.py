@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from pi05_ros.cli import bench
-from pi05_ros.cli.report import order_stages, parent_stage, top_level_stages
+from pi05_ros.cli.report import UNATTRIBUTED, order_stages, parent_stage, top_level_stages
 from pi05_ros.engine.runner import PreparedObservation, ReferenceRunner
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TARGETS = Path(__file__).resolve().parents[2] / "docs" / "bench" / "targets-h100.json"  # the documented example
 
 
 @pytest.fixture(autouse=True)
@@ -58,7 +59,7 @@ def _json_block(report: str) -> dict:
 def test_cpu_baseline_report(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     rc = bench.main(["--preset", "tiny", "--device", "cpu", "--steps", "1,3", "--iters", "3", "--warmup", "1",
-                     "--precision", "fp32", "--out", str(out)])
+                     "--precision", "fp32", "--targets", str(TARGETS), "--out", str(out)])
     assert rc == 0
     report = (out / "report.md").read_text()
     results = json.loads((out / "results.json").read_text())
@@ -79,8 +80,7 @@ def test_cpu_baseline_report(tmp_path: Path) -> None:
 
     # The fast path is skipped on CPU with a reason, and the targets say so.
     assert "fast pipeline unavailable: device is cpu" in report
-    assert "not measured" in _section(report, "## Targets (issue 3: H100, batch 1, 2 views, ~48-token prompt, "
-                                              "horizon 50)")
+    assert "not measured" in _section(report, "## Targets")
 
     # The JSON block is results.json's summary, and results.json holds the raw samples.
     assert _json_block(report) == results["summary"]
@@ -98,12 +98,13 @@ def test_cpu_baseline_report(tmp_path: Path) -> None:
 
 
 class FakeFastRunner:
-    """Stands in for Pi05Pipeline on CPU: the reference's numbers under the fast pipeline's richer stage names."""
+    """Stands in for Pi05Pipeline on CPU (it needs CUDA): the reference's numbers under richer stage names."""
 
     name = "fake_pipeline"
-    stage_names = ("host_copy_in", "vision", "embed_prefix", "prefill_kv", "denoise", "host_copy_out")
+    stage_names = ("host_staging", "host_copy_in", "vision", "embed_prefix", "prefill_kv", "denoise",
+                   "denoise_step", "host_copy_out")
 
-    def __init__(self, model, precision: str = "bf16", max_views: int = 3, calibration=None) -> None:  # noqa: ANN001
+    def __init__(self, model, precision: str = "bf16") -> None:  # noqa: ANN001
         self.ref = ReferenceRunner(model)
         self.precision = precision
         self.setup_times = {"calibrate": 0.25, "capture": 0.0}
@@ -115,7 +116,7 @@ class FakeFastRunner:
             self.setup_times["capture"] += 0.5
         actions, t = self.ref.run(obs, num_steps)
         views = [i for i, im in enumerate(obs.images) if im is not None]
-        timings = {"host_copy_in": 0.01}
+        timings = {"host_staging": 0.02, "host_copy_in": 0.01}
         timings.update({f"vision_view{i}": t["vision"] / len(views) for i in views})
         timings.update(vision=t["vision"], embed_prefix=t["embed_prefix"], prefill_kv=t["prefill_kv"],
                        denoise=t["denoise"], denoise_step=t["denoise"] / num_steps, host_copy_out=0.01)
@@ -123,16 +124,24 @@ class FakeFastRunner:
 
 
 def test_fast_runner_bookkeeping(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bench, "fast_unavailable_reason", lambda device: None)
-    monkeypatch.setattr(bench, "make_fast_runner", lambda model, precision, **kw: FakeFastRunner(model, precision,
-                                                                                                 **kw))
+    monkeypatch.setattr(bench, "fast_runner_unavailable", lambda device: None)
+    built = []
+
+    def make_runner(model, precision: str, runner: str, **options) -> FakeFastRunner:  # noqa: ANN001
+        built.append((model, runner, options["keep_reference"]))
+        return FakeFastRunner(model, precision)
+
+    monkeypatch.setattr(bench, "make_runner", make_runner)
     out = tmp_path / "bench"
     rc = bench.main(["--preset", "tiny", "--device", "cpu", "--steps", "1,10", "--iters", "2", "--warmup", "1",
-                     "--baseline-iters", "1", "--precision", "fp8", "--out", str(out)])
+                     "--baseline-iters", "1", "--precision", "fp8", "--targets", str(TARGETS), "--out", str(out)])
     assert rc == 0
     report = (out / "report.md").read_text()
     results = json.loads((out / "results.json").read_text())
 
+    # One model: the fast runner is built on the baseline's, which keeps its reference weights.
+    baseline_model = built[0][0]
+    assert built == [(baseline_model, "fast", True)] and not baseline_model.released
     fast = [c for c in results["configs"] if c["backend"] == "fast"]
     assert [c["steps"] for c in fast] == [1, 10] and all(c["speedup"] > 0 for c in fast)
     # The executive summary shows the fast fp8 runs against the baseline.
@@ -166,3 +175,69 @@ def test_stage_order_is_pipeline_order() -> None:
                                   "prefill_kv", "denoise", "mystery", "host_copy_out", "postprocess", "total"]
     assert top_level_stages(keys) == ["preprocess", "host_copy_in", "vision", "embed_prefix", "prefill_kv",
                                       "denoise", "mystery", "host_copy_out", "postprocess"]
+
+
+def test_report_orders_only_the_stage_names_runners_emit() -> None:
+    from pi05_ros.cli import report
+    from pi05_ros.engine.fast.pipeline import Pi05Pipeline
+
+    around = ("preprocess", "postprocess", "total")  # Policy's own
+    emitted = set(around) | set(ReferenceRunner.stage_names) | set(Pi05Pipeline.stage_names)
+    assert set(report._STAGE_ORDER) - {UNATTRIBUTED} <= emitted
+    fast = ["preprocess", *Pi05Pipeline.stage_names, "postprocess", "total"]
+    assert order_stages(reversed(fast)) == fast  # the fast pipeline's names come out in pipeline order
+    assert top_level_stages(fast) == ["preprocess", "host_staging", "host_copy_in", "vision", "prefill_kv",
+                                      "denoise", "host_copy_out", "postprocess"]  # per view / per step are parts
+
+
+def _config(precision: str, views: int, steps: int, p50: float, iters: int = 50) -> dict:
+    stats = {"total": {"mean": p50, "p50": p50, "p99": 1.1 * p50}, "denoise": {"p50": p50 / 2}}
+    return {"status": "ok", "backend": "fast", "precision": precision, "views": views, "steps": steps,
+            "iters": iters, "stats": stats, "p99_p50": 1.1, "hz": 1e3 / p50, "peak_mem_gb": views * 2.0}
+
+
+def test_targets_judge_the_worst_matching_run(tmp_path: Path) -> None:
+    from pi05_ros.cli.report import evaluate_targets, load_targets
+
+    path = tmp_path / "targets.json"
+    path.write_text(json.dumps({"title": "my robot", "targets": [
+        {"name": "fast enough", "metric": "stage.total.p50", "max": 9.0, "where": {"precision": "fp8", "steps": 10}},
+        {"name": "memory", "metric": "peak_mem_gb", "max": 5.0, "where": {"precision": "fp8"}},
+        {"name": "rate", "metric": "hz", "min": 100.0, "where": {"steps": 10}, "min_iters": 1000},
+        {"name": "bf16", "metric": "stage.total.p50", "max": 1.0, "where": {"precision": "bf16"}},
+    ]}))
+    results = {"configs": [_config("fp8", 1, 10, 8.0), _config("fp8", 2, 10, 8.5), _config("fp8", 3, 1, 4.0)],
+               "notes": []}
+    got = {t["name"]: t for t in evaluate_targets(results, load_targets(path))}
+    assert got["fast enough"]["measured"] == 8.5 and got["fast enough"]["status"] == "met"
+    assert "worst of 2 matching runs" in got["fast enough"]["note"] and got["fast enough"]["target"] == "<= 9 ms"
+    assert got["memory"]["measured"] == 6.0 and got["memory"]["status"] == "not met"  # 3 views: the largest
+    assert got["rate"]["measured"] == pytest.approx(1e3 / 8.5) and got["rate"]["status"] == "met"
+    assert "use --iters 1000" in got["rate"]["note"]
+    assert got["bf16"]["status"] == "not measured" and got["bf16"]["measured"] is None
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("[1, 2]", "non-empty list"),
+    ('{"targets": [{"name": "x", "metric": "speed", "max": 1}]}', "unknown metric 'speed'"),
+    ('{"targets": [{"name": "x", "metric": "p99_p50", "max": 1, "min": 0}]}', "exactly one number"),
+    ('{"targets": [{"name": "x", "metric": "p99_p50", "max": 1, "where": {"gpu": "h100"}}]}', "where"),
+    ("{not json", "not readable JSON"),
+])
+def test_bad_targets_file_is_refused_before_any_run(tmp_path: Path, content: str, message: str,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "targets.json"
+    path.write_text(content)
+    assert bench.main(["--device", "cpu", "--targets", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_bare_bench_on_cpu_times_the_tiny_preset_and_shows_no_targets(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench"
+    assert bench.main(["--device", "cpu", "--steps", "1", "--iters", "1", "--warmup", "0", "--out", str(out)]) == 0
+    assert "tiny preset runs on the CPU" in capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert results["model"]["preset"] == "tiny" and "targets" not in results
+    report = (out / "report.md").read_text()
+    assert "## Targets" not in report and "issue" not in report.lower()
