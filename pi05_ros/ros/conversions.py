@@ -1,17 +1,22 @@
-"""ROS message -> numpy conversions for the policy's inputs. No ROS imports: works on any object with the
-fields of `sensor_msgs/Image`, `sensor_msgs/CompressedImage` and `sensor_msgs/JointState`.
+"""Conversions between ROS messages and numpy, both directions, for the node.
 
-Every function raises `ConversionError` with a message that names the cause and the fix; the node reports
-it on /diagnostics and keeps running.
+Inputs (`sensor_msgs/Image`, `sensor_msgs/CompressedImage`, `sensor_msgs/JointState` -> numpy) work on any
+object with those messages' fields; each raises `ConversionError` with a message that names the cause and the
+fix, which the node reports on /diagnostics while it keeps running. Outputs (an action chunk -> `ActionChunk`
+and `trajectory_msgs/JointTrajectory`) build the real messages, importing their types when called, so this
+module itself imports no ROS package (the inference thread and its GPU test use it without ROS).
 """
 
 from __future__ import annotations
 
+import array
 from collections.abc import Sequence
 from typing import Any
 
 import cv2
 import numpy as np
+
+NANOSECONDS = 1_000_000_000
 
 # encoding -> (channels, index of R, G, B in a pixel); mono8 is replicated into all three.
 _IMAGE_LAYOUTS: dict[str, tuple[int, tuple[int, int, int]]] = {
@@ -22,7 +27,6 @@ _IMAGE_LAYOUTS: dict[str, tuple[int, tuple[int, int, int]]] = {
     "mono8": (1, (0, 0, 0)),
 }
 SUPPORTED_IMAGE_ENCODINGS: tuple[str, ...] = tuple(_IMAGE_LAYOUTS)
-SUPPORTED_COMPRESSED_FORMATS: tuple[str, ...] = ("jpeg", "png")
 
 
 class ConversionError(ValueError):
@@ -171,3 +175,53 @@ def _into(out: np.ndarray | None, values: np.ndarray) -> np.ndarray:
         np.copyto(out, values, casting="same_kind")
         return out
     return values.astype(np.float32)
+
+
+# --- outputs
+
+
+def stamp_to_ns(stamp: Any) -> int:
+    """A `builtin_interfaces/Time` (a header stamp) as integer nanoseconds."""
+    return int(stamp.sec) * NANOSECONDS + int(stamp.nanosec)
+
+
+def ns_to_stamp(ns: int) -> Any:
+    """Integer nanoseconds as a `builtin_interfaces/Time`."""
+    from builtin_interfaces.msg import Time
+
+    return Time(sec=ns // NANOSECONDS, nanosec=ns % NANOSECONDS)
+
+
+def action_chunk_message(actions: np.ndarray, *, stamp_ns: int, joint_names: Sequence[str], action_dt: float,
+                         denoise_steps: int, latency_s: float, sequence: int, demo_model: bool) -> Any:
+    """`pi05_ros/ActionChunk` of actions [horizon, dof] (row-major float32), stamped with the observation's stamp."""
+    from pi05_ros.msg import ActionChunk
+
+    msg = ActionChunk()
+    msg.header.stamp = ns_to_stamp(stamp_ns)
+    msg.joint_names = list(joint_names)
+    msg.horizon, msg.action_dim = (int(n) for n in actions.shape)
+    msg.action_dt = action_dt
+    msg.actions = array.array("f", actions.astype("float32", copy=False).tobytes())
+    msg.denoise_steps = int(denoise_steps)
+    msg.inference_latency = latency_s
+    msg.sequence = sequence
+    msg.demo_model = demo_model
+    return msg
+
+
+def joint_trajectory_message(actions: np.ndarray, joint_names: Sequence[str], action_dt: float) -> Any:
+    """`trajectory_msgs/JointTrajectory` with one point per action row, point k at (k + 1) * action_dt.
+
+    header.stamp stays zero: joint_trajectory_controller then starts the trajectory on arrival."""
+    from builtin_interfaces.msg import Duration
+    from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+
+    trajectory = JointTrajectory(joint_names=list(joint_names))
+    for k, row in enumerate(actions):
+        elapsed_ns = round((k + 1) * action_dt * 1e9)
+        trajectory.points.append(JointTrajectoryPoint(
+            positions=array.array("d", row.astype("float64").tobytes()),
+            time_from_start=Duration(sec=elapsed_ns // NANOSECONDS, nanosec=elapsed_ns % NANOSECONDS),
+        ))
+    return trajectory

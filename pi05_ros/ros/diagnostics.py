@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 
 from pi05_ros.ros.inputs import InputState
-from pi05_ros.ros.params import RuntimeSettings
-from pi05_ros.ros.worker import RATE_WINDOW_S, Level, Phase, Problem, WorkerStatus
+from pi05_ros.ros.problems import Level, Problem, ProblemCode
+from pi05_ros.ros.settings import RuntimeSettings
+from pi05_ros.ros.worker import RATE_WINDOW_S, Phase, WorkerStatus
 
 RATE_WARN_FRACTION = 0.9  # below 90 % of rate_hz is a WARN, judged only over a full window of steady
 # publishing, so a pause for bad or stale input is not reported again as a low rate after it ends
@@ -45,9 +46,9 @@ def build_status(
     """One DiagnosticStatus for the node. `rate_mode` is 'timer' or 'trigger:<camera>'."""
     problems: list[Problem] = list(worker.problems)
     if worker.phase is Phase.FAILED:
-        problems.insert(0, Problem(Level.ERROR, f"model failed to load: {worker.fatal_error}"))
+        problems.insert(0, Problem(Level.ERROR, ProblemCode.LOAD_FAILED, f"model failed to load: {worker.fatal_error}"))
     elif worker.phase in (Phase.LOADING, Phase.WARMING_UP):
-        problems.insert(0, Problem(Level.WARN, f"{worker.phase.value}, no actions yet"))
+        problems.insert(0, Problem(Level.WARN, ProblemCode.LOADING, f"{worker.phase.value}, no actions yet"))
     if (
         worker.phase is Phase.RUNNING
         and rate_mode == "timer"
@@ -58,7 +59,8 @@ def build_status(
         total = worker.stage_stats.get("total", {}).get("p50")
         cause = f"; inference takes {total:.0f} ms (p50)" if total is not None else ""
         problems.append(Problem(
-            Level.WARN, f"rate {worker.achieved_rate_hz:.1f} Hz is below rate_hz {runtime.rate_hz:g}{cause}"))
+            Level.WARN, ProblemCode.LOW_RATE,
+            f"rate {worker.achieved_rate_hz:.1f} Hz is below rate_hz {runtime.rate_hz:g}{cause}"))
 
     level = max((p.level for p in problems), default=Level.OK)
     text = "; ".join(p.message for p in problems) or f"running at {worker.achieved_rate_hz:.1f} Hz"

@@ -10,7 +10,6 @@ engine and publishes each chunk itself, so nothing on the executor ever waits fo
 
 from __future__ import annotations
 
-import array
 import logging
 import os
 import sys
@@ -20,7 +19,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import rclpy
-from builtin_interfaces.msg import Duration, Time
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.executors import SingleThreadedExecutor
@@ -30,23 +28,33 @@ from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import String
-from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+from trajectory_msgs.msg import JointTrajectory
 
 from pi05_ros.msg import ActionChunk as ActionChunkMsg
-from pi05_ros.ros.conversions import ConversionError, JointSelector, compressed_to_rgb, image_shape, image_to_rgb
+from pi05_ros.ros.conversions import (
+    ConversionError,
+    JointSelector,
+    action_chunk_message,
+    compressed_to_rgb,
+    image_shape,
+    image_to_rgb,
+    joint_trajectory_message,
+    stamp_to_ns,
+)
 from pi05_ros.ros.diagnostics import DEMO_BANNER, ModelFacts, build_array, build_status
 from pi05_ros.ros.inputs import InputBuffers, LatestBuffer
+from pi05_ros.ros.observation import Observation
 from pi05_ros.ros.params import (
     DYNAMIC_PARAMETERS,
     ConfigError,
     NodeConfig,
-    RuntimeSettings,
     declare_parameters,
     updated_runtime,
     validate_runtime_value,
 )
 from pi05_ros.ros.process import init_ros
-from pi05_ros.ros.worker import InferenceWorker, Observation
+from pi05_ros.ros.settings import RuntimeSettings
+from pi05_ros.ros.worker import InferenceWorker
 
 if TYPE_CHECKING:
     from pi05_ros.engine.policy import Policy
@@ -115,7 +123,7 @@ class PolicyNode(Node):
         except ConversionError as exc:
             self._input_failed(buffer, exc)
             return
-        buffer.commit(filled, _stamp_ns(msg.header.stamp))
+        buffer.commit(filled, stamp_to_ns(msg.header.stamp))
 
     def _on_compressed(self, buffer: LatestBuffer, msg: CompressedImage) -> None:
         try:
@@ -123,7 +131,7 @@ class PolicyNode(Node):
         except ConversionError as exc:
             self._input_failed(buffer, exc)
             return
-        buffer.commit(filled, _stamp_ns(msg.header.stamp))
+        buffer.commit(filled, stamp_to_ns(msg.header.stamp))
 
     def _on_joint_state(self, msg: JointState) -> None:
         buffer = self.inputs.joints
@@ -133,7 +141,7 @@ class PolicyNode(Node):
         except ConversionError as exc:
             self._input_failed(buffer, exc)
             return
-        buffer.commit(filled, _stamp_ns(msg.header.stamp))
+        buffer.commit(filled, stamp_to_ns(msg.header.stamp))
 
     def _on_instruction(self, msg: String) -> None:
         self.inputs.instruction.set(msg.data)
@@ -204,34 +212,14 @@ class PolicyNode(Node):
     def _publish_chunk(self, chunk: ActionChunk, observation: Observation, latency_s: float,
                        settings: RuntimeSettings) -> None:
         """Called by the inference thread; rclpy publishers are safe to use from it."""
-        actions = chunk.actions
-        stamp = Time(sec=observation.stamp_ns // 1_000_000_000, nanosec=observation.stamp_ns % 1_000_000_000)
-        msg = ActionChunkMsg()
-        msg.header.stamp = stamp
-        msg.joint_names = self._action_names
-        msg.horizon, msg.action_dim = (int(n) for n in actions.shape)
-        msg.action_dt = self.config.action_dt
-        msg.actions = array.array("f", actions.astype("float32", copy=False).tobytes())
-        msg.denoise_steps = int(chunk.num_steps)
-        msg.inference_latency = latency_s
-        msg.sequence = self._sequence
-        msg.demo_model = bool(self.model_facts and self.model_facts.is_demo)
+        self._chunk_pub.publish(action_chunk_message(
+            chunk.actions, stamp_ns=observation.stamp_ns, joint_names=self._action_names,
+            action_dt=self.config.action_dt, denoise_steps=chunk.num_steps, latency_s=latency_s,
+            sequence=self._sequence, demo_model=bool(self.model_facts and self.model_facts.is_demo)))
         self._sequence += 1
-        self._chunk_pub.publish(msg)
         if settings.publish_joint_trajectory:
-            self._trajectory_pub.publish(self._trajectory(actions))
-
-    def _trajectory(self, actions: Any) -> JointTrajectory:
-        # header.stamp stays zero: joint_trajectory_controller then starts the trajectory on arrival.
-        trajectory = JointTrajectory(joint_names=self._action_names)
-        dt = self.config.action_dt
-        for k, row in enumerate(actions):
-            elapsed_ns = round((k + 1) * dt * 1e9)
-            trajectory.points.append(JointTrajectoryPoint(
-                positions=array.array("d", row.astype("float64").tobytes()),
-                time_from_start=Duration(sec=elapsed_ns // 1_000_000_000, nanosec=elapsed_ns % 1_000_000_000),
-            ))
-        return trajectory
+            self._trajectory_pub.publish(
+                joint_trajectory_message(chunk.actions, self._action_names, self.config.action_dt))
 
     def publish_diagnostics(self) -> None:
         trigger = self.config.trigger_camera
@@ -270,10 +258,6 @@ class PolicyNode(Node):
 
     def stop(self) -> bool:
         return self.worker.stop(STOP_TIMEOUT_S)
-
-
-def _stamp_ns(stamp: Time) -> int:
-    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
 
 
 class _RosLogHandler(logging.Handler):

@@ -2,7 +2,8 @@
 `rate_hz` or on every frame of a trigger camera, runs the engine and hands the chunk to a publish callback.
 
 No ROS imports: the node passes in the input buffers, a settings getter and the publish callback, so the
-thread never waits on an executor and the executor never waits on it.
+thread never waits on an executor and the executor never waits on it. Its parts: the rate grid
+(schedule.py), the observation collection (observation.py), and the counters diagnostics read (here).
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pi05_ros.ros.inputs import InputBuffers
+from pi05_ros.ros.observation import Observation, ObservationCollector
+from pi05_ros.ros.problems import Level, Problem, ProblemCode, skip_reason
+from pi05_ros.ros.schedule import RateScheduler
 
 if TYPE_CHECKING:
-    # The engine (torch) is imported in the worker thread, not at node import; params.py needs rclpy.
+    # The engine (torch) is imported in the worker thread, not at node import.
     from pi05_ros.engine.policy import Policy
     from pi05_ros.engine.runner import ActionChunk
     from pi05_ros.ros.settings import CameraConfig, RuntimeSettings
@@ -33,36 +37,12 @@ STATS_REFRESH_S = 0.5  # how often the worker recomputes the stage summary for d
 WARMUP_PROMPT = "warm up"
 
 
-class Level(enum.IntEnum):
-    """Same values as diagnostic_msgs/DiagnosticStatus levels."""
-
-    OK = 0
-    WARN = 1
-    ERROR = 2
-
-
 class Phase(enum.Enum):
     LOADING = "loading model"
     WARMING_UP = "warming up"
     RUNNING = "running"
     FAILED = "failed"
     STOPPED = "stopped"
-
-
-@dataclass(frozen=True)
-class Problem:
-    level: Level
-    message: str
-
-
-@dataclass(frozen=True)
-class Observation:
-    """One complete observation as the engine takes it."""
-
-    images: dict[str, np.ndarray]  # model slot -> uint8 HxWx3 RGB
-    state: np.ndarray  # float32 [state_dim]
-    prompt: str
-    stamp_ns: int  # newest header stamp among the inputs used
 
 
 @dataclass(frozen=True)
@@ -74,7 +54,7 @@ class WorkerStatus:
     problems: tuple[Problem, ...]  # why the last tick published nothing; empty after a published chunk
     inferences: int
     published: int
-    skipped: dict[str, int]  # reason -> ticks without inference
+    skipped: dict[str, int]  # reason (a ProblemCode value) -> ticks without inference
     overruns: int  # ticks missed because inference took longer than the period
     errors: int  # failed inferences (bad input or engine error)
     achieved_rate_hz: float  # chunks published over the last RATE_WINDOW_S seconds
@@ -83,6 +63,92 @@ class WorkerStatus:
     last_denoise_steps: int | None
     stage_stats: dict[str, dict[str, float]]
     gpu_memory: dict[str, float] = field(default_factory=dict)  # MiB: allocated, reserved, peak
+
+    @property
+    def rate_measured(self) -> bool:
+        """Whether achieved_rate_hz covers a full window of steady publishing (before that it ramps up)."""
+        return self.steady_for_s >= RATE_WINDOW_S
+
+
+class WorkerCounters:
+    """The phase, counters and last values of the inference thread, under one lock: the thread writes them,
+    diagnostics (the executor thread) reads a consistent `snapshot`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._phase = Phase.LOADING
+        self._fatal_error: str | None = None
+        self._problems: tuple[Problem, ...] = ()
+        self._inferences = self._published = self._overruns = self._errors = 0
+        self._skipped: dict[str, int] = {}
+        self._publish_times: deque[float] = deque(maxlen=4096)
+        self._streak_start: float | None = None  # first publish after the last tick that published nothing
+        self._last_latency_ms: float | None = None
+        self._last_steps: int | None = None
+        self._stage_summary: dict[str, dict[str, float]] = {}
+        self._gpu_memory: dict[str, float] = {}
+
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    def set_phase(self, phase: Phase, fatal_error: str | None = None) -> None:
+        with self._lock:
+            self._phase = phase
+            if fatal_error is not None:
+                self._fatal_error = fatal_error
+
+    def skipped_tick(self, problems: tuple[Problem, ...]) -> None:
+        """A tick found no complete observation."""
+        reason = skip_reason(problems).value
+        with self._lock:
+            self._skipped[reason] = self._skipped.get(reason, 0) + 1
+            self._problems = problems
+            self._streak_start = None
+
+    def failed_inference(self, problem: Problem) -> None:
+        with self._lock:
+            self._inferences += 1
+            self._errors += 1
+            self._problems = (problem,)
+            self._streak_start = None
+
+    def published_chunk(self, now: float, latency_s: float, num_steps: int) -> None:
+        with self._lock:
+            self._inferences += 1
+            self._published += 1
+            self._publish_times.append(now)
+            if self._streak_start is None:
+                self._streak_start = now
+            self._last_latency_ms = latency_s * 1e3
+            self._last_steps = num_steps
+            self._problems = ()
+
+    def missed_ticks(self, count: int) -> None:
+        with self._lock:
+            self._overruns += count
+
+    def rate_changed(self) -> None:
+        """rate_hz changed: the achieved rate is judged afresh against the new target."""
+        with self._lock:
+            self._streak_start = None
+
+    def set_stage_summary(self, summary: dict[str, dict[str, float]], gpu_memory: dict[str, float]) -> None:
+        with self._lock:
+            self._stage_summary, self._gpu_memory = summary, gpu_memory
+
+    def snapshot(self, now: float | None = None) -> WorkerStatus:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            recent = sum(1 for t in self._publish_times if now - t <= RATE_WINDOW_S)
+            steady = 0.0 if self._streak_start is None else now - self._streak_start
+            return WorkerStatus(
+                phase=self._phase, fatal_error=self._fatal_error, problems=self._problems,
+                inferences=self._inferences, published=self._published, skipped=dict(self._skipped),
+                overruns=self._overruns, errors=self._errors, achieved_rate_hz=recent / RATE_WINDOW_S,
+                steady_for_s=steady, last_latency_ms=self._last_latency_ms, last_denoise_steps=self._last_steps,
+                stage_stats=self._stage_summary, gpu_memory=dict(self._gpu_memory),
+            )
 
 
 PublishFn = Callable[["ActionChunk", Observation, float, "RuntimeSettings"], None]
@@ -104,11 +170,9 @@ class InferenceWorker:
         warmup: int = 0,
     ) -> None:
         self._load_policy = load_policy
-        self._inputs = inputs
         self._cameras = cameras
         self._runtime = runtime
         self._publish = publish
-        self._max_age = max_input_age_s
         self._trigger_camera = trigger_camera
         self._warmup = warmup
         self.policy: Policy | None = None
@@ -119,18 +183,8 @@ class InferenceWorker:
         self._thread = threading.Thread(target=self._main, name="pi05_inference", daemon=True)
         self.ready = threading.Event()  # set once the model is loaded and warmed up (or loading failed)
 
-        self._lock = threading.Lock()  # guards the counters below
-        self._phase = Phase.LOADING
-        self._fatal_error: str | None = None
-        self._problems: tuple[Problem, ...] = ()
-        self._inferences = self._published = self._overruns = self._errors = 0
-        self._skipped: dict[str, int] = {}
-        self._publish_times: deque[float] = deque(maxlen=4096)
-        self._streak_start: float | None = None  # first publish after the last tick that published nothing
-        self._last_latency_ms: float | None = None
-        self._last_steps: int | None = None
-        self._stage_summary: dict[str, dict[str, float]] = {}
-        self._gpu_memory: dict[str, float] = {}
+        self._collector = ObservationCollector(inputs, cameras, max_input_age_s)
+        self._counters = WorkerCounters()
         self._stats: Any = None  # engine StageStats of real (not warm-up) inferences
         self._stats_refreshed = 0.0
 
@@ -160,28 +214,17 @@ class InferenceWorker:
 
     @property
     def failed(self) -> bool:
-        return self._phase is Phase.FAILED
+        return self._counters.phase is Phase.FAILED
 
     def status(self) -> WorkerStatus:
-        now = time.monotonic()
-        with self._lock:
-            recent = sum(1 for t in self._publish_times if now - t <= RATE_WINDOW_S)
-            rate = recent / RATE_WINDOW_S
-            steady = 0.0 if self._streak_start is None else now - self._streak_start
-            return WorkerStatus(
-                phase=self._phase, fatal_error=self._fatal_error, problems=self._problems,
-                inferences=self._inferences, published=self._published, skipped=dict(self._skipped),
-                overruns=self._overruns, errors=self._errors, achieved_rate_hz=rate, steady_for_s=steady,
-                last_latency_ms=self._last_latency_ms, last_denoise_steps=self._last_steps,
-                stage_stats=self._stage_summary, gpu_memory=dict(self._gpu_memory),
-            )
+        return self._counters.snapshot()
 
     # --- the thread
 
     def _main(self) -> None:
         try:
             self.policy = self._load_policy()
-            self._set_phase(Phase.WARMING_UP)
+            self._counters.set_phase(Phase.WARMING_UP)
             self._warm_up(self.policy)
         except Exception as exc:  # noqa: BLE001 - any load failure ends the node with its message
             from pi05_ros.engine.errors import Pi05Error
@@ -189,25 +232,19 @@ class InferenceWorker:
             message = str(exc) if isinstance(exc, Pi05Error | ValueError) else f"{type(exc).__name__}: {exc}"
             if not isinstance(exc, Pi05Error | ValueError):
                 log.exception("loading the policy failed")
-            with self._lock:
-                self._fatal_error = message
-                self._phase = Phase.FAILED
+            self._counters.set_phase(Phase.FAILED, message)
             self.ready.set()
             return
         from pi05_ros.engine.timing import StageStats
 
         self._stats = StageStats()
-        self._set_phase(Phase.RUNNING)
+        self._counters.set_phase(Phase.RUNNING)
         self.ready.set()
         try:
             self._loop()
         finally:
-            if self._phase is not Phase.FAILED:
-                self._set_phase(Phase.STOPPED)
-
-    def _set_phase(self, phase: Phase) -> None:
-        with self._lock:
-            self._phase = phase
+            if self._counters.phase is not Phase.FAILED:
+                self._counters.set_phase(Phase.STOPPED)
 
     def _warm_up(self, policy: Policy) -> None:
         steps = self._runtime().denoise_steps
@@ -219,14 +256,13 @@ class InferenceWorker:
             policy.infer(images, state, WARMUP_PROMPT, steps)
 
     def _loop(self) -> None:
-        next_start: float | None = None
+        scheduler = RateScheduler()
         rate_hz = self._runtime().rate_hz
         while not self._stop:
             settings = self._runtime()
             if settings.rate_hz != rate_hz:
                 rate_hz = settings.rate_hz
-                with self._lock:
-                    self._streak_start = None  # the achieved rate is judged afresh against the new target
+                self._counters.rate_changed()
             if self._trigger_camera:
                 self._wake.wait(0.2)
                 self._wake.clear()
@@ -235,34 +271,26 @@ class InferenceWorker:
                 self._trigger_pending = False
             else:
                 period = 1.0 / settings.rate_hz
-                now = time.monotonic()
-                if next_start is not None and now < next_start:
-                    self._wake.wait(next_start - now)
+                wait = scheduler.wait_s(time.monotonic())
+                if wait > 0:
+                    self._wake.wait(wait)
                     self._wake.clear()
-                    # Woken early by stop or a rate change: re-plan from the last start with the new period.
                     if self._stop:
                         break
-                    if time.monotonic() < next_start - 1e-4:
-                        next_start -= period - 1.0 / self._runtime().rate_hz
+                    # Woken early by a rate change: re-plan from the last start with the new period.
+                    if scheduler.woken_early(time.monotonic()):
+                        scheduler.replan(period, 1.0 / self._runtime().rate_hz)
                         continue
-                now = time.monotonic()
-                if next_start is None or now - next_start > period:
-                    if next_start is not None:
-                        with self._lock:
-                            self._overruns += int((now - next_start) // period)
-                    next_start = now  # late by a whole period: restart the grid instead of bursting
-                next_start += period
+                missed = scheduler.start(time.monotonic(), period)
+                if missed:
+                    self._counters.missed_ticks(missed)
                 settings = self._runtime()
             self._tick(settings)
 
     def _tick(self, settings: RuntimeSettings) -> None:
-        observation, problems = self._collect(settings)
+        observation, problems = self._collector.collect(settings.default_instruction)
         if observation is None:
-            reason = _skip_reason(problems)
-            with self._lock:
-                self._skipped[reason] = self._skipped.get(reason, 0) + 1
-                self._problems = problems
-                self._streak_start = None
+            self._counters.skipped_tick(problems)
             return
         from pi05_ros.engine.errors import InputError
 
@@ -272,88 +300,21 @@ class InferenceWorker:
             chunk = self.policy.infer(observation.images, observation.state, observation.prompt,
                                       settings.denoise_steps)
         except InputError as exc:
-            self._fail_tick(Problem(Level.ERROR, f"bad input: {exc}"))
+            self._counters.failed_inference(Problem(Level.ERROR, ProblemCode.BAD_INPUT, f"bad input: {exc}"))
             return
         except Exception as exc:  # noqa: BLE001 - the node keeps running and reports it
             log.exception("inference failed")
-            self._fail_tick(Problem(Level.ERROR, f"inference failed: {type(exc).__name__}: {exc}"))
+            self._counters.failed_inference(Problem(Level.ERROR, ProblemCode.INFERENCE_FAILED,
+                                                    f"inference failed: {type(exc).__name__}: {exc}"))
             return
         latency = time.perf_counter() - start
         self._stats.add(chunk.timings)
         self._publish(chunk, observation, latency, settings)
         now = time.monotonic()
-        with self._lock:
-            self._inferences += 1
-            self._published += 1
-            self._publish_times.append(now)
-            if self._streak_start is None:
-                self._streak_start = now
-            self._last_latency_ms = latency * 1e3
-            self._last_steps = chunk.num_steps
-            self._problems = ()
+        self._counters.published_chunk(now, latency, chunk.num_steps)
         if now - self._stats_refreshed >= STATS_REFRESH_S:
             self._stats_refreshed = now
-            summary, memory = self._stats.summary(), _gpu_memory_mib(self.policy.device)
-            with self._lock:
-                self._stage_summary, self._gpu_memory = summary, memory
-
-    def _fail_tick(self, problem: Problem) -> None:
-        with self._lock:
-            self._inferences += 1
-            self._errors += 1
-            self._problems = (problem,)
-            self._streak_start = None
-
-    def _collect(self, settings: RuntimeSettings) -> tuple[Observation | None, tuple[Problem, ...]]:
-        """The freshest complete observation, or None and why there is none."""
-        problems: list[Problem] = []
-        now = time.monotonic()
-        images: dict[str, np.ndarray] = {}
-        state: np.ndarray | None = None
-        stamps: list[int] = []
-        sources = [(camera.topic, camera.slot, self._inputs.cameras[camera.name]) for camera in self._cameras]
-        sources.append(("joint_states", "", self._inputs.joints))
-        for topic, slot, buffer in sources:
-            error = buffer.error
-            if error is not None:
-                problems.append(Problem(Level.ERROR, f"'{topic}': {error}"))
-                continue
-            sample = buffer.take()
-            if sample is None:
-                problems.append(Problem(Level.WARN, f"no message yet on '{topic}'"))
-                continue
-            age = now - sample.received
-            if age > self._max_age:
-                problems.append(Problem(
-                    Level.WARN, f"'{topic}' is stale: newest message is {age:.2f} s old > max_input_age_s "
-                    f"{self._max_age:g}; check that its publisher runs"))
-                continue
-            stamps.append(sample.stamp_ns)
-            if slot:
-                images[slot] = sample.data
-            else:
-                state = sample.data
-        prompt = self._inputs.instruction.get()
-        if prompt is None:
-            prompt = settings.default_instruction
-            if not prompt:
-                problems.append(Problem(
-                    Level.WARN, "no instruction yet: publish std_msgs/String on 'instruction' (transient local) "
-                    "or set default_instruction"))
-        if problems or state is None:
-            return None, tuple(problems)
-        return Observation(images, state, prompt, max(stamps)), ()
-
-
-def _skip_reason(problems: tuple[Problem, ...]) -> str:
-    if any(p.level is Level.ERROR for p in problems):
-        return "bad_input"
-    text = " ".join(p.message for p in problems)
-    if "stale" in text:
-        return "stale_input"
-    if "no instruction" in text:
-        return "no_instruction"
-    return "missing_input"
+            self._counters.set_stage_summary(self._stats.summary(), _gpu_memory_mib(self.policy.device))
 
 
 def _gpu_memory_mib(device: str) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""Image / CompressedImage / JointState -> numpy, byte for byte, on real sensor_msgs messages."""
+"""Image / CompressedImage / JointState -> numpy, byte for byte, on real sensor_msgs messages; and an action
+chunk -> ActionChunk / JointTrajectory messages."""
 
 from __future__ import annotations
 
@@ -11,10 +12,14 @@ from sensor_msgs.msg import CompressedImage, Image, JointState
 from pi05_ros.ros.conversions import (
     ConversionError,
     JointSelector,
+    action_chunk_message,
     compressed_to_rgb,
     image_shape,
     image_to_rgb,
     image_view,
+    joint_trajectory_message,
+    ns_to_stamp,
+    stamp_to_ns,
 )
 
 RNG = np.random.default_rng(7)
@@ -208,3 +213,27 @@ def test_joint_selector_keeps_nan_for_the_engine_to_reject() -> None:
 def test_joint_selector_errors(msg: JointState, names: list[str], expected: str) -> None:
     with pytest.raises(ConversionError, match=expected):
         JointSelector(names).positions(msg)
+
+
+def test_action_chunk_message_holds_the_actions_row_major_and_the_observation_stamp() -> None:
+    actions = RNG.standard_normal((5, 3)).astype(np.float32)
+    stamp = 1_700_000_000_123_456_789
+    msg = action_chunk_message(actions, stamp_ns=stamp, joint_names=["a", "b", "c"], action_dt=0.066,
+                               denoise_steps=10, latency_s=0.042, sequence=7, demo_model=True)
+    assert (msg.horizon, msg.action_dim) == (5, 3) and list(msg.joint_names) == ["a", "b", "c"]
+    np.testing.assert_array_equal(np.asarray(msg.actions, np.float32).reshape(5, 3), actions)
+    assert stamp_to_ns(msg.header.stamp) == stamp and (msg.header.stamp.sec, msg.header.stamp.nanosec) == (
+        1_700_000_000, 123_456_789)
+    assert (msg.action_dt, msg.denoise_steps, msg.inference_latency, msg.sequence, msg.demo_model) == (
+        0.066, 10, 0.042, 7, True)
+    assert stamp_to_ns(ns_to_stamp(5)) == 5
+
+
+def test_joint_trajectory_has_one_point_per_action_at_k_plus_one_dt() -> None:
+    actions = RNG.standard_normal((4, 2)).astype(np.float32)
+    trajectory = joint_trajectory_message(actions, ["j1", "j2"], 0.35)
+    assert list(trajectory.joint_names) == ["j1", "j2"] and len(trajectory.points) == 4
+    assert (trajectory.header.stamp.sec, trajectory.header.stamp.nanosec) == (0, 0)  # start on arrival
+    for k, point in enumerate(trajectory.points):
+        np.testing.assert_array_equal(np.asarray(point.positions), actions[k].astype(np.float64))
+        assert (point.time_from_start.sec, point.time_from_start.nanosec) == divmod(round((k + 1) * 0.35e9), 10**9)

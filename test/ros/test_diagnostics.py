@@ -6,8 +6,9 @@ import dataclasses
 
 from pi05_ros.ros.diagnostics import DEMO_BANNER, ModelFacts, build_status
 from pi05_ros.ros.inputs import InputState
-from pi05_ros.ros.params import RuntimeSettings
-from pi05_ros.ros.worker import Level, Phase, Problem, WorkerStatus
+from pi05_ros.ros.problems import Level, Problem, ProblemCode
+from pi05_ros.ros.settings import RuntimeSettings
+from pi05_ros.ros.worker import Phase, WorkerStatus
 
 STAGES = ("preprocess", "vision", "total")
 RUNTIME = RuntimeSettings(denoise_steps=10, rate_hz=10.0, default_instruction="", publish_joint_trajectory=True)
@@ -49,10 +50,11 @@ def test_low_rate_warns_only_after_a_full_steady_window() -> None:
 
 
 def test_problems_set_level_and_message() -> None:
-    stale = dataclasses.replace(RUNNING, problems=(Problem(Level.WARN, "'base_image' is stale"),))
+    stale = dataclasses.replace(RUNNING, problems=(Problem(Level.WARN, ProblemCode.STALE_INPUT,
+                                                           "'base_image' is stale"),))
     assert build(stale)[0].level == bytes([Level.WARN])
-    bad = dataclasses.replace(RUNNING, problems=(Problem(Level.WARN, "no instruction yet"),
-                                                 Problem(Level.ERROR, "bad input: NaN")))
+    bad = dataclasses.replace(RUNNING, problems=(Problem(Level.WARN, ProblemCode.NO_INSTRUCTION, "no instruction yet"),
+                                                 Problem(Level.ERROR, ProblemCode.BAD_INPUT, "bad input: NaN")))
     status, values = build(bad)
     assert status.level == bytes([Level.ERROR]) and status.message == "no instruction yet; bad input: NaN"
     assert values["problem_count"] == "2" and build(stale)[1]["problem_count"] == "1"

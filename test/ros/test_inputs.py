@@ -132,7 +132,9 @@ def test_text_and_all_inputs_state() -> None:
 
 def test_inputs_worker_and_conversions_import_without_ros() -> None:
     # They hold no ROS code, so they can run (and be tested) where rclpy is missing, e.g. on a GPU machine.
-    code = ("import sys; sys.modules.update(rclpy=None, rcl_interfaces=None, sensor_msgs=None); "
-            "import pi05_ros.ros.inputs, pi05_ros.ros.worker, pi05_ros.ros.conversions")
+    code = ("import sys; sys.modules.update(rclpy=None, rcl_interfaces=None, sensor_msgs=None, "
+            "builtin_interfaces=None, trajectory_msgs=None, diagnostic_msgs=None); "
+            "import pi05_ros.ros.inputs, pi05_ros.ros.worker, pi05_ros.ros.conversions, pi05_ros.ros.observation, "
+            "pi05_ros.ros.schedule, pi05_ros.ros.problems, pi05_ros.ros.settings")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert result.returncode == 0, result.stderr

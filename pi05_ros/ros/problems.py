@@ -1,0 +1,46 @@
+"""Why the node publishes nothing (or warns): a level, a code that says which kind of problem, and a message
+for the user that names the cause and the fix. No ROS imports."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+class Level(enum.IntEnum):
+    """Same values as diagnostic_msgs/DiagnosticStatus levels."""
+
+    OK = 0
+    WARN = 1
+    ERROR = 2
+
+
+class ProblemCode(enum.StrEnum):
+    """The kind of a problem; skipped ticks are counted under the values (`skipped.<value>` on /diagnostics)."""
+
+    MISSING_INPUT = "missing_input"  # an input never had a message
+    STALE_INPUT = "stale_input"  # its newest message is older than max_input_age_s
+    BAD_INPUT = "bad_input"  # a message could not be converted, or the policy refused the observation
+    NO_INSTRUCTION = "no_instruction"
+    INFERENCE_FAILED = "inference_failed"  # the engine raised
+    LOADING = "loading"  # the model is loading or warming up
+    LOAD_FAILED = "load_failed"
+    LOW_RATE = "low_rate"  # the achieved rate stayed below rate_hz
+
+
+@dataclass(frozen=True)
+class Problem:
+    level: Level
+    code: ProblemCode
+    message: str
+
+
+# When a tick has several problems, it is counted under the first of these it has.
+_SKIP_ORDER = (ProblemCode.BAD_INPUT, ProblemCode.STALE_INPUT, ProblemCode.NO_INSTRUCTION, ProblemCode.MISSING_INPUT)
+
+
+def skip_reason(problems: Iterable[Problem]) -> ProblemCode:
+    """The one code a tick without inference is counted under."""
+    codes = {problem.code for problem in problems}
+    return next((code for code in _SKIP_ORDER if code in codes), ProblemCode.MISSING_INPUT)

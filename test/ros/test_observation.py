@@ -1,0 +1,66 @@
+"""Collecting the freshest complete observation from real input buffers, and why a tick has none."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from pi05_ros.ros.inputs import InputBuffers
+from pi05_ros.ros.observation import ObservationCollector
+from pi05_ros.ros.problems import Level, Problem, ProblemCode, skip_reason
+from pi05_ros.ros.settings import CameraConfig
+
+CAMERAS = (CameraConfig("base_image", "base_0_rgb", "raw"),
+           CameraConfig("wrist_image", "left_wrist_0_rgb", "compressed"))
+
+
+def _fill(inputs: InputBuffers, stamp_ns: int) -> None:
+    for name, buffer in inputs.cameras.items():
+        frame = buffer.spare((4, 6, 3))
+        frame[...] = len(name)
+        buffer.commit(frame, stamp_ns)
+    joints = inputs.joints.spare((7,))
+    joints[...] = 0.5
+    inputs.joints.commit(joints, stamp_ns + 10)
+
+
+def test_complete_observation_carries_every_input_and_the_newest_stamp() -> None:
+    inputs = InputBuffers([c.name for c in CAMERAS])
+    _fill(inputs, 1_000)
+    inputs.instruction.set("stack the blocks")
+    observation, problems = ObservationCollector(inputs, CAMERAS, 0.5).collect("")
+    assert problems == () and observation is not None
+    assert set(observation.images) == {"base_0_rgb", "left_wrist_0_rgb"}
+    assert observation.images["base_0_rgb"].shape == (4, 6, 3) and np.all(observation.state == 0.5)
+    assert observation.prompt == "stack the blocks" and observation.stamp_ns == 1_010
+
+
+def test_missing_stale_and_bad_inputs_are_reported_with_codes() -> None:
+    inputs = InputBuffers([c.name for c in CAMERAS])
+    collector = ObservationCollector(inputs, CAMERAS, 0.5)
+    observation, problems = collector.collect("")
+    assert observation is None
+    codes = [p.code for p in problems]
+    assert codes == [ProblemCode.MISSING_INPUT] * 3 + [ProblemCode.NO_INSTRUCTION]
+    assert "'wrist_image/compressed'" in problems[1].message  # the topic the user publishes on
+    assert skip_reason(problems) is ProblemCode.NO_INSTRUCTION
+
+    _fill(inputs, 1)
+    observation, problems = collector.collect("wipe the table", now=time.monotonic() + 2.0)
+    assert observation is None and {p.code for p in problems} == {ProblemCode.STALE_INPUT}
+    assert "max_input_age_s 0.5" in problems[0].message and skip_reason(problems) is ProblemCode.STALE_INPUT
+
+    inputs.cameras["base_image"].fail("image encoding '16UC1' is not supported")
+    observation, problems = collector.collect("wipe the table")
+    assert observation is None and problems[0].level is Level.ERROR and problems[0].code is ProblemCode.BAD_INPUT
+    assert skip_reason(problems) is ProblemCode.BAD_INPUT
+
+
+def test_skip_reason_prefers_the_most_serious_code() -> None:
+    def problem(code: ProblemCode) -> Problem:
+        return Problem(Level.WARN, code, code.value)
+
+    assert skip_reason([problem(ProblemCode.MISSING_INPUT), problem(ProblemCode.STALE_INPUT)]) == "stale_input"
+    assert skip_reason([problem(ProblemCode.NO_INSTRUCTION), problem(ProblemCode.MISSING_INPUT)]) == "no_instruction"
+    assert skip_reason([]) is ProblemCode.MISSING_INPUT
