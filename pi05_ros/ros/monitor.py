@@ -58,10 +58,21 @@ def _level(status: Any) -> int:
     return status.level[0] if isinstance(status.level, bytes | bytearray) else int(status.level)
 
 
+def rate_text(values: dict[str, str]) -> str:
+    """The measured rate against the configured target ("9.8 / 10 Hz"); no figure before one is measured."""
+    target = values.get("target_rate_hz", "n/a")
+    of_target = f" / {target} Hz" if target != "n/a" else " Hz"
+    if values.get("published_chunks", "0") == "0":
+        return "waiting"
+    if values.get("rate_measured") != "true":
+        return "measuring" + (f" ({target} Hz target)" if target != "n/a" else "")
+    return f"{float(values.get('achieved_rate_hz', 'nan')):.1f}{of_target}"
+
+
 def print_status_line(status: Any) -> None:
     values = {kv.key: kv.value for kv in status.values}
     print(
-        f"[{LEVEL_NAMES.get(_level(status), '?'):5}] rate {values.get('achieved_rate_hz', '?'):>6} Hz  "
+        f"[{LEVEL_NAMES.get(_level(status), '?'):5}] rate {rate_text(values):<24} "
         f"total p50 {values.get('stage.total.p50_ms', 'n/a'):>8} ms  chunks {values.get('published_chunks', '0'):>5}"
         f"  | {status.message}",
         flush=True,

@@ -6,6 +6,7 @@ import dataclasses
 
 from pi05_ros.ros.diagnostics import DEMO_BANNER, ModelFacts, build_status
 from pi05_ros.ros.inputs import InputState
+from pi05_ros.ros.monitor import rate_text
 from pi05_ros.ros.problems import Level, Problem, ProblemCode
 from pi05_ros.ros.settings import RuntimeSettings
 from pi05_ros.ros.worker import Phase, WorkerStatus
@@ -31,7 +32,7 @@ def build(worker: WorkerStatus = RUNNING, model: ModelFacts | None = MODEL, **kw
 
 def test_ok_status_carries_stages_inputs_and_gpu_memory() -> None:
     status, values = build()
-    assert status.level == bytes([Level.OK]) and status.message == "running at 10.0 Hz"
+    assert status.level == bytes([Level.OK]) and status.message == "running at 10.0 / 10 Hz target"
     for stage in STAGES:
         assert values[f"stage.{stage}.p99_ms"] == "2.000"
     assert values["input.base_image.age_s"] == "0.020" and values["dropped_observations"] == "3"
@@ -77,3 +78,32 @@ def test_demo_model_is_announced_even_before_it_loads() -> None:
     assert status.message.startswith(DEMO_BANNER) and values["demo_model"] == "true"
     demo = dataclasses.replace(MODEL, is_demo=True)
     assert build(model=demo)[0].message.startswith(DEMO_BANNER)
+
+
+def test_rate_is_shown_against_its_target_once_measured() -> None:
+    first = dataclasses.replace(RUNNING, published=0, inferences=0, achieved_rate_hz=0.0, steady_for_s=0.0)
+    status, values = build(first)
+    assert status.message == "running, waiting for the first inference" and "0.0 Hz" not in status.message
+    assert rate_text(values) == "waiting"
+    ramping = dataclasses.replace(RUNNING, achieved_rate_hz=3.3, steady_for_s=1.0)  # window not full yet
+    status, values = build(ramping)
+    assert status.message == "running, measuring the rate against the 10 Hz target"
+    assert values["rate_measured"] == "false" and rate_text(values) == "measuring (10 Hz target)"
+    status, values = build(dataclasses.replace(RUNNING, achieved_rate_hz=9.8))
+    assert status.message == "running at 9.8 / 10 Hz target" and rate_text(values) == "9.8 / 10 Hz"
+    status, values = build(RUNNING, rate_mode="trigger:front")
+    assert status.message == "running at 10.0 Hz, one inference per front frame" and rate_text(values) == "10.0 Hz"
+
+
+def test_a_target_beyond_the_device_is_named() -> None:
+    slow_stats = {s: {"mean": 140.0, "std": 1.0, "p50": 140.0, "p99": 150.0} for s in STAGES}
+    cpu = dataclasses.replace(MODEL, device="cpu")
+    starting = dataclasses.replace(RUNNING, achieved_rate_hz=2.0, steady_for_s=1.0, stage_stats=slow_stats)
+    status, _ = build(starting, model=cpu)
+    assert status.level == bytes([Level.OK])
+    assert "rate_hz 10 is more than this cpu allows (at most ~7.1 Hz)" in status.message
+    measured = dataclasses.replace(starting, achieved_rate_hz=7.0, steady_for_s=5.0)
+    status, _ = build(measured, model=cpu)
+    assert status.level == bytes([Level.WARN]) and "rate 7.0 Hz is below rate_hz 10" in status.message
+    assert "more than this cpu allows" in status.message
+    assert "allows" not in build()[0].message  # 1 ms per inference: 10 Hz is well within reach
