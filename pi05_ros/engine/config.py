@@ -167,8 +167,9 @@ def load_config(checkpoint_dir: Path, preset_name: str | None = None) -> Pi05Con
         raw = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path} is not valid JSON ({exc}); restore the checkpoint's config.json") from exc
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} must hold a JSON object (got a {type(raw).__name__}); restore the "
+                              "checkpoint's config.json")
     if preset_name is None and raw.get("paligemma_variant") == "tiny":
         base = TINY
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
     return config_from_dict(raw, base)

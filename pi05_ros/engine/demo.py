@@ -23,7 +23,6 @@ from pi05_ros.engine.reference import Pi05Model, build_on_meta
 from pi05_ros.engine.tokenizer import PromptTokenizer
 
 DEMO_DOF = 7
-DEMO_PROMPT = "pick up the red cube and put it in the bowl"
 # The tiny model keeps the golden dimensions but takes realistic prompts (a weight shape does not depend on it).
 DEMO_MAX_TOKEN_LEN = 96
 

@@ -19,6 +19,9 @@ def validate_image(image: np.ndarray, name: str = "image") -> np.ndarray:
     if image.dtype != np.uint8:
         raise InputError(f"{name}: expected uint8 pixels, got {image.dtype}; convert with (x * 255).astype(np.uint8) "
                          "for float images in [0, 1]")
+    if image.ndim == 3 and image.shape[0] == 3 and image.shape[2] != 3:
+        raise InputError(f"{name}: expected an HxWx3 RGB image, got shape {image.shape}, which looks channels-first "
+                         "(3xHxW); transpose it to HxWx3 first: image.transpose(1, 2, 0)")
     if image.ndim != 3 or image.shape[2] != 3:
         raise InputError(f"{name}: expected an HxWx3 RGB image, got shape {image.shape}; "
                          "convert grayscale/RGBA/BGR images to RGB first")

@@ -149,6 +149,9 @@ def test_bad_paths_give_clear_errors(tmp_path: Path) -> None:
     (tmp_path / "badcfg" / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_model(tmp_path / "badcfg")
+    (tmp_path / "badcfg" / "config.json").write_text("[1, 2]")  # JSON, but not an object
+    with pytest.raises(CheckpointError, match="must hold a JSON object"):
+        load_model(tmp_path / "badcfg")
 
 
 def test_loading_logs_progress_when_not_a_terminal(tiny_checkpoint: Path, caplog) -> None:

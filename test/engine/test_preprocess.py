@@ -49,6 +49,8 @@ def test_value_range_is_openpi_expression() -> None:
     (np.zeros((10, 10), np.uint8), "HxWx3"),
     (np.zeros((10, 10, 4), np.uint8), "HxWx3"),
     (np.zeros((0, 10, 3), np.uint8), "empty"),
+    (np.zeros((3, 480, 640), np.uint8), r"channels-first \(3xHxW\); transpose it to HxWx3"),
+    (np.zeros((480, 640, 4), np.uint8), "convert grayscale/RGBA/BGR"),
     ([[1, 2, 3]], "numpy array"),
 ])
 def test_bad_images_are_rejected_clearly(image, message: str) -> None:  # noqa: ANN001
