@@ -44,7 +44,8 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        log.info("no CUDA GPU: running the plain PyTorch reference path on the CPU")
+        # A warning: with no logging set up, Python's last-resort handler still prints it on stderr.
+        log.warning("no CUDA GPU: running the plain PyTorch reference path on the CPU (float32)")
         return torch.device("cpu")
     try:
         dev = torch.device(device)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -111,3 +114,13 @@ def test_demo_policy_runs_on_cpu() -> None:
     assert demo.is_demo and demo.config.name == "tiny" and demo.state_dim == demo.action_dof == 7
     chunk = demo.infer({"base_0_rgb": IMG}, np.zeros(7), "pick up the red cube and put it in the bowl", 2)
     assert chunk.actions.shape == (10, 7) and "demo" in demo.describe()
+
+
+def test_cpu_fallback_is_told_without_any_logging_setup(tmp_path: Path) -> None:
+    """A plain Python session (no logging configured) hears that the CPU runs, and why."""
+    code = "from pi05_ros.engine.policy import Policy; Policy.demo()"
+    env = os.environ | {"CUDA_VISIBLE_DEVICES": "", "HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "no CUDA GPU: running the plain PyTorch reference path on the CPU" in result.stderr
+    assert "DEMO MODE" in result.stderr
