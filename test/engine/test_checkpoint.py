@@ -177,6 +177,34 @@ def test_pi05_info_cli(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_pi05_info_says_what_policy_load_needs_without_norm_stats(tiny_checkpoint: Path, tiny_model: Pi05Model,
+                                                                  tokenizer_path: Path, tmp_path: Path, capsys) -> None:
+    from pi05_ros.engine.policy import Policy
+
+    bare = tmp_path / "openpi_without_assets"
+    shutil.copytree(tiny_checkpoint, bare)
+    shutil.rmtree(bare / "assets")
+    assert info_cli.main([str(bare)]) == 1
+    out = capsys.readouterr().out
+    assert "problems:     none: the checkpoint loads" not in out
+    assert "Policy.load needs norm stats: pass norm_stats=<path to norm_stats.json>" in out
+    assert "assets/<asset_id>/norm_stats.json" in out and "compute_norm_stats" in out
+    assert "LeRobot" not in out and "lerobot" not in out  # an openpi checkpoint gets openpi's advice
+    with pytest.raises(CheckpointError, match="compute_norm_stats"):  # and Policy.load fails just so
+        Policy.load(bare, tokenizer_path, device="cpu")
+    # With a norm stats file given, it loads.
+    stats = tiny_checkpoint / "assets" / "demo" / "norm_stats.json"
+    assert info_cli.main([str(bare), "--norm-stats", str(stats)]) == 0
+    out = capsys.readouterr().out
+    assert "state dim 7, action dim 7" in out and "problems:     none: the checkpoint loads" in out
+
+    lerobot = write_checkpoint(tiny_model, tmp_path / "lerobot_without_stats", fmt="lerobot")
+    shutil.rmtree(lerobot / "assets")
+    assert info_cli.main([str(lerobot)]) == 1
+    out = capsys.readouterr().out
+    assert "LeRobot normalizer" in out and "Policy.load needs norm stats" in out
+
+
 def test_lerobot_config_keys_override_preset(tmp_path: Path) -> None:
     from pi05_ros.engine.config import load_config
 

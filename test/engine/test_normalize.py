@@ -80,3 +80,22 @@ def test_errors(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="several norm stats"):
         find_norm_stats(tmp_path)
     assert find_norm_stats(tmp_path, "b").parent.name == "b"
+
+
+def test_the_documented_norm_stats_example_and_recipe_work(tmp_path: Path) -> None:
+    """docs/checkpoints.md's norm_stats.json example loads, and its recipe writes a file that loads."""
+    import re
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "checkpoints.md").read_text()
+    example = re.search(r"```json\n(.*?)```", doc, flags=re.DOTALL).group(1)
+    (tmp_path / "norm_stats.json").write_text(example)
+    stats = load_norm_stats(tmp_path / "norm_stats.json")
+    assert stats.state.dim == stats.actions.dim == 7 and stats.actions.q99[-1] == 1.0
+
+    recipe = re.search(r"```python\n(.*?)```", doc, flags=re.DOTALL).group(1)
+    rng = np.random.default_rng(0)
+    scope = {"states": rng.normal(size=(500, 6)), "actions": rng.normal(size=(500, 6))}
+    recipe = recipe.replace("ckpt/assets", str(tmp_path / "ckpt" / "assets"))
+    exec(compile("\n".join(line[2:] for line in recipe.splitlines()), "checkpoints.md", "exec"), scope)
+    made = load_norm_stats(tmp_path / "ckpt" / "assets" / "my_robot" / "norm_stats.json")
+    np.testing.assert_allclose(made.state.q01, np.quantile(scope["states"], 0.01, 0), rtol=1e-6)
