@@ -6,8 +6,8 @@ everything around it; the runners are `ReferenceRunner` here and the fast CUDA p
 
 Stage names mean one thing whichever runner reports them:
 - `vision`: SigLIP + projector over the valid views;
-- `embed_prefix`: token-table look-up and assembly of the prefix (reference; the fast path embeds its text
-  rows inside `prefill_kv`);
+- `embed_prefix`: token-table look-up and assembly of the prefix (reference; the fast path gathers the rows
+  in `host_staging` and scales them into the prefix inside `prefill_kv`);
 - `prefill_kv`: Gemma 2B over the prefix, keeping each layer's K/V;
 - `denoise`: every Euler step of the action expert;
 - fast path only: `host_staging` (token-row gather, images and noise into pinned buffers), `host_copy_in`,
