@@ -34,6 +34,7 @@ REQUIREMENTS=(
   colcon-common-extensions==0.3.0
   'setuptools>=77.0.3,<80'
   torch==2.13.0
+  triton==3.9.0
   numpy==2.4.6
   safetensors==0.8.0
   sentencepiece==0.2.3

@@ -1,0 +1,662 @@
+"""The action expert's denoise step in six fused Triton kernels per layer, and their torch definition.
+
+Per layer and step (M = horizon = 50 rows, W = 1024, 8 query heads + 1 K/V head of 256, MLP 4096):
+
+    qkv      y = r * ((x * (1+scale1)) @ Wqkv) + shift1 @ Wqkv        RoPE on q and k; k, v into the cache
+    attend   softmax(q k^T / sqrt(d)) v over prefix + suffix keys, split over the keys (flash-decoding)
+    combine  the key splits' partial softmaxes -> attention output
+    o        x += gate1 * (attn @ Wo)
+    gate_up  h = gelu_tanh(r * ((x * (1+scale2)) @ Wg) + shift2 @ Wg) * (same with Wu)
+    down     x += gate2 * (h @ Wd)
+
+where r = rsqrt(mean(x^2) + eps) per row. Writing the adaRMS norm this way (scale before the GEMM, the row
+factor and the shift after it) lets each GEMM program start from raw x without a norm kernel before it, and
+the shift's product `shift @ W` depends only on t, so it is computed once per step schedule.
+
+Why this shape (docs/fast_path.md has the measurements):
+- At M = 50 a GEMM is a stream of weights. Each program reads one contiguous [KC, BN] weight block (packed
+  at load), so all SMs stream at once; the K dimension is split in S slices, and the last program to finish
+  a column tile (an atomic counter, reset by that program) sums the S partials in a fixed order and runs the
+  epilogue: deterministic, no extra kernel, no memset.
+- With programmatic dependent launch (Hopper), every kernel launches while its predecessor drains and loads
+  its weights before `gdc_wait`: weights never depend on the previous kernel, so their fetch overlaps it.
+- Paired column tiles: a q/k tile holds columns j and j + d/2 of one head (RoPE rotates those two), a
+  gate_up tile holds gate column j and up column j (GeGLU multiplies those two), so the epilogues stay local.
+
+`ExpertKernels.denoise` replaces `FastModel.denoise`; `expert_layer_torch` is the same math in plain torch
+(the kernels are tested against it, and it against `blocks.expert_layer`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from pi05_ros.engine.fast.kernels import interpreting
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the module stays importable; `available()` says the kernels cannot run
+    triton = None
+
+EPI_QKV, EPI_GEGLU, EPI_RESIDUAL = 0, 1, 2
+FP8_MAX = 448.0
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+
+if triton is not None:
+    # Triton kernels read module globals only as constexpr.
+    _QKV, _GEGLU, _RESIDUAL = tl.constexpr(EPI_QKV), tl.constexpr(EPI_GEGLU), tl.constexpr(EPI_RESIDUAL)
+
+    @triton.jit
+    def _gelu_tanh(x):
+        # 0.5 * (1 + tanh(z)) == sigmoid(2 z)
+        return x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+
+    @triton.jit
+    def _expert_gemm_kernel(
+        a_ptr, a_stride,
+        w_ptr, w_scale_ptr,
+        ws_ptr, count_ptr,
+        ssp_in_ptr, ss_tiles,
+        bias_ptr, gate_ptr,
+        out_ptr, out_stride,
+        next_mod_ptr, xm_ptr, ssp_out_ptr,
+        k_ptr, v_ptr, cos_ptr, sin_ptr, n_valid_ptr, cache_row0,
+        M, K, N, eps,
+        HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, MLP: tl.constexpr,
+        EPILOGUE: tl.constexpr, NEXT: tl.constexpr, W_FP8: tl.constexpr, DT: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr, BK: tl.constexpr, S: tl.constexpr,
+        STAGES: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr,
+    ):
+        """out = epilogue(A @ W) for A [M, K] in the GEMM dtype (M <= BM rows) and packed W.
+
+        QKV / GEGLU: A is x * (1 + scale) (written by the previous kernel); the rows' sums of squares arrive as
+        `ss_tiles` partials in ssp_in, giving r = rsqrt(mean(x^2) + eps) for y = r * acc + shift @ W.
+        RESIDUAL: x += gate * acc; with NEXT it also writes the next GEMM's A (x * next_mod, GEMM dtype) and this
+        tile's partial sums of squares of x, so the next kernel needs no norm pass.
+        """
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        if USE_PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        PAIRED: tl.constexpr = EPILOGUE != _RESIDUAL
+        HB: tl.constexpr = BN // 2
+        WN: tl.constexpr = HB if PAIRED else BN  # columns per accumulator
+        rk = tl.arange(0, BK)
+        rw = tl.arange(0, WN)
+        w_base = w_ptr + (pid_n * S + pid_s) * (KC * BN) + rk[:, None] * BN + rw[None, :]
+        # The first weight chunk before the wait: weights never depend on the previous kernel.
+        if PREFETCH:
+            w0 = tl.load(w_base)
+            if PAIRED:
+                w0_hi = tl.load(w_base + HB)
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+        if not PREFETCH:
+            w0 = tl.load(w_base)
+            if PAIRED:
+                w0_hi = tl.load(w_base + HB)
+        rm = tl.arange(0, BM)
+        row_ok = rm < M
+        ka = pid_s * KC + rk
+        a_rows = a_ptr + rm[:, None] * a_stride + ka[None, :]
+        a = tl.load(a_rows, mask=row_ok[:, None] & (ka[None, :] < K), other=0.0)
+        lo = tl.dot(a, w0.to(DT))
+        if PAIRED:
+            hi = tl.dot(a, w0_hi.to(DT))
+        for kk in tl.range(1, KC // BK, num_stages=STAGES):
+            a = tl.load(a_rows + kk * BK, mask=row_ok[:, None] & (ka[None, :] + kk * BK < K), other=0.0)
+            w = w_base + kk * BK * BN
+            lo += tl.dot(a, tl.load(w).to(DT))
+            if PAIRED:
+                hi += tl.dot(a, tl.load(w + HB).to(DT))
+        if S > 1:
+            # Split K: partials to the workspace; the last of the S programs of this column tile sums them in a
+            # fixed order (deterministic). The counter orders the stores (release) before its loads (acquire)
+            # and is reset for the next use.
+            tile = pid_n * S + pid_s
+            ws = ws_ptr + (tile * BM + rm[:, None]) * BN + rw[None, :]
+            tl.store(ws, lo, mask=row_ok[:, None])
+            if PAIRED:
+                tl.store(ws + HB, hi, mask=row_ok[:, None])
+            tl.debug_barrier()
+            is_last = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu") == S - 1
+        else:
+            is_last = True
+        if is_last:
+            if S > 1:
+                tl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+                first = ws_ptr + (pid_n * S * BM + rm[:, None]) * BN + rw[None, :]
+                lo = tl.load(first, mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+                if PAIRED:
+                    hi = tl.load(first + HB, mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+                for s in range(1, S):
+                    part = first + s * BM * BN
+                    lo += tl.load(part, mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+                    if PAIRED:
+                        hi += tl.load(part + HB, mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+            if PAIRED:
+                ss = tl.zeros((BM,), dtype=tl.float32)
+                for t in range(ss_tiles):
+                    ss += tl.load(ssp_in_ptr + t * BM + rm, mask=row_ok, other=0.0)
+                r = tl.rsqrt(ss / K + eps)
+            if EPILOGUE == _QKV:
+                HALF: tl.constexpr = HEAD_DIM // 2
+                TILES_PER_HEAD: tl.constexpr = HALF // HB
+                head = pid_n // TILES_PER_HEAD
+                j = (pid_n % TILES_PER_HEAD) * HB + rw
+                col_lo = head * HEAD_DIM + j
+                if W_FP8:
+                    lo = lo * tl.load(w_scale_ptr + col_lo)[None, :]
+                    hi = hi * tl.load(w_scale_ptr + col_lo + HALF)[None, :]
+                y_lo = lo * r[:, None] + tl.load(bias_ptr + col_lo)[None, :]
+                y_hi = hi * r[:, None] + tl.load(bias_ptr + col_lo + HALF)[None, :]
+                if head <= HEADS:  # q heads and the k head get RoPE at positions n_valid + row
+                    pos = tl.load(n_valid_ptr) + rm
+                    table = pos[:, None] * HEAD_DIM + j[None, :]
+                    cos = tl.load(cos_ptr + table, mask=row_ok[:, None], other=0.0)
+                    sin = tl.load(sin_ptr + table, mask=row_ok[:, None], other=0.0)
+                    y_lo, y_hi = y_lo * cos - y_hi * sin, y_hi * cos + y_lo * sin
+                if head < HEADS:
+                    dst = out_ptr + (head * BM + rm[:, None]) * HEAD_DIM + j[None, :]
+                elif head == HEADS:
+                    dst = k_ptr + (cache_row0 + rm[:, None]) * HEAD_DIM + j[None, :]
+                else:
+                    dst = v_ptr + (cache_row0 + rm[:, None]) * HEAD_DIM + j[None, :]
+                tl.store(dst, y_lo.to(DT), mask=row_ok[:, None])
+                tl.store(dst + HALF, y_hi.to(DT), mask=row_ok[:, None])
+            elif EPILOGUE == _GEGLU:
+                col = pid_n * HB + rw
+                if W_FP8:
+                    lo = lo * tl.load(w_scale_ptr + col)[None, :]
+                    hi = hi * tl.load(w_scale_ptr + MLP + col)[None, :]
+                gate = lo * r[:, None] + tl.load(bias_ptr + col)[None, :]
+                up = hi * r[:, None] + tl.load(bias_ptr + MLP + col)[None, :]
+                h = _gelu_tanh(gate) * up
+                tl.store(out_ptr + rm[:, None] * out_stride + col[None, :], h.to(DT), mask=row_ok[:, None])
+            else:
+                col = pid_n * BN + rw
+                col_ok = col < N
+                if W_FP8:
+                    lo = lo * tl.load(w_scale_ptr + col, mask=col_ok, other=0.0)[None, :]
+                gate = tl.load(gate_ptr + col, mask=col_ok, other=0.0)
+                mask = row_ok[:, None] & col_ok[None, :]
+                x_ptrs = out_ptr + rm[:, None] * out_stride + col[None, :]
+                x = tl.load(x_ptrs, mask=mask, other=0.0) + lo * gate[None, :]
+                tl.store(x_ptrs, x, mask=mask)
+                if NEXT:
+                    _emit_next(x, col, col_ok, mask, rm, row_ok, pid_n, next_mod_ptr, xm_ptr, ssp_out_ptr, N, BM, DT)
+
+    @triton.jit
+    def _emit_next(x, col, col_ok, mask, rm, row_ok, tile, next_mod_ptr, xm_ptr, ssp_out_ptr, N,
+                   BM: tl.constexpr, DT: tl.constexpr):
+        """The next modulated GEMM's input x * (1 + scale) and this column tile's partial sums of x^2."""
+        mod = tl.load(next_mod_ptr + col, mask=col_ok, other=0.0)
+        tl.store(xm_ptr + rm[:, None] * N + col[None, :], (x * mod[None, :]).to(DT), mask=mask)
+        tl.store(ssp_out_ptr + tile * BM + rm, tl.sum(tl.where(mask, x * x, 0.0), axis=1), mask=row_ok)
+
+    @triton.jit
+    def _modulate_kernel(x_ptr, next_mod_ptr, xm_ptr, ssp_out_ptr, M, N,
+                         BM: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr):
+        """x [M, N] float32 -> x * next_mod and per-column-tile partial sums of squares (a step's first layer)."""
+        tile = tl.program_id(0)
+        rm = tl.arange(0, BM)
+        row_ok = rm < M
+        col = tile * BN + tl.arange(0, BN)
+        col_ok = col < N
+        mask = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(x_ptr + rm[:, None] * N + col[None, :], mask=mask, other=0.0)
+        _emit_next(x, col, col_ok, mask, rm, row_ok, tile, next_mod_ptr, xm_ptr, ssp_out_ptr, N, BM, DT)
+
+    @triton.jit
+    def _attend_kernel(
+        q_ptr, k_ptr, v_ptr, n_valid_ptr, acc_ptr, m_ptr, l_ptr,
+        rows, keys_total, horizon, scale, blocks_per_split,
+        S_K: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, KB: tl.constexpr, DT: tl.constexpr,
+        USE_PDL: tl.constexpr,
+    ):
+        """Queries of one head (rows x D) against one slice of the keys: an unnormalized partial softmax."""
+        head = tl.program_id(0)
+        split = tl.program_id(1)
+        if USE_PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+        rm = tl.arange(0, BM)
+        rd = tl.arange(0, D)
+        row_ok = rm < rows
+        q = tl.load(q_ptr + (head * BM + rm[:, None]) * D + rd[None, :], mask=row_ok[:, None], other=0.0)
+        n_valid = tl.load(n_valid_ptr)
+        m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BM,), dtype=tl.float32)
+        acc = tl.zeros((BM, D), dtype=tl.float32)
+        for b in range(blocks_per_split):
+            key = (split * blocks_per_split + b) * KB + tl.arange(0, KB)
+            in_range = key < keys_total
+            kt = tl.load(k_ptr + key[None, :] * D + rd[:, None], mask=in_range[None, :], other=0.0)
+            scores = tl.dot(q, kt) * scale
+            # valid keys: the prefix's n_valid rows and the suffix's last `horizon` rows
+            valid = in_range & ((key < n_valid) | (key >= keys_total - horizon))
+            scores = tl.where(valid[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(scores - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_ptr + key[:, None] * D + rd[None, :], mask=in_range[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(DT), v)
+            m_i = m_new
+        part = head * S_K + split
+        tl.store(acc_ptr + (part * BM + rm[:, None]) * D + rd[None, :], acc, mask=row_ok[:, None])
+        tl.store(m_ptr + part * BM + rm, m_i, mask=row_ok)
+        tl.store(l_ptr + part * BM + rm, l_i, mask=row_ok)
+
+    @triton.jit
+    def _combine_kernel(
+        acc_ptr, m_ptr, l_ptr, out_ptr, out_stride, rows,
+        S_K: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
+        DT: tl.constexpr, USE_PDL: tl.constexpr,
+    ):
+        """The key splits' partial softmaxes of one head -> attention output [rows, head * D + d]."""
+        head = tl.program_id(0)
+        r = tl.program_id(1) * BR + tl.arange(0, BR)
+        d = tl.program_id(2) * BD + tl.arange(0, BD)
+        if USE_PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+        row_ok = r < rows
+        top = tl.full((BR,), float("-inf"), dtype=tl.float32)
+        for s in range(S_K):
+            top = tl.maximum(top, tl.load(m_ptr + (head * S_K + s) * BM + r, mask=row_ok, other=0.0))
+        num = tl.zeros((BR, BD), dtype=tl.float32)
+        den = tl.zeros((BR,), dtype=tl.float32)
+        for s in range(S_K):
+            part = head * S_K + s
+            w = tl.exp(tl.load(m_ptr + part * BM + r, mask=row_ok, other=0.0) - top)
+            den += w * tl.load(l_ptr + part * BM + r, mask=row_ok, other=1.0)
+            num += w[:, None] * tl.load(acc_ptr + (part * BM + r[:, None]) * D + d[None, :],
+                                        mask=row_ok[:, None], other=0.0)
+        tl.store(out_ptr + r[:, None] * out_stride + head * D + d[None, :], (num / den[:, None]).to(DT),
+                 mask=row_ok[:, None])
+
+
+# ------------------------------------------------------------------------------------------------ packing
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tile shape of one expert GEMM: BN output columns x KC of K per program; S = K / KC programs per tile."""
+
+    block_n: int
+    k_chunk: int  # K per program (S = K / k_chunk programs per column tile)
+    num_warps: int = 4
+    k_step: int = 0  # K per inner-loop iteration (0: all of k_chunk at once)
+    stages: int = 3
+    prefetch: bool = True  # load the first weight chunk before waiting on the previous kernel (PDL)
+
+    @property
+    def step(self) -> int:
+        return self.k_step or self.k_chunk
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    # Tile shapes measured fastest on an H200 (docs/benchmarks.md §20): few, long programs that stream their
+    # weights through a pipelined K loop; o and down split K in 2 and 4.
+    qkv: GemmConfig = GemmConfig(32, 1024, 4, 128, 4)
+    o: GemmConfig = GemmConfig(32, 1024, 4, 128, 4)
+    gate_up: GemmConfig = GemmConfig(64, 1024, 4, 128, 4)
+    down: GemmConfig = GemmConfig(32, 1024, 4, 128, 4)
+    key_block: int = 32  # keys per attention iteration
+    key_splits: int = 7  # programs per head over the keys
+    combine_rows: int = 16
+    combine_cols: int = 64
+    attend_warps: int = 4
+    pdl: bool = True  # programmatic dependent launch where the GPU has it (SM 9.0+)
+
+
+def _pow2_at_most(n: int, cap: int) -> int:
+    p = 1
+    while p * 2 <= min(n, cap):
+        p *= 2
+    return p
+
+
+def fit_config(cfg: GemmConfig, n_pairs: int | None, k: int) -> GemmConfig:
+    """Shrink a tile shape to a small layer's dimensions (powers of two; a pair half must divide `n_pairs`)."""
+    block_n = cfg.block_n
+    if n_pairs is not None:
+        half = block_n // 2
+        while half > 1 and n_pairs % half:
+            half //= 2
+        if half < 16:
+            raise ValueError(f"{n_pairs} columns cannot be split into pair tiles of 16 or more (tl.dot's minimum)")
+        block_n = 2 * half
+    k_chunk = min(cfg.k_chunk, max(16, _pow2_at_most(k, cfg.k_chunk)))
+    k_step = min(cfg.step, k_chunk)
+    return dataclasses.replace(cfg, block_n=block_n, k_chunk=k_chunk, k_step=k_step)
+
+
+def paired_columns(kind: int, tile: int, half_block: int, head_dim: int, mlp: int) -> list[int]:
+    """Original output columns held by a paired tile: its first half, then their partners."""
+    if kind == EPI_QKV:
+        half = head_dim // 2
+        per_head = half // half_block
+        lo = (tile // per_head) * head_dim + (tile % per_head) * half_block
+        return [*range(lo, lo + half_block), *range(lo + half, lo + half + half_block)]
+    lo = tile * half_block
+    return [*range(lo, lo + half_block), *range(mlp + lo, mlp + lo + half_block)]
+
+
+@dataclass
+class PackedLinear:
+    """One GEMM's weight as [tiles, S, KC, BN] blocks (each program reads one contiguous block)."""
+
+    blocks: Tensor
+    scale: Tensor | None  # per output column (original order), for FP8 weights
+    n: int
+    k: int
+    cfg: GemmConfig
+
+    @property
+    def tiles(self) -> int:
+        return self.blocks.shape[0]
+
+    @property
+    def splits(self) -> int:
+        return self.blocks.shape[1]
+
+
+def pack_linear(weight: Tensor, kind: int, cfg: GemmConfig, head_dim: int = 0, mlp: int = 0,
+                fp8: bool = False) -> PackedLinear:
+    """weight [N, K] (torch Linear layout) -> PackedLinear; FP8 weights get one scale per output column."""
+    n, k = weight.shape
+    w = weight.float()
+    scale = None
+    if fp8:
+        scale = (w.abs().amax(dim=1) / FP8_MAX).clamp(min=1e-12)
+        w = (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX)
+    kc, bn = cfg.k_chunk, cfg.block_n
+    splits = -(-k // kc)
+    wt = torch.zeros(splits * kc, n, dtype=torch.float32, device=w.device)
+    wt[:k] = w.t()
+    if kind == EPI_RESIDUAL:
+        tiles = -(-n // bn)
+        cols = torch.zeros(tiles * bn, splits * kc, device=w.device)
+        cols[:n] = wt.t()
+        blocks = cols.view(tiles, bn, splits, kc).permute(0, 2, 3, 1)
+    else:
+        pairs = n // 2 if kind == EPI_GEGLU else (n // head_dim) * (head_dim // 2)
+        tiles = pairs // (bn // 2)
+        order = [c for t in range(tiles) for c in paired_columns(kind, t, bn // 2, head_dim, mlp)]
+        blocks = wt[:, order].view(splits, kc, tiles, bn).permute(2, 0, 1, 3)
+    dtype = torch.float8_e4m3fn if fp8 else weight.dtype
+    return PackedLinear(blocks.contiguous().to(dtype), scale, n, k, cfg)
+
+
+def unpack_weight(p: PackedLinear, kind: int, head_dim: int = 0, mlp: int = 0) -> Tensor:
+    """The [N, K] float32 weight a PackedLinear computes with (FP8 rounding and scales included)."""
+    tiles, splits, kc, bn = p.blocks.shape
+    blocks = p.blocks.float()
+    if kind == EPI_RESIDUAL:
+        w = blocks.permute(0, 3, 1, 2).reshape(tiles * bn, splits * kc)[: p.n, : p.k]
+    else:
+        order = [c for t in range(tiles) for c in paired_columns(kind, t, bn // 2, head_dim, mlp)]
+        wt = blocks.permute(1, 2, 0, 3).reshape(splits * kc, tiles * bn)
+        w = torch.empty(p.n, splits * kc, device=wt.device)
+        w[order] = wt.t()
+        w = w[:, : p.k]
+    return w * p.scale[:, None] if p.scale is not None else w
+
+
+# ------------------------------------------------------------------------------------------------ the step
+
+
+@dataclass
+class ExpertLayerWeights:
+    qkv: PackedLinear
+    o: PackedLinear
+    gate_up: PackedLinear
+    down: PackedLinear
+
+
+class ExpertKernels:
+    """The action expert's denoise loop on the fused kernels; `denoise` has `FastModel.denoise`'s contract.
+
+    `fp8` selects the GEMMs whose weights are stored as FP8 e4m3 with one scale per output column
+    (weight-only: activations stay in the compute dtype, the GEMM upcasts each weight block in registers).
+    """
+
+    def __init__(self, fast, config: KernelConfig | None = None, fp8: tuple[str, ...] = (),
+                 compute_dtype: torch.dtype | None = None) -> None:
+        if triton is None:
+            raise RuntimeError("Triton is not installed; the fused expert kernels cannot run")
+        self.fast = fast
+        cfg = fast.cfg
+        e = cfg.expert
+        self.heads, self.head_dim, self.width, self.mlp = e.num_heads, e.head_dim, e.width, e.mlp_dim
+        self.eps = e.rms_norm_eps
+        self.horizon = cfg.action_horizon
+        self.dtype = compute_dtype or fast.dtype
+        self.device = fast.pos_embed.device
+        self.config = config or KernelConfig()
+        on_gpu = self.device.type == "cuda"
+        self.use_pdl = bool(self.config.pdl and on_gpu and torch.cuda.get_device_capability(self.device) >= (9, 0))
+        if on_gpu and torch.cuda.get_device_capability(self.device) < (8, 9):
+            fp8 = ()  # no FP8 conversions below Ada
+        self.fp8 = fp8
+        c = self.config
+        half = self.head_dim // 2
+        self.cfg_qkv = fit_config(c.qkv, half, self.width)
+        self.cfg_o = fit_config(c.o, None, self.heads * self.head_dim)
+        self.cfg_gate_up = fit_config(c.gate_up, self.mlp, self.width)
+        self.cfg_down = fit_config(c.down, None, self.mlp)
+        self.layers = []
+        for block in fast.expert_blocks:
+            self.layers.append(ExpertLayerWeights(
+                qkv=pack_linear(self._weight(block.qkv), EPI_QKV, self.cfg_qkv, self.head_dim, fp8="qkv" in fp8),
+                o=pack_linear(self._weight(block.out), EPI_RESIDUAL, self.cfg_o, fp8="o" in fp8),
+                gate_up=pack_linear(self._weight(block.gate_up), EPI_GEGLU, self.cfg_gate_up, mlp=self.mlp,
+                                    fp8="gate_up" in fp8),
+                down=pack_linear(self._weight(block.down), EPI_RESIDUAL, self.cfg_down, fp8="down" in fp8),
+            ))
+        self._allocate()
+
+    def _weight(self, linear) -> Tensor:
+        """A FastModel Linear's weight in the compute dtype (dequantized if it was made FP8)."""
+        w = linear.weight
+        if linear.w_scale is not None:
+            w = w.float() * linear.w_scale
+        return w.to(self.dtype)
+
+    def _allocate(self) -> None:
+        dev, f32 = self.device, torch.float32
+        bm = self.block_rows
+        first = self.layers[0]
+        self.ws = {name: (torch.zeros(p.tiles * p.splits * bm * p.cfg.block_n, dtype=f32, device=dev),
+                          torch.zeros(p.tiles, dtype=torch.int32, device=dev))
+                   for name, p in vars(first).items()}
+        self.q = torch.zeros(self.heads, bm, self.head_dim, dtype=self.dtype, device=dev)
+        splits = self.config.key_splits
+        self.part_acc = torch.zeros(self.heads * splits * bm * self.head_dim, dtype=f32, device=dev)
+        self.part_m = torch.zeros(self.heads * splits * bm, dtype=f32, device=dev)
+        self.part_l = torch.zeros_like(self.part_m)
+        self.attn = torch.zeros(bm, self.heads * self.head_dim, dtype=self.dtype, device=dev)
+        self.h = torch.zeros(bm, self.mlp, dtype=self.dtype, device=dev)
+        # The modulated GEMM input x * (1 + scale) and partial sums of squares of x, one row per column tile of
+        # its producer (the o / down GEMMs, or the step's first modulate kernel).
+        self.xm = torch.zeros(bm, self.width, dtype=self.dtype, device=dev)
+        self.modulate_cols = min(128, triton.next_power_of_2(self.width))
+        tiles = max(first.o.tiles, first.down.tiles, triton.cdiv(self.width, self.modulate_cols))
+        self.ssp = [torch.zeros(tiles, bm, dtype=f32, device=dev) for _ in range(2)]
+        self._dummy = torch.zeros(1, dtype=f32, device=dev)
+
+    @property
+    def block_rows(self) -> int:
+        return max(16, triton.next_power_of_2(self.horizon))
+
+    @property
+    def _dt(self):
+        return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[self.dtype]
+
+    # --- per step schedule: the adaRMS shifts' products, precomputed
+
+    @torch.no_grad()
+    def schedule(self, schedule: tuple[Tensor, Tensor, Tensor, Tensor]) -> tuple[Tensor, ...]:
+        """FastModel.step_schedule's tuple + (shift1 @ Wqkv^T [S, L, Nqkv], shift2 @ Wgu^T [S, L, 2*MLP])."""
+        mods = schedule[0]
+        bias_qkv, bias_gu = [], []
+        for i, layer in enumerate(self.layers):
+            w_qkv = unpack_weight(layer.qkv, EPI_QKV, self.head_dim)
+            w_gu = unpack_weight(layer.gate_up, EPI_GEGLU, mlp=self.mlp)
+            bias_qkv.append(mods[:, i, 1].float() @ w_qkv.t())
+            bias_gu.append(mods[:, i, 4].float() @ w_gu.t())
+        return (*schedule, torch.stack(bias_qkv, 1).contiguous(), torch.stack(bias_gu, 1).contiguous())
+
+    # --- launches
+
+    def _launch_kwargs(self, warps: int) -> dict:
+        kw = {"num_warps": warps}
+        if self.device.type == "cuda":
+            kw["launch_pdl"] = self.use_pdl
+        return kw
+
+    def _gemm(self, name: str, p: PackedLinear, epilogue: int, a: Tensor, out: Tensor, *,
+              ssp_in: tuple[Tensor, int] | None = None, bias: Tensor | None = None, gate: Tensor | None = None,
+              next_mod: Tensor | None = None, ssp_out: Tensor | None = None, k_cache: Tensor | None = None,
+              v_cache: Tensor | None = None, n_valid: Tensor | None = None) -> None:
+        ws, count = self.ws[name]
+        d = self._dummy
+        qkv = epilogue == EPI_QKV
+        _expert_gemm_kernel[(p.tiles, p.splits)](
+            a, a.stride(0),
+            p.blocks, d if p.scale is None else p.scale,
+            ws, count,
+            d if ssp_in is None else ssp_in[0], 0 if ssp_in is None else ssp_in[1],
+            d if bias is None else bias, d if gate is None else gate,
+            out, out.stride(0) if out.dim() == 2 else 0,
+            d if next_mod is None else next_mod, self.xm, d if ssp_out is None else ssp_out,
+            k_cache if qkv else d, v_cache if qkv else d, self.fast.rope_cos if qkv else d,
+            self.fast.rope_sin if qkv else d, n_valid if qkv else d, k_cache.shape[0] - self.horizon if qkv else 0,
+            self.horizon, p.k, p.n, self.eps,
+            HEADS=self.heads, HEAD_DIM=self.head_dim, MLP=self.mlp,
+            EPILOGUE=epilogue, NEXT=next_mod is not None, W_FP8=p.scale is not None, DT=self._dt,
+            BM=self.block_rows, BN=p.cfg.block_n, KC=p.cfg.k_chunk, BK=p.cfg.step, S=p.splits,
+            STAGES=p.cfg.stages, PREFETCH=p.cfg.prefetch, USE_PDL=self.use_pdl,
+            **self._launch_kwargs(p.cfg.num_warps),
+        )
+
+    def modulate(self, x: Tensor, next_mod: Tensor) -> tuple[Tensor, int]:
+        """A step's first layer input: x * next_mod into self.xm, partial sums of squares into ssp[1]."""
+        tiles = triton.cdiv(self.width, self.modulate_cols)
+        _modulate_kernel[(tiles,)](x, next_mod, self.xm, self.ssp[1], self.horizon, self.width,
+                                   BM=self.block_rows, BN=self.modulate_cols, DT=self._dt, **self._launch_kwargs(4))
+        return self.ssp[1], tiles
+
+    def _attention(self, k_cache: Tensor, v_cache: Tensor, n_valid: Tensor) -> None:
+        c = self.config
+        keys_total = k_cache.shape[0]
+        blocks = -(-keys_total // c.key_block)
+        per_split = -(-blocks // c.key_splits)
+        _attend_kernel[(self.heads, c.key_splits)](
+            self.q, k_cache, v_cache, n_valid, self.part_acc, self.part_m, self.part_l,
+            self.horizon, keys_total, self.horizon, self.head_dim**-0.5, per_split,
+            S_K=c.key_splits, D=self.head_dim, BM=self.block_rows, KB=c.key_block, DT=self._dt,
+            USE_PDL=self.use_pdl, **self._launch_kwargs(c.attend_warps),
+        )
+        bd = min(c.combine_cols, self.head_dim)
+        _combine_kernel[(self.heads, triton.cdiv(self.horizon, c.combine_rows), self.head_dim // bd)](
+            self.part_acc, self.part_m, self.part_l, self.attn, self.attn.stride(0), self.horizon,
+            S_K=c.key_splits, D=self.head_dim, BM=self.block_rows, BR=c.combine_rows, BD=bd, DT=self._dt,
+            USE_PDL=self.use_pdl, **self._launch_kwargs(4),
+        )
+
+    def layer(self, x: Tensor, layer: int, mod: Tensor, next_mod: Tensor | None, bias_qkv: Tensor, bias_gu: Tensor,
+              k_cache: Tensor, v_cache: Tensor, n_valid: Tensor, ssp_in: tuple[Tensor, int]) -> tuple[Tensor, int]:
+        """One expert layer in place on x [horizon, width] (float32); k_cache/v_cache [rows, head_dim].
+
+        Expects self.xm = x * mod[0] and `ssp_in` (partial sums of squares of x, count) from the previous
+        kernel; leaves self.xm = x * next_mod and returns the new partials (when next_mod is given).
+        """
+        w = self.layers[layer]
+        self._gemm("qkv", w.qkv, EPI_QKV, self.xm, self.q, ssp_in=ssp_in, bias=bias_qkv, k_cache=k_cache,
+                   v_cache=v_cache, n_valid=n_valid)
+        self._attention(k_cache, v_cache, n_valid)
+        self._gemm("o", w.o, EPI_RESIDUAL, self.attn, x, gate=mod[2], next_mod=mod[3], ssp_out=self.ssp[0])
+        self._gemm("gate_up", w.gate_up, EPI_GEGLU, self.xm, self.h, ssp_in=(self.ssp[0], w.o.tiles), bias=bias_gu)
+        self._gemm("down", w.down, EPI_RESIDUAL, self.h, x, gate=mod[5], next_mod=next_mod, ssp_out=self.ssp[1])
+        return self.ssp[1], w.down.tiles
+
+    def denoise(self, x_t: Tensor, n_valid: Tensor, keys: list[Tensor], values: list[Tensor],
+                schedule: tuple[Tensor, ...]) -> None:
+        """All Euler steps in place on x_t [1, H, action_dim]; `schedule` from `self.schedule(...)`."""
+        mods, final_mods, out_w, out_b, bias_qkv, bias_gu = schedule
+        fast = self.fast
+        depth = len(self.layers)
+        for step in range(mods.shape[0]):
+            x = torch.nn.functional.linear(x_t[0], fast.action_in_w, fast.action_in_b)
+            ssp = self.modulate(x, mods[step, 0, 0])
+            for i in range(depth):
+                next_mod = mods[step, i + 1, 0] if i + 1 < depth else None
+                ssp = self.layer(x, i, mods[step, i], next_mod, bias_qkv[step, i], bias_gu[step, i],
+                                 keys[i][0, 0], values[i][0, 0], n_valid, ssp)
+            fast._action_head(x_t, x[None], final_mods[step], out_w, out_b, fast.expert_eps)
+
+
+# ------------------------------------------------------------------------------------------------ torch definition
+
+
+def _rope_torch(y: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = y.shape[-1] // 2
+    return y * cos + torch.cat([-y[..., half:], y[..., :half]], dim=-1) * sin
+
+
+def expert_layer_torch(x: Tensor, mod: Tensor, bias_qkv: Tensor, bias_gu: Tensor, w_qkv: Tensor, w_o: Tensor,
+                       w_gu: Tensor, w_down: Tensor, k_cache: Tensor, v_cache: Tensor, n_valid: int,
+                       cos_table: Tensor, sin_table: Tensor, heads: int, head_dim: int, eps: float,
+                       dtype: torch.dtype) -> Tensor:
+    """What one `ExpertKernels.layer` computes, in plain torch: x [M, W] float32 -> new x; writes the cache's
+    last M rows. Weights [N, K] float32 (as the kernels compute with them); `dtype` is the GEMM input dtype."""
+    m, width = x.shape
+    rows = k_cache.shape[0]
+
+    def gemm(a: Tensor, w: Tensor) -> Tensor:
+        return a.to(dtype).float() @ w.to(dtype).float().t()
+
+    r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    y = r * gemm(x * mod[0], w_qkv) + bias_qkv
+    q_width = heads * head_dim
+    pos = n_valid + torch.arange(m, device=x.device)
+    cos, sin = cos_table[pos], sin_table[pos]
+    q = _rope_torch(y[:, :q_width].view(m, heads, head_dim), cos[:, None], sin[:, None]).to(dtype)
+    k_cache[rows - m:] = _rope_torch(y[:, q_width:q_width + head_dim], cos, sin).to(k_cache.dtype)
+    v_cache[rows - m:] = y[:, q_width + head_dim:].to(v_cache.dtype)
+    idx = torch.arange(rows, device=x.device)
+    valid = (idx < n_valid) | (idx >= rows - m)
+    scores = (q.float().reshape(m * heads, head_dim) @ k_cache.float().t()) * head_dim**-0.5
+    probs = scores.masked_fill(~valid[None], float("-inf")).softmax(-1)
+    attn = (probs.to(dtype).float() @ v_cache.float()).view(m, q_width)
+    x = x + gemm(attn, w_o) * mod[2]
+    r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    gate, up = (r * gemm(x * mod[3], w_gu) + bias_gu).chunk(2, dim=-1)
+    h = torch.nn.functional.gelu(gate, approximate="tanh") * up
+    return x + gemm(h, w_down) * mod[5]
+
+
+def layer_weights_torch(kernels: ExpertKernels, layer: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The float32 [N, K] weights `expert_layer_torch` needs for one layer of `kernels`."""
+    w = kernels.layers[layer]
+    return (unpack_weight(w.qkv, EPI_QKV, kernels.head_dim), unpack_weight(w.o, EPI_RESIDUAL),
+            unpack_weight(w.gate_up, EPI_GEGLU, mlp=kernels.mlp), unpack_weight(w.down, EPI_RESIDUAL))
+
+
+def interpreter_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Triton's CPU interpreter computes bfloat16 wrongly (../shared/GPU.md): use float32 there."""
+    return torch.float32 if interpreting() and dtype == torch.bfloat16 else dtype
+
+

@@ -1,0 +1,165 @@
+"""The fused expert kernels (engine/fast/kernels/expert.py) against their torch definition and openpi's golden
+outputs, on the CPU through Triton's interpreter. Their speed and the bf16 path are tested on the GPU."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported: kernels run as numpy programs
+
+import pytest
+import torch
+
+from pi05_ros.engine.config import TINY, GemmaConfig
+from pi05_ros.engine.demo import random_model
+from pi05_ros.engine.fast.blocks import FastModel, denoise_eager, prefill_eager
+from pi05_ros.engine.fast.kernels import available
+from pi05_ros.engine.fast.kernels.expert import (
+    EPI_GEGLU,
+    EPI_QKV,
+    EPI_RESIDUAL,
+    ExpertKernels,
+    GemmConfig,
+    KernelConfig,
+    expert_layer_torch,
+    fit_config,
+    layer_weights_torch,
+    pack_linear,
+    unpack_weight,
+)
+
+pytestmark = pytest.mark.skipif(not available(torch.device("cpu")),
+                                reason="needs Triton (its CPU interpreter runs these kernels)")
+
+# A small expert whose shapes exercise every path: several pair tiles per head, K split in 2+ programs,
+# a K loop inside a program, 10 rows padded to 16, and attention key splits that run past the keys.
+SMALL = TINY.replace(
+    expert=GemmaConfig(width=128, depth=2, mlp_dim=256, num_heads=2, num_kv_heads=1, head_dim=64),
+    vlm=GemmaConfig(width=96, depth=2, mlp_dim=192, num_heads=2, num_kv_heads=1, head_dim=64),
+)
+SPLIT = KernelConfig(qkv=GemmConfig(32, 64, k_step=32), o=GemmConfig(32, 64), gate_up=GemmConfig(64, 64, k_step=32),
+                     down=GemmConfig(32, 128, k_step=64, prefetch=False), key_block=16, key_splits=3)
+WHOLE_K = KernelConfig(qkv=GemmConfig(32, 128, k_step=32), o=GemmConfig(32, 128, k_step=64),
+                       gate_up=GemmConfig(64, 128, k_step=32), down=GemmConfig(32, 256, k_step=64),
+                       key_block=32, key_splits=5)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.fixture(scope="module")
+def small():
+    model = random_model(SMALL, seed=0, device=torch.device("cpu"), dtype=torch.float32)
+    fast = FastModel(model, torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 255, (2, 224, 224, 3), dtype=torch.uint8, generator=gen)
+    rows = model.embed_tokens[torch.randint(0, 1000, (9,), generator=gen)]
+    prefix = prefill_eager(fast, images, rows)
+    noise = torch.randn(SMALL.action_horizon, SMALL.action_dim, generator=gen)
+    return fast, prefix, noise
+
+
+@pytest.mark.parametrize("kind", [EPI_QKV, EPI_GEGLU, EPI_RESIDUAL])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_packing_round_trips(kind: int, fp8: bool) -> None:
+    n, k = {EPI_QKV: (4 * 64, 96), EPI_GEGLU: (2 * 96, 48), EPI_RESIDUAL: (48, 96)}[kind]
+    w = torch.randn(n, k)
+    cfg = fit_config(GemmConfig(64, 64), {EPI_QKV: 32, EPI_GEGLU: 96, EPI_RESIDUAL: None}[kind], k)
+    packed = pack_linear(w, kind, cfg, head_dim=64, mlp=96, fp8=fp8)
+    back = unpack_weight(packed, kind, head_dim=64, mlp=96)
+    # exact for float32 weights; e4m3's 3-bit mantissa rounds by at most 2^-4 of each column's scale
+    tol = 0.0 if not fp8 else 2**-4
+    assert (back - w).abs().max() <= tol * w.abs().amax(dim=1, keepdim=True).max() + 1e-12
+
+
+def test_a_tile_pairs_rope_partners_and_geglu_partners() -> None:
+    from pi05_ros.engine.fast.kernels.expert import paired_columns
+
+    # RoPE rotates column j with j + head_dim/2 of the same head; GeGLU multiplies gate j with up j
+    # head_dim 64: 2 tiles of 16 pairs per head, so tile 5 is the second tile of head 2
+    assert paired_columns(EPI_QKV, 5, 16, head_dim=64, mlp=0) == [*range(144, 160), *range(176, 192)]
+    assert paired_columns(EPI_GEGLU, 2, 16, head_dim=0, mlp=96) == [*range(32, 48), *range(128, 144)]
+
+
+@pytest.mark.parametrize("config", [SPLIT, WHOLE_K], ids=["split-k", "whole-k"])
+def test_layer_equals_its_torch_definition(small, config: KernelConfig) -> None:
+    fast, prefix, _ = small
+    kernels = ExpertKernels(fast, config)
+    sched = kernels.schedule(fast.step_schedule(3))
+    x = torch.randn(SMALL.action_horizon, SMALL.expert.width, generator=torch.Generator().manual_seed(1))
+    k_kern, v_kern = prefix.keys[0][0, 0].clone(), prefix.values[0][0, 0].clone()
+    k_ref, v_ref = k_kern.clone(), v_kern.clone()
+    out = x.clone()
+    ssp = kernels.modulate(out, sched[0][1, 0, 0])
+    kernels.layer(out, 0, sched[0][1, 0], None, sched[4][1, 0], sched[5][1, 0], k_kern, v_kern, prefix.n_valid, ssp)
+    ref = expert_layer_torch(x, sched[0][1, 0], sched[4][1, 0], sched[5][1, 0], *layer_weights_torch(kernels, 0),
+                             k_ref, v_ref, int(prefix.n_valid), fast.rope_cos, fast.rope_sin, kernels.heads,
+                             kernels.head_dim, kernels.eps, torch.float32)
+    # float32 throughout; only summation order differs: ~1e-7 measured
+    assert rel_err(out, ref) < 1e-5
+    assert rel_err(k_kern, k_ref) < 1e-5 and rel_err(v_kern, v_ref) < 1e-5  # the suffix's K/V rows
+    assert torch.equal(k_kern[: int(prefix.n_valid)], prefix.keys[0][0, 0, : int(prefix.n_valid)])  # prefix kept
+    for _, count in kernels.ws.values():
+        assert not count.any()  # every split-K counter is reset for the next layer
+
+
+def test_torch_definition_equals_the_fast_path_layer(small) -> None:
+    """The factored adaRMS (scale before the GEMM, row factor and shift after) is the same function."""
+    from pi05_ros.engine.fast.blocks import expert_layer
+
+    fast, prefix, _ = small
+    kernels = ExpertKernels(fast, SPLIT)
+    sched = kernels.schedule(fast.step_schedule(3))
+    x = torch.randn(SMALL.action_horizon, SMALL.expert.width, generator=torch.Generator().manual_seed(2))
+    keys = [prefix.keys[0].clone(), prefix.values[0].clone()]
+    positions = prefix.n_valid + torch.arange(SMALL.action_horizon)
+    total = keys[0].shape[2]
+    idx = torch.arange(total)
+    mask = ((idx < prefix.n_valid) | (idx >= total - SMALL.action_horizon)).view(1, 1, 1, total)
+    block = fast.expert_blocks[0]
+    want = expert_layer(x[None], sched[0][1, 0], fast.rope_cos[positions], fast.rope_sin[positions], mask, *keys,
+                        *block.args())[0]
+    got = expert_layer_torch(x, sched[0][1, 0], sched[4][1, 0], sched[5][1, 0], *layer_weights_torch(kernels, 0),
+                             prefix.keys[0][0, 0].clone(), prefix.values[0][0, 0].clone(), int(prefix.n_valid),
+                             fast.rope_cos, fast.rope_sin, kernels.heads, kernels.head_dim, kernels.eps, torch.float32)
+    assert rel_err(got, want) < 1e-5  # float32: products reordered only
+
+
+@pytest.mark.parametrize("config", [SPLIT, WHOLE_K], ids=["split-k", "whole-k"])
+def test_denoise_equals_the_fast_path(small, config: KernelConfig) -> None:
+    fast, prefix, noise = small
+    want = denoise_eager(fast, prefix, noise, 3)
+    kernels = ExpertKernels(fast, config)
+    x = noise.clone()[None]
+    keys = [k.clone() for k in prefix.keys]
+    values = [v.clone() for v in prefix.values]
+    kernels.denoise(x, prefix.n_valid, keys, values, kernels.schedule(fast.step_schedule(3)))
+    assert rel_err(x[0], want) < 1e-5  # float32: ~1.2e-7 measured
+    again = noise.clone()[None]
+    kernels.denoise(again, prefix.n_valid, keys, values, kernels.schedule(fast.step_schedule(3)))
+    assert torch.equal(again, x)  # fixed-order split-K sums: deterministic
+
+
+def test_half_precision_and_fp8_weights_stay_close(small) -> None:
+    fast, prefix, noise = small
+    want = denoise_eager(fast, prefix, noise, 3)
+    for dtype, fp8, budget in ((torch.float16, (), 1e-3), (torch.float32, ("qkv", "o", "gate_up", "down"), 3e-2)):
+        kernels = ExpertKernels(fast, SPLIT, fp8=fp8, compute_dtype=dtype)
+        x = noise.clone()[None]
+        kernels.denoise(x, prefix.n_valid, [k.to(dtype) for k in prefix.keys], [v.to(dtype) for v in prefix.values],
+                        kernels.schedule(fast.step_schedule(3)))
+        # fp16 GEMM inputs ~6e-5 measured; FP8 e4m3 weights (per-column scales) ~6e-3 measured
+        assert rel_err(x[0], want) < budget, (dtype, fp8)
+
+
+@pytest.mark.parametrize("steps", [1, 10])
+def test_golden_model_on_the_kernels_matches_openpi(golden_model, golden_cases, fast_case, steps: int) -> None:
+    fast = FastModel(golden_model, torch.float32)
+    images, rows, noise = fast_case(0)
+    prefix = prefill_eager(fast, images, rows)
+    kernels = ExpertKernels(fast, KernelConfig())  # the GPU's tile shapes, fitted to the tiny model
+    x = noise.clone()[None]
+    kernels.denoise(x, prefix.n_valid, prefix.keys, prefix.values, kernels.schedule(fast.step_schedule(steps)))
+    # float32 throughout: the reference itself is ~2e-7 from openpi
+    assert rel_err(x[0], golden_cases[f"case0/actions_steps{steps}"][0]) < 1e-5

@@ -1,0 +1,366 @@
+"""The fused expert kernels on the GPU: fidelity against the float32 reference, and denoise time per variant.
+
+    PYTHONPATH=. python3 tools/expert_kernels_gpu.py [--quick]
+
+Full-size random weights, 2 views, 48-token prompt, horizon 50. The prefix K/V come from the bf16 fast path;
+the float32 reference runs the whole model. Each variant's denoise loop is captured in a CUDA graph and timed
+over replays (CUDA events). Kernel tables of a profiled replay go to $OUT. Results feed docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from pi05_ros.engine.config import PRESETS
+from pi05_ros.engine.demo import random_model
+from pi05_ros.engine.fast.blocks import FastModel, prefill_eager
+from pi05_ros.engine.fast.kernels.expert import (
+    EPI_GEGLU,
+    EPI_QKV,
+    EPI_RESIDUAL,
+    ExpertKernels,
+    GemmConfig,
+    KernelConfig,
+)
+
+OUT = os.environ.get("OUT", "/tmp")
+ALL4 = ("qkv", "o", "gate_up", "down")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def make_inputs(cfg, seed: int):
+    rng = np.random.default_rng(seed)
+    import cv2
+
+    images = []
+    for _ in range(2):
+        small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        images.append(cv2.resize(small, (224, 224), interpolation=cv2.INTER_CUBIC))
+    tokens = np.zeros(cfg.max_token_len, np.int64)
+    tokens[:48] = rng.integers(4, 32_000, 48)
+    tokens[0] = 2
+    mask = np.arange(cfg.max_token_len) < 48
+    noise = rng.standard_normal((cfg.action_horizon, cfg.action_dim)).astype(np.float32)
+    return images, tokens, mask, noise
+
+
+def reference_actions(model, images, tokens, mask, noise, steps: int) -> torch.Tensor:
+    from pi05_ros.engine.preprocess import to_model_range
+    from pi05_ros.engine.reference import ModelInputs
+
+    size = model.cfg.vision.image_size
+    ims = np.stack([to_model_range(im) for im in images] + [np.full((3, size, size), -1.0, np.float32)])
+    inputs = ModelInputs(images=torch.from_numpy(ims)[None], image_masks=torch.tensor([[True, True, False]]),
+                         tokens=torch.from_numpy(tokens)[None], token_mask=torch.from_numpy(mask)[None],
+                         noise=torch.from_numpy(noise)[None].cuda())
+    with torch.no_grad():
+        return model.sample_actions(inputs, steps)[0].float()
+
+
+class Denoiser:
+    """A denoise loop (torch path or kernels) over fixed buffers, replayable as a CUDA graph."""
+
+    def __init__(self, fast: FastModel, prefix, noise: torch.Tensor, steps: int, kernels: ExpertKernels | None):
+        self.fast, self.kernels = fast, kernels
+        self.noise = noise.cuda()[None].float()
+        self.x = self.noise.clone()
+        self.n_valid = prefix.n_valid
+        self.keys = [k.clone() for k in prefix.keys]
+        self.values = [v.clone() for v in prefix.values]
+        sched = fast.step_schedule(steps)
+        self.schedule = kernels.schedule(sched) if kernels else sched
+        self.graph = None
+
+    def run(self) -> None:
+        self.x.copy_(self.noise)
+        impl = self.kernels or self.fast
+        impl.denoise(self.x, self.n_valid, self.keys, self.values, self.schedule)
+
+    def capture(self) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                self.run()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.run()
+
+    def time_ms(self, reps: int = 200) -> tuple[float, float]:
+        if self.graph is None:
+            self.capture()
+        for _ in range(10):
+            self.graph.replay()
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        for s, e in zip(starts, ends, strict=True):
+            s.record()
+            self.graph.replay()
+            e.record()
+        torch.cuda.synchronize()
+        t = np.array([s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)])
+        return float(np.median(t)), float(np.percentile(t, 99))
+
+    def result(self) -> torch.Tensor:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.run()
+        torch.cuda.synchronize()
+        return self.x[0].clone()
+
+
+def graph_ms(fn, reps: int = 50) -> float:
+    """Median ms of one replay of a CUDA graph of `fn` (warmed up on a side stream first)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(5):
+        graph.replay()
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2 * reps)]
+    for i in range(reps):
+        ev[2 * i].record()
+        graph.replay()
+        ev[2 * i + 1].record()
+    torch.cuda.synchronize()
+    return float(np.median([ev[2 * i].elapsed_time(ev[2 * i + 1]) for i in range(reps)]))
+
+
+def aligned_prefix(fast: FastModel, prefix, views: int = 2):
+    """The prefix K/V in the pipeline's layout: rows for the longest prompt, the suffix's rows after, rounded to 64."""
+    from pi05_ros.engine.fast.blocks import prefix_capacity
+
+    cfg = fast.cfg
+    capacity = prefix_capacity(cfg, views, cfg.max_token_len, 16)[1]
+    total = -(-(capacity + cfg.action_horizon) // 64) * 64
+    n = int(prefix.n_valid)
+    keys, values = [], []
+    for k, v in zip(prefix.keys, prefix.values, strict=True):
+        kk = torch.zeros(1, 1, total, k.shape[-1], dtype=k.dtype, device=k.device)
+        vv = torch.zeros_like(kk)
+        kk[:, :, :n], vv[:, :, :n] = k[:, :, :n], v[:, :, :n]
+        keys.append(kk)
+        values.append(vv)
+    return type(prefix)(prefix.n_valid, keys, values)
+
+
+GEMMS = {"qkv": EPI_QKV, "o": EPI_RESIDUAL, "gate_up": EPI_GEGLU, "down": EPI_RESIDUAL}
+
+
+def gemm_chain(kernels: ExpertKernels, name: str, prefix, x: torch.Tensor, sched) -> callable:
+    """18 layers' worth of one GEMM kind, with the inputs the denoise loop gives it."""
+    mods, bias_qkv, bias_gu = sched[0], sched[4], sched[5]
+    kernels.xm.normal_()
+    kernels.ssp[0].fill_(1.0)
+    kernels.ssp[1].fill_(1.0)
+
+    def run() -> None:
+        for i, w in enumerate(kernels.layers):
+            if name == "qkv":
+                kernels._gemm(name, w.qkv, EPI_QKV, kernels.xm, kernels.q, ssp_in=(kernels.ssp[1], w.down.tiles),
+                              bias=bias_qkv[0, i], k_cache=prefix.keys[i][0, 0], v_cache=prefix.values[i][0, 0],
+                              n_valid=prefix.n_valid)
+            elif name == "o":
+                kernels._gemm(name, w.o, EPI_RESIDUAL, kernels.attn, x, gate=mods[0, i, 2], next_mod=mods[0, i, 3],
+                              ssp_out=kernels.ssp[0])
+            elif name == "gate_up":
+                kernels._gemm(name, w.gate_up, EPI_GEGLU, kernels.xm, kernels.h, ssp_in=(kernels.ssp[0], w.o.tiles),
+                              bias=bias_gu[0, i])
+            else:
+                kernels._gemm(name, w.down, EPI_RESIDUAL, kernels.h, x, gate=mods[0, i, 5], next_mod=mods[0, i, 0],
+                              ssp_out=kernels.ssp[1])
+
+    return run
+
+
+SWEEP = {  # (BN, KC, BK, warps, stages) per GEMM kind
+    "qkv": [(64, 256, 256, 4, 3), (64, 256, 128, 4, 3), (64, 512, 128, 4, 3), (64, 1024, 128, 4, 4),
+            (32, 256, 128, 4, 3), (32, 512, 128, 4, 3), (128, 256, 64, 8, 3), (128, 512, 128, 8, 3),
+            (64, 512, 64, 4, 4), (32, 1024, 128, 4, 4)],
+    "o": [(32, 1024, 128, 4, 4), (32, 512, 128, 4, 3), (64, 512, 128, 4, 3), (32, 2048, 128, 4, 4),
+          (32, 1024, 256, 4, 3), (64, 1024, 128, 4, 4)],
+    "gate_up": [(128, 512, 64, 8, 3), (64, 1024, 128, 4, 4), (64, 512, 128, 4, 3), (128, 1024, 128, 8, 4),
+                (128, 1024, 64, 8, 4), (64, 1024, 256, 4, 3), (128, 256, 64, 8, 3), (256, 1024, 64, 8, 3),
+                (64, 256, 128, 4, 3), (128, 512, 128, 4, 3)],
+    "down": [(32, 1024, 128, 4, 4), (32, 512, 128, 4, 3), (64, 1024, 128, 4, 4), (32, 2048, 128, 4, 4),
+             (32, 1024, 256, 4, 3), (16, 1024, 128, 4, 4)],
+}
+
+
+def sweep_gemms(fast: FastModel, prefix, fp8: tuple[str, ...], sweep: dict, pdl: bool = True) -> dict:
+    """Per GEMM kind: us per call (an 18-call chain in a graph) for each config; returns the best config per kind."""
+    x = torch.randn(fast.cfg.action_horizon, fast.cfg.expert.width, device="cuda")
+    best: dict[str, tuple[float, GemmConfig]] = {}
+    rounds = max(len(v) for v in sweep.values())
+    for r in range(rounds):
+        configs = {name: GemmConfig(bn, kc, warps, bk, stages)
+                   for name, grid in sweep.items() if r < len(grid) for bn, kc, bk, warps, stages in [grid[r]]}
+        try:
+            kernels = ExpertKernels(fast, KernelConfig(**configs, pdl=pdl), fp8=fp8)
+            sched = kernels.schedule(fast.step_schedule(1))
+        except Exception as exc:
+            print(f"  round {r}: BUILD FAILED {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+            continue
+        for name in configs:
+            cfg = getattr(kernels, f"cfg_{name}")
+            p = getattr(kernels.layers[0], name)
+            try:
+                ms = graph_ms(gemm_chain(kernels, name, prefix, x.clone(), sched)) / 18
+            except Exception as exc:
+                print(f"  {name} {cfg}: FAILED {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                continue
+            gbs = p.blocks.numel() * p.blocks.element_size() / (ms * 1e-3) / 1e9
+            print(f"  {name:<8} BN {cfg.block_n:>3} KC {cfg.k_chunk:>4} BK {cfg.step:>3} w{cfg.num_warps} "
+                  f"s{cfg.stages} S={p.splits:<2} tiles={p.tiles:<3}: {ms * 1e3:6.2f} us ({gbs:5.0f} GB/s)", flush=True)
+            if name not in best or ms < best[name][0]:
+                best[name] = (ms, cfg)
+        del kernels
+    for name, (ms, cfg) in best.items():
+        print(f"  best {name}: {ms * 1e3:.2f} us with {cfg}", flush=True)
+    return {name: cfg for name, (ms, cfg) in best.items()}
+
+
+def cublas_chains(fast: FastModel) -> None:
+    e = fast.cfg.expert
+    shapes = {"qkv": (e.width, (e.num_heads + 2) * e.head_dim), "o": (e.num_heads * e.head_dim, e.width),
+              "gate_up": (e.width, 2 * e.mlp_dim), "down": (e.mlp_dim, e.width)}
+    line = "  cuBLAS bf16 mm, 18-call chain:"
+    for name, (k, n) in shapes.items():
+        a = torch.randn(50, k, device="cuda", dtype=torch.bfloat16)
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(18)]
+        out = torch.empty(50, n, device="cuda", dtype=torch.bfloat16)
+
+        def run(a=a, ws=ws, out=out) -> None:
+            for w in ws:
+                torch.mm(a, w.t(), out=out)
+
+        ms = graph_ms(run) / 18
+        line += f" {name} {ms * 1e3:.2f} us ({n * k * 2 / (ms * 1e-3) / 1e9:.0f} GB/s)"
+    print(line, flush=True)
+
+
+def sweep_attention(fast: FastModel, prefix) -> tuple[int, int, int]:
+    kernels = ExpertKernels(fast, KernelConfig())
+    kernels.q.normal_()
+    best = None
+    for splits, block, warps in ((9, 32, 4), (7, 64, 4), (13, 32, 4), (9, 32, 8), (7, 32, 4), (5, 32, 4),
+                                 (11, 32, 4)):
+        kernels.config = dataclasses.replace(kernels.config, key_splits=splits, key_block=block, attend_warps=warps)
+        kernels._allocate()
+        kernels.q.normal_()
+
+        def run() -> None:
+            for i in range(18):
+                kernels._attention(prefix.keys[i][0, 0], prefix.values[i][0, 0], prefix.n_valid)
+
+        try:
+            ms = graph_ms(run) / 18
+        except Exception as exc:
+            print(f"  attention splits {splits} block {block} w{warps}: FAILED {exc}"[:300], flush=True)
+            continue
+        print(f"  attention splits {splits:>2} block {block} warps {warps}: {ms * 1e3:.2f} us per layer", flush=True)
+        if best is None or ms < best[0]:
+            best = (ms, splits, block, warps)
+    q = torch.randn(400, 256, device="cuda", dtype=torch.bfloat16)
+    total = prefix.keys[0].shape[2]
+    mask = torch.zeros(total, dtype=torch.bool, device="cuda")
+    mask[: int(prefix.n_valid)] = True
+    mask[-50:] = True
+
+    def torch_attention() -> None:
+        for i in range(18):
+            k, v = prefix.keys[i][0, 0], prefix.values[i][0, 0]
+            s = torch.mm(q, k.t()).float().masked_fill(~mask, float("-inf")).softmax(-1)
+            torch.mm(s.to(v.dtype), v)
+
+    print(f"  torch GEMM-softmax-GEMM (eager): {graph_ms(torch_attention) / 18 * 1e3:.2f} us per layer", flush=True)
+    print(f"  best attention: {best}", flush=True)
+    return best[1:]
+
+
+def main() -> None:
+    quick = "--quick" in sys.argv
+    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    import triton
+
+    print("triton", triton.__version__, flush=True)
+    t0 = time.perf_counter()
+    model = random_model(PRESETS["pi05"], seed=0, device="cuda", dtype=torch.float32)
+    fast = FastModel(model, torch.bfloat16)
+    print(f"model + FastModel in {time.perf_counter() - t0:.1f} s", flush=True)
+    images, tokens, mask, noise = make_inputs(model.cfg, 123)
+    rows = model.embed_tokens[torch.from_numpy(tokens[mask])]
+    prefix = aligned_prefix(fast, prefill_eager(fast, torch.from_numpy(np.stack(images)), rows))
+    print("prefix keys", tuple(prefix.keys[0].shape), "n_valid", int(prefix.n_valid), flush=True)
+    refs = {s: reference_actions(model, images, tokens, mask, noise, s) for s in (1, 10)}
+    noise_t = torch.from_numpy(noise)
+    results = {}
+
+    def check(name: str, kernels: ExpertKernels | None) -> None:
+        line = f"{name:<30}"
+        for steps in (1, 10):
+            try:
+                d = Denoiser(fast, prefix, noise_t, steps, kernels)
+                eager = d.result()
+                line += f" err{steps} {rel_err(eager, refs[steps]):.2e}"
+                p50, p99 = d.time_ms()
+                replay, again = d.result(), d.result()
+                line += (f" | {steps} steps p50 {p50:.3f} p99 {p99:.3f} ms"
+                         f" (graph=eager {rel_err(replay, eager):.1e}, det {bool(torch.equal(replay, again))})")
+                results[(name, steps)] = p50
+                del d
+            except Exception as exc:  # keep sweeping: one broken variant must not cost the run
+                line += f" FAILED {type(exc).__name__}: {str(exc)[:300]}"
+                break
+        print(line, flush=True)
+
+    fast.compile()
+    check("torch.compile (current)", None)
+    cublas_chains(fast)
+    print("GEMM sweep, bf16 weights, PDL:", flush=True)
+    best = sweep_gemms(fast, prefix, (), SWEEP if not quick else {k: v[:2] for k, v in SWEEP.items()})
+    print("attention sweep:", flush=True)
+    splits, block, warps = sweep_attention(fast, prefix)
+    tuned = KernelConfig(**best, key_splits=splits, key_block=block, attend_warps=warps)
+    print("tuned bf16:", tuned, flush=True)
+    check("kernels default", ExpertKernels(fast, KernelConfig()))
+    check("kernels tuned bf16", ExpertKernels(fast, tuned))
+    check("kernels tuned bf16 no-pdl", ExpertKernels(fast, dataclasses.replace(tuned, pdl=False)))
+    check("kernels tuned w8 all", ExpertKernels(fast, tuned, fp8=ALL4))
+
+    from torch.profiler import ProfilerActivity, profile
+
+    for name, kernels in (("tuned_bf16_nopdl", ExpertKernels(fast, dataclasses.replace(tuned, pdl=False))),):
+        d = Denoiser(fast, prefix, noise_t, 10, kernels)
+        d.capture()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            d.graph.replay()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14)
+        with open(f"{OUT}/kernels_{name}.txt", "w") as f:
+            f.write(table)
+        print(f"profile {name} (no PDL: true kernel durations):\n{table}", flush=True)
+
+    print("\nSUMMARY (denoise p50, ms):", flush=True)
+    for (name, steps), ms in results.items():
+        print(f"  {name:<30} {steps:>2} steps {ms:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
