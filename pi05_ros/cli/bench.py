@@ -326,6 +326,9 @@ def _run_plan(policy: Policy, backend: str, precision: str, args: argparse.Names
             try:
                 with progress.start(f"{entry['label']}, {views} view(s), {steps} step(s)", warmup + iters) as bar:
                     entry.update(time_config(policy, observations[views], prompt, steps, warmup, iters, bar))
+                # after the runs: a fused-kernel build failure would have fallen back to the torch path
+                if getattr(policy.runner, "expert_path", None):
+                    entry["expert_path"] = policy.runner.expert_path
             except Exception as exc:  # keep going: one bad config, not a lost run
                 traceback.print_exc()
                 entry.update(status="failed", note=f"{type(exc).__name__}: {exc}")
@@ -488,7 +491,8 @@ def _run_fast(policy: Policy, precision: str, args: argparse.Namespace, observat
         # Steps the runner records after its build (graphs captured on first use of a step count) add to setup.
         lazy = sum(max(final[k] - at_build.get(k, 0.0), 0.0) for k in final)
         results["setup"]["runners"][label] = {
-            "runner": runner.name, "build_s": build_s, "gpu_gb": runner_gb,
+            "runner": runner.name, "expert_path": getattr(runner, "expert_path", None), "build_s": build_s,
+            "gpu_gb": runner_gb,
             "setup_times_at_build": at_build, "setup_times": final,
             "lazy_s": lazy, "total_s": results["setup"]["model"]["seconds"] + build_s + lazy,
         }

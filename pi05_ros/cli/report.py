@@ -323,7 +323,9 @@ def _header(results: dict[str, Any]) -> list[str]:
     base = next((c for c in configs if c["backend"] == "baseline"), None)
     backend = []
     if fast:
-        backend.append(f"fast pipeline ({', '.join(fast)})")
+        paths = sorted({c["expert_path"] for c in configs if c["backend"] == "fast" and c.get("expert_path")})
+        denoise = f"; denoise loop on {' / '.join(paths)}" if paths else ""
+        backend.append(f"fast pipeline ({', '.join(fast)}{denoise})")
     if base:
         backend.append(f"baseline: {base['runner']} runner, {base['precision']} (plain PyTorch)")
     if not backend:

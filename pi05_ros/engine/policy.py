@@ -233,8 +233,10 @@ class Policy:
 
     def describe(self) -> str:
         source = "demo (random weights)" if self.is_demo else str(self.checkpoint.path if self.checkpoint else "?")
+        expert = getattr(self.runner, "expert_path", None)
+        runner = self.runner.name + (f" (denoise on {expert})" if expert else "")
         return (f"Pi0.5 [{self.config.name}] from {source} on {self.device}, {self.precision}, runner "
-                f"{self.runner.name}, horizon {self.action_horizon}, state dim {self.state_dim}, "
+                f"{runner}, horizon {self.action_horizon}, state dim {self.state_dim}, "
                 f"action dof {self.action_dof}")
 
     def stage_stats(self) -> dict[str, dict[str, float]]:

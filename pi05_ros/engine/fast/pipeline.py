@@ -15,6 +15,11 @@ computed. Stage times come from CUDA events recorded between the replays.
 
 FP8 scales are handed in (`fp8_scales`, e.g. read by engine/fast/build.py from a saved file), or calibrated
 here on the observations handed in, or on synthetic ones; the pipeline itself reads and writes no file.
+
+The denoise loop runs on the fused expert kernels (engine/fast/kernels/expert.py: six Triton kernels per
+expert layer) where they have been measured to pay, Hopper (SM 9.0); elsewhere, or with
+`expert_kernels="off"`, on the torch.compile'd layer functions. A kernel path that fails to build falls back to
+the torch path with a warning.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from collections.abc import Callable, Iterable, Mapping
 import numpy as np
 import torch
 
+from pi05_ros.engine.fast import kernels
 from pi05_ros.engine.fast.blocks import FastModel, prefix_capacity
 from pi05_ros.engine.fast.calibration import SYNTHETIC_COUNT, record_input_amax, synthetic_observations
 from pi05_ros.engine.reference import Pi05Model
@@ -43,6 +49,15 @@ FP8_ALL_LAYERS: tuple[str, ...] = ("prefix_blocks.*", "expert_blocks.*")
 # SigLIP's MLP in FP8 saves 0.27 ms (2 views) at 3.4e-2 total error; all its linears save no more and cost
 # 5.6e-2 (over the 5e-2 budget for FP8 with SigLIP): measured as above.
 FP8_VISION_LAYERS: tuple[str, ...] = ("vision_blocks.*.fc1", "vision_blocks.*.fc2")
+
+
+EXPERT_KERNELS = ("auto", "on", "off")
+
+
+def expert_kernels_measured(device: torch.device) -> bool:
+    """Where the fused expert kernels were measured faster than the torch.compile path: Hopper (H200, SM 9.0;
+    docs/benchmarks.md §20). Other GPUs keep the torch path unless asked (`expert_kernels="on"`)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 
 
 def fp8_supported(device: torch.device) -> bool:
@@ -98,7 +113,10 @@ class Pi05Pipeline:
         fp8_layers: tuple[str, ...] = FP8_DEFAULT_LAYERS,
         fp8_vision_layers: tuple[str, ...] = FP8_VISION_LAYERS,
         release_reference: bool = False,
+        expert_kernels: str = "auto",
     ) -> None:
+        if expert_kernels not in EXPERT_KERNELS:
+            raise ValueError(f"expert_kernels must be one of {', '.join(EXPERT_KERNELS)}, got {expert_kernels!r}")
         if precision not in ("bf16", "fp8"):
             raise ValueError(f"precision must be bf16 or fp8, got {precision!r}")
         self.device = model.pos_embed.device if isinstance(model, FastModel) else model.device
@@ -123,7 +141,7 @@ class Pi05Pipeline:
         self._allocate(max_views)
         self._graphs: dict[tuple, _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle() if use_graphs else None
-        self._schedules: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._schedules: dict[tuple[int, str], tuple[torch.Tensor, ...]] = {}
         self._events = [torch.cuda.Event(enable_timing=True) for _ in range(6)]
         torch.cuda.synchronize()
         self.setup_times["prepare_weights"] = self.fast.build_seconds + time.perf_counter() - start
@@ -146,7 +164,23 @@ class Pi05Pipeline:
             self.setup_times["calibrate_fp8"] = time.perf_counter() - start
         if compile:
             self.fast.compile()
+        self.expert_kernels = None  # set below; calibration above ran the torch path, which records every linear
+        if expert_kernels == "on" or (expert_kernels == "auto" and expert_kernels_measured(self.device)):
+            if not kernels.available(self.device):
+                if expert_kernels == "on":
+                    raise ValueError("expert_kernels='on' needs Triton and a CUDA GPU of SM 8.0 or newer; "
+                                     "use expert_kernels='auto' or 'off'")
+                log.warning("Triton is not installed: the denoise loop runs on the torch path")
+            else:
+                from pi05_ros.engine.fast.kernels.expert import ExpertKernels
+
+                self.expert_kernels = ExpertKernels(self.fast)
         self.setup_times["capture"] = 0.0  # includes torch.compile's first compilation of each stage
+
+    @property
+    def expert_path(self) -> str:
+        """What runs the denoise loop: "kernels" (fused Triton) or "torch" (torch.compile'd layers)."""
+        return "kernels" if self.expert_kernels is not None else "torch"
 
     # --- setup
 
@@ -177,18 +211,24 @@ class Pi05Pipeline:
     def calibrate(self, observations: Iterable[PreparedObservation], num_steps: int = 10) -> dict[str, float]:
         """Largest |input| of every linear layer over the observations (bf16 path, eager, all denoise steps)."""
         use_graphs, self.use_graphs = self.use_graphs, False
+        # the torch path, whose linears the recorder sees (the fused kernels bypass them)
+        expert_kernels, self.expert_kernels = getattr(self, "expert_kernels", None), None
         try:
             with record_input_amax(self.fast) as amax:
                 for obs in observations:
                     self.run(obs, num_steps)
         finally:
             self.use_graphs = use_graphs
+            self.expert_kernels = expert_kernels
         return dict(amax)
 
     def schedule(self, num_steps: int) -> tuple[torch.Tensor, ...]:
-        if num_steps not in self._schedules:
-            self._schedules[num_steps] = self.fast.step_schedule(num_steps)
-        return self._schedules[num_steps]
+        """The step schedule's constants for `num_steps`, with the fused kernels' extras when they run."""
+        key = (num_steps, self.expert_path)
+        if key not in self._schedules:
+            schedule = self.fast.step_schedule(num_steps)
+            self._schedules[key] = self.expert_kernels.schedule(schedule) if self.expert_kernels else schedule
+        return self._schedules[key]
 
     # --- the three stages as closures over static buffers
 
@@ -229,9 +269,11 @@ class Pi05Pipeline:
         keys = [k[:, :, :total] for k in self.d_keys]
         values = [v[:, :, :total] for v in self.d_values]
 
+        loop = self.expert_kernels or self.fast
+
         def run() -> None:
             self.d_x.copy_(self.d_noise)  # the noise buffer stays intact: warm-up and replays start alike
-            self.fast.denoise(self.d_x, self.d_n_valid, keys, values, schedule)
+            loop.denoise(self.d_x, self.d_n_valid, keys, values, schedule)
 
         return run
 
@@ -248,6 +290,19 @@ class Pi05Pipeline:
             self.setup_times["capture"] += time.perf_counter() - start
             log.info("captured CUDA graph %s in %.2f s", key, time.perf_counter() - start)
         return graph.replay
+
+    def _denoise_stage(self, num_steps: int, views: int) -> Callable[[], None]:
+        key = ("denoise", num_steps, views, self.expert_path)
+        if self.expert_kernels is None:
+            return self._stage(key, lambda: self._denoise_fn(num_steps, views))
+        try:
+            return self._stage(key, lambda: self._denoise_fn(num_steps, views))
+        except Exception as exc:  # a Triton build or launch failure on this GPU: keep serving on the torch path
+            log.warning("the fused expert kernels failed on this GPU (%s: %s); the denoise loop runs on the torch "
+                        "path from now on", type(exc).__name__, exc)
+            self.expert_kernels = None
+            torch.cuda.synchronize()
+            return self._stage(("denoise", num_steps, views, "torch"), lambda: self._denoise_fn(num_steps, views))
 
     # --- Runner protocol
 
@@ -271,7 +326,7 @@ class Pi05Pipeline:
         self.h_n_valid.fill_(n_views * self.cfg.vision.num_patches + len(ids))
         vision = self._stage(("vision", n_views), lambda: self._vision_fn(n_views))
         prefill = self._stage(("prefill", n_views, text_len), lambda: self._prefill_fn(n_views, text_len))
-        denoise = self._stage(("denoise", num_steps, n_views), lambda: self._denoise_fn(num_steps, n_views))
+        denoise = self._denoise_stage(num_steps, n_views)
         host_ms = (time.perf_counter() - host_start) * 1e3
         ev = self._events
         ev[0].record()
