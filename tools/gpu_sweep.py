@@ -24,6 +24,7 @@ from pi05_ros.engine.config import PRESETS
 from pi05_ros.engine.demo import random_model
 from pi05_ros.engine.fast.build import build_fast_runner
 from pi05_ros.engine.fast.calibration import synthetic_observations
+from pi05_ros.engine.fast.kernels.expert import KernelConfig
 from pi05_ros.engine.fast.pipeline import FP8_ALL_LAYERS, FP8_DEFAULT_LAYERS, Pi05Pipeline
 from pi05_ros.engine.reference import Pi05Model
 from pi05_ros.engine.runner import PreparedObservation, ReferenceRunner
@@ -38,6 +39,9 @@ PROFILE_VARIANTS = {
     "fp8": {"precision": "fp8"},
     "fp8-all": {"precision": "fp8", "fp8_layers": FP8_ALL_LAYERS},
     "fp8-vision": {"precision": "fp8", "fp8_vision": True},
+    "fp8-torch-expert": {"precision": "fp8", "expert_kernels": "off"},
+    # the fused expert kernels without programmatic dependent launch: kernel durations that do not overlap
+    "fp8-nopdl": {"precision": "fp8", "expert_kernel_config": KernelConfig(pdl=False)},
 }
 FP8_SETS = {
     "prefix_mlp (default)": FP8_DEFAULT_LAYERS,

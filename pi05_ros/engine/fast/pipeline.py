@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,6 +37,9 @@ from pi05_ros.engine.fast.blocks import FastModel, prefix_capacity
 from pi05_ros.engine.fast.calibration import SYNTHETIC_COUNT, record_input_amax, synthetic_observations
 from pi05_ros.engine.reference import Pi05Model
 from pi05_ros.engine.runner import PreparedObservation
+
+if TYPE_CHECKING:
+    from pi05_ros.engine.fast.kernels.expert import KernelConfig
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +118,7 @@ class Pi05Pipeline:
         fp8_vision_layers: tuple[str, ...] = FP8_VISION_LAYERS,
         release_reference: bool = False,
         expert_kernels: str = "auto",
+        expert_kernel_config: KernelConfig | None = None,
     ) -> None:
         if expert_kernels not in EXPERT_KERNELS:
             raise ValueError(f"expert_kernels must be one of {', '.join(EXPERT_KERNELS)}, got {expert_kernels!r}")
@@ -174,7 +179,7 @@ class Pi05Pipeline:
             else:
                 from pi05_ros.engine.fast.kernels.expert import ExpertKernels
 
-                self.expert_kernels = ExpertKernels(self.fast)
+                self.expert_kernels = ExpertKernels(self.fast, expert_kernel_config)
         self.setup_times["capture"] = 0.0  # includes torch.compile's first compilation of each stage
 
     @property
