@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pi05_ros.engine.action_space import ABSOLUTE, ActionSpace
 from pi05_ros.engine.checkpoint import CheckpointInfo, load_model
 from pi05_ros.engine.config import PRESETS, Pi05Config
 from pi05_ros.engine.errors import CheckpointError, InputError
@@ -120,6 +121,7 @@ class Policy:
         seed: int = 0,
         is_demo: bool = False,
         checkpoint: CheckpointInfo | None = None,
+        action_space: ActionSpace | None = None,
     ) -> None:
         self.model = model
         self.config: Pi05Config = model.cfg
@@ -131,6 +133,12 @@ class Policy:
         if not 1 <= self.action_dof <= self.config.action_dim:
             raise CheckpointError(f"action_dim {self.action_dof} must be within 1..{self.config.action_dim}")
         self.state_dim = norm_stats.state.dim
+        # what the action columns mean; absolute positions unless the checkpoint or the caller says otherwise
+        self.action_space = action_space or ActionSpace.uniform(ABSOLUTE, self.action_dof)
+        if self.action_space.dof != self.action_dof:
+            raise CheckpointError(f"the action space describes {self.action_space.dof} columns but the policy "
+                                  f"outputs {self.action_dof}; give one kind per action column")
+        self.action_space.check_state(self.state_dim)
         self.is_demo = is_demo
         self.checkpoint = checkpoint
         self.seed = seed
@@ -207,7 +215,7 @@ class Policy:
         fast pipeline beside its reference baseline). Its noise starts again from the seed."""
         return Policy(self.model, self.tokenizer, self.norm_stats, precision=precision or self.precision,
                       runner=runner, action_dim=self.action_dof, seed=self.seed, is_demo=self.is_demo,
-                      checkpoint=self.checkpoint)
+                      checkpoint=self.checkpoint, action_space=self.action_space)
 
     def recorded_observations(self, folder: str | Path) -> list[PreparedObservation]:
         """The observations recorded in `folder` (engine/recordings.py), prepared for a runner (FP8 calibration)."""
@@ -300,10 +308,12 @@ class Policy:
         timings.update(run_timings)
         post_start = time.perf_counter()
         actions = self.norm_stats.unnormalize_actions(normalized[:, : self.action_dof])
+        state = np.asarray(state, dtype=np.float32)
+        actions = self.action_space.to_robot(actions, state)
         end = time.perf_counter()
         timings["postprocess"] = (end - post_start) * 1e3
         timings["total"] = (end - start) * 1e3
         self._stats.add(timings)
         return ActionChunk(np.ascontiguousarray(actions, dtype=np.float32), num_steps, timings,
-                           int(obs.token_mask.sum()))
+                           int(obs.token_mask.sum()), self.action_space, state.copy())
 

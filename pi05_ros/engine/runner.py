@@ -23,6 +23,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from pi05_ros.engine.action_space import ActionSpace
 from pi05_ros.engine.preprocess import to_model_range
 from pi05_ros.engine.reference import ModelInputs, Pi05Model
 from pi05_ros.engine.timing import StageClock
@@ -32,10 +33,12 @@ from pi05_ros.engine.timing import StageClock
 class ActionChunk:
     """One inference's result."""
 
-    actions: np.ndarray  # [horizon, action_dof] float32, robot units
+    actions: np.ndarray  # [horizon, action_dof] float32, robot units (delta columns already made positions)
     num_steps: int
     timings: dict[str, float] = field(default_factory=dict)  # stage -> milliseconds
     num_prompt_tokens: int = 0
+    action_space: ActionSpace | None = None  # what each column means (engine/action_space.py)
+    state: np.ndarray | None = None  # the observed state the chunk was computed from (robot units)
 
 
 @dataclass
