@@ -274,10 +274,13 @@ def _cpu_name() -> str:
 
 def collect_platform(device: torch.device) -> dict[str, Any]:
     repo = Path(__file__).resolve().parents[2]
-    # PI05_GIT_COMMIT: for copies of the tree without .git (e.g. a GPU machine that receives the files only)
-    commit = _command_output(["git", "rev-parse", "--short", "HEAD"], cwd=repo) or os.environ.get("PI05_GIT_COMMIT")
-    if commit and _command_output(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo):
-        commit += " (uncommitted changes)"
+    # PI05_GIT_COMMIT names the commit of a copied tree whose .git is absent or stale (a GPU machine that
+    # receives the working tree's files); it wins over what git says there.
+    commit = os.environ.get("PI05_GIT_COMMIT")
+    if not commit:
+        commit = _command_output(["git", "rev-parse", "--short", "HEAD"], cwd=repo)
+        if commit and _command_output(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo):
+            commit += " (uncommitted changes)"
     info: dict[str, Any] = {
         "torch": torch.__version__, "triton": _version("triton"), "numpy": np.__version__,
         "python": platform.python_version(), "os": platform.platform(), "cpu": _cpu_name(),

@@ -35,6 +35,8 @@ from pi05_ros.engine.tokenizer import PromptTokenizer
 
 log = logging.getLogger(__name__)
 
+EXPERT_KERNELS = ("auto", "on", "off")  # Pi05Pipeline's choices for the denoise loop (engine/fast/pipeline.py)
+
 MAX_DENOISE_STEPS = 100
 PRECISIONS = ("fp32", "bf16", "fp8")
 _PRECISION_ALIASES = {"float32": "fp32", "fp32": "fp32", "bfloat16": "bf16", "bf16": "bf16", "fp8": "fp8"}
@@ -163,14 +165,18 @@ class Policy:
         runner: str = "auto",
         keep_reference: bool = False,
         calibration_data: str | Path | None = None,
+        expert_kernels: str = "auto",
     ) -> Policy:
         """Load an openpi or LeRobot Pi0.5 checkpoint. `norm_stats` is a norm_stats.json path or an asset id.
 
         On a GPU the fast pipeline runs (bf16/fp8); its FP8 scales are calibrated on the first start and saved
         beside the checkpoint (`pi05_ros_fp8_calibration.json`) so later starts skip calibration. They come
         from synthetic observations, or from the robot's own recordings with `calibration_data=<folder>` (see
-        engine/recordings.py); delete the saved file to calibrate again.
+        engine/recordings.py); delete the saved file to calibrate again. `expert_kernels` ("auto", "on", "off")
+        chooses the fused Triton kernels for the denoise loop (auto: on Hopper, where they were measured).
         """
+        if expert_kernels not in EXPERT_KERNELS:
+            raise CheckpointError(f"expert_kernels must be one of {', '.join(EXPERT_KERNELS)}, got {expert_kernels!r}")
         dev = resolve_device(device)
         prec = resolve_precision(precision, dev)
         model, info = load_model(checkpoint, config_preset=config_preset, device=dev,
@@ -186,7 +192,8 @@ class Policy:
                 return policy.recorded_observations(calibration_data)
 
         policy.runner = make_runner(model, prec, runner, scales_file=scales_path(info.path),
-                                    keep_reference=keep_reference, calibration_observations=recorded)
+                                    keep_reference=keep_reference, calibration_observations=recorded,
+                                    expert_kernels=expert_kernels)
         log.info("loaded %s", policy.describe())
         return policy
 
