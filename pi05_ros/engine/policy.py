@@ -3,6 +3,7 @@
     policy = Policy.load("/ckpt/pi05_droid", "/tok/paligemma_tokenizer.model")
     chunk = policy.infer({"base_0_rgb": img, "left_wrist_0_rgb": wrist}, state, "put the cup in the sink")
     chunk.actions  # [horizon, robot dof] float32
+    chunks = policy.infer_batch([RawObservation(images, state, prompt), ...])  # one model batch, one chunk per row
 
 It owns the steps around the network: image resize-with-pad, state normalization, prompt tokenization,
 noise, and un-normalization. The network itself runs on a *runner*: the plain PyTorch reference (any device)
@@ -13,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,11 @@ MAX_DENOISE_STEPS = 100
 PRECISIONS = ("fp32", "bf16", "fp8")
 _PRECISION_ALIASES = {"float32": "fp32", "fp32": "fp32", "bfloat16": "bf16", "bf16": "bf16", "fp8": "fp8"}
 RUNNERS = ("auto", "fast", "reference")
+
+
+def check_num_steps(num_steps: int) -> None:
+    if not isinstance(num_steps, int) or not 1 <= num_steps <= MAX_DENOISE_STEPS:
+        raise InputError(f"num_steps must be an integer in 1..{MAX_DENOISE_STEPS}, got {num_steps!r}")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -106,6 +113,16 @@ def make_runner(model: Pi05Model, precision: str, runner: str = "auto", *, scale
 
     return build_fast_runner(model, precision, scales_file=scales_file, release_reference=not keep_reference,
                              calibration_observations=calibration_observations, **fast_options)
+
+
+@dataclass
+class RawObservation:
+    """One observation in robot units, as `Policy.infer` takes it (for `infer_batch`)."""
+
+    images: Mapping[str, np.ndarray]  # model slot -> uint8 HxWx3 RGB, any size
+    state: np.ndarray
+    prompt: str
+    noise: np.ndarray | None = None  # [horizon, action_dim]; None: drawn from the policy's seeded generator
 
 
 class Policy:
@@ -306,17 +323,15 @@ class Policy:
     def infer(self, images: Mapping[str, np.ndarray], state: np.ndarray, prompt: str, num_steps: int = 10,
               noise: np.ndarray | None = None) -> ActionChunk:
         """Actions for one observation. Raises InputError for input the model cannot use."""
-        if not isinstance(num_steps, int) or not 1 <= num_steps <= MAX_DENOISE_STEPS:
-            raise InputError(f"num_steps must be an integer in 1..{MAX_DENOISE_STEPS}, got {num_steps!r}")
+        check_num_steps(num_steps)
         start = time.perf_counter()
         obs = self.prepare(images, state, prompt, noise)
         timings = {"preprocess": (time.perf_counter() - start) * 1e3}
         normalized, run_timings = self.runner.run(obs, num_steps)
         timings.update(run_timings)
         post_start = time.perf_counter()
-        actions = self.norm_stats.unnormalize_actions(normalized[:, : self.action_dof])
         state = np.asarray(state, dtype=np.float32)
-        actions = self.action_space.to_robot(actions, state)
+        actions = self.robot_actions(normalized, state)
         end = time.perf_counter()
         timings["postprocess"] = (end - post_start) * 1e3
         timings["total"] = (end - start) * 1e3
@@ -324,3 +339,54 @@ class Policy:
         return ActionChunk(np.ascontiguousarray(actions, dtype=np.float32), num_steps, timings,
                            int(obs.token_mask.sum()), self.action_space, state.copy())
 
+    def robot_actions(self, normalized: np.ndarray, state: np.ndarray) -> np.ndarray:
+        """A runner's normalized actions [horizon, action_dim] -> robot units [horizon, action dof] (un-normalized,
+        delta columns made positions with the observed `state`)."""
+        actions = self.norm_stats.unnormalize_actions(normalized[:, : self.action_dof])
+        return self.action_space.to_robot(actions, state)
+
+    def infer_batch(self, observations: Sequence[RawObservation], num_steps: int = 10) -> list[ActionChunk]:
+        """Actions for several observations run as one batch (per-row prompts, views and noise), one chunk per
+        row in order. Raises InputError naming the first observation the model cannot use."""
+        check_num_steps(num_steps)
+        if not observations:
+            raise InputError("infer_batch needs at least one observation")
+        prepared, preprocess_ms = [], []
+        for row, obs in enumerate(observations):
+            start = time.perf_counter()
+            try:
+                prepared.append(self.prepare(obs.images, obs.state, obs.prompt, obs.noise))
+            except InputError as exc:
+                raise InputError(f"observation {row}: {exc}") from exc
+            preprocess_ms.append((time.perf_counter() - start) * 1e3)
+        return self.infer_prepared_batch(prepared, [obs.state for obs in observations], num_steps, preprocess_ms)
+
+    def infer_prepared_batch(self, prepared: Sequence[PreparedObservation], states: Sequence[np.ndarray],
+                             num_steps: int = 10, preprocess_ms: Sequence[float] | None = None) -> list[ActionChunk]:
+        """`infer_batch` for rows already made by `prepare` (a server prepares each row on its own, so that one
+        client's bad input fails that client only). `states` are the rows' observed states (robot units) and
+        `preprocess_ms` what each row's `prepare` took.
+
+        Each chunk's timings: its own `preprocess` and `postprocess`, the batch's runner stages (shared by the
+        rows), and `total` = its preprocess + the batch's run and postprocess.
+        """
+        check_num_steps(num_steps)
+        if len(prepared) != len(states) or (preprocess_ms is not None and len(preprocess_ms) != len(prepared)):
+            raise ValueError("infer_prepared_batch needs one state (and one preprocess time) per prepared row")
+        if not prepared:
+            raise InputError("infer_prepared_batch needs at least one observation")
+        start = time.perf_counter()
+        normalized, run_timings = self.runner.run_batch(prepared, num_steps)
+        chunks = []
+        for row, (obs, state) in enumerate(zip(prepared, states, strict=True)):
+            post_start = time.perf_counter()
+            state = np.asarray(state, dtype=np.float32)
+            actions = self.robot_actions(normalized[row], state)
+            end = time.perf_counter()
+            preprocess = preprocess_ms[row] if preprocess_ms is not None else 0.0
+            timings = {"preprocess": preprocess, **run_timings, "postprocess": (end - post_start) * 1e3,
+                       "total": preprocess + (end - start) * 1e3}
+            self._stats.add(timings)
+            chunks.append(ActionChunk(np.ascontiguousarray(actions, dtype=np.float32), num_steps, timings,
+                                      int(obs.token_mask.sum()), self.action_space, state.copy()))
+        return chunks

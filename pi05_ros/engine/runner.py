@@ -13,10 +13,15 @@ Stage names mean one thing whichever runner reports them:
 - fast path only: `host_staging` (token-row gather, images and noise into pinned buffers), `host_copy_in`,
   `host_copy_out`, and the parts `vision_per_view` (vision / views) and `denoise_step` (denoise / steps).
 `Policy` adds `preprocess`, `postprocess` and `total`.
+
+`run_batch` runs several observations at once (a server's dynamic batch): actions [B, horizon, action_dim] and
+one set of stage timings for the whole batch. The reference runs the B rows as one model batch; a runner that
+cannot batch yet loops `run` over the rows (`run_rows`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -62,6 +67,24 @@ class Runner(Protocol):
 
     def run(self, obs: PreparedObservation, num_steps: int) -> tuple[np.ndarray, dict[str, float]]: ...
 
+    def run_batch(self, observations: Sequence[PreparedObservation],
+                  num_steps: int) -> tuple[np.ndarray, dict[str, float]]: ...
+
+
+def run_rows(runner: Runner, observations: Sequence[PreparedObservation],
+             num_steps: int) -> tuple[np.ndarray, dict[str, float]]:
+    """`run_batch` for a runner that runs one observation at a time: `run` per row, actions stacked, each stage's
+    milliseconds summed over the rows (the time the batch spent in it)."""
+    if not observations:
+        raise ValueError("run_batch needs at least one observation")
+    rows, timings = [], {}
+    for obs in observations:
+        actions, row_timings = runner.run(obs, num_steps)
+        rows.append(actions)
+        for stage, ms in row_timings.items():
+            timings[stage] = timings.get(stage, 0.0) + ms
+    return np.stack(rows), timings
+
 
 class ReferenceRunner:
     """The plain PyTorch model, synchronizing at stage ends to time them."""
@@ -73,20 +96,30 @@ class ReferenceRunner:
         self.model = model
 
     def run(self, obs: PreparedObservation, num_steps: int) -> tuple[np.ndarray, dict[str, float]]:
+        actions, timings = self.run_batch([obs], num_steps)
+        return actions[0], timings
+
+    def run_batch(self, observations: Sequence[PreparedObservation],
+                  num_steps: int) -> tuple[np.ndarray, dict[str, float]]:
+        """The rows as one model batch: each keeps its own views, prompt length and noise (Pi05Model packs every
+        row's valid tokens and masks the rest)."""
+        if not observations:
+            raise ValueError("run_batch needs at least one observation")
         device = self.model.device
         clock = StageClock(device)
         size = self.model.cfg.vision.image_size
-        images = np.stack([to_model_range(im) if im is not None else np.full((3, size, size), -1.0, np.float32)
-                           for im in obs.images])
+        masked = np.full((3, size, size), -1.0, np.float32)
+        images = np.stack([np.stack([to_model_range(im) if im is not None else masked for im in obs.images])
+                           for obs in observations])
         inputs = ModelInputs(
-            images=torch.from_numpy(images)[None],
-            image_masks=torch.tensor([[im is not None for im in obs.images]]),
-            tokens=torch.from_numpy(obs.tokens)[None],
-            token_mask=torch.from_numpy(obs.token_mask)[None],
-            noise=torch.from_numpy(obs.noise)[None].to(device),
+            images=torch.from_numpy(images),
+            image_masks=torch.tensor([[im is not None for im in obs.images] for obs in observations]),
+            tokens=torch.from_numpy(np.stack([obs.tokens for obs in observations])),
+            token_mask=torch.from_numpy(np.stack([obs.token_mask for obs in observations])),
+            noise=torch.from_numpy(np.stack([obs.noise for obs in observations])).to(device),
         )
         actions = self.model.sample_actions(inputs, num_steps, hook=clock.mark)
-        out = actions[0].cpu().numpy()
+        out = actions.cpu().numpy()
         timings = clock.finish()
         timings.pop("total")
         return out, timings

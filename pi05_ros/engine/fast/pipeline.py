@@ -20,13 +20,16 @@ The denoise loop runs on the fused expert kernels (engine/fast/kernels/expert.py
 expert layer) where they have been measured to pay, Hopper (SM 9.0); elsewhere, or with
 `expert_kernels="off"`, on the torch.compile'd layer functions. A kernel path that fails to build falls back to
 the torch path with a warning.
+
+Batch 1 only for now: `run_batch` runs the rows one after another through the batch-1 graphs (`run_rows`), so a
+server's dynamic batches work on every runner; graphs per batch bucket, the rows travelling as data, come next.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -36,7 +39,7 @@ from pi05_ros.engine.fast import kernels
 from pi05_ros.engine.fast.blocks import FastModel, prefix_capacity
 from pi05_ros.engine.fast.calibration import SYNTHETIC_COUNT, record_input_amax, synthetic_observations
 from pi05_ros.engine.reference import Pi05Model
-from pi05_ros.engine.runner import PreparedObservation
+from pi05_ros.engine.runner import PreparedObservation, run_rows
 
 if TYPE_CHECKING:
     from pi05_ros.engine.fast.kernels.expert import KernelConfig
@@ -355,3 +358,13 @@ class Pi05Pipeline:
         timings["vision_per_view"] = timings["vision"] / n_views
         timings["denoise_step"] = timings["denoise"] / num_steps
         return self.h_actions.numpy().copy(), timings
+
+    def run_batch(self, observations: Sequence[PreparedObservation],
+                  num_steps: int) -> tuple[np.ndarray, dict[str, float]]:
+        """The rows one after another through the batch-1 graphs (see the module docstring): each stage's time is
+        summed over the rows; `vision_per_view` and `denoise_step` are recomputed from those sums."""
+        actions, timings = run_rows(self, observations, num_steps)
+        views = sum(im is not None for obs in observations for im in obs.images)
+        timings["vision_per_view"] = timings["vision"] / views
+        timings["denoise_step"] = timings["denoise"] / num_steps
+        return actions, timings
