@@ -41,6 +41,10 @@ REQUIREMENTS=(
   opencv-python-headless==5.0.0.93
   matplotlib==3.11.2
   tqdm==4.70.1
+  websockets==17.4
+  msgpack==1.2.4
+  'ray[serve]==2.60.0'
+  fastapi==0.165.0
   pytest==9.2.0
   pytest-timeout==2.4.0
   ruff==0.17.6

@@ -6,6 +6,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 bash scripts/setup.sh
+# The real openpi client in its own venv (numpy < 2) for the serving tests; a no-op when it is up to date.
+PI05_OPENPI_CLIENT_PYTHON="$(bash scripts/openpi_client_env.sh | tail -1)"
+export PI05_OPENPI_CLIENT_PYTHON
 # shellcheck disable=SC1091
 source scripts/env.sh
 # A random domain keeps parallel runs on one machine (two checkouts, CI beside a developer) apart.
