@@ -3,9 +3,10 @@
 #   1. .venv (python3.11) with every pinned dependency, installed in ONE pip call (see ROS2_WHEELS.md:
 #      torch needs setuptools>=77.0.3, colcon-core needs <80; a second pip call can break that pair),
 #   2. the CMake path fix for the ROS wheels,
-#   3. `pip install -e .` (no deps) so pi05-info / pi05-bench exist in the venv,
+#   3. `pip install -e .` (no deps) so pi05-info / pi05-bench / pi05-serve exist in the venv (again when
+#      setup.cfg changes),
 #   4. colcon build of this package (messages included) into ./build and ./install.
-# Steps 1-3 are skipped when .venv already matches the pinned list.
+# Steps 1-2 are skipped when .venv already matches the pinned list, step 3 when setup.cfg is unchanged.
 set -eo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -84,9 +85,15 @@ for path in (venv / "share").rglob("*.cmake"):
     fixed += 1
 print(f"[setup] fixed build-machine include paths in {fixed} CMake files")
 PY
-  # Editable, no deps: adds the console scripts without letting pip re-resolve the pinned set.
-  "$VENV/bin/python" -m pip install --quiet --no-input --no-deps --no-build-isolation -e "$ROOT"
   echo "$WANTED" > "$STAMP"
+fi
+# Editable, no deps: adds the console scripts without letting pip re-resolve the pinned set. Again whenever
+# setup.cfg changes (a new console script), which the requirements stamp above does not see.
+PACKAGE_STAMP="$VENV/.pi05_package"
+PACKAGE_WANTED="$(sha256sum "$ROOT/setup.cfg" | cut -d' ' -f1)"
+if [[ ! -f "$PACKAGE_STAMP" || "$(cat "$PACKAGE_STAMP")" != "$PACKAGE_WANTED" ]]; then
+  "$VENV/bin/python" -m pip install --quiet --no-input --no-deps --no-build-isolation -e "$ROOT"
+  echo "$PACKAGE_WANTED" > "$PACKAGE_STAMP"
 fi
 
 # colcon skips hidden folders while crawling, so this link lets it see the repository root as a package

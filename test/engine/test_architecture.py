@@ -1,6 +1,7 @@
 """The import rules of docs/architecture.md, read from the source with `ast` (imports inside functions and under
-TYPE_CHECKING count too): the engine knows no ROS, the fast wing never imports the policy, the runner contract
-sits below both, and no two modules of the package import each other, directly or around a circle."""
+TYPE_CHECKING count too): the engine knows no ROS and no server, the fast wing never imports the policy, the runner
+contract sits below both, the server knows no ROS and only its Ray module knows Ray, and no two modules of the
+package import each other, directly or around a circle."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2] / "pi05_ros"
 ROS_PACKAGES = {"rclpy", "rcl_interfaces", "rosidl_runtime_py", "rosidl_parser", "ament_index_python", "launch",
                 "launch_ros", "std_msgs", "sensor_msgs", "diagnostic_msgs", "trajectory_msgs", "builtin_interfaces",
                 "geometry_msgs", "lifecycle_msgs", "action_msgs"}
+# Ray Serve and the web framework it carries: only pi05_ros.serve.ray_app may import them.
+RAY_PACKAGES = {"ray", "fastapi", "starlette", "uvicorn"}
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -93,12 +96,23 @@ def offenders(graph: dict[str, set[str]], importers: str, forbidden: Iterable[st
 def graph() -> dict[str, set[str]]:
     found = import_graph()
     assert {"pi05_ros.engine.policy", "pi05_ros.engine.runner", "pi05_ros.engine.fast.pipeline",
-            "pi05_ros.ros.node"} <= set(found)
+            "pi05_ros.ros.node", "pi05_ros.serve.service", "pi05_ros.serve.ray_app"} <= set(found)
     return found
 
 
 def test_the_engine_never_imports_ros(graph: dict[str, set[str]]) -> None:
-    assert offenders(graph, "pi05_ros.engine", [*ROS_PACKAGES, "pi05_ros.ros", "pi05_ros.msg", "pi05_ros.cli"]) == []
+    assert offenders(graph, "pi05_ros.engine", [*ROS_PACKAGES, "pi05_ros.ros", "pi05_ros.msg", "pi05_ros.cli",
+                                                "pi05_ros.serve", *RAY_PACKAGES]) == []
+
+
+def test_the_server_uses_the_engine_never_ros(graph: dict[str, set[str]]) -> None:
+    assert offenders(graph, "pi05_ros.serve", [*ROS_PACKAGES, "pi05_ros.ros", "pi05_ros.msg", "pi05_ros.cli"]) == []
+
+
+def test_only_the_ray_module_imports_ray(graph: dict[str, set[str]]) -> None:
+    """The one-process server and RemotePolicy run where Ray is not installed."""
+    others = {name: targets for name, targets in graph.items() if name != "pi05_ros.serve.ray_app"}
+    assert offenders(others, "pi05_ros", RAY_PACKAGES) == []
 
 
 def test_the_fast_wing_never_imports_the_policy(graph: dict[str, set[str]]) -> None:

@@ -1,0 +1,152 @@
+"""pi05-serve: a policy server speaking openpi's websocket protocol, so openpi's clients drop in unchanged.
+
+    pi05-serve --checkpoint ~/ckpt/pi05_droid --tokenizer ~/ckpt/paligemma_tokenizer.model --robot droid
+    pi05-serve --demo --port 8000                                  # the random-weight demo model
+    pi05-serve --checkpoint ... --tokenizer ... --ray --replicas 8  # Ray Serve: one replica per GPU
+
+Observations from several clients that arrive within --batch-window-ms run as one batch (at most --max-batch).
+The protocol, the layouts and the limits: docs/serving.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from pi05_ros.engine.errors import Pi05Error
+
+log = logging.getLogger("pi05-serve")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pi05-serve", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    model = parser.add_argument_group("model")
+    model.add_argument("--checkpoint", help="openpi or LeRobot Pi0.5 checkpoint directory")
+    model.add_argument("--tokenizer", help="PaliGemma's paligemma_tokenizer.model")
+    model.add_argument("--demo", action="store_true", help="serve the built-in random-weight demo model")
+    model.add_argument("--norm-stats", help="norm_stats.json, LeRobot processor .safetensors or asset id")
+    model.add_argument("--config-preset",
+                       help="pi05, pi05_droid, pi05_libero or tiny (for checkpoints without config.json)")
+    model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    model.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp8")
+    model.add_argument("--action-dim", type=int, help="the robot's action columns (default: the norm stats')")
+    model.add_argument("--seed", type=int, default=0,
+                       help="seed of the server's noise generator (requests without noise or noise_seed)")
+    model.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    protocol = parser.add_argument_group("protocol")
+    protocol.add_argument("--robot", default="pi05_ros",
+                          help="observation layout at '/': droid, libero, aloha, pi05_ros, or a layout .json file "
+                               "(every built-in one is also at '/<name>')")
+    protocol.add_argument("--num-steps", type=int, default=10, help="denoise steps (a request may set num_steps)")
+    protocol.add_argument("--default-prompt", help="task prompt for observations without one (openpi's ALOHA clients)")
+    protocol.add_argument("--metadata", default="{}",
+                          help="JSON object added to the metadata frame, e.g. "
+                               "'{\"reset_pose\": [0, -1.5, 1.5, 0, 0, 0]}'")
+    network = parser.add_argument_group("network and limits")
+    network.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    network.add_argument("--port", type=int, default=8000, help="port (0: a free one, printed at start)")
+    network.add_argument("--batch-window-ms", type=float, default=5.0,
+                         help="how long the oldest waiting request waits for others to batch with")
+    network.add_argument("--max-batch", type=int, default=8, help="most observations in one batch")
+    network.add_argument("--max-clients", type=int, default=128, help="most connections at once")
+    network.add_argument("--max-message-mb", type=float, default=10.0, help="largest observation message (MiB)")
+    network.add_argument("--send-timeout-s", type=float, default=10.0,
+                         help="drop a client whose reply cannot be written for this long (it does not read)")
+    ray = parser.add_argument_group("Ray Serve (many GPUs, many hosts)")
+    ray.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment instead of one process")
+    ray.add_argument("--replicas", type=int, default=1, help="Ray replicas (one per GPU)")
+    ray.add_argument("--gpus-per-replica", type=float,
+                     help="GPUs each replica holds (default: 1 when the cluster has GPUs, else 0)")
+    ray.add_argument("--ray-address", help="an existing Ray cluster ('auto' or host:port); default: start one here")
+    ray.add_argument("--ray-batching", choices=("ours", "ray"), default="ours",
+                     help="batching inside a replica: this server's batcher or Ray's @serve.batch")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from pi05_ros.serve.service import ServeSettings
+
+    try:
+        metadata = json.loads(args.metadata)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"pi05-serve: --metadata is not valid JSON ({exc})") from None
+    if not isinstance(metadata, dict):
+        raise SystemExit("pi05-serve: --metadata must be a JSON object")
+    return ServeSettings(num_steps=args.num_steps, window_ms=args.batch_window_ms, max_batch=args.max_batch,
+                         max_clients=args.max_clients, max_message_bytes=int(args.max_message_mb * 2**20),
+                         send_timeout_s=args.send_timeout_s, default_prompt=args.default_prompt, seed=args.seed,
+                         metadata=metadata)
+
+
+def _spec(args: argparse.Namespace) -> Any:
+    from pi05_ros.serve.service import PolicySpec
+
+    if args.demo == bool(args.checkpoint):
+        raise SystemExit("pi05-serve: give --checkpoint DIR --tokenizer FILE, or --demo")
+    return PolicySpec(checkpoint=None if args.demo else str(Path(args.checkpoint).expanduser()),
+                      tokenizer=str(Path(args.tokenizer).expanduser()) if args.tokenizer else None,
+                      norm_stats=args.norm_stats, config_preset=args.config_preset, device=args.device,
+                      precision=args.precision, action_dim=args.action_dim, seed=args.seed, cpu_threads=args.threads)
+
+
+def _layouts(robot: str) -> tuple[dict, str]:
+    from pi05_ros.serve.layouts import BUILT_IN, resolve_layout
+
+    layout = resolve_layout(robot)
+    return {**BUILT_IN, layout.name: layout}, layout.name
+
+
+def _serve_here(args: argparse.Namespace) -> int:
+    from pi05_ros.serve.server import run_server
+    from pi05_ros.serve.service import PolicyService, warm_up
+
+    settings = _settings(args)
+    layouts, default = _layouts(args.robot)
+    policy = _spec(args).load()
+    service = PolicyService(policy, layouts, default, settings)
+    warm_up(policy, settings.num_steps)
+
+    def ready(host: str, port: int) -> None:
+        others = " ".join(f"/{name}" for name in sorted(layouts) if name != default)
+        print(f"pi05-serve: {policy.describe()}", flush=True)
+        print(f"pi05-serve: serving layout '{default}' at ws://{host}:{port}/ (also {others}); "
+              f"health http://{host}:{port}/healthz; batches of up to {settings.max_batch} within "
+              f"{settings.window_ms:g} ms", flush=True)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_server(service, args.host, args.port, stop=stop, on_ready=ready)
+
+    asyncio.run(main())
+    print("pi05-serve: stopped", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.ray:
+            from pi05_ros.serve.ray_app import serve_on_ray
+
+            return serve_on_ray(_spec(args), _settings(args), *_layouts(args.robot), host=args.host, port=args.port,
+                                replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
+                                address=args.ray_address, batching=args.ray_batching)
+        return _serve_here(args)
+    except (Pi05Error, OSError) as exc:
+        print(f"pi05-serve: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""pi05-serve on Ray Serve: one replica per GPU, openpi's websocket protocol at Ray's HTTP ingress.
+
+    pi05-serve --checkpoint ... --tokenizer ... --ray --replicas 8      # every GPU of this host
+    ray start --head; ray start --address HEAD:6379 (on each GPU host)   # a cluster, then on the head:
+    pi05-serve --checkpoint ... --tokenizer ... --ray --ray-address auto --replicas 16 --host 0.0.0.0
+
+Each replica loads the policy and runs the same protocol code as the one-process server (serve/service.py) over
+Starlette's websocket, behind a FastAPI ingress (`/`, `/<layout>`, `GET /healthz`, `GET /stats`). Ray's proxy
+forwards a websocket session to one replica for its whole life, so Ray balances connections (robots) across
+replicas; requests of one connection stay on its replica, where they batch with the other connections'
+(this package's `Batcher`, or Ray's `@serve.batch` with `batching="ray"`).
+
+Every websocket session counts as one of Ray's "ongoing requests" for as long as it is open, so a replica takes
+`max_ongoing_requests` = `max_clients` connections.
+
+No `from __future__ import annotations` in this module: FastAPI resolves the `websocket: WebSocket` parameter from
+its annotation, and a postponed (string) annotation of a name FastAPI cannot resolve makes it close every websocket
+with 1008 (the client sees HTTP 403).
+"""
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from collections.abc import Mapping, Sequence
+
+from fastapi import FastAPI, WebSocket
+from fastapi.responses import JSONResponse, PlainTextResponse
+from ray import serve
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from pi05_ros.serve.batching import BatchResult
+from pi05_ros.serve.layouts import ObservationLayout
+from pi05_ros.serve.service import ConnectionGone, PolicyService, PolicySpec, Row, ServeSettings, warm_up
+
+APP_NAME = "pi05"
+MESSAGE_TOO_BIG = 1009
+BATCHING = ("ours", "ray")
+
+app = FastAPI(title="pi05-serve")
+
+
+class StarletteTransport:
+    """A Starlette websocket as the service's Transport."""
+
+    def __init__(self, websocket: WebSocket, max_message_bytes: int) -> None:
+        self.websocket, self.max_message_bytes = websocket, max_message_bytes
+
+    async def receive(self) -> "bytes | str":
+        message = await self.websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            raise ConnectionGone
+        frame = message.get("bytes")
+        frame = frame if frame is not None else message.get("text", "")
+        if len(frame) > self.max_message_bytes:  # uvicorn has already read it (its own limit is 16 MiB)
+            await self.close(MESSAGE_TOO_BIG, f"message over {self.max_message_bytes} bytes")
+            raise ConnectionGone
+        return frame
+
+    async def send(self, frame: "bytes | str") -> None:
+        try:
+            if isinstance(frame, bytes):
+                await self.websocket.send_bytes(frame)
+            else:
+                await self.websocket.send_text(frame)
+        except (WebSocketDisconnect, RuntimeError, OSError) as exc:
+            raise ConnectionGone from exc
+
+    async def close(self, code: int, reason: str) -> None:
+        if self.websocket.application_state != WebSocketState.DISCONNECTED:
+            try:
+                await self.websocket.close(code, reason)
+            except (RuntimeError, OSError):
+                pass
+
+    def abort(self) -> None:
+        asyncio.get_running_loop().create_task(self.close(1008, "client does not read its replies"))
+
+    async def wait_closed(self) -> None:
+        # Starlette reports a disconnect only through receive(), which the protocol loop owns: never here.
+        await asyncio.Event().wait()
+
+
+@serve.deployment(name="PolicyReplica")
+@serve.ingress(app)
+class PolicyReplica:
+    """One replica: the policy on its device (Ray sets CUDA_VISIBLE_DEVICES per replica) and the protocol."""
+
+    def __init__(self, spec: PolicySpec, settings: ServeSettings, layouts: Mapping[str, ObservationLayout],
+                 default_layout: str, batching: str = "ours") -> None:
+        if batching not in BATCHING:
+            raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
+        self.policy = spec.load()
+        warm_up(self.policy, settings.num_steps)
+        self.settings = settings
+        submit = self._ray_batch if batching == "ray" else None
+        self.service = PolicyService(self.policy, layouts, default_layout, settings, submit=submit)
+        if batching == "ray":
+            self._ray_batch.set_max_batch_size(settings.max_batch)
+            self._ray_batch.set_batch_wait_timeout_s(settings.window_ms / 1e3)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)  # set from the settings in __init__
+    async def _ray_batch(self, rows: Sequence[Row]) -> list:
+        start = time.monotonic()
+        # Ray batches whatever arrives; rows of another step count run as their own batch.
+        by_steps: dict[int, list[int]] = {}
+        for index, row in enumerate(rows):
+            by_steps.setdefault(row.num_steps, []).append(index)
+        values: list = [None] * len(rows)
+        for indices in by_steps.values():
+            group = [rows[i] for i in indices]
+            for i, value in zip(indices, await asyncio.to_thread(self.service.run_rows, group), strict=True):
+                values[i] = value
+        self.service.batcher.batch_sizes[len(rows)] += 1
+        return [BatchResult(value, len(rows), (start - row.submitted) * 1e3) for value, row in zip(values, rows,
+                                                                                                  strict=True)]
+
+    async def _session(self, websocket: WebSocket, path: str) -> None:
+        layout = self.service.layout_for(path)
+        if layout is None or self.service.open_connections >= self.settings.max_clients:
+            await websocket.close(code=1008)  # before accept: the client sees HTTP 403
+            return
+        await websocket.accept()
+        await self.service.serve(StarletteTransport(websocket, self.settings.max_message_bytes), layout)
+
+    @app.websocket("/")
+    async def default_layout(self, websocket: WebSocket) -> None:
+        await self._session(websocket, "/")
+
+    @app.websocket("/{layout}")
+    async def named_layout(self, websocket: WebSocket, layout: str) -> None:
+        await self._session(websocket, layout)
+
+    @app.get("/healthz")
+    def healthz(self) -> PlainTextResponse:
+        return PlainTextResponse("OK\n")
+
+    @app.get("/stats")
+    def stats(self) -> JSONResponse:
+        return JSONResponse(self.service.stats())
+
+
+def build_app(spec: PolicySpec, settings: ServeSettings, layouts: Mapping[str, ObservationLayout],
+              default_layout: str, *, replicas: int = 1, gpus_per_replica: float = 0.0,
+              cpus_per_replica: float = 1.0, batching: str = "ours") -> "serve.Application":
+    """The Serve application: `replicas` copies of the policy, each holding `gpus_per_replica` GPUs."""
+    if replicas < 1:
+        raise ValueError(f"replicas must be >= 1, got {replicas}")
+    return PolicyReplica.options(
+        num_replicas=replicas, max_ongoing_requests=settings.max_clients,
+        ray_actor_options={"num_gpus": gpus_per_replica, "num_cpus": cpus_per_replica},
+    ).bind(spec, settings, dict(layouts), default_layout, batching)
+
+
+def serve_on_ray(spec: PolicySpec, settings: ServeSettings, layouts: Mapping[str, ObservationLayout],
+                 default_layout: str, *, host: str, port: int, replicas: int, gpus_per_replica: "float | None",
+                 address: "str | None", batching: str) -> int:
+    """`pi05-serve --ray`: start (or join) Ray, run the application, serve until SIGINT / SIGTERM."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports leave the machine unless asked
+    ray.init(address=address)
+    if gpus_per_replica is None:
+        gpus_per_replica = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(spec, settings, layouts, default_layout, replicas=replicas, gpus_per_replica=gpus_per_replica,
+                        cpus_per_replica=0.0 if gpus_per_replica else 1.0, batching=batching),
+              name=APP_NAME, route_prefix="/")
+    others = " ".join(f"/{name}" for name in sorted(layouts) if name != default_layout)
+    print(f"pi05-serve: Ray Serve, {replicas} replica(s) with {gpus_per_replica:g} GPU(s) each, {batching} batching; "
+          f"layout '{default_layout}' at ws://{host}:{port}/ (also {others}); health http://{host}:{port}/healthz",
+          flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    serve.shutdown()
+    ray.shutdown()
+    print("pi05-serve: stopped", flush=True)
+    return 0

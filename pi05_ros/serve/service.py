@@ -1,0 +1,323 @@
+"""openpi's policy protocol over one `Policy`, whatever carries the frames (the websockets server of
+serve/server.py, or Ray Serve's FastAPI ingress in serve/ray_app.py).
+
+Per connection:
+1. the server sends one binary frame: msgpack(metadata) (the model, the observation layout, the limits);
+2. then, per request: the client sends msgpack(observation) in a binary frame; the server answers
+   msgpack({"actions": float32 [horizon, action dof], "policy_timing": {...}, "server_timing": {...},
+   "num_prompt_tokens": n});
+3. an error is a text frame with the reason ("InputError: observation/joint_position: ..."), then the server
+   closes the connection with code 1011, as openpi's server does (openpi-client raises RuntimeError with the text).
+
+`policy_timing` holds openpi's `infer_ms` (the policy's total) and this engine's stage milliseconds;
+`server_timing` openpi's `infer_ms` (frame received to reply ready) and, from the second reply of a connection
+on, `prev_total_ms` (the previous request, reply sent included), plus `queue_ms` (waiting for its batch) and
+`batch_size`.
+
+The noise of a request, so that answers can be reproduced: the `noise` key (the array itself), else the
+`noise_seed` key (`seeded_noise(seed, ...)`: numpy's default_rng(seed), float32 standard normal), else the
+server's own generator seeded with `seed` at start, drawn in the order requests arrive (reproducible for one
+client in sequence, not across concurrent clients).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from pi05_ros.engine.errors import InputError
+from pi05_ros.engine.policy import MAX_DENOISE_STEPS, Policy, RawObservation
+from pi05_ros.engine.runner import ActionChunk, PreparedObservation
+from pi05_ros.serve.batching import Batcher, BatchResult, ServerBusy
+from pi05_ros.serve.layouts import ObservationLayout, Request, seeded_noise
+from pi05_ros.serve.wire import WireError, pack, unpack
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "pi05_ros"
+ERROR_CLOSE_CODE = 1011  # internal error: openpi's server closes with it after the error text
+SLOW_CLIENT_CLOSE_CODE = 1008  # policy violation: the client does not read its replies
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """What one server (or one Ray replica) runs with; `pi05-serve --help` describes each."""
+
+    num_steps: int = 10
+    window_ms: float = 5.0
+    max_batch: int = 8
+    max_clients: int = 128
+    max_message_bytes: int = 10 * 2**20
+    send_timeout_s: float = 10.0
+    default_prompt: str | None = None
+    seed: int = 0
+    metadata: Mapping[str, Any] = field(default_factory=dict)  # extra entries of the metadata frame
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_steps <= MAX_DENOISE_STEPS:
+            raise InputError(f"num_steps must be in 1..{MAX_DENOISE_STEPS}, got {self.num_steps}")
+        if self.window_ms < 0 or self.max_batch < 1 or self.max_clients < 1:
+            raise InputError("the batch window must be >= 0 ms, max batch and max clients >= 1")
+        if self.max_message_bytes < 1024 or self.send_timeout_s <= 0:
+            raise InputError("the message limit must be at least 1 KiB and the send timeout positive")
+
+
+class ConnectionGone(Exception):
+    """The client closed the connection or it broke."""
+
+
+class Transport(Protocol):
+    """One client connection, as the service needs it."""
+
+    async def receive(self) -> bytes | str: ...  # raises ConnectionGone
+
+    async def send(self, frame: bytes | str) -> None: ...  # raises ConnectionGone
+
+    async def close(self, code: int, reason: str) -> None: ...
+
+    def abort(self) -> None: ...  # drop the connection without a closing handshake
+
+    async def wait_closed(self) -> None: ...  # returns when the client has gone
+
+
+@dataclass
+class Row:
+    """One prepared request on its way into a batch."""
+
+    prepared: PreparedObservation
+    state: np.ndarray
+    preprocess_ms: float
+    num_steps: int
+    submitted: float = field(default_factory=time.monotonic)
+
+
+Submit = Callable[[Row], Awaitable[BatchResult]]
+
+
+class PolicyService:
+    """The protocol over `policy`: one instance per server or replica, shared by all its connections.
+
+    `layouts` are the observation layouts served (by name; `default_layout` answers clients that name none).
+    `submit` hands a row to the batching (default: this service's own `Batcher`; Ray's `@serve.batch` in
+    serve/ray_app.py); it returns a BatchResult whose value is the row's ActionChunk or an Exception.
+    """
+
+    def __init__(self, policy: Policy, layouts: Mapping[str, ObservationLayout], default_layout: str,
+                 settings: ServeSettings, submit: Submit | None = None) -> None:
+        if default_layout not in layouts:
+            raise InputError(f"default layout {default_layout!r} is not among {list(layouts)}")
+        for layout in layouts.values():
+            layout.check_model(policy.image_keys)
+        self.policy, self.layouts, self.default_layout, self.settings = policy, dict(layouts), default_layout, settings
+        self._noise = np.random.default_rng(settings.seed)
+        # Preprocessing (resize, tokenize) runs beside the batch thread, so it overlaps the running batch.
+        self._prepare_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pi05-prepare")
+        self.batcher = Batcher(self.run_rows, window_s=settings.window_ms / 1e3, max_batch=settings.max_batch,
+                               max_pending=settings.max_clients, group=lambda row: row.num_steps)
+        self._submit: Submit = submit or self.batcher.submit
+        self.open_connections = 0
+        self.counters: Counter[str] = Counter()
+
+    # --- what clients see besides replies
+
+    def layout_for(self, path: str) -> ObservationLayout | None:
+        """The layout a websocket path selects: '/' the default, '/<name>' a named one; None if unknown."""
+        name = path.strip("/") or self.default_layout
+        return self.layouts.get(name)
+
+    def metadata(self, layout: ObservationLayout) -> dict[str, Any]:
+        policy = self.policy
+        space = policy.action_space
+        return {
+            "server": SERVER_NAME,
+            "model": policy.describe(),
+            "config": policy.config.name,
+            "is_demo": policy.is_demo,
+            "precision": policy.precision,
+            "device": policy.device,
+            "image_keys": list(policy.image_keys),
+            "state_dim": policy.state_dim,
+            "action_dof": policy.action_dof,
+            "action_horizon": policy.action_horizon,
+            "action_dim": policy.config.action_dim,  # the noise's second dimension
+            "action_space": {"kinds": list(space.kinds), "joint_space": space.joint_space,
+                             "state_index": list(space.state_index) if space.state_index is not None else None},
+            "num_steps": self.settings.num_steps,
+            "max_denoise_steps": MAX_DENOISE_STEPS,
+            "stage_names": list(policy.stage_names),
+            "layout": layout.describe(),
+            "layouts": sorted(self.layouts),
+            "batching": {"window_ms": self.settings.window_ms, "max_batch": self.settings.max_batch},
+            "max_message_bytes": self.settings.max_message_bytes,
+            **self.settings.metadata,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        return {"connections_open": self.open_connections, "pending": self.batcher.pending,
+                "batch_sizes": {str(k): v for k, v in sorted(self.batcher.batch_sizes.items())},
+                "dropped": self.batcher.dropped, **self.counters}
+
+    # --- one connection
+
+    async def serve(self, transport: Transport, layout: ObservationLayout) -> None:
+        """The protocol loop of one connection, until the client leaves or an error closes it."""
+        self.open_connections += 1
+        self.counters["connections"] += 1
+        try:
+            await self._serve(transport, layout)
+        except ConnectionGone:
+            pass
+        finally:
+            self.open_connections -= 1
+
+    async def _serve(self, transport: Transport, layout: ObservationLayout) -> None:
+        await transport.send(pack(self.metadata(layout)))
+        prev_total_ms: float | None = None
+        while True:
+            frame = await transport.receive()
+            received = time.monotonic()
+            self.counters["requests"] += 1
+            try:
+                reply = await self._answer_unless_gone(transport, frame, layout)
+            except (InputError, WireError, ServerBusy) as exc:  # the client's doing: say what to fix
+                await self._fail(transport, type(exc).__name__, str(exc))
+                return
+            except ConnectionGone:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bug or a device failure: this client hears of it
+                log.exception("request failed")
+                await self._fail(transport, "InternalError", f"{type(exc).__name__}: {exc}")
+                return
+            timing = reply["server_timing"]
+            timing["infer_ms"] = (time.monotonic() - received) * 1e3
+            if prev_total_ms is not None:
+                timing["prev_total_ms"] = prev_total_ms
+            try:
+                await asyncio.wait_for(transport.send(pack(reply)), self.settings.send_timeout_s)
+            except TimeoutError:
+                self.counters["slow_clients_closed"] += 1
+                log.warning("closing a connection that has not read its replies for %.0f s",
+                            self.settings.send_timeout_s)
+                transport.abort()
+                return
+            self.counters["replies"] += 1
+            prev_total_ms = (time.monotonic() - received) * 1e3
+
+    async def _answer_unless_gone(self, transport: Transport, frame: bytes | str,
+                                  layout: ObservationLayout) -> dict[str, Any]:
+        """The reply to `frame`; if the client leaves first, its request is withdrawn (ConnectionGone)."""
+        answer = asyncio.ensure_future(self._answer(frame, layout))
+        gone = asyncio.ensure_future(transport.wait_closed())
+        try:
+            await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not answer.done():
+            answer.cancel()
+            self.counters["abandoned"] += 1
+            raise ConnectionGone
+        return answer.result()
+
+    async def _fail(self, transport: Transport, kind: str, message: str) -> None:
+        self.counters[f"errors_{kind}"] += 1
+        log.info("error reply (%s): %s", kind, message)
+        try:
+            await asyncio.wait_for(transport.send(f"{kind}: {message}"), self.settings.send_timeout_s)
+            await transport.close(ERROR_CLOSE_CODE, "error; the reason is in the previous frame")
+        except (ConnectionGone, TimeoutError):
+            transport.abort()
+
+    async def _answer(self, frame: bytes | str, layout: ObservationLayout) -> dict[str, Any]:
+        if isinstance(frame, str):
+            raise WireError("expected a binary frame holding msgpack (openpi's msgpack-numpy), got a text frame")
+        request = layout.parse(unpack(frame), self.settings.default_prompt)
+        num_steps = request.num_steps or self.settings.num_steps
+        noise = self._noise_for(request)
+        prepared, preprocess_ms = await asyncio.get_running_loop().run_in_executor(
+            self._prepare_pool, self._prepare, request, noise)
+        result = await self._submit(Row(prepared, request.state, preprocess_ms, num_steps))
+        if isinstance(result.value, BaseException):
+            raise result.value
+        chunk: ActionChunk = result.value
+        return {
+            "actions": chunk.actions,
+            "policy_timing": {"infer_ms": chunk.timings["total"], **chunk.timings},
+            "server_timing": {"queue_ms": result.queue_ms, "batch_size": result.batch_size},
+            "num_prompt_tokens": chunk.num_prompt_tokens,
+        }
+
+    def _noise_for(self, request: Request) -> np.ndarray:
+        if request.noise is not None:
+            return request.noise
+        shape = (self.policy.action_horizon, self.policy.config.action_dim)
+        if request.noise_seed is not None:
+            return seeded_noise(request.noise_seed, *shape)
+        return self._noise.standard_normal(shape, dtype=np.float32)  # drawn on the event loop: arrival order
+
+    def _prepare(self, request: Request, noise: np.ndarray) -> tuple[PreparedObservation, float]:
+        start = time.perf_counter()
+        prepared = self.policy.prepare(request.images, request.state, request.prompt, noise)
+        return prepared, (time.perf_counter() - start) * 1e3
+
+    # --- the batch function (the batch thread)
+
+    def run_rows(self, rows: Sequence[Row]) -> list[ActionChunk | Exception]:
+        """One batch through the policy; if it fails, its rows one by one, so that only a failing row's client
+        hears of it."""
+        try:
+            return list(self.policy.infer_prepared_batch([r.prepared for r in rows], [r.state for r in rows],
+                                                         rows[0].num_steps, [r.preprocess_ms for r in rows]))
+        except Exception as exc:  # noqa: BLE001
+            if len(rows) == 1:
+                return [exc]
+            log.warning("a batch of %d failed (%s: %s); running its rows one by one", len(rows),
+                        type(exc).__name__, exc)
+            return [self.run_rows([row])[0] for row in rows]
+
+    async def close(self) -> None:
+        await self.batcher.close()
+        self._prepare_pool.shutdown(wait=True)
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """How to load the policy: what `pi05-serve` was given, in a form a Ray replica can load it from."""
+
+    checkpoint: str | None = None  # None: the built-in random-weight demo model
+    tokenizer: str | None = None
+    norm_stats: str | None = None
+    config_preset: str | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    action_dim: int | None = None
+    seed: int = 0
+    cpu_threads: int | None = None
+
+    def load(self) -> Policy:
+        if self.cpu_threads:
+            import torch
+
+            torch.set_num_threads(self.cpu_threads)
+        if self.checkpoint is None:
+            return Policy.demo(device=self.device, precision=self.precision, seed=self.seed)
+        if not self.tokenizer:
+            raise InputError("--checkpoint needs --tokenizer (PaliGemma's paligemma_tokenizer.model)")
+        return Policy.load(self.checkpoint, self.tokenizer, norm_stats=self.norm_stats,
+                           config_preset=self.config_preset, device=self.device, precision=self.precision,
+                           action_dim=self.action_dim, seed=self.seed)
+
+
+def warm_up(policy: Policy, num_steps: int) -> None:
+    """One inference before the first client's, so that it does not pay for first-call set-up (CUDA graphs)."""
+    size = policy.config.vision.image_size
+    image = np.zeros((size, size, 3), np.uint8)
+    policy.infer_batch([RawObservation({policy.image_keys[0]: image}, np.zeros(policy.state_dim, np.float32),
+                                       "warm up")], num_steps)
