@@ -93,7 +93,7 @@ class RemotePolicy:
     def _connect(self) -> dict[str, Any]:
         try:
             connection = connect(self.url, compression=None, max_size=self.max_message_bytes,
-                                 open_timeout=self.connect_timeout_s)
+                                 open_timeout=self.connect_timeout_s, legacy=True)  # held open across calls
         except InvalidStatus as exc:
             raise RemotePolicyError(f"the policy server at {self.url} refused the connection: "
                                     f"HTTP {exc.response.status_code} "

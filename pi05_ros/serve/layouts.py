@@ -203,6 +203,8 @@ class ObservationLayout:
             value = str(value)
         if not isinstance(value, str):
             raise InputError(f"{key_name(self.prompt)}: expected a string, got a {type(value).__name__}")
+        if not value.strip():
+            raise InputError(f"{key_name(self.prompt)}: the task prompt is empty; send the task instruction")
         return value
 
     def _options(self, message: dict) -> tuple[np.ndarray | None, int | None, int | None]:

@@ -8,7 +8,9 @@ Memory stays bounded whatever clients do:
 - a message is at most `max_message_bytes` (larger ones close the connection with 1009, "message too big");
 - the server reads a connection's next frame only after answering the last, and buffers at most
   `RECEIVE_QUEUE_FRAMES` frames of it; beyond that it stops reading the socket and TCP holds the sender back;
-- a reply that cannot be written within `send_timeout_s` (a client that does not read) drops the connection;
+- a reply that cannot be written within `send_timeout_s` (a client that does not read) drops the connection; the
+  kernel's send buffer of a connection is fixed at `SEND_BUFFER_BYTES` (replies are a few KiB), so unread replies
+  back up into that timeout instead of into megabytes of autotuned socket buffer;
 - at most `max_clients` connections (checked at each handshake; more get HTTP 503) and a bounded batch queue;
 - a TCP connection that does not finish its websocket handshake within `OPEN_TIMEOUT_S` is dropped, and one that
   stops answering keepalive pings within `PING_INTERVAL_S + PING_TIMEOUT_S`.
@@ -22,6 +24,7 @@ import asyncio
 import http
 import json
 import logging
+import socket
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
@@ -33,7 +36,8 @@ from pi05_ros.serve.service import ConnectionGone, PolicyService
 log = logging.getLogger(__name__)
 
 RECEIVE_QUEUE_FRAMES = 2
-WRITE_LIMIT_BYTES = 64 * 1024
+WRITE_LIMIT_BYTES = 16 * 1024
+SEND_BUFFER_BYTES = 16 * 1024
 OPEN_TIMEOUT_S = 10.0
 CLOSE_TIMEOUT_S = 2.0
 PING_INTERVAL_S = 20.0
@@ -99,6 +103,9 @@ async def run_server(service: PolicyService, host: str, port: int, *, stop: asyn
     async def handler(connection: ServerConnection) -> None:
         layout = service.layout_for(urlsplit(connection.request.path).path)
         assert layout is not None  # process_request answered unknown paths
+        sock = connection.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         await service.serve(WebsocketsTransport(connection), layout)
 
     async with serve(handler, host, port, compression=None, max_size=settings.max_message_bytes,

@@ -1,0 +1,238 @@
+"""Bad input over the wire, against pi05-serve on loopback with real websockets: every frame a client can get wrong
+gets a clear error reply (a text frame, then close 1011), a client that leaves mid-request, 100 clients at once, one
+over the connection limit, one that sends without ever reading. After each, the server still answers the others,
+and its memory stays bounded."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from serve_harness import OneThreadPolicy, RawClient, ServerProcess, droid_observation
+from websockets.exceptions import ConnectionClosedError, InvalidStatus
+from websockets.sync.client import ClientConnection, connect
+
+from pi05_ros.serve.wire import pack, unpack
+
+MAX_MESSAGE_MB = 1
+MAX_CLIENTS = 110
+SEND_TIMEOUT_S = 2
+RNG = np.random.default_rng(7)
+
+
+@pytest.fixture(scope="module")
+def server(start_server, model_args: list[str]) -> ServerProcess:
+    return start_server([*model_args, "--robot", "droid", "--max-message-mb", str(MAX_MESSAGE_MB),
+                         "--max-clients", str(MAX_CLIENTS), "--send-timeout-s", str(SEND_TIMEOUT_S)])
+
+
+def client(server: ServerProcess, path: str = "/") -> ClientConnection:
+    ws = connect(server.url(path), compression=None, max_size=None, open_timeout=60, legacy=True)
+    assert unpack(ws.recv(timeout=60))["server"] == "pi05_ros"  # the metadata frame comes first
+    return ws
+
+
+def answer(server: ServerProcess, obs: dict[str, Any] | None = None) -> dict[str, Any]:
+    with client(server) as ws:
+        ws.send(pack(obs or droid_observation(RNG, seed=1)))
+        reply = ws.recv(timeout=120)
+    assert isinstance(reply, bytes), reply
+    out = unpack(reply)
+    assert out["actions"].shape == (10, 8) and np.isfinite(out["actions"]).all()
+    return out
+
+
+def with_(**changes: Any) -> dict[str, Any]:
+    obs = droid_observation(RNG, seed=3)
+    obs.update(changes)
+    return {k: v for k, v in obs.items() if v is not None}
+
+
+def ndarray_map(data: bytes, dtype: str, shape: list) -> dict:
+    return {b"__ndarray__": True, b"data": data, b"dtype": dtype, b"shape": shape}
+
+
+GOOD = pack(droid_observation(RNG, seed=2))
+IMAGE = "observation/exterior_image_1_left"
+BAD_FRAMES: dict[str, tuple[Callable[[], bytes | str], str]] = {
+    "not msgpack": (lambda: b"\xc1\xc1\xc1", "WireError: the frame is not valid msgpack"),
+    "truncated": (lambda: GOOD[:-100], "WireError: the frame is not valid msgpack"),
+    "trailing bytes": (lambda: GOOD + b"\x00", "WireError: the frame is not valid msgpack (ExtraData"),
+    "text frame": (lambda: "hello", "WireError: expected a binary frame holding msgpack"),
+    "not a map": (lambda: pack([1, 2, 3]), "InputError: an observation must be a map of key -> value, got a list"),
+    "missing key": (lambda: pack(with_(**{"observation/wrist_image_left": None})),
+                    "InputError: missing image key(s) ['observation/wrist_image_left']"),
+    "missing prompt": (lambda: pack(with_(prompt=None)), "InputError: missing the prompt key 'prompt'"),
+    "extra key": (lambda: pack(with_(**{"observation/depth": np.zeros(3)})),
+                  "InputError: unexpected key(s) ['observation/depth'] for layout 'droid'"),
+    "float image": (lambda: pack(with_(**{IMAGE: np.zeros((224, 224, 3), np.float32)})),
+                    f"InputError: {IMAGE}: expected uint8 pixels, got float32"),
+    "grey image": (lambda: pack(with_(**{IMAGE: np.zeros((224, 224), np.uint8)})),
+                   f"InputError: {IMAGE}: expected an HxWx3 RGB image, got shape (224, 224)"),
+    "RGBA image": (lambda: pack(with_(**{IMAGE: np.zeros((224, 224, 4), np.uint8)})),
+                   f"InputError: {IMAGE}: expected an HxWx3 RGB image, got shape (224, 224, 4)"),
+    "channels-first image": (lambda: pack(with_(**{IMAGE: np.zeros((3, 224, 224), np.uint8)})),
+                             f"InputError: {IMAGE}: expected an HxWx3 RGB image, got shape (3, 224, 224), which "
+                             "looks channels-first"),
+    "empty image": (lambda: pack(with_(**{IMAGE: np.zeros((0, 224, 3), np.uint8)})),
+                    f"InputError: {IMAGE}: the image is empty"),
+    "image not an array": (lambda: pack(with_(**{IMAGE: "cat.png"})),
+                           f"InputError: {IMAGE}: expected a uint8 image array, got a str"),
+    "state as text": (lambda: pack(with_(**{"observation/joint_position": "zero"})),
+                      "InputError: observation/joint_position: expected numbers"),
+    "state as a matrix": (lambda: pack(with_(**{"observation/joint_position": np.zeros((7, 2))})),
+                          "InputError: observation/joint_position: expected a vector"),
+    "state too short": (lambda: pack(with_(**{"observation/joint_position": np.zeros(6)})),
+                        "InputError: state has 7 values but the norm stats describe 8"),
+    "NaN state": (lambda: pack(with_(**{"observation/gripper_position": np.array([np.nan])})),
+                  "InputError: state has NaN/inf at index [7]"),
+    "prompt not text": (lambda: pack(with_(prompt=3)), "InputError: prompt: expected a string, got a int"),
+    "empty prompt": (lambda: pack(with_(prompt="  ")), "InputError: prompt: the task prompt is empty"),
+    "array data too short": (lambda: pack(with_(**{IMAGE: ndarray_map(b"123", "|u1", [224, 224, 3])})),
+                             "WireError: array of shape [224, 224, 3] and dtype uint8 needs 150528 bytes, got 3"),
+    "object array": (lambda: pack(with_(**{IMAGE: ndarray_map(b"\0" * 8, "|O", [1])})),
+                     "WireError: arrays of dtype object are not accepted"),
+    "unknown dtype": (lambda: pack(with_(**{IMAGE: ndarray_map(b"", "<q7", [0])})),
+                      "WireError: unknown array dtype '<q7'"),
+    "negative shape": (lambda: pack(with_(**{IMAGE: ndarray_map(b"", "|u1", [-1])})),
+                       "WireError: array shape must be a list of non-negative integers"),
+    "bad seed": (lambda: pack(with_(noise_seed=-1)), "InputError: noise_seed: expected an integer in 0.."),
+    "bad step count": (lambda: pack(with_(num_steps=0)), "InputError: num_steps: expected an integer in 1..100"),
+    "bad noise shape": (lambda: pack(with_(noise_seed=None, noise=np.zeros((3, 3), np.float32))),
+                        "InputError: noise must have shape (10, 32), got (3, 3)"),
+    "noise and seed": (lambda: pack(with_(noise=np.zeros((10, 32), np.float32))),
+                       "InputError: give either noise or noise_seed, not both"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FRAMES))
+def test_a_bad_frame_gets_a_clear_error_then_close_1011(server: ServerProcess, case: str) -> None:
+    make, message = BAD_FRAMES[case]
+    with client(server) as ws:
+        ws.send(make())
+        reply = ws.recv(timeout=60)
+        assert isinstance(reply, str) and reply.startswith(message), reply
+        with pytest.raises(ConnectionClosedError) as closed:
+            ws.recv(timeout=30)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
+    answer(server)  # and everyone else is still served
+
+
+def test_unknown_paths_and_http(server: ServerProcess) -> None:
+    status, body = server.http_get("/no_such_robot")
+    assert status == 404 and "no observation layout at /no_such_robot" in body and "/droid" in body
+    assert server.http_get("/healthz") == (200, "OK\n")
+    assert {"connections_open", "batch_sizes", "requests"} <= set(server.stats())
+
+
+def test_a_message_over_the_limit_closes_that_connection_only(server: ServerProcess) -> None:
+    big = droid_observation(RNG, seed=4, size=(700, 700))  # 2 x 1.4 MiB images, over the 1 MiB limit
+    with client(server) as ws:
+        ws.send(pack(big))
+        with pytest.raises(ConnectionClosedError) as closed:
+            ws.recv(timeout=60)
+    assert closed.value.sent is not None and closed.value.sent.code == 1009  # "message too big"
+    answer(server)
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_clients_that_leave_mid_request(server: ServerProcess) -> None:
+    requests = server.stats().get("requests", 0)
+    with client(server) as ws:  # a clean close right after sending
+        ws.send(GOOD)
+    raw = RawClient(server.host, server.port)  # a dropped socket right after sending, no close frame
+    raw.send_without_reading(GOOD, 1, timeout_s=30)
+    raw.close()
+    half = RawClient(server.host, server.port)  # a socket dropped halfway through a frame
+    half.protocol.send_binary(GOOD)
+    data = b"".join(half.protocol.data_to_send())
+    half.sock.sendall(data[: len(data) // 2])
+    half.close()
+    assert wait_for(lambda: server.stats().get("requests", 0) >= requests + 2)
+    assert wait_for(lambda: server.stats()["connections_open"] == 0)
+    answer(server)
+    assert server.alive()
+
+
+def test_100_clients_connect_at_once_and_each_gets_its_own_answer(server: ServerProcess,
+                                                                  local_policy: OneThreadPolicy) -> None:
+    count = 100
+    rng = np.random.default_rng(8)
+    observations = [droid_observation(rng, seed=100 + i) | {"num_steps": 1} for i in range(count)]
+    replies: list[Any] = [None] * count
+    barrier = threading.Barrier(count)
+
+    def run(i: int) -> None:
+        try:
+            barrier.wait(timeout=120)
+            with client(server) as ws:
+                ws.send(pack(observations[i]))
+                replies[i] = unpack(ws.recv(timeout=240))
+        except Exception as exc:  # noqa: BLE001 - recorded and reported below
+            replies[i] = exc
+
+    rss_before = server.rss_mib()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    failures = [r for r in replies if not isinstance(r, dict)]
+    assert not failures, failures[:3]
+    for obs, reply in zip(observations, replies, strict=True):
+        images = {"base_0_rgb": obs[IMAGE], "left_wrist_0_rgb": obs["observation/wrist_image_left"]}
+        state = np.concatenate([obs["observation/joint_position"], obs["observation/gripper_position"]])
+        noise = np.random.default_rng(obs["noise_seed"]).standard_normal((10, 32), dtype=np.float32)
+        want = local_policy.infer(images, state, obs["prompt"], 1, noise=noise).actions
+        np.testing.assert_allclose(reply["actions"], want, rtol=1e-5, atol=1e-5)  # float32, batched: ~2e-6
+    sizes = {int(size) for size in server.stats()["batch_sizes"]}
+    assert max(sizes) > 1
+    # 100 observations of 300 KB went through; the server keeps none of them
+    assert server.rss_mib() - rss_before < 150
+
+
+def test_a_client_over_the_connection_limit_gets_503(server: ServerProcess) -> None:
+    held = [client(server) for _ in range(MAX_CLIENTS)]
+    try:
+        with pytest.raises(InvalidStatus) as refused:
+            connect(server.url(), open_timeout=60, legacy=True)
+        assert refused.value.response.status_code == 503
+        assert b"the server is full (110 clients)" in refused.value.response.body
+    finally:
+        for ws in held:
+            ws.close()
+    assert wait_for(lambda: server.stats()["connections_open"] == 0)
+    answer(server)
+
+
+def test_a_client_that_never_reads_is_dropped_and_memory_stays_bounded(server: ServerProcess) -> None:
+    # Frames of ~1 MB (two 390x430 images, just under the limit), sent as fast as TCP lets them; replies never read.
+    frame = pack(droid_observation(RNG, seed=9, size=(390, 430)) | {"num_steps": 1})
+    assert len(frame) < MAX_MESSAGE_MB * 2**20
+    rss_before = server.rss_mib()
+    flood = RawClient(server.host, server.port)
+    sent: list[int] = []
+    flooding = threading.Thread(target=lambda: sent.append(flood.send_without_reading(frame, 500, timeout_s=10)))
+    flooding.start()
+    answer(server)  # others are answered meanwhile
+    flooding.join(timeout=240)
+    # The server read a few frames ahead at most, answered them until its unread replies filled the fixed socket
+    # buffer, waited send_timeout_s, and dropped the client: the sender was held back by TCP, then cut off.
+    assert sent and 48 <= sent[0] < 500, sent
+    assert flood.server_closed(within_s=60)
+    flood.close()
+    assert server.stats().get("slow_clients_closed", 0) >= 1
+    assert server.rss_mib() - rss_before < 48  # MiB, while more than 48 MB were sent to it
+    answer(server)
