@@ -1,0 +1,110 @@
+"""The Ray Serve deployment on a real local Ray instance started here (2 CPUs, no GPU): the real openpi client and
+RemotePolicy through Ray's HTTP proxy get the same answers as the local Policy.infer, with this package's batching
+(app at /) and with Ray's @serve.batch (app at /ray)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from serve_harness import OneThreadPolicy, droid_observation, run_openpi_client
+
+from pi05_ros.serve.client import RemotePolicy
+from pi05_ros.serve.layouts import BUILT_IN
+from pi05_ros.serve.service import PolicySpec, ServeSettings
+
+RTOL = ATOL = 1e-5  # float32; rows batched with others differ from batch 1 by ~2e-6 (test/engine/test_batch.py)
+NUM_STEPS = 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_port(droid_checkpoint: Path, serve_tokenizer: Path,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # nothing leaves the machine
+    import ray
+    from ray import serve
+
+    from pi05_ros.serve.ray_app import build_app
+
+    port = free_port()
+    start = time.monotonic()
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20, log_to_driver=False,
+             _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    started = time.monotonic()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    spec = PolicySpec(checkpoint=str(droid_checkpoint), tokenizer=str(serve_tokenizer), device="cpu", cpu_threads=1)
+    settings = ServeSettings(num_steps=NUM_STEPS, window_ms=100.0)  # wide: concurrent clients do batch
+    for name, prefix in (("ours", "/"), ("ray", "/ray")):
+        serve.run(build_app(spec, settings, BUILT_IN, "droid", cpus_per_replica=1.0, batching=name),
+                  name=name, route_prefix=prefix)
+    print(f"ray.init {started - start:.1f} s, serve.start + two serve.run {time.monotonic() - started:.1f} s")
+    try:
+        yield port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def seeded(policy: OneThreadPolicy, obs: dict) -> np.ndarray:
+    images = {"base_0_rgb": obs["observation/exterior_image_1_left"],
+              "left_wrist_0_rgb": obs["observation/wrist_image_left"]}
+    state = np.concatenate([obs["observation/joint_position"], obs["observation/gripper_position"]])
+    noise = np.random.default_rng(obs["noise_seed"]).standard_normal((10, 32), dtype=np.float32)
+    return policy.infer(images, state, obs["prompt"], NUM_STEPS, noise=noise).actions
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=60) as response:
+        return response.status, response.read().decode()
+
+
+@pytest.mark.parametrize("prefix", ["", "/ray"], ids=["our batching", "ray batching"])
+def test_the_openpi_client_through_ray(ray_port: int, prefix: str, local_policy: OneThreadPolicy,
+                                       openpi_client_python: str, tmp_path: Path) -> None:
+    assert get(ray_port, f"{prefix}/healthz") == (200, "OK\n")
+    rng = np.random.default_rng(30)
+    sequence = [droid_observation(rng, "stack the blocks", seed=31), {"observation/state": np.zeros(8)},
+                droid_observation(rng, "push the button", seed=32)]
+    result = run_openpi_client(openpi_client_python, f"ws://127.0.0.1:{ray_port}{prefix}/",
+                               {"mode": "sequence", "observations": sequence}, tmp_path)
+    assert result["metadata"]["server"] == "pi05_ros" and result["metadata"]["layout"]["name"] == "droid"
+    first, error, last = result["results"]
+    np.testing.assert_allclose(first["reply"]["actions"], seeded(local_policy, sequence[0]), rtol=RTOL, atol=ATOL)
+    assert error["error"].startswith("Error in inference server:\nInputError: unexpected key(s) "
+                                     "['observation/state']")
+    assert error["after_error"] == "ConnectionClosedError"  # closed with 1011, as openpi's server does
+    np.testing.assert_allclose(last["reply"]["actions"], seeded(local_policy, sequence[2]), rtol=RTOL, atol=ATOL)
+
+    together = [droid_observation(rng, prompt, seed=40 + i) for i, prompt in
+                enumerate(("open the drawer", "close the gripper", "wipe the table"))]
+    result = run_openpi_client(openpi_client_python, f"ws://127.0.0.1:{ray_port}{prefix}/",
+                               {"mode": "concurrent", "observations": together, "repeat": 2}, tmp_path)
+    for obs, rounds in zip(together, result["results"], strict=True):
+        for entry in rounds:
+            np.testing.assert_allclose(entry["reply"]["actions"], seeded(local_policy, obs), rtol=RTOL, atol=ATOL)
+    sizes = json.loads(get(ray_port, f"{prefix}/stats")[1])["batch_sizes"]
+    assert max(int(size) for size in sizes) >= 2, sizes
+
+
+def test_remote_policy_through_ray(ray_port: int, local_policy: OneThreadPolicy) -> None:
+    rng = np.random.default_rng(50)
+    images = {"base_0_rgb": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)}
+    state = rng.uniform(-2, 2, 8).astype(np.float32)
+    noise = rng.standard_normal((10, 32)).astype(np.float32)
+    with RemotePolicy(f"ws://127.0.0.1:{ray_port}", timeout_s=120) as remote:
+        chunk = remote.infer(images, state, "put the cup in the sink", NUM_STEPS, noise=noise)
+    local = local_policy.infer(images, state, "put the cup in the sink", NUM_STEPS, noise=noise)
+    np.testing.assert_allclose(chunk.actions, local.actions, rtol=RTOL, atol=ATOL)

@@ -1,0 +1,101 @@
+"""RemotePolicy (what the node's `policy_backend: remote` will use) against pi05-serve on loopback: the same chunks
+as the local Policy.infer, the model's facts from the metadata frame, network time as its own stage, InputError for
+bad input, reconnecting after errors and timeouts, clear errors for servers that are not there."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from serve_harness import OneThreadPolicy, ServerProcess
+
+from pi05_ros.engine.errors import InputError
+from pi05_ros.serve.client import RemotePolicy, RemotePolicyError, native_url
+
+RTOL = ATOL = 1e-5  # float32, the same operations on both sides (one torch thread each)
+RNG = np.random.default_rng(12)
+IMAGES = {"base_0_rgb": RNG.integers(0, 256, (480, 640, 3), dtype=np.uint8),
+          "left_wrist_0_rgb": RNG.integers(0, 256, (240, 320, 3), dtype=np.uint8)}
+STATE = RNG.uniform(-2, 2, 8).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def server(start_server, model_args: list[str]) -> ServerProcess:
+    return start_server([*model_args, "--num-steps", "10"])  # the default layout: pi05_ros's own
+
+
+@pytest.fixture(scope="module")
+def remote(server: ServerProcess) -> Iterator[RemotePolicy]:
+    with RemotePolicy(f"ws://{server.host}:{server.port}", timeout_s=120) as policy:
+        yield policy
+
+
+def test_the_same_chunks_as_local_inference(remote: RemotePolicy, local_policy: OneThreadPolicy) -> None:
+    noise = RNG.standard_normal((local_policy.action_horizon, local_policy.config.action_dim)).astype(np.float32)
+    for prompt, steps in (("put the cup in the sink", 10), ("stack the blocks", 3)):
+        chunk = remote.infer(IMAGES, STATE, prompt, steps, noise=noise)
+        local = local_policy.infer(IMAGES, STATE, prompt, steps, noise=noise)
+        np.testing.assert_allclose(chunk.actions, local.actions, rtol=RTOL, atol=ATOL)
+        assert chunk.actions.flags.writeable and chunk.actions.dtype == np.float32
+        assert chunk.num_steps == steps and chunk.num_prompt_tokens == local.num_prompt_tokens
+        assert chunk.action_space == local.action_space
+        np.testing.assert_array_equal(chunk.state, STATE)
+    assert set(chunk.timings) == set(remote.stage_names)
+    assert {"network", "serialize", "server_queue", "denoise", "total"} <= set(chunk.timings)
+    assert chunk.timings["total"] >= chunk.timings["network"] + chunk.timings["denoise"]
+    assert set(remote.stage_stats()["network"]) >= {"p50", "p99"}
+
+
+def test_the_model_facts_come_from_the_server(remote: RemotePolicy, local_policy: OneThreadPolicy) -> None:
+    assert remote.image_keys == local_policy.image_keys
+    assert (remote.state_dim, remote.action_dof, remote.action_horizon) == (8, 8, 10)
+    assert remote.precision == "fp32" and not remote.is_demo
+    assert remote.url.endswith("/pi05_ros") and "served at ws://" in remote.describe()
+    assert remote.device.startswith("remote ws://") and "(cpu)" in remote.device
+
+
+def test_without_noise_the_server_draws_it(remote: RemotePolicy) -> None:
+    a = remote.infer(IMAGES, STATE, "wipe the table", 2).actions
+    b = remote.infer(IMAGES, STATE, "wipe the table", 2).actions
+    assert np.isfinite(a).all() and not np.array_equal(a, b)
+
+
+def test_bad_input_is_an_input_error_and_the_next_call_reconnects(remote: RemotePolicy) -> None:
+    with pytest.raises(InputError, match="images.base_0_rgb: expected uint8 pixels, got float32"):
+        remote.infer({"base_0_rgb": np.zeros((224, 224, 3), np.float32)}, STATE, "wipe the table", 2)
+    with pytest.raises(InputError, match="state has 5 values but the norm stats describe 8"):
+        remote.infer(IMAGES, STATE[:5], "wipe the table", 2)
+    with pytest.raises(InputError, match="num_steps: expected an integer in 1..100"):
+        remote.infer(IMAGES, STATE, "wipe the table", 0)
+    assert remote.infer(IMAGES, STATE, "wipe the table", 2).actions.shape == (10, 8)
+
+
+def test_a_timeout_drops_the_connection_so_no_late_reply_is_taken(server: ServerProcess,
+                                                                  local_policy: OneThreadPolicy) -> None:
+    noise = np.zeros((10, 32), np.float32)
+    with RemotePolicy(server.url(), timeout_s=1e-4) as policy:
+        with pytest.raises(RemotePolicyError, match="no reply from .* within"):
+            policy.infer(IMAGES, STATE, "push the button", 10, noise=noise)
+        policy.timeout_s = 120
+        chunk = policy.infer(IMAGES, -STATE, "fold the towel", 2, noise=noise)  # not the late answer above
+    np.testing.assert_allclose(chunk.actions, local_policy.infer(IMAGES, -STATE, "fold the towel", 2,
+                                                                 noise=noise).actions, rtol=RTOL, atol=ATOL)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_servers_that_are_not_there_or_not_ours(server: ServerProcess) -> None:
+    with pytest.raises(RemotePolicyError, match="cannot reach the policy server at ws://127.0.0.1:.*is pi05-serve"):
+        RemotePolicy(f"ws://127.0.0.1:{free_port()}", connect_timeout_s=5)
+    with pytest.raises(RemotePolicyError, match="refused the connection: HTTP 404 no observation layout at /nope"):
+        RemotePolicy(server.url("/nope"))
+    with pytest.raises(RemotePolicyError, match="must start with ws:// or wss://"):
+        native_url("http://gpu-host:8000")
+    assert native_url("gpu-host:8000") == "ws://gpu-host:8000/pi05_ros"
+    assert native_url("ws://gpu-host:8000/droid") == "ws://gpu-host:8000/droid"
