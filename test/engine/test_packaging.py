@@ -1,5 +1,5 @@
 """The pip-only path of the README: `pip install .` into a fresh venv without ROS gives `import pi05_ros.engine`
-and the `pi05-info` / `pi05-bench` commands. The dependencies (torch, numpy, ...) come from this environment
+and the `pi05-info` / `pi05-bench` / `pi05-serve` commands. The dependencies (torch, numpy, ...) come from this environment
 instead of the registry, and ROS packages are made unimportable in the new venv."""
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def test_pip_install_without_ros_gives_the_engine_and_the_clis(tmp_path: Path, t
 
     blocked = _run([str(python), "-c", "import rclpy"], tmp_path, env)
     assert blocked.returncode != 0  # this venv really has no ROS
-    for command in ("pi05-info", "pi05-bench"):
+    for command in ("pi05-info", "pi05-bench", "pi05-serve"):
         done = _run([str(venv / "bin" / command), "--help"], tmp_path, env)
         assert done.returncode == 0 and f"usage: {command}" in done.stdout, done.stderr[-3000:]
     info = _run([str(venv / "bin" / "pi05-info"), str(tiny_checkpoint)], tmp_path, env)

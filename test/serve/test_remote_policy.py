@@ -99,3 +99,17 @@ def test_servers_that_are_not_there_or_not_ours(server: ServerProcess) -> None:
         native_url("http://gpu-host:8000")
     assert native_url("gpu-host:8000") == "ws://gpu-host:8000/pi05_ros"
     assert native_url("ws://gpu-host:8000/droid") == "ws://gpu-host:8000/droid"
+
+
+def test_without_noise_a_fresh_server_repeats_a_local_policy_call_for_call(
+        start_server, model_args: list[str], droid_checkpoint, serve_tokenizer) -> None:
+    """The node with `policy_backend: remote` against a server started with the node's seed gets the chunks local
+    inference would give: both draw each observation's noise from default_rng(seed) in call order."""
+    from pi05_ros.engine.policy import Policy
+
+    fresh = start_server([*model_args, "--seed", "5"])
+    local = OneThreadPolicy(Policy.load(droid_checkpoint, serve_tokenizer, device="cpu", seed=5))
+    with RemotePolicy(fresh.url(), timeout_s=120) as remote:
+        for prompt in ("put the cup in the sink", "stack the blocks", "fold the towel"):
+            np.testing.assert_allclose(remote.infer(IMAGES, STATE, prompt, 2).actions,
+                                       local.infer(IMAGES, STATE, prompt, 2).actions, rtol=RTOL, atol=ATOL)

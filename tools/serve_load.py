@@ -1,0 +1,114 @@
+"""Load on a running policy server (pi05-serve or its Ray deployment): N robots in closed loop, each sending its
+next observation as soon as its reply is in, over loopback or a network. Reports throughput and latency per
+number of clients, and how the server batched them.
+
+    pi05-serve --demo --device cpu --threads 1 --port 8000 &                       # or a real checkpoint, a GPU
+    PYTHONPATH=. python3 tools/serve_load.py --url ws://127.0.0.1:8000 --clients 1 2 4 8 --requests 40
+
+Observations use the server's own layout (/pi05_ros): `--views` random 224x224 images, a random state of the
+model's size, a 6-word prompt, a noise seed per request. Latency is the client's: send to reply, decode included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from collections import Counter
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+from websockets.sync.client import connect
+
+from pi05_ros.engine.timing import summarize
+from pi05_ros.serve.wire import pack, unpack
+
+
+def observation(meta: dict, rng: np.random.Generator, views: int, size: int, num_steps: int, seed: int) -> bytes:
+    images = {slot: rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for slot in meta["image_keys"][:views]}
+    return pack({"images": images, "state": rng.uniform(-1, 1, meta["state_dim"]).astype(np.float32),
+                 "prompt": "pick up the cup and place it", "num_steps": num_steps, "noise_seed": seed})
+
+
+def run_clients(url: str, clients: int, requests: int, warmup: int, views: int, size: int,
+                num_steps: int) -> dict:
+    latencies: list[float] = []
+    batch_sizes: Counter[int] = Counter()
+    lock = threading.Lock()
+    barrier = threading.Barrier(clients + 1)
+    errors: list[str] = []
+
+    def robot(index: int) -> None:
+        rng = np.random.default_rng(index)
+        try:
+            with connect(url, compression=None, max_size=None, open_timeout=60) as ws:
+                meta = unpack(ws.recv(timeout=60))
+                frames = [observation(meta, rng, views, size, num_steps, index * 10_000 + i)
+                          for i in range(warmup + requests)]
+                for frame in frames[:warmup]:
+                    ws.send(frame)
+                    ws.recv(timeout=600)
+                barrier.wait()
+                for frame in frames[warmup:]:
+                    start = time.perf_counter()
+                    ws.send(frame)
+                    reply = ws.recv(timeout=600)
+                    elapsed = (time.perf_counter() - start) * 1e3
+                    if isinstance(reply, str):
+                        raise RuntimeError(reply)
+                    size_ = unpack(reply)["server_timing"]["batch_size"]
+                    with lock:
+                        latencies.append(elapsed)
+                        batch_sizes[size_] += 1
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(f"client {index}: {type(exc).__name__}: {exc}")
+            barrier.abort()
+
+    threads = [threading.Thread(target=robot, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()  # every client warmed up and ready
+    start = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - start
+    if errors:
+        raise RuntimeError("; ".join(errors[:3]))
+    stats = summarize(latencies)
+    return {"clients": clients, "requests": len(latencies), "throughput_per_s": len(latencies) / wall,
+            "p50_ms": stats["p50"], "p99_ms": stats["p99"], "mean_ms": stats["mean"],
+            "mean_batch": sum(k * v for k, v in batch_sizes.items()) / max(1, sum(batch_sizes.values())),
+            "batch_sizes": dict(sorted(batch_sizes.items()))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default="ws://127.0.0.1:8000")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--requests", type=int, default=40, help="timed requests per client")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed requests per client first")
+    parser.add_argument("--views", type=int, default=2)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--num-steps", type=int, default=10)
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args(argv)
+    parts = urlsplit(args.url)
+    url = urlunsplit((parts.scheme, parts.netloc, (parts.path.rstrip("/") or "") + "/pi05_ros", "", ""))
+    rows = []
+    print("| clients | obs/s | p50 ms | p99 ms | mean batch | batch sizes (size: replies) |")
+    print("|---|---|---|---|---|---|")
+    for clients in args.clients:
+        row = run_clients(url, clients, args.requests, args.warmup, args.views, args.image_size, args.num_steps)
+        rows.append(row)
+        print(f"| {clients} | {row['throughput_per_s']:.1f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | "
+              f"{row['mean_batch']:.2f} | {row['batch_sizes']} |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
