@@ -1,6 +1,6 @@
 """The pip-only path of the README: `pip install .` into a fresh venv without ROS gives `import pi05_ros.engine`
-and the `pi05-info` / `pi05-bench` / `pi05-serve` commands. The dependencies (torch, numpy, ...) come from this environment
-instead of the registry, and ROS packages are made unimportable in the new venv."""
+and the `pi05-info` / `pi05-bench` / `pi05-serve` commands. The dependencies (torch, numpy, ...) come from this
+environment instead of the registry, and ROS packages are made unimportable in the new venv."""
 
 from __future__ import annotations
 
