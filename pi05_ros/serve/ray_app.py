@@ -153,22 +153,36 @@ def build_app(spec: PolicySpec, settings: ServeSettings, layouts: Mapping[str, O
     ).bind(spec, settings, dict(layouts), default_layout, batching)
 
 
-def serve_on_ray(spec: PolicySpec, settings: ServeSettings, layouts: Mapping[str, ObservationLayout],
-                 default_layout: str, *, host: str, port: int, replicas: int, gpus_per_replica: "float | None",
-                 address: "str | None", batching: str) -> int:
-    """`pi05-serve --ray`: start (or join) Ray, run the application, serve until SIGINT / SIGTERM."""
+def deploy_on_ray(spec: PolicySpec, settings: ServeSettings, layouts: Mapping[str, ObservationLayout],
+                  default_layout: str, *, host: str, port: int, replicas: int = 1,
+                  gpus_per_replica: "float | None" = None, address: "str | None" = None,
+                  batching: str = "ours") -> float:
+    """Join (or start) Ray, start Serve's HTTP proxy on host:port and run the application at '/'; returns the GPUs
+    each replica holds (default: 1 where the cluster has GPUs, else 0 and one CPU)."""
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports leave the machine unless asked
-    ray.init(address=address)
+    if not ray.is_initialized():
+        ray.init(address=address)
     if gpus_per_replica is None:
         gpus_per_replica = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(spec, settings, layouts, default_layout, replicas=replicas, gpus_per_replica=gpus_per_replica,
                         cpus_per_replica=0.0 if gpus_per_replica else 1.0, batching=batching),
               name=APP_NAME, route_prefix="/")
+    return gpus_per_replica
+
+
+def serve_on_ray(spec: PolicySpec, settings: ServeSettings, layouts: Mapping[str, ObservationLayout],
+                 default_layout: str, *, host: str, port: int, replicas: int, gpus_per_replica: "float | None",
+                 address: "str | None", batching: str) -> int:
+    """`pi05-serve --ray`: deploy (above), then serve until SIGINT / SIGTERM."""
+    import ray
+
+    gpus = deploy_on_ray(spec, settings, layouts, default_layout, host=host, port=port, replicas=replicas,
+                         gpus_per_replica=gpus_per_replica, address=address, batching=batching)
     others = " ".join(f"/{name}" for name in sorted(layouts) if name != default_layout)
-    print(f"pi05-serve: Ray Serve, {replicas} replica(s) with {gpus_per_replica:g} GPU(s) each, {batching} batching; "
+    print(f"pi05-serve: Ray Serve, {replicas} replica(s) with {gpus:g} GPU(s) each, {batching} batching; "
           f"layout '{default_layout}' at ws://{host}:{port}/ (also {others}); health http://{host}:{port}/healthz",
           flush=True)
     stop = threading.Event()

@@ -37,19 +37,19 @@ def ray_port(droid_checkpoint: Path, serve_tokenizer: Path,
     import ray
     from ray import serve
 
-    from pi05_ros.serve.ray_app import build_app
+    from pi05_ros.serve.ray_app import build_app, deploy_on_ray
 
     port = free_port()
     start = time.monotonic()
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20, log_to_driver=False,
              _temp_dir=str(tmp_path_factory.mktemp("ray")))
     started = time.monotonic()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     spec = PolicySpec(checkpoint=str(droid_checkpoint), tokenizer=str(serve_tokenizer), device="cpu", cpu_threads=1)
     settings = ServeSettings(num_steps=NUM_STEPS, window_ms=100.0)  # wide: concurrent clients do batch
-    for name, prefix in (("ours", "/"), ("ray", "/ray")):
-        serve.run(build_app(spec, settings, BUILT_IN, "droid", cpus_per_replica=1.0, batching=name),
-                  name=name, route_prefix=prefix)
+    # pi05-serve --ray's own path at / (no GPU here: one CPU per replica), @serve.batch beside it at /ray
+    assert deploy_on_ray(spec, settings, BUILT_IN, "droid", host="127.0.0.1", port=port) == 0.0
+    serve.run(build_app(spec, settings, BUILT_IN, "droid", cpus_per_replica=1.0, batching="ray"), name="ray",
+              route_prefix="/ray")
     print(f"ray.init {started - start:.1f} s, serve.start + two serve.run {time.monotonic() - started:.1f} s")
     try:
         yield port

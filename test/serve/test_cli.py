@@ -1,0 +1,38 @@
+"""pi05-serve's own errors: what a user can get wrong on the command line gets one line that says what to do,
+and exit status 1 (or argparse's 2), before any model is loaded where it can be."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pi05_ros.cli.serve import main
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    ([], "give --checkpoint DIR --tokenizer FILE, or --demo"),
+    (["--demo", "--checkpoint", "/ckpt"], "give --checkpoint DIR --tokenizer FILE, or --demo"),
+    (["--demo", "--metadata", "{oops"], "--metadata is not valid JSON"),
+    (["--demo", "--metadata", "[1, 2]"], "--metadata must be a JSON object"),
+])
+def test_usage_errors_exit_with_a_reason(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert message in str(exited.value)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--demo", "--robot", "franka"], "unknown robot layout 'franka'; choose one of droid, libero, aloha, pi05_ros"),
+    (["--demo", "--max-batch", "0"], "max batch and max clients >= 1"),
+    (["--demo", "--num-steps", "500"], "num_steps must be in 1..100"),
+    (["--checkpoint", "/no/such/ckpt", "--tokenizer", "/no/tok.model", "--device", "cpu"], "/no/such/ckpt"),
+])
+def test_bad_settings_exit_1_with_the_reason(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    assert main(argv) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_a_checkpoint_needs_a_tokenizer(droid_checkpoint: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["--checkpoint", str(droid_checkpoint), "--device", "cpu"]) == 1
+    assert "--checkpoint needs --tokenizer" in capsys.readouterr().err
