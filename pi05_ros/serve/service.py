@@ -137,6 +137,7 @@ class PolicyService:
         policy = self.policy
         space = policy.action_space
         return {
+            **self.settings.metadata,  # first: --metadata adds entries (openpi's reset_pose), it replaces none
             "server": SERVER_NAME,
             "model": policy.describe(),
             "config": policy.config.name,
@@ -157,7 +158,6 @@ class PolicyService:
             "layouts": sorted(self.layouts),
             "batching": {"window_ms": self.settings.window_ms, "max_batch": self.settings.max_batch},
             "max_message_bytes": self.settings.max_message_bytes,
-            **self.settings.metadata,
         }
 
     def stats(self) -> dict[str, Any]:
