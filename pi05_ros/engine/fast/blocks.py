@@ -429,18 +429,30 @@ class FastModel(nn.Module):
         keys/values [1, 1, C + H, D]: the prefix's rows first (`n_valid` valid ones), the suffix's last H rows.
         """
         mods, final_mods, out_w, out_b = schedule
+        where = self.suffix_inputs(x_t, n_valid, keys)
+        for step in range(mods.shape[0]):
+            self.denoise_step(x_t, n_valid, keys, values, mods[step], final_mods[step], out_w, out_b, where=where)
+
+    def suffix_inputs(self, x_t: Tensor, n_valid: Tensor, keys: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """The suffix's RoPE tables and the key mask (valid prefix rows + the suffix's last H rows)."""
         horizon = x_t.shape[1]
         positions = n_valid + torch.arange(horizon, device=x_t.device)
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         total = keys[0].shape[2]
         idx = torch.arange(total, device=x_t.device)
         key_mask = ((idx < n_valid) | (idx >= total - horizon)).view(1, 1, 1, total)
-        for step in range(mods.shape[0]):
-            x = F.linear(x_t, self.action_in_w, self.action_in_b)
-            for layer, block in enumerate(self.expert_blocks):
-                x = self._expert_layer(x, mods[step, layer], cos, sin, key_mask, keys[layer], values[layer],
-                                       *block.args(), self.attention)
-            self._action_head(x_t, x, final_mods[step], out_w, out_b, self.expert_eps)
+        return self.rope_cos[positions], self.rope_sin[positions], key_mask
+
+    def denoise_step(self, x_t: Tensor, n_valid: Tensor, keys: list[Tensor], values: list[Tensor], mods: Tensor,
+                     final_mod: Tensor, out_w: Tensor, out_b: Tensor,
+                     where: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
+        """One Euler step in place on x_t: mods [L, 6, W] and final_mod [2, W] are this step's rows of the
+        schedule, out_w / out_b its dt-folded action head."""
+        cos, sin, key_mask = where or self.suffix_inputs(x_t, n_valid, keys)
+        x = F.linear(x_t, self.action_in_w, self.action_in_b)
+        for layer, block in enumerate(self.expert_blocks):
+            x = self._expert_layer(x, mods[layer], cos, sin, key_mask, keys[layer], values[layer],
+                                   *block.args(), self.attention)
+        self._action_head(x_t, x, final_mod, out_w, out_b, self.expert_eps)
 
     def embed_text_rows(self, rows: Tensor, out: Tensor) -> None:
         """Token-table rows (gathered on the host) * sqrt(width) into the prefix slice `out`."""

@@ -7,8 +7,12 @@ allocated and the host does not wait on the GPU until the actions are needed.
 Graphs are captured lazily and kept:
 - vision: one per number of valid camera views;
 - prefill: one per (views, text tokens rounded up to a tile of `text_tile`);
-- denoise: one per (denoise steps, views) (the suffix's K/V sit after the longest prefix those views allow,
-  so the same graph serves every prompt length).
+- denoise: ONE graph of one Euler step per number of views, replayed once per step. The step's constants
+  (adaRMS modulation, the kernels' shift products) are data: a `StepTable` holds every step of the current
+  schedule in fixed buffers and the graph copies step `index` of them before running it, so a new step count
+  captures nothing and costs only its schedule (a few ms, computed once and kept for the last
+  `SCHEDULES_KEPT` counts). The suffix's K/V sit after the longest prefix those views allow, so the same
+  graph serves every prompt length.
 The valid text length travels as data (a device scalar): attention masks and RoPE positions read it, so a
 prompt that grows by a few tokens replays the same graphs, and at most `text_tile - 1` padding tokens are
 computed. Stage times come from CUDA events recorded between the replays.
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
@@ -56,6 +61,7 @@ FP8_VISION_LAYERS: tuple[str, ...] = ("vision_blocks.*.fc1", "vision_blocks.*.fc
 
 
 EXPERT_KERNELS = ("auto", "on", "off")
+SCHEDULES_KEPT = 8  # step counts whose schedules stay computed (each ~1.2 MB per step on the kernel path)
 
 
 def expert_kernels_measured(device: torch.device) -> bool:
@@ -85,6 +91,44 @@ class _Graph:
 
     def replay(self) -> None:
         self.graph.replay()
+
+
+class StepTable:
+    """The denoise loop's per-step constants in fixed device buffers, so that one CUDA graph of one Euler step
+    serves every step count.
+
+    A schedule is a tuple whose entries at PER_STEP have one row per step (the rest are per count, e.g. the
+    dt-folded action head). `load` (outside any graph, when the count changes) fills the tables; `select`
+    (inside the step graph) copies row `index` of each into `current` and advances `index`.
+    """
+
+    PER_STEP = (0, 1, 4, 5)  # mods, final mods [, the kernels' bias_qkv, bias_gu]
+
+    def __init__(self, schedule: tuple[torch.Tensor, ...], capacity: int) -> None:
+        self.capacity = capacity
+        self.per_step = [i in self.PER_STEP for i in range(len(schedule))]
+        self.tables = [torch.zeros((capacity, *t.shape[1:]), dtype=t.dtype, device=t.device) if step else None
+                       for t, step in zip(schedule, self.per_step, strict=True)]
+        self.current = [torch.zeros_like(t[0] if step else t) for t, step in zip(schedule, self.per_step, strict=True)]
+        self.index = torch.zeros(1, dtype=torch.int64, device=schedule[0].device)
+        self.holds: int | None = None  # the step count loaded
+
+    def fits(self, schedule: tuple[torch.Tensor, ...]) -> bool:
+        return len(schedule) == len(self.current) and schedule[0].shape[0] <= self.capacity and all(
+            t.shape[1:] == c.shape if step else t.shape == c.shape
+            for t, c, step in zip(schedule, self.current, self.per_step, strict=True))
+
+    def load(self, schedule: tuple[torch.Tensor, ...]) -> None:
+        steps = schedule[0].shape[0]
+        for t, table, current, step in zip(schedule, self.tables, self.current, self.per_step, strict=True):
+            (table[:steps] if step else current).copy_(t)
+        self.holds = steps
+
+    def select(self) -> None:
+        for table, current in zip(self.tables, self.current, strict=True):
+            if table is not None:
+                torch.index_select(table, 0, self.index, out=current.unsqueeze(0))
+        self.index += 1
 
 
 class Pi05Pipeline:
@@ -146,7 +190,9 @@ class Pi05Pipeline:
         self._allocate(max_views)
         self._graphs: dict[tuple, _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle() if use_graphs else None
-        self._schedules: dict[tuple[int, str], tuple[torch.Tensor, ...]] = {}
+        self._schedules: OrderedDict[tuple[int, str], tuple[torch.Tensor, ...]] = OrderedDict()
+        self._tables: dict[str, StepTable] = {}
+        self._suffix_refresh: dict[int, Callable[[], None]] = {}
         self._events = [torch.cuda.Event(enable_timing=True) for _ in range(6)]
         torch.cuda.synchronize()
         self.setup_times["prepare_weights"] = self.fast.build_seconds + time.perf_counter() - start
@@ -228,12 +274,32 @@ class Pi05Pipeline:
         return dict(amax)
 
     def schedule(self, num_steps: int) -> tuple[torch.Tensor, ...]:
-        """The step schedule's constants for `num_steps`, with the fused kernels' extras when they run."""
+        """The step schedule's constants for `num_steps`, with the fused kernels' extras when they run; the
+        last SCHEDULES_KEPT counts stay computed."""
         key = (num_steps, self.expert_path)
-        if key not in self._schedules:
+        if key in self._schedules:
+            self._schedules.move_to_end(key)
+        else:
             schedule = self.fast.step_schedule(num_steps)
             self._schedules[key] = self.expert_kernels.schedule(schedule) if self.expert_kernels else schedule
+            while len(self._schedules) > SCHEDULES_KEPT:
+                self._schedules.popitem(last=False)
         return self._schedules[key]
+
+    def step_table(self, num_steps: int) -> StepTable:
+        """The current path's StepTable holding `num_steps`'s schedule (a bigger one replaces it when needed:
+        capacities are powers of two from 16, so at most a few step graphs are ever captured)."""
+        path = self.expert_path
+        schedule = self.schedule(num_steps)
+        table = self._tables.get(path)
+        if table is None or not table.fits(schedule):
+            capacity = max(16, 1 << (num_steps - 1).bit_length())
+            table = self._tables[path] = StepTable(schedule, capacity)
+            for key in [k for k in self._graphs if k[0] == "denoise_step" and k[2] == path]:
+                del self._graphs[key]  # they read the old table's buffers
+        if table.holds != num_steps:
+            table.load(schedule)
+        return table
 
     # --- the three stages as closures over static buffers
 
@@ -297,17 +363,34 @@ class Pi05Pipeline:
         return graph.replay
 
     def _denoise_stage(self, num_steps: int, views: int) -> Callable[[], None]:
-        key = ("denoise", num_steps, views, self.expert_path)
-        if self.expert_kernels is None:
-            return self._stage(key, lambda: self._denoise_fn(num_steps, views))
+        """All steps: the noise into d_x, the table's index to 0, then the step graph once per step."""
         try:
-            return self._stage(key, lambda: self._denoise_fn(num_steps, views))
+            step = self._step_stage(num_steps, views)
         except Exception as exc:  # a Triton build or launch failure on this GPU: keep serving on the torch path
+            if self.expert_kernels is None:
+                raise
             log.warning("the fused expert kernels failed on this GPU (%s: %s); the denoise loop runs on the torch "
                         "path from now on", type(exc).__name__, exc)
             self.expert_kernels = None
             torch.cuda.synchronize()
-            return self._stage(("denoise", num_steps, views, "torch"), lambda: self._denoise_fn(num_steps, views))
+            step = self._step_stage(num_steps, views)
+        table = self._tables[self.expert_path]
+        refresh = self._suffix_refresh.get(views) if self.expert_kernels is None else None
+
+        def run() -> None:
+            self.d_x.copy_(self.d_noise)  # the noise buffer stays intact: warm-up and replays start alike
+            table.index.zero_()
+            if refresh is not None:
+                refresh()
+            for _ in range(num_steps):
+                step()
+
+        return run
+
+    def _step_stage(self, num_steps: int, views: int) -> Callable[[], None]:
+        table = self.step_table(num_steps)
+        key = ("denoise_step", views, self.expert_path)
+        return self._stage(key, lambda: self._step_fn(views, table))
 
     # --- Runner protocol
 
