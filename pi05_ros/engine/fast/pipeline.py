@@ -9,10 +9,10 @@ Graphs are captured lazily and kept:
 - prefill: one per (views, text tokens rounded up to a tile of `text_tile`);
 - denoise: ONE graph of one Euler step per number of views, replayed once per step. The step's constants
   (adaRMS modulation, the kernels' shift products) are data: a `StepTable` holds every step of the current
-  schedule in fixed buffers and the graph copies step `index` of them before running it, so a new step count
-  captures nothing and costs only its schedule (a few ms, computed once and kept for the last
-  `SCHEDULES_KEPT` counts). The suffix's K/V sit after the longest prefix those views allow, so the same
-  graph serves every prompt length.
+  schedule in fixed buffers (sized for MAX_STEPS) and the graph copies step `index` of them before running it,
+  so a new step count captures nothing and costs only its schedule (a few ms; recent ones are kept, up to
+  SCHEDULE_CACHE_BYTES). The suffix's K/V sit after the longest prefix those views allow, so the same graph
+  serves every prompt length.
 The valid text length travels as data (a device scalar): attention masks and RoPE positions read it, so a
 prompt that grows by a few tokens replays the same graphs, and at most `text_tile - 1` padding tokens are
 computed. Stage times come from CUDA events recorded between the replays.
@@ -61,7 +61,10 @@ FP8_VISION_LAYERS: tuple[str, ...] = ("vision_blocks.*.fc1", "vision_blocks.*.fc
 
 
 EXPERT_KERNELS = ("auto", "on", "off")
-SCHEDULES_KEPT = 8  # step counts whose schedules stay computed (each ~1.2 MB per step on the kernel path)
+MAX_STEPS = 100  # the step table's capacity: Policy's limit (engine/policy.py MAX_DENOISE_STEPS)
+# Computed schedules kept for switching back (kernel path ~1.2 MB per step, torch path ~0.45 MB), least recently
+# used dropped first.
+SCHEDULE_CACHE_BYTES = 64 << 20
 
 
 def expert_kernels_measured(device: torch.device) -> bool:
@@ -98,8 +101,9 @@ class StepTable:
     serves every step count.
 
     A schedule is a tuple whose entries at PER_STEP have one row per step (the rest are per count, e.g. the
-    dt-folded action head). `load` (outside any graph, when the count changes) fills the tables; `select`
-    (inside the step graph) copies row `index` of each into `current` and advances `index`.
+    dt-folded action head). `load` (outside any graph, when the count changes) fills one flat float32 table, a
+    row per step; `select` (inside the step graph) copies row `index` into `current` (views of one flat buffer)
+    and advances `index`: two small kernels per step.
     """
 
     PER_STEP = (0, 1, 4, 5)  # mods, final mods [, the kernels' bias_qkv, bias_gu]
@@ -107,27 +111,36 @@ class StepTable:
     def __init__(self, schedule: tuple[torch.Tensor, ...], capacity: int) -> None:
         self.capacity = capacity
         self.per_step = [i in self.PER_STEP for i in range(len(schedule))]
-        self.tables = [torch.zeros((capacity, *t.shape[1:]), dtype=t.dtype, device=t.device) if step else None
-                       for t, step in zip(schedule, self.per_step, strict=True)]
-        self.current = [torch.zeros_like(t[0] if step else t) for t, step in zip(schedule, self.per_step, strict=True)]
-        self.index = torch.zeros(1, dtype=torch.int64, device=schedule[0].device)
+        if any(t.dtype != torch.float32 for t, step in zip(schedule, self.per_step, strict=True) if step):
+            raise ValueError("StepTable holds float32 per-step constants")
+        device = schedule[0].device
+        self.shapes = [t.shape[1:] if step else t.shape for t, step in zip(schedule, self.per_step, strict=True)]
+        sizes = [t[0].numel() if step else 0 for t, step in zip(schedule, self.per_step, strict=True)]
+        self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        self.table = torch.zeros(capacity, sum(sizes), device=device)
+        self._row = torch.zeros(1, sum(sizes), device=device)
+        self.current = [self._row[0, o:o + n].view(shape) if step else torch.zeros_like(t)
+                        for t, step, o, n, shape in zip(schedule, self.per_step, self.offsets, sizes, self.shapes,
+                                                        strict=True)]
+        self.index = torch.zeros(1, dtype=torch.int64, device=device)
         self.holds: int | None = None  # the step count loaded
 
     def fits(self, schedule: tuple[torch.Tensor, ...]) -> bool:
-        return len(schedule) == len(self.current) and schedule[0].shape[0] <= self.capacity and all(
-            t.shape[1:] == c.shape if step else t.shape == c.shape
-            for t, c, step in zip(schedule, self.current, self.per_step, strict=True))
+        return len(schedule) == len(self.shapes) and schedule[0].shape[0] <= self.capacity and all(
+            (t.shape[1:] if step else t.shape) == shape
+            for t, step, shape in zip(schedule, self.per_step, self.shapes, strict=True))
 
     def load(self, schedule: tuple[torch.Tensor, ...]) -> None:
         steps = schedule[0].shape[0]
-        for t, table, current, step in zip(schedule, self.tables, self.current, self.per_step, strict=True):
-            (table[:steps] if step else current).copy_(t)
+        for t, step, offset, current in zip(schedule, self.per_step, self.offsets, self.current, strict=True):
+            if step:
+                self.table[:steps, offset:offset + current.numel()].copy_(t.reshape(steps, -1))
+            else:
+                current.copy_(t)
         self.holds = steps
 
     def select(self) -> None:
-        for table, current in zip(self.tables, self.current, strict=True):
-            if table is not None:
-                torch.index_select(table, 0, self.index, out=current.unsqueeze(0))
+        torch.index_select(self.table, 0, self.index, out=self._row)
         self.index += 1
 
 
@@ -274,29 +287,31 @@ class Pi05Pipeline:
         return dict(amax)
 
     def schedule(self, num_steps: int) -> tuple[torch.Tensor, ...]:
-        """The step schedule's constants for `num_steps`, with the fused kernels' extras when they run; the
-        last SCHEDULES_KEPT counts stay computed."""
+        """The step schedule's constants for `num_steps`, with the fused kernels' extras when they run; recent
+        ones stay computed up to SCHEDULE_CACHE_BYTES."""
         key = (num_steps, self.expert_path)
         if key in self._schedules:
             self._schedules.move_to_end(key)
-        else:
-            schedule = self.fast.step_schedule(num_steps)
-            self._schedules[key] = self.expert_kernels.schedule(schedule) if self.expert_kernels else schedule
-            while len(self._schedules) > SCHEDULES_KEPT:
-                self._schedules.popitem(last=False)
-        return self._schedules[key]
+            return self._schedules[key]
+        schedule = self.fast.step_schedule(num_steps)
+        schedule = self.expert_kernels.schedule(schedule) if self.expert_kernels else schedule
+        self._schedules[key] = schedule
+
+        def size(entry: tuple[torch.Tensor, ...]) -> int:
+            return sum(t.numel() * t.element_size() for t in entry)
+
+        while len(self._schedules) > 1 and sum(size(e) for e in self._schedules.values()) > SCHEDULE_CACHE_BYTES:
+            self._schedules.popitem(last=False)
+        return schedule
 
     def step_table(self, num_steps: int) -> StepTable:
-        """The current path's StepTable holding `num_steps`'s schedule (a bigger one replaces it when needed:
-        capacities are powers of two from 16, so at most a few step graphs are ever captured)."""
-        path = self.expert_path
+        """The current path's StepTable (room for MAX_STEPS: made once), holding `num_steps`'s schedule."""
+        if not 1 <= num_steps <= MAX_STEPS:
+            raise ValueError(f"num_steps must be within 1..{MAX_STEPS}, got {num_steps}")
         schedule = self.schedule(num_steps)
-        table = self._tables.get(path)
-        if table is None or not table.fits(schedule):
-            capacity = max(16, 1 << (num_steps - 1).bit_length())
-            table = self._tables[path] = StepTable(schedule, capacity)
-            for key in [k for k in self._graphs if k[0] == "denoise_step" and k[2] == path]:
-                del self._graphs[key]  # they read the old table's buffers
+        table = self._tables.get(self.expert_path)
+        if table is None:
+            table = self._tables[self.expert_path] = StepTable(schedule, MAX_STEPS)
         if table.holds != num_steps:
             table.load(schedule)
         return table
@@ -334,19 +349,34 @@ class Pi05Pipeline:
         masked out."""
         return -(-(capacity + self.cfg.action_horizon) // 64) * 64
 
-    def _denoise_fn(self, num_steps: int, views: int) -> Callable[[], None]:
-        schedule = self.schedule(num_steps)
+    def _step_fn(self, views: int, table: StepTable) -> Callable[[], None]:
+        """One Euler step on d_x with the table's current row (graph-captured once per views and path)."""
         total = self._cache_rows(self._capacity(views))
         keys = [k[:, :, :total] for k in self.d_keys]
         values = [v[:, :, :total] for v in self.d_values]
+        if self.expert_kernels is not None:  # the kernels take positions and the key mask from n_valid
+            kernels = self.expert_kernels
 
-        loop = self.expert_kernels or self.fast
+            def run() -> None:
+                table.select()
+                kernels.denoise_step(self.d_x, self.d_n_valid, keys, values, *table.current)
 
-        def run() -> None:
-            self.d_x.copy_(self.d_noise)  # the noise buffer stays intact: warm-up and replays start alike
-            loop.denoise(self.d_x, self.d_n_valid, keys, values, schedule)
+            return run
+        # The torch path's RoPE rows and key mask depend on n_valid only: fixed buffers, refreshed once per
+        # inference outside the step graph (`_suffix_refresh`), read by every step.
+        where = tuple(t.clone() for t in self.fast.suffix_inputs(self.d_x, self.d_n_valid, keys))
 
-        return run
+        def refresh() -> None:
+            for buffer, value in zip(where, self.fast.suffix_inputs(self.d_x, self.d_n_valid, keys), strict=True):
+                buffer.copy_(value)
+
+        self._suffix_refresh[views] = refresh
+
+        def step() -> None:
+            table.select()
+            self.fast.denoise_step(self.d_x, self.d_n_valid, keys, values, *table.current, where=where)
+
+        return step
 
     def _stage(self, key: tuple, make: Callable[[], Callable[[], None]]) -> Callable[[], None]:
         if not self.use_graphs:
