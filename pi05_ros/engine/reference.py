@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pi05_ros.engine.config import GemmaConfig, Pi05Config, VisionConfig
+from pi05_ros.engine.rtc import guided_velocity
 
 # Substrings of parameter names that openpi keeps in float32 under bfloat16 mixed precision.
 FLOAT32_PARAM_KEYS: tuple[str, ...] = (
@@ -415,10 +416,13 @@ class Pi05Model(nn.Module):
         return _linear(h, self.action_out_proj).float()
 
     @torch.no_grad()
-    def sample_actions(self, inputs: ModelInputs, num_steps: int, hook: StageHook | None = None) -> Tensor:
+    def sample_actions(self, inputs: ModelInputs, num_steps: int, hook: StageHook | None = None,
+                       guidance: tuple[Tensor, Tensor, float] | None = None) -> Tensor:
         """Actions [B, horizon, action_dim] (normalized units) after `num_steps` Euler steps from the noise.
 
         `hook(stage)` is called as each stage ends ("vision", "embed_prefix", "prefill_kv", "denoise").
+        `guidance` = (previous chunk, soft mask, beta), each step's velocity pulled toward the previous chunk
+        (real-time chunking, engine/rtc.py); previous / mask [B or 1, horizon, action_dim] in model units.
         """
         if self.released:
             raise RuntimeError("this model's weights were released to a fast pipeline; load it again to run it")
@@ -429,7 +433,13 @@ class Pi05Model(nn.Module):
         x = inputs.noise.to(self.device, torch.float32)
         batch = x.shape[0]
         for t, dt in euler_schedule(num_steps):
-            v = self.velocity(x, torch.full((batch,), t, dtype=torch.float32, device=x.device), cache)
+            times = torch.full((batch,), t, dtype=torch.float32, device=x.device)
+            if guidance is not None and guidance[2] > 0:
+                previous, weights, beta = guidance
+                v = guided_velocity(lambda z, times=times: self.velocity(z, times, cache), x, t, previous.to(x.device),
+                                    weights.to(x.device), beta)
+            else:
+                v = self.velocity(x, times, cache)
             x = x + torch.tensor(dt, dtype=torch.float32, device=x.device) * v
         if hook:
             hook("denoise")

@@ -26,6 +26,7 @@ import torch
 from pi05_ros.engine.action_space import ActionSpace
 from pi05_ros.engine.preprocess import to_model_range
 from pi05_ros.engine.reference import ModelInputs, Pi05Model
+from pi05_ros.engine.rtc import Guidance
 from pi05_ros.engine.timing import StageClock
 
 
@@ -49,6 +50,7 @@ class PreparedObservation:
     tokens: np.ndarray  # int64 [max_len]
     token_mask: np.ndarray  # bool [max_len]
     noise: np.ndarray  # float32 [horizon, action_dim]
+    guidance: Guidance | None = None  # real-time chunking toward the previous chunk (engine/rtc.py)
 
 
 class Runner(Protocol):
@@ -85,7 +87,11 @@ class ReferenceRunner:
             token_mask=torch.from_numpy(obs.token_mask)[None],
             noise=torch.from_numpy(obs.noise)[None].to(device),
         )
-        actions = self.model.sample_actions(inputs, num_steps, hook=clock.mark)
+        guidance = None
+        if obs.guidance is not None and obs.guidance.active:
+            g = obs.guidance
+            guidance = (torch.from_numpy(g.previous)[None], torch.from_numpy(g.weights)[None], g.beta)
+        actions = self.model.sample_actions(inputs, num_steps, hook=clock.mark, guidance=guidance)
         out = actions[0].cpu().numpy()
         timings = clock.finish()
         timings.pop("total")
