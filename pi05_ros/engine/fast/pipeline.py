@@ -40,7 +40,8 @@ import torch
 from pi05_ros.engine.fast import kernels
 from pi05_ros.engine.fast.blocks import FastModel, prefix_capacity
 from pi05_ros.engine.fast.calibration import SYNTHETIC_COUNT, record_input_amax, synthetic_observations
-from pi05_ros.engine.reference import Pi05Model
+from pi05_ros.engine.reference import Pi05Model, euler_schedule
+from pi05_ros.engine.rtc import Guidance
 from pi05_ros.engine.runner import PreparedObservation
 
 if TYPE_CHECKING:
@@ -108,9 +109,10 @@ class StepTable:
 
     PER_STEP = (0, 1, 4, 5)  # mods, final mods [, the kernels' bias_qkv, bias_gu]
 
-    def __init__(self, schedule: tuple[torch.Tensor, ...], capacity: int) -> None:
+    def __init__(self, schedule: tuple[torch.Tensor, ...], capacity: int,
+                 per_step: tuple[int, ...] = PER_STEP) -> None:
         self.capacity = capacity
-        self.per_step = [i in self.PER_STEP for i in range(len(schedule))]
+        self.per_step = [i in per_step for i in range(len(schedule))]
         if any(t.dtype != torch.float32 for t, step in zip(schedule, self.per_step, strict=True) if step):
             raise ValueError("StepTable holds float32 per-step constants")
         device = schedule[0].device
@@ -205,7 +207,11 @@ class Pi05Pipeline:
         self._pool = torch.cuda.graph_pool_handle() if use_graphs else None
         self._schedules: OrderedDict[tuple[int, str], tuple[torch.Tensor, ...]] = OrderedDict()
         self._tables: dict[str, StepTable] = {}
-        self._suffix_refresh: dict[int, Callable[[], None]] = {}
+        self._suffix_refresh: dict[tuple[int, str], Callable[[], None]] = {}
+        self._rtc_host: list[torch.Tensor] = []  # previous chunk, soft mask, beta (pinned), and their device twins
+        self._rtc_device: list[torch.Tensor] = []
+        self._rtc_mode = "compiled" if compile else "plain"  # -> "plain" layers -> "eager" (no graph) on failure
+        self._rtc_tried: set[tuple[int, str]] = set()
         self._events = [torch.cuda.Event(enable_timing=True) for _ in range(6)]
         torch.cuda.synchronize()
         self.setup_times["prepare_weights"] = self.fast.build_seconds + time.perf_counter() - start
@@ -362,21 +368,25 @@ class Pi05Pipeline:
                 kernels.denoise_step(self.d_x, self.d_n_valid, keys, values, *table.current)
 
             return run
-        # The torch path's RoPE rows and key mask depend on n_valid only: fixed buffers, refreshed once per
-        # inference outside the step graph (`_suffix_refresh`), read by every step.
-        where = tuple(t.clone() for t in self.fast.suffix_inputs(self.d_x, self.d_n_valid, keys))
-
-        def refresh() -> None:
-            for buffer, value in zip(where, self.fast.suffix_inputs(self.d_x, self.d_n_valid, keys), strict=True):
-                buffer.copy_(value)
-
-        self._suffix_refresh[views] = refresh
+        where = self._suffix_buffers(views, "torch", keys)
 
         def step() -> None:
             table.select()
             self.fast.denoise_step(self.d_x, self.d_n_valid, keys, values, *table.current, where=where)
 
         return step
+
+    def _suffix_buffers(self, views: int, kind: str, keys: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The torch path's RoPE rows and key mask depend on n_valid only: fixed buffers, refreshed once per
+        inference outside the step graph (`_suffix_refresh[(views, kind)]`), read by every step."""
+        where = tuple(t.clone() for t in self.fast.suffix_inputs(self.d_x, self.d_n_valid, keys))
+
+        def refresh() -> None:
+            for buffer, value in zip(where, self.fast.suffix_inputs(self.d_x, self.d_n_valid, keys), strict=True):
+                buffer.copy_(value)
+
+        self._suffix_refresh[(views, kind)] = refresh
+        return where
 
     def _stage(self, key: tuple, make: Callable[[], Callable[[], None]]) -> Callable[[], None]:
         if not self.use_graphs:
@@ -405,7 +415,7 @@ class Pi05Pipeline:
             torch.cuda.synchronize()
             step = self._step_stage(num_steps, views)
         table = self._tables[self.expert_path]
-        refresh = self._suffix_refresh.get(views) if self.expert_kernels is None else None
+        refresh = self._suffix_refresh.get((views, "torch")) if self.expert_kernels is None else None
 
         def run() -> None:
             self.d_x.copy_(self.d_noise)  # the noise buffer stays intact: warm-up and replays start alike
@@ -421,6 +431,90 @@ class Pi05Pipeline:
         table = self.step_table(num_steps)
         key = ("denoise_step", views, self.expert_path)
         return self._stage(key, lambda: self._step_fn(views, table))
+
+    # --- real-time chunking (engine/rtc.py): the torch path's layers with their VJP, one step graph
+
+    def _stage_guidance(self, guidance: Guidance) -> None:
+        """The previous chunk, the soft mask and beta into pinned staging (their device twins are copied in)."""
+        if not self._rtc_host:
+            cfg = self.cfg
+            shape = (1, cfg.action_horizon, cfg.action_dim)
+            self._rtc_host = [torch.zeros(shape, pin_memory=True), torch.zeros(shape, pin_memory=True),
+                              torch.zeros((), pin_memory=True)]
+            self._rtc_device = [t.to(self.device) for t in self._rtc_host]
+        previous, weights, beta = self._rtc_host
+        previous[0].numpy()[...] = guidance.previous
+        weights[0].numpy()[...] = guidance.weights
+        beta.fill_(guidance.beta)
+
+    def _rtc_stage(self, num_steps: int, views: int) -> Callable[[], None]:
+        """All guided steps: noise into d_x, the table's index to 0, then the guided step once per step.
+
+        The step runs the torch path's layers (the fused kernels have no backward) in one CUDA graph with the
+        backward pass inside; t, dt and beta are data. Where torch.compile cannot differentiate a layer or a
+        graph cannot hold the backward, it falls back (plain layer functions, then no graph) with a warning.
+        """
+        key = (num_steps, "rtc")
+        if key not in self._schedules:
+            steps = euler_schedule(num_steps)
+            times = torch.tensor([[t] for t, _ in steps], dtype=torch.float32, device=self.device)
+            dt = torch.tensor([steps[0][1]], dtype=torch.float32, device=self.device)
+            self._schedules[key] = (*self.fast.step_schedule(num_steps), times, dt)
+        schedule = self._schedules[key]
+        table = self._tables.get("rtc")
+        if table is None:
+            table = self._tables["rtc"] = StepTable(schedule, MAX_STEPS, per_step=(0, 1, 4))
+        if table.holds != num_steps:
+            table.load(schedule)
+        while True:
+            try:
+                step = self._rtc_step(views, table)
+                break
+            except Exception as exc:  # torch.compile or graph capture could not take the backward pass
+                if self._rtc_mode == "eager":
+                    raise
+                fallback = "plain layers" if self._rtc_mode == "compiled" else "eager"
+                log.warning("RTC on the fast path (%s) failed (%s: %s); trying %s", self._rtc_mode,
+                            type(exc).__name__, exc, fallback)
+                self._rtc_mode = "plain" if self._rtc_mode == "compiled" else "eager"
+                self._graphs.pop(("rtc_step", views), None)
+                torch.cuda.synchronize()
+        refresh = self._suffix_refresh[(views, "rtc")]
+
+        def run() -> None:
+            self.d_x.copy_(self.d_noise)
+            table.index.zero_()
+            refresh()
+            for _ in range(num_steps):
+                step()
+
+        return run
+
+    def _rtc_step(self, views: int, table: StepTable) -> Callable[[], None]:
+        make = lambda: self._rtc_step_fn(views, table)  # noqa: E731
+        if self._rtc_mode != "eager" and self.use_graphs:
+            return self._stage(("rtc_step", views), make)  # its warm-up runs fail here if this mode cannot
+        fn = make()
+        if (views, self._rtc_mode) not in self._rtc_tried:
+            fn()  # once: fail here, where the next mode can still be tried, not inside the inference
+            self._rtc_tried.add((views, self._rtc_mode))
+        return fn
+
+    def _rtc_step_fn(self, views: int, table: StepTable) -> Callable[[], None]:
+        total = self._cache_rows(self._capacity(views))
+        keys = [k[:, :, :total] for k in self.d_keys]
+        values = [v[:, :, :total] for v in self.d_values]
+        where = self._suffix_buffers(views, "rtc", keys)
+        previous, weights, beta = self._rtc_device
+        compiled = self._rtc_mode == "compiled"
+
+        def step() -> None:
+            table.select()
+            mods, final, out_w, out_b, t, dt = table.current
+            self.fast.guided_step(self.d_x, self.d_n_valid, keys, values, mods, final, out_w, out_b, t, dt,
+                                  previous, weights, beta, where=where, compiled=compiled)
+
+        return step
 
     # --- Runner protocol
 
@@ -442,9 +536,12 @@ class Pi05Pipeline:
             self.h_images[i].numpy()[...] = image
         self.h_noise[0].numpy()[...] = obs.noise
         self.h_n_valid.fill_(n_views * self.cfg.vision.num_patches + len(ids))
+        guided = obs.guidance is not None and obs.guidance.active
+        if guided:
+            self._stage_guidance(obs.guidance)
         vision = self._stage(("vision", n_views), lambda: self._vision_fn(n_views))
         prefill = self._stage(("prefill", n_views, text_len), lambda: self._prefill_fn(n_views, text_len))
-        denoise = self._denoise_stage(num_steps, n_views)
+        denoise = self._rtc_stage(num_steps, n_views) if guided else self._denoise_stage(num_steps, n_views)
         host_ms = (time.perf_counter() - host_start) * 1e3
         ev = self._events
         ev[0].record()
@@ -452,6 +549,9 @@ class Pi05Pipeline:
         self.d_text[:text_len].copy_(self.h_text[:text_len], non_blocking=True)
         self.d_noise.copy_(self.h_noise, non_blocking=True)
         self.d_n_valid.copy_(self.h_n_valid, non_blocking=True)
+        if guided:
+            for device, host in zip(self._rtc_device, self._rtc_host, strict=True):
+                device.copy_(host, non_blocking=True)
         ev[1].record()
         vision()
         ev[2].record()
