@@ -46,6 +46,15 @@ class CommandColumns:
     kinds: tuple[str, ...]  # POSITION or OUTPUT_VELOCITY
     state_index: tuple[int | None, ...]  # which state value the joint's observed position is; None: none
 
+    def measured(self, state: np.ndarray | None) -> np.ndarray:
+        """The command joints' positions in a state vector (NaN where a joint has no state value)."""
+        out = np.full(len(self.names), np.nan)
+        if state is not None:
+            for j, index in enumerate(self.state_index):
+                if index is not None and index < len(state):
+                    out[j] = float(state[index])
+        return out
+
 
 def command_columns(action_names: Sequence[str], output_kinds: Sequence[str], state_dim: int,
                     command_names: Sequence[str] = (), state_index: Sequence[int] | None = None,
