@@ -232,6 +232,13 @@ class PolicyNode(LifecycleNode):
 
         service.callback = guarded
 
+    def destroy_node(self) -> None:
+        """Destroy the node and its lifecycle state machine: rclpy 7.1.6's LifecycleNode leaves the state machine,
+        which holds the node's handle, to the garbage collector, so after os._exit the node would stay in peers'
+        graphs for the ~20 s DDS lease."""
+        super().destroy_node()
+        self._state_machine.destroy_when_not_in_use()
+
     def autostart(self) -> str | None:
         """configure + activate from this (the main) thread; None when active, else why not."""
         with self._transition_lock:

@@ -102,7 +102,7 @@ def test_the_engine_never_imports_ros(graph: dict[str, set[str]]) -> None:
 
 
 def test_the_execution_layer_imports_no_ros_and_of_the_engine_only_the_action_space(graph) -> None:
-    """pi05_ros/execution/ holds the math of what reaches the robot: no ROS, no torch, no node (docs/architecture.md)."""
+    """pi05_ros/execution/ holds the math of what reaches the robot: no ROS, no torch, no node (architecture.md)."""
     assert offenders(graph, "pi05_ros.execution", [*ROS_PACKAGES, "pi05_ros.ros", "pi05_ros.msg", "pi05_ros.cli",
                                                     "torch"]) == []
     engine_imports = {target for module, targets in graph.items() if module.startswith("pi05_ros.execution")
