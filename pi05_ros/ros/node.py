@@ -29,6 +29,7 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from lifecycle_msgs.msg import State
 from rcl_interfaces.msg import SetParametersResult
+from rclpy.clock import Clock, ClockType
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.logging import get_logger
@@ -137,7 +138,8 @@ class PolicyNode(LifecycleNode):
 
         self._diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._subscribe_inputs()
-        self.create_timer(DIAGNOSTICS_PERIOD_S, self.publish_diagnostics)
+        # On the steady clock: a sim clock that stands still (or has not started) must not silence /diagnostics.
+        self.create_timer(DIAGNOSTICS_PERIOD_S, self.publish_diagnostics, clock=Clock(clock_type=ClockType.STEADY_TIME))
 
         if self.config.use_demo_model:
             why = "demo:=true" if self.config.demo else "no checkpoint parameter is set"

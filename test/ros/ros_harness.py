@@ -190,13 +190,13 @@ class Driver:
         put until the test moves it (`clock_ns`), and the feeder then stamps inputs from it."""
         import rclpy
         from diagnostic_msgs.msg import DiagnosticArray
+        from lifecycle_msgs.srv import ChangeState, GetState
         from rclpy.context import Context
         from rclpy.executors import SingleThreadedExecutor
         from rclpy.parameter_client import AsyncParameterClient
         from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
-        from sensor_msgs.msg import CompressedImage, Image, JointState
-        from lifecycle_msgs.srv import ChangeState, GetState
         from rosgraph_msgs.msg import Clock
+        from sensor_msgs.msg import CompressedImage, Image, JointState
         from std_msgs.msg import Float64MultiArray, String
         from trajectory_msgs.msg import JointTrajectory
 
@@ -261,6 +261,7 @@ class Driver:
         self.feeding = threading.Event()
         self.feeding.set()
         self.last_feed_ns = 0  # time.time_ns() when the feeder last published inputs
+        self.last_feed_monotonic = 0.0
 
         self._executor = SingleThreadedExecutor(context=self.context)
         self._executor.add_node(self.node)
@@ -301,7 +302,7 @@ class Driver:
             joint_stamp = image_stamp - 500_000
             if self.stamp_override is not None:
                 image_stamp = joint_stamp = self.stamp_override()
-            self.last_feed_ns = time.time_ns()
+            self.last_feed_ns, self.last_feed_monotonic = time.time_ns(), time.monotonic()
             with self._lock:  # recorded first: a chunk may come back before this loop ends
                 self.published_stamps.update((image_stamp, joint_stamp))
                 self.frames_published += 1
