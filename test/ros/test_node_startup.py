@@ -113,7 +113,8 @@ def test_without_instruction_it_warns_then_default_instruction_and_messages_driv
         assert "instruction: 'stack the blocks'" in node.output()
         # The demo model publishes no robot commands unless allow_demo_commands:=true.
         assert driver.trajectories_since(0.0) == [] and driver.commands_since(0.0) == []
-        status = driver.wait_for_status(time.monotonic(), 5.0, lambda s: "execution.commands_enabled" in status_values(s))
+        status = driver.wait_for_status(time.monotonic(), 5.0,
+                                        lambda s: "execution.commands_enabled" in status_values(s))
         assert status is not None and status_values(status)["execution.commands_enabled"] == "false"
         assert "allow_demo_commands" in status.message
     finally:
