@@ -20,6 +20,9 @@ REQUIREMENTS=(
   ros-jazzy-sensor-msgs==5.3.6
   ros-jazzy-diagnostic-msgs==5.3.6
   ros-jazzy-trajectory-msgs==5.3.6
+  ros-jazzy-rcl-lifecycle==9.2.8
+  ros-jazzy-lifecycle-msgs==2.0.3
+  ros-jazzy-rosgraph-msgs==2.0.3
   ros-jazzy-ament-cmake==2.5.4
   ros-jazzy-ament-cmake-ros==0.12.0
   ros-jazzy-ament-package==0.16.4
@@ -41,6 +44,7 @@ REQUIREMENTS=(
   opencv-python-headless==5.0.0.93
   matplotlib==3.11.2
   tqdm==4.70.1
+  urdfdom-py==1.2.1.post1
   pytest==9.2.0
   pytest-timeout==2.4.0
   ruff==0.17.6

@@ -14,7 +14,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2] / "pi05_ros"
 # Top-level names of ROS Python packages (rclpy, message and launch packages, the ament/rosidl tooling).
 ROS_PACKAGES = {"rclpy", "rcl_interfaces", "rosidl_runtime_py", "rosidl_parser", "ament_index_python", "launch",
                 "launch_ros", "std_msgs", "sensor_msgs", "diagnostic_msgs", "trajectory_msgs", "builtin_interfaces",
-                "geometry_msgs", "lifecycle_msgs", "action_msgs"}
+                "geometry_msgs", "lifecycle_msgs", "action_msgs", "rosgraph_msgs"}
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -99,6 +99,15 @@ def graph() -> dict[str, set[str]]:
 
 def test_the_engine_never_imports_ros(graph: dict[str, set[str]]) -> None:
     assert offenders(graph, "pi05_ros.engine", [*ROS_PACKAGES, "pi05_ros.ros", "pi05_ros.msg", "pi05_ros.cli"]) == []
+
+
+def test_the_execution_layer_imports_no_ros_and_of_the_engine_only_the_action_space(graph) -> None:
+    """pi05_ros/execution/ holds the math of what reaches the robot: no ROS, no torch, no node (architecture.md)."""
+    assert offenders(graph, "pi05_ros.execution", [*ROS_PACKAGES, "pi05_ros.ros", "pi05_ros.msg", "pi05_ros.cli",
+                                                    "torch"]) == []
+    engine_imports = {target for module, targets in graph.items() if module.startswith("pi05_ros.execution")
+                      for target in targets if target.startswith("pi05_ros.engine")}
+    assert engine_imports <= {"pi05_ros.engine.action_space"}, engine_imports
 
 
 def test_the_fast_wing_never_imports_the_policy(graph: dict[str, set[str]]) -> None:

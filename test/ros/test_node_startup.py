@@ -111,5 +111,11 @@ def test_without_instruction_it_warns_then_default_instruction_and_messages_driv
         assert driver.set_parameter("default_instruction", "").successful
         assert driver.wait_for_chunks(3, time.monotonic() + 0.5, 15.0), node.output()
         assert "instruction: 'stack the blocks'" in node.output()
+        # The demo model publishes no robot commands unless allow_demo_commands:=true.
+        assert driver.trajectories_since(0.0) == [] and driver.commands_since(0.0) == []
+        status = driver.wait_for_status(time.monotonic(), 5.0,
+                                        lambda s: "execution.commands_enabled" in status_values(s))
+        assert status is not None and status_values(status)["execution.commands_enabled"] == "false"
+        assert "allow_demo_commands" in status.message
     finally:
         node.stop()
