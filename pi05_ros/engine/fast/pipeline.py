@@ -35,6 +35,7 @@ import torch
 from pi05_ros.engine.fast import kernels
 from pi05_ros.engine.fast.blocks import FastModel, prefix_capacity
 from pi05_ros.engine.fast.calibration import SYNTHETIC_COUNT, record_input_amax, synthetic_observations
+from pi05_ros.engine.preprocess import to_uint8
 from pi05_ros.engine.reference import Pi05Model
 from pi05_ros.engine.runner import PreparedObservation
 
@@ -326,7 +327,8 @@ class Pi05Pipeline:
         np.take(self._table_bytes, ids, axis=0, out=self._h_text_bytes[: len(ids)])
         self._h_text_bytes[len(ids):text_len] = 0
         for i, image in enumerate(views):
-            self.h_images[i].numpy()[...] = image
+            # a float (LeRobot-resized) view is rounded to uint8 here: finer than the bf16 the vision tower runs in
+            self.h_images[i].numpy()[...] = to_uint8(image)
         self.h_noise[0].numpy()[...] = obs.noise
         self.h_n_valid.fill_(n_views * self.cfg.vision.num_patches + len(ids))
         vision = self._stage(("vision", n_views), lambda: self._vision_fn(n_views))
