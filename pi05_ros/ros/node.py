@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import SetParametersResult
+from rclpy.exceptions import ParameterUninitializedException
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.logging import get_logger
 from rclpy.node import Node
@@ -186,9 +187,15 @@ class PolicyNode(Node):
 
     def _convention_overrides(self) -> dict[str, Any]:
         """The checkpoint-convention parameters (params.py), None where empty: the checkpoint's own apply."""
-        values = {name: self.get_parameter(name).value
-                  for name in ("prompt_format", "image_resize", "action_space", "action_space_mask")}
-        return {name: (list(value) if name == "action_space_mask" else value) or None for name, value in values.items()}
+        overrides: dict[str, Any] = {}
+        for name in ("prompt_format", "image_resize", "action_space", "action_space_mask"):
+            try:
+                value = self.get_parameter(name).value
+            except ParameterUninitializedException:  # a list parameter left unset (no default value)
+                value = None
+            overrides[name] = (list(value) if isinstance(value, Sequence) and not isinstance(value, str)
+                               else value) or None
+        return overrides
 
     def _check_against_model(self, policy: Policy) -> list[str]:
         """Startup parameters that only the loaded model can check; returns the action column names."""
