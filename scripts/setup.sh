@@ -42,6 +42,7 @@ REQUIREMENTS=(
   safetensors==0.8.0
   sentencepiece==0.2.3
   opencv-python-headless==5.0.0.93
+  pillow==13.0.0
   matplotlib==3.11.2
   tqdm==4.70.1
   urdfdom-py==1.2.1.post1

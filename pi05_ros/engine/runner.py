@@ -46,7 +46,9 @@ class ActionChunk:
 class PreparedObservation:
     """What a runner consumes: everything already on the host in model units."""
 
-    images: list[np.ndarray | None]  # per model slot: uint8 224x224x3, or None when the view is masked
+    # per model slot: uint8 224x224x3, or float32 224x224x3 in [-1, 1] (a family that resizes floats:
+    # LeRobot), or None when the view is masked
+    images: list[np.ndarray | None]
     tokens: np.ndarray  # int64 [max_len]
     token_mask: np.ndarray  # bool [max_len]
     noise: np.ndarray  # float32 [horizon, action_dim]

@@ -194,8 +194,10 @@ def ns_to_stamp(ns: int) -> Any:
 
 
 def action_chunk_message(actions: np.ndarray, *, stamp_ns: int, joint_names: Sequence[str], action_dt: float,
-                         denoise_steps: int, latency_s: float, sequence: int, demo_model: bool) -> Any:
-    """`pi05_ros/ActionChunk` of actions [horizon, dof] (row-major float32), stamped with the observation's stamp."""
+                         denoise_steps: int, latency_s: float, sequence: int, demo_model: bool,
+                         action_kinds: Sequence[str] = ()) -> Any:
+    """`pi05_ros/ActionChunk` of actions [horizon, dof] (row-major float32), stamped with the observation's stamp;
+    `action_kinds` per column: position, velocity or other (the engine's ActionSpace.output_kinds)."""
     from pi05_ros.msg import ActionChunk
 
     msg = ActionChunk()
@@ -208,6 +210,7 @@ def action_chunk_message(actions: np.ndarray, *, stamp_ns: int, joint_names: Seq
     msg.inference_latency = latency_s
     msg.sequence = sequence
     msg.demo_model = demo_model
+    msg.action_kinds = list(action_kinds)
     return msg
 
 

@@ -30,6 +30,7 @@ from diagnostic_msgs.msg import DiagnosticArray
 from lifecycle_msgs.msg import State
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.clock import Clock, ClockType
+from rclpy.exceptions import ParameterUninitializedException
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.logging import get_logger
@@ -424,8 +425,10 @@ class PolicyNode(LifecycleNode):
                 config.checkpoint, config.tokenizer, norm_stats=config.norm_stats or None,
                 config_preset=config.config_preset or None, device=config.device, precision=config.precision,
                 action_dim=len(config.action_joint_names) or None, seed=config.seed,
-                calibration_data=config.fp8_calibration_data or None,
+                calibration_data=config.fp8_calibration_data or None, **self._convention_overrides(),
             )
+            for line in policy.describe_conventions():
+                self.get_logger().info(line)
         self._action_names = self._check_against_model(policy)
         self.model_facts = ModelFacts(policy.describe(), policy.device, policy.precision, policy.is_demo,
                                       tuple(policy.stage_names))
@@ -433,15 +436,35 @@ class PolicyNode(LifecycleNode):
         level(f"model ready: {policy.describe()}" + (f" -- {DEMO_BANNER}" if policy.is_demo else ""))
         return policy
 
+    def _convention_overrides(self) -> dict[str, Any]:
+        """The checkpoint-convention parameters (params.py), None where empty: the checkpoint's own apply."""
+        overrides: dict[str, Any] = {}
+        for name in ("prompt_format", "image_resize", "action_space", "action_space_mask"):
+            try:
+                value = self.get_parameter(name).value
+            except ParameterUninitializedException:  # a list parameter left unset (no default value)
+                value = None
+            overrides[name] = (list(value) if isinstance(value, Sequence) and not isinstance(value, str)
+                               else value) or None
+        return overrides
+
     def _check_against_model(self, policy: Policy) -> list[str]:
         """Startup parameters that only the loaded model can check; returns the action column names."""
         config = self.config
+        fed: dict[str, str] = {}
         for camera in config.cameras:
-            if camera.slot not in policy.image_keys:
+            slot = policy.slot_for(camera.slot)
+            if slot is None:
+                names = sorted(set(policy.camera_names) - set(policy.image_keys))
+                also = f" (or the checkpoint's camera names {', '.join(names)})" if names else ""
                 raise ConfigError(
                     f"camera.{camera.name}.slot is '{camera.slot}', which this model does not have; "
-                    f"use one of {', '.join(policy.image_keys)}"
+                    f"use one of {', '.join(policy.image_keys)}{also}"
                 )
+            if slot in fed:
+                raise ConfigError(f"cameras '{fed[slot]}' and '{camera.name}' both feed model slot '{slot}'; give "
+                                  "each camera its own slot")
+            fed[slot] = camera.name
         if config.state_joint_names and len(config.state_joint_names) != policy.state_dim:
             raise ConfigError(
                 f"state_joint_names lists {len(config.state_joint_names)} joints but the model's state has "
@@ -496,7 +519,8 @@ class PolicyNode(LifecycleNode):
                 self._chunk_pub.publish(action_chunk_message(
                     chunk.actions, stamp_ns=observation.stamp_ns, joint_names=self._action_names,
                     action_dt=self.config.action_dt, denoise_steps=chunk.num_steps, latency_s=latency_s,
-                    sequence=self._sequence, demo_model=bool(self.model_facts and self.model_facts.is_demo)))
+                    sequence=self._sequence, demo_model=bool(self.model_facts and self.model_facts.is_demo),
+                    action_kinds=chunk.action_space.output_kinds if chunk.action_space else ()))
             sequence = self._sequence
             self._sequence += 1
             commander, columns = self._commander, self._columns

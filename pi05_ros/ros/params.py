@@ -98,6 +98,19 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               int_range=(0, 2**31 - 1)),
     ParamSpec("warmup", 2, "Inferences on synthetic input after loading the model (first-call allocations, "
               "CUDA graphs), before the first real one.", _I, int_range=(0, 20)),
+    # --- the checkpoint's conventions (engine/conventions.py); empty: the checkpoint's own, pi05-info shows them
+    ParamSpec("prompt_format", "", "How the prompt is written: pi05 (task + discretized state: openpi, LeRobot "
+              ">= 0.5), pi05_padded (state zero-padded to max_state_dim: LeRobot <= 0.4), pi0 (no state: "
+              "pi05_libero). Empty: what the checkpoint's files say.", _S, constraints="'', pi05, pi05_padded, pi0"),
+    ParamSpec("image_resize", "", "Resize-with-pad of camera images: openpi_client (PIL bilinear), "
+              "openpi_server (antialiased bilinear), lerobot (torch bilinear on floats). Empty: the family's own.",
+              _S, constraints="'', openpi_client, openpi_server, lerobot"),
+    ParamSpec("action_space", "", "What the action columns mean: absolute, delta (added to the observed state), "
+              "velocity, end_effector (not joint commands), or a comma-separated kind per column. Empty: the "
+              "checkpoint's / preset's, else absolute.", _S),
+    ParamSpec("action_space_mask", [], "Per action column, true = the action_space kind (default delta), false "
+              "= absolute (openpi's make_bool_mask); shorter than the columns: the rest absolute. Empty: none.",
+              Parameter.Type.BOOL_ARRAY),
     # --- run-time knobs
     ParamSpec("denoise_steps", 10, "Flow-matching Euler steps per inference (fewer: faster, coarser). "
               "Takes effect on the next inference.", _I, dynamic=True, int_range=(1, MAX_DENOISE_STEPS)),

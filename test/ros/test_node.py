@@ -120,6 +120,7 @@ def test_chunks_arrive_with_shape_names_stamps_and_steps(running) -> None:
         assert chunk.denoise_steps == 10
         assert chunk.action_dt == ACTION_DT  # float64 parameter passed through unchanged
         assert chunk.demo_model is True
+        assert list(chunk.action_kinds) == ["position"] * DOF  # the demo's columns: absolute positions
         assert 0.0 < chunk.inference_latency < 5.0
         assert np.all(np.isfinite(np.asarray(chunk.actions)))
         # The stamp is that of one of the observations the driver published (not the node's clock).

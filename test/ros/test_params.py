@@ -69,7 +69,7 @@ def test_config_file_sets_exactly_the_declared_parameters_with_their_defaults() 
     declared = {spec.name: spec.default for spec in (*PARAMETERS, *camera_specs)}
     # The two list parameters whose default is empty are documented but commented out: `[]` is not valid
     # ROS parameter YAML (no element type).
-    commented_out = {"state_joint_names", "action_joint_names", "command_joint_names"}
+    commented_out = {"state_joint_names", "action_joint_names", "command_joint_names", "action_space_mask"}
     assert set(values) == set(declared) - commented_out
     for name, value in values.items():
         assert value == declared[name], f"config/pi05.yaml: {name}={value!r}, code default {declared[name]!r}"

@@ -414,7 +414,7 @@ class FastModel(nn.Module):
         """For the `num_steps` schedule: per step and layer (1+scale, shift, gate) x 2 norms [S, L, 6, W];
         the final norm's (1+scale, shift) [S, 2, W]; and the action head with dt folded in (weight, bias)."""
         ref = self._ref
-        steps = euler_schedule(num_steps)
+        steps = euler_schedule(num_steps, ref.cfg.time_grid)
         t = torch.tensor([s[0] for s in steps], dtype=torch.float32, device=self.pos_embed.device)
         cond = ref.time_condition(t).to(ref.compute_dtype)  # [S, W], rounded as the reference rounds it
         per_layer = []

@@ -40,6 +40,7 @@ import torch
 from pi05_ros.engine.fast import kernels
 from pi05_ros.engine.fast.blocks import FastModel, prefix_capacity
 from pi05_ros.engine.fast.calibration import SYNTHETIC_COUNT, record_input_amax, synthetic_observations
+from pi05_ros.engine.preprocess import to_uint8
 from pi05_ros.engine.reference import Pi05Model, euler_schedule
 from pi05_ros.engine.rtc import Guidance
 from pi05_ros.engine.runner import PreparedObservation
@@ -456,7 +457,7 @@ class Pi05Pipeline:
         """
         key = (num_steps, "rtc")
         if key not in self._schedules:
-            steps = euler_schedule(num_steps)
+            steps = euler_schedule(num_steps, self.cfg.time_grid)
             times = torch.tensor([[t] for t, _ in steps], dtype=torch.float32, device=self.device)
             dt = torch.tensor([steps[0][1]], dtype=torch.float32, device=self.device)
             self._schedules[key] = (*self.fast.step_schedule(num_steps), times, dt)
@@ -533,7 +534,8 @@ class Pi05Pipeline:
         np.take(self._table_bytes, ids, axis=0, out=self._h_text_bytes[: len(ids)])
         self._h_text_bytes[len(ids):text_len] = 0
         for i, image in enumerate(views):
-            self.h_images[i].numpy()[...] = image
+            # a float (LeRobot-resized) view is rounded to uint8 here: finer than the bf16 the vision tower runs in
+            self.h_images[i].numpy()[...] = to_uint8(image)
         self.h_noise[0].numpy()[...] = obs.noise
         self.h_n_valid.fill_(n_views * self.cfg.vision.num_patches + len(ids))
         guided = obs.guidance is not None and obs.guidance.active
