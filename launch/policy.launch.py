@@ -5,13 +5,22 @@
     ros2 launch pi05_ros policy.launch.py params_file:=my_robot.yaml namespace:=arm denoise_steps:=5
 
 Arguments left empty keep the value from params_file, so a params file is never overridden by a default.
+
+pi05_policy is a managed (lifecycle) node. This file starts it with its own `autostart` off and drives the
+transitions itself: configure (load + warm up the model) when the process starts, activate once it reached
+`inactive`. `autostart:=false` leaves it unconfigured for a lifecycle manager (e.g. nav2_lifecycle_manager) or
+`ros2 lifecycle set`. Only one side may drive it: a second configure in state inactive is not a transition.
 """
 
 from launch import LaunchContext, LaunchDescription
-from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.actions import DeclareLaunchArgument, EmitEvent, LogInfo, OpaqueFunction, RegisterEventHandler
+from launch.events import matches_action
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
-from launch_ros.actions import Node
+from launch_ros.actions import LifecycleNode, Node
+from launch_ros.event_handlers import OnStateTransition
+from launch_ros.events.lifecycle import ChangeState
 from launch_ros.substitutions import FindPackageShare
+from lifecycle_msgs.msg import Transition
 
 PACKAGE = "pi05_ros"
 
@@ -26,6 +35,8 @@ ARGUMENTS: dict[str, tuple[object, str]] = {
     "precision": ("", "auto, fp32, bf16 or fp8; empty: from params_file"),
     "namespace": ("", "namespace of the nodes (and so of their relative topics)"),
     "demo": ("false", "true: run the random-weight demo model and start demo_sources for synthetic inputs"),
+    "autostart": ("true", "true: configure and activate the node from this launch file; false: leave it "
+                          "unconfigured for a lifecycle manager"),
 }
 
 
@@ -33,7 +44,7 @@ def _is_true(text: str) -> bool:
     return text.strip().lower() in ("true", "1", "yes", "on")
 
 
-def _launch_nodes(context: LaunchContext) -> list[Node]:
+def _launch_nodes(context: LaunchContext) -> list[object]:
     def value(name: str) -> str:
         return LaunchConfiguration(name).perform(context).strip()
 
@@ -48,21 +59,41 @@ def _launch_nodes(context: LaunchContext) -> list[Node]:
         overrides["demo"] = True
 
     namespace = value("namespace")
-    nodes = [
-        Node(
-            package=PACKAGE,
-            executable="policy_node",
-            name="pi05_policy",
-            namespace=namespace,
-            parameters=[value("params_file"), overrides],
-            output="screen",
-            emulate_tty=True,
-        )
-    ]
+    # The launch file drives the transitions (or a manager does), never the node itself: see the docstring.
+    overrides["autostart"] = False
+    policy = LifecycleNode(
+        package=PACKAGE,
+        executable="policy_node",
+        name="pi05_policy",
+        namespace=namespace,
+        parameters=[value("params_file"), overrides],
+        output="screen",
+        emulate_tty=True,
+    )
+    entities: list[object] = []
+    if _is_true(value("autostart")):
+        def change(transition_id: int) -> EmitEvent:
+            return EmitEvent(event=ChangeState(lifecycle_node_matcher=matches_action(policy),
+                                               transition_id=transition_id))
+
+        entities += [
+            # Handlers first, so that no transition event is missed.
+            RegisterEventHandler(OnStateTransition(
+                target_lifecycle_node=policy, start_state="configuring", goal_state="inactive",
+                entities=[LogInfo(msg="pi05_policy configured (model loaded); activating"),
+                          change(Transition.TRANSITION_ACTIVATE)])),
+            RegisterEventHandler(OnStateTransition(
+                target_lifecycle_node=policy, goal_state="active",
+                entities=[LogInfo(msg="pi05_policy active")])),
+            policy,
+            change(Transition.TRANSITION_CONFIGURE),
+        ]
+    else:
+        entities.append(policy)
     if demo:
-        nodes.append(Node(package=PACKAGE, executable="demo_sources", name="pi05_demo_sources",
-                          namespace=namespace, output="screen"))
-    return nodes
+        entities.append(Node(package=PACKAGE, executable="demo_sources", name="pi05_demo_sources",
+                             namespace=namespace, output="screen"))
+    return entities
 
 
 def generate_launch_description() -> LaunchDescription:

@@ -36,6 +36,7 @@ echo "[demo] ROS_DOMAIN_ID=$ROS_DOMAIN_ID namespace $NAMESPACE device $DEVICE; n
 "$EXE/demo_sources" --ros-args -r __ns:=$NAMESPACE > "$LOGS/demo_sources.log" 2>&1 &
 pids+=($!)
 "$EXE/policy_node" --ros-args --params-file "$ROOT/install/pi05_ros/share/pi05_ros/config/pi05.yaml" \
+  -p allow_demo_commands:=true \
   -r __ns:=$NAMESPACE -p demo:=true -p "device:=$DEVICE" \
   -p "state_joint_names:=[joint_1, joint_2, joint_3, joint_4, joint_5, joint_6, gripper]" \
   > "$LOGS/policy_node.log" 2>&1 &

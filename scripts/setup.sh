@@ -21,6 +21,9 @@ REQUIREMENTS=(
   ros-jazzy-sensor-msgs==5.3.6
   ros-jazzy-diagnostic-msgs==5.3.6
   ros-jazzy-trajectory-msgs==5.3.6
+  ros-jazzy-rcl-lifecycle==9.2.8
+  ros-jazzy-lifecycle-msgs==2.0.3
+  ros-jazzy-rosgraph-msgs==2.0.3
   ros-jazzy-ament-cmake==2.5.4
   ros-jazzy-ament-cmake-ros==0.12.0
   ros-jazzy-ament-package==0.16.4
@@ -40,8 +43,10 @@ REQUIREMENTS=(
   safetensors==0.8.0
   sentencepiece==0.2.3
   opencv-python-headless==5.0.0.93
+  pillow==13.0.0
   matplotlib==3.11.2
   tqdm==4.70.1
+  urdfdom-py==1.2.1.post1
   websockets==17.4
   msgpack==1.2.4
   'ray[serve]==2.60.0'

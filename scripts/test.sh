@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
-# The project's test command: build everything (scripts/setup.sh), lint, then every non-GPU test.
+# The project's test command: build everything (scripts/setup.sh, scripts/peers.sh), lint, then every non-GPU
+# test, the comparisons with the real peers (test/peers) included.
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh test/ros -k conversions`.
 set -eo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 bash scripts/setup.sh
-# The real openpi client in its own venv (numpy < 2) for the serving tests; a no-op when it is up to date.
-PI05_OPENPI_CLIENT_PYTHON="$(bash scripts/openpi_client_env.sh | tail -1)"
-export PI05_OPENPI_CLIENT_PYTHON
+# The peers the engine is compared with, and the serving tests' real openpi client (real LeRobot 0.6.1 and
+# openpi-client, each in its own pinned venv).
+bash scripts/peers.sh
+# shellcheck disable=SC1091
+source .peers.env
 # shellcheck disable=SC1091
 source scripts/env.sh
 # A random domain keeps parallel runs on one machine (two checkouts, CI beside a developer) apart.
 export ROS_DOMAIN_ID="${ROS_DOMAIN_ID:-$((RANDOM % 100 + 1))}"
 export ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
-# The ROS tests must run here, never be skipped for a missing rclpy.
-export PI05_REQUIRE_ROS=1
+# The ROS tests and the peer tests must run here, never be skipped for a missing rclpy or peer venv.
+export PI05_REQUIRE_ROS=1 PI05_REQUIRE_PEERS=1
 echo "[test] ROS_DOMAIN_ID=$ROS_DOMAIN_ID"
 
 # Both always run, so one report shows lint and test problems together.

@@ -1,7 +1,9 @@
 """pi05-info CHECKPOINT: what a checkpoint is, without loading its weights.
 
-Prints the detected format, the resolved config, parameter counts per part, the norm stats found, and every
-missing, unexpected or mis-shaped tensor. Exits 1 when `Policy.load` would fail on the checkpoint as it is
+Prints the detected format, the resolved config, parameter counts per part, the norm stats found, the
+conventions Policy.load will apply around the network (prompt format, normalization per feature, action
+space per column, camera names, image resize, time grid; each with why), and every missing, unexpected or
+mis-shaped tensor. Exits 1 when `Policy.load` would fail on the checkpoint as it is
 (a tensor problem, or no norm stats it can find), and then says what it needs.
 """
 
@@ -12,12 +14,13 @@ import dataclasses
 import sys
 
 from pi05_ros.engine.checkpoint import CheckpointInfo, inspect_checkpoint
+from pi05_ros.engine.conventions import Conventions, resolve_action_space, resolve_conventions
 from pi05_ros.engine.errors import Pi05Error
-from pi05_ros.engine.normalize import find_checkpoint_norm_stats, resolve_norm_stats
+from pi05_ros.engine.normalize import NormStats, find_checkpoint_norm_stats, resolve_norm_stats
 
 
-def _norm_stats(info: CheckpointInfo, given: str | None) -> tuple[str, str | None]:
-    """(what to print, what Policy.load will need or None) for the checkpoint's norm stats."""
+def _norm_stats(info: CheckpointInfo, given: str | None) -> tuple[str, str | None, NormStats | None]:
+    """(what to print, what Policy.load will need or None, the stats) for the checkpoint's norm stats."""
     try:
         if given is None:
             found = find_checkpoint_norm_stats(info.path, info.format)
@@ -27,8 +30,36 @@ def _norm_stats(info: CheckpointInfo, given: str | None) -> tuple[str, str | Non
             stats = resolve_norm_stats(info.path, info.format, given)
             where = f"{given} (given)"
     except Pi05Error as exc:
-        return f"none usable: {exc}", "norm stats: pass norm_stats=<path to norm_stats.json> (docs/checkpoints.md)"
-    return f"{where}: state dim {stats.state.dim}, action dim {stats.actions.dim}", None
+        return (f"none usable: {exc}", "norm stats: pass norm_stats=<path to norm_stats.json> (docs/checkpoints.md)",
+                None)
+    return f"{where}: state dim {stats.state.dim}, action dim {stats.actions.dim}", None, stats
+
+
+def _conventions(conventions: Conventions, stats: NormStats | None, args: argparse.Namespace) -> str | None:
+    """Print what Policy.load does around the network; returns a problem that stops it, or None."""
+    c = conventions
+    print("conventions:  (what Policy.load does around the network, and why)")
+    print(f"  family         {c.family}" + (f", LeRobot {c.lerobot_version}" if c.lerobot_version else ""))
+    print(f"  prompt format  {c.prompt_format}: {c.reasons['prompt_format']}")
+    print(f"  image resize   {c.image_resize}: {c.reasons['image_resize']}")
+    print(f"  time grid      {c.time_grid}: {c.reasons['time_grid']}")
+    print(f"  cameras        {c.describe_cameras()} ({c.reasons['cameras']})")
+    if stats is None:
+        print("  normalization  unknown until norm stats are found")
+        print("  action space   unknown until norm stats are found (their action dim)")
+        return None
+    print(f"  normalization  {stats.describe()}")
+    try:
+        mask = [m.strip().lower() in ("1", "true", "t") for m in args.action_space_mask.split(",")] \
+            if args.action_space_mask else None
+        space, why = resolve_action_space(c, stats.actions.dim, args.action_space, mask)
+        space.check_state(stats.state.dim)
+    except Pi05Error as exc:
+        print(f"  action space   impossible: {exc}")
+        return f"a possible action space: {exc}"
+    print(f"  action space   {space.describe()}: {why}")
+    print(f"                 per column (robot terms): {', '.join(space.output_kinds)}")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,9 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config-preset", default=None, help="pi05, pi05_droid, pi05_libero or tiny")
     parser.add_argument("--norm-stats", default=None,
                         help="check this norm_stats.json, LeRobot .safetensors or asset id instead of the one found")
+    parser.add_argument("--prompt-format", default=None, help="pi05, pi05_padded or pi0 instead of the checkpoint's")
+    parser.add_argument("--image-resize", default=None,
+                        help="openpi_client, openpi_server or lerobot instead of the family's")
+    parser.add_argument("--action-space", default=None,
+                        help="absolute, delta, velocity, end_effector or a kind per column (comma-separated)")
+    parser.add_argument("--action-space-mask", default=None, help="comma-separated true/false per column")
     args = parser.parse_args(argv)
     try:
         info = inspect_checkpoint(args.checkpoint, args.config_preset)
+        conventions = resolve_conventions(info, prompt_format=args.prompt_format, image_resize=args.image_resize)
     except Pi05Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -47,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"checkpoint:   {info.weights_file}")
     print(f"format:       {info.format}")
     print(f"config:       {cfg.name}: horizon {cfg.action_horizon}, action_dim {cfg.action_dim}, "
-          f"max_token_len {cfg.max_token_len}, state in prompt {cfg.state_in_prompt}")
+          f"max_token_len {cfg.max_token_len}, max_state_dim {cfg.max_state_dim}")
     for part in ("vision", "vlm", "expert"):
         print(f"  {part:<10}  {dataclasses.asdict(getattr(cfg, part))}")
     dtypes = sorted({dtype for _, dtype in info.tensors.values()})
@@ -56,9 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     for part, n in sorted(counts.items(), key=lambda kv: -kv[1]):
         print(f"  {part:<18} {n:>15,}")
     print(f"  {'total':<18} {sum(counts.values()):>15,}")
-    print(f"embeddings:   {info.embed_name or 'MISSING'}")
-    stats_line, needs = _norm_stats(info, args.norm_stats)
+    unused = f" (unused: {', '.join(info.unused_tables)})" if info.unused_tables else ""
+    print(f"embeddings:   {info.embed_name or 'MISSING'}{unused}")
+    stats_line, needs, stats = _norm_stats(info, args.norm_stats)
     print(f"norm stats:   {stats_line}")
+    impossible = _conventions(conventions, stats, args)
+    needs = needs or impossible
     if info.unexpected:
         print(f"unexpected:   {len(info.unexpected)} tensors the model does not use:")
         for name in info.unexpected:

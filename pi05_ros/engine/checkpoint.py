@@ -22,6 +22,7 @@ from safetensors import safe_open
 
 from pi05_ros.engine.config import Pi05Config, load_config
 from pi05_ros.engine.errors import CheckpointError
+from pi05_ros.engine.lerobot_files import camera_features, short_camera_name
 from pi05_ros.engine.progress import progress_bar
 from pi05_ros.engine.reference import Pi05Model, build_on_meta, keeps_float32
 
@@ -53,7 +54,9 @@ NAME_PREFIXES: tuple[tuple[str, str], ...] = (
     ("time_mlp_in.", "time_mlp_in."),
     ("time_mlp_out.", "time_mlp_out."),
 )
-# The token table is stored under either name (openpi's save drops the tied `embed_tokens`); first found wins.
+# The token table, in order of preference. openpi's save drops the tied `embed_tokens` and keeps `lm_head`;
+# LeRobot 0.5+ saves both as DIFFERENT tensors and looks tokens up in (and fine-tunes only) `embed_tokens`, so
+# whenever `embed_tokens` is present it is the table, and `lm_head` is an unused tensor.
 EMBED_NAMES: tuple[str, ...] = (
     _PG + "model.language_model.embed_tokens.weight",
     _PG + "language_model.model.embed_tokens.weight",
@@ -77,6 +80,7 @@ class CheckpointInfo:
     prefix: str
     tensors: dict[str, tuple[tuple[int, ...], str]]  # stored name -> (shape, dtype)
     embed_name: str | None = None
+    unused_tables: list[str] = field(default_factory=list)  # vocabulary tables present but not the embedding
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     shape_mismatches: list[str] = field(default_factory=list)
@@ -165,6 +169,10 @@ def inspect_checkpoint(path: str | Path, config_preset: str | None = None) -> Ch
         raise CheckpointError(
             f"{weights} is a Pi0 checkpoint (it has state_proj/action_time_mlp); pi05_ros runs Pi0.5 only"
         )
+    if fmt == "lerobot":
+        # LeRobot's own flow-time grid, and its camera names as the model's slots (in LeRobot's order).
+        cameras = tuple(short_camera_name(name) for name in camera_features(ckpt_dir))
+        config = config.replace(time_grid="lerobot", image_keys=cameras or config.image_keys)
     info = CheckpointInfo(ckpt_dir, weights, fmt, config, prefix, tensors)
     _check_names(info)
     return info
@@ -177,6 +185,13 @@ def _expected_shapes(config: Pi05Config) -> dict[str, tuple[int, ...]]:
 
 def _check_names(info: CheckpointInfo) -> None:
     expected = _expected_shapes(info.config)
+    tables = [name for name in EMBED_NAMES if info.prefix + name in info.tensors]
+    if tables:
+        info.embed_name, info.unused_tables = tables[0], tables[1:]
+        shape = info.tensors[info.prefix + info.embed_name][0]
+        want = (info.config.vocab_size, info.config.vlm.width)
+        if shape != want:
+            info.shape_mismatches.append(f"{info.prefix + info.embed_name}: file {list(shape)}, model {list(want)}")
     seen: set[str] = set()
     for stored, (shape, _) in info.tensors.items():
         if not stored.startswith(info.prefix):
@@ -184,11 +199,6 @@ def _check_names(info: CheckpointInfo) -> None:
             continue
         name = stored[len(info.prefix):]
         if name in EMBED_NAMES:
-            if info.embed_name is None:
-                info.embed_name = name
-                want = (info.config.vocab_size, info.config.vlm.width)
-                if shape != want:
-                    info.shape_mismatches.append(f"{stored}: file {list(shape)}, model {list(want)}")
             continue
         if name in SKIPPED_NAMES:
             continue
@@ -232,21 +242,20 @@ def load_model(
                     len(info.unexpected), ", ".join(info.unexpected[:5]))
     device = torch.device(device)
     model = build_on_meta(info.config)
-    to_load = [n for n in info.tensors if n[len(info.prefix):] != info.embed_name and n not in info.unexpected
-               and n[len(info.prefix):] not in SKIPPED_NAMES]
-    total = sum(_nbytes(*info.tensors[n]) for n in to_load) + _nbytes(*info.tensors[info.prefix + info.embed_name])
+    # Every stored name that maps onto a module parameter (the token tables and skipped tensors do not).
+    mapped = {n: map_name(n[len(info.prefix):]) for n in info.tensors if n not in info.unexpected}
+    to_load = {n: internal for n, internal in mapped.items() if internal is not None}
+    embed_stored = info.prefix + str(info.embed_name)
+    total = sum(_nbytes(*info.tensors[n]) for n in to_load) + _nbytes(*info.tensors[embed_stored])
     label = f"loading {info.weights_file.name}"
     start = time.monotonic()
     state: dict[str, torch.Tensor] = {}
     with _open(info.weights_file) as f, progress_bar(total, label, log=log, unit="B", unit_scale=True,
                                                      unit_divisor=1024) as progress:
-        for stored in to_load:
-            internal = map_name(stored[len(info.prefix):])
-            assert internal is not None
+        for stored, internal in to_load.items():
             target = torch.float32 if keeps_float32(internal) else dtype
             state[internal] = f.get_tensor(stored).to(device=device, dtype=target)
             progress.update(_nbytes(*info.tensors[stored]))
-        embed_stored = info.prefix + info.embed_name  # type: ignore[operator]
         embed = f.get_tensor(embed_stored).to(device=embed_device, dtype=dtype)
         progress.update(_nbytes(*info.tensors[embed_stored]))
     log.info("%s: done in %.1f s", label, time.monotonic() - start)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pi05_ros.engine.action_space import ABSOLUTE, DELTA, VELOCITY, ActionSpace
 from pi05_ros.engine.errors import CheckpointError
 
 IMAGE_KEYS: tuple[str, ...] = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
@@ -65,11 +66,16 @@ class Pi05Config:
     action_dim: int = 32
     action_horizon: int = 50
     max_token_len: int = 200
-    # pi05 writes the discretized state into the prompt; pi05_libero was trained with the pi0 prompt format.
-    state_in_prompt: bool = True
-    # openpi writes only the robot's real state dims into the prompt; LeRobot pads the state to
-    # max_state_dim first (the padded zeros print as bin 128). Models must see the format they were trained on.
-    prompt_state_dim: int | None = None
+    # How the prompt is written (engine/conventions.py PROMPT_FORMATS): "pi05" (the discretized robot state),
+    # "pi05_padded" (the state zero-padded to max_state_dim first, LeRobot <= 0.4) or "pi0" (no state:
+    # openpi's pi05_libero). The preset's value; the checkpoint's files or the caller may choose another.
+    prompt_format: str = "pi05"
+    max_state_dim: int = 32
+    # The flow-matching time grid: "openpi" accumulates t += dt in float32 (1, 0.9, 0.79999995, ...);
+    # "lerobot" computes t = 1 + k * dt per step (LeRobot 0.4.3+: 1, 0.9, 0.8, ...).
+    time_grid: str = "openpi"
+    # What the action columns mean, when the family is known (openpi's configs); None: not known.
+    action_space: ActionSpace | None = None
     time_min_period: float = 4e-3
     time_max_period: float = 4.0
     image_keys: tuple[str, ...] = IMAGE_KEYS
@@ -92,10 +98,24 @@ TINY = Pi05Config(
     max_token_len=24,
 )
 
+# Action spaces of openpi's configs (openpi src/openpi/training/config.py, policies/*_policy.py):
+# - pi05_droid: DROID's joint velocities (7) and an absolute gripper position; no delta transform.
+# - pi05_full_droid_finetune (joint position): AbsoluteActions(make_bool_mask(7, -1)).
+# - pi05_aloha: AbsoluteActions(make_bool_mask(6, -1, 6, -1)): 6 joints delta, gripper absolute, per arm.
+# - pi05_libero: LIBERO's end-effector commands, passed through (extra_delta_transform=False): not joint space.
+DROID_VELOCITY = ActionSpace((VELOCITY,) * 7 + (ABSOLUTE,))
+DROID_JOINT_POSITION = ActionSpace.from_mask([True] * 7 + [False], 8, DELTA)
+ALOHA_JOINT_POSITION = ActionSpace.from_mask(([True] * 6 + [False]) * 2, 14, DELTA)
+LIBERO_END_EFFECTOR = ActionSpace.uniform(ABSOLUTE, 7, joint_space=False)
+
 PRESETS: dict[str, Pi05Config] = {
     "pi05": Pi05Config(),
-    "pi05_droid": Pi05Config(name="pi05_droid", action_horizon=15),
-    "pi05_libero": Pi05Config(name="pi05_libero", action_horizon=10, state_in_prompt=False),
+    "pi05_droid": Pi05Config(name="pi05_droid", action_horizon=15, action_space=DROID_VELOCITY),
+    "pi05_droid_joint_position": Pi05Config(name="pi05_droid_joint_position", action_horizon=16,
+                                            action_space=DROID_JOINT_POSITION),
+    "pi05_aloha": Pi05Config(name="pi05_aloha", action_space=ALOHA_JOINT_POSITION),
+    "pi05_libero": Pi05Config(name="pi05_libero", action_horizon=10, prompt_format="pi0",
+                              action_space=LIBERO_END_EFFECTOR),
     "tiny": TINY,
 }
 
@@ -133,7 +153,7 @@ def config_from_dict(raw: dict[str, Any], base: Pi05Config) -> Pi05Config:
     if "max_action_dim" in raw:
         changes["action_dim"] = int(raw["max_action_dim"])
     if "max_state_dim" in raw:
-        changes["prompt_state_dim"] = int(raw["max_state_dim"])
+        changes["max_state_dim"] = int(raw["max_state_dim"])
     if "tokenizer_max_length" in raw:
         changes["max_token_len"] = int(raw["tokenizer_max_length"])
     for key, part in (("paligemma_variant", "vlm"), ("action_expert_variant", "expert")):

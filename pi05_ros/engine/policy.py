@@ -23,8 +23,16 @@ import numpy as np
 import torch
 
 from pi05_ros.engine.action_space import ABSOLUTE, ActionSpace
-from pi05_ros.engine.checkpoint import CheckpointInfo, load_model
+from pi05_ros.engine.checkpoint import CheckpointInfo, inspect_checkpoint, load_model
 from pi05_ros.engine.config import PRESETS, Pi05Config
+from pi05_ros.engine.conventions import (
+    PI0,
+    PI05_PADDED,
+    Conventions,
+    default_conventions,
+    resolve_action_space,
+    resolve_conventions,
+)
 from pi05_ros.engine.errors import CheckpointError, InputError
 from pi05_ros.engine.fast.calibration import CALIBRATION_FILE, scales_path, user_cache_dir
 from pi05_ros.engine.normalize import NormStats, resolve_norm_stats
@@ -141,6 +149,8 @@ class Policy:
         is_demo: bool = False,
         checkpoint: CheckpointInfo | None = None,
         action_space: ActionSpace | None = None,
+        conventions: Conventions | None = None,
+        action_space_reason: str = "",
     ) -> None:
         self.model = model
         self.config: Pi05Config = model.cfg
@@ -152,8 +162,11 @@ class Policy:
         if not 1 <= self.action_dof <= self.config.action_dim:
             raise CheckpointError(f"action_dim {self.action_dof} must be within 1..{self.config.action_dim}")
         self.state_dim = norm_stats.state.dim
+        self.conventions = conventions or default_conventions(self.config.name, self.config.image_keys,
+                                                              self.config.prompt_format, self.config.max_state_dim)
         # what the action columns mean; absolute positions unless the checkpoint or the caller says otherwise
         self.action_space = action_space or ActionSpace.uniform(ABSOLUTE, self.action_dof)
+        self.action_space_reason = action_space_reason or ("given" if action_space else "absolute (default)")
         if self.action_space.dof != self.action_dof:
             raise CheckpointError(f"the action space describes {self.action_space.dof} columns but the policy "
                                   f"outputs {self.action_dof}; give one kind per action column")
@@ -177,14 +190,24 @@ class Policy:
         device: str = "auto",
         precision: str = "auto",
         action_dim: int | None = None,
-        use_quantiles: bool = True,
+        use_quantiles: bool | None = None,
         seed: int = 0,
         runner: str = "auto",
         keep_reference: bool = False,
         calibration_data: str | Path | None = None,
         expert_kernels: str = "auto",
+        prompt_format: str | None = None,
+        image_resize: str | None = None,
+        action_space: str | ActionSpace | None = None,
+        action_space_mask: Sequence[bool] | None = None,
     ) -> Policy:
         """Load an openpi or LeRobot Pi0.5 checkpoint. `norm_stats` is a norm_stats.json path or an asset id.
+
+        The checkpoint's family conventions (engine/conventions.py) apply unless overridden: `prompt_format`
+        (pi05, pi05_padded, pi0), `image_resize` (openpi_client, openpi_server, lerobot), `use_quantiles`
+        (both features' normalization mode), `action_space` (absolute, delta, velocity, end_effector, or a
+        comma-separated kind per column) with `action_space_mask` (True = that kind, default delta; False =
+        absolute; openpi's make_bool_mask). `describe_conventions()` says what was chosen and why.
 
         On a GPU the fast pipeline runs (bf16/fp8); its FP8 scales are calibrated on the first start and saved
         beside the checkpoint (`pi05_ros_fp8_calibration.json`) so later starts skip calibration. They come
@@ -196,11 +219,18 @@ class Policy:
             raise CheckpointError(f"expert_kernels must be one of {', '.join(EXPERT_KERNELS)}, got {expert_kernels!r}")
         dev = resolve_device(device)
         prec = resolve_precision(precision, dev)
+        # Everything a user can get wrong is checked before the weights are read.
+        info = inspect_checkpoint(checkpoint, config_preset)
+        conventions = resolve_conventions(info, prompt_format=prompt_format, image_resize=image_resize)
+        stats = resolve_norm_stats(info.path, info.format, norm_stats, use_quantiles)
+        tok = PromptTokenizer(tokenizer, info.config.max_token_len, conventions.prompt_format != PI0)
+        dof = int(action_dim or stats.actions.dim)
+        space, why = resolve_action_space(conventions, dof, action_space, action_space_mask)
+        space.check_state(stats.state.dim)
         model, info = load_model(checkpoint, config_preset=config_preset, device=dev,
                                  dtype=torch.float32 if prec == "fp32" else torch.bfloat16)
-        stats = resolve_norm_stats(info.path, info.format, norm_stats, use_quantiles)
-        tok = PromptTokenizer(tokenizer, model.cfg.max_token_len, model.cfg.state_in_prompt)
-        policy = cls(model, tok, stats, precision=prec, action_dim=action_dim, seed=seed, checkpoint=info)
+        policy = cls(model, tok, stats, precision=prec, action_dim=action_dim, seed=seed, checkpoint=info,
+                     action_space=space, conventions=conventions, action_space_reason=why)
         recorded = None
         if calibration_data is not None:
             recording_files(calibration_data)  # fail early on a bad folder, whatever the device
@@ -226,7 +256,7 @@ class Policy:
         if cfg.name == "tiny":
             cfg = cfg.replace(max_token_len=DEMO_MAX_TOKEN_LEN)
         model = random_model(cfg, seed=seed, device=dev, dtype=torch.float32 if prec == "fp32" else torch.bfloat16)
-        tok = demo_prompt_tokenizer(cfg.max_token_len, cfg.state_in_prompt)
+        tok = demo_prompt_tokenizer(cfg.max_token_len, cfg.prompt_format != PI0)
         state, actions = demo_norm_stats()
         policy = cls(model, tok, NormStats(state, actions), precision=prec, seed=seed, is_demo=True)
         scales = user_cache_dir(f"demo_{cfg.name}_seed{seed}") / CALIBRATION_FILE  # written only if it calibrates
@@ -239,7 +269,8 @@ class Policy:
         fast pipeline beside its reference baseline). Its noise starts again from the seed."""
         return Policy(self.model, self.tokenizer, self.norm_stats, precision=precision or self.precision,
                       runner=runner, action_dim=self.action_dof, seed=self.seed, is_demo=self.is_demo,
-                      checkpoint=self.checkpoint, action_space=self.action_space)
+                      checkpoint=self.checkpoint, action_space=self.action_space, conventions=self.conventions,
+                      action_space_reason=self.action_space_reason)
 
     def recorded_observations(self, folder: str | Path) -> list[PreparedObservation]:
         """The observations recorded in `folder` (engine/recordings.py), prepared for a runner (FP8 calibration)."""
@@ -249,7 +280,18 @@ class Policy:
 
     @property
     def image_keys(self) -> tuple[str, ...]:
+        """The model's image slots (LeRobot: the checkpoint's camera names; openpi: base_0_rgb, ...)."""
         return self.config.image_keys
+
+    @property
+    def camera_names(self) -> dict[str, str]:
+        """Every camera name `infer` accepts -> the slot it feeds (slots, and a LeRobot checkpoint's
+        `observation.images.<name>` features)."""
+        return dict(self.conventions.camera_names)
+
+    def slot_for(self, camera: str) -> str | None:
+        """The model slot a camera name feeds, or None when the checkpoint has no such camera."""
+        return self.conventions.slot_for(camera)
 
     @property
     def action_horizon(self) -> int:
@@ -269,7 +311,20 @@ class Policy:
         runner = self.runner.name + (f" (denoise on {expert})" if expert else "")
         return (f"Pi0.5 [{self.config.name}] from {source} on {self.device}, {self.precision}, runner "
                 f"{runner}, horizon {self.action_horizon}, state dim {self.state_dim}, "
-                f"action dof {self.action_dof}")
+                f"action dof {self.action_dof} ({self.action_space.describe()})")
+
+    def describe_conventions(self) -> list[str]:
+        """One line per convention: what the policy does around the network and why."""
+        c = self.conventions
+        return [
+            f"family:         {c.family}" + (f" (LeRobot {c.lerobot_version})" if c.lerobot_version else ""),
+            f"prompt format:  {c.prompt_format}: {c.reasons.get('prompt_format', '')}",
+            f"normalization:  {self.norm_stats.describe()}",
+            f"action space:   {self.action_space.describe()}: {self.action_space_reason}",
+            f"cameras:        {c.describe_cameras()}",
+            f"image resize:   {c.image_resize}: {c.reasons.get('image_resize', '')}",
+            f"time grid:      {c.time_grid}",
+        ]
 
     def stage_stats(self) -> dict[str, dict[str, float]]:
         """Per-stage mean/std/p50/p99 (ms) over the last inferences."""
@@ -280,15 +335,20 @@ class Policy:
     def prepare(self, images: Mapping[str, np.ndarray], state: np.ndarray, prompt: str,
                 noise: np.ndarray | None = None) -> PreparedObservation:
         """Validate and convert one observation into model units (host only)."""
-        unknown = set(images) - set(self.image_keys)
-        if unknown:
-            raise InputError(
-                f"unknown camera slot(s) {sorted(unknown)}; this model's slots are {list(self.image_keys)}"
-            )
         if not images:
             raise InputError(f"no camera image given; provide at least one of {list(self.image_keys)}")
+        by_slot: dict[str, np.ndarray] = {}
+        for name, image in images.items():
+            slot = self.slot_for(name)
+            if slot is None:
+                raise InputError(f"unknown camera slot {name!r}; this model's slots are {list(self.image_keys)}"
+                                 + self._camera_aliases())
+            if slot in by_slot:
+                raise InputError(f"two images given for camera slot {slot!r} (one named {name!r}); give one per slot")
+            by_slot[slot] = image
         size = self.config.vision.image_size
-        prepared = [resize_with_pad(validate_image(images[k], k), size) if k in images else None
+        method = self.conventions.image_resize
+        prepared = [resize_with_pad(validate_image(by_slot[k], k), size, method) if k in by_slot else None
                     for k in self.image_keys]
         state = np.asarray(state, dtype=np.float32)
         if state.ndim != 1:
@@ -308,11 +368,16 @@ class Policy:
             raise InputError(f"noise must have shape {shape}, got {noise.shape}")
         return PreparedObservation(prepared, tokens, mask, noise)
 
+    def _camera_aliases(self) -> str:
+        aliases = sorted(name for name, slot in self.conventions.camera_names.items() if name != slot)
+        return f" (or the checkpoint's names {aliases})" if aliases else ""
+
     def prompt_state(self, state: np.ndarray) -> np.ndarray:
-        """The normalized state as the prompt writes it (padded to the checkpoint's max_state_dim for LeRobot)."""
+        """The normalized state as the prompt writes it (zero-padded to max_state_dim in the pi05_padded
+        format of LeRobot <= 0.4; the padded zeros print as bin 128)."""
         state_norm = self.norm_stats.normalize_state(np.asarray(state, dtype=np.float32))
-        pad_to = self.config.prompt_state_dim
-        if pad_to and pad_to > state_norm.shape[0]:
+        pad_to = self.conventions.max_state_dim
+        if self.conventions.prompt_format == PI05_PADDED and pad_to > state_norm.shape[0]:
             state_norm = np.pad(state_norm, (0, pad_to - state_norm.shape[0]))
         return state_norm
 

@@ -1,15 +1,16 @@
-"""Camera images -> the model's 224x224 input in [-1, 1].
+"""Camera images -> the model's 224x224 input in [-1, 1], resized the way the checkpoint's family resizes.
 
-Resize-with-pad keeps the aspect ratio and centres the picture on black (uint8 0, i.e. -1.0 after scaling),
-as openpi does. No ImageNet mean/std: Pi0.5's SigLIP sees `x / 255 * 2 - 1`.
+Every family keeps the aspect ratio and centres the picture on black (-1.0 after scaling), but each resamples
+differently, and a model sees best what it was trained on: openpi's clients use PIL bilinear, openpi's server
+an antialiased bilinear, LeRobot torch bilinear without antialias on floats (RESIZE_METHODS; the default per
+family is chosen in engine/conventions.py). No ImageNet mean/std: Pi0.5's SigLIP sees `x / 255 * 2 - 1`.
 """
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 
-from pi05_ros.engine.errors import InputError
+from pi05_ros.engine.errors import CheckpointError, InputError
 
 
 def validate_image(image: np.ndarray, name: str = "image") -> np.ndarray:
@@ -30,28 +31,100 @@ def validate_image(image: np.ndarray, name: str = "image") -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-def resize_with_pad(image: np.ndarray, size: int = 224) -> np.ndarray:
-    """uint8 HxWx3 -> uint8 size x size x 3, aspect kept, zero padding split evenly (extra pixel after)."""
-    image = validate_image(image)
-    h, w = image.shape[:2]
-    if (h, w) == (size, size):
-        return image
-    ratio = max(w / size, h / size)
-    new_w, new_h = max(1, int(w / ratio)), max(1, int(h / ratio))
-    # INTER_AREA averages when shrinking (anti-aliased, like PIL's bilinear with support); bilinear when growing.
-    interp = cv2.INTER_AREA if new_w < w else cv2.INTER_LINEAR
-    resized = cv2.resize(image, (new_w, new_h), interpolation=interp)
-    out = np.zeros((size, size, 3), dtype=np.uint8)
+# The resize-with-pad of each family, by name; every one keeps the aspect ratio, scales by
+# ratio = max(w / size, h / size) to int(h / ratio) x int(w / ratio), and centres the picture (the extra row or
+# column of padding at the bottom / right) on black (-1 in model range).
+OPENPI_CLIENT = "openpi_client"  # openpi_client.image_tools.resize_with_pad: PIL bilinear on uint8 (antialiased)
+OPENPI_SERVER = "openpi_server"  # openpi's ResizeImages (jax.image.resize linear, antialiased), rounded to uint8
+LEROBOT = "lerobot"  # LeRobot PI05 _preprocess_images: torch bilinear, no antialias, on float [0, 1]
+RESIZE_METHODS = (OPENPI_CLIENT, OPENPI_SERVER, LEROBOT)
+
+
+def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
+    """(height, width) of the picture inside the padded square, truncated as every family truncates."""
+    ratio = max(width / size, height / size)
+    return max(1, int(height / ratio)), max(1, int(width / ratio))
+
+
+def _pad_to_square(resized: np.ndarray, size: int) -> np.ndarray:
+    out = np.zeros((size, size, 3), dtype=resized.dtype)
+    new_h, new_w = resized.shape[:2]
     top, left = (size - new_h) // 2, (size - new_w) // 2
     out[top:top + new_h, left:left + new_w] = resized
     return out
 
 
-def to_model_range(image_u8: np.ndarray) -> np.ndarray:
-    """uint8 HxWx3 -> float32 3xHxW in [-1, 1] (the exact expression openpi uses: x / 255 * 2 - 1)."""
-    return (image_u8.astype(np.float32) / 255.0 * 2.0 - 1.0).transpose(2, 0, 1)
+def _resize_pil(image: np.ndarray, size: int) -> np.ndarray:
+    """PIL's BILINEAR resample (a triangle filter whose support widens when shrinking), as openpi's clients do."""
+    from PIL import Image
+
+    new_h, new_w = resized_shape(*image.shape[:2], size)
+    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), resample=Image.BILINEAR))
+    return _pad_to_square(resized, size)
 
 
-def prepare_image(image: np.ndarray, size: int = 224) -> np.ndarray:
+def _resize_antialiased_float(image: np.ndarray, size: int) -> np.ndarray:
+    """Antialiased bilinear on the uint8 values as floats, rounded and clipped back to uint8 (openpi's JAX
+    resize_with_pad for uint8 input; torch's antialias filter is the same triangle kernel)."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
+    new_h, new_w = resized_shape(*image.shape[:2], size)
+    x = torch.from_numpy(image).to(torch.float32).permute(2, 0, 1)[None]
+    resized = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+    resized = resized.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy()
+    return _pad_to_square(resized, size)
+
+
+def _resize_lerobot(image: np.ndarray, size: int) -> np.ndarray:
+    """LeRobot's order of operations: uint8 / 255 -> float [0, 1], torch bilinear (align_corners=False, no
+    antialias) on the channels-last batch, clamp to [0, 1], centred pad with 0, then * 2 - 1.
+    Returns float32 HxWx3 in [-1, 1]: the resized picture is never rounded to uint8."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
+    new_h, new_w = resized_shape(*image.shape[:2], size)
+    x = torch.from_numpy(image).to(torch.float32).div(255)[None].permute(0, 3, 1, 2)
+    resized = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False).clamp(0.0, 1.0)
+    pad_h0, rem_h = divmod(size - new_h, 2)
+    pad_w0, rem_w = divmod(size - new_w, 2)
+    padded = F.pad(resized, (pad_w0, pad_w0 + rem_w, pad_h0, pad_h0 + rem_h), mode="constant", value=0.0)
+    return (padded.permute(0, 2, 3, 1)[0] * 2.0 - 1.0).numpy()
+
+
+_RESIZERS = {OPENPI_CLIENT: _resize_pil, OPENPI_SERVER: _resize_antialiased_float, LEROBOT: _resize_lerobot}
+
+
+def resize_with_pad(image: np.ndarray, size: int = 224, method: str = OPENPI_CLIENT) -> np.ndarray:
+    """uint8 HxWx3 -> size x size x 3 by the family's own resize-with-pad (RESIZE_METHODS).
+
+    An image already size x size is returned as it is (uint8). Otherwise the openpi methods return uint8 and
+    `lerobot` returns float32 in [-1, 1] (LeRobot resizes floats and never rounds them).
+    """
+    image = validate_image(image)
+    if method not in _RESIZERS:
+        raise CheckpointError(f"unknown image resize {method!r}; choose one of {', '.join(RESIZE_METHODS)}")
+    if image.shape[:2] == (size, size):
+        return image
+    return _RESIZERS[method](image, size)
+
+
+def to_model_range(image: np.ndarray) -> np.ndarray:
+    """HxWx3 -> float32 3xHxW in [-1, 1]: uint8 by the exact expression openpi uses (x / 255 * 2 - 1); a float32
+    image (the lerobot resize's output) is already in model range."""
+    if image.dtype == np.uint8:
+        return (image.astype(np.float32) / 255.0 * 2.0 - 1.0).transpose(2, 0, 1)
+    return np.ascontiguousarray(image, dtype=np.float32).transpose(2, 0, 1)
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """A model-range float32 HxWx3 image rounded to uint8 (for paths that stage uint8: the fast pipeline,
+    whose bf16 images are coarser than this rounding); uint8 passes through."""
+    if image.dtype == np.uint8:
+        return image
+    return np.clip(np.rint((image.astype(np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def prepare_image(image: np.ndarray, size: int = 224, method: str = OPENPI_CLIENT) -> np.ndarray:
     """Any-size uint8 RGB image -> float32 3 x size x size in [-1, 1]."""
-    return to_model_range(resize_with_pad(image, size))
+    return to_model_range(resize_with_pad(image, size, method))

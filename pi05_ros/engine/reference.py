@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pi05_ros.engine.config import GemmaConfig, Pi05Config, VisionConfig
+from pi05_ros.engine.rtc import guided_velocity
 
 # Substrings of parameter names that openpi keeps in float32 under bfloat16 mixed precision.
 FLOAT32_PARAM_KEYS: tuple[str, ...] = (
@@ -290,11 +291,24 @@ class ModelInputs:
     noise: Tensor  # [B, horizon, action_dim] float32
 
 
-def euler_schedule(num_steps: int) -> list[tuple[float, float]]:
-    """The (t, dt) pairs of openpi's sampler, reproduced exactly in float32 (t=0.79999995, not 0.8)."""
+TIME_GRIDS = ("openpi", "lerobot")
+
+
+def euler_schedule(num_steps: int, grid: str = "openpi") -> list[tuple[float, float]]:
+    """The (t, dt) pairs of each family's sampler, exactly as its float32 flow time is made.
+
+    "openpi" accumulates t += dt in float32 while t >= -dt/2 (1, 0.9, 0.79999995, ...); "lerobot" computes
+    t = 1 + k * dt in float64 for k in 0..N-1 and rounds it to float32 (1, 0.9, 0.8, ...). Both take dt as the
+    float32 of -1/N.
+    """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     dt = torch.tensor(-1.0 / num_steps, dtype=torch.float32)
+    if grid == "lerobot":
+        return [(float(torch.tensor(1.0 + k * (-1.0 / num_steps), dtype=torch.float32)), float(dt))
+                for k in range(num_steps)]
+    if grid != "openpi":
+        raise ValueError(f"unknown time grid {grid!r}; choose one of {', '.join(TIME_GRIDS)}")
     t = torch.tensor(1.0, dtype=torch.float32)
     steps = []
     while t >= -dt / 2:
@@ -415,10 +429,13 @@ class Pi05Model(nn.Module):
         return _linear(h, self.action_out_proj).float()
 
     @torch.no_grad()
-    def sample_actions(self, inputs: ModelInputs, num_steps: int, hook: StageHook | None = None) -> Tensor:
+    def sample_actions(self, inputs: ModelInputs, num_steps: int, hook: StageHook | None = None,
+                       guidance: tuple[Tensor, Tensor, float] | None = None) -> Tensor:
         """Actions [B, horizon, action_dim] (normalized units) after `num_steps` Euler steps from the noise.
 
         `hook(stage)` is called as each stage ends ("vision", "embed_prefix", "prefill_kv", "denoise").
+        `guidance` = (previous chunk, soft mask, beta), each step's velocity pulled toward the previous chunk
+        (real-time chunking, engine/rtc.py); previous / mask [B or 1, horizon, action_dim] in model units.
         """
         if self.released:
             raise RuntimeError("this model's weights were released to a fast pipeline; load it again to run it")
@@ -428,8 +445,14 @@ class Pi05Model(nn.Module):
             hook("prefill_kv")
         x = inputs.noise.to(self.device, torch.float32)
         batch = x.shape[0]
-        for t, dt in euler_schedule(num_steps):
-            v = self.velocity(x, torch.full((batch,), t, dtype=torch.float32, device=x.device), cache)
+        for t, dt in euler_schedule(num_steps, self.cfg.time_grid):
+            times = torch.full((batch,), t, dtype=torch.float32, device=x.device)
+            if guidance is not None and guidance[2] > 0:
+                previous, weights, beta = guidance
+                v = guided_velocity(lambda z, times=times: self.velocity(z, times, cache), x, t, previous.to(x.device),
+                                    weights.to(x.device), beta)
+            else:
+                v = self.velocity(x, times, cache)
             x = x + torch.tensor(dt, dtype=torch.float32, device=x.device) * v
         if hook:
             hook("denoise")

@@ -31,6 +31,7 @@ import torch
 from pi05_ros.engine.action_space import ActionSpace
 from pi05_ros.engine.preprocess import to_model_range
 from pi05_ros.engine.reference import ModelInputs, Pi05Model
+from pi05_ros.engine.rtc import Guidance
 from pi05_ros.engine.timing import StageClock
 
 
@@ -50,10 +51,13 @@ class ActionChunk:
 class PreparedObservation:
     """What a runner consumes: everything already on the host in model units."""
 
-    images: list[np.ndarray | None]  # per model slot: uint8 224x224x3, or None when the view is masked
+    # per model slot: uint8 224x224x3, or float32 224x224x3 in [-1, 1] (a family that resizes floats:
+    # LeRobot), or None when the view is masked
+    images: list[np.ndarray | None]
     tokens: np.ndarray  # int64 [max_len]
     token_mask: np.ndarray  # bool [max_len]
     noise: np.ndarray  # float32 [horizon, action_dim]
+    guidance: Guidance | None = None  # real-time chunking toward the previous chunk (engine/rtc.py)
 
 
 class Runner(Protocol):
@@ -105,6 +109,10 @@ class ReferenceRunner:
         row's valid tokens and masks the rest)."""
         if not observations:
             raise ValueError("run_batch needs at least one observation")
+        guided = {obs.guidance.beta if obs.guidance is not None and obs.guidance.active else 0.0
+                  for obs in observations}
+        if len(guided) > 1:  # RTC guides a whole batch with one beta: rows guided otherwise run one by one
+            return run_rows(self, observations, num_steps)
         device = self.model.device
         clock = StageClock(device)
         size = self.model.cfg.vision.image_size
@@ -118,8 +126,18 @@ class ReferenceRunner:
             token_mask=torch.from_numpy(np.stack([obs.token_mask for obs in observations])),
             noise=torch.from_numpy(np.stack([obs.noise for obs in observations])).to(device),
         )
-        actions = self.model.sample_actions(inputs, num_steps, hook=clock.mark)
+        actions = self.model.sample_actions(inputs, num_steps, hook=clock.mark, guidance=self._guidance(observations))
         out = actions.cpu().numpy()
         timings = clock.finish()
         timings.pop("total")
         return out, timings
+
+    @staticmethod
+    def _guidance(observations: Sequence[PreparedObservation]) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """The batch's RTC guidance (previous chunks, weights, beta), or None; run_batch made sure every row is
+        guided alike."""
+        first = observations[0].guidance
+        if first is None or not first.active:
+            return None
+        return (torch.from_numpy(np.stack([obs.guidance.previous for obs in observations])),
+                torch.from_numpy(np.stack([obs.guidance.weights for obs in observations])), first.beta)

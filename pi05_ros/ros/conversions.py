@@ -2,9 +2,10 @@
 
 Inputs (`sensor_msgs/Image`, `sensor_msgs/CompressedImage`, `sensor_msgs/JointState` -> numpy) work on any
 object with those messages' fields; each raises `ConversionError` with a message that names the cause and the
-fix, which the node reports on /diagnostics while it keeps running. Outputs (an action chunk -> `ActionChunk`
-and `trajectory_msgs/JointTrajectory`) build the real messages, importing their types when called, so this
-module itself imports no ROS package (the inference thread and its GPU test use it without ROS).
+fix, which the node reports on /diagnostics while it keeps running. Outputs (an action chunk -> `ActionChunk`;
+the commands of pi05_ros/execution/ -> `trajectory_msgs/JointTrajectory` and `std_msgs/Float64MultiArray`) build
+the real messages, importing their types when called, so this module itself imports no ROS package (the
+inference thread and its GPU test use it without ROS).
 """
 
 from __future__ import annotations
@@ -193,8 +194,10 @@ def ns_to_stamp(ns: int) -> Any:
 
 
 def action_chunk_message(actions: np.ndarray, *, stamp_ns: int, joint_names: Sequence[str], action_dt: float,
-                         denoise_steps: int, latency_s: float, sequence: int, demo_model: bool) -> Any:
-    """`pi05_ros/ActionChunk` of actions [horizon, dof] (row-major float32), stamped with the observation's stamp."""
+                         denoise_steps: int, latency_s: float, sequence: int, demo_model: bool,
+                         action_kinds: Sequence[str] = ()) -> Any:
+    """`pi05_ros/ActionChunk` of actions [horizon, dof] (row-major float32), stamped with the observation's stamp;
+    `action_kinds` per column: position, velocity or other (the engine's ActionSpace.output_kinds)."""
     from pi05_ros.msg import ActionChunk
 
     msg = ActionChunk()
@@ -207,21 +210,42 @@ def action_chunk_message(actions: np.ndarray, *, stamp_ns: int, joint_names: Seq
     msg.inference_latency = latency_s
     msg.sequence = sequence
     msg.demo_model = demo_model
+    msg.action_kinds = list(action_kinds)
     return msg
 
 
-def joint_trajectory_message(actions: np.ndarray, joint_names: Sequence[str], action_dt: float) -> Any:
-    """`trajectory_msgs/JointTrajectory` with one point per action row, point k at (k + 1) * action_dt.
-
-    header.stamp stays zero: joint_trajectory_controller then starts the trajectory on arrival."""
+def _duration(ns: int) -> Any:
     from builtin_interfaces.msg import Duration
+
+    return Duration(sec=int(ns) // NANOSECONDS, nanosec=int(ns) % NANOSECONDS)
+
+
+def trajectory_message(joint_names: Sequence[str], stamp_ns: int, times_from_start_ns: Sequence[int],
+                       positions: np.ndarray) -> Any:
+    """`trajectory_msgs/JointTrajectory`: point i has `positions[i]` at `times_from_start_ns[i]` after
+    header.stamp = `stamp_ns` (0: joint_trajectory_controller starts it on arrival). Positions only: JTC in
+    Jazzy refuses a trajectory whose last point has a nonzero velocity (allow_nonzero_velocity_at_trajectory_end
+    is false by default)."""
     from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
     trajectory = JointTrajectory(joint_names=list(joint_names))
-    for k, row in enumerate(actions):
-        elapsed_ns = round((k + 1) * action_dt * 1e9)
-        trajectory.points.append(JointTrajectoryPoint(
-            positions=array.array("d", row.astype("float64").tobytes()),
-            time_from_start=Duration(sec=elapsed_ns // NANOSECONDS, nanosec=elapsed_ns % NANOSECONDS),
-        ))
+    trajectory.header.stamp = ns_to_stamp(int(stamp_ns))
+    rows = np.asarray(positions, dtype=np.float64)
+    for elapsed_ns, row in zip(times_from_start_ns, rows, strict=True):
+        trajectory.points.append(JointTrajectoryPoint(positions=array.array("d", row.tobytes()),
+                                                      time_from_start=_duration(elapsed_ns)))
     return trajectory
+
+
+def joint_trajectory_message(actions: np.ndarray, joint_names: Sequence[str], action_dt: float) -> Any:
+    """Every action row as a point, point k at (k + 1) * action_dt after a zero stamp (start on arrival)."""
+    times = [round((k + 1) * action_dt * 1e9) for k in range(len(actions))]
+    return trajectory_message(joint_names, 0, times, np.asarray(actions, dtype=np.float32).astype(np.float64))
+
+
+def float64_array_message(values: np.ndarray) -> Any:
+    """`std_msgs/Float64MultiArray` of `values` in order (forward_command_controller's `commands`: no layout,
+    value i goes to the controller's joints[i])."""
+    from std_msgs.msg import Float64MultiArray
+
+    return Float64MultiArray(data=array.array("d", np.asarray(values, dtype=np.float64).tobytes()))

@@ -4,7 +4,10 @@ Levels: ERROR when the last attempt failed (bad input, inference error) or the m
 when an input is missing or stale, no instruction is known, the model is still loading, or the achieved
 rate is below target; OK otherwise. The demo model never hides: the message starts with DEMO MODEL. While
 running, the message gives the measured rate against the configured target ("9.8 / 10 Hz target") once a
-full window is measured, and says when the target is more than the device allows.
+full window is measured, and says when the target is more than the device allows. What the node commands
+(execution/) adds the lifecycle state, the timing of each chunk (observation age at inference start, inference
+latency, age at publish, actions skipped for lateness), holds, limit clipping (WARN when frequent), the
+control loop's jitter, and untrusted input stamps (WARN).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from dataclasses import dataclass
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 
+from pi05_ros.execution.commander import ExecutionStatus
+from pi05_ros.execution.loop import LoopStats
 from pi05_ros.ros.inputs import InputState
 from pi05_ros.ros.problems import Level, Problem, ProblemCode
 from pi05_ros.ros.settings import RuntimeSettings
@@ -35,6 +40,17 @@ class ModelFacts:
     stage_names: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class CommandFacts:
+    """What diagnostics shows of the commanding side (issue 13)."""
+
+    lifecycle_state: str  # unconfigured, inactive, active, finalized
+    execution: ExecutionStatus | None  # None before configure
+    loop: LoopStats | None  # the control loop's, None while it does not run
+    commands_off: str | None = None  # why no command is published at all (a demo model without permission)
+    configure_error: str | None = None  # why the last configure failed
+
+
 def build_status(
     name: str,
     worker: WorkerStatus,
@@ -44,9 +60,14 @@ def build_status(
     *,
     rate_mode: str,
     demo_requested: bool,
+    commands: CommandFacts | None = None,
 ) -> DiagnosticStatus:
     """One DiagnosticStatus for the node. `rate_mode` is 'timer' or 'trigger:<camera>'."""
+    inputs = list(inputs)
     problems: list[Problem] = list(worker.problems)
+    if commands is not None:
+        problems += _command_problems(commands, problems)
+    problems += [Problem(Level.WARN, ProblemCode.BAD_STAMP, state.stamp_issue) for state in inputs if state.stamp_issue]
     if worker.phase is Phase.FAILED:
         problems.insert(0, Problem(Level.ERROR, ProblemCode.LOAD_FAILED, f"model failed to load: {worker.fatal_error}"))
     elif worker.phase in (Phase.LOADING, Phase.WARMING_UP):
@@ -69,6 +90,8 @@ def build_status(
 
     level = max((p.level for p in problems), default=Level.OK)
     text = "; ".join(p.message for p in problems) or _running_text(worker, runtime, rate_mode, device)
+    if commands is not None and commands.commands_off:
+        text += f"; {commands.commands_off}"
     is_demo = model.is_demo if model is not None else demo_requested
     if is_demo:
         text = f"{DEMO_BANNER}: {text}"
@@ -107,12 +130,18 @@ def build_status(
         values.append((f"input.{state.name}.messages", str(state.messages)))
         if state.error:
             values.append((f"input.{state.name}.error", state.error))
+        if state.bad_stamps:
+            values.append((f"input.{state.name}.bad_stamps", str(state.bad_stamps)))
+        if state.stamp_issue:
+            values.append((f"input.{state.name}.stamp_issue", state.stamp_issue))
         dropped += state.dropped
     values.append(("dropped_observations", str(dropped)))
     if worker.gpu_memory:
         values += [(f"gpu_memory.{k}_mib", f"{v:.1f}") for k, v in sorted(worker.gpu_memory.items())]
     else:
         values.append(("gpu_memory", "n/a (not on a GPU)"))
+    if commands is not None:
+        values += _command_values(commands)
 
     return DiagnosticStatus(
         level=bytes([int(level)]),
@@ -121,6 +150,70 @@ def build_status(
         hardware_id=model.device if model else "",
         values=[KeyValue(key=k, value=v) for k, v in values],
     )
+
+
+def _command_problems(commands: CommandFacts, already: list[Problem]) -> list[Problem]:
+    found = []
+    if commands.configure_error:
+        found.append(Problem(Level.ERROR, ProblemCode.CONFIGURE_FAILED,
+                             f"configure failed: {commands.configure_error}"))
+    status = commands.execution
+    if status is None or commands.lifecycle_state != "active":
+        return found
+    said = " ".join(p.message for p in already)
+    if status.state in ("holding", "stopped") and status.reason and status.reason not in said:
+        verb = "commands hold" if status.state == "holding" else "commands stopped"
+        found.append(Problem(Level.WARN, ProblemCode.HOLDING, f"{verb}: {status.reason}"))
+    if status.clipping_frequent:
+        c = status.clipped
+        found.append(Problem(
+            Level.WARN, ProblemCode.CLIPPING,
+            f"joint limits clipped {100 * status.clipped_recent_fraction:.0f} % of recent commands (position "
+            f"{c.position}, velocity {c.velocity}, acceleration {c.acceleration} values so far); check the limits "
+            "(robot_description, joint_limits.*) and that the policy fits this robot"))
+    return found
+
+
+def _stat_values(key: str, stats: dict[str, float], last: float | None) -> list[tuple[str, str]]:
+    out = [(f"{key}.last", _optional(last, "{:.2f}"))]
+    out += [(f"{key}.{stat}", f"{stats[stat]:.2f}" if stat in stats else "n/a") for stat in ("p50", "p99", "max")]
+    return out
+
+
+def _command_values(commands: CommandFacts) -> list[tuple[str, str]]:
+    values = [("lifecycle_state", commands.lifecycle_state),
+              ("execution.commands_enabled", "false" if commands.commands_off else "true")]
+    status = commands.execution
+    if status is not None:
+        c = status.clipped
+        values += [
+            ("execution.mode", status.mode), ("execution.command_interface", status.interface),
+            ("execution.on_stale", status.on_stale), ("execution.blend", status.blend),
+            ("execution.state", status.state), ("execution.reason", status.reason or ""),
+            ("execution.chunks", str(status.chunks)), ("execution.commands", str(status.commands)),
+            ("execution.holds", str(status.holds)),
+            ("execution.actions_skipped_late", str(status.skipped_late_total)),
+            ("execution.actions_skipped_late_last", _optional(status.skipped_late_last)),
+            ("execution.chunks_without_action_in_bound", str(status.no_action_left)),
+            ("execution.starved_ticks", str(status.starved_ticks)),
+            ("execution.too_old_ticks", str(status.too_old_ticks)),
+            ("execution.queue_length", str(status.queue_length)),
+            ("execution.clipped.position", str(c.position)), ("execution.clipped.velocity", str(c.velocity)),
+            ("execution.clipped.acceleration", str(c.acceleration)),
+            ("execution.clipped.commands", str(c.clipped_commands)),
+            ("execution.clipped_recent_fraction", f"{status.clipped_recent_fraction:.3f}"),
+        ]
+        values += _stat_values("execution.obs_age_at_inference_start_ms", status.obs_age_at_start_ms,
+                               status.last.get("obs_age_at_start_ms"))
+        values += _stat_values("execution.inference_latency_ms", status.latency_ms, status.last.get("latency_ms"))
+        values += _stat_values("execution.obs_age_at_publish_ms", status.obs_age_at_publish_ms,
+                               status.last.get("obs_age_at_publish_ms"))
+    if commands.loop is not None:
+        lateness = commands.loop.lateness_ms
+        values += [("control.ticks", str(commands.loop.ticks)), ("control.missed_ticks", str(commands.loop.missed))]
+        values += [(f"control.jitter_ms.{stat}", f"{lateness[stat]:.3f}" if stat in lateness else "n/a")
+                   for stat in ("p50", "p99", "max")]
+    return values
 
 
 def build_array(status: DiagnosticStatus, stamp: object) -> DiagnosticArray:
@@ -132,6 +225,10 @@ def build_array(status: DiagnosticStatus, stamp: object) -> DiagnosticArray:
 
 def _running_text(worker: WorkerStatus, runtime: RuntimeSettings, rate_mode: str, device: str) -> str:
     """The message while nothing is wrong: the measured rate against the target, once there is one."""
+    if worker.phase is Phase.UNCONFIGURED:
+        return "unconfigured: no model loaded (configure loads it)"
+    if worker.phase is Phase.INACTIVE:
+        return "inactive: model loaded, not inferring or commanding (activate starts it)"
     if worker.published == 0:
         return "running, waiting for the first inference"
     if rate_mode != "timer":

@@ -3,7 +3,9 @@
 Writers are ROS subscription callbacks; the one reader is the inference thread. Each input is triple
 buffered: the callback converts into a spare buffer outside the lock and then swaps it in, the reader swaps
 the newest buffer out. The lock only guards a few reference swaps, so a callback never waits for the reader
-to copy or infer, and the reader never sees a half-written frame. No ROS imports.
+to copy or infer, and the reader never sees a half-written frame. Arrival times and ages are on the clock the
+node gives (the ROS clock, so use_sim_time works); each stamp is judged by the rule of execution/stamps.py.
+No ROS imports.
 """
 
 from __future__ import annotations
@@ -15,14 +17,26 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pi05_ros.execution.stamps import judge_stamp
+
+NS_PER_S = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class StampRule:
+    """The tolerances of the stamp rule (execution/stamps.py)."""
+
+    future_tolerance_ns: int
+    max_age_ns: int
+
 
 @dataclass(frozen=True)
 class Sample:
     """One input value as the reader got it. `data` stays valid until the reader's next `take()`."""
 
     data: np.ndarray
-    stamp_ns: int  # header stamp of the message (ROS time, nanoseconds); 0 when it had none
-    received: float  # time.monotonic() at arrival
+    stamp_ns: int  # the stamp used for timing (ROS time, ns): the header stamp, or the arrival when untrusted
+    received_ns: int  # the clock at arrival (ROS time, ns)
     sequence: int  # 1 for the first message of this input, +1 for each later one
 
 
@@ -35,22 +49,29 @@ class InputState:
     age_s: float | None  # seconds since the newest good message arrived; None before the first
     error: str | None  # why the newest message could not be used; None when it was fine
     dropped: int  # good messages replaced before any inference used them
+    stamp_issue: str | None = None  # why the newest message's stamp was not used as is (stamps.py)
+    bad_stamps: int = 0  # messages whose stamp was not used as is
 
 
 class LatestBuffer:
     """Newest value of one input. One writer thread at a time, one reader thread."""
 
-    def __init__(self, name: str, dtype: np.dtype | type = np.uint8) -> None:
+    def __init__(self, name: str, dtype: np.dtype | type = np.uint8, clock_ns: Callable[[], int] = time.monotonic_ns,
+                 stamp_rule: StampRule | None = None) -> None:
         self.name = name
         self._dtype = np.dtype(dtype)
+        self._clock_ns = clock_ns
+        self._stamp_rule = stamp_rule
+        self._stamp_issue: str | None = None
+        self._bad_stamps = 0
         self._lock = threading.Lock()
         # Three buffers: the writer fills `_spare`; `_newest` holds the newest complete value; the reader
         # owns `_reading`. Swaps keep at most one allocation per shape change.
         self._spare: np.ndarray | None = None
         self._newest: np.ndarray | None = None
         self._reading: np.ndarray | None = None
-        self._newest_meta: tuple[int, float, int] | None = None  # stamp_ns, received, sequence
-        self._reading_meta: tuple[int, float, int] | None = None
+        self._newest_meta: tuple[int, int, int] | None = None  # stamp_ns, received_ns, sequence
+        self._reading_meta: tuple[int, int, int] | None = None
         self._newest_taken = True
         self._messages = 0
         self._dropped = 0
@@ -73,9 +94,25 @@ class LatestBuffer:
         return buffer
 
     def commit(self, filled: np.ndarray, stamp_ns: int) -> None:
-        """Writer: make `filled` (normally the array `spare()` returned) the newest value."""
-        received = time.monotonic()
+        """Writer: make `filled` (normally the array `spare()` returned) the newest value, stamped `stamp_ns`
+        (the header stamp; with a stamp rule an untrusted one is replaced or the value refused)."""
+        received = self._clock_ns()
+        issue = None
+        if self._stamp_rule is not None:
+            verdict = judge_stamp(stamp_ns, received, future_tolerance_ns=self._stamp_rule.future_tolerance_ns,
+                                  max_age_ns=self._stamp_rule.max_age_ns)
+            issue = verdict.describe(self.name) or None
+            stamp_ns = verdict.stamp_ns
+            if not verdict.usable:
+                with self._lock:
+                    self._messages += 1
+                    self._bad_stamps += 1
+                    self._stamp_issue = issue
+                return
         with self._lock:
+            if issue is not None:
+                self._bad_stamps += 1
+            self._stamp_issue = issue
             self._messages += 1
             if not self._newest_taken:
                 self._dropped += 1
@@ -104,12 +141,19 @@ class LatestBuffer:
             return None
         return Sample(data, *meta)
 
-    def state(self, now: float | None = None) -> InputState:
-        now = time.monotonic() if now is None else now
+    def state(self, now_ns: int | None = None) -> InputState:
+        now_ns = self._clock_ns() if now_ns is None else now_ns
         with self._lock:
             meta = self._reading_meta if self._newest_taken else self._newest_meta
-            age = None if meta is None else max(0.0, now - meta[1])
-            return InputState(self.name, self._messages, age, self._error, self._dropped)
+            age = None if meta is None else max(0.0, (now_ns - meta[1]) / NS_PER_S)
+            return InputState(self.name, self._messages, age, self._error, self._dropped, self._stamp_issue,
+                              self._bad_stamps)
+
+    def latest_copy(self) -> np.ndarray | None:
+        """Any thread: a copy of the newest good value (for reading the joint state beside the inference)."""
+        with self._lock:
+            data = self._reading if self._newest_taken else self._newest
+            return None if data is None else data.copy()
 
     @property
     def error(self) -> str | None:
@@ -120,26 +164,27 @@ class LatestBuffer:
 class LatestText:
     """Newest string of an input without a header (the instruction)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, clock_ns: Callable[[], int] = time.monotonic_ns) -> None:
         self.name = name
+        self._clock_ns = clock_ns
         self._lock = threading.Lock()
         self._text: str | None = None
-        self._received: float | None = None
+        self._received: int | None = None
         self._messages = 0
 
     def set(self, text: str) -> None:
         with self._lock:
-            self._text, self._received = text, time.monotonic()
+            self._text, self._received = text, self._clock_ns()
             self._messages += 1
 
     def get(self) -> str | None:
         with self._lock:
             return self._text
 
-    def state(self, now: float | None = None) -> InputState:
-        now = time.monotonic() if now is None else now
+    def state(self, now_ns: int | None = None) -> InputState:
+        now_ns = self._clock_ns() if now_ns is None else now_ns
         with self._lock:
-            age = None if self._received is None else max(0.0, now - self._received)
+            age = None if self._received is None else max(0.0, (now_ns - self._received) / NS_PER_S)
             return InputState(self.name, self._messages, age, None, 0)
 
 
@@ -147,12 +192,15 @@ class InputBuffers:
     """All inputs of the policy: one `LatestBuffer` per camera, one for the joint state, the instruction."""
 
     def __init__(self, camera_names: Iterable[str], joint_input: str = "joint_states",
-                 instruction_input: str = "instruction") -> None:
-        self.cameras: dict[str, LatestBuffer] = {name: LatestBuffer(name, np.uint8) for name in camera_names}
-        self.joints = LatestBuffer(joint_input, np.float32)
-        self.instruction = LatestText(instruction_input)
+                 instruction_input: str = "instruction", *, clock_ns: Callable[[], int] = time.monotonic_ns,
+                 stamp_rule: StampRule | None = None) -> None:
+        self.clock_ns = clock_ns
+        self.cameras: dict[str, LatestBuffer] = {name: LatestBuffer(name, np.uint8, clock_ns, stamp_rule)
+                                                 for name in camera_names}
+        self.joints = LatestBuffer(joint_input, np.float32, clock_ns, stamp_rule)
+        self.instruction = LatestText(instruction_input, clock_ns)
 
-    def states(self) -> list[InputState]:
-        now = time.monotonic()
+    def states(self, now_ns: int | None = None) -> list[InputState]:
+        now_ns = self.clock_ns() if now_ns is None else now_ns
         buffers: list[LatestBuffer | LatestText] = [*self.cameras.values(), self.joints, self.instruction]
-        return [buffer.state(now) for buffer in buffers]
+        return [buffer.state(now_ns) for buffer in buffers]

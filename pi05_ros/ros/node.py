@@ -1,15 +1,22 @@
 """The `pi05_policy` node (executable `policy_node`): camera images + joint states + an instruction in,
-action chunks, joint trajectories and /diagnostics out.
+action chunks, robot commands (joint trajectories or forward-controller command arrays) and /diagnostics out.
 
-Threads: one SingleThreadedExecutor thread runs the subscription callbacks, the diagnostics timer and the parameter
-services; callbacks only convert the newest message into a preallocated buffer. (rclpy's MultiThreadedExecutor
-busy-spins while a callback waits for a pool thread, rclpy issue 1452: here it burned half a core and, holding the
-GIL, stalled CPU inferences for up to 2.5 s: docs/benchmarks.md §16.) The inference thread (worker.py) owns the
-engine and publishes each chunk itself, so nothing on the executor ever waits for an inference. The node does no math.
+A managed (lifecycle) node: configure loads and warms up the model; activate starts inferring and commanding;
+deactivate holds, stops commanding and keeps the model; cleanup frees it; shutdown from any state. With
+`autostart` (default) it configures and activates itself; the launch file drives the transitions otherwise.
+
+Threads: one SingleThreadedExecutor thread runs the subscription callbacks, the diagnostics timer, the parameter
+and lifecycle services; callbacks only convert the newest message into a preallocated buffer. (rclpy's
+MultiThreadedExecutor busy-spins while a callback waits for a pool thread, rclpy issue 1452: here it burned half
+a core and, holding the GIL, stalled CPU inferences for up to 2.5 s: docs/benchmarks.md §16.) The inference
+thread (worker.py) owns the engine and hands each chunk to the execution layer (pi05_ros/execution/), whose
+control loop thread ticks at 1/action_dt. The node does no math: it wires the parts and builds the messages
+(conversions.py).
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -20,41 +27,63 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
+from lifecycle_msgs.msg import State
 from rcl_interfaces.msg import SetParametersResult
+from rclpy.clock import Clock, ClockType
+from rclpy.exceptions import ParameterUninitializedException
 from rclpy.executors import SingleThreadedExecutor
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.logging import get_logger
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image, JointState
-from std_msgs.msg import String
+from std_msgs.msg import Float64MultiArray, String
 from trajectory_msgs.msg import JointTrajectory
 
+from pi05_ros.execution.blend import BlendSettings
+from pi05_ros.execution.commander import (
+    CHUNK,
+    TRAJECTORY,
+    VELOCITY_INTERFACE,
+    ChunkCommander,
+    ChunkTiming,
+    PointCommand,
+    Situation,
+    StreamCommander,
+    TrajectoryCommand,
+)
+from pi05_ros.execution.limits import JointLimit, JointLimits
+from pi05_ros.execution.loop import ControlLoop
+from pi05_ros.execution.plan import CommandColumns, ExecutionConfigError, command_columns, plan_chunk, seconds_to_ns
+from pi05_ros.execution.urdf import limits_from_urdf
 from pi05_ros.msg import ActionChunk as ActionChunkMsg
 from pi05_ros.ros.conversions import (
     ConversionError,
     JointSelector,
     action_chunk_message,
     compressed_to_rgb,
+    float64_array_message,
     image_shape,
     image_to_rgb,
-    joint_trajectory_message,
     stamp_to_ns,
+    trajectory_message,
 )
-from pi05_ros.ros.diagnostics import DEMO_BANNER, ModelFacts, build_array, build_status
-from pi05_ros.ros.inputs import InputBuffers, LatestBuffer
-from pi05_ros.ros.observation import Observation
+from pi05_ros.ros.diagnostics import DEMO_BANNER, CommandFacts, ModelFacts, build_array, build_status
+from pi05_ros.ros.inputs import InputBuffers, LatestBuffer, StampRule
+from pi05_ros.ros.observation import Observation, ObservationCollector
 from pi05_ros.ros.params import (
     DYNAMIC_PARAMETERS,
     ConfigError,
     NodeConfig,
+    declare_joint_limits,
     declare_parameters,
     updated_runtime,
     validate_runtime_value,
 )
 from pi05_ros.ros.process import init_ros
 from pi05_ros.ros.settings import RuntimeSettings
-from pi05_ros.ros.worker import InferenceWorker
+from pi05_ros.ros.worker import NO_CLOCK_MESSAGE, InferenceWorker, WorkerStatus
 
 if TYPE_CHECKING:
     from pi05_ros.engine.policy import Policy
@@ -65,40 +94,69 @@ DIAGNOSTICS_PERIOD_S = 1.0
 STOP_TIMEOUT_S = 0.5  # how long shutdown waits for an inference in flight (the whole stop must take < 1 s)
 INSTRUCTION_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
                              durability=DurabilityPolicy.TRANSIENT_LOCAL)
+# Streamed commands: reliable like the controllers' SystemDefaultsQoS subscriptions, but only the newest is kept
+# for a slow reader (an old command has no use once the next tick has published).
+STREAM_COMMAND_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
+COMMANDS_OFF_DEMO = ("commands off: the demo model never commands a robot (allow_demo_commands:=true publishes them, "
+                     "only for a synthetic loop)")
+_OK, _FAIL = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
 
 
-class PolicyNode(Node):
-    def __init__(self, **node_kwargs: Any) -> None:
+class PolicyNode(LifecycleNode):
+    def __init__(self, stop_event: threading.Event | None = None, **node_kwargs: Any) -> None:
         super().__init__(NODE_NAME, **node_kwargs)
         self.config: NodeConfig = declare_parameters(self)  # raises ConfigError
         self._runtime: RuntimeSettings = self.config.runtime
+        self._exec = self.config.execution
         # Parameter callbacks only after declaring: declaration itself runs them.
         self.add_on_set_parameters_callback(self._validate_parameters)
         self.add_post_set_parameters_callback(self._apply_parameters)
+        self._abort = stop_event if stop_event is not None else threading.Event()  # set: stop configuring
+        self._transition_lock = threading.RLock()  # remote (service) and local (trigger_*) transitions
+        self._guard_change_state()
 
         self.model_facts: ModelFacts | None = None
         self._action_names: list[str] = []
         self._sequence = 0
+        self._dt_ns = seconds_to_ns(self.config.action_dt)
 
-        self.inputs = InputBuffers([camera.name for camera in self.config.cameras])
-        self.worker = InferenceWorker(
-            self._load_policy, self.inputs, self.config.cameras, lambda: self._runtime, self._publish_chunk,
-            max_input_age_s=self.config.max_input_age_s, trigger_camera=self.config.trigger_camera,
-            warmup=self.config.warmup,
-        )
+        stamp_rule = StampRule(seconds_to_ns(self._exec.stamp_future_tolerance_s),
+                               seconds_to_ns(self.config.max_input_age_s))
+        self.inputs = InputBuffers([camera.name for camera in self.config.cameras], clock_ns=self.now_ns,
+                                   stamp_rule=stamp_rule)
+        self._freshness = ObservationCollector(self.inputs, self.config.cameras, self.config.max_input_age_s)
+        self.worker: InferenceWorker | None = None
+        self._columns: CommandColumns | None = None
+        self._commander: ChunkCommander | StreamCommander | None = None
+        self._loop: ControlLoop | None = None
+        self._active = False
+        self._configure_error: str | None = None
+        self._command_lock = threading.Lock()  # a decision and its publication are one step
+        self._logged_state: tuple[str, str | None] = ("", None)
+        self._chunk_pub: Any = None
+        self._trajectory_pub: Any = None
+        self._command_pub: Any = None
 
-        self._chunk_pub = self.create_publisher(ActionChunkMsg, "action_chunk", 10)
-        self._trajectory_pub = self.create_publisher(JointTrajectory, "joint_trajectory", 10)
         self._diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._subscribe_inputs()
-        self.create_timer(DIAGNOSTICS_PERIOD_S, self.publish_diagnostics)
+        # On the steady clock: a sim clock that stands still (or has not started) must not silence /diagnostics.
+        self.create_timer(DIAGNOSTICS_PERIOD_S, self.publish_diagnostics, clock=Clock(clock_type=ClockType.STEADY_TIME))
 
         if self.config.use_demo_model:
             why = "demo:=true" if self.config.demo else "no checkpoint parameter is set"
             self.get_logger().warning(
                 f"{DEMO_BANNER}: {why}, so the built-in random-weight model runs. "
                 "Set checkpoint:=... and tokenizer:=... to run a real policy."
+                + ("" if self._exec.allow_demo_commands else " It publishes no robot commands.")
             )
+
+    def now_ns(self) -> int:
+        """The ROS clock (sim time with use_sim_time), in nanoseconds."""
+        return self.get_clock().now().nanoseconds
+
+    @property
+    def lifecycle_state(self) -> str:
+        return self._state_machine.current_state[1]
 
     # --- inputs
 
@@ -151,6 +209,200 @@ class PolicyNode(Node):
         buffer.fail(str(exc))
         self.get_logger().error(f"input '{buffer.name}': {exc}", throttle_duration_sec=5.0)
 
+    # --- lifecycle
+
+    def _guard_change_state(self) -> None:
+        """rclpy 7.1.6 raises inside the change_state service when the requested transition does not exist from
+        the current state (ros2/rclpy#1209, fixed upstream after this release): the error escapes the executor
+        and the node stops serving. The guard answers success=false with a WARN instead, and serialises remote
+        transitions with local ones (autostart, the signal handler's shutdown)."""
+        service = self._service_change_state
+        original = service.callback
+
+        def guarded(request: Any, response: Any) -> Any:
+            with self._transition_lock:
+                available = {tid: label for tid, label, *_ in self._state_machine.available_transitions}
+                wanted = request.transition.id
+                if request.transition.label:
+                    wanted = next((t for t, label in available.items() if label == request.transition.label), -1)
+                if wanted not in available:
+                    self.get_logger().warning(
+                        f"rejected lifecycle transition {request.transition.label or request.transition.id!r} in "
+                        f"state '{self.lifecycle_state}'; available: {', '.join(sorted(available.values()))}")
+                    response.success = False
+                    return response
+                return original(request, response)
+
+        service.callback = guarded
+
+    def destroy_node(self) -> None:
+        """Destroy the node and its lifecycle state machine: rclpy 7.1.6's LifecycleNode leaves the state machine,
+        which holds the node's handle, to the garbage collector, so after os._exit the node would stay in peers'
+        graphs for the ~20 s DDS lease."""
+        super().destroy_node()
+        self._state_machine.destroy_when_not_in_use()
+
+    def autostart(self) -> str | None:
+        """configure + activate from this (the main) thread; None when active, else why not."""
+        with self._transition_lock:
+            if self.trigger_configure() != _OK:
+                return self._configure_error or "configure failed"
+            if self.trigger_activate() != _OK:
+                return "activate failed"
+        return None
+
+    def shut_down(self) -> None:
+        """The shutdown transition from whatever primary state the node is in (signal or end of main)."""
+        with self._transition_lock:
+            if self._state_machine.current_state[0] in (State.PRIMARY_STATE_UNCONFIGURED,
+                                                         State.PRIMARY_STATE_INACTIVE,
+                                                         State.PRIMARY_STATE_ACTIVE):
+                self.trigger_shutdown()
+
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._configure_error = None
+        try:
+            worker = InferenceWorker(
+                self._load_policy, self.inputs, self.config.cameras, lambda: self._runtime, self._publish_chunk,
+                max_input_age_s=self.config.max_input_age_s, trigger_camera=self.config.trigger_camera,
+                warmup=self.config.warmup, clock_ns=self.now_ns,
+            )
+            self.worker = worker
+            worker.start()
+            while not worker.ready.wait(0.05):
+                if self._abort.is_set():
+                    self._release(wait_s=0.0)
+                    return _FAIL
+            if worker.failed:
+                return self._configure_failed(worker.status().fatal_error or "the model failed to load")
+            assert worker.policy is not None
+            self._setup_execution(worker.policy)
+            self._create_outputs()
+        except (ConfigError, ExecutionConfigError, ValueError) as exc:
+            return self._configure_failed(str(exc))
+        except Exception as exc:  # noqa: BLE001 - rclpy would swallow it without a word
+            self.get_logger().error(f"configure failed: {type(exc).__name__}: {exc}")
+            return self._configure_failed(f"{type(exc).__name__}: {exc}")
+        self.get_logger().info(
+            f"configured: execution {self._exec.execution}, commands {self._exec.command_interface} for "
+            f"{list(self._columns.names) if self._columns else []}, on_stale {self._exec.on_stale}")
+        return _OK
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        result = super().on_activate(state)  # enables the lifecycle publishers
+        assert self.worker is not None
+        self._active = True
+        self.worker.set_active(True)
+        self._loop = ControlLoop(self.now_ns, self._dt_ns, self._on_control_tick)
+        self._loop.start()
+        self.get_logger().info("active: inferring" + ("" if self._commands_off() else " and commanding"))
+        return result
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._deactivate()
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release()
+        return _OK
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        if state.label == "active":
+            self._deactivate()
+            super().on_deactivate(state)
+        self._release()
+        return _OK
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release(wait_s=0.0)
+        return _OK  # back to unconfigured
+
+    def _configure_failed(self, message: str) -> TransitionCallbackReturn:
+        self._configure_error = message
+        self.get_logger().error(f"configure failed: {message}")
+        self._release(wait_s=0.0)
+        return _FAIL
+
+    def _deactivate(self) -> None:
+        """Stop commanding: no tick, no inference; one hold (whatever on_stale says) while publishers still work."""
+        self._active = False
+        if self._loop is not None:
+            self._loop.stop()
+            self._loop = None
+        if self.worker is not None:
+            self.worker.set_active(False)
+        with self._command_lock:
+            commander = self._commander
+            if commander is None or self._commands_off():
+                return
+            now = self.now_ns()
+            situation = Situation(now, True, None, self._measured())
+            if isinstance(commander, ChunkCommander):
+                self._publish_trajectory(commander.hold_now(situation))
+            else:
+                self._publish_point(commander.hold_now(now, situation))
+        self.get_logger().info("inactive: held, not commanding (the model stays loaded)")
+
+    def _release(self, wait_s: float = STOP_TIMEOUT_S) -> None:
+        """Free what configure made: the worker and its model, the commander, the output publishers."""
+        if self._loop is not None:
+            self._loop.stop()
+            self._loop = None
+        worker, self.worker = self.worker, None
+        if worker is not None:
+            if not worker.stop(wait_s):
+                self.get_logger().warning("an inference is still running; its model is freed when it ends")
+            worker.policy = None
+        with self._command_lock:
+            self._commander = None
+            self._columns = None
+            for publisher in (self._chunk_pub, self._trajectory_pub, self._command_pub):
+                if publisher is not None:
+                    self.destroy_lifecycle_publisher(publisher)
+            self._chunk_pub = self._trajectory_pub = self._command_pub = None
+        gc.collect()
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _setup_execution(self, policy: Policy) -> None:
+        """The commanded joints, their limits and the commander for the loaded model. Raises ConfigError or
+        ExecutionConfigError naming the cause and the fix."""
+        ex = self._exec
+        space = policy.action_space
+        columns = command_columns(self._action_names, space.output_kinds, policy.state_dim, ex.command_joint_names,
+                                  space.state_index, interface=ex.command_interface)
+        from_urdf = limits_from_urdf(ex.robot_description, columns.names) if ex.robot_description else {}
+        overrides = declare_joint_limits(self, columns.names)
+        merged = {name: from_urdf.get(name, JointLimit()).merged(JointLimit(**overrides.get(name, {})))
+                  for name in columns.names}
+        try:
+            limits = JointLimits.of(columns.names, merged)
+        except ValueError as exc:
+            raise ConfigError(f"joint limits: {exc}") from exc
+        max_age_ns = seconds_to_ns(self.config.max_input_age_s)
+        if ex.execution == CHUNK:
+            commander: ChunkCommander | StreamCommander = ChunkCommander(
+                columns.names, self._dt_ns, max_input_age_ns=max_age_ns, on_stale=ex.on_stale, limits=limits,
+                command_margin_ns=seconds_to_ns(ex.command_margin_s))
+        else:
+            commander = StreamCommander(columns.names, self._dt_ns, max_input_age_ns=max_age_ns, on_stale=ex.on_stale,
+                                        limits=limits, interface=ex.command_interface,
+                                        blend=_blend_settings(self._runtime))
+        with self._command_lock:
+            self._columns, self._commander = columns, commander
+        described = {name: limits.limit(name) for name in columns.names}
+        self.get_logger().info(f"joint limits: {described}" if limits.any else "no joint limits set")
+
+    def _create_outputs(self) -> None:
+        self._chunk_pub = self.create_lifecycle_publisher(ActionChunkMsg, "action_chunk", 10)
+        stream = self._exec.execution != CHUNK
+        if self._exec.command_interface == TRAJECTORY:
+            self._trajectory_pub = self.create_lifecycle_publisher(JointTrajectory, "joint_trajectory",
+                                                                   STREAM_COMMAND_QOS if stream else 10)
+        else:
+            self._command_pub = self.create_lifecycle_publisher(Float64MultiArray, "commands", STREAM_COMMAND_QOS)
+
     # --- the model (called in the inference thread)
 
     def _load_policy(self) -> Policy:
@@ -173,8 +425,10 @@ class PolicyNode(Node):
                 config.checkpoint, config.tokenizer, norm_stats=config.norm_stats or None,
                 config_preset=config.config_preset or None, device=config.device, precision=config.precision,
                 action_dim=len(config.action_joint_names) or None, seed=config.seed,
-                calibration_data=config.fp8_calibration_data or None,
+                calibration_data=config.fp8_calibration_data or None, **self._convention_overrides(),
             )
+            for line in policy.describe_conventions():
+                self.get_logger().info(line)
         self._action_names = self._check_against_model(policy)
         self.model_facts = ModelFacts(policy.describe(), policy.device, policy.precision, policy.is_demo,
                                       tuple(policy.stage_names))
@@ -182,15 +436,35 @@ class PolicyNode(Node):
         level(f"model ready: {policy.describe()}" + (f" -- {DEMO_BANNER}" if policy.is_demo else ""))
         return policy
 
+    def _convention_overrides(self) -> dict[str, Any]:
+        """The checkpoint-convention parameters (params.py), None where empty: the checkpoint's own apply."""
+        overrides: dict[str, Any] = {}
+        for name in ("prompt_format", "image_resize", "action_space", "action_space_mask"):
+            try:
+                value = self.get_parameter(name).value
+            except ParameterUninitializedException:  # a list parameter left unset (no default value)
+                value = None
+            overrides[name] = (list(value) if isinstance(value, Sequence) and not isinstance(value, str)
+                               else value) or None
+        return overrides
+
     def _check_against_model(self, policy: Policy) -> list[str]:
         """Startup parameters that only the loaded model can check; returns the action column names."""
         config = self.config
+        fed: dict[str, str] = {}
         for camera in config.cameras:
-            if camera.slot not in policy.image_keys:
+            slot = policy.slot_for(camera.slot)
+            if slot is None:
+                names = sorted(set(policy.camera_names) - set(policy.image_keys))
+                also = f" (or the checkpoint's camera names {', '.join(names)})" if names else ""
                 raise ConfigError(
                     f"camera.{camera.name}.slot is '{camera.slot}', which this model does not have; "
-                    f"use one of {', '.join(policy.image_keys)}"
+                    f"use one of {', '.join(policy.image_keys)}{also}"
                 )
+            if slot in fed:
+                raise ConfigError(f"cameras '{fed[slot]}' and '{camera.name}' both feed model slot '{slot}'; give "
+                                  "each camera its own slot")
+            fed[slot] = camera.name
         if config.state_joint_names and len(config.state_joint_names) != policy.state_dim:
             raise ConfigError(
                 f"state_joint_names lists {len(config.state_joint_names)} joints but the model's state has "
@@ -207,27 +481,114 @@ class PolicyNode(Node):
             return list(config.state_joint_names)
         return [f"action_{i}" for i in range(policy.action_dof)]
 
-    # --- outputs
+    # --- outputs and commands
+
+    def _commands_off(self) -> str | None:
+        """Why no command may be published at all (not a stop: there is nothing to hold)."""
+        is_demo = self.model_facts.is_demo if self.model_facts is not None else self.config.use_demo_model
+        if is_demo and not self._exec.allow_demo_commands:
+            return COMMANDS_OFF_DEMO
+        return None
+
+    def _measured(self) -> Any:
+        columns = self._columns
+        return None if columns is None else columns.measured(self.inputs.joints.latest_copy())
+
+    def _situation(self, now_ns: int, settings: RuntimeSettings | None = None) -> Situation:
+        settings = settings or self._runtime
+        commanding = (self._active and self._commands_off() is None
+                      and (self._exec.command_interface != TRAJECTORY or settings.publish_joint_trajectory))
+        reason: str | None = None
+        worker = self.worker
+        if now_ns <= 0:
+            reason = NO_CLOCK_MESSAGE
+        elif worker is None or worker.policy is None:
+            reason = "the model is not loaded"
+        else:
+            reason = worker.last_failure()
+            if reason is None:
+                problems = self._freshness.freshness_problems(now_ns)
+                reason = problems[0].message if problems else None
+        return Situation(now_ns, commanding, reason, self._measured())
 
     def _publish_chunk(self, chunk: ActionChunk, observation: Observation, latency_s: float,
-                       settings: RuntimeSettings) -> None:
+                       settings: RuntimeSettings, started_ns: int) -> None:
         """Called by the inference thread; rclpy publishers are safe to use from it."""
-        self._chunk_pub.publish(action_chunk_message(
-            chunk.actions, stamp_ns=observation.stamp_ns, joint_names=self._action_names,
-            action_dt=self.config.action_dt, denoise_steps=chunk.num_steps, latency_s=latency_s,
-            sequence=self._sequence, demo_model=bool(self.model_facts and self.model_facts.is_demo)))
-        self._sequence += 1
-        if settings.publish_joint_trajectory:
-            self._trajectory_pub.publish(
-                joint_trajectory_message(chunk.actions, self._action_names, self.config.action_dt))
+        with self._command_lock:
+            if self._chunk_pub is not None:
+                self._chunk_pub.publish(action_chunk_message(
+                    chunk.actions, stamp_ns=observation.stamp_ns, joint_names=self._action_names,
+                    action_dt=self.config.action_dt, denoise_steps=chunk.num_steps, latency_s=latency_s,
+                    sequence=self._sequence, demo_model=bool(self.model_facts and self.model_facts.is_demo),
+                    action_kinds=chunk.action_space.output_kinds if chunk.action_space else ()))
+            sequence = self._sequence
+            self._sequence += 1
+            commander, columns = self._commander, self._columns
+            if commander is None or columns is None:
+                return
+            plan = plan_chunk(chunk.actions, chunk.state, columns, t_obs_ns=observation.stamp_ns,
+                              dt_ns=self._dt_ns, sequence=sequence)
+            situation = self._situation(self.now_ns(), settings)
+            timing = ChunkTiming(started_ns, latency_s)
+            if isinstance(commander, ChunkCommander):
+                self._publish_trajectory(commander.on_chunk(plan, situation, timing))
+            else:
+                commander.on_chunk(plan, situation, timing)
+
+    def _on_control_tick(self, tick_ns: int) -> None:
+        """Called by the control loop at every period of the ROS clock."""
+        with self._command_lock:
+            commander = self._commander
+            if commander is None:
+                return
+            situation = self._situation(self.now_ns())
+            if isinstance(commander, ChunkCommander):
+                self._publish_trajectory(commander.on_tick(situation))
+            else:
+                self._publish_point(commander.on_tick(tick_ns, situation))
+            state = (commander.stats.state, commander.stats.reason)
+        if state != self._logged_state:
+            self._logged_state = state
+            if state[0] in ("holding", "stopped"):
+                self.get_logger().warning(f"commands {'hold' if state[0] == 'holding' else 'stopped'}: {state[1]}")
+            elif state[0] == "commanding":
+                self.get_logger().info("commanding")
+
+    def _publish_trajectory(self, command: TrajectoryCommand | None) -> None:
+        if command is not None and self._trajectory_pub is not None:
+            self._trajectory_pub.publish(trajectory_message(
+                self._commander_joints(), command.stamp_ns, command.times_from_start_ns, command.positions))
+
+    def _publish_point(self, command: PointCommand | None) -> None:
+        if command is None:
+            return
+        if self._trajectory_pub is not None:
+            self._trajectory_pub.publish(trajectory_message(
+                self._commander_joints(), command.tick_ns, (command.target_ns - command.tick_ns,),
+                command.positions[None, :]))
+        elif self._command_pub is not None:
+            values = command.velocities if self._exec.command_interface == VELOCITY_INTERFACE else command.positions
+            self._command_pub.publish(float64_array_message(values))
+
+    def _commander_joints(self) -> tuple[str, ...]:
+        return self._columns.names if self._columns is not None else ()
 
     def publish_diagnostics(self) -> None:
         trigger = self.config.trigger_camera
+        worker, commander, loop = self.worker, self._commander, self._loop
+        execution = commander.status() if commander is not None else None
+        facts = CommandFacts(self.lifecycle_state, execution, loop.stats() if loop is not None else None,
+                             self._commands_off(), self._configure_error)
         status = build_status(
-            f"{self.get_fully_qualified_name()}: policy", self.worker.status(), self.inputs.states(),
+            f"{self.get_fully_qualified_name()}: policy",
+            worker.status() if worker is not None else WorkerStatus.without_worker(), self.inputs.states(),
             self._runtime, self.model_facts, rate_mode=f"trigger:{trigger}" if trigger else "timer",
-            demo_requested=self.config.use_demo_model,
+            demo_requested=self.config.use_demo_model, commands=facts,
         )
+        if execution is not None and execution.clipping_frequent:
+            self.get_logger().warning(
+                f"joint limits clip {100 * execution.clipped_recent_fraction:.0f} % of recent commands",
+                throttle_duration_sec=10.0)
         self._diagnostics_pub.publish(build_array(status, self.get_clock().now().to_msg()))
 
     # --- run-time parameters
@@ -247,17 +608,18 @@ class PolicyNode(Node):
         if not changed:
             return
         self._runtime = updated_runtime(self._runtime, changed)
-        self.worker.wake()
+        commander = self._commander
+        if isinstance(commander, StreamCommander):
+            commander.set_blend(_blend_settings(self._runtime))
+        if self.worker is not None:
+            self.worker.wake()
         for parameter in changed:
             self.get_logger().info(f"{parameter.name} = {parameter.value!r} from the next inference")
 
-    # --- lifetime
 
-    def start(self) -> None:
-        self.worker.start()
-
-    def stop(self) -> bool:
-        return self.worker.stop(STOP_TIMEOUT_S)
+def _blend_settings(runtime: RuntimeSettings) -> BlendSettings:
+    return BlendSettings(runtime.blend, runtime.crossfade_actions, runtime.weighted_average_new_weight,
+                         runtime.temporal_ensemble_decay)
 
 
 class _RosLogHandler(logging.Handler):
@@ -278,11 +640,11 @@ class _RosLogHandler(logging.Handler):
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
-    """Run the node until SIGINT/SIGTERM, then exit the process.
-    Exit codes: 0 stopped, 1 model failed to load or does not fit the parameters, 2 bad parameters."""
+    """Run the node until SIGINT/SIGTERM (or a remote shutdown transition), then exit the process.
+    Exit codes: 0 stopped, 1 model failed to load or does not fit the parameters (autostart), 2 bad parameters."""
     stop = init_ros(argv)  # a signal only sets `stop`; shutdown runs in order below
     try:
-        node = PolicyNode()
+        node = PolicyNode(stop_event=stop)
     except ConfigError as exc:
         get_logger(NODE_NAME).fatal(f"bad parameters: {exc}")
         rclpy.try_shutdown()
@@ -295,21 +657,26 @@ def main(argv: list[str] | None = None) -> NoReturn:
     executor.add_node(node)
     spinner = threading.Thread(target=executor.spin, name="ros_executor", daemon=True)
     spinner.start()
-    node.start()
 
     exit_code = 0
-    while not stop.wait(0.05):
-        if node.worker.failed:
-            node.get_logger().fatal(f"cannot start: {node.worker.status().fatal_error}")
+    if node.config.execution.autostart:
+        # From this thread, so the executor keeps serving parameters and /diagnostics while the model loads.
+        error = node.autostart()
+        if error is not None and not stop.is_set():
+            node.get_logger().fatal(f"cannot start: {error}")
             node.publish_diagnostics()  # one last ERROR status for monitors
             exit_code = 1
+    while exit_code == 0 and not stop.wait(0.05):
+        if node.lifecycle_state == "finalized":  # shut down through the lifecycle service
             break
     if stop.is_set():
         node.get_logger().info("stopping")
-    stopped = node.stop()
-    if not stopped:
-        node.get_logger().warning("an inference is still running; exiting without waiting for it")
+    node.shut_down()  # deactivate (one hold) and free the model, whatever the state
     executor.shutdown(timeout_sec=0.2)
+    # The executor thread must have left before the node is destroyed: destroy_node() only marks handles that
+    # are still in use, and the process would then exit before DDS announced the node's departure, leaving it in
+    # peers' graphs for the ~20 s DDS lease (measured: FACTS, issue 11 item 2).
+    spinner.join(0.5)
     node.destroy_node()
     rclpy.try_shutdown()  # also flushes and closes ROS logging
     # Everything is shut down. Skip the interpreter's teardown, so that no library destructor and no daemon

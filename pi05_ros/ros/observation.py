@@ -1,14 +1,14 @@
-"""The freshest complete observation in the input buffers, or the problems that keep it from being complete.
-No ROS imports: read by the inference thread."""
+"""The freshest complete observation in the input buffers, or the problems that keep it from being complete;
+and, for the control loop, whether the inputs are fresh right now. Ages are on the inputs' clock (the ROS
+clock). No ROS imports: read by the inference and control threads."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from pi05_ros.ros.inputs import InputBuffers
+from pi05_ros.ros.inputs import InputBuffers, LatestBuffer
 from pi05_ros.ros.problems import Level, Problem, ProblemCode
 from pi05_ros.ros.settings import CameraConfig
 
@@ -20,7 +20,7 @@ class Observation:
     images: dict[str, np.ndarray]  # model slot -> uint8 HxWx3 RGB
     state: np.ndarray  # float32 [state_dim]
     prompt: str
-    stamp_ns: int  # newest header stamp among the inputs used
+    stamp_ns: int  # newest stamp among the inputs used (after the stamp rule: execution/stamps.py)
 
 
 class ObservationCollector:
@@ -32,17 +32,40 @@ class ObservationCollector:
         self._cameras = cameras
         self._max_age = max_input_age_s
 
+    def _sources(self) -> list[tuple[str, str, LatestBuffer]]:
+        sources = [(camera.topic, camera.slot, self._inputs.cameras[camera.name]) for camera in self._cameras]
+        sources.append(("joint_states", "", self._inputs.joints))
+        return sources
+
+    def freshness_problems(self, now_ns: int | None = None) -> tuple[Problem, ...]:
+        """Any thread, without taking values: why the inputs cannot drive the robot now (missing, unusable,
+        stale); empty when every camera and the joint state are fresh."""
+        now_ns = self._inputs.clock_ns() if now_ns is None else now_ns
+        problems = []
+        for topic, _, buffer in self._sources():
+            state = buffer.state(now_ns)
+            if state.error is not None:
+                problems.append(Problem(Level.ERROR, ProblemCode.BAD_INPUT, f"'{topic}': {state.error}"))
+            elif state.age_s is None:
+                problems.append(Problem(Level.WARN, ProblemCode.MISSING_INPUT, f"no usable message yet on '{topic}'"))
+            elif state.age_s > self._max_age:
+                problems.append(self._stale(topic, state.age_s))
+        return tuple(problems)
+
+    def _stale(self, topic: str, age_s: float) -> Problem:
+        return Problem(Level.WARN, ProblemCode.STALE_INPUT,
+                       f"'{topic}' is stale: newest message is {age_s:.2f} s old > max_input_age_s {self._max_age:g}; "
+                       "check that its publisher runs")
+
     def collect(self, default_instruction: str,
-                now: float | None = None) -> tuple[Observation | None, tuple[Problem, ...]]:
+                now_ns: int | None = None) -> tuple[Observation | None, tuple[Problem, ...]]:
         """The observation (and no problems), or None and every problem found."""
-        now = time.monotonic() if now is None else now
+        now_ns = self._inputs.clock_ns() if now_ns is None else now_ns
         problems: list[Problem] = []
         images: dict[str, np.ndarray] = {}
         state: np.ndarray | None = None
         stamps: list[int] = []
-        sources = [(camera.topic, camera.slot, self._inputs.cameras[camera.name]) for camera in self._cameras]
-        sources.append(("joint_states", "", self._inputs.joints))
-        for topic, slot, buffer in sources:
+        for topic, slot, buffer in self._sources():
             error = buffer.error
             if error is not None:
                 problems.append(Problem(Level.ERROR, ProblemCode.BAD_INPUT, f"'{topic}': {error}"))
@@ -51,12 +74,9 @@ class ObservationCollector:
             if sample is None:
                 problems.append(Problem(Level.WARN, ProblemCode.MISSING_INPUT, f"no message yet on '{topic}'"))
                 continue
-            age = now - sample.received
+            age = (now_ns - sample.received_ns) / 1e9
             if age > self._max_age:
-                problems.append(Problem(
-                    Level.WARN, ProblemCode.STALE_INPUT,
-                    f"'{topic}' is stale: newest message is {age:.2f} s old > max_input_age_s {self._max_age:g}; "
-                    "check that its publisher runs"))
+                problems.append(self._stale(topic, age))
                 continue
             stamps.append(sample.stamp_ns)
             if slot:

@@ -1,7 +1,7 @@
 """Every parameter of the `pi05_policy` node, declared in this one place with types, ranges and descriptions.
 
-`declare_parameters(node)` declares them and returns the startup configuration; four parameters change at run
-time (`ros2 param set`) and are validated here with a reason when rejected. config/pi05.yaml documents the
+`declare_parameters(node)` declares them and returns the startup configuration; the parameters marked dynamic
+change at run time (`ros2 param set`) and are validated here with a reason when rejected. config/pi05.yaml documents the
 same names for users; test/ros/test_params.py checks that the two agree.
 """
 
@@ -19,7 +19,7 @@ from rcl_interfaces.msg import (
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
-from pi05_ros.ros.settings import CameraConfig, RuntimeSettings
+from pi05_ros.ros.settings import CameraConfig, ExecutionParams, RuntimeSettings
 
 # Mirrors pi05_ros.engine.policy.MAX_DENOISE_STEPS (a test keeps them equal); not imported so that this module
 # loads without torch.
@@ -49,6 +49,7 @@ class ParamSpec:
     int_range: tuple[int, int] | None = None
     float_range: tuple[float, float] | None = None
     constraints: str = ""
+    choices: tuple[str, ...] = ()  # the only values a string parameter may take (checked at startup and run time)
 
     def descriptor(self) -> ParameterDescriptor:
         descriptor = ParameterDescriptor(
@@ -64,6 +65,8 @@ class ParamSpec:
             descriptor.floating_point_range = [
                 FloatingPointRange(from_value=self.float_range[0], to_value=self.float_range[1], step=0.0)
             ]
+        if self.choices and not self.constraints:
+            descriptor.additional_constraints = ", ".join(self.choices)
         return descriptor
 
 
@@ -95,6 +98,19 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               int_range=(0, 2**31 - 1)),
     ParamSpec("warmup", 2, "Inferences on synthetic input after loading the model (first-call allocations, "
               "CUDA graphs), before the first real one.", _I, int_range=(0, 20)),
+    # --- the checkpoint's conventions (engine/conventions.py); empty: the checkpoint's own, pi05-info shows them
+    ParamSpec("prompt_format", "", "How the prompt is written: pi05 (task + discretized state: openpi, LeRobot "
+              ">= 0.5), pi05_padded (state zero-padded to max_state_dim: LeRobot <= 0.4), pi0 (no state: "
+              "pi05_libero). Empty: what the checkpoint's files say.", _S, constraints="'', pi05, pi05_padded, pi0"),
+    ParamSpec("image_resize", "", "Resize-with-pad of camera images: openpi_client (PIL bilinear), "
+              "openpi_server (antialiased bilinear), lerobot (torch bilinear on floats). Empty: the family's own.",
+              _S, constraints="'', openpi_client, openpi_server, lerobot"),
+    ParamSpec("action_space", "", "What the action columns mean: absolute, delta (added to the observed state), "
+              "velocity, end_effector (not joint commands), or a comma-separated kind per column. Empty: the "
+              "checkpoint's / preset's, else absolute.", _S),
+    ParamSpec("action_space_mask", [], "Per action column, true = the action_space kind (default delta), false "
+              "= absolute (openpi's make_bool_mask); shorter than the columns: the rest absolute. Empty: none.",
+              Parameter.Type.BOOL_ARRAY),
     # --- run-time knobs
     ParamSpec("denoise_steps", 10, "Flow-matching Euler steps per inference (fewer: faster, coarser). "
               "Takes effect on the next inference.", _I, dynamic=True, int_range=(1, MAX_DENOISE_STEPS)),
@@ -119,7 +135,54 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("action_joint_names", [], "Names of the action columns (action_chunk.joint_names and "
               "joint_trajectory.joint_names). Empty: state_joint_names when the sizes match, else action_<i>.",
               _SA),
+) + (
+    # --- execution (issue 13): what reaches the robot (pi05_ros/execution/, docs/ros_node.md)
+    ParamSpec("autostart", True, "Configure (load and warm up the model) and activate (start commanding) by "
+              "itself at startup. false: stay unconfigured until a lifecycle manager or launch drives it.", _B),
+    ParamSpec("allow_demo_commands", False, "Publish robot commands (joint_trajectory, commands) from the "
+              "random-weight demo model. Only for synthetic loops such as scripts/demo.sh: never with a robot.", _B),
+    ParamSpec("execution", "chunk", "chunk: each chunk as one stamped, bounded JointTrajectory for "
+              "joint_trajectory_controller. stream: a control loop at 1/action_dt publishes one command per tick "
+              "from a queue the chunks merge into (blend).", _S, choices=("chunk", "stream")),
+    ParamSpec("command_interface", "trajectory", "What commands are: trajectory (trajectory_msgs/JointTrajectory "
+              "on joint_trajectory, for JTC), position or velocity (std_msgs/Float64MultiArray on commands, for "
+              "forward_command_controller; execution: stream only).", _S,
+              choices=("trajectory", "position", "velocity")),
+    ParamSpec("command_joint_names", [], "Joints the commands carry, in this order (forward_command_controller's "
+              "`joints`); each an action column name. Empty: every action column in order.", _SA),
+    ParamSpec("on_stale", "hold", "When inputs go stale or missing, an inference fails or the model is not "
+              "loaded: hold (command the last commanded position, zero velocity) or stop (publish nothing more; "
+              "not allowed with command_interface velocity).", _S, choices=("hold", "stop")),
+    ParamSpec("command_margin_s", 0.01, "Chunk mode: trajectory points due sooner than this after now are "
+              "dropped (transport + one controller cycle), so JTC blends into the first point instead of jumping.",
+              _F, float_range=(0.0, 1.0)),
+    ParamSpec("stamp_future_tolerance_s", 0.05, "An input stamp up to this far ahead of its arrival is clamped to "
+              "the arrival; further ahead it is untrusted (the arrival time is used, WARN).", _F,
+              float_range=(0.0, 10.0)),
+    ParamSpec("robot_description", "", "URDF (the string robot_state_publisher takes) to read the command "
+              "joints' position and velocity limits from; joint_limits.<joint>.* parameters override it.", _S),
+    ParamSpec("blend", "replace", "Stream mode hand-over of a new chunk: replace, crossfade, weighted_average or "
+              "temporal_ensemble (docs/ros_node.md, which strategy when). Takes effect on the next chunk.", _S,
+              dynamic=True, choices=("replace", "crossfade", "weighted_average", "temporal_ensemble")),
+    ParamSpec("crossfade_actions", 5, "blend crossfade: actions over which the new chunk fades in linearly.", _I,
+              dynamic=True, int_range=(0, 1000)),
+    ParamSpec("weighted_average_new_weight", 0.7, "blend weighted_average: weight of the new chunk's action (the "
+              "queued one gets 1 - this; LeRobot's default 0.7).", _F, dynamic=True, float_range=(0.0, 1.0)),
+    ParamSpec("temporal_ensemble_decay", 0.01, "blend temporal_ensemble: m in the weights exp(-m i), i = 0 the "
+              "oldest prediction (ACT's 0.01; negative favours newer ones).", _F, dynamic=True,
+              float_range=(-10.0, 10.0)),
 )
+
+LIMIT_FIELDS = ("min_position", "max_position", "max_velocity", "max_acceleration")
+
+
+def joint_limit_parameters(joint: str) -> tuple[ParamSpec, ...]:
+    """The per-joint limits, declared once the command joints are known (configure). NaN: not set here."""
+    meaning = {"min_position": "lowest position", "max_position": "highest position",
+               "max_velocity": "largest speed (per second)", "max_acceleration": "largest acceleration (per s^2)"}
+    return tuple(ParamSpec(f"joint_limits.{joint}.{field}", float("nan"),
+                           f"Limit of command joint '{joint}': its {meaning[field]}, in robot units. NaN (unset): "
+                           "from robot_description, or none.", _F) for field in LIMIT_FIELDS)
 
 
 def camera_parameters(camera: str) -> tuple[ParamSpec, ...]:
@@ -161,6 +224,7 @@ class NodeConfig:
     state_joint_names: tuple[str, ...]
     action_joint_names: tuple[str, ...]
     runtime: RuntimeSettings  # the values at startup; the node keeps the current ones
+    execution: ExecutionParams  # issue 13
 
     @property
     def use_demo_model(self) -> bool:
@@ -198,12 +262,20 @@ def declare_parameters(node: Node) -> NodeConfig:
             f"trigger_camera '{values['trigger_camera']}' is not one of cameras {list(cameras)}; "
             "name one of them or leave it empty to run at rate_hz"
         )
+    for spec in PARAMETERS:
+        if spec.choices and values[spec.name] not in spec.choices:
+            raise ConfigError(f"{spec.name} is '{values[spec.name]}'; use one of {', '.join(spec.choices)}")
     runtime = RuntimeSettings(
         denoise_steps=values["denoise_steps"],
         rate_hz=values["rate_hz"],
         default_instruction=values["default_instruction"],
         publish_joint_trajectory=values["publish_joint_trajectory"],
+        blend=values["blend"],
+        crossfade_actions=values["crossfade_actions"],
+        weighted_average_new_weight=values["weighted_average_new_weight"],
+        temporal_ensemble_decay=values["temporal_ensemble_decay"],
     )
+    execution = _execution_params(values)
     return NodeConfig(
         checkpoint=values["checkpoint"], tokenizer=values["tokenizer"], norm_stats=values["norm_stats"],
         config_preset=values["config_preset"], demo=values["demo"], device=values["device"],
@@ -215,7 +287,44 @@ def declare_parameters(node: Node) -> NodeConfig:
         state_joint_names=tuple(values["state_joint_names"]),
         action_joint_names=tuple(values["action_joint_names"]),
         runtime=runtime,
+        execution=execution,
     )
+
+
+# --- execution (issue 13)
+
+
+def _execution_params(values: dict[str, Any]) -> ExecutionParams:
+    mode, interface, on_stale = values["execution"], values["command_interface"], values["on_stale"]
+    if mode == "chunk" and interface != "trajectory":
+        raise ConfigError(
+            f"execution is 'chunk' (whole trajectories for joint_trajectory_controller) but command_interface is "
+            f"'{interface}'; for forward_command_controller use execution:=stream, or command_interface:=trajectory")
+    if interface == "velocity" and on_stale == "stop":
+        raise ConfigError(
+            "on_stale is 'stop' with command_interface 'velocity': forward_command_controller keeps the last "
+            "velocity forever, so the robot would keep moving on stale input; use on_stale:=hold (zero velocity)")
+    return ExecutionParams(
+        autostart=values["autostart"], allow_demo_commands=values["allow_demo_commands"], execution=mode,
+        command_interface=interface, command_joint_names=tuple(values["command_joint_names"]), on_stale=on_stale,
+        command_margin_s=values["command_margin_s"], stamp_future_tolerance_s=values["stamp_future_tolerance_s"],
+        robot_description=values["robot_description"],
+    )
+
+
+def declare_joint_limits(node: Node, joints: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Declare joint_limits.<joint>.* for `joints` (once; a later configure reuses them) and return the values
+    that are set (not NaN), by joint and field."""
+    found: dict[str, dict[str, float]] = {}
+    for joint in joints:
+        for spec in joint_limit_parameters(joint):
+            if node.has_parameter(spec.name):
+                value = node.get_parameter(spec.name).value
+            else:
+                value = _declare(node, spec)
+            if value is not None and value == value:  # not NaN
+                found.setdefault(joint, {})[spec.name.rsplit(".", 1)[1]] = float(value)
+    return found
 
 
 def _declare(node: Node, spec: ParamSpec) -> Any:
@@ -243,12 +352,15 @@ def validate_runtime_value(name: str, value: Any) -> str | None:
     if spec.float_range and not spec.float_range[0] <= value <= spec.float_range[1]:
         low, high = spec.float_range
         return f"{name}={value} is out of range; use a value in [{low}, {high}]"
+    if spec.choices and value not in spec.choices:
+        return f"{name}='{value}' is not one of {', '.join(spec.choices)}"
     return None
 
 
 def updated_runtime(current: RuntimeSettings, changes: Sequence[Parameter]) -> RuntimeSettings:
     """`current` with the run-time parameters in `changes` applied (others are ignored)."""
     updates = {p.name: p.value for p in changes if p.name in DYNAMIC_PARAMETERS}
-    if "rate_hz" in updates:
-        updates["rate_hz"] = float(updates["rate_hz"])
+    for name in ("rate_hz", "weighted_average_new_weight", "temporal_ensemble_decay"):
+        if name in updates:
+            updates[name] = float(updates[name])
     return RuntimeSettings(**{**current.__dict__, **updates})

@@ -27,6 +27,12 @@ class ProblemCode(enum.StrEnum):
     LOADING = "loading"  # the model is loading or warming up
     LOAD_FAILED = "load_failed"
     LOW_RATE = "low_rate"  # the achieved rate stayed below rate_hz
+    NO_CLOCK = "no_clock"  # use_sim_time and no /clock message yet
+    BAD_STAMP = "bad_stamp"  # an input's stamp was not used as is (execution/stamps.py)
+    CONFIGURE_FAILED = "configure_failed"  # a managed node's configure failed (it stays unconfigured)
+    HOLDING = "holding"  # commands hold (or stop) while the node is active: the reason is in the message
+    CLIPPING = "clipping"  # joint limits clip many commands
+    NOT_COMMANDING = "not_commanding"  # the node cannot command (a demo model without allow_demo_commands)
 
 
 @dataclass(frozen=True)
@@ -37,7 +43,8 @@ class Problem:
 
 
 # When a tick has several problems, it is counted under the first of these it has.
-_SKIP_ORDER = (ProblemCode.BAD_INPUT, ProblemCode.STALE_INPUT, ProblemCode.NO_INSTRUCTION, ProblemCode.MISSING_INPUT)
+_SKIP_ORDER = (ProblemCode.BAD_INPUT, ProblemCode.STALE_INPUT, ProblemCode.NO_CLOCK, ProblemCode.NO_INSTRUCTION,
+               ProblemCode.MISSING_INPUT)
 
 
 def skip_reason(problems: Iterable[Problem]) -> ProblemCode:

@@ -25,3 +25,24 @@ class RuntimeSettings:
     rate_hz: float
     default_instruction: str
     publish_joint_trajectory: bool
+    # --- execution (issue 13): the stream mode's hand-over (execution/blend.py)
+    blend: str = "replace"
+    crossfade_actions: int = 5
+    weighted_average_new_weight: float = 0.7
+    temporal_ensemble_decay: float = 0.01
+
+
+@dataclass(frozen=True)
+class ExecutionParams:
+    """The startup parameters of what the node commands (execution/ and docs/ros_node.md, "Connecting to your
+    robot")."""
+
+    autostart: bool
+    allow_demo_commands: bool
+    execution: str  # chunk | stream
+    command_interface: str  # trajectory | position | velocity
+    command_joint_names: tuple[str, ...]
+    on_stale: str  # hold | stop
+    command_margin_s: float
+    stamp_future_tolerance_s: float
+    robot_description: str

@@ -1,5 +1,7 @@
 """The inference thread: owns the Policy (and its GPU buffers), picks the freshest complete observation at
 `rate_hz` or on every frame of a trigger camera, runs the engine and hands the chunk to a publish callback.
+It loads and warms up the model when started (the node's configure) and infers only while active (the node's
+activate .. deactivate); `stop` ends it and drops the model (cleanup).
 
 No ROS imports: the node passes in the input buffers, a settings getter and the publish callback, so the
 thread never waits on an executor and the executor never waits on it. Its parts: the rate grid
@@ -35,11 +37,14 @@ log = logging.getLogger(__name__)
 RATE_WINDOW_S = 3.0  # achieved rate is measured over the chunks of the last few seconds
 STATS_REFRESH_S = 0.5  # how often the worker recomputes the stage summary for diagnostics
 WARMUP_PROMPT = "warm up"
+NO_CLOCK_MESSAGE = "no clock yet: use_sim_time is true and nothing has been published on /clock"
 
 
 class Phase(enum.Enum):
+    UNCONFIGURED = "unconfigured"  # the node has no worker (no model loaded)
     LOADING = "loading model"
     WARMING_UP = "warming up"
+    INACTIVE = "inactive"  # loaded and warm, not inferring (lifecycle state inactive)
     RUNNING = "running"
     FAILED = "failed"
     STOPPED = "stopped"
@@ -63,6 +68,11 @@ class WorkerStatus:
     last_denoise_steps: int | None
     stage_stats: dict[str, dict[str, float]]
     gpu_memory: dict[str, float] = field(default_factory=dict)  # MiB: allocated, reserved, peak
+
+    @classmethod
+    def without_worker(cls) -> WorkerStatus:
+        """What diagnostics shows while the node has no worker (unconfigured)."""
+        return cls(Phase.UNCONFIGURED, None, (), 0, 0, {}, 0, 0, 0.0, 0.0, None, None, {})
 
     @property
     def rate_measured(self) -> bool:
@@ -124,6 +134,13 @@ class WorkerCounters:
             self._last_steps = num_steps
             self._problems = ()
 
+    def last_failure(self) -> str | None:
+        """The message of the last attempt when it was a failed inference (bad input or engine error)."""
+        with self._lock:
+            failed = [p for p in self._problems if p.code in (ProblemCode.BAD_INPUT, ProblemCode.INFERENCE_FAILED)
+                      and p.level is Level.ERROR]
+            return failed[0].message if failed and self._problems else None
+
     def missed_ticks(self, count: int) -> None:
         with self._lock:
             self._overruns += count
@@ -151,7 +168,8 @@ class WorkerCounters:
             )
 
 
-PublishFn = Callable[["ActionChunk", Observation, float, "RuntimeSettings"], None]
+# chunk, its observation, inference wall time (s), the settings it ran with, clock (ns) when it started
+PublishFn = Callable[["ActionChunk", Observation, float, "RuntimeSettings", int], None]
 
 
 class InferenceWorker:
@@ -168,6 +186,7 @@ class InferenceWorker:
         max_input_age_s: float,
         trigger_camera: str = "",
         warmup: int = 0,
+        clock_ns: Callable[[], int] = time.monotonic_ns,
     ) -> None:
         self._load_policy = load_policy
         self._cameras = cameras
@@ -175,7 +194,9 @@ class InferenceWorker:
         self._publish = publish
         self._trigger_camera = trigger_camera
         self._warmup = warmup
+        self._clock_ns = clock_ns
         self.policy: Policy | None = None
+        self._active = threading.Event()  # infer only while set (lifecycle state active)
 
         self._stop = False
         self._wake = threading.Event()  # stop, a parameter change, or a trigger frame
@@ -203,6 +224,19 @@ class InferenceWorker:
         if self._thread.is_alive():
             self._thread.join(timeout)
         return not self._thread.is_alive()
+
+    def set_active(self, active: bool) -> None:
+        """Infer (True) or pause after the inference in flight (False), keeping the model loaded."""
+        if active:
+            self._active.set()
+        else:
+            self._active.clear()
+        if self._counters.phase in (Phase.RUNNING, Phase.INACTIVE):
+            self._counters.set_phase(Phase.RUNNING if active else Phase.INACTIVE)
+        self._wake.set()
+
+    def last_failure(self) -> str | None:
+        return self._counters.last_failure()
 
     def wake(self) -> None:
         """Re-read the settings now (a run-time parameter changed)."""
@@ -238,7 +272,7 @@ class InferenceWorker:
         from pi05_ros.engine.timing import StageStats
 
         self._stats = StageStats()
-        self._counters.set_phase(Phase.RUNNING)
+        self._counters.set_phase(Phase.RUNNING if self._active.is_set() else Phase.INACTIVE)
         self.ready.set()
         try:
             self._loop()
@@ -259,6 +293,10 @@ class InferenceWorker:
         scheduler = RateScheduler()
         rate_hz = self._runtime().rate_hz
         while not self._stop:
+            if not self._active.is_set():
+                self._active.wait(0.1)
+                scheduler = RateScheduler()  # a new grid from activation on, no overruns counted for the pause
+                continue
             settings = self._runtime()
             if settings.rate_hz != rate_hz:
                 rate_hz = settings.rate_hz
@@ -288,7 +326,11 @@ class InferenceWorker:
             self._tick(settings)
 
     def _tick(self, settings: RuntimeSettings) -> None:
-        observation, problems = self._collector.collect(settings.default_instruction)
+        started_ns = self._clock_ns()
+        if started_ns <= 0:  # use_sim_time and no /clock yet
+            self._counters.skipped_tick((Problem(Level.WARN, ProblemCode.NO_CLOCK, NO_CLOCK_MESSAGE),))
+            return
+        observation, problems = self._collector.collect(settings.default_instruction, started_ns)
         if observation is None:
             self._counters.skipped_tick(problems)
             return
@@ -309,7 +351,7 @@ class InferenceWorker:
             return
         latency = time.perf_counter() - start
         self._stats.add(chunk.timings)
-        self._publish(chunk, observation, latency, settings)
+        self._publish(chunk, observation, latency, settings, started_ns)
         now = time.monotonic()
         self._counters.published_chunk(now, latency, chunk.num_steps)
         if now - self._stats_refreshed >= STATS_REFRESH_S:

@@ -15,7 +15,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2] / "pi05_ros"
 # Top-level names of ROS Python packages (rclpy, message and launch packages, the ament/rosidl tooling).
 ROS_PACKAGES = {"rclpy", "rcl_interfaces", "rosidl_runtime_py", "rosidl_parser", "ament_index_python", "launch",
                 "launch_ros", "std_msgs", "sensor_msgs", "diagnostic_msgs", "trajectory_msgs", "builtin_interfaces",
-                "geometry_msgs", "lifecycle_msgs", "action_msgs"}
+                "geometry_msgs", "lifecycle_msgs", "action_msgs", "rosgraph_msgs"}
 # Ray Serve and the web framework it carries: only pi05_ros.serve.ray_app may import them.
 RAY_PACKAGES = {"ray", "fastapi", "starlette", "uvicorn"}
 
@@ -106,13 +106,23 @@ def test_the_engine_never_imports_ros(graph: dict[str, set[str]]) -> None:
 
 
 def test_the_server_uses_the_engine_never_ros(graph: dict[str, set[str]]) -> None:
-    assert offenders(graph, "pi05_ros.serve", [*ROS_PACKAGES, "pi05_ros.ros", "pi05_ros.msg", "pi05_ros.cli"]) == []
+    assert offenders(graph, "pi05_ros.serve", [*ROS_PACKAGES, "pi05_ros.ros", "pi05_ros.msg", "pi05_ros.cli",
+                                               "pi05_ros.execution"]) == []
 
 
 def test_only_the_ray_module_imports_ray(graph: dict[str, set[str]]) -> None:
     """The one-process server and RemotePolicy run where Ray is not installed."""
     others = {name: targets for name, targets in graph.items() if name != "pi05_ros.serve.ray_app"}
     assert offenders(others, "pi05_ros", RAY_PACKAGES) == []
+
+
+def test_the_execution_layer_imports_no_ros_and_of_the_engine_only_the_action_space(graph) -> None:
+    """pi05_ros/execution/ holds the math of what reaches the robot: no ROS, no torch, no node (architecture.md)."""
+    assert offenders(graph, "pi05_ros.execution", [*ROS_PACKAGES, "pi05_ros.ros", "pi05_ros.msg", "pi05_ros.cli",
+                                                    "torch"]) == []
+    engine_imports = {target for module, targets in graph.items() if module.startswith("pi05_ros.execution")
+                      for target in targets if target.startswith("pi05_ros.engine")}
+    assert engine_imports <= {"pi05_ros.engine.action_space"}, engine_imports
 
 
 def test_the_fast_wing_never_imports_the_policy(graph: dict[str, set[str]]) -> None:

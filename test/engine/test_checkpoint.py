@@ -54,7 +54,7 @@ def test_openpi_and_lerobot_layouts_load_to_the_same_model(tiny_model: Pi05Model
     a, info_a = load_model(tiny_checkpoint)
     b, info_b = load_model(lerobot_dir)
     assert (info_a.format, info_b.format) == ("openpi", "lerobot")
-    assert info_b.config.prompt_state_dim == 32  # LeRobot writes the padded state into the prompt
+    assert (info_a.config.time_grid, info_b.config.time_grid) == ("openpi", "lerobot")  # each family's own
     for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(pa, pb), name
     inputs = case_inputs(0)
@@ -211,4 +211,4 @@ def test_lerobot_config_keys_override_preset(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"type": "pi05", "chunk_size": 15, "max_action_dim": 32,
                                                       "max_state_dim": 32, "tokenizer_max_length": 120}))
     cfg = load_config(tmp_path)
-    assert (cfg.action_horizon, cfg.max_token_len, cfg.prompt_state_dim) == (15, 120, 32)
+    assert (cfg.action_horizon, cfg.max_token_len, cfg.max_state_dim) == (15, 120, 32)

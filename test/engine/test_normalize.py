@@ -11,7 +11,9 @@ from safetensors.numpy import save_file
 
 from pi05_ros.engine.errors import CheckpointError
 from pi05_ros.engine.normalize import (
+    NormStats,
     Stats,
+    find_lerobot_norm_stats,
     find_norm_stats,
     load_lerobot_norm_stats,
     load_norm_stats,
@@ -50,17 +52,63 @@ def test_mean_std_mode(tmp_path: Path) -> None:
     np.testing.assert_allclose(ns.normalize_state(x), (x - ns.state.mean) / (ns.state.std + 1e-6), rtol=1e-6)
 
 
-def test_lerobot_processor_file(tmp_path: Path) -> None:
+def _lerobot_processor_json(folder: Path, state_mode: str, action_mode: str) -> None:
+    """The two processor files as LeRobot 0.6.1 writes them (only the steps that matter here)."""
+    norm_map = {"VISUAL": "IDENTITY", "STATE": state_mode, "ACTION": action_mode}
+    pre = {"name": "policy_preprocessor", "steps": [
+        {"registry_name": "to_batch_processor", "config": {}},
+        {"registry_name": "normalizer_processor", "config": {"eps": 1e-08, "features": {}, "norm_map": norm_map},
+         "state_file": "policy_preprocessor_step_3_normalizer_processor.safetensors"}]}
+    post = {"name": "policy_postprocessor", "steps": [
+        {"registry_name": "unnormalizer_processor", "config": {"eps": 1e-08, "features": {}, "norm_map": norm_map},
+         "state_file": "policy_postprocessor_step_0_unnormalizer_processor.safetensors"}]}
+    (folder / "policy_preprocessor.json").write_text(json.dumps(pre))
+    (folder / "policy_postprocessor.json").write_text(json.dumps(post))
+
+
+def test_lerobot_processor_file_and_its_modes_per_feature(tmp_path: Path) -> None:
     s = _stats(4)
     flat = {f"{feat}.{k}": getattr(s, k)
             for feat in ("observation.state", "action") for k in ("mean", "std", "q01", "q99")}
     path = tmp_path / "policy_postprocessor_step_0_unnormalizer_processor.safetensors"
     save_file(flat, str(path))
-    ns = load_lerobot_norm_stats(path)
-    assert ns.use_quantiles and ns.state.dim == 4
+    ns = load_lerobot_norm_stats(path)  # no processor JSON: LeRobot PI05's defaults
+    assert ns.use_quantiles and ns.state.dim == 4 and ns.convention == "lerobot"
     np.testing.assert_array_equal(ns.actions.q99, s.q99)
-    (tmp_path / "policy_postprocessor.json").write_text(json.dumps({"norm_map": {"ACTION": "MEAN_STD"}}))
-    assert not load_lerobot_norm_stats(path).use_quantiles
+    _lerobot_processor_json(tmp_path, "MEAN_STD", "QUANTILES")
+    mixed = load_lerobot_norm_stats(path)
+    assert (mixed.state_mode, mixed.action_mode, mixed.eps) == ("MEAN_STD", "QUANTILES", 1e-8)
+    x = np.array([1.0, 2.0, 3.0, 4.0], np.float32)
+    # LeRobot: eps on std when normalizing (fp32 ~1e-7 relative)
+    np.testing.assert_allclose(mixed.normalize_state(x), (x - s.mean) / (s.std + 1e-8), rtol=1e-6)
+    assert find_lerobot_norm_stats(tmp_path) == path  # the file the post-processor's JSON names
+
+
+def test_lerobot_and_openpi_epsilons_differ_as_their_code_does() -> None:
+    q01 = np.array([0.0, 0.25], np.float32)
+    q99 = np.array([2.0, 0.25], np.float32)  # the second range is exactly 0
+    s = Stats(mean=np.array([1.0, 0.0], np.float32), std=np.array([0.5, 2.0], np.float32), q01=q01, q99=q99)
+    lerobot = NormStats(s, s, "QUANTILES", "MEAN_STD", "lerobot", 1e-8)
+    openpi = NormStats(s, s, "QUANTILES", "MEAN_STD", "openpi", 1e-6)
+    x = np.array([1.0, 0.3], np.float32)
+    # LeRobot: no eps on a non-zero range, eps alone where the range is 0
+    np.testing.assert_allclose(lerobot.normalize_state(x), [2 * 1.0 / 2.0 - 1, 2 * 0.05 / 1e-8 - 1], rtol=1e-6)
+    # (fp32: ~1e-7 absolute near 0, ~1e-6 relative on the huge value)
+    np.testing.assert_allclose(openpi.normalize_state(x), [1.0 / (2.0 + 1e-6) * 2 - 1, 0.05 / 1e-6 * 2 - 1],
+                               rtol=1e-6, atol=1e-6)
+    y = np.array([[0.5, -1.0]], np.float32)
+    # un-normalizing mean/std: LeRobot adds no eps, openpi adds 1e-6 (exact in fp32 here: std 0.5 and 2.0)
+    np.testing.assert_array_equal(lerobot.unnormalize_actions(y), [[0.5 * 0.5 + 1.0, -1.0 * 2.0 + 0.0]])
+    np.testing.assert_allclose(openpi.unnormalize_actions(y), [[0.5 * (0.5 + 1e-6) + 1.0, -(2.0 + 1e-6)]],
+                               rtol=1e-7)
+
+
+def test_a_mode_without_its_statistics_is_a_clear_error() -> None:
+    s = Stats(q01=np.zeros(2, np.float32), q99=np.ones(2, np.float32))
+    with pytest.raises(CheckpointError, match="state is normalized with MEAN_STD but has no mean/std"):
+        NormStats(s, s, "MEAN_STD", "QUANTILES", "lerobot", 1e-8)
+    with pytest.raises(CheckpointError, match="openpi norm stats know only"):
+        NormStats(s, s, "MIN_MAX", "QUANTILES", "openpi", 1e-6)
 
 
 def test_errors(tmp_path: Path) -> None:

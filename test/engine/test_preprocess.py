@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pi05_ros.engine.errors import InputError
+from pi05_ros.engine.errors import CheckpointError, InputError
 from pi05_ros.engine.preprocess import prepare_image, resize_with_pad, to_model_range
 
 
@@ -56,3 +56,19 @@ def test_value_range_is_openpi_expression() -> None:
 def test_bad_images_are_rejected_clearly(image, message: str) -> None:  # noqa: ANN001
     with pytest.raises(InputError, match=message):
         resize_with_pad(image)
+
+
+def test_each_family_keeps_the_geometry_and_lerobot_keeps_floats() -> None:
+    img = np.random.default_rng(3).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    for method in ("openpi_client", "openpi_server"):
+        out = resize_with_pad(img, 224, method)
+        assert out.dtype == np.uint8 and (out[:28] == 0).all() and (out[-28:] == 0).all(), method
+    lerobot = resize_with_pad(img, 224, "lerobot")  # float32 in model range, never rounded to uint8
+    assert lerobot.dtype == np.float32 and lerobot.shape == (224, 224, 3)
+    assert (lerobot[:28] == -1.0).all() and (lerobot[-28:] == -1.0).all()
+    assert -1.0 <= lerobot.min() and lerobot.max() <= 1.0
+    assert not np.allclose(lerobot * 127.5 + 127.5, np.rint(lerobot * 127.5 + 127.5))  # between uint8 levels
+    square = img[:224, :224]
+    np.testing.assert_array_equal(resize_with_pad(square, 224, "lerobot"), square)  # LeRobot resizes only others
+    with pytest.raises(CheckpointError, match="unknown image resize 'area'"):
+        resize_with_pad(img, 224, "area")

@@ -25,13 +25,14 @@ def test_worker_runs_fast_policy_at_rate_and_follows_step_changes() -> None:
     chunks: list = []
     got = threading.Event()
 
-    def publish(chunk, observation, latency_s, runtime) -> None:  # noqa: ANN001
+    def publish(chunk, observation, latency_s, runtime, started_ns) -> None:  # noqa: ANN001
         chunks.append(chunk)
         if len(chunks) >= 150:  # 5 s at 30 Hz: longer than the worker's 3 s rate window
             got.set()
 
     worker = InferenceWorker(lambda: Policy.demo(device="cuda", precision="fp8"), inputs, cameras,
                              lambda: settings["now"], publish, max_input_age_s=5.0, warmup=2)
+    worker.set_active(True)  # the node's lifecycle activate
     worker.start()
     assert worker.ready.wait(300), "the policy did not load"
     assert worker.status().phase is Phase.RUNNING, worker.status().fatal_error

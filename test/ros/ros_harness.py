@@ -183,16 +183,21 @@ class Driver:
     """The robot side of a test: publishes inputs at ~20 Hz from a feeder thread, records what the policy
     node publishes, and sets its parameters through the real parameter services."""
 
-    def __init__(self, namespace: str, cameras: dict[str, str] | None = None, feed_period_s: float = 0.05) -> None:
-        """`cameras`: input name -> transport ('raw' or 'compressed'), as the node under test is configured."""
+    def __init__(self, namespace: str, cameras: dict[str, str] | None = None, feed_period_s: float = 0.05,
+                 sim_clock_ns: int | None = None) -> None:
+        """`cameras`: input name -> transport ('raw' or 'compressed'), as the node under test is configured.
+        `sim_clock_ns`: publish /clock (rosgraph_msgs/Clock) at this time, for a node with use_sim_time; it stays
+        put until the test moves it (`clock_ns`), and the feeder then stamps inputs from it."""
         import rclpy
         from diagnostic_msgs.msg import DiagnosticArray
+        from lifecycle_msgs.srv import ChangeState, GetState
         from rclpy.context import Context
         from rclpy.executors import SingleThreadedExecutor
         from rclpy.parameter_client import AsyncParameterClient
         from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+        from rosgraph_msgs.msg import Clock
         from sensor_msgs.msg import CompressedImage, Image, JointState
-        from std_msgs.msg import String
+        from std_msgs.msg import Float64MultiArray, String
         from trajectory_msgs.msg import JointTrajectory
 
         from pi05_ros.msg import ActionChunk
@@ -206,6 +211,10 @@ class Driver:
         self.chunks: list[tuple[float, Any]] = []
         self.trajectories: list[tuple[float, Any]] = []
         self.statuses: list[tuple[float, Any]] = []
+        self.commands: list[tuple[float, Any]] = []
+        self.clock_ns = sim_clock_ns
+        # stamp (ns) of the next input messages: None = the feeder's synthetic increasing stamps
+        self.stamp_override: Callable[[], int] | None = None
         self.published_stamps: set[int] = set()
         self.frames_published = 0
         status_name = f"{namespace}/pi05_policy: policy"
@@ -225,6 +234,10 @@ class Driver:
         self.node.create_subscription(ActionChunk, "action_chunk", record(self.chunks), 50)
         self.node.create_subscription(JointTrajectory, "joint_trajectory", record(self.trajectories), 50)
         self.node.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics, 50)
+        self.node.create_subscription(Float64MultiArray, "commands", record(self.commands), 50)
+        self.clock_pub = self.node.create_publisher(Clock, "/clock", 10) if sim_clock_ns is not None else None
+        self.change_state = self.node.create_client(ChangeState, f"{namespace}/pi05_policy/change_state")
+        self.get_state = self.node.create_client(GetState, f"{namespace}/pi05_policy/get_state")
         cameras = {"base_image": "raw", "wrist_image": "raw"} if cameras is None else cameras
         self.feed_period_s = feed_period_s
         self.image_pubs = {
@@ -247,6 +260,8 @@ class Driver:
         self.joint_factory: Callable[[int], Any] = self.good_joints
         self.feeding = threading.Event()
         self.feeding.set()
+        self.last_feed_ns = 0  # time.time_ns() when the feeder last published inputs
+        self.last_feed_monotonic = 0.0
 
         self._executor = SingleThreadedExecutor(context=self.context)
         self._executor.add_node(self.node)
@@ -271,20 +286,58 @@ class Driver:
             self._executor.spin_once(timeout_sec=0.05)
 
     def _feed(self) -> None:
+        from builtin_interfaces.msg import Time
+        from rosgraph_msgs.msg import Clock
+
         tick = 0
         while not self._stop.wait(self.feed_period_s):
+            if self.clock_pub is not None and self.clock_ns is not None:
+                self.clock_pub.publish(Clock(clock=Time(sec=self.clock_ns // 10**9, nanosec=self.clock_ns % 10**9)))
             if not self.feeding.is_set():
                 continue
             tick += 1
-            # Distinct, increasing synthetic stamps: 1000 s + tick ms for images, +0.5 ms for joints.
-            image_stamp = 1_000_000_000_000 + tick * 1_000_000
-            joint_stamp = image_stamp + 500_000
+            # Capture times as a driver stamps them, on the node's clock (system time, or the sim clock): the
+            # node refuses stamps further in the past than max_input_age_s (the stamp rule). Joints 0.5 ms older.
+            image_stamp = self.clock_ns if self.clock_ns is not None else time.time_ns()
+            joint_stamp = image_stamp - 500_000
+            if self.stamp_override is not None:
+                image_stamp = joint_stamp = self.stamp_override()
+            self.last_feed_ns, self.last_feed_monotonic = time.time_ns(), time.monotonic()
             with self._lock:  # recorded first: a chunk may come back before this loop ends
                 self.published_stamps.update((image_stamp, joint_stamp))
                 self.frames_published += 1
             for name, publisher in self.image_pubs.items():
                 publisher.publish(self.image_factory[name](image_stamp))
             self.joint_pub.publish(self.joint_factory(joint_stamp))
+
+    def lifecycle(self, transition: str, timeout: float = 60.0) -> bool:
+        """Request a lifecycle transition by label (configure, activate, ...) through the node's service."""
+        from lifecycle_msgs.srv import ChangeState
+
+        request = ChangeState.Request()
+        request.transition.label = transition
+        return self._call(self.change_state, request, timeout).success
+
+    def lifecycle_state(self, timeout: float = 10.0) -> str:
+        from lifecycle_msgs.srv import GetState
+
+        return self._call(self.get_state, GetState.Request(), timeout).current_state.label
+
+    def _call(self, client: Any, request: Any, timeout: float) -> Any:
+        assert client.wait_for_service(timeout_sec=timeout), f"service {client.srv_name} not found"
+        future = client.call_async(request)
+        deadline = time.monotonic() + timeout
+        while not future.done() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert future.done(), f"{client.srv_name} did not answer in {timeout} s"
+        return future.result()
+
+    def sees_node(self, name: str = "pi05_policy") -> bool:
+        return any(n == name and ns == self.namespace for n, ns in self.node.get_node_names_and_namespaces())
+
+    def commands_since(self, t: float) -> list[Any]:
+        with self._lock:
+            return [msg for when, msg in self.commands if when >= t]
 
     def say(self, text: str) -> None:
         from std_msgs.msg import String

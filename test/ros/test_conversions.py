@@ -219,7 +219,9 @@ def test_action_chunk_message_holds_the_actions_row_major_and_the_observation_st
     actions = RNG.standard_normal((5, 3)).astype(np.float32)
     stamp = 1_700_000_000_123_456_789
     msg = action_chunk_message(actions, stamp_ns=stamp, joint_names=["a", "b", "c"], action_dt=0.066,
-                               denoise_steps=10, latency_s=0.042, sequence=7, demo_model=True)
+                               denoise_steps=10, latency_s=0.042, sequence=7, demo_model=True,
+                               action_kinds=("velocity", "velocity", "position"))
+    assert list(msg.action_kinds) == ["velocity", "velocity", "position"]
     assert (msg.horizon, msg.action_dim) == (5, 3) and list(msg.joint_names) == ["a", "b", "c"]
     np.testing.assert_array_equal(np.asarray(msg.actions, np.float32).reshape(5, 3), actions)
     assert stamp_to_ns(msg.header.stamp) == stamp and (msg.header.stamp.sec, msg.header.stamp.nanosec) == (

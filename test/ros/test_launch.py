@@ -22,15 +22,21 @@ from pi05_ros.ros.params import PARAMETERS
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH_FILE = ROOT / "launch" / "policy.launch.py"
-EXPECTED_ARGUMENTS = {"checkpoint", "tokenizer", "params_file", "denoise_steps", "precision", "namespace", "demo"}
+EXPECTED_ARGUMENTS = {"checkpoint", "tokenizer", "params_file", "denoise_steps", "precision", "namespace", "demo",
+                      "autostart"}
 # Names these modules export in ROS 2 Jazzy; anything else imported would fail on a robot.
 JAZZY_API = {
     "launch": {"LaunchDescription", "LaunchContext"},
-    "launch.actions": {"DeclareLaunchArgument", "OpaqueFunction", "GroupAction", "IncludeLaunchDescription"},
+    "launch.actions": {"DeclareLaunchArgument", "OpaqueFunction", "GroupAction", "IncludeLaunchDescription",
+                       "EmitEvent", "LogInfo", "RegisterEventHandler"},
+    "launch.events": {"matches_action"},
     "launch.substitutions": {"LaunchConfiguration", "PathJoinSubstitution", "TextSubstitution"},
     "launch.conditions": {"IfCondition", "UnlessCondition"},
-    "launch_ros.actions": {"Node", "PushRosNamespace"},
+    "launch_ros.actions": {"Node", "PushRosNamespace", "LifecycleNode"},
+    "launch_ros.event_handlers": {"OnStateTransition"},
+    "launch_ros.events.lifecycle": {"ChangeState"},
     "launch_ros.substitutions": {"FindPackageShare"},
+    "lifecycle_msgs.msg": {"Transition"},  # installable here: the stand-ins below leave it real
 }
 
 
@@ -74,13 +80,22 @@ class _LaunchConfiguration(_Recorded):
         return context.launch_configurations[self.args[0]]
 
 
+def _matches_action(action: Any) -> tuple[str, Any]:
+    return ("matches", action)
+
+
 def _stub_launch_modules(monkeypatch: pytest.MonkeyPatch) -> None:
     classes = {
         "launch": {"LaunchDescription": _Recorded, "LaunchContext": _Recorded},
-        "launch.actions": {"DeclareLaunchArgument": _Recorded, "OpaqueFunction": _Recorded},
+        "launch.actions": {"DeclareLaunchArgument": _Recorded, "OpaqueFunction": _Recorded, "EmitEvent": _Recorded,
+                           "LogInfo": _Recorded, "RegisterEventHandler": _Recorded},
+        "launch.events": {},
         "launch.substitutions": {"LaunchConfiguration": _LaunchConfiguration, "PathJoinSubstitution": _Recorded},
         "launch_ros": {},
-        "launch_ros.actions": {"Node": _Recorded},
+        "launch_ros.actions": {"Node": _Recorded, "LifecycleNode": _Recorded},
+        "launch_ros.event_handlers": {"OnStateTransition": _Recorded},
+        "launch_ros.events": {},
+        "launch_ros.events.lifecycle": {"ChangeState": _Recorded},
         "launch_ros.substitutions": {"FindPackageShare": _Recorded},
     }
     for name, members in classes.items():
@@ -88,6 +103,7 @@ def _stub_launch_modules(monkeypatch: pytest.MonkeyPatch) -> None:
         for attribute, value in members.items():
             setattr(module, attribute, type(attribute, (value,), {}))
         monkeypatch.setitem(sys.modules, name, module)
+    sys.modules["launch.events"].matches_action = _matches_action
 
 
 @pytest.fixture
@@ -102,7 +118,7 @@ def launch_module(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
 
 def _nodes(module: types.ModuleType, **configuration: str) -> list[Any]:
     defaults = {"checkpoint": "", "tokenizer": "", "params_file": "/cfg/pi05.yaml", "denoise_steps": "",
-                "precision": "", "namespace": "", "demo": "false"}
+                "precision": "", "namespace": "", "demo": "false", "autostart": "true"}
     context = types.SimpleNamespace(launch_configurations={**defaults, **configuration})
     description = module.generate_launch_description()
     opaque = description.args[0][-1]
@@ -120,19 +136,47 @@ def test_description_declares_arguments_with_descriptions(launch_module: types.M
     assert share.args[0][0].args == ("pi05_ros",) and share.args[0][1:] == ["config", "pi05.yaml"]
 
 
-def test_defaults_start_only_the_policy_node_and_keep_the_params_file_values(launch_module) -> None:
-    (node,) = _nodes(launch_module)
+def _of(entities: list[Any], kind: str) -> list[Any]:
+    return [e for e in entities if type(e).__name__ == kind]
+
+
+def test_defaults_start_the_managed_node_and_drive_configure_then_activate(launch_module) -> None:
+    entities = _nodes(launch_module)
+    (node,) = _of(entities, "LifecycleNode")
     assert node.kwargs["package"] == "pi05_ros" and node.kwargs["executable"] == "policy_node"
-    assert node.kwargs["name"] == "pi05_policy" and node.kwargs["namespace"] == ""
-    assert node.kwargs["parameters"] == ["/cfg/pi05.yaml", {}]  # empty arguments override nothing
+    assert node.kwargs["name"] == "pi05_policy" and node.kwargs["namespace"] == ""  # LifecycleNode needs both
+    # The node's own autostart is off: launch drives it (two drivers would send configure twice).
+    assert node.kwargs["parameters"] == ["/cfg/pi05.yaml", {"autostart": False}]
+    from lifecycle_msgs.msg import Transition
+
+    (configure,) = _of(entities, "EmitEvent")
+    event = configure.kwargs["event"]
+    assert event.kwargs["transition_id"] == Transition.TRANSITION_CONFIGURE
+    assert event.kwargs["lifecycle_node_matcher"] == ("matches", node)
+    handlers = [h.args[0] for h in _of(entities, "RegisterEventHandler")]
+    on_inactive = next(h for h in handlers if h.kwargs.get("goal_state") == "inactive")
+    assert on_inactive.kwargs["start_state"] == "configuring" and on_inactive.kwargs["target_lifecycle_node"] is node
+    (activate,) = _of(on_inactive.kwargs["entities"], "EmitEvent")
+    assert activate.kwargs["event"].kwargs["transition_id"] == Transition.TRANSITION_ACTIVATE
+    # handlers are registered before the node starts, so no transition event is missed
+    assert entities.index(handlers and _of(entities, "RegisterEventHandler")[0]) < entities.index(node)
+    assert entities.index(node) < entities.index(configure)
+
+
+def test_autostart_false_leaves_the_node_to_a_lifecycle_manager(launch_module) -> None:
+    entities = _nodes(launch_module, autostart="false")
+    assert [type(e).__name__ for e in entities] == ["LifecycleNode"]
+    assert entities[0].kwargs["parameters"][1] == {"autostart": False}
 
 
 def test_arguments_become_typed_parameter_overrides(launch_module) -> None:
-    policy, sources = _nodes(launch_module, checkpoint="/ckpt", tokenizer="/tok.model", denoise_steps="5",
-                             precision="bf16", namespace="arm", demo="true")
+    entities = _nodes(launch_module, checkpoint="/ckpt", tokenizer="/tok.model", denoise_steps="5",
+                      precision="bf16", namespace="arm", demo="true")
+    (policy,) = _of(entities, "LifecycleNode")
+    (sources,) = _of(entities, "Node")
     params_file, overrides = policy.kwargs["parameters"]
     assert overrides == {"checkpoint": "/ckpt", "tokenizer": "/tok.model", "precision": "bf16",
-                         "denoise_steps": 5, "demo": True}
+                         "denoise_steps": 5, "demo": True, "autostart": False}
     declared = {spec.name for spec in PARAMETERS}
     assert set(overrides) <= declared
     assert sources.kwargs["executable"] == "demo_sources" and sources.kwargs["namespace"] == "arm"

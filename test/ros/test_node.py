@@ -49,6 +49,7 @@ def running() -> Iterator[tuple[NodeProcess, Driver]]:
         "-p", "warmup:=1",
         # One torch thread: two OpenMP threads on 2 cores slow down badly when anything else runs beside.
         "-p", "cpu_threads:=1",
+        "-p", "allow_demo_commands:=true",  # the demo model commands only when told to (tested elsewhere)
         params_file=installed_params_file(),
     )
     try:
@@ -119,6 +120,7 @@ def test_chunks_arrive_with_shape_names_stamps_and_steps(running) -> None:
         assert chunk.denoise_steps == 10
         assert chunk.action_dt == ACTION_DT  # float64 parameter passed through unchanged
         assert chunk.demo_model is True
+        assert list(chunk.action_kinds) == ["position"] * DOF  # the demo's columns: absolute positions
         assert 0.0 < chunk.inference_latency < 5.0
         assert np.all(np.isfinite(np.asarray(chunk.actions)))
         # The stamp is that of one of the observations the driver published (not the node's clock).
@@ -134,23 +136,28 @@ def test_chunks_come_at_rate_hz(running) -> None:
     assert_publishes_at(driver, 10.0, 31)
 
 
-def test_joint_trajectory_matches_the_chunk(running) -> None:
+def test_joint_trajectory_is_the_chunk_stamped_at_its_observation_and_bounded(running) -> None:
+    """execution: chunk (the default). joint_trajectory_controller keeps a past header.stamp and runs point i at
+    stamp + time_from_start (ros2_controllers jazzy, FACTS 1.2; the controller itself is not installable here):
+    so point k of a chunk carries (k + 1) * action_dt after the observation stamp, the points already due are left
+    out, and none is due after stamp + max_input_age_s (0.5) + action_dt."""
     node, driver = running
     since = time.monotonic()
     driver.wait_for_chunks(3, since, 30.0)
     trajectories = driver.trajectories_since(since)
     assert trajectories, "no JointTrajectory arrived"
-    chunks = driver.chunks_since(since - 1.0)
+    chunks = {stamp_ns(c.header.stamp): c for c in driver.chunks_since(since - 2.0)}
     for trajectory in trajectories[:3]:
         assert list(trajectory.joint_names) == ACTION_NAMES
-        assert len(trajectory.points) == HORIZON
-        positions = np.array([point.positions for point in trajectory.points])
-        matching = [c for c in chunks if np.array_equal(np.asarray(c.actions, np.float32).reshape(HORIZON, DOF),
-                                                        positions.astype(np.float32))]
-        assert matching, "trajectory positions equal no chunk's actions"  # float32 -> float64 is exact
-        for k, point in enumerate(trajectory.points):
-            expected_ns = round((k + 1) * ACTION_DT * 1e9)
-            assert point.time_from_start.sec * 1_000_000_000 + point.time_from_start.nanosec == expected_ns
+        chunk = chunks[stamp_ns(trajectory.header.stamp)]  # stamped with its chunk's observation
+        actions = np.asarray(chunk.actions, np.float32).reshape(HORIZON, DOF)
+        times = [p.time_from_start.sec * 1_000_000_000 + p.time_from_start.nanosec for p in trajectory.points]
+        first = round(times[0] / (ACTION_DT * 1e9)) - 1
+        assert first >= 1  # the CPU model takes longer than one action_dt: action 0 is always late
+        assert times == [round((k + 1) * ACTION_DT * 1e9) for k in range(first, first + len(times))]
+        assert times[-1] <= round((0.5 + ACTION_DT) * 1e9)
+        positions = np.array([point.positions for point in trajectory.points]).astype(np.float32)
+        assert np.array_equal(positions, actions[first:first + len(times)])  # float32 -> float64 is exact
 
 
 def test_diagnostics_carry_every_stage_and_say_demo(running) -> None:
@@ -299,8 +306,17 @@ def test_bad_input_reports_error_keeps_running_and_recovers(running, case: str, 
     wait_until_healthy(node, driver)
 
 
-def test_sigint_stops_the_node_within_a_second(running) -> None:
+def test_sigint_stops_the_node_within_a_second_and_it_leaves_the_ros_graph(running) -> None:
     node, driver = running
     assert driver.wait_for_chunks(1, time.monotonic(), 10.0)  # busy: inputs flowing, inferences running
+    assert driver.sees_node()
+    signalled = time.monotonic()
     node.assert_stopped_within(signal.SIGINT, 1.0)
-    assert "Traceback" not in node.output()
+    # A peer's graph drops the node when its DDS participant leaves, not at the ~20 s lease (issue 11 item 2).
+    while driver.sees_node() and time.monotonic() - signalled < 5.0:
+        time.sleep(0.01)
+    gone_after = time.monotonic() - signalled
+    assert gone_after < 1.0, f"a peer still saw the stopped node {gone_after:.2f} s after the signal"
+    output = node.output()
+    assert "Traceback" not in output
+    assert "inactive: held, not commanding" in output  # the shutdown transition ran from active

@@ -111,5 +111,45 @@ def test_without_instruction_it_warns_then_default_instruction_and_messages_driv
         assert driver.set_parameter("default_instruction", "").successful
         assert driver.wait_for_chunks(3, time.monotonic() + 0.5, 15.0), node.output()
         assert "instruction: 'stack the blocks'" in node.output()
+        # The demo model publishes no robot commands unless allow_demo_commands:=true.
+        assert driver.trajectories_since(0.0) == [] and driver.commands_since(0.0) == []
+        status = driver.wait_for_status(time.monotonic(), 5.0,
+                                        lambda s: "execution.commands_enabled" in status_values(s))
+        assert status is not None and status_values(status)["execution.commands_enabled"] == "false"
+        assert "allow_demo_commands" in status.message
+    finally:
+        node.stop()
+
+
+def test_lerobot_checkpoint_camera_names_and_action_space_parameters(driver_factory, tmp_path) -> None:  # noqa: ANN001
+    """A LeRobot checkpoint names its cameras: camera.<name>.slot takes the checkpoint's name, and the action
+    space parameters reach every chunk's action_kinds."""
+    import json
+
+    from pi05_ros.engine.config import TINY
+    from pi05_ros.engine.demo import demo_tokenizer, random_model, write_checkpoint
+
+    checkpoint = write_checkpoint(random_model(TINY, seed=5), tmp_path / "lerobot_top", fmt="lerobot")
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["input_features"] = {"observation.images.top": {"type": "VISUAL", "shape": [3, 480, 640]},
+                                "observation.state": {"type": "STATE", "shape": [7]}}
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    tokenizer = demo_tokenizer(tmp_path / "tok")
+    namespace = unique_namespace("pi05_lerobot")
+    driver = driver_factory(namespace, cameras={"base_image": "raw"})
+    driver.say("stack the blocks")
+    node = NodeProcess(
+        "policy_node", namespace,
+        "-p", f"checkpoint:={checkpoint}", "-p", f"tokenizer:={tokenizer}", "-p", "device:=cpu",
+        "-p", "cameras:=[base_image]", "-p", "camera.base_image.slot:=observation.images.top",
+        "-p", "action_space:=velocity", "-p", "action_space_mask:=[true, true, true, true, true, true, false]",
+        "-p", "warmup:=0", "-p", "cpu_threads:=1", "-p", f"state_joint_names:=[{', '.join(JOINTS)}]",
+        params_file=installed_params_file(),
+    )
+    try:
+        chunks = driver.wait_for_chunks(1, 0.0, NODE_START_TIMEOUT_S)
+        assert chunks, node.output()
+        assert list(chunks[0].action_kinds) == ["velocity"] * 6 + ["position"]
+        assert "action space:   0:velocity" in node.output() and "cameras:        top" in node.output()
     finally:
         node.stop()

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from pi05_ros.ros.inputs import InputBuffers
+from pi05_ros.ros.inputs import InputBuffers, StampRule
 from pi05_ros.ros.observation import ObservationCollector
 from pi05_ros.ros.problems import Level, Problem, ProblemCode, skip_reason
 from pi05_ros.ros.settings import CameraConfig
@@ -47,14 +47,36 @@ def test_missing_stale_and_bad_inputs_are_reported_with_codes() -> None:
     assert skip_reason(problems) is ProblemCode.NO_INSTRUCTION
 
     _fill(inputs, 1)
-    observation, problems = collector.collect("wipe the table", now=time.monotonic() + 2.0)
+    observation, problems = collector.collect("wipe the table", now_ns=time.monotonic_ns() + 2_000_000_000)
     assert observation is None and {p.code for p in problems} == {ProblemCode.STALE_INPUT}
     assert "max_input_age_s 0.5" in problems[0].message and skip_reason(problems) is ProblemCode.STALE_INPUT
+
+    stale = collector.freshness_problems(time.monotonic_ns() + 2_000_000_000)
+    assert [p.code for p in stale] == [ProblemCode.STALE_INPUT] * 3  # the control loop's view, taking nothing
+    assert collector.freshness_problems() == ()
 
     inputs.cameras["base_image"].fail("image encoding '16UC1' is not supported")
     observation, problems = collector.collect("wipe the table")
     assert observation is None and problems[0].level is Level.ERROR and problems[0].code is ProblemCode.BAD_INPUT
     assert skip_reason(problems) is ProblemCode.BAD_INPUT
+
+
+def test_untrusted_stamps_follow_the_stamp_rule_on_the_given_clock() -> None:
+    clock = {"now": 10_000_000_000}
+    rule = StampRule(future_tolerance_ns=50_000_000, max_age_ns=500_000_000)
+    inputs = InputBuffers([c.name for c in CAMERAS], clock_ns=lambda: clock["now"], stamp_rule=rule)
+    joints = inputs.joints
+    joints.commit(joints.spare((7,)), 0)  # zero: the arrival time is used
+    assert joints.take().stamp_ns == 10_000_000_000 and "header.stamp 0" in joints.state().stamp_issue
+    joints.commit(joints.spare((7,)), 9_900_000_000)  # a good stamp clears the issue
+    assert joints.take().stamp_ns == 9_900_000_000 and joints.state().stamp_issue is None
+    joints.commit(joints.spare((7,)), 99_000_000_000)  # a clock 89 s ahead
+    assert joints.take().stamp_ns == 10_000_000_000 and "in the future" in joints.state().stamp_issue
+    clock["now"] += 100_000_000
+    joints.commit(joints.spare((7,)), 1)  # near the epoch: stale on arrival, not used
+    state = joints.state()
+    assert "before it arrived" in state.stamp_issue and state.bad_stamps == 3 and state.messages == 4
+    assert state.age_s == 0.1  # the last usable message is 0.1 s old on this clock
 
 
 def test_skip_reason_prefers_the_most_serious_code() -> None:

@@ -21,6 +21,7 @@ from pi05_ros.ros.params import (
     ConfigError,
     RuntimeSettings,
     camera_parameters,
+    declare_joint_limits,
     declare_parameters,
     updated_runtime,
     validate_runtime_value,
@@ -68,7 +69,7 @@ def test_config_file_sets_exactly_the_declared_parameters_with_their_defaults() 
     declared = {spec.name: spec.default for spec in (*PARAMETERS, *camera_specs)}
     # The two list parameters whose default is empty are documented but commented out: `[]` is not valid
     # ROS parameter YAML (no element type).
-    commented_out = {"state_joint_names", "action_joint_names"}
+    commented_out = {"state_joint_names", "action_joint_names", "command_joint_names", "action_space_mask"}
     assert set(values) == set(declared) - commented_out
     for name, value in values.items():
         assert value == declared[name], f"config/pi05.yaml: {name}={value!r}, code default {declared[name]!r}"
@@ -81,8 +82,10 @@ def test_installed_config_is_the_source_one() -> None:
     assert installed_params_file().read_text() == SOURCE_CONFIG.read_text()
 
 
-def test_every_parameter_has_a_description_and_dynamic_ones_are_the_documented_four() -> None:
-    assert DYNAMIC_PARAMETERS == {"denoise_steps", "rate_hz", "default_instruction", "publish_joint_trajectory"}
+def test_every_parameter_has_a_description_and_dynamic_ones_are_the_documented_ones() -> None:
+    assert DYNAMIC_PARAMETERS == {"denoise_steps", "rate_hz", "default_instruction", "publish_joint_trajectory",
+                                  "blend", "crossfade_actions", "weighted_average_new_weight",
+                                  "temporal_ensemble_decay"}
     for spec in PARAMETERS:
         assert len(spec.description) > 20, spec.name
 
@@ -136,6 +139,11 @@ def test_config_key_matches_the_node_in_any_namespace(make_node, tmp_path: Path,
         (["-p", "camera.wrist_image.slot:=base_0_rgb"], "two cameras feed the same model slot"),
         (["-p", "trigger_camera:=nope"], "trigger_camera 'nope' is not one of cameras"),
         (["-p", "cameras:=[base_image, base_image]"], "names a camera twice"),
+        (["-p", "execution:=batch"], "execution is 'batch'; use one of chunk, stream"),
+        (["-p", "command_interface:=position"], "for forward_command_controller use execution:=stream"),
+        (["-p", "execution:=stream", "-p", "command_interface:=velocity", "-p", "on_stale:=stop"],
+         "keeps the last velocity forever"),
+        (["-p", "blend:=average"], "blend is 'average'; use one of replace, crossfade"),
     ],
 )
 def test_bad_startup_parameters_raise_config_error(make_node, args: list[str], expected: str) -> None:
@@ -154,6 +162,10 @@ def test_bad_startup_parameters_raise_config_error(make_node, args: list[str], e
         ("rate_hz", "fast", "must be of type float"),
         ("publish_joint_trajectory", 1, "must be of type bool"),
         ("checkpoint", "/x", "cannot change at run time"),
+        ("blend", "rtc", "not one of replace, crossfade, weighted_average, temporal_ensemble"),
+        ("weighted_average_new_weight", 1.5, r"out of range; use a value in \[0.0, 1.0\]"),
+        ("crossfade_actions", -1, "out of range"),
+        ("execution", "stream", "cannot change at run time"),
     ],
 )
 def test_invalid_runtime_values_have_reasons(name: str, value: object, expected: str) -> None:
@@ -164,7 +176,8 @@ def test_invalid_runtime_values_have_reasons(name: str, value: object, expected:
 @pytest.mark.parametrize(
     ("name", "value"),
     [("denoise_steps", 1), ("denoise_steps", 100), ("rate_hz", 5), ("rate_hz", 0.1), ("default_instruction", ""),
-     ("publish_joint_trajectory", False)],
+     ("publish_joint_trajectory", False), ("blend", "temporal_ensemble"), ("temporal_ensemble_decay", -0.5),
+     ("weighted_average_new_weight", 1)],
 )
 def test_valid_runtime_values_pass(name: str, value: object) -> None:
     assert validate_runtime_value(name, value) is None
@@ -175,7 +188,25 @@ def test_updated_runtime_applies_only_dynamic_parameters() -> None:
     new = updated_runtime(current, [Parameter("denoise_steps", value=3), Parameter("checkpoint", value="/x"),
                                     Parameter("rate_hz", value=4.0)])
     assert new == RuntimeSettings(3, 4.0, "", True)
+    blended = updated_runtime(new, [Parameter("blend", value="crossfade"), Parameter("crossfade_actions", value=8)])
+    assert (blended.blend, blended.crossfade_actions, blended.denoise_steps) == ("crossfade", 8, 3)
     assert current.denoise_steps == 10  # frozen: the worker's copy never changes under it
+
+
+def test_execution_parameters_and_per_joint_limits(make_node) -> None:
+    node = make_node("-p", "execution:=stream", "-p", "command_interface:=velocity",
+                     "-p", "command_joint_names:=[j1, j2]", "-p", "joint_limits.j1.max_velocity:=1.5",
+                     "-p", "joint_limits.j2.min_position:=-0.5")
+    config = declare_parameters(node)
+    ex = config.execution
+    assert (ex.execution, ex.command_interface, ex.command_joint_names, ex.on_stale) == (
+        "stream", "velocity", ("j1", "j2"), "hold")
+    assert ex.autostart and not ex.allow_demo_commands
+    assert declare_joint_limits(node, ["j1", "j2", "j3"]) == {"j1": {"max_velocity": 1.5},
+                                                             "j2": {"min_position": -0.5}}
+    assert declare_joint_limits(node, ["j1"]) == {"j1": {"max_velocity": 1.5}}  # a second configure reuses them
+    assert node.describe_parameter("joint_limits.j3.max_acceleration").read_only
+    assert "hold" in node.describe_parameter("on_stale").additional_constraints
 
 
 def test_max_denoise_steps_matches_the_engine() -> None:

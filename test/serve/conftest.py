@@ -9,10 +9,13 @@ from pathlib import Path
 
 import pytest
 
-# The test modules import serve_harness.py from this folder (importlib import mode adds no folder to sys.path).
+# The test modules import serve_harness.py from this folder (importlib import mode adds no folder to sys.path),
+# and the peer venvs are found as test/peers finds them.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "peers"))
 
-from serve_harness import OneThreadPolicy, ServerProcess, openpi_python  # noqa: E402
+from peers import peer_python  # noqa: E402
+from serve_harness import OneThreadPolicy, ServerProcess  # noqa: E402
 
 from pi05_ros.engine.config import TINY  # noqa: E402
 from pi05_ros.engine.demo import demo_norm_stats, demo_tokenizer, random_model, write_checkpoint  # noqa: E402
@@ -46,8 +49,9 @@ def local_policy(droid_checkpoint: Path, serve_tokenizer: Path) -> OneThreadPoli
 
 
 @pytest.fixture(scope="session")
-def openpi_client_python() -> str:
-    return openpi_python()
+def openpi_client_python() -> Path:
+    """The real openpi-client 0.1.2 (numpy 1.26) in its own venv, built by scripts/peers.sh."""
+    return peer_python("PI05_OPENPI_CLIENT_PYTHON")
 
 
 @pytest.fixture(scope="module")

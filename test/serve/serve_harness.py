@@ -114,26 +114,16 @@ class OneThreadPolicy:
             torch.set_num_threads(threads)
 
 
-def openpi_python() -> str:
-    """The python of the openpi-client venv: scripts/test.sh passes it; otherwise the script makes (or finds) it."""
-    given = os.environ.get("PI05_OPENPI_CLIENT_PYTHON")
-    if given:
-        return given
-    root = HERE.parents[1]
-    done = subprocess.run(["bash", str(root / "scripts" / "openpi_client_env.sh")], capture_output=True, text=True,
-                          timeout=600)
-    if done.returncode != 0:
-        raise RuntimeError(f"scripts/openpi_client_env.sh failed:\n{done.stderr[-3000:]}")
-    return done.stdout.strip().splitlines()[-1]
-
-
-def run_openpi_client(python: str, uri: str, plan: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
-    """Run openpi_driver.py (the real openpi client) with `plan`; returns what it recorded."""
+def run_openpi_client(python: str | Path, uri: str, plan: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
+    """Run openpi_driver.py (the real openpi client, in the peer venv of scripts/peers.sh) with `plan`; returns
+    what it recorded. A clean environment: nothing of the project's venv or ROS overlay reaches the client."""
     plan_file, result_file = tmp_path / "plan.msgpack", tmp_path / "result.msgpack"
     plan_file.write_bytes(pack(plan))
     result_file.unlink(missing_ok=True)
-    done = subprocess.run([python, str(HERE / "openpi_driver.py"), uri, str(plan_file), str(result_file)],
-                          capture_output=True, text=True, timeout=DRIVER_TIMEOUT_S, cwd=tmp_path)
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp"), "LANG": "C.UTF-8",
+           "TMPDIR": os.environ.get("TMPDIR", "/tmp")}
+    done = subprocess.run([str(python), str(HERE / "openpi_driver.py"), uri, str(plan_file), str(result_file)],
+                          capture_output=True, text=True, timeout=DRIVER_TIMEOUT_S, cwd=tmp_path, env=env)
     assert done.returncode == 0, f"openpi driver failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
     return unpack(result_file.read_bytes())
 

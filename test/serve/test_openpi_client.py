@@ -40,7 +40,7 @@ def expected_droid(policy: OneThreadPolicy, obs: dict[str, Any]) -> np.ndarray:
 
 
 def test_metadata_health_and_actions_equal_local_inference(server: ServerProcess, local_policy: OneThreadPolicy,
-                                                           openpi_client_python: str, tmp_path: Path) -> None:
+                                                           openpi_client_python: Path, tmp_path: Path) -> None:
     assert server.http_get("/healthz") == (200, "OK\n")
     rng = np.random.default_rng(1)
     observations = [droid_observation(rng, prompt, seed=seed) for prompt, seed in
@@ -66,7 +66,7 @@ def test_metadata_health_and_actions_equal_local_inference(server: ServerProcess
 
 
 def test_an_error_is_a_text_reply_then_close_1011_and_others_go_on(server: ServerProcess,
-                                                                     openpi_client_python: str,
+                                                                     openpi_client_python: Path,
                                                                      tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     bad = droid_observation(rng, seed=5)
@@ -81,7 +81,7 @@ def test_an_error_is_a_text_reply_then_close_1011_and_others_go_on(server: Serve
 
 
 def test_several_clients_at_once_get_their_own_answers(server: ServerProcess, local_policy: OneThreadPolicy,
-                                                      openpi_client_python: str, tmp_path: Path) -> None:
+                                                      openpi_client_python: Path, tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     prompts = ("put the cup in the sink", "stack the blocks", "push the button", "open the drawer and take the spoon")
     observations = [droid_observation(rng, prompt, seed=10 + i) for i, prompt in enumerate(prompts)]
@@ -98,7 +98,7 @@ def test_several_clients_at_once_get_their_own_answers(server: ServerProcess, lo
 
 
 def test_openpi_libero_and_aloha_layouts(server: ServerProcess, local_policy: OneThreadPolicy,
-                                         openpi_client_python: str, tmp_path: Path) -> None:
+                                         openpi_client_python: Path, tmp_path: Path) -> None:
     rng = np.random.default_rng(4)
     image = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
     wrist = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)

@@ -73,7 +73,7 @@ def get(port: int, path: str) -> tuple[int, str]:
 
 @pytest.mark.parametrize("prefix", ["", "/ray"], ids=["our batching", "ray batching"])
 def test_the_openpi_client_through_ray(ray_port: int, prefix: str, local_policy: OneThreadPolicy,
-                                       openpi_client_python: str, tmp_path: Path) -> None:
+                                       openpi_client_python: Path, tmp_path: Path) -> None:
     assert get(ray_port, f"{prefix}/healthz") == (200, "OK\n")
     rng = np.random.default_rng(30)
     sequence = [droid_observation(rng, "stack the blocks", seed=31), {"observation/state": np.zeros(8)},

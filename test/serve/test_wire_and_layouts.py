@@ -25,8 +25,9 @@ sys.stdout.buffer.write(msgpack_numpy.packb({
 """
 
 
-def test_frames_are_byte_identical_to_openpi_clients(openpi_client_python: str) -> None:
-    theirs = subprocess.run([openpi_client_python, "-c", OPENPI_ENCODE], capture_output=True, timeout=120, cwd=HERE)
+def test_frames_are_byte_identical_to_openpi_clients(openpi_client_python: Path) -> None:
+    theirs = subprocess.run([str(openpi_client_python), "-c", OPENPI_ENCODE], capture_output=True, timeout=120,
+                            cwd=HERE, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
     assert theirs.returncode == 0, theirs.stderr.decode()[-2000:]
     ours = pack({"image": np.arange(24, dtype=np.uint8).reshape(2, 4, 3), "state": np.linspace(0, 1, 7),
                  "f32": np.ones((2, 2), np.float32)[:, ::-1], "scalar": np.float32(0.5), "flag": np.bool_(True),

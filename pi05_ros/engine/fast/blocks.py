@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from pi05_ros.engine.config import Pi05Config
 from pi05_ros.engine.reference import Pi05Model, euler_schedule
+from pi05_ros.engine.rtc import guidance_weight_tensor
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_HEADROOM = 4.0
@@ -42,10 +43,34 @@ def linear(x: Tensor, p: LinearParams) -> Tensor:
     weight, bias, w_scale, x_scale, x_inv_scale = p
     if w_scale is None:
         return F.linear(x.to(weight.dtype), weight, bias)
+    if x.requires_grad:  # RTC's VJP: e4m3 GEMMs have no backward
+        return _Fp8Linear.apply(x, weight, bias, w_scale, x_scale, x_inv_scale)
+    return _fp8_linear(x, weight, bias, w_scale, x_scale, x_inv_scale)
+
+
+def _fp8_linear(x: Tensor, weight: Tensor, bias: Tensor | None, w_scale: Tensor, x_scale: Tensor,
+                x_inv_scale: Tensor) -> Tensor:
     lead = x.shape[:-1]
     xq = (x.reshape(-1, x.shape[-1]).float() * x_inv_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=w_scale, bias=bias, out_dtype=torch.bfloat16)
     return y.reshape(*lead, -1)
+
+
+class _Fp8Linear(torch.autograd.Function):
+    """The FP8 GEMM forward; backward to the input through the dequantized weight (the closest honest gradient:
+    e4m3 rounding of the input has no derivative worth following)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, w_scale, x_scale, x_inv_scale):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(weight, w_scale)
+        ctx.x_dtype = x.dtype
+        return _fp8_linear(x, weight, bias, w_scale, x_scale, x_inv_scale)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        weight, w_scale = ctx.saved_tensors
+        w = (weight.float() * w_scale).to(torch.bfloat16)
+        return (grad.to(torch.bfloat16) @ w).to(ctx.x_dtype), None, None, None, None, None
 
 
 class Linear(nn.Module):
@@ -186,7 +211,12 @@ def expert_layer(x: Tensor, mod: Tensor, cos: Tensor, sin: Tensor, key_mask: Ten
 
 def action_head(x_t: Tensor, x: Tensor, final_mod: Tensor, out_w: Tensor, out_b: Tensor, eps: float) -> None:
     """Final adaptive norm, the (dt-folded) output projection and the Euler update, in place on x_t."""
-    x_t.add_(F.linear(_rms(x, eps) * final_mod[0] + final_mod[1], out_w, out_b))
+    x_t.add_(action_delta(x, final_mod, out_w, out_b, eps))
+
+
+def action_delta(x: Tensor, final_mod: Tensor, out_w: Tensor, out_b: Tensor, eps: float) -> Tensor:
+    """dt * v: the final adaptive norm and the dt-folded output projection (differentiable; RTC's step)."""
+    return F.linear(_rms(x, eps) * final_mod[0] + final_mod[1], out_w, out_b)
 
 
 class VisionBlock(nn.Module):
@@ -346,12 +376,14 @@ class FastModel(nn.Module):
         self._compiled = True
         self._expert_layer = torch.compile(expert_layer, dynamic=False)
         self._action_head = torch.compile(action_head, dynamic=False)
+        self._action_delta = torch.compile(action_delta, dynamic=False)
 
     _compiled = False
     _vision_layer = staticmethod(vision_layer)
     _prefix_layer = staticmethod(prefix_layer)
     _expert_layer = staticmethod(expert_layer)
     _action_head = staticmethod(action_head)
+    _action_delta = staticmethod(action_delta)
     _linear = staticmethod(linear)  # the projector's, called from `vision` directly
 
     @contextmanager
@@ -382,7 +414,7 @@ class FastModel(nn.Module):
         """For the `num_steps` schedule: per step and layer (1+scale, shift, gate) x 2 norms [S, L, 6, W];
         the final norm's (1+scale, shift) [S, 2, W]; and the action head with dt folded in (weight, bias)."""
         ref = self._ref
-        steps = euler_schedule(num_steps)
+        steps = euler_schedule(num_steps, ref.cfg.time_grid)
         t = torch.tensor([s[0] for s in steps], dtype=torch.float32, device=self.pos_embed.device)
         cond = ref.time_condition(t).to(ref.compute_dtype)  # [S, W], rounded as the reference rounds it
         per_layer = []
@@ -429,18 +461,58 @@ class FastModel(nn.Module):
         keys/values [1, 1, C + H, D]: the prefix's rows first (`n_valid` valid ones), the suffix's last H rows.
         """
         mods, final_mods, out_w, out_b = schedule
+        where = self.suffix_inputs(x_t, n_valid, keys)
+        for step in range(mods.shape[0]):
+            self.denoise_step(x_t, n_valid, keys, values, mods[step], final_mods[step], out_w, out_b, where=where)
+
+    def suffix_inputs(self, x_t: Tensor, n_valid: Tensor, keys: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """The suffix's RoPE tables and the key mask (valid prefix rows + the suffix's last H rows)."""
         horizon = x_t.shape[1]
         positions = n_valid + torch.arange(horizon, device=x_t.device)
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         total = keys[0].shape[2]
         idx = torch.arange(total, device=x_t.device)
         key_mask = ((idx < n_valid) | (idx >= total - horizon)).view(1, 1, 1, total)
-        for step in range(mods.shape[0]):
-            x = F.linear(x_t, self.action_in_w, self.action_in_b)
+        return self.rope_cos[positions], self.rope_sin[positions], key_mask
+
+    def denoise_step(self, x_t: Tensor, n_valid: Tensor, keys: list[Tensor], values: list[Tensor], mods: Tensor,
+                     final_mod: Tensor, out_w: Tensor, out_b: Tensor,
+                     where: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
+        """One Euler step in place on x_t: mods [L, 6, W] and final_mod [2, W] are this step's rows of the
+        schedule, out_w / out_b its dt-folded action head."""
+        cos, sin, key_mask = where or self.suffix_inputs(x_t, n_valid, keys)
+        x = F.linear(x_t, self.action_in_w, self.action_in_b)
+        for layer, block in enumerate(self.expert_blocks):
+            x = self._expert_layer(x, mods[layer], cos, sin, key_mask, keys[layer], values[layer],
+                                   *block.args(), self.attention)
+        self._action_head(x_t, x, final_mod, out_w, out_b, self.expert_eps)
+
+    def guided_step(self, x_t: Tensor, n_valid: Tensor, keys: list[Tensor], values: list[Tensor], mods: Tensor,
+                    final_mod: Tensor, out_w: Tensor, out_b: Tensor, t: Tensor | float, dt: Tensor | float,
+                    previous: Tensor, weights: Tensor, beta: Tensor | float,
+                    where: tuple[Tensor, Tensor, Tensor] | None = None, compiled: bool = True) -> None:
+        """One Euler step with real-time-chunking guidance, in place on x_t (engine/rtc.py has the math).
+
+        The step's increment dt * v comes from the same layers as `denoise_step`, differentiated with autograd
+        (the VJP through the expert; FP8 linears, which have no backward, pass it through their dequantized
+        weights). t, dt and beta may be device scalars (inside a CUDA graph they are data). `compiled=False` runs
+        the plain layer functions (where torch.compile cannot differentiate them).
+        """
+        cos, sin, key_mask = where or self.suffix_inputs(x_t, n_valid, keys)
+        layer_fn = self._expert_layer if compiled else expert_layer
+        delta_fn = self._action_delta if compiled else action_delta
+        with torch.enable_grad():
+            x_in = x_t.detach().requires_grad_(True)
+            x = F.linear(x_in, self.action_in_w, self.action_in_b)
             for layer, block in enumerate(self.expert_blocks):
-                x = self._expert_layer(x, mods[step, layer], cos, sin, key_mask, keys[layer], values[layer],
-                                       *block.args(), self.attention)
-            self._action_head(x_t, x, final_mods[step], out_w, out_b, self.expert_eps)
+                x = layer_fn(x, mods[layer], cos, sin, key_mask, keys[layer], values[layer], *block.args(),
+                             self.attention)
+            delta = delta_fn(x, final_mod, out_w, out_b, self.expert_eps)
+            clean = x_in - (t / dt) * delta  # x - t * v, v = delta / dt
+            err = weights * (previous - clean)
+            (g,) = torch.autograd.grad(clean, x_in, grad_outputs=err.detach())
+        weight = guidance_weight_tensor(torch.as_tensor(t, device=x_t.device), torch.as_tensor(beta, device=x_t.device))
+        # v - w g, times dt
+        x_t.add_(delta.detach() - dt * weight * g)
 
     def embed_text_rows(self, rows: Tensor, out: Tensor) -> None:
         """Token-table rows (gathered on the host) * sqrt(width) into the prefix slice `out`."""

@@ -7,8 +7,12 @@ allocated and the host does not wait on the GPU until the actions are needed.
 Graphs are captured lazily and kept:
 - vision: one per number of valid camera views;
 - prefill: one per (views, text tokens rounded up to a tile of `text_tile`);
-- denoise: one per (denoise steps, views) (the suffix's K/V sit after the longest prefix those views allow,
-  so the same graph serves every prompt length).
+- denoise: ONE graph of one Euler step per number of views, replayed once per step. The step's constants
+  (adaRMS modulation, the kernels' shift products) are data: a `StepTable` holds every step of the current
+  schedule in fixed buffers (sized for MAX_STEPS) and the graph copies step `index` of them before running it,
+  so a new step count captures nothing and costs only its schedule (a few ms; recent ones are kept, up to
+  SCHEDULE_CACHE_BYTES). The suffix's K/V sit after the longest prefix those views allow, so the same graph
+  serves every prompt length.
 The valid text length travels as data (a device scalar): attention masks and RoPE positions read it, so a
 prompt that grows by a few tokens replays the same graphs, and at most `text_tile - 1` padding tokens are
 computed. Stage times come from CUDA events recorded between the replays.
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -38,7 +43,9 @@ import torch
 from pi05_ros.engine.fast import kernels
 from pi05_ros.engine.fast.blocks import FastModel, prefix_capacity
 from pi05_ros.engine.fast.calibration import SYNTHETIC_COUNT, record_input_amax, synthetic_observations
-from pi05_ros.engine.reference import Pi05Model
+from pi05_ros.engine.preprocess import to_uint8
+from pi05_ros.engine.reference import Pi05Model, euler_schedule
+from pi05_ros.engine.rtc import Guidance
 from pi05_ros.engine.runner import PreparedObservation, run_rows
 
 if TYPE_CHECKING:
@@ -59,6 +66,10 @@ FP8_VISION_LAYERS: tuple[str, ...] = ("vision_blocks.*.fc1", "vision_blocks.*.fc
 
 
 EXPERT_KERNELS = ("auto", "on", "off")
+MAX_STEPS = 100  # the step table's capacity: Policy's limit (engine/policy.py MAX_DENOISE_STEPS)
+# Computed schedules kept for switching back (kernel path ~1.2 MB per step, torch path ~0.45 MB), least recently
+# used dropped first.
+SCHEDULE_CACHE_BYTES = 64 << 20
 
 
 def expert_kernels_measured(device: torch.device) -> bool:
@@ -88,6 +99,55 @@ class _Graph:
 
     def replay(self) -> None:
         self.graph.replay()
+
+
+class StepTable:
+    """The denoise loop's per-step constants in fixed device buffers, so that one CUDA graph of one Euler step
+    serves every step count.
+
+    A schedule is a tuple whose entries at PER_STEP have one row per step (the rest are per count, e.g. the
+    dt-folded action head). `load` (outside any graph, when the count changes) fills one flat float32 table, a
+    row per step; `select` (inside the step graph) copies row `index` into `current` (views of one flat buffer)
+    and advances `index`: two small kernels per step.
+    """
+
+    PER_STEP = (0, 1, 4, 5)  # mods, final mods [, the kernels' bias_qkv, bias_gu]
+
+    def __init__(self, schedule: tuple[torch.Tensor, ...], capacity: int,
+                 per_step: tuple[int, ...] = PER_STEP) -> None:
+        self.capacity = capacity
+        self.per_step = [i in per_step for i in range(len(schedule))]
+        if any(t.dtype != torch.float32 for t, step in zip(schedule, self.per_step, strict=True) if step):
+            raise ValueError("StepTable holds float32 per-step constants")
+        device = schedule[0].device
+        self.shapes = [t.shape[1:] if step else t.shape for t, step in zip(schedule, self.per_step, strict=True)]
+        sizes = [t[0].numel() if step else 0 for t, step in zip(schedule, self.per_step, strict=True)]
+        self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        self.table = torch.zeros(capacity, sum(sizes), device=device)
+        self._row = torch.zeros(1, sum(sizes), device=device)
+        self.current = [self._row[0, o:o + n].view(shape) if step else torch.zeros_like(t)
+                        for t, step, o, n, shape in zip(schedule, self.per_step, self.offsets, sizes, self.shapes,
+                                                        strict=True)]
+        self.index = torch.zeros(1, dtype=torch.int64, device=device)
+        self.holds: int | None = None  # the step count loaded
+
+    def fits(self, schedule: tuple[torch.Tensor, ...]) -> bool:
+        return len(schedule) == len(self.shapes) and schedule[0].shape[0] <= self.capacity and all(
+            (t.shape[1:] if step else t.shape) == shape
+            for t, step, shape in zip(schedule, self.per_step, self.shapes, strict=True))
+
+    def load(self, schedule: tuple[torch.Tensor, ...]) -> None:
+        steps = schedule[0].shape[0]
+        for t, step, offset, current in zip(schedule, self.per_step, self.offsets, self.current, strict=True):
+            if step:
+                self.table[:steps, offset:offset + current.numel()].copy_(t.reshape(steps, -1))
+            else:
+                current.copy_(t)
+        self.holds = steps
+
+    def select(self) -> None:
+        torch.index_select(self.table, 0, self.index, out=self._row)
+        self.index += 1
 
 
 class Pi05Pipeline:
@@ -149,7 +209,13 @@ class Pi05Pipeline:
         self._allocate(max_views)
         self._graphs: dict[tuple, _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle() if use_graphs else None
-        self._schedules: dict[tuple[int, str], tuple[torch.Tensor, ...]] = {}
+        self._schedules: OrderedDict[tuple[int, str], tuple[torch.Tensor, ...]] = OrderedDict()
+        self._tables: dict[str, StepTable] = {}
+        self._suffix_refresh: dict[tuple[int, str], Callable[[], None]] = {}
+        self._rtc_host: list[torch.Tensor] = []  # previous chunk, soft mask, beta (pinned), and their device twins
+        self._rtc_device: list[torch.Tensor] = []
+        self._rtc_mode = "compiled" if compile else "plain"  # -> "plain" layers -> "eager" (no graph) on failure
+        self._rtc_tried: set[tuple[int, str]] = set()
         self._events = [torch.cuda.Event(enable_timing=True) for _ in range(6)]
         torch.cuda.synchronize()
         self.setup_times["prepare_weights"] = self.fast.build_seconds + time.perf_counter() - start
@@ -231,12 +297,34 @@ class Pi05Pipeline:
         return dict(amax)
 
     def schedule(self, num_steps: int) -> tuple[torch.Tensor, ...]:
-        """The step schedule's constants for `num_steps`, with the fused kernels' extras when they run."""
+        """The step schedule's constants for `num_steps`, with the fused kernels' extras when they run; recent
+        ones stay computed up to SCHEDULE_CACHE_BYTES."""
         key = (num_steps, self.expert_path)
-        if key not in self._schedules:
-            schedule = self.fast.step_schedule(num_steps)
-            self._schedules[key] = self.expert_kernels.schedule(schedule) if self.expert_kernels else schedule
-        return self._schedules[key]
+        if key in self._schedules:
+            self._schedules.move_to_end(key)
+            return self._schedules[key]
+        schedule = self.fast.step_schedule(num_steps)
+        schedule = self.expert_kernels.schedule(schedule) if self.expert_kernels else schedule
+        self._schedules[key] = schedule
+
+        def size(entry: tuple[torch.Tensor, ...]) -> int:
+            return sum(t.numel() * t.element_size() for t in entry)
+
+        while len(self._schedules) > 1 and sum(size(e) for e in self._schedules.values()) > SCHEDULE_CACHE_BYTES:
+            self._schedules.popitem(last=False)
+        return schedule
+
+    def step_table(self, num_steps: int) -> StepTable:
+        """The current path's StepTable (room for MAX_STEPS: made once), holding `num_steps`'s schedule."""
+        if not 1 <= num_steps <= MAX_STEPS:
+            raise ValueError(f"num_steps must be within 1..{MAX_STEPS}, got {num_steps}")
+        schedule = self.schedule(num_steps)
+        table = self._tables.get(self.expert_path)
+        if table is None:
+            table = self._tables[self.expert_path] = StepTable(schedule, MAX_STEPS)
+        if table.holds != num_steps:
+            table.load(schedule)
+        return table
 
     # --- the three stages as closures over static buffers
 
@@ -271,19 +359,38 @@ class Pi05Pipeline:
         masked out."""
         return -(-(capacity + self.cfg.action_horizon) // 64) * 64
 
-    def _denoise_fn(self, num_steps: int, views: int) -> Callable[[], None]:
-        schedule = self.schedule(num_steps)
+    def _step_fn(self, views: int, table: StepTable) -> Callable[[], None]:
+        """One Euler step on d_x with the table's current row (graph-captured once per views and path)."""
         total = self._cache_rows(self._capacity(views))
         keys = [k[:, :, :total] for k in self.d_keys]
         values = [v[:, :, :total] for v in self.d_values]
+        if self.expert_kernels is not None:  # the kernels take positions and the key mask from n_valid
+            kernels = self.expert_kernels
 
-        loop = self.expert_kernels or self.fast
+            def run() -> None:
+                table.select()
+                kernels.denoise_step(self.d_x, self.d_n_valid, keys, values, *table.current)
 
-        def run() -> None:
-            self.d_x.copy_(self.d_noise)  # the noise buffer stays intact: warm-up and replays start alike
-            loop.denoise(self.d_x, self.d_n_valid, keys, values, schedule)
+            return run
+        where = self._suffix_buffers(views, "torch", keys)
 
-        return run
+        def step() -> None:
+            table.select()
+            self.fast.denoise_step(self.d_x, self.d_n_valid, keys, values, *table.current, where=where)
+
+        return step
+
+    def _suffix_buffers(self, views: int, kind: str, keys: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The torch path's RoPE rows and key mask depend on n_valid only: fixed buffers, refreshed once per
+        inference outside the step graph (`_suffix_refresh[(views, kind)]`), read by every step."""
+        where = tuple(t.clone() for t in self.fast.suffix_inputs(self.d_x, self.d_n_valid, keys))
+
+        def refresh() -> None:
+            for buffer, value in zip(where, self.fast.suffix_inputs(self.d_x, self.d_n_valid, keys), strict=True):
+                buffer.copy_(value)
+
+        self._suffix_refresh[(views, kind)] = refresh
+        return where
 
     def _stage(self, key: tuple, make: Callable[[], Callable[[], None]]) -> Callable[[], None]:
         if not self.use_graphs:
@@ -300,17 +407,118 @@ class Pi05Pipeline:
         return graph.replay
 
     def _denoise_stage(self, num_steps: int, views: int) -> Callable[[], None]:
-        key = ("denoise", num_steps, views, self.expert_path)
-        if self.expert_kernels is None:
-            return self._stage(key, lambda: self._denoise_fn(num_steps, views))
+        """All steps: the noise into d_x, the table's index to 0, then the step graph once per step."""
         try:
-            return self._stage(key, lambda: self._denoise_fn(num_steps, views))
+            step = self._step_stage(num_steps, views)
         except Exception as exc:  # a Triton build or launch failure on this GPU: keep serving on the torch path
+            if self.expert_kernels is None:
+                raise
             log.warning("the fused expert kernels failed on this GPU (%s: %s); the denoise loop runs on the torch "
                         "path from now on", type(exc).__name__, exc)
             self.expert_kernels = None
             torch.cuda.synchronize()
-            return self._stage(("denoise", num_steps, views, "torch"), lambda: self._denoise_fn(num_steps, views))
+            step = self._step_stage(num_steps, views)
+        table = self._tables[self.expert_path]
+        refresh = self._suffix_refresh.get((views, "torch")) if self.expert_kernels is None else None
+
+        def run() -> None:
+            self.d_x.copy_(self.d_noise)  # the noise buffer stays intact: warm-up and replays start alike
+            table.index.zero_()
+            if refresh is not None:
+                refresh()
+            for _ in range(num_steps):
+                step()
+
+        return run
+
+    def _step_stage(self, num_steps: int, views: int) -> Callable[[], None]:
+        table = self.step_table(num_steps)
+        key = ("denoise_step", views, self.expert_path)
+        return self._stage(key, lambda: self._step_fn(views, table))
+
+    # --- real-time chunking (engine/rtc.py): the torch path's layers with their VJP, one step graph
+
+    def _stage_guidance(self, guidance: Guidance) -> None:
+        """The previous chunk, the soft mask and beta into pinned staging (their device twins are copied in)."""
+        if not self._rtc_host:
+            cfg = self.cfg
+            shape = (1, cfg.action_horizon, cfg.action_dim)
+            self._rtc_host = [torch.zeros(shape, pin_memory=True), torch.zeros(shape, pin_memory=True),
+                              torch.zeros((), pin_memory=True)]
+            self._rtc_device = [t.to(self.device) for t in self._rtc_host]
+        previous, weights, beta = self._rtc_host
+        previous[0].numpy()[...] = guidance.previous
+        weights[0].numpy()[...] = guidance.weights
+        beta.fill_(guidance.beta)
+
+    def _rtc_stage(self, num_steps: int, views: int) -> Callable[[], None]:
+        """All guided steps: noise into d_x, the table's index to 0, then the guided step once per step.
+
+        The step runs the torch path's layers (the fused kernels have no backward) in one CUDA graph with the
+        backward pass inside; t, dt and beta are data. Where torch.compile cannot differentiate a layer or a
+        graph cannot hold the backward, it falls back (plain layer functions, then no graph) with a warning.
+        """
+        key = (num_steps, "rtc")
+        if key not in self._schedules:
+            steps = euler_schedule(num_steps, self.cfg.time_grid)
+            times = torch.tensor([[t] for t, _ in steps], dtype=torch.float32, device=self.device)
+            dt = torch.tensor([steps[0][1]], dtype=torch.float32, device=self.device)
+            self._schedules[key] = (*self.fast.step_schedule(num_steps), times, dt)
+        schedule = self._schedules[key]
+        table = self._tables.get("rtc")
+        if table is None:
+            table = self._tables["rtc"] = StepTable(schedule, MAX_STEPS, per_step=(0, 1, 4))
+        if table.holds != num_steps:
+            table.load(schedule)
+        while True:
+            try:
+                step = self._rtc_step(views, table)
+                break
+            except Exception as exc:  # torch.compile or graph capture could not take the backward pass
+                if self._rtc_mode == "eager":
+                    raise
+                fallback = "plain layers" if self._rtc_mode == "compiled" else "eager"
+                log.warning("RTC on the fast path (%s) failed (%s: %s); trying %s", self._rtc_mode,
+                            type(exc).__name__, exc, fallback)
+                self._rtc_mode = "plain" if self._rtc_mode == "compiled" else "eager"
+                self._graphs.pop(("rtc_step", views), None)
+                torch.cuda.synchronize()
+        refresh = self._suffix_refresh[(views, "rtc")]
+
+        def run() -> None:
+            self.d_x.copy_(self.d_noise)
+            table.index.zero_()
+            refresh()
+            for _ in range(num_steps):
+                step()
+
+        return run
+
+    def _rtc_step(self, views: int, table: StepTable) -> Callable[[], None]:
+        make = lambda: self._rtc_step_fn(views, table)  # noqa: E731
+        if self._rtc_mode != "eager" and self.use_graphs:
+            return self._stage(("rtc_step", views), make)  # its warm-up runs fail here if this mode cannot
+        fn = make()
+        if (views, self._rtc_mode) not in self._rtc_tried:
+            fn()  # once: fail here, where the next mode can still be tried, not inside the inference
+            self._rtc_tried.add((views, self._rtc_mode))
+        return fn
+
+    def _rtc_step_fn(self, views: int, table: StepTable) -> Callable[[], None]:
+        total = self._cache_rows(self._capacity(views))
+        keys = [k[:, :, :total] for k in self.d_keys]
+        values = [v[:, :, :total] for v in self.d_values]
+        where = self._suffix_buffers(views, "rtc", keys)
+        previous, weights, beta = self._rtc_device
+        compiled = self._rtc_mode == "compiled"
+
+        def step() -> None:
+            table.select()
+            mods, final, out_w, out_b, t, dt = table.current
+            self.fast.guided_step(self.d_x, self.d_n_valid, keys, values, mods, final, out_w, out_b, t, dt,
+                                  previous, weights, beta, where=where, compiled=compiled)
+
+        return step
 
     # --- Runner protocol
 
@@ -329,12 +537,16 @@ class Pi05Pipeline:
         np.take(self._table_bytes, ids, axis=0, out=self._h_text_bytes[: len(ids)])
         self._h_text_bytes[len(ids):text_len] = 0
         for i, image in enumerate(views):
-            self.h_images[i].numpy()[...] = image
+            # a float (LeRobot-resized) view is rounded to uint8 here: finer than the bf16 the vision tower runs in
+            self.h_images[i].numpy()[...] = to_uint8(image)
         self.h_noise[0].numpy()[...] = obs.noise
         self.h_n_valid.fill_(n_views * self.cfg.vision.num_patches + len(ids))
+        guided = obs.guidance is not None and obs.guidance.active
+        if guided:
+            self._stage_guidance(obs.guidance)
         vision = self._stage(("vision", n_views), lambda: self._vision_fn(n_views))
         prefill = self._stage(("prefill", n_views, text_len), lambda: self._prefill_fn(n_views, text_len))
-        denoise = self._denoise_stage(num_steps, n_views)
+        denoise = self._rtc_stage(num_steps, n_views) if guided else self._denoise_stage(num_steps, n_views)
         host_ms = (time.perf_counter() - host_start) * 1e3
         ev = self._events
         ev[0].record()
@@ -342,6 +554,9 @@ class Pi05Pipeline:
         self.d_text[:text_len].copy_(self.h_text[:text_len], non_blocking=True)
         self.d_noise.copy_(self.h_noise, non_blocking=True)
         self.d_n_valid.copy_(self.h_n_valid, non_blocking=True)
+        if guided:
+            for device, host in zip(self._rtc_device, self._rtc_host, strict=True):
+                device.copy_(host, non_blocking=True)
         ev[1].record()
         vision()
         ev[2].record()

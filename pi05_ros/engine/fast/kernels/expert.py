@@ -596,16 +596,23 @@ class ExpertKernels:
                 schedule: tuple[Tensor, ...]) -> None:
         """All Euler steps in place on x_t [1, H, action_dim]; `schedule` from `self.schedule(...)`."""
         mods, final_mods, out_w, out_b, bias_qkv, bias_gu = schedule
+        for step in range(mods.shape[0]):
+            self.denoise_step(x_t, n_valid, keys, values, mods[step], final_mods[step], out_w, out_b,
+                              bias_qkv[step], bias_gu[step])
+
+    def denoise_step(self, x_t: Tensor, n_valid: Tensor, keys: list[Tensor], values: list[Tensor], mods: Tensor,
+                     final_mod: Tensor, out_w: Tensor, out_b: Tensor, bias_qkv: Tensor, bias_gu: Tensor) -> None:
+        """One Euler step in place on x_t: this step's rows of the schedule (mods [L, 6, W], final_mod [2, W],
+        bias_qkv [L, Nqkv], bias_gu [L, 2*MLP]) and the dt-folded action head."""
         fast = self.fast
         depth = len(self.layers)
-        for step in range(mods.shape[0]):
-            x = torch.nn.functional.linear(x_t[0], fast.action_in_w, fast.action_in_b)
-            ssp = self.modulate(x, mods[step, 0, 0])
-            for i in range(depth):
-                next_mod = mods[step, i + 1, 0] if i + 1 < depth else None
-                ssp = self.layer(x, i, mods[step, i], next_mod, bias_qkv[step, i], bias_gu[step, i],
-                                 keys[i][0, 0], values[i][0, 0], n_valid, ssp)
-            fast._action_head(x_t, x[None], final_mods[step], out_w, out_b, fast.expert_eps)
+        x = torch.nn.functional.linear(x_t[0], fast.action_in_w, fast.action_in_b)
+        ssp = self.modulate(x, mods[0, 0])
+        for i in range(depth):
+            next_mod = mods[i + 1, 0] if i + 1 < depth else None
+            ssp = self.layer(x, i, mods[i], next_mod, bias_qkv[i], bias_gu[i], keys[i][0, 0], values[i][0, 0],
+                             n_valid, ssp)
+        fast._action_head(x_t, x[None], final_mod, out_w, out_b, fast.expert_eps)
 
 
 # ------------------------------------------------------------------------------------------------ torch definition

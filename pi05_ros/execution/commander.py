@@ -1,0 +1,398 @@
+"""What the node commands, in both execution modes, and when it holds or stops instead.
+
+Chunk mode (`execution: chunk`, for joint_trajectory_controller): each chunk becomes one trajectory stamped
+with t_obs, point k at time_from_start (k + 1) * dt, so JTC runs every point at its intended time
+(FACTS/ros_node.md: JTC keeps a past stamp and samples at `now`). Points due before now + `command_margin_s`
+are dropped (JTC would jump onto the trajectory at `now` instead of blending into its first point), and so are
+points due after t_obs + max_input_age_s + dt: no trajectory runs on stale data beyond that bound. At every
+control tick the commander checks the situation; when commanding must stop it publishes one hold (a one-point
+trajectory to the position the last trajectory commands now, stamp 0) with `on_stale: hold`, nothing with
+`stop` (JTC then ends the bounded trajectory and keeps its last point).
+
+Stream mode (`execution: stream`): chunks merge into the StreamQueue; every tick publishes one command (the
+target at the end of the coming period). A tick without a fresh queued command (none, or one whose
+observation is older than max_input_age_s + dt) holds: the last commanded position, zero velocity; with
+`stop` it publishes nothing (refused at startup for a velocity interface: forward_command_controller keeps
+its last velocity).
+
+Every command passes the joint limits (limits.py). Counters and timings for /diagnostics are in
+ExecutionStats. No ROS imports; the node calls `on_chunk` from the inference thread and `on_tick` from the
+control loop.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pi05_ros.execution.blend import BlendSettings
+from pi05_ros.execution.limits import ClipCounts, JointLimits, clip_positions, clip_velocities
+from pi05_ros.execution.loop import summarize
+from pi05_ros.execution.plan import NS_PER_S, PlannedChunk
+from pi05_ros.execution.queue import StreamQueue
+
+CHUNK, STREAM = "chunk", "stream"
+EXECUTION_MODES = (CHUNK, STREAM)
+TRAJECTORY, POSITION_INTERFACE, VELOCITY_INTERFACE = "trajectory", "position", "velocity"
+COMMAND_INTERFACES = (TRAJECTORY, POSITION_INTERFACE, VELOCITY_INTERFACE)
+HOLD, STOP = "hold", "stop"
+ON_STALE = (HOLD, STOP)
+# States shown on /diagnostics
+IDLE, WAITING, COMMANDING, HOLDING, STOPPED = "idle", "waiting for a chunk", "commanding", "holding", "stopped"
+WINDOW = 200  # timings and clip fractions over the last this many chunks / commands
+FREQUENT_CLIPPING = 0.1  # more than this fraction of recent commands clipped: WARN
+
+
+@dataclass(frozen=True)
+class Situation:
+    """What the node knows at one moment."""
+
+    now_ns: int  # ROS clock
+    commanding: bool  # lifecycle active and commands allowed (a demo model needs allow_demo_commands)
+    stop_reason: str | None = None  # why motion must stop now (stale input, failed inference, ...); None: go
+    measured: np.ndarray | None = None  # measured positions of the command joints (NaN: unknown)
+
+
+@dataclass(frozen=True)
+class ChunkTiming:
+    """When the chunk's observation was taken and used, for /diagnostics."""
+
+    started_ns: int  # ROS clock when its inference started
+    latency_s: float  # inference wall time
+
+
+@dataclass(frozen=True)
+class TrajectoryCommand:
+    stamp_ns: int  # header.stamp (0: start on arrival)
+    times_from_start_ns: tuple[int, ...]
+    positions: np.ndarray  # [points, joints]
+    hold: bool = False
+    first_action: int = -1  # index of the chunk action of the first point (-1 for a hold)
+
+
+@dataclass(frozen=True)
+class PointCommand:
+    tick_ns: int  # when it is published (header.stamp of a one-point trajectory)
+    target_ns: int  # the end of the period it commands (tick + period)
+    positions: np.ndarray  # [joints]
+    velocities: np.ndarray  # [joints]
+    hold: bool = False
+
+
+@dataclass(frozen=True)
+class ExecutionStatus:
+    mode: str
+    interface: str
+    on_stale: str
+    blend: str
+    state: str
+    reason: str | None
+    commands: int
+    holds: int
+    chunks: int
+    skipped_late_total: int
+    skipped_late_last: int | None
+    no_action_left: int  # chunks with no action inside the stale bound
+    starved_ticks: int  # stream: ticks with nothing queued
+    too_old_ticks: int  # stream: ticks whose queued command was too old
+    queue_length: int
+    clipped: ClipCounts
+    clipped_recent_fraction: float
+    obs_age_at_start_ms: dict[str, float]
+    latency_ms: dict[str, float]
+    obs_age_at_publish_ms: dict[str, float]
+    last: dict[str, float] = field(default_factory=dict)  # last values of the three timings
+
+    @property
+    def clipping_frequent(self) -> bool:
+        return self.clipped_recent_fraction > FREQUENT_CLIPPING
+
+
+class ExecutionStats:
+    """Counters of one commander; written by the inference and control threads, read by diagnostics."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.state = IDLE
+        self.reason: str | None = None
+        self.commands = self.holds = self.chunks = 0
+        self.skipped_late_total = 0
+        self.skipped_late_last: int | None = None
+        self.no_action_left = self.starved_ticks = self.too_old_ticks = 0
+        self.clipped = ClipCounts()
+        self.recent_clipped: deque[bool] = deque(maxlen=WINDOW)
+        self.ages_at_start: deque[float] = deque(maxlen=WINDOW)
+        self.latencies: deque[float] = deque(maxlen=WINDOW)
+        self.ages_at_publish: deque[float] = deque(maxlen=WINDOW)
+
+    def chunk_timing(self, timing: ChunkTiming, t_obs_ns: int, now_ns: int) -> None:
+        with self.lock:
+            self.chunks += 1
+            self.ages_at_start.append((timing.started_ns - t_obs_ns) / 1e6)
+            self.latencies.append(timing.latency_s * 1e3)
+            self.ages_at_publish.append((now_ns - t_obs_ns) / 1e6)
+
+    def clip(self, counts: ClipCounts) -> None:
+        with self.lock:
+            self.clipped.add(counts)
+            self.recent_clipped.extend([True] * counts.clipped_commands
+                                       + [False] * (counts.commands - counts.clipped_commands))
+
+
+def _stats(values: deque[float]) -> dict[str, float]:
+    return summarize(values)
+
+
+class Commander:
+    """What both modes share: limits, the last command, the counters, the state."""
+
+    mode = ""
+
+    def __init__(self, joints: tuple[str, ...], dt_ns: int, *, max_input_age_ns: int, on_stale: str,
+                 limits: JointLimits, interface: str) -> None:
+        self.joints = joints
+        self.dt_ns = dt_ns
+        self.dt_s = dt_ns / NS_PER_S
+        self.max_input_age_ns = max_input_age_ns
+        self.on_stale = on_stale
+        self.limits = limits
+        self.interface = interface
+        self.stats = ExecutionStats()
+        self._lock = threading.Lock()  # one decision at a time: a chunk and a tick never interleave
+        nan = np.full(len(joints), np.nan)
+        self.last_positions = nan.copy()  # last commanded
+        self.last_velocities = nan.copy()
+
+    @property
+    def blend_name(self) -> str:
+        return "n/a"
+
+    def _set_state(self, state: str, reason: str | None = None) -> None:
+        with self.stats.lock:
+            self.stats.state, self.stats.reason = state, reason
+
+    def _count(self, hold: bool) -> None:
+        with self.stats.lock:
+            self.stats.commands += 1
+            if hold:
+                self.stats.holds += 1
+
+    def _hold_position(self, measured: np.ndarray | None) -> np.ndarray:
+        """Where a hold holds: the last commanded position, else the measured one (NaN: unknown)."""
+        position = self.last_positions.copy()
+        if measured is not None:
+            unknown = ~np.isfinite(position)
+            position[unknown] = np.asarray(measured, dtype=np.float64)[unknown]
+        return position
+
+    def queue_length(self) -> int:
+        return 0
+
+    def status(self) -> ExecutionStatus:
+        s = self.stats
+        with s.lock:
+            last = {}
+            for key, values in (("obs_age_at_start_ms", s.ages_at_start), ("latency_ms", s.latencies),
+                                ("obs_age_at_publish_ms", s.ages_at_publish)):
+                if values:
+                    last[key] = values[-1]
+            recent = list(s.recent_clipped)
+            return ExecutionStatus(
+                mode=self.mode, interface=self.interface, on_stale=self.on_stale, blend=self.blend_name,
+                state=s.state, reason=s.reason, commands=s.commands, holds=s.holds, chunks=s.chunks,
+                skipped_late_total=s.skipped_late_total, skipped_late_last=s.skipped_late_last,
+                no_action_left=s.no_action_left, starved_ticks=s.starved_ticks, too_old_ticks=s.too_old_ticks,
+                queue_length=self.queue_length(), clipped=ClipCounts(**vars(s.clipped)),
+                clipped_recent_fraction=(sum(recent) / len(recent)) if recent else 0.0,
+                obs_age_at_start_ms=_stats(s.ages_at_start), latency_ms=_stats(s.latencies),
+                obs_age_at_publish_ms=_stats(s.ages_at_publish), last=last,
+            )
+
+
+class ChunkCommander(Commander):
+    """execution: chunk (see the module docstring)."""
+
+    mode = CHUNK
+
+    def __init__(self, joints: tuple[str, ...], dt_ns: int, *, max_input_age_ns: int, on_stale: str,
+                 limits: JointLimits, command_margin_ns: int) -> None:
+        super().__init__(joints, dt_ns, max_input_age_ns=max_input_age_ns, on_stale=on_stale, limits=limits,
+                         interface=TRAJECTORY)
+        self.command_margin_ns = command_margin_ns
+        # The last published trajectory in absolute times, to know what the controller is commanding now.
+        self._times: np.ndarray | None = None
+        self._positions: np.ndarray | None = None
+        self._held = False
+
+    def commanded_at(self, t_ns: int) -> np.ndarray | None:
+        """The position the last published trajectory commands at `t_ns` (held at its ends)."""
+        if self._times is None or self._positions is None:
+            return None
+        return np.array([np.interp(t_ns, self._times, self._positions[:, j]) for j in range(len(self.joints))])
+
+    def on_chunk(self, chunk: PlannedChunk, situation: Situation, timing: ChunkTiming) -> TrajectoryCommand | None:
+        now = situation.now_ns
+        with self._lock:
+            self.stats.chunk_timing(timing, chunk.t_obs_ns, now)
+            first = chunk.first_index_after(now + self.command_margin_ns)
+            last_allowed = chunk.t_obs_ns + self.max_input_age_ns + self.dt_ns
+            end = min(chunk.horizon, chunk.first_index_after(last_allowed))  # points due <= the bound
+            with self.stats.lock:
+                self.stats.skipped_late_total += first
+                self.stats.skipped_late_last = first
+            if not situation.commanding:
+                self._set_state(IDLE)
+                return None
+            if situation.stop_reason is not None:
+                return None  # on_tick holds (or stops); a chunk never overrides that
+            if not np.all(np.isfinite(chunk.positions)):
+                self._set_state(HOLDING if self.on_stale == HOLD else STOPPED, "the chunk has non-finite actions")
+                return None
+            if first >= end:
+                with self.stats.lock:
+                    self.stats.no_action_left += 1
+                return None
+            desired = chunk.positions[first:end]
+            previous = self.commanded_at(chunk.due_ns(first) - self.dt_ns)
+            if previous is None:
+                observed = chunk.positions[0] - chunk.velocities[0] * self.dt_s  # = the state at t_obs
+                previous = np.where(np.isfinite(self.last_positions), self.last_positions, observed)
+            positions, _, counts = clip_positions(desired, previous, np.full(len(self.joints), np.nan), self.limits,
+                                                  self.dt_s)
+            self.stats.clip(counts)
+            times = tuple(int(chunk.due_ns(k) - chunk.t_obs_ns) for k in range(first, end))
+            self._times = np.array([chunk.t_obs_ns + t for t in times], dtype=np.float64)
+            self._positions = positions
+            self.last_positions = positions[-1].copy()
+            self._held = False
+            self._set_state(COMMANDING)
+            self._count(hold=False)
+            return TrajectoryCommand(chunk.t_obs_ns, times, positions, hold=False, first_action=first)
+
+    def on_tick(self, situation: Situation) -> TrajectoryCommand | None:
+        with self._lock:
+            if not situation.commanding:
+                self._set_state(IDLE)
+                return None
+            if situation.stop_reason is None:
+                # Held, never commanded, or the bounded trajectory has ended (JTC keeps its last point).
+                if self._times is None or self._held or situation.now_ns > self._times[-1]:
+                    self._set_state(WAITING)
+                return None
+            if self._held:
+                return None
+            self._held = True
+            self._set_state(HOLDING if self.on_stale == HOLD else STOPPED, situation.stop_reason)
+            if self.on_stale == STOP:
+                return None
+            return self._hold(situation)
+
+    def hold_now(self, situation: Situation) -> TrajectoryCommand | None:
+        """One hold, whatever on_stale says (deactivate)."""
+        with self._lock:
+            self._held = True
+            return self._hold(situation)
+
+    def _hold(self, situation: Situation) -> TrajectoryCommand | None:
+        position = self.commanded_at(situation.now_ns)
+        if position is None:
+            return None  # nothing was ever commanded: the controller holds where it is
+        self._times = np.array([float(situation.now_ns)])
+        self._positions = position[None, :]
+        self.last_positions = position.copy()
+        self._count(hold=True)
+        return TrajectoryCommand(0, (self.dt_ns,), position[None, :], hold=True)
+
+
+class StreamCommander(Commander):
+    """execution: stream (see the module docstring)."""
+
+    mode = STREAM
+
+    def __init__(self, joints: tuple[str, ...], dt_ns: int, *, max_input_age_ns: int, on_stale: str,
+                 limits: JointLimits, interface: str, blend: BlendSettings) -> None:
+        super().__init__(joints, dt_ns, max_input_age_ns=max_input_age_ns, on_stale=on_stale, limits=limits,
+                         interface=interface)
+        self.queue = StreamQueue(dt_ns, len(joints))
+        self.blend = blend
+
+    @property
+    def blend_name(self) -> str:
+        return self.blend.strategy
+
+    def set_blend(self, blend: BlendSettings) -> None:
+        self.blend = blend
+
+    def queue_length(self) -> int:
+        return len(self.queue)
+
+    def on_chunk(self, chunk: PlannedChunk, situation: Situation, timing: ChunkTiming) -> None:
+        now = situation.now_ns
+        self.stats.chunk_timing(timing, chunk.t_obs_ns, now)
+        if not np.all(np.isfinite(chunk.positions)) or not np.all(np.isfinite(chunk.velocities)):
+            self._set_state(HOLDING if self.on_stale == HOLD else STOPPED, "the chunk has non-finite actions")
+            return
+        report = self.queue.merge(chunk, self.queue.next_target(now), self.blend)
+        with self.stats.lock:
+            self.stats.skipped_late_total += report.skipped_late
+            self.stats.skipped_late_last = report.skipped_late
+
+    def on_tick(self, tick_ns: int, situation: Situation) -> PointCommand | None:
+        target_ns = tick_ns + self.dt_ns
+        with self._lock:
+            queued = self.queue.pop(target_ns // self.dt_ns)
+            if not situation.commanding:
+                self._set_state(IDLE)
+                return None
+            reason = situation.stop_reason
+            if reason is None and queued is None:
+                with self.stats.lock:
+                    self.stats.starved_ticks += 1
+                if not np.isfinite(self.last_positions).any():
+                    self._set_state(WAITING)
+                    return None
+                reason = "no queued command (chunks come slower than they run out)"
+            if reason is None and queued is not None:
+                age = target_ns - queued.t_obs_ns
+                if age > self.max_input_age_ns + self.dt_ns:
+                    with self.stats.lock:
+                        self.stats.too_old_ticks += 1
+                    reason = (f"the queued command is {age / 1e9:.2f} s past its observation, more than "
+                              "max_input_age_s + action_dt")
+            if reason is not None:
+                self._set_state(HOLDING if self.on_stale == HOLD else STOPPED, reason)
+                if self.on_stale == STOP:
+                    return None
+                return self._hold(tick_ns, target_ns, situation.measured)
+            assert queued is not None
+            self._set_state(COMMANDING)
+            if self.interface == VELOCITY_INTERFACE:
+                estimate = situation.measured if situation.measured is not None else self.last_positions
+                velocities, positions, counts = clip_velocities(queued.velocities[None, :], estimate,
+                                                                self.last_velocities, self.limits, self.dt_s)
+            else:
+                previous = self._hold_position(situation.measured)
+                positions, velocities, counts = clip_positions(queued.positions[None, :], previous,
+                                                               self.last_velocities, self.limits, self.dt_s)
+            self.stats.clip(counts)
+            self.last_positions, self.last_velocities = positions[0].copy(), velocities[0].copy()
+            self._count(hold=False)
+            return PointCommand(tick_ns, target_ns, positions[0], velocities[0])
+
+    def hold_now(self, tick_ns: int, situation: Situation) -> PointCommand | None:
+        """One hold, whatever on_stale says (deactivate)."""
+        with self._lock:
+            self.queue.clear()
+            return self._hold(tick_ns, tick_ns + self.dt_ns, situation.measured)
+
+    def _hold(self, tick_ns: int, target_ns: int, measured: np.ndarray | None) -> PointCommand | None:
+        position = self._hold_position(measured)
+        if self.interface != VELOCITY_INTERFACE and not np.all(np.isfinite(position)):
+            return None  # nowhere known to hold: publish nothing
+        self.last_positions = position
+        self.last_velocities = np.zeros(len(self.joints))
+        self._count(hold=True)
+        return PointCommand(tick_ns, target_ns, position, np.zeros(len(self.joints)), hold=True)

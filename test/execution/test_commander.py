@@ -1,0 +1,182 @@
+"""Chunk mode and stream mode decisions: stamped, bounded trajectories; one command per tick through the queue;
+limits applied; hold or stop when inputs go stale; velocity interfaces; the control loop's period."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from pi05_ros.execution.blend import BlendSettings
+from pi05_ros.execution.commander import (
+    ChunkCommander,
+    ChunkTiming,
+    Situation,
+    StreamCommander,
+)
+from pi05_ros.execution.limits import JointLimit, JointLimits
+from pi05_ros.execution.loop import ControlLoop
+from pi05_ros.execution.plan import PlannedChunk
+
+MS = 1_000_000
+DT = 50 * MS
+NAMES = ("a", "b")
+TIMING = ChunkTiming(0, 0.05)
+
+
+def planned(t_obs_ns: int, positions, velocities=None, sequence: int = 0) -> PlannedChunk:
+    positions = np.asarray(positions, dtype=np.float64)
+    velocities = np.zeros_like(positions) if velocities is None else np.asarray(velocities, dtype=np.float64)
+    return PlannedChunk(t_obs_ns, DT, positions, velocities, positions.copy(), sequence)
+
+
+def chunk_commander(**kwargs) -> ChunkCommander:
+    options = {"max_input_age_ns": 500 * MS, "on_stale": "hold", "limits": JointLimits.none(NAMES),
+               "command_margin_ns": 10 * MS, **kwargs}
+    return ChunkCommander(NAMES, DT, **options)
+
+
+def ramp(horizon: int = 50) -> np.ndarray:
+    return np.stack([np.arange(horizon) * 0.01, np.arange(horizon) * -0.02], axis=1)
+
+
+def test_chunk_trajectory_is_stamped_t_obs_starts_at_the_first_due_action_and_ends_at_the_stale_bound() -> None:
+    commander = chunk_commander()
+    t_obs = 10_000 * MS
+    command = commander.on_chunk(planned(t_obs, ramp()), Situation(t_obs + 300 * MS, True), TIMING)
+    assert command is not None and command.stamp_ns == t_obs and not command.hold
+    # action 5 is due now (0.3 s), action 6 at now + 50 ms > now + margin: the first point is action 6
+    assert command.first_action == 6 and command.times_from_start_ns[0] == 7 * DT
+    # the last point is due by t_obs + max_input_age_s + dt = 0.55 s: action 10 (0.55 s), not 11
+    assert command.times_from_start_ns[-1] == 11 * DT and len(command.times_from_start_ns) == 5
+    np.testing.assert_array_equal(command.positions, ramp()[6:11])
+    status = commander.status()
+    assert status.skipped_late_last == 6 and status.obs_age_at_publish_ms["max"] == pytest.approx(300.0)
+
+
+def test_chunk_with_nothing_left_inside_the_bound_publishes_nothing() -> None:
+    commander = chunk_commander()
+    assert commander.on_chunk(planned(0, ramp()), Situation(560 * MS, True), TIMING) is None
+    assert commander.status().no_action_left == 1
+
+
+def test_chunk_stale_input_holds_once_at_the_commanded_position_now() -> None:
+    commander = chunk_commander()
+    commander.on_chunk(planned(0, ramp()), Situation(60 * MS, True), TIMING)  # points at 0.1 .. 0.55 s
+    assert commander.on_tick(Situation(100 * MS, True)) is None  # all good: JTC runs the trajectory
+    hold = commander.on_tick(Situation(200 * MS, True, "input stale"))
+    assert hold is not None and hold.hold and hold.stamp_ns == 0 and hold.times_from_start_ns == (DT,)
+    np.testing.assert_allclose(hold.positions[0], ramp()[3])  # action 3 is due at 0.2 s
+    assert commander.on_tick(Situation(250 * MS, True, "input stale")) is None  # one hold is enough for JTC
+    assert commander.status().state == "holding" and commander.status().reason == "input stale"
+    # a chunk that finishes during the hold does not move the robot
+    assert commander.on_chunk(planned(100 * MS, ramp()), Situation(260 * MS, True, "input stale"), TIMING) is None
+
+
+def test_chunk_stop_publishes_nothing_and_demo_or_inactive_never_commands() -> None:
+    commander = chunk_commander(on_stale="stop")
+    commander.on_chunk(planned(0, ramp()), Situation(60 * MS, True), TIMING)
+    assert commander.on_tick(Situation(200 * MS, True, "input stale")) is None
+    assert commander.status().state == "stopped"
+    idle = chunk_commander()
+    assert idle.on_chunk(planned(0, ramp()), Situation(60 * MS, False), TIMING) is None
+    assert idle.on_tick(Situation(100 * MS, False, "input stale")) is None and idle.status().commands == 0
+
+
+def test_chunk_limits_clip_from_the_previous_command() -> None:
+    limits = JointLimits.of(NAMES, {"a": JointLimit(max_position=0.08), "b": JointLimit(max_velocity=0.2)})
+    commander = chunk_commander(limits=limits)
+    command = commander.on_chunk(planned(0, ramp()), Situation(0, True), TIMING)
+    assert command is not None and command.first_action == 0
+    assert command.positions[:, 0].max() == 0.08
+    # joint b wants -0.02 per period (0.4 rad/s) from 0; 0.2 rad/s allows -0.01 per period
+    np.testing.assert_allclose(command.positions[:4, 1], [0.0, -0.01, -0.02, -0.03], atol=1e-12)
+    status = commander.status()
+    assert status.clipped.position > 0 and status.clipped.velocity > 0 and status.clipping_frequent
+
+
+def stream_commander(**kwargs) -> StreamCommander:
+    options = {"max_input_age_ns": 500 * MS, "on_stale": "hold", "limits": JointLimits.none(NAMES),
+               "interface": "position", "blend": BlendSettings(), **kwargs}
+    return StreamCommander(NAMES, DT, **options)
+
+
+def test_stream_publishes_the_queued_action_for_the_end_of_each_period() -> None:
+    commander = stream_commander()
+    actions = ramp(20)
+    commander.on_chunk(planned(1_000 * MS, actions), Situation(1_110 * MS, True), TIMING)
+    # next tick 1.15 s commands target 1.2 s = action 3 (due 1.0 + 0.2 s)
+    assert commander.status().skipped_late_last == 3  # due 1.05, 1.10, 1.15 s: their periods end by 1.15 s
+    for tick, k in ((1_150, 3), (1_200, 4), (1_250, 5)):
+        command = commander.on_tick(tick * MS, Situation(tick * MS, True))
+        assert command is not None and command.target_ns == tick * MS + DT and not command.hold
+        np.testing.assert_array_equal(command.positions, actions[k])
+
+
+def test_stream_holds_last_commanded_position_when_stale_or_starved_and_velocity_interface_sends_zeros() -> None:
+    commander = stream_commander()
+    commander.on_chunk(planned(0, ramp(4)), Situation(0, True), TIMING)  # targets 1..4; the tick at 0 is past
+    last = commander.on_tick(DT, Situation(DT, True))  # target 2
+    held = commander.on_tick(2 * DT, Situation(2 * DT, True, "'base_image' is stale"))
+    assert held.hold and np.array_equal(held.positions, last.positions) and not held.velocities.any()
+    assert commander.status().reason == "'base_image' is stale"
+    assert not commander.on_tick(3 * DT, Situation(3 * DT, True)).hold  # target 4, fresh again
+    starved = commander.on_tick(4 * DT, Situation(4 * DT, True))  # the chunk ran out
+    assert starved.hold and commander.status().starved_ticks == 1
+    velocity = stream_commander(interface="velocity")
+    velocity.on_chunk(planned(0, ramp(4), np.ones((4, 2))), Situation(0, True), TIMING)
+    assert velocity.on_tick(DT, Situation(DT, True, None, np.zeros(2))).velocities.tolist() == [1.0, 1.0]
+    assert velocity.on_tick(2 * DT, Situation(2 * DT, True, "stale")).velocities.tolist() == [0.0, 0.0]
+
+
+def test_stream_refuses_commands_older_than_the_stale_bound() -> None:
+    commander = stream_commander(max_input_age_ns=100 * MS)
+    commander.on_chunk(planned(0, ramp(20)), Situation(-1, True), TIMING)
+    ok = commander.on_tick(50 * MS, Situation(50 * MS, True))  # target 0.1 s: 0.1 s after t_obs, <= 0.15
+    assert ok is not None and not ok.hold
+    held = commander.on_tick(100 * MS, Situation(100 * MS, True))  # target 0.15: allowed (0.1 + 0.05)
+    assert not held.hold
+    too_old = commander.on_tick(150 * MS, Situation(150 * MS, True))  # target 0.2 s > 0.15 s
+    assert too_old.hold and commander.status().too_old_ticks == 1
+
+
+def test_stream_stop_publishes_nothing_and_blend_changes_at_run_time() -> None:
+    commander = stream_commander(on_stale="stop")
+    commander.on_chunk(planned(0, ramp()), Situation(0, True), TIMING)
+    assert commander.on_tick(DT, Situation(DT, True, "stale")) is None
+    commander.set_blend(BlendSettings("crossfade"))
+    assert commander.status().blend == "crossfade"
+
+
+def test_control_loop_ticks_on_the_clock_grid_and_counts_missed_ticks() -> None:
+    ticks: list[int] = []
+    period = 20 * MS
+    loop = ControlLoop(time.monotonic_ns, period, ticks.append)
+    loop.start()
+    time.sleep(0.5)
+    assert loop.stop()
+    assert all(t % period == 0 for t in ticks)
+    assert np.all(np.diff(ticks) >= period) and len(ticks) >= 10  # 25 expected; a loaded CI machine may lose some
+    stats = loop.stats()
+    assert stats.ticks == len(ticks) and stats.lateness_ms["p50"] < period / MS
+
+
+def test_control_loop_waits_for_a_clock_and_survives_a_failing_tick() -> None:
+    clock = {"now": 0}
+    calls = threading.Event()
+
+    def tick(_: int) -> None:
+        calls.set()
+        raise RuntimeError("boom")
+
+    loop = ControlLoop(lambda: clock["now"], 10 * MS, tick)
+    loop.start()
+    time.sleep(0.05)
+    assert not calls.is_set()  # sim time before /clock: no ticks
+    clock["now"] = 1_000 * MS
+    assert calls.wait(1.0)
+    clock["now"] = 1_100 * MS  # ten periods later: one tick, nine missed
+    time.sleep(0.1)
+    assert loop.stop() and loop.stats().missed >= 9
