@@ -66,6 +66,7 @@ class RemotePolicy:
         self.action_space = ActionSpace(tuple(space["kinds"]), bool(space["joint_space"]),
                                         tuple(space["state_index"]) if space.get("state_index") else None)
         self.image_keys: tuple[str, ...] = tuple(meta["image_keys"])
+        self.camera_names: dict[str, str] = dict(meta["camera_names"])  # camera name -> model slot
         self.state_dim: int = int(meta["state_dim"])
         self.action_dof: int = int(meta["action_dof"])
         self.action_horizon: int = int(meta["action_horizon"])
@@ -84,6 +85,14 @@ class RemotePolicy:
 
     def describe(self) -> str:
         return f"{self.metadata['model']}, served at {self.url}"
+
+    def describe_conventions(self) -> list[str]:
+        """The server policy's conventions, one line each (Policy.describe_conventions)."""
+        return list(self.metadata["conventions"])
+
+    def slot_for(self, camera: str) -> str | None:
+        """The model slot a camera name feeds, or None when the served model has no such camera."""
+        return self.camera_names.get(camera)
 
     def stage_stats(self) -> dict[str, dict[str, float]]:
         return self._stats.summary()

@@ -11,8 +11,8 @@ space then apply exactly as in `Policy.infer`. Built in:
 - `aloha`: `images` = {`cam_high` -> base, `cam_left_wrist`, `cam_right_wrist` -> the wrists; `cam_low`
   ignored}, channels-first 3xHxW; state = `state` (14); any subset of the cameras; the prompt may come from the
   server's default prompt.
-- `pi05_ros`: this package's own layout (what `RemotePolicy` sends): `images` = {model slot -> HxWx3}, `state`,
-  `prompt`.
+- `pi05_ros`: this package's own layout (what `RemotePolicy` sends): `images` = {camera name -> HxWx3}, any names
+  `Policy.infer` takes (the model slots, or a LeRobot checkpoint's camera names), `state`, `prompt`.
 
 A custom robot's layout is a JSON file (`pi05-serve --robot my_robot.json`, see `load_layout`). Every layout also
 takes the request options `noise_seed`, `noise` and `num_steps` (`OPTION_KEYS`).
@@ -57,7 +57,7 @@ def seeded_noise(seed: int, horizon: int, action_dim: int) -> np.ndarray:
 class Request:
     """One observation taken off the wire, in `Policy.infer`'s terms."""
 
-    images: dict[str, np.ndarray]  # model slot -> uint8 HxWx3
+    images: dict[str, np.ndarray]  # model slot (or a camera name the policy maps to one) -> uint8 HxWx3
     state: np.ndarray  # float32 [state dim]
     prompt: str
     noise: np.ndarray | None = None
@@ -77,6 +77,8 @@ class ObservationLayout:
     channels_first: bool = False  # images arrive 3xHxW (openpi's ALOHA clients)
     ignored: tuple[Key, ...] = ()  # keys a client sends that the model does not use
     description: str = ""
+    # instead of `images`: the key of a map camera name -> image, any names the policy takes (checked by it)
+    camera_map: Key | None = None
     _tree: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -84,9 +86,10 @@ class ObservationLayout:
         if unknown:
             raise InputError(f"layout {self.name!r} maps images to unknown model slot(s) {unknown}; "
                              f"the slots are {list(IMAGE_KEYS)}")
-        if not self.images or not self.state:
-            raise InputError(f"layout {self.name!r} needs at least one image key and one state key")
-        keys = [*self.images.values(), *self.state, self.prompt, *self.ignored, *((k,) for k in OPTION_KEYS)]
+        if bool(self.images) == bool(self.camera_map) or not self.state:
+            raise InputError(f"layout {self.name!r} needs image keys (or else a camera map) and a state key")
+        keys = [*self.images.values(), *([self.camera_map] if self.camera_map else []), *self.state, self.prompt,
+                *self.ignored, *((k,) for k in OPTION_KEYS)]
         tree: dict = {}
         for key in keys:
             if not key or not all(isinstance(part, str) and part for part in key):
@@ -111,7 +114,9 @@ class ObservationLayout:
 
     def describe(self) -> dict[str, Any]:
         """The layout for the connection's metadata frame: what a client must send."""
-        return {"name": self.name, "images": {slot: key_name(k) for slot, k in self.images.items()},
+        images = ({slot: key_name(k) for slot, k in self.images.items()} if self.camera_map is None
+                  else f"{key_name(self.camera_map)}: a map of camera name -> image")
+        return {"name": self.name, "images": images,
                 "state": [key_name(k) for k in self.state], "prompt": key_name(self.prompt),
                 "all_images_required": self.all_images_required, "channels_first": self.channels_first,
                 "ignored": [key_name(k) for k in self.ignored], "options": list(OPTION_KEYS)}
@@ -127,8 +132,15 @@ class ObservationLayout:
             raise InputError(f"unexpected key(s) {unexpected} for layout {self.name!r}; it takes "
                              f"{self._accepted()}")
         self._check_missing(message, default_prompt)
-        images = {slot: self._image(_lookup(message, key), key) for slot, key in self.images.items()
-                  if _lookup(message, key) is not None}
+        if self.camera_map is not None:
+            cameras = _lookup(message, self.camera_map)
+            if not isinstance(cameras, dict):
+                raise InputError(f"{key_name(self.camera_map)} must be a map of camera name -> image, got "
+                                 f"{_what(cameras)}")
+            images = {str(name): self._image(image, (*self.camera_map, str(name))) for name, image in cameras.items()}
+        else:
+            images = {slot: self._image(_lookup(message, key), key) for slot, key in self.images.items()
+                      if _lookup(message, key) is not None}
         state = np.concatenate([self._state_part(message, key) for key in self.state])
         return Request(images, state, self._prompt(message, default_prompt), *self._options(message))
 
@@ -136,7 +148,10 @@ class ObservationLayout:
         """Every missing key in one message, before any value is looked at."""
         present = [key for key in self.images.values() if _lookup(message, key) is not None]
         problems = []
-        if not present or (self.all_images_required and len(present) < len(self.images)):
+        if self.camera_map is not None:
+            if not _lookup(message, self.camera_map):
+                problems.append(f"camera images: {key_name(self.camera_map)!r} (a map of camera name -> image)")
+        elif not present or (self.all_images_required and len(present) < len(self.images)):
             what = "every one of" if self.all_images_required else "at least one of"
             missing = [key_name(k) for k in self.images.values() if k not in present]
             problems.append(f"image key(s) {missing} (it needs {what} {[key_name(k) for k in self.images.values()]})")
@@ -160,7 +175,8 @@ class ObservationLayout:
                 yield from self._unexpected(value, tree[name], (*path, name))
 
     def _accepted(self) -> str:
-        images = [key_name(k) for k in self.images.values()]
+        images = ([key_name(k) for k in self.images.values()] if self.camera_map is None
+                  else f"{key_name(self.camera_map)!r} (camera name -> image)")
         state = [key_name(k) for k in self.state]
         return (f"images {images}, state {state}, prompt {key_name(self.prompt)!r}"
                 + (f", ignored {[key_name(k) for k in self.ignored]}" if self.ignored else "")
@@ -271,12 +287,12 @@ ALOHA = ObservationLayout(
 )
 
 
-def native_layout(image_keys: Iterable[str] = IMAGE_KEYS) -> ObservationLayout:
-    """This package's own layout (RemotePolicy's): images keyed by the model's camera slots."""
+def native_layout() -> ObservationLayout:
+    """This package's own layout (RemotePolicy's): a map of camera name -> image, as `Policy.infer` takes it."""
     return ObservationLayout(
-        "pi05_ros", images={slot: ("images", slot) for slot in image_keys}, state=(("state",),),
-        all_images_required=False,
-        description="pi05_ros's own layout: images by model slot (HxWx3), state, prompt",
+        "pi05_ros", images={}, camera_map=("images",), state=(("state",),), all_images_required=False,
+        description="pi05_ros's own layout: images by camera name (the model's slots, or the checkpoint's names), "
+                    "state, prompt",
     )
 
 

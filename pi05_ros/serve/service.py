@@ -145,6 +145,8 @@ class PolicyService:
             "precision": policy.precision,
             "device": policy.device,
             "image_keys": list(policy.image_keys),
+            "camera_names": dict(policy.camera_names),  # every camera name the model takes -> its slot
+            "conventions": list(policy.describe_conventions()),
             "state_dim": policy.state_dim,
             "action_dof": policy.action_dof,
             "action_horizon": policy.action_horizon,

@@ -50,6 +50,9 @@ def test_the_same_chunks_as_local_inference(remote: RemotePolicy, local_policy: 
 
 def test_the_model_facts_come_from_the_server(remote: RemotePolicy, local_policy: OneThreadPolicy) -> None:
     assert remote.image_keys == local_policy.image_keys
+    assert remote.camera_names == local_policy.camera_names and remote.slot_for("base_0_rgb") == "base_0_rgb"
+    assert remote.slot_for("top_camera") is None
+    assert remote.describe_conventions() == local_policy.describe_conventions()
     assert (remote.state_dim, remote.action_dof, remote.action_horizon) == (8, 8, 10)
     assert remote.precision == "fp32" and not remote.is_demo
     assert remote.url.endswith("/pi05_ros") and "served at ws://" in remote.describe()

@@ -133,4 +133,15 @@ def test_unknown_layouts_and_slots_the_model_lacks() -> None:
     with pytest.raises(InputError, match="unknown robot layout 'franka'; choose one of droid, libero, aloha, pi05_ros"):
         resolve_layout("franka")
     with pytest.raises(InputError, match=r"feeds camera slot\(s\) \['right_wrist_0_rgb'\]"):
-        native_layout().check_model(("base_0_rgb", "left_wrist_0_rgb"))
+        ALOHA.check_model(("base_0_rgb", "left_wrist_0_rgb"))
+
+
+def test_our_own_layout_passes_any_camera_name_to_the_policy() -> None:
+    image = np.zeros((8, 8, 3), np.uint8)
+    request = native_layout().parse({"images": {"base_0_rgb": image, "observation.images.wrist": image},
+                                     "state": [0.0], "prompt": "wave"})
+    assert set(request.images) == {"base_0_rgb", "observation.images.wrist"}  # Policy.prepare maps the names
+    with pytest.raises(InputError, match=r"missing camera images: 'images'"):
+        native_layout().parse({"images": {}, "state": [0.0], "prompt": "wave"})
+    with pytest.raises(InputError, match=r"images.wrist: expected uint8 pixels"):
+        native_layout().parse({"images": {"wrist": image.astype(np.float32)}, "state": [0.0], "prompt": "wave"})
