@@ -149,7 +149,8 @@ def wait_for(condition: Callable[[], bool], timeout_s: float = 60.0) -> bool:
 
 
 def test_clients_that_leave_mid_request(server: ServerProcess) -> None:
-    requests = server.stats().get("requests", 0)
+    """Whether the server still reads a request sent just before the client left is a race; what must hold is that
+    it cleans up after each of them, answers nobody wrongly and serves the next client."""
     with client(server) as ws:  # a clean close right after sending
         ws.send(GOOD)
     raw = RawClient(server.host, server.port)  # a dropped socket right after sending, no close frame
@@ -160,8 +161,7 @@ def test_clients_that_leave_mid_request(server: ServerProcess) -> None:
     data = b"".join(half.protocol.data_to_send())
     half.sock.sendall(data[: len(data) // 2])
     half.close()
-    assert wait_for(lambda: server.stats().get("requests", 0) >= requests + 2)
-    assert wait_for(lambda: server.stats()["connections_open"] == 0)
+    assert wait_for(lambda: server.stats()["connections_open"] == 0 and server.stats()["pending"] == 0)
     answer(server)
     assert server.alive()
 
