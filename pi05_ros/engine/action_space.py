@@ -96,6 +96,14 @@ class ActionSpace:
         out[:, cols] += np.asarray(state, dtype=np.float32)[index]
         return out
 
+    def from_robot(self, actions: np.ndarray, state: np.ndarray) -> np.ndarray:
+        """The inverse of `to_robot`: the state subtracted from delta columns (positions back to deltas)."""
+        cols, index = self.delta_columns()
+        out = np.array(actions, dtype=np.float32, copy=True)
+        if len(cols):
+            out[:, cols] -= np.asarray(state, dtype=np.float32)[index]
+        return out
+
     def describe(self) -> str:
         if len(set(self.kinds)) == 1:
             text = f"{self.dof} x {self.kinds[0]}"

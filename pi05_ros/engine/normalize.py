@@ -95,6 +95,10 @@ class NormStats:
     def unnormalize_actions(self, actions: np.ndarray) -> np.ndarray:
         return _apply(actions, self.actions, self.action_mode, self.convention, self.eps, inverse=True)
 
+    def normalize_actions(self, actions: np.ndarray) -> np.ndarray:
+        """Robot-unit actions back to the model's units (real-time chunking's previous chunk)."""
+        return _apply(actions, self.actions, self.action_mode, self.convention, self.eps, inverse=False)
+
     def describe(self) -> str:
         eps = ("openpi formulas, +1e-6" if self.convention == OPENPI
                else f"LeRobot formulas, eps {self.eps:g} on std / zero ranges only")

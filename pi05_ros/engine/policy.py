@@ -39,6 +39,8 @@ from pi05_ros.engine.normalize import NormStats, resolve_norm_stats
 from pi05_ros.engine.preprocess import resize_with_pad, validate_image
 from pi05_ros.engine.recordings import load_observations, recording_files
 from pi05_ros.engine.reference import Pi05Model
+from pi05_ros.engine.rtc import SCHEDULES as RTC_SCHEDULES
+from pi05_ros.engine.rtc import Guidance, RtcRequest
 from pi05_ros.engine.runner import ActionChunk, PreparedObservation, ReferenceRunner, Runner
 from pi05_ros.engine.timing import StageStats
 from pi05_ros.engine.tokenizer import PromptTokenizer
@@ -131,6 +133,7 @@ class RawObservation:
     state: np.ndarray
     prompt: str
     noise: np.ndarray | None = None  # [horizon, action_dim]; None: drawn from the policy's seeded generator
+    rtc: RtcRequest | None = None  # real-time chunking toward the previous chunk (as in infer)
 
 
 class Policy:
@@ -333,8 +336,9 @@ class Policy:
     # --- inference
 
     def prepare(self, images: Mapping[str, np.ndarray], state: np.ndarray, prompt: str,
-                noise: np.ndarray | None = None) -> PreparedObservation:
-        """Validate and convert one observation into model units (host only)."""
+                noise: np.ndarray | None = None, rtc: RtcRequest | None = None) -> PreparedObservation:
+        """Validate and convert one observation into model units (host only); `rtc` guides the new chunk toward
+        the previous one (real-time chunking, engine/rtc.py)."""
         if not images:
             raise InputError(f"no camera image given; provide at least one of {list(self.image_keys)}")
         by_slot: dict[str, np.ndarray] = {}
@@ -366,7 +370,32 @@ class Policy:
         noise = np.asarray(noise, dtype=np.float32)
         if noise.shape != shape:
             raise InputError(f"noise must have shape {shape}, got {noise.shape}")
-        return PreparedObservation(prepared, tokens, mask, noise)
+        guidance = self.rtc_guidance(rtc, state) if rtc is not None else None
+        return PreparedObservation(prepared, tokens, mask, noise, guidance)
+
+    def rtc_guidance(self, request: RtcRequest, state: np.ndarray) -> Guidance:
+        """The previous chunk in the model's units (the action-space step undone against this observation's
+        state, then normalized), padded to the horizon, with its soft mask."""
+        previous = np.asarray(request.previous, dtype=np.float32)
+        if previous.ndim != 2 or previous.shape[1] != self.action_dof:
+            raise InputError(f"the previous chunk must be [actions, {self.action_dof}], got {previous.shape}")
+        if not np.all(np.isfinite(previous)):
+            raise InputError("the previous chunk has NaN/inf values; pass the actions the robot is running")
+        if request.delay < 0 or request.beta < 0 or request.start < 0:
+            raise InputError(f"rtc delay ({request.delay}), beta ({request.beta}) and start ({request.start}) must "
+                             "be >= 0")
+        if request.schedule not in RTC_SCHEDULES:
+            raise InputError(f"unknown rtc schedule {request.schedule!r}; choose one of {', '.join(RTC_SCHEDULES)}")
+        horizon, dim = self.config.action_horizon, self.config.action_dim
+        start = min(request.start, horizon)
+        rows = min(len(previous), horizon - start)
+        model = self.norm_stats.normalize_actions(self.action_space.from_robot(previous[:rows], state))
+        padded = np.zeros((horizon, dim), np.float32)
+        padded[start:start + rows, : self.action_dof] = model
+        end = start + rows if request.end is None else min(request.end, start + rows)
+        guidance = Guidance.build(padded, request.delay, end, request.beta, request.schedule, columns=self.action_dof)
+        guidance.weights[:start] = 0.0  # run before this inference started: nothing left to agree with
+        return guidance
 
     def _camera_aliases(self) -> str:
         aliases = sorted(name for name, slot in self.conventions.camera_names.items() if name != slot)
@@ -386,11 +415,15 @@ class Policy:
         return len(self.tokenizer.encode(prompt, self.prompt_state(state)))
 
     def infer(self, images: Mapping[str, np.ndarray], state: np.ndarray, prompt: str, num_steps: int = 10,
-              noise: np.ndarray | None = None) -> ActionChunk:
-        """Actions for one observation. Raises InputError for input the model cannot use."""
+              noise: np.ndarray | None = None, rtc: RtcRequest | None = None) -> ActionChunk:
+        """Actions for one observation. Raises InputError for input the model cannot use.
+
+        `rtc` (engine/rtc.py RtcRequest): real-time chunking, the new chunk denoised to agree with the previous
+        chunk's actions that will still run; beta 0 is plain inference.
+        """
         check_num_steps(num_steps)
         start = time.perf_counter()
-        obs = self.prepare(images, state, prompt, noise)
+        obs = self.prepare(images, state, prompt, noise, rtc)
         timings = {"preprocess": (time.perf_counter() - start) * 1e3}
         normalized, run_timings = self.runner.run(obs, num_steps)
         timings.update(run_timings)
@@ -420,7 +453,7 @@ class Policy:
         for row, obs in enumerate(observations):
             start = time.perf_counter()
             try:
-                prepared.append(self.prepare(obs.images, obs.state, obs.prompt, obs.noise))
+                prepared.append(self.prepare(obs.images, obs.state, obs.prompt, obs.noise, obs.rtc))
             except InputError as exc:
                 raise InputError(f"observation {row}: {exc}") from exc
             preprocess_ms.append((time.perf_counter() - start) * 1e3)

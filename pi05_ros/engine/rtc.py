@@ -73,6 +73,26 @@ def guidance_weight_tensor(t: Tensor, beta: Tensor) -> Tensor:
     return torch.minimum(ratio, beta)
 
 
+@dataclass(frozen=True)
+class RtcRequest:
+    """What a caller of `Policy.infer` asks for, in robot terms.
+
+    `previous` [n, dof]: the previous chunk's actions still to come, as the robot runs them (positions for
+    position and delta columns, velocities for velocity columns), row j = the new chunk's action start + j
+    (action i is due at the new observation's stamp + (i + 1) action periods; the actions before `start` have
+    already run and are not guided); `delay`: how many of the new chunk's actions will be due before it can
+    arrive (the inference's latency in actions); `end`: the new chunk's action where the soft mask reaches 0
+    (default: start + n).
+    """
+
+    previous: np.ndarray
+    delay: int
+    beta: float = 5.0
+    end: int | None = None
+    schedule: str = "exp"
+    start: int = 0
+
+
 @dataclass
 class Guidance:
     """What RTC needs for one inference, in model units: `previous` [H, A] and `weights` [H, A] (the soft mask

@@ -9,7 +9,9 @@ j = 0, 1, ... counting the targets from the first one the new chunk covers:
 - temporal_ensemble (ACT): sum_i e^(-m i) a_i / sum_i e^(-m i) over every prediction a_i made for that target,
   i = 0 the oldest; m > 0 favours older predictions, m < 0 newer ones, m = 0 is the plain mean.
 A target only the new chunk covers takes its value; queued targets after the new chunk's last one are dropped.
-`rtc` (issue 8) will join as a strategy whose chunk already agrees with the queue. No ROS imports.
+- rtc: the new chunk was denoised to agree with the queued actions (real-time chunking, execution/rtc.py and
+  engine/rtc.py), so it merges as replace.
+No ROS imports.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import numpy as np
 
 REPLACE, CROSSFADE = "replace", "crossfade"
 WEIGHTED_AVERAGE, TEMPORAL_ENSEMBLE = "weighted_average", "temporal_ensemble"
-BLEND_STRATEGIES = (REPLACE, CROSSFADE, WEIGHTED_AVERAGE, TEMPORAL_ENSEMBLE)
+RTC = "rtc"
+BLEND_STRATEGIES = (REPLACE, CROSSFADE, WEIGHTED_AVERAGE, TEMPORAL_ENSEMBLE, RTC)
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,7 @@ def blend(settings: BlendSettings, old: Blended | None, new: np.ndarray, j: int)
         total = (old.weighted_sum if old.weighted_sum is not None else old.value * old.weight_sum) + w * new
         weight = old.weight_sum + w
         return Blended(total / weight, old.predictions + 1, total, weight)
-    if old is None or strategy == REPLACE:
+    if old is None or strategy in (REPLACE, RTC):
         return Blended(new.copy())
     if strategy == CROSSFADE:
         w = crossfade_weight(j, settings.crossfade_actions)

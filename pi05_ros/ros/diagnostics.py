@@ -49,6 +49,7 @@ class CommandFacts:
     loop: LoopStats | None  # the control loop's, None while it does not run
     commands_off: str | None = None  # why no command is published at all (a demo model without permission)
     configure_error: str | None = None  # why the last configure failed
+    rtc: tuple[int, int, float | None] | None = None  # blend rtc: (delay, overlap) of the last request, latency s
 
 
 def build_status(
@@ -180,6 +181,12 @@ def _stat_values(key: str, stats: dict[str, float], last: float | None) -> list[
     return out
 
 
+def _rtc_values(rtc: tuple[int, int, float | None]) -> list[tuple[str, str]]:
+    delay, overlap, latency = rtc
+    return [("rtc.delay_actions", str(delay)), ("rtc.overlap_actions", str(overlap)),
+            ("rtc.latency_estimate_ms", _optional(None if latency is None else latency * 1e3, "{:.1f}"))]
+
+
 def _command_values(commands: CommandFacts) -> list[tuple[str, str]]:
     values = [("lifecycle_state", commands.lifecycle_state),
               ("execution.commands_enabled", "false" if commands.commands_off else "true")]
@@ -192,6 +199,7 @@ def _command_values(commands: CommandFacts) -> list[tuple[str, str]]:
             ("execution.state", status.state), ("execution.reason", status.reason or ""),
             ("execution.chunks", str(status.chunks)), ("execution.commands", str(status.commands)),
             ("execution.holds", str(status.holds)),
+            *(_rtc_values(commands.rtc) if commands.rtc is not None else ()),
             ("execution.actions_skipped_late", str(status.skipped_late_total)),
             ("execution.actions_skipped_late_last", _optional(status.skipped_late_last)),
             ("execution.chunks_without_action_in_bound", str(status.no_action_left)),

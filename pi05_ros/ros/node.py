@@ -41,7 +41,7 @@ from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import Float64MultiArray, String
 from trajectory_msgs.msg import JointTrajectory
 
-from pi05_ros.execution.blend import BlendSettings
+from pi05_ros.execution.blend import RTC, BlendSettings
 from pi05_ros.execution.commander import (
     CHUNK,
     TRAJECTORY,
@@ -56,6 +56,7 @@ from pi05_ros.execution.commander import (
 from pi05_ros.execution.limits import JointLimit, JointLimits
 from pi05_ros.execution.loop import ControlLoop
 from pi05_ros.execution.plan import CommandColumns, ExecutionConfigError, command_columns, plan_chunk, seconds_to_ns
+from pi05_ros.execution.rtc import LatencyEstimate, committed_actions, delay_actions
 from pi05_ros.execution.urdf import limits_from_urdf
 from pi05_ros.msg import ActionChunk as ActionChunkMsg
 from pi05_ros.ros.conversions import (
@@ -132,6 +133,8 @@ class PolicyNode(LifecycleNode):
         self._active = False
         self._configure_error: str | None = None
         self._command_lock = threading.Lock()  # a decision and its publication are one step
+        self._latency = LatencyEstimate()  # blend rtc: the delay estimate in actions comes from it
+        self._rtc_last: tuple[int, int] | None = None  # (delay, overlap) of the last RTC request
         self._logged_state: tuple[str, str | None] = ("", None)
         self._chunk_pub: Any = None
         self._trajectory_pub: Any = None
@@ -265,7 +268,7 @@ class PolicyNode(LifecycleNode):
             worker = InferenceWorker(
                 self._load_policy, self.inputs, self.config.cameras, lambda: self._runtime, self._publish_chunk,
                 max_input_age_s=self.config.max_input_age_s, trigger_camera=self.config.trigger_camera,
-                warmup=self.config.warmup, clock_ns=self.now_ns,
+                warmup=self.config.warmup, clock_ns=self.now_ns, guidance=self._rtc_request,
             )
             self.worker = worker
             worker.start()
@@ -514,6 +517,7 @@ class PolicyNode(LifecycleNode):
     def _publish_chunk(self, chunk: ActionChunk, observation: Observation, latency_s: float,
                        settings: RuntimeSettings, started_ns: int) -> None:
         """Called by the inference thread; rclpy publishers are safe to use from it."""
+        self._latency.add(latency_s)
         with self._command_lock:
             if self._chunk_pub is not None:
                 self._chunk_pub.publish(action_chunk_message(
@@ -573,12 +577,36 @@ class PolicyNode(LifecycleNode):
     def _commander_joints(self) -> tuple[str, ...]:
         return self._columns.names if self._columns is not None else ()
 
+    def _rtc_request(self, observation: Observation, settings: RuntimeSettings, started_ns: int) -> Any:
+        """blend rtc in stream mode: the queued actions the new chunk must agree with, and how many of them run
+        before it can arrive (execution/rtc.py); None otherwise (plain inference)."""
+        commander = self._commander
+        if settings.blend != RTC or settings.rtc_beta <= 0 or not isinstance(commander, StreamCommander):
+            return None
+        from pi05_ros.engine.rtc import RtcRequest
+
+        worker = self.worker
+        horizon = worker.policy.action_horizon if worker is not None and worker.policy is not None else 0
+        start, rows = committed_actions(commander.queue.pending(0), observation.stamp_ns, self._dt_ns, horizon)
+        if settings.rtc_overlap:
+            rows = rows[: settings.rtc_overlap]
+        if not len(rows):
+            return None  # nothing queued yet: the first chunk is plain
+        arrival_ns = started_ns + int((self._latency.value() or 0.0) * 1e9)
+        delay = delay_actions(observation.stamp_ns, commander.queue.next_target(arrival_ns), self._dt_ns)
+        self._rtc_last = (delay, len(rows))
+        return RtcRequest(rows, delay=delay, beta=settings.rtc_beta, schedule=settings.rtc_schedule, start=start)
+
     def publish_diagnostics(self) -> None:
         trigger = self.config.trigger_camera
         worker, commander, loop = self.worker, self._commander, self._loop
         execution = commander.status() if commander is not None else None
+        rtc = None
+        if self._runtime.blend == RTC and isinstance(commander, StreamCommander):
+            delay, overlap = self._rtc_last or (0, 0)
+            rtc = (delay, overlap, self._latency.value())
         facts = CommandFacts(self.lifecycle_state, execution, loop.stats() if loop is not None else None,
-                             self._commands_off(), self._configure_error)
+                             self._commands_off(), self._configure_error, rtc)
         status = build_status(
             f"{self.get_fully_qualified_name()}: policy",
             worker.status() if worker is not None else WorkerStatus.without_worker(), self.inputs.states(),

@@ -161,9 +161,10 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               float_range=(0.0, 10.0)),
     ParamSpec("robot_description", "", "URDF (the string robot_state_publisher takes) to read the command "
               "joints' position and velocity limits from; joint_limits.<joint>.* parameters override it.", _S),
-    ParamSpec("blend", "replace", "Stream mode hand-over of a new chunk: replace, crossfade, weighted_average or "
-              "temporal_ensemble (docs/ros_node.md, which strategy when). Takes effect on the next chunk.", _S,
-              dynamic=True, choices=("replace", "crossfade", "weighted_average", "temporal_ensemble")),
+    ParamSpec("blend", "replace", "Stream mode hand-over of a new chunk: replace, crossfade, weighted_average, "
+              "temporal_ensemble or rtc (real-time chunking: each chunk denoised to agree with the queued actions; "
+              "docs/ros_node.md, which strategy when). Takes effect on the next chunk.", _S,
+              dynamic=True, choices=("replace", "crossfade", "weighted_average", "temporal_ensemble", "rtc")),
     ParamSpec("crossfade_actions", 5, "blend crossfade: actions over which the new chunk fades in linearly.", _I,
               dynamic=True, int_range=(0, 1000)),
     ParamSpec("weighted_average_new_weight", 0.7, "blend weighted_average: weight of the new chunk's action (the "
@@ -171,6 +172,14 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("temporal_ensemble_decay", 0.01, "blend temporal_ensemble: m in the weights exp(-m i), i = 0 the "
               "oldest prediction (ACT's 0.01; negative favours newer ones).", _F, dynamic=True,
               float_range=(-10.0, 10.0)),
+    # --- real-time chunking (issue 8): blend rtc
+    ParamSpec("rtc_beta", 5.0, "blend rtc: the guidance weight's clip beta (Kinetix's default 5; 0 = plain "
+              "inference, merged as replace).", _F, dynamic=True, float_range=(0.0, 100.0)),
+    ParamSpec("rtc_overlap", 0, "blend rtc: most queued actions the new chunk is made to agree with (the soft "
+              "mask ends there); 0: every queued action it overlaps.", _I, dynamic=True, int_range=(0, 1000)),
+    ParamSpec("rtc_schedule", "exp", "blend rtc: how the soft mask decays after the actions that run during the "
+              "inference: exp, linear, ones (no decay) or zeros (only those).", _S, dynamic=True,
+              choices=("exp", "linear", "ones", "zeros")),
 )
 
 LIMIT_FIELDS = ("min_position", "max_position", "max_velocity", "max_acceleration")
@@ -274,6 +283,9 @@ def declare_parameters(node: Node) -> NodeConfig:
         crossfade_actions=values["crossfade_actions"],
         weighted_average_new_weight=values["weighted_average_new_weight"],
         temporal_ensemble_decay=values["temporal_ensemble_decay"],
+        rtc_beta=values["rtc_beta"],
+        rtc_overlap=values["rtc_overlap"],
+        rtc_schedule=values["rtc_schedule"],
     )
     execution = _execution_params(values)
     return NodeConfig(
@@ -360,7 +372,7 @@ def validate_runtime_value(name: str, value: Any) -> str | None:
 def updated_runtime(current: RuntimeSettings, changes: Sequence[Parameter]) -> RuntimeSettings:
     """`current` with the run-time parameters in `changes` applied (others are ignored)."""
     updates = {p.name: p.value for p in changes if p.name in DYNAMIC_PARAMETERS}
-    for name in ("rate_hz", "weighted_average_new_weight", "temporal_ensemble_decay"):
+    for name in ("rate_hz", "weighted_average_new_weight", "temporal_ensemble_decay", "rtc_beta"):
         if name in updates:
             updates[name] = float(updates[name])
     return RuntimeSettings(**{**current.__dict__, **updates})

@@ -30,6 +30,10 @@ class RuntimeSettings:
     crossfade_actions: int = 5
     weighted_average_new_weight: float = 0.7
     temporal_ensemble_decay: float = 0.01
+    # --- real-time chunking (issue 8): blend rtc (execution/rtc.py, engine/rtc.py)
+    rtc_beta: float = 5.0
+    rtc_overlap: int = 0
+    rtc_schedule: str = "exp"
 
 
 @dataclass(frozen=True)

@@ -170,6 +170,8 @@ class WorkerCounters:
 
 # chunk, its observation, inference wall time (s), the settings it ran with, clock (ns) when it started
 PublishFn = Callable[["ActionChunk", Observation, float, "RuntimeSettings", int], None]
+# (observation, settings, inference start ns) -> the engine's RtcRequest for this inference, or None
+GuidanceFn = Callable[[Observation, "RuntimeSettings", int], Any]
 
 
 class InferenceWorker:
@@ -187,8 +189,10 @@ class InferenceWorker:
         trigger_camera: str = "",
         warmup: int = 0,
         clock_ns: Callable[[], int] = time.monotonic_ns,
+        guidance: GuidanceFn | None = None,
     ) -> None:
         self._load_policy = load_policy
+        self._guidance = guidance  # real-time chunking: what the new chunk must agree with (node, blend rtc)
         self._cameras = cameras
         self._runtime = runtime
         self._publish = publish
@@ -339,8 +343,9 @@ class InferenceWorker:
         assert self.policy is not None
         start = time.perf_counter()
         try:
+            rtc = self._guidance(observation, settings, started_ns) if self._guidance else None
             chunk = self.policy.infer(observation.images, observation.state, observation.prompt,
-                                      settings.denoise_steps)
+                                      settings.denoise_steps, **({"rtc": rtc} if rtc is not None else {}))
         except InputError as exc:
             self._counters.failed_inference(Problem(Level.ERROR, ProblemCode.BAD_INPUT, f"bad input: {exc}"))
             return

@@ -100,3 +100,19 @@ def test_a_bad_row_is_named(policy: Policy, mixed_rows: list[RawObservation]) ->
         policy.infer_batch([], 2)
     with pytest.raises(InputError, match="num_steps"):
         policy.infer_batch(mixed_rows, 0)
+
+
+def test_rows_with_real_time_chunking_equal_their_single_inferences(policy: Policy,
+                                                                  mixed_rows: list[RawObservation]) -> None:
+    """RTC rows batch together when they share a beta (one guided batch); rows guided otherwise run one by one."""
+    from pi05_ros.engine.rtc import RtcRequest
+
+    previous = [policy.infer(row.images, row.state, row.prompt, 3, noise=row.noise).actions for row in mixed_rows[:3]]
+    for betas in ((5.0, 5.0, 5.0), (5.0, 0.0, 2.0)):
+        rows = [RawObservation(r.images, r.state, r.prompt, r.noise, RtcRequest(p + 0.1, delay=2, beta=beta))
+                for r, p, beta in zip(mixed_rows[:3], previous, betas, strict=True)]
+        batch = policy.infer_batch(rows, 3)
+        for row, chunk in zip(rows, batch, strict=True):
+            one = policy.infer(row.images, row.state, row.prompt, 3, noise=row.noise, rtc=row.rtc)
+            np.testing.assert_allclose(chunk.actions, one.actions, rtol=RTOL_F32, atol=ATOL_F32)
+        assert not np.allclose(batch[0].actions, previous[0])  # the guidance did act: not the plain chunk

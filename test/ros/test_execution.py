@@ -4,7 +4,7 @@
   now, at action_dt 0.05, gives a trajectory stamped with it whose first point is action 6; untrusted stamps
   follow the documented rule and are reported;
 - stream mode: Float64MultiArray commands at 1/action_dt, joint limits clip exactly, stale input holds within
-  one control period (measured), the hand-over changes at run time;
+  one control period (measured), the hand-over changes at run time (real-time chunking included);
 - the lifecycle: each transition does what it says, an invalid one is refused without harm.
 ros2_control cannot be installed here (no wheels): the controller side is checked against its documented
 behaviour (joint_trajectory_controller keeps a past header.stamp and runs point i at stamp + time_from_start;
@@ -166,10 +166,22 @@ def test_stream_mode_commands_at_the_control_rate_clip_and_hold_within_a_period(
                         15.0), "commands did not resume"
 
         assert driver.set_parameter("blend", "crossfade").successful
-        assert not driver.set_parameter("blend", "rtc").successful
+        assert not driver.set_parameter("blend", "average").successful
         status = driver.wait_for_status(time.monotonic(), 5.0,
                                         lambda s: status_values(s).get("execution.blend") == "crossfade")
         assert status is not None
+
+        # Real-time chunking: each chunk is denoised to agree with the queued actions; the delay estimate (the
+        # inference's latency in actions) and the overlap it agreed with are on /diagnostics.
+        assert driver.set_parameter("blend", "rtc").successful
+        status = driver.wait_for_status(time.monotonic(), 10.0, lambda s: int(status_values(s).get(
+            "rtc.overlap_actions", "0")) > 0)
+        assert status is not None, "no RTC request reported"
+        values = status_values(status)
+        assert values["execution.blend"] == "rtc" and int(values["rtc.delay_actions"]) >= 1
+        assert float(values["rtc.latency_estimate_ms"]) > 0
+        since = time.monotonic()
+        assert wait_for(lambda: len(driver.commands_since(since)) >= 20, 5.0), "commands stopped under rtc"
     finally:
         node.stop()
 

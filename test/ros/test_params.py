@@ -85,7 +85,7 @@ def test_installed_config_is_the_source_one() -> None:
 def test_every_parameter_has_a_description_and_dynamic_ones_are_the_documented_ones() -> None:
     assert DYNAMIC_PARAMETERS == {"denoise_steps", "rate_hz", "default_instruction", "publish_joint_trajectory",
                                   "blend", "crossfade_actions", "weighted_average_new_weight",
-                                  "temporal_ensemble_decay"}
+                                  "temporal_ensemble_decay", "rtc_beta", "rtc_overlap", "rtc_schedule"}
     for spec in PARAMETERS:
         assert len(spec.description) > 20, spec.name
 
@@ -162,7 +162,9 @@ def test_bad_startup_parameters_raise_config_error(make_node, args: list[str], e
         ("rate_hz", "fast", "must be of type float"),
         ("publish_joint_trajectory", 1, "must be of type bool"),
         ("checkpoint", "/x", "cannot change at run time"),
-        ("blend", "rtc", "not one of replace, crossfade, weighted_average, temporal_ensemble"),
+        ("blend", "average", "not one of replace, crossfade, weighted_average, temporal_ensemble, rtc"),
+        ("rtc_beta", -1.0, r"out of range; use a value in \[0.0, 100.0\]"),
+        ("rtc_schedule", "cosine", "not one of exp, linear, ones, zeros"),
         ("weighted_average_new_weight", 1.5, r"out of range; use a value in \[0.0, 1.0\]"),
         ("crossfade_actions", -1, "out of range"),
         ("execution", "stream", "cannot change at run time"),
