@@ -29,6 +29,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from pi05_ros.engine.action_space import ActionSpace
 from pi05_ros.engine.errors import InputError, Pi05Error
+from pi05_ros.engine.rtc import RtcRequest
 from pi05_ros.engine.runner import ActionChunk
 from pi05_ros.engine.timing import StageStats
 from pi05_ros.serve.wire import WireError, pack, unpack
@@ -136,14 +137,18 @@ class RemotePolicy:
     # --- inference
 
     def infer(self, images: Mapping[str, np.ndarray], state: np.ndarray, prompt: str, num_steps: int = 10,
-              noise: np.ndarray | None = None) -> ActionChunk:
+              noise: np.ndarray | None = None, rtc: RtcRequest | None = None) -> ActionChunk:
         """Actions for one observation, from the server. InputError for input the server's model cannot use,
-        RemotePolicyError when the server cannot be reached or fails."""
+        RemotePolicyError when the server cannot be reached or fails. `rtc`: real-time chunking, as in
+        Policy.infer (the previous chunk travels with the request)."""
         start = time.perf_counter()
         state = np.asarray(state, dtype=np.float32)
         request: dict[str, Any] = {"images": dict(images), "state": state, "prompt": prompt, "num_steps": num_steps}
         if noise is not None:
             request["noise"] = np.asarray(noise, dtype=np.float32)
+        if rtc is not None:
+            request["rtc"] = {"previous": np.asarray(rtc.previous, dtype=np.float32), "delay": rtc.delay,
+                              "beta": rtc.beta, "end": rtc.end, "schedule": rtc.schedule, "start": rtc.start}
         try:
             frame = pack(request)
         except (TypeError, WireError) as exc:

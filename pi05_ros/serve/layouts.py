@@ -15,7 +15,8 @@ space then apply exactly as in `Policy.infer`. Built in:
   `Policy.infer` takes (the model slots, or a LeRobot checkpoint's camera names), `state`, `prompt`.
 
 A custom robot's layout is a JSON file (`pi05-serve --robot my_robot.json`, see `load_layout`). Every layout also
-takes the request options `noise_seed`, `noise` and `num_steps` (`OPTION_KEYS`).
+takes the request options `noise_seed`, `noise`, `num_steps` and `rtc` (`OPTION_KEYS`; `rtc` is a map of
+engine/rtc.py's RtcRequest fields: previous, delay, beta, end, schedule, start).
 
 openpi's per-robot data transforms beyond key mapping (ALOHA's joint flips and gripper conversion, for instance)
 belong to the checkpoint, not to the wire: a layout does not do them.
@@ -35,11 +36,15 @@ from pi05_ros.engine.config import IMAGE_KEYS
 from pi05_ros.engine.errors import InputError
 from pi05_ros.engine.policy import MAX_DENOISE_STEPS
 from pi05_ros.engine.preprocess import validate_image
+from pi05_ros.engine.rtc import RtcRequest
 
 Key = tuple[str, ...]  # a path into nested maps: ("observation/image",) or ("images", "cam_high")
 
-NOISE_SEED, NOISE, NUM_STEPS = "noise_seed", "noise", "num_steps"
-OPTION_KEYS: tuple[str, ...] = (NOISE_SEED, NOISE, NUM_STEPS)
+NOISE_SEED, NOISE, NUM_STEPS, RTC = "noise_seed", "noise", "num_steps", "rtc"
+OPTION_KEYS: tuple[str, ...] = (NOISE_SEED, NOISE, NUM_STEPS, RTC)
+# rtc: real-time chunking as Policy.infer(rtc=RtcRequest(...)) takes it; the policy checks the values
+RTC_FIELDS = {"previous": "a float array [actions, action dof]", "delay": "an integer", "beta": "a number",
+              "end": "an integer", "schedule": "a string", "start": "an integer"}
 
 
 def key_name(key: Key) -> str:
@@ -63,6 +68,7 @@ class Request:
     noise: np.ndarray | None = None
     noise_seed: int | None = None
     num_steps: int | None = None
+    rtc: RtcRequest | None = None
 
 
 @dataclass(frozen=True)
@@ -223,7 +229,7 @@ class ObservationLayout:
             raise InputError(f"{key_name(self.prompt)}: the task prompt is empty; send the task instruction")
         return value
 
-    def _options(self, message: dict) -> tuple[np.ndarray | None, int | None, int | None]:
+    def _options(self, message: dict) -> tuple[np.ndarray | None, int | None, int | None, RtcRequest | None]:
         noise = message.get(NOISE)
         if noise is not None and not (isinstance(noise, np.ndarray) and noise.dtype.kind == "f"):
             raise InputError(f"{NOISE}: expected a float array [horizon, action_dim], got {_what(noise)}")
@@ -231,7 +237,37 @@ class ObservationLayout:
         if noise is not None and seed is not None:
             raise InputError(f"give either {NOISE} or {NOISE_SEED}, not both")
         steps = _integer(message.get(NUM_STEPS), NUM_STEPS, 1, MAX_DENOISE_STEPS)
-        return noise, seed, steps
+        return noise, seed, steps, _rtc(message.get(RTC))
+
+
+def _rtc(value: Any) -> RtcRequest | None:
+    """The `rtc` option as an RtcRequest; the types here, the values in Policy.prepare."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise InputError(f"{RTC}: expected a map of {sorted(RTC_FIELDS)}, got {_what(value)}")
+    unknown = sorted(set(map(str, value)) - set(RTC_FIELDS))
+    missing = sorted({"previous", "delay"} - set(value))
+    if unknown or missing:
+        raise InputError(f"{RTC}: unknown field(s) {unknown} or missing {missing}; it takes {sorted(RTC_FIELDS)} "
+                         "(previous and delay required)")
+    previous = value["previous"]
+    if not (isinstance(previous, np.ndarray) and previous.dtype.kind in "fiu"):
+        raise InputError(f"{RTC}.previous: expected {RTC_FIELDS['previous']}, got {_what(previous)}")
+    fields: dict[str, Any] = {"previous": previous.astype(np.float32)}
+    for name in ("delay", "end", "start"):
+        if value.get(name) is not None:
+            fields[name] = _integer(value[name], f"{RTC}.{name}", 0, 2**31 - 1)
+    if "beta" in value:
+        beta = value["beta"]
+        if isinstance(beta, bool) or not isinstance(beta, int | float | np.number):
+            raise InputError(f"{RTC}.beta: expected a number, got {_what(beta)}")
+        fields["beta"] = float(beta)
+    if "schedule" in value:
+        if not isinstance(value["schedule"], str):
+            raise InputError(f"{RTC}.schedule: expected a string, got {_what(value['schedule'])}")
+        fields["schedule"] = value["schedule"]
+    return RtcRequest(**fields)
 
 
 def _what(value: Any) -> str:

@@ -266,7 +266,7 @@ class PolicyService:
 
     def _prepare(self, request: Request, noise: np.ndarray) -> tuple[PreparedObservation, float]:
         start = time.perf_counter()
-        prepared = self.policy.prepare(request.images, request.state, request.prompt, noise)
+        prepared = self.policy.prepare(request.images, request.state, request.prompt, noise, request.rtc)
         return prepared, (time.perf_counter() - start) * 1e3
 
     # --- the batch function (the batch thread)

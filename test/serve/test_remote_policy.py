@@ -116,3 +116,18 @@ def test_without_noise_a_fresh_server_repeats_a_local_policy_call_for_call(
         for prompt in ("put the cup in the sink", "stack the blocks", "fold the towel"):
             np.testing.assert_allclose(remote.infer(IMAGES, STATE, prompt, 2).actions,
                                        local.infer(IMAGES, STATE, prompt, 2).actions, rtol=RTOL, atol=ATOL)
+
+
+def test_real_time_chunking_travels_with_the_request(remote: RemotePolicy, local_policy: OneThreadPolicy) -> None:
+    """The node's `blend: rtc` with a remote backend: the previous chunk goes over the wire as an `rtc` map."""
+    from pi05_ros.engine.rtc import RtcRequest
+
+    noise = RNG.standard_normal((10, 32)).astype(np.float32)
+    plain = local_policy.infer(IMAGES, STATE, "open the drawer", 3, noise=noise).actions
+    rtc = RtcRequest(plain[2:] + 0.05, delay=2, beta=5.0, start=0)
+    chunk = remote.infer(IMAGES, STATE, "open the drawer", 3, noise=noise, rtc=rtc)
+    local = local_policy.infer(IMAGES, STATE, "open the drawer", 3, noise=noise, rtc=rtc)
+    np.testing.assert_allclose(chunk.actions, local.actions, rtol=RTOL, atol=ATOL)
+    assert not np.allclose(chunk.actions, plain)  # guided, not the plain chunk
+    with pytest.raises(InputError, match=r"the previous chunk must be \[actions, 8\]"):
+        remote.infer(IMAGES, STATE, "open the drawer", 3, rtc=RtcRequest(np.zeros((4, 3)), delay=1))

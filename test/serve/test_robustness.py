@@ -104,6 +104,11 @@ BAD_FRAMES: dict[str, tuple[Callable[[], bytes | str], str]] = {
     "bad step count": (lambda: pack(with_(num_steps=0)), "InputError: num_steps: expected an integer in 1..100"),
     "bad noise shape": (lambda: pack(with_(noise_seed=None, noise=np.zeros((3, 3), np.float32))),
                         "InputError: noise must have shape (10, 32), got (3, 3)"),
+    "rtc not a map": (lambda: pack(with_(rtc=[1, 2])), "InputError: rtc: expected a map of"),
+    "rtc field unknown": (lambda: pack(with_(rtc={"previous": np.zeros((2, 8)), "delay": 1, "colour": 1})),
+                          "InputError: rtc: unknown field(s) ['colour'] or missing []"),
+    "rtc previous not an array": (lambda: pack(with_(rtc={"previous": "last", "delay": 1})),
+                                  "InputError: rtc.previous: expected a float array"),
     "noise and seed": (lambda: pack(with_(noise=np.zeros((10, 32), np.float32))),
                        "InputError: give either noise or noise_seed, not both"),
 }
