@@ -1,7 +1,8 @@
 """The node's log of problems: each distinct problem is logged once when it starts and once when it clears.
 
-A problem is distinct by its code and subject (the input it concerns, the exception type of a failed inference):
-its message may change while it lasts (a stale input's age grows) without a new line. Sources report what they see
+A problem is distinct by its code, its subject (the input it concerns, the exception type of a failed inference)
+and its message apart from the numbers in it: a stale input's growing age or a joint's changing value is the same
+problem, a camera whose wrong encoding turns into a wrong data length has a new one. Sources report what they see
 (`seen`): the input callbacks as each bad message arrives, the inference thread at every tick, the diagnostics
 timer once a second with everything /diagnostics shows. A problem not seen for `clear_after_s` is logged as
 cleared at the next `sweep`, so one that comes and goes within that time (an input that flickers) stays one
@@ -12,6 +13,7 @@ problem instead of a line per flicker. Each problem has its own state: one input
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -28,6 +30,12 @@ NOT_LOGGED = frozenset({ProblemCode.CONFIGURE_FAILED, ProblemCode.LOAD_FAILED, P
                         ProblemCode.HOLDING})
 
 LineWriter = Callable[[Level, str], None]  # level (WARN/ERROR for a start, OK for a clear), text
+_NUMBERS = re.compile(r"\d[\d.]*(?:[eE][-+]?\d+)?")  # 12, 0.53, 1e+39
+
+
+def problem_key(problem: Problem) -> tuple[ProblemCode, str, str]:
+    """What makes a problem distinct: code, subject, and the message with every number blanked."""
+    return problem.code, problem.subject, _NUMBERS.sub("#", problem.message)
 
 
 @dataclass
@@ -48,7 +56,7 @@ class ProblemLog:
         self._limit = text_limit
         self._clock = clock
         self._lock = threading.Lock()
-        self._active: dict[tuple[ProblemCode, str], _Active] = {}
+        self._active: dict[tuple[ProblemCode, str, str], _Active] = {}
 
     def seen(self, problems: Iterable[Problem], now: float | None = None) -> None:
         """These problems are present now; each new one is logged."""
@@ -58,7 +66,7 @@ class ProblemLog:
             for problem in problems:
                 if problem.code in NOT_LOGGED:
                     continue
-                key = (problem.code, problem.subject)
+                key = problem_key(problem)
                 active = self._active.get(key)
                 if active is None:
                     self._active[key] = _Active(problem, now, now)

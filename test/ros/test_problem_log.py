@@ -76,3 +76,22 @@ def test_reports_from_several_threads_log_each_problem_once() -> None:
     for thread in threads:
         thread.join()
     assert lines == [(Level.ERROR, "inference failed: RuntimeError: CUDA")]
+
+
+def test_a_new_error_on_the_same_input_is_a_new_problem_but_changing_numbers_are_not() -> None:
+    log, lines = make_log()
+
+    def joint(value: float) -> Problem:
+        return Problem(Level.ERROR, ProblemCode.BAD_INPUT, f"'joint_states': joint_3 = {value:g} beyond 10000",
+                       "joint_states")
+
+    for t, value in enumerate((12345.5, 23456.25, 3e7)):  # a drifting fault: one problem
+        log.seen([joint(value)], now=t * 0.1)
+    encoding = Problem(Level.ERROR, ProblemCode.BAD_INPUT, "'cam': encoding 'yuv422' is not supported", "cam")
+    length = Problem(Level.ERROR, ProblemCode.BAD_INPUT, "'cam': data is 57120 bytes but height*step = 57600", "cam")
+    log.seen([encoding], now=1.0)
+    log.seen([length], now=1.1)
+    assert [text for _, text in lines] == ["'joint_states': joint_3 = 12345.5 beyond 10000", encoding.message,
+                                           length.message]
+    log.sweep(now=3.05)  # the encoding error was last seen at 1.0: over; the data length error goes on
+    assert lines[-1] == (Level.OK, f"cleared after 0.0 s: {encoding.message}") and len(lines) == 5
