@@ -134,6 +134,49 @@ class NodeProcess:
         self._reader.join(2.0)
 
 
+SHM_DIR = Path("/dev/shm")
+
+
+def dds_shm_segments(pid: int) -> set[str]:
+    """The Fast DDS shared-memory files (in /dev/shm) a process maps or holds open: its participant's segment and
+    the port segments it uses, with their `_el` lock files."""
+    names: set[str] = set()
+    try:
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+            if "/dev/shm/fastrtps_" in line:
+                names.add(line.split("/dev/shm/", 1)[1].replace(" (deleted)", "").strip())
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("/dev/shm/fastrtps_"):
+                names.add(target[len("/dev/shm/"):].replace(" (deleted)", ""))
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return names
+
+
+def shm_users(name: str, exclude_pid: int | None = None) -> list[int]:
+    """Live processes that map /dev/shm/<name> (a port segment is shared by every participant on that port)."""
+    users = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == exclude_pid:
+            continue
+        try:
+            if f"/dev/shm/{name}" in (proc / "maps").read_text():
+                users.append(int(proc.name))
+        except OSError:
+            continue
+    return users
+
+
+def leftover_shm(segments: set[str], pid: int) -> list[str]:
+    """Of a stopped process's DDS segments, those still in /dev/shm that no other live process uses."""
+    return sorted(name for name in segments if (SHM_DIR / name).exists()
+                  and not shm_users(name.removesuffix("_el"), exclude_pid=pid))
+
+
 def make_image(height: int, width: int, encoding: str = "rgb8", stamp_ns: int = 0,
                pixels: np.ndarray | None = None, pad: int = 0) -> Any:
     """A sensor_msgs/Image; RGB `pixels` (or a gradient) converted to `encoding`, rows padded by `pad` bytes."""
@@ -433,3 +476,24 @@ def status_values(status: Any) -> dict[str, str]:
 
 def status_level(status: Any) -> int:
     return status.level[0] if isinstance(status.level, bytes | bytearray) else int(status.level)
+
+
+def stop_and_watch_graph(node: NodeProcess, driver: Driver, sig: int, watch_s: float = 30.0) -> dict[str, Any]:
+    """Send `sig` to a running policy node and measure what a clean leave needs: seconds from the signal until
+    `driver` (a peer) no longer sees the node in its graph (None: still there after `watch_s`), until the node's
+    own last line (its stop report, on the machine-wide monotonic clock), its exit code, and which of its DDS
+    shared-memory files remain that no other live process uses."""
+    pid = node.process.pid
+    segments = dds_shm_segments(pid)
+    sent = time.monotonic()
+    node.process.send_signal(sig)
+    gone: float | None = None
+    while time.monotonic() - sent < watch_s:
+        if not driver.sees_node():
+            gone = time.monotonic() - sent
+            break
+        time.sleep(0.01)
+    code = node.wait(10.0)
+    match = re.search(r"stopped \d+\.\d+ s after the signal \(monotonic (\d+\.\d+)\)", node.output())
+    return {"gone_s": gone, "stop_s": float(match.group(1)) - sent if match else None, "exit_code": code,
+            "segments": sorted(segments), "leftover_shm": leftover_shm(segments, pid)}
