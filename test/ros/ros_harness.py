@@ -60,14 +60,18 @@ def unique_namespace(prefix: str) -> str:
 class NodeProcess:
     """An installed executable run as users run it: `<exe> --ros-args --params-file ... -p k:=v`."""
 
-    def __init__(self, executable: str, namespace: str, *ros_args: str, params_file: Path | None = None) -> None:
+    def __init__(self, executable: str | Path, namespace: str, *ros_args: str, params_file: Path | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        """`executable`: an installed executable's name, or the path of a script (test/ros/fault_node.py)."""
         self.namespace = namespace
-        args = [sys.executable, str(installed_executable(executable)), "--ros-args"]
+        program = executable if isinstance(executable, Path) else installed_executable(executable)
+        args = [sys.executable, str(program), "--ros-args"]
         if params_file is not None:
             args += ["--params-file", str(params_file)]
         args += ["-r", f"__ns:={namespace}", *ros_args]
         self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=_die_with_parent)
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                                        preexec_fn=_die_with_parent)
         self._lines: list[str] = []
         self._lock = threading.Lock()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -301,6 +305,7 @@ class Driver:
             for i, (name, transport) in enumerate(cameras.items())
         }
         self.joint_factory: Callable[[int], Any] = self.good_joints
+        self.paused_cameras: set[str] = set()  # cameras the feeder skips (a camera that stops), by input name
         self.feeding = threading.Event()
         self.feeding.set()
         self.last_feed_ns = 0  # time.time_ns() when the feeder last published inputs
@@ -350,7 +355,8 @@ class Driver:
                 self.published_stamps.update((image_stamp, joint_stamp))
                 self.frames_published += 1
             for name, publisher in self.image_pubs.items():
-                publisher.publish(self.image_factory[name](image_stamp))
+                if name not in self.paused_cameras:
+                    publisher.publish(self.image_factory[name](image_stamp))
             self.joint_pub.publish(self.joint_factory(joint_stamp))
 
     def lifecycle(self, transition: str, timeout: float = 60.0) -> bool:
