@@ -686,13 +686,15 @@ class _RosLogHandler(logging.Handler):
 def main(argv: list[str] | None = None) -> NoReturn:
     """Run the node until SIGINT/SIGTERM (or a remote shutdown transition), then exit the process.
     Exit codes: 0 stopped, 1 model failed to load or does not fit the parameters (autostart), 2 bad parameters."""
-    stop = init_ros(argv)  # a signal only sets `stop`; shutdown runs in order below
+    stop = init_ros(argv, dds_profile=True)  # a signal only sets `stop`; shutdown runs in order below
     try:
         node = PolicyNode(stop_event=stop)
     except ConfigError as exc:
         get_logger(NODE_NAME).fatal(f"bad parameters: {exc}")
         rclpy.try_shutdown()
         sys.exit(2)
+    profile = os.environ.get("FASTRTPS_DEFAULT_PROFILES_FILE")
+    node.get_logger().info(f"Fast DDS profile: {profile or 'none (rmw defaults)'}")
     engine_log = logging.getLogger("pi05_ros")
     engine_log.setLevel(logging.INFO)
     engine_log.addHandler(_RosLogHandler(node))
