@@ -231,10 +231,12 @@ class Driver:
     node publishes, and sets its parameters through the real parameter services."""
 
     def __init__(self, namespace: str, cameras: dict[str, str] | None = None, feed_period_s: float = 0.05,
-                 sim_clock_ns: int | None = None) -> None:
+                 sim_clock_ns: int | None = None, on_chunk: Callable[[float, Any], None] | None = None) -> None:
         """`cameras`: input name -> transport ('raw' or 'compressed'), as the node under test is configured.
         `sim_clock_ns`: publish /clock (rosgraph_msgs/Clock) at this time, for a node with use_sim_time; it stays
-        put until the test moves it (`clock_ns`), and the feeder then stamps inputs from it."""
+        put until the test moves it (`clock_ns`), and the feeder then stamps inputs from it.
+        `on_chunk`: called with (arrival, chunk) for each action chunk instead of keeping chunks, trajectories and
+        commands (a soak of 100,000 chunks would otherwise hold them all); `received` counts them either way."""
         import rclpy
         from diagnostic_msgs.msg import DiagnosticArray
         from lifecycle_msgs.srv import ChangeState, GetState
@@ -266,10 +268,17 @@ class Driver:
         self.frames_published = 0
         status_name = f"{namespace}/pi05_policy: policy"
 
-        def record(store: list[tuple[float, Any]]) -> Callable[[Any], None]:
+        self.received = {"chunks": 0, "trajectories": 0, "commands": 0}
+
+        def record(store: list[tuple[float, Any]], kind: str) -> Callable[[Any], None]:
             def callback(msg: Any) -> None:
+                now = time.monotonic()
                 with self._lock:
-                    store.append((time.monotonic(), msg))
+                    self.received[kind] += 1
+                    if on_chunk is None:
+                        store.append((now, msg))
+                if on_chunk is not None and kind == "chunks":
+                    on_chunk(now, msg)
             return callback
 
         def on_diagnostics(msg: Any) -> None:
@@ -278,10 +287,11 @@ class Driver:
                     with self._lock:
                         self.statuses.append((time.monotonic(), status))
 
-        self.node.create_subscription(ActionChunk, "action_chunk", record(self.chunks), 50)
-        self.node.create_subscription(JointTrajectory, "joint_trajectory", record(self.trajectories), 50)
+        self.node.create_subscription(ActionChunk, "action_chunk", record(self.chunks, "chunks"), 50)
+        self.node.create_subscription(JointTrajectory, "joint_trajectory",
+                                      record(self.trajectories, "trajectories"), 50)
         self.node.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics, 50)
-        self.node.create_subscription(Float64MultiArray, "commands", record(self.commands), 50)
+        self.node.create_subscription(Float64MultiArray, "commands", record(self.commands, "commands"), 50)
         self.clock_pub = self.node.create_publisher(Clock, "/clock", 10) if sim_clock_ns is not None else None
         self.change_state = self.node.create_client(ChangeState, f"{namespace}/pi05_policy/change_state")
         self.get_state = self.node.create_client(GetState, f"{namespace}/pi05_policy/get_state")
