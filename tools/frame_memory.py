@@ -25,6 +25,7 @@ from ros_harness import (  # noqa: E402
     NodeProcess,
     installed_params_file,
     make_image,
+    publish_large_frames,
     status_values,
     unique_namespace,
 )
@@ -49,8 +50,13 @@ def main() -> int:
     parser.add_argument("--huge-period", type=float, default=0.2, help="seconds between huge frames")
     parser.add_argument("-p", dest="params", action="append", default=[], help="extra node parameter name:=value")
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE in the node's environment")
+    parser.add_argument("--shm-segment-mib", type=int, default=0,
+                        help="the publishing peer's Fast DDS shared-memory segment (0: Fast DDS's 512 KB default)")
     args = parser.parse_args()
     width, height = (int(v) for v in args.huge.lower().split("x"))
+    if args.shm_segment_mib:
+        # a segment that holds a few huge frames, so that they can arrive at all (docs/benchmarks.md §29)
+        publish_large_frames(args.shm_segment_mib)
 
     namespace = unique_namespace("pi05_frames")
     driver = Driver(namespace)

@@ -46,6 +46,7 @@ from ros_harness import (  # noqa: E402
     NodeProcess,
     installed_params_file,
     make_image,
+    publish_large_frames,
     status_values,
     unique_namespace,
 )
@@ -196,6 +197,16 @@ def summarize(record: Record, statuses: list[Any], warm: int, window: int, start
     mib = np.array([m for _, _, m in samples])
     slope = float(np.polyfit(hours, mib, 1)[0]) if len(samples) >= 3 else float("nan")
     last = status_values(statuses[-1]) if statuses else {}
+    gpu_samples = [(t, values) for t, n, values in record.gpu if n >= warm]
+    gpu_text = ""
+    if len(gpu_samples) >= 3:
+        gpu_hours = np.array([(t - gpu_samples[0][0]) / 3600.0 for t, _ in gpu_samples])
+        parts = []
+        for key in ("gpu_memory.allocated_mib", "gpu_memory.reserved_mib"):
+            series = np.array([values.get(key, np.nan) for _, values in gpu_samples])
+            parts.append(f"{key.split('.')[1]} {series[0]:.1f} -> {series[-1]:.1f} MiB "
+                         f"({float(np.polyfit(gpu_hours, series, 1)[0]):+.2f} MiB/h)")
+        gpu_text = "GPU memory after warm-up: " + ", ".join(parts)
     lines = ["| inferences | p50 ms | p99 ms | max ms |", "|---|---|---|---|"]
     windows = []
     for start in range(0, len(latencies), window):
@@ -226,6 +237,7 @@ def summarize(record: Record, statuses: list[Any], warm: int, window: int, start
         f"lost {lost}, out of order {out_of_order}, in {facts['duration_s'] / 60:.1f} min",
         f"RSS after {warm} inferences {facts['rss_start_mib']:.1f} MiB, end {facts['rss_end_mib']:.1f} MiB, max "
         f"{facts['rss_max_mib']:.1f} MiB, slope {slope:+.2f} MiB/h ({len(samples)} samples)",
+        *([gpu_text] if gpu_text else []),
         f"latency p50 {facts['latency_ms']['p50']:.1f} ms, p99 {facts['latency_ms']['p99']:.1f} ms, max "
         f"{facts['latency_ms']['max']:.1f} ms",
         "diagnostics at the end: " + ", ".join(f"{k} {v}" for k, v in facts["diagnostics"].items() if v is not None)
@@ -249,6 +261,9 @@ def main() -> int:
     window = args.window or max(1, args.inferences // 10)
     warm = max(1, args.inferences // 50)
 
+    # The peer publishes 640x480 frames: with Fast DDS's 512 KB default segment about half would be lost in the
+    # publisher (docs/benchmarks.md §29), which would measure the transport, not the node.
+    profile = publish_large_frames()
     record = Record()
     namespace = unique_namespace("pi05_soak")
     driver = Driver(namespace, feed_period_s=0.02 if args.gpu else 0.05, on_chunk=record.on_chunk)
@@ -311,7 +326,8 @@ def main() -> int:
     facts["log"] = {"lines": output.count("\n"), "tracebacks": output.count("Traceback"),
                     "errors": output.count("[ERROR]"), "warnings": output.count("[WARN]")}
     header = (f"soak: {'GPU fp8 full-size' if args.gpu else 'CPU tiny'} demo model, rate_hz {rate:g}, "
-              f"denoise_steps {args.steps}{', faults' if args.faults else ''}, commit {commit}; node log "
+              f"denoise_steps {args.steps}{', faults' if args.faults else ''}, commit {commit}, peer's DDS profile "
+              f"{profile.name}; node log "
               f"{facts['log']['lines']} lines ({facts['log']['errors']} ERROR, {facts['log']['warnings']} WARN, "
               f"{facts['log']['tracebacks']} tracebacks)")
     print("\n" + header + "\n" + text)

@@ -98,7 +98,7 @@ from pi05_ros.ros.params import (
     validate_runtime_value,
 )
 from pi05_ros.ros.problem_log import ProblemLog
-from pi05_ros.ros.problems import Level, shorten
+from pi05_ros.ros.problems import Level, quoted_short, shorten
 from pi05_ros.ros.process import init_ros
 from pi05_ros.ros.settings import RuntimeSettings
 from pi05_ros.ros.worker import NO_CLOCK_MESSAGE, InferenceWorker, WorkerStatus
@@ -242,7 +242,7 @@ class PolicyNode(LifecycleNode):
     def _on_instruction(self, msg: String) -> None:
         text = msg.data
         self.inputs.instruction.set(text)
-        self.get_logger().info(f"instruction: {shorten(repr(text), LOG_TEXT_LIMIT)}")
+        self.get_logger().info(f"instruction: {quoted_short(text, LOG_TEXT_LIMIT)}")
         if not text.strip():
             self._problem_log.seen((empty_instruction_problem(self.inputs.instruction.name, text),))
 
@@ -664,11 +664,12 @@ _TRACEBACK_FORMATTER = logging.Formatter()
 
 
 class _RosLogHandler(logging.Handler):
-    """Sends the engine's Python `logging` records to the node's ROS logger (console and /rosout)."""
+    """Sends Python `logging` records (the engine's, Python warnings) to the node's ROS logger (console and
+    /rosout), under a child logger (`<node>.engine`, `<node>.warnings`)."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, child: str = "engine") -> None:
         super().__init__(logging.INFO)
-        self._logger = node.get_logger().get_child("engine")
+        self._logger = node.get_logger().get_child(child)
 
     def emit(self, record: logging.LogRecord) -> None:
         # The message shortened (an engine warning may quote a 100,000-character prompt), a traceback in full.
@@ -698,6 +699,12 @@ def main(argv: list[str] | None = None) -> NoReturn:
     engine_log = logging.getLogger("pi05_ros")
     engine_log.setLevel(logging.INFO)
     engine_log.addHandler(_RosLogHandler(node))
+    # Python warnings reach the node's log (console and /rosout) too, each as Python shows it (once per place):
+    # e.g. rclpy's "failed to send response (timeout)" when a parameter reply could not be delivered.
+    logging.captureWarnings(True)
+    warnings_log = logging.getLogger("py.warnings")
+    warnings_log.addHandler(_RosLogHandler(node, "warnings"))
+    warnings_log.propagate = False
 
     executor = SingleThreadedExecutor()
     executor.add_node(node)

@@ -65,3 +65,8 @@ def shorten(text: str, limit: int) -> str:
         return text
     suffix = f"... ({len(text)} characters)"
     return text[: max(0, limit - len(suffix))] + suffix
+
+
+def quoted_short(text: str, limit: int) -> str:
+    """`text` quoted (repr), its first `limit` characters when longer, saying how long it was."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"

@@ -387,6 +387,14 @@ class InferenceWorker:
             return
         latency = time.perf_counter() - start
         self._stats.add(chunk.timings)
+        if not np.isfinite(chunk.actions).all():  # a GPU fault or an overflow: nothing of it may go out
+            bad = int((~np.isfinite(chunk.actions)).sum())
+            self._failed(Problem(Level.ERROR, ProblemCode.INFERENCE_FAILED,
+                                 f"inference returned {bad} non-finite action value(s) (NaN/inf) of "
+                                 f"{chunk.actions.size}; nothing was published. A numeric fault in the engine "
+                                 "(fp8 overflow, a GPU error): check /diagnostics' precision, restart the node if it "
+                                 "persists", "non_finite_actions"))
+            return
         try:
             self._publish(chunk, observation, latency, settings, started_ns)
         except Exception as exc:  # noqa: BLE001 - a chunk that cannot be published must not end the thread

@@ -2,8 +2,9 @@
 """The policy node with a fault injector in its runner, for test/ros/test_faults.py (never installed).
 
 While the file named by PI05_FAULT_FILE exists, every inference raises, from inside the runner (where a GPU error
-surfaces), the RuntimeError PI05_FAULT_MESSAGE names (default: an illegal memory access, as CUDA reports one).
-Everything else is the installed node, started as `policy_node` is.
+surfaces), the RuntimeError PI05_FAULT_MESSAGE names (default: an illegal memory access, as CUDA reports one); when
+the file says `nan`, the runner returns NaN actions instead (a numeric fault). Everything else is the installed
+node, started as `policy_node` is.
 """
 
 from __future__ import annotations
@@ -22,9 +23,15 @@ def _with_faults(policy: Any) -> Any:
     run = runner.run
 
     def faulty_run(observation: Any, num_steps: int) -> Any:
-        if os.path.exists(FAULT_FILE):
-            raise RuntimeError(MESSAGE)
-        return run(observation, num_steps)
+        try:
+            with open(FAULT_FILE) as fault:
+                kind = fault.read().strip()
+        except FileNotFoundError:
+            return run(observation, num_steps)
+        if kind == "nan":
+            actions, timings = run(observation, num_steps)
+            return actions * float("nan"), timings
+        raise RuntimeError(MESSAGE)
 
     runner.run = faulty_run
     return policy

@@ -53,6 +53,20 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
+def publish_large_frames(segment_mib: int | None = None) -> Path:
+    """Make this process's DDS participants (created after this call) able to publish large frames without loss:
+    the package's config/fastdds_large_frames.xml (a 16 MiB shared-memory segment), or a copy with another segment
+    size. For tools that publish 640x480 or larger frames; the tests' frames are small."""
+    profile = package_prefix() / "share" / "pi05_ros" / "config" / "fastdds_large_frames.xml"
+    if segment_mib is not None:
+        text = profile.read_text().replace("<segment_size>16777216</segment_size>",
+                                           f"<segment_size>{segment_mib * 2**20}</segment_size>")
+        profile = Path(f"/tmp/pi05_large_frames_{os.getpid()}_{segment_mib}.xml")
+        profile.write_text(text)
+    os.environ["FASTRTPS_DEFAULT_PROFILES_FILE"] = str(profile)
+    return profile
+
+
 def unique_namespace(prefix: str) -> str:
     return f"/{prefix}_{uuid.uuid4().hex[:8]}"
 

@@ -286,6 +286,24 @@ def test_a_gpu_error_inside_an_inference_is_reported_holds_and_recovers(faulty) 
     assert sum("cleared after" in line and "inference failed" in line for line in lines) == 1, lines
 
 
+def test_an_inference_returning_nan_actions_publishes_nothing_and_recovers(faulty) -> None:
+    node, driver, fault_file = faulty
+    fault_file.write_text("nan")
+    since = time.monotonic()
+    try:
+        status = driver.wait_for_status(since, 10.0, lambda s: "non-finite action value" in s.message)
+        assert status is not None and status_level(status) == ERROR
+        time.sleep(0.5)
+        quiet = time.monotonic()
+        time.sleep(1.0)
+        assert driver.chunks_since(quiet) == []  # no ActionChunk with NaN, no trajectory from it
+        assert all(np.isfinite(p.positions).all() for t in driver.trajectories_since(since) for p in t.points)
+    finally:
+        fault_file.unlink(missing_ok=True)
+    wait_healthy(node, driver)
+    assert_nothing_lost(driver)
+
+
 def test_a_signal_during_a_persistent_fault_stops_cleanly(faulty) -> None:
     node, driver, fault_file = faulty
     fault_file.touch()

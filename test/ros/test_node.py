@@ -340,6 +340,31 @@ def test_bad_input_reports_error_logs_it_once_keeps_running_and_recovers(running
     assert len(started) == 1 and len(cleared) == 1, "\n".join(log)
 
 
+def test_an_instruction_longer_than_the_token_limit_warns_and_is_logged_short(running) -> None:
+    node, driver = running
+    log_from = len(node.output())
+    long_task = "put the cup in the sink " * 4200  # 100,800 characters, far beyond the demo's 96 tokens
+    since = time.monotonic()
+    driver.say(long_task)
+    try:
+        status = driver.wait_for_status(since, 15.0, lambda s: "more than this model's max_token_len" in s.message)
+        assert status is not None, node.output()[-2000:]
+        values = status_values(status)
+        assert status_level(status) == WARN and values["prompt.truncated"] == "true"
+        assert values["prompt.tokens"] == values["prompt.max_tokens"] == "96"
+        assert len(values["prompt.text"]) <= 200
+        assert driver.wait_for_chunks(3, time.monotonic(), 15.0)  # a cut prompt still drives the policy
+    finally:
+        driver.say(INSTRUCTION)
+    wait_until_healthy(node, driver)
+    assert wait_for_output(node, log_from, lambda log: "cleared after" in log, timeout=10.0)
+    log = node.output()[log_from:]
+    assert max(len(line) for line in log.splitlines()) < 1200, "a log line carries the long instruction"
+    assert sum("max_token_len 96" in line and "[WARN]" in line and "cleared" not in line
+               for line in log.splitlines()) >= 1
+    assert "(100800 characters)" in log  # the instruction line says how long it was
+
+
 def wait_for_output(node: NodeProcess, since: int, check, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 from pi05_ros.ros.problem_log import CLEAR_AFTER_S, ProblemLog
-from pi05_ros.ros.problems import Level, Problem, ProblemCode, shorten
+from pi05_ros.ros.problems import Level, Problem, ProblemCode, quoted_short, shorten
 
 
 def make_log() -> tuple[ProblemLog, list[tuple[Level, str]]]:
@@ -60,6 +60,7 @@ def test_codes_logged_elsewhere_are_skipped_and_long_messages_shortened() -> Non
               Problem(Level.WARN, ProblemCode.PROMPT_TRUNCATED, "y" * 100_000, "instruction")], now=0.0)
     assert len(lines) == 1 and len(lines[0][1]) == 120 and lines[0][1].endswith("... (100000 characters)")
     assert shorten("short", 120) == "short"
+    assert quoted_short("pick", 10) == "'pick'" and quoted_short("x" * 50, 4) == "'xxxx'... (50 characters)"
 
 
 def test_reports_from_several_threads_log_each_problem_once() -> None:
