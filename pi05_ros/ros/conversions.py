@@ -17,6 +17,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from pi05_ros.ros.problems import shorten
+
 NANOSECONDS = 1_000_000_000
 
 # encoding -> (channels, index of R, G, B in a pixel); mono8 is replicated into all three.
@@ -130,16 +132,26 @@ class JointSelector:
 
     With no names configured, takes every position in the message's order. The name -> index map is cached
     for the last seen name list, because drivers publish the same names at hundreds of Hz.
+
+    Rules for joint states that are well-formed but cannot be meant (docs/ros_node.md, "Input rules"): a joint the
+    state uses that the message names twice is ambiguous (which position is meant?) and refused; a position that
+    is NaN, infinite or larger in magnitude than `max_abs_position` (positions are rad or m) is refused, naming the
+    joint. Checked in float64 before the float32 cast, so 1e39 is named, not overflowed with a numpy warning.
     """
 
-    def __init__(self, names: Sequence[str]) -> None:
+    def __init__(self, names: Sequence[str], max_abs_position: float = float("inf")) -> None:
         self.names: tuple[str, ...] = tuple(names)
+        self.max_abs_position = max_abs_position
         self._cached_message_names: tuple[str, ...] | None = None
         self._cached_indices: np.ndarray | None = None
 
     def positions(self, msg: Any, out: np.ndarray | None = None) -> np.ndarray:
         """float32 positions in the configured order, written into `out` when its length fits."""
         position = msg.position
+        message_names = tuple(msg.name)
+        if message_names != self._cached_message_names:
+            self._cached_indices = self._indices(message_names)
+            self._cached_message_names = message_names
         if not self.names:
             values = np.asarray(position, dtype=np.float64)
             if values.size == 0:
@@ -147,28 +159,56 @@ class JointSelector:
                     "joint_states message has no positions; the driver must fill `position` "
                     "(or set state_joint_names to the joints to use)"
                 )
+            self._check_values(values, message_names, None)
             return _into(out, values)
-        message_names = tuple(msg.name)
-        if message_names != self._cached_message_names:
-            self._cached_indices = self._indices(message_names)
-            self._cached_message_names = message_names
         if len(position) != len(message_names):
             raise ConversionError(
                 f"joint_states has {len(message_names)} names but {len(position)} positions; "
                 "the driver must publish one position per name"
             )
         values = np.asarray(position, dtype=np.float64)[self._cached_indices]
+        self._check_values(values, message_names, self._cached_indices)
         return _into(out, values)
 
-    def _indices(self, message_names: tuple[str, ...]) -> np.ndarray:
-        index_of = {name: i for i, name in enumerate(message_names)}
-        missing = [name for name in self.names if name not in index_of]
+    def _indices(self, message_names: tuple[str, ...]) -> np.ndarray | None:
+        """Indices of the configured joints in the message (None: all, in order); checks for duplicates."""
+        used = self.names or message_names
+        seen: dict[str, list[int]] = {}
+        for i, name in enumerate(message_names):
+            seen.setdefault(name, []).append(i)
+        doubled = [f"{name} (at {', '.join(map(str, seen[name]))})" for name in dict.fromkeys(used)
+                   if len(seen.get(name, ())) > 1]
+        if doubled:
+            raise ConversionError(
+                f"joint_states names joint(s) {shorten(', '.join(doubled), 300)} more than once, so which position "
+                "is meant is ambiguous; the driver (or a joint_state_publisher merging sources) must publish each "
+                "joint once")
+        if not self.names:
+            return None
+        missing = [name for name in self.names if name not in seen]
         if missing:
             raise ConversionError(
                 f"joint_states lacks joint(s) {', '.join(missing)} named in state_joint_names; it has "
-                f"[{', '.join(message_names)}]. Fix state_joint_names or remap joint_states to the right topic"
+                f"[{shorten(', '.join(message_names), 300)}]. Fix state_joint_names or remap joint_states to the "
+                "right topic"
             )
-        return np.array([index_of[name] for name in self.names], dtype=np.intp)
+        return np.array([seen[name][0] for name in self.names], dtype=np.intp)
+
+    def _check_values(self, values: np.ndarray, message_names: tuple[str, ...], indices: np.ndarray | None) -> None:
+        bad = ~(np.abs(values) <= self.max_abs_position)  # NaN compares False: caught here too
+        if not bad.any():
+            return
+        where = np.flatnonzero(bad)
+        described = []
+        for k in where[:5]:
+            index = int(indices[k]) if indices is not None else int(k)
+            name = message_names[index] if index < len(message_names) else f"position[{index}]"
+            described.append(f"{name} = {'NaN' if np.isnan(values[k]) else format(values[k], 'g')}")
+        more = f" and {len(where) - 5} more" if len(where) > 5 else ""
+        raise ConversionError(
+            f"joint_states position(s) {', '.join(described)}{more} not finite or beyond max_abs_joint_position "
+            f"{self.max_abs_position:g} (positions are rad or m): the driver reports a fault or wrong units; fix it, "
+            "or check state_joint_names picks the right joints")
 
 
 def _into(out: np.ndarray | None, values: np.ndarray) -> np.ndarray:

@@ -20,13 +20,15 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from pi05_ros.execution.commander import ExecutionStatus
 from pi05_ros.execution.loop import LoopStats
 from pi05_ros.ros.inputs import InputState
-from pi05_ros.ros.problems import Level, Problem, ProblemCode
+from pi05_ros.ros.problems import Level, Problem, ProblemCode, shorten
 from pi05_ros.ros.settings import RuntimeSettings
 from pi05_ros.ros.worker import Phase, WorkerStatus
 
 RATE_WARN_FRACTION = 0.9  # below 90 % of rate_hz is a WARN, judged only over a full window of steady
 # publishing, so a pause for bad or stale input is not reported again as a low rate after it ends
 DEMO_BANNER = "DEMO MODEL (random weights, actions are meaningless)"
+MESSAGE_PART_LIMIT = 1000  # characters of one problem in the status message (a list of 10,000 joint names ...)
+PROMPT_TEXT_LIMIT = 200  # characters of the prompt shown as prompt.text
 
 
 @dataclass(frozen=True)
@@ -52,23 +54,27 @@ class CommandFacts:
     rtc: tuple[int, int, float | None] | None = None  # blend rtc: (delay, overlap) of the last request, latency s
 
 
-def build_status(
-    name: str,
+def gather_problems(
     worker: WorkerStatus,
     inputs: Iterable[InputState],
     runtime: RuntimeSettings,
     model: ModelFacts | None,
     *,
     rate_mode: str,
-    demo_requested: bool,
     commands: CommandFacts | None = None,
-) -> DiagnosticStatus:
-    """One DiagnosticStatus for the node. `rate_mode` is 'timer' or 'trigger:<camera>'."""
+) -> list[Problem]:
+    """Every problem the status names, in the order its message joins them."""
     inputs = list(inputs)
     problems: list[Problem] = list(worker.problems)
     if commands is not None:
         problems += _command_problems(commands, problems)
-    problems += [Problem(Level.WARN, ProblemCode.BAD_STAMP, state.stamp_issue) for state in inputs if state.stamp_issue]
+    problems += [Problem(Level.WARN, ProblemCode.BAD_STAMP, state.stamp_issue, state.name)
+                 for state in inputs if state.stamp_issue]
+    # An input whose newest message was refused is named even while no tick looks at it (inactive, loading).
+    named = {(p.code, p.subject) for p in problems}
+    problems += [Problem(Level.ERROR, ProblemCode.BAD_INPUT, f"'{state.name}': {state.error}", state.name)
+                 for state in inputs if state.error and (ProblemCode.BAD_INPUT, state.name) not in named]
+    problems += list(worker.notices)
     if worker.phase is Phase.FAILED:
         problems.insert(0, Problem(Level.ERROR, ProblemCode.LOAD_FAILED, f"model failed to load: {worker.fatal_error}"))
     elif worker.phase in (Phase.LOADING, Phase.WARMING_UP):
@@ -88,9 +94,32 @@ def build_status(
             Level.WARN, ProblemCode.LOW_RATE,
             f"rate {worker.achieved_rate_hz:.1f} Hz is below rate_hz {runtime.rate_hz:g}{cause}"
             + _over_capacity(worker, runtime, device)))
+    return problems
+
+
+def build_status(
+    name: str,
+    worker: WorkerStatus,
+    inputs: Iterable[InputState],
+    runtime: RuntimeSettings,
+    model: ModelFacts | None,
+    *,
+    rate_mode: str,
+    demo_requested: bool,
+    commands: CommandFacts | None = None,
+    problems: list[Problem] | None = None,
+) -> DiagnosticStatus:
+    """One DiagnosticStatus for the node. `rate_mode` is 'timer' or 'trigger:<camera>'; `problems` as
+    gather_problems gives them (computed here when not given)."""
+    inputs = list(inputs)
+    if problems is None:
+        problems = gather_problems(worker, inputs, runtime, model, rate_mode=rate_mode, commands=commands)
+    timer = rate_mode == "timer"
+    device = model.device if model else "device"
 
     level = max((p.level for p in problems), default=Level.OK)
-    text = "; ".join(p.message for p in problems) or _running_text(worker, runtime, rate_mode, device)
+    text = "; ".join(shorten(p.message, MESSAGE_PART_LIMIT) for p in problems) or _running_text(
+        worker, runtime, rate_mode, device)
     if commands is not None and commands.commands_off:
         text += f"; {commands.commands_off}"
     is_demo = model.is_demo if model is not None else demo_requested
@@ -130,13 +159,18 @@ def build_status(
         values.append((f"input.{state.name}.age_s", _optional(state.age_s, "{:.3f}", "never")))
         values.append((f"input.{state.name}.messages", str(state.messages)))
         if state.error:
-            values.append((f"input.{state.name}.error", state.error))
+            values.append((f"input.{state.name}.error", shorten(state.error, MESSAGE_PART_LIMIT)))
         if state.bad_stamps:
             values.append((f"input.{state.name}.bad_stamps", str(state.bad_stamps)))
         if state.stamp_issue:
             values.append((f"input.{state.name}.stamp_issue", state.stamp_issue))
         dropped += state.dropped
     values.append(("dropped_observations", str(dropped)))
+    prompt = worker.prompt
+    values += [("prompt.tokens", _optional(prompt.tokens if prompt else None)),
+               ("prompt.max_tokens", _optional(prompt.max_tokens if prompt else None)),
+               ("prompt.truncated", "n/a" if prompt is None else str(prompt.truncated).lower()),
+               ("prompt.text", "n/a" if prompt is None else shorten(prompt.text, PROMPT_TEXT_LIMIT))]
     if worker.gpu_memory:
         values += [(f"gpu_memory.{k}_mib", f"{v:.1f}") for k, v in sorted(worker.gpu_memory.items())]
     else:

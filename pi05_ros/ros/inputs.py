@@ -149,6 +149,12 @@ class LatestBuffer:
             return InputState(self.name, self._messages, age, self._error, self._dropped, self._stamp_issue,
                               self._bad_stamps)
 
+    def held_bytes(self) -> int:
+        """Bytes of the three buffers (each holds one message of its size, so a huge frame grows them until three
+        smaller frames have replaced it: ros/memory.py then gives the memory back)."""
+        with self._lock:
+            return sum(buffer.nbytes for buffer in (self._spare, self._newest, self._reading) if buffer is not None)
+
     def latest_copy(self) -> np.ndarray | None:
         """Any thread: a copy of the newest good value (for reading the joint state beside the inference)."""
         with self._lock:
@@ -199,6 +205,10 @@ class InputBuffers:
                                                  for name in camera_names}
         self.joints = LatestBuffer(joint_input, np.float32, clock_ns, stamp_rule)
         self.instruction = LatestText(instruction_input, clock_ns)
+
+    def held_bytes(self) -> int:
+        """Bytes all input buffers hold."""
+        return sum(buffer.held_bytes() for buffer in (*self.cameras.values(), self.joints))
 
     def states(self, now_ns: int | None = None) -> list[InputState]:
         now_ns = self.clock_ns() if now_ns is None else now_ns

@@ -63,6 +63,7 @@ from pi05_ros.ros.conversions import (
     ConversionError,
     JointSelector,
     action_chunk_message,
+    compressed_format,
     compressed_to_rgb,
     float64_array_message,
     image_shape,
@@ -70,18 +71,36 @@ from pi05_ros.ros.conversions import (
     stamp_to_ns,
     trajectory_message,
 )
-from pi05_ros.ros.diagnostics import DEMO_BANNER, CommandFacts, ModelFacts, build_array, build_status
+from pi05_ros.ros.diagnostics import (
+    DEMO_BANNER,
+    CommandFacts,
+    ModelFacts,
+    build_array,
+    build_status,
+    gather_problems,
+)
+from pi05_ros.ros.input_rules import FrameBounds, compressed_frame_size
 from pi05_ros.ros.inputs import InputBuffers, LatestBuffer, StampRule
-from pi05_ros.ros.observation import Observation, ObservationCollector
+from pi05_ros.ros.memory import HeapTrimmer
+from pi05_ros.ros.observation import (
+    Observation,
+    ObservationCollector,
+    bad_input_problem,
+    empty_instruction_problem,
+)
 from pi05_ros.ros.params import (
     DYNAMIC_PARAMETERS,
     ConfigError,
     NodeConfig,
     declare_joint_limits,
     declare_parameters,
+    unused_joint_limit_overrides,
+    unused_overrides,
     updated_runtime,
     validate_runtime_value,
 )
+from pi05_ros.ros.problem_log import ProblemLog
+from pi05_ros.ros.problems import Level, quoted_short, shorten
 from pi05_ros.ros.process import init_ros
 from pi05_ros.ros.settings import RuntimeSettings
 from pi05_ros.ros.worker import NO_CLOCK_MESSAGE, InferenceWorker, WorkerStatus
@@ -101,6 +120,7 @@ STREAM_COMMAND_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
 COMMANDS_OFF_DEMO = ("commands off: the demo model never commands a robot (allow_demo_commands:=true publishes them, "
                      "only for a synthetic loop)")
 _OK, _FAIL = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
+LOG_TEXT_LIMIT = 500  # characters of an instruction or an engine message in one log line
 
 
 class PolicyNode(LifecycleNode):
@@ -125,6 +145,11 @@ class PolicyNode(LifecycleNode):
                                seconds_to_ns(self.config.max_input_age_s))
         self.inputs = InputBuffers([camera.name for camera in self.config.cameras], clock_ns=self.now_ns,
                                    stamp_rule=stamp_rule)
+        # Inputs well-formed but wrong (issue 11): frame sizes per camera, joint values; problems logged once.
+        self._frame_bounds = {camera.name: FrameBounds(camera.name, camera.max_width, camera.max_height)
+                              for camera in self.config.cameras}
+        self._problem_log = ProblemLog(self._write_problem_line)
+        self._heap_trimmer = HeapTrimmer()
         self._freshness = ObservationCollector(self.inputs, self.config.cameras, self.config.max_input_age_s)
         self.worker: InferenceWorker | None = None
         self._columns: CommandColumns | None = None
@@ -135,7 +160,7 @@ class PolicyNode(LifecycleNode):
         self._command_lock = threading.Lock()  # a decision and its publication are one step
         self._latency = LatencyEstimate()  # blend rtc: the delay estimate in actions comes from it
         self._rtc_last: tuple[int, int] | None = None  # (delay, overlap) of the last RTC request
-        self._logged_state: tuple[str, str | None] = ("", None)
+        self._logged_state = ""
         self._chunk_pub: Any = None
         self._trajectory_pub: Any = None
         self._command_pub: Any = None
@@ -144,6 +169,12 @@ class PolicyNode(LifecycleNode):
         self._subscribe_inputs()
         # On the steady clock: a sim clock that stands still (or has not started) must not silence /diagnostics.
         self.create_timer(DIAGNOSTICS_PERIOD_S, self.publish_diagnostics, clock=Clock(clock_type=ClockType.STEADY_TIME))
+        unused = unused_overrides(self)
+        if unused:
+            self.get_logger().warning(
+                f"ignored startup parameter(s) that {NODE_NAME} does not have: {shorten(', '.join(unused), 800)} "
+                "(a typo, a camera.<name>.* for a camera not in `cameras`, or another node's entry in a shared "
+                "params file)")
 
         if self.config.use_demo_model:
             why = "demo:=true" if self.config.demo else "no checkpoint parameter is set"
@@ -166,31 +197,39 @@ class PolicyNode(LifecycleNode):
     def _subscribe_inputs(self) -> None:
         for camera in self.config.cameras:
             buffer = self.inputs.cameras[camera.name]
+            bounds, topic = self._frame_bounds[camera.name], camera.topic
             if camera.transport == "raw":
-                self.create_subscription(Image, camera.topic, lambda msg, b=buffer: self._on_image(b, msg),
-                                         qos_profile_sensor_data)
+                self.create_subscription(
+                    Image, topic, lambda msg, b=buffer, f=bounds, t=topic: self._on_image(b, f, t, msg),
+                    qos_profile_sensor_data)
             else:
-                self.create_subscription(CompressedImage, camera.topic,
-                                         lambda msg, b=buffer: self._on_compressed(b, msg),
-                                         qos_profile_sensor_data)
-        self._joint_selector = JointSelector(self.config.state_joint_names)
+                self.create_subscription(
+                    CompressedImage, topic, lambda msg, b=buffer, f=bounds, t=topic: self._on_compressed(b, f, t, msg),
+                    qos_profile_sensor_data)
+        self._joint_selector = JointSelector(self.config.state_joint_names, self.config.max_abs_joint_position)
         self.create_subscription(JointState, "joint_states", self._on_joint_state, qos_profile_sensor_data)
         self.create_subscription(String, "instruction", self._on_instruction, INSTRUCTION_QOS)
 
-    def _on_image(self, buffer: LatestBuffer, msg: Image) -> None:
+    def _on_image(self, buffer: LatestBuffer, bounds: FrameBounds, topic: str, msg: Image) -> None:
         try:
             height, width = image_shape(msg)
+            bounds.check(width, height)  # before any copy: a huge frame never reaches the buffers
             filled = image_to_rgb(msg, buffer.spare((height, width, 3)))
         except ConversionError as exc:
-            self._input_failed(buffer, exc)
+            self._input_failed(buffer, topic, exc)
             return
         buffer.commit(filled, stamp_to_ns(msg.header.stamp))
 
-    def _on_compressed(self, buffer: LatestBuffer, msg: CompressedImage) -> None:
+    def _on_compressed(self, buffer: LatestBuffer, bounds: FrameBounds, topic: str, msg: CompressedImage) -> None:
         try:
+            size = compressed_frame_size(msg.data, compressed_format(msg))
+            if size is not None:
+                bounds.check(*size)  # from the PNG/JPEG header: a huge frame is refused before decoding
             filled = compressed_to_rgb(msg, buffer.spare())
+            if size is None:
+                bounds.check(filled.shape[1], filled.shape[0])
         except ConversionError as exc:
-            self._input_failed(buffer, exc)
+            self._input_failed(buffer, topic, exc)
             return
         buffer.commit(filled, stamp_to_ns(msg.header.stamp))
 
@@ -200,17 +239,30 @@ class PolicyNode(LifecycleNode):
             size = len(self.config.state_joint_names) or len(msg.position)
             filled = self._joint_selector.positions(msg, buffer.spare((size,)))
         except ConversionError as exc:
-            self._input_failed(buffer, exc)
+            self._input_failed(buffer, "joint_states", exc)
             return
         buffer.commit(filled, stamp_to_ns(msg.header.stamp))
 
     def _on_instruction(self, msg: String) -> None:
-        self.inputs.instruction.set(msg.data)
-        self.get_logger().info(f"instruction: {msg.data!r}")
+        text = msg.data
+        self.inputs.instruction.set(text)
+        self.get_logger().info(f"instruction: {quoted_short(text, LOG_TEXT_LIMIT)}")
+        if not text.strip():
+            self._problem_log.seen((empty_instruction_problem(self.inputs.instruction.name, text),))
 
-    def _input_failed(self, buffer: LatestBuffer, exc: ConversionError) -> None:
+    def _input_failed(self, buffer: LatestBuffer, topic: str, exc: ConversionError) -> None:
         buffer.fail(str(exc))
-        self.get_logger().error(f"input '{buffer.name}': {exc}", throttle_duration_sec=5.0)
+        # Logged when this input's problem starts (and when it clears), whatever other inputs do.
+        self._problem_log.seen((bad_input_problem(topic, buffer.name, str(exc)),))
+
+    def _write_problem_line(self, level: Level, text: str) -> None:
+        logger = self.get_logger()
+        if level is Level.ERROR:
+            logger.error(text)
+        elif level is Level.WARN:
+            logger.warning(text)
+        else:
+            logger.info(text)
 
     # --- lifecycle
 
@@ -269,6 +321,7 @@ class PolicyNode(LifecycleNode):
                 self._load_policy, self.inputs, self.config.cameras, lambda: self._runtime, self._publish_chunk,
                 max_input_age_s=self.config.max_input_age_s, trigger_camera=self.config.trigger_camera,
                 warmup=self.config.warmup, clock_ns=self.now_ns, guidance=self._rtc_request,
+                on_problems=self._problem_log.seen,
             )
             self.worker = worker
             worker.start()
@@ -396,6 +449,11 @@ class PolicyNode(LifecycleNode):
             self._columns, self._commander = columns, commander
         described = {name: limits.limit(name) for name in columns.names}
         self.get_logger().info(f"joint limits: {described}" if limits.any else "no joint limits set")
+        unused = unused_joint_limit_overrides(self)
+        if unused:
+            self.get_logger().warning(
+                f"ignored joint_limits parameter(s) of joints that are not command joints {list(columns.names)}: "
+                f"{shorten(', '.join(unused), 800)}")
 
     def _create_outputs(self) -> None:
         self._chunk_pub = self.create_lifecycle_publisher(ActionChunkMsg, "action_chunk", 10)
@@ -550,12 +608,15 @@ class PolicyNode(LifecycleNode):
                 self._publish_trajectory(commander.on_tick(situation))
             else:
                 self._publish_point(commander.on_tick(tick_ns, situation))
-            state = (commander.stats.state, commander.stats.reason)
+            state, reason = commander.stats.state, commander.stats.reason
+        # One line when the state changes; the reason's own text (a growing age) may change every tick, and the
+        # problem behind it is logged by the problem log.
         if state != self._logged_state:
             self._logged_state = state
-            if state[0] in ("holding", "stopped"):
-                self.get_logger().warning(f"commands {'hold' if state[0] == 'holding' else 'stopped'}: {state[1]}")
-            elif state[0] == "commanding":
+            if state in ("holding", "stopped"):
+                self.get_logger().warning(
+                    f"commands {'hold' if state == 'holding' else 'stopped'}: {shorten(reason or '', LOG_TEXT_LIMIT)}")
+            elif state == "commanding":
                 self.get_logger().info("commanding")
 
     def _publish_trajectory(self, command: TrajectoryCommand | None) -> None:
@@ -607,17 +668,19 @@ class PolicyNode(LifecycleNode):
             rtc = (delay, overlap, self._latency.value())
         facts = CommandFacts(self.lifecycle_state, execution, loop.stats() if loop is not None else None,
                              self._commands_off(), self._configure_error, rtc)
+        worker_status = worker.status() if worker is not None else WorkerStatus.without_worker()
+        inputs = self.inputs.states()
+        rate_mode = f"trigger:{trigger}" if trigger else "timer"
+        problems = gather_problems(worker_status, inputs, self._runtime, self.model_facts, rate_mode=rate_mode,
+                                   commands=facts)
         status = build_status(
-            f"{self.get_fully_qualified_name()}: policy",
-            worker.status() if worker is not None else WorkerStatus.without_worker(), self.inputs.states(),
-            self._runtime, self.model_facts, rate_mode=f"trigger:{trigger}" if trigger else "timer",
-            demo_requested=self.config.use_demo_model, commands=facts,
+            f"{self.get_fully_qualified_name()}: policy", worker_status, inputs, self._runtime, self.model_facts,
+            rate_mode=rate_mode, demo_requested=self.config.use_demo_model, commands=facts, problems=problems,
         )
-        if execution is not None and execution.clipping_frequent:
-            self.get_logger().warning(
-                f"joint limits clip {100 * execution.clipped_recent_fraction:.0f} % of recent commands",
-                throttle_duration_sec=10.0)
         self._diagnostics_pub.publish(build_array(status, self.get_clock().now().to_msg()))
+        self._problem_log.seen(problems)
+        self._problem_log.sweep()
+        self._heap_trimmer.check(self.inputs.held_bytes())  # after huge frames: memory back to the OS
 
     # --- run-time parameters
 
@@ -650,15 +713,22 @@ def _blend_settings(runtime: RuntimeSettings) -> BlendSettings:
                          runtime.temporal_ensemble_decay)
 
 
-class _RosLogHandler(logging.Handler):
-    """Sends the engine's Python `logging` records to the node's ROS logger (console and /rosout)."""
+_TRACEBACK_FORMATTER = logging.Formatter()
 
-    def __init__(self, node: Node) -> None:
+
+class _RosLogHandler(logging.Handler):
+    """Sends Python `logging` records (the engine's, Python warnings) to the node's ROS logger (console and
+    /rosout), under a child logger (`<node>.engine`, `<node>.warnings`)."""
+
+    def __init__(self, node: Node, child: str = "engine") -> None:
         super().__init__(logging.INFO)
-        self._logger = node.get_logger().get_child("engine")
+        self._logger = node.get_logger().get_child(child)
 
     def emit(self, record: logging.LogRecord) -> None:
-        message = self.format(record)
+        # The message shortened (an engine warning may quote a 100,000-character prompt), a traceback in full.
+        message = shorten(record.getMessage(), LOG_TEXT_LIMIT)
+        if record.exc_info:
+            message += "\n" + _TRACEBACK_FORMATTER.formatException(record.exc_info)
         if record.levelno >= logging.ERROR:
             self._logger.error(message)
         elif record.levelno >= logging.WARNING:
@@ -670,16 +740,24 @@ class _RosLogHandler(logging.Handler):
 def main(argv: list[str] | None = None) -> NoReturn:
     """Run the node until SIGINT/SIGTERM (or a remote shutdown transition), then exit the process.
     Exit codes: 0 stopped, 1 model failed to load or does not fit the parameters (autostart), 2 bad parameters."""
-    stop = init_ros(argv)  # a signal only sets `stop`; shutdown runs in order below
+    stop = init_ros(argv, dds_profile=True)  # a signal only sets `stop`; shutdown runs in order below
     try:
         node = PolicyNode(stop_event=stop)
     except ConfigError as exc:
         get_logger(NODE_NAME).fatal(f"bad parameters: {exc}")
         rclpy.try_shutdown()
         sys.exit(2)
+    profile = os.environ.get("FASTRTPS_DEFAULT_PROFILES_FILE")
+    node.get_logger().info(f"Fast DDS profile: {profile or 'none (rmw defaults)'}")
     engine_log = logging.getLogger("pi05_ros")
     engine_log.setLevel(logging.INFO)
     engine_log.addHandler(_RosLogHandler(node))
+    # Python warnings reach the node's log (console and /rosout) too, each as Python shows it (once per place):
+    # e.g. rclpy's "failed to send response (timeout)" when a parameter reply could not be delivered.
+    logging.captureWarnings(True)
+    warnings_log = logging.getLogger("py.warnings")
+    warnings_log.addHandler(_RosLogHandler(node, "warnings"))
+    warnings_log.propagate = False
 
     executor = SingleThreadedExecutor()
     executor.add_node(node)

@@ -23,6 +23,19 @@ class Observation:
     stamp_ns: int  # newest stamp among the inputs used (after the stamp rule: execution/stamps.py)
 
 
+def bad_input_problem(topic: str, name: str, error: str) -> Problem:
+    """An input's newest message could not be used (ERROR): its conversion or an input rule refused it."""
+    return Problem(Level.ERROR, ProblemCode.BAD_INPUT, f"'{topic}': {error}", name)
+
+
+def empty_instruction_problem(name: str, text: str) -> Problem:
+    """The newest instruction is empty or only whitespace (ERROR): nothing is inferred until a non-empty one."""
+    return Problem(Level.ERROR, ProblemCode.BAD_INPUT,
+                   f"the newest '{name}' message is {'empty' if not text else 'only whitespace'}, so the task prompt "
+                   f"is empty: nothing is inferred until a non-empty instruction arrives; publish one on '{name}'",
+                   name)
+
+
 class ObservationCollector:
     """Takes the newest value of every camera, the joint state and the instruction; checks each is there,
     convertible and younger than `max_input_age_s`."""
@@ -45,17 +58,18 @@ class ObservationCollector:
         for topic, _, buffer in self._sources():
             state = buffer.state(now_ns)
             if state.error is not None:
-                problems.append(Problem(Level.ERROR, ProblemCode.BAD_INPUT, f"'{topic}': {state.error}"))
+                problems.append(bad_input_problem(topic, buffer.name, state.error))
             elif state.age_s is None:
-                problems.append(Problem(Level.WARN, ProblemCode.MISSING_INPUT, f"no usable message yet on '{topic}'"))
+                problems.append(Problem(Level.WARN, ProblemCode.MISSING_INPUT, f"no usable message yet on '{topic}'",
+                                        buffer.name))
             elif state.age_s > self._max_age:
-                problems.append(self._stale(topic, state.age_s))
+                problems.append(self._stale(topic, buffer.name, state.age_s))
         return tuple(problems)
 
-    def _stale(self, topic: str, age_s: float) -> Problem:
+    def _stale(self, topic: str, name: str, age_s: float) -> Problem:
         return Problem(Level.WARN, ProblemCode.STALE_INPUT,
                        f"'{topic}' is stale: newest message is {age_s:.2f} s old > max_input_age_s {self._max_age:g}; "
-                       "check that its publisher runs")
+                       "check that its publisher runs", name)
 
     def collect(self, default_instruction: str,
                 now_ns: int | None = None) -> tuple[Observation | None, tuple[Problem, ...]]:
@@ -68,28 +82,32 @@ class ObservationCollector:
         for topic, slot, buffer in self._sources():
             error = buffer.error
             if error is not None:
-                problems.append(Problem(Level.ERROR, ProblemCode.BAD_INPUT, f"'{topic}': {error}"))
+                problems.append(bad_input_problem(topic, buffer.name, error))
                 continue
             sample = buffer.take()
             if sample is None:
-                problems.append(Problem(Level.WARN, ProblemCode.MISSING_INPUT, f"no message yet on '{topic}'"))
+                problems.append(Problem(Level.WARN, ProblemCode.MISSING_INPUT, f"no message yet on '{topic}'",
+                                        buffer.name))
                 continue
             age = (now_ns - sample.received_ns) / 1e9
             if age > self._max_age:
-                problems.append(self._stale(topic, age))
+                problems.append(self._stale(topic, buffer.name, age))
                 continue
             stamps.append(sample.stamp_ns)
             if slot:
                 images[slot] = sample.data
             else:
                 state = sample.data
-        prompt = self._inputs.instruction.get()
+        instruction = self._inputs.instruction
+        prompt = instruction.get()
         if prompt is None:
             prompt = default_instruction
             if not prompt:
                 problems.append(Problem(
                     Level.WARN, ProblemCode.NO_INSTRUCTION, "no instruction yet: publish std_msgs/String on "
-                    "'instruction' (transient local) or set default_instruction"))
+                    "'instruction' (transient local) or set default_instruction", instruction.name))
+        elif not prompt.strip():
+            problems.append(empty_instruction_problem(instruction.name, prompt))
         if problems or state is None:
             return None, tuple(problems)
         return Observation(images, state, prompt, max(stamps)), ()

@@ -16,9 +16,11 @@ from rcl_interfaces.msg import (
     IntegerRange,
     ParameterDescriptor,
 )
+from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
+from pi05_ros.ros.input_rules import DEFAULT_MAX_IMAGE_SIDE, MAX_IMAGE_SIDE_LIMIT, MIN_IMAGE_SIDE
 from pi05_ros.ros.settings import CameraConfig, ExecutionParams, RuntimeSettings
 
 # Mirrors pi05_ros.engine.policy.MAX_DENOISE_STEPS (a test keeps them equal); not imported so that this module
@@ -180,6 +182,11 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("rtc_schedule", "exp", "blend rtc: how the soft mask decays after the actions that run during the "
               "inference: exp, linear, ones (no decay) or zeros (only those).", _S, dynamic=True,
               choices=("exp", "linear", "ones", "zeros")),
+) + (
+    # --- input rules (issue 11): inputs well-formed but wrong (docs/ros_node.md, "Input rules")
+    ParamSpec("max_abs_joint_position", 1.0e4, "A joint_states position further from 0 than this (or NaN, inf) is "
+              "refused, naming the joint: the input is unusable until a good message, commands hold. Positions are "
+              "rad or m.", _F, float_range=(1e-3, 1e12)),
 )
 
 LIMIT_FIELDS = ("min_position", "max_position", "max_velocity", "max_acceleration")
@@ -204,6 +211,14 @@ def camera_parameters(camera: str) -> tuple[ParamSpec, ...]:
                   f"'raw': sensor_msgs/Image on '{camera}' (rgb8, bgr8, rgba8, bgra8, mono8); 'compressed': "
                   f"sensor_msgs/CompressedImage (jpeg/png) on '{camera}/compressed'.", _S,
                   constraints="raw, compressed"),
+        # --- input rules (issue 11): the largest frame, which bounds the camera's buffers
+        ParamSpec(f"camera.{camera}.max_width", DEFAULT_MAX_IMAGE_SIDE,
+                  f"Widest frame accepted on camera input '{camera}' (pixels); wider ones are refused before any "
+                  "copy. With max_height it bounds the camera's three buffers (max_width*max_height*3 bytes each).",
+                  _I, int_range=(MIN_IMAGE_SIDE, MAX_IMAGE_SIDE_LIMIT)),
+        ParamSpec(f"camera.{camera}.max_height", DEFAULT_MAX_IMAGE_SIDE,
+                  f"Tallest frame accepted on camera input '{camera}' (pixels); see max_width.", _I,
+                  int_range=(MIN_IMAGE_SIDE, MAX_IMAGE_SIDE_LIMIT)),
     )
 
 
@@ -234,6 +249,7 @@ class NodeConfig:
     action_joint_names: tuple[str, ...]
     runtime: RuntimeSettings  # the values at startup; the node keeps the current ones
     execution: ExecutionParams  # issue 13
+    max_abs_joint_position: float = float("inf")  # issue 11: input rules
 
     @property
     def use_demo_model(self) -> bool:
@@ -254,15 +270,16 @@ def declare_parameters(node: Node) -> NodeConfig:
         raise ConfigError(f"parameter `cameras` names a camera twice: {list(cameras)}")
     camera_configs = []
     for camera in cameras:
-        slot_spec, transport_spec = camera_parameters(camera)
+        slot_spec, transport_spec, max_width_spec, max_height_spec = camera_parameters(camera)
         slot, transport = _declare(node, slot_spec), _declare(node, transport_spec)
+        max_width, max_height = _declare(node, max_width_spec), _declare(node, max_height_spec)
         if not slot:
             raise ConfigError(f"camera '{camera}' has no model slot; set camera.{camera}.slot (e.g. base_0_rgb)")
         if transport not in CAMERA_TRANSPORTS:
             raise ConfigError(
                 f"camera.{camera}.transport is '{transport}'; use one of {', '.join(CAMERA_TRANSPORTS)}"
             )
-        camera_configs.append(CameraConfig(camera, slot, transport))
+        camera_configs.append(CameraConfig(camera, slot, transport, max_width, max_height))
     slots = [camera.slot for camera in camera_configs]
     if len(set(slots)) != len(slots):
         raise ConfigError(f"two cameras feed the same model slot ({slots}); give each camera its own slot")
@@ -300,6 +317,7 @@ def declare_parameters(node: Node) -> NodeConfig:
         action_joint_names=tuple(values["action_joint_names"]),
         runtime=runtime,
         execution=execution,
+        max_abs_joint_position=values["max_abs_joint_position"],
     )
 
 
@@ -340,12 +358,70 @@ def declare_joint_limits(node: Node, joints: Sequence[str]) -> dict[str, dict[st
 
 
 def _declare(node: Node, spec: ParamSpec) -> Any:
+    """Declare one parameter and return its value. A startup override that cannot apply (wrong type, out of range,
+    no value) raises ConfigError naming it: rclpy would raise a bare exception, or (for an empty list `[]`, which
+    carries no type) silently keep the default."""
     # An empty list default cannot carry its type (rclpy would guess BYTE_ARRAY): declare by type instead.
     initial = spec.type_ if spec.default == [] else spec.default
-    value = node.declare_parameter(spec.name, initial, spec.descriptor()).value
+    try:
+        value = node.declare_parameter(spec.name, initial, spec.descriptor()).value
+    except InvalidParameterTypeException as exc:
+        given = _override_value(node, spec.name)
+        raise ConfigError(
+            f"parameter {spec.name} is set to {given!r} ({_type_word(type(given))}) at startup (params file or "
+            f"-p {spec.name}:=...), but it is {_TYPE_WORDS[spec.type_]}; {_TYPE_HINTS[spec.type_]}") from exc
+    except InvalidParameterValueException as exc:
+        given = _override_value(node, spec.name)
+        reason = str(exc).split("Reason: ", 1)[-1]
+        raise ConfigError(f"parameter {spec.name} is set to {given!r} at startup, which it cannot take: {reason}") \
+            from exc
     if value is None:
-        return list(spec.default) if isinstance(spec.default, list) else spec.default
+        if isinstance(spec.default, list):
+            # `-p name:=[]` (or `name: []` in YAML) arrives without a type: it means an empty list, not "unset".
+            return []
+        raise ConfigError(f"parameter {spec.name} is given without a value at startup (`{spec.name}: ~` or null); "
+                          f"give it {_TYPE_WORDS[spec.type_]} or leave it out for the default {spec.default!r}")
     return value
+
+
+_TYPE_WORDS = {_S: "a string", _B: "a bool", _I: "an integer", _F: "a double", _SA: "a list of strings"}
+_TYPE_HINTS = {
+    _S: "quote the value ('...') if it looks like a number or a bool",
+    _B: "write true or false",
+    _I: "write a whole number without a decimal point",
+    _F: "write it with a decimal point (e.g. 5.0, not 5): ROS 2 parameter types are strict",
+    _SA: "write a list, e.g. [base_image] or [\"joint_1\", \"joint_2\"]",
+}
+
+
+def _type_word(python_type: type) -> str:
+    words = {str: "a string", bool: "a bool", int: "an integer", float: "a double", list: "a list"}
+    return words.get(python_type, python_type.__name__)
+
+
+def _override_value(node: Node, name: str) -> Any:
+    override = _startup_overrides(node).get(name)
+    return None if override is None else override.value
+
+
+def _startup_overrides(node: Node) -> dict[str, Parameter]:
+    """The parameter overrides the node started with (params files and -p). rclpy 7.1.6 keeps them in
+    Node._parameter_overrides and has no public accessor; an rclpy without it yields none."""
+    return dict(getattr(node, "_parameter_overrides", {}) or {})
+
+
+def unused_overrides(node: Node) -> list[str]:
+    """Names of startup overrides that match no declared parameter: typos, a camera.<name>.* for a camera not in
+    `cameras`, or another node's parameters in a shared params file. joint_limits.* are declared at configure and
+    judged there (`unused_joint_limit_overrides`)."""
+    return sorted(name for name in _startup_overrides(node)
+                  if not node.has_parameter(name) and not name.startswith("joint_limits."))
+
+
+def unused_joint_limit_overrides(node: Node) -> list[str]:
+    """joint_limits.* overrides that name no command joint (call after declare_joint_limits)."""
+    return sorted(name for name in _startup_overrides(node)
+                  if name.startswith("joint_limits.") and not node.has_parameter(name))
 
 
 def validate_runtime_value(name: str, value: Any) -> str | None:

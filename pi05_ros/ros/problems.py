@@ -33,6 +33,9 @@ class ProblemCode(enum.StrEnum):
     HOLDING = "holding"  # commands hold (or stop) while the node is active: the reason is in the message
     CLIPPING = "clipping"  # joint limits clip many commands
     NOT_COMMANDING = "not_commanding"  # the node cannot command (a demo model without allow_demo_commands)
+    # --- issue 11
+    PROMPT_TRUNCATED = "prompt_truncated"  # the prompt has more tokens than the model keeps (chunks still come)
+    PUBLISH_FAILED = "publish_failed"  # handing a chunk to its publishers or the commander raised
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,9 @@ class Problem:
     level: Level
     code: ProblemCode
     message: str
+    # What it concerns (an input's name, an exception type): with the code it tells distinct problems apart, so
+    # the log (problem_log.py) says once when each starts and once when it ends while its message may change.
+    subject: str = ""
 
 
 # When a tick has several problems, it is counted under the first of these it has.
@@ -51,3 +57,16 @@ def skip_reason(problems: Iterable[Problem]) -> ProblemCode:
     """The one code a tick without inference is counted under."""
     codes = {problem.code for problem in problems}
     return next((code for code in _SKIP_ORDER if code in codes), ProblemCode.MISSING_INPUT)
+
+
+def shorten(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters, saying how long it was (for logs and /diagnostics)."""
+    if len(text) <= limit:
+        return text
+    suffix = f"... ({len(text)} characters)"
+    return text[: max(0, limit - len(suffix))] + suffix
+
+
+def quoted_short(text: str, limit: int) -> str:
+    """`text` quoted (repr), its first `limit` characters when longer, saying how long it was."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"

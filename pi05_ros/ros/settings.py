@@ -11,6 +11,9 @@ class CameraConfig:
     name: str  # input name == relative topic of raw images
     slot: str
     transport: str
+    # --- input rules (issue 11): the largest frame this camera takes (ros/input_rules.py)
+    max_width: int = 2048
+    max_height: int = 2048
 
     @property
     def topic(self) -> str:

@@ -23,7 +23,7 @@ import numpy as np
 
 from pi05_ros.ros.inputs import InputBuffers
 from pi05_ros.ros.observation import Observation, ObservationCollector
-from pi05_ros.ros.problems import Level, Problem, ProblemCode, skip_reason
+from pi05_ros.ros.problems import Level, Problem, ProblemCode, shorten, skip_reason
 from pi05_ros.ros.schedule import RateScheduler
 
 if TYPE_CHECKING:
@@ -38,6 +38,7 @@ RATE_WINDOW_S = 3.0  # achieved rate is measured over the chunks of the last few
 STATS_REFRESH_S = 0.5  # how often the worker recomputes the stage summary for diagnostics
 WARMUP_PROMPT = "warm up"
 NO_CLOCK_MESSAGE = "no clock yet: use_sim_time is true and nothing has been published on /clock"
+TRACEBACKS_KEPT = 32  # distinct engine errors whose traceback was logged (each is logged once)
 
 
 class Phase(enum.Enum):
@@ -68,6 +69,9 @@ class WorkerStatus:
     last_denoise_steps: int | None
     stage_stats: dict[str, dict[str, float]]
     gpu_memory: dict[str, float] = field(default_factory=dict)  # MiB: allocated, reserved, peak
+    # --- issue 11: what the last published chunk's prompt was, and problems that do not stop publishing
+    notices: tuple[Problem, ...] = ()  # e.g. the prompt was cut to the model's token limit
+    prompt: PromptFacts | None = None
 
     @classmethod
     def without_worker(cls) -> WorkerStatus:
@@ -78,6 +82,28 @@ class WorkerStatus:
     def rate_measured(self) -> bool:
         """Whether achieved_rate_hz covers a full window of steady publishing (before that it ramps up)."""
         return self.steady_for_s >= RATE_WINDOW_S
+
+
+@dataclass(frozen=True)
+class PromptFacts:
+    """The prompt of the last published chunk, for diagnostics."""
+
+    text: str
+    tokens: int  # tokens the model saw (state included)
+    max_tokens: int  # the model's max_token_len
+    full_tokens: int  # tokens of the whole prompt; more than max_tokens: it was cut
+
+    @property
+    def truncated(self) -> bool:
+        return self.full_tokens > self.max_tokens
+
+
+def prompt_truncated_problem(facts: PromptFacts) -> Problem:
+    return Problem(
+        Level.WARN, ProblemCode.PROMPT_TRUNCATED,
+        f"the instruction is {facts.full_tokens} tokens with the state, more than this model's max_token_len "
+        f"{facts.max_tokens}: the model does not see its last {facts.full_tokens - facts.max_tokens} tokens "
+        f"(ending '{shorten(facts.text[-60:], 60)}'); shorten the instruction", "instruction")
 
 
 class WorkerCounters:
@@ -97,6 +123,8 @@ class WorkerCounters:
         self._last_steps: int | None = None
         self._stage_summary: dict[str, dict[str, float]] = {}
         self._gpu_memory: dict[str, float] = {}
+        self._notices: tuple[Problem, ...] = ()
+        self._prompt: PromptFacts | None = None
 
     @property
     def phase(self) -> Phase:
@@ -123,7 +151,8 @@ class WorkerCounters:
             self._problems = (problem,)
             self._streak_start = None
 
-    def published_chunk(self, now: float, latency_s: float, num_steps: int) -> None:
+    def published_chunk(self, now: float, latency_s: float, num_steps: int, prompt: PromptFacts | None = None,
+                        notices: tuple[Problem, ...] = ()) -> None:
         with self._lock:
             self._inferences += 1
             self._published += 1
@@ -133,12 +162,13 @@ class WorkerCounters:
             self._last_latency_ms = latency_s * 1e3
             self._last_steps = num_steps
             self._problems = ()
+            self._prompt, self._notices = prompt, notices
 
     def last_failure(self) -> str | None:
         """The message of the last attempt when it was a failed inference (bad input or engine error)."""
         with self._lock:
-            failed = [p for p in self._problems if p.code in (ProblemCode.BAD_INPUT, ProblemCode.INFERENCE_FAILED)
-                      and p.level is Level.ERROR]
+            failed = [p for p in self._problems if p.code in (ProblemCode.BAD_INPUT, ProblemCode.INFERENCE_FAILED,
+                                                              ProblemCode.PUBLISH_FAILED) and p.level is Level.ERROR]
             return failed[0].message if failed and self._problems else None
 
     def missed_ticks(self, count: int) -> None:
@@ -164,7 +194,8 @@ class WorkerCounters:
                 inferences=self._inferences, published=self._published, skipped=dict(self._skipped),
                 overruns=self._overruns, errors=self._errors, achieved_rate_hz=recent / RATE_WINDOW_S,
                 steady_for_s=steady, last_latency_ms=self._last_latency_ms, last_denoise_steps=self._last_steps,
-                stage_stats=self._stage_summary, gpu_memory=dict(self._gpu_memory),
+                stage_stats=self._stage_summary, gpu_memory=dict(self._gpu_memory), notices=self._notices,
+                prompt=self._prompt,
             )
 
 
@@ -190,9 +221,13 @@ class InferenceWorker:
         warmup: int = 0,
         clock_ns: Callable[[], int] = time.monotonic_ns,
         guidance: GuidanceFn | None = None,
+        on_problems: Callable[[tuple[Problem, ...]], None] | None = None,
     ) -> None:
         self._load_policy = load_policy
         self._guidance = guidance  # real-time chunking: what the new chunk must agree with (node, blend rtc)
+        self._on_problems = on_problems  # told what each tick that published nothing found (the problem log)
+        self._tracebacks_logged: deque[str] = deque(maxlen=TRACEBACKS_KEPT)
+        self._prompt_full_tokens: tuple[str, int] | None = None  # (prompt, its full token count), the last one cut
         self._cameras = cameras
         self._runtime = runtime
         self._publish = publish
@@ -332,11 +367,11 @@ class InferenceWorker:
     def _tick(self, settings: RuntimeSettings) -> None:
         started_ns = self._clock_ns()
         if started_ns <= 0:  # use_sim_time and no /clock yet
-            self._counters.skipped_tick((Problem(Level.WARN, ProblemCode.NO_CLOCK, NO_CLOCK_MESSAGE),))
+            self._skipped((Problem(Level.WARN, ProblemCode.NO_CLOCK, NO_CLOCK_MESSAGE),))
             return
         observation, problems = self._collector.collect(settings.default_instruction, started_ns)
         if observation is None:
-            self._counters.skipped_tick(problems)
+            self._skipped(problems)
             return
         from pi05_ros.engine.errors import InputError
 
@@ -347,21 +382,77 @@ class InferenceWorker:
             chunk = self.policy.infer(observation.images, observation.state, observation.prompt,
                                       settings.denoise_steps, **({"rtc": rtc} if rtc is not None else {}))
         except InputError as exc:
-            self._counters.failed_inference(Problem(Level.ERROR, ProblemCode.BAD_INPUT, f"bad input: {exc}"))
+            self._failed(Problem(Level.ERROR, ProblemCode.BAD_INPUT, f"bad input: {exc}", "observation"))
             return
         except Exception as exc:  # noqa: BLE001 - the node keeps running and reports it
-            log.exception("inference failed")
-            self._counters.failed_inference(Problem(Level.ERROR, ProblemCode.INFERENCE_FAILED,
-                                                    f"inference failed: {type(exc).__name__}: {exc}"))
+            self._log_traceback_once("inference failed", exc)
+            self._failed(Problem(Level.ERROR, ProblemCode.INFERENCE_FAILED,
+                                 f"inference failed: {type(exc).__name__}: {shorten(str(exc), 300)}",
+                                 type(exc).__name__))
             return
         latency = time.perf_counter() - start
         self._stats.add(chunk.timings)
-        self._publish(chunk, observation, latency, settings, started_ns)
+        if not np.isfinite(chunk.actions).all():  # a GPU fault or an overflow: nothing of it may go out
+            bad = int((~np.isfinite(chunk.actions)).sum())
+            self._failed(Problem(Level.ERROR, ProblemCode.INFERENCE_FAILED,
+                                 f"inference returned {bad} non-finite action value(s) (NaN/inf) of "
+                                 f"{chunk.actions.size}; nothing was published. A numeric fault in the engine "
+                                 "(fp8 overflow, a GPU error): check /diagnostics' precision, restart the node if it "
+                                 "persists", "non_finite_actions"))
+            return
+        try:
+            self._publish(chunk, observation, latency, settings, started_ns)
+        except Exception as exc:  # noqa: BLE001 - a chunk that cannot be published must not end the thread
+            self._log_traceback_once("publishing a chunk failed", exc)
+            self._failed(Problem(Level.ERROR, ProblemCode.PUBLISH_FAILED,
+                                 f"publishing a chunk failed: {type(exc).__name__}: {shorten(str(exc), 300)}",
+                                 type(exc).__name__))
+            return
         now = time.monotonic()
-        self._counters.published_chunk(now, latency, chunk.num_steps)
+        prompt = self._prompt_facts(observation, chunk)
+        notices = (prompt_truncated_problem(prompt),) if prompt is not None and prompt.truncated else ()
+        self._counters.published_chunk(now, latency, chunk.num_steps, prompt, notices)
+        if notices and self._on_problems is not None:
+            self._on_problems(notices)
         if now - self._stats_refreshed >= STATS_REFRESH_S:
             self._stats_refreshed = now
             self._counters.set_stage_summary(self._stats.summary(), _gpu_memory_mib(self.policy.device))
+
+    def _skipped(self, problems: tuple[Problem, ...]) -> None:
+        self._counters.skipped_tick(problems)
+        if self._on_problems is not None:
+            self._on_problems(problems)
+
+    def _failed(self, problem: Problem) -> None:
+        self._counters.failed_inference(problem)
+        if self._on_problems is not None:
+            self._on_problems((problem,))
+
+    def _log_traceback_once(self, what: str, exc: Exception) -> None:
+        """The traceback of each distinct error (type and message) once: at 10 Hz a persistent GPU error would
+        otherwise print one per inference. Its start and end are logged by the problem log."""
+        key = f"{type(exc).__name__}: {exc}"
+        if key in self._tracebacks_logged:
+            return
+        self._tracebacks_logged.append(key)
+        log.error("%s (traceback shown once for this error)", what, exc_info=exc)
+
+    def _prompt_facts(self, observation: Observation, chunk: ActionChunk) -> PromptFacts | None:
+        """How many tokens the chunk's prompt had. Only a prompt that filled every token may have been cut; its
+        whole length is counted once per prompt (with the state of that first time: the state's few tokens may
+        differ later by one or two)."""
+        policy = self.policy
+        max_tokens = int(getattr(getattr(policy, "config", None), "max_token_len", 0) or 0)
+        if policy is None or not max_tokens or not chunk.num_prompt_tokens:
+            return None
+        full = chunk.num_prompt_tokens
+        if full >= max_tokens:
+            cached = self._prompt_full_tokens
+            if cached is None or cached[0] != observation.prompt:
+                cached = (observation.prompt, policy.prompt_tokens(observation.prompt, observation.state))
+                self._prompt_full_tokens = cached
+            full = cached[1]
+        return PromptFacts(observation.prompt, chunk.num_prompt_tokens, max_tokens, full)
 
 
 def _gpu_memory_mib(device: str) -> dict[str, float]:

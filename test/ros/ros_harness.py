@@ -53,6 +53,20 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
+def publish_large_frames(segment_mib: int | None = None) -> Path:
+    """Make this process's DDS participants (created after this call) able to publish large frames without loss:
+    the package's config/fastdds_large_frames.xml (a 16 MiB shared-memory segment), or a copy with another segment
+    size. For tools that publish 640x480 or larger frames; the tests' frames are small."""
+    profile = package_prefix() / "share" / "pi05_ros" / "config" / "fastdds_large_frames.xml"
+    if segment_mib is not None:
+        text = profile.read_text().replace("<segment_size>16777216</segment_size>",
+                                           f"<segment_size>{segment_mib * 2**20}</segment_size>")
+        profile = Path(f"/tmp/pi05_large_frames_{os.getpid()}_{segment_mib}.xml")
+        profile.write_text(text)
+    os.environ["FASTRTPS_DEFAULT_PROFILES_FILE"] = str(profile)
+    return profile
+
+
 def unique_namespace(prefix: str) -> str:
     return f"/{prefix}_{uuid.uuid4().hex[:8]}"
 
@@ -60,14 +74,18 @@ def unique_namespace(prefix: str) -> str:
 class NodeProcess:
     """An installed executable run as users run it: `<exe> --ros-args --params-file ... -p k:=v`."""
 
-    def __init__(self, executable: str, namespace: str, *ros_args: str, params_file: Path | None = None) -> None:
+    def __init__(self, executable: str | Path, namespace: str, *ros_args: str, params_file: Path | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        """`executable`: an installed executable's name, or the path of a script (test/ros/fault_node.py)."""
         self.namespace = namespace
-        args = [sys.executable, str(installed_executable(executable)), "--ros-args"]
+        program = executable if isinstance(executable, Path) else installed_executable(executable)
+        args = [sys.executable, str(program), "--ros-args"]
         if params_file is not None:
             args += ["--params-file", str(params_file)]
         args += ["-r", f"__ns:={namespace}", *ros_args]
         self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=_die_with_parent)
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                                        preexec_fn=_die_with_parent)
         self._lines: list[str] = []
         self._lock = threading.Lock()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -134,6 +152,49 @@ class NodeProcess:
         self._reader.join(2.0)
 
 
+SHM_DIR = Path("/dev/shm")
+
+
+def dds_shm_segments(pid: int) -> set[str]:
+    """The Fast DDS shared-memory files (in /dev/shm) a process maps or holds open: its participant's segment and
+    the port segments it uses, with their `_el` lock files."""
+    names: set[str] = set()
+    try:
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+            if "/dev/shm/fastrtps_" in line:
+                names.add(line.split("/dev/shm/", 1)[1].replace(" (deleted)", "").strip())
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("/dev/shm/fastrtps_"):
+                names.add(target[len("/dev/shm/"):].replace(" (deleted)", ""))
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return names
+
+
+def shm_users(name: str, exclude_pid: int | None = None) -> list[int]:
+    """Live processes that map /dev/shm/<name> (a port segment is shared by every participant on that port)."""
+    users = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == exclude_pid:
+            continue
+        try:
+            if f"/dev/shm/{name}" in (proc / "maps").read_text():
+                users.append(int(proc.name))
+        except OSError:
+            continue
+    return users
+
+
+def leftover_shm(segments: set[str], pid: int) -> list[str]:
+    """Of a stopped process's DDS segments, those still in /dev/shm that no other live process uses."""
+    return sorted(name for name in segments if (SHM_DIR / name).exists()
+                  and not shm_users(name.removesuffix("_el"), exclude_pid=pid))
+
+
 def make_image(height: int, width: int, encoding: str = "rgb8", stamp_ns: int = 0,
                pixels: np.ndarray | None = None, pad: int = 0) -> Any:
     """A sensor_msgs/Image; RGB `pixels` (or a gradient) converted to `encoding`, rows padded by `pad` bytes."""
@@ -184,10 +245,12 @@ class Driver:
     node publishes, and sets its parameters through the real parameter services."""
 
     def __init__(self, namespace: str, cameras: dict[str, str] | None = None, feed_period_s: float = 0.05,
-                 sim_clock_ns: int | None = None) -> None:
+                 sim_clock_ns: int | None = None, on_chunk: Callable[[float, Any], None] | None = None) -> None:
         """`cameras`: input name -> transport ('raw' or 'compressed'), as the node under test is configured.
         `sim_clock_ns`: publish /clock (rosgraph_msgs/Clock) at this time, for a node with use_sim_time; it stays
-        put until the test moves it (`clock_ns`), and the feeder then stamps inputs from it."""
+        put until the test moves it (`clock_ns`), and the feeder then stamps inputs from it.
+        `on_chunk`: called with (arrival, chunk) for each action chunk instead of keeping chunks, trajectories and
+        commands (a soak of 100,000 chunks would otherwise hold them all); `received` counts them either way."""
         import rclpy
         from diagnostic_msgs.msg import DiagnosticArray
         from lifecycle_msgs.srv import ChangeState, GetState
@@ -219,10 +282,17 @@ class Driver:
         self.frames_published = 0
         status_name = f"{namespace}/pi05_policy: policy"
 
-        def record(store: list[tuple[float, Any]]) -> Callable[[Any], None]:
+        self.received = {"chunks": 0, "trajectories": 0, "commands": 0}
+
+        def record(store: list[tuple[float, Any]], kind: str) -> Callable[[Any], None]:
             def callback(msg: Any) -> None:
+                now = time.monotonic()
                 with self._lock:
-                    store.append((time.monotonic(), msg))
+                    self.received[kind] += 1
+                    if on_chunk is None:
+                        store.append((now, msg))
+                if on_chunk is not None and kind == "chunks":
+                    on_chunk(now, msg)
             return callback
 
         def on_diagnostics(msg: Any) -> None:
@@ -231,10 +301,11 @@ class Driver:
                     with self._lock:
                         self.statuses.append((time.monotonic(), status))
 
-        self.node.create_subscription(ActionChunk, "action_chunk", record(self.chunks), 50)
-        self.node.create_subscription(JointTrajectory, "joint_trajectory", record(self.trajectories), 50)
+        self.node.create_subscription(ActionChunk, "action_chunk", record(self.chunks, "chunks"), 50)
+        self.node.create_subscription(JointTrajectory, "joint_trajectory",
+                                      record(self.trajectories, "trajectories"), 50)
         self.node.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics, 50)
-        self.node.create_subscription(Float64MultiArray, "commands", record(self.commands), 50)
+        self.node.create_subscription(Float64MultiArray, "commands", record(self.commands, "commands"), 50)
         self.clock_pub = self.node.create_publisher(Clock, "/clock", 10) if sim_clock_ns is not None else None
         self.change_state = self.node.create_client(ChangeState, f"{namespace}/pi05_policy/change_state")
         self.get_state = self.node.create_client(GetState, f"{namespace}/pi05_policy/get_state")
@@ -258,6 +329,7 @@ class Driver:
             for i, (name, transport) in enumerate(cameras.items())
         }
         self.joint_factory: Callable[[int], Any] = self.good_joints
+        self.paused_cameras: set[str] = set()  # cameras the feeder skips (a camera that stops), by input name
         self.feeding = threading.Event()
         self.feeding.set()
         self.last_feed_ns = 0  # time.time_ns() when the feeder last published inputs
@@ -307,7 +379,8 @@ class Driver:
                 self.published_stamps.update((image_stamp, joint_stamp))
                 self.frames_published += 1
             for name, publisher in self.image_pubs.items():
-                publisher.publish(self.image_factory[name](image_stamp))
+                if name not in self.paused_cameras:
+                    publisher.publish(self.image_factory[name](image_stamp))
             self.joint_pub.publish(self.joint_factory(joint_stamp))
 
     def lifecycle(self, transition: str, timeout: float = 60.0) -> bool:
@@ -433,3 +506,24 @@ def status_values(status: Any) -> dict[str, str]:
 
 def status_level(status: Any) -> int:
     return status.level[0] if isinstance(status.level, bytes | bytearray) else int(status.level)
+
+
+def stop_and_watch_graph(node: NodeProcess, driver: Driver, sig: int, watch_s: float = 30.0) -> dict[str, Any]:
+    """Send `sig` to a running policy node and measure what a clean leave needs: seconds from the signal until
+    `driver` (a peer) no longer sees the node in its graph (None: still there after `watch_s`), until the node's
+    own last line (its stop report, on the machine-wide monotonic clock), its exit code, and which of its DDS
+    shared-memory files remain that no other live process uses."""
+    pid = node.process.pid
+    segments = dds_shm_segments(pid)
+    sent = time.monotonic()
+    node.process.send_signal(sig)
+    gone: float | None = None
+    while time.monotonic() - sent < watch_s:
+        if not driver.sees_node():
+            gone = time.monotonic() - sent
+            break
+        time.sleep(0.01)
+    code = node.wait(10.0)
+    match = re.search(r"stopped \d+\.\d+ s after the signal \(monotonic (\d+\.\d+)\)", node.output())
+    return {"gone_s": gone, "stop_s": float(match.group(1)) - sent if match else None, "exit_code": code,
+            "segments": sorted(segments), "leftover_shm": leftover_shm(segments, pid)}

@@ -3,6 +3,9 @@ chunk -> ActionChunk / JointTrajectory messages."""
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import cv2
 import numpy as np
 import pytest
@@ -196,10 +199,45 @@ def test_joint_selector_without_names_takes_all_positions_in_message_order() -> 
     np.testing.assert_array_equal(values, np.array([0.25, -0.5], np.float32))
 
 
-def test_joint_selector_keeps_nan_for_the_engine_to_reject() -> None:
-    # The node does no validation math: NaN passes through and the engine's InputError reports it.
-    msg = JointState(name=["a"], position=[float("nan")])
-    assert np.isnan(JointSelector(["a"]).positions(msg)[0])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 1e30, 1e39, -2e4])
+def test_joint_selector_refuses_values_that_cannot_be_positions_naming_the_joint(value: float) -> None:
+    msg = JointState(name=["x", "a", "b"], position=[0.0, 0.5, value])
+    shown = "NaN" if value != value else f"{value:g}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 1e39 overflows float32: it must be named, not cast with a RuntimeWarning
+        expected = re.escape(f"b = {shown} not finite or beyond max_abs_joint_position 10000")
+        with pytest.raises(ConversionError, match=expected):
+            JointSelector(["a", "b"], max_abs_position=1e4).positions(msg)
+        # no names configured: every position is used
+        with pytest.raises(ConversionError, match=re.escape(f"b = {shown}")):
+            JointSelector([], max_abs_position=1e4).positions(msg)
+
+
+def test_joint_selector_takes_values_up_to_the_bound_and_ignores_unused_bad_ones() -> None:
+    selector = JointSelector(["a", "b"], max_abs_position=1e4)
+    msg = JointState(name=["a", "b", "unused"], position=[-1e4, 9999.5, float("nan")])
+    np.testing.assert_array_equal(selector.positions(msg), np.array([-1e4, 9999.5], np.float32))
+
+
+def test_joint_selector_names_every_bad_joint_up_to_five() -> None:
+    names = [f"j{i}" for i in range(8)]
+    msg = JointState(name=names, position=[float("nan")] * 8)
+    with pytest.raises(ConversionError, match=r"j0 = NaN, j1 = NaN, j2 = NaN, j3 = NaN, j4 = NaN and 3 more"):
+        JointSelector(names, max_abs_position=1.0).positions(msg)
+
+
+def test_joint_selector_refuses_a_used_joint_named_twice() -> None:
+    msg = JointState(name=["a", "b", "a", "c", "c"], position=[1.0, 2.0, 3.0, 4.0, 5.0])
+    with pytest.raises(ConversionError, match=r"names joint\(s\) a \(at 0, 2\) more than once"):
+        JointSelector(["b", "a"]).positions(msg)
+    # A joint the state does not use may repeat: only the state's joints must be unambiguous.
+    np.testing.assert_array_equal(JointSelector(["b"]).positions(msg), np.array([2.0], np.float32))
+    # Without state_joint_names every position is used, so any repeated name is refused.
+    with pytest.raises(ConversionError, match=r"a \(at 0, 2\), c \(at 3, 4\)"):
+        JointSelector([]).positions(msg)
+    # The verdict is cached per name list, and a good list afterwards works.
+    good = JointState(name=["a", "b"], position=[7.0, 8.0])
+    np.testing.assert_array_equal(JointSelector(["b", "a"]).positions(good), np.array([8.0, 7.0], np.float32))
 
 
 @pytest.mark.parametrize(

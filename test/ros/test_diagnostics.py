@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from pi05_ros.ros.diagnostics import DEMO_BANNER, ModelFacts, build_status
+from pi05_ros.ros.diagnostics import DEMO_BANNER, ModelFacts, build_status, gather_problems
 from pi05_ros.ros.inputs import InputState
 from pi05_ros.ros.monitor import rate_text
 from pi05_ros.ros.problems import Level, Problem, ProblemCode
 from pi05_ros.ros.settings import RuntimeSettings
-from pi05_ros.ros.worker import Phase, WorkerStatus
+from pi05_ros.ros.worker import Phase, PromptFacts, WorkerStatus, prompt_truncated_problem
 
 STAGES = ("preprocess", "vision", "total")
 RUNTIME = RuntimeSettings(denoise_steps=10, rate_hz=10.0, default_instruction="", publish_joint_trajectory=True)
@@ -24,9 +24,10 @@ INPUTS = [InputState("base_image", 100, 0.02, None, 3), InputState("joint_states
           InputState("instruction", 1, 12.0, None, 0)]
 
 
-def build(worker: WorkerStatus = RUNNING, model: ModelFacts | None = MODEL, **kwargs):
+def build(worker: WorkerStatus = RUNNING, model: ModelFacts | None = MODEL, inputs_override=None, **kwargs):
     options = {"rate_mode": "timer", "demo_requested": False, **kwargs}
-    status = build_status("/ns/pi05_policy: policy", worker, INPUTS, RUNTIME, model, **options)
+    inputs = INPUTS if inputs_override is None else inputs_override
+    status = build_status("/ns/pi05_policy: policy", worker, inputs, RUNTIME, model, **options)
     return status, {kv.key: kv.value for kv in status.values}
 
 
@@ -107,3 +108,37 @@ def test_a_target_beyond_the_device_is_named() -> None:
     assert status.level == bytes([Level.WARN]) and "rate 7.0 Hz is below rate_hz 10" in status.message
     assert "more than this cpu allows" in status.message
     assert "allows" not in build()[0].message  # 1 ms per inference: 10 Hz is well within reach
+
+
+def test_a_refused_input_is_named_even_when_no_tick_looked_at_it() -> None:
+    inputs = [InputState("base_image", 5, None, "frame is 1x1, smaller than 16 px on a side", 0), *INPUTS[1:]]
+    inactive = dataclasses.replace(RUNNING, phase=Phase.INACTIVE)
+    problems = gather_problems(inactive, inputs, RUNTIME, MODEL, rate_mode="timer")
+    assert [(p.level, p.code, p.subject) for p in problems] == [(Level.ERROR, ProblemCode.BAD_INPUT, "base_image")]
+    # The same problem from the worker's tick is not repeated.
+    ticked = dataclasses.replace(RUNNING, problems=(Problem(Level.ERROR, ProblemCode.BAD_INPUT, "'base_image': x",
+                                                            "base_image"),))
+    assert len(gather_problems(ticked, inputs, RUNTIME, MODEL, rate_mode="timer")) == 1
+
+
+def test_a_prompt_cut_to_the_token_limit_warns_while_chunks_come() -> None:
+    facts = PromptFacts("put the cup " * 40, tokens=48, max_tokens=48, full_tokens=130)
+    truncated = dataclasses.replace(RUNNING, prompt=facts, notices=(prompt_truncated_problem(facts),))
+    status, values = build(truncated)
+    assert status.level == bytes([Level.WARN]) and values["problem_count"] == "1"
+    assert "130 tokens with the state, more than this model's max_token_len 48" in status.message
+    assert "shorten the instruction" in status.message
+    assert (values["prompt.tokens"], values["prompt.max_tokens"], values["prompt.truncated"]) == ("48", "48", "true")
+    assert len(values["prompt.text"]) <= 200
+    fits = dataclasses.replace(RUNNING, prompt=PromptFacts("wipe", 12, 48, 12))
+    status, values = build(fits)
+    assert status.level == bytes([Level.OK]) and values["prompt.truncated"] == "false"
+    assert build()[1]["prompt.truncated"] == "n/a"  # before the first chunk
+
+
+def test_long_problem_messages_are_shortened_in_the_status() -> None:
+    names = ", ".join(f"joint_{i}" for i in range(10_000))
+    inputs = [InputState("joint_states", 1, None, f"lacks joint(s) x; it has [{names}]", 0)]
+    status, values = build(dataclasses.replace(RUNNING, phase=Phase.INACTIVE), inputs_override=inputs)
+    assert len(status.message) < 1100 and "characters)" in status.message
+    assert len(values["input.joint_states.error"]) == 1000

@@ -96,9 +96,19 @@ def test_chunk_mode_latency_compensation_and_untrusted_stamps_on_sim_time(driver
         assert stamped_now and duration_ns(stamped_now[0].points[0].time_from_start) == 50_000_000  # action 0
 
         # A stamp far in the future: the arrival time is used, WARN naming the clock.
+        log_from = len(node.output())
         driver.stamp_override = lambda: now + 3600 * S
-        status = driver.wait_for_status(time.monotonic(), 10.0, lambda s: "in the future" in s.message)
+        future_from = time.monotonic()
+        status = driver.wait_for_status(future_from, 10.0, lambda s: "in the future" in s.message)
         assert status is not None and "Synchronize" in status.message
+        # Nothing untrusted goes out: chunks and trajectories carry the arrival time (the standing sim clock),
+        # never the stamp an hour ahead.
+        assert driver.wait_for_chunks(3, future_from, 10.0)
+        sent = [*driver.chunks_since(future_from), *driver.trajectories_since(future_from)]
+        assert max(stamp_ns(m.header.stamp) for m in sent) <= now
+        # Logged once per input when it started (~40 messages each so far), not per message.
+        future_lines = [line for line in node.output()[log_from:].splitlines() if "in the future" in line]
+        assert sorted(line.split("'")[1] for line in future_lines) == ["base_image", "joint_states", "wrist_image"]
 
         # Near the epoch (older than max_input_age_s on arrival): not used at all; once the last usable message is
         # older than max_input_age_s (the sim clock moves on by 1 s), nothing is inferred or commanded.

@@ -135,6 +135,30 @@ def test_inputs_worker_and_conversions_import_without_ros() -> None:
     code = ("import sys; sys.modules.update(rclpy=None, rcl_interfaces=None, sensor_msgs=None, "
             "builtin_interfaces=None, trajectory_msgs=None, diagnostic_msgs=None); "
             "import pi05_ros.ros.inputs, pi05_ros.ros.worker, pi05_ros.ros.conversions, pi05_ros.ros.observation, "
-            "pi05_ros.ros.schedule, pi05_ros.ros.problems, pi05_ros.ros.settings")
+            "pi05_ros.ros.schedule, pi05_ros.ros.problems, pi05_ros.ros.settings, pi05_ros.ros.input_rules, "
+            "pi05_ros.ros.problem_log, pi05_ros.ros.memory")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert result.returncode == 0, result.stderr
+
+
+def test_held_bytes_follow_the_frames_and_drop_after_they_shrink() -> None:
+    buffer = LatestBuffer("cam")
+    write(buffer, 1, (3000, 4000, 3))
+    buffer.take()
+    write(buffer, 2, (3000, 4000, 3))
+    write(buffer, 3, (3000, 4000, 3))
+    assert buffer.held_bytes() == 3 * 36_000_000
+    for value in range(3):  # three small frames (each taken) replace every large buffer
+        write(buffer, value, (480, 640, 3))
+        buffer.take()
+    assert buffer.held_bytes() <= 3 * 480 * 640 * 3
+
+
+def test_heap_trimmer_trims_once_after_a_drop() -> None:
+    from pi05_ros.ros.memory import HeapTrimmer
+
+    trimmer = HeapTrimmer(min_drop_bytes=10)
+    assert not trimmer.check(100) and not trimmer.check(200)
+    assert not trimmer.check(195)  # less than the minimum drop
+    assert trimmer.check(50) and trimmer.trims == 1  # glibc here: malloc_trim exists
+    assert not trimmer.check(50) and trimmer.trims == 1

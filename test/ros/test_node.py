@@ -267,18 +267,37 @@ def _nan_state(stamp: int):
     return msg
 
 
+def _absurd_joint(stamp: int):
+    msg = Driver.good_joints(stamp)  # names: extra_joint, then JOINTS reversed
+    msg.position[msg.name.index("joint_3")] = 1e39  # beyond float32: named, not overflowed with a numpy warning
+    return msg
+
+
+def _duplicate_joint(stamp: int):
+    msg = Driver.good_joints(stamp)
+    msg.name = [*msg.name, "joint_2"]
+    msg.position = [*msg.position, 0.7]
+    return msg
+
+
 @pytest.mark.parametrize(
     ("case", "expected"),
     [
         ("wrong_encoding", "encoding 'yuv422' is not supported"),
         ("data_length", "height*step = 120*480 = 57600"),
-        ("nan_state", "NaN"),
+        ("nan_state", "joint_5 = NaN not finite"),
         ("empty_instruction", "prompt is empty"),
+        # well-formed but wrong (issue 11): each refused with its rule, like a malformed message
+        ("one_pixel_image", "frame is 1x1, smaller than 16 px on a side"),
+        ("frame_over_bound", "frame is 2100x64, larger than camera.base_image.max_width x max_height = 2048x2048"),
+        ("absurd_joint", "joint_3 = 1e+39 not finite or beyond max_abs_joint_position 10000"),
+        ("duplicate_joint", "names joint(s) joint_2 (at 6, 8) more than once"),
     ],
 )
-def test_bad_input_reports_error_keeps_running_and_recovers(running, case: str, expected: str) -> None:
+def test_bad_input_reports_error_logs_it_once_keeps_running_and_recovers(running, case: str, expected: str) -> None:
     node, driver = running
     good_image = driver.image_factory["base_image"]
+    log_from = len(node.output())
     since = time.monotonic()
     if case == "wrong_encoding":
         driver.image_factory["base_image"] = _bad_encoding
@@ -286,6 +305,14 @@ def test_bad_input_reports_error_keeps_running_and_recovers(running, case: str, 
         driver.image_factory["base_image"] = _bad_length
     elif case == "nan_state":
         driver.joint_factory = _nan_state
+    elif case == "one_pixel_image":
+        driver.image_factory["base_image"] = lambda stamp: make_image(1, 1, "rgb8", stamp)
+    elif case == "frame_over_bound":
+        driver.image_factory["base_image"] = lambda stamp: make_image(64, 2100, "rgb8", stamp)
+    elif case == "absurd_joint":
+        driver.joint_factory = _absurd_joint
+    elif case == "duplicate_joint":
+        driver.joint_factory = _duplicate_joint
     else:
         driver.say("")
     try:
@@ -304,6 +331,48 @@ def test_bad_input_reports_error_keeps_running_and_recovers(running, case: str, 
         driver.joint_factory = Driver.good_joints
         driver.say(INSTRUCTION)
     wait_until_healthy(node, driver)
+    # The log names the problem once when it starts (~40 bad messages came) and once when it clears.
+    assert wait_for_output(node, log_from, lambda log: any("cleared after" in line and expected in line
+                                                           for line in log.splitlines()), timeout=10.0), \
+        node.output()[log_from:]
+    log = node.output()[log_from:].splitlines()
+    started = [line for line in log if "[ERROR]" in line and expected in line]
+    cleared = [line for line in log if "cleared after" in line and expected in line]
+    assert len(started) == 1 and len(cleared) == 1, "\n".join(log)
+
+
+def test_an_instruction_longer_than_the_token_limit_warns_and_is_logged_short(running) -> None:
+    node, driver = running
+    log_from = len(node.output())
+    long_task = "put the cup in the sink " * 4200  # 100,800 characters, far beyond the demo's 96 tokens
+    since = time.monotonic()
+    driver.say(long_task)
+    try:
+        status = driver.wait_for_status(since, 15.0, lambda s: "more than this model's max_token_len" in s.message)
+        assert status is not None, node.output()[-2000:]
+        values = status_values(status)
+        assert status_level(status) == WARN and values["prompt.truncated"] == "true"
+        assert values["prompt.tokens"] == values["prompt.max_tokens"] == "96"
+        assert len(values["prompt.text"]) <= 200
+        assert driver.wait_for_chunks(3, time.monotonic(), 15.0)  # a cut prompt still drives the policy
+    finally:
+        driver.say(INSTRUCTION)
+    wait_until_healthy(node, driver)
+    assert wait_for_output(node, log_from, lambda log: "cleared after" in log, timeout=10.0)
+    log = node.output()[log_from:]
+    assert max(len(line) for line in log.splitlines()) < 1200, "a log line carries the long instruction"
+    assert sum("max_token_len 96" in line and "[WARN]" in line and "cleared" not in line
+               for line in log.splitlines()) >= 1
+    assert "(100800 characters)" in log  # the instruction line says how long it was
+
+
+def wait_for_output(node: NodeProcess, since: int, check, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check(node.output()[since:]):
+            return True
+        time.sleep(0.1)
+    return check(node.output()[since:])
 
 
 def test_sigint_stops_the_node_within_a_second_and_it_leaves_the_ros_graph(running) -> None:

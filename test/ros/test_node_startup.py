@@ -153,3 +153,12 @@ def test_lerobot_checkpoint_camera_names_and_action_space_parameters(driver_fact
         assert "action space:   0:velocity" in node.output() and "cameras:        top" in node.output()
     finally:
         node.stop()
+
+
+def test_overrides_that_cannot_apply_exit_with_a_message_naming_them() -> None:
+    # `-p cameras:=[]` used to start with the default cameras; a double given as 5 ended in a traceback.
+    for args, expected in ((("-p", "cameras:=[]"), "bad parameters: parameter `cameras` is empty"),
+                           (("-p", "rate_hz:=5"), "bad parameters: parameter rate_hz is set to 5 (an integer)")):
+        code, output = run_to_exit(*args, "-p", "autostart:=false", timeout=60.0)
+        assert code == 2, output
+        assert expected in output and "Traceback" not in output, output

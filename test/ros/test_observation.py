@@ -86,3 +86,39 @@ def test_skip_reason_prefers_the_most_serious_code() -> None:
     assert skip_reason([problem(ProblemCode.MISSING_INPUT), problem(ProblemCode.STALE_INPUT)]) == "stale_input"
     assert skip_reason([problem(ProblemCode.NO_INSTRUCTION), problem(ProblemCode.MISSING_INPUT)]) == "no_instruction"
     assert skip_reason([]) is ProblemCode.MISSING_INPUT
+
+
+def test_the_observation_stamp_is_never_an_untrusted_one() -> None:
+    """What ActionChunk.header.stamp carries: zero, a day ahead and near-epoch stamps never go out as they are."""
+    day = 86_400 * 1_000_000_000
+    clock = {"now": 1_800_000_000 * 1_000_000_000}
+    rule = StampRule(future_tolerance_ns=50_000_000, max_age_ns=500_000_000)
+    inputs = InputBuffers([c.name for c in CAMERAS], clock_ns=lambda: clock["now"], stamp_rule=rule)
+    inputs.instruction.set("stack")
+    collector = ObservationCollector(inputs, CAMERAS, 0.5)
+    for stamps in ((0, 0, 0), (clock["now"] + day,) * 3, (0, clock["now"] + day, clock["now"] - 10_000_000)):
+        for buffer, stamp in zip((*inputs.cameras.values(), inputs.joints), stamps, strict=True):
+            buffer.commit(buffer.spare((4, 6, 3) if buffer is not inputs.joints else (7,)), stamp)
+        observation, problems = collector.collect("")
+        assert problems == () and observation is not None
+        assert clock["now"] - 500_000_000 <= observation.stamp_ns <= clock["now"], stamps
+        clock["now"] += 1_000_000
+    for buffer in (*inputs.cameras.values(), inputs.joints):
+        buffer.commit(buffer.spare((4, 6, 3) if buffer is not inputs.joints else (7,)), 1)  # near the epoch
+    clock["now"] += 600_000_000
+    observation, problems = collector.collect("")
+    assert observation is None and {p.code for p in problems} == {ProblemCode.STALE_INPUT}  # refused, then stale
+
+
+def test_problems_name_their_input_and_an_empty_instruction_is_an_error() -> None:
+    inputs = InputBuffers([c.name for c in CAMERAS])
+    collector = ObservationCollector(inputs, CAMERAS, 0.5)
+    _, problems = collector.collect("")
+    assert [p.subject for p in problems] == ["base_image", "wrist_image", "joint_states", "instruction"]
+    _fill(inputs, time.monotonic_ns())
+    for text in ("", "  \n"):
+        inputs.instruction.set(text)
+        observation, problems = collector.collect("a default is not used once an instruction came")
+        assert observation is None and [(p.level, p.code, p.subject) for p in problems] == [
+            (Level.ERROR, ProblemCode.BAD_INPUT, "instruction")]
+        assert "prompt is empty" in problems[0].message and skip_reason(problems) is ProblemCode.BAD_INPUT

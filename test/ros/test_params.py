@@ -23,6 +23,8 @@ from pi05_ros.ros.params import (
     camera_parameters,
     declare_joint_limits,
     declare_parameters,
+    unused_joint_limit_overrides,
+    unused_overrides,
     updated_runtime,
     validate_runtime_value,
 )
@@ -215,3 +217,51 @@ def test_max_denoise_steps_matches_the_engine() -> None:
     from pi05_ros.engine.policy import MAX_DENOISE_STEPS as ENGINE_MAX
 
     assert MAX_DENOISE_STEPS == ENGINE_MAX
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        # `[]` carries no type: rclpy kept the defaults silently (issue 11 item 4); it means an empty list.
+        (["-p", "cameras:=[]"], r"parameter `cameras` is empty; list at least one camera"),
+        (["-p", "rate_hz:=5"], r"parameter rate_hz is set to 5 \(an integer\) at startup .* it is a double; write "
+                               r"it with a decimal point \(e.g. 5.0, not 5\)"),
+        (["-p", "denoise_steps:=2.5"], r"denoise_steps is set to 2.5 \(a double\).*it is an integer"),
+        (["-p", "cameras:=base_image"], r"cameras is set to 'base_image' \(a string\).*list of strings; write a list"),
+        (["-p", "autostart:=1"], r"autostart is set to 1 \(an integer\).*write true or false"),
+        (["-p", "denoise_steps:=500"], r"denoise_steps is set to 500 at startup, which it cannot take: Parameter "
+                                       r"denoise_steps out of range. Min: 1, Max: 100"),
+        (["-p", "camera.base_image.max_width:=8"], r"camera.base_image.max_width is set to 8 .* out of range"),
+        (["-p", "max_abs_joint_position:=0.0"], r"max_abs_joint_position is set to 0.0 .* out of range"),
+    ],
+)
+def test_startup_overrides_that_cannot_apply_are_errors_naming_them(make_node, args: list[str],
+                                                                    expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        declare_parameters(make_node(*args))
+
+
+def test_empty_list_overrides_of_empty_defaults_mean_unset(make_node) -> None:
+    config = declare_parameters(make_node("-p", "state_joint_names:=[]", "-p", "command_joint_names:=[]"))
+    assert config.state_joint_names == () and config.execution.command_joint_names == ()
+
+
+def test_unused_overrides_are_listed_and_joint_limits_judged_at_configure(make_node) -> None:
+    node = make_node("--params-file", str(SOURCE_CONFIG), "-p", "rat_hz:=5.0", "-p", "cameras:=[front]",
+                     "-p", "camera.front.slot:=base_0_rgb", "-p", "joint_limits.j9.max_velocity:=1.0",
+                     "-p", "joint_limits.j1.max_velocity:=2.0")
+    config = declare_parameters(node)
+    assert [c.name for c in config.cameras] == ["front"] and config.cameras[0].max_width == 2048
+    # the shipped file's camera.base_image.* / wrist_image.* name cameras this node does not have
+    assert unused_overrides(node) == [f"camera.{camera}.{name}" for camera in ("base_image", "wrist_image")
+                                      for name in ("max_height", "max_width", "slot", "transport")] + ["rat_hz"]
+    declare_joint_limits(node, ["j1"])
+    assert unused_joint_limit_overrides(node) == ["joint_limits.j9.max_velocity"]
+
+
+def test_frame_bounds_and_joint_bound_reach_the_config(make_node) -> None:
+    config = declare_parameters(make_node("-p", "camera.wrist_image.max_width:=4000",
+                                          "-p", "camera.wrist_image.max_height:=3000",
+                                          "-p", "max_abs_joint_position:=50.0"))
+    assert [(c.max_width, c.max_height) for c in config.cameras] == [(2048, 2048), (4000, 3000)]
+    assert config.max_abs_joint_position == 50.0

@@ -1,0 +1,46 @@
+#!/usr/bin/env python3
+"""The policy node with a fault injector in its runner, for test/ros/test_faults.py (never installed).
+
+While the file named by PI05_FAULT_FILE exists, every inference raises, from inside the runner (where a GPU error
+surfaces), the RuntimeError PI05_FAULT_MESSAGE names (default: an illegal memory access, as CUDA reports one); when
+the file says `nan`, the runner returns NaN actions instead (a numeric fault). Everything else is the installed
+node, started as `policy_node` is.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pi05_ros.engine import policy as policy_module
+
+FAULT_FILE = os.environ["PI05_FAULT_FILE"]
+MESSAGE = os.environ.get("PI05_FAULT_MESSAGE", "CUDA error: an illegal memory access was encountered")
+
+
+def _with_faults(policy: Any) -> Any:
+    runner = policy.runner
+    run = runner.run
+
+    def faulty_run(observation: Any, num_steps: int) -> Any:
+        try:
+            with open(FAULT_FILE) as fault:
+                kind = fault.read().strip()
+        except FileNotFoundError:
+            return run(observation, num_steps)
+        if kind == "nan":
+            actions, timings = run(observation, num_steps)
+            return actions * float("nan"), timings
+        raise RuntimeError(MESSAGE)
+
+    runner.run = faulty_run
+    return policy
+
+
+_demo = policy_module.Policy.demo
+policy_module.Policy.demo = staticmethod(lambda *args, **kwargs: _with_faults(_demo(*args, **kwargs)))
+
+if __name__ == "__main__":
+    from pi05_ros.ros.node import main
+
+    main()
