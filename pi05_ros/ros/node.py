@@ -408,6 +408,9 @@ class PolicyNode(LifecycleNode):
         if worker is not None:
             if not worker.stop(wait_s):
                 self.get_logger().warning("an inference is still running; its model is freed when it ends")
+            close = getattr(worker.policy, "close", None)  # a remote policy's connection
+            if close is not None:
+                close()
             worker.policy = None
         with self._command_lock:
             self._commander = None
@@ -474,7 +477,12 @@ class PolicyNode(LifecycleNode):
             import torch
 
             torch.set_num_threads(config.cpu_threads)
-        if config.use_demo_model:
+        if config.policy_backend == "remote":
+            from pi05_ros.serve.client import RemotePolicy
+
+            self.get_logger().info(f"policy server {config.policy_server_url}")
+            policy = RemotePolicy(config.policy_server_url, timeout_s=config.policy_server_timeout_s)
+        elif config.use_demo_model:
             policy = Policy.demo(device=config.device, precision=config.precision, seed=config.seed)
         else:
             if not config.tokenizer:

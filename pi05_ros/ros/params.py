@@ -89,6 +89,15 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("demo", False, "Run the built-in random-weight model even if a checkpoint is set (tiny on CPU, "
               "full size on a GPU). Its actions are meaningless: never drive a robot with it.", _B),
     ParamSpec("device", "auto", "Torch device: auto (cuda if present), cpu, cuda or cuda:N.", _S),
+    # --- policy server (issue 9): infer on a pi05-serve (or openpi-protocol) server instead of here
+    ParamSpec("policy_backend", "local", "local: load the model in this node. remote: send each observation to the "
+              "policy server at policy_server_url (pi05-serve; docs/serving.md); everything else runs as with "
+              "local (timing, streaming, safety, diagnostics with network time as its own stage).", _S,
+              choices=("local", "remote")),
+    ParamSpec("policy_server_url", "ws://127.0.0.1:8000", "policy_backend remote: the server's websocket URL (its "
+              "path picks the observation layout, e.g. ws://host:8000/pi05_ros).", _S),
+    ParamSpec("policy_server_timeout_s", 5.0, "policy_backend remote: connect and reply timeout; a request past it "
+              "fails that inference (commands hold) and the next one reconnects.", _F, float_range=(0.1, 600.0)),
     ParamSpec("precision", "auto", "Numeric precision: auto (fp32 on CPU; fp8 on GPUs with FP8 GEMMs, SM 8.9+; "
               "else bf16), fp32, bf16, fp8.", _S,
               constraints="auto, fp32, float32, bf16, bfloat16, fp8"),
@@ -250,10 +259,13 @@ class NodeConfig:
     runtime: RuntimeSettings  # the values at startup; the node keeps the current ones
     execution: ExecutionParams  # issue 13
     max_abs_joint_position: float = float("inf")  # issue 11: input rules
+    policy_backend: str = "local"  # issue 9: local | remote (a policy server)
+    policy_server_url: str = ""
+    policy_server_timeout_s: float = 5.0
 
     @property
     def use_demo_model(self) -> bool:
-        return self.demo or not self.checkpoint
+        return self.policy_backend == "local" and (self.demo or not self.checkpoint)
 
 
 class ConfigError(ValueError):
@@ -318,6 +330,9 @@ def declare_parameters(node: Node) -> NodeConfig:
         runtime=runtime,
         execution=execution,
         max_abs_joint_position=values["max_abs_joint_position"],
+        policy_backend=values["policy_backend"],
+        policy_server_url=values["policy_server_url"],
+        policy_server_timeout_s=values["policy_server_timeout_s"],
     )
 
 

@@ -1,0 +1,81 @@
+"""policy_backend remote: the node sends each observation to pi05-serve (here the demo model on loopback) and
+gets the chunks local inference gives for the same inputs and seed (the server draws each request's noise from
+default_rng(seed) in arrival order, as a local Policy draws it in call order)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import threading
+
+import numpy as np
+from ros_harness import (
+    JOINTS,
+    NODE_START_TIMEOUT_S,
+    NodeProcess,
+    installed_params_file,
+    make_image,
+    status_values,
+    unique_namespace,
+)
+
+READY = re.compile(r"at ws://([\d.]+):(\d+)/")
+SEED = 3
+
+
+def start_server() -> tuple[subprocess.Popen, str, list[str]]:
+    command = [sys.executable, "-m", "pi05_ros.cli.serve", "--demo", "--device", "cpu", "--threads", "1",
+               "--seed", str(SEED), "--host", "127.0.0.1", "--port", "0"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    ready = threading.Event()
+    url: list[str] = []
+
+    def drain() -> None:
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            match = READY.search(line)
+            if match and not url:
+                url.append(f"ws://{match.group(1)}:{match.group(2)}/pi05_ros")
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    assert ready.wait(180) and url, "pi05-serve did not start:\n" + "\n".join(lines[-30:])
+    return proc, url[0], lines
+
+
+def test_the_remote_backend_gives_the_chunks_of_local_inference(driver_factory) -> None:
+    from pi05_ros.engine.policy import Policy
+
+    server, url, server_lines = start_server()
+    namespace = unique_namespace("pi05_remote")
+    driver = driver_factory(namespace)
+    driver.say("stack the blocks")
+    node = NodeProcess("policy_node", namespace, "-p", "policy_backend:=remote", "-p", f"policy_server_url:={url}",
+                       "-p", f"seed:={SEED}", "-p", "warmup:=0", "-p", "rate_hz:=4.0",
+                       "-p", f"state_joint_names:=[{', '.join(JOINTS)}]", params_file=installed_params_file())
+    try:
+        chunks = driver.wait_for_chunks(3, 0.0, NODE_START_TIMEOUT_S)
+        assert len(chunks) >= 3, node.output() + "\n".join(server_lines[-20:])
+        status = driver.wait_for_status(0.0, 10.0, lambda s: "network" in " ".join(status_values(s)))
+        assert status is not None, "no network stage on /diagnostics"
+    finally:
+        node.stop()
+        server.terminate()
+        server.wait(10)
+    # The driver's inputs never change: the same two gradient images, joint j at 0.1 j, the same task.
+    images = {"base_0_rgb": _pixels(120, 160), "left_wrist_0_rgb": _pixels(120, 176)}
+    state = np.array([0.1 * i for i in range(len(JOINTS))], np.float32)
+    local = Policy.demo(device="cpu", seed=SEED)
+    for chunk in sorted(chunks, key=lambda c: c.sequence)[:3]:
+        want = local.infer(images, state, "stack the blocks", chunk.denoise_steps).actions
+        got = np.asarray(chunk.actions, np.float32).reshape(chunk.horizon, chunk.action_dim)
+        # the same float32 model on the same CPU; thread counts differ between the two processes: ~1e-6
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def _pixels(height: int, width: int) -> np.ndarray:
+    msg = make_image(height, width)
+    return np.frombuffer(bytes(msg.data), np.uint8).reshape(height, width, 3)
