@@ -33,6 +33,9 @@ ARGUMENTS: dict[str, tuple[object, str]] = {
                     "YAML file with the node's parameters"),
     "denoise_steps": ("", "flow-matching steps per chunk (1-100); empty: from params_file"),
     "precision": ("", "auto, fp32, bf16 or fp8; empty: from params_file"),
+    "policy_backend": ("", "local or remote (infer on the policy server at policy_server_url); empty: from "
+                           "params_file"),
+    "policy_server_url": ("", "remote: the policy server's websocket URL; empty: from params_file"),
     "namespace": ("", "namespace of the nodes (and so of their relative topics)"),
     "demo": ("false", "true: run the random-weight demo model and start demo_sources for synthetic inputs"),
     "autostart": ("true", "true: configure and activate the node from this launch file; false: leave it "
@@ -49,7 +52,7 @@ def _launch_nodes(context: LaunchContext) -> list[object]:
         return LaunchConfiguration(name).perform(context).strip()
 
     overrides: dict[str, object] = {}
-    for name in ("checkpoint", "tokenizer", "precision"):
+    for name in ("checkpoint", "tokenizer", "precision", "policy_backend", "policy_server_url"):
         if value(name):
             overrides[name] = value(name)
     if value("denoise_steps"):
