@@ -23,7 +23,7 @@ from pi05_ros.ros.params import PARAMETERS
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH_FILE = ROOT / "launch" / "policy.launch.py"
 EXPECTED_ARGUMENTS = {"checkpoint", "tokenizer", "params_file", "denoise_steps", "precision", "namespace", "demo",
-                      "autostart"}
+                      "autostart", "policy_backend", "policy_server_url"}
 # Names these modules export in ROS 2 Jazzy; anything else imported would fail on a robot.
 JAZZY_API = {
     "launch": {"LaunchDescription", "LaunchContext"},
@@ -118,7 +118,8 @@ def launch_module(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
 
 def _nodes(module: types.ModuleType, **configuration: str) -> list[Any]:
     defaults = {"checkpoint": "", "tokenizer": "", "params_file": "/cfg/pi05.yaml", "denoise_steps": "",
-                "precision": "", "namespace": "", "demo": "false", "autostart": "true"}
+                "precision": "", "namespace": "", "demo": "false", "autostart": "true", "policy_backend": "",
+                "policy_server_url": ""}
     context = types.SimpleNamespace(launch_configurations={**defaults, **configuration})
     description = module.generate_launch_description()
     opaque = description.args[0][-1]
@@ -181,6 +182,10 @@ def test_arguments_become_typed_parameter_overrides(launch_module) -> None:
     assert set(overrides) <= declared
     assert sources.kwargs["executable"] == "demo_sources" and sources.kwargs["namespace"] == "arm"
     assert policy.kwargs["namespace"] == "arm"
+    remote = _nodes(launch_module, policy_backend="remote", policy_server_url="ws://gpu-host:8000/pi05_ros")
+    (policy,) = _of(remote, "LifecycleNode")
+    assert policy.kwargs["parameters"][1] == {"policy_backend": "remote",
+                                              "policy_server_url": "ws://gpu-host:8000/pi05_ros", "autostart": False}
 
 
 def test_executables_named_by_the_launch_file_are_installed() -> None:
