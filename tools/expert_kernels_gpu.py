@@ -1,6 +1,8 @@
 """The fused expert kernels on the GPU: fidelity against the float32 reference, and denoise time per variant.
 
-    PYTHONPATH=. python3 tools/expert_kernels_gpu.py [--quick]
+    PYTHONPATH=. python3 tools/expert_kernels_gpu.py [--quick | --prefetch]
+
+--prefetch: only the whole denoise loop for each L2 prefetch mode (KernelConfig.l2_prefetch) and a few tile shapes.
 
 Full-size random weights, 2 views, 48-token prompt, horizon 50. The prefix K/V come from the bf16 fast path;
 the float32 reference runs the whole model. Each variant's denoise loop is captured in a CUDA graph and timed
@@ -330,6 +332,27 @@ def main() -> None:
                 break
         print(line, flush=True)
 
+    if "--prefetch" in sys.argv:
+        base = KernelConfig()
+        for mode in ("none", "own", "next", "own+next", "none", "own+next"):  # repeated: the spread within a call
+            check(f"kernels {mode}", ExpertKernels(fast, dataclasses.replace(base, l2_prefetch=mode)))
+        tiles = {
+            "qkv S2": {"qkv": GemmConfig(32, 512, 4, 128, 4)},
+            "gate_up S2": {"gate_up": GemmConfig(64, 512, 4, 128, 4)},
+            "gate_up BN128 w8": {"gate_up": GemmConfig(128, 1024, 8, 128, 4)},
+            "down S8": {"down": GemmConfig(32, 512, 4, 128, 4)},
+            "o S4": {"o": GemmConfig(32, 512, 4, 128, 4)},
+            "all KC512": {"qkv": GemmConfig(32, 512, 4, 128, 4), "o": GemmConfig(32, 512, 4, 128, 4),
+                          "gate_up": GemmConfig(64, 512, 4, 128, 4), "down": GemmConfig(32, 512, 4, 128, 4)},
+            "stages 2": {k: dataclasses.replace(getattr(base, k), stages=2) for k in ALL4},
+        }
+        for mode in ("none", "own+next"):
+            for label, change in tiles.items():
+                check(f"{label} {mode}", ExpertKernels(fast, dataclasses.replace(base, l2_prefetch=mode, **change)))
+        print("\nSUMMARY (denoise p50, ms):", flush=True)
+        for (name, steps), ms in results.items():
+            print(f"  {name:<30} {steps:>2} steps {ms:.3f}", flush=True)
+        return
     fast.compile()
     check("torch.compile (current)", None)
     cublas_chains(fast)

@@ -59,6 +59,21 @@ if triton is not None:
         return x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
 
     @triton.jit
+    def _prefetch_l2(ptr, start, count, total, ESIZE: tl.constexpr, THREADS: tl.constexpr):
+        """Ask L2 for elements [start, start + count) of `ptr` (clipped to `total`): one bulk prefetch per thread.
+
+        Hopper's `cp.async.bulk.prefetch.L2` copies nothing into the SM and returns at once, so a kernel can
+        start its weights' trip from HBM before `gdc_wait` and read them from L2 afterwards.
+        """
+        piece = (tl.cdiv(count, THREADS) + 15) // 16 * 16  # elements; 16 keeps every piece 16-byte aligned
+        off = start + tl.arange(0, THREADS) * piece
+        end = tl.minimum(tl.minimum(off + piece, start + count), total)
+        size = (tl.maximum(end - off, 0) * ESIZE).to(tl.int32)
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+            "=r,l,r", [ptr + off, size], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
     def _expert_gemm_kernel(
         a_ptr, a_stride,
         w_ptr, w_scale_ptr,
@@ -68,11 +83,14 @@ if triton is not None:
         out_ptr, out_stride,
         next_mod_ptr, xm_ptr, ssp_out_ptr,
         k_ptr, v_ptr, cos_ptr, sin_ptr, n_valid_ptr, cache_row0,
+        pf_ptr, pf_total, pf_programs,
         M, K, N, eps,
         HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, MLP: tl.constexpr,
         EPILOGUE: tl.constexpr, NEXT: tl.constexpr, W_FP8: tl.constexpr, DT: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr, BK: tl.constexpr, S: tl.constexpr,
         STAGES: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr,
+        PF_OWN: tl.constexpr, PF_NEXT: tl.constexpr, PF_ESIZE: tl.constexpr, PF_NEXT_ESIZE: tl.constexpr,
+        THREADS: tl.constexpr,
     ):
         """out = epilogue(A @ W) for A [M, K] in the GEMM dtype (M <= BM rows) and packed W.
 
@@ -91,7 +109,14 @@ if triton is not None:
         rk = tl.arange(0, BK)
         rw = tl.arange(0, WN)
         w_base = w_ptr + (pid_n * S + pid_s) * (KC * BN) + rk[:, None] * BN + rw[None, :]
-        # The first weight chunk before the wait: weights never depend on the previous kernel.
+        # Weights never depend on the previous kernel: before the wait, ask L2 for this program's block and/or
+        # its share of the next kernel's weights, and load the first chunk.
+        if PF_OWN:
+            _prefetch_l2(w_ptr, (pid_n * S + pid_s) * (KC * BN), KC * BN, KC * BN * tl.num_programs(0) * S,
+                         PF_ESIZE, THREADS)
+        if PF_NEXT:
+            share = tl.cdiv(pf_total, pf_programs)
+            _prefetch_l2(pf_ptr, (pid_n * S + pid_s) * share, share, pf_total, PF_NEXT_ESIZE, THREADS)
         if PREFETCH:
             w0 = tl.load(w_base)
             if PAIRED:
@@ -318,6 +343,9 @@ class KernelConfig:
     combine_cols: int = 64
     attend_warps: int = 4
     pdl: bool = True  # programmatic dependent launch where the GPU has it (SM 9.0+)
+    # L2 prefetch before `gdc_wait` (SM 9.0+ with PDL): "own" (each program's weight block), "next" (a share of
+    # the next GEMM's weights), "own+next", or "none".
+    l2_prefetch: str = "none"
 
 
 def _pow2_at_most(n: int, cap: int) -> int:
@@ -447,6 +475,11 @@ class ExpertKernels:
         self.config = config or KernelConfig()
         on_gpu = self.device.type == "cuda"
         self.use_pdl = bool(self.config.pdl and on_gpu and torch.cuda.get_device_capability(self.device) >= (9, 0))
+        if self.config.l2_prefetch not in ("none", "own", "next", "own+next"):
+            raise ValueError(f"l2_prefetch must be none, own, next or own+next, not {self.config.l2_prefetch!r}")
+        # The bulk prefetch is Hopper PTX; it needs PDL to overlap anything.
+        modes = self.config.l2_prefetch.split("+") if self.use_pdl and not interpreting() else []
+        self.prefetch_own, self.prefetch_next = "own" in modes, "next" in modes
         if on_gpu and torch.cuda.get_device_capability(self.device) < (8, 9):
             fp8 = ()  # no FP8 conversions below Ada
         self.fp8 = fp8
@@ -529,10 +562,12 @@ class ExpertKernels:
     def _gemm(self, name: str, p: PackedLinear, epilogue: int, a: Tensor, out: Tensor, *,
               ssp_in: tuple[Tensor, int] | None = None, bias: Tensor | None = None, gate: Tensor | None = None,
               next_mod: Tensor | None = None, ssp_out: Tensor | None = None, k_cache: Tensor | None = None,
-              v_cache: Tensor | None = None, n_valid: Tensor | None = None) -> None:
+              v_cache: Tensor | None = None, n_valid: Tensor | None = None,
+              next_weights: Tensor | None = None) -> None:
         ws, count = self.ws[name]
         d = self._dummy
         qkv = epilogue == EPI_QKV
+        pf_next = next_weights if self.prefetch_next else None
         _expert_gemm_kernel[(p.tiles, p.splits)](
             a, a.stride(0),
             p.blocks, d if p.scale is None else p.scale,
@@ -543,11 +578,14 @@ class ExpertKernels:
             d if next_mod is None else next_mod, self.xm, d if ssp_out is None else ssp_out,
             k_cache if qkv else d, v_cache if qkv else d, self.fast.rope_cos if qkv else d,
             self.fast.rope_sin if qkv else d, n_valid if qkv else d, k_cache.shape[0] - self.horizon if qkv else 0,
+            d if pf_next is None else pf_next, 0 if pf_next is None else pf_next.numel(), p.tiles * p.splits,
             self.horizon, p.k, p.n, self.eps,
             HEADS=self.heads, HEAD_DIM=self.head_dim, MLP=self.mlp,
             EPILOGUE=epilogue, NEXT=next_mod is not None, W_FP8=p.scale is not None, DT=self._dt,
             BM=self.block_rows, BN=p.cfg.block_n, KC=p.cfg.k_chunk, BK=p.cfg.step, S=p.splits,
             STAGES=p.cfg.stages, PREFETCH=p.cfg.prefetch, USE_PDL=self.use_pdl,
+            PF_OWN=self.prefetch_own, PF_NEXT=pf_next is not None, PF_ESIZE=p.blocks.element_size(),
+            PF_NEXT_ESIZE=1 if pf_next is None else pf_next.element_size(), THREADS=32 * p.cfg.num_warps,
             **self._launch_kwargs(p.cfg.num_warps),
         )
 
@@ -584,12 +622,16 @@ class ExpertKernels:
         kernel; leaves self.xm = x * next_mod and returns the new partials (when next_mod is given).
         """
         w = self.layers[layer]
+        after = self.layers[(layer + 1) % len(self.layers)]  # the last layer's successor: the next step's first
         self._gemm("qkv", w.qkv, EPI_QKV, self.xm, self.q, ssp_in=ssp_in, bias=bias_qkv, k_cache=k_cache,
-                   v_cache=v_cache, n_valid=n_valid)
+                   v_cache=v_cache, n_valid=n_valid, next_weights=w.o.blocks)
         self._attention(k_cache, v_cache, n_valid)
-        self._gemm("o", w.o, EPI_RESIDUAL, self.attn, x, gate=mod[2], next_mod=mod[3], ssp_out=self.ssp[0])
-        self._gemm("gate_up", w.gate_up, EPI_GEGLU, self.xm, self.h, ssp_in=(self.ssp[0], w.o.tiles), bias=bias_gu)
-        self._gemm("down", w.down, EPI_RESIDUAL, self.h, x, gate=mod[5], next_mod=next_mod, ssp_out=self.ssp[1])
+        self._gemm("o", w.o, EPI_RESIDUAL, self.attn, x, gate=mod[2], next_mod=mod[3], ssp_out=self.ssp[0],
+                   next_weights=w.gate_up.blocks)
+        self._gemm("gate_up", w.gate_up, EPI_GEGLU, self.xm, self.h, ssp_in=(self.ssp[0], w.o.tiles), bias=bias_gu,
+                   next_weights=w.down.blocks)
+        self._gemm("down", w.down, EPI_RESIDUAL, self.h, x, gate=mod[5], next_mod=next_mod, ssp_out=self.ssp[1],
+                   next_weights=after.qkv.blocks)
         return self.ssp[1], w.down.tiles
 
     def denoise(self, x_t: Tensor, n_valid: Tensor, keys: list[Tensor], values: list[Tensor],
