@@ -115,7 +115,7 @@ if triton is not None:
             _prefetch_l2(w_ptr, (pid_n * S + pid_s) * (KC * BN), KC * BN, KC * BN * tl.num_programs(0) * S,
                          PF_ESIZE, THREADS)
         if PF_NEXT:
-            share = tl.cdiv(pf_total, pf_programs)
+            share = (tl.cdiv(pf_total, pf_programs) + 15) // 16 * 16  # 16-element multiples keep pieces aligned
             _prefetch_l2(pf_ptr, (pid_n * S + pid_s) * share, share, pf_total, PF_NEXT_ESIZE, THREADS)
         if PREFETCH:
             w0 = tl.load(w_base)
