@@ -346,6 +346,9 @@ def main() -> None:
                           "gate_up": GemmConfig(64, 512, 4, 128, 4), "down": GemmConfig(32, 512, 4, 128, 4)},
             "stages 2": {k: dataclasses.replace(getattr(base, k), stages=2) for k in ALL4},
         }
+        for mode in ("none", "own+next"):
+            check(f"fused combine {mode}", ExpertKernels(fast, dataclasses.replace(base, l2_prefetch=mode,
+                                                                                   fused_combine=True)))
         # Diagnostic, not a model: every layer computes with layer 0's weights (34.6 MB, L2-resident), so the
         # weights never come from HBM: how fast the same kernels are when streaming costs nothing.
         for mode in ("none", "own"):

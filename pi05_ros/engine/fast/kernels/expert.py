@@ -241,12 +241,16 @@ if triton is not None:
 
     @triton.jit
     def _attend_kernel(
-        q_ptr, k_ptr, v_ptr, n_valid_ptr, acc_ptr, m_ptr, l_ptr,
+        q_ptr, k_ptr, v_ptr, n_valid_ptr, acc_ptr, m_ptr, l_ptr, count_ptr, out_ptr, out_stride,
         rows, keys_total, horizon, scale, blocks_per_split,
         S_K: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, KB: tl.constexpr, DT: tl.constexpr,
-        USE_PDL: tl.constexpr,
+        USE_PDL: tl.constexpr, COMBINE: tl.constexpr,
     ):
-        """Queries of one head (rows x D) against one slice of the keys: an unnormalized partial softmax."""
+        """Queries of one head (rows x D) against one slice of the keys: an unnormalized partial softmax.
+
+        COMBINE: the last of a head's S_K programs to finish (an atomic counter it resets) also combines the
+        head's partials into the attention output, so no combine kernel follows.
+        """
         head = tl.program_id(0)
         split = tl.program_id(1)
         if USE_PDL:
@@ -280,6 +284,26 @@ if triton is not None:
         tl.store(acc_ptr + (part * BM + rm[:, None]) * D + rd[None, :], acc, mask=row_ok[:, None])
         tl.store(m_ptr + part * BM + rm, m_i, mask=row_ok)
         tl.store(l_ptr + part * BM + rm, l_i, mask=row_ok)
+        if COMBINE:
+            # As the split-K GEMMs: the counter orders the stores (release) before the last program's loads
+            # (acquire); .cg reads the other programs' partials from L2, not a stale L1.
+            tl.debug_barrier()
+            if tl.atomic_add(count_ptr + head, 1, sem="acq_rel", scope="gpu") == S_K - 1:
+                tl.atomic_xchg(count_ptr + head, 0, sem="relaxed", scope="gpu")
+                top = tl.full((BM,), float("-inf"), dtype=tl.float32)
+                for s in range(S_K):
+                    top = tl.maximum(top, tl.load(m_ptr + (head * S_K + s) * BM + rm, mask=row_ok, other=0.0,
+                                                  cache_modifier=".cg"))
+                num = tl.zeros((BM, D), dtype=tl.float32)
+                den = tl.zeros((BM,), dtype=tl.float32)
+                for s in range(S_K):
+                    other = head * S_K + s
+                    w = tl.exp(tl.load(m_ptr + other * BM + rm, mask=row_ok, other=0.0, cache_modifier=".cg") - top)
+                    den += w * tl.load(l_ptr + other * BM + rm, mask=row_ok, other=1.0, cache_modifier=".cg")
+                    num += w[:, None] * tl.load(acc_ptr + (other * BM + rm[:, None]) * D + rd[None, :],
+                                                mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+                tl.store(out_ptr + rm[:, None] * out_stride + head * D + rd[None, :], (num / den[:, None]).to(DT),
+                         mask=row_ok[:, None])
 
     @triton.jit
     def _combine_kernel(
@@ -346,6 +370,7 @@ class KernelConfig:
     # L2 prefetch before `gdc_wait` (SM 9.0+ with PDL): "own" (each program's weight block), "next" (a share of
     # the next GEMM's weights), "own+next", or "none".
     l2_prefetch: str = "none"
+    fused_combine: bool = False  # the last key split of each head combines (no combine kernel)
 
 
 def _pow2_at_most(n: int, cap: int) -> int:
@@ -519,6 +544,7 @@ class ExpertKernels:
         self.part_acc = torch.zeros(self.heads * splits * bm * self.head_dim, dtype=f32, device=dev)
         self.part_m = torch.zeros(self.heads * splits * bm, dtype=f32, device=dev)
         self.part_l = torch.zeros_like(self.part_m)
+        self.head_count = torch.zeros(self.heads, dtype=torch.int32, device=dev)  # finished key splits per head
         self.attn = torch.zeros(bm, self.heads * self.head_dim, dtype=self.dtype, device=dev)
         self.h = torch.zeros(bm, self.mlp, dtype=self.dtype, device=dev)
         # The modulated GEMM input x * (1 + scale) and partial sums of squares of x, one row per column tile of
@@ -602,11 +628,14 @@ class ExpertKernels:
         blocks = -(-keys_total // c.key_block)
         per_split = -(-blocks // c.key_splits)
         _attend_kernel[(self.heads, c.key_splits)](
-            self.q, k_cache, v_cache, n_valid, self.part_acc, self.part_m, self.part_l,
+            self.q, k_cache, v_cache, n_valid, self.part_acc, self.part_m, self.part_l, self.head_count,
+            self.attn, self.attn.stride(0),
             self.horizon, keys_total, self.horizon, self.head_dim**-0.5, per_split,
             S_K=c.key_splits, D=self.head_dim, BM=self.block_rows, KB=c.key_block, DT=self._dt,
-            USE_PDL=self.use_pdl, **self._launch_kwargs(c.attend_warps),
+            USE_PDL=self.use_pdl, COMBINE=c.fused_combine, **self._launch_kwargs(c.attend_warps),
         )
+        if c.fused_combine:
+            return
         bd = min(c.combine_cols, self.head_dim)
         _combine_kernel[(self.heads, triton.cdiv(self.horizon, c.combine_rows), self.head_dim // bd)](
             self.part_acc, self.part_m, self.part_l, self.attn, self.attn.stride(0), self.horizon,
