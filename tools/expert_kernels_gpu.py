@@ -349,6 +349,9 @@ def main() -> None:
         for mode in ("none", "own+next"):
             check(f"fused combine {mode}", ExpertKernels(fast, dataclasses.replace(base, l2_prefetch=mode,
                                                                                    fused_combine=True)))
+        for mode in ("none", "own+next"):
+            check(f"fused combine+step_in {mode}", ExpertKernels(fast, dataclasses.replace(
+                base, l2_prefetch=mode, fused_combine=True, fused_step_in=True)))
         # Diagnostic, not a model: every layer computes with layer 0's weights (34.6 MB, L2-resident), so the
         # weights never come from HBM: how fast the same kernels are when streaming costs nothing.
         for mode in ("none", "own"):

@@ -43,8 +43,9 @@ SPLIT = KernelConfig(qkv=GemmConfig(32, 64, k_step=32), o=GemmConfig(32, 64), ga
 WHOLE_K = KernelConfig(qkv=GemmConfig(32, 128, k_step=32), o=GemmConfig(32, 128, k_step=64),
                        gate_up=GemmConfig(64, 128, k_step=32), down=GemmConfig(32, 256, k_step=64),
                        key_block=32, key_splits=5)
-# The GPU experiments' options: the last key split combines, L2 prefetch requested (off where it cannot run).
-FUSED = dataclasses.replace(SPLIT, fused_combine=True, l2_prefetch="own+next")
+# The GPU experiments' options: the last key split combines, the step's input in one kernel, L2 prefetch
+# requested (off where it cannot run).
+FUSED = dataclasses.replace(SPLIT, fused_combine=True, fused_step_in=True, l2_prefetch="own+next")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

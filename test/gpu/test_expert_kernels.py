@@ -17,7 +17,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-OPTIONS = {"default": {}, "fused-combine+prefetch": {"fused_combine": True, "l2_prefetch": "own+next"}}
+OPTIONS = {"default": {}, "fused+prefetch": {"fused_combine": True, "fused_step_in": True, "l2_prefetch": "own+next"}}
 
 
 @pytest.mark.parametrize("options", sorted(OPTIONS))

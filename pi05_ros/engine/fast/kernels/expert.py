@@ -240,6 +240,30 @@ if triton is not None:
         _emit_next(x, col, col_ok, mask, rm, row_ok, tile, next_mod_ptr, xm_ptr, ssp_out_ptr, N, BM, DT)
 
     @triton.jit
+    def _step_in_kernel(xt_ptr, w_ptr, b_ptr, x_ptr, next_mod_ptr, xm_ptr, ssp_out_ptr, M, N, A,
+                        BM: tl.constexpr, BN: tl.constexpr, BA: tl.constexpr, DT: tl.constexpr,
+                        USE_PDL: tl.constexpr):
+        """A step's start: x = x_t @ W_in^T + b_in [M, N] (float32), then x * next_mod and the partial sums of
+        squares for the first layer's qkv GEMM (what `_modulate_kernel` does after a separate linear)."""
+        tile = tl.program_id(0)
+        if USE_PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        rm = tl.arange(0, BM)
+        ra = tl.arange(0, BA)
+        row_ok = rm < M
+        col = tile * BN + tl.arange(0, BN)
+        col_ok = col < N
+        w = tl.load(w_ptr + col[None, :] * A + ra[:, None], mask=col_ok[None, :] & (ra[:, None] < A), other=0.0)
+        bias = tl.load(b_ptr + col, mask=col_ok, other=0.0)
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+        xt = tl.load(xt_ptr + rm[:, None] * A + ra[None, :], mask=row_ok[:, None] & (ra[None, :] < A), other=0.0)
+        x = tl.dot(xt, w, input_precision="ieee") + bias[None, :]
+        mask = row_ok[:, None] & col_ok[None, :]
+        tl.store(x_ptr + rm[:, None] * N + col[None, :], x, mask=mask)
+        _emit_next(x, col, col_ok, mask, rm, row_ok, tile, next_mod_ptr, xm_ptr, ssp_out_ptr, N, BM, DT)
+
+    @triton.jit
     def _attend_kernel(
         q_ptr, k_ptr, v_ptr, n_valid_ptr, acc_ptr, m_ptr, l_ptr, count_ptr, out_ptr, out_stride,
         rows, keys_total, horizon, scale, blocks_per_split,
@@ -371,6 +395,7 @@ class KernelConfig:
     # the next GEMM's weights), "own+next", or "none".
     l2_prefetch: str = "none"
     fused_combine: bool = False  # the last key split of each head combines (no combine kernel)
+    fused_step_in: bool = False  # the action in-projection and the first modulate in one kernel
 
 
 def _pow2_at_most(n: int, cap: int) -> int:
@@ -554,6 +579,7 @@ class ExpertKernels:
         tiles = max(first.o.tiles, first.down.tiles, triton.cdiv(self.width, self.modulate_cols))
         self.ssp = [torch.zeros(tiles, bm, dtype=f32, device=dev) for _ in range(2)]
         self._dummy = torch.zeros(1, dtype=f32, device=dev)
+        self.x_step = torch.zeros(self.horizon, self.width, dtype=f32, device=dev)  # the step's residual stream
 
     @property
     def block_rows(self) -> int:
@@ -622,6 +648,17 @@ class ExpertKernels:
                                    BM=self.block_rows, BN=self.modulate_cols, DT=self._dt, **self._launch_kwargs(4))
         return self.ssp[1], tiles
 
+    def step_in(self, x_t: Tensor, next_mod: Tensor) -> tuple[Tensor, tuple[Tensor, int]]:
+        """x = action_in(x_t[0]) into self.x_step, x * next_mod into self.xm, partial sums of squares into ssp[1]."""
+        fast = self.fast
+        tiles = triton.cdiv(self.width, self.modulate_cols)
+        a = fast.action_in_w.shape[1]
+        _step_in_kernel[(tiles,)](x_t, fast.action_in_w, fast.action_in_b, self.x_step, next_mod, self.xm,
+                                  self.ssp[1], self.horizon, self.width, a, BM=self.block_rows,
+                                  BN=self.modulate_cols, BA=max(16, triton.next_power_of_2(a)), DT=self._dt,
+                                  USE_PDL=self.use_pdl, **self._launch_kwargs(4))
+        return self.x_step, (self.ssp[1], tiles)
+
     def _attention(self, k_cache: Tensor, v_cache: Tensor, n_valid: Tensor) -> None:
         c = self.config
         keys_total = k_cache.shape[0]
@@ -677,8 +714,11 @@ class ExpertKernels:
         bias_qkv [L, Nqkv], bias_gu [L, 2*MLP]) and the dt-folded action head."""
         fast = self.fast
         depth = len(self.layers)
-        x = torch.nn.functional.linear(x_t[0], fast.action_in_w, fast.action_in_b)
-        ssp = self.modulate(x, mods[0, 0])
+        if self.config.fused_step_in:
+            x, ssp = self.step_in(x_t, mods[0, 0])
+        else:
+            x = torch.nn.functional.linear(x_t[0], fast.action_in_w, fast.action_in_b)
+            ssp = self.modulate(x, mods[0, 0])
         for i in range(depth):
             next_mod = mods[i + 1, 0] if i + 1 < depth else None
             ssp = self.layer(x, i, mods[i], next_mod, bias_qkv[i], bias_gu[i], keys[i][0, 0], values[i][0, 0],
