@@ -1,8 +1,9 @@
 """The fused expert kernels on the GPU: fidelity against the float32 reference, and denoise time per variant.
 
-    PYTHONPATH=. python3 tools/expert_kernels_gpu.py [--quick | --prefetch]
+    PYTHONPATH=. python3 tools/expert_kernels_gpu.py [--quick | --prefetch | --defaults]
 
---prefetch: only the whole denoise loop for each L2 prefetch mode (KernelConfig.l2_prefetch) and a few tile shapes.
+--prefetch: only the whole denoise loop for each L2 prefetch mode (KernelConfig.l2_prefetch), the fused options
+and a few tile shapes. --defaults: the previous default configuration against the current one.
 
 Full-size random weights, 2 views, 48-token prompt, horizon 50. The prefix K/V come from the bf16 fast path;
 the float32 reference runs the whole model. Each variant's denoise loop is captured in a CUDA graph and timed
@@ -332,6 +333,12 @@ def main() -> None:
                 break
         print(line, flush=True)
 
+    if "--defaults" in sys.argv:  # the previous default against the current one, interleaved twice
+        before = dataclasses.replace(KernelConfig(), fused_step_in=False, o=GemmConfig(32, 1024, 4, 128, 4))
+        for _ in range(2):
+            check("previous default (80aba7f)", ExpertKernels(fast, before))
+            check("default", ExpertKernels(fast, KernelConfig()))
+        return
     if "--prefetch" in sys.argv:
         base = KernelConfig()
         for mode in ("none", "own", "next", "own+next", "none", "own+next"):  # repeated: the spread within a call

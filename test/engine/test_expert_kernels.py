@@ -39,7 +39,8 @@ SMALL = TINY.replace(
     vlm=GemmaConfig(width=96, depth=2, mlp_dim=192, num_heads=2, num_kv_heads=1, head_dim=64),
 )
 SPLIT = KernelConfig(qkv=GemmConfig(32, 64, k_step=32), o=GemmConfig(32, 64), gate_up=GemmConfig(64, 64, k_step=32),
-                     down=GemmConfig(32, 128, k_step=64, prefetch=False), key_block=16, key_splits=3)
+                     down=GemmConfig(32, 128, k_step=64, prefetch=False), key_block=16, key_splits=3,
+                     fused_step_in=False)
 WHOLE_K = KernelConfig(qkv=GemmConfig(32, 128, k_step=32), o=GemmConfig(32, 128, k_step=64),
                        gate_up=GemmConfig(64, 128, k_step=32), down=GemmConfig(32, 256, k_step=64),
                        key_block=32, key_splits=5)

@@ -379,10 +379,10 @@ class GemmConfig:
 
 @dataclass(frozen=True)
 class KernelConfig:
-    # Tile shapes measured fastest on an H200 (docs/benchmarks.md §20): few, long programs that stream their
-    # weights through a pipelined K loop; o and down split K in 2 and 4.
+    # Tile shapes measured fastest on an H200 (docs/benchmarks.md §20, §28): few, long programs that stream their
+    # weights through a pipelined K loop; o and down split K in 4.
     qkv: GemmConfig = GemmConfig(32, 1024, 4, 128, 4)
-    o: GemmConfig = GemmConfig(32, 1024, 4, 128, 4)
+    o: GemmConfig = GemmConfig(32, 512, 4, 128, 4)
     gate_up: GemmConfig = GemmConfig(64, 1024, 4, 128, 4)
     down: GemmConfig = GemmConfig(32, 1024, 4, 128, 4)
     key_block: int = 32  # keys per attention iteration
@@ -391,11 +391,12 @@ class KernelConfig:
     combine_cols: int = 64
     attend_warps: int = 4
     pdl: bool = True  # programmatic dependent launch where the GPU has it (SM 9.0+)
-    # L2 prefetch before `gdc_wait` (SM 9.0+ with PDL): "own" (each program's weight block), "next" (a share of
-    # the next GEMM's weights), "own+next", or "none".
+    # Measured and kept as options, off (§28): L2 prefetch before `gdc_wait` (SM 9.0+ with PDL: "own" = each
+    # program's weight block, "next" = a share of the next GEMM's weights, "own+next") was 0.3-6% slower; the
+    # last key split of each head combining (no combine kernel) 25% slower.
     l2_prefetch: str = "none"
-    fused_combine: bool = False  # the last key split of each head combines (no combine kernel)
-    fused_step_in: bool = False  # the action in-projection and the first modulate in one kernel
+    fused_combine: bool = False
+    fused_step_in: bool = True  # the action in-projection and the first modulate in one kernel (-0.09 ms at 10)
 
 
 def _pow2_at_most(n: int, cap: int) -> int:
