@@ -3,6 +3,7 @@ outputs, on the CPU through Triton's interpreter. Their speed and the bf16 path 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported: kernels run as numpy programs
@@ -38,10 +39,14 @@ SMALL = TINY.replace(
     vlm=GemmaConfig(width=96, depth=2, mlp_dim=192, num_heads=2, num_kv_heads=1, head_dim=64),
 )
 SPLIT = KernelConfig(qkv=GemmConfig(32, 64, k_step=32), o=GemmConfig(32, 64), gate_up=GemmConfig(64, 64, k_step=32),
-                     down=GemmConfig(32, 128, k_step=64, prefetch=False), key_block=16, key_splits=3)
+                     down=GemmConfig(32, 128, k_step=64, prefetch=False), key_block=16, key_splits=3,
+                     fused_step_in=False)
 WHOLE_K = KernelConfig(qkv=GemmConfig(32, 128, k_step=32), o=GemmConfig(32, 128, k_step=64),
                        gate_up=GemmConfig(64, 128, k_step=32), down=GemmConfig(32, 256, k_step=64),
                        key_block=32, key_splits=5)
+# The GPU experiments' options: the last key split combines, the step's input in one kernel, L2 prefetch
+# requested (off where it cannot run).
+FUSED = dataclasses.replace(SPLIT, fused_combine=True, fused_step_in=True, l2_prefetch="own+next")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -82,7 +87,7 @@ def test_a_tile_pairs_rope_partners_and_geglu_partners() -> None:
     assert paired_columns(EPI_GEGLU, 2, 16, head_dim=0, mlp=96) == [*range(32, 48), *range(128, 144)]
 
 
-@pytest.mark.parametrize("config", [SPLIT, WHOLE_K], ids=["split-k", "whole-k"])
+@pytest.mark.parametrize("config", [SPLIT, WHOLE_K, FUSED], ids=["split-k", "whole-k", "fused-combine"])
 def test_layer_equals_its_torch_definition(small, config: KernelConfig) -> None:
     fast, prefix, _ = small
     kernels = ExpertKernels(fast, config)
@@ -126,7 +131,7 @@ def test_torch_definition_equals_the_fast_path_layer(small) -> None:
     assert rel_err(got, want) < 1e-5  # float32: products reordered only
 
 
-@pytest.mark.parametrize("config", [SPLIT, WHOLE_K], ids=["split-k", "whole-k"])
+@pytest.mark.parametrize("config", [SPLIT, WHOLE_K, FUSED], ids=["split-k", "whole-k", "fused-combine"])
 def test_denoise_equals_the_fast_path(small, config: KernelConfig) -> None:
     fast, prefix, noise = small
     want = denoise_eager(fast, prefix, noise, 3)

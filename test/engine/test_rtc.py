@@ -114,6 +114,31 @@ def test_fast_path_layers_follow_the_reference(golden_model, fast_case, case, be
     assert rel_err(x[0], want) < 1e-5  # float32; the fast path alone is ~2e-7 from the reference
 
 
+def test_guided_steps_in_the_pipelines_cache_under_no_grad(golden_model, fast_case, case) -> None:
+    """The pipeline's way: whole cache tensors, every step under no_grad (its `run`), one step after another
+    (each step's recorded write must not block the next). Same result as the plain loop."""
+    inputs, _, other = case
+    fast = FastModel(golden_model, torch.float32)
+    images, rows, noise = fast_case(0)
+    prefix = prefill_eager(fast, images, rows)
+    g = Guidance.build(other[0].numpy(), delay=3, end=8, beta=5.0, schedule="exp", columns=7)
+    want = golden_model.sample_actions(inputs, 10, guidance=guidance_of(g))[0]
+    mods, final, out_w, out_b = fast.step_schedule(10)
+    x = noise.clone()[None]
+    previous, weights = torch.from_numpy(g.previous)[None], torch.from_numpy(g.weights)[None]
+    total = prefix.keys[0].shape[2]
+    with torch.no_grad():
+        with_views = [k[:, :, :total] for k in prefix.keys]  # what `run` used to hand over: no_grad views
+        with pytest.raises(RuntimeError, match="no_grad"):
+            fast.guided_step(x.clone(), prefix.n_valid, with_views, [v[:, :, :total] for v in prefix.values],
+                             mods[0], final[0], out_w, out_b, 1.0, -0.1, previous, weights, 5.0, compiled=False)
+        for step, (t, dt) in enumerate(euler_schedule(10)):
+            fast.guided_step_in_cache(x, prefix.n_valid, prefix.keys, prefix.values, total, mods[step], final[step],
+                                      out_w, out_b, t, dt, previous, weights, 5.0, compiled=False)
+    assert all(k.grad_fn is None and not k.requires_grad for k in (*prefix.keys, *prefix.values))
+    assert rel_err(x[0], want) < 1e-5  # float32, as above
+
+
 # --- the Policy's RtcRequest: robot terms in, the guidance in model units
 
 

@@ -514,6 +514,23 @@ class FastModel(nn.Module):
         # v - w g, times dt
         x_t.add_(delta.detach() - dt * weight * g)
 
+    def guided_step_in_cache(self, x_t: Tensor, n_valid: Tensor, key_cache: list[Tensor],
+                             value_cache: list[Tensor], rows: int, *args, **kwargs) -> None:
+        """`guided_step` on the first `rows` rows of whole K/V cache tensors (the pipeline's), callable under
+        no_grad and step after step.
+
+        The step writes the suffix's K/V into the cache with autograd recording (the VJP goes through them).
+        Views made under no_grad, or kept from an earlier step (whose write made them part of a graph), refuse
+        that in-place write, so each step makes fresh views in grad mode; afterwards the caches are detached,
+        so the recorded graph does not keep the step's activations alive.
+        """
+        with torch.enable_grad():
+            keys = [k[:, :, :rows] for k in key_cache]
+            values = [v[:, :, :rows] for v in value_cache]
+        self.guided_step(x_t, n_valid, keys, values, *args, **kwargs)
+        for cache in (*key_cache, *value_cache):
+            cache.detach_()
+
     def embed_text_rows(self, rows: Tensor, out: Tensor) -> None:
         """Token-table rows (gathered on the host) * sqrt(width) into the prefix slice `out`."""
         out.copy_(rows.float() * self.text_scale)

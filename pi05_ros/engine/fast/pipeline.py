@@ -506,17 +506,16 @@ class Pi05Pipeline:
 
     def _rtc_step_fn(self, views: int, table: StepTable) -> Callable[[], None]:
         total = self._cache_rows(self._capacity(views))
-        keys = [k[:, :, :total] for k in self.d_keys]
-        values = [v[:, :, :total] for v in self.d_values]
-        where = self._suffix_buffers(views, "rtc", keys)
+        where = self._suffix_buffers(views, "rtc", [k[:, :, :total] for k in self.d_keys])
         previous, weights, beta = self._rtc_device
         compiled = self._rtc_mode == "compiled"
 
         def step() -> None:
             table.select()
             mods, final, out_w, out_b, t, dt = table.current
-            self.fast.guided_step(self.d_x, self.d_n_valid, keys, values, mods, final, out_w, out_b, t, dt,
-                                  previous, weights, beta, where=where, compiled=compiled)
+            self.fast.guided_step_in_cache(self.d_x, self.d_n_valid, self.d_keys, self.d_values, total, mods,
+                                           final, out_w, out_b, t, dt, previous, weights, beta, where=where,
+                                           compiled=compiled)
 
         return step
 
