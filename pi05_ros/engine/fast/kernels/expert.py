@@ -379,7 +379,7 @@ class GemmConfig:
 
 @dataclass(frozen=True)
 class KernelConfig:
-    # Tile shapes measured fastest on an H200 (docs/benchmarks.md §20, §28): few, long programs that stream their
+    # Tile shapes measured fastest on an H200 (docs/benchmarks.md §20, §34): few, long programs that stream their
     # weights through a pipelined K loop; o and down split K in 4.
     qkv: GemmConfig = GemmConfig(32, 1024, 4, 128, 4)
     o: GemmConfig = GemmConfig(32, 512, 4, 128, 4)
@@ -391,7 +391,7 @@ class KernelConfig:
     combine_cols: int = 64
     attend_warps: int = 4
     pdl: bool = True  # programmatic dependent launch where the GPU has it (SM 9.0+)
-    # Measured and kept as options, off (§28): L2 prefetch before `gdc_wait` (SM 9.0+ with PDL: "own" = each
+    # Measured and kept as options, off (§34): L2 prefetch before `gdc_wait` (SM 9.0+ with PDL: "own" = each
     # program's weight block, "next" = a share of the next GEMM's weights, "own+next") was 0.3-6% slower; the
     # last key split of each head combining (no combine kernel) 25% slower.
     l2_prefetch: str = "none"
