@@ -55,7 +55,7 @@ def main() -> int:
     args = parser.parse_args()
     width, height = (int(v) for v in args.huge.lower().split("x"))
     if args.shm_segment_mib:
-        # a segment that holds a few huge frames, so that they can arrive at all (docs/benchmarks.md §29)
+        # a segment that holds a few huge frames, so that they can arrive at all (docs/benchmarks.md §31)
         publish_large_frames(args.shm_segment_mib)
 
     namespace = unique_namespace("pi05_frames")

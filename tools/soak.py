@@ -344,7 +344,8 @@ def main() -> int:
     warm = max(1, args.inferences // 50)
 
     # The peer publishes 640x480 frames: with Fast DDS's 512 KB default segment about half would be lost in the
-    # publisher (docs/benchmarks.md §29), which would measure the transport, not the node.
+    # publisher (docs/benchmarks.md §31), which would measure the transport, not the node. Only the peer gets this
+    # profile: the node starts with its own (config/fastdds_profile.xml), as users run it.
     profile = publish_large_frames()
     record = Record()
     namespace = unique_namespace("pi05_soak")
@@ -409,9 +410,10 @@ def main() -> int:
     output = node.output()
     facts["log"] = {"lines": output.count("\n"), "tracebacks": output.count("Traceback"),
                     "errors": output.count("[ERROR]"), "warnings": output.count("[WARN]")}
+    node_profile = re.search(r"Fast DDS profile: (\S+)", output)
     header = (f"soak: {'GPU fp8 full-size' if args.gpu else 'CPU tiny'} demo model, rate_hz {rate:g}, "
-              f"denoise_steps {args.steps}{', faults' if args.faults else ''}, commit {commit}, peer's DDS profile "
-              f"{profile.name}; node log "
+              f"denoise_steps {args.steps}{', faults' if args.faults else ''}, commit {commit}, node's DDS profile "
+              f"{Path(node_profile.group(1)).name if node_profile else 'none named'}, peer's {profile.name}; node log "
               f"{facts['log']['lines']} lines ({facts['log']['errors']} ERROR, {facts['log']['warnings']} WARN, "
               f"{facts['log']['tracebacks']} tracebacks)")
     print("\n" + header + "\n" + text)
