@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """How many best-effort camera frames Fast DDS delivers between two processes on one machine, by frame size and the
-publisher's shared-memory segment (docs/benchmarks.md §29).
+publisher's shared-memory segment (docs/benchmarks.md §31).
 
     source scripts/env.sh && python tools/frame_loss.py [--sizes 64x64,320x240,400x300,640x480] [--seconds 10]
 
