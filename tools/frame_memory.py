@@ -6,7 +6,9 @@
 
 Phases (each `--seconds` long): normal 640x480 frames on both cameras; huge frames (the node rejects them above
 camera.<name>.max_width/max_height, or takes them when the limits are raised with -p); normal frames again. RSS is
-read from /proc/<pid>/status (VmRSS) once a second; the table gives each phase's last value and its maximum.
+read from /proc/<pid>/status once a second; each line gives the phase's last VmRSS with its RssAnon (the node's
+own memory) and RssShmem (pages of the peer's shared-memory segment it has read) parts, and the maximum VmRSS.
+`--env RMW_FASTRTPS_USE_QOS_FROM_XML=0` starts the node without its Fast DDS profile, for contrast.
 """
 
 from __future__ import annotations
@@ -31,11 +33,15 @@ from ros_harness import (  # noqa: E402
 )
 
 
-def rss_mib(pid: int) -> float:
+def memory_mib(pid: int) -> dict[str, float]:
+    """VmRSS and two of its parts: RssAnon (the node's own memory) and RssShmem (pages of peers' DDS shared-memory
+    segments it has read: with a large publisher segment, huge frames touch many of them)."""
+    values = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024.0
-    raise RuntimeError("no VmRSS")
+        key = line.split(":", 1)[0]
+        if key in ("VmRSS", "RssAnon", "RssShmem"):
+            values[key] = int(line.split()[1]) / 1024.0
+    return values
 
 
 def restamped(template, stamp: int):
@@ -55,7 +61,7 @@ def main() -> int:
     args = parser.parse_args()
     width, height = (int(v) for v in args.huge.lower().split("x"))
     if args.shm_segment_mib:
-        # a segment that holds a few huge frames, so that they can arrive at all (docs/benchmarks.md §29)
+        # a segment that holds a few huge frames, so that they can arrive at all (docs/benchmarks.md §31)
         publish_large_frames(args.shm_segment_mib)
 
     namespace = unique_namespace("pi05_frames")
@@ -78,17 +84,20 @@ def main() -> int:
             driver.feed_period_s = period
             for name in driver.image_pubs:
                 driver.image_factory[name] = lambda stamp, m=frames[name]: restamped(m, stamp)
-            values = []
+            values, last = [], {}
             end = time.monotonic() + args.seconds
             while time.monotonic() < end:
                 time.sleep(1.0)
-                values.append(rss_mib(pid))
-            rows.append((label, values[-1], max(values)))
+                last = memory_mib(pid)
+                values.append(last["VmRSS"])
+            rows.append((label, values[-1], max(values), last.get("RssAnon", float("nan")),
+                         last.get("RssShmem", float("nan"))))
             statuses = driver.statuses_since(end - args.seconds)
             inputs = status_values(statuses[-1]) if statuses else {}
             counts = ", ".join(f"{name} {inputs.get(f'input.{name}.messages', '?')} messages "
                                f"(age {inputs.get(f'input.{name}.age_s', '?')} s)" for name in driver.image_pubs)
-            print(f"{label:32s} RSS last {values[-1]:8.1f} MiB  max {max(values):8.1f} MiB; {counts}", flush=True)
+            print(f"{label:32s} RSS last {values[-1]:8.1f} MiB (anon {rows[-1][3]:.1f}, shmem {rows[-1][4]:.1f})  "
+                  f"max {max(values):8.1f} MiB; {counts}", flush=True)
 
         phase("normal 640x480 (before)", normal, 0.05)
         phase(f"huge {width}x{height}", huge, args.huge_period)
@@ -99,7 +108,9 @@ def main() -> int:
             values = status_values(last)
             print("diagnostics:", last.message[:300])
             print({k: v for k, v in values.items() if k.startswith("input.base_image")})
-        print(f"RSS after - before: {rows[2][1] - rows[0][1]:+.1f} MiB (next phase {rows[3][1] - rows[0][1]:+.1f})")
+        print(f"RSS after - before: {rows[2][1] - rows[0][1]:+.1f} MiB (next phase {rows[3][1] - rows[0][1]:+.1f}); "
+              f"RssAnon {rows[2][3] - rows[0][3]:+.1f} MiB (next phase {rows[3][3] - rows[0][3]:+.1f}), RssShmem "
+              f"{rows[2][4] - rows[0][4]:+.1f} MiB")
     finally:
         node.stop()
         driver.close()

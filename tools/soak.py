@@ -10,26 +10,32 @@ overruns; optionally with faults injected on a schedule. Not part of CI's defaul
 The node runs in chunk mode and commands (allow_demo_commands), fed 640x480 frames on two cameras and joint states
 by an in-process peer (20 Hz on the CPU, 50 Hz with --gpu). Measured:
 - RSS of the node process (VmRSS, every 5 s): start (after the first 2 % of inferences), end, and the slope of a
-  least-squares line through the samples after that start, in MiB per hour; GPU memory from /diagnostics
-  (gpu_memory.*) on a GPU;
+  least-squares line through the samples after that start, in MiB per hour; the same for RssAnon (the process's
+  own memory, what a leak grows) beside RssShmem (the pages of peers' DDS shared-memory segments it has read, which
+  grow up to those segments' size); GPU memory from /diagnostics (gpu_memory.*) on a GPU;
 - per window of `--window` inferences: p50 / p99 / max of ActionChunk.inference_latency;
 - chunks lost: gaps in ActionChunk.sequence as received (reliable QoS: a gap is a chunk that never arrived);
 - overruns, failed inferences and skipped ticks from the last /diagnostics.
 --faults (the fault node, test/ros/fault_node.py) cycles every 60 s through: the wrist camera stops for 3 s,
 a GPU error raised in the runner for 2 s, joint states at 1 kHz for 5 s, 20 parameter sets, a latched instruction
-from a restarting publisher; every 10 s the instruction changes. After each fault the time until the next chunk
-is recorded. A Markdown summary is printed and, with --out, written with the raw samples as JSON.
+from a publisher that restarts twice, 50 instructions at 10 Hz; besides, every 10 s the instruction changes.
+For each fault it records the time from its end to the next chunk, what /diagnostics said meanwhile (its worst
+level and the distinct messages) and how the node's counters moved (failed inferences, holds, skipped ticks,
+overruns, instructions taken) from just before the fault to 3 s after it. A Markdown summary is printed and,
+with --out, written with the raw samples as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,18 +53,24 @@ from ros_harness import (  # noqa: E402
     installed_params_file,
     make_image,
     publish_large_frames,
+    status_level,
     status_values,
     unique_namespace,
 )
 
 FAULT_NODE = REPO / "test" / "ros" / "fault_node.py"
+DEMO_PREFIX = "DEMO MODEL (random weights, actions are meaningless): "
 
 
-def rss_mib(pid: int) -> float:
+def memory_mib(pid: int) -> dict[str, float]:
+    """VmRSS and its parts (kernel >= 4.5): RssAnon (the process's own memory: what a leak grows), RssFile (mapped
+    files: libraries) and RssShmem (shared memory pages it touched: the DDS segments of the peers it reads from)."""
+    values = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024.0
-    raise RuntimeError("no VmRSS")
+        key = line.split(":", 1)[0]
+        if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+            values[key] = int(line.split()[1]) / 1024.0
+    return values
 
 
 @dataclass
@@ -68,7 +80,7 @@ class Record:
     latencies: list[float] = field(default_factory=list)
     sequences: list[int] = field(default_factory=list)
     arrivals: list[float] = field(default_factory=list)
-    rss: list[tuple[float, int, float]] = field(default_factory=list)  # (time, chunks so far, MiB)
+    rss: list[tuple[float, int, dict[str, float]]] = field(default_factory=list)  # (time, chunks so far, MiB)
     gpu: list[tuple[float, int, dict[str, float]]] = field(default_factory=list)
     faults: list[dict[str, Any]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -100,36 +112,67 @@ def restamped(template: Any, stamp: int) -> Any:
     return template
 
 
+def distinct_messages(messages: Iterable[str], width: int = 160) -> list[str]:
+    """/diagnostics messages without the demo model's prefix, one per wording apart from its numbers (a stale
+    input's growing age is one message), each cut to `width` characters."""
+    kept: dict[str, str] = {}
+    for message in messages:
+        if message.startswith(DEMO_PREFIX):
+            message = message[len(DEMO_PREFIX):]
+        kept.setdefault(re.sub(r"[0-9.]+", "#", message), message[:width])
+    return list(kept.values())
+
+
 class FaultSchedule(threading.Thread):
     """Injects the faults of the module docstring, one every `period_s`, and records each recovery."""
+
+    KINDS = ("camera_stops", "gpu_error", "joint_states_1khz", "parameter_sets", "publisher_restarts",
+             "instructions_10hz")
+    COUNTERS = ("failed_inferences", "execution.holds", "skipped_ticks", "overruns", "input.instruction.messages")
 
     def __init__(self, driver: Driver, record: Record, fault_file: Path, period_s: float = 60.0) -> None:
         super().__init__(daemon=True)
         self.driver, self.record, self.fault_file, self.period = driver, record, fault_file, period_s
         self.stop = threading.Event()
 
+    def counters(self) -> dict[str, int]:
+        statuses = self.driver.statuses_since(time.monotonic() - 3.0)
+        values = status_values(statuses[-1]) if statuses else {}
+        return {k: int(float(values[k])) for k in self.COUNTERS if k in values}
+
     def run(self) -> None:
-        kinds = ("camera_stops", "gpu_error", "joint_states_1khz", "parameter_sets", "publisher_restarts")
         step = 0
         next_fault = time.monotonic() + self.period / 2
         next_instruction = time.monotonic() + 10.0
+        last_instruction = 0.0
         while not self.stop.wait(0.2):
             now = time.monotonic()
             if now >= next_instruction:
                 self.driver.say(f"stack the blocks, round {step}")
-                next_instruction = now + 10.0
-            if now < next_fault:
+                next_instruction, last_instruction = now + 10.0, now
+            if now < next_fault or now - last_instruction < 2.0:  # the counters before a fault include that one
                 continue
-            kind = kinds[step % len(kinds)]
+            kind = self.KINDS[step % len(self.KINDS)]
             step += 1
+            before = self.counters()
             started = time.monotonic()
             detail = getattr(self, kind)()
             ended = time.monotonic()
             resumed = self.record.first_chunk_after(ended, 30.0)
+            time.sleep(max(0.0, ended + 3.0 - time.monotonic()))  # a status (1 Hz) that counts the whole fault
+            after = self.counters()
+            seen = self.driver.statuses_since(started - 0.5)
+            worst = max((status_level(x) for x in seen), default=None)
+            messages = distinct_messages(x.message for x in seen if status_level(x) > 0)
+            moved = {k: after[k] - before[k] for k in after if k in before and after[k] != before[k]}
             self.record.faults.append({"kind": kind, "at_chunk": self.record.count, "lasted_s": ended - started,
-                                       "next_chunk_after_s": resumed, **detail})
+                                       "next_chunk_after_s": resumed, "worst_level": worst, "messages": messages,
+                                       "counters_moved": moved, **detail})
             print(f"fault {kind}: lasted {ended - started:.1f} s, next chunk "
-                  f"{'never (30 s)' if resumed is None else f'{resumed:.2f} s'} after its end {detail}", flush=True)
+                  f"{'never (30 s)' if resumed is None else f'{resumed:.2f} s'} after its end, worst level {worst}, "
+                  f"counters {moved} {detail}", flush=True)
+            for message in messages[:4]:
+                print(f"    reported: {message}", flush=True)
             next_fault = time.monotonic() + self.period
 
     def camera_stops(self) -> dict[str, Any]:
@@ -182,7 +225,19 @@ class FaultSchedule(threading.Thread):
             time.sleep(2.0)
             node.destroy_node()
             rclpy.try_shutdown(context=context)
-        return {}
+        return {"last_text": "open the drawer", "taken": self.prompt_becomes("open the drawer")}
+
+    def instructions_10hz(self) -> dict[str, Any]:
+        for i in range(50):
+            self.driver.say(f"task number {i} of 50")
+            time.sleep(0.1)
+        return {"sent": 50, "last_used": self.prompt_becomes("task number 49 of 50")}
+
+    def prompt_becomes(self, text: str, timeout: float = 10.0) -> bool:
+        """Whether a /diagnostics status names `text` as the last chunk's prompt within `timeout`."""
+        since = time.monotonic() - 1.0
+        return self.driver.wait_for_status(since, timeout, lambda x: status_values(x).get("prompt.text") == text) \
+            is not None
 
 
 def summarize(record: Record, statuses: list[Any], warm: int, window: int, started: float,
@@ -192,10 +247,17 @@ def summarize(record: Record, statuses: list[Any], warm: int, window: int, start
     gaps = np.diff(sequences) - 1 if len(sequences) > 1 else np.array([])
     lost = int(gaps[gaps > 0].sum()) if gaps.size else 0
     out_of_order = int((gaps < 0).sum()) if gaps.size else 0
-    samples = [(t, n, mib) for t, n, mib in record.rss if n >= warm]
+    samples = [(t, n, mem) for t, n, mem in record.rss if n >= warm]
     hours = np.array([(t - samples[0][0]) / 3600.0 for t, _, _ in samples]) if samples else np.array([])
-    mib = np.array([m for _, _, m in samples])
-    slope = float(np.polyfit(hours, mib, 1)[0]) if len(samples) >= 3 else float("nan")
+
+    def series(key: str) -> np.ndarray:
+        return np.array([mem.get(key, np.nan) for _, _, mem in samples])
+
+    def slope_of(values: np.ndarray) -> float:
+        return float(np.polyfit(hours, values, 1)[0]) if len(values) >= 3 else float("nan")
+
+    mib, anon, shmem = series("VmRSS"), series("RssAnon"), series("RssShmem")
+    slope, anon_slope = slope_of(mib), slope_of(anon)
     last = status_values(statuses[-1]) if statuses else {}
     gpu_samples = [(t, values) for t, n, values in record.gpu if n >= warm]
     gpu_text = ""
@@ -203,9 +265,9 @@ def summarize(record: Record, statuses: list[Any], warm: int, window: int, start
         gpu_hours = np.array([(t - gpu_samples[0][0]) / 3600.0 for t, _ in gpu_samples])
         parts = []
         for key in ("gpu_memory.allocated_mib", "gpu_memory.reserved_mib"):
-            series = np.array([values.get(key, np.nan) for _, values in gpu_samples])
-            parts.append(f"{key.split('.')[1]} {series[0]:.1f} -> {series[-1]:.1f} MiB "
-                         f"({float(np.polyfit(gpu_hours, series, 1)[0]):+.2f} MiB/h)")
+            gpu_mib = np.array([values.get(key, np.nan) for _, values in gpu_samples])
+            parts.append(f"{key.split('.')[1]} {gpu_mib[0]:.1f} -> {gpu_mib[-1]:.1f} MiB "
+                         f"({float(np.polyfit(gpu_hours, gpu_mib, 1)[0]):+.2f} MiB/h)")
         gpu_text = "GPU memory after warm-up: " + ", ".join(parts)
     lines = ["| inferences | p50 ms | p99 ms | max ms |", "|---|---|---|---|"]
     windows = []
@@ -215,12 +277,29 @@ def summarize(record: Record, statuses: list[Any], warm: int, window: int, start
                float(part.max()))
         windows.append(row)
         lines.append(f"| {row[0]}-{row[1]} | {row[2]:.1f} | {row[3]:.1f} | {row[4]:.1f} |")
+    if record.faults:
+        levels = {0: "OK", 1: "WARN", 2: "ERROR", 3: "STALE", None: "-"}
+        lines += ["", "| fault | at chunk | lasted s | next chunk after its end s | worst /diagnostics level | "
+                      "counters moved (to 3 s after) | detail |", "|---|---|---|---|---|---|---|"]
+        for fault in record.faults:
+            detail = {k: v for k, v in fault.items() if k not in (
+                "kind", "at_chunk", "lasted_s", "next_chunk_after_s", "worst_level", "messages", "counters_moved")}
+            resumed = fault["next_chunk_after_s"]
+            lines.append(f"| {fault['kind']} | {fault['at_chunk']} | {fault['lasted_s']:.1f} | "
+                         f"{'none in 30 s' if resumed is None else f'{resumed:.2f}'} | "
+                         f"{levels.get(fault['worst_level'], fault['worst_level'])} | "
+                         f"{', '.join(f'{k} {v:+d}' for k, v in fault['counters_moved'].items()) or '-'} | "
+                         f"{', '.join(f'{k} {v}' for k, v in detail.items()) or '-'} |")
     facts = {
         "chunks_received": int(len(sequences)), "sequence_first": int(sequences[0]) if len(sequences) else None,
         "sequence_last": int(sequences[-1]) if len(sequences) else None, "chunks_lost": lost,
         "out_of_order": out_of_order, "duration_s": ended - started,
         "rss_start_mib": float(mib[0]) if len(mib) else None, "rss_end_mib": float(mib[-1]) if len(mib) else None,
         "rss_max_mib": float(mib.max()) if len(mib) else None, "rss_slope_mib_per_h": slope,
+        "rss_anon_start_mib": float(anon[0]) if len(anon) else None,
+        "rss_anon_end_mib": float(anon[-1]) if len(anon) else None, "rss_anon_slope_mib_per_h": anon_slope,
+        "rss_shmem_start_mib": float(shmem[0]) if len(shmem) else None,
+        "rss_shmem_end_mib": float(shmem[-1]) if len(shmem) else None,
         "latency_ms": {"p50": float(np.percentile(latencies, 50)), "p99": float(np.percentile(latencies, 99)),
                        "max": float(latencies.max())},
         "windows": windows,
@@ -236,7 +315,9 @@ def summarize(record: Record, statuses: list[Any], warm: int, window: int, start
         f"chunks received {len(sequences)} (sequence {facts['sequence_first']}..{facts['sequence_last']}), "
         f"lost {lost}, out of order {out_of_order}, in {facts['duration_s'] / 60:.1f} min",
         f"RSS after {warm} inferences {facts['rss_start_mib']:.1f} MiB, end {facts['rss_end_mib']:.1f} MiB, max "
-        f"{facts['rss_max_mib']:.1f} MiB, slope {slope:+.2f} MiB/h ({len(samples)} samples)",
+        f"{facts['rss_max_mib']:.1f} MiB, slope {slope:+.2f} MiB/h ({len(samples)} samples); of it RssAnon "
+        f"{facts['rss_anon_start_mib']:.1f} -> {facts['rss_anon_end_mib']:.1f} MiB ({anon_slope:+.2f} MiB/h), "
+        f"RssShmem (peers' DDS segments) {facts['rss_shmem_start_mib']:.1f} -> {facts['rss_shmem_end_mib']:.1f} MiB",
         *([gpu_text] if gpu_text else []),
         f"latency p50 {facts['latency_ms']['p50']:.1f} ms, p99 {facts['latency_ms']['p99']:.1f} ms, max "
         f"{facts['latency_ms']['max']:.1f} ms",
@@ -254,6 +335,7 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=None, help="rate_hz (default 10; 50 with --gpu)")
     parser.add_argument("--steps", type=int, default=10, help="denoise_steps")
     parser.add_argument("--faults", action="store_true", help="inject the fault schedule")
+    parser.add_argument("--fault-period", type=float, default=60.0, help="seconds between faults")
     parser.add_argument("--window", type=int, default=None, help="inferences per latency row (default N/10)")
     parser.add_argument("--out", type=Path, default=None, help="write the summary (.md) and samples (.json) here")
     args = parser.parse_args()
@@ -262,7 +344,8 @@ def main() -> int:
     warm = max(1, args.inferences // 50)
 
     # The peer publishes 640x480 frames: with Fast DDS's 512 KB default segment about half would be lost in the
-    # publisher (docs/benchmarks.md §29), which would measure the transport, not the node.
+    # publisher (docs/benchmarks.md §31), which would measure the transport, not the node. Only the peer gets this
+    # profile: the node starts with its own (config/fastdds_profile.xml), as users run it.
     profile = publish_large_frames()
     record = Record()
     namespace = unique_namespace("pi05_soak")
@@ -292,7 +375,7 @@ def main() -> int:
             time.sleep(0.1)
         started = time.monotonic()
         if args.faults:
-            schedule = FaultSchedule(driver, record, fault_file)
+            schedule = FaultSchedule(driver, record, fault_file, args.fault_period)
             schedule.start()
         next_report = started + 60.0
         while record.count < args.inferences:
@@ -301,7 +384,7 @@ def main() -> int:
                 return 1
             time.sleep(5.0)
             now = time.monotonic()
-            record.rss.append((now, record.count, rss_mib(pid)))
+            record.rss.append((now, record.count, memory_mib(pid)))
             statuses = driver.statuses_since(now - 5.0)
             if statuses:
                 values = status_values(statuses[-1])
@@ -310,7 +393,9 @@ def main() -> int:
                     record.gpu.append((now, record.count, gpu))
             if now >= next_report:
                 next_report = now + 60.0
-                print(f"{(now - started) / 60:5.1f} min: {record.count} chunks, RSS {record.rss[-1][2]:.1f} MiB",
+                mem = record.rss[-1][2]
+                print(f"{(now - started) / 60:5.1f} min: {record.count} chunks, RSS {mem['VmRSS']:.1f} MiB (anon "
+                      f"{mem.get('RssAnon', float('nan')):.1f}, shmem {mem.get('RssShmem', float('nan')):.1f})",
                       flush=True)
         ended = time.monotonic()
         if schedule is not None:
@@ -325,9 +410,10 @@ def main() -> int:
     output = node.output()
     facts["log"] = {"lines": output.count("\n"), "tracebacks": output.count("Traceback"),
                     "errors": output.count("[ERROR]"), "warnings": output.count("[WARN]")}
+    node_profile = re.search(r"Fast DDS profile: (\S+)", output)
     header = (f"soak: {'GPU fp8 full-size' if args.gpu else 'CPU tiny'} demo model, rate_hz {rate:g}, "
-              f"denoise_steps {args.steps}{', faults' if args.faults else ''}, commit {commit}, peer's DDS profile "
-              f"{profile.name}; node log "
+              f"denoise_steps {args.steps}{', faults' if args.faults else ''}, commit {commit}, node's DDS profile "
+              f"{Path(node_profile.group(1)).name if node_profile else 'none named'}, peer's {profile.name}; node log "
               f"{facts['log']['lines']} lines ({facts['log']['errors']} ERROR, {facts['log']['warnings']} WARN, "
               f"{facts['log']['tracebacks']} tracebacks)")
     print("\n" + header + "\n" + text)

@@ -53,18 +53,37 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
+# Variables this process set for its own participants only, with the value each had before: NodeProcess starts the
+# node with that value (or without the variable), so the node picks its Fast DDS profile as users run it.
+_PEER_ONLY_ENV: dict[str, str | None] = {}
+
+
 def publish_large_frames(segment_mib: int | None = None) -> Path:
     """Make this process's DDS participants (created after this call) able to publish large frames without loss:
     the package's config/fastdds_large_frames.xml (a 16 MiB shared-memory segment), or a copy with another segment
-    size. For tools that publish 640x480 or larger frames; the tests' frames are small."""
+    size. For tools that publish 640x480 or larger frames; the tests' frames are small. Nodes started by
+    NodeProcess do not inherit it: the policy node keeps its own profile (config/fastdds_profile.xml)."""
     profile = package_prefix() / "share" / "pi05_ros" / "config" / "fastdds_large_frames.xml"
     if segment_mib is not None:
         text = profile.read_text().replace("<segment_size>16777216</segment_size>",
                                            f"<segment_size>{segment_mib * 2**20}</segment_size>")
         profile = Path(f"/tmp/pi05_large_frames_{os.getpid()}_{segment_mib}.xml")
         profile.write_text(text)
+    _PEER_ONLY_ENV.setdefault("FASTRTPS_DEFAULT_PROFILES_FILE", os.environ.get("FASTRTPS_DEFAULT_PROFILES_FILE"))
     os.environ["FASTRTPS_DEFAULT_PROFILES_FILE"] = str(profile)
     return profile
+
+
+def node_environment(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a node process starts with: this process's, less what publish_large_frames set for this
+    process alone, plus `env`."""
+    base = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for name, before in _PEER_ONLY_ENV.items():
+        if before is None:
+            base.pop(name, None)
+        else:
+            base[name] = before
+    return {**base, **(env or {})}
 
 
 def unique_namespace(prefix: str) -> str:
@@ -84,7 +103,7 @@ class NodeProcess:
             args += ["--params-file", str(params_file)]
         args += ["-r", f"__ns:={namespace}", *ros_args]
         self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                                        env=node_environment(env),
                                         preexec_fn=_die_with_parent)
         self._lines: list[str] = []
         self._lock = threading.Lock()

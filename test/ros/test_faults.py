@@ -5,7 +5,7 @@ each the node reports, holds or recovers as docs/ros_node.md says, and loses not
 published arrives, numbered without a gap (reliable QoS), and the task and parameters it took stay in effect.
 
 One node (CPU demo model, chunk mode, commanding) serves the module; the last test stops it during a fault.
-Longer versions of these runs: tools/soak.py --faults (docs/benchmarks.md §28).
+Longer versions of these runs: tools/soak.py --faults (docs/benchmarks.md §30).
 """
 
 from __future__ import annotations

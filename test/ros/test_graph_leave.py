@@ -1,6 +1,6 @@
 """A cleanly stopped node leaves the ROS graph at once, every time, and leaves no shared memory behind (issue 11
 item 2: before the lifecycle state machine was destroyed, a peer still saw the node for the ~20 s DDS lease after
-4 of 6 clean stops). tools/graph_leave_trials.py runs the same trial many times (docs/benchmarks.md §27)."""
+4 of 6 clean stops). tools/graph_leave_trials.py runs the same trial many times (docs/benchmarks.md §29)."""
 
 from __future__ import annotations
 
