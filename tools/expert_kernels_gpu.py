@@ -1,9 +1,10 @@
 """The fused expert kernels on the GPU: fidelity against the float32 reference, and denoise time per variant.
 
-    PYTHONPATH=. python3 tools/expert_kernels_gpu.py [--quick | --prefetch | --defaults]
+    PYTHONPATH=. python3 tools/expert_kernels_gpu.py [--quick | --variants | --defaults]
 
---prefetch: only the whole denoise loop for each L2 prefetch mode (KernelConfig.l2_prefetch), the fused options
-and a few tile shapes. --defaults: the previous default configuration against the current one.
+--variants: only the whole denoise loop, for the options and a few tile shapes around the default, and with all
+weights L2-resident (a diagnostic). --defaults: the previous default configuration against the current one.
+(The L2-prefetch and fused-combine variants of docs/benchmarks.md §34 ran as `--prefetch` at commit faf2f49.)
 
 Full-size random weights, 2 views, 48-token prompt, horizon 50. The prefix K/V come from the bf16 fast path;
 the float32 reference runs the whole model. Each variant's denoise loop is captured in a CUDA graph and timed
@@ -339,35 +340,24 @@ def main() -> None:
             check("previous default (80aba7f)", ExpertKernels(fast, before))
             check("default", ExpertKernels(fast, KernelConfig()))
         return
-    if "--prefetch" in sys.argv:
+    if "--variants" in sys.argv:
         base = KernelConfig()
-        for mode in ("none", "own", "next", "own+next", "none", "own+next"):  # repeated: the spread within a call
-            check(f"kernels {mode}", ExpertKernels(fast, dataclasses.replace(base, l2_prefetch=mode)))
+        check("default", ExpertKernels(fast, base))
+        check("step start unfused", ExpertKernels(fast, dataclasses.replace(base, fused_step_in=False)))
+        # Diagnostic, not a model: every layer computes with layer 0's weights (34.6 MB, L2-resident), so the
+        # weights never come from HBM: how fast the same kernels are when streaming costs nothing.
+        shared = ExpertKernels(fast, base)
+        shared.layers = [shared.layers[0]] * len(shared.layers)
+        check("L2-resident weights", shared)
         tiles = {
             "qkv S2": {"qkv": GemmConfig(32, 512, 4, 128, 4)},
             "gate_up S2": {"gate_up": GemmConfig(64, 512, 4, 128, 4)},
-            "gate_up BN128 w8": {"gate_up": GemmConfig(128, 1024, 8, 128, 4)},
             "down S8": {"down": GemmConfig(32, 512, 4, 128, 4)},
-            "o S4": {"o": GemmConfig(32, 512, 4, 128, 4)},
-            "all KC512": {"qkv": GemmConfig(32, 512, 4, 128, 4), "o": GemmConfig(32, 512, 4, 128, 4),
-                          "gate_up": GemmConfig(64, 512, 4, 128, 4), "down": GemmConfig(32, 512, 4, 128, 4)},
+            "o S2": {"o": GemmConfig(32, 1024, 4, 128, 4)},
             "stages 2": {k: dataclasses.replace(getattr(base, k), stages=2) for k in ALL4},
         }
-        for mode in ("none", "own+next"):
-            check(f"fused combine {mode}", ExpertKernels(fast, dataclasses.replace(base, l2_prefetch=mode,
-                                                                                   fused_combine=True)))
-        for mode in ("none", "own+next"):
-            check(f"fused combine+step_in {mode}", ExpertKernels(fast, dataclasses.replace(
-                base, l2_prefetch=mode, fused_combine=True, fused_step_in=True)))
-        # Diagnostic, not a model: every layer computes with layer 0's weights (34.6 MB, L2-resident), so the
-        # weights never come from HBM: how fast the same kernels are when streaming costs nothing.
-        for mode in ("none", "own"):
-            shared = ExpertKernels(fast, dataclasses.replace(base, l2_prefetch=mode))
-            shared.layers = [shared.layers[0]] * len(shared.layers)
-            check(f"L2-resident weights {mode}", shared)
-        for mode in ("none", "own+next"):
-            for label, change in tiles.items():
-                check(f"{label} {mode}", ExpertKernels(fast, dataclasses.replace(base, l2_prefetch=mode, **change)))
+        for label, change in tiles.items():
+            check(label, ExpertKernels(fast, dataclasses.replace(base, **change)))
         print("\nSUMMARY (denoise p50, ms):", flush=True)
         for (name, steps), ms in results.items():
             print(f"  {name:<30} {steps:>2} steps {ms:.3f}", flush=True)

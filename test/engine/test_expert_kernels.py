@@ -44,9 +44,8 @@ SPLIT = KernelConfig(qkv=GemmConfig(32, 64, k_step=32), o=GemmConfig(32, 64), ga
 WHOLE_K = KernelConfig(qkv=GemmConfig(32, 128, k_step=32), o=GemmConfig(32, 128, k_step=64),
                        gate_up=GemmConfig(64, 128, k_step=32), down=GemmConfig(32, 256, k_step=64),
                        key_block=32, key_splits=5)
-# The GPU experiments' options: the last key split combines, the step's input in one kernel, L2 prefetch
-# requested (off where it cannot run).
-FUSED = dataclasses.replace(SPLIT, fused_combine=True, fused_step_in=True, l2_prefetch="own+next")
+# SPLIT with the step's input in one kernel (the default).
+FUSED = dataclasses.replace(SPLIT, fused_step_in=True)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -87,7 +86,7 @@ def test_a_tile_pairs_rope_partners_and_geglu_partners() -> None:
     assert paired_columns(EPI_GEGLU, 2, 16, head_dim=0, mlp=96) == [*range(32, 48), *range(128, 144)]
 
 
-@pytest.mark.parametrize("config", [SPLIT, WHOLE_K, FUSED], ids=["split-k", "whole-k", "fused-combine"])
+@pytest.mark.parametrize("config", [SPLIT, WHOLE_K, FUSED], ids=["split-k", "whole-k", "fused-step-in"])
 def test_layer_equals_its_torch_definition(small, config: KernelConfig) -> None:
     fast, prefix, _ = small
     kernels = ExpertKernels(fast, config)
@@ -131,7 +130,7 @@ def test_torch_definition_equals_the_fast_path_layer(small) -> None:
     assert rel_err(got, want) < 1e-5  # float32: products reordered only
 
 
-@pytest.mark.parametrize("config", [SPLIT, WHOLE_K, FUSED], ids=["split-k", "whole-k", "fused-combine"])
+@pytest.mark.parametrize("config", [SPLIT, WHOLE_K, FUSED], ids=["split-k", "whole-k", "fused-step-in"])
 def test_denoise_equals_the_fast_path(small, config: KernelConfig) -> None:
     fast, prefix, noise = small
     want = denoise_eager(fast, prefix, noise, 3)

@@ -59,21 +59,6 @@ if triton is not None:
         return x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
 
     @triton.jit
-    def _prefetch_l2(ptr, start, count, total, ESIZE: tl.constexpr, THREADS: tl.constexpr):
-        """Ask L2 for elements [start, start + count) of `ptr` (clipped to `total`): one bulk prefetch per thread.
-
-        Hopper's `cp.async.bulk.prefetch.L2` copies nothing into the SM and returns at once, so a kernel can
-        start its weights' trip from HBM before `gdc_wait` and read them from L2 afterwards.
-        """
-        piece = (tl.cdiv(count, THREADS) + 15) // 16 * 16  # elements; 16 keeps every piece 16-byte aligned
-        off = start + tl.arange(0, THREADS) * piece
-        end = tl.minimum(tl.minimum(off + piece, start + count), total)
-        size = (tl.maximum(end - off, 0) * ESIZE).to(tl.int32)
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-            "=r,l,r", [ptr + off, size], dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
     def _expert_gemm_kernel(
         a_ptr, a_stride,
         w_ptr, w_scale_ptr,
@@ -83,14 +68,11 @@ if triton is not None:
         out_ptr, out_stride,
         next_mod_ptr, xm_ptr, ssp_out_ptr,
         k_ptr, v_ptr, cos_ptr, sin_ptr, n_valid_ptr, cache_row0,
-        pf_ptr, pf_total, pf_programs,
         M, K, N, eps,
         HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, MLP: tl.constexpr,
         EPILOGUE: tl.constexpr, NEXT: tl.constexpr, W_FP8: tl.constexpr, DT: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr, BK: tl.constexpr, S: tl.constexpr,
         STAGES: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr,
-        PF_OWN: tl.constexpr, PF_NEXT: tl.constexpr, PF_ESIZE: tl.constexpr, PF_NEXT_ESIZE: tl.constexpr,
-        THREADS: tl.constexpr,
     ):
         """out = epilogue(A @ W) for A [M, K] in the GEMM dtype (M <= BM rows) and packed W.
 
@@ -109,14 +91,7 @@ if triton is not None:
         rk = tl.arange(0, BK)
         rw = tl.arange(0, WN)
         w_base = w_ptr + (pid_n * S + pid_s) * (KC * BN) + rk[:, None] * BN + rw[None, :]
-        # Weights never depend on the previous kernel: before the wait, ask L2 for this program's block and/or
-        # its share of the next kernel's weights, and load the first chunk.
-        if PF_OWN:
-            _prefetch_l2(w_ptr, (pid_n * S + pid_s) * (KC * BN), KC * BN, KC * BN * tl.num_programs(0) * S,
-                         PF_ESIZE, THREADS)
-        if PF_NEXT:
-            share = (tl.cdiv(pf_total, pf_programs) + 15) // 16 * 16  # 16-element multiples keep pieces aligned
-            _prefetch_l2(pf_ptr, (pid_n * S + pid_s) * share, share, pf_total, PF_NEXT_ESIZE, THREADS)
+        # The first weight chunk before the wait: weights never depend on the previous kernel.
         if PREFETCH:
             w0 = tl.load(w_base)
             if PAIRED:
@@ -265,16 +240,12 @@ if triton is not None:
 
     @triton.jit
     def _attend_kernel(
-        q_ptr, k_ptr, v_ptr, n_valid_ptr, acc_ptr, m_ptr, l_ptr, count_ptr, out_ptr, out_stride,
+        q_ptr, k_ptr, v_ptr, n_valid_ptr, acc_ptr, m_ptr, l_ptr,
         rows, keys_total, horizon, scale, blocks_per_split,
         S_K: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, KB: tl.constexpr, DT: tl.constexpr,
-        USE_PDL: tl.constexpr, COMBINE: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
-        """Queries of one head (rows x D) against one slice of the keys: an unnormalized partial softmax.
-
-        COMBINE: the last of a head's S_K programs to finish (an atomic counter it resets) also combines the
-        head's partials into the attention output, so no combine kernel follows.
-        """
+        """Queries of one head (rows x D) against one slice of the keys: an unnormalized partial softmax."""
         head = tl.program_id(0)
         split = tl.program_id(1)
         if USE_PDL:
@@ -308,26 +279,6 @@ if triton is not None:
         tl.store(acc_ptr + (part * BM + rm[:, None]) * D + rd[None, :], acc, mask=row_ok[:, None])
         tl.store(m_ptr + part * BM + rm, m_i, mask=row_ok)
         tl.store(l_ptr + part * BM + rm, l_i, mask=row_ok)
-        if COMBINE:
-            # As the split-K GEMMs: the counter orders the stores (release) before the last program's loads
-            # (acquire); .cg reads the other programs' partials from L2, not a stale L1.
-            tl.debug_barrier()
-            if tl.atomic_add(count_ptr + head, 1, sem="acq_rel", scope="gpu") == S_K - 1:
-                tl.atomic_xchg(count_ptr + head, 0, sem="relaxed", scope="gpu")
-                top = tl.full((BM,), float("-inf"), dtype=tl.float32)
-                for s in range(S_K):
-                    top = tl.maximum(top, tl.load(m_ptr + (head * S_K + s) * BM + rm, mask=row_ok, other=0.0,
-                                                  cache_modifier=".cg"))
-                num = tl.zeros((BM, D), dtype=tl.float32)
-                den = tl.zeros((BM,), dtype=tl.float32)
-                for s in range(S_K):
-                    other = head * S_K + s
-                    w = tl.exp(tl.load(m_ptr + other * BM + rm, mask=row_ok, other=0.0, cache_modifier=".cg") - top)
-                    den += w * tl.load(l_ptr + other * BM + rm, mask=row_ok, other=1.0, cache_modifier=".cg")
-                    num += w[:, None] * tl.load(acc_ptr + (other * BM + rm[:, None]) * D + rd[None, :],
-                                                mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
-                tl.store(out_ptr + rm[:, None] * out_stride + head * D + rd[None, :], (num / den[:, None]).to(DT),
-                         mask=row_ok[:, None])
 
     @triton.jit
     def _combine_kernel(
@@ -391,11 +342,6 @@ class KernelConfig:
     combine_cols: int = 64
     attend_warps: int = 4
     pdl: bool = True  # programmatic dependent launch where the GPU has it (SM 9.0+)
-    # Measured and kept as options, off (§34): L2 prefetch before `gdc_wait` (SM 9.0+ with PDL: "own" = each
-    # program's weight block, "next" = a share of the next GEMM's weights, "own+next") was 0.3-6% slower; the
-    # last key split of each head combining (no combine kernel) 25% slower.
-    l2_prefetch: str = "none"
-    fused_combine: bool = False
     fused_step_in: bool = True  # the action in-projection and the first modulate in one kernel (-0.09 ms at 10)
 
 
@@ -526,11 +472,6 @@ class ExpertKernels:
         self.config = config or KernelConfig()
         on_gpu = self.device.type == "cuda"
         self.use_pdl = bool(self.config.pdl and on_gpu and torch.cuda.get_device_capability(self.device) >= (9, 0))
-        if self.config.l2_prefetch not in ("none", "own", "next", "own+next"):
-            raise ValueError(f"l2_prefetch must be none, own, next or own+next, not {self.config.l2_prefetch!r}")
-        # The bulk prefetch is Hopper PTX; it needs PDL to overlap anything.
-        modes = self.config.l2_prefetch.split("+") if self.use_pdl and not interpreting() else []
-        self.prefetch_own, self.prefetch_next = "own" in modes, "next" in modes
         if on_gpu and torch.cuda.get_device_capability(self.device) < (8, 9):
             fp8 = ()  # no FP8 conversions below Ada
         self.fp8 = fp8
@@ -570,7 +511,6 @@ class ExpertKernels:
         self.part_acc = torch.zeros(self.heads * splits * bm * self.head_dim, dtype=f32, device=dev)
         self.part_m = torch.zeros(self.heads * splits * bm, dtype=f32, device=dev)
         self.part_l = torch.zeros_like(self.part_m)
-        self.head_count = torch.zeros(self.heads, dtype=torch.int32, device=dev)  # finished key splits per head
         self.attn = torch.zeros(bm, self.heads * self.head_dim, dtype=self.dtype, device=dev)
         self.h = torch.zeros(bm, self.mlp, dtype=self.dtype, device=dev)
         # The modulated GEMM input x * (1 + scale) and partial sums of squares of x, one row per column tile of
@@ -615,12 +555,10 @@ class ExpertKernels:
     def _gemm(self, name: str, p: PackedLinear, epilogue: int, a: Tensor, out: Tensor, *,
               ssp_in: tuple[Tensor, int] | None = None, bias: Tensor | None = None, gate: Tensor | None = None,
               next_mod: Tensor | None = None, ssp_out: Tensor | None = None, k_cache: Tensor | None = None,
-              v_cache: Tensor | None = None, n_valid: Tensor | None = None,
-              next_weights: Tensor | None = None) -> None:
+              v_cache: Tensor | None = None, n_valid: Tensor | None = None) -> None:
         ws, count = self.ws[name]
         d = self._dummy
         qkv = epilogue == EPI_QKV
-        pf_next = next_weights if self.prefetch_next else None
         _expert_gemm_kernel[(p.tiles, p.splits)](
             a, a.stride(0),
             p.blocks, d if p.scale is None else p.scale,
@@ -631,14 +569,11 @@ class ExpertKernels:
             d if next_mod is None else next_mod, self.xm, d if ssp_out is None else ssp_out,
             k_cache if qkv else d, v_cache if qkv else d, self.fast.rope_cos if qkv else d,
             self.fast.rope_sin if qkv else d, n_valid if qkv else d, k_cache.shape[0] - self.horizon if qkv else 0,
-            d if pf_next is None else pf_next, 0 if pf_next is None else pf_next.numel(), p.tiles * p.splits,
             self.horizon, p.k, p.n, self.eps,
             HEADS=self.heads, HEAD_DIM=self.head_dim, MLP=self.mlp,
             EPILOGUE=epilogue, NEXT=next_mod is not None, W_FP8=p.scale is not None, DT=self._dt,
             BM=self.block_rows, BN=p.cfg.block_n, KC=p.cfg.k_chunk, BK=p.cfg.step, S=p.splits,
             STAGES=p.cfg.stages, PREFETCH=p.cfg.prefetch, USE_PDL=self.use_pdl,
-            PF_OWN=self.prefetch_own, PF_NEXT=pf_next is not None, PF_ESIZE=p.blocks.element_size(),
-            PF_NEXT_ESIZE=1 if pf_next is None else pf_next.element_size(), THREADS=32 * p.cfg.num_warps,
             **self._launch_kwargs(p.cfg.num_warps),
         )
 
@@ -666,14 +601,11 @@ class ExpertKernels:
         blocks = -(-keys_total // c.key_block)
         per_split = -(-blocks // c.key_splits)
         _attend_kernel[(self.heads, c.key_splits)](
-            self.q, k_cache, v_cache, n_valid, self.part_acc, self.part_m, self.part_l, self.head_count,
-            self.attn, self.attn.stride(0),
+            self.q, k_cache, v_cache, n_valid, self.part_acc, self.part_m, self.part_l,
             self.horizon, keys_total, self.horizon, self.head_dim**-0.5, per_split,
             S_K=c.key_splits, D=self.head_dim, BM=self.block_rows, KB=c.key_block, DT=self._dt,
-            USE_PDL=self.use_pdl, COMBINE=c.fused_combine, **self._launch_kwargs(c.attend_warps),
+            USE_PDL=self.use_pdl, **self._launch_kwargs(c.attend_warps),
         )
-        if c.fused_combine:
-            return
         bd = min(c.combine_cols, self.head_dim)
         _combine_kernel[(self.heads, triton.cdiv(self.horizon, c.combine_rows), self.head_dim // bd)](
             self.part_acc, self.part_m, self.part_l, self.attn, self.attn.stride(0), self.horizon,
@@ -689,16 +621,12 @@ class ExpertKernels:
         kernel; leaves self.xm = x * next_mod and returns the new partials (when next_mod is given).
         """
         w = self.layers[layer]
-        after = self.layers[(layer + 1) % len(self.layers)]  # the last layer's successor: the next step's first
         self._gemm("qkv", w.qkv, EPI_QKV, self.xm, self.q, ssp_in=ssp_in, bias=bias_qkv, k_cache=k_cache,
-                   v_cache=v_cache, n_valid=n_valid, next_weights=w.o.blocks)
+                   v_cache=v_cache, n_valid=n_valid)
         self._attention(k_cache, v_cache, n_valid)
-        self._gemm("o", w.o, EPI_RESIDUAL, self.attn, x, gate=mod[2], next_mod=mod[3], ssp_out=self.ssp[0],
-                   next_weights=w.gate_up.blocks)
-        self._gemm("gate_up", w.gate_up, EPI_GEGLU, self.xm, self.h, ssp_in=(self.ssp[0], w.o.tiles), bias=bias_gu,
-                   next_weights=w.down.blocks)
-        self._gemm("down", w.down, EPI_RESIDUAL, self.h, x, gate=mod[5], next_mod=next_mod, ssp_out=self.ssp[1],
-                   next_weights=after.qkv.blocks)
+        self._gemm("o", w.o, EPI_RESIDUAL, self.attn, x, gate=mod[2], next_mod=mod[3], ssp_out=self.ssp[0])
+        self._gemm("gate_up", w.gate_up, EPI_GEGLU, self.xm, self.h, ssp_in=(self.ssp[0], w.o.tiles), bias=bias_gu)
+        self._gemm("down", w.down, EPI_RESIDUAL, self.h, x, gate=mod[5], next_mod=next_mod, ssp_out=self.ssp[1])
         return self.ssp[1], w.down.tiles
 
     def denoise(self, x_t: Tensor, n_valid: Tensor, keys: list[Tensor], values: list[Tensor],
