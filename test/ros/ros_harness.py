@@ -130,6 +130,16 @@ class NodeProcess:
             time.sleep(0.05)
         return False
 
+    def wait_for_log(self, since: int, check: Callable[[str], bool], timeout: float) -> bool:
+        """Wait until `check` holds for the output after character `since`. The output arrives through a pipe a
+        reader thread drains, so on a loaded machine it can trail what the node already published."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if check(self.output()[since:]):
+                return True
+            time.sleep(0.1)
+        return check(self.output()[since:])
+
     def alive(self) -> bool:
         return self.process.poll() is None
 

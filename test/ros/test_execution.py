@@ -107,15 +107,13 @@ def test_chunk_mode_latency_compensation_and_untrusted_stamps_on_sim_time(driver
         sent = [*driver.chunks_since(future_from), *driver.trajectories_since(future_from)]
         assert max(stamp_ns(m.header.stamp) for m in sent) <= now
         # Logged once per input when it started (~40 messages each so far), not per message.
-        # The node's output reaches the harness through a pipe a reader thread drains: on a loaded machine the
-        # lines can trail the chunks, so wait for them (bounded) before counting.
-        def future_lines() -> list[str]:
-            return [line for line in node.output()[log_from:].splitlines() if "in the future" in line]
+        # The lines can trail the chunks through the output pipe: wait for three (bounded), then check them.
+        def future_lines(log: str) -> list[str]:
+            return [line for line in log.splitlines() if "in the future" in line]
 
-        deadline = time.monotonic() + 10.0
-        while len(future_lines()) < 3 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert sorted(line.split("'")[1] for line in future_lines()) == ["base_image", "joint_states", "wrist_image"]
+        node.wait_for_log(log_from, lambda log: len(future_lines(log)) >= 3, 10.0)
+        assert sorted(line.split("'")[1] for line in future_lines(node.output()[log_from:])) == [
+            "base_image", "joint_states", "wrist_image"]
 
         # Near the epoch (older than max_input_age_s on arrival): not used at all; once the last usable message is
         # older than max_input_age_s (the sim clock moves on by 1 s), nothing is inferred or commanded.

@@ -85,15 +85,6 @@ def log_lines(node: NodeProcess, since: int) -> list[str]:
     return node.output()[since:].splitlines()
 
 
-def wait_for_line(node: NodeProcess, since: int, text: str, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(text in line for line in log_lines(node, since)):
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def test_a_camera_that_stops_warns_holds_and_recovers_when_it_returns(faulty) -> None:
     node, driver, _ = faulty
     log_from = len(node.output())
@@ -114,7 +105,7 @@ def test_a_camera_that_stops_warns_holds_and_recovers_when_it_returns(faulty) ->
         driver.paused_cameras.clear()
     wait_healthy(node, driver)
     assert_nothing_lost(driver)
-    assert wait_for_line(node, log_from, "cleared after", 10.0)
+    assert node.wait_for_log(log_from, lambda log: "cleared after" in log, 10.0)
     lines = log_lines(node, log_from)
     assert sum("'wrist_image' is stale" in line and "[WARN]" in line and "commands hold" not in line
                for line in lines) == 1, lines
@@ -191,9 +182,8 @@ def test_instructions_changing_at_10hz_are_all_taken_and_the_last_is_used(faulty
     # Reliable, depth 1: at 10 Hz the executor takes each one.
     assert int(after["input.instruction.messages"]) - int(before["input.instruction.messages"]) == 50
     assert len(driver.chunks_since(since)) >= 10  # inference never paused for a change
-    # The last instruction's line is in the log before its prompt reaches /diagnostics, but the harness reads
-    # the node's output through a pipe that can trail under load: wait for it, then count.
-    assert wait_for_line(node, log_from, "instruction: 'task number 49'", 10.0)
+    # The last instruction's line is in the log before its prompt reaches /diagnostics; the output can trail.
+    assert node.wait_for_log(log_from, lambda log: "instruction: 'task number 49'" in log, 10.0)
     assert sum("instruction: 'task number" in line for line in log_lines(node, log_from)) == 50
     driver.say(INSTRUCTION)
     latest_values(driver, time.monotonic(), 10.0, lambda v: v.get("prompt.text") == INSTRUCTION)
@@ -287,7 +277,7 @@ def test_a_gpu_error_inside_an_inference_is_reported_holds_and_recovers(faulty) 
         fault_file.unlink(missing_ok=True)
     wait_healthy(node, driver)
     assert_nothing_lost(driver)
-    assert wait_for_line(node, log_from, "cleared after", 10.0)
+    assert node.wait_for_log(log_from, lambda log: "cleared after" in log, 10.0)
     lines = log_lines(node, log_from)
     assert sum("traceback shown once" in line for line in lines) == 1, lines  # not one per failed inference
     assert sum("[ERROR]" in line and "inference failed: RuntimeError" in line for line in lines) == 1, lines

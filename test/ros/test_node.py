@@ -332,7 +332,7 @@ def test_bad_input_reports_error_logs_it_once_keeps_running_and_recovers(running
         driver.say(INSTRUCTION)
     wait_until_healthy(node, driver)
     # The log names the problem once when it starts (~40 bad messages came) and once when it clears.
-    assert wait_for_output(node, log_from, lambda log: any("cleared after" in line and expected in line
+    assert node.wait_for_log(log_from, lambda log: any("cleared after" in line and expected in line
                                                            for line in log.splitlines()), timeout=10.0), \
         node.output()[log_from:]
     log = node.output()[log_from:].splitlines()
@@ -358,21 +358,12 @@ def test_an_instruction_longer_than_the_token_limit_warns_and_is_logged_short(ru
     finally:
         driver.say(INSTRUCTION)
     wait_until_healthy(node, driver)
-    assert wait_for_output(node, log_from, lambda log: "cleared after" in log, timeout=10.0)
+    assert node.wait_for_log(log_from, lambda log: "cleared after" in log, timeout=10.0)
     log = node.output()[log_from:]
     assert max(len(line) for line in log.splitlines()) < 1200, "a log line carries the long instruction"
     assert sum("max_token_len 96" in line and "[WARN]" in line and "cleared" not in line
                for line in log.splitlines()) >= 1
     assert "(100800 characters)" in log  # the instruction line says how long it was
-
-
-def wait_for_output(node: NodeProcess, since: int, check, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check(node.output()[since:]):
-            return True
-        time.sleep(0.1)
-    return check(node.output()[since:])
 
 
 def test_sigint_stops_the_node_within_a_second_and_it_leaves_the_ros_graph(running) -> None:
