@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -363,8 +364,9 @@ def main() -> int:
                        "-p", "allow_demo_commands:=true", *device, params_file=installed_params_file(),
                        env={"PI05_FAULT_FILE": str(fault_file)})
     pid = node.process.pid
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    # PI05_GIT_COMMIT names the commit of a copied tree whose .git is stale (the GPU machine), as for pi05-bench.
+    commit = os.environ.get("PI05_GIT_COMMIT") or subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     schedule: FaultSchedule | None = None
     try:
         deadline = time.monotonic() + NODE_START_TIMEOUT_S * (4 if args.gpu else 1)  # a GPU start compiles
