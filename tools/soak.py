@@ -310,6 +310,8 @@ def summarize(record: Record, statuses: list[Any], warm: int, window: int, start
                                                  "gpu_memory.allocated_mib", "gpu_memory.reserved_mib",
                                                  "gpu_memory.peak_mib")},
         "skipped": {k: v for k, v in last.items() if k.startswith("skipped.")},
+        # where an inference's time goes (the node's per-stage p50 / p99), to compare with pi05-bench's stages
+        "stages": {k: v for k, v in last.items() if k.startswith("stage.") and not k.endswith("mean_ms")},
         "gpu": record.gpu[:1] + record.gpu[-1:], "faults": record.faults,
     }
     text = "\n".join([
@@ -324,6 +326,8 @@ def summarize(record: Record, statuses: list[Any], warm: int, window: int, start
         f"{facts['latency_ms']['max']:.1f} ms",
         "diagnostics at the end: " + ", ".join(f"{k} {v}" for k, v in facts["diagnostics"].items() if v is not None)
         + (", " + ", ".join(f"{k} {v}" for k, v in facts["skipped"].items()) if facts["skipped"] else ""),
+        *(["stages at the end (ms): " + ", ".join(f"{k[len('stage.'):]} {v}" for k, v in facts["stages"].items())]
+          if facts["stages"] else []),
         "", *lines,
     ])
     return text, facts
