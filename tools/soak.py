@@ -6,6 +6,7 @@ overruns; optionally with faults injected on a schedule. Not part of CI's defaul
     python tools/soak.py --inferences 10000                          # CPU: the tiny demo model (about 17 min)
     python tools/soak.py --inferences 10000 --faults                 # the same with the fault schedule below
     python tools/soak.py --gpu --inferences 100000 --rate 50          # GPU: full-size demo model, fp8
+    python tools/soak.py --gpu --inferences 100000 --rate 100 --steps 1   # the same in 27 min (benchmarks §36)
 
 The node runs in chunk mode and commands (allow_demo_commands), fed 640x480 frames on two cameras and joint states
 by an in-process peer (20 Hz on the CPU, 50 Hz with --gpu). Measured:
