@@ -8,24 +8,30 @@
 # There (the tree copied with .gpu_ros):    source tools/gpu_ros_bundle.sh --activate
 #   installs the wheels into that machine's python3 (--no-index) and sets the variables scripts/env.sh would.
 # .gpu_ros/ is a build output: never commit it (add it to .git/info/exclude).
-set -eo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BUNDLE="$ROOT/.gpu_ros"
 
 if [[ "${1:-}" == "--activate" ]]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "$BUNDLE"/wheels/*.whl
-  rm -rf "$ROOT/install" && cp -r "$BUNDLE/install" "$ROOT/install"
-  prefix="$(python3 -c 'import sys; print(sys.prefix)')"
-  py="$(python3 -c 'import sys; print(f"python{sys.version_info[0]}.{sys.version_info[1]}")')"
+  # Sourced into the caller's shell: no `set -e` here (it would stay set there), and a second activation in the same
+  # machine leaves install/ alone, since a node started by the first may still be running from it.
+  if [[ ! -f "$ROOT/install/.from_gpu_ros_bundle" ]]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "$BUNDLE"/wheels/*.whl || return 1
+    rm -rf "$ROOT/install" && cp -r "$BUNDLE/install" "$ROOT/install" && touch "$ROOT/install/.from_gpu_ros_bundle" \
+      || return 1
+  fi
+  _prefix="$(python3 -c 'import sys; print(sys.prefix)')"
+  _py="$(python3 -c 'import sys; print(f"python{sys.version_info[0]}.{sys.version_info[1]}")')"
   # What install/setup.bash would set, without its chain to the build machine's venv.
-  export AMENT_PREFIX_PATH="$ROOT/install/pi05_ros:$prefix"
-  export PYTHONPATH="$ROOT/install/pi05_ros/lib/$py/site-packages${PYTHONPATH:+:$PYTHONPATH}"
+  export AMENT_PREFIX_PATH="$ROOT/install/pi05_ros:$_prefix"
+  export PYTHONPATH="$ROOT/install/pi05_ros/lib/$_py/site-packages${PYTHONPATH:+:$PYTHONPATH}"
   export LD_LIBRARY_PATH="$ROOT/install/pi05_ros/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   export ROS_AUTOMATIC_DISCOVERY_RANGE="${ROS_AUTOMATIC_DISCOVERY_RANGE:-LOCALHOST}"
-  python3 -c "import rclpy, pi05_ros.msg; print('[gpu_ros_bundle] rclpy and pi05_ros.msg import')"
-  return 0 2>/dev/null || exit 0
+  unset _prefix _py
+  python3 -c "import rclpy, pi05_ros.msg; print('[gpu_ros_bundle] rclpy and pi05_ros.msg import')" || return 1
+  return 0
 fi
 
+set -eo pipefail
 PY312="${PY312:-python3.12}"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
