@@ -93,7 +93,8 @@ def _spec(args: argparse.Namespace) -> Any:
     return PolicySpec(checkpoint=None if args.demo else str(Path(args.checkpoint).expanduser()),
                       tokenizer=str(Path(args.tokenizer).expanduser()) if args.tokenizer else None,
                       norm_stats=args.norm_stats, config_preset=args.config_preset, device=args.device,
-                      precision=args.precision, action_dim=args.action_dim, seed=args.seed, cpu_threads=args.threads)
+                      precision=args.precision, action_dim=args.action_dim, seed=args.seed, cpu_threads=args.threads,
+                      max_batch=args.max_batch)
 
 
 def _layouts(robot: str) -> tuple[dict, str]:
@@ -105,13 +106,13 @@ def _layouts(robot: str) -> tuple[dict, str]:
 
 def _serve_here(args: argparse.Namespace) -> int:
     from pi05_ros.serve.server import run_server
-    from pi05_ros.serve.service import PolicyService, warm_up
+    from pi05_ros.serve.service import PolicyService, layout_views, warm_up
 
     settings = _settings(args)
     layouts, default = _layouts(args.robot)
     policy = _spec(args).load()
     service = PolicyService(policy, layouts, default, settings)
-    warm_up(policy, settings.num_steps)
+    warm_up(policy, settings.num_steps, layout_views(layouts[default], policy))
 
     def ready(host: str, port: int) -> None:
         others = " ".join(f"/{name}" for name in sorted(layouts) if name != default)

@@ -203,6 +203,7 @@ class Policy:
         image_resize: str | None = None,
         action_space: str | ActionSpace | None = None,
         action_space_mask: Sequence[bool] | None = None,
+        max_batch: int = 1,
     ) -> Policy:
         """Load an openpi or LeRobot Pi0.5 checkpoint. `norm_stats` is a norm_stats.json path or an asset id.
 
@@ -217,6 +218,8 @@ class Policy:
         from synthetic observations, or from the robot's own recordings with `calibration_data=<folder>` (see
         engine/recordings.py); delete the saved file to calibrate again. `expert_kernels` ("auto", "on", "off")
         chooses the fused Triton kernels for the denoise loop (auto: on Hopper, where they were measured).
+        `max_batch` sizes the fast pipeline for batches of up to that many rows (`infer_batch`: a server's), with
+        CUDA graphs per batch bucket; 1 (a robot) keeps its memory to one row.
         """
         if expert_kernels not in EXPERT_KERNELS:
             raise CheckpointError(f"expert_kernels must be one of {', '.join(EXPERT_KERNELS)}, got {expert_kernels!r}")
@@ -243,14 +246,15 @@ class Policy:
 
         policy.runner = make_runner(model, prec, runner, scales_file=scales_path(info.path),
                                     keep_reference=keep_reference, calibration_observations=recorded,
-                                    expert_kernels=expert_kernels)
+                                    expert_kernels=expert_kernels, max_batch=max_batch)
         log.info("loaded %s", policy.describe())
         return policy
 
     @classmethod
     def demo(cls, device: str = "auto", precision: str = "auto", seed: int = 0, preset: str | None = None,
-             runner: str = "auto") -> Policy:
-        """The built-in random-weight model (tiny on CPU, full size on a GPU). Its actions mean nothing."""
+             runner: str = "auto", max_batch: int = 1) -> Policy:
+        """The built-in random-weight model (tiny on CPU, full size on a GPU). Its actions mean nothing.
+        `max_batch` as for `load`."""
         from pi05_ros.engine.demo import DEMO_MAX_TOKEN_LEN, demo_norm_stats, demo_prompt_tokenizer, random_model
 
         dev = resolve_device(device)
@@ -263,7 +267,7 @@ class Policy:
         state, actions = demo_norm_stats()
         policy = cls(model, tok, NormStats(state, actions), precision=prec, seed=seed, is_demo=True)
         scales = user_cache_dir(f"demo_{cfg.name}_seed{seed}") / CALIBRATION_FILE  # written only if it calibrates
-        policy.runner = make_runner(model, prec, runner, scales_file=scales)
+        policy.runner = make_runner(model, prec, runner, scales_file=scales, max_batch=max_batch)
         log.warning("DEMO MODE: %s with RANDOM weights; its actions are meaningless", policy.describe())
         return policy
 

@@ -302,6 +302,7 @@ class PolicySpec:
     action_dim: int | None = None
     seed: int = 0
     cpu_threads: int | None = None
+    max_batch: int = 1  # the fast pipeline's largest batch (ServeSettings.max_batch)
 
     def load(self) -> Policy:
         if self.cpu_threads:
@@ -309,17 +310,27 @@ class PolicySpec:
 
             torch.set_num_threads(self.cpu_threads)
         if self.checkpoint is None:
-            return Policy.demo(device=self.device, precision=self.precision, seed=self.seed)
+            return Policy.demo(device=self.device, precision=self.precision, seed=self.seed,
+                               max_batch=self.max_batch)
         if not self.tokenizer:
             raise InputError("--checkpoint needs --tokenizer (PaliGemma's paligemma_tokenizer.model)")
         return Policy.load(self.checkpoint, self.tokenizer, norm_stats=self.norm_stats,
                            config_preset=self.config_preset, device=self.device, precision=self.precision,
-                           action_dim=self.action_dim, seed=self.seed)
+                           action_dim=self.action_dim, seed=self.seed, max_batch=self.max_batch)
 
 
-def warm_up(policy: Policy, num_steps: int) -> None:
-    """One inference before the first client's, so that it does not pay for first-call set-up (CUDA graphs)."""
+def layout_views(layout: ObservationLayout, policy: Policy) -> int:
+    """How many camera views a layout's requests carry at most (a camera map: as many as the policy has slots)."""
+    return min(len(layout.images) or len(policy.image_keys), len(policy.image_keys))
+
+
+def warm_up(policy: Policy, num_steps: int, views: int = 1) -> None:
+    """Inferences before the first client's, so that it does not pay for first-call set-up: one batch per batch
+    bucket of the fast pipeline (each captures its CUDA graphs), with `views` cameras (the layout's)."""
     size = policy.config.vision.image_size
-    image = np.zeros((size, size, 3), np.uint8)
-    policy.infer_batch([RawObservation({policy.image_keys[0]: image}, np.zeros(policy.state_dim, np.float32),
-                                       "warm up")], num_steps)
+    images = {key: np.zeros((size, size, 3), np.uint8) for key in policy.image_keys[:max(1, views)]}
+    row = RawObservation(images, np.zeros(policy.state_dim, np.float32), "warm up")
+    for bucket in getattr(policy.runner, "batch_buckets", (1,)):
+        start = time.perf_counter()
+        policy.infer_batch([row] * bucket, num_steps)
+        log.info("warm-up: a batch of %d in %.2f s", bucket, time.perf_counter() - start)

@@ -75,7 +75,7 @@ def test_graph_replay_equals_eager_and_step_switching(full_model, observation) -
             np.testing.assert_array_equal(a, results[steps])  # replay is deterministic
         results[steps] = a
     # one graph of one Euler step serves every count (the step's constants are data)
-    assert [key for key in graphs._graphs if key[0] == "denoise_step"] == [("denoise_step", 2, graphs.expert_path)]
+    assert [key for key in graphs._graphs if key[0] == "denoise_step"] == [("denoise_step", 2, graphs.expert_path, 1)]
 
 
 def test_step_counts_capture_nothing_new_and_memory_stays_bounded(full_model, observation) -> None:
@@ -246,3 +246,40 @@ def test_rtc_on_the_fast_path_follows_the_reference(full_model, observation, ref
           f"{rel_err(plain[:5, :7], previous[:5, :7]):.3e}); 10 steps e2e plain {plain_ms:.2f} ms, rtc {rtc_ms:.2f} "
           f"ms (denoise {timings['denoise']:.2f} ms, mode {pipe._rtc_mode}); reserved memory +{extra_mb:.0f} MB")
     assert err <= BOUND[precision]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_batch_buckets_equal_rows_alone(full_model, observation, precision: str, record_property) -> None:
+    """Batches of 1, 2, 3 (bucket 4) and 8 rows with their own prompt lengths and noise, through graphs per bucket
+    (the torch path denoises batches; the kernels batch 1): each row as it is alone, within the precision's
+    budget against the float32 reference too; the graphs are kept per bucket and reused."""
+    cfg = full_model.cfg
+    rng = np.random.default_rng(7)
+    rows = []
+    for length in (48, 20, 33, 64, 48, 7, 90, 48):
+        mask = np.arange(cfg.max_token_len) < length
+        tokens = np.where(mask, rng.integers(1, cfg.vocab_size, cfg.max_token_len), 0)
+        images = [rng.integers(0, 256, im.shape, dtype=np.uint8) if im is not None else None
+                  for im in observation.images]
+        rows.append(PreparedObservation(images, tokens, mask, rng.standard_normal(observation.noise.shape)
+                                        .astype(np.float32)))
+    pipe = Pi05Pipeline(full_model, precision=precision, max_batch=8)
+    alone = np.stack([pipe.run(row, 10)[0] for row in rows])
+    reference = np.stack([reference_actions(full_model, row, 10) for row in rows])
+    for count in (1, 2, 3, 8):
+        batched, timings = pipe.run_batch(rows[:count], 10)
+        again, _ = pipe.run_batch(rows[:count], 10)
+        np.testing.assert_array_equal(batched, again)  # graph replay is deterministic
+        worst = max(rel_err(batched[i], alone[i]) for i in range(count))
+        vs_reference = max(rel_err(batched[i], reference[i]) for i in range(count))
+        print(f"BATCH {precision} rows={count} bucket={pipe.bucket(count)} vs_alone={worst:.3e} "
+              f"vs_reference={vs_reference:.3e} denoise_ms={timings['denoise']:.2f} total_gpu_ms="
+              f"{sum(v for k, v in timings.items() if k not in ('vision_per_view', 'denoise_step')):.2f}")
+        # a batch runs the torch path (batch 1: the kernels), so rows differ by two bf16 roundings at most
+        assert worst < BOUND[precision]
+        assert vs_reference < BOUND[precision]
+    buckets = sorted({key[-1] for key in pipe._graphs if key[0] == "denoise_step"})
+    assert buckets == [1, 2, 4, 8]
+    before = len(pipe._graphs)
+    pipe.run_batch(rows[3:8], 10)  # 5 rows: bucket 8, the same text tile as the 8 rows: nothing new captured
+    assert len(pipe._graphs) == before

@@ -115,7 +115,8 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def _gqa_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor) -> Tensor:
-    """q [B, N, H, D] against one K/V head [B, 1, L, D] -> [B, N, H * D]; key_mask [1, 1, 1, L] bool.
+    """q [B, N, H, D] against one K/V head [B, 1, L, D] -> [B, N, H * D]; key_mask [B, 1, 1, L] bool (each row
+    its own valid keys; [1, 1, 1, L] serves every row).
 
     With a single K/V head, every (token, head) query row is independent: folding the heads into the query
     rows gives one [N*H, D] x [D, L] problem, i.e. two plain GEMMs around a masked softmax that
@@ -125,12 +126,15 @@ def _gqa_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor) -> Tensor:
     float32, as openpi's eager attention does.
     """
     b, n, h, d = q.shape
-    assert b == 1, "the fast path runs batch 1"
-    # 2-D products: cuBLAS picks its Hopper kernels for mm where a batch-1 bmm fell back to older ones.
-    scores = torch.mm(q.reshape(n * h, d), k[0, 0].t()).float() * (d**-0.5)
-    scores = scores.masked_fill(~key_mask.view(1, -1), float("-inf"))
-    out = torch.mm(scores.softmax(dim=-1).to(v.dtype), v[0, 0])
-    return out.reshape(b, n, h * d)
+    if b == 1:
+        # 2-D products: cuBLAS picks its Hopper kernels for mm where a batch-1 bmm fell back to older ones.
+        scores = torch.mm(q.reshape(n * h, d), k[0, 0].t()).float() * (d**-0.5)
+        scores = scores.masked_fill(~key_mask.view(1, -1), float("-inf"))
+        out = torch.mm(scores.softmax(dim=-1).to(v.dtype), v[0, 0])
+        return out.reshape(b, n, h * d)
+    scores = torch.bmm(q.reshape(b, n * h, d), k[:, 0].transpose(1, 2)).float() * (d**-0.5)
+    scores = scores.masked_fill(~key_mask.reshape(key_mask.shape[0], 1, -1), float("-inf"))
+    return torch.bmm(scores.softmax(dim=-1).to(v.dtype), v[:, 0]).reshape(b, n, h * d)
 
 
 def _gqa_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor) -> Tensor:
@@ -170,10 +174,11 @@ def prefix_layer(x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor, k_cache:
                  qkv: LinearParams, out: LinearParams | None, gate_up: LinearParams | None, down: LinearParams | None,
                  num_heads: int, head_dim: int, eps: float, attention: str = "gemm",
                  linear_fn: LinearFn = linear) -> Tensor:
-    """A Gemma 2B layer over the packed prefix x [1, N, W]; `out` None = K/V only (the last layer).
+    """A Gemma 2B layer over the packed prefix x [B, N, W]; `out` None = K/V only (the last layer).
 
-    Its K/V go into the first N rows of k_cache/v_cache [1, 1, C, D], and attention runs over all C rows with
-    key_mask: the key length stays fixed whatever the prompt length, so one compiled kernel set serves every N.
+    Its K/V go into the first N rows of k_cache/v_cache [B, 1, C, D], and attention runs over all C rows with
+    key_mask [B, 1, 1, C]: the key length stays fixed whatever the prompt length, so one compiled kernel set
+    serves every N. Every row's valid tokens come first, so the rows share positions (cos/sin [N, D]).
     """
     b, n, _ = x.shape
     d = head_dim
@@ -183,7 +188,8 @@ def prefix_layer(x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor, k_cache:
     v_cache[:, :, :n].copy_(kv[..., d:].unsqueeze(1))
     if out is None:
         return x
-    q = _rope(y[..., : num_heads * d].view(b, n, num_heads, d), cos[:, None], sin[:, None]).to(k_cache.dtype)
+    q = _rope(y[..., : num_heads * d].view(b, n, num_heads, d), cos.unsqueeze(-2), sin.unsqueeze(-2))
+    q = q.to(k_cache.dtype)
     x = x + linear_fn(ATTENTION[attention](q, k_cache, v_cache, key_mask), out).float()
     gate, up = linear_fn(_rms(x, eps), gate_up).chunk(2, dim=-1)
     return x + linear_fn(F.gelu(gate, approximate="tanh") * up, down).float()
@@ -193,7 +199,8 @@ def expert_layer(x: Tensor, mod: Tensor, cos: Tensor, sin: Tensor, key_mask: Ten
                  v_cache: Tensor, qkv: LinearParams, out: LinearParams, gate_up: LinearParams, down: LinearParams,
                  num_heads: int, head_dim: int, eps: float, attention: str = "gemm",
                  linear_fn: LinearFn = linear) -> Tensor:
-    """An action-expert layer. mod [6, W]: (1+scale, shift, gate) of the attention norm, then of the MLP norm.
+    """An action-expert layer over x [B, H, W]. mod [6, W]: (1+scale, shift, gate) of the attention norm, then of
+    the MLP norm (one step for all rows). cos/sin [B, H, D]: each row's suffix positions follow its own prefix.
 
     The suffix's own K/V go into the last `horizon` rows of the cache, after the prefix's rows.
     """
@@ -203,7 +210,7 @@ def expert_layer(x: Tensor, mod: Tensor, cos: Tensor, sin: Tensor, key_mask: Ten
     q_width = num_heads * d
     k_cache[:, :, -n:].copy_(_rope(y[..., q_width:q_width + d], cos, sin).unsqueeze(1))
     v_cache[:, :, -n:].copy_(y[..., q_width + d:].unsqueeze(1))
-    q = _rope(y[..., :q_width].view(b, n, num_heads, d), cos[:, None], sin[:, None]).to(k_cache.dtype)
+    q = _rope(y[..., :q_width].view(b, n, num_heads, d), cos.unsqueeze(-2), sin.unsqueeze(-2)).to(k_cache.dtype)
     x = x + linear_fn(ATTENTION[attention](q, k_cache, v_cache, key_mask), out).float() * mod[2]
     gate, up = linear_fn(_rms(x, eps) * mod[3] + mod[4], gate_up).chunk(2, dim=-1)
     return x + linear_fn(F.gelu(gate, approximate="tanh") * up, down).float() * mod[5]
@@ -295,7 +302,11 @@ def release_parameters(module: nn.Module, prefix: str = "") -> None:
 
 
 class FastModel(nn.Module):
-    """Pi0.5 weights prepared for inference. Batch 1; every buffer it writes is passed in by the caller.
+    """Pi0.5 weights prepared for inference; every buffer it writes is passed in by the caller.
+
+    Batches: B rows of the same number of views, each with its own prompt length (`n_valid` [B]: its valid
+    prefix tokens, which come first in its row) and noise. The fused expert kernels (kernels/expert.py) are
+    batch 1; the layer functions here take any B.
 
     With `release_reference`, each reference layer's weights are freed as soon as that layer is packed, so
     building never holds two full copies of the model (the reference cannot run afterwards).
@@ -369,6 +380,9 @@ class FastModel(nn.Module):
     def compile(self) -> None:  # type: ignore[override]
         """Swap in torch.compile'd layer functions: norms, RoPE, activations and FP8 quantization fuse into
         a few Triton kernels per layer. One compiled function serves every layer of its stack."""
+        # Each (batch bucket, views, last layer or not) is its own static compilation: more than dynamo's default
+        # of 8 per function, after which it would silently run the layer eagerly.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self._vision_layer = torch.compile(vision_layer, dynamic=False)
         # The token count is marked dynamic in prefill(): one compilation serves every prompt length, and a
         # prompt entering a new 16-token tile costs only a graph capture.
@@ -432,7 +446,8 @@ class FastModel(nn.Module):
     # --- stages
 
     def vision(self, images_u8: Tensor, out: Tensor) -> None:
-        """uint8 [V, 224, 224, 3] -> projected image tokens written into `out` [V * 256, vlm width]."""
+        """uint8 [B * V, 224, 224, 3] -> projected image tokens written into `out` [V * 256, vlm width] (B = 1) or
+        [B, V * 256, vlm width] (each row's views in order)."""
         x = images_u8.permute(0, 3, 1, 2).float() / 255.0 * 2.0 - 1.0
         x = F.conv2d(x.to(self.dtype), self.patch_w, self.patch_b, stride=self.patch_size)
         x = x.flatten(2).transpose(1, 2).float() + self.pos_embed
@@ -442,11 +457,11 @@ class FastModel(nn.Module):
         out.copy_(self._linear(h, self.projector.params).reshape(out.shape))
 
     def prefill(self, prefix: Tensor, n_valid: Tensor, keys: list[Tensor], values: list[Tensor]) -> None:
-        """Gemma 2B over prefix [1, L, W] (valid tokens first, `n_valid` of them); K/V into the first L rows of
-        keys/values [1, 1, C, D] (C >= L: the capacity, constant across prompt lengths)."""
+        """Gemma 2B over prefix [B, L, W] (each row's valid tokens first, `n_valid` [B] or a scalar of them); K/V
+        into the first L rows of keys/values [B, 1, C, D] (C >= L: the capacity, constant across prompt lengths)."""
         length, capacity = prefix.shape[1], keys[0].shape[2]
         cos, sin = self.rope_cos[:length], self.rope_sin[:length]
-        key_mask = (torch.arange(capacity, device=prefix.device) < n_valid).view(1, 1, 1, capacity)
+        key_mask = (torch.arange(capacity, device=prefix.device) < n_valid.view(-1, 1)).view(-1, 1, 1, capacity)
         if self._compiled:
             for t in (prefix, cos, sin):
                 torch._dynamo.maybe_mark_dynamic(t, 1 if t is prefix else 0)
@@ -456,9 +471,9 @@ class FastModel(nn.Module):
 
     def denoise(self, x_t: Tensor, n_valid: Tensor, keys: list[Tensor], values: list[Tensor],
                 schedule: tuple[Tensor, Tensor, Tensor, Tensor]) -> None:
-        """All Euler steps in place on x_t [1, H, action_dim].
+        """All Euler steps in place on x_t [B, H, action_dim].
 
-        keys/values [1, 1, C + H, D]: the prefix's rows first (`n_valid` valid ones), the suffix's last H rows.
+        keys/values [B, 1, C + H, D]: the prefix's rows first (`n_valid` valid ones), the suffix's last H rows.
         """
         mods, final_mods, out_w, out_b = schedule
         where = self.suffix_inputs(x_t, n_valid, keys)
@@ -466,12 +481,14 @@ class FastModel(nn.Module):
             self.denoise_step(x_t, n_valid, keys, values, mods[step], final_mods[step], out_w, out_b, where=where)
 
     def suffix_inputs(self, x_t: Tensor, n_valid: Tensor, keys: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """The suffix's RoPE tables and the key mask (valid prefix rows + the suffix's last H rows)."""
+        """The suffix's RoPE tables [B, H, D] and the key mask [B, 1, 1, total] (each row's valid prefix rows and
+        the suffix's last H rows); `n_valid` [B] or a scalar."""
         horizon = x_t.shape[1]
+        n_valid = n_valid.view(-1, 1)
         positions = n_valid + torch.arange(horizon, device=x_t.device)
         total = keys[0].shape[2]
         idx = torch.arange(total, device=x_t.device)
-        key_mask = ((idx < n_valid) | (idx >= total - horizon)).view(1, 1, 1, total)
+        key_mask = ((idx < n_valid) | (idx >= total - horizon)).view(-1, 1, 1, total)
         return self.rope_cos[positions], self.rope_sin[positions], key_mask
 
     def denoise_step(self, x_t: Tensor, n_valid: Tensor, keys: list[Tensor], values: list[Tensor], mods: Tensor,
@@ -516,17 +533,18 @@ class FastModel(nn.Module):
 
     def guided_step_in_cache(self, x_t: Tensor, n_valid: Tensor, key_cache: list[Tensor],
                              value_cache: list[Tensor], rows: int, *args, **kwargs) -> None:
-        """`guided_step` on the first `rows` rows of whole K/V cache tensors (the pipeline's), callable under
-        no_grad and step after step.
+        """`guided_step` on the first `rows` rows (and x_t's batch rows) of whole K/V cache tensors (the
+        pipeline's), callable under no_grad and step after step.
 
         The step writes the suffix's K/V into the cache with autograd recording (the VJP goes through them).
         Views made under no_grad, or kept from an earlier step (whose write made them part of a graph), refuse
         that in-place write, so each step makes fresh views in grad mode; afterwards the caches are detached,
         so the recorded graph does not keep the step's activations alive.
         """
+        batch = x_t.shape[0]
         with torch.enable_grad():
-            keys = [k[:, :, :rows] for k in key_cache]
-            values = [v[:, :, :rows] for v in value_cache]
+            keys = [k[:batch, :, :rows] for k in key_cache]
+            values = [v[:batch, :, :rows] for v in value_cache]
         self.guided_step(x_t, n_valid, keys, values, *args, **kwargs)
         for cache in (*key_cache, *value_cache):
             cache.detach_()
@@ -557,18 +575,29 @@ def sample_eager(fast: FastModel, images_u8: Tensor, text_rows: Tensor, noise: T
 
 @torch.no_grad()
 def prefill_eager(fast: FastModel, images_u8: Tensor, text_rows: Tensor, tile: int = 16) -> EagerPrefix:
-    """Vision, text rows and Gemma 2B over the prefix (the first half of `sample_eager`)."""
+    """Vision, text rows and Gemma 2B over the prefix (the first half of `sample_eager`); n_valid a scalar."""
+    prefix = prefill_eager_batch(fast, images_u8[None], [text_rows], tile)
+    return EagerPrefix(prefix.n_valid[0], prefix.keys, prefix.values)
+
+
+@torch.no_grad()
+def prefill_eager_batch(fast: FastModel, images_u8: Tensor, text_rows: list[Tensor], tile: int = 16) -> EagerPrefix:
+    """`prefill_eager` for B rows: images_u8 [B, V, 224, 224, 3], text_rows[b] [T_b, width]. Every row's text is
+    padded to the longest row's tile; n_valid [B] says where each row's tokens end."""
     cfg, dev = fast.cfg, fast.pos_embed.device
-    views = images_u8.shape[0]
-    text_len, prefix_len = prefix_capacity(cfg, views, text_rows.shape[0], tile)
-    n_valid = torch.tensor(views * cfg.vision.num_patches + text_rows.shape[0], device=dev)
-    prefix = torch.zeros(1, prefix_len, cfg.vlm.width, device=dev)
-    fast.vision(images_u8.to(dev), prefix[0, : views * cfg.vision.num_patches])
-    rows = torch.zeros(text_len, cfg.vlm.width, dtype=text_rows.dtype, device=dev)
-    rows[: text_rows.shape[0]] = text_rows
-    fast.embed_text_rows(rows, prefix[0, views * cfg.vision.num_patches:])
+    batch, views = images_u8.shape[:2]
+    image_len = views * cfg.vision.num_patches
+    text_len = max(prefix_capacity(cfg, views, rows.shape[0], tile)[0] for rows in text_rows)
+    prefix_len = image_len + text_len
+    n_valid = torch.tensor([image_len + rows.shape[0] for rows in text_rows], device=dev)
+    prefix = torch.zeros(batch, prefix_len, cfg.vlm.width, device=dev)
+    fast.vision(images_u8.flatten(0, 1).to(dev), prefix[:, :image_len])
+    padded = torch.zeros(batch, text_len, cfg.vlm.width, dtype=text_rows[0].dtype, device=dev)
+    for row, rows in enumerate(text_rows):
+        padded[row, : rows.shape[0]] = rows
+    fast.embed_text_rows(padded, prefix[:, image_len:])
     total = prefix_len + cfg.action_horizon
-    keys = [torch.zeros(1, 1, total, cfg.vlm.head_dim, dtype=fast.dtype, device=dev) for _ in fast.prefix_blocks]
+    keys = [torch.zeros(batch, 1, total, cfg.vlm.head_dim, dtype=fast.dtype, device=dev) for _ in fast.prefix_blocks]
     values = [torch.zeros_like(k) for k in keys]
     fast.prefill(prefix, n_valid, [k[:, :, :prefix_len] for k in keys], [v[:, :, :prefix_len] for v in values])
     return EagerPrefix(n_valid, keys, values)
@@ -576,10 +605,13 @@ def prefill_eager(fast: FastModel, images_u8: Tensor, text_rows: Tensor, tile: i
 
 @torch.no_grad()
 def denoise_eager(fast: FastModel, prefix: EagerPrefix, noise: Tensor, num_steps: int) -> Tensor:
-    """`num_steps` Euler steps from `noise` [H, action_dim] against a prefilled prefix -> actions [H, action_dim]."""
-    x = noise.to(prefix.n_valid.device, torch.float32).clone()[None]
+    """`num_steps` Euler steps from `noise` [H, action_dim] (or [B, H, action_dim] after `prefill_eager_batch`)
+    against a prefilled prefix -> actions of the same shape."""
+    x = noise.to(prefix.n_valid.device, torch.float32).clone()
+    batched = x.dim() == 3
+    x = x if batched else x[None]
     fast.denoise(x, prefix.n_valid, prefix.keys, prefix.values, fast.step_schedule(num_steps))
-    return x[0]
+    return x if batched else x[0]
 
 
 def prefix_capacity(cfg: Pi05Config, views: int, text_tokens: int, tile: int) -> tuple[int, int]:

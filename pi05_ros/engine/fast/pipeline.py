@@ -25,8 +25,12 @@ expert layer) where they have been measured to pay, Hopper (SM 9.0); elsewhere, 
 `expert_kernels="off"`, on the torch.compile'd layer functions. A kernel path that fails to build falls back to
 the torch path with a warning.
 
-Batch 1 only for now: `run_batch` runs the rows one after another through the batch-1 graphs (`run_rows`), so a
-server's dynamic batches work on every runner; graphs per batch bucket, the rows travelling as data, come next.
+Batches (`run_batch`, a server's dynamic batches): rows of the same number of views run together, up to
+`max_batch` at a time, padded to the next batch bucket (BATCH_BUCKETS: 1, 2, 4, 8, ...), and every graph above is
+kept per bucket. A row's prompt length travels as data (n_valid per row; the text is padded to the batch's longest
+tile); padded rows compute on whatever their staging holds and are dropped, so a batch of 3 replays the graphs of
+4. Batches of more than one row denoise on the torch path: the fused expert kernels are batch 1. Staging and the
+K/V cache are sized for `max_batch` (default 1: what a robot needs). Real-time chunking runs row by row.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ FP8_VISION_LAYERS: tuple[str, ...] = ("vision_blocks.*.fc1", "vision_blocks.*.fc
 
 
 EXPERT_KERNELS = ("auto", "on", "off")
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # batch sizes graphs are captured for (those up to max_batch, and it)
 MAX_STEPS = 100  # the step table's capacity: Policy's limit (engine/policy.py MAX_DENOISE_STEPS)
 # Computed schedules kept for switching back (kernel path ~1.2 MB per step, torch path ~0.45 MB), least recently
 # used dropped first.
@@ -99,6 +104,25 @@ class _Graph:
 
     def replay(self) -> None:
         self.graph.replay()
+
+
+class _HostTimer:
+    """torch.cuda.Event's timing interface on the host clock: the pipeline without a GPU (use_graphs=False, for
+    tests of its staging and batching on the CPU)."""
+
+    def record(self) -> None:
+        self.time = time.perf_counter()
+
+    def elapsed_time(self, end: _HostTimer) -> float:
+        return (end.time - self.time) * 1e3
+
+    def synchronize(self) -> None:
+        pass
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class StepTable:
@@ -182,13 +206,17 @@ class Pi05Pipeline:
         release_reference: bool = False,
         expert_kernels: str = "auto",
         expert_kernel_config: KernelConfig | None = None,
+        max_batch: int = 1,
     ) -> None:
+        if not 1 <= max_batch <= BATCH_BUCKETS[-1]:
+            raise ValueError(f"max_batch must be within 1..{BATCH_BUCKETS[-1]}, got {max_batch}")
         if expert_kernels not in EXPERT_KERNELS:
             raise ValueError(f"expert_kernels must be one of {', '.join(EXPERT_KERNELS)}, got {expert_kernels!r}")
         if precision not in ("bf16", "fp8"):
             raise ValueError(f"precision must be bf16 or fp8, got {precision!r}")
         self.device = model.pos_embed.device if isinstance(model, FastModel) else model.device
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" and use_graphs:
+            # Without graphs it runs anywhere (slowly): tests use that to check its staging and batching on the CPU.
             raise ValueError("Pi05Pipeline needs a CUDA GPU; use the reference runner on CPU")
         if precision == "fp8" and not fp8_supported(self.device):
             log.warning("this GPU has no FP8 GEMMs (needs SM 8.9+): running bf16")
@@ -206,6 +234,8 @@ class Pi05Pipeline:
         start = time.perf_counter()
         self.fp8_layers = fp8_layers + (fp8_vision_layers if fp8_vision else ())
         self.embed_table = self.fast.token_table  # host memory: rows are gathered on the CPU
+        self.max_batch = max_batch
+        self.batch_buckets = tuple(b for b in BATCH_BUCKETS if b < max_batch) + (max_batch,)
         self._allocate(max_views)
         self._graphs: dict[tuple, _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle() if use_graphs else None
@@ -216,8 +246,9 @@ class Pi05Pipeline:
         self._rtc_device: list[torch.Tensor] = []
         self._rtc_mode = "compiled" if compile else "plain"  # -> "plain" layers -> "eager" (no graph) on failure
         self._rtc_tried: set[tuple[int, str]] = set()
-        self._events = [torch.cuda.Event(enable_timing=True) for _ in range(6)]
-        torch.cuda.synchronize()
+        self._events = ([torch.cuda.Event(enable_timing=True) for _ in range(6)] if self.device.type == "cuda"
+                        else [_HostTimer() for _ in range(6)])
+        _synchronize(self.device)
         self.setup_times["prepare_weights"] = self.fast.build_seconds + time.perf_counter() - start
         self.fp8_scales: dict[str, float] | None = None
         self.calibrated_on: str | None = None
@@ -234,7 +265,7 @@ class Pi05Pipeline:
                 fp8_scales = self.calibrate(data)
             self.fp8_scales = dict(fp8_scales)
             self.fast.quantize_fp8(self.fp8_scales, self.fp8_layers, self.fp8_headroom)
-            torch.cuda.synchronize()
+            _synchronize(self.device)
             self.setup_times["calibrate_fp8"] = time.perf_counter() - start
         if compile:
             self.fast.compile()
@@ -264,22 +295,24 @@ class Pi05Pipeline:
         self.max_views = max_views
         max_text, max_prefix = prefix_capacity(cfg, max_views, cfg.max_token_len, self.text_tile)
         size = cfg.vision.image_size
-        pin = dict(pin_memory=True)
-        self.h_images = torch.zeros(max_views, size, size, 3, dtype=torch.uint8, **pin)
-        self.h_text = torch.zeros(max_text, width, dtype=self.embed_table.dtype, **pin)
+        pin = dict(pin_memory=dev.type == "cuda")
+        rows = self.max_batch  # every buffer has a row per batch row; batch 1 uses row 0
+        self.h_images = torch.zeros(rows, max_views, size, size, 3, dtype=torch.uint8, **pin)
+        self.h_text = torch.zeros(rows, max_text, width, dtype=self.embed_table.dtype, **pin)
         self._table_bytes = self.embed_table.contiguous().view(torch.uint8).numpy()
         self._h_text_bytes = self.h_text.view(torch.uint8).numpy()
-        self.h_noise = torch.zeros(1, cfg.action_horizon, cfg.action_dim, dtype=torch.float32, **pin)
-        self.h_n_valid = torch.zeros((), dtype=torch.int64, **pin)
-        self.h_actions = torch.zeros(cfg.action_horizon, cfg.action_dim, dtype=torch.float32, **pin)
-        self.d_images = torch.zeros(max_views, size, size, 3, dtype=torch.uint8, device=dev)
-        self.d_text = torch.zeros(max_text, width, dtype=self.embed_table.dtype, device=dev)
+        self.h_noise = torch.zeros(rows, cfg.action_horizon, cfg.action_dim, dtype=torch.float32, **pin)
+        self.h_n_valid = torch.zeros(rows, dtype=torch.int64, **pin)
+        self.h_actions = torch.zeros(rows, cfg.action_horizon, cfg.action_dim, dtype=torch.float32, **pin)
+        self.d_images = torch.zeros_like(self.h_images, device=dev)
+        self.d_text = torch.zeros_like(self.h_text, device=dev)
         self.d_noise = torch.zeros_like(self.h_noise, device=dev)
-        self.d_n_valid = torch.zeros((), dtype=torch.int64, device=dev)
+        self.d_n_valid = torch.zeros_like(self.h_n_valid, device=dev)
         self.d_x = torch.zeros_like(self.d_noise)
-        self.d_prefix = torch.zeros(1, max_prefix, width, dtype=torch.float32, device=dev)
+        self.d_prefix = torch.zeros(rows, max_prefix, width, dtype=torch.float32, device=dev)
         total = self._cache_rows(max_prefix)
-        self.d_keys = [torch.zeros(1, 1, total, d, dtype=torch.bfloat16, device=dev) for _ in range(cfg.vlm.depth)]
+        self.d_keys = [torch.zeros(rows, 1, total, d, dtype=torch.bfloat16, device=dev)
+                       for _ in range(cfg.vlm.depth)]
         self.d_values = [torch.zeros_like(k) for k in self.d_keys]
 
     def calibrate(self, observations: Iterable[PreparedObservation], num_steps: int = 10) -> dict[str, float]:
@@ -296,15 +329,20 @@ class Pi05Pipeline:
             self.expert_kernels = expert_kernels
         return dict(amax)
 
-    def schedule(self, num_steps: int) -> tuple[torch.Tensor, ...]:
-        """The step schedule's constants for `num_steps`, with the fused kernels' extras when they run; recent
-        ones stay computed up to SCHEDULE_CACHE_BYTES."""
-        key = (num_steps, self.expert_path)
+    def path_for(self, batch: int) -> str:
+        """What denoises a batch of this size: "kernels" (batch 1 where they run) or "torch"."""
+        return "kernels" if self.expert_kernels is not None and batch == 1 else "torch"
+
+    def schedule(self, num_steps: int, path: str | None = None) -> tuple[torch.Tensor, ...]:
+        """The step schedule's constants for `num_steps`, with the fused kernels' extras for their path (default:
+        the batch-1 path); recent ones stay computed up to SCHEDULE_CACHE_BYTES."""
+        path = path or self.expert_path
+        key = (num_steps, path)
         if key in self._schedules:
             self._schedules.move_to_end(key)
             return self._schedules[key]
         schedule = self.fast.step_schedule(num_steps)
-        schedule = self.expert_kernels.schedule(schedule) if self.expert_kernels else schedule
+        schedule = self.expert_kernels.schedule(schedule) if path == "kernels" else schedule
         self._schedules[key] = schedule
 
         def size(entry: tuple[torch.Tensor, ...]) -> int:
@@ -314,23 +352,25 @@ class Pi05Pipeline:
             self._schedules.popitem(last=False)
         return schedule
 
-    def step_table(self, num_steps: int) -> StepTable:
-        """The current path's StepTable (room for MAX_STEPS: made once), holding `num_steps`'s schedule."""
+    def step_table(self, num_steps: int, path: str | None = None) -> StepTable:
+        """A path's StepTable (room for MAX_STEPS: made once), holding `num_steps`'s schedule."""
         if not 1 <= num_steps <= MAX_STEPS:
             raise ValueError(f"num_steps must be within 1..{MAX_STEPS}, got {num_steps}")
-        schedule = self.schedule(num_steps)
-        table = self._tables.get(self.expert_path)
+        path = path or self.expert_path
+        schedule = self.schedule(num_steps, path)
+        table = self._tables.get(path)
         if table is None:
-            table = self._tables[self.expert_path] = StepTable(schedule, MAX_STEPS)
+            table = self._tables[path] = StepTable(schedule, MAX_STEPS)
         if table.holds != num_steps:
             table.load(schedule)
         return table
 
     # --- the three stages as closures over static buffers
 
-    def _vision_fn(self, views: int) -> Callable[[], None]:
-        out = self.d_prefix[0, : views * self.cfg.vision.num_patches]
-        return lambda: self.fast.vision(self.d_images[:views], out)
+    def _vision_fn(self, views: int, batch: int) -> Callable[[], None]:
+        out = self.d_prefix[:batch, : views * self.cfg.vision.num_patches]
+        images = self.d_images[:batch, :views]
+        return lambda: self.fast.vision(images.flatten(0, 1), out)
 
     def _capacity(self, views: int) -> int:
         """Prefix rows of the K/V cache for this many views (the longest prompt's); the suffix's rows follow.
@@ -339,17 +379,18 @@ class Pi05Pipeline:
         """
         return prefix_capacity(self.cfg, views, self.cfg.max_token_len, self.text_tile)[1]
 
-    def _prefill_fn(self, views: int, text_len: int) -> Callable[[], None]:
+    def _prefill_fn(self, views: int, text_len: int, batch: int) -> Callable[[], None]:
         start = views * self.cfg.vision.num_patches
         length = start + text_len
-        prefix = self.d_prefix[:, :length]
+        prefix = self.d_prefix[:batch, :length]
         capacity = self._capacity(views)
-        keys = [k[:, :, :capacity] for k in self.d_keys]
-        values = [v[:, :, :capacity] for v in self.d_values]
+        keys = [k[:batch, :, :capacity] for k in self.d_keys]
+        values = [v[:batch, :, :capacity] for v in self.d_values]
+        n_valid = self.d_n_valid[:batch]
 
         def run() -> None:
-            self.fast.embed_text_rows(self.d_text[:text_len], self.d_prefix[0, start:length])
-            self.fast.prefill(prefix, self.d_n_valid, keys, values)
+            self.fast.embed_text_rows(self.d_text[:batch, :text_len], self.d_prefix[:batch, start:length])
+            self.fast.prefill(prefix, n_valid, keys, values)
 
         return run
 
@@ -359,37 +400,41 @@ class Pi05Pipeline:
         masked out."""
         return -(-(capacity + self.cfg.action_horizon) // 64) * 64
 
-    def _step_fn(self, views: int, table: StepTable) -> Callable[[], None]:
-        """One Euler step on d_x with the table's current row (graph-captured once per views and path)."""
+    def _step_fn(self, views: int, table: StepTable, batch: int) -> Callable[[], None]:
+        """One Euler step on d_x's first `batch` rows with the table's current row (graph-captured once per views,
+        path and batch)."""
         total = self._cache_rows(self._capacity(views))
-        keys = [k[:, :, :total] for k in self.d_keys]
-        values = [v[:, :, :total] for v in self.d_values]
-        if self.expert_kernels is not None:  # the kernels take positions and the key mask from n_valid
+        keys = [k[:batch, :, :total] for k in self.d_keys]
+        values = [v[:batch, :, :total] for v in self.d_values]
+        x, n_valid = self.d_x[:batch], self.d_n_valid[:batch]
+        if self.path_for(batch) == "kernels":  # the kernels take positions and the key mask from n_valid
             kernels = self.expert_kernels
 
             def run() -> None:
                 table.select()
-                kernels.denoise_step(self.d_x, self.d_n_valid, keys, values, *table.current)
+                kernels.denoise_step(x, n_valid, keys, values, *table.current)
 
             return run
-        where = self._suffix_buffers(views, "torch", keys)
+        where = self._suffix_buffers(views, "torch", keys, batch)
 
         def step() -> None:
             table.select()
-            self.fast.denoise_step(self.d_x, self.d_n_valid, keys, values, *table.current, where=where)
+            self.fast.denoise_step(x, n_valid, keys, values, *table.current, where=where)
 
         return step
 
-    def _suffix_buffers(self, views: int, kind: str, keys: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    def _suffix_buffers(self, views: int, kind: str, keys: list[torch.Tensor],
+                        batch: int) -> tuple[torch.Tensor, ...]:
         """The torch path's RoPE rows and key mask depend on n_valid only: fixed buffers, refreshed once per
-        inference outside the step graph (`_suffix_refresh[(views, kind)]`), read by every step."""
-        where = tuple(t.clone() for t in self.fast.suffix_inputs(self.d_x, self.d_n_valid, keys))
+        inference outside the step graph (`_suffix_refresh[(views, kind, batch)]`), read by every step."""
+        x, n_valid = self.d_x[:batch], self.d_n_valid[:batch]
+        where = tuple(t.clone() for t in self.fast.suffix_inputs(x, n_valid, keys))
 
         def refresh() -> None:
-            for buffer, value in zip(where, self.fast.suffix_inputs(self.d_x, self.d_n_valid, keys), strict=True):
+            for buffer, value in zip(where, self.fast.suffix_inputs(x, n_valid, keys), strict=True):
                 buffer.copy_(value)
 
-        self._suffix_refresh[(views, kind)] = refresh
+        self._suffix_refresh[(views, kind, batch)] = refresh
         return where
 
     def _stage(self, key: tuple, make: Callable[[], Callable[[], None]]) -> Callable[[], None]:
@@ -406,23 +451,25 @@ class Pi05Pipeline:
             log.info("captured CUDA graph %s in %.2f s", key, time.perf_counter() - start)
         return graph.replay
 
-    def _denoise_stage(self, num_steps: int, views: int) -> Callable[[], None]:
+    def _denoise_stage(self, num_steps: int, views: int, batch: int) -> Callable[[], None]:
         """All steps: the noise into d_x, the table's index to 0, then the step graph once per step."""
         try:
-            step = self._step_stage(num_steps, views)
+            step = self._step_stage(num_steps, views, batch)
         except Exception as exc:  # a Triton build or launch failure on this GPU: keep serving on the torch path
-            if self.expert_kernels is None:
+            if self.path_for(batch) != "kernels":
                 raise
             log.warning("the fused expert kernels failed on this GPU (%s: %s); the denoise loop runs on the torch "
                         "path from now on", type(exc).__name__, exc)
             self.expert_kernels = None
-            torch.cuda.synchronize()
-            step = self._step_stage(num_steps, views)
-        table = self._tables[self.expert_path]
-        refresh = self._suffix_refresh.get((views, "torch")) if self.expert_kernels is None else None
+            _synchronize(self.device)
+            step = self._step_stage(num_steps, views, batch)
+        path = self.path_for(batch)
+        table = self._tables[path]
+        refresh = self._suffix_refresh.get((views, "torch", batch)) if path == "torch" else None
+        x, noise = self.d_x[:batch], self.d_noise[:batch]
 
         def run() -> None:
-            self.d_x.copy_(self.d_noise)  # the noise buffer stays intact: warm-up and replays start alike
+            x.copy_(noise)  # the noise buffer stays intact: warm-up and replays start alike
             table.index.zero_()
             if refresh is not None:
                 refresh()
@@ -431,10 +478,11 @@ class Pi05Pipeline:
 
         return run
 
-    def _step_stage(self, num_steps: int, views: int) -> Callable[[], None]:
-        table = self.step_table(num_steps)
-        key = ("denoise_step", views, self.expert_path)
-        return self._stage(key, lambda: self._step_fn(views, table))
+    def _step_stage(self, num_steps: int, views: int, batch: int) -> Callable[[], None]:
+        path = self.path_for(batch)
+        table = self.step_table(num_steps, path)
+        key = ("denoise_step", views, path, batch)
+        return self._stage(key, lambda: self._step_fn(views, table, batch))
 
     # --- real-time chunking (engine/rtc.py): the torch path's layers with their VJP, one step graph
 
@@ -443,8 +491,9 @@ class Pi05Pipeline:
         if not self._rtc_host:
             cfg = self.cfg
             shape = (1, cfg.action_horizon, cfg.action_dim)
-            self._rtc_host = [torch.zeros(shape, pin_memory=True), torch.zeros(shape, pin_memory=True),
-                              torch.zeros((), pin_memory=True)]
+            pin = self.device.type == "cuda"
+            self._rtc_host = [torch.zeros(shape, pin_memory=pin), torch.zeros(shape, pin_memory=pin),
+                              torch.zeros((), pin_memory=pin)]
             self._rtc_device = [t.to(self.device) for t in self._rtc_host]
         previous, weights, beta = self._rtc_host
         previous[0].numpy()[...] = guidance.previous
@@ -482,11 +531,11 @@ class Pi05Pipeline:
                             type(exc).__name__, exc, fallback)
                 self._rtc_mode = "plain" if self._rtc_mode == "compiled" else "eager"
                 self._graphs.pop(("rtc_step", views), None)
-                torch.cuda.synchronize()
-        refresh = self._suffix_refresh[(views, "rtc")]
+                _synchronize(self.device)
+        refresh = self._suffix_refresh[(views, "rtc", 1)]
 
         def run() -> None:
-            self.d_x.copy_(self.d_noise)
+            self.d_x[:1].copy_(self.d_noise[:1])
             table.index.zero_()
             refresh()
             for _ in range(num_steps):
@@ -506,15 +555,15 @@ class Pi05Pipeline:
 
     def _rtc_step_fn(self, views: int, table: StepTable) -> Callable[[], None]:
         total = self._cache_rows(self._capacity(views))
-        where = self._suffix_buffers(views, "rtc", [k[:, :, :total] for k in self.d_keys])
+        where = self._suffix_buffers(views, "rtc", [k[:1, :, :total] for k in self.d_keys], 1)
         previous, weights, beta = self._rtc_device
         compiled = self._rtc_mode == "compiled"
 
         def step() -> None:
             table.select()
             mods, final, out_w, out_b, t, dt = table.current
-            self.fast.guided_step_in_cache(self.d_x, self.d_n_valid, self.d_keys, self.d_values, total, mods,
-                                           final, out_w, out_b, t, dt, previous, weights, beta, where=where,
+            self.fast.guided_step_in_cache(self.d_x[:1], self.d_n_valid[:1], self.d_keys, self.d_values, total,
+                                           mods, final, out_w, out_b, t, dt, previous, weights, beta, where=where,
                                            compiled=compiled)
 
         return step
@@ -523,36 +572,86 @@ class Pi05Pipeline:
 
     @torch.no_grad()
     def run(self, obs: PreparedObservation, num_steps: int) -> tuple[np.ndarray, dict[str, float]]:
+        actions, timings = self._run_group([obs], num_steps)
+        return actions[0], timings
+
+    @torch.no_grad()
+    def run_batch(self, observations: Sequence[PreparedObservation],
+                  num_steps: int) -> tuple[np.ndarray, dict[str, float]]:
+        """The rows in batches (see the module docstring): grouped by their number of views, up to `max_batch` at a
+        time. Each stage's time is summed over the batches run (the time the whole call spent in it); rows that
+        ask for real-time chunking run one by one."""
+        if not observations:
+            raise ValueError("run_batch needs at least one observation")
+        if any(obs.guidance is not None and obs.guidance.active for obs in observations):
+            actions, timings = run_rows(self, observations, num_steps)
+        else:
+            groups: dict[int, list[int]] = {}
+            for index, obs in enumerate(observations):
+                groups.setdefault(sum(im is not None for im in obs.images), []).append(index)
+            actions = np.zeros((len(observations), self.cfg.action_horizon, self.cfg.action_dim), np.float32)
+            timings = {}
+            for indices in groups.values():
+                for first in range(0, len(indices), self.max_batch):
+                    chunk = indices[first:first + self.max_batch]
+                    rows, row_timings = self._run_group([observations[i] for i in chunk], num_steps)
+                    actions[chunk] = rows
+                    for stage, ms in row_timings.items():
+                        timings[stage] = timings.get(stage, 0.0) + ms
+        views = sum(im is not None for obs in observations for im in obs.images)
+        timings["vision_per_view"] = timings["vision"] / views
+        timings["denoise_step"] = timings["denoise"] / num_steps
+        return actions, timings
+
+    def bucket(self, rows: int) -> int:
+        """The batch size whose graphs serve `rows` rows (the smallest bucket that holds them)."""
+        return next(b for b in self.batch_buckets if b >= rows)
+
+    def _run_group(self, observations: Sequence[PreparedObservation],
+                   num_steps: int) -> tuple[np.ndarray, dict[str, float]]:
+        """Rows with the same number of views, at most max_batch, through the graphs of their bucket."""
         host_start = time.perf_counter()
-        views = [im for im in obs.images if im is not None]
-        n_views = len(views)
+        rows = len(observations)
+        if not 1 <= rows <= self.max_batch:
+            raise ValueError(f"{rows} rows in one batch; this pipeline was built for 1..{self.max_batch}")
+        batch = self.bucket(rows)
+        patches = self.cfg.vision.num_patches
+        n_views = sum(im is not None for im in observations[0].images)
         if not 1 <= n_views <= self.max_views:
             raise ValueError(f"{n_views} camera views; this pipeline was built for 1..{self.max_views}")
-        ids = obs.tokens[obs.token_mask]
-        text_len, _ = prefix_capacity(self.cfg, n_views, len(ids), self.text_tile)
-        # Host staging: token-table rows gathered here (the table stays in host memory), images, noise.
-        # numpy row gather over byte views: single-threaded, where torch's CPU index_select woke its thread
-        # pool and made this staging step the one source of latency spikes (p99 2.8 ms vs p50 0.16 ms).
-        np.take(self._table_bytes, ids, axis=0, out=self._h_text_bytes[: len(ids)])
-        self._h_text_bytes[len(ids):text_len] = 0
-        for i, image in enumerate(views):
-            # a float (LeRobot-resized) view is rounded to uint8 here: finer than the bf16 the vision tower runs in
-            self.h_images[i].numpy()[...] = to_uint8(image)
-        self.h_noise[0].numpy()[...] = obs.noise
-        self.h_n_valid.fill_(n_views * self.cfg.vision.num_patches + len(ids))
-        guided = obs.guidance is not None and obs.guidance.active
+        token_ids = [obs.tokens[obs.token_mask] for obs in observations]
+        text_len = max(prefix_capacity(self.cfg, n_views, len(ids), self.text_tile)[0] for ids in token_ids)
+        for row, (obs, ids) in enumerate(zip(observations, token_ids, strict=True)):
+            views = [im for im in obs.images if im is not None]
+            if len(views) != n_views:
+                raise ValueError("rows of one batch need the same number of camera views (run_batch groups them)")
+            # Host staging: token-table rows gathered here (the table stays in host memory), images, noise.
+            # numpy row gather over byte views: single-threaded, where torch's CPU index_select woke its thread
+            # pool and made this staging step the one source of latency spikes (p99 2.8 ms vs p50 0.16 ms).
+            np.take(self._table_bytes, ids, axis=0, out=self._h_text_bytes[row, : len(ids)])
+            self._h_text_bytes[row, len(ids):text_len] = 0
+            for i, image in enumerate(views):
+                # a float (LeRobot-resized) view is rounded to uint8 here: finer than the bf16 the vision tower runs
+                self.h_images[row, i].numpy()[...] = to_uint8(image)
+            self.h_noise[row].numpy()[...] = obs.noise
+            self.h_n_valid[row] = n_views * patches + len(ids)
+        # Padded rows (up to the bucket) keep whatever their staging held: rows are independent, their results are
+        # dropped, and only a valid prefix length is needed (every buffer was zeroed at allocation).
+        self.h_n_valid[rows:batch] = n_views * patches
+        guided = rows == 1 and observations[0].guidance is not None and observations[0].guidance.active
         if guided:
-            self._stage_guidance(obs.guidance)
-        vision = self._stage(("vision", n_views), lambda: self._vision_fn(n_views))
-        prefill = self._stage(("prefill", n_views, text_len), lambda: self._prefill_fn(n_views, text_len))
-        denoise = self._rtc_stage(num_steps, n_views) if guided else self._denoise_stage(num_steps, n_views)
+            self._stage_guidance(observations[0].guidance)
+        vision = self._stage(("vision", n_views, batch), lambda: self._vision_fn(n_views, batch))
+        prefill = self._stage(("prefill", n_views, text_len, batch),
+                              lambda: self._prefill_fn(n_views, text_len, batch))
+        denoise = self._rtc_stage(num_steps, n_views) if guided else self._denoise_stage(num_steps, n_views, batch)
         host_ms = (time.perf_counter() - host_start) * 1e3
         ev = self._events
         ev[0].record()
-        self.d_images[:n_views].copy_(self.h_images[:n_views], non_blocking=True)
-        self.d_text[:text_len].copy_(self.h_text[:text_len], non_blocking=True)
-        self.d_noise.copy_(self.h_noise, non_blocking=True)
-        self.d_n_valid.copy_(self.h_n_valid, non_blocking=True)
+        self.d_images[:batch, :n_views].copy_(self.h_images[:batch, :n_views], non_blocking=True)
+        self.d_text[:batch, :text_len].copy_(self.h_text[:batch, :text_len], non_blocking=True)
+        self.d_noise[:batch].copy_(self.h_noise[:batch], non_blocking=True)
+        self.d_n_valid[:batch].copy_(self.h_n_valid[:batch], non_blocking=True)
         if guided:
             for device, host in zip(self._rtc_device, self._rtc_host, strict=True):
                 device.copy_(host, non_blocking=True)
@@ -563,22 +662,12 @@ class Pi05Pipeline:
         ev[3].record()
         denoise()
         ev[4].record()
-        self.h_actions.copy_(self.d_x[0], non_blocking=True)
+        self.h_actions[:rows].copy_(self.d_x[:rows], non_blocking=True)
         ev[5].record()
         ev[5].synchronize()
         names = ("host_copy_in", "vision", "prefill_kv", "denoise", "host_copy_out")
         timings = {"host_staging": host_ms}
         timings.update({n: ev[i].elapsed_time(ev[i + 1]) for i, n in enumerate(names)})
-        timings["vision_per_view"] = timings["vision"] / n_views
+        timings["vision_per_view"] = timings["vision"] / (n_views * rows)
         timings["denoise_step"] = timings["denoise"] / num_steps
-        return self.h_actions.numpy().copy(), timings
-
-    def run_batch(self, observations: Sequence[PreparedObservation],
-                  num_steps: int) -> tuple[np.ndarray, dict[str, float]]:
-        """The rows one after another through the batch-1 graphs (see the module docstring): each stage's time is
-        summed over the rows; `vision_per_view` and `denoise_step` are recomputed from those sums."""
-        actions, timings = run_rows(self, observations, num_steps)
-        views = sum(im is not None for obs in observations for im in obs.images)
-        timings["vision_per_view"] = timings["vision"] / views
-        timings["denoise_step"] = timings["denoise"] / num_steps
-        return actions, timings
+        return self.h_actions[:rows].numpy().copy(), timings

@@ -1,0 +1,88 @@
+"""The fast pipeline's batches on the CPU (no CUDA graphs there, the rest as on a GPU): rows grouped by their
+number of views, split at max_batch, padded to a batch bucket, each row with its own prompt length and noise, give
+what each row gets alone. The graphs per bucket are tested on the GPU (test/gpu/test_pipeline.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pi05_ros.engine.fast.pipeline import Pi05Pipeline
+from pi05_ros.engine.policy import Policy
+from pi05_ros.engine.runner import PreparedObservation, ReferenceRunner
+
+RNG = np.random.default_rng(11)
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_checkpoint: Path, tokenizer_path: Path) -> Policy:
+    return Policy.load(tiny_checkpoint, tokenizer_path, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def pipeline(policy: Policy) -> Pi05Pipeline:
+    # text_tile 8: the prompts below span three tiles (8, 16, 24 tokens)
+    return Pi05Pipeline(policy.model, precision="bf16", use_graphs=False, compile=False, expert_kernels="off",
+                        max_batch=4, text_tile=8)
+
+
+@pytest.fixture(scope="module")
+def rows(policy: Policy) -> list[PreparedObservation]:
+    """Seven rows as a runner gets them: five with one view (more than max_batch 4; not always the same slot), one
+    with two, one with three; prompts of 3 to 24 tokens."""
+    cfg = policy.config
+    size, max_len = cfg.vision.image_size, cfg.max_token_len
+    lengths = [5, 12, 3, 24, 17, 9, 20]
+    slots = [(0,), (0,), (1,), (0,), (2,), (0, 1), (0, 1, 2)]
+    out = []
+    for length, used in zip(lengths, slots, strict=True):
+        images = [RNG.integers(0, 256, (size, size, 3), dtype=np.uint8) if slot in used else None
+                  for slot in range(len(cfg.image_keys))]
+        tokens = np.zeros(max_len, np.int64)
+        tokens[:length] = RNG.integers(1, cfg.vocab_size, length)
+        out.append(PreparedObservation(images, tokens, np.arange(max_len) < length,
+                                       RNG.standard_normal((cfg.action_horizon, cfg.action_dim)).astype(np.float32)))
+    return out
+
+
+def test_buckets(pipeline: Pi05Pipeline) -> None:
+    assert pipeline.batch_buckets == (1, 2, 4)
+    assert [pipeline.bucket(n) for n in (1, 2, 3, 4)] == [1, 2, 4, 4]
+    with pytest.raises(ValueError, match="1..4"):
+        pipeline._run_group([], 1)
+
+
+def test_batch_equals_its_rows_alone(pipeline: Pi05Pipeline, policy: Policy, rows: list[PreparedObservation]) -> None:
+    batched, timings = pipeline.run_batch(rows, 3)
+    alone = np.stack([pipeline.run(row, 3)[0] for row in rows])
+    assert batched.shape == (7, policy.action_horizon, policy.config.action_dim)
+    # bf16 GEMM inputs on both sides: products over more rows may round differently (measured 0.0 on the CPU)
+    for row in range(7):
+        assert rel_err(batched[row], alone[row]) < 1e-3, row
+    assert not np.allclose(batched[0], batched[1])  # the rows really differ
+    # and the fast path stays within its bf16 budget of the float32 reference (2e-2; 8.3e-4 measured)
+    reference, _ = ReferenceRunner(policy.model).run_batch(rows, 3)
+    assert rel_err(batched, reference) < 2e-2
+    assert set(timings) == set(pipeline.stage_names)
+    assert timings["denoise_step"] == pytest.approx(timings["denoise"] / 3)
+
+
+def test_padded_rows_change_nothing(pipeline: Pi05Pipeline, rows: list[PreparedObservation]) -> None:
+    """Three rows replay the bucket of 4: its fourth row holds whatever the staging last held, which must not
+    reach the three (rows are independent)."""
+    three = rows[:3]
+    first, _ = pipeline.run_batch(three, 1)
+    pipeline.run_batch(rows[1:5], 1)  # other contents in all four staging rows
+    again, _ = pipeline.run_batch(three, 1)
+    np.testing.assert_array_equal(first, again)  # same shapes, same inputs: bit for bit
+
+
+def test_rows_of_one_batch_need_the_same_views(pipeline: Pi05Pipeline, rows: list[PreparedObservation]) -> None:
+    with pytest.raises(ValueError, match="same number of camera views"):
+        pipeline._run_group([rows[0], rows[5]], 1)
