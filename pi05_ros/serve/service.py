@@ -320,8 +320,10 @@ class PolicySpec:
 
 
 def layout_views(layout: ObservationLayout, policy: Policy) -> int:
-    """How many camera views a layout's requests carry at most (a camera map: as many as the policy has slots)."""
-    return min(len(layout.images) or len(policy.image_keys), len(policy.image_keys))
+    """How many camera views a layout's requests carry at most (a camera map: as many as the policy has slots, up
+    to what its runner takes)."""
+    most = min(len(policy.image_keys), getattr(policy.runner, "max_views", len(policy.image_keys)))
+    return min(len(layout.images) or most, most)
 
 
 def warm_up(policy: Policy, num_steps: int, views: int = 1) -> None:

@@ -86,3 +86,23 @@ def test_padded_rows_change_nothing(pipeline: Pi05Pipeline, rows: list[PreparedO
 def test_rows_of_one_batch_need_the_same_views(pipeline: Pi05Pipeline, rows: list[PreparedObservation]) -> None:
     with pytest.raises(ValueError, match="same number of camera views"):
         pipeline._run_group([rows[0], rows[5]], 1)
+
+
+def test_a_guided_row_runs_alone_and_the_rest_still_batch(pipeline: Pi05Pipeline, policy: Policy,
+                                                          rows: list[PreparedObservation]) -> None:
+    """Real-time chunking runs one row at a time; the other rows of the same call still batch."""
+    from dataclasses import replace
+
+    from pi05_ros.engine.rtc import Guidance
+
+    cfg = policy.config
+    previous = RNG.standard_normal((cfg.action_horizon, cfg.action_dim)).astype(np.float32)
+    guided = replace(rows[1], guidance=Guidance.build(previous, 2, 20, 5.0, "exp", columns=cfg.action_dim))
+    mixed = [rows[0], guided, rows[2], rows[3]]
+    actions, _ = pipeline.run_batch(mixed, 3)
+    np.testing.assert_array_equal(actions[1], pipeline.run(guided, 3)[0])
+    others, _ = pipeline.run_batch([rows[0], rows[2], rows[3]], 3)  # a batch of 3 (bucket 4), as in `mixed`
+    np.testing.assert_array_equal(actions[[0, 2, 3]], others)
+    assert not np.allclose(actions[1], pipeline.run(rows[1], 3)[0])  # the guidance did act
+    with pytest.raises(ValueError, match="runs alone"):
+        pipeline._run_group([rows[0], guided], 3)

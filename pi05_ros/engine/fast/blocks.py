@@ -380,9 +380,12 @@ class FastModel(nn.Module):
     def compile(self) -> None:  # type: ignore[override]
         """Swap in torch.compile'd layer functions: norms, RoPE, activations and FP8 quantization fuse into
         a few Triton kernels per layer. One compiled function serves every layer of its stack."""
-        # Each (batch bucket, views, last layer or not) is its own static compilation: more than dynamo's default
-        # of 8 per function, after which it would silently run the layer eagerly.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        # Each (batch bucket, views, last layer or not) is a compilation of its own (the prefix layer's batch and
+        # length dimensions turn dynamic after their first change): more than dynamo's default limit of 8 per
+        # function, past which it would silently run the layer eagerly. (`cache_size_limit` before torch 2.7.)
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, name, max(getattr(config, name), 64))
         self._vision_layer = torch.compile(vision_layer, dynamic=False)
         # The token count is marked dynamic in prefill(): one compilation serves every prompt length, and a
         # prompt entering a new 16-token tile costs only a graph capture.

@@ -30,7 +30,8 @@ Batches (`run_batch`, a server's dynamic batches): rows of the same number of vi
 kept per bucket. A row's prompt length travels as data (n_valid per row; the text is padded to the batch's longest
 tile); padded rows compute on whatever their staging holds and are dropped, so a batch of 3 replays the graphs of
 4. Batches of more than one row denoise on the torch path: the fused expert kernels are batch 1. Staging and the
-K/V cache are sized for `max_batch` (default 1: what a robot needs). Real-time chunking runs row by row.
+batch K/V caches are sized for `max_batch` (default 1: what a robot needs; batch 1 keeps caches of its own). A row
+with real-time chunking runs alone.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from pi05_ros.engine.fast.calibration import SYNTHETIC_COUNT, record_input_amax,
 from pi05_ros.engine.preprocess import to_uint8
 from pi05_ros.engine.reference import Pi05Model, euler_schedule
 from pi05_ros.engine.rtc import Guidance
-from pi05_ros.engine.runner import PreparedObservation, run_rows
+from pi05_ros.engine.runner import PreparedObservation
 
 if TYPE_CHECKING:
     from pi05_ros.engine.fast.kernels.expert import KernelConfig
@@ -70,7 +71,7 @@ FP8_VISION_LAYERS: tuple[str, ...] = ("vision_blocks.*.fc1", "vision_blocks.*.fc
 
 
 EXPERT_KERNELS = ("auto", "on", "off")
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # batch sizes graphs are captured for (those up to max_batch, and it)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # batch sizes graphs are captured for (those below max_batch, and it)
 MAX_STEPS = 100  # the step table's capacity: Policy's limit (engine/policy.py MAX_DENOISE_STEPS)
 # Computed schedules kept for switching back (kernel path ~1.2 MB per step, torch path ~0.45 MB), least recently
 # used dropped first.
@@ -208,8 +209,8 @@ class Pi05Pipeline:
         expert_kernel_config: KernelConfig | None = None,
         max_batch: int = 1,
     ) -> None:
-        if not 1 <= max_batch <= BATCH_BUCKETS[-1]:
-            raise ValueError(f"max_batch must be within 1..{BATCH_BUCKETS[-1]}, got {max_batch}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if expert_kernels not in EXPERT_KERNELS:
             raise ValueError(f"expert_kernels must be one of {', '.join(EXPERT_KERNELS)}, got {expert_kernels!r}")
         if precision not in ("bf16", "fp8"):
@@ -296,9 +297,11 @@ class Pi05Pipeline:
         max_text, max_prefix = prefix_capacity(cfg, max_views, cfg.max_token_len, self.text_tile)
         size = cfg.vision.image_size
         pin = dict(pin_memory=dev.type == "cuda")
-        rows = self.max_batch  # every buffer has a row per batch row; batch 1 uses row 0
-        self.h_images = torch.zeros(rows, max_views, size, size, 3, dtype=torch.uint8, **pin)
-        self.h_text = torch.zeros(rows, max_text, width, dtype=self.embed_table.dtype, **pin)
+        rows = self.max_batch  # room for every batch row; batch 1 uses the first
+        # Images and text rows are staged packed (row after row, as many views / text rows as this batch has), so
+        # a batch's inputs are one contiguous block: one asynchronous copy from pinned memory each.
+        self.h_images = torch.zeros(rows * max_views, size, size, 3, dtype=torch.uint8, **pin)
+        self.h_text = torch.zeros(rows * max_text, width, dtype=self.embed_table.dtype, **pin)
         self._table_bytes = self.embed_table.contiguous().view(torch.uint8).numpy()
         self._h_text_bytes = self.h_text.view(torch.uint8).numpy()
         self.h_noise = torch.zeros(rows, cfg.action_horizon, cfg.action_dim, dtype=torch.float32, **pin)
@@ -311,9 +314,13 @@ class Pi05Pipeline:
         self.d_x = torch.zeros_like(self.d_noise)
         self.d_prefix = torch.zeros(rows, max_prefix, width, dtype=torch.float32, device=dev)
         total = self._cache_rows(max_prefix)
-        self.d_keys = [torch.zeros(rows, 1, total, d, dtype=torch.bfloat16, device=dev)
-                       for _ in range(cfg.vlm.depth)]
+        # Batch 1 has caches of its own: real-time chunking differentiates through writes into them, and autograd
+        # would carry gradients the size of a whole batch cache. Batches of 2+ share the batch caches.
+        self.d_keys = [torch.zeros(1, 1, total, d, dtype=torch.bfloat16, device=dev) for _ in range(cfg.vlm.depth)]
         self.d_values = [torch.zeros_like(k) for k in self.d_keys]
+        self.d_batch_keys = [torch.zeros(rows, 1, total, d, dtype=torch.bfloat16, device=dev)
+                             for _ in range(cfg.vlm.depth)] if rows > 1 else []
+        self.d_batch_values = [torch.zeros_like(k) for k in self.d_batch_keys]
 
     def calibrate(self, observations: Iterable[PreparedObservation], num_steps: int = 10) -> dict[str, float]:
         """Largest |input| of every linear layer over the observations (bf16 path, eager, all denoise steps)."""
@@ -367,10 +374,16 @@ class Pi05Pipeline:
 
     # --- the three stages as closures over static buffers
 
+    def _caches(self, batch: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The K/V caches a batch of this size runs on: batch 1's own, or the first rows of the batch caches."""
+        if batch == 1:
+            return self.d_keys, self.d_values
+        return [k[:batch] for k in self.d_batch_keys], [v[:batch] for v in self.d_batch_values]
+
     def _vision_fn(self, views: int, batch: int) -> Callable[[], None]:
         out = self.d_prefix[:batch, : views * self.cfg.vision.num_patches]
-        images = self.d_images[:batch, :views]
-        return lambda: self.fast.vision(images.flatten(0, 1), out)
+        images = self.d_images[: batch * views]  # packed: row after row
+        return lambda: self.fast.vision(images, out)
 
     def _capacity(self, views: int) -> int:
         """Prefix rows of the K/V cache for this many views (the longest prompt's); the suffix's rows follow.
@@ -384,12 +397,14 @@ class Pi05Pipeline:
         length = start + text_len
         prefix = self.d_prefix[:batch, :length]
         capacity = self._capacity(views)
-        keys = [k[:batch, :, :capacity] for k in self.d_keys]
-        values = [v[:batch, :, :capacity] for v in self.d_values]
+        key_caches, value_caches = self._caches(batch)
+        keys = [k[:, :, :capacity] for k in key_caches]
+        values = [v[:, :, :capacity] for v in value_caches]
         n_valid = self.d_n_valid[:batch]
+        text = self.d_text[: batch * text_len].view(batch, text_len, -1)  # packed: row after row
 
         def run() -> None:
-            self.fast.embed_text_rows(self.d_text[:batch, :text_len], self.d_prefix[:batch, start:length])
+            self.fast.embed_text_rows(text, self.d_prefix[:batch, start:length])
             self.fast.prefill(prefix, n_valid, keys, values)
 
         return run
@@ -404,8 +419,9 @@ class Pi05Pipeline:
         """One Euler step on d_x's first `batch` rows with the table's current row (graph-captured once per views,
         path and batch)."""
         total = self._cache_rows(self._capacity(views))
-        keys = [k[:batch, :, :total] for k in self.d_keys]
-        values = [v[:batch, :, :total] for v in self.d_values]
+        key_caches, value_caches = self._caches(batch)
+        keys = [k[:, :, :total] for k in key_caches]
+        values = [v[:, :, :total] for v in value_caches]
         x, n_valid = self.d_x[:batch], self.d_n_valid[:batch]
         if self.path_for(batch) == "kernels":  # the kernels take positions and the key mask from n_valid
             kernels = self.expert_kernels
@@ -579,25 +595,24 @@ class Pi05Pipeline:
     def run_batch(self, observations: Sequence[PreparedObservation],
                   num_steps: int) -> tuple[np.ndarray, dict[str, float]]:
         """The rows in batches (see the module docstring): grouped by their number of views, up to `max_batch` at a
-        time. Each stage's time is summed over the batches run (the time the whole call spent in it); rows that
-        ask for real-time chunking run one by one."""
+        time. Each stage's time is summed over the batches run (the time the whole call spent in it); a row that
+        asks for real-time chunking runs alone."""
         if not observations:
             raise ValueError("run_batch needs at least one observation")
-        if any(obs.guidance is not None and obs.guidance.active for obs in observations):
-            actions, timings = run_rows(self, observations, num_steps)
-        else:
-            groups: dict[int, list[int]] = {}
-            for index, obs in enumerate(observations):
-                groups.setdefault(sum(im is not None for im in obs.images), []).append(index)
-            actions = np.zeros((len(observations), self.cfg.action_horizon, self.cfg.action_dim), np.float32)
-            timings = {}
-            for indices in groups.values():
-                for first in range(0, len(indices), self.max_batch):
-                    chunk = indices[first:first + self.max_batch]
-                    rows, row_timings = self._run_group([observations[i] for i in chunk], num_steps)
-                    actions[chunk] = rows
-                    for stage, ms in row_timings.items():
-                        timings[stage] = timings.get(stage, 0.0) + ms
+        groups: dict[int | str, list[int]] = {}
+        for index, obs in enumerate(observations):
+            guided = obs.guidance is not None and obs.guidance.active
+            key = f"rtc{index}" if guided else sum(im is not None for im in obs.images)  # guided rows: alone
+            groups.setdefault(key, []).append(index)
+        actions = np.zeros((len(observations), self.cfg.action_horizon, self.cfg.action_dim), np.float32)
+        timings: dict[str, float] = {}
+        for indices in groups.values():
+            for first in range(0, len(indices), self.max_batch):
+                chunk = indices[first:first + self.max_batch]
+                rows, row_timings = self._run_group([observations[i] for i in chunk], num_steps)
+                actions[chunk] = rows
+                for stage, ms in row_timings.items():
+                    timings[stage] = timings.get(stage, 0.0) + ms
         views = sum(im is not None for obs in observations for im in obs.images)
         timings["vision_per_view"] = timings["vision"] / views
         timings["denoise_step"] = timings["denoise"] / num_steps
@@ -628,17 +643,21 @@ class Pi05Pipeline:
             # Host staging: token-table rows gathered here (the table stays in host memory), images, noise.
             # numpy row gather over byte views: single-threaded, where torch's CPU index_select woke its thread
             # pool and made this staging step the one source of latency spikes (p99 2.8 ms vs p50 0.16 ms).
-            np.take(self._table_bytes, ids, axis=0, out=self._h_text_bytes[row, : len(ids)])
-            self._h_text_bytes[row, len(ids):text_len] = 0
+            text_row = row * text_len
+            np.take(self._table_bytes, ids, axis=0, out=self._h_text_bytes[text_row:text_row + len(ids)])
+            self._h_text_bytes[text_row + len(ids):text_row + text_len] = 0
             for i, image in enumerate(views):
                 # a float (LeRobot-resized) view is rounded to uint8 here: finer than the bf16 the vision tower runs
-                self.h_images[row, i].numpy()[...] = to_uint8(image)
+                self.h_images[row * n_views + i].numpy()[...] = to_uint8(image)
             self.h_noise[row].numpy()[...] = obs.noise
             self.h_n_valid[row] = n_views * patches + len(ids)
         # Padded rows (up to the bucket) keep whatever their staging held: rows are independent, their results are
         # dropped, and only a valid prefix length is needed (every buffer was zeroed at allocation).
         self.h_n_valid[rows:batch] = n_views * patches
-        guided = rows == 1 and observations[0].guidance is not None and observations[0].guidance.active
+        guided = [obs.guidance is not None and obs.guidance.active for obs in observations]
+        if any(guided) and rows > 1:
+            raise ValueError("a row with real-time chunking runs alone (run_batch keeps it apart)")
+        guided = guided[0]
         if guided:
             self._stage_guidance(observations[0].guidance)
         vision = self._stage(("vision", n_views, batch), lambda: self._vision_fn(n_views, batch))
@@ -648,8 +667,8 @@ class Pi05Pipeline:
         host_ms = (time.perf_counter() - host_start) * 1e3
         ev = self._events
         ev[0].record()
-        self.d_images[:batch, :n_views].copy_(self.h_images[:batch, :n_views], non_blocking=True)
-        self.d_text[:batch, :text_len].copy_(self.h_text[:batch, :text_len], non_blocking=True)
+        self.d_images[: batch * n_views].copy_(self.h_images[: batch * n_views], non_blocking=True)
+        self.d_text[: batch * text_len].copy_(self.h_text[: batch * text_len], non_blocking=True)
         self.d_noise[:batch].copy_(self.h_noise[:batch], non_blocking=True)
         self.d_n_valid[:batch].copy_(self.h_n_valid[:batch], non_blocking=True)
         if guided:
