@@ -36,7 +36,7 @@ from pi05_ros.engine.conventions import (
 from pi05_ros.engine.errors import CheckpointError, InputError
 from pi05_ros.engine.fast.calibration import CALIBRATION_FILE, scales_path, user_cache_dir
 from pi05_ros.engine.normalize import NormStats, resolve_norm_stats
-from pi05_ros.engine.preprocess import resize_with_pad, validate_image
+from pi05_ros.engine.preprocess import resize_views, validate_image
 from pi05_ros.engine.recordings import load_observations, recording_files
 from pi05_ros.engine.reference import Pi05Model
 from pi05_ros.engine.rtc import SCHEDULES as RTC_SCHEDULES
@@ -356,8 +356,8 @@ class Policy:
             by_slot[slot] = image
         size = self.config.vision.image_size
         method = self.conventions.image_resize
-        prepared = [resize_with_pad(validate_image(by_slot[k], k), size, method) if k in by_slot else None
-                    for k in self.image_keys]
+        prepared = resize_views([validate_image(by_slot[k], k) if k in by_slot else None for k in self.image_keys],
+                                size, method)
         state = np.asarray(state, dtype=np.float32)
         if state.ndim != 1:
             raise InputError(f"state must be a 1-D vector, got shape {state.shape}")

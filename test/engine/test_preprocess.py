@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pi05_ros.engine.errors import CheckpointError, InputError
-from pi05_ros.engine.preprocess import prepare_image, resize_with_pad, to_model_range
+from pi05_ros.engine.preprocess import prepare_image, resize_views, resize_with_pad, to_model_range
 
 
 def test_square_224_is_untouched() -> None:
@@ -72,3 +72,17 @@ def test_each_family_keeps_the_geometry_and_lerobot_keeps_floats() -> None:
     np.testing.assert_array_equal(resize_with_pad(square, 224, "lerobot"), square)  # LeRobot resizes only others
     with pytest.raises(CheckpointError, match="unknown image resize 'area'"):
         resize_with_pad(img, 224, "area")
+
+
+@pytest.mark.parametrize("method", ["openpi_client", "openpi_server", "lerobot"])
+def test_resize_views_equals_each_view_alone(method: str) -> None:
+    """Views resized together (in threads for PIL) are each exactly what resize_with_pad gives, in slot order, with
+    missing views kept missing."""
+    rng = np.random.default_rng(4)
+    views = [rng.integers(0, 256, (480, 640, 3), dtype=np.uint8), None,
+             rng.integers(0, 256, (300, 200, 3), dtype=np.uint8), rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)]
+    together = resize_views(views, 224, method)
+    assert together[1] is None and len(together) == 4
+    for image, resized in zip(views, together, strict=True):
+        if image is not None:
+            np.testing.assert_array_equal(resized, resize_with_pad(image, 224, method))
