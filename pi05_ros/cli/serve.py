@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     network.add_argument("--port", type=int, default=8000, help="port (0: a free one, printed at start)")
     network.add_argument("--batch-window-ms", type=float, default=5.0,
                          help="how long the oldest waiting request waits for others to batch with")
-    network.add_argument("--max-batch", type=int, default=8, help="most observations in one batch")
+    network.add_argument("--max-batch", type=int, default=8,
+                         help="most observations in one batch (the GPU pipeline is built and warmed for it)")
     network.add_argument("--max-clients", type=int, default=128, help="most connections at once")
     network.add_argument("--max-message-mb", type=float, default=10.0, help="largest observation message (MiB)")
     network.add_argument("--send-timeout-s", type=float, default=10.0,
