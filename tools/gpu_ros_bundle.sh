@@ -28,7 +28,9 @@ if [[ "${1:-}" == "--activate" ]]; then
   export LD_LIBRARY_PATH="$ROOT/install/pi05_ros/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   export ROS_AUTOMATIC_DISCOVERY_RANGE="${ROS_AUTOMATIC_DISCOVERY_RANGE:-LOCALHOST}"
   unset _prefix _py
-  python3 -c "import rclpy, pi05_ros.msg; print('[gpu_ros_bundle] rclpy and pi05_ros.msg import')" || return 1
+  # from / : in the tree, `import pi05_ros` would find the source package (no msg/) before the built one
+  (cd / && python3 -c "import rclpy, pi05_ros.msg; print('[gpu_ros_bundle] rclpy and pi05_ros.msg import')") \
+    || return 1
   return 0
 fi
 
