@@ -46,6 +46,8 @@ WHOLE_K = KernelConfig(qkv=GemmConfig(32, 128, k_step=32), o=GemmConfig(32, 128,
                        key_block=32, key_splits=5)
 # SPLIT with the step's input in one kernel (the default).
 FUSED = dataclasses.replace(SPLIT, fused_step_in=True)
+# Each layer as one persistent kernel (its phases' tasks looped by the interpreter's single program).
+PERSISTENT = dataclasses.replace(FUSED, persistent_layer=True)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -86,7 +88,8 @@ def test_a_tile_pairs_rope_partners_and_geglu_partners() -> None:
     assert paired_columns(EPI_GEGLU, 2, 16, head_dim=0, mlp=96) == [*range(32, 48), *range(128, 144)]
 
 
-@pytest.mark.parametrize("config", [SPLIT, WHOLE_K, FUSED], ids=["split-k", "whole-k", "fused-step-in"])
+@pytest.mark.parametrize("config", [SPLIT, WHOLE_K, FUSED, PERSISTENT],
+                         ids=["split-k", "whole-k", "fused-step-in", "persistent"])
 def test_layer_equals_its_torch_definition(small, config: KernelConfig) -> None:
     fast, prefix, _ = small
     kernels = ExpertKernels(fast, config)
@@ -106,6 +109,8 @@ def test_layer_equals_its_torch_definition(small, config: KernelConfig) -> None:
     assert torch.equal(k_kern[: int(prefix.n_valid)], prefix.keys[0][0, 0, : int(prefix.n_valid)])  # prefix kept
     for _, count in kernels.ws.values():
         assert not count.any()  # every split-K counter is reset for the next layer
+    assert kernels.sync[0] == 0 and kernels.sync[2] == 0  # the grid syncs' count is back to 0, none timed out
+    assert kernels.sync[1] == (5 if config.persistent_layer else 0)  # one launch, five phase boundaries
 
 
 def test_torch_definition_equals_the_fast_path_layer(small) -> None:
@@ -130,7 +135,8 @@ def test_torch_definition_equals_the_fast_path_layer(small) -> None:
     assert rel_err(got, want) < 1e-5  # float32: products reordered only
 
 
-@pytest.mark.parametrize("config", [SPLIT, WHOLE_K, FUSED], ids=["split-k", "whole-k", "fused-step-in"])
+@pytest.mark.parametrize("config", [SPLIT, WHOLE_K, FUSED, PERSISTENT],
+                         ids=["split-k", "whole-k", "fused-step-in", "persistent"])
 def test_denoise_equals_the_fast_path(small, config: KernelConfig) -> None:
     fast, prefix, noise = small
     want = denoise_eager(fast, prefix, noise, 3)
@@ -158,11 +164,14 @@ def test_half_precision_and_fp8_weights_stay_close(small) -> None:
 
 
 @pytest.mark.parametrize("steps", [1, 10])
-def test_golden_model_on_the_kernels_matches_openpi(golden_model, golden_cases, fast_case, steps: int) -> None:
+@pytest.mark.parametrize("persistent", [False, True], ids=["six-kernels", "persistent"])
+def test_golden_model_on_the_kernels_matches_openpi(golden_model, golden_cases, fast_case, steps: int,
+                                                    persistent: bool) -> None:
     fast = FastModel(golden_model, torch.float32)
     images, rows, noise = fast_case(0)
     prefix = prefill_eager(fast, images, rows)
-    kernels = ExpertKernels(fast, KernelConfig())  # the GPU's tile shapes, fitted to the tiny model
+    # the GPU's tile shapes, fitted to the tiny model
+    kernels = ExpertKernels(fast, KernelConfig(persistent_layer=persistent))
     x = noise.clone()[None]
     kernels.denoise(x, prefix.n_valid, prefix.keys, prefix.values, kernels.schedule(fast.step_schedule(steps)))
     # float32 throughout: the reference itself is ~2e-7 from openpi

@@ -74,17 +74,41 @@ if triton is not None:
         BM: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr, BK: tl.constexpr, S: tl.constexpr,
         STAGES: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr,
     ):
-        """out = epilogue(A @ W) for A [M, K] in the GEMM dtype (M <= BM rows) and packed W.
+        """One program per (column tile, K split): `_gemm_task`."""
+        if USE_PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        _gemm_task(tl.program_id(0), tl.program_id(1),
+                   a_ptr, a_stride, w_ptr, w_scale_ptr, ws_ptr, count_ptr, ssp_in_ptr, ss_tiles, bias_ptr, gate_ptr,
+                   out_ptr, out_stride, next_mod_ptr, xm_ptr, ssp_out_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr,
+                   n_valid_ptr, cache_row0, M, K, N, eps, HEADS, HEAD_DIM, MLP, EPILOGUE, NEXT, W_FP8, DT, BM, BN, KC,
+                   BK, S, STAGES, PREFETCH, USE_PDL, "")
+
+    @triton.jit
+    def _gemm_task(
+        pid_n, pid_s,
+        a_ptr, a_stride,
+        w_ptr, w_scale_ptr,
+        ws_ptr, count_ptr,
+        ssp_in_ptr, ss_tiles,
+        bias_ptr, gate_ptr,
+        out_ptr, out_stride,
+        next_mod_ptr, xm_ptr, ssp_out_ptr,
+        k_ptr, v_ptr, cos_ptr, sin_ptr, n_valid_ptr, cache_row0,
+        M, K, N, eps,
+        HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, MLP: tl.constexpr,
+        EPILOGUE: tl.constexpr, NEXT: tl.constexpr, W_FP8: tl.constexpr, DT: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr, BK: tl.constexpr, S: tl.constexpr,
+        STAGES: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, LC: tl.constexpr,
+    ):
+        """out = epilogue(A @ W) for A [M, K] in the GEMM dtype (M <= BM rows) and packed W: the program of column
+        tile `pid_n` and K split `pid_s`. LC is the cache modifier of loads of what other programs wrote (".cg" in
+        the persistent layer kernel, where L1 could hold an earlier phase's lines).
 
         QKV / GEGLU: A is x * (1 + scale) (written by the previous kernel); the rows' sums of squares arrive as
         `ss_tiles` partials in ssp_in, giving r = rsqrt(mean(x^2) + eps) for y = r * acc + shift @ W.
         RESIDUAL: x += gate * acc; with NEXT it also writes the next GEMM's A (x * next_mod, GEMM dtype) and this
         tile's partial sums of squares of x, so the next kernel needs no norm pass.
         """
-        pid_n = tl.program_id(0)
-        pid_s = tl.program_id(1)
-        if USE_PDL:
-            tl.extra.cuda.gdc_launch_dependents()
         PAIRED: tl.constexpr = EPILOGUE != _RESIDUAL
         HB: tl.constexpr = BN // 2
         WN: tl.constexpr = HB if PAIRED else BN  # columns per accumulator
@@ -106,12 +130,13 @@ if triton is not None:
         row_ok = rm < M
         ka = pid_s * KC + rk
         a_rows = a_ptr + rm[:, None] * a_stride + ka[None, :]
-        a = tl.load(a_rows, mask=row_ok[:, None] & (ka[None, :] < K), other=0.0)
+        a = tl.load(a_rows, mask=row_ok[:, None] & (ka[None, :] < K), other=0.0, cache_modifier=LC)
         lo = tl.dot(a, w0.to(DT))
         if PAIRED:
             hi = tl.dot(a, w0_hi.to(DT))
         for kk in tl.range(1, KC // BK, num_stages=STAGES):
-            a = tl.load(a_rows + kk * BK, mask=row_ok[:, None] & (ka[None, :] + kk * BK < K), other=0.0)
+            a = tl.load(a_rows + kk * BK, mask=row_ok[:, None] & (ka[None, :] + kk * BK < K), other=0.0,
+                        cache_modifier=LC)
             w = w_base + kk * BK * BN
             lo += tl.dot(a, tl.load(w).to(DT))
             if PAIRED:
@@ -144,7 +169,7 @@ if triton is not None:
             if PAIRED:
                 ss = tl.zeros((BM,), dtype=tl.float32)
                 for t in range(ss_tiles):
-                    ss += tl.load(ssp_in_ptr + t * BM + rm, mask=row_ok, other=0.0)
+                    ss += tl.load(ssp_in_ptr + t * BM + rm, mask=row_ok, other=0.0, cache_modifier=LC)
                 r = tl.rsqrt(ss / K + eps)
             if EPILOGUE == _QKV:
                 HALF: tl.constexpr = HEAD_DIM // 2
@@ -188,7 +213,7 @@ if triton is not None:
                 gate = tl.load(gate_ptr + col, mask=col_ok, other=0.0)
                 mask = row_ok[:, None] & col_ok[None, :]
                 x_ptrs = out_ptr + rm[:, None] * out_stride + col[None, :]
-                x = tl.load(x_ptrs, mask=mask, other=0.0) + lo * gate[None, :]
+                x = tl.load(x_ptrs, mask=mask, other=0.0, cache_modifier=LC) + lo * gate[None, :]
                 tl.store(x_ptrs, x, mask=mask)
                 if NEXT:
                     _emit_next(x, col, col_ok, mask, rm, row_ok, pid_n, next_mod_ptr, xm_ptr, ssp_out_ptr, N, BM, DT)
@@ -245,16 +270,25 @@ if triton is not None:
         S_K: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, KB: tl.constexpr, DT: tl.constexpr,
         USE_PDL: tl.constexpr,
     ):
-        """Queries of one head (rows x D) against one slice of the keys: an unnormalized partial softmax."""
-        head = tl.program_id(0)
-        split = tl.program_id(1)
+        """One program per (head, key split): `_attend_task`."""
         if USE_PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
+        _attend_task(tl.program_id(0), tl.program_id(1), q_ptr, k_ptr, v_ptr, n_valid_ptr, acc_ptr, m_ptr, l_ptr,
+                     rows, keys_total, horizon, scale, blocks_per_split, S_K, D, BM, KB, DT, "")
+
+    @triton.jit
+    def _attend_task(
+        head, split, q_ptr, k_ptr, v_ptr, n_valid_ptr, acc_ptr, m_ptr, l_ptr,
+        rows, keys_total, horizon, scale, blocks_per_split,
+        S_K: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, KB: tl.constexpr, DT: tl.constexpr, LC: tl.constexpr,
+    ):
+        """Queries of one head (rows x D) against one slice of the keys: an unnormalized partial softmax."""
         rm = tl.arange(0, BM)
         rd = tl.arange(0, D)
         row_ok = rm < rows
-        q = tl.load(q_ptr + (head * BM + rm[:, None]) * D + rd[None, :], mask=row_ok[:, None], other=0.0)
+        q = tl.load(q_ptr + (head * BM + rm[:, None]) * D + rd[None, :], mask=row_ok[:, None], other=0.0,
+                    cache_modifier=LC)
         n_valid = tl.load(n_valid_ptr)
         m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BM,), dtype=tl.float32)
@@ -262,7 +296,7 @@ if triton is not None:
         for b in range(blocks_per_split):
             key = (split * blocks_per_split + b) * KB + tl.arange(0, KB)
             in_range = key < keys_total
-            kt = tl.load(k_ptr + key[None, :] * D + rd[:, None], mask=in_range[None, :], other=0.0)
+            kt = tl.load(k_ptr + key[None, :] * D + rd[:, None], mask=in_range[None, :], other=0.0, cache_modifier=LC)
             scores = tl.dot(q, kt) * scale
             # valid keys: the prefix's n_valid rows and the suffix's last `horizon` rows
             valid = in_range & ((key < n_valid) | (key >= keys_total - horizon))
@@ -272,7 +306,7 @@ if triton is not None:
             p = tl.exp(scores - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_ptr + key[:, None] * D + rd[None, :], mask=in_range[:, None], other=0.0)
+            v = tl.load(v_ptr + key[:, None] * D + rd[None, :], mask=in_range[:, None], other=0.0, cache_modifier=LC)
             acc = acc * alpha[:, None] + tl.dot(p.to(DT), v)
             m_i = m_new
         part = head * S_K + split
@@ -286,27 +320,123 @@ if triton is not None:
         S_K: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
         DT: tl.constexpr, USE_PDL: tl.constexpr,
     ):
-        """The key splits' partial softmaxes of one head -> attention output [rows, head * D + d]."""
-        head = tl.program_id(0)
-        r = tl.program_id(1) * BR + tl.arange(0, BR)
-        d = tl.program_id(2) * BD + tl.arange(0, BD)
+        """One program per (head, row block, column block): `_combine_task`."""
         if USE_PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
+        _combine_task(tl.program_id(0), tl.program_id(1), tl.program_id(2), acc_ptr, m_ptr, l_ptr, out_ptr, out_stride,
+                      rows, S_K, D, BM, BR, BD, DT, "")
+
+    @triton.jit
+    def _combine_task(
+        head, row_block, col_block, acc_ptr, m_ptr, l_ptr, out_ptr, out_stride, rows,
+        S_K: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
+        DT: tl.constexpr, LC: tl.constexpr,
+    ):
+        """The key splits' partial softmaxes of one head -> attention output [rows, head * D + d]."""
+        r = row_block * BR + tl.arange(0, BR)
+        d = col_block * BD + tl.arange(0, BD)
         row_ok = r < rows
         top = tl.full((BR,), float("-inf"), dtype=tl.float32)
         for s in range(S_K):
-            top = tl.maximum(top, tl.load(m_ptr + (head * S_K + s) * BM + r, mask=row_ok, other=0.0))
+            top = tl.maximum(top, tl.load(m_ptr + (head * S_K + s) * BM + r, mask=row_ok, other=0.0,
+                                          cache_modifier=LC))
         num = tl.zeros((BR, BD), dtype=tl.float32)
         den = tl.zeros((BR,), dtype=tl.float32)
         for s in range(S_K):
             part = head * S_K + s
-            w = tl.exp(tl.load(m_ptr + part * BM + r, mask=row_ok, other=0.0) - top)
-            den += w * tl.load(l_ptr + part * BM + r, mask=row_ok, other=1.0)
+            w = tl.exp(tl.load(m_ptr + part * BM + r, mask=row_ok, other=0.0, cache_modifier=LC) - top)
+            den += w * tl.load(l_ptr + part * BM + r, mask=row_ok, other=1.0, cache_modifier=LC)
             num += w[:, None] * tl.load(acc_ptr + (part * BM + r[:, None]) * D + d[None, :],
-                                        mask=row_ok[:, None], other=0.0)
+                                        mask=row_ok[:, None], other=0.0, cache_modifier=LC)
         tl.store(out_ptr + r[:, None] * out_stride + head * D + d[None, :], (num / den[:, None]).to(DT),
                  mask=row_ok[:, None])
+
+
+    @triton.jit
+    def _grid_sync(count_ptr, generation_ptr, timeout_ptr, nprog, SPIN_LIMIT: tl.constexpr):
+        """All `nprog` programs of a persistent kernel meet here; what any of them stored before is visible to all
+        after. They must all be resident at once (the launch keeps nprog <= the SMs). The last to arrive resets
+        the count and moves the generation on; the others wait for that. A wait past SPIN_LIMIT polls gives up and
+        sets *timeout_ptr (a test checks it) rather than hang the GPU."""
+        tl.debug_barrier()  # every thread's stores issued before the arrival
+        generation = tl.atomic_add(generation_ptr, 0, sem="acquire", scope="gpu")
+        arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
+        if arrived == nprog - 1:
+            tl.atomic_xchg(count_ptr, 0, sem="relaxed", scope="gpu")
+            tl.atomic_add(generation_ptr, 1, sem="release", scope="gpu")
+        else:
+            spins = 0
+            while (tl.atomic_add(generation_ptr, 0, sem="acquire", scope="gpu") == generation) & (spins < SPIN_LIMIT):
+                spins += 1
+            if spins >= SPIN_LIMIT:
+                tl.atomic_xchg(timeout_ptr, 1, sem="relaxed", scope="gpu")
+        tl.debug_barrier()
+
+    @triton.jit
+    def _layer_kernel(
+        # qkv: xm @ Wqkv -> q, the cache's suffix rows
+        xm_ptr, w_qkv, s_qkv, ws_qkv, count_qkv, ssp_in_ptr, ss_tiles_in, bias_qkv_ptr, q_ptr,
+        k_ptr, v_ptr, cos_ptr, sin_ptr, n_valid_ptr, cache_row0, K_QKV, N_QKV,
+        # attention and its combine
+        acc_ptr, m_ptr, l_ptr, keys_total, scale, blocks_per_split, attn_ptr, attn_stride,
+        # o: x += gate1 * (attn @ Wo), then xm = x * (1 + scale2) and its partial sums of squares
+        w_o, s_o, ws_o, count_o, gate1_ptr, x_ptr, x_stride, mod2_ptr, ssp_mid_ptr, K_O, N_O,
+        # gate_up: h = GeGLU(...)
+        w_gu, s_gu, ws_gu, count_gu, bias_gu_ptr, h_ptr, h_stride, K_GU, N_GU,
+        # down: x += gate2 * (h @ Wd) [, the next layer's xm and sums of squares]
+        w_dn, s_dn, ws_dn, count_dn, gate2_ptr, next_mod_ptr, ssp_out_ptr, K_DN, N_DN,
+        dummy_ptr, sync_count_ptr, sync_generation_ptr, timeout_ptr, nprog, M, eps,
+        HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, MLP: tl.constexpr, DT: tl.constexpr, BM: tl.constexpr,
+        Q_FP8: tl.constexpr, Q_BN: tl.constexpr, Q_KC: tl.constexpr, Q_BK: tl.constexpr, Q_S: tl.constexpr,
+        Q_ST: tl.constexpr, Q_TILES: tl.constexpr,
+        S_K: tl.constexpr, KB: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr, RB: tl.constexpr, CB: tl.constexpr,
+        O_FP8: tl.constexpr, O_BN: tl.constexpr, O_KC: tl.constexpr, O_BK: tl.constexpr, O_S: tl.constexpr,
+        O_ST: tl.constexpr, O_TILES: tl.constexpr,
+        G_FP8: tl.constexpr, G_BN: tl.constexpr, G_KC: tl.constexpr, G_BK: tl.constexpr, G_S: tl.constexpr,
+        G_ST: tl.constexpr, G_TILES: tl.constexpr,
+        D_FP8: tl.constexpr, D_BN: tl.constexpr, D_KC: tl.constexpr, D_BK: tl.constexpr, D_S: tl.constexpr,
+        D_ST: tl.constexpr, D_TILES: tl.constexpr, D_NEXT: tl.constexpr,
+        USE_PDL: tl.constexpr, SPIN_LIMIT: tl.constexpr,
+    ):
+        """A whole expert layer in one launch: the six kernels' work as phases of `nprog` resident programs, each
+        phase's tasks spread over them, a grid-wide `_grid_sync` between phases instead of a kernel boundary.
+        The tasks are the six kernels' programs (the same functions); loads of what other programs wrote bypass
+        L1 (".cg")."""
+        pid = tl.program_id(0)
+        if USE_PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+        d = dummy_ptr
+        for t in range(pid, Q_TILES * Q_S, nprog):
+            _gemm_task(t // Q_S, t % Q_S, xm_ptr, N_O, w_qkv, s_qkv, ws_qkv, count_qkv, ssp_in_ptr, ss_tiles_in,
+                       bias_qkv_ptr, d, q_ptr, 0, d, xm_ptr, d, k_ptr, v_ptr, cos_ptr, sin_ptr, n_valid_ptr,
+                       cache_row0, M, K_QKV, N_QKV, eps, HEADS, HEAD_DIM, MLP, _QKV, False, Q_FP8, DT, BM, Q_BN, Q_KC,
+                       Q_BK, Q_S, Q_ST, True, False, ".cg")
+        _grid_sync(sync_count_ptr, sync_generation_ptr, timeout_ptr, nprog, SPIN_LIMIT)
+        for t in range(pid, HEADS * S_K, nprog):
+            _attend_task(t // S_K, t % S_K, q_ptr, k_ptr, v_ptr, n_valid_ptr, acc_ptr, m_ptr, l_ptr, M, keys_total,
+                         M, scale, blocks_per_split, S_K, HEAD_DIM, BM, KB, DT, ".cg")
+        _grid_sync(sync_count_ptr, sync_generation_ptr, timeout_ptr, nprog, SPIN_LIMIT)
+        for t in range(pid, HEADS * RB * CB, nprog):
+            _combine_task(t // (RB * CB), (t // CB) % RB, t % CB, acc_ptr, m_ptr, l_ptr, attn_ptr, attn_stride, M,
+                          S_K, HEAD_DIM, BM, BR, BD, DT, ".cg")
+        _grid_sync(sync_count_ptr, sync_generation_ptr, timeout_ptr, nprog, SPIN_LIMIT)
+        for t in range(pid, O_TILES * O_S, nprog):
+            _gemm_task(t // O_S, t % O_S, attn_ptr, attn_stride, w_o, s_o, ws_o, count_o, d, 0, d, gate1_ptr, x_ptr,
+                       x_stride, mod2_ptr, xm_ptr, ssp_mid_ptr, d, d, d, d, d, 0, M, K_O, N_O, eps, HEADS, HEAD_DIM,
+                       MLP, _RESIDUAL, True, O_FP8, DT, BM, O_BN, O_KC, O_BK, O_S, O_ST, True, False, ".cg")
+        _grid_sync(sync_count_ptr, sync_generation_ptr, timeout_ptr, nprog, SPIN_LIMIT)
+        for t in range(pid, G_TILES * G_S, nprog):
+            _gemm_task(t // G_S, t % G_S, xm_ptr, N_O, w_gu, s_gu, ws_gu, count_gu, ssp_mid_ptr, O_TILES,
+                       bias_gu_ptr, d, h_ptr, h_stride, d, xm_ptr, d, d, d, d, d, d, 0, M, K_GU, N_GU, eps, HEADS,
+                       HEAD_DIM, MLP, _GEGLU, False, G_FP8, DT, BM, G_BN, G_KC, G_BK, G_S, G_ST, True, False, ".cg")
+        _grid_sync(sync_count_ptr, sync_generation_ptr, timeout_ptr, nprog, SPIN_LIMIT)
+        for t in range(pid, D_TILES * D_S, nprog):
+            _gemm_task(t // D_S, t % D_S, h_ptr, h_stride, w_dn, s_dn, ws_dn, count_dn, d, 0, d, gate2_ptr, x_ptr,
+                       x_stride, next_mod_ptr, xm_ptr, ssp_out_ptr, d, d, d, d, d, 0, M, K_DN, N_DN, eps, HEADS,
+                       HEAD_DIM, MLP, _RESIDUAL, D_NEXT, D_FP8, DT, BM, D_BN, D_KC, D_BK, D_S, D_ST, True, False,
+                       ".cg")
 
 
 # ------------------------------------------------------------------------------------------------ packing
@@ -343,6 +473,10 @@ class KernelConfig:
     attend_warps: int = 4
     pdl: bool = True  # programmatic dependent launch where the GPU has it (SM 9.0+)
     fused_step_in: bool = True  # the action in-projection and the first modulate in one kernel (-0.09 ms at 10)
+    # Each layer as ONE persistent kernel (`_layer_kernel`: the six kernels' programs as phases with grid-wide
+    # syncs between them). Tested under the CPU interpreter; not yet measured on a GPU, so off.
+    persistent_layer: bool = False
+    persistent_programs: int = 0  # programs of the persistent kernel (0: the largest phase's tasks, <= the SMs)
 
 
 def _pow2_at_most(n: int, cap: int) -> int:
@@ -520,6 +654,8 @@ class ExpertKernels:
         tiles = max(first.o.tiles, first.down.tiles, triton.cdiv(self.width, self.modulate_cols))
         self.ssp = [torch.zeros(tiles, bm, dtype=f32, device=dev) for _ in range(2)]
         self._dummy = torch.zeros(1, dtype=f32, device=dev)
+        # the persistent layer kernel's grid sync: arrival count, generation, and a flag a timed-out wait sets
+        self.sync = torch.zeros(3, dtype=torch.int32, device=dev)
         self.x_step = torch.zeros(self.horizon, self.width, dtype=f32, device=dev)  # the step's residual stream
 
     @property
@@ -621,6 +757,8 @@ class ExpertKernels:
         kernel; leaves self.xm = x * next_mod and returns the new partials (when next_mod is given).
         """
         w = self.layers[layer]
+        if self.config.persistent_layer:
+            return self._layer_persistent(x, w, mod, next_mod, bias_qkv, bias_gu, k_cache, v_cache, n_valid, ssp_in)
         self._gemm("qkv", w.qkv, EPI_QKV, self.xm, self.q, ssp_in=ssp_in, bias=bias_qkv, k_cache=k_cache,
                    v_cache=v_cache, n_valid=n_valid)
         self._attention(k_cache, v_cache, n_valid)
@@ -628,6 +766,58 @@ class ExpertKernels:
         self._gemm("gate_up", w.gate_up, EPI_GEGLU, self.xm, self.h, ssp_in=(self.ssp[0], w.o.tiles), bias=bias_gu)
         self._gemm("down", w.down, EPI_RESIDUAL, self.h, x, gate=mod[5], next_mod=next_mod, ssp_out=self.ssp[1])
         return self.ssp[1], w.down.tiles
+
+    def persistent_programs(self) -> int:
+        """Programs of the persistent layer kernel: one per task of its largest phase, at most one per SM (all must
+        be resident at once for its grid syncs); one under the CPU interpreter, which runs programs one by one."""
+        if interpreting() or self.device.type != "cuda":
+            return 1
+        first, c = self.layers[0], self.config
+        tasks = max(first.qkv.tiles * first.qkv.splits, self.heads * c.key_splits, first.o.tiles * first.o.splits,
+                    first.gate_up.tiles * first.gate_up.splits, first.down.tiles * first.down.splits,
+                    self.heads * triton.cdiv(self.horizon, c.combine_rows) * (self.head_dim // self._combine_cols))
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        return min(c.persistent_programs or tasks, tasks, sms)
+
+    @property
+    def _combine_cols(self) -> int:
+        return min(self.config.combine_cols, self.head_dim)
+
+    def _layer_persistent(self, x: Tensor, w: ExpertLayerWeights, mod: Tensor, next_mod: Tensor | None,
+                          bias_qkv: Tensor, bias_gu: Tensor, k_cache: Tensor, v_cache: Tensor, n_valid: Tensor,
+                          ssp_in: tuple[Tensor, int]) -> tuple[Tensor, int]:
+        """`layer` as one launch of `_layer_kernel` (KernelConfig.persistent_layer)."""
+        c, d = self.config, self._dummy
+        keys_total = k_cache.shape[0]
+        per_split = triton.cdiv(triton.cdiv(keys_total, c.key_block), c.key_splits)
+        bd = self._combine_cols
+
+        def gemm(p: PackedLinear) -> dict:
+            return {"FP8": p.scale is not None, "BN": p.cfg.block_n, "KC": p.cfg.k_chunk, "BK": p.cfg.step,
+                    "S": p.splits, "ST": p.cfg.stages, "TILES": p.tiles}
+
+        constexprs = {f"{prefix}_{key}": value for prefix, p in (("Q", w.qkv), ("O", w.o), ("G", w.gate_up),
+                                                                 ("D", w.down)) for key, value in gemm(p).items()}
+        qkv, o, gu, dn = w.qkv, w.o, w.gate_up, w.down
+        _layer_kernel[(self.persistent_programs(),)](
+            self.xm, qkv.blocks, d if qkv.scale is None else qkv.scale, *self.ws["qkv"], ssp_in[0], ssp_in[1],
+            bias_qkv, self.q, k_cache, v_cache, self.fast.rope_cos, self.fast.rope_sin, n_valid,
+            keys_total - self.horizon, qkv.k, qkv.n,
+            self.part_acc, self.part_m, self.part_l, keys_total, self.head_dim**-0.5, per_split, self.attn,
+            self.attn.stride(0),
+            o.blocks, d if o.scale is None else o.scale, *self.ws["o"], mod[2], x, x.stride(0), mod[3], self.ssp[0],
+            o.k, o.n,
+            gu.blocks, d if gu.scale is None else gu.scale, *self.ws["gate_up"], bias_gu, self.h, self.h.stride(0),
+            gu.k, gu.n,
+            dn.blocks, d if dn.scale is None else dn.scale, *self.ws["down"], mod[5],
+            d if next_mod is None else next_mod, self.ssp[1], dn.k, dn.n,
+            d, self.sync[0:], self.sync[1:], self.sync[2:], self.persistent_programs(), self.horizon, self.eps,
+            HEADS=self.heads, HEAD_DIM=self.head_dim, MLP=self.mlp, DT=self._dt, BM=self.block_rows,
+            S_K=c.key_splits, KB=c.key_block, BR=c.combine_rows, BD=bd, RB=triton.cdiv(self.horizon, c.combine_rows),
+            CB=self.head_dim // bd, D_NEXT=next_mod is not None, USE_PDL=self.use_pdl, SPIN_LIMIT=1 << 26,
+            **constexprs, **self._launch_kwargs(4),
+        )
+        return self.ssp[1], dn.tiles
 
     def denoise(self, x_t: Tensor, n_valid: Tensor, keys: list[Tensor], values: list[Tensor],
                 schedule: tuple[Tensor, ...]) -> None:
