@@ -348,8 +348,12 @@ def main() -> None:
             check("six kernels per layer", ExpertKernels(fast, base))
             kernels = ExpertKernels(fast, persistent)
             check(f"persistent layer ({kernels.persistent_programs()} programs)", kernels)
-            print(f"  grid syncs timed out: {int(kernels.sync[2])}", flush=True)
+            print(f"  grid sync state (pending, generation, timed out): {kernels.sync_state()}", flush=True)
         check("persistent layer, no PDL", ExpertKernels(fast, dataclasses.replace(persistent, pdl=False)))
+        check("persistent layer, not cooperative",
+              ExpertKernels(fast, dataclasses.replace(persistent, persistent_cooperative=False)))
+        check("persistent layer, stages 3", ExpertKernels(fast, dataclasses.replace(
+            persistent, **{k: dataclasses.replace(getattr(base, k), stages=3) for k in ALL4})))
         check("persistent layer, 64 programs",
               ExpertKernels(fast, dataclasses.replace(persistent, persistent_programs=64)))
         print("\nSUMMARY (denoise p50, ms):", flush=True)

@@ -354,29 +354,33 @@ if triton is not None:
 
 
     @triton.jit
-    def _grid_sync(count_ptr, generation_ptr, timeout_ptr, nprog, SPIN_LIMIT: tl.constexpr):
-        """All `nprog` programs of a persistent kernel meet here; what any of them stored before is visible to all
-        after. They must all be resident at once (the launch keeps nprog <= the SMs). The last to arrive resets
-        the count and moves the generation on; the others wait for that. A wait past SPIN_LIMIT polls gives up and
-        sets *timeout_ptr (a test checks it) rather than hang the GPU."""
+    def _grid_sync(count_ptr, generation_ptr, timeout_ptr, SPIN_LIMIT: tl.constexpr):
+        """All programs of a persistent kernel meet here; what any of them stored before is visible to all after.
+        They must all be resident at once (the launch keeps them <= the SMs, cooperative where it can). The last to
+        arrive resets the count and moves the generation on; the others wait for that. A wait past SPIN_LIMIT polls
+        (~0.5 us each) gives up and sets *timeout_ptr; once set, every later sync is skipped, so a launch that
+        cannot have all its programs resident ends in seconds with a flag the host checks
+        (`ExpertKernels.check_sync`) instead of hanging the GPU. Its results are then garbage."""
         tl.debug_barrier()  # every thread's stores issued before the arrival
-        generation = tl.atomic_add(generation_ptr, 0, sem="acquire", scope="gpu")
-        arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
-        if arrived == nprog - 1:
-            tl.atomic_xchg(count_ptr, 0, sem="relaxed", scope="gpu")
-            tl.atomic_add(generation_ptr, 1, sem="release", scope="gpu")
-        else:
-            spins = 0
-            while (tl.atomic_add(generation_ptr, 0, sem="acquire", scope="gpu") == generation) & (spins < SPIN_LIMIT):
-                spins += 1
-            if spins >= SPIN_LIMIT:
-                tl.atomic_xchg(timeout_ptr, 1, sem="relaxed", scope="gpu")
+        if tl.atomic_add(timeout_ptr, 0, sem="acquire", scope="gpu") == 0:
+            generation = tl.atomic_add(generation_ptr, 0, sem="acquire", scope="gpu")
+            arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
+            if arrived == tl.num_programs(0) - 1:
+                tl.atomic_xchg(count_ptr, 0, sem="relaxed", scope="gpu")
+                tl.atomic_add(generation_ptr, 1, sem="release", scope="gpu")
+            else:
+                spins = 0
+                while (tl.atomic_add(generation_ptr, 0, sem="acquire", scope="gpu") == generation) & (
+                        spins < SPIN_LIMIT):
+                    spins += 1
+                if spins >= SPIN_LIMIT:
+                    tl.atomic_xchg(timeout_ptr, 1, sem="relaxed", scope="gpu")
         tl.debug_barrier()
 
     @triton.jit
     def _layer_kernel(
         # qkv: xm @ Wqkv -> q, the cache's suffix rows
-        xm_ptr, w_qkv, s_qkv, ws_qkv, count_qkv, ssp_in_ptr, ss_tiles_in, bias_qkv_ptr, q_ptr,
+        xm_ptr, xm_stride, w_qkv, s_qkv, ws_qkv, count_qkv, ssp_in_ptr, ss_tiles_in, bias_qkv_ptr, q_ptr,
         k_ptr, v_ptr, cos_ptr, sin_ptr, n_valid_ptr, cache_row0, K_QKV, N_QKV,
         # attention and its combine
         acc_ptr, m_ptr, l_ptr, keys_total, scale, blocks_per_split, attn_ptr, attn_stride,
@@ -386,7 +390,7 @@ if triton is not None:
         w_gu, s_gu, ws_gu, count_gu, bias_gu_ptr, h_ptr, h_stride, K_GU, N_GU,
         # down: x += gate2 * (h @ Wd) [, the next layer's xm and sums of squares]
         w_dn, s_dn, ws_dn, count_dn, gate2_ptr, next_mod_ptr, ssp_out_ptr, K_DN, N_DN,
-        dummy_ptr, sync_count_ptr, sync_generation_ptr, timeout_ptr, nprog, M, eps,
+        dummy_ptr, sync_count_ptr, sync_generation_ptr, timeout_ptr, M, eps,
         HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, MLP: tl.constexpr, DT: tl.constexpr, BM: tl.constexpr,
         Q_FP8: tl.constexpr, Q_BN: tl.constexpr, Q_KC: tl.constexpr, Q_BK: tl.constexpr, Q_S: tl.constexpr,
         Q_ST: tl.constexpr, Q_TILES: tl.constexpr,
@@ -399,39 +403,41 @@ if triton is not None:
         D_ST: tl.constexpr, D_TILES: tl.constexpr, D_NEXT: tl.constexpr,
         USE_PDL: tl.constexpr, SPIN_LIMIT: tl.constexpr,
     ):
-        """A whole expert layer in one launch: the six kernels' work as phases of `nprog` resident programs, each
+        """A whole expert layer in one launch: the six kernels' work as phases of its resident programs, each
         phase's tasks spread over them, a grid-wide `_grid_sync` between phases instead of a kernel boundary.
         The tasks are the six kernels' programs (the same functions); loads of what other programs wrote bypass
         L1 (".cg")."""
         pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
         if USE_PDL:
             tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
         d = dummy_ptr
+        # The first phase's tasks load their first weight chunk, then wait for the previous kernel (PDL); a program
+        # without a qkv task waits at the first sync for those that did.
         for t in range(pid, Q_TILES * Q_S, nprog):
-            _gemm_task(t // Q_S, t % Q_S, xm_ptr, N_O, w_qkv, s_qkv, ws_qkv, count_qkv, ssp_in_ptr, ss_tiles_in,
+            _gemm_task(t // Q_S, t % Q_S, xm_ptr, xm_stride, w_qkv, s_qkv, ws_qkv, count_qkv, ssp_in_ptr, ss_tiles_in,
                        bias_qkv_ptr, d, q_ptr, 0, d, xm_ptr, d, k_ptr, v_ptr, cos_ptr, sin_ptr, n_valid_ptr,
                        cache_row0, M, K_QKV, N_QKV, eps, HEADS, HEAD_DIM, MLP, _QKV, False, Q_FP8, DT, BM, Q_BN, Q_KC,
-                       Q_BK, Q_S, Q_ST, True, False, ".cg")
-        _grid_sync(sync_count_ptr, sync_generation_ptr, timeout_ptr, nprog, SPIN_LIMIT)
+                       Q_BK, Q_S, Q_ST, True, USE_PDL, ".cg")
+        _grid_sync(sync_count_ptr, sync_generation_ptr, timeout_ptr, SPIN_LIMIT)
         for t in range(pid, HEADS * S_K, nprog):
             _attend_task(t // S_K, t % S_K, q_ptr, k_ptr, v_ptr, n_valid_ptr, acc_ptr, m_ptr, l_ptr, M, keys_total,
                          M, scale, blocks_per_split, S_K, HEAD_DIM, BM, KB, DT, ".cg")
-        _grid_sync(sync_count_ptr, sync_generation_ptr, timeout_ptr, nprog, SPIN_LIMIT)
+        _grid_sync(sync_count_ptr, sync_generation_ptr, timeout_ptr, SPIN_LIMIT)
         for t in range(pid, HEADS * RB * CB, nprog):
             _combine_task(t // (RB * CB), (t // CB) % RB, t % CB, acc_ptr, m_ptr, l_ptr, attn_ptr, attn_stride, M,
                           S_K, HEAD_DIM, BM, BR, BD, DT, ".cg")
-        _grid_sync(sync_count_ptr, sync_generation_ptr, timeout_ptr, nprog, SPIN_LIMIT)
+        _grid_sync(sync_count_ptr, sync_generation_ptr, timeout_ptr, SPIN_LIMIT)
         for t in range(pid, O_TILES * O_S, nprog):
             _gemm_task(t // O_S, t % O_S, attn_ptr, attn_stride, w_o, s_o, ws_o, count_o, d, 0, d, gate1_ptr, x_ptr,
                        x_stride, mod2_ptr, xm_ptr, ssp_mid_ptr, d, d, d, d, d, 0, M, K_O, N_O, eps, HEADS, HEAD_DIM,
                        MLP, _RESIDUAL, True, O_FP8, DT, BM, O_BN, O_KC, O_BK, O_S, O_ST, True, False, ".cg")
-        _grid_sync(sync_count_ptr, sync_generation_ptr, timeout_ptr, nprog, SPIN_LIMIT)
+        _grid_sync(sync_count_ptr, sync_generation_ptr, timeout_ptr, SPIN_LIMIT)
         for t in range(pid, G_TILES * G_S, nprog):
-            _gemm_task(t // G_S, t % G_S, xm_ptr, N_O, w_gu, s_gu, ws_gu, count_gu, ssp_mid_ptr, O_TILES,
+            _gemm_task(t // G_S, t % G_S, xm_ptr, xm_stride, w_gu, s_gu, ws_gu, count_gu, ssp_mid_ptr, O_TILES,
                        bias_gu_ptr, d, h_ptr, h_stride, d, xm_ptr, d, d, d, d, d, d, 0, M, K_GU, N_GU, eps, HEADS,
                        HEAD_DIM, MLP, _GEGLU, False, G_FP8, DT, BM, G_BN, G_KC, G_BK, G_S, G_ST, True, False, ".cg")
-        _grid_sync(sync_count_ptr, sync_generation_ptr, timeout_ptr, nprog, SPIN_LIMIT)
+        _grid_sync(sync_count_ptr, sync_generation_ptr, timeout_ptr, SPIN_LIMIT)
         for t in range(pid, D_TILES * D_S, nprog):
             _gemm_task(t // D_S, t % D_S, h_ptr, h_stride, w_dn, s_dn, ws_dn, count_dn, d, 0, d, gate2_ptr, x_ptr,
                        x_stride, next_mod_ptr, xm_ptr, ssp_out_ptr, d, d, d, d, d, 0, M, K_DN, N_DN, eps, HEADS,
@@ -477,6 +483,7 @@ class KernelConfig:
     # syncs between them). Tested under the CPU interpreter; not yet measured on a GPU, so off.
     persistent_layer: bool = False
     persistent_programs: int = 0  # programs of the persistent kernel (0: the largest phase's tasks, <= the SMs)
+    persistent_cooperative: bool = True  # launch it as a cooperative grid (all programs resident, or no launch)
 
 
 def _pow2_at_most(n: int, cap: int) -> int:
@@ -654,8 +661,10 @@ class ExpertKernels:
         tiles = max(first.o.tiles, first.down.tiles, triton.cdiv(self.width, self.modulate_cols))
         self.ssp = [torch.zeros(tiles, bm, dtype=f32, device=dev) for _ in range(2)]
         self._dummy = torch.zeros(1, dtype=f32, device=dev)
-        # the persistent layer kernel's grid sync: arrival count, generation, and a flag a timed-out wait sets
-        self.sync = torch.zeros(3, dtype=torch.int32, device=dev)
+        # the persistent layer kernel's grid sync: arrival count, generation and the flag a timed-out wait sets,
+        # 128 bytes apart (the count is hammered by every arrival, the generation polled by every waiter)
+        self.sync = torch.zeros(3 * 32, dtype=torch.int32, device=dev)
+        self._programs: int | None = None
         self.x_step = torch.zeros(self.horizon, self.width, dtype=f32, device=dev)  # the step's residual stream
 
     @property
@@ -767,17 +776,35 @@ class ExpertKernels:
         self._gemm("down", w.down, EPI_RESIDUAL, self.h, x, gate=mod[5], next_mod=next_mod, ssp_out=self.ssp[1])
         return self.ssp[1], w.down.tiles
 
+    def sync_state(self) -> tuple[int, int, int]:
+        """The persistent kernel's grid sync: (arrivals pending, generation, timed out)."""
+        state = self.sync.view(3, 32)[:, 0].tolist()
+        return int(state[0]), int(state[1]), int(state[2])
+
+    def check_sync(self) -> None:
+        """Raise if a grid sync of the persistent kernel gave up waiting (its results are garbage), and reset it.
+        Call it outside any graph capture, after the denoise loop (it reads device memory)."""
+        pending, _, timed_out = self.sync_state()
+        if timed_out or pending:
+            self.sync.zero_()
+            raise RuntimeError("the persistent expert layer kernel could not have all its programs resident at once "
+                               f"(a grid sync timed out; {pending} arrivals pending): set persistent_layer=False")
+
     def persistent_programs(self) -> int:
         """Programs of the persistent layer kernel: one per task of its largest phase, at most one per SM (all must
         be resident at once for its grid syncs); one under the CPU interpreter, which runs programs one by one."""
+        if self._programs is not None:
+            return self._programs
         if interpreting() or self.device.type != "cuda":
+            self._programs = 1
             return 1
         first, c = self.layers[0], self.config
         tasks = max(first.qkv.tiles * first.qkv.splits, self.heads * c.key_splits, first.o.tiles * first.o.splits,
                     first.gate_up.tiles * first.gate_up.splits, first.down.tiles * first.down.splits,
                     self.heads * triton.cdiv(self.horizon, c.combine_rows) * (self.head_dim // self._combine_cols))
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-        return min(c.persistent_programs or tasks, tasks, sms)
+        self._programs = min(c.persistent_programs or tasks, tasks, sms)
+        return self._programs
 
     @property
     def _combine_cols(self) -> int:
@@ -799,9 +826,13 @@ class ExpertKernels:
         constexprs = {f"{prefix}_{key}": value for prefix, p in (("Q", w.qkv), ("O", w.o), ("G", w.gate_up),
                                                                  ("D", w.down)) for key, value in gemm(p).items()}
         qkv, o, gu, dn = w.qkv, w.o, w.gate_up, w.down
+        launch = self._launch_kwargs(4)
+        if self.device.type == "cuda" and c.persistent_cooperative:
+            launch["launch_cooperative_grid"] = True  # the driver refuses the launch if the programs cannot co-reside
+        sync = self.sync.view(3, 32)
         _layer_kernel[(self.persistent_programs(),)](
-            self.xm, qkv.blocks, d if qkv.scale is None else qkv.scale, *self.ws["qkv"], ssp_in[0], ssp_in[1],
-            bias_qkv, self.q, k_cache, v_cache, self.fast.rope_cos, self.fast.rope_sin, n_valid,
+            self.xm, self.xm.stride(0), qkv.blocks, d if qkv.scale is None else qkv.scale, *self.ws["qkv"], ssp_in[0],
+            ssp_in[1], bias_qkv, self.q, k_cache, v_cache, self.fast.rope_cos, self.fast.rope_sin, n_valid,
             keys_total - self.horizon, qkv.k, qkv.n,
             self.part_acc, self.part_m, self.part_l, keys_total, self.head_dim**-0.5, per_split, self.attn,
             self.attn.stride(0),
@@ -811,11 +842,11 @@ class ExpertKernels:
             gu.k, gu.n,
             dn.blocks, d if dn.scale is None else dn.scale, *self.ws["down"], mod[5],
             d if next_mod is None else next_mod, self.ssp[1], dn.k, dn.n,
-            d, self.sync[0:], self.sync[1:], self.sync[2:], self.persistent_programs(), self.horizon, self.eps,
+            d, sync[0], sync[1], sync[2], self.horizon, self.eps,
             HEADS=self.heads, HEAD_DIM=self.head_dim, MLP=self.mlp, DT=self._dt, BM=self.block_rows,
             S_K=c.key_splits, KB=c.key_block, BR=c.combine_rows, BD=bd, RB=triton.cdiv(self.horizon, c.combine_rows),
-            CB=self.head_dim // bd, D_NEXT=next_mod is not None, USE_PDL=self.use_pdl, SPIN_LIMIT=1 << 26,
-            **constexprs, **self._launch_kwargs(4),
+            CB=self.head_dim // bd, D_NEXT=next_mod is not None, USE_PDL=self.use_pdl, SPIN_LIMIT=1 << 21,
+            **constexprs, **launch,
         )
         return self.ssp[1], dn.tiles
 
