@@ -1,0 +1,146 @@
+"""Compile the fused expert kernels for a GPU without one: Triton's own compiler and ptxas, the full-size model's
+tile shapes. What the CPU interpreter cannot check: that each kernel compiles for the target, its registers,
+spills and shared memory, and that the persistent layer kernel fits one program per SM.
+
+    python tools/compile_kernels.py [--arch 90]     # exit 1 if a kernel fails to compile or cannot fit an SM
+
+Runs with TRITON_INTERPRET unset (the kernels must be real JIT functions). test/engine/test_kernels_compile.py
+runs it in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default until 3.10, as the kernels run today
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pi05_ros.engine.config import PRESETS  # noqa: E402
+from pi05_ros.engine.fast.kernels import expert  # noqa: E402
+from pi05_ros.engine.fast.kernels.expert import KernelConfig, fit_config  # noqa: E402
+
+SHARED_PER_SM = 227 * 1024  # Hopper's largest shared memory per block (opt-in)
+BF, F32, I32, I64 = "*bf16", "*fp32", "*i32", "*i64"
+# Pointer arguments Triton may assume 16-byte aligned (as it specializes them at launch for these tensors).
+ALIGNED = ("ptr", "w_qkv", "w_o", "w_gu", "w_dn", "ws_", "count_")
+
+
+def build(fn, types: dict[str, str], consts: dict, arch: int):
+    signature = {name: "constexpr" if name in consts else types[name] for name in fn.arg_names}
+    aligned = [i for i, name in enumerate(fn.arg_names)
+               if types.get(name, "").startswith("*") and any(a in name for a in ALIGNED)
+               and name not in ("sync_generation_ptr", "timeout_ptr", "n_valid_ptr")]
+    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+    return triton.compile(ASTSource(fn, signature, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": 4})
+
+
+def resource_usage(kernel) -> tuple[int, int]:
+    """(registers, spill bytes) of the compiled kernel, read from its cubin by the cuobjdump that ships with Triton."""
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        out = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", out)
+    stack = re.search(r"STACK:(\d+)", out)
+    return int(regs.group(1)) if regs else -1, int(stack.group(1)) if stack else 0
+
+
+def gemm_types(out: str) -> dict[str, str]:
+    return dict(a_ptr=BF, a_stride="i32", w_ptr=BF, w_scale_ptr=F32, ws_ptr=F32, count_ptr=I32, ssp_in_ptr=F32,
+                ss_tiles="i32", bias_ptr=F32, gate_ptr=F32, out_ptr=out, out_stride="i32", next_mod_ptr=F32,
+                xm_ptr=BF, ssp_out_ptr=F32, k_ptr=BF, v_ptr=BF, cos_ptr=F32, sin_ptr=F32, n_valid_ptr=I64,
+                cache_row0="i32", M="i32", K="i32", N="i32", eps="fp32")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
+    args = parser.parse_args()
+    arch, pdl = args.arch, args.arch >= 90
+    e = PRESETS["pi05"].expert
+    c = KernelConfig()
+    half, bm = e.head_dim // 2, max(16, triton.next_power_of_2(PRESETS["pi05"].action_horizon))
+    cfgs = {"qkv": (fit_config(c.qkv, half, e.width), expert.EPI_QKV, e.width, BF),
+            "o": (fit_config(c.o, None, e.num_heads * e.head_dim), expert.EPI_RESIDUAL, e.num_heads * e.head_dim,
+                  F32),
+            "gate_up": (fit_config(c.gate_up, e.mlp_dim, e.width), expert.EPI_GEGLU, e.width, BF),
+            "down": (fit_config(c.down, None, e.mlp_dim), expert.EPI_RESIDUAL, e.mlp_dim, F32)}
+    n_out = {"qkv": (e.num_heads + 2) * e.head_dim, "o": e.width, "gate_up": 2 * e.mlp_dim, "down": e.width}
+    common = dict(HEADS=e.num_heads, HEAD_DIM=e.head_dim, MLP=e.mlp_dim, DT=tl.bfloat16, BM=bm)
+
+    def tiles(name: str) -> int:
+        cfg = cfgs[name][0]
+        return n_out[name] // cfg.block_n
+
+    jobs = []
+    for name, (cfg, epilogue, k, out) in cfgs.items():
+        consts = dict(common, EPILOGUE=epilogue, NEXT=name in ("o", "down"), W_FP8=False, BN=cfg.block_n,
+                      KC=cfg.k_chunk, BK=cfg.step, S=-(-k // cfg.k_chunk), STAGES=cfg.stages, PREFETCH=cfg.prefetch,
+                      USE_PDL=pdl)
+        consts.pop("DT")
+        consts["DT"] = tl.bfloat16
+        jobs.append((f"gemm {name}", expert._expert_gemm_kernel, gemm_types(out), consts))
+    attend = dict(q_ptr=BF, k_ptr=BF, v_ptr=BF, n_valid_ptr=I64, acc_ptr=F32, m_ptr=F32, l_ptr=F32, rows="i32",
+                  keys_total="i32", horizon="i32", scale="fp32", blocks_per_split="i32")
+    jobs.append(("attend", expert._attend_kernel, attend,
+                 dict(S_K=c.key_splits, D=e.head_dim, BM=bm, KB=c.key_block, DT=tl.bfloat16, USE_PDL=pdl)))
+    combine = dict(acc_ptr=F32, m_ptr=F32, l_ptr=F32, out_ptr=BF, out_stride="i32", rows="i32")
+    bd = min(c.combine_cols, e.head_dim)
+    jobs.append(("combine", expert._combine_kernel, combine,
+                 dict(S_K=c.key_splits, D=e.head_dim, BM=bm, BR=c.combine_rows, BD=bd, DT=tl.bfloat16, USE_PDL=pdl)))
+    layer = dict(
+        xm_ptr=BF, xm_stride="i32", w_qkv=BF, s_qkv=F32, ws_qkv=F32, count_qkv=I32, ssp_in_ptr=F32, ss_tiles_in="i32",
+        bias_qkv_ptr=F32, q_ptr=BF, k_ptr=BF, v_ptr=BF, cos_ptr=F32, sin_ptr=F32, n_valid_ptr=I64, cache_row0="i32",
+        K_QKV="i32", N_QKV="i32", acc_ptr=F32, m_ptr=F32, l_ptr=F32, keys_total="i32", scale="fp32",
+        blocks_per_split="i32", attn_ptr=BF, attn_stride="i32", w_o=BF, s_o=F32, ws_o=F32, count_o=I32,
+        gate1_ptr=F32, x_ptr=F32, x_stride="i32", mod2_ptr=F32, ssp_mid_ptr=F32, K_O="i32", N_O="i32", w_gu=BF,
+        s_gu=F32, ws_gu=F32, count_gu=I32, bias_gu_ptr=F32, h_ptr=BF, h_stride="i32", K_GU="i32", N_GU="i32",
+        w_dn=BF, s_dn=F32, ws_dn=F32, count_dn=I32, gate2_ptr=F32, next_mod_ptr=F32, ssp_out_ptr=F32, K_DN="i32",
+        N_DN="i32", dummy_ptr=F32, sync_count_ptr=I32, sync_generation_ptr=I32, timeout_ptr=I32, M="i32",
+        eps="fp32")
+    layer_consts = dict(common, S_K=c.key_splits, KB=c.key_block, BR=c.combine_rows, BD=bd,
+                        RB=-(-PRESETS["pi05"].action_horizon // c.combine_rows), CB=e.head_dim // bd, D_NEXT=True,
+                        USE_PDL=pdl, SPIN_LIMIT=1 << 21)
+    for prefix, name in (("Q", "qkv"), ("O", "o"), ("G", "gate_up"), ("D", "down")):
+        cfg, _, k, _ = cfgs[name]
+        layer_consts.update({f"{prefix}_FP8": False, f"{prefix}_BN": cfg.block_n, f"{prefix}_KC": cfg.k_chunk,
+                             f"{prefix}_BK": cfg.step, f"{prefix}_S": -(-k // cfg.k_chunk),
+                             f"{prefix}_ST": cfg.stages, f"{prefix}_TILES": tiles(name)})
+    jobs.append(("persistent layer", expert._layer_kernel, layer, layer_consts))
+
+    failed = False
+    print(f"triton {triton.__version__}, sm_{arch}, full-size expert, default tiles")
+    print("| kernel | registers | stack bytes (spills) | shared KiB | fits one program per SM |")
+    print("|---|---|---|---|---|")
+    for label, fn, types, consts in jobs:
+        try:
+            kernel = build(fn, types, consts, arch)
+        except Exception as exc:  # report every kernel, then fail
+            print(f"| {label} | FAILED: {type(exc).__name__}: {str(exc)[:300]} | | | |")
+            failed = True
+            continue
+        regs, spills = resource_usage(kernel)
+        shared = kernel.metadata.shared
+        fits = shared <= SHARED_PER_SM and 0 < regs <= 255
+        failed |= not fits
+        print(f"| {label} | {regs} | {spills} | {shared / 1024:.0f} | {'yes' if fits else 'NO'} |")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
