@@ -115,7 +115,7 @@ def main() -> int:
         eps="fp32")
     layer_consts = dict(common, S_K=c.key_splits, KB=c.key_block, BR=c.combine_rows, BD=bd,
                         RB=-(-PRESETS["pi05"].action_horizon // c.combine_rows), CB=e.head_dim // bd, D_NEXT=True,
-                        USE_PDL=pdl, SPIN_LIMIT=1 << 21)
+                        USE_PDL=pdl, SPIN_LIMIT=1 << 21, PREFETCH_NEXT=True)
     for prefix, name in (("Q", "qkv"), ("O", "o"), ("G", "gate_up"), ("D", "down")):
         cfg, _, k, _ = cfgs[name]
         layer_consts.update({f"{prefix}_FP8": False, f"{prefix}_BN": cfg.block_n, f"{prefix}_KC": cfg.k_chunk,

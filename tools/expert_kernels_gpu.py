@@ -350,6 +350,8 @@ def main() -> None:
             check(f"persistent layer ({kernels.persistent_programs()} programs)", kernels)
             print(f"  grid sync state (pending, generation, timed out): {kernels.sync_state()}", flush=True)
         check("persistent layer, no PDL", ExpertKernels(fast, dataclasses.replace(persistent, pdl=False)))
+        check("persistent layer, no weight prefetch",
+              ExpertKernels(fast, dataclasses.replace(persistent, persistent_prefetch=False)))
         check("persistent layer, not cooperative",
               ExpertKernels(fast, dataclasses.replace(persistent, persistent_cooperative=False)))
         check("persistent layer, stages 3", ExpertKernels(fast, dataclasses.replace(

@@ -46,8 +46,10 @@ WHOLE_K = KernelConfig(qkv=GemmConfig(32, 128, k_step=32), o=GemmConfig(32, 128,
                        key_block=32, key_splits=5)
 # SPLIT with the step's input in one kernel (the default).
 FUSED = dataclasses.replace(SPLIT, fused_step_in=True)
-# Each layer as one persistent kernel (its phases' tasks looped by the interpreter's single program).
+# Each layer as one persistent kernel (its phases' tasks looped by the interpreter's single program), with and
+# without its programs loading a GEMM phase's first weights before the sync.
 PERSISTENT = dataclasses.replace(FUSED, persistent_layer=True)
+PERSISTENT_PLAIN = dataclasses.replace(PERSISTENT, persistent_prefetch=False)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -88,8 +90,8 @@ def test_a_tile_pairs_rope_partners_and_geglu_partners() -> None:
     assert paired_columns(EPI_GEGLU, 2, 16, head_dim=0, mlp=96) == [*range(32, 48), *range(128, 144)]
 
 
-@pytest.mark.parametrize("config", [SPLIT, WHOLE_K, FUSED, PERSISTENT],
-                         ids=["split-k", "whole-k", "fused-step-in", "persistent"])
+@pytest.mark.parametrize("config", [SPLIT, WHOLE_K, FUSED, PERSISTENT, PERSISTENT_PLAIN],
+                         ids=["split-k", "whole-k", "fused-step-in", "persistent", "persistent-no-prefetch"])
 def test_layer_equals_its_torch_definition(small, config: KernelConfig) -> None:
     fast, prefix, _ = small
     kernels = ExpertKernels(fast, config)

@@ -81,7 +81,7 @@ if triton is not None:
                    a_ptr, a_stride, w_ptr, w_scale_ptr, ws_ptr, count_ptr, ssp_in_ptr, ss_tiles, bias_ptr, gate_ptr,
                    out_ptr, out_stride, next_mod_ptr, xm_ptr, ssp_out_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr,
                    n_valid_ptr, cache_row0, M, K, N, eps, HEADS, HEAD_DIM, MLP, EPILOGUE, NEXT, W_FP8, DT, BM, BN, KC,
-                   BK, S, STAGES, PREFETCH, USE_PDL, "")
+                   BK, S, STAGES, PREFETCH, USE_PDL, "", count_ptr, count_ptr, count_ptr, 0)
 
     @triton.jit
     def _gemm_task(
@@ -98,11 +98,14 @@ if triton is not None:
         HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, MLP: tl.constexpr,
         EPILOGUE: tl.constexpr, NEXT: tl.constexpr, W_FP8: tl.constexpr, DT: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr, BK: tl.constexpr, S: tl.constexpr,
-        STAGES: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, LC: tl.constexpr,
+        STAGES: tl.constexpr, PREFETCH: tl.constexpr, WAIT: tl.constexpr, LC: tl.constexpr,
+        sync_count_ptr, sync_generation_ptr, timeout_ptr, SPIN_LIMIT: tl.constexpr,
     ):
         """out = epilogue(A @ W) for A [M, K] in the GEMM dtype (M <= BM rows) and packed W: the program of column
         tile `pid_n` and K split `pid_s`. LC is the cache modifier of loads of what other programs wrote (".cg" in
-        the persistent layer kernel, where L1 could hold an earlier phase's lines).
+        the persistent layer kernel, where L1 could hold an earlier phase's lines). WAIT says what the program
+        waits for between loading its first weight chunk (PREFETCH) and its activations: 0 nothing, 1 the previous
+        kernel (PDL's gdc_wait), 2 the persistent kernel's previous phase (`_grid_sync` on the sync pointers).
 
         QKV / GEGLU: A is x * (1 + scale) (written by the previous kernel); the rows' sums of squares arrive as
         `ss_tiles` partials in ssp_in, giving r = rsqrt(mean(x^2) + eps) for y = r * acc + shift @ W.
@@ -120,8 +123,10 @@ if triton is not None:
             w0 = tl.load(w_base)
             if PAIRED:
                 w0_hi = tl.load(w_base + HB)
-        if USE_PDL:
+        if WAIT == 1:
             tl.extra.cuda.gdc_wait()
+        if WAIT == 2:
+            _grid_sync(sync_count_ptr, sync_generation_ptr, timeout_ptr, SPIN_LIMIT)
         if not PREFETCH:
             w0 = tl.load(w_base)
             if PAIRED:
@@ -401,7 +406,7 @@ if triton is not None:
         G_ST: tl.constexpr, G_TILES: tl.constexpr,
         D_FP8: tl.constexpr, D_BN: tl.constexpr, D_KC: tl.constexpr, D_BK: tl.constexpr, D_S: tl.constexpr,
         D_ST: tl.constexpr, D_TILES: tl.constexpr, D_NEXT: tl.constexpr,
-        USE_PDL: tl.constexpr, SPIN_LIMIT: tl.constexpr,
+        USE_PDL: tl.constexpr, SPIN_LIMIT: tl.constexpr, PREFETCH_NEXT: tl.constexpr,
     ):
         """A whole expert layer in one launch: the six kernels' work as phases of its resident programs, each
         phase's tasks spread over them, a grid-wide `_grid_sync` between phases instead of a kernel boundary.
@@ -415,10 +420,11 @@ if triton is not None:
         # The first phase's tasks load their first weight chunk, then wait for the previous kernel (PDL); a program
         # without a qkv task waits at the first sync for those that did.
         for t in range(pid, Q_TILES * Q_S, nprog):
-            _gemm_task(t // Q_S, t % Q_S, xm_ptr, xm_stride, w_qkv, s_qkv, ws_qkv, count_qkv, ssp_in_ptr, ss_tiles_in,
-                       bias_qkv_ptr, d, q_ptr, 0, d, xm_ptr, d, k_ptr, v_ptr, cos_ptr, sin_ptr, n_valid_ptr,
-                       cache_row0, M, K_QKV, N_QKV, eps, HEADS, HEAD_DIM, MLP, _QKV, False, Q_FP8, DT, BM, Q_BN, Q_KC,
-                       Q_BK, Q_S, Q_ST, True, USE_PDL, ".cg")
+            _gemm_task(t // Q_S, t % Q_S, xm_ptr, xm_stride, w_qkv, s_qkv, ws_qkv, count_qkv, ssp_in_ptr,
+                       ss_tiles_in, bias_qkv_ptr, d, q_ptr, 0, d, xm_ptr, d, k_ptr, v_ptr, cos_ptr, sin_ptr,
+                       n_valid_ptr, cache_row0, M, K_QKV, N_QKV, eps, HEADS, HEAD_DIM, MLP, _QKV, False, Q_FP8, DT,
+                       BM, Q_BN, Q_KC, Q_BK, Q_S, Q_ST, True, USE_PDL, ".cg", sync_count_ptr, sync_generation_ptr,
+                       timeout_ptr, SPIN_LIMIT)
         _grid_sync(sync_count_ptr, sync_generation_ptr, timeout_ptr, SPIN_LIMIT)
         for t in range(pid, HEADS * S_K, nprog):
             _attend_task(t // S_K, t % S_K, q_ptr, k_ptr, v_ptr, n_valid_ptr, acc_ptr, m_ptr, l_ptr, M, keys_total,
@@ -427,22 +433,49 @@ if triton is not None:
         for t in range(pid, HEADS * RB * CB, nprog):
             _combine_task(t // (RB * CB), (t // CB) % RB, t % CB, acc_ptr, m_ptr, l_ptr, attn_ptr, attn_stride, M,
                           S_K, HEAD_DIM, BM, BR, BD, DT, ".cg")
-        _grid_sync(sync_count_ptr, sync_generation_ptr, timeout_ptr, SPIN_LIMIT)
-        for t in range(pid, O_TILES * O_S, nprog):
-            _gemm_task(t // O_S, t % O_S, attn_ptr, attn_stride, w_o, s_o, ws_o, count_o, d, 0, d, gate1_ptr, x_ptr,
-                       x_stride, mod2_ptr, xm_ptr, ssp_mid_ptr, d, d, d, d, d, 0, M, K_O, N_O, eps, HEADS, HEAD_DIM,
-                       MLP, _RESIDUAL, True, O_FP8, DT, BM, O_BN, O_KC, O_BK, O_S, O_ST, True, False, ".cg")
-        _grid_sync(sync_count_ptr, sync_generation_ptr, timeout_ptr, SPIN_LIMIT)
-        for t in range(pid, G_TILES * G_S, nprog):
-            _gemm_task(t // G_S, t % G_S, xm_ptr, xm_stride, w_gu, s_gu, ws_gu, count_gu, ssp_mid_ptr, O_TILES,
-                       bias_gu_ptr, d, h_ptr, h_stride, d, xm_ptr, d, d, d, d, d, d, 0, M, K_GU, N_GU, eps, HEADS,
-                       HEAD_DIM, MLP, _GEGLU, False, G_FP8, DT, BM, G_BN, G_KC, G_BK, G_S, G_ST, True, False, ".cg")
-        _grid_sync(sync_count_ptr, sync_generation_ptr, timeout_ptr, SPIN_LIMIT)
-        for t in range(pid, D_TILES * D_S, nprog):
-            _gemm_task(t // D_S, t % D_S, h_ptr, h_stride, w_dn, s_dn, ws_dn, count_dn, d, 0, d, gate2_ptr, x_ptr,
-                       x_stride, next_mod_ptr, xm_ptr, ssp_out_ptr, d, d, d, d, d, 0, M, K_DN, N_DN, eps, HEADS,
-                       HEAD_DIM, MLP, _RESIDUAL, D_NEXT, D_FP8, DT, BM, D_BN, D_KC, D_BK, D_S, D_ST, True, False,
-                       ".cg")
+        _gemm_phase(pid, nprog, attn_ptr, attn_stride, w_o, s_o, ws_o, count_o, d, 0, d, gate1_ptr, x_ptr, x_stride,
+                    mod2_ptr, xm_ptr, ssp_mid_ptr, M, K_O, N_O, eps, HEADS, HEAD_DIM, MLP, _RESIDUAL, True, O_FP8, DT,
+                    BM, O_BN, O_KC, O_BK, O_S, O_ST, O_TILES, sync_count_ptr, sync_generation_ptr, timeout_ptr,
+                    SPIN_LIMIT, PREFETCH_NEXT)
+        _gemm_phase(pid, nprog, xm_ptr, xm_stride, w_gu, s_gu, ws_gu, count_gu, ssp_mid_ptr, O_TILES, bias_gu_ptr, d,
+                    h_ptr, h_stride, d, xm_ptr, d, M, K_GU, N_GU, eps, HEADS, HEAD_DIM, MLP, _GEGLU, False, G_FP8, DT,
+                    BM, G_BN, G_KC, G_BK, G_S, G_ST, G_TILES, sync_count_ptr, sync_generation_ptr, timeout_ptr,
+                    SPIN_LIMIT, PREFETCH_NEXT)
+        _gemm_phase(pid, nprog, h_ptr, h_stride, w_dn, s_dn, ws_dn, count_dn, d, 0, d, gate2_ptr, x_ptr, x_stride,
+                    next_mod_ptr, xm_ptr, ssp_out_ptr, M, K_DN, N_DN, eps, HEADS, HEAD_DIM, MLP, _RESIDUAL, D_NEXT,
+                    D_FP8, DT, BM, D_BN, D_KC, D_BK, D_S, D_ST, D_TILES, sync_count_ptr, sync_generation_ptr,
+                    timeout_ptr, SPIN_LIMIT, PREFETCH_NEXT)
+
+    @triton.jit
+    def _gemm_phase(
+        pid, nprog, a_ptr, a_stride, w_ptr, w_scale_ptr, ws_ptr, count_ptr, ssp_in_ptr, ss_tiles, bias_ptr, gate_ptr,
+        out_ptr, out_stride, next_mod_ptr, xm_ptr, ssp_out_ptr, M, K, N, eps,
+        HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, MLP: tl.constexpr, EPILOGUE: tl.constexpr, NEXT: tl.constexpr,
+        W_FP8: tl.constexpr, DT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr,
+        BK: tl.constexpr, S: tl.constexpr, STAGES: tl.constexpr, TILES: tl.constexpr,
+        sync_count_ptr, sync_generation_ptr, timeout_ptr, SPIN_LIMIT: tl.constexpr, PREFETCH_NEXT: tl.constexpr,
+    ):
+        """A GEMM phase of the persistent layer kernel after a grid sync. With PREFETCH_NEXT a program's first task
+        loads its first weight chunk before it waits in the sync (weights never depend on the previous phase); a
+        program without a task only syncs. Its further tasks (when the phase has more than the programs) follow."""
+        d = out_ptr  # no cache rows, RoPE tables or n_valid in these epilogues
+        if PREFETCH_NEXT:
+            if pid < TILES * S:
+                _gemm_task(pid // S, pid % S, a_ptr, a_stride, w_ptr, w_scale_ptr, ws_ptr, count_ptr, ssp_in_ptr,
+                           ss_tiles, bias_ptr, gate_ptr, out_ptr, out_stride, next_mod_ptr, xm_ptr, ssp_out_ptr, d, d,
+                           d, d, d, 0, M, K, N, eps, HEADS, HEAD_DIM, MLP, EPILOGUE, NEXT, W_FP8, DT, BM, BN, KC, BK, S,
+                           STAGES, True, 2, ".cg", sync_count_ptr, sync_generation_ptr, timeout_ptr, SPIN_LIMIT)
+            else:
+                _grid_sync(sync_count_ptr, sync_generation_ptr, timeout_ptr, SPIN_LIMIT)
+            first = pid + nprog
+        else:
+            _grid_sync(sync_count_ptr, sync_generation_ptr, timeout_ptr, SPIN_LIMIT)
+            first = pid
+        for t in range(first, TILES * S, nprog):
+            _gemm_task(t // S, t % S, a_ptr, a_stride, w_ptr, w_scale_ptr, ws_ptr, count_ptr, ssp_in_ptr, ss_tiles,
+                       bias_ptr, gate_ptr, out_ptr, out_stride, next_mod_ptr, xm_ptr, ssp_out_ptr, d, d, d, d, d, 0, M,
+                       K, N, eps, HEADS, HEAD_DIM, MLP, EPILOGUE, NEXT, W_FP8, DT, BM, BN, KC, BK, S, STAGES, True, 0,
+                       ".cg", sync_count_ptr, sync_generation_ptr, timeout_ptr, SPIN_LIMIT)
 
 
 # ------------------------------------------------------------------------------------------------ packing
@@ -484,6 +517,7 @@ class KernelConfig:
     persistent_layer: bool = False
     persistent_programs: int = 0  # programs of the persistent kernel (0: the largest phase's tasks, <= the SMs)
     persistent_cooperative: bool = True  # launch it as a cooperative grid (all programs resident, or no launch)
+    persistent_prefetch: bool = True  # a GEMM phase's first weight chunk loaded before the grid sync before it
 
 
 def _pow2_at_most(n: int, cap: int) -> int:
@@ -846,6 +880,7 @@ class ExpertKernels:
             HEADS=self.heads, HEAD_DIM=self.head_dim, MLP=self.mlp, DT=self._dt, BM=self.block_rows,
             S_K=c.key_splits, KB=c.key_block, BR=c.combine_rows, BD=bd, RB=triton.cdiv(self.horizon, c.combine_rows),
             CB=self.head_dim // bd, D_NEXT=next_mod is not None, USE_PDL=self.use_pdl, SPIN_LIMIT=1 << 21,
+            PREFETCH_NEXT=c.persistent_prefetch,
             **constexprs, **launch,
         )
         return self.ssp[1], dn.tiles
