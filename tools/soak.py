@@ -344,6 +344,8 @@ def main() -> int:
     parser.add_argument("--fault-period", type=float, default=60.0, help="seconds between faults")
     parser.add_argument("--window", type=int, default=None, help="inferences per latency row (default N/10)")
     parser.add_argument("--out", type=Path, default=None, help="write the summary (.md) and samples (.json) here")
+    parser.add_argument("--partial-every", type=float, default=300.0,
+                        help="seconds between interim summaries (<out>.partial.md) while it runs")
     args = parser.parse_args()
     rate = args.rate or (50.0 if args.gpu else 10.0)
     window = args.window or max(1, args.inferences // 10)
@@ -385,6 +387,7 @@ def main() -> int:
             schedule = FaultSchedule(driver, record, fault_file, args.fault_period)
             schedule.start()
         next_report = started + 60.0
+        next_partial = started + args.partial_every
         while record.count < args.inferences:
             if not node.alive():
                 print(node.output()[-3000:])
@@ -398,6 +401,18 @@ def main() -> int:
                 gpu = {k: float(v) for k, v in values.items() if k.startswith("gpu_memory.") and k.endswith("_mib")}
                 if gpu:
                     record.gpu.append((now, record.count, gpu))
+            if args.out is not None and now >= next_partial:
+                # A run cut short (a GPU machine taken back at its time limit) still leaves its figures so far.
+                next_partial = now + args.partial_every
+                try:
+                    text, _ = summarize(record, driver.statuses_since(0.0), warm, window, started, now)
+                except (ValueError, IndexError, TypeError, np.linalg.LinAlgError):  # too few samples yet
+                    text = None
+                if text is not None:
+                    args.out.parent.mkdir(parents=True, exist_ok=True)
+                    args.out.with_suffix(".partial.md").write_text(
+                        f"PARTIAL: {record.count} of {args.inferences} chunks, {(now - started) / 60:.1f} min\n\n"
+                        f"{text}\n")
             if now >= next_report:
                 next_report = now + 60.0
                 mem = record.rss[-1][2]
