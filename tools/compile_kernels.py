@@ -1,6 +1,6 @@
-"""Compile the fused expert kernels for a GPU without one: Triton's own compiler and ptxas, the full-size model's
-tile shapes. What the CPU interpreter cannot check: that each kernel compiles for the target, its registers,
-spills and shared memory, and that the persistent layer kernel fits one program per SM.
+"""Compile the fused expert kernels for a GPU without one: Triton's own compiler (and the cuobjdump it ships), the
+full-size model's tile shapes. What the CPU interpreter cannot check: that each kernel compiles for the target,
+its registers, spills and shared memory, and that the persistent layer kernel fits one program per SM.
 
     python tools/compile_kernels.py [--arch 90]     # exit 1 if a kernel fails to compile or cannot fit an SM
 
@@ -92,8 +92,6 @@ def main() -> int:
         consts = dict(common, EPILOGUE=epilogue, NEXT=name in ("o", "down"), W_FP8=False, BN=cfg.block_n,
                       KC=cfg.k_chunk, BK=cfg.step, S=-(-k // cfg.k_chunk), STAGES=cfg.stages, PREFETCH=cfg.prefetch,
                       USE_PDL=pdl)
-        consts.pop("DT")
-        consts["DT"] = tl.bfloat16
         jobs.append((f"gemm {name}", expert._expert_gemm_kernel, gemm_types(out), consts))
     attend = dict(q_ptr=BF, k_ptr=BF, v_ptr=BF, n_valid_ptr=I64, acc_ptr=F32, m_ptr=F32, l_ptr=F32, rows="i32",
                   keys_total="i32", horizon="i32", scale="fp32", blocks_per_split="i32")

@@ -1,5 +1,5 @@
-"""The fused expert kernels compile for Hopper (sm_90) without a GPU: Triton's compiler and the ptxas it ships,
-the full-size model's tile shapes (tools/compile_kernels.py). The interpreter tests check their math, not that
+"""The fused expert kernels compile for Hopper (sm_90) without a GPU: Triton's compiler for that target, the
+full-size model's tile shapes (tools/compile_kernels.py). The interpreter tests check their math, not that
 the GPU compiler takes them or that the persistent layer kernel fits one program per SM."""
 
 from __future__ import annotations
