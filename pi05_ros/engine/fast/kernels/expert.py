@@ -23,6 +23,10 @@ Why this shape (docs/fast_path.md has the measurements):
 - Paired column tiles: a q/k tile holds columns j and j + d/2 of one head (RoPE rotates those two), a
   gate_up tile holds gate column j and up column j (GeGLU multiplies those two), so the epilogues stay local.
 
+The kernels' bodies are task functions (`_gemm_task`, `_attend_task`, `_combine_task`), so the same work also
+runs as one persistent kernel per layer (`_layer_kernel`, KernelConfig.persistent_layer, off until measured):
+resident programs run the six kernels' tasks as phases with grid-wide syncs (`_grid_sync`) between them.
+
 `ExpertKernels.denoise` replaces `FastModel.denoise`; `expert_layer_torch` is the same math in plain torch
 (the kernels are tested against it, and it against `blocks.expert_layer`).
 """
