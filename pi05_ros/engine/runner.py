@@ -59,6 +59,16 @@ class PreparedObservation:
     noise: np.ndarray  # float32 [horizon, action_dim]
     guidance: Guidance | None = None  # real-time chunking toward the previous chunk (engine/rtc.py)
 
+    @property
+    def guided(self) -> bool:
+        """Whether this row asks for real-time chunking (guidance given and active)."""
+        return self.guidance is not None and self.guidance.active
+
+    @property
+    def num_views(self) -> int:
+        """Camera views present (slots not masked)."""
+        return sum(image is not None for image in self.images)
+
 
 class Runner(Protocol):
     """Runs the network: prepared observation -> normalized actions [horizon, action_dim] and stage timings.
@@ -109,8 +119,7 @@ class ReferenceRunner:
         row's valid tokens and masks the rest)."""
         if not observations:
             raise ValueError("run_batch needs at least one observation")
-        guided = {obs.guidance.beta if obs.guidance is not None and obs.guidance.active else 0.0
-                  for obs in observations}
+        guided = {obs.guidance.beta if obs.guided else 0.0 for obs in observations}
         if len(guided) > 1:  # RTC guides a whole batch with one beta: rows guided otherwise run one by one
             return run_rows(self, observations, num_steps)
         device = self.model.device

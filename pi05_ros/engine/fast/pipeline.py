@@ -601,8 +601,7 @@ class Pi05Pipeline:
             raise ValueError("run_batch needs at least one observation")
         groups: dict[int | str, list[int]] = {}
         for index, obs in enumerate(observations):
-            guided = obs.guidance is not None and obs.guidance.active
-            key = f"rtc{index}" if guided else sum(im is not None for im in obs.images)  # guided rows: alone
+            key = f"rtc{index}" if obs.guided else obs.num_views  # guided rows: alone
             groups.setdefault(key, []).append(index)
         actions = np.zeros((len(observations), self.cfg.action_horizon, self.cfg.action_dim), np.float32)
         timings: dict[str, float] = {}
@@ -613,7 +612,7 @@ class Pi05Pipeline:
                 actions[chunk] = rows
                 for stage, ms in row_timings.items():
                     timings[stage] = timings.get(stage, 0.0) + ms
-        views = sum(im is not None for obs in observations for im in obs.images)
+        views = sum(obs.num_views for obs in observations)
         timings["vision_per_view"] = timings["vision"] / views
         timings["denoise_step"] = timings["denoise"] / num_steps
         return actions, timings
@@ -631,7 +630,7 @@ class Pi05Pipeline:
             raise ValueError(f"{rows} rows in one batch; this pipeline was built for 1..{self.max_batch}")
         batch = self.bucket(rows)
         patches = self.cfg.vision.num_patches
-        n_views = sum(im is not None for im in observations[0].images)
+        n_views = observations[0].num_views
         if not 1 <= n_views <= self.max_views:
             raise ValueError(f"{n_views} camera views; this pipeline was built for 1..{self.max_views}")
         token_ids = [obs.tokens[obs.token_mask] for obs in observations]
@@ -654,10 +653,9 @@ class Pi05Pipeline:
         # Padded rows (up to the bucket) keep whatever their staging held: rows are independent, their results are
         # dropped, and only a valid prefix length is needed (every buffer was zeroed at allocation).
         self.h_n_valid[rows:batch] = n_views * patches
-        guided = [obs.guidance is not None and obs.guidance.active for obs in observations]
-        if any(guided) and rows > 1:
+        if rows > 1 and any(obs.guided for obs in observations):
             raise ValueError("a row with real-time chunking runs alone (run_batch keeps it apart)")
-        guided = guided[0]
+        guided = observations[0].guided
         if guided:
             self._stage_guidance(observations[0].guidance)
         vision = self._stage(("vision", n_views, batch), lambda: self._vision_fn(n_views, batch))
