@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# One device call's worth of the queued GPU work, in order, each step under its own time limit, so a session's
+# 30 device-minutes go to measurements and not to failed calls. Every step writes OUT/<step>.log; OUT/session.md
+# gets one line per step (rc, seconds) and the machine's facts. A failed or timed-out step does not stop the
+# next one.
+#
+#   PI05_GIT_COMMIT=<hash> bash tools/gpu_session.sh OUT_DIR STEP [STEP ...]
+#
+# Steps (limits in seconds; a device call runs at most 600, so split them over calls):
+#   tests    pytest -m gpu test/gpu                     (300; ~155 s at d2829ad)
+#   kernels  tools/expert_kernels_gpu.py --persistent   (300)
+#   serve    tools/serve_bench.sh, fp8, 10 steps, 1/2/4/8 clients, batched and unbatched   (480)
+#   bench    pi05-bench --iters 1000                    (480)
+#   soak     tools/soak.py --gpu, 10 steps at 30 Hz, SOAK_N inferences (default 10000, ~6 min; needs .gpu_ros)   (540)
+# Step limits can be changed with LIMIT_<STEP>=seconds.
+#
+# The GPU machine's .git is stale, so the commit comes from PI05_GIT_COMMIT (reports name it). The serve and
+# soak steps need websockets, and soak needs ROS: carry `.gpu_ros` (PYENV_VERSION=3.12.1 bash
+# tools/gpu_ros_bundle.sh) and this script sources its --activate when it is there.
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT="${1:?usage: PI05_GIT_COMMIT=<hash> gpu_session.sh OUT_DIR STEP [STEP ...]}"
+shift
+[[ $# -gt 0 ]] || { echo "gpu_session.sh: name at least one step: tests kernels serve bench soak" >&2; exit 2; }
+[[ -n "${PI05_GIT_COMMIT:-}" ]] || { echo "gpu_session.sh: set PI05_GIT_COMMIT=<the commit under test>" >&2; exit 2; }
+for step in "$@"; do
+  case "$step" in tests|kernels|serve|bench|soak) ;; *) echo "gpu_session.sh: unknown step $step" >&2; exit 2 ;; esac
+done
+mkdir -p "$OUT"
+cd "$ROOT"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PI05_GIT_COMMIT
+PY="${PYTHON:-python3}"
+SUMMARY="$OUT/session.md"
+if [[ -d .gpu_ros ]]; then
+  # shellcheck disable=SC1091
+  source tools/gpu_ros_bundle.sh --activate > "$OUT/gpu_ros.log" 2>&1 || echo "(.gpu_ros did not activate: $OUT/gpu_ros.log)"
+fi
+{
+  echo "# GPU session, commit $PI05_GIT_COMMIT, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | sed 's/^/- gpu: /'
+  "$PY" -c "import torch, triton; print(f'- torch {torch.__version__}, triton {triton.__version__}')" 2>&1
+  echo "- steps: $*"
+  echo
+  echo "| step | rc | seconds | log |"
+  echo "|---|---|---|---|"
+} >> "$SUMMARY"
+
+run_step() {  # name limit command...
+  local name="$1" limit="$2"
+  shift 2
+  local var="LIMIT_${name^^}"
+  limit="${!var:-$limit}"
+  echo "== $name (limit ${limit} s): $*"
+  local start=$SECONDS
+  timeout --signal=INT --kill-after=20 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "| $name | $rc$([[ $rc == 124 ]] && echo ' (timed out)') | $((SECONDS - start)) | $name.log |" >> "$SUMMARY"
+  tail -n 25 "$OUT/$name.log"
+  echo "== $name: rc $rc in $((SECONDS - start)) s"
+}
+
+for step in "$@"; do
+  case "$step" in
+    tests) run_step tests 300 "$PY" -m pytest -m gpu test/gpu -q -s -p no:cacheprovider --durations=10 ;;
+    kernels) OUT="$OUT" run_step kernels 300 "$PY" tools/expert_kernels_gpu.py --persistent ;;
+    serve) run_step serve 480 bash tools/serve_bench.sh "$OUT/serve" --device cuda --precision fp8 ;;
+    bench) run_step bench 480 "$PY" -m pi05_ros.cli.bench --iters 1000 --out "$OUT/bench" ;;
+    soak) mkdir -p "$OUT/soak"
+      run_step soak 540 "$PY" tools/soak.py --gpu --steps 10 --rate 30 --inferences "${SOAK_N:-10000}" \
+        --partial-every 60 --out "$OUT/soak/soak" ;;
+  esac
+done
+cat "$SUMMARY"
