@@ -11,7 +11,8 @@
 #   kernels  tools/expert_kernels_gpu.py --persistent   (300)
 #   serve    tools/serve_bench.sh, fp8, 10 steps, 1/2/4/8 clients, batched and unbatched   (480)
 #   bench    pi05-bench --iters 1000                    (480)
-#   soak     tools/soak.py --gpu, 10 steps at 30 Hz, SOAK_N inferences (default 10000, ~6 min; needs .gpu_ros)   (540)
+#   soak-arrival, soak-inference   tools/soak.py --gpu, 10 steps at 30 Hz, SOAK_N inferences (default 3000), with
+#            prepare_views on_arrival / in_inference: the node's latency and stages either way (needs .gpu_ros)  (360)
 # Step limits can be changed with LIMIT_<STEP>=seconds.
 #
 # The GPU machine's .git is stale, so the commit comes from PI05_GIT_COMMIT (reports name it). The serve and
@@ -21,10 +22,10 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:?usage: PI05_GIT_COMMIT=<hash> gpu_session.sh OUT_DIR STEP [STEP ...]}"
 shift
-[[ $# -gt 0 ]] || { echo "gpu_session.sh: name at least one step: tests kernels serve bench soak" >&2; exit 2; }
+[[ $# -gt 0 ]] || { echo "gpu_session.sh: name at least one step: tests kernels serve bench soak-arrival soak-inference" >&2; exit 2; }
 [[ -n "${PI05_GIT_COMMIT:-}" ]] || { echo "gpu_session.sh: set PI05_GIT_COMMIT=<the commit under test>" >&2; exit 2; }
 for step in "$@"; do
-  case "$step" in tests|kernels|serve|bench|soak) ;; *) echo "gpu_session.sh: unknown step $step" >&2; exit 2 ;; esac
+  case "$step" in tests|kernels|serve|bench|soak-arrival|soak-inference) ;; *) echo "gpu_session.sh: unknown step $step" >&2; exit 2 ;; esac
 done
 mkdir -p "$OUT"
 cd "$ROOT"
@@ -34,6 +35,12 @@ SUMMARY="$OUT/session.md"
 if [[ -d .gpu_ros ]]; then
   # shellcheck disable=SC1091
   source tools/gpu_ros_bundle.sh --activate > "$OUT/gpu_ros.log" 2>&1 || echo "(.gpu_ros did not activate: $OUT/gpu_ros.log)"
+  # The bundle holds a colcon build of this package: the node runs that copy, not the tree's sources.
+  built=.gpu_ros/install/pi05_ros/lib/python3.12/site-packages/pi05_ros
+  if ! diff -rq --exclude=__pycache__ --exclude=msg "$built" pi05_ros > "$OUT/gpu_ros_stale.txt" 2>&1; then
+    echo "WARNING: .gpu_ros was built from other sources than this tree (rebuild it: PYENV_VERSION=3.12.1 bash" \
+      "tools/gpu_ros_bundle.sh); the differences: $OUT/gpu_ros_stale.txt" | tee -a "$OUT/session.md"
+  fi
 fi
 {
   echo "# GPU session, commit $PI05_GIT_COMMIT, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
@@ -49,6 +56,7 @@ run_step() {  # name limit command...
   local name="$1" limit="$2"
   shift 2
   local var="LIMIT_${name^^}"
+  var="${var//-/_}"
   limit="${!var:-$limit}"
   echo "== $name (limit ${limit} s): $*"
   local start=$SECONDS
@@ -65,9 +73,11 @@ for step in "$@"; do
     kernels) OUT="$OUT" run_step kernels 300 "$PY" tools/expert_kernels_gpu.py --persistent ;;
     serve) run_step serve 480 bash tools/serve_bench.sh "$OUT/serve" --device cuda --precision fp8 ;;
     bench) run_step bench 480 "$PY" -m pi05_ros.cli.bench --iters 1000 --out "$OUT/bench" ;;
-    soak) mkdir -p "$OUT/soak"
-      run_step soak 540 "$PY" tools/soak.py --gpu --steps 10 --rate 30 --inferences "${SOAK_N:-10000}" \
-        --partial-every 60 --out "$OUT/soak/soak" ;;
+    soak-arrival|soak-inference)
+      views=on_arrival; [[ "$step" == soak-inference ]] && views=in_inference
+      mkdir -p "$OUT/$step"
+      run_step "$step" 360 "$PY" tools/soak.py --gpu --steps 10 --rate 30 --inferences "${SOAK_N:-3000}" \
+        --param "prepare_views:=$views" --partial-every 60 --out "$OUT/$step/soak" ;;
   esac
 done
 cat "$SUMMARY"

@@ -313,6 +313,8 @@ def summarize(record: Record, statuses: list[Any], warm: int, window: int, start
         "skipped": {k: v for k, v in last.items() if k.startswith("skipped.")},
         # where an inference's time goes (the node's per-stage p50 / p99), to compare with pi05-bench's stages
         "stages": {k: v for k, v in last.items() if k.startswith("stage.") and not k.endswith("mean_ms")},
+        # resizing each camera's frames as they arrive (prepare_views), mean ms per frame
+        "prepare_ms": {k[len("input."):-len(".prepare_ms")]: v for k, v in last.items() if k.endswith(".prepare_ms")},
         "gpu": record.gpu[:1] + record.gpu[-1:], "faults": record.faults,
     }
     text = "\n".join([
@@ -329,6 +331,8 @@ def summarize(record: Record, statuses: list[Any], warm: int, window: int, start
         + (", " + ", ".join(f"{k} {v}" for k, v in facts["skipped"].items()) if facts["skipped"] else ""),
         *(["stages at the end (ms): " + ", ".join(f"{k[len('stage.'):]} {v}" for k, v in facts["stages"].items())]
           if facts["stages"] else []),
+        *(["frames resized on arrival (ms per frame): " + ", ".join(f"{k} {v}" for k, v in facts["prepare_ms"].items())]
+          if facts["prepare_ms"] else []),
         "", *lines,
     ])
     return text, facts
@@ -346,6 +350,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the summary (.md) and samples (.json) here")
     parser.add_argument("--partial-every", type=float, default=300.0,
                         help="seconds between interim summaries (<out>.partial.md) while it runs")
+    parser.add_argument("--param", action="append", default=[], metavar="NAME:=VALUE",
+                        help="one more node parameter, e.g. prepare_views:=on_arrival (repeatable)")
     args = parser.parse_args()
     rate = args.rate or (50.0 if args.gpu else 10.0)
     window = args.window or max(1, args.inferences // 10)
@@ -368,7 +374,8 @@ def main() -> int:
     executable: str | Path = FAULT_NODE if args.faults else "policy_node"
     node = NodeProcess(executable, namespace, "-p", f"state_joint_names:=[{', '.join(JOINTS)}]",
                        "-p", f"rate_hz:={rate}", "-p", f"denoise_steps:={args.steps}", "-p", "warmup:=2",
-                       "-p", "allow_demo_commands:=true", *device, params_file=installed_params_file(),
+                       "-p", "allow_demo_commands:=true", *device,
+                       *(arg for param in args.param for arg in ("-p", param)), params_file=installed_params_file(),
                        env={"PI05_FAULT_FILE": str(fault_file)})
     pid = node.process.pid
     # PI05_GIT_COMMIT names the commit of a copied tree whose .git is stale (the GPU machine), as for pi05-bench.
@@ -434,7 +441,8 @@ def main() -> int:
                     "errors": output.count("[ERROR]"), "warnings": output.count("[WARN]")}
     node_profile = re.search(r"Fast DDS profile: (\S+)", output)
     header = (f"soak: {'GPU fp8 full-size' if args.gpu else 'CPU tiny'} demo model, rate_hz {rate:g}, "
-              f"denoise_steps {args.steps}{', faults' if args.faults else ''}, commit {commit}, node's DDS profile "
+              f"denoise_steps {args.steps}{', faults' if args.faults else ''}"
+              f"{''.join(', ' + param for param in args.param)}, commit {commit}, node's DDS profile "
               f"{Path(node_profile.group(1)).name if node_profile else 'none named'}, peer's {profile.name}; node log "
               f"{facts['log']['lines']} lines ({facts['log']['errors']} ERROR, {facts['log']['warnings']} WARN, "
               f"{facts['log']['tracebacks']} tracebacks)")

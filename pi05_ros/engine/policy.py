@@ -36,7 +36,7 @@ from pi05_ros.engine.conventions import (
 from pi05_ros.engine.errors import CheckpointError, InputError
 from pi05_ros.engine.fast.calibration import CALIBRATION_FILE, scales_path, user_cache_dir
 from pi05_ros.engine.normalize import NormStats, resolve_norm_stats
-from pi05_ros.engine.preprocess import resize_views, validate_image
+from pi05_ros.engine.preprocess import PreparedView, prepare_view, resize_views
 from pi05_ros.engine.recordings import load_observations, recording_files
 from pi05_ros.engine.reference import Pi05Model
 from pi05_ros.engine.rtc import SCHEDULES as RTC_SCHEDULES
@@ -129,7 +129,7 @@ def make_runner(model: Pi05Model, precision: str, runner: str = "auto", *, scale
 class RawObservation:
     """One observation in robot units, as `Policy.infer` takes it (for `infer_batch`)."""
 
-    images: Mapping[str, np.ndarray]  # model slot -> uint8 HxWx3 RGB, any size
+    images: Mapping[str, np.ndarray | PreparedView]  # model slot -> uint8 HxWx3 RGB, any size (or prepare_view's)
     state: np.ndarray
     prompt: str
     noise: np.ndarray | None = None  # [horizon, action_dim]; None: drawn from the policy's seeded generator
@@ -339,7 +339,13 @@ class Policy:
 
     # --- inference
 
-    def prepare(self, images: Mapping[str, np.ndarray], state: np.ndarray, prompt: str,
+    def prepare_view(self, image: np.ndarray, name: str = "image") -> PreparedView:
+        """One camera image validated and resized the way this model resizes, now, so that a later `infer` (or
+        `prepare`) takes it as it is: a caller that receives frames before it infers (the ROS node) resizes each
+        on arrival instead of on the inference's critical path. Raises InputError as `infer` would."""
+        return prepare_view(image, self.config.vision.image_size, self.conventions.image_resize, name)
+
+    def prepare(self, images: Mapping[str, np.ndarray | PreparedView], state: np.ndarray, prompt: str,
                 noise: np.ndarray | None = None, rtc: RtcRequest | None = None) -> PreparedObservation:
         """Validate and convert one observation into model units (host only); `rtc` guides the new chunk toward
         the previous one (real-time chunking, engine/rtc.py)."""
@@ -356,8 +362,7 @@ class Policy:
             by_slot[slot] = image
         size = self.config.vision.image_size
         method = self.conventions.image_resize
-        prepared = resize_views([validate_image(by_slot[k], k) if k in by_slot else None for k in self.image_keys],
-                                size, method)
+        prepared = resize_views([by_slot.get(k) for k in self.image_keys], size, method, self.image_keys)
         state = np.asarray(state, dtype=np.float32)
         if state.ndim != 1:
             raise InputError(f"state must be a 1-D vector, got shape {state.shape}")
@@ -418,9 +423,11 @@ class Policy:
         """How many tokens `prompt` with `state` encodes to (the model keeps at most max_token_len of them)."""
         return len(self.tokenizer.encode(prompt, self.prompt_state(state)))
 
-    def infer(self, images: Mapping[str, np.ndarray], state: np.ndarray, prompt: str, num_steps: int = 10,
-              noise: np.ndarray | None = None, rtc: RtcRequest | None = None) -> ActionChunk:
+    def infer(self, images: Mapping[str, np.ndarray | PreparedView], state: np.ndarray, prompt: str,
+              num_steps: int = 10, noise: np.ndarray | None = None, rtc: RtcRequest | None = None) -> ActionChunk:
         """Actions for one observation. Raises InputError for input the model cannot use.
+
+        `images`: camera slot -> uint8 HxWx3 RGB of any size, or a view `prepare_view` already resized.
 
         `rtc` (engine/rtc.py RtcRequest): real-time chunking, the new chunk denoised to agree with the previous
         chunk's actions that will still run; beta 0 is plain inference.

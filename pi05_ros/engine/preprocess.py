@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -112,6 +113,46 @@ def resize_with_pad(image: np.ndarray, size: int = 224, method: str = OPENPI_CLI
     return _RESIZERS[method](image, size)
 
 
+@dataclass(frozen=True)
+class PreparedView:
+    """A camera image already resized by one policy's resize (`prepare_view`), so that `resize_views` passes it on
+    unchanged: the ROS node resizes each frame when it arrives, off the inference's critical path."""
+
+    pixels: np.ndarray  # size x size x 3: uint8, or float32 in [-1, 1] from the lerobot resize
+    size: int
+    method: str
+    source_shape: tuple[int, int]  # (height, width) of the frame it came from
+
+    @property
+    def nbytes(self) -> int:
+        return self.pixels.nbytes
+
+
+def prepare_view(image: np.ndarray, size: int = 224, method: str = OPENPI_CLIENT,
+                 name: str = "image") -> PreparedView:
+    """Validate and resize one camera image now (`resize_with_pad`), for an observation assembled later. The view
+    owns its pixels (an image already size x size is copied), so the caller may reuse `image`'s array."""
+    image = validate_image(image, name)
+    pixels = resize_with_pad(image, size, method)
+    if np.shares_memory(pixels, image):
+        pixels = pixels.copy()
+    return PreparedView(pixels, size, method, (image.shape[0], image.shape[1]))
+
+
+def _take_prepared(view: PreparedView, size: int, method: str, name: str) -> np.ndarray:
+    if (view.size, view.method) != (size, method):
+        raise InputError(f"{name}: the view was prepared for {view.size}x{view.size} by the {view.method!r} resize, "
+                         f"but this model needs {size}x{size} by {method!r}; prepare it with this policy's "
+                         "prepare_view (or pass the camera image itself)")
+    return view.pixels
+
+
+def _resize_one(image: np.ndarray | PreparedView, size: int, method: str, name: str) -> np.ndarray:
+    if isinstance(image, PreparedView):
+        return _take_prepared(image, size, method, name)
+    return resize_with_pad(validate_image(image, name), size, method)
+
+
 # Views resized at once: PIL releases the GIL while it resamples, so two or three cameras resize in parallel. On the
 # 2-core dev box (docs/benchmarks.md §37) two 640x480 views took 3.3-3.4 -> 2.3-2.5 ms, three 1280x720 views
 # 11.1-11.6 -> 7.8-8.0 ms; the torch-based resizes already use torch's threads and gained little or lost: serial.
@@ -119,16 +160,20 @@ _PARALLEL_METHODS = (OPENPI_CLIENT,)
 _pool: ThreadPoolExecutor | None = None
 
 
-def resize_views(images: Sequence[np.ndarray | None], size: int = 224,
-                 method: str = OPENPI_CLIENT) -> list[np.ndarray | None]:
-    """`resize_with_pad` for each view (None stays None), in parallel threads where that was measured to pay."""
+def resize_views(images: Sequence[np.ndarray | PreparedView | None], size: int = 224, method: str = OPENPI_CLIENT,
+                 names: Sequence[str] | None = None) -> list[np.ndarray | None]:
+    """Validate and `resize_with_pad` each view (None stays None; a PreparedView of this size and method is used as
+    it is), in parallel threads where that was measured to pay. `names` name the views in error messages."""
     global _pool
-    present = [image for image in images if image is not None]
-    if len(present) < 2 or method not in _PARALLEL_METHODS:
-        return [None if image is None else resize_with_pad(image, size, method) for image in images]
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pi05_resize")
-    resized = iter(_pool.map(lambda image: resize_with_pad(image, size, method), present))
+    names = list(names) if names is not None else [f"image {i}" for i in range(len(images))]
+    todo = [(image, name) for image, name in zip(images, names, strict=True) if image is not None]
+    to_resize = sum(not isinstance(image, PreparedView) for image, _ in todo)
+    if to_resize < 2 or method not in _PARALLEL_METHODS:
+        resized = iter([_resize_one(image, size, method, name) for image, name in todo])
+    else:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pi05_resize")
+        resized = iter(list(_pool.map(lambda item: _resize_one(item[0], size, method, item[1]), todo)))
     return [None if image is None else next(resized) for image in images]
 
 

@@ -164,6 +164,8 @@ def build_status(
             values.append((f"input.{state.name}.bad_stamps", str(state.bad_stamps)))
         if state.stamp_issue:
             values.append((f"input.{state.name}.stamp_issue", state.stamp_issue))
+        if state.prepare_ms is not None:  # the camera's frames are resized for the model as they arrive
+            values.append((f"input.{state.name}.prepare_ms", f"{state.prepare_ms:.3f}"))
         dropped += state.dropped
     values.append(("dropped_observations", str(dropped)))
     prompt = worker.prompt

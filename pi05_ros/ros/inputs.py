@@ -3,7 +3,9 @@
 Writers are ROS subscription callbacks; the one reader is the inference thread. Each input is triple
 buffered: the callback converts into a spare buffer outside the lock and then swaps it in, the reader swaps
 the newest buffer out. The lock only guards a few reference swaps, so a callback never waits for the reader
-to copy or infer, and the reader never sees a half-written frame. Arrival times and ages are on the clock the
+to copy or infer, and the reader never sees a half-written frame. A camera's buffer can also prepare each frame
+for the model as it arrives (CameraBuffer: the policy's resize, in the callback), so the inference that takes
+it starts from the model-size view. Arrival times and ages are on the clock the
 node gives (the ROS clock, so use_sim_time works); each stamp is judged by the rule of execution/stamps.py.
 No ROS imports.
 """
@@ -12,11 +14,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
+from pi05_ros.engine.preprocess import PreparedView
 from pi05_ros.execution.stamps import judge_stamp
 
 NS_PER_S = 1_000_000_000
@@ -34,7 +38,7 @@ class StampRule:
 class Sample:
     """One input value as the reader got it. `data` stays valid until the reader's next `take()`."""
 
-    data: np.ndarray
+    data: np.ndarray | PreparedView  # a PreparedView from a CameraBuffer that prepares its frames
     stamp_ns: int  # the stamp used for timing (ROS time, ns): the header stamp, or the arrival when untrusted
     received_ns: int  # the clock at arrival (ROS time, ns)
     sequence: int  # 1 for the first message of this input, +1 for each later one
@@ -51,6 +55,7 @@ class InputState:
     dropped: int  # good messages replaced before any inference used them
     stamp_issue: str | None = None  # why the newest message's stamp was not used as is (stamps.py)
     bad_stamps: int = 0  # messages whose stamp was not used as is
+    prepare_ms: float | None = None  # a camera that prepares its frames: mean time per frame (recent frames)
 
 
 class LatestBuffer:
@@ -86,6 +91,8 @@ class LatestBuffer:
         """Writer: a buffer of `shape` to fill before `commit()`; reused while the shape stays the same.
         With no shape (not known before decoding): the current spare buffer, or None."""
         buffer = self._spare
+        if not isinstance(buffer, np.ndarray):  # a PreparedView (CameraBuffer) is never written into
+            buffer = None
         if shape is None:
             return buffer
         if buffer is None or buffer.shape != shape:
@@ -93,7 +100,7 @@ class LatestBuffer:
             self._spare = buffer
         return buffer
 
-    def commit(self, filled: np.ndarray, stamp_ns: int) -> None:
+    def commit(self, filled: np.ndarray | PreparedView, stamp_ns: int) -> None:
         """Writer: make `filled` (normally the array `spare()` returned) the newest value, stamped `stamp_ns`
         (the header stamp; with a stamp rule an untrusted one is replaced or the value refused)."""
         received = self._clock_ns()
@@ -159,12 +166,78 @@ class LatestBuffer:
         """Any thread: a copy of the newest good value (for reading the joint state beside the inference)."""
         with self._lock:
             data = self._reading if self._newest_taken else self._newest
+            if isinstance(data, PreparedView):
+                data = data.pixels
             return None if data is None else data.copy()
 
     @property
     def error(self) -> str | None:
         with self._lock:
             return self._error
+
+
+PREPARE_WINDOW = 100  # frames the prepare time is averaged over
+
+
+class CameraBuffer(LatestBuffer):
+    """Newest frame of one camera. With a preparer (the policy's `prepare_view`), the writer converts each frame
+    into a scratch array of its own and the preparer resizes it for the model before the commit, so the buffers
+    hold model-size views and the inference that takes one skips the resize. Without one (no policy loaded yet, a
+    remote policy, or prepare_views in_inference), frames are stored as they come."""
+
+    def __init__(self, name: str, clock_ns: Callable[[], int] = time.monotonic_ns,
+                 stamp_rule: StampRule | None = None) -> None:
+        super().__init__(name, np.uint8, clock_ns, stamp_rule)
+        self._preparer: Callable[[np.ndarray], PreparedView] | None = None
+        self._scratch: np.ndarray | None = None  # the writer's converted frame, before it is prepared
+        self._prepare_ms: deque[float] = deque(maxlen=PREPARE_WINDOW)
+
+    def set_preparer(self, preparer: Callable[[np.ndarray], PreparedView] | None) -> None:
+        """Any thread: prepare the frames that arrive from now on with `preparer` (None: store them as they are).
+        Values already held stay as they are; the engine refuses a view prepared for another model by name."""
+        self._preparer = preparer
+        if preparer is None:
+            self._scratch = None
+        with self._lock:
+            self._prepare_ms.clear()
+
+    def frame_buffer(self, shape: tuple[int, ...] | None = None) -> np.ndarray | None:
+        """Writer: the array to convert the next frame into (as `spare`): the spare buffer itself, or the scratch
+        array when frames are prepared (the buffers then hold prepared views, not frames)."""
+        if self._preparer is None:
+            return self.spare(shape)
+        if shape is None:
+            return self._scratch
+        if self._scratch is None or self._scratch.shape != shape:
+            self._scratch = np.empty(shape, dtype=np.uint8)
+        return self._scratch
+
+    def commit_frame(self, frame: np.ndarray, stamp_ns: int) -> None:
+        """Writer: prepare `frame` (when a preparer is set) and commit it. Raises what the preparer raises (the
+        engine's InputError), committing nothing."""
+        preparer = self._preparer
+        if preparer is None:
+            self.commit(frame, stamp_ns)
+            return
+        if frame is not self._scratch:  # converted elsewhere (a decoder's own array): keep it for the next frame
+            self._scratch = frame
+        start = time.perf_counter()
+        view = preparer(frame)
+        elapsed_ms = (time.perf_counter() - start) * 1e3
+        with self._lock:
+            self._prepare_ms.append(elapsed_ms)
+        self.commit(view, stamp_ns)
+
+    def state(self, now_ns: int | None = None) -> InputState:
+        state = super().state(now_ns)
+        with self._lock:
+            prepare_ms = sum(self._prepare_ms) / len(self._prepare_ms) if self._prepare_ms else None
+        return InputState(state.name, state.messages, state.age_s, state.error, state.dropped, state.stamp_issue,
+                          state.bad_stamps, prepare_ms)
+
+    def held_bytes(self) -> int:
+        scratch = self._scratch
+        return super().held_bytes() + (scratch.nbytes if scratch is not None else 0)
 
 
 class LatestText:
@@ -201,7 +274,7 @@ class InputBuffers:
                  instruction_input: str = "instruction", *, clock_ns: Callable[[], int] = time.monotonic_ns,
                  stamp_rule: StampRule | None = None) -> None:
         self.clock_ns = clock_ns
-        self.cameras: dict[str, LatestBuffer] = {name: LatestBuffer(name, np.uint8, clock_ns, stamp_rule)
+        self.cameras: dict[str, CameraBuffer] = {name: CameraBuffer(name, clock_ns, stamp_rule)
                                                  for name in camera_names}
         self.joints = LatestBuffer(joint_input, np.float32, clock_ns, stamp_rule)
         self.instruction = LatestText(instruction_input, clock_ns)

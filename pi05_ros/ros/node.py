@@ -41,6 +41,7 @@ from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import Float64MultiArray, String
 from trajectory_msgs.msg import JointTrajectory
 
+from pi05_ros.engine.errors import InputError
 from pi05_ros.execution.blend import RTC, BlendSettings
 from pi05_ros.execution.commander import (
     CHUNK,
@@ -80,7 +81,7 @@ from pi05_ros.ros.diagnostics import (
     gather_problems,
 )
 from pi05_ros.ros.input_rules import FrameBounds, compressed_frame_size
-from pi05_ros.ros.inputs import InputBuffers, LatestBuffer, StampRule
+from pi05_ros.ros.inputs import CameraBuffer, InputBuffers, LatestBuffer, StampRule
 from pi05_ros.ros.memory import HeapTrimmer
 from pi05_ros.ros.observation import (
     Observation,
@@ -210,28 +211,34 @@ class PolicyNode(LifecycleNode):
         self.create_subscription(JointState, "joint_states", self._on_joint_state, qos_profile_sensor_data)
         self.create_subscription(String, "instruction", self._on_instruction, INSTRUCTION_QOS)
 
-    def _on_image(self, buffer: LatestBuffer, bounds: FrameBounds, topic: str, msg: Image) -> None:
+    def _on_image(self, buffer: CameraBuffer, bounds: FrameBounds, topic: str, msg: Image) -> None:
         try:
             height, width = image_shape(msg)
             bounds.check(width, height)  # before any copy: a huge frame never reaches the buffers
-            filled = image_to_rgb(msg, buffer.spare((height, width, 3)))
+            filled = image_to_rgb(msg, buffer.frame_buffer((height, width, 3)))
         except ConversionError as exc:
             self._input_failed(buffer, topic, exc)
             return
-        buffer.commit(filled, stamp_to_ns(msg.header.stamp))
+        self._commit_frame(buffer, topic, filled, msg)
 
-    def _on_compressed(self, buffer: LatestBuffer, bounds: FrameBounds, topic: str, msg: CompressedImage) -> None:
+    def _commit_frame(self, buffer: CameraBuffer, topic: str, frame: Any, msg: Image | CompressedImage) -> None:
+        try:
+            buffer.commit_frame(frame, stamp_to_ns(msg.header.stamp))  # resized for the model here when preparing
+        except InputError as exc:
+            self._input_failed(buffer, topic, exc)
+
+    def _on_compressed(self, buffer: CameraBuffer, bounds: FrameBounds, topic: str, msg: CompressedImage) -> None:
         try:
             size = compressed_frame_size(msg.data, compressed_format(msg))
             if size is not None:
                 bounds.check(*size)  # from the PNG/JPEG header: a huge frame is refused before decoding
-            filled = compressed_to_rgb(msg, buffer.spare())
+            filled = compressed_to_rgb(msg, buffer.frame_buffer())
             if size is None:
                 bounds.check(filled.shape[1], filled.shape[0])
         except ConversionError as exc:
             self._input_failed(buffer, topic, exc)
             return
-        buffer.commit(filled, stamp_to_ns(msg.header.stamp))
+        self._commit_frame(buffer, topic, filled, msg)
 
     def _on_joint_state(self, msg: JointState) -> None:
         buffer = self.inputs.joints
@@ -250,7 +257,7 @@ class PolicyNode(LifecycleNode):
         if not text.strip():
             self._problem_log.seen((empty_instruction_problem(self.inputs.instruction.name, text),))
 
-    def _input_failed(self, buffer: LatestBuffer, topic: str, exc: ConversionError) -> None:
+    def _input_failed(self, buffer: LatestBuffer, topic: str, exc: ConversionError | InputError) -> None:
         buffer.fail(str(exc))
         # Logged when this input's problem starts (and when it clears), whatever other inputs do.
         self._problem_log.seen((bad_input_problem(topic, buffer.name, str(exc)),))
@@ -333,6 +340,7 @@ class PolicyNode(LifecycleNode):
                 return self._configure_failed(worker.status().fatal_error or "the model failed to load")
             assert worker.policy is not None
             self._setup_execution(worker.policy)
+            self._prepare_views_with(worker.policy)
             self._create_outputs()
         except (ConfigError, ExecutionConfigError, ValueError) as exc:
             return self._configure_failed(str(exc))
@@ -404,6 +412,7 @@ class PolicyNode(LifecycleNode):
         if self._loop is not None:
             self._loop.stop()
             self._loop = None
+        self._prepare_views_with(None)
         worker, self.worker = self.worker, None
         if worker is not None:
             if not worker.stop(wait_s):
@@ -468,6 +477,16 @@ class PolicyNode(LifecycleNode):
             self._command_pub = self.create_lifecycle_publisher(Float64MultiArray, "commands", STREAM_COMMAND_QOS)
 
     # --- the model (called in the inference thread)
+
+    def _prepare_views_with(self, policy: Policy | None) -> None:
+        """Cameras resize their frames for `policy` as they arrive (`prepare_views`), or store them as they come
+        (None; a remote policy, whose server resizes)."""
+        preparer = getattr(policy, "prepare_view", None)
+        if policy is None or not self.config.views_on_arrival(policy.device):
+            preparer = None
+        for buffer in self.inputs.cameras.values():
+            buffer.set_preparer(None if preparer is None else
+                                lambda frame, name=buffer.name: preparer(frame, name))
 
     def _load_policy(self) -> Policy:
         from pi05_ros.engine.policy import Policy

@@ -109,6 +109,12 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               int_range=(0, 2**31 - 1)),
     ParamSpec("warmup", 2, "Inferences on synthetic input after loading the model (first-call allocations, "
               "CUDA graphs), before the first real one.", _I, int_range=(0, 20)),
+    ParamSpec("prepare_views", "auto", "Where camera frames are resized for the model: on_arrival (in each "
+              "frame's callback, off the inference's critical path, but every frame is resized, also those no "
+              "inference uses), in_inference (only the views an inference takes, on its thread), auto (on_arrival "
+              "when the model runs on a GPU, whose inference leaves the CPU free; in_inference on a CPU, where the "
+              "extra resizes slow the inference). policy_backend remote always sends frames as they came.", _S,
+              choices=("auto", "on_arrival", "in_inference")),
     # --- the checkpoint's conventions (engine/conventions.py); empty: the checkpoint's own, pi05-info shows them
     ParamSpec("prompt_format", "", "How the prompt is written: pi05 (task + discretized state: openpi, LeRobot "
               ">= 0.5), pi05_padded (state zero-padded to max_state_dim: LeRobot <= 0.4), pi0 (no state: "
@@ -262,10 +268,18 @@ class NodeConfig:
     policy_backend: str = "local"  # issue 9: local | remote (a policy server)
     policy_server_url: str = ""
     policy_server_timeout_s: float = 5.0
+    prepare_views: str = "auto"  # where camera frames are resized for the model: auto | on_arrival | in_inference
 
     @property
     def use_demo_model(self) -> bool:
         return self.policy_backend == "local" and (self.demo or not self.checkpoint)
+
+    def views_on_arrival(self, device: str) -> bool:
+        """Whether cameras resize their frames as they arrive, for a local policy on `device` (`prepare_views`;
+        docs/benchmarks.md §40: on a 2-core CPU resizing every frame slowed the inference more than it saved)."""
+        if self.prepare_views == "auto":
+            return device.startswith("cuda")
+        return self.prepare_views == "on_arrival"
 
 
 class ConfigError(ValueError):
@@ -333,6 +347,7 @@ def declare_parameters(node: Node) -> NodeConfig:
         policy_backend=values["policy_backend"],
         policy_server_url=values["policy_server_url"],
         policy_server_timeout_s=values["policy_server_timeout_s"],
+        prepare_views=values["prepare_views"],
     )
 
 

@@ -85,6 +85,32 @@ def test_bad_inputs_raise_input_error(policy: Policy, kwargs: dict, message: str
         policy.infer(**args)
 
 
+def test_views_prepared_before_equal_images_resized_in_infer(policy: Policy) -> None:
+    """prepare_view (the ROS node resizes each frame on arrival) is the resize infer would do: the same actions, bit
+    for bit (same float32 ops on the same pixels), and a prepared view owns its pixels."""
+    noise = RNG.standard_normal((policy.action_horizon, 32)).astype(np.float32)
+    base, wrist = policy.prepare_view(IMG, "base_0_rgb"), policy.prepare_view(WRIST, "left_wrist_0_rgb")
+    assert base.pixels.shape == (224, 224, 3) and base.source_shape == (480, 640)
+    prepared = policy.infer({"base_0_rgb": base, "left_wrist_0_rgb": wrist}, STATE, "open the drawer", 2, noise=noise)
+    raw = policy.infer({"base_0_rgb": IMG, "left_wrist_0_rgb": WRIST}, STATE, "open the drawer", 2, noise=noise)
+    np.testing.assert_array_equal(prepared.actions, raw.actions)
+    square = RNG.integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    view = policy.prepare_view(square)
+    np.testing.assert_array_equal(view.pixels, square)
+    assert not np.shares_memory(view.pixels, square)  # the caller may overwrite its frame buffer
+    with pytest.raises(InputError, match="base_0_rgb: expected uint8"):
+        policy.prepare_view(IMG.astype(np.float32), "base_0_rgb")
+
+
+def test_a_view_prepared_for_another_resize_is_refused(policy: Policy) -> None:
+    from pi05_ros.engine.preprocess import prepare_view
+
+    other = "lerobot" if policy.conventions.image_resize != "lerobot" else "openpi_client"
+    view = prepare_view(IMG, 224, other)
+    with pytest.raises(InputError, match=f"base_0_rgb: the view was prepared for 224x224 by the '{other}' resize"):
+        policy.infer({"base_0_rgb": view}, STATE, "go", 1)
+
+
 def test_policy_keeps_working_after_bad_input(policy: Policy) -> None:
     with pytest.raises(InputError):
         policy.infer({"base_0_rgb": IMG}, np.full(7, np.inf), "go", 1)

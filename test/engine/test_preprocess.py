@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from pi05_ros.engine.errors import CheckpointError, InputError
-from pi05_ros.engine.preprocess import prepare_image, resize_views, resize_with_pad, to_model_range
+from pi05_ros.engine.preprocess import (
+    PreparedView,
+    prepare_image,
+    prepare_view,
+    resize_views,
+    resize_with_pad,
+    to_model_range,
+)
 
 
 def test_square_224_is_untouched() -> None:
@@ -86,3 +93,20 @@ def test_resize_views_equals_each_view_alone(method: str) -> None:
     for image, resized in zip(views, together, strict=True):
         if image is not None:
             np.testing.assert_array_equal(resized, resize_with_pad(image, 224, method))
+
+
+@pytest.mark.parametrize("method", ["openpi_client", "openpi_server", "lerobot"])
+def test_prepared_views_pass_through_resize_views(method: str) -> None:
+    """A view prepared earlier (prepare_view) is taken as it is beside views resized now, in slot order."""
+    rng = np.random.default_rng(5)
+    frames = [rng.integers(0, 256, (480, 640, 3), dtype=np.uint8), rng.integers(0, 256, (720, 1280, 3), np.uint8)]
+    early = prepare_view(frames[0], 224, method, "base")
+    assert isinstance(early, PreparedView) and early.nbytes == early.pixels.nbytes
+    mixed = resize_views([early, None, frames[1]], 224, method, ["base", "left", "right"])
+    assert mixed[0] is early.pixels and mixed[1] is None
+    np.testing.assert_array_equal(mixed[2], resize_with_pad(frames[1], 224, method))
+    np.testing.assert_array_equal(early.pixels, resize_with_pad(frames[0], 224, method))
+    with pytest.raises(InputError, match="base: the view was prepared for 224x224"):
+        resize_views([early], 112, method, ["base"])
+    with pytest.raises(InputError, match="right: expected uint8"):
+        resize_views([early, frames[1].astype(np.float32)], 224, method, ["base", "right"])

@@ -8,8 +8,11 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
-from pi05_ros.ros.inputs import InputBuffers, LatestBuffer, LatestText
+from pi05_ros.engine.errors import InputError
+from pi05_ros.engine.preprocess import PreparedView, prepare_view, resize_with_pad
+from pi05_ros.ros.inputs import CameraBuffer, InputBuffers, LatestBuffer, LatestText
 
 
 def write(buffer: LatestBuffer, value: int, shape: tuple[int, ...] = (4, 5, 3), stamp: int = 0) -> np.ndarray:
@@ -162,3 +165,92 @@ def test_heap_trimmer_trims_once_after_a_drop() -> None:
     assert not trimmer.check(195)  # less than the minimum drop
     assert trimmer.check(50) and trimmer.trims == 1  # glibc here: malloc_trim exists
     assert not trimmer.check(50) and trimmer.trims == 1
+
+
+def write_frame(buffer: CameraBuffer, value: int, shape: tuple[int, ...] = (48, 64, 3), stamp: int = 0) -> np.ndarray:
+    frame = buffer.frame_buffer(shape)
+    frame.fill(value)
+    buffer.commit_frame(frame, stamp)
+    return frame
+
+
+def test_a_camera_that_prepares_holds_model_size_views_of_its_frames() -> None:
+    """With the policy's prepare_view set, each frame is resized as it is committed: the reader takes the view the
+    engine would have made, the writer converts every frame into one scratch array of its own, and the view taken
+    stays as it was when the writer overwrites that array."""
+    buffer = CameraBuffer("cam")
+    buffer.set_preparer(lambda frame: prepare_view(frame, 224, "openpi_client", "cam"))
+    rng = np.random.default_rng(1)
+    frame = buffer.frame_buffer((480, 640, 3))
+    frame[...] = rng.integers(0, 256, frame.shape, dtype=np.uint8)
+    expected = resize_with_pad(frame.copy(), 224, "openpi_client")
+    buffer.commit_frame(frame, 10)
+    sample = buffer.take()
+    assert sample is not None and isinstance(sample.data, PreparedView) and sample.stamp_ns == 10
+    assert buffer.frame_buffer((480, 640, 3)) is frame  # the scratch array is reused, never handed to the reader
+    frame.fill(7)
+    np.testing.assert_array_equal(sample.data.pixels, expected)
+    assert sample.data.source_shape == (480, 640)
+    state = buffer.state()
+    assert state.prepare_ms is not None and state.prepare_ms > 0
+    assert buffer.held_bytes() == 480 * 640 * 3 + 224 * 224 * 3  # the scratch + the one view held
+    for value in range(5):
+        write_frame(buffer, value, (480, 640, 3))
+    assert buffer.held_bytes() == 480 * 640 * 3 + 3 * 224 * 224 * 3
+
+
+def test_a_camera_stops_preparing_when_the_preparer_goes() -> None:
+    buffer = CameraBuffer("cam")
+    buffer.set_preparer(lambda frame: prepare_view(frame, 224, "openpi_client"))
+    for value in range(3):
+        write_frame(buffer, value)
+    buffer.set_preparer(None)  # cleanup, or a remote policy: frames as they come
+    assert buffer.state().prepare_ms is None
+    frame = write_frame(buffer, 9)
+    assert isinstance(frame, np.ndarray) and frame.shape == (48, 64, 3)  # a fresh array, not a view's slot
+    sample = buffer.take()
+    assert sample is not None and isinstance(sample.data, np.ndarray) and np.all(sample.data == 9)
+    assert buffer.latest_copy() is not None
+
+
+def test_a_frame_the_preparer_refuses_is_not_committed() -> None:
+    buffer = CameraBuffer("cam")
+    write_frame(buffer, 1, stamp=5)
+
+    def refuse(frame: np.ndarray) -> PreparedView:
+        raise InputError("cam: refused")
+
+    buffer.set_preparer(refuse)
+    with pytest.raises(InputError, match="refused"):
+        write_frame(buffer, 2, stamp=6)
+    sample = buffer.take()
+    assert sample is not None and sample.stamp_ns == 5 and np.all(sample.data == 1)
+
+
+def test_prepared_views_are_never_torn_under_concurrent_writes() -> None:
+    buffer = CameraBuffer("cam")
+    buffer.set_preparer(lambda frame: prepare_view(frame, 224, "openpi_client"))
+    stop = threading.Event()
+    torn: list[int] = []
+
+    def writer() -> None:
+        value = 0
+        while not stop.is_set():
+            value = (value + 1) % 256
+            write_frame(buffer, value, (64, 64, 3))  # square: resized to a uniform 224x224 of the same value
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    deadline = time.monotonic() + 0.5
+    reads = 0
+    while time.monotonic() < deadline:
+        sample = buffer.take()
+        if sample is None:
+            continue
+        reads += 1
+        pixels = sample.data.pixels
+        if not np.all(pixels == pixels.flat[0]):
+            torn.append(reads)
+    stop.set()
+    thread.join()
+    assert reads > 10 and not torn

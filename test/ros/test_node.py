@@ -179,6 +179,7 @@ def test_diagnostics_carry_every_stage_and_say_demo(running) -> None:
     assert 0.0 < float(values["achieved_rate_hz"]) <= 12.0  # target 10 Hz; the rate itself is tested above
     for name in ("base_image", "wrist_image", "joint_states"):
         assert float(values[f"input.{name}.age_s"]) < 0.5
+    assert "input.base_image.prepare_ms" not in values  # prepare_views auto: resized in the inference on a CPU
     assert values["gpu_memory"].startswith("n/a")
     assert int(values["published_chunks"]) > 0 and "dropped_observations" in values
 

@@ -265,3 +265,15 @@ def test_frame_bounds_and_joint_bound_reach_the_config(make_node) -> None:
                                           "-p", "max_abs_joint_position:=50.0"))
     assert [(c.max_width, c.max_height) for c in config.cameras] == [(2048, 2048), (4000, 3000)]
     assert config.max_abs_joint_position == 50.0
+
+
+def test_prepare_views_auto_resizes_on_arrival_only_on_a_gpu(make_node) -> None:
+    auto = declare_parameters(make_node())
+    assert auto.prepare_views == "auto"
+    assert auto.views_on_arrival("cuda:0") and not auto.views_on_arrival("cpu")
+    on_arrival = declare_parameters(make_node("-p", "prepare_views:=on_arrival"))
+    assert on_arrival.views_on_arrival("cpu") and on_arrival.views_on_arrival("cuda")
+    in_inference = declare_parameters(make_node("-p", "prepare_views:=in_inference"))
+    assert not in_inference.views_on_arrival("cuda")
+    with pytest.raises(ConfigError, match="prepare_views is 'sometimes'; use one of auto, on_arrival, in_inference"):
+        declare_parameters(make_node("-p", "prepare_views:=sometimes"))
