@@ -194,17 +194,18 @@ class CameraBuffer(LatestBuffer):
 
     def set_preparer(self, preparer: Callable[[np.ndarray], PreparedView] | None) -> None:
         """Any thread: prepare the frames that arrive from now on with `preparer` (None: store them as they are).
-        Values already held stay as they are; the engine refuses a view prepared for another model by name."""
-        self._preparer = preparer
-        if preparer is None:
-            self._scratch = None
+        Values already held stay as they are; the engine refuses a view prepared for another model by name. Only
+        the writer touches its scratch array (it reads the preparer once per step), so a change between its
+        `frame_buffer` and `commit_frame` never leaves one array both scratch and held."""
         with self._lock:
+            self._preparer = preparer
             self._prepare_ms.clear()
 
     def frame_buffer(self, shape: tuple[int, ...] | None = None) -> np.ndarray | None:
-        """Writer: the array to convert the next frame into (as `spare`): the spare buffer itself, or the scratch
-        array when frames are prepared (the buffers then hold prepared views, not frames)."""
+        """Writer: the array to convert the next frame into (as `spare`): the scratch array when frames are
+        prepared (the buffers then hold prepared views, not frames), else the spare buffer itself."""
         if self._preparer is None:
+            self._scratch = None  # frames go into the buffers themselves again: let a large scratch array go
             return self.spare(shape)
         if shape is None:
             return self._scratch
@@ -217,10 +218,11 @@ class CameraBuffer(LatestBuffer):
         engine's InputError), committing nothing."""
         preparer = self._preparer
         if preparer is None:
+            if frame is self._scratch:  # converted for a preparer that has gone since: the buffers own it now
+                self._scratch = None
             self.commit(frame, stamp_ns)
             return
-        if frame is not self._scratch:  # converted elsewhere (a decoder's own array): keep it for the next frame
-            self._scratch = frame
+        self._scratch = frame  # the scratch array, a decoder's own array, or a spare from before the preparer
         start = time.perf_counter()
         view = preparer(frame)
         elapsed_ms = (time.perf_counter() - start) * 1e3
@@ -236,6 +238,8 @@ class CameraBuffer(LatestBuffer):
                           state.bad_stamps, prepare_ms)
 
     def held_bytes(self) -> int:
+        """The three buffers (prepared views while preparing) and the writer's frame-sized scratch array, which the
+        next frame of another size replaces and which goes when preparing stops."""
         scratch = self._scratch
         return super().held_bytes() + (scratch.nbytes if scratch is not None else 0)
 

@@ -217,7 +217,7 @@ class PolicyNode(LifecycleNode):
             bounds.check(width, height)  # before any copy: a huge frame never reaches the buffers
             filled = image_to_rgb(msg, buffer.frame_buffer((height, width, 3)))
         except ConversionError as exc:
-            self._input_failed(buffer, topic, exc)
+            self._input_failed(buffer, topic, str(exc))
             return
         self._commit_frame(buffer, topic, filled, msg)
 
@@ -225,7 +225,11 @@ class PolicyNode(LifecycleNode):
         try:
             buffer.commit_frame(frame, stamp_to_ns(msg.header.stamp))  # resized for the model here when preparing
         except InputError as exc:
-            self._input_failed(buffer, topic, exc)
+            self._input_failed(buffer, topic, str(exc))
+        except Exception as exc:  # noqa: BLE001 - the resize runs PIL/torch in the callback; the executor must live
+            self._input_failed(buffer, topic, f"resizing the frame for the model failed: {type(exc).__name__}: "
+                               f"{shorten(str(exc), 300)}; set prepare_views:=in_inference to resize in the "
+                               "inference instead")
 
     def _on_compressed(self, buffer: CameraBuffer, bounds: FrameBounds, topic: str, msg: CompressedImage) -> None:
         try:
@@ -236,7 +240,7 @@ class PolicyNode(LifecycleNode):
             if size is None:
                 bounds.check(filled.shape[1], filled.shape[0])
         except ConversionError as exc:
-            self._input_failed(buffer, topic, exc)
+            self._input_failed(buffer, topic, str(exc))
             return
         self._commit_frame(buffer, topic, filled, msg)
 
@@ -246,7 +250,7 @@ class PolicyNode(LifecycleNode):
             size = len(self.config.state_joint_names) or len(msg.position)
             filled = self._joint_selector.positions(msg, buffer.spare((size,)))
         except ConversionError as exc:
-            self._input_failed(buffer, "joint_states", exc)
+            self._input_failed(buffer, "joint_states", str(exc))
             return
         buffer.commit(filled, stamp_to_ns(msg.header.stamp))
 
@@ -257,10 +261,10 @@ class PolicyNode(LifecycleNode):
         if not text.strip():
             self._problem_log.seen((empty_instruction_problem(self.inputs.instruction.name, text),))
 
-    def _input_failed(self, buffer: LatestBuffer, topic: str, exc: ConversionError | InputError) -> None:
-        buffer.fail(str(exc))
+    def _input_failed(self, buffer: LatestBuffer, topic: str, reason: str) -> None:
+        buffer.fail(reason)
         # Logged when this input's problem starts (and when it clears), whatever other inputs do.
-        self._problem_log.seen((bad_input_problem(topic, buffer.name, str(exc)),))
+        self._problem_log.seen((bad_input_problem(topic, buffer.name, reason),))
 
     def _write_problem_line(self, level: Level, text: str) -> None:
         logger = self.get_logger()
@@ -340,7 +344,6 @@ class PolicyNode(LifecycleNode):
                 return self._configure_failed(worker.status().fatal_error or "the model failed to load")
             assert worker.policy is not None
             self._setup_execution(worker.policy)
-            self._prepare_views_with(worker.policy)
             self._create_outputs()
         except (ConfigError, ExecutionConfigError, ValueError) as exc:
             return self._configure_failed(str(exc))
@@ -357,6 +360,7 @@ class PolicyNode(LifecycleNode):
         assert self.worker is not None
         self._active = True
         self.worker.set_active(True)
+        self._prepare_views_with(self.worker.policy)  # while inactive no inference uses the frames
         self._loop = ControlLoop(self.now_ns, self._dt_ns, self._on_control_tick)
         self._loop.start()
         self.get_logger().info("active: inferring" + ("" if self._commands_off() else " and commanding"))
@@ -390,6 +394,7 @@ class PolicyNode(LifecycleNode):
     def _deactivate(self) -> None:
         """Stop commanding: no tick, no inference; one hold (whatever on_stale says) while publishers still work."""
         self._active = False
+        self._prepare_views_with(None)
         if self._loop is not None:
             self._loop.stop()
             self._loop = None

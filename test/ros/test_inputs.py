@@ -204,13 +204,43 @@ def test_a_camera_stops_preparing_when_the_preparer_goes() -> None:
     buffer.set_preparer(lambda frame: prepare_view(frame, 224, "openpi_client"))
     for value in range(3):
         write_frame(buffer, value)
-    buffer.set_preparer(None)  # cleanup, or a remote policy: frames as they come
+    held = buffer.take()
+    assert held is not None and isinstance(held.data, PreparedView)
+    buffer.set_preparer(None)  # deactivate, cleanup, or a remote policy: frames as they come
     assert buffer.state().prepare_ms is None
     frame = write_frame(buffer, 9)
-    assert isinstance(frame, np.ndarray) and frame.shape == (48, 64, 3)  # a fresh array, not a view's slot
+    assert buffer._scratch is None  # the frame-sized scratch array is let go
+    assert not np.shares_memory(frame, held.data.pixels)
     sample = buffer.take()
-    assert sample is not None and isinstance(sample.data, np.ndarray) and np.all(sample.data == 9)
-    assert buffer.latest_copy() is not None
+    assert sample is not None and sample.data is frame and np.all(sample.data == 9)
+    assert buffer.held_bytes() <= 48 * 64 * 3 + 2 * 224 * 224 * 3  # the raw frame beside views still held
+
+
+def test_a_preparer_that_changes_between_convert_and_commit_never_aliases_the_reader() -> None:
+    """set_preparer runs on another thread than the writer: a change between frame_buffer and commit_frame must
+    neither hand the reader an array the writer converts into next nor keep a stale scratch array."""
+    buffer = CameraBuffer("cam")
+    prepare = lambda frame: prepare_view(frame, 224, "openpi_client")  # noqa: E731
+    buffer.set_preparer(prepare)
+    frame = buffer.frame_buffer((64, 64, 3))
+    frame.fill(1)
+    buffer.set_preparer(None)  # between the writer's two steps
+    buffer.commit_frame(frame, 1)
+    raw = buffer.take()
+    assert raw is not None and raw.data is frame and buffer._scratch is None
+    buffer.set_preparer(prepare)
+    write_frame(buffer, 2)
+    assert not np.shares_memory(buffer.frame_buffer((64, 64, 3)), raw.data)
+    assert np.all(raw.data == 1)  # what the reader took is untouched by the frames after it
+    spare = buffer.frame_buffer((64, 64, 3))
+    buffer.set_preparer(None)
+    spare_raw = buffer.frame_buffer((64, 64, 3))
+    buffer.set_preparer(prepare)  # the other way round: a ring spare converted, then prepared
+    spare_raw.fill(3)
+    buffer.commit_frame(spare_raw, 3)
+    view = buffer.take()
+    assert view is not None and isinstance(view.data, PreparedView) and np.all(view.data.pixels == 3)
+    assert spare is not None and buffer.held_bytes() <= 64 * 64 * 3 + 3 * 224 * 224 * 3
 
 
 def test_a_frame_the_preparer_refuses_is_not_committed() -> None:
@@ -237,7 +267,8 @@ def test_prepared_views_are_never_torn_under_concurrent_writes() -> None:
         value = 0
         while not stop.is_set():
             value = (value + 1) % 256
-            write_frame(buffer, value, (64, 64, 3))  # square: resized to a uniform 224x224 of the same value
+            # Model-size frames: prepare_view must copy them, or the reader's view is the writer's scratch array.
+            write_frame(buffer, value, (224, 224, 3))
 
     thread = threading.Thread(target=writer)
     thread.start()
@@ -248,8 +279,9 @@ def test_prepared_views_are_never_torn_under_concurrent_writes() -> None:
         if sample is None:
             continue
         reads += 1
+        time.sleep(0.001)  # let the writer convert the next frames while this view is held
         pixels = sample.data.pixels
-        if not np.all(pixels == pixels.flat[0]):
+        if not np.all(pixels == sample.sequence % 256):  # frame k is filled with k % 256
             torn.append(reads)
     stop.set()
     thread.join()
