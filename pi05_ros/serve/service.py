@@ -326,13 +326,22 @@ def layout_views(layout: ObservationLayout, policy: Policy) -> int:
     return min(len(layout.images) or most, most)
 
 
-def warm_up(policy: Policy, num_steps: int, views: int = 1) -> None:
-    """Inferences before the first client's, so that it does not pay for first-call set-up: one batch per batch
-    bucket of the fast pipeline (each captures its CUDA graphs), with `views` cameras (the layout's)."""
+# Warm-up prompts: a short one and a typical task, so the prompt-length tiles (16 tokens, state included) that
+# most requests reach have their prefill graphs before the first client. A longer prompt still captures once.
+WARM_UP_PROMPTS = ("warm up", "pick up the red block on the left and put it in the blue bowl next to the cup")
+
+
+def warm_up(policy: Policy, num_steps: int, views: int = 1,
+            prompts: tuple[str, ...] = WARM_UP_PROMPTS) -> None:
+    """Inferences before the first client's, so that it does not pay for first-call set-up: for each batch bucket
+    of the fast pipeline one batch per prompt (capturing its CUDA graphs), with `views` cameras (the layout's). A
+    request with another number of views, or a prompt in a tile not warmed, captures (and, at batches of 2 and
+    more, compiles) on its first use: logged as `captured CUDA graph ...`."""
     size = policy.config.vision.image_size
     images = {key: np.zeros((size, size, 3), np.uint8) for key in policy.image_keys[:max(1, views)]}
-    row = RawObservation(images, np.zeros(policy.state_dim, np.float32), "warm up")
+    state = np.zeros(policy.state_dim, np.float32)
     for bucket in getattr(policy.runner, "batch_buckets", (1,)):
         start = time.perf_counter()
-        policy.infer_batch([row] * bucket, num_steps)
-        log.info("warm-up: a batch of %d in %.2f s", bucket, time.perf_counter() - start)
+        for prompt in prompts:
+            policy.infer_batch([RawObservation(images, state, prompt)] * bucket, num_steps)
+        log.info("warm-up: batches of %d in %.2f s", bucket, time.perf_counter() - start)

@@ -266,8 +266,11 @@ def test_batch_buckets_equal_rows_alone(full_model, observation, precision: str,
     pipe = Pi05Pipeline(full_model, precision=precision, max_batch=8)
     alone = np.stack([pipe.run(row, 10)[0] for row in rows])
     reference = np.stack([reference_actions(full_model, row, 10) for row in rows])
+    batched_three = None
     for count in (1, 2, 3, 8):
         batched, timings = pipe.run_batch(rows[:count], 10)
+        if count == 3:
+            batched_three = batched
         again, _ = pipe.run_batch(rows[:count], 10)
         np.testing.assert_array_equal(batched, again)  # graph replay is deterministic
         worst = max(rel_err(batched[i], alone[i]) for i in range(count))
@@ -278,8 +281,29 @@ def test_batch_buckets_equal_rows_alone(full_model, observation, precision: str,
         # a batch runs the torch path (batch 1: the kernels), so rows differ by two bf16 roundings at most
         assert worst < BOUND[precision]
         assert vs_reference < BOUND[precision]
+        assert np.isfinite(batched).all()
     buckets = sorted({key[-1] for key in pipe._graphs if key[0] == "denoise_step"})
     assert buckets == [1, 2, 4, 8]
     before = len(pipe._graphs)
     pipe.run_batch(rows[3:8], 10)  # 5 rows: bucket 8, the same text tile as the 8 rows: nothing new captured
     assert len(pipe._graphs) == before
+    # Nothing of the batches leaks into batch 1's state (caches, the step table's index, RoPE and mask buffers).
+    np.testing.assert_array_equal(pipe.run(rows[0], 10)[0], alone[0])
+    # Padded rows: 3 rows in bucket 4 after 4 other rows filled that bucket's fourth row.
+    pipe.run_batch(rows[1:5], 10)
+    np.testing.assert_array_equal(pipe.run_batch(rows[:3], 10)[0], pipe.run_batch(rows[:3], 10)[0])
+    np.testing.assert_allclose(pipe.run_batch(rows[:3], 10)[0], batched_three, rtol=0, atol=0)
+    # The same path without graphs (the torch path's layers eagerly, the same FP8 scales): graphs change nothing
+    # but cuBLAS run-to-run rounding (as the batch-1 graph test).
+    eager = Pi05Pipeline(full_model, precision=precision, max_batch=8, use_graphs=False, expert_kernels="off",
+                         fp8_scales=pipe.fp8_scales if precision == "fp8" else None)
+    for count in (2, 3):
+        want = eager.run_batch(rows[:count], 10)[0]
+        np.testing.assert_allclose(pipe.run_batch(rows[:count], 10)[0], want, rtol=0, atol=1e-3 * np.abs(want).max())
+    # A bucket's first capture after a run of 100 steps (the step table's index left at its end).
+    pipe.run(rows[0], 100)
+    wide = [PreparedObservation([im, im, rows[0].images[0]], r.tokens, r.token_mask, r.noise)
+            for r, im in zip(rows[:2], (rows[0].images[0], rows[1].images[0]), strict=True)]
+    three_views, _ = pipe.run_batch(wide, 10)  # 3 views: a new vision / prefill / step graph for bucket 2
+    assert np.isfinite(three_views).all()
+    assert max(rel_err(three_views[i], pipe.run(wide[i], 10)[0]) for i in range(2)) < BOUND[precision]

@@ -498,6 +498,10 @@ class Pi05Pipeline:
         path = self.path_for(batch)
         table = self.step_table(num_steps, path)
         key = ("denoise_step", views, path, batch)
+        if key not in self._graphs:
+            # Making the graph runs the step three times, each moving the table's index on: from where the last
+            # inference left it (up to MAX_STEPS) that would read past the table's end, a device-side assert.
+            table.index.zero_()
         return self._stage(key, lambda: self._step_fn(views, table, batch))
 
     # --- real-time chunking (engine/rtc.py): the torch path's layers with their VJP, one step graph
@@ -561,6 +565,7 @@ class Pi05Pipeline:
 
     def _rtc_step(self, views: int, table: StepTable) -> Callable[[], None]:
         make = lambda: self._rtc_step_fn(views, table)  # noqa: E731
+        table.index.zero_()  # a capture or a first eager run steps it on (see _step_stage)
         if self._rtc_mode != "eager" and self.use_graphs:
             return self._stage(("rtc_step", views), make)  # its warm-up runs fail here if this mode cannot
         fn = make()
@@ -658,10 +663,6 @@ class Pi05Pipeline:
         guided = observations[0].guided
         if guided:
             self._stage_guidance(observations[0].guidance)
-        vision = self._stage(("vision", n_views, batch), lambda: self._vision_fn(n_views, batch))
-        prefill = self._stage(("prefill", n_views, text_len, batch),
-                              lambda: self._prefill_fn(n_views, text_len, batch))
-        denoise = self._rtc_stage(num_steps, n_views) if guided else self._denoise_stage(num_steps, n_views, batch)
         host_ms = (time.perf_counter() - host_start) * 1e3
         ev = self._events
         ev[0].record()
@@ -673,6 +674,12 @@ class Pi05Pipeline:
             for device, host in zip(self._rtc_device, self._rtc_host, strict=True):
                 device.copy_(host, non_blocking=True)
         ev[1].record()
+        # The stages after the copies: a graph made now (first use of a bucket, view count, text tile) warms up on
+        # this observation's inputs, not on rows never written (n_valid 0: every key masked, NaN K/V).
+        vision = self._stage(("vision", n_views, batch), lambda: self._vision_fn(n_views, batch))
+        prefill = self._stage(("prefill", n_views, text_len, batch),
+                              lambda: self._prefill_fn(n_views, text_len, batch))
+        denoise = self._rtc_stage(num_steps, n_views) if guided else self._denoise_stage(num_steps, n_views, batch)
         vision()
         ev[2].record()
         prefill()
