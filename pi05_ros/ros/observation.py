@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pi05_ros.engine.preprocess import PreparedView
 from pi05_ros.ros.inputs import InputBuffers, LatestBuffer
 from pi05_ros.ros.problems import Level, Problem, ProblemCode
 from pi05_ros.ros.settings import CameraConfig
@@ -17,7 +18,7 @@ from pi05_ros.ros.settings import CameraConfig
 class Observation:
     """One complete observation as the engine takes it."""
 
-    images: dict[str, np.ndarray]  # model slot -> uint8 HxWx3 RGB
+    images: dict[str, np.ndarray | PreparedView]  # model slot -> uint8 HxWx3 RGB, or the view resized on arrival
     state: np.ndarray  # float32 [state_dim]
     prompt: str
     stamp_ns: int  # newest stamp among the inputs used (after the stamp rule: execution/stamps.py)
