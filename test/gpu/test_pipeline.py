@@ -300,8 +300,9 @@ def test_batch_buckets_equal_rows_alone(full_model, observation, precision: str,
     for count in (2, 3):
         want = eager.run_batch(rows[:count], 10)[0]
         np.testing.assert_allclose(pipe.run_batch(rows[:count], 10)[0], want, rtol=0, atol=1e-3 * np.abs(want).max())
-    # A bucket's first capture after a run of 100 steps (the step table's index left at its end).
-    pipe.run(rows[0], 100)
+    # A bucket's first capture after a run of 100 steps on the same path (the torch path's step table, whose index
+    # that run left at its end).
+    pipe.run_batch(rows[:2], 100)
     wide = [PreparedObservation([im, im, rows[0].images[0]], r.tokens, r.token_mask, r.noise)
             for r, im in zip(rows[:2], (rows[0].images[0], rows[1].images[0]), strict=True)]
     three_views, _ = pipe.run_batch(wide, 10)  # 3 views: a new vision / prefill / step graph for bucket 2
