@@ -12,6 +12,7 @@ No ROS imports.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import deque
@@ -234,8 +235,7 @@ class CameraBuffer(LatestBuffer):
         state = super().state(now_ns)
         with self._lock:
             prepare_ms = sum(self._prepare_ms) / len(self._prepare_ms) if self._prepare_ms else None
-        return InputState(state.name, state.messages, state.age_s, state.error, state.dropped, state.stamp_issue,
-                          state.bad_stamps, prepare_ms)
+        return dataclasses.replace(state, prepare_ms=prepare_ms)
 
     def held_bytes(self) -> int:
         """The three buffers (prepared views while preparing) and the writer's frame-sized scratch array, which the

@@ -486,9 +486,8 @@ class PolicyNode(LifecycleNode):
     def _prepare_views_with(self, policy: Policy | None) -> None:
         """Cameras resize their frames for `policy` as they arrive (`prepare_views`), or store them as they come
         (None; a remote policy, whose server resizes)."""
-        preparer = getattr(policy, "prepare_view", None)
-        if policy is None or not self.config.views_on_arrival(policy.device):
-            preparer = None
+        on_arrival = policy is not None and self.config.views_on_arrival(policy.device)
+        preparer = getattr(policy, "prepare_view", None) if on_arrival else None
         for buffer in self.inputs.cameras.values():
             buffer.set_preparer(None if preparer is None else
                                 lambda frame, name=buffer.name: preparer(frame, name))

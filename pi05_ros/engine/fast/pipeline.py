@@ -418,6 +418,9 @@ class Pi05Pipeline:
     def _step_fn(self, views: int, table: StepTable, batch: int) -> Callable[[], None]:
         """One Euler step on d_x's first `batch` rows with the table's current row (graph-captured once per views,
         path and batch)."""
+        # Making its graph runs the step three times, each moving the table's index on: from where the last
+        # inference left it (up to MAX_STEPS) that would read past the table's end, a device-side assert.
+        table.index.zero_()
         total = self._cache_rows(self._capacity(views))
         key_caches, value_caches = self._caches(batch)
         keys = [k[:, :, :total] for k in key_caches]
@@ -498,10 +501,6 @@ class Pi05Pipeline:
         path = self.path_for(batch)
         table = self.step_table(num_steps, path)
         key = ("denoise_step", views, path, batch)
-        if key not in self._graphs:
-            # Making the graph runs the step three times, each moving the table's index on: from where the last
-            # inference left it (up to MAX_STEPS) that would read past the table's end, a device-side assert.
-            table.index.zero_()
         return self._stage(key, lambda: self._step_fn(views, table, batch))
 
     # --- real-time chunking (engine/rtc.py): the torch path's layers with their VJP, one step graph
@@ -565,7 +564,6 @@ class Pi05Pipeline:
 
     def _rtc_step(self, views: int, table: StepTable) -> Callable[[], None]:
         make = lambda: self._rtc_step_fn(views, table)  # noqa: E731
-        table.index.zero_()  # a capture or a first eager run steps it on (see _step_stage)
         if self._rtc_mode != "eager" and self.use_graphs:
             return self._stage(("rtc_step", views), make)  # its warm-up runs fail here if this mode cannot
         fn = make()
@@ -575,6 +573,7 @@ class Pi05Pipeline:
         return fn
 
     def _rtc_step_fn(self, views: int, table: StepTable) -> Callable[[], None]:
+        table.index.zero_()  # a capture or a first eager run steps it on (see _step_fn)
         total = self._cache_rows(self._capacity(views))
         where = self._suffix_buffers(views, "rtc", [k[:1, :, :total] for k in self.d_keys], 1)
         previous, weights, beta = self._rtc_device
