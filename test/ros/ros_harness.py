@@ -269,6 +269,25 @@ def stamp_ns(stamp: Any) -> int:
 JOINTS = ["joint_1", "joint_2", "joint_3", "joint_4", "joint_5", "joint_6", "gripper"]
 
 
+def assert_chunks_are_local_inference(chunks: list[Any], seed: int, prompt: str, count: int = 3) -> None:
+    """The first `count` chunks (by sequence) of a node fed by a default Driver are what `Policy.demo(seed)` infers
+    on the CPU from the same inputs: they never change (two raw gradient images of 120x160 and 120x176, joint j at
+    0.1 j, `prompt`), and both draw noise from default_rng(seed) in order."""
+    from pi05_ros.engine.policy import Policy
+
+    def pixels(height: int, width: int) -> np.ndarray:
+        return np.frombuffer(bytes(make_image(height, width).data), np.uint8).reshape(height, width, 3)
+
+    images = {"base_0_rgb": pixels(120, 160), "left_wrist_0_rgb": pixels(120, 176)}
+    state = np.array([0.1 * i for i in range(len(JOINTS))], np.float32)
+    local = Policy.demo(device="cpu", seed=seed)
+    for chunk in sorted(chunks, key=lambda c: c.sequence)[:count]:
+        want = local.infer(images, state, prompt, chunk.denoise_steps).actions
+        got = np.asarray(chunk.actions, np.float32).reshape(chunk.horizon, chunk.action_dim)
+        # the same float32 model on the same CPU; thread counts differ between the two processes: ~1e-6
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 class Driver:
     """The robot side of a test: publishes inputs at ~20 Hz from a feeder thread, records what the policy
     node publishes, and sets its parameters through the real parameter services."""

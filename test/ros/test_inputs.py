@@ -6,13 +6,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 
 from pi05_ros.engine.errors import InputError
 from pi05_ros.engine.preprocess import PreparedView, prepare_view, resize_with_pad
-from pi05_ros.ros.inputs import CameraBuffer, InputBuffers, LatestBuffer, LatestText
+from pi05_ros.ros.inputs import CameraBuffer, InputBuffers, LatestBuffer, LatestText, Sample
 
 
 def write(buffer: LatestBuffer, value: int, shape: tuple[int, ...] = (4, 5, 3), stamp: int = 0) -> np.ndarray:
@@ -94,9 +95,10 @@ def test_trigger_callback_runs_after_each_commit() -> None:
     assert len(calls) == 2
 
 
-def test_reader_never_sees_a_torn_frame_under_concurrent_writes() -> None:
-    # The writer fills each frame with one value; a frame mixing values would mean a half-written buffer.
-    buffer = LatestBuffer("cam")
+def torn_reads(buffer: LatestBuffer, write_next: Callable[[int], object], whole: Callable[[Sample], bool],
+               hold_s: float = 0.0) -> tuple[int, list[int]]:
+    """For 0.5 s a thread writes values 1, 2, ... (mod 256) while this one takes: how many reads, and which of them
+    `whole` refused. `hold_s`: how long each read holds its value before it is checked."""
     stop = threading.Event()
     torn: list[int] = []
 
@@ -104,7 +106,7 @@ def test_reader_never_sees_a_torn_frame_under_concurrent_writes() -> None:
         value = 0
         while not stop.is_set():
             value = (value + 1) % 256
-            write(buffer, value, (64, 64, 3))
+            write_next(value)
 
     thread = threading.Thread(target=writer)
     thread.start()
@@ -115,11 +117,20 @@ def test_reader_never_sees_a_torn_frame_under_concurrent_writes() -> None:
         if sample is None:
             continue
         reads += 1
-        first = sample.data.flat[0]
-        if not np.all(sample.data == first):
+        if hold_s:
+            time.sleep(hold_s)
+        if not whole(sample):
             torn.append(reads)
     stop.set()
     thread.join()
+    return reads, torn
+
+
+def test_reader_never_sees_a_torn_frame_under_concurrent_writes() -> None:
+    # The writer fills each frame with one value; a frame mixing values would mean a half-written buffer.
+    buffer = LatestBuffer("cam")
+    reads, torn = torn_reads(buffer, lambda value: write(buffer, value, (64, 64, 3)),
+                             lambda sample: bool(np.all(sample.data == sample.data.flat[0])))
     assert reads > 10 and not torn
 
 
@@ -260,29 +271,8 @@ def test_a_frame_the_preparer_refuses_is_not_committed() -> None:
 def test_prepared_views_are_never_torn_under_concurrent_writes() -> None:
     buffer = CameraBuffer("cam")
     buffer.set_preparer(lambda frame: prepare_view(frame, 224, "openpi_client"))
-    stop = threading.Event()
-    torn: list[int] = []
-
-    def writer() -> None:
-        value = 0
-        while not stop.is_set():
-            value = (value + 1) % 256
-            # Model-size frames: prepare_view must copy them, or the reader's view is the writer's scratch array.
-            write_frame(buffer, value, (224, 224, 3))
-
-    thread = threading.Thread(target=writer)
-    thread.start()
-    deadline = time.monotonic() + 0.5
-    reads = 0
-    while time.monotonic() < deadline:
-        sample = buffer.take()
-        if sample is None:
-            continue
-        reads += 1
-        time.sleep(0.001)  # let the writer convert the next frames while this view is held
-        pixels = sample.data.pixels
-        if not np.all(pixels == sample.sequence % 256):  # frame k is filled with k % 256
-            torn.append(reads)
-    stop.set()
-    thread.join()
+    # Model-size frames: prepare_view must copy them, or the reader's view is the writer's scratch array. Each read
+    # holds its view while the writer converts the next frames; frame k is filled with k % 256.
+    reads, torn = torn_reads(buffer, lambda value: write_frame(buffer, value, (224, 224, 3)),
+                             lambda sample: bool(np.all(sample.data.pixels == sample.sequence % 256)), hold_s=0.001)
     assert reads > 10 and not torn

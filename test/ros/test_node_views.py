@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import pytest
 from ros_harness import (
     JOINTS,
     NODE_START_TIMEOUT_S,
     NodeProcess,
+    assert_chunks_are_local_inference,
     installed_params_file,
-    make_image,
     status_values,
     unique_namespace,
 )
@@ -25,8 +24,6 @@ TASK = "fold the towel"
 @pytest.mark.parametrize("where", ["on_arrival", "in_inference"])
 def test_views_resized_on_arrival_or_in_the_inference_give_the_chunks_of_local_inference(
         driver_factory, where: str) -> None:
-    from pi05_ros.engine.policy import Policy
-
     namespace = unique_namespace("pi05_views")
     driver = driver_factory(namespace)
     driver.say(TASK)
@@ -47,17 +44,4 @@ def test_views_resized_on_arrival_or_in_the_inference_give_the_chunks_of_local_i
             assert 0.0 < float(values[f"input.{camera}.prepare_ms"]) < 1000.0
         else:
             assert f"input.{camera}.prepare_ms" not in values
-    # The driver's inputs never change: the same two gradient images, joint j at 0.1 j, the same task.
-    images = {"base_0_rgb": _pixels(120, 160), "left_wrist_0_rgb": _pixels(120, 176)}
-    state = np.array([0.1 * i for i in range(len(JOINTS))], np.float32)
-    local = Policy.demo(device="cpu", seed=SEED)
-    for chunk in sorted(chunks, key=lambda c: c.sequence)[:3]:
-        want = local.infer(images, state, TASK, chunk.denoise_steps).actions
-        got = np.asarray(chunk.actions, np.float32).reshape(chunk.horizon, chunk.action_dim)
-        # the same float32 model and resize on the same CPU; thread counts differ between the processes: ~1e-6
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-
-
-def _pixels(height: int, width: int) -> np.ndarray:
-    msg = make_image(height, width)
-    return np.frombuffer(bytes(msg.data), np.uint8).reshape(height, width, 3)
+    assert_chunks_are_local_inference(chunks, SEED, TASK)

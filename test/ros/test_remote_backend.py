@@ -9,13 +9,12 @@ import subprocess
 import sys
 import threading
 
-import numpy as np
 from ros_harness import (
     JOINTS,
     NODE_START_TIMEOUT_S,
     NodeProcess,
+    assert_chunks_are_local_inference,
     installed_params_file,
-    make_image,
     status_values,
     unique_namespace,
 )
@@ -47,8 +46,6 @@ def start_server() -> tuple[subprocess.Popen, str, list[str]]:
 
 
 def test_the_remote_backend_gives_the_chunks_of_local_inference(driver_factory) -> None:
-    from pi05_ros.engine.policy import Policy
-
     server, url, server_lines = start_server()
     namespace = unique_namespace("pi05_remote")
     driver = driver_factory(namespace)
@@ -65,17 +62,4 @@ def test_the_remote_backend_gives_the_chunks_of_local_inference(driver_factory) 
         node.stop()
         server.terminate()
         server.wait(10)
-    # The driver's inputs never change: the same two gradient images, joint j at 0.1 j, the same task.
-    images = {"base_0_rgb": _pixels(120, 160), "left_wrist_0_rgb": _pixels(120, 176)}
-    state = np.array([0.1 * i for i in range(len(JOINTS))], np.float32)
-    local = Policy.demo(device="cpu", seed=SEED)
-    for chunk in sorted(chunks, key=lambda c: c.sequence)[:3]:
-        want = local.infer(images, state, "stack the blocks", chunk.denoise_steps).actions
-        got = np.asarray(chunk.actions, np.float32).reshape(chunk.horizon, chunk.action_dim)
-        # the same float32 model on the same CPU; thread counts differ between the two processes: ~1e-6
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-
-
-def _pixels(height: int, width: int) -> np.ndarray:
-    msg = make_image(height, width)
-    return np.frombuffer(bytes(msg.data), np.uint8).reshape(height, width, 3)
+    assert_chunks_are_local_inference(chunks, SEED, "stack the blocks")
