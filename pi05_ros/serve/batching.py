@@ -3,11 +3,14 @@
     batcher = Batcher(run_rows, window_s=0.005, max_batch=8)
     result = await batcher.submit(item)          # from any connection's coroutine
 
-How a batch forms: the oldest waiting request opens the window. The batch runs when `max_batch` requests that
-can share it are waiting, or when the window has passed since that oldest request arrived, whichever is first;
-so a request waits at most one window (plus the batch running ahead of it) before its own batch starts. While
-a batch runs, new requests queue up and form the next one; if they have already waited a window by then, it
-starts at once.
+How a batch forms: the oldest waiting request opens the window, which runs from its arrival or from the end of
+the batch before, whichever is later. The batch runs when `max_batch` requests that can share it are waiting, when
+no other request can come (`senders`: every open connection already has one waiting), or when the window has
+passed, whichever is first; so a request waits at most one window after the batch running ahead of it. Counting
+the window from the previous batch's end matters for robots in closed loop: the clients a batch answered send
+again a moment after it ends, and they join the few that arrived while it ran (counted from arrival, those few
+would start alone, and the fleet would settle into split batches: measured, 8 robots at a mean batch of 5.1,
+docs/benchmarks.md §43). Knowing who can still send matters for one robot: it never waits for a batch mate.
 
 Fairness: the queue is first in, first out, and every connection has at most one request in flight (openpi's
 protocol is request-reply and the server reads a connection's next frame only after answering it), so a batch
@@ -61,11 +64,15 @@ class Batcher:
 
     def __init__(self, run: Callable[[Sequence[Any]], Sequence[Any]], *, window_s: float = 0.005,
                  max_batch: int = 8, max_pending: int = 256,
-                 group: Callable[[Any], Hashable] = lambda item: None) -> None:
+                 group: Callable[[Any], Hashable] = lambda item: None,
+                 senders: Callable[[], int] | None = None) -> None:
+        """`senders()`: how many clients could have a request in the queue (a server's open connections, each
+        with at most one request in flight); None: unknown, every batch waits out its window unless full."""
         if window_s < 0 or max_batch < 1 or max_pending < 1:
             raise ValueError("window_s must be >= 0, max_batch and max_pending >= 1")
         self.run, self.window_s, self.max_batch, self.max_pending = run, window_s, max_batch, max_pending
-        self.group = group
+        self.group, self.senders = group, senders
+        self._free_since = 0.0  # monotonic time the last batch ended
         self._pending: deque[_Job] = deque()
         self._arrival = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -115,6 +122,7 @@ class Batcher:
                 log.exception("a batch of %d failed", len(batch))
                 results = [exc] * len(batch)
             self.batch_sizes[len(batch)] += 1
+            self._free_since = time.monotonic()
             for job, result in zip(batch, results, strict=True):
                 if job.future.done():  # the client left while its batch ran
                     continue
@@ -137,8 +145,9 @@ class Batcher:
                 continue
             head = self._pending[0]  # the oldest waiting request opens the window
             mates = sum(1 for job in self._pending if job.group == head.group)
-            remaining = head.arrived + self.window_s - time.monotonic()
-            if mates >= self.max_batch or remaining <= 0:
+            remaining = max(head.arrived, self._free_since) + self.window_s - time.monotonic()
+            nobody_else = self.senders is not None and len(self._pending) >= self.senders()
+            if mates >= self.max_batch or remaining <= 0 or nobody_else:
                 break
             self._arrival.clear()
             try:

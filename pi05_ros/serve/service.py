@@ -121,7 +121,8 @@ class PolicyService:
         # Preprocessing (resize, tokenize) runs beside the batch thread, so it overlaps the running batch.
         self._prepare_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pi05-prepare")
         self.batcher = Batcher(self.run_rows, window_s=settings.window_ms / 1e3, max_batch=settings.max_batch,
-                               max_pending=settings.max_clients, group=lambda row: row.num_steps)
+                               max_pending=settings.max_clients, group=lambda row: row.num_steps,
+                               senders=lambda: self.open_connections)
         self._submit: Submit = submit or self.batcher.submit
         self.open_connections = 0
         self.counters: Counter[str] = Counter()

@@ -122,6 +122,78 @@ def test_requests_arriving_while_a_batch_runs_form_the_next_batch() -> None:
     assert recorder.batches == [[0], [1, 2, 3]]
 
 
+def test_the_window_counts_from_the_end_of_the_batch_before() -> None:
+    """A request that waited out its window behind a running batch still waits one window after that batch ends,
+    so the clients that batch answered can join it (robots in closed loop would otherwise settle into split
+    batches). Timings: the batch runs 0.4 s; the window is 0.3 s, much longer than the 0.1 s between the end of
+    the first batch and the late request."""
+    recorder = Recorder(delay_s=0.4)
+
+    async def main() -> None:
+        batcher = Batcher(recorder, window_s=0.3, max_batch=8)
+        first = asyncio.ensure_future(batcher.submit(0))
+        await asyncio.sleep(0.35)  # the first batch is running (since ~0.3 s); it ends at ~0.7 s
+        early = asyncio.ensure_future(batcher.submit(1))  # its own window passes at ~0.65 s, during the batch
+        await first  # ~0.7 s
+        await asyncio.sleep(0.1)
+        await asyncio.gather(early, batcher.submit(2))
+        await batcher.close()
+
+    run(main())
+    assert recorder.batches == [[0], [1, 2]]
+
+
+def test_a_batch_runs_at_once_when_no_other_client_can_send() -> None:
+    """With `senders` (open connections) known, a lone robot's request does not wait out the window, and a fleet
+    whose every client has a request waiting runs before the window ends."""
+    recorder = Recorder()
+    connections = 1
+
+    async def main() -> tuple[Any, float, float]:
+        nonlocal connections
+        batcher = Batcher(recorder, window_s=30.0, max_batch=8, senders=lambda: connections)
+        start = time.monotonic()
+        alone = await batcher.submit(7)
+        alone_s = time.monotonic() - start
+        connections = 3
+        start = time.monotonic()
+        await asyncio.gather(*(batcher.submit(i) for i in (1, 2, 3)))
+        fleet_s = time.monotonic() - start
+        await batcher.close()
+        return alone, alone_s, fleet_s
+
+    alone, alone_s, fleet_s = run(main())
+    assert alone.batch_size == 1 and alone_s < 20 and fleet_s < 20  # far less than the 30 s window
+    assert recorder.batches == [[7], [1, 2, 3]]
+
+
+def test_robots_in_closed_loop_that_start_apart_end_up_in_full_batches() -> None:
+    """8 clients, each sending again 5 ms after its answer, starting 12 ms apart: the first batch is split (the
+    window is 20 ms, the batch runs 50 ms), then every batch holds all 8. With the window counted from each
+    request's arrival alone, this fleet stays split for good (the late ones lead a small batch while the others'
+    answers are out)."""
+    recorder = Recorder(delay_s=0.05)
+    rounds = 12
+
+    async def main() -> None:
+        batcher = Batcher(recorder, window_s=0.02, max_batch=8)
+
+        async def robot(name: int) -> None:
+            await asyncio.sleep(0.012 * name)
+            for round_ in range(rounds):
+                await batcher.submit(name * 100 + round_)
+                await asyncio.sleep(0.005)
+
+        await asyncio.gather(*(robot(r) for r in range(8)))
+        await batcher.close()
+
+    run(main())
+    sizes = [len(batch) for batch in recorder.batches]
+    assert sizes[0] < 8, sizes  # the fleet did start split
+    # the first batch's robots are a round ahead from then on, and their last round runs without them
+    assert sizes[1:-1] == [8] * (len(sizes) - 2) and sizes[-1] == 8 - sizes[0], sizes
+
+
 def test_a_request_whose_client_left_is_dropped_before_it_runs() -> None:
     recorder = Recorder()
 

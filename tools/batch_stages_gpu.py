@@ -1,0 +1,130 @@
+"""Where a batch's time goes on the fast path: stage times of `run_batch` for each batch bucket, no server.
+
+    PYTHONPATH=. python3 tools/batch_stages_gpu.py [--precision fp8] [--steps 10] [--views 2] [--iters 50]
+        [--buckets 1,2,4,8] [--variants] [--profile B]
+
+The full-size random-weight demo model, sized for batches of up to 8 as pi05-serve builds it; B copies of one
+prepared observation (2 views, a 6-word prompt) per batch. Prints a table per bucket (median stage times, ms, and
+the wall time of the call) and writes it as JSON to $OUT/batch_stages.json. --variants times the largest bucket
+again with more linears in FP8, or SDPA attention (speed only: FP8 fidelity is in docs/benchmarks.md);
+--profile B writes the kernel table of batches of B to $OUT/profile_B.txt. Results feed docs/benchmarks.md
+(issue 9: which stage grows with the batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+from pi05_ros.engine.policy import Policy
+
+STAGES = ("host_staging", "host_copy_in", "vision", "prefill_kv", "denoise", "host_copy_out")
+
+
+def time_batches(runner, prepared: list, steps: int, iters: int) -> dict:
+    """Median stage times (and wall p99) of `iters` calls of run_batch, after 5 that capture and warm."""
+    for _ in range(5):
+        runner.run_batch(prepared, steps)
+    samples: dict[str, list[float]] = {name: [] for name in (*STAGES, "wall")}
+    for _ in range(iters):
+        start = time.perf_counter()
+        _, timings = runner.run_batch(prepared, steps)
+        samples["wall"].append((time.perf_counter() - start) * 1e3)
+        for name in STAGES:
+            samples[name].append(timings.get(name, float("nan")))  # the reference runner has fewer stages
+    row = {"batch": len(prepared), "path": getattr(runner, "path_for", lambda _: "reference")(len(prepared)),
+           **{name: float(np.median(values)) for name, values in samples.items()},
+           "wall_p99": float(np.percentile(samples["wall"], 99))}
+    row["per_row_ms"] = row["wall"] / len(prepared)
+    return row
+
+
+def variants(policy: Policy, prepared: list, steps: int, iters: int) -> list[dict]:
+    """The same batch on pipelines with more linears in FP8 (each on a fresh random model: speed only)."""
+    from pi05_ros.engine.demo import random_model
+    from pi05_ros.engine.fast.pipeline import FP8_DEFAULT_LAYERS, Pi05Pipeline
+
+    rows = []
+    for name, layers, vision, attention in (
+            ("fp8 prefix all linears", ("prefix_blocks.*",), False, "gemm"),
+            ("fp8 prefix MLP + SigLIP MLP", FP8_DEFAULT_LAYERS, True, "gemm"),
+            ("fp8 prefix all + SigLIP MLP", ("prefix_blocks.*",), True, "gemm"),
+            ("SDPA attention (cuDNN)", FP8_DEFAULT_LAYERS, False, "sdpa")):
+        model = random_model(policy.config, seed=0, device=torch.device("cuda"), dtype=torch.bfloat16)
+        pipe = Pi05Pipeline(model, "fp8", fp8_layers=layers, fp8_vision=vision, attention=attention,
+                            max_batch=len(prepared), release_reference=True)
+        del model
+        row = {"variant": name, **time_batches(pipe, prepared, steps, iters)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        del pipe
+        torch.cuda.empty_cache()
+    return rows
+
+
+def profile(runner, prepared: list, steps: int, path: str) -> None:
+    """Kernel time of 5 batches (CUDA graph replays included), by kernel, largest first."""
+    from torch.profiler import ProfilerActivity
+
+    runner.run_batch(prepared, steps)
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            runner.run_batch(prepared, steps)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+    with open(path, "w") as f:
+        f.write(table)
+    print(table[:8000])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--precision", default="fp8")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--views", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--buckets", default="1,2,4,8")
+    parser.add_argument("--variants", action="store_true",
+                        help="also time more FP8 linears (prefix, SigLIP MLP) and SDPA attention, largest bucket")
+    parser.add_argument("--profile", type=int, default=0, metavar="B",
+                        help="also profile 5 batches of B (torch profiler): kernel table to $OUT/profile_B.txt")
+    parser.add_argument("--device", default="cuda", help="cuda (default); cpu checks the tool on the tiny model")
+    args = parser.parse_args()
+    buckets = [int(b) for b in args.buckets.split(",")]
+    out = os.environ.get("OUT", "/tmp")
+    policy = Policy.demo(device=args.device, precision=args.precision, max_batch=max(buckets))
+    runner = policy.runner
+    rng = np.random.default_rng(0)
+    size = policy.config.vision.image_size
+    images = {key: rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for key in policy.image_keys[:args.views]}
+    state = rng.uniform(-1, 1, policy.state_dim).astype(np.float32)
+    obs = policy.prepare(images, state, "pick up the cup and place it")
+    rows = []
+    for batch in buckets:
+        row = {"variant": "default", **time_batches(runner, [obs] * batch, args.steps, args.iters)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    if args.profile:
+        profile(runner, [obs] * args.profile, args.steps, os.path.join(out, f"profile_{args.profile}.txt"))
+    if args.variants:
+        del runner
+        policy.runner = None
+        torch.cuda.empty_cache()
+        rows += variants(policy, [obs] * max(buckets), args.steps, args.iters)
+    header = ("variant", "batch", "path", *STAGES, "wall", "wall_p99", "per_row_ms")
+    print(f"\n{args.precision}, {args.steps} steps, {args.views} views, median of {args.iters} (ms)")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(str(row[h]) if isinstance(row[h], (int, str)) else f"{row[h]:.2f}"
+                                for h in header) + " |")
+    with open(os.path.join(out, "batch_stages.json"), "w") as f:
+        json.dump({"precision": args.precision, "steps": args.steps, "views": args.views, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
