@@ -52,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     network = parser.add_argument_group("network and limits")
     network.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     network.add_argument("--port", type=int, default=8000, help="port (0: a free one, printed at start)")
-    network.add_argument("--batch-window-ms", type=float, default=5.0,
-                         help="how long the oldest waiting request waits for others to batch with")
+    network.add_argument("--batch-window-ms", type=float, default=10.0,
+                         help="how long the oldest waiting request waits for others to batch with, at most (a batch "
+                              "runs at once when full or when every connection has a request waiting)")
     network.add_argument("--max-batch", type=int, default=8,
                          help="most observations in one batch (the GPU pipeline is built and warmed for it)")
     network.add_argument("--max-clients", type=int, default=128, help="most connections at once")

@@ -52,7 +52,7 @@ class ServeSettings:
     """What one server (or one Ray replica) runs with; `pi05-serve --help` describes each."""
 
     num_steps: int = 10
-    window_ms: float = 5.0
+    window_ms: float = 10.0  # a full fleet or a lone robot does not wait it out (serve/batching.py)
     max_batch: int = 8
     max_clients: int = 128
     max_message_bytes: int = 10 * 2**20
