@@ -35,6 +35,8 @@ def observation(meta: dict, rng: np.random.Generator, views: int, size: int, num
 def run_clients(url: str, clients: int, requests: int, warmup: int, views: int, size: int,
                 num_steps: int) -> dict:
     latencies: list[float] = []
+    # per request, ms: the server's receive -> reply ready, its queue (submit -> batch start), the batch's run
+    parts: dict[str, list[float]] = {"server": [], "queue": [], "batch": []}
     batch_sizes: Counter[int] = Counter()
     lock = threading.Lock()
     barrier = threading.Barrier(clients + 1)
@@ -58,10 +60,14 @@ def run_clients(url: str, clients: int, requests: int, warmup: int, views: int, 
                     elapsed = (time.perf_counter() - start) * 1e3
                     if isinstance(reply, str):
                         raise RuntimeError(reply)
-                    size_ = unpack(reply)["server_timing"]["batch_size"]
+                    answer = unpack(reply)
+                    server, policy = answer["server_timing"], answer["policy_timing"]
                     with lock:
                         latencies.append(elapsed)
-                        batch_sizes[size_] += 1
+                        batch_sizes[server["batch_size"]] += 1
+                        parts["server"].append(server["infer_ms"])
+                        parts["queue"].append(server["queue_ms"])
+                        parts["batch"].append(policy["total"] - policy.get("preprocess", 0.0))
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(f"client {index}: {type(exc).__name__}: {exc}")
             barrier.abort()
@@ -83,7 +89,12 @@ def run_clients(url: str, clients: int, requests: int, warmup: int, views: int, 
     return {"clients": clients, "requests": len(latencies), "throughput_per_s": len(latencies) / wall,
             "p50_ms": stats["p50"], "p99_ms": stats["p99"], "mean_ms": stats["mean"],
             "mean_batch": sum(k * v for k, v in batch_sizes.items()) / max(1, sum(batch_sizes.values())),
-            "batch_sizes": dict(sorted(batch_sizes.items()))}
+            "batch_sizes": dict(sorted(batch_sizes.items())),
+            # medians: where a request's time goes (outside = client latency - server time: the wire, the
+            # client's own decoding, and the server's sending)
+            "server_p50_ms": float(np.median(parts["server"])), "queue_p50_ms": float(np.median(parts["queue"])),
+            "batch_p50_ms": float(np.median(parts["batch"])),
+            "outside_p50_ms": float(np.median(np.subtract(latencies, parts["server"])))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,6 +118,13 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(f"| {clients} | {row['throughput_per_s']:.1f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | "
               f"{row['mean_batch']:.2f} | {row['batch_sizes']} |", flush=True)
+    print("\nwhere the time goes (medians, ms): the server's receive -> reply (of which queued, and the batch's run),"
+          " and the rest of the client's latency (wire, decoding, sending)")
+    print("| clients | server | queued | batch run | outside the server |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['clients']} | {row['server_p50_ms']:.1f} | {row['queue_p50_ms']:.1f} | "
+              f"{row['batch_p50_ms']:.1f} | {row['outside_p50_ms']:.1f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
