@@ -131,3 +131,21 @@ def test_real_time_chunking_travels_with_the_request(remote: RemotePolicy, local
     assert not np.allclose(chunk.actions, plain)  # guided, not the plain chunk
     with pytest.raises(InputError, match=r"the previous chunk must be \[actions, 8\]"):
         remote.infer(IMAGES, STATE, "open the drawer", 3, rtc=RtcRequest(np.zeros((4, 3)), delay=1))
+
+
+def test_the_load_tool_reports_where_a_request_s_time_goes(server: ServerProcess) -> None:
+    """tools/serve_load.py (the GPU serving figures come from it) against this server: every reply counted, and the
+    parts of a request's time nest: the batch's run within the server's time within the client's latency."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "tools" / "serve_load.py"
+    spec = importlib.util.spec_from_file_location("serve_load", path)
+    assert spec is not None and spec.loader is not None
+    serve_load = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve_load)
+    row = serve_load.run_clients(server.url("/pi05_ros"), clients=2, requests=2, warmup=1, views=2, size=224,
+                                 num_steps=2)
+    assert row["requests"] == 4 and sum(row["batch_sizes"].values()) == 4 and 1 <= row["mean_batch"] <= 2
+    assert 0 < row["batch_p50_ms"] <= row["server_p50_ms"] <= row["p50_ms"], row
+    assert row["queue_p50_ms"] >= 0 and row["outside_p50_ms"] > 0, row
