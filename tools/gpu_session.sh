@@ -35,9 +35,10 @@ SUMMARY="$OUT/session.md"
 if [[ -d .gpu_ros ]]; then
   # shellcheck disable=SC1091
   source tools/gpu_ros_bundle.sh --activate > "$OUT/gpu_ros.log" 2>&1 || echo "(.gpu_ros did not activate: $OUT/gpu_ros.log)"
-  # The bundle holds a colcon build of this package: the node runs that copy, not the tree's sources.
+  # The bundle holds a colcon build of this package: the node runs that copy, not the tree's sources. (The
+  # message type support colcon generates there is no source of ours: not compared.)
   built=.gpu_ros/install/pi05_ros/lib/python3.12/site-packages/pi05_ros
-  if ! diff -rq --exclude=__pycache__ --exclude=msg "$built" pi05_ros > "$OUT/gpu_ros_stale.txt" 2>&1; then
+  if ! diff -rq --exclude=__pycache__ --exclude=msg --exclude='*.so' --exclude='_pi05_ros_s.ep.*' "$built" pi05_ros > "$OUT/gpu_ros_stale.txt" 2>&1; then
     echo "WARNING: .gpu_ros was built from other sources than this tree (rebuild it: PYENV_VERSION=3.12.1 bash" \
       "tools/gpu_ros_bundle.sh); the differences: $OUT/gpu_ros_stale.txt" | tee -a "$OUT/session.md"
   fi
