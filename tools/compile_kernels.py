@@ -1,6 +1,6 @@
 """Compile the fused expert kernels for a GPU without one: Triton's own compiler (and the cuobjdump it ships), the
 full-size model's tile shapes. What the CPU interpreter cannot check: that each kernel compiles for the target,
-its registers, spills and shared memory, and that the persistent layer kernel fits one program per SM.
+its registers, spills and shared memory, and that one program of each fits an SM.
 
     python tools/compile_kernels.py [--arch 90]     # exit 1 if a kernel fails to compile or cannot fit an SM
 
@@ -80,12 +80,7 @@ def main() -> int:
                   F32),
             "gate_up": (fit_config(c.gate_up, e.mlp_dim, e.width), expert.EPI_GEGLU, e.width, BF),
             "down": (fit_config(c.down, None, e.mlp_dim), expert.EPI_RESIDUAL, e.mlp_dim, F32)}
-    n_out = {"qkv": (e.num_heads + 2) * e.head_dim, "o": e.width, "gate_up": 2 * e.mlp_dim, "down": e.width}
     common = dict(HEADS=e.num_heads, HEAD_DIM=e.head_dim, MLP=e.mlp_dim, DT=tl.bfloat16, BM=bm)
-
-    def tiles(name: str) -> int:
-        cfg = cfgs[name][0]
-        return n_out[name] // cfg.block_n
 
     jobs = []
     for name, (cfg, epilogue, k, out) in cfgs.items():
@@ -101,25 +96,6 @@ def main() -> int:
     bd = min(c.combine_cols, e.head_dim)
     jobs.append(("combine", expert._combine_kernel, combine,
                  dict(S_K=c.key_splits, D=e.head_dim, BM=bm, BR=c.combine_rows, BD=bd, DT=tl.bfloat16, USE_PDL=pdl)))
-    layer = dict(
-        xm_ptr=BF, xm_stride="i32", w_qkv=BF, s_qkv=F32, ws_qkv=F32, count_qkv=I32, ssp_in_ptr=F32, ss_tiles_in="i32",
-        bias_qkv_ptr=F32, q_ptr=BF, k_ptr=BF, v_ptr=BF, cos_ptr=F32, sin_ptr=F32, n_valid_ptr=I64, cache_row0="i32",
-        K_QKV="i32", N_QKV="i32", acc_ptr=F32, m_ptr=F32, l_ptr=F32, keys_total="i32", scale="fp32",
-        blocks_per_split="i32", attn_ptr=BF, attn_stride="i32", w_o=BF, s_o=F32, ws_o=F32, count_o=I32,
-        gate1_ptr=F32, x_ptr=F32, x_stride="i32", mod2_ptr=F32, ssp_mid_ptr=F32, K_O="i32", N_O="i32", w_gu=BF,
-        s_gu=F32, ws_gu=F32, count_gu=I32, bias_gu_ptr=F32, h_ptr=BF, h_stride="i32", K_GU="i32", N_GU="i32",
-        w_dn=BF, s_dn=F32, ws_dn=F32, count_dn=I32, gate2_ptr=F32, next_mod_ptr=F32, ssp_out_ptr=F32, K_DN="i32",
-        N_DN="i32", dummy_ptr=F32, sync_count_ptr=I32, sync_generation_ptr=I32, timeout_ptr=I32, M="i32",
-        eps="fp32")
-    layer_consts = dict(common, S_K=c.key_splits, KB=c.key_block, BR=c.combine_rows, BD=bd,
-                        RB=-(-PRESETS["pi05"].action_horizon // c.combine_rows), CB=e.head_dim // bd, D_NEXT=True,
-                        USE_PDL=pdl, SPIN_LIMIT=1 << 21, PREFETCH_NEXT=True)
-    for prefix, name in (("Q", "qkv"), ("O", "o"), ("G", "gate_up"), ("D", "down")):
-        cfg, _, k, _ = cfgs[name]
-        layer_consts.update({f"{prefix}_FP8": False, f"{prefix}_BN": cfg.block_n, f"{prefix}_KC": cfg.k_chunk,
-                             f"{prefix}_BK": cfg.step, f"{prefix}_S": -(-k // cfg.k_chunk),
-                             f"{prefix}_ST": cfg.stages, f"{prefix}_TILES": tiles(name)})
-    jobs.append(("persistent layer", expert._layer_kernel, layer, layer_consts))
 
     failed = False
     print(f"triton {triton.__version__}, sm_{arch}, full-size expert, default tiles")

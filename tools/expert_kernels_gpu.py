@@ -1,11 +1,11 @@
 """The fused expert kernels on the GPU: fidelity against the float32 reference, and denoise time per variant.
 
-    PYTHONPATH=. python3 tools/expert_kernels_gpu.py [--quick | --variants | --defaults | --persistent]
+    PYTHONPATH=. python3 tools/expert_kernels_gpu.py [--quick | --variants | --defaults]
 
 --variants: only the whole denoise loop, for the options and a few tile shapes around the default, and with all
 weights L2-resident (a diagnostic). --defaults: the previous default configuration against the current one.
---persistent: each layer as one persistent kernel (KernelConfig.persistent_layer) against the six kernels.
-(The L2-prefetch and fused-combine variants of docs/benchmarks.md §34 ran as `--prefetch` at commit faf2f49.)
+(The L2-prefetch and fused-combine variants of docs/benchmarks.md §34 ran as `--prefetch` at commit faf2f49, the
+persistent layer kernel of §42 as `--persistent` at 4e7d08b.)
 
 Full-size random weights, 2 views, 48-token prompt, horizon 50. The prefix K/V come from the bf16 fast path;
 the float32 reference runs the whole model. Each variant's denoise loop is captured in a CUDA graph and timed
@@ -340,27 +340,6 @@ def main() -> None:
         for _ in range(2):
             check("previous default (80aba7f)", ExpertKernels(fast, before))
             check("default", ExpertKernels(fast, KernelConfig()))
-        return
-    if "--persistent" in sys.argv:  # each layer as one persistent kernel against the six kernels, interleaved
-        base = KernelConfig()
-        persistent = dataclasses.replace(base, persistent_layer=True)
-        for _ in range(2):
-            check("six kernels per layer", ExpertKernels(fast, base))
-            kernels = ExpertKernels(fast, persistent)
-            check(f"persistent layer ({kernels.persistent_programs()} programs)", kernels)
-            print(f"  grid sync state (pending, generation, timed out): {kernels.sync_state()}", flush=True)
-        check("persistent layer, no PDL", ExpertKernels(fast, dataclasses.replace(persistent, pdl=False)))
-        check("persistent layer, no weight prefetch",
-              ExpertKernels(fast, dataclasses.replace(persistent, persistent_prefetch=False)))
-        check("persistent layer, not cooperative",
-              ExpertKernels(fast, dataclasses.replace(persistent, persistent_cooperative=False)))
-        check("persistent layer, stages 3", ExpertKernels(fast, dataclasses.replace(
-            persistent, **{k: dataclasses.replace(getattr(base, k), stages=3) for k in ALL4})))
-        check("persistent layer, 64 programs",
-              ExpertKernels(fast, dataclasses.replace(persistent, persistent_programs=64)))
-        print("\nSUMMARY (denoise p50, ms):", flush=True)
-        for (name, steps), ms in results.items():
-            print(f"  {name:<36} {steps:>2} steps {ms:.3f}", flush=True)
         return
     if "--variants" in sys.argv:
         base = KernelConfig()

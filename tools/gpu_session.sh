@@ -8,7 +8,7 @@
 #
 # Steps (limits in seconds; a device call runs at most 600, so split them over calls):
 #   tests    pytest -m gpu test/gpu                     (420; 155 s at d2829ad, before the batch tests)
-#   kernels  tools/expert_kernels_gpu.py --persistent   (300)
+#   kernels  tools/expert_kernels_gpu.py --variants     (300): the denoise loop, default and options
 #   serve    tools/serve_bench.sh, fp8, 10 steps, 1/2/4/8 clients, batched and unbatched   (480)
 #   bench    pi05-bench --iters 1000                    (480)
 #   soak-arrival, soak-inference   tools/soak.py --gpu, 10 steps at 30 Hz, SOAK_N inferences (default 3000), with
@@ -71,7 +71,7 @@ run_step() {  # name limit command...
 for step in "$@"; do
   case "$step" in
     tests) run_step tests 420 "$PY" -m pytest -m gpu test/gpu -q -s -p no:cacheprovider --durations=10 ;;
-    kernels) OUT="$OUT" run_step kernels 300 "$PY" tools/expert_kernels_gpu.py --persistent ;;
+    kernels) OUT="$OUT" run_step kernels 300 "$PY" tools/expert_kernels_gpu.py --variants ;;
     serve) run_step serve 480 bash tools/serve_bench.sh "$OUT/serve" --device cuda --precision fp8 ;;
     bench) run_step bench 480 "$PY" -m pi05_ros.cli.bench --iters 1000 --out "$OUT/bench" ;;
     soak-arrival|soak-inference)

@@ -46,10 +46,6 @@ WHOLE_K = KernelConfig(qkv=GemmConfig(32, 128, k_step=32), o=GemmConfig(32, 128,
                        key_block=32, key_splits=5)
 # SPLIT with the step's input in one kernel (the default).
 FUSED = dataclasses.replace(SPLIT, fused_step_in=True)
-# Each layer as one persistent kernel (its phases' tasks looped by the interpreter's single program), with and
-# without its programs loading a GEMM phase's first weights before the sync.
-PERSISTENT = dataclasses.replace(FUSED, persistent_layer=True)
-PERSISTENT_PLAIN = dataclasses.replace(PERSISTENT, persistent_prefetch=False)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -90,8 +86,7 @@ def test_a_tile_pairs_rope_partners_and_geglu_partners() -> None:
     assert paired_columns(EPI_GEGLU, 2, 16, head_dim=0, mlp=96) == [*range(32, 48), *range(128, 144)]
 
 
-@pytest.mark.parametrize("config", [SPLIT, WHOLE_K, FUSED, PERSISTENT, PERSISTENT_PLAIN],
-                         ids=["split-k", "whole-k", "fused-step-in", "persistent", "persistent-no-prefetch"])
+@pytest.mark.parametrize("config", [SPLIT, WHOLE_K, FUSED], ids=["split-k", "whole-k", "fused-step-in"])
 def test_layer_equals_its_torch_definition(small, config: KernelConfig) -> None:
     fast, prefix, _ = small
     kernels = ExpertKernels(fast, config)
@@ -111,9 +106,6 @@ def test_layer_equals_its_torch_definition(small, config: KernelConfig) -> None:
     assert torch.equal(k_kern[: int(prefix.n_valid)], prefix.keys[0][0, 0, : int(prefix.n_valid)])  # prefix kept
     for _, count in kernels.ws.values():
         assert not count.any()  # every split-K counter is reset for the next layer
-    # the grid syncs' count is back to 0, none timed out; one launch has five phase boundaries
-    assert kernels.sync_state() == (0, 5 if config.persistent_layer else 0, 0)
-    kernels.check_sync()
 
 
 def test_torch_definition_equals_the_fast_path_layer(small) -> None:
@@ -138,8 +130,7 @@ def test_torch_definition_equals_the_fast_path_layer(small) -> None:
     assert rel_err(got, want) < 1e-5  # float32: products reordered only
 
 
-@pytest.mark.parametrize("config", [SPLIT, WHOLE_K, FUSED, PERSISTENT],
-                         ids=["split-k", "whole-k", "fused-step-in", "persistent"])
+@pytest.mark.parametrize("config", [SPLIT, WHOLE_K, FUSED], ids=["split-k", "whole-k", "fused-step-in"])
 def test_denoise_equals_the_fast_path(small, config: KernelConfig) -> None:
     fast, prefix, noise = small
     want = denoise_eager(fast, prefix, noise, 3)
@@ -167,26 +158,14 @@ def test_half_precision_and_fp8_weights_stay_close(small) -> None:
 
 
 @pytest.mark.parametrize("steps", [1, 10])
-@pytest.mark.parametrize("persistent", [False, True], ids=["six-kernels", "persistent"])
-def test_golden_model_on_the_kernels_matches_openpi(golden_model, golden_cases, fast_case, steps: int,
-                                                    persistent: bool) -> None:
+def test_golden_model_on_the_kernels_matches_openpi(golden_model, golden_cases, fast_case, steps: int) -> None:
     fast = FastModel(golden_model, torch.float32)
     images, rows, noise = fast_case(0)
     prefix = prefill_eager(fast, images, rows)
     # the GPU's tile shapes, fitted to the tiny model
-    kernels = ExpertKernels(fast, KernelConfig(persistent_layer=persistent))
+    kernels = ExpertKernels(fast, KernelConfig())
     x = noise.clone()[None]
     kernels.denoise(x, prefix.n_valid, prefix.keys, prefix.values, kernels.schedule(fast.step_schedule(steps)))
     # float32 throughout: the reference itself is ~2e-7 from openpi
     assert rel_err(x[0], golden_cases[f"case0/actions_steps{steps}"][0]) < 1e-5
 
-
-def test_a_timed_out_grid_sync_is_reported_and_reset(small) -> None:
-    """What a GPU that cannot hold all the persistent kernel's programs at once leaves behind (simulated: the
-    interpreter's single program never waits): check_sync raises, names the fix, and resets the state."""
-    fast, _, _ = small
-    kernels = ExpertKernels(fast, PERSISTENT)
-    kernels.sync.view(3, 32)[2, 0] = 1
-    with pytest.raises(RuntimeError, match="persistent_layer=False"):
-        kernels.check_sync()
-    assert kernels.sync_state() == (0, 0, 0)

@@ -23,9 +23,10 @@ Why this shape (docs/fast_path.md has the measurements):
 - Paired column tiles: a q/k tile holds columns j and j + d/2 of one head (RoPE rotates those two), a
   gate_up tile holds gate column j and up column j (GeGLU multiplies those two), so the epilogues stay local.
 
-The kernels' bodies are task functions (`_gemm_task`, `_attend_task`, `_combine_task`), so the same work also
-runs as one persistent kernel per layer (`_layer_kernel`, KernelConfig.persistent_layer, off until measured):
-resident programs run the six kernels' tasks as phases with grid-wide syncs (`_grid_sync`) between them.
+Each layer as one persistent kernel instead (resident programs running the six kernels' work as phases with
+grid-wide syncs between them) was built and measured 1.6x slower on an H200: with one program per SM a phase's
+tiles run one after another, where the six kernels keep several CTAs per SM in flight (docs/benchmarks.md §42;
+the code is in git history at 4e7d08b).
 
 `ExpertKernels.denoise` replaces `FastModel.denoise`; `expert_layer_torch` is the same math in plain torch
 (the kernels are tested against it, and it against `blocks.expert_layer`).
@@ -85,7 +86,7 @@ if triton is not None:
                    a_ptr, a_stride, w_ptr, w_scale_ptr, ws_ptr, count_ptr, ssp_in_ptr, ss_tiles, bias_ptr, gate_ptr,
                    out_ptr, out_stride, next_mod_ptr, xm_ptr, ssp_out_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr,
                    n_valid_ptr, cache_row0, M, K, N, eps, HEADS, HEAD_DIM, MLP, EPILOGUE, NEXT, W_FP8, DT, BM, BN, KC,
-                   BK, S, STAGES, PREFETCH, USE_PDL, "", count_ptr, count_ptr, count_ptr, 0)
+                   BK, S, STAGES, PREFETCH, USE_PDL)
 
     @triton.jit
     def _gemm_task(
@@ -102,14 +103,11 @@ if triton is not None:
         HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, MLP: tl.constexpr,
         EPILOGUE: tl.constexpr, NEXT: tl.constexpr, W_FP8: tl.constexpr, DT: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr, BK: tl.constexpr, S: tl.constexpr,
-        STAGES: tl.constexpr, PREFETCH: tl.constexpr, WAIT: tl.constexpr, LC: tl.constexpr,
-        sync_count_ptr, sync_generation_ptr, timeout_ptr, SPIN_LIMIT: tl.constexpr,
+        STAGES: tl.constexpr, PREFETCH: tl.constexpr, WAIT: tl.constexpr,
     ):
         """out = epilogue(A @ W) for A [M, K] in the GEMM dtype (M <= BM rows) and packed W: the program of column
-        tile `pid_n` and K split `pid_s`. LC is the cache modifier of loads of what other programs wrote (".cg" in
-        the persistent layer kernel, where L1 could hold an earlier phase's lines). WAIT says what the program
-        waits for between loading its first weight chunk (PREFETCH) and its activations: 0 nothing, 1 the previous
-        kernel (PDL's gdc_wait), 2 the persistent kernel's previous phase (`_grid_sync` on the sync pointers).
+        tile `pid_n` and K split `pid_s`. WAIT says what the program waits for between loading its first weight
+        chunk (PREFETCH) and its activations: nothing (False) or the previous kernel (True: PDL's gdc_wait).
 
         QKV / GEGLU: A is x * (1 + scale) (written by the previous kernel); the rows' sums of squares arrive as
         `ss_tiles` partials in ssp_in, giving r = rsqrt(mean(x^2) + eps) for y = r * acc + shift @ W.
@@ -127,10 +125,8 @@ if triton is not None:
             w0 = tl.load(w_base)
             if PAIRED:
                 w0_hi = tl.load(w_base + HB)
-        if WAIT == 1:
+        if WAIT:
             tl.extra.cuda.gdc_wait()
-        if WAIT == 2:
-            _grid_sync(sync_count_ptr, sync_generation_ptr, timeout_ptr, SPIN_LIMIT)
         if not PREFETCH:
             w0 = tl.load(w_base)
             if PAIRED:
@@ -139,13 +135,12 @@ if triton is not None:
         row_ok = rm < M
         ka = pid_s * KC + rk
         a_rows = a_ptr + rm[:, None] * a_stride + ka[None, :]
-        a = tl.load(a_rows, mask=row_ok[:, None] & (ka[None, :] < K), other=0.0, cache_modifier=LC)
+        a = tl.load(a_rows, mask=row_ok[:, None] & (ka[None, :] < K), other=0.0)
         lo = tl.dot(a, w0.to(DT))
         if PAIRED:
             hi = tl.dot(a, w0_hi.to(DT))
         for kk in tl.range(1, KC // BK, num_stages=STAGES):
-            a = tl.load(a_rows + kk * BK, mask=row_ok[:, None] & (ka[None, :] + kk * BK < K), other=0.0,
-                        cache_modifier=LC)
+            a = tl.load(a_rows + kk * BK, mask=row_ok[:, None] & (ka[None, :] + kk * BK < K), other=0.0)
             w = w_base + kk * BK * BN
             lo += tl.dot(a, tl.load(w).to(DT))
             if PAIRED:
@@ -178,7 +173,7 @@ if triton is not None:
             if PAIRED:
                 ss = tl.zeros((BM,), dtype=tl.float32)
                 for t in range(ss_tiles):
-                    ss += tl.load(ssp_in_ptr + t * BM + rm, mask=row_ok, other=0.0, cache_modifier=LC)
+                    ss += tl.load(ssp_in_ptr + t * BM + rm, mask=row_ok, other=0.0)
                 r = tl.rsqrt(ss / K + eps)
             if EPILOGUE == _QKV:
                 HALF: tl.constexpr = HEAD_DIM // 2
@@ -222,7 +217,7 @@ if triton is not None:
                 gate = tl.load(gate_ptr + col, mask=col_ok, other=0.0)
                 mask = row_ok[:, None] & col_ok[None, :]
                 x_ptrs = out_ptr + rm[:, None] * out_stride + col[None, :]
-                x = tl.load(x_ptrs, mask=mask, other=0.0, cache_modifier=LC) + lo * gate[None, :]
+                x = tl.load(x_ptrs, mask=mask, other=0.0) + lo * gate[None, :]
                 tl.store(x_ptrs, x, mask=mask)
                 if NEXT:
                     _emit_next(x, col, col_ok, mask, rm, row_ok, pid_n, next_mod_ptr, xm_ptr, ssp_out_ptr, N, BM, DT)
@@ -284,20 +279,19 @@ if triton is not None:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
         _attend_task(tl.program_id(0), tl.program_id(1), q_ptr, k_ptr, v_ptr, n_valid_ptr, acc_ptr, m_ptr, l_ptr,
-                     rows, keys_total, horizon, scale, blocks_per_split, S_K, D, BM, KB, DT, "")
+                     rows, keys_total, horizon, scale, blocks_per_split, S_K, D, BM, KB, DT)
 
     @triton.jit
     def _attend_task(
         head, split, q_ptr, k_ptr, v_ptr, n_valid_ptr, acc_ptr, m_ptr, l_ptr,
         rows, keys_total, horizon, scale, blocks_per_split,
-        S_K: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, KB: tl.constexpr, DT: tl.constexpr, LC: tl.constexpr,
+        S_K: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, KB: tl.constexpr, DT: tl.constexpr,
     ):
         """Queries of one head (rows x D) against one slice of the keys: an unnormalized partial softmax."""
         rm = tl.arange(0, BM)
         rd = tl.arange(0, D)
         row_ok = rm < rows
-        q = tl.load(q_ptr + (head * BM + rm[:, None]) * D + rd[None, :], mask=row_ok[:, None], other=0.0,
-                    cache_modifier=LC)
+        q = tl.load(q_ptr + (head * BM + rm[:, None]) * D + rd[None, :], mask=row_ok[:, None], other=0.0)
         n_valid = tl.load(n_valid_ptr)
         m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BM,), dtype=tl.float32)
@@ -305,7 +299,7 @@ if triton is not None:
         for b in range(blocks_per_split):
             key = (split * blocks_per_split + b) * KB + tl.arange(0, KB)
             in_range = key < keys_total
-            kt = tl.load(k_ptr + key[None, :] * D + rd[:, None], mask=in_range[None, :], other=0.0, cache_modifier=LC)
+            kt = tl.load(k_ptr + key[None, :] * D + rd[:, None], mask=in_range[None, :], other=0.0)
             scores = tl.dot(q, kt) * scale
             # valid keys: the prefix's n_valid rows and the suffix's last `horizon` rows
             valid = in_range & ((key < n_valid) | (key >= keys_total - horizon))
@@ -315,7 +309,7 @@ if triton is not None:
             p = tl.exp(scores - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_ptr + key[:, None] * D + rd[None, :], mask=in_range[:, None], other=0.0, cache_modifier=LC)
+            v = tl.load(v_ptr + key[:, None] * D + rd[None, :], mask=in_range[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(DT), v)
             m_i = m_new
         part = head * S_K + split
@@ -334,13 +328,13 @@ if triton is not None:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
         _combine_task(tl.program_id(0), tl.program_id(1), tl.program_id(2), acc_ptr, m_ptr, l_ptr, out_ptr, out_stride,
-                      rows, S_K, D, BM, BR, BD, DT, "")
+                      rows, S_K, D, BM, BR, BD, DT)
 
     @triton.jit
     def _combine_task(
         head, row_block, col_block, acc_ptr, m_ptr, l_ptr, out_ptr, out_stride, rows,
         S_K: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
-        DT: tl.constexpr, LC: tl.constexpr,
+        DT: tl.constexpr,
     ):
         """The key splits' partial softmaxes of one head -> attention output [rows, head * D + d]."""
         r = row_block * BR + tl.arange(0, BR)
@@ -348,138 +342,17 @@ if triton is not None:
         row_ok = r < rows
         top = tl.full((BR,), float("-inf"), dtype=tl.float32)
         for s in range(S_K):
-            top = tl.maximum(top, tl.load(m_ptr + (head * S_K + s) * BM + r, mask=row_ok, other=0.0,
-                                          cache_modifier=LC))
+            top = tl.maximum(top, tl.load(m_ptr + (head * S_K + s) * BM + r, mask=row_ok, other=0.0))
         num = tl.zeros((BR, BD), dtype=tl.float32)
         den = tl.zeros((BR,), dtype=tl.float32)
         for s in range(S_K):
             part = head * S_K + s
-            w = tl.exp(tl.load(m_ptr + part * BM + r, mask=row_ok, other=0.0, cache_modifier=LC) - top)
-            den += w * tl.load(l_ptr + part * BM + r, mask=row_ok, other=1.0, cache_modifier=LC)
+            w = tl.exp(tl.load(m_ptr + part * BM + r, mask=row_ok, other=0.0) - top)
+            den += w * tl.load(l_ptr + part * BM + r, mask=row_ok, other=1.0)
             num += w[:, None] * tl.load(acc_ptr + (part * BM + r[:, None]) * D + d[None, :],
-                                        mask=row_ok[:, None], other=0.0, cache_modifier=LC)
+                                        mask=row_ok[:, None], other=0.0)
         tl.store(out_ptr + r[:, None] * out_stride + head * D + d[None, :], (num / den[:, None]).to(DT),
                  mask=row_ok[:, None])
-
-
-    @triton.jit
-    def _grid_sync(count_ptr, generation_ptr, timeout_ptr, SPIN_LIMIT: tl.constexpr):
-        """All programs of a persistent kernel meet here; what any of them stored before is visible to all after.
-        They must all be resident at once (the launch keeps them <= the SMs, cooperative where it can). The last to
-        arrive resets the count and moves the generation on; the others wait for that. A wait past SPIN_LIMIT polls
-        (~0.5 us each) gives up and sets *timeout_ptr; once set, every later sync is skipped, so a launch that
-        cannot have all its programs resident ends in seconds with a flag the host checks
-        (`ExpertKernels.check_sync`) instead of hanging the GPU. Its results are then garbage."""
-        tl.debug_barrier()  # every thread's stores issued before the arrival
-        if tl.atomic_add(timeout_ptr, 0, sem="acquire", scope="gpu") == 0:
-            generation = tl.atomic_add(generation_ptr, 0, sem="acquire", scope="gpu")
-            arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
-            if arrived == tl.num_programs(0) - 1:
-                tl.atomic_xchg(count_ptr, 0, sem="relaxed", scope="gpu")
-                tl.atomic_add(generation_ptr, 1, sem="release", scope="gpu")
-            else:
-                spins = 0
-                while (tl.atomic_add(generation_ptr, 0, sem="acquire", scope="gpu") == generation) & (
-                        spins < SPIN_LIMIT):
-                    spins += 1
-                if spins >= SPIN_LIMIT:
-                    tl.atomic_xchg(timeout_ptr, 1, sem="relaxed", scope="gpu")
-        tl.debug_barrier()
-
-    @triton.jit
-    def _layer_kernel(
-        # qkv: xm @ Wqkv -> q, the cache's suffix rows
-        xm_ptr, xm_stride, w_qkv, s_qkv, ws_qkv, count_qkv, ssp_in_ptr, ss_tiles_in, bias_qkv_ptr, q_ptr,
-        k_ptr, v_ptr, cos_ptr, sin_ptr, n_valid_ptr, cache_row0, K_QKV, N_QKV,
-        # attention and its combine
-        acc_ptr, m_ptr, l_ptr, keys_total, scale, blocks_per_split, attn_ptr, attn_stride,
-        # o: x += gate1 * (attn @ Wo), then xm = x * (1 + scale2) and its partial sums of squares
-        w_o, s_o, ws_o, count_o, gate1_ptr, x_ptr, x_stride, mod2_ptr, ssp_mid_ptr, K_O, N_O,
-        # gate_up: h = GeGLU(...)
-        w_gu, s_gu, ws_gu, count_gu, bias_gu_ptr, h_ptr, h_stride, K_GU, N_GU,
-        # down: x += gate2 * (h @ Wd) [, the next layer's xm and sums of squares]
-        w_dn, s_dn, ws_dn, count_dn, gate2_ptr, next_mod_ptr, ssp_out_ptr, K_DN, N_DN,
-        dummy_ptr, sync_count_ptr, sync_generation_ptr, timeout_ptr, M, eps,
-        HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, MLP: tl.constexpr, DT: tl.constexpr, BM: tl.constexpr,
-        Q_FP8: tl.constexpr, Q_BN: tl.constexpr, Q_KC: tl.constexpr, Q_BK: tl.constexpr, Q_S: tl.constexpr,
-        Q_ST: tl.constexpr, Q_TILES: tl.constexpr,
-        S_K: tl.constexpr, KB: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr, RB: tl.constexpr, CB: tl.constexpr,
-        O_FP8: tl.constexpr, O_BN: tl.constexpr, O_KC: tl.constexpr, O_BK: tl.constexpr, O_S: tl.constexpr,
-        O_ST: tl.constexpr, O_TILES: tl.constexpr,
-        G_FP8: tl.constexpr, G_BN: tl.constexpr, G_KC: tl.constexpr, G_BK: tl.constexpr, G_S: tl.constexpr,
-        G_ST: tl.constexpr, G_TILES: tl.constexpr,
-        D_FP8: tl.constexpr, D_BN: tl.constexpr, D_KC: tl.constexpr, D_BK: tl.constexpr, D_S: tl.constexpr,
-        D_ST: tl.constexpr, D_TILES: tl.constexpr, D_NEXT: tl.constexpr,
-        USE_PDL: tl.constexpr, SPIN_LIMIT: tl.constexpr, PREFETCH_NEXT: tl.constexpr,
-    ):
-        """A whole expert layer in one launch: the six kernels' work as phases of its resident programs, each
-        phase's tasks spread over them, a grid-wide `_grid_sync` between phases instead of a kernel boundary.
-        The tasks are the six kernels' programs (the same functions); loads of what other programs wrote bypass
-        L1 (".cg")."""
-        pid = tl.program_id(0)
-        nprog = tl.num_programs(0)
-        if USE_PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-        d = dummy_ptr
-        # The first phase's tasks load their first weight chunk, then wait for the previous kernel (PDL); a program
-        # without a qkv task waits at the first sync for those that did.
-        for t in range(pid, Q_TILES * Q_S, nprog):
-            _gemm_task(t // Q_S, t % Q_S, xm_ptr, xm_stride, w_qkv, s_qkv, ws_qkv, count_qkv, ssp_in_ptr,
-                       ss_tiles_in, bias_qkv_ptr, d, q_ptr, 0, d, xm_ptr, d, k_ptr, v_ptr, cos_ptr, sin_ptr,
-                       n_valid_ptr, cache_row0, M, K_QKV, N_QKV, eps, HEADS, HEAD_DIM, MLP, _QKV, False, Q_FP8, DT,
-                       BM, Q_BN, Q_KC, Q_BK, Q_S, Q_ST, True, USE_PDL, ".cg", sync_count_ptr, sync_generation_ptr,
-                       timeout_ptr, SPIN_LIMIT)
-        _grid_sync(sync_count_ptr, sync_generation_ptr, timeout_ptr, SPIN_LIMIT)
-        for t in range(pid, HEADS * S_K, nprog):
-            _attend_task(t // S_K, t % S_K, q_ptr, k_ptr, v_ptr, n_valid_ptr, acc_ptr, m_ptr, l_ptr, M, keys_total,
-                         M, scale, blocks_per_split, S_K, HEAD_DIM, BM, KB, DT, ".cg")
-        _grid_sync(sync_count_ptr, sync_generation_ptr, timeout_ptr, SPIN_LIMIT)
-        for t in range(pid, HEADS * RB * CB, nprog):
-            _combine_task(t // (RB * CB), (t // CB) % RB, t % CB, acc_ptr, m_ptr, l_ptr, attn_ptr, attn_stride, M,
-                          S_K, HEAD_DIM, BM, BR, BD, DT, ".cg")
-        _gemm_phase(pid, nprog, attn_ptr, attn_stride, w_o, s_o, ws_o, count_o, d, 0, d, gate1_ptr, x_ptr, x_stride,
-                    mod2_ptr, xm_ptr, ssp_mid_ptr, M, K_O, N_O, eps, HEADS, HEAD_DIM, MLP, _RESIDUAL, True, O_FP8, DT,
-                    BM, O_BN, O_KC, O_BK, O_S, O_ST, O_TILES, sync_count_ptr, sync_generation_ptr, timeout_ptr,
-                    SPIN_LIMIT, PREFETCH_NEXT)
-        _gemm_phase(pid, nprog, xm_ptr, xm_stride, w_gu, s_gu, ws_gu, count_gu, ssp_mid_ptr, O_TILES, bias_gu_ptr, d,
-                    h_ptr, h_stride, d, xm_ptr, d, M, K_GU, N_GU, eps, HEADS, HEAD_DIM, MLP, _GEGLU, False, G_FP8, DT,
-                    BM, G_BN, G_KC, G_BK, G_S, G_ST, G_TILES, sync_count_ptr, sync_generation_ptr, timeout_ptr,
-                    SPIN_LIMIT, PREFETCH_NEXT)
-        _gemm_phase(pid, nprog, h_ptr, h_stride, w_dn, s_dn, ws_dn, count_dn, d, 0, d, gate2_ptr, x_ptr, x_stride,
-                    next_mod_ptr, xm_ptr, ssp_out_ptr, M, K_DN, N_DN, eps, HEADS, HEAD_DIM, MLP, _RESIDUAL, D_NEXT,
-                    D_FP8, DT, BM, D_BN, D_KC, D_BK, D_S, D_ST, D_TILES, sync_count_ptr, sync_generation_ptr,
-                    timeout_ptr, SPIN_LIMIT, PREFETCH_NEXT)
-
-    @triton.jit
-    def _gemm_phase(
-        pid, nprog, a_ptr, a_stride, w_ptr, w_scale_ptr, ws_ptr, count_ptr, ssp_in_ptr, ss_tiles, bias_ptr, gate_ptr,
-        out_ptr, out_stride, next_mod_ptr, xm_ptr, ssp_out_ptr, M, K, N, eps,
-        HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, MLP: tl.constexpr, EPILOGUE: tl.constexpr, NEXT: tl.constexpr,
-        W_FP8: tl.constexpr, DT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr,
-        BK: tl.constexpr, S: tl.constexpr, STAGES: tl.constexpr, TILES: tl.constexpr,
-        sync_count_ptr, sync_generation_ptr, timeout_ptr, SPIN_LIMIT: tl.constexpr, PREFETCH_NEXT: tl.constexpr,
-    ):
-        """A GEMM phase of the persistent layer kernel after a grid sync. With PREFETCH_NEXT a program's first task
-        loads its first weight chunk before it waits in the sync (weights never depend on the previous phase); a
-        program without a task only syncs. Its further tasks (when the phase has more than the programs) follow."""
-        d = out_ptr  # no cache rows, RoPE tables or n_valid in these epilogues
-        if PREFETCH_NEXT:
-            if pid < TILES * S:
-                _gemm_task(pid // S, pid % S, a_ptr, a_stride, w_ptr, w_scale_ptr, ws_ptr, count_ptr, ssp_in_ptr,
-                           ss_tiles, bias_ptr, gate_ptr, out_ptr, out_stride, next_mod_ptr, xm_ptr, ssp_out_ptr, d, d,
-                           d, d, d, 0, M, K, N, eps, HEADS, HEAD_DIM, MLP, EPILOGUE, NEXT, W_FP8, DT, BM, BN, KC, BK, S,
-                           STAGES, True, 2, ".cg", sync_count_ptr, sync_generation_ptr, timeout_ptr, SPIN_LIMIT)
-            else:
-                _grid_sync(sync_count_ptr, sync_generation_ptr, timeout_ptr, SPIN_LIMIT)
-            first = pid + nprog
-        else:
-            _grid_sync(sync_count_ptr, sync_generation_ptr, timeout_ptr, SPIN_LIMIT)
-            first = pid
-        for t in range(first, TILES * S, nprog):
-            _gemm_task(t // S, t % S, a_ptr, a_stride, w_ptr, w_scale_ptr, ws_ptr, count_ptr, ssp_in_ptr, ss_tiles,
-                       bias_ptr, gate_ptr, out_ptr, out_stride, next_mod_ptr, xm_ptr, ssp_out_ptr, d, d, d, d, d, 0, M,
-                       K, N, eps, HEADS, HEAD_DIM, MLP, EPILOGUE, NEXT, W_FP8, DT, BM, BN, KC, BK, S, STAGES, True, 0,
-                       ".cg", sync_count_ptr, sync_generation_ptr, timeout_ptr, SPIN_LIMIT)
 
 
 # ------------------------------------------------------------------------------------------------ packing
@@ -516,12 +389,6 @@ class KernelConfig:
     attend_warps: int = 4
     pdl: bool = True  # programmatic dependent launch where the GPU has it (SM 9.0+)
     fused_step_in: bool = True  # the action in-projection and the first modulate in one kernel (-0.09 ms at 10)
-    # Each layer as ONE persistent kernel (`_layer_kernel`: the six kernels' programs as phases with grid-wide
-    # syncs between them). Tested under the CPU interpreter; not yet measured on a GPU, so off.
-    persistent_layer: bool = False
-    persistent_programs: int = 0  # programs of the persistent kernel (0: the largest phase's tasks, <= the SMs)
-    persistent_cooperative: bool = True  # launch it as a cooperative grid (all programs resident, or no launch)
-    persistent_prefetch: bool = True  # a GEMM phase's first weight chunk loaded before the grid sync before it
 
 
 def _pow2_at_most(n: int, cap: int) -> int:
@@ -699,10 +566,6 @@ class ExpertKernels:
         tiles = max(first.o.tiles, first.down.tiles, triton.cdiv(self.width, self.modulate_cols))
         self.ssp = [torch.zeros(tiles, bm, dtype=f32, device=dev) for _ in range(2)]
         self._dummy = torch.zeros(1, dtype=f32, device=dev)
-        # the persistent layer kernel's grid sync: arrival count, generation and the flag a timed-out wait sets,
-        # 128 bytes apart (the count is hammered by every arrival, the generation polled by every waiter)
-        self.sync = torch.zeros(3 * 32, dtype=torch.int32, device=dev)
-        self._programs: int | None = None
         self.x_step = torch.zeros(self.horizon, self.width, dtype=f32, device=dev)  # the step's residual stream
 
     @property
@@ -804,8 +667,6 @@ class ExpertKernels:
         kernel; leaves self.xm = x * next_mod and returns the new partials (when next_mod is given).
         """
         w = self.layers[layer]
-        if self.config.persistent_layer:
-            return self._layer_persistent(x, w, mod, next_mod, bias_qkv, bias_gu, k_cache, v_cache, n_valid, ssp_in)
         self._gemm("qkv", w.qkv, EPI_QKV, self.xm, self.q, ssp_in=ssp_in, bias=bias_qkv, k_cache=k_cache,
                    v_cache=v_cache, n_valid=n_valid)
         self._attention(k_cache, v_cache, n_valid)
@@ -814,80 +675,9 @@ class ExpertKernels:
         self._gemm("down", w.down, EPI_RESIDUAL, self.h, x, gate=mod[5], next_mod=next_mod, ssp_out=self.ssp[1])
         return self.ssp[1], w.down.tiles
 
-    def sync_state(self) -> tuple[int, int, int]:
-        """The persistent kernel's grid sync: (arrivals pending, generation, timed out)."""
-        state = self.sync.view(3, 32)[:, 0].tolist()
-        return int(state[0]), int(state[1]), int(state[2])
-
-    def check_sync(self) -> None:
-        """Raise if a grid sync of the persistent kernel gave up waiting (its results are garbage), and reset it.
-        Call it outside any graph capture, after the denoise loop (it reads device memory)."""
-        pending, _, timed_out = self.sync_state()
-        if timed_out or pending:
-            self.sync.zero_()
-            raise RuntimeError("the persistent expert layer kernel could not have all its programs resident at once "
-                               f"(a grid sync timed out; {pending} arrivals pending): set persistent_layer=False")
-
-    def persistent_programs(self) -> int:
-        """Programs of the persistent layer kernel: one per task of its largest phase, at most one per SM (all must
-        be resident at once for its grid syncs); one under the CPU interpreter, which runs programs one by one."""
-        if self._programs is not None:
-            return self._programs
-        if interpreting() or self.device.type != "cuda":
-            self._programs = 1
-            return 1
-        first, c = self.layers[0], self.config
-        tasks = max(first.qkv.tiles * first.qkv.splits, self.heads * c.key_splits, first.o.tiles * first.o.splits,
-                    first.gate_up.tiles * first.gate_up.splits, first.down.tiles * first.down.splits,
-                    self.heads * triton.cdiv(self.horizon, c.combine_rows) * (self.head_dim // self._combine_cols))
-        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-        self._programs = min(c.persistent_programs or tasks, tasks, sms)
-        return self._programs
-
     @property
     def _combine_cols(self) -> int:
         return min(self.config.combine_cols, self.head_dim)
-
-    def _layer_persistent(self, x: Tensor, w: ExpertLayerWeights, mod: Tensor, next_mod: Tensor | None,
-                          bias_qkv: Tensor, bias_gu: Tensor, k_cache: Tensor, v_cache: Tensor, n_valid: Tensor,
-                          ssp_in: tuple[Tensor, int]) -> tuple[Tensor, int]:
-        """`layer` as one launch of `_layer_kernel` (KernelConfig.persistent_layer)."""
-        c, d = self.config, self._dummy
-        keys_total = k_cache.shape[0]
-        per_split = triton.cdiv(triton.cdiv(keys_total, c.key_block), c.key_splits)
-        bd = self._combine_cols
-
-        def gemm(p: PackedLinear) -> dict:
-            return {"FP8": p.scale is not None, "BN": p.cfg.block_n, "KC": p.cfg.k_chunk, "BK": p.cfg.step,
-                    "S": p.splits, "ST": p.cfg.stages, "TILES": p.tiles}
-
-        constexprs = {f"{prefix}_{key}": value for prefix, p in (("Q", w.qkv), ("O", w.o), ("G", w.gate_up),
-                                                                 ("D", w.down)) for key, value in gemm(p).items()}
-        qkv, o, gu, dn = w.qkv, w.o, w.gate_up, w.down
-        launch = self._launch_kwargs(4)
-        if self.device.type == "cuda" and c.persistent_cooperative:
-            launch["launch_cooperative_grid"] = True  # the driver refuses the launch if the programs cannot co-reside
-        sync = self.sync.view(3, 32)
-        _layer_kernel[(self.persistent_programs(),)](
-            self.xm, self.xm.stride(0), qkv.blocks, d if qkv.scale is None else qkv.scale, *self.ws["qkv"], ssp_in[0],
-            ssp_in[1], bias_qkv, self.q, k_cache, v_cache, self.fast.rope_cos, self.fast.rope_sin, n_valid,
-            keys_total - self.horizon, qkv.k, qkv.n,
-            self.part_acc, self.part_m, self.part_l, keys_total, self.head_dim**-0.5, per_split, self.attn,
-            self.attn.stride(0),
-            o.blocks, d if o.scale is None else o.scale, *self.ws["o"], mod[2], x, x.stride(0), mod[3], self.ssp[0],
-            o.k, o.n,
-            gu.blocks, d if gu.scale is None else gu.scale, *self.ws["gate_up"], bias_gu, self.h, self.h.stride(0),
-            gu.k, gu.n,
-            dn.blocks, d if dn.scale is None else dn.scale, *self.ws["down"], mod[5],
-            d if next_mod is None else next_mod, self.ssp[1], dn.k, dn.n,
-            d, sync[0], sync[1], sync[2], self.horizon, self.eps,
-            HEADS=self.heads, HEAD_DIM=self.head_dim, MLP=self.mlp, DT=self._dt, BM=self.block_rows,
-            S_K=c.key_splits, KB=c.key_block, BR=c.combine_rows, BD=bd, RB=triton.cdiv(self.horizon, c.combine_rows),
-            CB=self.head_dim // bd, D_NEXT=next_mod is not None, USE_PDL=self.use_pdl, SPIN_LIMIT=1 << 21,
-            PREFETCH_NEXT=c.persistent_prefetch,
-            **constexprs, **launch,
-        )
-        return self.ssp[1], dn.tiles
 
     def denoise(self, x_t: Tensor, n_valid: Tensor, keys: list[Tensor], values: list[Tensor],
                 schedule: tuple[Tensor, ...]) -> None:
