@@ -42,7 +42,9 @@ def build(fn, types: dict[str, str], consts: dict, arch: int):
     signature = {name: "constexpr" if name in consts else types[name] for name in fn.arg_names}
     aligned = [i for i, name in enumerate(fn.arg_names)
                if types.get(name, "").startswith("*") and any(a in name for a in ALIGNED)
-               and name not in ("sync_generation_ptr", "timeout_ptr", "n_valid_ptr")]
+               and name != "n_valid_ptr"]
+    # Strides are multiples of 16 at full size, and Triton specializes such integer arguments at launch.
+    aligned += [i for i, name in enumerate(fn.arg_names) if name.endswith("stride") and name not in consts]
     attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
     return triton.compile(ASTSource(fn, signature, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": 4})
@@ -61,10 +63,11 @@ def resource_usage(kernel) -> tuple[int, int]:
 
 
 def gemm_types(out: str) -> dict[str, str]:
-    return dict(a_ptr=BF, a_stride="i32", w_ptr=BF, w_scale_ptr=F32, ws_ptr=F32, count_ptr=I32, ssp_in_ptr=F32,
-                ss_tiles="i32", bias_ptr=F32, gate_ptr=F32, out_ptr=out, out_stride="i32", next_mod_ptr=F32,
-                xm_ptr=BF, ssp_out_ptr=F32, k_ptr=BF, v_ptr=BF, cos_ptr=F32, sin_ptr=F32, n_valid_ptr=I64,
-                cache_row0="i32", M="i32", K="i32", N="i32", eps="fp32")
+    return dict(a_ptr=BF, a_stride="i32", a_bstride="i32", w_ptr=BF, w_scale_ptr=F32, ws_ptr=F32, count_ptr=I32,
+                ssp_in_ptr=F32, ss_tiles="i32", ss_bstride="i32", bias_ptr=F32, gate_ptr=F32, out_ptr=out,
+                out_stride="i32", out_bstride="i32", next_mod_ptr=F32, xm_ptr=BF, xm_bstride="i32", ssp_out_ptr=F32,
+                k_ptr=BF, v_ptr=BF, kv_bstride="i32", cos_ptr=F32, sin_ptr=F32, n_valid_ptr=I64, cache_row0="i32",
+                M="i32", K="i32", N="i32", eps="fp32")
 
 
 def main() -> int:
@@ -88,11 +91,13 @@ def main() -> int:
                       KC=cfg.k_chunk, BK=cfg.step, S=-(-k // cfg.k_chunk), STAGES=cfg.stages, PREFETCH=cfg.prefetch,
                       USE_PDL=pdl)
         jobs.append((f"gemm {name}", expert._expert_gemm_kernel, gemm_types(out), consts))
-    attend = dict(q_ptr=BF, k_ptr=BF, v_ptr=BF, n_valid_ptr=I64, acc_ptr=F32, m_ptr=F32, l_ptr=F32, rows="i32",
-                  keys_total="i32", horizon="i32", scale="fp32", blocks_per_split="i32")
+    attend = dict(q_ptr=BF, q_bstride="i32", k_ptr=BF, v_ptr=BF, kv_bstride="i32", n_valid_ptr=I64, acc_ptr=F32,
+                  m_ptr=F32, l_ptr=F32, rows="i32", keys_total="i32", horizon="i32", scale="fp32",
+                  blocks_per_split="i32")
     jobs.append(("attend", expert._attend_kernel, attend,
                  dict(S_K=c.key_splits, D=e.head_dim, BM=bm, KB=c.key_block, DT=tl.bfloat16, USE_PDL=pdl)))
-    combine = dict(acc_ptr=F32, m_ptr=F32, l_ptr=F32, out_ptr=BF, out_stride="i32", rows="i32")
+    combine = dict(acc_ptr=F32, m_ptr=F32, l_ptr=F32, out_ptr=BF, out_stride="i32", out_bstride="i32", rows="i32",
+                   heads="i32")
     bd = min(c.combine_cols, e.head_dim)
     jobs.append(("combine", expert._combine_kernel, combine,
                  dict(S_K=c.key_splits, D=e.head_dim, BM=bm, BR=c.combine_rows, BD=bd, DT=tl.bfloat16, USE_PDL=pdl)))

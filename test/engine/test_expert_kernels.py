@@ -13,7 +13,7 @@ import torch
 
 from pi05_ros.engine.config import TINY, GemmaConfig
 from pi05_ros.engine.demo import random_model
-from pi05_ros.engine.fast.blocks import FastModel, denoise_eager, prefill_eager
+from pi05_ros.engine.fast.blocks import FastModel, denoise_eager, prefill_eager, prefill_eager_batch
 from pi05_ros.engine.fast.kernels import available
 from pi05_ros.engine.fast.kernels.expert import (
     EPI_GEGLU,
@@ -169,3 +169,108 @@ def test_golden_model_on_the_kernels_matches_openpi(golden_model, golden_cases, 
     # float32 throughout: the reference itself is ~2e-7 from openpi
     assert rel_err(x[0], golden_cases[f"case0/actions_steps{steps}"][0]) < 1e-5
 
+
+
+@pytest.fixture(scope="module")
+def small_batch(small):
+    """Three rows with their own images, prompt lengths (9, 3 and 20 text rows: n_valid differs, and the 20 pad
+    every row's text to 32) and noise, prefilled together into caches of one size."""
+    fast, _, _ = small
+    gen = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 255, (3, 2, 224, 224, 3), dtype=torch.uint8, generator=gen)
+    text = [torch.randn(n, SMALL.vlm.width, generator=gen) for n in (9, 3, 20)]
+    prefix = prefill_eager_batch(fast, images, text)
+    noise = torch.randn(3, SMALL.action_horizon, SMALL.action_dim, generator=gen)
+    return prefix, noise
+
+
+@pytest.mark.parametrize("config", [SPLIT, FUSED], ids=["split-k", "fused-step-in"])
+def test_a_batch_on_the_kernels_equals_its_rows_alone_and_the_fast_path(small, small_batch,
+                                                                         config: KernelConfig) -> None:
+    fast, _, _ = small
+    prefix, noise = small_batch
+    assert len(set(prefix.n_valid.tolist())) == 3  # each row its own prompt length: positions and key masks differ
+    schedule = fast.step_schedule(3)
+    want = denoise_eager(fast, prefix, noise, 3)  # the torch path's batch
+    kernels = ExpertKernels(fast, config, max_batch=4)
+    sched = kernels.schedule(schedule)
+    keys = [k.clone() for k in prefix.keys]
+    values = [v.clone() for v in prefix.values]
+    x = noise.clone()
+    kernels.denoise(x, prefix.n_valid, keys, values, sched)
+    assert rel_err(x, want) < 1e-5  # float32: summation order only
+    for _, count in kernels.ws.values():
+        assert not count.any()  # every (row, tile) split-K counter is reset
+    for row in range(3):
+        alone = noise[row:row + 1].clone()
+        row_keys = [k[row:row + 1].clone() for k in prefix.keys]
+        row_values = [v[row:row + 1].clone() for v in prefix.values]
+        kernels.denoise(alone, prefix.n_valid[row:row + 1], row_keys, row_values, sched)
+        # the kernels compute a row alike batched or not (the next test); the step's ends are torch GEMMs, which
+        # the CPU blocks differently for 1 and 3 rows: float32 rounding only
+        assert rel_err(alone[0], x[row]) < 1e-6
+        assert rel_err(row_keys[-1][0, 0], keys[-1][row, 0]) < 1e-6  # and its cache's suffix rows
+
+
+def test_the_kernels_refuse_a_batch_larger_than_they_were_built_for(small, small_batch) -> None:
+    fast, _, _ = small
+    prefix, noise = small_batch
+    kernels = ExpertKernels(fast, SPLIT, max_batch=2)
+    with pytest.raises(ValueError, match="a batch of 3 rows; these kernels were built for 1..2"):
+        kernels.denoise(noise.clone(), prefix.n_valid, prefix.keys, prefix.values,
+                        kernels.schedule(fast.step_schedule(1)))
+
+
+def test_a_layer_on_a_batch_computes_each_row_as_alone_bit_for_bit(small, small_batch) -> None:
+    fast, _, _ = small
+    prefix, _ = small_batch
+    kernels = ExpertKernels(fast, SPLIT, max_batch=3)
+    sched = kernels.schedule(fast.step_schedule(3))
+    mods = sched[0][1]
+    x = torch.randn(3, SMALL.action_horizon, SMALL.expert.width, generator=torch.Generator().manual_seed(4))
+    keys, values = prefix.keys[1][:, 0].clone(), prefix.values[1][:, 0].clone()
+    batch = x.clone()
+    ssp = kernels.modulate(batch, mods[0, 0])
+    kernels.layer(batch, 0, mods[0], mods[1, 0], sched[4][1, 0], sched[5][1, 0], keys, values, prefix.n_valid, ssp)
+    for row in range(3):
+        alone = x[row].clone()
+        row_keys, row_values = prefix.keys[1][row, 0].clone(), prefix.values[1][row, 0].clone()
+        ssp = kernels.modulate(alone, mods[0, 0])
+        kernels.layer(alone, 0, mods[0], mods[1, 0], sched[4][1, 0], sched[5][1, 0], row_keys, row_values,
+                      prefix.n_valid[row], ssp)
+        # one program per (row, tile): the same instructions on the same data, batched or not
+        assert torch.equal(alone, batch[row])
+        assert torch.equal(row_keys, keys[row]) and torch.equal(row_values, values[row])
+
+
+def test_the_pipelines_batches_run_on_the_kernels_with_expert_kernels_on(small) -> None:
+    """Pi05Pipeline(expert_kernels="on") denoises batches on the kernels (staging, batch caches, n_valid per row,
+    the step table: as on a GPU, without graphs); "auto" keeps batches on the torch path until they are measured."""
+    import numpy as np
+
+    from pi05_ros.engine.fast.pipeline import Pi05Pipeline
+    from pi05_ros.engine.runner import PreparedObservation
+
+    fast, _, _ = small
+    rng = np.random.default_rng(5)
+    cfg = SMALL
+    size, max_len = cfg.vision.image_size, cfg.max_token_len
+    rows = []
+    for length in (5, 12, 3):
+        images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(2)]
+        images += [None] * (len(cfg.image_keys) - 2)
+        tokens = np.zeros(max_len, np.int64)
+        tokens[:length] = rng.integers(1, cfg.vocab_size, length)
+        rows.append(PreparedObservation(images, tokens, np.arange(max_len) < length,
+                                        rng.standard_normal((cfg.action_horizon, cfg.action_dim)).astype(np.float32)))
+    options = dict(precision="bf16", use_graphs=False, compile=False, max_batch=4, text_tile=8)
+    on_kernels = Pi05Pipeline(fast, expert_kernels="on", **options)  # fast is float32: the interpreter's dtype
+    assert [on_kernels.path_for(b) for b in (1, 3)] == ["kernels", "kernels"]
+    batched, _ = on_kernels.run_batch(rows, 3)  # bucket 4: a padded fourth row
+    torch_path = Pi05Pipeline(fast, expert_kernels="off", **options)
+    want, _ = torch_path.run_batch(rows, 3)
+    assert rel_err(torch.from_numpy(batched), torch.from_numpy(want)) < 1e-5  # float32 both: summation order only
+    for row, obs in enumerate(rows):
+        alone, _ = on_kernels.run(obs, 3)  # batch 1: its own caches and graphs
+        assert rel_err(torch.from_numpy(alone), torch.from_numpy(batched[row])) < 1e-6  # the step's torch ends
+    assert not np.allclose(batched[0], batched[1])

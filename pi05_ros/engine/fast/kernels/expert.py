@@ -22,6 +22,9 @@ Why this shape (docs/fast_path.md has the measurements):
   its weights before `gdc_wait`: weights never depend on the previous kernel, so their fetch overlaps it.
 - Paired column tiles: a q/k tile holds columns j and j + d/2 of one head (RoPE rotates those two), a
   gate_up tile holds gate column j and up column j (GeGLU multiplies those two), so the epilogues stay local.
+- Batches (a server's rows, M = 50 per row): every kernel's grid gains a batch dimension, one program per row and
+  tile, so a program's work, registers and epilogue are those of batch 1; the rows' programs of a tile are
+  adjacent, so its weight block comes from HBM once and from L2 for the other rows.
 
 Each layer as one persistent kernel instead (resident programs running the six kernels' work as phases with
 grid-wide syncs between them) was built and measured 1.6x slower on an H200: with one program per SM a phase's
@@ -65,55 +68,36 @@ if triton is not None:
 
     @triton.jit
     def _expert_gemm_kernel(
-        a_ptr, a_stride,
+        a_ptr, a_stride, a_bstride,
         w_ptr, w_scale_ptr,
         ws_ptr, count_ptr,
-        ssp_in_ptr, ss_tiles,
+        ssp_in_ptr, ss_tiles, ss_bstride,
         bias_ptr, gate_ptr,
-        out_ptr, out_stride,
-        next_mod_ptr, xm_ptr, ssp_out_ptr,
-        k_ptr, v_ptr, cos_ptr, sin_ptr, n_valid_ptr, cache_row0,
+        out_ptr, out_stride, out_bstride,
+        next_mod_ptr, xm_ptr, xm_bstride, ssp_out_ptr,
+        k_ptr, v_ptr, kv_bstride, cos_ptr, sin_ptr, n_valid_ptr, cache_row0,
         M, K, N, eps,
         HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, MLP: tl.constexpr,
         EPILOGUE: tl.constexpr, NEXT: tl.constexpr, W_FP8: tl.constexpr, DT: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr, BK: tl.constexpr, S: tl.constexpr,
         STAGES: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr,
     ):
-        """One program per (column tile, K split): `_gemm_task`."""
-        if USE_PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-        _gemm_task(tl.program_id(0), tl.program_id(1),
-                   a_ptr, a_stride, w_ptr, w_scale_ptr, ws_ptr, count_ptr, ssp_in_ptr, ss_tiles, bias_ptr, gate_ptr,
-                   out_ptr, out_stride, next_mod_ptr, xm_ptr, ssp_out_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr,
-                   n_valid_ptr, cache_row0, M, K, N, eps, HEADS, HEAD_DIM, MLP, EPILOGUE, NEXT, W_FP8, DT, BM, BN, KC,
-                   BK, S, STAGES, PREFETCH, USE_PDL)
-
-    @triton.jit
-    def _gemm_task(
-        pid_n, pid_s,
-        a_ptr, a_stride,
-        w_ptr, w_scale_ptr,
-        ws_ptr, count_ptr,
-        ssp_in_ptr, ss_tiles,
-        bias_ptr, gate_ptr,
-        out_ptr, out_stride,
-        next_mod_ptr, xm_ptr, ssp_out_ptr,
-        k_ptr, v_ptr, cos_ptr, sin_ptr, n_valid_ptr, cache_row0,
-        M, K, N, eps,
-        HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, MLP: tl.constexpr,
-        EPILOGUE: tl.constexpr, NEXT: tl.constexpr, W_FP8: tl.constexpr, DT: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr, BK: tl.constexpr, S: tl.constexpr,
-        STAGES: tl.constexpr, PREFETCH: tl.constexpr, WAIT: tl.constexpr,
-    ):
-        """out = epilogue(A @ W) for A [M, K] in the GEMM dtype (M <= BM rows) and packed W: the program of column
-        tile `pid_n` and K split `pid_s`. WAIT says what the program waits for between loading its first weight
-        chunk (PREFETCH) and its activations: nothing (False) or the previous kernel (True: PDL's gdc_wait).
+        """out = epilogue(A @ W) for one batch row's A [M, K] in the GEMM dtype (M <= BM rows) and packed W: one
+        program per (batch row, column tile, K split). The programs of one column tile are adjacent in the grid, so
+        the batch rows' reads of a weight block follow each other (from L2 after the first). Every per-row buffer
+        is addressed as base + batch row * its batch stride (`*_bstride`).
 
         QKV / GEGLU: A is x * (1 + scale) (written by the previous kernel); the rows' sums of squares arrive as
         `ss_tiles` partials in ssp_in, giving r = rsqrt(mean(x^2) + eps) for y = r * acc + shift @ W.
         RESIDUAL: x += gate * acc; with NEXT it also writes the next GEMM's A (x * next_mod, GEMM dtype) and this
         tile's partial sums of squares of x, so the next kernel needs no norm pass.
         """
+        if USE_PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        pid_b = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        tiles = tl.num_programs(1)
         PAIRED: tl.constexpr = EPILOGUE != _RESIDUAL
         HB: tl.constexpr = BN // 2
         WN: tl.constexpr = HB if PAIRED else BN  # columns per accumulator
@@ -125,7 +109,7 @@ if triton is not None:
             w0 = tl.load(w_base)
             if PAIRED:
                 w0_hi = tl.load(w_base + HB)
-        if WAIT:
+        if USE_PDL:
             tl.extra.cuda.gdc_wait()
         if not PREFETCH:
             w0 = tl.load(w_base)
@@ -134,7 +118,7 @@ if triton is not None:
         rm = tl.arange(0, BM)
         row_ok = rm < M
         ka = pid_s * KC + rk
-        a_rows = a_ptr + rm[:, None] * a_stride + ka[None, :]
+        a_rows = a_ptr + pid_b * a_bstride + rm[:, None] * a_stride + ka[None, :]
         a = tl.load(a_rows, mask=row_ok[:, None] & (ka[None, :] < K), other=0.0)
         lo = tl.dot(a, w0.to(DT))
         if PAIRED:
@@ -146,22 +130,22 @@ if triton is not None:
             if PAIRED:
                 hi += tl.dot(a, tl.load(w + HB).to(DT))
         if S > 1:
-            # Split K: partials to the workspace; the last of the S programs of this column tile sums them in a
-            # fixed order (deterministic). The counter orders the stores (release) before its loads (acquire)
-            # and is reset for the next use.
-            tile = pid_n * S + pid_s
-            ws = ws_ptr + (tile * BM + rm[:, None]) * BN + rw[None, :]
+            # Split K: partials to the workspace; the last of the S programs of this (batch row, column tile) sums
+            # them in a fixed order (deterministic). The counter orders the stores (release) before its loads
+            # (acquire) and is reset for the next use.
+            tile = pid_b * tiles + pid_n
+            ws = ws_ptr + ((tile * S + pid_s) * BM + rm[:, None]) * BN + rw[None, :]
             tl.store(ws, lo, mask=row_ok[:, None])
             if PAIRED:
                 tl.store(ws + HB, hi, mask=row_ok[:, None])
             tl.debug_barrier()
-            is_last = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu") == S - 1
+            is_last = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu") == S - 1
         else:
             is_last = True
         if is_last:
             if S > 1:
-                tl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")
-                first = ws_ptr + (pid_n * S * BM + rm[:, None]) * BN + rw[None, :]
+                tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
+                first = ws_ptr + (tile * S * BM + rm[:, None]) * BN + rw[None, :]
                 lo = tl.load(first, mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
                 if PAIRED:
                     hi = tl.load(first + HB, mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
@@ -173,7 +157,7 @@ if triton is not None:
             if PAIRED:
                 ss = tl.zeros((BM,), dtype=tl.float32)
                 for t in range(ss_tiles):
-                    ss += tl.load(ssp_in_ptr + t * BM + rm, mask=row_ok, other=0.0)
+                    ss += tl.load(ssp_in_ptr + pid_b * ss_bstride + t * BM + rm, mask=row_ok, other=0.0)
                 r = tl.rsqrt(ss / K + eps)
             if EPILOGUE == _QKV:
                 HALF: tl.constexpr = HEAD_DIM // 2
@@ -187,17 +171,18 @@ if triton is not None:
                 y_lo = lo * r[:, None] + tl.load(bias_ptr + col_lo)[None, :]
                 y_hi = hi * r[:, None] + tl.load(bias_ptr + col_lo + HALF)[None, :]
                 if head <= HEADS:  # q heads and the k head get RoPE at positions n_valid + row
-                    pos = tl.load(n_valid_ptr) + rm
+                    pos = tl.load(n_valid_ptr + pid_b) + rm
                     table = pos[:, None] * HEAD_DIM + j[None, :]
                     cos = tl.load(cos_ptr + table, mask=row_ok[:, None], other=0.0)
                     sin = tl.load(sin_ptr + table, mask=row_ok[:, None], other=0.0)
                     y_lo, y_hi = y_lo * cos - y_hi * sin, y_hi * cos + y_lo * sin
+                cache_rows = (cache_row0 + rm[:, None]) * HEAD_DIM + j[None, :] + pid_b * kv_bstride
                 if head < HEADS:
-                    dst = out_ptr + (head * BM + rm[:, None]) * HEAD_DIM + j[None, :]
+                    dst = out_ptr + pid_b * out_bstride + (head * BM + rm[:, None]) * HEAD_DIM + j[None, :]
                 elif head == HEADS:
-                    dst = k_ptr + (cache_row0 + rm[:, None]) * HEAD_DIM + j[None, :]
+                    dst = k_ptr + cache_rows
                 else:
-                    dst = v_ptr + (cache_row0 + rm[:, None]) * HEAD_DIM + j[None, :]
+                    dst = v_ptr + cache_rows
                 tl.store(dst, y_lo.to(DT), mask=row_ok[:, None])
                 tl.store(dst + HALF, y_hi.to(DT), mask=row_ok[:, None])
             elif EPILOGUE == _GEGLU:
@@ -208,7 +193,8 @@ if triton is not None:
                 gate = lo * r[:, None] + tl.load(bias_ptr + col)[None, :]
                 up = hi * r[:, None] + tl.load(bias_ptr + MLP + col)[None, :]
                 h = _gelu_tanh(gate) * up
-                tl.store(out_ptr + rm[:, None] * out_stride + col[None, :], h.to(DT), mask=row_ok[:, None])
+                dst = out_ptr + pid_b * out_bstride + rm[:, None] * out_stride + col[None, :]
+                tl.store(dst, h.to(DT), mask=row_ok[:, None])
             else:
                 col = pid_n * BN + rw
                 col_ok = col < N
@@ -216,40 +202,47 @@ if triton is not None:
                     lo = lo * tl.load(w_scale_ptr + col, mask=col_ok, other=0.0)[None, :]
                 gate = tl.load(gate_ptr + col, mask=col_ok, other=0.0)
                 mask = row_ok[:, None] & col_ok[None, :]
-                x_ptrs = out_ptr + rm[:, None] * out_stride + col[None, :]
+                x_ptrs = out_ptr + pid_b * out_bstride + rm[:, None] * out_stride + col[None, :]
                 x = tl.load(x_ptrs, mask=mask, other=0.0) + lo * gate[None, :]
                 tl.store(x_ptrs, x, mask=mask)
                 if NEXT:
-                    _emit_next(x, col, col_ok, mask, rm, row_ok, pid_n, next_mod_ptr, xm_ptr, ssp_out_ptr, N, BM, DT)
+                    _emit_next(x, col, col_ok, mask, rm, row_ok, pid_n, next_mod_ptr, xm_ptr + pid_b * xm_bstride,
+                               ssp_out_ptr + pid_b * ss_bstride, N, BM, DT)
 
     @triton.jit
     def _emit_next(x, col, col_ok, mask, rm, row_ok, tile, next_mod_ptr, xm_ptr, ssp_out_ptr, N,
                    BM: tl.constexpr, DT: tl.constexpr):
-        """The next modulated GEMM's input x * (1 + scale) and this column tile's partial sums of x^2."""
+        """The next modulated GEMM's input x * (1 + scale) and this column tile's partial sums of x^2 (one batch
+        row: the pointers are that row's)."""
         mod = tl.load(next_mod_ptr + col, mask=col_ok, other=0.0)
         tl.store(xm_ptr + rm[:, None] * N + col[None, :], (x * mod[None, :]).to(DT), mask=mask)
         tl.store(ssp_out_ptr + tile * BM + rm, tl.sum(tl.where(mask, x * x, 0.0), axis=1), mask=row_ok)
 
     @triton.jit
-    def _modulate_kernel(x_ptr, next_mod_ptr, xm_ptr, ssp_out_ptr, M, N,
+    def _modulate_kernel(x_ptr, x_bstride, next_mod_ptr, xm_ptr, xm_bstride, ssp_out_ptr, ss_bstride, M, N,
                          BM: tl.constexpr, BN: tl.constexpr, DT: tl.constexpr):
-        """x [M, N] float32 -> x * next_mod and per-column-tile partial sums of squares (a step's first layer)."""
-        tile = tl.program_id(0)
+        """x [B, M, N] float32 -> x * next_mod and per-column-tile partial sums of squares (a step's first layer);
+        one program per (batch row, column tile)."""
+        pid_b = tl.program_id(0)
+        tile = tl.program_id(1)
         rm = tl.arange(0, BM)
         row_ok = rm < M
         col = tile * BN + tl.arange(0, BN)
         col_ok = col < N
         mask = row_ok[:, None] & col_ok[None, :]
-        x = tl.load(x_ptr + rm[:, None] * N + col[None, :], mask=mask, other=0.0)
-        _emit_next(x, col, col_ok, mask, rm, row_ok, tile, next_mod_ptr, xm_ptr, ssp_out_ptr, N, BM, DT)
+        x = tl.load(x_ptr + pid_b * x_bstride + rm[:, None] * N + col[None, :], mask=mask, other=0.0)
+        _emit_next(x, col, col_ok, mask, rm, row_ok, tile, next_mod_ptr, xm_ptr + pid_b * xm_bstride,
+                   ssp_out_ptr + pid_b * ss_bstride, N, BM, DT)
 
     @triton.jit
-    def _step_in_kernel(xt_ptr, w_ptr, b_ptr, x_ptr, next_mod_ptr, xm_ptr, ssp_out_ptr, M, N, A,
-                        BM: tl.constexpr, BN: tl.constexpr, BA: tl.constexpr, DT: tl.constexpr,
+    def _step_in_kernel(xt_ptr, w_ptr, b_ptr, x_ptr, next_mod_ptr, xm_ptr, xm_bstride, ssp_out_ptr, ss_bstride,
+                        M, N, A, BM: tl.constexpr, BN: tl.constexpr, BA: tl.constexpr, DT: tl.constexpr,
                         USE_PDL: tl.constexpr):
-        """A step's start: x = x_t @ W_in^T + b_in [M, N] (float32), then x * next_mod and the partial sums of
-        squares for the first layer's qkv GEMM (what `_modulate_kernel` does after a separate linear)."""
-        tile = tl.program_id(0)
+        """A step's start: x = x_t @ W_in^T + b_in [B, M, N] (float32; x_t [B, M, A] and x contiguous), then x *
+        next_mod and the partial sums of squares for the first layer's qkv GEMM (what `_modulate_kernel` does
+        after a separate linear). One program per (batch row, column tile)."""
+        pid_b = tl.program_id(0)
+        tile = tl.program_id(1)
         if USE_PDL:
             tl.extra.cuda.gdc_launch_dependents()
         rm = tl.arange(0, BM)
@@ -261,38 +254,38 @@ if triton is not None:
         bias = tl.load(b_ptr + col, mask=col_ok, other=0.0)
         if USE_PDL:
             tl.extra.cuda.gdc_wait()
-        xt = tl.load(xt_ptr + rm[:, None] * A + ra[None, :], mask=row_ok[:, None] & (ra[None, :] < A), other=0.0)
+        xt = tl.load(xt_ptr + pid_b * M * A + rm[:, None] * A + ra[None, :],
+                     mask=row_ok[:, None] & (ra[None, :] < A), other=0.0)
         x = tl.dot(xt, w, input_precision="ieee") + bias[None, :]
         mask = row_ok[:, None] & col_ok[None, :]
-        tl.store(x_ptr + rm[:, None] * N + col[None, :], x, mask=mask)
-        _emit_next(x, col, col_ok, mask, rm, row_ok, tile, next_mod_ptr, xm_ptr, ssp_out_ptr, N, BM, DT)
+        tl.store(x_ptr + pid_b * M * N + rm[:, None] * N + col[None, :], x, mask=mask)
+        _emit_next(x, col, col_ok, mask, rm, row_ok, tile, next_mod_ptr, xm_ptr + pid_b * xm_bstride,
+                   ssp_out_ptr + pid_b * ss_bstride, N, BM, DT)
 
     @triton.jit
     def _attend_kernel(
-        q_ptr, k_ptr, v_ptr, n_valid_ptr, acc_ptr, m_ptr, l_ptr,
+        q_ptr, q_bstride, k_ptr, v_ptr, kv_bstride, n_valid_ptr, acc_ptr, m_ptr, l_ptr,
         rows, keys_total, horizon, scale, blocks_per_split,
         S_K: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, KB: tl.constexpr, DT: tl.constexpr,
         USE_PDL: tl.constexpr,
     ):
-        """One program per (head, key split): `_attend_task`."""
+        """Queries of one head (rows x D) of one batch row against one slice of its keys: an unnormalized partial
+        softmax. One program per (batch row, head, key split)."""
         if USE_PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
-        _attend_task(tl.program_id(0), tl.program_id(1), q_ptr, k_ptr, v_ptr, n_valid_ptr, acc_ptr, m_ptr, l_ptr,
-                     rows, keys_total, horizon, scale, blocks_per_split, S_K, D, BM, KB, DT)
-
-    @triton.jit
-    def _attend_task(
-        head, split, q_ptr, k_ptr, v_ptr, n_valid_ptr, acc_ptr, m_ptr, l_ptr,
-        rows, keys_total, horizon, scale, blocks_per_split,
-        S_K: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, KB: tl.constexpr, DT: tl.constexpr,
-    ):
-        """Queries of one head (rows x D) against one slice of the keys: an unnormalized partial softmax."""
+        pid_b = tl.program_id(0)
+        head = tl.program_id(1)
+        split = tl.program_id(2)
+        heads = tl.num_programs(1)
         rm = tl.arange(0, BM)
         rd = tl.arange(0, D)
         row_ok = rm < rows
-        q = tl.load(q_ptr + (head * BM + rm[:, None]) * D + rd[None, :], mask=row_ok[:, None], other=0.0)
-        n_valid = tl.load(n_valid_ptr)
+        q = tl.load(q_ptr + pid_b * q_bstride + (head * BM + rm[:, None]) * D + rd[None, :], mask=row_ok[:, None],
+                    other=0.0)
+        k_ptr += pid_b * kv_bstride
+        v_ptr += pid_b * kv_bstride
+        n_valid = tl.load(n_valid_ptr + pid_b)
         m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BM,), dtype=tl.float32)
         acc = tl.zeros((BM, D), dtype=tl.float32)
@@ -312,47 +305,40 @@ if triton is not None:
             v = tl.load(v_ptr + key[:, None] * D + rd[None, :], mask=in_range[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(DT), v)
             m_i = m_new
-        part = head * S_K + split
+        part = (pid_b * heads + head) * S_K + split
         tl.store(acc_ptr + (part * BM + rm[:, None]) * D + rd[None, :], acc, mask=row_ok[:, None])
         tl.store(m_ptr + part * BM + rm, m_i, mask=row_ok)
         tl.store(l_ptr + part * BM + rm, l_i, mask=row_ok)
 
     @triton.jit
     def _combine_kernel(
-        acc_ptr, m_ptr, l_ptr, out_ptr, out_stride, rows,
+        acc_ptr, m_ptr, l_ptr, out_ptr, out_stride, out_bstride, rows, heads,
         S_K: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
         DT: tl.constexpr, USE_PDL: tl.constexpr,
     ):
-        """One program per (head, row block, column block): `_combine_task`."""
+        """The key splits' partial softmaxes of one head -> attention output [rows, head * D + d] of one batch row.
+        One program per (batch row x head, row block, column block)."""
         if USE_PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
-        _combine_task(tl.program_id(0), tl.program_id(1), tl.program_id(2), acc_ptr, m_ptr, l_ptr, out_ptr, out_stride,
-                      rows, S_K, D, BM, BR, BD, DT)
-
-    @triton.jit
-    def _combine_task(
-        head, row_block, col_block, acc_ptr, m_ptr, l_ptr, out_ptr, out_stride, rows,
-        S_K: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
-        DT: tl.constexpr,
-    ):
-        """The key splits' partial softmaxes of one head -> attention output [rows, head * D + d]."""
-        r = row_block * BR + tl.arange(0, BR)
-        d = col_block * BD + tl.arange(0, BD)
+        pid_bh = tl.program_id(0)  # batch row * heads + head: the head's partials, in _attend_kernel's order
+        head = pid_bh % heads
+        r = tl.program_id(1) * BR + tl.arange(0, BR)
+        d = tl.program_id(2) * BD + tl.arange(0, BD)
         row_ok = r < rows
         top = tl.full((BR,), float("-inf"), dtype=tl.float32)
         for s in range(S_K):
-            top = tl.maximum(top, tl.load(m_ptr + (head * S_K + s) * BM + r, mask=row_ok, other=0.0))
+            top = tl.maximum(top, tl.load(m_ptr + (pid_bh * S_K + s) * BM + r, mask=row_ok, other=0.0))
         num = tl.zeros((BR, BD), dtype=tl.float32)
         den = tl.zeros((BR,), dtype=tl.float32)
         for s in range(S_K):
-            part = head * S_K + s
+            part = pid_bh * S_K + s
             w = tl.exp(tl.load(m_ptr + part * BM + r, mask=row_ok, other=0.0) - top)
             den += w * tl.load(l_ptr + part * BM + r, mask=row_ok, other=1.0)
             num += w[:, None] * tl.load(acc_ptr + (part * BM + r[:, None]) * D + d[None, :],
                                         mask=row_ok[:, None], other=0.0)
-        tl.store(out_ptr + r[:, None] * out_stride + head * D + d[None, :], (num / den[:, None]).to(DT),
-                 mask=row_ok[:, None])
+        dst = out_ptr + (pid_bh // heads) * out_bstride + r[:, None] * out_stride + head * D + d[None, :]
+        tl.store(dst, (num / den[:, None]).to(DT), mask=row_ok[:, None])
 
 
 # ------------------------------------------------------------------------------------------------ packing
@@ -496,23 +482,34 @@ class ExpertLayerWeights:
     down: PackedLinear
 
 
+def _rows(t: Tensor, dims: int) -> Tensor:
+    """`t` with a leading batch dimension: one row's tensor of `dims - 1` dimensions becomes a batch of one."""
+    return t if t.dim() == dims else t.unsqueeze(0)
+
+
 class ExpertKernels:
     """The action expert's denoise loop on the fused kernels; `denoise` has `FastModel.denoise`'s contract.
+
+    Batches of up to `max_batch` rows run through the same launches (one more grid dimension): every row has its
+    own residual stream, K/V cache and prefix length, and all rows share the step's weights and schedule.
 
     `fp8` selects the GEMMs whose weights are stored as FP8 e4m3 with one scale per output column
     (weight-only: activations stay in the compute dtype, the GEMM upcasts each weight block in registers).
     """
 
     def __init__(self, fast, config: KernelConfig | None = None, fp8: tuple[str, ...] = (),
-                 compute_dtype: torch.dtype | None = None) -> None:
+                 compute_dtype: torch.dtype | None = None, max_batch: int = 1) -> None:
         if triton is None:
             raise RuntimeError("Triton is not installed; the fused expert kernels cannot run")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.fast = fast
         cfg = fast.cfg
         e = cfg.expert
         self.heads, self.head_dim, self.width, self.mlp = e.num_heads, e.head_dim, e.width, e.mlp_dim
         self.eps = e.rms_norm_eps
         self.horizon = cfg.action_horizon
+        self.max_batch = max_batch
         self.dtype = compute_dtype or fast.dtype
         self.device = fast.pos_embed.device
         self.config = config or KernelConfig()
@@ -546,27 +543,29 @@ class ExpertKernels:
         return w.to(self.dtype)
 
     def _allocate(self) -> None:
-        dev, f32 = self.device, torch.float32
+        """Every buffer the launches write, with room for max_batch rows (a batch uses the first rows)."""
+        dev, f32, rows = self.device, torch.float32, self.max_batch
         bm = self.block_rows
         first = self.layers[0]
-        self.ws = {name: (torch.zeros(p.tiles * p.splits * bm * p.cfg.block_n, dtype=f32, device=dev),
-                          torch.zeros(p.tiles, dtype=torch.int32, device=dev))
+        self.ws = {name: (torch.zeros(rows * p.tiles * p.splits * bm * p.cfg.block_n, dtype=f32, device=dev),
+                          torch.zeros(rows * p.tiles, dtype=torch.int32, device=dev))
                    for name, p in vars(first).items()}
-        self.q = torch.zeros(self.heads, bm, self.head_dim, dtype=self.dtype, device=dev)
+        self.q = torch.zeros(rows, self.heads, bm, self.head_dim, dtype=self.dtype, device=dev)
         splits = self.config.key_splits
-        self.part_acc = torch.zeros(self.heads * splits * bm * self.head_dim, dtype=f32, device=dev)
-        self.part_m = torch.zeros(self.heads * splits * bm, dtype=f32, device=dev)
+        self.part_acc = torch.zeros(rows * self.heads * splits * bm * self.head_dim, dtype=f32, device=dev)
+        self.part_m = torch.zeros(rows * self.heads * splits * bm, dtype=f32, device=dev)
         self.part_l = torch.zeros_like(self.part_m)
-        self.attn = torch.zeros(bm, self.heads * self.head_dim, dtype=self.dtype, device=dev)
-        self.h = torch.zeros(bm, self.mlp, dtype=self.dtype, device=dev)
+        self.attn = torch.zeros(rows, bm, self.heads * self.head_dim, dtype=self.dtype, device=dev)
+        self.h = torch.zeros(rows, bm, self.mlp, dtype=self.dtype, device=dev)
         # The modulated GEMM input x * (1 + scale) and partial sums of squares of x, one row per column tile of
         # its producer (the o / down GEMMs, or the step's first modulate kernel).
-        self.xm = torch.zeros(bm, self.width, dtype=self.dtype, device=dev)
+        self.xm = torch.zeros(rows, bm, self.width, dtype=self.dtype, device=dev)
         self.modulate_cols = min(128, triton.next_power_of_2(self.width))
         tiles = max(first.o.tiles, first.down.tiles, triton.cdiv(self.width, self.modulate_cols))
-        self.ssp = [torch.zeros(tiles, bm, dtype=f32, device=dev) for _ in range(2)]
+        self.ssp = [torch.zeros(rows, tiles, bm, dtype=f32, device=dev) for _ in range(2)]
         self._dummy = torch.zeros(1, dtype=f32, device=dev)
-        self.x_step = torch.zeros(self.horizon, self.width, dtype=f32, device=dev)  # the step's residual stream
+        # the step's residual stream
+        self.x_step = torch.zeros(rows, self.horizon, self.width, dtype=f32, device=dev)
 
     @property
     def block_rows(self) -> int:
@@ -575,6 +574,11 @@ class ExpertKernels:
     @property
     def _dt(self):
         return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[self.dtype]
+
+    def _check_batch(self, batch: int) -> int:
+        if not 1 <= batch <= self.max_batch:
+            raise ValueError(f"a batch of {batch} rows; these kernels were built for 1..{self.max_batch}")
+        return batch
 
     # --- per step schedule: the adaRMS shifts' products, precomputed
 
@@ -598,23 +602,27 @@ class ExpertKernels:
             kw["launch_pdl"] = self.use_pdl
         return kw
 
-    def _gemm(self, name: str, p: PackedLinear, epilogue: int, a: Tensor, out: Tensor, *,
+    def _gemm(self, name: str, p: PackedLinear, epilogue: int, batch: int, a: Tensor, out: Tensor, *,
               ssp_in: tuple[Tensor, int] | None = None, bias: Tensor | None = None, gate: Tensor | None = None,
               next_mod: Tensor | None = None, ssp_out: Tensor | None = None, k_cache: Tensor | None = None,
               v_cache: Tensor | None = None, n_valid: Tensor | None = None) -> None:
+        """One GEMM over `batch` rows: `a` [B, BM, K], `out` [B, ...] (q [B, heads, BM, D], or rows [B, M, N]),
+        k_cache / v_cache [B, rows, D]."""
         ws, count = self.ws[name]
         d = self._dummy
         qkv = epilogue == EPI_QKV
-        _expert_gemm_kernel[(p.tiles, p.splits)](
-            a, a.stride(0),
+        ss_bstride = self.ssp[0].stride(0)
+        _expert_gemm_kernel[(batch, p.tiles, p.splits)](
+            a, a.stride(1), a.stride(0),
             p.blocks, d if p.scale is None else p.scale,
             ws, count,
-            d if ssp_in is None else ssp_in[0], 0 if ssp_in is None else ssp_in[1],
+            d if ssp_in is None else ssp_in[0], 0 if ssp_in is None else ssp_in[1], ss_bstride,
             d if bias is None else bias, d if gate is None else gate,
-            out, out.stride(0) if out.dim() == 2 else 0,
-            d if next_mod is None else next_mod, self.xm, d if ssp_out is None else ssp_out,
-            k_cache if qkv else d, v_cache if qkv else d, self.fast.rope_cos if qkv else d,
-            self.fast.rope_sin if qkv else d, n_valid if qkv else d, k_cache.shape[0] - self.horizon if qkv else 0,
+            out, 0 if qkv else out.stride(1), out.stride(0),
+            d if next_mod is None else next_mod, self.xm, self.xm.stride(0), d if ssp_out is None else ssp_out,
+            k_cache if qkv else d, v_cache if qkv else d, k_cache.stride(0) if qkv else 0,
+            self.fast.rope_cos if qkv else d, self.fast.rope_sin if qkv else d, n_valid if qkv else d,
+            k_cache.shape[1] - self.horizon if qkv else 0,
             self.horizon, p.k, p.n, self.eps,
             HEADS=self.heads, HEAD_DIM=self.head_dim, MLP=self.mlp,
             EPILOGUE=epilogue, NEXT=next_mod is not None, W_FP8=p.scale is not None, DT=self._dt,
@@ -624,64 +632,78 @@ class ExpertKernels:
         )
 
     def modulate(self, x: Tensor, next_mod: Tensor) -> tuple[Tensor, int]:
-        """A step's first layer input: x * next_mod into self.xm, partial sums of squares into ssp[1]."""
+        """A step's first layer input: x [B, H, W] (or one row [H, W]) * next_mod into self.xm, partial sums of
+        squares into ssp[1]."""
+        x = _rows(x, 3)
+        batch = self._check_batch(x.shape[0])
         tiles = triton.cdiv(self.width, self.modulate_cols)
-        _modulate_kernel[(tiles,)](x, next_mod, self.xm, self.ssp[1], self.horizon, self.width,
-                                   BM=self.block_rows, BN=self.modulate_cols, DT=self._dt, **self._launch_kwargs(4))
+        _modulate_kernel[(batch, tiles)](x, x.stride(0), next_mod, self.xm, self.xm.stride(0), self.ssp[1],
+                                         self.ssp[1].stride(0), self.horizon, self.width, BM=self.block_rows,
+                                         BN=self.modulate_cols, DT=self._dt, **self._launch_kwargs(4))
         return self.ssp[1], tiles
 
     def step_in(self, x_t: Tensor, next_mod: Tensor) -> tuple[Tensor, tuple[Tensor, int]]:
-        """x = action_in(x_t[0]) into self.x_step, x * next_mod into self.xm, partial sums of squares into ssp[1]."""
+        """x = action_in(x_t) into self.x_step, x * next_mod into self.xm, partial sums of squares into ssp[1];
+        x_t [B, H, action_dim] contiguous. Returns the batch's rows of x_step."""
         fast = self.fast
+        batch = self._check_batch(x_t.shape[0])
         tiles = triton.cdiv(self.width, self.modulate_cols)
         a = fast.action_in_w.shape[1]
-        _step_in_kernel[(tiles,)](x_t, fast.action_in_w, fast.action_in_b, self.x_step, next_mod, self.xm,
-                                  self.ssp[1], self.horizon, self.width, a, BM=self.block_rows,
-                                  BN=self.modulate_cols, BA=max(16, triton.next_power_of_2(a)), DT=self._dt,
-                                  USE_PDL=self.use_pdl, **self._launch_kwargs(4))
-        return self.x_step, (self.ssp[1], tiles)
+        _step_in_kernel[(batch, tiles)](x_t, fast.action_in_w, fast.action_in_b, self.x_step, next_mod, self.xm,
+                                        self.xm.stride(0), self.ssp[1], self.ssp[1].stride(0), self.horizon,
+                                        self.width, a, BM=self.block_rows, BN=self.modulate_cols,
+                                        BA=max(16, triton.next_power_of_2(a)), DT=self._dt, USE_PDL=self.use_pdl,
+                                        **self._launch_kwargs(4))
+        return self.x_step[:batch], (self.ssp[1], tiles)
 
-    def _attention(self, k_cache: Tensor, v_cache: Tensor, n_valid: Tensor) -> None:
+    def _attention(self, batch: int, k_cache: Tensor, v_cache: Tensor, n_valid: Tensor) -> None:
         c = self.config
-        keys_total = k_cache.shape[0]
+        keys_total = k_cache.shape[1]
         blocks = -(-keys_total // c.key_block)
         per_split = -(-blocks // c.key_splits)
-        _attend_kernel[(self.heads, c.key_splits)](
-            self.q, k_cache, v_cache, n_valid, self.part_acc, self.part_m, self.part_l,
-            self.horizon, keys_total, self.horizon, self.head_dim**-0.5, per_split,
+        _attend_kernel[(batch, self.heads, c.key_splits)](
+            self.q, self.q.stride(0), k_cache, v_cache, k_cache.stride(0), n_valid, self.part_acc, self.part_m,
+            self.part_l, self.horizon, keys_total, self.horizon, self.head_dim**-0.5, per_split,
             S_K=c.key_splits, D=self.head_dim, BM=self.block_rows, KB=c.key_block, DT=self._dt,
             USE_PDL=self.use_pdl, **self._launch_kwargs(c.attend_warps),
         )
         bd = min(c.combine_cols, self.head_dim)
-        _combine_kernel[(self.heads, triton.cdiv(self.horizon, c.combine_rows), self.head_dim // bd)](
-            self.part_acc, self.part_m, self.part_l, self.attn, self.attn.stride(0), self.horizon,
-            S_K=c.key_splits, D=self.head_dim, BM=self.block_rows, BR=c.combine_rows, BD=bd, DT=self._dt,
-            USE_PDL=self.use_pdl, **self._launch_kwargs(4),
+        grid = (batch * self.heads, triton.cdiv(self.horizon, c.combine_rows), self.head_dim // bd)
+        _combine_kernel[grid](
+            self.part_acc, self.part_m, self.part_l, self.attn, self.attn.stride(1), self.attn.stride(0),
+            self.horizon, self.heads, S_K=c.key_splits, D=self.head_dim, BM=self.block_rows, BR=c.combine_rows,
+            BD=bd, DT=self._dt, USE_PDL=self.use_pdl, **self._launch_kwargs(4),
         )
 
     def layer(self, x: Tensor, layer: int, mod: Tensor, next_mod: Tensor | None, bias_qkv: Tensor, bias_gu: Tensor,
               k_cache: Tensor, v_cache: Tensor, n_valid: Tensor, ssp_in: tuple[Tensor, int]) -> tuple[Tensor, int]:
-        """One expert layer in place on x [horizon, width] (float32); k_cache/v_cache [rows, head_dim].
+        """One expert layer in place on x [B, horizon, width] (float32, rows contiguous); k_cache/v_cache
+        [B, rows, head_dim], n_valid [B]. One row may come without its batch dimension (x [horizon, width],
+        caches [rows, head_dim], n_valid a scalar tensor).
 
         Expects self.xm = x * mod[0] and `ssp_in` (partial sums of squares of x, count) from the previous
         kernel; leaves self.xm = x * next_mod and returns the new partials (when next_mod is given).
         """
+        x, k_cache, v_cache = _rows(x, 3), _rows(k_cache, 3), _rows(v_cache, 3)
+        batch = self._check_batch(x.shape[0])
+        if n_valid.numel() < batch:
+            raise ValueError(f"n_valid has {n_valid.numel()} entries for a batch of {batch}")
+        if x.stride(1) != self.width or k_cache.stride(1) != self.head_dim or v_cache.stride() != k_cache.stride():
+            raise ValueError("the kernels need x's and the caches' rows contiguous, and K and V laid out alike")
         w = self.layers[layer]
-        self._gemm("qkv", w.qkv, EPI_QKV, self.xm, self.q, ssp_in=ssp_in, bias=bias_qkv, k_cache=k_cache,
+        self._gemm("qkv", w.qkv, EPI_QKV, batch, self.xm, self.q, ssp_in=ssp_in, bias=bias_qkv, k_cache=k_cache,
                    v_cache=v_cache, n_valid=n_valid)
-        self._attention(k_cache, v_cache, n_valid)
-        self._gemm("o", w.o, EPI_RESIDUAL, self.attn, x, gate=mod[2], next_mod=mod[3], ssp_out=self.ssp[0])
-        self._gemm("gate_up", w.gate_up, EPI_GEGLU, self.xm, self.h, ssp_in=(self.ssp[0], w.o.tiles), bias=bias_gu)
-        self._gemm("down", w.down, EPI_RESIDUAL, self.h, x, gate=mod[5], next_mod=next_mod, ssp_out=self.ssp[1])
+        self._attention(batch, k_cache, v_cache, n_valid)
+        self._gemm("o", w.o, EPI_RESIDUAL, batch, self.attn, x, gate=mod[2], next_mod=mod[3], ssp_out=self.ssp[0])
+        self._gemm("gate_up", w.gate_up, EPI_GEGLU, batch, self.xm, self.h, ssp_in=(self.ssp[0], w.o.tiles),
+                   bias=bias_gu)
+        self._gemm("down", w.down, EPI_RESIDUAL, batch, self.h, x, gate=mod[5], next_mod=next_mod,
+                   ssp_out=self.ssp[1])
         return self.ssp[1], w.down.tiles
-
-    @property
-    def _combine_cols(self) -> int:
-        return min(self.config.combine_cols, self.head_dim)
 
     def denoise(self, x_t: Tensor, n_valid: Tensor, keys: list[Tensor], values: list[Tensor],
                 schedule: tuple[Tensor, ...]) -> None:
-        """All Euler steps in place on x_t [1, H, action_dim]; `schedule` from `self.schedule(...)`."""
+        """All Euler steps in place on x_t [B, H, action_dim]; `schedule` from `self.schedule(...)`."""
         mods, final_mods, out_w, out_b, bias_qkv, bias_gu = schedule
         for step in range(mods.shape[0]):
             self.denoise_step(x_t, n_valid, keys, values, mods[step], final_mods[step], out_w, out_b,
@@ -689,20 +711,22 @@ class ExpertKernels:
 
     def denoise_step(self, x_t: Tensor, n_valid: Tensor, keys: list[Tensor], values: list[Tensor], mods: Tensor,
                      final_mod: Tensor, out_w: Tensor, out_b: Tensor, bias_qkv: Tensor, bias_gu: Tensor) -> None:
-        """One Euler step in place on x_t: this step's rows of the schedule (mods [L, 6, W], final_mod [2, W],
+        """One Euler step in place on x_t [B, H, action_dim] (contiguous) with K/V caches [B, 1, rows, D] per
+        layer and n_valid [B]: this step's rows of the schedule (mods [L, 6, W], final_mod [2, W],
         bias_qkv [L, Nqkv], bias_gu [L, 2*MLP]) and the dt-folded action head."""
         fast = self.fast
         depth = len(self.layers)
+        self._check_batch(x_t.shape[0])
         if self.config.fused_step_in:
             x, ssp = self.step_in(x_t, mods[0, 0])
         else:
-            x = torch.nn.functional.linear(x_t[0], fast.action_in_w, fast.action_in_b)
+            x = torch.nn.functional.linear(x_t, fast.action_in_w, fast.action_in_b)
             ssp = self.modulate(x, mods[0, 0])
         for i in range(depth):
             next_mod = mods[i + 1, 0] if i + 1 < depth else None
-            ssp = self.layer(x, i, mods[i], next_mod, bias_qkv[i], bias_gu[i], keys[i][0, 0], values[i][0, 0],
+            ssp = self.layer(x, i, mods[i], next_mod, bias_qkv[i], bias_gu[i], keys[i][:, 0], values[i][:, 0],
                              n_valid, ssp)
-        fast._action_head(x_t, x[None], final_mod, out_w, out_b, fast.expert_eps)
+        fast._action_head(x_t, x, final_mod, out_w, out_b, fast.expert_eps)
 
 
 # ------------------------------------------------------------------------------------------------ torch definition
