@@ -1,11 +1,12 @@
 """Where a batch's time goes on the fast path: stage times of `run_batch` for each batch bucket, no server.
 
     PYTHONPATH=. python3 tools/batch_stages_gpu.py [--precision fp8] [--steps 10] [--views 2] [--iters 50]
-        [--buckets 1,2,4,8] [--variants] [--profile B]
+        [--buckets 1,2,4,8] [--expert-kernels auto|on|off] [--variants] [--profile B]
 
 The full-size random-weight demo model, sized for batches of up to 8 as pi05-serve builds it; B copies of one
 prepared observation (2 views, a 6-word prompt) per batch. Prints a table per bucket (median stage times, ms, and
-the wall time of the call) and writes it as JSON to $OUT/batch_stages.json. --variants times the largest bucket
+the wall time of the call) and writes it as JSON to $OUT/batch_stages[_<expert kernels>].json (--expert-kernels on:
+batches denoise on the fused kernels, auto: on the torch path, as pi05-serve does). --variants times the largest bucket
 again with more linears in FP8, or SDPA attention (speed only: FP8 fidelity is in docs/benchmarks.md);
 --profile B writes the kernel table of batches of B to $OUT/profile_B.txt. Results feed docs/benchmarks.md
 (issue 9: which stage grows with the batch).
@@ -93,10 +94,13 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="B",
                         help="also profile 5 batches of B (torch profiler): kernel table to $OUT/profile_B.txt")
     parser.add_argument("--device", default="cuda", help="cuda (default); cpu checks the tool on the tiny model")
+    parser.add_argument("--expert-kernels", default="auto", choices=("auto", "on", "off"),
+                        help="the pipeline's expert_kernels (on: batches of 2+ on the fused kernels too)")
     args = parser.parse_args()
     buckets = [int(b) for b in args.buckets.split(",")]
     out = os.environ.get("OUT", "/tmp")
-    policy = Policy.demo(device=args.device, precision=args.precision, max_batch=max(buckets))
+    policy = Policy.demo(device=args.device, precision=args.precision, max_batch=max(buckets),
+                         expert_kernels=args.expert_kernels)
     runner = policy.runner
     rng = np.random.default_rng(0)
     size = policy.config.vision.image_size
@@ -116,14 +120,17 @@ def main() -> None:
         torch.cuda.empty_cache()
         rows += variants(policy, [obs] * max(buckets), args.steps, args.iters)
     header = ("variant", "batch", "path", *STAGES, "wall", "wall_p99", "per_row_ms")
-    print(f"\n{args.precision}, {args.steps} steps, {args.views} views, median of {args.iters} (ms)")
+    print(f"\n{args.precision}, {args.steps} steps, {args.views} views, expert_kernels={args.expert_kernels}, "
+          f"median of {args.iters} (ms)")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for row in rows:
         print("| " + " | ".join(str(row[h]) if isinstance(row[h], (int, str)) else f"{row[h]:.2f}"
                                 for h in header) + " |")
-    with open(os.path.join(out, "batch_stages.json"), "w") as f:
-        json.dump({"precision": args.precision, "steps": args.steps, "views": args.views, "rows": rows}, f, indent=1)
+    name = "batch_stages.json" if args.expert_kernels == "auto" else f"batch_stages_{args.expert_kernels}.json"
+    with open(os.path.join(out, name), "w") as f:
+        json.dump({"precision": args.precision, "steps": args.steps, "views": args.views,
+                   "expert_kernels": args.expert_kernels, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,10 @@
 # Steps (limits in seconds; a device call runs at most 600, so split them over calls):
 #   tests    pytest -m gpu test/gpu                     (420; 155 s at d2829ad, before the batch tests)
 #   kernels  tools/expert_kernels_gpu.py --variants     (300): the denoise loop, default and options
+#   batch    tools/batch_stages_gpu.py, buckets 1-8: batches denoised on the torch path (auto) and on the fused
+#            kernels (--expert-kernels on), one process each   (420)
 #   serve    tools/serve_bench.sh, fp8, 10 steps, 1/2/4/8 clients, batched and unbatched   (480)
+#   serve-kernels  the same server, batched only, 1/4/8 clients, with --expert-kernels on --fp8-vision   (360)
 #   bench    pi05-bench --iters 1000                    (480)
 #   soak-arrival, soak-inference   tools/soak.py --gpu, 10 steps at 30 Hz, SOAK_N inferences (default 3000), with
 #            prepare_views on_arrival / in_inference: the node's latency and stages either way (needs .gpu_ros)  (360)
@@ -22,10 +25,10 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:?usage: PI05_GIT_COMMIT=<hash> gpu_session.sh OUT_DIR STEP [STEP ...]}"
 shift
-[[ $# -gt 0 ]] || { echo "gpu_session.sh: name at least one step: tests kernels serve bench soak-arrival soak-inference" >&2; exit 2; }
+[[ $# -gt 0 ]] || { echo "gpu_session.sh: name at least one step: tests kernels batch serve serve-kernels bench soak-arrival soak-inference" >&2; exit 2; }
 [[ -n "${PI05_GIT_COMMIT:-}" ]] || { echo "gpu_session.sh: set PI05_GIT_COMMIT=<the commit under test>" >&2; exit 2; }
 for step in "$@"; do
-  case "$step" in tests|kernels|serve|bench|soak-arrival|soak-inference) ;; *) echo "gpu_session.sh: unknown step $step" >&2; exit 2 ;; esac
+  case "$step" in tests|kernels|batch|serve|serve-kernels|bench|soak-arrival|soak-inference) ;; *) echo "gpu_session.sh: unknown step $step" >&2; exit 2 ;; esac
 done
 mkdir -p "$OUT"
 cd "$ROOT"
@@ -72,7 +75,11 @@ for step in "$@"; do
   case "$step" in
     tests) run_step tests 420 "$PY" -m pytest -m gpu test/gpu -q -s -p no:cacheprovider --durations=10 ;;
     kernels) OUT="$OUT" run_step kernels 300 "$PY" tools/expert_kernels_gpu.py --variants ;;
+    batch) OUT="$OUT" run_step batch 420 bash -c "'$PY' tools/batch_stages_gpu.py --expert-kernels auto && \
+             '$PY' tools/batch_stages_gpu.py --expert-kernels on --buckets 2,4,8" ;;
     serve) run_step serve 480 bash tools/serve_bench.sh "$OUT/serve" --device cuda --precision fp8 ;;
+    serve-kernels) run_step serve-kernels 360 bash tools/serve_bench.sh "$OUT/serve-kernels" --device cuda \
+                     --precision fp8 --modes batched --clients "1 4 8" --server-args "--expert-kernels on --fp8-vision" ;;
     bench) run_step bench 480 "$PY" -m pi05_ros.cli.bench --iters 1000 --out "$OUT/bench" ;;
     soak-arrival|soak-inference)
       views=on_arrival; [[ "$step" == soak-inference ]] && views=in_inference

@@ -3,7 +3,7 @@
 # over loopback (tools/serve_load.py), batched (--max-batch 8) and unbatched (--max-batch 1), in one run.
 #
 #   bash tools/serve_bench.sh OUT_DIR [--device cuda --precision fp8] [--clients "1 2 4 8"] [--requests 100]
-#       [--window-ms 10] [--modes "batched unbatched"]
+#       [--window-ms 10] [--modes "batched unbatched"] [--server-args "--expert-kernels on --fp8-vision"]
 #
 # Runs from a source tree (PYTHONPATH=., no install needed: the GPU machine's way); writes OUT_DIR/serve_<mode>.json
 # and .log per server and prints the tables. Needs websockets and msgpack (the GPU machine lacks websockets: carry
@@ -13,6 +13,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:?usage: serve_bench.sh OUT_DIR [options]}"
 shift
 DEVICE=cuda PRECISION=fp8 CLIENTS="1 2 4 8" REQUESTS=100 STEPS=10 PORT=8791 MODES="batched unbatched" WINDOW_MS=10
+SERVER_ARGS=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --device) DEVICE="$2"; shift 2 ;;
@@ -22,6 +23,7 @@ while [[ $# -gt 0 ]]; do
     --num-steps) STEPS="$2"; shift 2 ;;
     --modes) MODES="$2"; shift 2 ;;
     --window-ms) WINDOW_MS="$2"; shift 2 ;;
+    --server-args) SERVER_ARGS="$2"; shift 2 ;;  # more pi05-serve options, word-split
     *) echo "serve_bench.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -32,8 +34,9 @@ PY="${PYTHON:-python3}"
 for mode in $MODES; do
   batch=8; [[ "$mode" == unbatched ]] && batch=1
   log="$OUT/serve_$mode.log"
+  # shellcheck disable=SC2086
   "$PY" -m pi05_ros.cli.serve --demo --device "$DEVICE" --precision "$PRECISION" --num-steps "$STEPS" \
-    --max-batch "$batch" --batch-window-ms "$WINDOW_MS" --port "$PORT" > "$log" 2>&1 &
+    --max-batch "$batch" --batch-window-ms "$WINDOW_MS" --port "$PORT" $SERVER_ARGS > "$log" 2>&1 &
   server=$!
   # ready once it prints its address (after loading, calibrating and warming every batch bucket)
   for _ in $(seq 1 600); do
@@ -42,7 +45,7 @@ for mode in $MODES; do
     sleep 1
   done
   grep -q "serving layout" "$log" || { echo "pi05-serve did not start in 600 s" >&2; kill "$server"; exit 1; }
-  echo "## $mode (--max-batch $batch), $DEVICE $PRECISION, $STEPS steps"
+  echo "## $mode (--max-batch $batch $SERVER_ARGS), $DEVICE $PRECISION, $STEPS steps"
   # shellcheck disable=SC2086
   "$PY" tools/serve_load.py --url "ws://127.0.0.1:$PORT" --clients $CLIENTS --requests "$REQUESTS" \
     --num-steps "$STEPS" --json "$OUT/serve_$mode.json"

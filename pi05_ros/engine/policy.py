@@ -204,6 +204,7 @@ class Policy:
         action_space: str | ActionSpace | None = None,
         action_space_mask: Sequence[bool] | None = None,
         max_batch: int = 1,
+        fp8_vision: bool = False,
     ) -> Policy:
         """Load an openpi or LeRobot Pi0.5 checkpoint. `norm_stats` is a norm_stats.json path or an asset id.
 
@@ -217,9 +218,10 @@ class Policy:
         beside the checkpoint (`pi05_ros_fp8_calibration.json`) so later starts skip calibration. They come
         from synthetic observations, or from the robot's own recordings with `calibration_data=<folder>` (see
         engine/recordings.py); delete the saved file to calibrate again. `expert_kernels` ("auto", "on", "off")
-        chooses the fused Triton kernels for the denoise loop (auto: on Hopper, where they were measured).
-        `max_batch` sizes the fast pipeline for batches of up to that many rows (`infer_batch`: a server's), with
-        CUDA graphs per batch bucket; 1 (a robot) keeps its memory to one row.
+        chooses the fused Triton kernels for the denoise loop (auto: batch 1 on Hopper, where they were measured;
+        on: every GPU Triton supports, batches included). `max_batch` sizes the fast pipeline for batches of up to
+        that many rows (`infer_batch`: a server's), with CUDA graphs per batch bucket; 1 (a robot) keeps its
+        memory to one row. `fp8_vision` runs SigLIP's MLP in FP8 too (precision fp8 only; docs/fast_path.md).
         """
         if expert_kernels not in EXPERT_KERNELS:
             raise CheckpointError(f"expert_kernels must be one of {', '.join(EXPERT_KERNELS)}, got {expert_kernels!r}")
@@ -246,17 +248,20 @@ class Policy:
 
         policy.runner = make_runner(model, prec, runner, scales_file=scales_path(info.path),
                                     keep_reference=keep_reference, calibration_observations=recorded,
-                                    expert_kernels=expert_kernels, max_batch=max_batch)
+                                    expert_kernels=expert_kernels, max_batch=max_batch, fp8_vision=fp8_vision)
         log.info("loaded %s", policy.describe())
         return policy
 
     @classmethod
     def demo(cls, device: str = "auto", precision: str = "auto", seed: int = 0, preset: str | None = None,
-             runner: str = "auto", max_batch: int = 1) -> Policy:
+             runner: str = "auto", max_batch: int = 1, expert_kernels: str = "auto",
+             fp8_vision: bool = False) -> Policy:
         """The built-in random-weight model (tiny on CPU, full size on a GPU). Its actions mean nothing.
-        `max_batch` as for `load`."""
+        `max_batch`, `expert_kernels` and `fp8_vision` as for `load`."""
         from pi05_ros.engine.demo import DEMO_MAX_TOKEN_LEN, demo_norm_stats, demo_prompt_tokenizer, random_model
 
+        if expert_kernels not in EXPERT_KERNELS:
+            raise CheckpointError(f"expert_kernels must be one of {', '.join(EXPERT_KERNELS)}, got {expert_kernels!r}")
         dev = resolve_device(device)
         prec = resolve_precision(precision, dev)
         cfg = PRESETS[preset or ("tiny" if dev.type == "cpu" else "pi05")]
@@ -267,7 +272,8 @@ class Policy:
         state, actions = demo_norm_stats()
         policy = cls(model, tok, NormStats(state, actions), precision=prec, seed=seed, is_demo=True)
         scales = user_cache_dir(f"demo_{cfg.name}_seed{seed}") / CALIBRATION_FILE  # written only if it calibrates
-        policy.runner = make_runner(model, prec, runner, scales_file=scales, max_batch=max_batch)
+        policy.runner = make_runner(model, prec, runner, scales_file=scales, max_batch=max_batch,
+                                    expert_kernels=expert_kernels, fp8_vision=fp8_vision)
         log.warning("DEMO MODE: %s with RANDOM weights; its actions are meaningless", policy.describe())
         return policy
 

@@ -304,6 +304,8 @@ class PolicySpec:
     seed: int = 0
     cpu_threads: int | None = None
     max_batch: int = 1  # the fast pipeline's largest batch (ServeSettings.max_batch)
+    fp8_vision: bool = False
+    expert_kernels: str = "auto"
 
     def load(self) -> Policy:
         if self.cpu_threads:
@@ -312,12 +314,14 @@ class PolicySpec:
             torch.set_num_threads(self.cpu_threads)
         if self.checkpoint is None:
             return Policy.demo(device=self.device, precision=self.precision, seed=self.seed,
-                               max_batch=self.max_batch)
+                               max_batch=self.max_batch, fp8_vision=self.fp8_vision,
+                               expert_kernels=self.expert_kernels)
         if not self.tokenizer:
             raise InputError("--checkpoint needs --tokenizer (PaliGemma's paligemma_tokenizer.model)")
         return Policy.load(self.checkpoint, self.tokenizer, norm_stats=self.norm_stats,
                            config_preset=self.config_preset, device=self.device, precision=self.precision,
-                           action_dim=self.action_dim, seed=self.seed, max_batch=self.max_batch)
+                           action_dim=self.action_dim, seed=self.seed, max_batch=self.max_batch,
+                           fp8_vision=self.fp8_vision, expert_kernels=self.expert_kernels)
 
 
 def layout_views(layout: ObservationLayout, policy: Policy) -> int:

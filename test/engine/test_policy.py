@@ -152,10 +152,12 @@ def test_cpu_fallback_is_told_without_any_logging_setup(tmp_path: Path) -> None:
     assert "DEMO MODE" in result.stderr
 
 
-def test_load_rejects_an_unknown_expert_kernels_choice(golden_dir, tmp_path) -> None:
+def test_load_and_demo_reject_an_unknown_expert_kernels_choice(golden_dir, tmp_path) -> None:
     from pi05_ros.engine.demo import demo_tokenizer
     from pi05_ros.engine.errors import CheckpointError
     from pi05_ros.engine.policy import Policy
 
     with pytest.raises(CheckpointError, match="expert_kernels must be one of auto, on, off"):
         Policy.load(golden_dir, demo_tokenizer(tmp_path / "tok"), expert_kernels="fast")
+    with pytest.raises(CheckpointError, match="expert_kernels must be one of auto, on, off"):
+        Policy.demo(device="cpu", expert_kernels="fast")

@@ -249,10 +249,13 @@ def test_rtc_on_the_fast_path_follows_the_reference(full_model, observation, ref
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])
-def test_batch_buckets_equal_rows_alone(full_model, observation, precision: str, record_property) -> None:
+@pytest.mark.parametrize("expert_kernels", ["auto", "on"])
+def test_batch_buckets_equal_rows_alone(full_model, observation, precision: str, expert_kernels: str,
+                                        record_property) -> None:
     """Batches of 1, 2, 3 (bucket 4) and 8 rows with their own prompt lengths and noise, through graphs per bucket
-    (the torch path denoises batches; the kernels batch 1): each row as it is alone, within the precision's
-    budget against the float32 reference too; the graphs are kept per bucket and reused."""
+    (auto: the torch path denoises batches, the kernels batch 1; on: the kernels every batch): each row as it is
+    alone, within the precision's budget against the float32 reference too; the graphs are kept per bucket and
+    reused."""
     cfg = full_model.cfg
     rng = np.random.default_rng(7)
     rows = []
@@ -263,7 +266,8 @@ def test_batch_buckets_equal_rows_alone(full_model, observation, precision: str,
                   for im in observation.images]
         rows.append(PreparedObservation(images, tokens, mask, rng.standard_normal(observation.noise.shape)
                                         .astype(np.float32)))
-    pipe = Pi05Pipeline(full_model, precision=precision, max_batch=8)
+    pipe = Pi05Pipeline(full_model, precision=precision, max_batch=8, expert_kernels=expert_kernels)
+    assert pipe.path_for(8) == ("kernels" if expert_kernels == "on" else "torch")
     alone = np.stack([pipe.run(row, 10)[0] for row in rows])
     reference = np.stack([reference_actions(full_model, row, 10) for row in rows])
     batched_three = None
@@ -275,10 +279,10 @@ def test_batch_buckets_equal_rows_alone(full_model, observation, precision: str,
         np.testing.assert_array_equal(batched, again)  # graph replay is deterministic
         worst = max(rel_err(batched[i], alone[i]) for i in range(count))
         vs_reference = max(rel_err(batched[i], reference[i]) for i in range(count))
-        print(f"BATCH {precision} rows={count} bucket={pipe.bucket(count)} vs_alone={worst:.3e} "
+        print(f"BATCH {precision} {pipe.path_for(count)} rows={count} bucket={pipe.bucket(count)} vs_alone={worst:.3e} "
               f"vs_reference={vs_reference:.3e} denoise_ms={timings['denoise']:.2f} total_gpu_ms="
               f"{sum(v for k, v in timings.items() if k not in ('vision_per_view', 'denoise_step')):.2f}")
-        # a batch runs the torch path (batch 1: the kernels), so rows differ by two bf16 roundings at most
+        # rows differ by bf16 roundings (a batch's GEMMs over more rows; with auto also another denoise path)
         assert worst < BOUND[precision]
         assert vs_reference < BOUND[precision]
         assert np.isfinite(batched).all()
@@ -293,9 +297,10 @@ def test_batch_buckets_equal_rows_alone(full_model, observation, precision: str,
     pipe.run_batch(rows[1:5], 10)
     np.testing.assert_array_equal(pipe.run_batch(rows[:3], 10)[0], pipe.run_batch(rows[:3], 10)[0])
     np.testing.assert_allclose(pipe.run_batch(rows[:3], 10)[0], batched_three, rtol=0, atol=0)
-    # The same path without graphs (the torch path's layers eagerly, the same FP8 scales): graphs change nothing
-    # but cuBLAS run-to-run rounding (as the batch-1 graph test).
-    eager = Pi05Pipeline(full_model, precision=precision, max_batch=8, use_graphs=False, expert_kernels="off",
+    # The same path without graphs (the same layers eagerly, the same FP8 scales): graphs change nothing but
+    # cuBLAS run-to-run rounding (as the batch-1 graph test).
+    eager = Pi05Pipeline(full_model, precision=precision, max_batch=8, use_graphs=False,
+                         expert_kernels="off" if expert_kernels == "auto" else "on",
                          fp8_scales=pipe.fp8_scales if precision == "fp8" else None)
     for count in (2, 3):
         want = eager.run_batch(rows[:count], 10)[0]

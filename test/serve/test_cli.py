@@ -36,3 +36,19 @@ def test_bad_settings_exit_1_with_the_reason(argv: list[str], message: str, caps
 def test_a_checkpoint_needs_a_tokenizer(droid_checkpoint: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["--checkpoint", str(droid_checkpoint), "--device", "cpu"]) == 1
     assert "--checkpoint needs --tokenizer" in capsys.readouterr().err
+
+
+def test_model_options_reach_the_policy_spec() -> None:
+    from pi05_ros.cli.serve import _spec, build_parser
+
+    spec = _spec(build_parser().parse_args(["--demo", "--fp8-vision", "--expert-kernels", "on", "--max-batch", "4"]))
+    assert (spec.fp8_vision, spec.expert_kernels, spec.max_batch) == (True, "on", 4)
+    spec = _spec(build_parser().parse_args(["--demo"]))
+    assert (spec.fp8_vision, spec.expert_kernels) == (False, "auto")  # what was measured (docs/serving.md)
+
+
+def test_an_unknown_expert_kernels_choice_is_refused(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--demo", "--expert-kernels", "fast"])
+    assert exited.value.code == 2
+    assert "invalid choice: 'fast'" in capsys.readouterr().err

@@ -29,7 +29,8 @@ Batches (`run_batch`, a server's dynamic batches): rows of the same number of vi
 `max_batch` at a time, padded to the next batch bucket (BATCH_BUCKETS: 1, 2, 4, 8, ...), and every graph above is
 kept per bucket. A row's prompt length travels as data (n_valid per row; the text is padded to the batch's longest
 tile); padded rows compute on whatever their staging holds and are dropped, so a batch of 3 replays the graphs of
-4. Batches of more than one row denoise on the torch path: the fused expert kernels are batch 1. Staging and the
+4. Batches of more than one row denoise on the torch path, unless `expert_kernels="on"`: the fused kernels take
+batches (one program per row and tile), but only batch 1 has been measured faster on a GPU. Staging and the
 batch K/V caches are sized for `max_batch` (default 1: what a robot needs; batch 1 keeps caches of its own). A row
 with real-time chunking runs alone.
 """
@@ -79,8 +80,9 @@ SCHEDULE_CACHE_BYTES = 64 << 20
 
 
 def expert_kernels_measured(device: torch.device) -> bool:
-    """Where the fused expert kernels were measured faster than the torch.compile path: Hopper (H200, SM 9.0;
-    docs/benchmarks.md §20). Other GPUs keep the torch path unless asked (`expert_kernels="on"`)."""
+    """Where the fused expert kernels were measured faster than the torch.compile path: batch 1 on Hopper (H200,
+    SM 9.0; docs/benchmarks.md §20). Other GPUs, and batches of 2+, keep the torch path unless asked
+    (`expert_kernels="on"`)."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 
 
@@ -271,6 +273,7 @@ class Pi05Pipeline:
         if compile:
             self.fast.compile()
         self.expert_kernels = None  # set below; calibration above ran the torch path, which records every linear
+        self.kernel_batches = False
         if expert_kernels == "on" or (expert_kernels == "auto" and expert_kernels_measured(self.device)):
             if not kernels.available(self.device):
                 if expert_kernels == "on":
@@ -280,7 +283,10 @@ class Pi05Pipeline:
             else:
                 from pi05_ros.engine.fast.kernels.expert import ExpertKernels
 
-                self.expert_kernels = ExpertKernels(self.fast, expert_kernel_config)
+                # "on" puts batches on the kernels too; "auto" only batch 1, the one measured (see path_for)
+                self.kernel_batches = expert_kernels == "on"
+                self.expert_kernels = ExpertKernels(self.fast, expert_kernel_config,
+                                                    max_batch=self.max_batch if self.kernel_batches else 1)
         self.setup_times["capture"] = 0.0  # includes torch.compile's first compilation of each stage
 
     @property
@@ -316,9 +322,9 @@ class Pi05Pipeline:
         total = self._cache_rows(max_prefix)
         # Batch 1 has caches of its own: real-time chunking differentiates through writes into them, and autograd
         # would carry gradients the size of a whole batch cache. Batches of 2+ share the batch caches.
-        self.d_keys = [torch.zeros(1, 1, total, d, dtype=torch.bfloat16, device=dev) for _ in range(cfg.vlm.depth)]
+        self.d_keys = [torch.zeros(1, 1, total, d, dtype=self.fast.dtype, device=dev) for _ in range(cfg.vlm.depth)]
         self.d_values = [torch.zeros_like(k) for k in self.d_keys]
-        self.d_batch_keys = [torch.zeros(rows, 1, total, d, dtype=torch.bfloat16, device=dev)
+        self.d_batch_keys = [torch.zeros(rows, 1, total, d, dtype=self.fast.dtype, device=dev)
                              for _ in range(cfg.vlm.depth)] if rows > 1 else []
         self.d_batch_values = [torch.zeros_like(k) for k in self.d_batch_keys]
 
@@ -337,8 +343,10 @@ class Pi05Pipeline:
         return dict(amax)
 
     def path_for(self, batch: int) -> str:
-        """What denoises a batch of this size: "kernels" (batch 1 where they run) or "torch"."""
-        return "kernels" if self.expert_kernels is not None and batch == 1 else "torch"
+        """What denoises a batch of this size: "kernels" (batch 1 where they run, every batch with
+        expert_kernels="on") or "torch"."""
+        on_kernels = self.expert_kernels is not None and (batch == 1 or self.kernel_batches)
+        return "kernels" if on_kernels else "torch"
 
     def schedule(self, num_steps: int, path: str | None = None) -> tuple[torch.Tensor, ...]:
         """The step schedule's constants for `num_steps`, with the fused kernels' extras for their path (default:
