@@ -792,7 +792,15 @@ def main(argv: list[str] | None = None) -> NoReturn:
 
     executor = SingleThreadedExecutor()
     executor.add_node(node)
-    spinner = threading.Thread(target=executor.spin, name="ros_executor", daemon=True)
+    spinning = threading.Event()
+    spinning.set()
+    wake_executor = node.create_guard_condition(lambda: None)  # ends the executor's current wait at shutdown
+
+    def spin() -> None:
+        while spinning.is_set():
+            executor.spin_once(timeout_sec=0.1)
+
+    spinner = threading.Thread(target=spin, name="ros_executor", daemon=True)
     spinner.start()
 
     exit_code = 0
@@ -809,11 +817,19 @@ def main(argv: list[str] | None = None) -> NoReturn:
     if stop.is_set():
         node.get_logger().info("stopping")
     node.shut_down()  # deactivate (one hold) and free the model, whatever the state
-    executor.shutdown(timeout_sec=0.2)
     # The executor thread must have left before the node is destroyed: destroy_node() only marks handles that
     # are still in use, and the process would then exit before DDS announced the node's departure, leaving it in
-    # peers' graphs for the ~20 s DDS lease (measured: FACTS, issue 11 item 2).
+    # peers' graphs for the ~20 s DDS lease (measured: FACTS, issue 11 item 2). It must also have left before
+    # executor.shutdown(): rclpy 7.1's shutdown drops the executor's guard condition without waiting for a spin in
+    # progress, whose next callback then fails on it (AttributeError: 'NoneType' object has no attribute
+    # 'trigger', seen in CI); so the thread stops spinning first, woken by a guard condition of the node.
+    spinning.clear()
+    wake_executor.trigger()
     spinner.join(0.5)
+    if spinner.is_alive():  # a callback still running: leave the executor to the process's exit
+        node.get_logger().warning("the executor thread was still in a callback 0.5 s after the stop")
+    else:
+        executor.shutdown(timeout_sec=0.2)
     node.destroy_node()
     rclpy.try_shutdown()  # also flushes and closes ROS logging
     # Everything is shut down. Skip the interpreter's teardown, so that no library destructor and no daemon
