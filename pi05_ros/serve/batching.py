@@ -56,6 +56,8 @@ class BatchResult:
     value: Any
     batch_size: int
     queue_ms: float  # from submit to the start of its batch
+    run_ms: float = 0.0  # the batch's run (the batch function, on the batch thread)
+    finished: float = 0.0  # time.monotonic() when the batch's run ended (0: not known)
 
 
 class Batcher:
@@ -115,12 +117,13 @@ class Batcher:
             batch = await self._next_batch()
             start = time.monotonic()
             try:
-                results = await loop.run_in_executor(self._executor, self.run, [job.item for job in batch])
+                results = await loop.run_in_executor(self._executor, self._timed_run, [job.item for job in batch])
+                results, run_ms, finished = results
                 if len(results) != len(batch):
                     raise RuntimeError(f"the batch function returned {len(results)} results for {len(batch)} rows")
             except Exception as exc:  # noqa: BLE001 - every row of the batch hears of it; the loop goes on
                 log.exception("a batch of %d failed", len(batch))
-                results = [exc] * len(batch)
+                results, run_ms, finished = [exc] * len(batch), 0.0, 0.0
             self.batch_sizes[len(batch)] += 1
             self._free_since = time.monotonic()
             for job, result in zip(batch, results, strict=True):
@@ -129,7 +132,15 @@ class Batcher:
                 if isinstance(result, BaseException):
                     job.future.set_exception(result)
                 else:
-                    job.future.set_result(BatchResult(result, len(batch), (start - job.arrived) * 1e3))
+                    job.future.set_result(BatchResult(result, len(batch), (start - job.arrived) * 1e3, run_ms,
+                                                      finished))
+
+    def _timed_run(self, items: list[Any]) -> tuple[Sequence[Any], float, float]:
+        """`run(items)` on the batch thread, with its duration (ms) and the time it ended (time.monotonic())."""
+        start = time.monotonic()
+        results = self.run(items)
+        finished = time.monotonic()
+        return results, (finished - start) * 1e3, finished
 
     def _drop_abandoned(self) -> None:
         kept = [job for job in self._pending if not job.future.done()]

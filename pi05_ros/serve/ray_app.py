@@ -112,9 +112,10 @@ class PolicyReplica:
             group = [rows[i] for i in indices]
             for i, value in zip(indices, await asyncio.to_thread(self.service.run_rows, group), strict=True):
                 values[i] = value
+        finished = time.monotonic()
         self.service.batcher.batch_sizes[len(rows)] += 1
-        return [BatchResult(value, len(rows), (start - row.submitted) * 1e3) for value, row in zip(values, rows,
-                                                                                                  strict=True)]
+        return [BatchResult(value, len(rows), (start - row.submitted) * 1e3, (finished - start) * 1e3, finished)
+                for value, row in zip(values, rows, strict=True)]
 
     async def _session(self, websocket: WebSocket, path: str) -> None:
         layout = self.service.layout_for(path)

@@ -11,8 +11,11 @@ Per connection:
 
 `policy_timing` holds openpi's `infer_ms` (the policy's total) and this engine's stage milliseconds;
 `server_timing` openpi's `infer_ms` (frame received to reply ready) and, from the second reply of a connection
-on, `prev_total_ms` (the previous request, reply sent included), plus `queue_ms` (waiting for its batch) and
-`batch_size`.
+on, `prev_total_ms` (the previous request, reply sent included), plus `batch_size` and where `infer_ms` went:
+`prepare_ms` (frame received to row submitted: decoding, checking, preprocessing), `queue_ms` (waiting for its
+batch), `run_ms` (the batch's run) and `wake_ms` (batch done to this reply ready: the event loop answering the
+batch's rows).
+
 
 The noise of a request, so that answers can be reproduced: the `noise` key (the array itself), else the
 `noise_seed` key (`seeded_noise(seed, ...)`: numpy's default_rng(seed), float32 standard normal), else the
@@ -189,7 +192,7 @@ class PolicyService:
             received = time.monotonic()
             self.counters["requests"] += 1
             try:
-                reply = await self._answer_unless_gone(transport, frame, layout)
+                reply = await self._answer_unless_gone(transport, frame, layout, received)
             except (InputError, WireError, ServerBusy) as exc:  # the client's doing: say what to fix
                 await self._fail(transport, type(exc).__name__, str(exc))
                 return
@@ -214,10 +217,10 @@ class PolicyService:
             self.counters["replies"] += 1
             prev_total_ms = (time.monotonic() - received) * 1e3
 
-    async def _answer_unless_gone(self, transport: Transport, frame: bytes | str,
-                                  layout: ObservationLayout) -> dict[str, Any]:
+    async def _answer_unless_gone(self, transport: Transport, frame: bytes | str, layout: ObservationLayout,
+                                  received: float) -> dict[str, Any]:
         """The reply to `frame`; if the client leaves first, its request is withdrawn (ConnectionGone)."""
-        answer = asyncio.ensure_future(self._answer(frame, layout))
+        answer = asyncio.ensure_future(self._answer(frame, layout, received))
         gone = asyncio.ensure_future(transport.wait_closed())
         try:
             await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -238,7 +241,8 @@ class PolicyService:
         except (ConnectionGone, TimeoutError):
             transport.abort()
 
-    async def _answer(self, frame: bytes | str, layout: ObservationLayout) -> dict[str, Any]:
+    async def _answer(self, frame: bytes | str, layout: ObservationLayout, received: float) -> dict[str, Any]:
+        """The reply to one frame; `received` is when it came in (time.monotonic())."""
         if isinstance(frame, str):
             raise WireError("expected a binary frame holding msgpack (openpi's msgpack-numpy), got a text frame")
         request = layout.parse(unpack(frame), self.settings.default_prompt)
@@ -246,14 +250,19 @@ class PolicyService:
         noise = self._noise_for(request)
         prepared, preprocess_ms = await asyncio.get_running_loop().run_in_executor(
             self._prepare_pool, self._prepare, request, noise)
-        result = await self._submit(Row(prepared, request.state, preprocess_ms, num_steps))
+        row = Row(prepared, request.state, preprocess_ms, num_steps)
+        result = await self._submit(row)
         if isinstance(result.value, BaseException):
             raise result.value
         chunk: ActionChunk = result.value
+        now = time.monotonic()
         return {
             "actions": chunk.actions,
             "policy_timing": {"infer_ms": chunk.timings["total"], **chunk.timings},
-            "server_timing": {"queue_ms": result.queue_ms, "batch_size": result.batch_size},
+            "server_timing": {"prepare_ms": (row.submitted - received) * 1e3, "queue_ms": result.queue_ms,
+                              "run_ms": result.run_ms,
+                              "wake_ms": (now - result.finished) * 1e3 if result.finished else 0.0,
+                              "batch_size": result.batch_size},
             "num_prompt_tokens": chunk.num_prompt_tokens,
         }
 
