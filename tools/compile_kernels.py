@@ -2,7 +2,11 @@
 full-size model's tile shapes. What the CPU interpreter cannot check: that each kernel compiles for the target,
 its registers, spills and shared memory, and that one program of each fits an SM.
 
-    python tools/compile_kernels.py [--arch 90]     # exit 1 if a kernel fails to compile or cannot fit an SM
+    python tools/compile_kernels.py [--arch 90] [--batch-shapes 2x2,4x2]
+                                                  # exit 1 if a kernel fails to compile or cannot fit an SM
+
+Besides batch 1's kernels it compiles the GEMMs for batches in the KernelConfig's batch shape (R batch rows x T
+column tiles per program), or in each of --batch-shapes (to choose that default: registers, spills, shared memory).
 
 Runs with TRITON_INTERPRET unset (the kernels must be real JIT functions). test/engine/test_kernels_compile.py
 runs it in CI.
@@ -11,6 +15,7 @@ runs it in CI.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import subprocess
@@ -38,7 +43,7 @@ BF, F32, I32, I64 = "*bf16", "*fp32", "*i32", "*i64"
 ALIGNED = ("ptr", "w_qkv", "w_o", "w_gu", "w_dn", "ws_", "count_")
 
 
-def build(fn, types: dict[str, str], consts: dict, arch: int):
+def build(fn, types: dict[str, str], consts: dict, arch: int, num_warps: int = 4):
     signature = {name: "constexpr" if name in consts else types[name] for name in fn.arg_names}
     aligned = [i for i, name in enumerate(fn.arg_names)
                if types.get(name, "").startswith("*") and any(a in name for a in ALIGNED)
@@ -47,7 +52,7 @@ def build(fn, types: dict[str, str], consts: dict, arch: int):
     aligned += [i for i, name in enumerate(fn.arg_names) if name.endswith("stride") and name not in consts]
     attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
     return triton.compile(ASTSource(fn, signature, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": 4})
+                          options={"num_warps": num_warps})
 
 
 def resource_usage(kernel) -> tuple[int, int]:
@@ -67,16 +72,19 @@ def gemm_types(out: str) -> dict[str, str]:
                 ssp_in_ptr=F32, ss_tiles="i32", ss_bstride="i32", bias_ptr=F32, gate_ptr=F32, out_ptr=out,
                 out_stride="i32", out_bstride="i32", next_mod_ptr=F32, xm_ptr=BF, xm_bstride="i32", ssp_out_ptr=F32,
                 k_ptr=BF, v_ptr=BF, kv_bstride="i32", cos_ptr=F32, sin_ptr=F32, n_valid_ptr=I64, cache_row0="i32",
-                M="i32", K="i32", N="i32", eps="fp32")
+                batch="i32", M="i32", K="i32", N="i32", eps="fp32")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
+    parser.add_argument("--batch-shapes", help="RxT[,RxT...]: batch GEMM shapes to compile (default: the config's)")
     args = parser.parse_args()
     arch, pdl = args.arch, args.arch >= 90
     e = PRESETS["pi05"].expert
     c = KernelConfig()
+    shapes = ([tuple(int(n) for n in shape.split("x")) for shape in args.batch_shapes.split(",")]
+              if args.batch_shapes else [(c.batch_rows, c.batch_tiles)])
     half, bm = e.head_dim // 2, max(16, triton.next_power_of_2(PRESETS["pi05"].action_horizon))
     cfgs = {"qkv": (fit_config(c.qkv, half, e.width), expert.EPI_QKV, e.width, BF),
             "o": (fit_config(c.o, None, e.num_heads * e.head_dim), expert.EPI_RESIDUAL, e.num_heads * e.head_dim,
@@ -85,30 +93,45 @@ def main() -> int:
             "down": (fit_config(c.down, None, e.mlp_dim), expert.EPI_RESIDUAL, e.mlp_dim, F32)}
     common = dict(HEADS=e.num_heads, HEAD_DIM=e.head_dim, MLP=e.mlp_dim, DT=tl.bfloat16, BM=bm)
 
-    jobs = []
-    for name, (cfg, epilogue, k, out) in cfgs.items():
-        consts = dict(common, EPILOGUE=epilogue, NEXT=name in ("o", "down"), W_FP8=False, BN=cfg.block_n,
-                      KC=cfg.k_chunk, BK=cfg.step, S=-(-k // cfg.k_chunk), STAGES=cfg.stages, PREFETCH=cfg.prefetch,
-                      USE_PDL=pdl)
-        jobs.append((f"gemm {name}", expert._expert_gemm_kernel, gemm_types(out), consts))
+    n_out = {"qkv": (e.num_heads + 2) * e.head_dim // 2, "o": e.width, "gate_up": e.mlp_dim, "down": e.width}
+
+    def gemm_jobs(batch: int, config: KernelConfig) -> list:
+        jobs = []
+        for name, (cfg, epilogue, k, out) in cfgs.items():
+            per_tile = cfg.block_n // 2 if epilogue != expert.EPI_RESIDUAL else cfg.block_n
+            rows, tiles, warps, stages = expert.launch_shape(config, cfg, n_out[name] // per_tile, epilogue,
+                                                             e.head_dim, batch)
+            consts = dict(common, EPILOGUE=epilogue, NEXT=name in ("o", "down"), W_FP8=False, BN=cfg.block_n,
+                          KC=cfg.k_chunk, BK=cfg.step, S=-(-k // cfg.k_chunk), R=rows, T=tiles, STAGES=stages,
+                          PREFETCH=cfg.prefetch, USE_PDL=pdl)
+            label = (f"gemm {name}" if batch == 1
+                     else f"gemm {name} batch {rows}x{tiles}, {warps} warps, {stages} stages")
+            jobs.append((label, expert._expert_gemm_kernel, gemm_types(out), consts, warps))
+        return jobs
+
+    jobs = gemm_jobs(1, c)
     attend = dict(q_ptr=BF, q_bstride="i32", k_ptr=BF, v_ptr=BF, kv_bstride="i32", n_valid_ptr=I64, acc_ptr=F32,
                   m_ptr=F32, l_ptr=F32, rows="i32", keys_total="i32", horizon="i32", scale="fp32",
                   blocks_per_split="i32")
     jobs.append(("attend", expert._attend_kernel, attend,
-                 dict(S_K=c.key_splits, D=e.head_dim, BM=bm, KB=c.key_block, DT=tl.bfloat16, USE_PDL=pdl)))
+                 dict(S_K=c.key_splits, D=e.head_dim, BM=bm, KB=c.key_block, DT=tl.bfloat16, USE_PDL=pdl),
+                 c.attend_warps))
     combine = dict(acc_ptr=F32, m_ptr=F32, l_ptr=F32, out_ptr=BF, out_stride="i32", out_bstride="i32", rows="i32",
                    heads="i32")
     bd = min(c.combine_cols, e.head_dim)
     jobs.append(("combine", expert._combine_kernel, combine,
-                 dict(S_K=c.key_splits, D=e.head_dim, BM=bm, BR=c.combine_rows, BD=bd, DT=tl.bfloat16, USE_PDL=pdl)))
+                 dict(S_K=c.key_splits, D=e.head_dim, BM=bm, BR=c.combine_rows, BD=bd, DT=tl.bfloat16, USE_PDL=pdl),
+                 4))
+    for rows, tiles in shapes:
+        jobs += gemm_jobs(8, dataclasses.replace(c, batch_rows=rows, batch_tiles=tiles))
 
     failed = False
     print(f"triton {triton.__version__}, sm_{arch}, full-size expert, default tiles")
     print("| kernel | registers | stack bytes (spills) | shared KiB | fits one program per SM |")
     print("|---|---|---|---|---|")
-    for label, fn, types, consts in jobs:
+    for label, fn, types, consts, warps in jobs:
         try:
-            kernel = build(fn, types, consts, arch)
+            kernel = build(fn, types, consts, arch, warps)
         except Exception as exc:  # report every kernel, then fail
             print(f"| {label} | FAILED: {type(exc).__name__}: {str(exc)[:300]} | | | |")
             failed = True

@@ -1,9 +1,12 @@
 """The fused expert kernels on the GPU: fidelity against the float32 reference, and denoise time per variant.
 
-    PYTHONPATH=. python3 tools/expert_kernels_gpu.py [--quick | --variants | --defaults]
+    PYTHONPATH=. python3 tools/expert_kernels_gpu.py [--quick | --variants | --defaults | --batches]
 
 --variants: only the whole denoise loop, for the options and a few tile shapes around the default, and with all
 weights L2-resident (a diagnostic). --defaults: the previous default configuration against the current one.
+--batches: batches of 2, 4 and 8 rows (each its own images, prompt length and noise) on the torch path and on the
+kernels in several batch shapes (R rows x T tiles per GEMM program), against batch 1: which shape, if any, beats
+the torch path (issue 9: the torch path denoised a batch of 8 in 13.6 ms, docs/benchmarks.md §43).
 (The L2-prefetch and fused-combine variants of docs/benchmarks.md §34 ran as `--prefetch` at commit faf2f49, the
 persistent layer kernel of §42 as `--persistent` at 4e7d08b.)
 
@@ -76,7 +79,8 @@ class Denoiser:
 
     def __init__(self, fast: FastModel, prefix, noise: torch.Tensor, steps: int, kernels: ExpertKernels | None):
         self.fast, self.kernels = fast, kernels
-        self.noise = noise.cuda()[None].float()
+        self.batched = noise.dim() == 3  # [B, H, A]; else one row [H, A]
+        self.noise = (noise if self.batched else noise[None]).cuda().float()
         self.x = self.noise.clone()
         self.n_valid = prefix.n_valid
         self.keys = [k.clone() for k in prefix.keys]
@@ -122,7 +126,7 @@ class Denoiser:
         else:
             self.run()
         torch.cuda.synchronize()
-        return self.x[0].clone()
+        return self.x.clone() if self.batched else self.x[0].clone()
 
 
 def graph_ms(fn, reps: int = 50) -> float:
@@ -166,6 +170,61 @@ def aligned_prefix(fast: FastModel, prefix, views: int = 2):
 
 
 GEMMS = {"qkv": EPI_QKV, "o": EPI_RESIDUAL, "gate_up": EPI_GEGLU, "down": EPI_RESIDUAL}
+
+# Batch shapes to time: (rows, tiles, warps, stages) per GEMM program; 2x2 / 8 warps / 3 stages is the default.
+BATCH_SHAPES = ((1, 1, 4, 4), (1, 1, 8, 3), (2, 1, 8, 3), (2, 2, 8, 3), (2, 2, 8, 2), (4, 1, 8, 2), (2, 4, 8, 2))
+
+
+def batch_prefix(fast: FastModel, batch: int, seed: int):
+    """`batch` rows with their own images and prompt lengths (48 +- 40 tokens), prefilled together, in the
+    pipeline's cache layout (room for the longest prompt, rounded to 64), and their noise [batch, H, A]."""
+    from pi05_ros.engine.fast.blocks import prefill_eager_batch, prefix_capacity
+
+    cfg = fast.cfg
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 255, (batch, 2, 224, 224, 3), dtype=torch.uint8, generator=gen)
+    lengths = [int(n) for n in torch.randint(8, min(88, cfg.max_token_len), (batch,), generator=gen)]
+    vocab = min(30_000, fast.token_table.shape[0])
+    text = [fast.token_table[torch.randint(4, vocab, (n,), generator=gen)] for n in lengths]
+    prefix = prefill_eager_batch(fast, images, text)
+    capacity = prefix_capacity(cfg, 2, cfg.max_token_len, 16)[1]
+    total = -(-(capacity + cfg.action_horizon) // 64) * 64
+    keys, values = [], []
+    for k, v in zip(prefix.keys, prefix.values, strict=True):
+        kk = torch.zeros(batch, 1, total, k.shape[-1], dtype=k.dtype, device=k.device)
+        vv = torch.zeros_like(kk)
+        for row, n in enumerate(prefix.n_valid.tolist()):
+            kk[row, :, :n], vv[row, :, :n] = k[row, :, :n], v[row, :, :n]
+        keys.append(kk)
+        values.append(vv)
+    noise = torch.randn(batch, cfg.action_horizon, cfg.action_dim, generator=gen)
+    return type(prefix)(prefix.n_valid, keys, values), noise
+
+
+def sweep_batches(fast: FastModel) -> None:
+    """The denoise loop (10 steps, one CUDA graph) for batches on the torch path and the kernels' batch shapes."""
+    print("\n| batch | path | 10 steps p50 ms | p99 ms | per row ms | vs torch path (rel L2) |", flush=True)
+    print("|---|---|---|---|---|---|", flush=True)
+    fast.compile()  # the torch path as the pipeline runs it
+    for batch in (1, 2, 4, 8):
+        prefix, noise = batch_prefix(fast, batch, seed=batch)
+        torch_path = Denoiser(fast, prefix, noise, 10, None)
+        want = torch_path.result()
+        p50, p99 = torch_path.time_ms(100)
+        print(f"| {batch} | torch | {p50:.3f} | {p99:.3f} | {p50 / batch:.3f} | - |", flush=True)
+        del torch_path
+        for rows, tiles, warps, stages in (BATCH_SHAPES if batch > 1 else BATCH_SHAPES[:1]):
+            config = KernelConfig(batch_rows=rows, batch_tiles=tiles, batch_warps=warps, batch_stages=stages)
+            label = "kernels" if batch == 1 else f"kernels {rows}x{tiles}, {warps} warps, {stages} stages"
+            try:
+                d = Denoiser(fast, prefix, noise, 10, ExpertKernels(fast, config, max_batch=batch))
+                err = rel_err(d.result(), want)
+                p50, p99 = d.time_ms(100)
+                print(f"| {batch} | {label} | {p50:.3f} | {p99:.3f} | {p50 / batch:.3f} | {err:.2e} |", flush=True)
+                del d
+            except Exception as exc:  # keep sweeping
+                print(f"| {batch} | {label} | FAILED {type(exc).__name__}: {str(exc)[:200]} | | | |", flush=True)
+        torch.cuda.empty_cache()
 
 
 def gemm_chain(kernels: ExpertKernels, name: str, prefix, x: torch.Tensor, sched) -> callable:
@@ -335,6 +394,9 @@ def main() -> None:
                 break
         print(line, flush=True)
 
+    if "--batches" in sys.argv:
+        sweep_batches(fast)
+        return
     if "--defaults" in sys.argv:  # the previous default against the current one, interleaved twice
         before = dataclasses.replace(KernelConfig(), fused_step_in=False, o=GemmConfig(32, 1024, 4, 128, 4))
         for _ in range(2):

@@ -1,6 +1,7 @@
 """The fused expert kernels compile for Hopper (sm_90) without a GPU: Triton's compiler for that target, the
 full-size model's tile shapes (tools/compile_kernels.py). The interpreter tests check their math, not that
-the GPU compiler takes them or that a program fits an SM."""
+the GPU compiler takes them, that a program fits an SM, or that the default shapes (batch 1's and batches')
+compile without spilling registers."""
 
 from __future__ import annotations
 
@@ -24,6 +25,10 @@ def test_every_expert_kernel_compiles_for_hopper_and_fits_an_sm() -> None:
     print(result.stdout)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "kernel" not in line]
-    names = [row.split("|")[1].strip() for row in rows]
-    assert names == ["gemm qkv", "gemm o", "gemm gate_up", "gemm down", "attend", "combine"]
-    assert all(row.rstrip(" |").endswith("yes") for row in rows)
+    cells = [[cell.strip() for cell in row.split("|")[1:-1]] for row in rows]
+    batch = "batch 2x2, 8 warps, 3 stages"  # KernelConfig's batch shape (qkv's tiles fitted to a head: 2 of 8)
+    assert [c[0] for c in cells] == ["gemm qkv", "gemm o", "gemm gate_up", "gemm down", "attend", "combine",
+                                     f"gemm qkv {batch}", f"gemm o {batch}", f"gemm gate_up {batch}",
+                                     f"gemm down {batch}"]
+    assert all(c[4] == "yes" for c in cells)
+    assert all(c[2] == "0" for c in cells), "a default kernel spills registers"

@@ -47,9 +47,10 @@ def test_full_size_layer_equals_its_torch_definition(pdl: bool) -> None:
         assert all(not count.any() for _, count in kernels.ws.values())
 
 
-def test_full_size_batch_computes_each_row_as_alone() -> None:
-    """A layer over 3 rows with their own prompt lengths: bit for bit what each row gets alone (one program per row
-    and tile runs the same instructions), and the batch's denoise loop stays within bf16 of the torch path's."""
+@pytest.mark.parametrize("shape", [(1, 1), (2, 2), (4, 2)], ids=["1x1", "2x2", "4x2"])
+def test_full_size_batch_computes_each_row_as_alone(shape: tuple[int, int]) -> None:
+    """A layer over 3 rows with their own prompt lengths, R batch rows x T column tiles per GEMM program: what each
+    row gets alone (batch 1's programs), and the batch's denoise loop within bf16 of the torch path's."""
     from pi05_ros.engine.fast.blocks import denoise_eager, prefill_eager_batch
 
     model = random_model(PRESETS["pi05"], seed=0, device="cuda", dtype=torch.bfloat16)
@@ -58,7 +59,7 @@ def test_full_size_batch_computes_each_row_as_alone() -> None:
     images = torch.randint(0, 255, (3, 2, 224, 224, 3), dtype=torch.uint8, generator=gen)
     text = [fast.token_table[torch.randint(4, 30_000, (n,), generator=gen)] for n in (48, 7, 90)]
     prefix = prefill_eager_batch(fast, images, text)
-    kernels = ExpertKernels(fast, KernelConfig(), max_batch=4)
+    kernels = ExpertKernels(fast, KernelConfig(batch_rows=shape[0], batch_tiles=shape[1]), max_batch=4)
     sched = kernels.schedule(fast.step_schedule(10))
     mods = sched[0][4]
     x = torch.randn(3, 50, 1024, device="cuda")
@@ -75,13 +76,16 @@ def test_full_size_batch_computes_each_row_as_alone() -> None:
         kernels.layer(alone, layer, mods[layer], None, sched[4][4, layer], sched[5][4, layer], k_row, v_row,
                       prefix.n_valid[row:row + 1], ssp)
         torch.cuda.synchronize()
-        assert torch.equal(alone, batch[row]) and torch.equal(k_row, keys[row]) and torch.equal(v_row, values[row])
+        # fp32 accumulation in other instruction shapes (batch programs have their own warps and tiles); q/k/v
+        # are stored in bf16, where such a difference can flip a rounding
+        assert rel_err(alone, batch[row]) < 1e-3
+        assert rel_err(k_row, keys[row]) < 1e-3 and rel_err(v_row, values[row]) < 1e-3
     noise = torch.randn(3, 50, 32, device="cuda")
     want = denoise_eager(fast, prefix, noise, 10)
     got = noise.clone()
     kernels.denoise(got, prefix.n_valid, [k.clone() for k in prefix.keys], [v.clone() for v in prefix.values], sched)
     torch.cuda.synchronize()
     err = rel_err(got, want)
-    print(f"KERNEL batch of 3, 10 steps against the torch path: rel_l2 {err:.3e}")
+    print(f"KERNEL batch of 3, {shape[0]}x{shape[1]} per program, 10 steps against the torch path: rel_l2 {err:.3e}")
     assert err < 2e-2  # bf16 GEMM inputs on both paths (batch 1 measured 2e-3 against the float32 reference)
     assert all(not count.any() for _, count in kernels.ws.values())

@@ -76,34 +76,37 @@ if triton is not None:
         out_ptr, out_stride, out_bstride,
         next_mod_ptr, xm_ptr, xm_bstride, ssp_out_ptr,
         k_ptr, v_ptr, kv_bstride, cos_ptr, sin_ptr, n_valid_ptr, cache_row0,
-        M, K, N, eps,
+        batch, M, K, N, eps,
         HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, MLP: tl.constexpr,
         EPILOGUE: tl.constexpr, NEXT: tl.constexpr, W_FP8: tl.constexpr, DT: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr, BK: tl.constexpr, S: tl.constexpr,
-        STAGES: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr,
+        R: tl.constexpr, T: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr,
     ):
-        """out = epilogue(A @ W) for one batch row's A [M, K] in the GEMM dtype (M <= BM rows) and packed W: one
-        program per (batch row, column tile, K split). The programs of one column tile are adjacent in the grid, so
-        the batch rows' reads of a weight block follow each other (from L2 after the first). Every per-row buffer
-        is addressed as base + batch row * its batch stride (`*_bstride`).
+        """out = epilogue(A @ W) for the batch's A [batch, M, K] (M <= BM rows each, GEMM dtype) and packed W. One
+        program per (group of R batch rows, group of T column tiles, K split): batch 1 runs R = T = 1, a tile's
+        weight block streamed by its own program; a batch shares each weight chunk among R rows and each A chunk
+        among T tiles (fewer reads from L2). The programs of a tile group are adjacent in the grid, so its weight
+        blocks come from HBM once. Per-row buffers are addressed as base + batch row * their batch stride.
 
         QKV / GEGLU: A is x * (1 + scale) (written by the previous kernel); the rows' sums of squares arrive as
         `ss_tiles` partials in ssp_in, giving r = rsqrt(mean(x^2) + eps) for y = r * acc + shift @ W.
-        RESIDUAL: x += gate * acc; with NEXT it also writes the next GEMM's A (x * next_mod, GEMM dtype) and this
+        RESIDUAL: x += gate * acc; with NEXT it also writes the next GEMM's A (x * next_mod, GEMM dtype) and each
         tile's partial sums of squares of x, so the next kernel needs no norm pass.
         """
         if USE_PDL:
             tl.extra.cuda.gdc_launch_dependents()
-        pid_b = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        pid_s = tl.program_id(2)
-        tiles = tl.num_programs(1)
+        pid_g = tl.program_id(0)  # row group
+        pid_t = tl.program_id(1)  # tile group
+        pid_s = tl.program_id(2)  # K split
         PAIRED: tl.constexpr = EPILOGUE != _RESIDUAL
         HB: tl.constexpr = BN // 2
-        WN: tl.constexpr = HB if PAIRED else BN  # columns per accumulator
+        WN: tl.constexpr = HB if PAIRED else BN  # columns per accumulator and tile
+        RB: tl.constexpr = R * BM  # rows per program
+        CN: tl.constexpr = T * WN  # columns per accumulator
         rk = tl.arange(0, BK)
-        rw = tl.arange(0, WN)
-        w_base = w_ptr + (pid_n * S + pid_s) * (KC * BN) + rk[:, None] * BN + rw[None, :]
+        cc = tl.arange(0, CN)
+        tile = pid_t * T + cc // WN  # each column's tile
+        w_base = w_ptr + ((tile[None, :] * S + pid_s) * KC + rk[:, None]) * BN + (cc % WN)[None, :]
         # The first weight chunk before the wait: weights never depend on the previous kernel.
         if PREFETCH:
             w0 = tl.load(w_base)
@@ -115,10 +118,12 @@ if triton is not None:
             w0 = tl.load(w_base)
             if PAIRED:
                 w0_hi = tl.load(w_base + HB)
-        rm = tl.arange(0, BM)
-        row_ok = rm < M
+        rr = tl.arange(0, RB)
+        b = pid_g * R + rr // BM  # each row's batch row
+        rm = rr % BM  # and its row there
+        row_ok = (rm < M) & (b < batch)
         ka = pid_s * KC + rk
-        a_rows = a_ptr + pid_b * a_bstride + rm[:, None] * a_stride + ka[None, :]
+        a_rows = a_ptr + b[:, None] * a_bstride + rm[:, None] * a_stride + ka[None, :]
         a = tl.load(a_rows, mask=row_ok[:, None] & (ka[None, :] < K), other=0.0)
         lo = tl.dot(a, w0.to(DT))
         if PAIRED:
@@ -130,40 +135,40 @@ if triton is not None:
             if PAIRED:
                 hi += tl.dot(a, tl.load(w + HB).to(DT))
         if S > 1:
-            # Split K: partials to the workspace; the last of the S programs of this (batch row, column tile) sums
+            # Split K: partials to the workspace; the last of the S programs of this (row group, tile group) sums
             # them in a fixed order (deterministic). The counter orders the stores (release) before its loads
             # (acquire) and is reset for the next use.
-            tile = pid_b * tiles + pid_n
-            ws = ws_ptr + ((tile * S + pid_s) * BM + rm[:, None]) * BN + rw[None, :]
-            tl.store(ws, lo, mask=row_ok[:, None])
+            group = pid_g * tl.num_programs(1) + pid_t
+            ws_tile = ws_ptr + (group * S * RB + rr[:, None]) * (2 * CN if PAIRED else CN) + cc[None, :]
+            part_stride = RB * (2 * CN if PAIRED else CN)
+            tl.store(ws_tile + pid_s * part_stride, lo, mask=row_ok[:, None])
             if PAIRED:
-                tl.store(ws + HB, hi, mask=row_ok[:, None])
+                tl.store(ws_tile + pid_s * part_stride + CN, hi, mask=row_ok[:, None])
             tl.debug_barrier()
-            is_last = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu") == S - 1
+            is_last = tl.atomic_add(count_ptr + group, 1, sem="acq_rel", scope="gpu") == S - 1
         else:
             is_last = True
         if is_last:
             if S > 1:
-                tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
-                first = ws_ptr + (tile * S * BM + rm[:, None]) * BN + rw[None, :]
-                lo = tl.load(first, mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+                tl.atomic_xchg(count_ptr + group, 0, sem="relaxed", scope="gpu")
+                lo = tl.load(ws_tile, mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
                 if PAIRED:
-                    hi = tl.load(first + HB, mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+                    hi = tl.load(ws_tile + CN, mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
                 for s in range(1, S):
-                    part = first + s * BM * BN
-                    lo += tl.load(part, mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+                    lo += tl.load(ws_tile + s * part_stride, mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
                     if PAIRED:
-                        hi += tl.load(part + HB, mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+                        hi += tl.load(ws_tile + s * part_stride + CN, mask=row_ok[:, None], other=0.0,
+                                      cache_modifier=".cg")
             if PAIRED:
-                ss = tl.zeros((BM,), dtype=tl.float32)
+                ss = tl.zeros((RB,), dtype=tl.float32)
                 for t in range(ss_tiles):
-                    ss += tl.load(ssp_in_ptr + pid_b * ss_bstride + t * BM + rm, mask=row_ok, other=0.0)
+                    ss += tl.load(ssp_in_ptr + b * ss_bstride + t * BM + rm, mask=row_ok, other=0.0)
                 r = tl.rsqrt(ss / K + eps)
             if EPILOGUE == _QKV:
                 HALF: tl.constexpr = HEAD_DIM // 2
-                TILES_PER_HEAD: tl.constexpr = HALF // HB
-                head = pid_n // TILES_PER_HEAD
-                j = (pid_n % TILES_PER_HEAD) * HB + rw
+                TILES_PER_HEAD: tl.constexpr = HALF // HB  # a program's T tiles lie in one head (T divides this)
+                head = (pid_t * T) // TILES_PER_HEAD
+                j = (tile % TILES_PER_HEAD) * HB + cc % WN
                 col_lo = head * HEAD_DIM + j
                 if W_FP8:
                     lo = lo * tl.load(w_scale_ptr + col_lo)[None, :]
@@ -171,14 +176,14 @@ if triton is not None:
                 y_lo = lo * r[:, None] + tl.load(bias_ptr + col_lo)[None, :]
                 y_hi = hi * r[:, None] + tl.load(bias_ptr + col_lo + HALF)[None, :]
                 if head <= HEADS:  # q heads and the k head get RoPE at positions n_valid + row
-                    pos = tl.load(n_valid_ptr + pid_b) + rm
+                    pos = tl.load(n_valid_ptr + b, mask=row_ok, other=0) + rm
                     table = pos[:, None] * HEAD_DIM + j[None, :]
                     cos = tl.load(cos_ptr + table, mask=row_ok[:, None], other=0.0)
                     sin = tl.load(sin_ptr + table, mask=row_ok[:, None], other=0.0)
                     y_lo, y_hi = y_lo * cos - y_hi * sin, y_hi * cos + y_lo * sin
-                cache_rows = (cache_row0 + rm[:, None]) * HEAD_DIM + j[None, :] + pid_b * kv_bstride
+                cache_rows = b[:, None] * kv_bstride + (cache_row0 + rm[:, None]) * HEAD_DIM + j[None, :]
                 if head < HEADS:
-                    dst = out_ptr + pid_b * out_bstride + (head * BM + rm[:, None]) * HEAD_DIM + j[None, :]
+                    dst = out_ptr + b[:, None] * out_bstride + (head * BM + rm[:, None]) * HEAD_DIM + j[None, :]
                 elif head == HEADS:
                     dst = k_ptr + cache_rows
                 else:
@@ -186,37 +191,39 @@ if triton is not None:
                 tl.store(dst, y_lo.to(DT), mask=row_ok[:, None])
                 tl.store(dst + HALF, y_hi.to(DT), mask=row_ok[:, None])
             elif EPILOGUE == _GEGLU:
-                col = pid_n * HB + rw
+                col = pid_t * CN + cc  # tiles are consecutive: tile * HB + its column
                 if W_FP8:
                     lo = lo * tl.load(w_scale_ptr + col)[None, :]
                     hi = hi * tl.load(w_scale_ptr + MLP + col)[None, :]
                 gate = lo * r[:, None] + tl.load(bias_ptr + col)[None, :]
                 up = hi * r[:, None] + tl.load(bias_ptr + MLP + col)[None, :]
                 h = _gelu_tanh(gate) * up
-                dst = out_ptr + pid_b * out_bstride + rm[:, None] * out_stride + col[None, :]
+                dst = out_ptr + b[:, None] * out_bstride + rm[:, None] * out_stride + col[None, :]
                 tl.store(dst, h.to(DT), mask=row_ok[:, None])
             else:
-                col = pid_n * BN + rw
+                col = pid_t * CN + cc
                 col_ok = col < N
                 if W_FP8:
                     lo = lo * tl.load(w_scale_ptr + col, mask=col_ok, other=0.0)[None, :]
                 gate = tl.load(gate_ptr + col, mask=col_ok, other=0.0)
                 mask = row_ok[:, None] & col_ok[None, :]
-                x_ptrs = out_ptr + pid_b * out_bstride + rm[:, None] * out_stride + col[None, :]
+                x_ptrs = out_ptr + b[:, None] * out_bstride + rm[:, None] * out_stride + col[None, :]
                 x = tl.load(x_ptrs, mask=mask, other=0.0) + lo * gate[None, :]
                 tl.store(x_ptrs, x, mask=mask)
                 if NEXT:
-                    _emit_next(x, col, col_ok, mask, rm, row_ok, pid_n, next_mod_ptr, xm_ptr + pid_b * xm_bstride,
-                               ssp_out_ptr + pid_b * ss_bstride, N, BM, DT)
+                    _emit_next(x, col, col_ok, mask, row_ok, xm_ptr + b * xm_bstride + rm * N,
+                               ssp_out_ptr + b * ss_bstride + rm, pid_t * T, next_mod_ptr, BM, BN, T, DT)
 
     @triton.jit
-    def _emit_next(x, col, col_ok, mask, rm, row_ok, tile, next_mod_ptr, xm_ptr, ssp_out_ptr, N,
-                   BM: tl.constexpr, DT: tl.constexpr):
-        """The next modulated GEMM's input x * (1 + scale) and this column tile's partial sums of x^2 (one batch
-        row: the pointers are that row's)."""
+    def _emit_next(x, col, col_ok, mask, row_ok, xm_rows, ssp_rows, first_tile, next_mod_ptr,
+                   BM: tl.constexpr, BN: tl.constexpr, T: tl.constexpr, DT: tl.constexpr):
+        """The next modulated GEMM's input x * (1 + scale) and each of the T column tiles' partial sums of x^2:
+        x [rows, T * BN]; xm_rows / ssp_rows point at each row's start in xm and in the partial sums (tile 0)."""
         mod = tl.load(next_mod_ptr + col, mask=col_ok, other=0.0)
-        tl.store(xm_ptr + rm[:, None] * N + col[None, :], (x * mod[None, :]).to(DT), mask=mask)
-        tl.store(ssp_out_ptr + tile * BM + rm, tl.sum(tl.where(mask, x * x, 0.0), axis=1), mask=row_ok)
+        tl.store(xm_rows[:, None] + col[None, :], (x * mod[None, :]).to(DT), mask=mask)
+        sums = tl.sum(tl.reshape(tl.where(mask, x * x, 0.0), (x.shape[0], T, BN)), axis=2)
+        tiles = first_tile + tl.arange(0, T)
+        tl.store(ssp_rows[:, None] + tiles[None, :] * BM, sums, mask=row_ok[:, None])
 
     @triton.jit
     def _modulate_kernel(x_ptr, x_bstride, next_mod_ptr, xm_ptr, xm_bstride, ssp_out_ptr, ss_bstride, M, N,
@@ -231,8 +238,8 @@ if triton is not None:
         col_ok = col < N
         mask = row_ok[:, None] & col_ok[None, :]
         x = tl.load(x_ptr + pid_b * x_bstride + rm[:, None] * N + col[None, :], mask=mask, other=0.0)
-        _emit_next(x, col, col_ok, mask, rm, row_ok, tile, next_mod_ptr, xm_ptr + pid_b * xm_bstride,
-                   ssp_out_ptr + pid_b * ss_bstride, N, BM, DT)
+        _emit_next(x, col, col_ok, mask, row_ok, xm_ptr + pid_b * xm_bstride + rm * N,
+                   ssp_out_ptr + pid_b * ss_bstride + rm, tile, next_mod_ptr, BM, BN, 1, DT)
 
     @triton.jit
     def _step_in_kernel(xt_ptr, w_ptr, b_ptr, x_ptr, next_mod_ptr, xm_ptr, xm_bstride, ssp_out_ptr, ss_bstride,
@@ -259,8 +266,8 @@ if triton is not None:
         x = tl.dot(xt, w, input_precision="ieee") + bias[None, :]
         mask = row_ok[:, None] & col_ok[None, :]
         tl.store(x_ptr + pid_b * M * N + rm[:, None] * N + col[None, :], x, mask=mask)
-        _emit_next(x, col, col_ok, mask, rm, row_ok, tile, next_mod_ptr, xm_ptr + pid_b * xm_bstride,
-                   ssp_out_ptr + pid_b * ss_bstride, N, BM, DT)
+        _emit_next(x, col, col_ok, mask, row_ok, xm_ptr + pid_b * xm_bstride + rm * N,
+                   ssp_out_ptr + pid_b * ss_bstride + rm, tile, next_mod_ptr, BM, BN, 1, DT)
 
     @triton.jit
     def _attend_kernel(
@@ -375,6 +382,30 @@ class KernelConfig:
     attend_warps: int = 4
     pdl: bool = True  # programmatic dependent launch where the GPU has it (SM 9.0+)
     fused_step_in: bool = True  # the action in-projection and the first modulate in one kernel (-0.09 ms at 10)
+    # Batches of 2+: each GEMM program takes `batch_rows` batch rows x `batch_tiles` column tiles, so a weight chunk
+    # serves several rows and an activation chunk several tiles (one row per program would read every weight
+    # block from L2 once per row: ~0.3 GB per layer at batch 8). Not yet measured on a GPU: starting points that
+    # compile for sm_90 without spills (tools/compile_kernels.py --batch).
+    batch_rows: int = 2
+    batch_tiles: int = 2
+    batch_warps: int = 8
+    batch_stages: int = 3
+
+
+def launch_shape(config: KernelConfig, cfg: GemmConfig, tiles: int, epilogue: int, head_dim: int,
+                 batch: int) -> tuple[int, int, int, int]:
+    """(batch rows per program R, column tiles per program T, warps, pipeline stages) of a GEMM of `tiles` column
+    tiles over `batch` rows: batch 1 runs R = T = 1 with the GEMM's own warps and stages; a batch the config's
+    batch shape, R up to the batch (rounded to a power of two), T fitted to the tiles (for qkv to one head's tiles:
+    its epilogue is per head)."""
+    if batch == 1:
+        return 1, 1, cfg.num_warps, cfg.stages
+    rows = min(config.batch_rows, 1 << (batch - 1).bit_length())
+    limit = (head_dim // 2) // (cfg.block_n // 2) if epilogue == EPI_QKV else tiles  # qkv: pair tiles per head
+    per_program = config.batch_tiles
+    while per_program > 1 and (limit % per_program or tiles % per_program):
+        per_program //= 2
+    return rows, per_program, config.batch_warps, config.batch_stages
 
 
 def _pow2_at_most(n: int, cap: int) -> int:
@@ -547,8 +578,10 @@ class ExpertKernels:
         dev, f32, rows = self.device, torch.float32, self.max_batch
         bm = self.block_rows
         first = self.layers[0]
-        self.ws = {name: (torch.zeros(rows * p.tiles * p.splits * bm * p.cfg.block_n, dtype=f32, device=dev),
-                          torch.zeros(rows * p.tiles, dtype=torch.int32, device=dev))
+        # split-K partials and counters per (row group, tile group): as many row slots as the row groups hold
+        slots = -(-rows // self.config.batch_rows) * self.config.batch_rows if rows > 1 else 1
+        self.ws = {name: (torch.zeros(slots * p.tiles * p.splits * bm * p.cfg.block_n, dtype=f32, device=dev),
+                          torch.zeros(slots * p.tiles, dtype=torch.int32, device=dev))
                    for name, p in vars(first).items()}
         self.q = torch.zeros(rows, self.heads, bm, self.head_dim, dtype=self.dtype, device=dev)
         splits = self.config.key_splits
@@ -602,6 +635,10 @@ class ExpertKernels:
             kw["launch_pdl"] = self.use_pdl
         return kw
 
+    def launch_shape(self, p: PackedLinear, epilogue: int, batch: int) -> tuple[int, int, int, int]:
+        """`launch_shape` of one of these GEMMs over `batch` rows."""
+        return launch_shape(self.config, p.cfg, p.tiles, epilogue, self.head_dim, batch)
+
     def _gemm(self, name: str, p: PackedLinear, epilogue: int, batch: int, a: Tensor, out: Tensor, *,
               ssp_in: tuple[Tensor, int] | None = None, bias: Tensor | None = None, gate: Tensor | None = None,
               next_mod: Tensor | None = None, ssp_out: Tensor | None = None, k_cache: Tensor | None = None,
@@ -612,7 +649,8 @@ class ExpertKernels:
         d = self._dummy
         qkv = epilogue == EPI_QKV
         ss_bstride = self.ssp[0].stride(0)
-        _expert_gemm_kernel[(batch, p.tiles, p.splits)](
+        rows, tiles, warps, stages = self.launch_shape(p, epilogue, batch)
+        _expert_gemm_kernel[(triton.cdiv(batch, rows), p.tiles // tiles, p.splits)](
             a, a.stride(1), a.stride(0),
             p.blocks, d if p.scale is None else p.scale,
             ws, count,
@@ -623,12 +661,12 @@ class ExpertKernels:
             k_cache if qkv else d, v_cache if qkv else d, k_cache.stride(0) if qkv else 0,
             self.fast.rope_cos if qkv else d, self.fast.rope_sin if qkv else d, n_valid if qkv else d,
             k_cache.shape[1] - self.horizon if qkv else 0,
-            self.horizon, p.k, p.n, self.eps,
+            batch, self.horizon, p.k, p.n, self.eps,
             HEADS=self.heads, HEAD_DIM=self.head_dim, MLP=self.mlp,
             EPILOGUE=epilogue, NEXT=next_mod is not None, W_FP8=p.scale is not None, DT=self._dt,
             BM=self.block_rows, BN=p.cfg.block_n, KC=p.cfg.k_chunk, BK=p.cfg.step, S=p.splits,
-            STAGES=p.cfg.stages, PREFETCH=p.cfg.prefetch, USE_PDL=self.use_pdl,
-            **self._launch_kwargs(p.cfg.num_warps),
+            R=rows, T=tiles, STAGES=stages, PREFETCH=p.cfg.prefetch, USE_PDL=self.use_pdl,
+            **self._launch_kwargs(warps),
         )
 
     def modulate(self, x: Tensor, next_mod: Tensor) -> tuple[Tensor, int]:
