@@ -30,7 +30,7 @@ Batches (`run_batch`, a server's dynamic batches): rows of the same number of vi
 kept per bucket. A row's prompt length travels as data (n_valid per row; the text is padded to the batch's longest
 tile); padded rows compute on whatever their staging holds and are dropped, so a batch of 3 replays the graphs of
 4. Batches of more than one row denoise on the torch path, unless `expert_kernels="on"`: the fused kernels take
-batches (one program per row and tile), but only batch 1 has been measured faster on a GPU. Staging and the
+batches (R rows x T tiles per GEMM program), but only batch 1 has been measured faster on a GPU. Staging and the
 batch K/V caches are sized for `max_batch` (default 1: what a robot needs; batch 1 keeps caches of its own). A row
 with real-time chunking runs alone.
 """

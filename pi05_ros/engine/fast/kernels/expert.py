@@ -22,9 +22,11 @@ Why this shape (docs/fast_path.md has the measurements):
   its weights before `gdc_wait`: weights never depend on the previous kernel, so their fetch overlaps it.
 - Paired column tiles: a q/k tile holds columns j and j + d/2 of one head (RoPE rotates those two), a
   gate_up tile holds gate column j and up column j (GeGLU multiplies those two), so the epilogues stay local.
-- Batches (a server's rows, M = 50 per row): every kernel's grid gains a batch dimension, one program per row and
-  tile, so a program's work, registers and epilogue are those of batch 1; the rows' programs of a tile are
-  adjacent, so its weight block comes from HBM once and from L2 for the other rows.
+- Batches (a server's rows, M = 50 per row, each with its own K/V cache and prompt length): every kernel's grid
+  gains a batch dimension. A GEMM program takes R batch rows x T column tiles (KernelConfig.batch_*; batch 1 runs
+  R = T = 1), so each weight chunk it loads serves R rows and each activation chunk T tiles; the programs of a
+  tile group are adjacent, so its weight blocks come from HBM once. Attention and the small kernels run one
+  program per row and head / tile.
 
 Each layer as one persistent kernel instead (resident programs running the six kernels' work as phases with
 grid-wide syncs between them) was built and measured 1.6x slower on an H200: with one program per SM a phase's
