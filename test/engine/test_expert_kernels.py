@@ -291,3 +291,58 @@ def test_the_pipelines_batches_run_on_the_kernels_with_expert_kernels_on(small) 
         alone, _ = on_kernels.run(obs, 3)  # batch 1: its own caches and graphs
         assert rel_err(torch.from_numpy(alone), torch.from_numpy(batched[row])) < 1e-6  # the step's torch ends
     assert not np.allclose(batched[0], batched[1])
+
+
+def test_batch_shapes_must_be_powers_of_two() -> None:
+    with pytest.raises(ValueError, match="batch_rows must be a power of two, got 3"):
+        KernelConfig(batch_rows=3)
+    with pytest.raises(ValueError, match="batch_tiles must be a power of two, got 0"):
+        KernelConfig(batch_tiles=0)
+
+
+def test_a_batch_failing_on_the_kernels_moves_batches_to_the_torch_path_only(
+        small, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A GPU without the shared memory a batch shape needs fails at the first batch launch (as a graph is made):
+    batches then take the torch path, and batch 1 stays on the kernels (a failure at batch 1 still moves
+    everything)."""
+    import numpy as np
+
+    import pi05_ros.engine.fast.pipeline as pipeline_module
+    from pi05_ros.engine.fast.pipeline import Pi05Pipeline
+    from pi05_ros.engine.runner import PreparedObservation
+
+    class RunsWhereAGraphIsMade:  # CUDA graphs do not exist on the CPU: run fn where a graph's making would
+        def __init__(self, fn, pool) -> None:
+            fn()
+            self.replay = fn
+
+    fast, _, _ = small
+    rng = np.random.default_rng(6)
+    size, max_len = SMALL.vision.image_size, SMALL.max_token_len
+    rows = []
+    for length in (5, 9):
+        tokens = np.zeros(max_len, np.int64)
+        tokens[:length] = rng.integers(1, SMALL.vocab_size, length)
+        noise = rng.standard_normal((SMALL.action_horizon, SMALL.action_dim)).astype(np.float32)
+        image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        rows.append(PreparedObservation([image, None, None], tokens, np.arange(max_len) < length, noise))
+    monkeypatch.setattr(pipeline_module, "_Graph", RunsWhereAGraphIsMade)
+    pipe = Pi05Pipeline(fast, precision="bf16", use_graphs=False, compile=False, max_batch=2, expert_kernels="on")
+    pipe.use_graphs = True  # the graph path, with the stand-in above
+    real_step = ExpertKernels.denoise_step
+
+    def out_of_resources_for_batches(self, x_t, *args):
+        if x_t.shape[0] > 1:
+            raise RuntimeError("out of resource: shared memory, Required: 131072, Hardware limit: 101376")
+        return real_step(self, x_t, *args)
+
+    monkeypatch.setattr(ExpertKernels, "denoise_step", out_of_resources_for_batches)
+    with caplog.at_level("WARNING"):
+        batched, _ = pipe.run_batch(rows, 2)
+    assert "failed for a batch of 2" in caplog.text and "batch 1 stays on the kernels" in caplog.text
+    assert (pipe.path_for(1), pipe.path_for(2)) == ("kernels", "torch")
+    torch_path = Pi05Pipeline(fast, precision="bf16", use_graphs=False, compile=False, max_batch=2,
+                              expert_kernels="off")
+    np.testing.assert_allclose(batched, torch_path.run_batch(rows, 2)[0], rtol=0, atol=0)  # the torch path's rows
+    alone, _ = pipe.run(rows[0], 2)  # batch 1 on the kernels: float32, summation order only
+    assert rel_err(torch.from_numpy(alone), torch.from_numpy(batched[0])) < 1e-5

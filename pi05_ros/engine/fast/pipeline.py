@@ -485,9 +485,15 @@ class Pi05Pipeline:
         except Exception as exc:  # a Triton build or launch failure on this GPU: keep serving on the torch path
             if self.path_for(batch) != "kernels":
                 raise
-            log.warning("the fused expert kernels failed on this GPU (%s: %s); the denoise loop runs on the torch "
-                        "path from now on", type(exc).__name__, exc)
-            self.expert_kernels = None
+            if batch > 1:  # e.g. a batch shape that needs more shared memory than this GPU has: batch 1 may still run
+                log.warning("the fused expert kernels failed for a batch of %d on this GPU (%s: %s); batches denoise "
+                            "on the torch path from now on, batch 1 stays on the kernels", batch, type(exc).__name__,
+                            exc)
+                self.kernel_batches = False
+            else:
+                log.warning("the fused expert kernels failed on this GPU (%s: %s); the denoise loop runs on the torch "
+                            "path from now on", type(exc).__name__, exc)
+                self.expert_kernels = None
             _synchronize(self.device)
             step = self._step_stage(num_steps, views, batch)
         path = self.path_for(batch)

@@ -393,6 +393,12 @@ class KernelConfig:
     batch_warps: int = 8
     batch_stages: int = 3
 
+    def __post_init__(self) -> None:
+        for name in ("batch_rows", "batch_tiles", "batch_warps"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):  # Triton's block shapes and warp counts are powers of two
+                raise ValueError(f"KernelConfig.{name} must be a power of two, got {value}")
+
 
 def launch_shape(config: KernelConfig, cfg: GemmConfig, tiles: int, epilogue: int, head_dim: int,
                  batch: int) -> tuple[int, int, int, int]:
@@ -580,10 +586,12 @@ class ExpertKernels:
         dev, f32, rows = self.device, torch.float32, self.max_batch
         bm = self.block_rows
         first = self.layers[0]
-        # split-K partials and counters per (row group, tile group): as many row slots as the row groups hold
+        # split-K partials and counters per (row group, tile group): as many row slots as the row groups hold; a
+        # GEMM without split K has none
         slots = -(-rows // self.config.batch_rows) * self.config.batch_rows if rows > 1 else 1
-        self.ws = {name: (torch.zeros(slots * p.tiles * p.splits * bm * p.cfg.block_n, dtype=f32, device=dev),
-                          torch.zeros(slots * p.tiles, dtype=torch.int32, device=dev))
+        self.ws = {name: (torch.zeros(slots * p.tiles * p.splits * bm * p.cfg.block_n if p.splits > 1 else 1,
+                                      dtype=f32, device=dev),
+                          torch.zeros(slots * p.tiles if p.splits > 1 else 1, dtype=torch.int32, device=dev))
                    for name, p in vars(first).items()}
         self.q = torch.zeros(rows, self.heads, bm, self.head_dim, dtype=self.dtype, device=dev)
         splits = self.config.key_splits
