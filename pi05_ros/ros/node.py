@@ -797,8 +797,10 @@ def main(argv: list[str] | None = None) -> NoReturn:
     wake_executor = node.create_guard_condition(lambda: None)  # ends the executor's current wait at shutdown
 
     def spin() -> None:
+        # No timeout: a timeout makes rclpy create a timer on the context for every wait, which can outlive the
+        # wait and hold the context, and with it the DDS participant, past the process's exit.
         while spinning.is_set():
-            executor.spin_once(timeout_sec=0.1)
+            executor.spin_once()
 
     spinner = threading.Thread(target=spin, name="ros_executor", daemon=True)
     spinner.start()
