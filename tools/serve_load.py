@@ -42,7 +42,7 @@ SERVER_PARTS = ("infer_ms", "prepare_ms", "queue_ms", "run_ms", "wake_ms")
 def robot(url: str, index: int, requests: int, warmup: int, views: int, size: int, num_steps: int,
           barrier, results) -> None:
     """One robot in closed loop, in a process of its own (as a fleet's robots are: no interpreter lock shared
-    with the others); puts (index, records, error) on `results`."""
+    with the others); puts (records, error) on `results`."""
     rng = np.random.default_rng(index)
     records = []
     try:
@@ -64,10 +64,10 @@ def robot(url: str, index: int, requests: int, warmup: int, views: int, size: in
                 server = unpack(reply)["server_timing"]
                 records.append({"latency": elapsed, "batch_size": server["batch_size"],
                                 **{part: server.get(part, float("nan")) for part in SERVER_PARTS}})
-        results.put((index, records, None))
+        results.put((records, None))
     except Exception as exc:  # noqa: BLE001 - reported by the parent
         barrier.abort()
-        results.put((index, [], f"client {index}: {type(exc).__name__}: {exc}"))
+        results.put(([], f"client {index}: {type(exc).__name__}: {exc}"))
 
 
 def run_clients(url: str, clients: int, requests: int, warmup: int, views: int, size: int,
@@ -87,7 +87,7 @@ def run_clients(url: str, clients: int, requests: int, warmup: int, views: int, 
     start = time.perf_counter()
     records, errors = [], []
     for _ in procs:
-        _, rows, error = results.get(timeout=1800)
+        rows, error = results.get(timeout=1800)
         records += rows
         if error:
             errors.append(error)

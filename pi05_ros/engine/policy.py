@@ -99,6 +99,11 @@ def fast_runner_unavailable(device: torch.device) -> str | None:
     return None
 
 
+def _check_expert_kernels(choice: str) -> None:
+    if choice not in EXPERT_KERNELS:
+        raise CheckpointError(f"expert_kernels must be one of {', '.join(EXPERT_KERNELS)}, got {choice!r}")
+
+
 def make_runner(model: Pi05Model, precision: str, runner: str = "auto", *, scales_file: Path | None = None,
                 keep_reference: bool = False,
                 calibration_observations: Callable[[], Iterable[PreparedObservation]] | None = None,
@@ -223,8 +228,7 @@ class Policy:
         that many rows (`infer_batch`: a server's), with CUDA graphs per batch bucket; 1 (a robot) keeps its
         memory to one row. `fp8_vision` runs SigLIP's MLP in FP8 too (precision fp8 only; docs/fast_path.md).
         """
-        if expert_kernels not in EXPERT_KERNELS:
-            raise CheckpointError(f"expert_kernels must be one of {', '.join(EXPERT_KERNELS)}, got {expert_kernels!r}")
+        _check_expert_kernels(expert_kernels)
         dev = resolve_device(device)
         prec = resolve_precision(precision, dev)
         # Everything a user can get wrong is checked before the weights are read.
@@ -260,8 +264,7 @@ class Policy:
         `max_batch`, `expert_kernels` and `fp8_vision` as for `load`."""
         from pi05_ros.engine.demo import DEMO_MAX_TOKEN_LEN, demo_norm_stats, demo_prompt_tokenizer, random_model
 
-        if expert_kernels not in EXPERT_KERNELS:
-            raise CheckpointError(f"expert_kernels must be one of {', '.join(EXPERT_KERNELS)}, got {expert_kernels!r}")
+        _check_expert_kernels(expert_kernels)
         dev = resolve_device(device)
         prec = resolve_precision(precision, dev)
         cfg = PRESETS[preset or ("tiny" if dev.type == "cpu" else "pi05")]

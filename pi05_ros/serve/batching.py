@@ -56,8 +56,8 @@ class BatchResult:
     value: Any
     batch_size: int
     queue_ms: float  # from submit to the start of its batch
-    run_ms: float = 0.0  # the batch's run (the batch function, on the batch thread)
-    finished: float = 0.0  # time.monotonic() when the batch's run ended (0: not known)
+    run_ms: float  # the batch's run (the batch function, on the batch thread)
+    finished: float  # time.monotonic() when the batch's run ended
 
 
 class Batcher:
@@ -117,8 +117,8 @@ class Batcher:
             batch = await self._next_batch()
             start = time.monotonic()
             try:
-                results = await loop.run_in_executor(self._executor, self._timed_run, [job.item for job in batch])
-                results, run_ms, finished = results
+                results, run_ms, finished = await loop.run_in_executor(self._executor, self._timed_run,
+                                                                       [job.item for job in batch])
                 if len(results) != len(batch):
                     raise RuntimeError(f"the batch function returned {len(results)} results for {len(batch)} rows")
             except Exception as exc:  # noqa: BLE001 - every row of the batch hears of it; the loop goes on

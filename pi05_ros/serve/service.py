@@ -16,7 +16,6 @@ on, `prev_total_ms` (the previous request, reply sent included), plus `batch_siz
 batch), `run_ms` (the batch's run) and `wake_ms` (batch done to this reply ready: the event loop answering the
 batch's rows).
 
-
 The noise of a request, so that answers can be reproduced: the `noise` key (the array itself), else the
 `noise_seed` key (`seeded_noise(seed, ...)`: numpy's default_rng(seed), float32 standard normal), else the
 server's own generator seeded with `seed` at start, drawn in the order requests arrive (reproducible for one
@@ -261,7 +260,7 @@ class PolicyService:
             "policy_timing": {"infer_ms": chunk.timings["total"], **chunk.timings},
             "server_timing": {"prepare_ms": (row.submitted - received) * 1e3, "queue_ms": result.queue_ms,
                               "run_ms": result.run_ms,
-                              "wake_ms": (now - result.finished) * 1e3 if result.finished else 0.0,
+                              "wake_ms": (now - result.finished) * 1e3,
                               "batch_size": result.batch_size},
             "num_prompt_tokens": chunk.num_prompt_tokens,
         }

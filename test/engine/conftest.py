@@ -74,3 +74,22 @@ def tiny_model() -> Pi05Model:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_model: Pi05Model) -> Path:
     return write_checkpoint(tiny_model, tmp_path_factory.mktemp("ckpt") / "pi05_tiny_openpi", fmt="openpi")
+
+
+class _ReplayingGraph:
+    """On the CPU, where CUDA graphs do not exist: runs `fn` where `_Graph` does (two warm-ups; its capture only
+    records), and replay runs it again, so the state a graph's making leaves behind is what a GPU's would be."""
+
+    def __init__(self, fn, pool) -> None:
+        for _ in range(2):
+            fn()
+        self.replay = fn
+
+
+@pytest.fixture
+def replaying_graphs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pi05Pipeline makes `_ReplayingGraph`s instead of CUDA graphs: a pipeline built with use_graphs=False (the
+    CPU's) and then set to use_graphs=True takes the graph path, failures at a graph's making included."""
+    import pi05_ros.engine.fast.pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "_Graph", _ReplayingGraph)

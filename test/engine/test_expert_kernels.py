@@ -260,26 +260,35 @@ def test_a_layer_on_a_batch_computes_each_row_as_alone(small, small_batch, confi
             assert rel_err(row_keys, keys[row]) < 1e-6 and rel_err(row_values, values[row]) < 1e-6
 
 
+def prepared_rows(seed: int, lengths: tuple[int, ...], views: int) -> list:
+    """PreparedObservations for SMALL, as a runner gets them: `views` random images, prompts of `lengths` tokens,
+    random noise."""
+    import numpy as np
+
+    from pi05_ros.engine.runner import PreparedObservation
+
+    rng = np.random.default_rng(seed)
+    size, max_len = SMALL.vision.image_size, SMALL.max_token_len
+    rows = []
+    for length in lengths:
+        images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(views)]
+        images += [None] * (len(SMALL.image_keys) - views)
+        tokens = np.zeros(max_len, np.int64)
+        tokens[:length] = rng.integers(1, SMALL.vocab_size, length)
+        noise = rng.standard_normal((SMALL.action_horizon, SMALL.action_dim)).astype(np.float32)
+        rows.append(PreparedObservation(images, tokens, np.arange(max_len) < length, noise))
+    return rows
+
+
 def test_the_pipelines_batches_run_on_the_kernels_with_expert_kernels_on(small) -> None:
     """Pi05Pipeline(expert_kernels="on") denoises batches on the kernels (staging, batch caches, n_valid per row,
-    the step table: as on a GPU, without graphs); "auto" keeps batches on the torch path until they are measured."""
+    the step table: as on a GPU, without graphs)."""
     import numpy as np
 
     from pi05_ros.engine.fast.pipeline import Pi05Pipeline
-    from pi05_ros.engine.runner import PreparedObservation
 
     fast, _, _ = small
-    rng = np.random.default_rng(5)
-    cfg = SMALL
-    size, max_len = cfg.vision.image_size, cfg.max_token_len
-    rows = []
-    for length in (5, 12, 3):
-        images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(2)]
-        images += [None] * (len(cfg.image_keys) - 2)
-        tokens = np.zeros(max_len, np.int64)
-        tokens[:length] = rng.integers(1, cfg.vocab_size, length)
-        rows.append(PreparedObservation(images, tokens, np.arange(max_len) < length,
-                                        rng.standard_normal((cfg.action_horizon, cfg.action_dim)).astype(np.float32)))
+    rows = prepared_rows(5, (5, 12, 3), views=2)
     options = dict(precision="bf16", use_graphs=False, compile=False, max_batch=4, text_tile=8)
     on_kernels = Pi05Pipeline(fast, expert_kernels="on", **options)  # fast is float32: the interpreter's dtype
     assert [on_kernels.path_for(b) for b in (1, 3)] == ["kernels", "kernels"]
@@ -301,32 +310,16 @@ def test_batch_shapes_must_be_powers_of_two() -> None:
 
 
 def test_a_batch_failing_on_the_kernels_moves_batches_to_the_torch_path_only(
-        small, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+        small, replaying_graphs: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """A GPU without the shared memory a batch shape needs fails at the first batch launch (as a graph is made):
     batches then take the torch path, and batch 1 stays on the kernels (a failure at batch 1 still moves
     everything)."""
     import numpy as np
 
-    import pi05_ros.engine.fast.pipeline as pipeline_module
     from pi05_ros.engine.fast.pipeline import Pi05Pipeline
-    from pi05_ros.engine.runner import PreparedObservation
-
-    class RunsWhereAGraphIsMade:  # CUDA graphs do not exist on the CPU: run fn where a graph's making would
-        def __init__(self, fn, pool) -> None:
-            fn()
-            self.replay = fn
 
     fast, _, _ = small
-    rng = np.random.default_rng(6)
-    size, max_len = SMALL.vision.image_size, SMALL.max_token_len
-    rows = []
-    for length in (5, 9):
-        tokens = np.zeros(max_len, np.int64)
-        tokens[:length] = rng.integers(1, SMALL.vocab_size, length)
-        noise = rng.standard_normal((SMALL.action_horizon, SMALL.action_dim)).astype(np.float32)
-        image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-        rows.append(PreparedObservation([image, None, None], tokens, np.arange(max_len) < length, noise))
-    monkeypatch.setattr(pipeline_module, "_Graph", RunsWhereAGraphIsMade)
+    rows = prepared_rows(6, (5, 9), views=1)
     pipe = Pi05Pipeline(fast, precision="bf16", use_graphs=False, compile=False, max_batch=2, expert_kernels="on")
     pipe.use_graphs = True  # the graph path, with the stand-in above
     real_step = ExpertKernels.denoise_step

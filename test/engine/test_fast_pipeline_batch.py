@@ -108,24 +108,11 @@ def test_a_guided_row_runs_alone_and_the_rest_still_batch(pipeline: Pi05Pipeline
         pipeline._run_group([rows[0], guided], 3)
 
 
-class _ReplayingGraph:
-    """On the CPU, where CUDA graphs do not exist: runs `fn` where `_Graph` does (two warm-ups; its capture only
-    records), and replay runs it again, so the state a graph's making leaves behind is what a GPU's would be."""
-
-    def __init__(self, fn, pool) -> None:
-        for _ in range(2):
-            fn()
-        self.replay = fn
-
-
 def test_a_graph_made_after_a_long_run_starts_at_the_step_tables_first_row(
-        policy: Policy, rows: list[PreparedObservation], monkeypatch: pytest.MonkeyPatch) -> None:
+        policy: Policy, rows: list[PreparedObservation], replaying_graphs: None) -> None:
     """Making a step graph runs the step three times; after a run of 100 steps the table's index stood at its end,
     and those runs read past it (a device-side assert on a GPU). The new bucket's first batch must work and equal
     its rows alone."""
-    import pi05_ros.engine.fast.pipeline as pipeline_module
-
-    monkeypatch.setattr(pipeline_module, "_Graph", _ReplayingGraph)
     pipe = Pi05Pipeline(policy.model, precision="bf16", use_graphs=False, compile=False, expert_kernels="off",
                         max_batch=2, text_tile=8)
     pipe.use_graphs = True  # the graph path, with the stand-in above

@@ -105,6 +105,7 @@ if triton is not None:
         WN: tl.constexpr = HB if PAIRED else BN  # columns per accumulator and tile
         RB: tl.constexpr = R * BM  # rows per program
         CN: tl.constexpr = T * WN  # columns per accumulator
+        WS_N: tl.constexpr = 2 * CN if PAIRED else CN  # columns of a split-K partial: lo (and hi beside it)
         rk = tl.arange(0, BK)
         cc = tl.arange(0, CN)
         tile = pid_t * T + cc // WN  # each column's tile
@@ -141,8 +142,8 @@ if triton is not None:
             # them in a fixed order (deterministic). The counter orders the stores (release) before its loads
             # (acquire) and is reset for the next use.
             group = pid_g * tl.num_programs(1) + pid_t
-            ws_tile = ws_ptr + (group * S * RB + rr[:, None]) * (2 * CN if PAIRED else CN) + cc[None, :]
-            part_stride = RB * (2 * CN if PAIRED else CN)
+            ws_tile = ws_ptr + (group * S * RB + rr[:, None]) * WS_N + cc[None, :]
+            part_stride = RB * WS_N
             tl.store(ws_tile + pid_s * part_stride, lo, mask=row_ok[:, None])
             if PAIRED:
                 tl.store(ws_tile + pid_s * part_stride + CN, hi, mask=row_ok[:, None])
@@ -387,7 +388,7 @@ class KernelConfig:
     # Batches of 2+: each GEMM program takes `batch_rows` batch rows x `batch_tiles` column tiles, so a weight chunk
     # serves several rows and an activation chunk several tiles (one row per program would read every weight
     # block from L2 once per row: ~0.3 GB per layer at batch 8). Not yet measured on a GPU: starting points that
-    # compile for sm_90 without spills (tools/compile_kernels.py --batch).
+    # compile for sm_90 without spills (tools/compile_kernels.py --batch-shapes).
     batch_rows: int = 2
     batch_tiles: int = 2
     batch_warps: int = 8
@@ -764,7 +765,6 @@ class ExpertKernels:
         bias_qkv [L, Nqkv], bias_gu [L, 2*MLP]) and the dt-folded action head."""
         fast = self.fast
         depth = len(self.layers)
-        self._check_batch(x_t.shape[0])
         if self.config.fused_step_in:
             x, ssp = self.step_in(x_t, mods[0, 0])
         else:
