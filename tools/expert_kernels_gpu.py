@@ -152,18 +152,20 @@ def graph_ms(fn, reps: int = 50) -> float:
 
 
 def aligned_prefix(fast: FastModel, prefix, views: int = 2):
-    """The prefix K/V in the pipeline's layout: rows for the longest prompt, the suffix's rows after, rounded to 64."""
+    """The prefix K/V in the pipeline's layout: rows for the longest prompt, the suffix's rows after, rounded to 64
+    (each batch row's valid prefix rows copied; n_valid a scalar or one per row)."""
     from pi05_ros.engine.fast.blocks import prefix_capacity
 
     cfg = fast.cfg
     capacity = prefix_capacity(cfg, views, cfg.max_token_len, 16)[1]
     total = -(-(capacity + cfg.action_horizon) // 64) * 64
-    n = int(prefix.n_valid)
+    counts = prefix.n_valid.reshape(-1).tolist()
     keys, values = [], []
     for k, v in zip(prefix.keys, prefix.values, strict=True):
-        kk = torch.zeros(1, 1, total, k.shape[-1], dtype=k.dtype, device=k.device)
+        kk = torch.zeros(k.shape[0], 1, total, k.shape[-1], dtype=k.dtype, device=k.device)
         vv = torch.zeros_like(kk)
-        kk[:, :, :n], vv[:, :, :n] = k[:, :, :n], v[:, :, :n]
+        for row, n in enumerate(counts):
+            kk[row, :, :n], vv[row, :, :n] = k[row, :, :n], v[row, :, :n]
         keys.append(kk)
         values.append(vv)
     return type(prefix)(prefix.n_valid, keys, values)
@@ -178,7 +180,7 @@ BATCH_SHAPES = ((1, 1, 4, 4), (1, 1, 8, 3), (2, 1, 8, 3), (2, 2, 8, 3), (2, 2, 8
 def batch_prefix(fast: FastModel, batch: int, seed: int):
     """`batch` rows with their own images and prompt lengths (48 +- 40 tokens), prefilled together, in the
     pipeline's cache layout (room for the longest prompt, rounded to 64), and their noise [batch, H, A]."""
-    from pi05_ros.engine.fast.blocks import prefill_eager_batch, prefix_capacity
+    from pi05_ros.engine.fast.blocks import prefill_eager_batch
 
     cfg = fast.cfg
     gen = torch.Generator().manual_seed(seed)
@@ -186,19 +188,8 @@ def batch_prefix(fast: FastModel, batch: int, seed: int):
     lengths = [int(n) for n in torch.randint(8, min(88, cfg.max_token_len), (batch,), generator=gen)]
     vocab = min(30_000, fast.token_table.shape[0])
     text = [fast.token_table[torch.randint(4, vocab, (n,), generator=gen)] for n in lengths]
-    prefix = prefill_eager_batch(fast, images, text)
-    capacity = prefix_capacity(cfg, 2, cfg.max_token_len, 16)[1]
-    total = -(-(capacity + cfg.action_horizon) // 64) * 64
-    keys, values = [], []
-    for k, v in zip(prefix.keys, prefix.values, strict=True):
-        kk = torch.zeros(batch, 1, total, k.shape[-1], dtype=k.dtype, device=k.device)
-        vv = torch.zeros_like(kk)
-        for row, n in enumerate(prefix.n_valid.tolist()):
-            kk[row, :, :n], vv[row, :, :n] = k[row, :, :n], v[row, :, :n]
-        keys.append(kk)
-        values.append(vv)
     noise = torch.randn(batch, cfg.action_horizon, cfg.action_dim, generator=gen)
-    return type(prefix)(prefix.n_valid, keys, values), noise
+    return aligned_prefix(fast, prefill_eager_batch(fast, images, text)), noise
 
 
 def sweep_batches(fast: FastModel) -> None:
