@@ -11,7 +11,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported: ker
 import pytest
 import torch
 
-from pi05_ros.engine.config import TINY, GemmaConfig
+from pi05_ros.engine.config import PRESETS, TINY, GemmaConfig
 from pi05_ros.engine.demo import random_model
 from pi05_ros.engine.fast.blocks import FastModel, denoise_eager, prefill_eager, prefill_eager_batch
 from pi05_ros.engine.fast.kernels import available
@@ -24,8 +24,10 @@ from pi05_ros.engine.fast.kernels.expert import (
     KernelConfig,
     expert_layer_torch,
     fit_config,
+    launch_shape,
     layer_weights_torch,
     pack_linear,
+    shared_bytes,
     unpack_weight,
 )
 
@@ -184,11 +186,12 @@ def small_batch(small):
     return prefix, noise
 
 
-# Batch shapes: a row and a tile per program (as batch 1), the default 2 x 2, and 4 x 4 (4 rows for a batch of 3:
-# a masked row; 4 tiles where a GEMM has them, 2 for qkv, whose epilogue needs one head's tiles: 2 at this size).
+# Batch shapes: a row and a tile per program (as batch 1), the default 2 x 1, 2 x 2, and 4 x 4 (4 rows for a batch
+# of 3: a masked row; 4 tiles where a GEMM has them, 2 for qkv, whose epilogue needs one head's tiles: 2 here).
 BATCHED = {
     "one-row-one-tile": dataclasses.replace(SPLIT, batch_rows=1, batch_tiles=1),
     "default-shape": SPLIT,
+    "2-rows-2-tiles": dataclasses.replace(SPLIT, batch_tiles=2),
     "4-rows-4-tiles-fused-step-in": dataclasses.replace(FUSED, batch_rows=4, batch_tiles=4, batch_warps=4),
 }
 
@@ -230,7 +233,8 @@ def test_the_kernels_refuse_a_batch_larger_than_they_were_built_for(small, small
                         kernels.schedule(fast.step_schedule(1)))
 
 
-@pytest.mark.parametrize("config", [BATCHED["one-row-one-tile"], SPLIT], ids=["one-row-one-tile", "default-shape"])
+@pytest.mark.parametrize("config", [BATCHED["one-row-one-tile"], BATCHED["2-rows-2-tiles"]],
+                         ids=["one-row-one-tile", "2-rows-2-tiles"])
 def test_a_layer_on_a_batch_computes_each_row_as_alone(small, small_batch, config: KernelConfig) -> None:
     fast, _, _ = small
     prefix, _ = small_batch
@@ -300,6 +304,55 @@ def test_the_pipelines_batches_run_on_the_kernels_with_expert_kernels_on(small) 
         alone, _ = on_kernels.run(obs, 3)  # batch 1: its own caches and graphs
         assert rel_err(torch.from_numpy(alone), torch.from_numpy(batched[row])) < 1e-6  # the step's torch ends
     assert not np.allclose(batched[0], batched[1])
+
+
+# What Triton 3.6 reported on an H100 (232448 bytes a program) when a batch shape failed to launch, the kernels at
+# full size (docs/benchmarks.md §48): (rows, tiles, warps, stages) -> bytes the first GEMM to fail required. The
+# shapes that launched there: 1x1 at 4 warps / 4 stages and 8 / 3, 2x1 / 3 stages, 2x2 / 2 stages.
+H100_SHARED = 232448
+FAILED_ON_H100 = {(2, 2, 8, 3): 262144, (2, 4, 8, 2): 294912, (4, 1, 8, 2): 245760, (4, 2, 8, 3): 327680}
+LAUNCHED_ON_H100 = [(1, 1, 4, 4), (1, 1, 8, 3), (2, 1, 8, 3), (2, 2, 8, 2)]
+
+
+def full_size_gemms() -> list[tuple[GemmConfig, int, int]]:
+    """The full-size expert's GEMMs in launch order: (tile config, column tiles, epilogue)."""
+    e, c = PRESETS["pi05"].expert, KernelConfig()
+    qkv = fit_config(c.qkv, e.head_dim // 2, e.width)
+    gate_up = fit_config(c.gate_up, e.mlp_dim, e.width)
+    o, down = fit_config(c.o, None, e.num_heads * e.head_dim), fit_config(c.down, None, e.mlp_dim)
+    return [(qkv, (e.num_heads + 2) * e.head_dim // qkv.block_n, EPI_QKV), (o, e.width // o.block_n, EPI_RESIDUAL),
+            (gate_up, 2 * e.mlp_dim // gate_up.block_n, EPI_GEGLU), (down, e.width // down.block_n, EPI_RESIDUAL)]
+
+
+def batch_shapes(shape: tuple[int, int, int, int], batch: int = 8, limit: int | None = None) -> list[tuple]:
+    config = KernelConfig(batch_rows=shape[0], batch_tiles=shape[1], batch_warps=shape[2], batch_stages=shape[3])
+    head_dim = PRESETS["pi05"].expert.head_dim
+    return [(cfg, epi, launch_shape(config, cfg, tiles, epi, head_dim, batch, 64, limit))
+            for cfg, tiles, epi in full_size_gemms()]
+
+
+def test_the_shared_memory_estimate_matches_what_triton_required_on_an_h100() -> None:
+    for shape, required in FAILED_ON_H100.items():
+        needs = [shared_bytes(cfg, r, t, s, epi, 64) for cfg, epi, (r, t, _, s) in batch_shapes(shape)]
+        first_over = next(n for n in needs if n > H100_SHARED)
+        assert first_over == required, (shape, needs)
+    for shape in LAUNCHED_ON_H100:
+        assert all(shared_bytes(cfg, r, t, s, epi, 64) <= H100_SHARED
+                   for cfg, epi, (r, t, _, s) in batch_shapes(shape, batch=2 if shape[0] > 1 else 1)), shape
+
+
+@pytest.mark.parametrize("limit", [H100_SHARED, 101376], ids=["hopper", "ada"])  # Ada: 99 KiB a program
+def test_a_shape_too_large_for_the_device_is_fitted_to_it(limit: int) -> None:
+    for shape in [*FAILED_ON_H100, (8, 4, 8, 4)]:
+        fitted = batch_shapes(shape, limit=limit)
+        assert all(shared_bytes(cfg, r, t, s, epi, 64) <= limit for cfg, epi, (r, t, _, s) in fitted), shape
+        assert all(s >= 2 and r <= shape[0] and t <= shape[1] for _, _, (r, t, _, s) in fitted)
+    # what fits keeps its shape: batch 1's measured tiles and the default batch shape on Hopper
+    for shape, batch in (((2, 1, 8, 3), 1), ((2, 1, 8, 3), 8)):
+        if limit == H100_SHARED:
+            assert batch_shapes(shape, batch, limit) == batch_shapes(shape, batch, None)
+    assert [fitted[2] for fitted in batch_shapes((2, 2, 8, 3), limit=H100_SHARED)] == [
+        (2, 2, 8, 3), (2, 2, 8, 3), (2, 2, 8, 2), (2, 2, 8, 3)]  # only gate_up gives up a stage
 
 
 def test_batch_shapes_must_be_powers_of_two() -> None:

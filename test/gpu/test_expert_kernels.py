@@ -47,7 +47,9 @@ def test_full_size_layer_equals_its_torch_definition(pdl: bool) -> None:
         assert all(not count.any() for _, count in kernels.ws.values())
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (2, 2), (4, 2)], ids=["1x1", "2x2", "4x2"])
+# 2x1 is the default; 2x2 and 4x2 at 3 stages do not fit an H100's shared memory as they are (Triton 3.6 failed
+# to launch them, §48) and are fitted to it at launch
+@pytest.mark.parametrize("shape", [(1, 1), (2, 1), (2, 2), (4, 2)], ids=["1x1", "2x1", "2x2", "4x2"])
 def test_full_size_batch_computes_each_row_as_alone(shape: tuple[int, int]) -> None:
     """A layer over 3 rows with their own prompt lengths, R batch rows x T column tiles per GEMM program: what each
     row gets alone (batch 1's programs), and the batch's denoise loop within bf16 of the torch path's."""

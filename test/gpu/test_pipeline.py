@@ -96,11 +96,15 @@ def test_step_counts_capture_nothing_new_and_memory_stays_bounded(full_model, ob
     grown = (torch.cuda.memory_reserved() - reserved) / 1e6
     per_step = steady / 10
     worst = max(firsts[n] - n * per_step for n in firsts)  # first-use cost beyond the steps themselves
+    median = sorted(firsts[n] - n * per_step for n in firsts)[len(firsts) // 2]
     print(f"STEPS 1..50: reserved +{grown:.1f} MB, steady 10-step {steady:.2f} ms, worst first-use overhead "
-          f"{worst:.1f} ms (count {max(firsts, key=lambda n: firsts[n] - n * per_step)}), graphs {len(pipe._graphs)}")
+          f"{worst:.1f} ms (count {max(firsts, key=lambda n: firsts[n] - n * per_step)}), median {median:.1f} ms, "
+          f"graphs {len(pipe._graphs)}")
     assert sum(1 for key in pipe._graphs if key[0] == "denoise_step") == 1
     assert grown < 256  # the step table (room for 100 steps, ~122 MB on the kernels) + at most 64 MB of schedules
-    assert worst < 100  # a schedule (time MLP + adaRMS + shift products) costs a few ms; a capture ~1 s
+    # A new count costs its schedule (time MLP, adaRMS, shift products): the worst of the 50 was 83 ms on an H200
+    # (count 18, §23) and 134 ms on an H100 (count 1, §48); a graph capture cost 600-1900 ms each.
+    assert worst < 300
 
 
 def _wall_ms(pipe, observation, steps: int) -> float:

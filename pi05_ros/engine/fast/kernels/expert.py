@@ -387,10 +387,10 @@ class KernelConfig:
     fused_step_in: bool = True  # the action in-projection and the first modulate in one kernel (-0.09 ms at 10)
     # Batches of 2+: each GEMM program takes `batch_rows` batch rows x `batch_tiles` column tiles, so a weight chunk
     # serves several rows and an activation chunk several tiles (one row per program would read every weight
-    # block from L2 once per row: ~0.3 GB per layer at batch 8). Not yet measured on a GPU: starting points that
-    # compile for sm_90 without spills (tools/compile_kernels.py --batch-shapes).
+    # block from L2 once per row: ~0.3 GB per layer at batch 8). 2 x 1 was the fastest shape at batch 2 on an H100,
+    # and the only one to beat the torch path there (9.76 against 10.21 ms; at 4 and 8 rows no shape did, §48).
     batch_rows: int = 2
-    batch_tiles: int = 2
+    batch_tiles: int = 1
     batch_warps: int = 8
     batch_stages: int = 3
 
@@ -401,20 +401,44 @@ class KernelConfig:
                 raise ValueError(f"KernelConfig.{name} must be a power of two, got {value}")
 
 
+def shared_bytes(cfg: GemmConfig, rows: int, tiles: int, stages: int, epilogue: int, block_rows: int) -> int:
+    """Shared memory of one GEMM program: `stages` + 1 buffers of one K step's activation tile (R x BM rows x BK)
+    and weight tile (BK x T column tiles; twice for the paired epilogues' lo and hi halves), in 2-byte elements.
+    This matches, to the byte, the four requirements Triton 3.6 reported when these shapes failed to launch on an
+    H100 (docs/benchmarks.md §48); FP8 weights take less, so for them it errs on the safe side."""
+    paired = epilogue != EPI_RESIDUAL
+    columns = tiles * (cfg.block_n // 2 if paired else cfg.block_n)
+    per_stage = rows * block_rows * cfg.step + cfg.step * columns * (2 if paired else 1)
+    return (stages + 1) * per_stage * 2
+
+
 def launch_shape(config: KernelConfig, cfg: GemmConfig, tiles: int, epilogue: int, head_dim: int,
-                 batch: int) -> tuple[int, int, int, int]:
+                 batch: int, block_rows: int = 64, shared_limit: int | None = None) -> tuple[int, int, int, int]:
     """(batch rows per program R, column tiles per program T, warps, pipeline stages) of a GEMM of `tiles` column
     tiles over `batch` rows: batch 1 runs R = T = 1 with the GEMM's own warps and stages; a batch the config's
     batch shape, R up to the batch (rounded to a power of two), T fitted to the tiles (for qkv to one head's tiles:
-    its epilogue is per head)."""
+    its epilogue is per head). With `shared_limit` (bytes a program may take on the device), a shape that would
+    not fit gives up pipeline stages (down to 2), then column tiles, then rows, instead of failing to launch."""
     if batch == 1:
-        return 1, 1, cfg.num_warps, cfg.stages
-    rows = min(config.batch_rows, 1 << (batch - 1).bit_length())
-    limit = (head_dim // 2) // (cfg.block_n // 2) if epilogue == EPI_QKV else tiles  # qkv: pair tiles per head
-    per_program = config.batch_tiles
-    while per_program > 1 and (limit % per_program or tiles % per_program):
-        per_program //= 2
-    return rows, per_program, config.batch_warps, config.batch_stages
+        rows, per_program, warps, stages = 1, 1, cfg.num_warps, cfg.stages
+    else:
+        rows = min(config.batch_rows, 1 << (batch - 1).bit_length())
+        limit = (head_dim // 2) // (cfg.block_n // 2) if epilogue == EPI_QKV else tiles  # qkv: pair tiles per head
+        per_program = config.batch_tiles
+        while per_program > 1 and (limit % per_program or tiles % per_program):
+            per_program //= 2
+        warps, stages = config.batch_warps, config.batch_stages
+    while shared_limit is not None and shared_bytes(cfg, rows, per_program, stages, epilogue,
+                                                    block_rows) > shared_limit:
+        if stages > 2:
+            stages -= 1
+        elif per_program > 1:
+            per_program //= 2
+        elif rows > 1:
+            rows //= 2
+        else:
+            break  # one row, one tile, 2 stages: the launch reports what is missing
+    return rows, per_program, warps, stages
 
 
 def _pow2_at_most(n: int, cap: int) -> int:
@@ -554,6 +578,10 @@ class ExpertKernels:
         self.device = fast.pos_embed.device
         self.config = config or KernelConfig()
         on_gpu = self.device.type == "cuda"
+        # the most shared memory a program may take here (Triton's own launch check); none under the interpreter
+        self.shared_limit = (triton.runtime.driver.active.utils.get_device_properties(
+            self.device.index if self.device.index is not None else torch.cuda.current_device())["max_shared_mem"]
+            if on_gpu else None)
         self.use_pdl = bool(self.config.pdl and on_gpu and torch.cuda.get_device_capability(self.device) >= (9, 0))
         if on_gpu and torch.cuda.get_device_capability(self.device) < (8, 9):
             fp8 = ()  # no FP8 conversions below Ada
@@ -648,7 +676,8 @@ class ExpertKernels:
 
     def launch_shape(self, p: PackedLinear, epilogue: int, batch: int) -> tuple[int, int, int, int]:
         """`launch_shape` of one of these GEMMs over `batch` rows."""
-        return launch_shape(self.config, p.cfg, p.tiles, epilogue, self.head_dim, batch)
+        return launch_shape(self.config, p.cfg, p.tiles, epilogue, self.head_dim, batch, self.block_rows,
+                            self.shared_limit)
 
     def _gemm(self, name: str, p: PackedLinear, epilogue: int, batch: int, a: Tensor, out: Tensor, *,
               ssp_in: tuple[Tensor, int] | None = None, bias: Tensor | None = None, gate: Tensor | None = None,
