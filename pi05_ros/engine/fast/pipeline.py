@@ -184,6 +184,10 @@ class Pi05Pipeline:
     `fp8_scales` (amax per linear layer) are used as given; without them the pipeline calibrates on
     `calibration_observations`, or on synthetic observations, and keeps what it found in `fp8_scales`
     (`calibrated_on` then says on what).
+
+    One pipeline runs one call at a time. Two pipelines of one process must not run at once on different streams:
+    measured so, their actions differed from each alone, and they gained no throughput (docs/benchmarks.md §48). A
+    second model at once belongs in another process, as pi05-serve's Ray replicas are.
     """
 
     name = "fast"

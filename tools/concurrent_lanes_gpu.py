@@ -1,0 +1,116 @@
+"""Two batches at once on one GPU: does a second pipeline on its own CUDA stream fill what a batch leaves idle?
+
+    PYTHONPATH=. python3 tools/concurrent_lanes_gpu.py [--batches 4,8] [--iters 40] [--steps 10]
+
+Why (issue 9): at batch 8 the denoise loop is a chain of ~110 small dependent kernels per step (docs/benchmarks.md
+§43, §48): the GPU waits on launches more than it computes, while the prefill's GEMMs are compute-bound. Two
+"lanes" (each its own Pi05Pipeline, buffers and CUDA graphs, on its own stream, driven by its own thread) let one
+batch's prefill run beside the other's denoise. If two lanes of 4 beat one batch of 8 on latency at the same
+throughput, the server should run lanes.
+
+For each batch size B it times, in closed loop (each call starts when the previous one of its lane returned):
+- one lane: B rows a call;
+- two lanes: B rows a call in each, both at once (2B robots' worth).
+It reports each call's latency (p50 / p99) and the rows per second of all lanes together, and checks that a lane's
+actions under concurrency equal, bit for bit, what its pipeline gives for the same rows alone. Full-size random
+weights (each lane its own copy), fp8, 2 views, distinct images and noise per row. JSON to $OUT/lanes.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import threading
+import time
+
+import numpy as np
+import torch
+
+from pi05_ros.engine.policy import Policy
+
+
+def observations(policy: Policy, rows: int, seed: int) -> list:
+    rng = np.random.default_rng(seed)
+    size = policy.config.vision.image_size
+    out = []
+    for _ in range(rows):
+        images = {key: rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for key in policy.image_keys[:2]}
+        state = rng.uniform(-1, 1, policy.state_dim).astype(np.float32)
+        noise = rng.standard_normal((policy.config.action_horizon, policy.config.action_dim)).astype(np.float32)
+        out.append(policy.prepare(images, state, "pick up the cup and place it", noise=noise))
+    return out
+
+
+def closed_loop(runner, rows: list, steps: int, iters: int, stream, start: threading.Barrier,
+                latencies: list, results: list) -> None:
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        start.wait()
+        for _ in range(iters):
+            begin = time.perf_counter()
+            actions, _ = runner.run_batch(rows, steps)
+            latencies.append((time.perf_counter() - begin) * 1e3)
+        results.append(actions)
+
+
+def run(lanes: list, rows: list[list], steps: int, iters: int) -> dict:
+    streams = [torch.cuda.Stream() if torch.cuda.is_available() else None for _ in lanes]
+    start = threading.Barrier(len(lanes) + 1)
+    latencies = [[] for _ in lanes]
+    results = [[] for _ in lanes]
+    threads = [threading.Thread(target=closed_loop, args=(lane, r, steps, iters, s, start, lat, res))
+               for lane, r, s, lat, res in zip(lanes, rows, streams, latencies, results, strict=True)]
+    for t in threads:
+        t.start()
+    start.wait()
+    begin = time.perf_counter()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - begin
+    every = np.concatenate([np.asarray(lat) for lat in latencies])
+    return {"lanes": len(lanes), "batch": len(rows[0]), "p50_ms": float(np.median(every)),
+            "p99_ms": float(np.percentile(every, 99)), "rows_per_s": len(lanes) * len(rows[0]) * iters / elapsed,
+            "actions": [res[0] for res in results]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", default="4,8")
+    parser.add_argument("--iters", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--device", default="cuda", help="cuda (default); cpu checks the tool on the tiny model")
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    precision = "fp8" if args.device == "cuda" else "auto"
+    lanes = [Policy.demo(device=args.device, precision=precision, max_batch=max(batches)) for _ in range(2)]
+    runners = [policy.runner for policy in lanes]
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    memory = torch.cuda.memory_allocated() / 1e9 if args.device == "cuda" else 0.0
+    print(f"{name}, 2 lanes built ({type(runners[0]).__name__}), GPU memory allocated {memory:.1f} GB", flush=True)
+    report = []
+    for batch in batches:
+        rows = [observations(lanes[0], batch, seed=lane) for lane in range(2)]
+        alone = []
+        for runner, lane_rows in zip(runners, rows, strict=True):
+            for _ in range(3):  # capture this bucket's graphs before any concurrency, and warm
+                actions, _ = runner.run_batch(lane_rows, args.steps)
+            alone.append(actions)
+        one = run(runners[:1], rows[:1], args.steps, args.iters)
+        two = run(runners, rows, args.steps, args.iters)
+        for result in (one, two):
+            same = all(np.array_equal(got, want) for got, want in zip(result.pop("actions"), alone, strict=False))
+            result["equal_to_alone"] = same
+            print(json.dumps(result), flush=True)
+            report.append(result)
+    print("\n| lanes | rows a call | robots | call p50 ms | p99 ms | rows/s | actions equal to alone |")
+    print("|---|---|---|---|---|---|---|")
+    for r in report:
+        print(f"| {r['lanes']} | {r['batch']} | {r['lanes'] * r['batch']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+              f"{r['rows_per_s']:.1f} | {r['equal_to_alone']} |")
+    with open(os.path.join(os.environ.get("OUT", "/tmp"), "lanes.json"), "w") as f:
+        json.dump({"steps": args.steps, "device": name, "rows": report}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
