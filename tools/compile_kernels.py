@@ -99,14 +99,15 @@ def main() -> int:
         jobs = []
         for name, (cfg, epilogue, k, out) in cfgs.items():
             per_tile = cfg.block_n // 2 if epilogue != expert.EPI_RESIDUAL else cfg.block_n
-            rows, tiles, warps, stages = expert.launch_shape(config, cfg, n_out[name] // per_tile, epilogue,
-                                                             e.head_dim, batch)
+            shape = expert.launch_shape(config, cfg, n_out[name] // per_tile, epilogue, e.head_dim, batch, bm,
+                                        splits=-(-k // cfg.k_chunk))
+            rows, tiles, warps, stages = shape.rows, shape.tiles, shape.warps, shape.stages
             consts = dict(common, EPILOGUE=epilogue, NEXT=name in ("o", "down"), W_FP8=False, BN=cfg.block_n,
-                          KC=cfg.k_chunk, BK=cfg.step, S=-(-k // cfg.k_chunk), R=rows, T=tiles, STAGES=stages,
+                          KC=shape.k_chunk, BK=shape.k_step, S=shape.splits, R=rows, T=tiles, STAGES=stages,
                           PREFETCH=cfg.prefetch, USE_PDL=pdl)
             label = (f"gemm {name}" if batch == 1
                      else f"gemm {name} batch {rows}x{tiles}, {warps} warps, {stages} stages")
-            need = expert.shared_bytes(cfg, rows, tiles, stages, epilogue, bm)
+            need = expert.shared_bytes(cfg, rows, tiles, stages, epilogue, bm, shape.k_step)
             jobs.append((label, expert._expert_gemm_kernel, gemm_types(out), consts, warps, need))
         return jobs
 

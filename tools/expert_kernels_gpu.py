@@ -1,12 +1,13 @@
 """The fused expert kernels on the GPU: fidelity against the float32 reference, and denoise time per variant.
 
-    PYTHONPATH=. python3 tools/expert_kernels_gpu.py [--quick | --variants | --defaults | --batches]
+    PYTHONPATH=. python3 tools/expert_kernels_gpu.py [--quick | --variants | --defaults | --batches | --batch-k]
 
 --variants: only the whole denoise loop, for the options and a few tile shapes around the default, and with all
 weights L2-resident (a diagnostic). --defaults: the previous default configuration against the current one.
 --batches: batches of 2, 4 and 8 rows (each its own images, prompt length and noise) on the torch path and on the
 kernels in several batch shapes (R rows x T tiles per GEMM program), against batch 1: which shape, if any, beats
-the torch path (issue 9: the torch path denoised a batch of 8 in 13.6 ms, docs/benchmarks.md §43).
+the torch path (issue 9: the torch path denoised a batch of 8 in 13.6 ms, docs/benchmarks.md §43). --batch-k: batch 8
+only, with the batch K options (a K step of its own, one program over the whole K).
 (The L2-prefetch and fused-combine variants of docs/benchmarks.md §34 ran as `--prefetch` at commit faf2f49, the
 persistent layer kernel of §42 as `--persistent` at 4e7d08b.)
 
@@ -194,23 +195,39 @@ def batch_prefix(fast: FastModel, batch: int, seed: int):
     return aligned_prefix(fast, prefill_eager_batch(fast, images, text)), noise
 
 
-def sweep_batches(fast: FastModel) -> None:
-    """The denoise loop (10 steps, one CUDA graph) for batches on the torch path and the kernels' batch shapes."""
+# Batch 8 with the batch K options (issue 9, after §48): (rows, tiles, warps, stages, k_step, split K). A shorter
+# K step leaves shared memory for wider programs; whole K drops o's and down's split-K workspace round trip.
+BATCH_K_SHAPES = ((2, 1, 8, 3, 0, True), (2, 1, 8, 3, 0, False), (2, 2, 8, 3, 64, False), (2, 4, 8, 3, 64, False),
+                  (4, 2, 8, 3, 64, False), (2, 4, 4, 3, 64, False), (2, 8, 8, 3, 32, False), (4, 4, 8, 2, 32, False))
+
+
+def sweep_batches(fast: FastModel, batches=(1, 2, 4, 8), shapes=None) -> None:
+    """The denoise loop (10 steps, one CUDA graph) for batches on the torch path and the kernels' batch shapes
+    (BATCH_SHAPES, or `shapes` of (rows, tiles, warps, stages, k_step, split K)). The label gives the shape asked
+    for; gate_up's, as launched after fitting to the device's shared memory, follows it."""
     print("\n| batch | path | 10 steps p50 ms | p99 ms | per row ms | vs torch path (rel L2) |", flush=True)
     print("|---|---|---|---|---|---|", flush=True)
     fast.compile()  # the torch path as the pipeline runs it
-    for batch in (1, 2, 4, 8):
+    for batch in batches:
         prefix, noise = batch_prefix(fast, batch, seed=batch)
         torch_path = Denoiser(fast, prefix, noise, 10, None)
         want = torch_path.result()
         p50, p99 = torch_path.time_ms(100)
         print(f"| {batch} | torch | {p50:.3f} | {p99:.3f} | {p50 / batch:.3f} | - |", flush=True)
         del torch_path
-        for rows, tiles, warps, stages in (BATCH_SHAPES if batch > 1 else BATCH_SHAPES[:1]):
-            config = KernelConfig(batch_rows=rows, batch_tiles=tiles, batch_warps=warps, batch_stages=stages)
+        asked = shapes or [(*shape, 0, True) for shape in BATCH_SHAPES]
+        for rows, tiles, warps, stages, k_step, split_k in (asked if batch > 1 else asked[:1]):
+            config = KernelConfig(batch_rows=rows, batch_tiles=tiles, batch_warps=warps, batch_stages=stages,
+                                  batch_k_step=k_step, batch_split_k=split_k)
             label = "kernels" if batch == 1 else f"kernels {rows}x{tiles}, {warps} warps, {stages} stages"
+            if batch > 1 and (k_step or not split_k):
+                label += f", k step {k_step or 'own'}, {'split K' if split_k else 'whole K'}"
             try:
-                d = Denoiser(fast, prefix, noise, 10, ExpertKernels(fast, config, max_batch=batch))
+                kernels = ExpertKernels(fast, config, max_batch=batch)
+                if batch > 1:
+                    fitted = kernels.launch_shape(kernels.layers[0].gate_up, EPI_GEGLU, batch)
+                    label += f" (gate_up {fitted.rows}x{fitted.tiles}, {fitted.stages} st., BK {fitted.k_step})"
+                d = Denoiser(fast, prefix, noise, 10, kernels)
                 err = rel_err(d.result(), want)
                 p50, p99 = d.time_ms(100)
                 print(f"| {batch} | {label} | {p50:.3f} | {p99:.3f} | {p50 / batch:.3f} | {err:.2e} |", flush=True)
@@ -361,6 +378,13 @@ def main() -> None:
     model = random_model(PRESETS["pi05"], seed=0, device="cuda", dtype=torch.float32)
     fast = FastModel(model, torch.bfloat16)
     print(f"model + FastModel in {time.perf_counter() - t0:.1f} s", flush=True)
+    if "--batches" in sys.argv or "--batch-k" in sys.argv:  # against the torch path: no reference needed
+        del model
+        if "--batches" in sys.argv:
+            sweep_batches(fast)
+        else:
+            sweep_batches(fast, batches=(8,), shapes=BATCH_K_SHAPES)
+        return
     images, tokens, mask, noise = make_inputs(model.cfg, 123)
     rows = model.embed_tokens[torch.from_numpy(tokens[mask])]
     prefix = aligned_prefix(fast, prefill_eager(fast, torch.from_numpy(np.stack(images)), rows))
@@ -387,9 +411,6 @@ def main() -> None:
                 break
         print(line, flush=True)
 
-    if "--batches" in sys.argv:
-        sweep_batches(fast)
-        return
     if "--defaults" in sys.argv:  # the previous default against the current one, interleaved twice
         before = dataclasses.replace(KernelConfig(), fused_step_in=False, o=GemmConfig(32, 1024, 4, 128, 4))
         for _ in range(2):

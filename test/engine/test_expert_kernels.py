@@ -193,6 +193,8 @@ BATCHED = {
     "default-shape": SPLIT,
     "2-rows-2-tiles": dataclasses.replace(SPLIT, batch_tiles=2),
     "4-rows-4-tiles-fused-step-in": dataclasses.replace(FUSED, batch_rows=4, batch_tiles=4, batch_warps=4),
+    # o and down over their whole K in one program (packed in 2 chunks each), 16 of K an iteration
+    "whole-k-short-step": dataclasses.replace(SPLIT, batch_tiles=2, batch_split_k=False, batch_k_step=16),
 }
 
 
@@ -314,21 +316,23 @@ FAILED_ON_H100 = {(2, 2, 8, 3): 262144, (2, 4, 8, 2): 294912, (4, 1, 8, 2): 2457
 LAUNCHED_ON_H100 = [(1, 1, 4, 4), (1, 1, 8, 3), (2, 1, 8, 3), (2, 2, 8, 2)]
 
 
-def full_size_gemms() -> list[tuple[GemmConfig, int, int]]:
-    """The full-size expert's GEMMs in launch order: (tile config, column tiles, epilogue)."""
+def full_size_gemms() -> list[tuple[GemmConfig, int, int, int]]:
+    """The full-size expert's GEMMs in launch order: (tile config, column tiles, epilogue, K chunks packed)."""
     e, c = PRESETS["pi05"].expert, KernelConfig()
     qkv = fit_config(c.qkv, e.head_dim // 2, e.width)
     gate_up = fit_config(c.gate_up, e.mlp_dim, e.width)
     o, down = fit_config(c.o, None, e.num_heads * e.head_dim), fit_config(c.down, None, e.mlp_dim)
-    return [(qkv, (e.num_heads + 2) * e.head_dim // qkv.block_n, EPI_QKV), (o, e.width // o.block_n, EPI_RESIDUAL),
-            (gate_up, 2 * e.mlp_dim // gate_up.block_n, EPI_GEGLU), (down, e.width // down.block_n, EPI_RESIDUAL)]
+    return [(qkv, (e.num_heads + 2) * e.head_dim // qkv.block_n, EPI_QKV, e.width // qkv.k_chunk),
+            (o, e.width // o.block_n, EPI_RESIDUAL, e.num_heads * e.head_dim // o.k_chunk),
+            (gate_up, 2 * e.mlp_dim // gate_up.block_n, EPI_GEGLU, e.width // gate_up.k_chunk),
+            (down, e.width // down.block_n, EPI_RESIDUAL, e.mlp_dim // down.k_chunk)]
 
 
 def batch_shapes(shape: tuple[int, int, int, int], batch: int = 8, limit: int | None = None) -> list[tuple]:
     config = KernelConfig(batch_rows=shape[0], batch_tiles=shape[1], batch_warps=shape[2], batch_stages=shape[3])
     head_dim = PRESETS["pi05"].expert.head_dim
-    return [(cfg, epi, launch_shape(config, cfg, tiles, epi, head_dim, batch, 64, limit))
-            for cfg, tiles, epi in full_size_gemms()]
+    return [(cfg, epi, launch_shape(config, cfg, tiles, epi, head_dim, batch, 64, limit, splits)[:4])
+            for cfg, tiles, epi, splits in full_size_gemms()]
 
 
 def test_the_shared_memory_estimate_matches_what_triton_required_on_an_h100() -> None:
@@ -355,11 +359,27 @@ def test_a_shape_too_large_for_the_device_is_fitted_to_it(limit: int) -> None:
         (2, 2, 8, 3), (2, 2, 8, 3), (2, 2, 8, 2), (2, 2, 8, 3)]  # only gate_up gives up a stage
 
 
+def test_a_batch_may_take_the_whole_k_and_its_own_k_step() -> None:
+    config = KernelConfig(batch_split_k=False, batch_k_step=64)
+    head_dim = PRESETS["pi05"].expert.head_dim
+    assert [gemm[3] for gemm in full_size_gemms()] == [1, 4, 1, 4]  # o and down split K in 4
+    for cfg, tiles, epi, splits in full_size_gemms():
+        alone = launch_shape(config, cfg, tiles, epi, head_dim, 1, 64, H100_SHARED, splits)
+        assert (alone.k_chunk, alone.k_step, alone.splits) == (cfg.k_chunk, cfg.step, splits)  # batch 1 as measured
+        batch = launch_shape(config, cfg, tiles, epi, head_dim, 8, 64, H100_SHARED, splits)
+        assert (batch.k_chunk, batch.k_step, batch.splits) == (cfg.k_chunk * splits, 64, 1)
+    o, tiles, epi, splits = full_size_gemms()[1]
+    split = launch_shape(KernelConfig(), o, tiles, epi, head_dim, 8, 64, H100_SHARED, splits)  # the default
+    assert (split.k_chunk, split.k_step, split.splits) == (512, 128, 4)
+
+
 def test_batch_shapes_must_be_powers_of_two() -> None:
     with pytest.raises(ValueError, match="batch_rows must be a power of two, got 3"):
         KernelConfig(batch_rows=3)
     with pytest.raises(ValueError, match="batch_tiles must be a power of two, got 0"):
         KernelConfig(batch_tiles=0)
+    with pytest.raises(ValueError, match="batch_k_step must be 0 or a power of two, got 48"):
+        KernelConfig(batch_k_step=48)
 
 
 def test_a_batch_failing_on_the_kernels_moves_batches_to_the_torch_path_only(

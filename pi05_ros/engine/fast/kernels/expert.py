@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -393,34 +394,60 @@ class KernelConfig:
     batch_tiles: int = 1
     batch_warps: int = 8
     batch_stages: int = 3
+    # K per inner-loop iteration for batches (0: each GEMM's own k_step): a shorter step leaves shared memory for
+    # wider programs. And whether a batch's GEMM splits K as batch 1's does: with many rows there are programs
+    # enough without it, and one program over the whole K needs no workspace round trip (the packed layout,
+    # [tile][split][chunk][column], reads the same as [tile][K][column], so no second copy of the weights).
+    batch_k_step: int = 0
+    batch_split_k: bool = True
 
     def __post_init__(self) -> None:
         for name in ("batch_rows", "batch_tiles", "batch_warps"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):  # Triton's block shapes and warp counts are powers of two
                 raise ValueError(f"KernelConfig.{name} must be a power of two, got {value}")
+        if self.batch_k_step < 0 or self.batch_k_step & (self.batch_k_step - 1):
+            raise ValueError(f"KernelConfig.batch_k_step must be 0 or a power of two, got {self.batch_k_step}")
 
 
-def shared_bytes(cfg: GemmConfig, rows: int, tiles: int, stages: int, epilogue: int, block_rows: int) -> int:
+class LaunchShape(NamedTuple):
+    """How one GEMM launches: batch rows R and column tiles T per program, warps, pipeline stages, K per program
+    (k_chunk), K per inner-loop iteration (k_step) and programs over K (splits)."""
+
+    rows: int
+    tiles: int
+    warps: int
+    stages: int
+    k_chunk: int
+    k_step: int
+    splits: int
+
+
+def shared_bytes(cfg: GemmConfig, rows: int, tiles: int, stages: int, epilogue: int, block_rows: int,
+                 k_step: int | None = None) -> int:
     """Shared memory of one GEMM program: `stages` + 1 buffers of one K step's activation tile (R x BM rows x BK)
-    and weight tile (BK x T column tiles; twice for the paired epilogues' lo and hi halves), in 2-byte elements.
-    This matches, to the byte, the four requirements Triton 3.6 reported when these shapes failed to launch on an
-    H100 (docs/benchmarks.md §48); FP8 weights take less, so for them it errs on the safe side."""
+    and weight tile (BK x T column tiles; twice for the paired epilogues' lo and hi halves), in 2-byte elements
+    (BK: `k_step`, default the GEMM's own). This matches, to the byte, the four requirements Triton 3.6 reported
+    when such shapes failed to launch on an H100 (docs/benchmarks.md §48); FP8 weights take less, so for them it
+    errs on the safe side."""
+    step = k_step or cfg.step
     paired = epilogue != EPI_RESIDUAL
     columns = tiles * (cfg.block_n // 2 if paired else cfg.block_n)
-    per_stage = rows * block_rows * cfg.step + cfg.step * columns * (2 if paired else 1)
+    per_stage = rows * block_rows * step + step * columns * (2 if paired else 1)
     return (stages + 1) * per_stage * 2
 
 
 def launch_shape(config: KernelConfig, cfg: GemmConfig, tiles: int, epilogue: int, head_dim: int,
-                 batch: int, block_rows: int = 64, shared_limit: int | None = None) -> tuple[int, int, int, int]:
-    """(batch rows per program R, column tiles per program T, warps, pipeline stages) of a GEMM of `tiles` column
-    tiles over `batch` rows: batch 1 runs R = T = 1 with the GEMM's own warps and stages; a batch the config's
-    batch shape, R up to the batch (rounded to a power of two), T fitted to the tiles (for qkv to one head's tiles:
-    its epilogue is per head). With `shared_limit` (bytes a program may take on the device), a shape that would
-    not fit gives up pipeline stages (down to 2), then column tiles, then rows, instead of failing to launch."""
+                 batch: int, block_rows: int = 64, shared_limit: int | None = None, splits: int = 1) -> LaunchShape:
+    """How a GEMM of `tiles` column tiles, packed in `splits` K chunks of cfg.k_chunk, launches over `batch` rows.
+    Batch 1 runs R = T = 1 with the GEMM's own warps, stages, K step and split. A batch takes the config's batch
+    shape: R up to the batch (rounded to a power of two), T fitted to the tiles (for qkv to one head's tiles: its
+    epilogue is per head), the batch K step, and one program over the whole K unless `batch_split_k`. With
+    `shared_limit` (bytes a program may take on the device), a shape that would not fit gives up pipeline stages
+    (down to 2), then column tiles, then rows, instead of failing to launch."""
+    k_chunk = cfg.k_chunk
     if batch == 1:
-        rows, per_program, warps, stages = 1, 1, cfg.num_warps, cfg.stages
+        rows, per_program, warps, stages, step = 1, 1, cfg.num_warps, cfg.stages, cfg.step
     else:
         rows = min(config.batch_rows, 1 << (batch - 1).bit_length())
         limit = (head_dim // 2) // (cfg.block_n // 2) if epilogue == EPI_QKV else tiles  # qkv: pair tiles per head
@@ -428,8 +455,11 @@ def launch_shape(config: KernelConfig, cfg: GemmConfig, tiles: int, epilogue: in
         while per_program > 1 and (limit % per_program or tiles % per_program):
             per_program //= 2
         warps, stages = config.batch_warps, config.batch_stages
-    while shared_limit is not None and shared_bytes(cfg, rows, per_program, stages, epilogue,
-                                                    block_rows) > shared_limit:
+        if not config.batch_split_k:
+            k_chunk, splits = k_chunk * splits, 1
+        step = min(config.batch_k_step or cfg.step, k_chunk)
+    while shared_limit is not None and shared_bytes(cfg, rows, per_program, stages, epilogue, block_rows,
+                                                    step) > shared_limit:
         if stages > 2:
             stages -= 1
         elif per_program > 1:
@@ -438,7 +468,7 @@ def launch_shape(config: KernelConfig, cfg: GemmConfig, tiles: int, epilogue: in
             rows //= 2
         else:
             break  # one row, one tile, 2 stages: the launch reports what is missing
-    return rows, per_program, warps, stages
+    return LaunchShape(rows, per_program, warps, stages, k_chunk, step, splits)
 
 
 def _pow2_at_most(n: int, cap: int) -> int:
@@ -674,10 +704,10 @@ class ExpertKernels:
             kw["launch_pdl"] = self.use_pdl
         return kw
 
-    def launch_shape(self, p: PackedLinear, epilogue: int, batch: int) -> tuple[int, int, int, int]:
+    def launch_shape(self, p: PackedLinear, epilogue: int, batch: int) -> LaunchShape:
         """`launch_shape` of one of these GEMMs over `batch` rows."""
         return launch_shape(self.config, p.cfg, p.tiles, epilogue, self.head_dim, batch, self.block_rows,
-                            self.shared_limit)
+                            self.shared_limit, p.splits)
 
     def _gemm(self, name: str, p: PackedLinear, epilogue: int, batch: int, a: Tensor, out: Tensor, *,
               ssp_in: tuple[Tensor, int] | None = None, bias: Tensor | None = None, gate: Tensor | None = None,
@@ -689,8 +719,8 @@ class ExpertKernels:
         d = self._dummy
         qkv = epilogue == EPI_QKV
         ss_bstride = self.ssp[0].stride(0)
-        rows, tiles, warps, stages = self.launch_shape(p, epilogue, batch)
-        _expert_gemm_kernel[(triton.cdiv(batch, rows), p.tiles // tiles, p.splits)](
+        rows, tiles, warps, stages, k_chunk, k_step, splits = self.launch_shape(p, epilogue, batch)
+        _expert_gemm_kernel[(triton.cdiv(batch, rows), p.tiles // tiles, splits)](
             a, a.stride(1), a.stride(0),
             p.blocks, d if p.scale is None else p.scale,
             ws, count,
@@ -704,7 +734,7 @@ class ExpertKernels:
             batch, self.horizon, p.k, p.n, self.eps,
             HEADS=self.heads, HEAD_DIM=self.head_dim, MLP=self.mlp,
             EPILOGUE=epilogue, NEXT=next_mod is not None, W_FP8=p.scale is not None, DT=self._dt,
-            BM=self.block_rows, BN=p.cfg.block_n, KC=p.cfg.k_chunk, BK=p.cfg.step, S=p.splits,
+            BM=self.block_rows, BN=p.cfg.block_n, KC=k_chunk, BK=k_step, S=splits,
             R=rows, T=tiles, STAGES=stages, PREFETCH=p.cfg.prefetch, USE_PDL=self.use_pdl,
             **self._launch_kwargs(warps),
         )
