@@ -44,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="SigLIP's MLP in FP8 too (precision fp8): 1.5 ms less per batch of 8 on an H200, action "
                             "error 3.4e-2 against the float32 reference (docs/serving.md)")
     model.add_argument("--expert-kernels", choices=("auto", "on", "off"), default="auto",
-                       help="the fused Triton kernels for the denoise loop: auto = batch 1 on Hopper (measured); "
-                            "on = every batch, on any GPU Triton supports; off = the torch path")
+                       help="the fused Triton kernels for the denoise loop: auto = batches of 1-2 rows on Hopper "
+                            "(measured faster); on = every batch, on any GPU Triton supports; off = the torch path")
     protocol = parser.add_argument_group("protocol")
     protocol.add_argument("--robot", default="pi05_ros",
                           help="observation layout at '/': droid, libero, aloha, pi05_ros, or a layout .json file "

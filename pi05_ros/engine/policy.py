@@ -223,10 +223,10 @@ class Policy:
         beside the checkpoint (`pi05_ros_fp8_calibration.json`) so later starts skip calibration. They come
         from synthetic observations, or from the robot's own recordings with `calibration_data=<folder>` (see
         engine/recordings.py); delete the saved file to calibrate again. `expert_kernels` ("auto", "on", "off")
-        chooses the fused Triton kernels for the denoise loop (auto: batch 1 on Hopper, where they were measured;
-        on: every GPU Triton supports, batches included). `max_batch` sizes the fast pipeline for batches of up to
-        that many rows (`infer_batch`: a server's), with CUDA graphs per batch bucket; 1 (a robot) keeps its
-        memory to one row. `fp8_vision` runs SigLIP's MLP in FP8 too (precision fp8 only; docs/fast_path.md).
+        chooses the fused Triton kernels for the denoise loop (auto: batches of up to 2 rows on Hopper, where they
+        were measured faster; on: every GPU Triton supports, every batch). `max_batch` sizes the fast pipeline for
+        batches of up to that many rows (`infer_batch`: a server's), with CUDA graphs per batch bucket; 1 (a robot)
+        keeps its memory to one row. `fp8_vision` runs SigLIP's MLP in FP8 too (precision fp8 only; docs/fast_path.md).
         """
         _check_expert_kernels(expert_kernels)
         dev = resolve_device(device)

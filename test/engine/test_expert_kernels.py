@@ -308,6 +308,26 @@ def test_the_pipelines_batches_run_on_the_kernels_with_expert_kernels_on(small) 
     assert not np.allclose(batched[0], batched[1])
 
 
+def test_auto_denoises_the_batches_measured_faster_on_the_kernels(small, monkeypatch) -> None:
+    """expert_kernels="auto" where the kernels were measured (Hopper; here the device check says so): batches up to
+    AUTO_KERNEL_MAX_BATCH rows on the kernels, larger ones on the torch path, and the kernels sized for no more."""
+    from pi05_ros.engine.fast import pipeline
+    from pi05_ros.engine.fast.pipeline import AUTO_KERNEL_MAX_BATCH, Pi05Pipeline
+
+    fast, _, _ = small
+    options = dict(precision="bf16", use_graphs=False, compile=False, max_batch=8, text_tile=8)
+    assert Pi05Pipeline(fast, expert_kernels="auto", **options).expert_kernels is None  # the CPU: not measured
+    monkeypatch.setattr(pipeline, "expert_kernels_measured", lambda device: True)
+    auto = Pi05Pipeline(fast, expert_kernels="auto", **options)
+    assert AUTO_KERNEL_MAX_BATCH == 2
+    assert [auto.path_for(b) for b in (1, 2, 4, 8)] == ["kernels", "kernels", "torch", "torch"]
+    assert auto.expert_kernels.max_batch == 2
+    rows = prepared_rows(6, (5, 12), views=2)
+    batched, _ = auto.run_batch(rows, 3)  # bucket 2, on the kernels
+    want, _ = Pi05Pipeline(fast, expert_kernels="off", **options).run_batch(rows, 3)
+    assert rel_err(torch.from_numpy(batched), torch.from_numpy(want)) < 1e-5  # float32 both: summation order only
+
+
 # What Triton 3.6 reported on an H100 (232448 bytes a program) when a batch shape failed to launch, the kernels at
 # full size (docs/benchmarks.md §48): (rows, tiles, warps, stages) -> bytes the first GEMM to fail required. The
 # shapes that launched there: 1x1 at 4 warps / 4 stages and 8 / 3, 2x1 / 3 stages, 2x2 / 2 stages.

@@ -79,10 +79,16 @@ MAX_STEPS = 100  # the step table's capacity: Policy's limit (engine/policy.py M
 SCHEDULE_CACHE_BYTES = 64 << 20
 
 
+# The largest batch bucket `expert_kernels="auto"` denoises on the fused kernels: they were measured faster than the
+# torch path at batch 1 (H200, H100) and 2 (H100: 10.16 against 10.47 ms, 9.76 against 10.21 ms alone), slower from
+# 4 rows up (docs/benchmarks.md §20, §48, §49).
+AUTO_KERNEL_MAX_BATCH = 2
+
+
 def expert_kernels_measured(device: torch.device) -> bool:
-    """Where the fused expert kernels were measured faster than the torch.compile path: batch 1 on Hopper (H200,
-    SM 9.0; docs/benchmarks.md §20). Other GPUs, and batches of 2+, keep the torch path unless asked
-    (`expert_kernels="on"`)."""
+    """Where the fused expert kernels were measured faster than the torch.compile path: Hopper (H200 and H100,
+    SM 9.0), batches up to AUTO_KERNEL_MAX_BATCH (docs/benchmarks.md §20, §48). Other GPUs, and larger batches, keep
+    the torch path unless asked (`expert_kernels="on"`)."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 
 
@@ -277,7 +283,7 @@ class Pi05Pipeline:
         if compile:
             self.fast.compile()
         self.expert_kernels = None  # set below; calibration above ran the torch path, which records every linear
-        self.kernel_batches = False
+        self.kernel_max_batch = 1  # the largest batch that denoises on the kernels, where they run
         if expert_kernels == "on" or (expert_kernels == "auto" and expert_kernels_measured(self.device)):
             if not kernels.available(self.device):
                 if expert_kernels == "on":
@@ -287,10 +293,10 @@ class Pi05Pipeline:
             else:
                 from pi05_ros.engine.fast.kernels.expert import ExpertKernels
 
-                # "on" puts batches on the kernels too; "auto" only batch 1, the one measured (see path_for)
-                self.kernel_batches = expert_kernels == "on"
-                self.expert_kernels = ExpertKernels(self.fast, expert_kernel_config,
-                                                    max_batch=self.max_batch if self.kernel_batches else 1)
+                # "on" puts every batch on the kernels; "auto" those where they measured faster (see path_for)
+                self.kernel_max_batch = (self.max_batch if expert_kernels == "on"
+                                         else min(self.max_batch, AUTO_KERNEL_MAX_BATCH))
+                self.expert_kernels = ExpertKernels(self.fast, expert_kernel_config, max_batch=self.kernel_max_batch)
         self.setup_times["capture"] = 0.0  # includes torch.compile's first compilation of each stage
 
     @property
@@ -347,9 +353,9 @@ class Pi05Pipeline:
         return dict(amax)
 
     def path_for(self, batch: int) -> str:
-        """What denoises a batch of this size: "kernels" (batch 1 where they run, every batch with
-        expert_kernels="on") or "torch"."""
-        on_kernels = self.expert_kernels is not None and (batch == 1 or self.kernel_batches)
+        """What denoises a batch of this size: "kernels" (where they run: up to AUTO_KERNEL_MAX_BATCH rows, every
+        batch with expert_kernels="on"; after a batch failed on them, batch 1 only) or "torch"."""
+        on_kernels = self.expert_kernels is not None and batch <= self.kernel_max_batch
         return "kernels" if on_kernels else "torch"
 
     def schedule(self, num_steps: int, path: str | None = None) -> tuple[torch.Tensor, ...]:
@@ -493,7 +499,7 @@ class Pi05Pipeline:
                 log.warning("the fused expert kernels failed for a batch of %d on this GPU (%s: %s); batches denoise "
                             "on the torch path from now on, batch 1 stays on the kernels", batch, type(exc).__name__,
                             exc)
-                self.kernel_batches = False
+                self.kernel_max_batch = 1
             else:
                 log.warning("the fused expert kernels failed on this GPU (%s: %s); the denoise loop runs on the torch "
                             "path from now on", type(exc).__name__, exc)
