@@ -1,13 +1,15 @@
 """The fused expert kernels on the GPU: fidelity against the float32 reference, and denoise time per variant.
 
-    PYTHONPATH=. python3 tools/expert_kernels_gpu.py [--quick | --variants | --defaults | --batches | --batch-k]
+    PYTHONPATH=. python3 tools/expert_kernels_gpu.py [--quick | --variants | --defaults | --batches | --batch-k |
+                                                      --batch-gemms]
 
 --variants: only the whole denoise loop, for the options and a few tile shapes around the default, and with all
 weights L2-resident (a diagnostic). --defaults: the previous default configuration against the current one.
 --batches: batches of 2, 4 and 8 rows (each its own images, prompt length and noise) on the torch path and on the
 kernels in several batch shapes (R rows x T tiles per GEMM program), against batch 1: which shape, if any, beats
 the torch path (issue 9: the torch path denoised a batch of 8 in 13.6 ms, docs/benchmarks.md §43). --batch-k: batch 8
-only, with the batch K options (a K step of its own, one program over the whole K).
+only, with the batch K options (a K step of its own, one program over the whole K). --batch-gemms: batch 8, each
+kernel kind's time per layer (qkv, attention, o, gate_up, down; no PDL) beside cuBLAS at the same M.
 (The L2-prefetch and fused-combine variants of docs/benchmarks.md §34 ran as `--prefetch` at commit faf2f49, the
 persistent layer kernel of §42 as `--persistent` at 4e7d08b.)
 
@@ -237,30 +239,69 @@ def sweep_batches(fast: FastModel, batches=(1, 2, 4, 8), shapes=None) -> None:
         torch.cuda.empty_cache()
 
 
-def gemm_chain(kernels: ExpertKernels, name: str, prefix, x: torch.Tensor, sched) -> callable:
-    """18 layers' worth of one GEMM kind, with the inputs the denoise loop gives it."""
+def gemm_chain(kernels: ExpertKernels, name: str, prefix, x: torch.Tensor, sched, batch: int = 1) -> callable:
+    """18 layers' worth of one GEMM kind (or "attention": attend + combine) over `batch` rows, with the inputs the
+    denoise loop gives it; x [batch, horizon, width] float32 takes the residual GEMMs' output."""
     mods, bias_qkv, bias_gu = sched[0], sched[4], sched[5]
     kernels.xm.normal_()
+    kernels.q.normal_()
     kernels.ssp[0].fill_(1.0)
     kernels.ssp[1].fill_(1.0)
+    n_valid = prefix.n_valid.reshape(-1)[:batch]
 
     def run() -> None:
         for i, w in enumerate(kernels.layers):
+            keys, values = prefix.keys[i][:batch, 0], prefix.values[i][:batch, 0]
             if name == "qkv":
-                kernels._gemm(name, w.qkv, EPI_QKV, kernels.xm, kernels.q, ssp_in=(kernels.ssp[1], w.down.tiles),
-                              bias=bias_qkv[0, i], k_cache=prefix.keys[i][0, 0], v_cache=prefix.values[i][0, 0],
-                              n_valid=prefix.n_valid)
+                kernels._gemm(name, w.qkv, EPI_QKV, batch, kernels.xm, kernels.q,
+                              ssp_in=(kernels.ssp[1], w.down.tiles), bias=bias_qkv[0, i], k_cache=keys,
+                              v_cache=values, n_valid=n_valid)
+            elif name == "attention":
+                kernels._attention(batch, keys, values, n_valid)
             elif name == "o":
-                kernels._gemm(name, w.o, EPI_RESIDUAL, kernels.attn, x, gate=mods[0, i, 2], next_mod=mods[0, i, 3],
-                              ssp_out=kernels.ssp[0])
+                kernels._gemm(name, w.o, EPI_RESIDUAL, batch, kernels.attn, x, gate=mods[0, i, 2],
+                              next_mod=mods[0, i, 3], ssp_out=kernels.ssp[0])
             elif name == "gate_up":
-                kernels._gemm(name, w.gate_up, EPI_GEGLU, kernels.xm, kernels.h, ssp_in=(kernels.ssp[0], w.o.tiles),
-                              bias=bias_gu[0, i])
+                kernels._gemm(name, w.gate_up, EPI_GEGLU, batch, kernels.xm, kernels.h,
+                              ssp_in=(kernels.ssp[0], w.o.tiles), bias=bias_gu[0, i])
             else:
-                kernels._gemm(name, w.down, EPI_RESIDUAL, kernels.h, x, gate=mods[0, i, 5], next_mod=mods[0, i, 0],
-                              ssp_out=kernels.ssp[1])
+                kernels._gemm(name, w.down, EPI_RESIDUAL, batch, kernels.h, x, gate=mods[0, i, 5],
+                              next_mod=mods[0, i, 0], ssp_out=kernels.ssp[1])
 
     return run
+
+
+# Batch 8, kind by kind (--batch-gemms): which of a layer's kernels make the batched kernels 2x the torch path
+# (§48-49). Without PDL, so that each chain's time is its own kernels' (with PDL a kernel's time includes waiting
+# for the previous one).
+BATCH_GEMM_CONFIGS = {
+    "2x1 (default)": {},
+    "2x4, k step 64, whole K": dict(batch_tiles=4, batch_k_step=64, batch_split_k=False),
+    "1x1": dict(batch_rows=1),
+}
+
+
+def batch_gemm_kinds(fast: FastModel, batch: int = 8) -> None:
+    prefix, _ = batch_prefix(fast, batch, seed=batch)
+    cfg = fast.cfg
+    x = torch.randn(batch, cfg.action_horizon, cfg.expert.width, device="cuda")
+    kinds = ("qkv", "attention", "o", "gate_up", "down")
+    print(f"\nbatch {batch}, us per layer (18-call chain in a graph, no PDL); cuBLAS: torch.mm at M = "
+          f"{batch * cfg.action_horizon}, bf16", flush=True)
+    print("| kernels | " + " | ".join(kinds) + " | sum | x 18 layers x 10 steps (ms) |", flush=True)
+    print("|---|" + "---|" * (len(kinds) + 2), flush=True)
+    for label, change in BATCH_GEMM_CONFIGS.items():
+        try:
+            kernels = ExpertKernels(fast, KernelConfig(pdl=False, **change), max_batch=batch)
+            sched = kernels.schedule(fast.step_schedule(1))
+            times = [graph_ms(gemm_chain(kernels, kind, prefix, x.clone(), sched, batch)) / 18 for kind in kinds]
+        except Exception as exc:  # keep going
+            print(f"| {label} | FAILED {type(exc).__name__}: {str(exc)[:200]} |", flush=True)
+            continue
+        print(f"| {label} | " + " | ".join(f"{t * 1e3:.1f}" for t in times)
+              + f" | {sum(times) * 1e3:.1f} | {sum(times) * 180:.2f} |", flush=True)
+        del kernels
+    cublas_chains(fast, batch * cfg.action_horizon)
 
 
 SWEEP = {  # (BN, KC, BK, warps, stages) per GEMM kind
@@ -279,7 +320,7 @@ SWEEP = {  # (BN, KC, BK, warps, stages) per GEMM kind
 
 def sweep_gemms(fast: FastModel, prefix, fp8: tuple[str, ...], sweep: dict, pdl: bool = True) -> dict:
     """Per GEMM kind: us per call (an 18-call chain in a graph) for each config; returns the best config per kind."""
-    x = torch.randn(fast.cfg.action_horizon, fast.cfg.expert.width, device="cuda")
+    x = torch.randn(1, fast.cfg.action_horizon, fast.cfg.expert.width, device="cuda")
     best: dict[str, tuple[float, GemmConfig]] = {}
     rounds = max(len(v) for v in sweep.values())
     for r in range(rounds):
@@ -310,15 +351,15 @@ def sweep_gemms(fast: FastModel, prefix, fp8: tuple[str, ...], sweep: dict, pdl:
     return {name: cfg for name, (ms, cfg) in best.items()}
 
 
-def cublas_chains(fast: FastModel) -> None:
+def cublas_chains(fast: FastModel, rows: int = 50) -> None:
     e = fast.cfg.expert
     shapes = {"qkv": (e.width, (e.num_heads + 2) * e.head_dim), "o": (e.num_heads * e.head_dim, e.width),
               "gate_up": (e.width, 2 * e.mlp_dim), "down": (e.mlp_dim, e.width)}
-    line = "  cuBLAS bf16 mm, 18-call chain:"
+    line = f"  cuBLAS bf16 mm, M = {rows}, 18-call chain:"
     for name, (k, n) in shapes.items():
-        a = torch.randn(50, k, device="cuda", dtype=torch.bfloat16)
+        a = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
         ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(18)]
-        out = torch.empty(50, n, device="cuda", dtype=torch.bfloat16)
+        out = torch.empty(rows, n, device="cuda", dtype=torch.bfloat16)
 
         def run(a=a, ws=ws, out=out) -> None:
             for w in ws:
@@ -341,7 +382,7 @@ def sweep_attention(fast: FastModel, prefix) -> tuple[int, int, int]:
 
         def run() -> None:
             for i in range(18):
-                kernels._attention(prefix.keys[i][0, 0], prefix.values[i][0, 0], prefix.n_valid)
+                kernels._attention(1, prefix.keys[i][:1, 0], prefix.values[i][:1, 0], prefix.n_valid.reshape(-1))
 
         try:
             ms = graph_ms(run) / 18
@@ -378,12 +419,14 @@ def main() -> None:
     model = random_model(PRESETS["pi05"], seed=0, device="cuda", dtype=torch.float32)
     fast = FastModel(model, torch.bfloat16)
     print(f"model + FastModel in {time.perf_counter() - t0:.1f} s", flush=True)
-    if "--batches" in sys.argv or "--batch-k" in sys.argv:  # against the torch path: no reference needed
+    if {"--batches", "--batch-k", "--batch-gemms"} & set(sys.argv):  # against the torch path: no reference needed
         del model
         if "--batches" in sys.argv:
             sweep_batches(fast)
-        else:
+        elif "--batch-k" in sys.argv:
             sweep_batches(fast, batches=(8,), shapes=BATCH_K_SHAPES)
+        else:
+            batch_gemm_kinds(fast)
         return
     images, tokens, mask, noise = make_inputs(model.cfg, 123)
     rows = model.embed_tokens[torch.from_numpy(tokens[mask])]

@@ -11,6 +11,10 @@
 #   kernels  tools/expert_kernels_gpu.py --variants     (300): the denoise loop, default and options
 #   kernels-batch  tools/expert_kernels_gpu.py --batches (360): batches of 2-8 on the torch path and the kernels'
 #            batch shapes (which to make the default, and whether batches should run on the kernels at all)
+#   kernels-batch-k  tools/expert_kernels_gpu.py --batch-k (200; 173 s on an H100 incl. start): batch 8 with the
+#            batch K options (§49)
+#   kernels-batch-gemms  tools/expert_kernels_gpu.py --batch-gemms (240): batch 8, each kernel kind's time per layer
+#            beside cuBLAS at M = 400: where the batched kernels lose to the torch path
 #   batch    tools/batch_stages_gpu.py, buckets 1-8: batches denoised on the torch path (auto) and on the fused
 #            kernels (--expert-kernels on), one process each   (420)
 #   serve    tools/serve_bench.sh, fp8, 10 steps, 1/2/4/8 clients, batched and unbatched   (480)
@@ -27,10 +31,10 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:?usage: PI05_GIT_COMMIT=<hash> gpu_session.sh OUT_DIR STEP [STEP ...]}"
 shift
-[[ $# -gt 0 ]] || { echo "gpu_session.sh: name at least one step: tests kernels kernels-batch batch serve serve-kernels bench soak-arrival soak-inference" >&2; exit 2; }
+[[ $# -gt 0 ]] || { echo "gpu_session.sh: name at least one step: tests kernels kernels-batch kernels-batch-k kernels-batch-gemms batch serve serve-kernels bench soak-arrival soak-inference" >&2; exit 2; }
 [[ -n "${PI05_GIT_COMMIT:-}" ]] || { echo "gpu_session.sh: set PI05_GIT_COMMIT=<the commit under test>" >&2; exit 2; }
 for step in "$@"; do
-  case "$step" in tests|kernels|kernels-batch|batch|serve|serve-kernels|bench|soak-arrival|soak-inference) ;; *) echo "gpu_session.sh: unknown step $step" >&2; exit 2 ;; esac
+  case "$step" in tests|kernels|kernels-batch|kernels-batch-k|kernels-batch-gemms|batch|serve|serve-kernels|bench|soak-arrival|soak-inference) ;; *) echo "gpu_session.sh: unknown step $step" >&2; exit 2 ;; esac
 done
 mkdir -p "$OUT"
 cd "$ROOT"
@@ -78,6 +82,8 @@ for step in "$@"; do
     tests) run_step tests 420 "$PY" -m pytest -m gpu test/gpu -q -s -p no:cacheprovider --durations=10 ;;
     kernels) OUT="$OUT" run_step kernels 300 "$PY" tools/expert_kernels_gpu.py --variants ;;
     kernels-batch) OUT="$OUT" run_step kernels-batch 360 "$PY" tools/expert_kernels_gpu.py --batches ;;
+    kernels-batch-k) OUT="$OUT" run_step kernels-batch-k 200 "$PY" tools/expert_kernels_gpu.py --batch-k ;;
+    kernels-batch-gemms) OUT="$OUT" run_step kernels-batch-gemms 240 "$PY" tools/expert_kernels_gpu.py --batch-gemms ;;
     batch) OUT="$OUT" run_step batch 420 bash -c "'$PY' tools/batch_stages_gpu.py --expert-kernels auto && \
              '$PY' tools/batch_stages_gpu.py --expert-kernels on --buckets 2,4,8" ;;
     serve) run_step serve 480 bash tools/serve_bench.sh "$OUT/serve" --device cuda --precision fp8 ;;
