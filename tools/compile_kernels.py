@@ -2,11 +2,12 @@
 full-size model's tile shapes. What the CPU interpreter cannot check: that each kernel compiles for the target,
 its registers, spills and shared memory, and that one program of each fits an SM.
 
-    python tools/compile_kernels.py [--arch 90] [--batch-shapes 2x2,4x2]
+    python tools/compile_kernels.py [--arch 90] [--batch-shapes 2x2,4x2] [--batch-k-step 64] [--batch-whole-k]
                                                   # exit 1 if a kernel fails to compile or cannot fit an SM
 
 Besides batch 1's kernels it compiles the GEMMs for batches in the KernelConfig's batch shape (R batch rows x T
-column tiles per program), or in each of --batch-shapes (to choose that default: registers, spills, shared memory).
+column tiles per program), or in each of --batch-shapes (to choose that default: registers, spills, shared memory),
+each as it launches on Hopper: fitted to its shared memory (fewer stages, tiles, rows; the label says what ran).
 
 Runs with TRITON_INTERPRET unset (the kernels must be real JIT functions). test/engine/test_kernels_compile.py
 runs it in CI.
@@ -79,6 +80,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
     parser.add_argument("--batch-shapes", help="RxT[,RxT...]: batch GEMM shapes to compile (default: the config's)")
+    parser.add_argument("--batch-k-step", type=int, default=0, help="KernelConfig.batch_k_step for the batch shapes")
+    parser.add_argument("--batch-whole-k", action="store_true", help="KernelConfig.batch_split_k=False for them")
     args = parser.parse_args()
     arch, pdl = args.arch, args.arch >= 90
     e = PRESETS["pi05"].expert
@@ -99,14 +102,17 @@ def main() -> int:
         jobs = []
         for name, (cfg, epilogue, k, out) in cfgs.items():
             per_tile = cfg.block_n // 2 if epilogue != expert.EPI_RESIDUAL else cfg.block_n
+            # as launched on a Hopper GPU: fitted to its shared memory
             shape = expert.launch_shape(config, cfg, n_out[name] // per_tile, epilogue, e.head_dim, batch, bm,
-                                        splits=-(-k // cfg.k_chunk))
+                                        shared_limit=SHARED_PER_SM, splits=-(-k // cfg.k_chunk))
             rows, tiles, warps, stages = shape.rows, shape.tiles, shape.warps, shape.stages
             consts = dict(common, EPILOGUE=epilogue, NEXT=name in ("o", "down"), W_FP8=False, BN=cfg.block_n,
                           KC=shape.k_chunk, BK=shape.k_step, S=shape.splits, R=rows, T=tiles, STAGES=stages,
                           PREFETCH=cfg.prefetch, USE_PDL=pdl)
             label = (f"gemm {name}" if batch == 1
                      else f"gemm {name} batch {rows}x{tiles}, {warps} warps, {stages} stages")
+            if batch > 1 and (config.batch_k_step or not config.batch_split_k):
+                label += f", BK {shape.k_step}, {shape.splits} K split(s)"
             need = expert.shared_bytes(cfg, rows, tiles, stages, epilogue, bm, shape.k_step)
             jobs.append((label, expert._expert_gemm_kernel, gemm_types(out), consts, warps, need))
         return jobs
@@ -125,7 +131,8 @@ def main() -> int:
                  dict(S_K=c.key_splits, D=e.head_dim, BM=bm, BR=c.combine_rows, BD=bd, DT=tl.bfloat16, USE_PDL=pdl),
                  4, 0))
     for rows, tiles in shapes:
-        jobs += gemm_jobs(8, dataclasses.replace(c, batch_rows=rows, batch_tiles=tiles))
+        jobs += gemm_jobs(8, dataclasses.replace(c, batch_rows=rows, batch_tiles=tiles, batch_k_step=args.batch_k_step,
+                                                 batch_split_k=not args.batch_whole_k))
 
     failed = False
     print(f"triton {triton.__version__}, sm_{arch}, full-size expert, default tiles")

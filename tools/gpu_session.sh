@@ -15,8 +15,9 @@
 #            batch K options (§49)
 #   kernels-batch-gemms  tools/expert_kernels_gpu.py --batch-gemms (240): batch 8, each kernel kind's time per layer
 #            beside cuBLAS at M = 400: where the batched kernels lose to the torch path
-#   batch    tools/batch_stages_gpu.py, buckets 1-8: batches denoised on the torch path (auto) and on the fused
-#            kernels (--expert-kernels on), one process each   (420)
+#   batch    tools/batch_stages_gpu.py, buckets 1-8: batches as pi05-serve denoises them (auto: the kernels up to
+#            2 rows on Hopper, the torch path from 4) and all on the fused kernels (--expert-kernels on), one process
+#            each   (420)
 #   serve    tools/serve_bench.sh, fp8, 10 steps, 1/2/4/8 clients, batched and unbatched   (480)
 #   serve-kernels  the same server, batched only, 1/4/8 clients, with --expert-kernels on --fp8-vision   (360)
 #   bench    pi05-bench --iters 1000                    (480)

@@ -193,7 +193,7 @@ BATCHED = {
     "default-shape": SPLIT,
     "2-rows-2-tiles": dataclasses.replace(SPLIT, batch_tiles=2),
     "4-rows-4-tiles-fused-step-in": dataclasses.replace(FUSED, batch_rows=4, batch_tiles=4, batch_warps=4),
-    # o and down over their whole K in one program (packed in 2 chunks each), 16 of K an iteration
+    # every GEMM over its whole K in one program (SPLIT packs each in 2 chunks), 16 of K an iteration
     "whole-k-short-step": dataclasses.replace(SPLIT, batch_tiles=2, batch_split_k=False, batch_k_step=16),
 }
 
@@ -323,7 +323,12 @@ def test_auto_denoises_the_batches_measured_faster_on_the_kernels(small, monkeyp
     assert [auto.path_for(b) for b in (1, 2, 4, 8)] == ["kernels", "kernels", "torch", "torch"]
     assert auto.expert_kernels.max_batch == 2
     rows = prepared_rows(6, (5, 12), views=2)
+    steps_on_kernels = []
+    real_step = auto.expert_kernels.denoise_step
+    monkeypatch.setattr(auto.expert_kernels, "denoise_step",
+                        lambda x, *args: steps_on_kernels.append(x.shape[0]) or real_step(x, *args))
     batched, _ = auto.run_batch(rows, 3)  # bucket 2, on the kernels
+    assert steps_on_kernels == [2, 2, 2]  # 3 steps, each of the 2 rows at once
     want, _ = Pi05Pipeline(fast, expert_kernels="off", **options).run_batch(rows, 3)
     assert rel_err(torch.from_numpy(batched), torch.from_numpy(want)) < 1e-5  # float32 both: summation order only
 
@@ -360,9 +365,11 @@ def test_the_shared_memory_estimate_matches_what_triton_required_on_an_h100() ->
         needs = [shared_bytes(cfg, r, t, s, epi, 64) for cfg, epi, (r, t, _, s) in batch_shapes(shape)]
         first_over = next(n for n in needs if n > H100_SHARED)
         assert first_over == required, (shape, needs)
-    for shape in LAUNCHED_ON_H100:
+    for shape in LAUNCHED_ON_H100:  # as batch shapes (at 2 rows, as they ran); batch 1's own tiles below
         assert all(shared_bytes(cfg, r, t, s, epi, 64) <= H100_SHARED
-                   for cfg, epi, (r, t, _, s) in batch_shapes(shape, batch=2 if shape[0] > 1 else 1)), shape
+                   for cfg, epi, (r, t, _, s) in batch_shapes(shape, batch=2)), shape
+    assert all(shared_bytes(cfg, r, t, s, epi, 64) <= H100_SHARED
+               for cfg, epi, (r, t, _, s) in batch_shapes(LAUNCHED_ON_H100[0], batch=1))
 
 
 @pytest.mark.parametrize("limit", [H100_SHARED, 101376], ids=["hopper", "ada"])  # Ada: 99 KiB a program
@@ -372,11 +379,15 @@ def test_a_shape_too_large_for_the_device_is_fitted_to_it(limit: int) -> None:
         assert all(shared_bytes(cfg, r, t, s, epi, 64) <= limit for cfg, epi, (r, t, _, s) in fitted), shape
         assert all(s >= 2 and r <= shape[0] and t <= shape[1] for _, _, (r, t, _, s) in fitted)
     # what fits keeps its shape: batch 1's measured tiles and the default batch shape on Hopper
-    for shape, batch in (((2, 1, 8, 3), 1), ((2, 1, 8, 3), 8)):
-        if limit == H100_SHARED:
-            assert batch_shapes(shape, batch, limit) == batch_shapes(shape, batch, None)
-    assert [fitted[2] for fitted in batch_shapes((2, 2, 8, 3), limit=H100_SHARED)] == [
-        (2, 2, 8, 3), (2, 2, 8, 3), (2, 2, 8, 2), (2, 2, 8, 3)]  # only gate_up gives up a stage
+    if limit == H100_SHARED:
+        for batch in (1, 8):
+            assert batch_shapes((2, 1, 8, 3), batch, limit) == batch_shapes((2, 1, 8, 3), batch, None)
+        assert [fitted[2] for fitted in batch_shapes((2, 2, 8, 3), limit=limit)] == [
+            (2, 2, 8, 3), (2, 2, 8, 3), (2, 2, 8, 2), (2, 2, 8, 3)]  # only gate_up gives up a stage
+    else:  # Ada: batch 1's gate_up (160 KiB at 4 stages) gives up 2 stages; the default batch shape (120-144 KiB
+        # at 2 stages) its second row too
+        assert batch_shapes((2, 1, 8, 3), 1, limit)[2][2] == (1, 1, 4, 2)
+        assert [fitted[2] for fitted in batch_shapes((2, 1, 8, 3), 8, limit)] == [(1, 1, 8, 2)] * 4
 
 
 def test_a_batch_may_take_the_whole_k_and_its_own_k_step() -> None:
@@ -398,8 +409,9 @@ def test_batch_shapes_must_be_powers_of_two() -> None:
         KernelConfig(batch_rows=3)
     with pytest.raises(ValueError, match="batch_tiles must be a power of two, got 0"):
         KernelConfig(batch_tiles=0)
-    with pytest.raises(ValueError, match="batch_k_step must be 0 or a power of two, got 48"):
-        KernelConfig(batch_k_step=48)
+    for step in (48, 8):
+        with pytest.raises(ValueError, match=f"batch_k_step must be 0 or a power of two >= 16, got {step}"):
+            KernelConfig(batch_k_step=step)
 
 
 def test_a_batch_failing_on_the_kernels_moves_batches_to_the_torch_path_only(

@@ -304,14 +304,14 @@ def test_batch_buckets_equal_rows_alone(full_model, observation, precision: str,
     np.testing.assert_allclose(pipe.run_batch(rows[:3], 10)[0], batched_three, rtol=0, atol=0)
     # The same path without graphs (the same layers eagerly, the same FP8 scales): graphs change nothing but
     # cuBLAS run-to-run rounding (as the batch-1 graph test).
-    eager = Pi05Pipeline(full_model, precision=precision, max_batch=8, use_graphs=False,
-                         expert_kernels="off" if expert_kernels == "auto" else "on",
+    eager = Pi05Pipeline(full_model, precision=precision, max_batch=8, use_graphs=False, expert_kernels=expert_kernels,
                          fp8_scales=pipe.fp8_scales if precision == "fp8" else None)
+    assert [eager.path_for(b) for b in (2, 4)] == [pipe.path_for(b) for b in (2, 4)]  # each bucket on the same path
     for count in (2, 3):
         want = eager.run_batch(rows[:count], 10)[0]
         np.testing.assert_allclose(pipe.run_batch(rows[:count], 10)[0], want, rtol=0, atol=1e-3 * np.abs(want).max())
-    # A bucket's first capture after a run of 100 steps on the same path (the torch path's step table, whose index
-    # that run left at its end).
+    # A bucket's first capture after a run of 100 steps on the same path (bucket 2's step table, whose index that
+    # run left at its end).
     pipe.run_batch(rows[:2], 100)
     wide = [PreparedObservation([im, im, rows[0].images[0]], r.tokens, r.token_mask, r.noise)
             for r, im in zip(rows[:2], (rows[0].images[0], rows[1].images[0]), strict=True)]

@@ -406,8 +406,9 @@ class KernelConfig:
             value = getattr(self, name)
             if value < 1 or value & (value - 1):  # Triton's block shapes and warp counts are powers of two
                 raise ValueError(f"KernelConfig.{name} must be a power of two, got {value}")
-        if self.batch_k_step < 0 or self.batch_k_step & (self.batch_k_step - 1):
-            raise ValueError(f"KernelConfig.batch_k_step must be 0 or a power of two, got {self.batch_k_step}")
+        step = self.batch_k_step
+        if step and (step < 16 or step & (step - 1)):  # tl.dot takes K of 16 or more
+            raise ValueError(f"KernelConfig.batch_k_step must be 0 or a power of two >= 16, got {step}")
 
 
 class LaunchShape(NamedTuple):
@@ -424,27 +425,29 @@ class LaunchShape(NamedTuple):
 
 
 def shared_bytes(cfg: GemmConfig, rows: int, tiles: int, stages: int, epilogue: int, block_rows: int,
-                 k_step: int | None = None) -> int:
+                 k_step: int | None = None, element_bytes: int = 2) -> int:
     """Shared memory of one GEMM program: `stages` + 1 buffers of one K step's activation tile (R x BM rows x BK)
-    and weight tile (BK x T column tiles; twice for the paired epilogues' lo and hi halves), in 2-byte elements
-    (BK: `k_step`, default the GEMM's own). This matches, to the byte, the four requirements Triton 3.6 reported
-    when such shapes failed to launch on an H100 (docs/benchmarks.md §48); FP8 weights take less, so for them it
-    errs on the safe side."""
+    and weight tile (BK x T column tiles; twice for the paired epilogues' lo and hi halves), in elements of the
+    compute dtype (BK: `k_step`, default the GEMM's own). For bf16 this matches, to the byte, the four requirements
+    Triton 3.6 reported when such shapes failed to launch on an H100 (docs/benchmarks.md §48); FP8 weights take
+    less, so for them it errs on the safe side."""
     step = k_step or cfg.step
     paired = epilogue != EPI_RESIDUAL
     columns = tiles * (cfg.block_n // 2 if paired else cfg.block_n)
     per_stage = rows * block_rows * step + step * columns * (2 if paired else 1)
-    return (stages + 1) * per_stage * 2
+    return (stages + 1) * per_stage * element_bytes
 
 
 def launch_shape(config: KernelConfig, cfg: GemmConfig, tiles: int, epilogue: int, head_dim: int,
-                 batch: int, block_rows: int = 64, shared_limit: int | None = None, splits: int = 1) -> LaunchShape:
+                 batch: int, block_rows: int = 64, shared_limit: int | None = None, splits: int = 1,
+                 element_bytes: int = 2) -> LaunchShape:
     """How a GEMM of `tiles` column tiles, packed in `splits` K chunks of cfg.k_chunk, launches over `batch` rows.
     Batch 1 runs R = T = 1 with the GEMM's own warps, stages, K step and split. A batch takes the config's batch
     shape: R up to the batch (rounded to a power of two), T fitted to the tiles (for qkv to one head's tiles: its
     epilogue is per head), the batch K step, and one program over the whole K unless `batch_split_k`. With
-    `shared_limit` (bytes a program may take on the device), a shape that would not fit gives up pipeline stages
-    (down to 2), then column tiles, then rows, instead of failing to launch."""
+    `shared_limit` (bytes a program may take on the device; `element_bytes` per element of the compute dtype), a
+    shape that would not fit gives up pipeline stages (down to 2), then column tiles, then rows, instead of failing
+    to launch."""
     k_chunk = cfg.k_chunk
     if batch == 1:
         rows, per_program, warps, stages, step = 1, 1, cfg.num_warps, cfg.stages, cfg.step
@@ -459,7 +462,7 @@ def launch_shape(config: KernelConfig, cfg: GemmConfig, tiles: int, epilogue: in
             k_chunk, splits = k_chunk * splits, 1
         step = min(config.batch_k_step or cfg.step, k_chunk)
     while shared_limit is not None and shared_bytes(cfg, rows, per_program, stages, epilogue, block_rows,
-                                                    step) > shared_limit:
+                                                    step, element_bytes) > shared_limit:
         if stages > 2:
             stages -= 1
         elif per_program > 1:
@@ -707,7 +710,7 @@ class ExpertKernels:
     def launch_shape(self, p: PackedLinear, epilogue: int, batch: int) -> LaunchShape:
         """`launch_shape` of one of these GEMMs over `batch` rows."""
         return launch_shape(self.config, p.cfg, p.tiles, epilogue, self.head_dim, batch, self.block_rows,
-                            self.shared_limit, p.splits)
+                            self.shared_limit, p.splits, self.dtype.itemsize)
 
     def _gemm(self, name: str, p: PackedLinear, epilogue: int, batch: int, a: Tensor, out: Tensor, *,
               ssp_in: tuple[Tensor, int] | None = None, bias: Tensor | None = None, gate: Tensor | None = None,
