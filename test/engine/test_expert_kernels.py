@@ -390,6 +390,27 @@ def test_a_shape_too_large_for_the_device_is_fitted_to_it(limit: int) -> None:
         assert [fitted[2] for fitted in batch_shapes((2, 1, 8, 3), 8, limit)] == [(1, 1, 8, 2)] * 4
 
 
+def test_the_whole_k_reads_padded_chunks_right() -> None:
+    """K not a multiple of the K chunk (96 in 64s, 192 in 128s): the packing pads the last chunk with zero rows,
+    and a batch that takes the whole K must read it as batch 1's split programs do."""
+    odd = SMALL.replace(expert=GemmaConfig(width=96, depth=1, mlp_dim=192, num_heads=2, num_kv_heads=1, head_dim=64))
+    model = random_model(odd, seed=1, device=torch.device("cpu"), dtype=torch.float32)
+    fast = FastModel(model, torch.float32)
+    gen = torch.Generator().manual_seed(5)
+    images = torch.randint(0, 255, (2, 2, 224, 224, 3), dtype=torch.uint8, generator=gen)
+    prefix = prefill_eager_batch(fast, images, [torch.randn(n, odd.vlm.width, generator=gen) for n in (4, 11)])
+    noise = torch.randn(2, odd.action_horizon, odd.action_dim, generator=gen)
+    want = denoise_eager(fast, prefix, noise, 2)
+    config = dataclasses.replace(SPLIT, qkv=GemmConfig(32, 64), gate_up=GemmConfig(64, 64), batch_split_k=False,
+                                 batch_k_step=32)
+    kernels = ExpertKernels(fast, config, max_batch=2)
+    assert {p.splits for p in vars(kernels.layers[0]).values()} == {2}  # every K in 2 chunks, the last padded
+    x = noise.clone()
+    kernels.denoise(x, prefix.n_valid, [k.clone() for k in prefix.keys], [v.clone() for v in prefix.values],
+                    kernels.schedule(fast.step_schedule(2)))
+    assert rel_err(x, want) < 1e-5  # float32: summation order only
+
+
 def test_a_batch_may_take_the_whole_k_and_its_own_k_step() -> None:
     config = KernelConfig(batch_split_k=False, batch_k_step=64)
     head_dim = PRESETS["pi05"].expert.head_dim
