@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pi05_ros.engine.config import PRESETS  # noqa: E402
 from pi05_ros.engine.fast.kernels import expert  # noqa: E402
-from pi05_ros.engine.fast.kernels.expert import KernelConfig, fit_config  # noqa: E402
+from pi05_ros.engine.fast.kernels.expert import KernelConfig, gemm_configs  # noqa: E402
 
 SHARED_PER_SM = 227 * 1024  # Hopper's largest shared memory per block (opt-in)
 BF, F32, I32, I64 = "*bf16", "*fp32", "*i32", "*i64"
@@ -88,12 +88,12 @@ def main() -> int:
     c = KernelConfig()
     shapes = ([tuple(int(n) for n in shape.split("x")) for shape in args.batch_shapes.split(",")]
               if args.batch_shapes else [(c.batch_rows, c.batch_tiles)])
-    half, bm = e.head_dim // 2, max(16, triton.next_power_of_2(PRESETS["pi05"].action_horizon))
-    cfgs = {"qkv": (fit_config(c.qkv, half, e.width), expert.EPI_QKV, e.width, BF),
-            "o": (fit_config(c.o, None, e.num_heads * e.head_dim), expert.EPI_RESIDUAL, e.num_heads * e.head_dim,
-                  F32),
-            "gate_up": (fit_config(c.gate_up, e.mlp_dim, e.width), expert.EPI_GEGLU, e.width, BF),
-            "down": (fit_config(c.down, None, e.mlp_dim), expert.EPI_RESIDUAL, e.mlp_dim, F32)}
+    bm = max(16, triton.next_power_of_2(PRESETS["pi05"].action_horizon))
+    fitted = gemm_configs(c, e.width, e.num_heads, e.head_dim, e.mlp_dim)
+    cfgs = {"qkv": (fitted["qkv"], expert.EPI_QKV, e.width, BF),
+            "o": (fitted["o"], expert.EPI_RESIDUAL, e.num_heads * e.head_dim, F32),
+            "gate_up": (fitted["gate_up"], expert.EPI_GEGLU, e.width, BF),
+            "down": (fitted["down"], expert.EPI_RESIDUAL, e.mlp_dim, F32)}
     common = dict(HEADS=e.num_heads, HEAD_DIM=e.head_dim, MLP=e.mlp_dim, DT=tl.bfloat16, BM=bm)
 
     n_out = {"qkv": (e.num_heads + 2) * e.head_dim // 2, "o": e.width, "gate_up": e.mlp_dim, "down": e.width}

@@ -24,6 +24,7 @@ from pi05_ros.engine.fast.kernels.expert import (
     KernelConfig,
     expert_layer_torch,
     fit_config,
+    gemm_configs,
     launch_shape,
     layer_weights_torch,
     pack_linear,
@@ -343,10 +344,8 @@ LAUNCHED_ON_H100 = [(1, 1, 4, 4), (1, 1, 8, 3), (2, 1, 8, 3), (2, 2, 8, 2)]
 
 def full_size_gemms() -> list[tuple[GemmConfig, int, int, int]]:
     """The full-size expert's GEMMs in launch order: (tile config, column tiles, epilogue, K chunks packed)."""
-    e, c = PRESETS["pi05"].expert, KernelConfig()
-    qkv = fit_config(c.qkv, e.head_dim // 2, e.width)
-    gate_up = fit_config(c.gate_up, e.mlp_dim, e.width)
-    o, down = fit_config(c.o, None, e.num_heads * e.head_dim), fit_config(c.down, None, e.mlp_dim)
+    e = PRESETS["pi05"].expert
+    qkv, o, gate_up, down = gemm_configs(KernelConfig(), e.width, e.num_heads, e.head_dim, e.mlp_dim).values()
     return [(qkv, (e.num_heads + 2) * e.head_dim // qkv.block_n, EPI_QKV, e.width // qkv.k_chunk),
             (o, e.width // o.block_n, EPI_RESIDUAL, e.num_heads * e.head_dim // o.k_chunk),
             (gate_up, 2 * e.mlp_dim // gate_up.block_n, EPI_GEGLU, e.width // gate_up.k_chunk),

@@ -29,8 +29,8 @@ Batches (`run_batch`, a server's dynamic batches): rows of the same number of vi
 `max_batch` at a time, padded to the next batch bucket (BATCH_BUCKETS: 1, 2, 4, 8, ...), and every graph above is
 kept per bucket. A row's prompt length travels as data (n_valid per row; the text is padded to the batch's longest
 tile); padded rows compute on whatever their staging holds and are dropped, so a batch of 3 replays the graphs of
-4. Batches of more than one row denoise on the torch path, unless `expert_kernels="on"`: the fused kernels take
-batches (R rows x T tiles per GEMM program), but only batch 1 has been measured faster on a GPU. Staging and the
+4. Batches of up to AUTO_KERNEL_MAX_BATCH rows denoise on the fused kernels where those run (R rows x T tiles per
+GEMM program), larger ones on the torch path, measured faster there, unless `expert_kernels="on"`. Staging and the
 batch K/V caches are sized for `max_batch` (default 1: what a robot needs; batch 1 keeps caches of its own). A row
 with real-time chunking runs alone.
 """

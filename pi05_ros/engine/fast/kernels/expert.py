@@ -496,6 +496,14 @@ def fit_config(cfg: GemmConfig, n_pairs: int | None, k: int) -> GemmConfig:
     return dataclasses.replace(cfg, block_n=block_n, k_chunk=k_chunk, k_step=k_step)
 
 
+def gemm_configs(config: KernelConfig, width: int, heads: int, head_dim: int, mlp: int) -> dict[str, GemmConfig]:
+    """The four GEMMs' tile shapes fitted to an expert of these dimensions, in launch order."""
+    return {"qkv": fit_config(config.qkv, head_dim // 2, width),
+            "o": fit_config(config.o, None, heads * head_dim),
+            "gate_up": fit_config(config.gate_up, mlp, width),
+            "down": fit_config(config.down, None, mlp)}
+
+
 def paired_columns(kind: int, tile: int, half_block: int, head_dim: int, mlp: int) -> list[int]:
     """Original output columns held by a paired tile: its first half, then their partners."""
     if kind == EPI_QKV:
@@ -619,12 +627,8 @@ class ExpertKernels:
         if on_gpu and torch.cuda.get_device_capability(self.device) < (8, 9):
             fp8 = ()  # no FP8 conversions below Ada
         self.fp8 = fp8
-        c = self.config
-        half = self.head_dim // 2
-        self.cfg_qkv = fit_config(c.qkv, half, self.width)
-        self.cfg_o = fit_config(c.o, None, self.heads * self.head_dim)
-        self.cfg_gate_up = fit_config(c.gate_up, self.mlp, self.width)
-        self.cfg_down = fit_config(c.down, None, self.mlp)
+        self.cfg_qkv, self.cfg_o, self.cfg_gate_up, self.cfg_down = gemm_configs(
+            self.config, self.width, self.heads, self.head_dim, self.mlp).values()
         self.layers = []
         for block in fast.expert_blocks:
             self.layers.append(ExpertLayerWeights(
