@@ -1,13 +1,14 @@
 """Where a batch's time goes on the fast path: stage times of `run_batch` for each batch bucket, no server.
 
     PYTHONPATH=. python3 tools/batch_stages_gpu.py [--precision fp8] [--steps 10] [--views 2] [--iters 50]
-        [--buckets 1,2,4,8] [--expert-kernels auto|on|off] [--variants] [--profile B]
+        [--buckets 1,2,4,8] [--expert-kernels auto|on|off] [--variants [WORDS]] [--profile B]
 
 The full-size random-weight demo model, sized for batches of up to 8 as pi05-serve builds it; B copies of one
 prepared observation (2 views, a 6-word prompt) per batch. Prints a table per bucket (median stage times, ms, and
 the wall time of the call) and writes it as JSON to $OUT/batch_stages[_<expert kernels>].json (--expert-kernels on:
 batches denoise on the fused kernels, auto: on the torch path, as pi05-serve does). --variants times the largest bucket
-again with more linears in FP8, or SDPA attention (speed only: FP8 fidelity is in docs/benchmarks.md);
+again with more linears in FP8, or SDPA attention (speed only: FP8 fidelity is in docs/benchmarks.md; WORDS, comma
+separated, keeps the variants whose names contain one of them);
 --profile B writes the kernel table of batches of B to $OUT/profile_B.txt. Results feed docs/benchmarks.md
 (issue 9: which stage grows with the batch).
 """
@@ -45,7 +46,7 @@ def time_batches(runner, prepared: list, steps: int, iters: int) -> dict:
     return row
 
 
-def variants(policy: Policy, prepared: list, steps: int, iters: int) -> list[dict]:
+def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str = "") -> list[dict]:
     """The same batch on pipelines with more linears in FP8 (each on a fresh random model: speed only)."""
     from pi05_ros.engine.demo import random_model
     from pi05_ros.engine.fast.pipeline import FP8_DEFAULT_LAYERS, Pi05Pipeline
@@ -55,7 +56,13 @@ def variants(policy: Policy, prepared: list, steps: int, iters: int) -> list[dic
             ("fp8 prefix all linears", ("prefix_blocks.*",), False, "gemm"),
             ("fp8 prefix MLP + SigLIP MLP", FP8_DEFAULT_LAYERS, True, "gemm"),
             ("fp8 prefix all + SigLIP MLP", ("prefix_blocks.*",), True, "gemm"),
-            ("SDPA attention (cuDNN)", FP8_DEFAULT_LAYERS, False, "sdpa")):
+            ("SDPA attention (cuDNN)", FP8_DEFAULT_LAYERS, False, "sdpa"),
+            # FP8 in the expert: qkv + down is within the 3e-2 budget in the CPU emulation (§19), all of it is not
+            ("fp8 prefix MLP + expert qkv, down", (*FP8_DEFAULT_LAYERS, "expert_blocks.*.qkv", "expert_blocks.*.down"),
+             False, "gemm"),
+            ("fp8 prefix MLP + expert all", (*FP8_DEFAULT_LAYERS, "expert_blocks.*"), False, "gemm")):
+        if words and not any(word in name for word in words.split(",")):
+            continue
         model = random_model(policy.config, seed=0, device=torch.device("cuda"), dtype=torch.bfloat16)
         pipe = Pi05Pipeline(model, "fp8", fp8_layers=layers, fp8_vision=vision, attention=attention,
                             max_batch=len(prepared), release_reference=True)
@@ -69,17 +76,26 @@ def variants(policy: Policy, prepared: list, steps: int, iters: int) -> list[dic
 
 
 def profile(runner, prepared: list, steps: int, path: str) -> None:
-    """Kernel time of 5 batches (CUDA graph replays included), by kernel, largest first."""
+    """Kernel time of 5 batches (CUDA graph replays included), by kernel, largest first; then each stage's graph
+    of this batch size alone (20 replays), so the denoise loop's kernels are not mixed with the prefill's."""
     from torch.profiler import ProfilerActivity
 
+    def table(fn, count: int) -> str:
+        with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(count):
+                fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+        return prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+
     runner.run_batch(prepared, steps)
-    with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            runner.run_batch(prepared, steps)
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+    text = "## 5 whole batches\n" + table(lambda: runner.run_batch(prepared, steps), 5)
+    for key, graph in getattr(runner, "_graphs", {}).items():
+        if key[-1] == len(prepared):  # every stage key ends with its batch size
+            text += f"\n## {key}: 20 replays\n" + table(graph.replay, 20)
     with open(path, "w") as f:
-        f.write(table)
-    print(table[:8000])
+        f.write(text)
+    print(text[:20000])
 
 
 def main() -> None:
@@ -89,7 +105,7 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=2)
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--buckets", default="1,2,4,8")
-    parser.add_argument("--variants", action="store_true",
+    parser.add_argument("--variants", nargs="?", const="", default=None, metavar="WORDS",
                         help="also time more FP8 linears (prefix, SigLIP MLP) and SDPA attention, largest bucket")
     parser.add_argument("--profile", type=int, default=0, metavar="B",
                         help="also profile 5 batches of B (torch profiler): kernel table to $OUT/profile_B.txt")
@@ -114,11 +130,11 @@ def main() -> None:
         rows.append(row)
     if args.profile:
         profile(runner, [obs] * args.profile, args.steps, os.path.join(out, f"profile_{args.profile}.txt"))
-    if args.variants:
+    if args.variants is not None:
         del runner
         policy.runner = None
         torch.cuda.empty_cache()
-        rows += variants(policy, [obs] * max(buckets), args.steps, args.iters)
+        rows += variants(policy, [obs] * max(buckets), args.steps, args.iters, args.variants)
     header = ("variant", "batch", "path", *STAGES, "wall", "wall_p99", "per_row_ms")
     print(f"\n{args.precision}, {args.steps} steps, {args.views} views, expert_kernels={args.expert_kernels}, "
           f"median of {args.iters} (ms)")
