@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pi05_ros.engine.config import Pi05Config
+from pi05_ros.engine.fast.kernels.attention import flash_gqa_attention
 from pi05_ros.engine.reference import Pi05Model, euler_schedule
 from pi05_ros.engine.rtc import guidance_weight_tensor
 
@@ -144,7 +145,13 @@ def _gqa_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor) -> Te
     return out.reshape(b, n, h * d)
 
 
-ATTENTION = {"gemm": _gqa_attention, "sdpa": _gqa_attention_sdpa}
+def _gqa_attention_flash(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor) -> Tensor:
+    """The same as one flash-style Triton kernel (kernels/attention.py): the scores never reach memory. CUDA with
+    Triton, or the CPU interpreter; not differentiable (real-time chunking's VJP takes "gemm")."""
+    return flash_gqa_attention(q, k, v, key_mask)
+
+
+ATTENTION = {"gemm": _gqa_attention, "sdpa": _gqa_attention_sdpa, "flash": _gqa_attention_flash}
 
 
 def _fold_layernorm(ln: nn.LayerNorm, lin: nn.Linear) -> tuple[Tensor, Tensor]:
@@ -520,12 +527,13 @@ class FastModel(nn.Module):
         cos, sin, key_mask = where or self.suffix_inputs(x_t, n_valid, keys)
         layer_fn = self._expert_layer if compiled else expert_layer
         delta_fn = self._action_delta if compiled else action_delta
+        attention = "gemm" if self.attention == "flash" else self.attention  # the VJP needs a differentiable one
         with torch.enable_grad():
             x_in = x_t.detach().requires_grad_(True)
             x = F.linear(x_in, self.action_in_w, self.action_in_b)
             for layer, block in enumerate(self.expert_blocks):
                 x = layer_fn(x, mods[layer], cos, sin, key_mask, keys[layer], values[layer], *block.args(),
-                             self.attention)
+                             attention)
             delta = delta_fn(x, final_mod, out_w, out_b, self.expert_eps)
             clean = x_in - (t / dt) * delta  # x - t * v, v = delta / dt
             err = weights * (previous - clean)

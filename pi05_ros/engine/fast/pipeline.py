@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from pi05_ros.engine.fast import kernels
-from pi05_ros.engine.fast.blocks import FastModel, prefix_capacity
+from pi05_ros.engine.fast.blocks import ATTENTION, FastModel, prefix_capacity
 from pi05_ros.engine.fast.calibration import SYNTHETIC_COUNT, record_input_amax, synthetic_observations
 from pi05_ros.engine.preprocess import to_uint8
 from pi05_ros.engine.reference import Pi05Model, euler_schedule
@@ -227,7 +227,11 @@ class Pi05Pipeline:
             raise ValueError(f"expert_kernels must be one of {', '.join(EXPERT_KERNELS)}, got {expert_kernels!r}")
         if precision not in ("bf16", "fp8"):
             raise ValueError(f"precision must be bf16 or fp8, got {precision!r}")
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
         self.device = model.pos_embed.device if isinstance(model, FastModel) else model.device
+        if attention == "flash" and not kernels.available(self.device):
+            raise ValueError("attention='flash' needs Triton and a CUDA GPU of SM 8.0 or newer; use 'gemm'")
         if self.device.type != "cuda" and use_graphs:
             # Without graphs it runs anywhere (slowly): tests use that to check its staging and batching on the CPU.
             raise ValueError("Pi05Pipeline needs a CUDA GPU; use the reference runner on CPU")

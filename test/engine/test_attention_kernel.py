@@ -1,0 +1,113 @@
+"""The flash-style attention kernel (engine/fast/kernels/attention.py) against the torch path's GEMM attention, on
+the CPU through Triton's interpreter (float32: the interpreter garbles bf16 tensors). bf16 and speed: test/gpu."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined: they run as numpy programs
+
+import pytest
+import torch
+
+from pi05_ros.engine.config import TINY, GemmaConfig
+from pi05_ros.engine.demo import random_model
+from pi05_ros.engine.fast.blocks import ATTENTION, FastModel, _gqa_attention, denoise_eager, prefill_eager
+from pi05_ros.engine.fast.kernels import available
+from pi05_ros.engine.fast.kernels.attention import BLOCK_ROWS, KEY_BLOCK, flash_gqa_attention, key_splits
+
+pytestmark = pytest.mark.skipif(not available(torch.device("cpu")),
+                                reason="needs Triton (its CPU interpreter runs these kernels)")
+
+
+# test_expert_kernels' small model: heads of 64, 2 query heads, 2 layers each
+SMALL = TINY.replace(
+    expert=GemmaConfig(width=128, depth=2, mlp_dim=256, num_heads=2, num_kv_heads=1, head_dim=64),
+    vlm=GemmaConfig(width=96, depth=2, mlp_dim=192, num_heads=2, num_kv_heads=1, head_dim=64),
+)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def case(batch: int, tokens: int, heads: int, keys: int, head_dim: int = 32, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, tokens, heads, head_dim, generator=gen)
+    # the cache buffer is wider than the keys attended, as the pipeline's per-layer caches are
+    k_cache = torch.randn(batch, 1, keys + 7, head_dim, generator=gen)
+    v_cache = torch.randn(batch, 1, keys + 7, head_dim, generator=gen)
+    return q, k_cache[:, :, :keys], v_cache[:, :, :keys]
+
+
+@pytest.mark.parametrize("batch, tokens, heads, keys", [
+    (1, 5, 8, 40),  # the expert at batch 1 in small: one query block, the keys split
+    (3, 20, 4, 150),  # several query blocks (80 rows > 64), keys past a block boundary
+    (2, 9, 2, 64),  # keys exactly one block
+])
+def test_flash_matches_gemm_attention(batch: int, tokens: int, heads: int, keys: int) -> None:
+    q, k, v = case(batch, tokens, heads, keys)
+    n_valid = torch.tensor([keys - 3 - 11 * i for i in range(batch)])
+    horizon = 4  # the expert's mask: each row's valid prefix and the suffix's last rows
+    idx = torch.arange(keys)
+    key_mask = ((idx < n_valid.view(-1, 1)) | (idx >= keys - horizon)).view(batch, 1, 1, keys)
+    out = flash_gqa_attention(q, k, v, key_mask)
+    want = _gqa_attention(q, k, v, key_mask)
+    assert out.shape == want.shape == (batch, tokens, heads * q.shape[-1])
+    # float32 throughout: only summation order differs (online softmax over key blocks, then the splits)
+    assert rel_err(out, want) < 1e-5
+
+
+def test_one_mask_row_serves_every_batch_row_and_masked_keys_do_not_count() -> None:
+    q, k, v = case(2, 6, 4, 100)
+    key_mask = (torch.arange(100) < 37).view(1, 1, 1, 100)
+    out = flash_gqa_attention(q, k, v, key_mask)
+    assert rel_err(out, _gqa_attention(q, k, v, key_mask)) < 1e-5
+    # what the masked keys hold does not matter
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 37:] = 1e4
+    v2[:, :, 37:] = float("nan")
+    assert torch.equal(flash_gqa_attention(q, k2, v2, key_mask), out)
+
+
+def test_split_and_unsplit_keys_agree() -> None:
+    """The combine kernel's merge of partial softmaxes equals one program's pass over all keys."""
+    q, k, v = case(1, 4, 8, 300)
+    key_mask = (torch.arange(300) < 290).view(1, 1, 1, 300)
+    splits, _ = key_splits(1, 32, 300, programs=8)
+    assert splits > 1  # the interpreter's program target splits the keys here
+    split = flash_gqa_attention(q, k, v, key_mask)
+    # 16 copies of the row are enough query programs for one split each
+    assert key_splits(16, 32, 300, programs=8)[0] == 1
+    whole = flash_gqa_attention(q.repeat(16, 1, 1, 1), k.repeat(16, 1, 1, 1), v.repeat(16, 1, 1, 1), key_mask)
+    assert rel_err(whole[:1], split) < 1e-6  # float32: summation order only
+
+
+def test_key_splits_fill_the_gpu_and_never_leave_a_split_empty() -> None:
+    blocks = -(-610 // KEY_BLOCK)
+    for batch, rows in ((1, 400), (8, 400), (1, 4480), (8, 4480)):
+        splits, per_split = key_splits(batch, rows, 610, programs=264)
+        assert 1 <= splits <= blocks and (splits - 1) * per_split < blocks <= splits * per_split
+        query_programs = batch * -(-rows // BLOCK_ROWS)
+        # enough programs for two per SM of 132, where the keys allow it
+        assert query_programs * splits >= min(264, query_programs * blocks) or splits == blocks
+    assert key_splits(8, 4480, 610, programs=264)[0] == 1  # the batched prefill: query blocks alone fill the GPU
+
+
+def test_fast_model_with_flash_attention_matches_gemm_attention() -> None:
+    """Prefill and denoise through FastModel(attention="flash") against "gemm", float32 on the small model."""
+    model = random_model(SMALL, seed=0, device=torch.device("cpu"), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 255, (2, 224, 224, 3), dtype=torch.uint8, generator=gen)
+    rows = model.embed_tokens[torch.randint(0, 1000, (9,), generator=gen)]
+    noise = torch.randn(SMALL.action_horizon, SMALL.action_dim, generator=gen)
+    results = {}
+    for attention in ("gemm", "flash"):
+        fast = FastModel(model, torch.float32, attention=attention)
+        prefix = prefill_eager(fast, images, rows)
+        results[attention] = (prefix.keys[-1].clone(), denoise_eager(fast, prefix, noise, num_steps=3))
+    assert "flash" in ATTENTION
+    # the last prefix layer's K/V come after the first layer's attention; the actions after 3 x 2 expert layers.
+    # float32: summation order only
+    assert rel_err(results["flash"][0], results["gemm"][0]) < 1e-5
+    assert rel_err(results["flash"][1], results["gemm"][1]) < 1e-5
