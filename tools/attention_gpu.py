@@ -1,7 +1,7 @@
 """The attention of Pi0.5's Gemma layers alone, each way the fast path can run it, at the prefill's and the denoise
 step's shapes: time and error.
 
-    PYTHONPATH=. python3 tools/attention_gpu.py [--batches 1,2,4,8] [--iters 200]
+    PYTHONPATH=. python3 tools/attention_gpu.py [--batches 1,2,4,8] [--iters 200] [--sweep]
 
 One K/V head of 256, 8 query heads; the prefill: 560 tokens (2 views + a 48-token text tile) against 560 keys; the
 denoise step: 50 tokens against 560 + 50 keys (the expert's mask: each row's valid prefix and the suffix). Each
@@ -58,12 +58,44 @@ def shapes(stage: str, batch: int, gen: torch.Generator) -> tuple:
     return q, k, v, valid.view(batch, 1, 1, keys)
 
 
+def sweep(iters: int) -> list[dict]:
+    """The flash kernel's tile shapes (query rows, keys per step, warps, pipeline stages) at the shapes that matter."""
+    import itertools
+
+    from pi05_ros.engine.fast.kernels import attention as flash
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    cases = {(stage, batch): shapes(stage, batch, gen) for stage, batch in
+             (("prefill", 8), ("prefill", 1), ("denoise", 8), ("denoise", 1))}
+    rows = []
+    for bm, kb, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)):
+        flash.BLOCK_ROWS, flash.KEY_BLOCK, flash.WARPS, flash.STAGES = bm, kb, warps, stages
+        row = {"block_rows": bm, "key_block": kb, "warps": warps, "stages": stages}
+        for (stage, batch), (q, k, v, mask) in cases.items():
+            try:
+                row[f"{stage}{batch}_us"] = graph_time(lambda q=q, k=k, v=v, mask=mask: flash.flash_gqa_attention(
+                    q, k, v, mask), iters)
+            except Exception as exc:  # e.g. more shared memory than the GPU has: recorded, the sweep goes on
+                row[f"{stage}{batch}_us"] = None
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+                torch.cuda.synchronize()
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="1,2,4,8")
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--ways", default="gemm,sdpa,flash")
+    parser.add_argument("--sweep", action="store_true", help="only time the flash kernel's tile shapes")
     args = parser.parse_args()
+    if args.sweep:
+        rows = sweep(args.iters)
+        with open(os.path.join(os.environ.get("OUT", "/tmp"), "attention_sweep.json"), "w") as f:
+            json.dump({"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+        return
     gen = torch.Generator(device="cuda").manual_seed(0)
     compiled = {way: torch.compile(ATTENTION[way], dynamic=False) for way in args.ways.split(",")}
     rows = []

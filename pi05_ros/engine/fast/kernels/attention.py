@@ -166,7 +166,7 @@ def flash_gqa_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor) -> Te
     mask = mask.view(torch.uint8)
     rows = n * h
     out = q.new_empty(b, n, h * d)
-    splits, per_split = key_splits(b, rows, keys, _programs_wanted(q.device))
+    splits, per_split = key_splits(b, rows, keys, _programs_wanted(q.device), BLOCK_ROWS, KEY_BLOCK)
     blocks = triton.cdiv(rows, BLOCK_ROWS)
     dt = _tl_dtype(q.dtype)
     if splits > 1:
