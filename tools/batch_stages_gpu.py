@@ -1,7 +1,7 @@
 """Where a batch's time goes on the fast path: stage times of `run_batch` for each batch bucket, no server.
 
     PYTHONPATH=. python3 tools/batch_stages_gpu.py [--precision fp8] [--steps 10] [--views 2] [--iters 50]
-        [--buckets 1,2,4,8] [--expert-kernels auto|on|off] [--attention gemm|sdpa|flash] [--variants [WORDS]]
+        [--buckets 1,2,4,8] [--expert-kernels auto|on|off] [--attention auto|gemm|sdpa|flash] [--variants [WORDS]]
         [--profile B]
 
 The full-size random-weight demo model, sized for batches of up to 8 as pi05-serve builds it; B copies of one
@@ -113,16 +113,18 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="cuda (default); cpu checks the tool on the tiny model")
     parser.add_argument("--expert-kernels", default="auto", choices=("auto", "on", "off"),
                         help="the pipeline's expert_kernels (on: batches of 2+ on the fused kernels too)")
-    parser.add_argument("--attention", choices=("gemm", "sdpa", "flash"), default=None,
-                        help="the Gemma layers' attention (default: the pipeline's choice); set before any capture")
+    parser.add_argument("--attention", choices=("auto", "gemm", "sdpa", "flash"), default=None,
+                        help="the pipeline's attention (default: its own, auto); set before any capture")
     args = parser.parse_args()
     buckets = [int(b) for b in args.buckets.split(",")]
     out = os.environ.get("OUT", "/tmp")
     policy = Policy.demo(device=args.device, precision=args.precision, max_batch=max(buckets),
                          expert_kernels=args.expert_kernels)
     runner = policy.runner
-    if args.attention is not None:
-        runner.fast.attention = args.attention  # read at every call; nothing is compiled or captured yet
+    if args.attention is not None:  # read when a stage is first made; nothing is compiled or captured yet
+        runner.attention = args.attention
+        if args.attention != "auto":
+            runner.fast.prefix_attention = runner.fast.expert_attention = args.attention
     rng = np.random.default_rng(0)
     size = policy.config.vision.image_size
     images = {key: rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for key in policy.image_keys[:args.views]}
@@ -142,7 +144,7 @@ def main() -> None:
         rows += variants(policy, [obs] * max(buckets), args.steps, args.iters, args.variants)
     header = ("variant", "batch", "path", *STAGES, "wall", "wall_p99", "per_row_ms")
     print(f"\n{args.precision}, {args.steps} steps, {args.views} views, expert_kernels={args.expert_kernels}, "
-          f"attention={getattr(getattr(runner, 'fast', None), 'attention', '-')}, "
+          f"attention={getattr(runner, 'attention', '-')}, "
           f"median of {args.iters} (ms)")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))

@@ -62,7 +62,8 @@ def test_pipeline_with_flash_attention_follows_the_reference(model) -> None:
         mask = np.arange(cfg.max_token_len) < length
         rows.append(PreparedObservation(obs.images, np.where(mask, obs.tokens, 0), mask, obs.noise))
     pipe = Pi05Pipeline(model, precision="bf16", attention="flash", expert_kernels="off", max_batch=4)
-    assert pipe.fast.attention == "flash"
+    assert pipe.fast.prefix_attention == pipe.fast.expert_attention == "flash"
+    assert pipe.prefill_attention(1) == "flash"
     reference = ReferenceRunner(model)
     for steps in (1, 10):
         got, _ = pipe.run(rows[0], steps)
@@ -80,3 +81,23 @@ def test_pipeline_with_flash_attention_follows_the_reference(model) -> None:
     err = rel_err(got, reference.run(guided, 10)[0])
     print(f"FLASH pipeline with RTC rel_l2={err:.3e}")
     assert err <= BF16
+
+
+def test_auto_takes_the_flash_kernel_for_batched_prefills_only(model) -> None:
+    """attention="auto" on Hopper: the GEMM attention for batch 1's prefill and every denoise step, the flash kernel
+    for prefills of 2+ rows; a batch there equals its rows alone within bf16's budget."""
+    from pi05_ros.engine.fast.pipeline import FLASH_PREFILL_MIN_BATCH
+
+    pipe = Pi05Pipeline(model, precision="bf16", expert_kernels="off", max_batch=2)
+    assert pipe.attention == "auto" and pipe.fast.expert_attention == "gemm"
+    assert pipe.prefill_attention(1) == "gemm" and pipe.prefill_attention(FLASH_PREFILL_MIN_BATCH) == "flash"
+    rows = []
+    for seed, length in ((1, 48), (2, 30)):
+        obs = next(iter(synthetic_observations(model.cfg, 1, views=2, seed=seed)))
+        mask = np.arange(model.cfg.max_token_len) < length
+        rows.append(PreparedObservation(obs.images, np.where(mask, obs.tokens, 0), mask, obs.noise))
+    alone = [pipe.run(row, 10)[0] for row in rows]
+    batched, _ = pipe.run_batch(rows, 10)
+    worst = max(rel_err(batched[i], alone[i]) for i in range(2))
+    print(f"AUTO batch of 2 (flash prefill) against rows alone (gemm prefill) {worst:.3e}")
+    assert worst <= BF16

@@ -324,7 +324,9 @@ class FastModel(nn.Module):
         super().__init__()
         start = time.perf_counter()
         cfg: Pi05Config = ref.cfg
-        self.cfg, self.dtype, self.attention = cfg, dtype, attention
+        self.cfg, self.dtype = cfg, dtype
+        # each stack's attention (ATTENTION's keys); the pipeline may choose the prefill's per batch size
+        self.prefix_attention = self.expert_attention = attention
         emb = ref.vision.embeddings
         self.register_buffer("patch_w", emb.patch_embedding.weight.to(dtype))
         self.register_buffer("patch_b", emb.patch_embedding.bias.to(dtype))
@@ -466,9 +468,12 @@ class FastModel(nn.Module):
         h = F.layer_norm(x, (x.shape[-1],), eps=self.vision_eps)
         out.copy_(self._linear(h, self.projector.params).reshape(out.shape))
 
-    def prefill(self, prefix: Tensor, n_valid: Tensor, keys: list[Tensor], values: list[Tensor]) -> None:
+    def prefill(self, prefix: Tensor, n_valid: Tensor, keys: list[Tensor], values: list[Tensor],
+                attention: str | None = None) -> None:
         """Gemma 2B over prefix [B, L, W] (each row's valid tokens first, `n_valid` [B] or a scalar of them); K/V
-        into the first L rows of keys/values [B, 1, C, D] (C >= L: the capacity, constant across prompt lengths)."""
+        into the first L rows of keys/values [B, 1, C, D] (C >= L: the capacity, constant across prompt lengths).
+        `attention` overrides `prefix_attention` for this call."""
+        attention = attention or self.prefix_attention
         length, capacity = prefix.shape[1], keys[0].shape[2]
         cos, sin = self.rope_cos[:length], self.rope_sin[:length]
         key_mask = (torch.arange(capacity, device=prefix.device) < n_valid.view(-1, 1)).view(-1, 1, 1, capacity)
@@ -477,7 +482,7 @@ class FastModel(nn.Module):
                 torch._dynamo.maybe_mark_dynamic(t, 1 if t is prefix else 0)
         x = prefix
         for block, k, v in zip(self.prefix_blocks, keys, values, strict=True):
-            x = self._prefix_layer(x, cos, sin, key_mask, k, v, *block.args(), self.attention)
+            x = self._prefix_layer(x, cos, sin, key_mask, k, v, *block.args(), attention)
 
     def denoise(self, x_t: Tensor, n_valid: Tensor, keys: list[Tensor], values: list[Tensor],
                 schedule: tuple[Tensor, Tensor, Tensor, Tensor]) -> None:
@@ -510,7 +515,7 @@ class FastModel(nn.Module):
         x = F.linear(x_t, self.action_in_w, self.action_in_b)
         for layer, block in enumerate(self.expert_blocks):
             x = self._expert_layer(x, mods[layer], cos, sin, key_mask, keys[layer], values[layer],
-                                   *block.args(), self.attention)
+                                   *block.args(), self.expert_attention)
         self._action_head(x_t, x, final_mod, out_w, out_b, self.expert_eps)
 
     def guided_step(self, x_t: Tensor, n_valid: Tensor, keys: list[Tensor], values: list[Tensor], mods: Tensor,
@@ -527,7 +532,8 @@ class FastModel(nn.Module):
         cos, sin, key_mask = where or self.suffix_inputs(x_t, n_valid, keys)
         layer_fn = self._expert_layer if compiled else expert_layer
         delta_fn = self._action_delta if compiled else action_delta
-        attention = "gemm" if self.attention == "flash" else self.attention  # the VJP needs a differentiable one
+        # the VJP needs a differentiable attention
+        attention = "gemm" if self.expert_attention == "flash" else self.expert_attention
         with torch.enable_grad():
             x_in = x_t.detach().requires_grad_(True)
             x = F.linear(x_in, self.action_in_w, self.action_in_b)

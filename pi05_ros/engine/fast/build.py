@@ -29,7 +29,7 @@ def build_fast_runner(
     scales_file: Path | None = None,
     calibration_observations: Callable[[], Iterable[PreparedObservation]] | None = None,
     release_reference: bool = False,
-    attention: str = "gemm",
+    attention: str = "auto",
     **pipeline_options: Any,
 ) -> Pi05Pipeline:
     """Pi05Pipeline for `model` (bf16 or fp8). `calibration_observations` is called only if calibration runs.
@@ -37,7 +37,7 @@ def build_fast_runner(
     `release_reference` frees the reference weights while packing (the model cannot run afterwards);
     `pipeline_options` go to Pi05Pipeline (max_views, fp8_layers, fp8_vision, use_graphs, ...).
     """
-    fast = FastModel(model, torch.bfloat16, attention=attention, release_reference=release_reference)
+    fast = FastModel(model, torch.bfloat16, release_reference=release_reference)
     scales = observations = None
     wants_fp8 = precision == "fp8" and fp8_supported(fast.pos_embed.device)
     if wants_fp8:
@@ -46,7 +46,7 @@ def build_fast_runner(
         if scales is None and calibration_observations is not None:
             observations = calibration_observations()
     pipeline = Pi05Pipeline(fast, precision, fp8_scales=scales, calibration_observations=observations,
-                            **pipeline_options)
+                            attention=attention, **pipeline_options)
     if wants_fp8 and scales_file is not None and pipeline.calibrated_on is not None:
         save_scales(scales_file, pipeline.fp8_scales or {}, fingerprint, pipeline.calibrated_on)
     return pipeline

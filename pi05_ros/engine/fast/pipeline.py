@@ -85,6 +85,11 @@ SCHEDULE_CACHE_BYTES = 64 << 20
 AUTO_KERNEL_MAX_BATCH = 2
 
 
+# The smallest batch bucket whose prefill `attention="auto"` runs on the flash kernel (kernels/attention.py); see
+# docs/benchmarks.md §51.
+FLASH_PREFILL_MIN_BATCH = 2
+
+
 def expert_kernels_measured(device: torch.device) -> bool:
     """Where the fused expert kernels were measured faster than the torch.compile path: Hopper (H200 and H100,
     SM 9.0), batches up to AUTO_KERNEL_MAX_BATCH (docs/benchmarks.md §20, §48). Other GPUs, and larger batches, keep
@@ -213,7 +218,7 @@ class Pi05Pipeline:
         use_graphs: bool = True,
         fp8_headroom: float = 4.0,
         compile: bool = True,
-        attention: str = "gemm",
+        attention: str = "auto",
         fp8_layers: tuple[str, ...] = FP8_DEFAULT_LAYERS,
         fp8_vision_layers: tuple[str, ...] = FP8_VISION_LAYERS,
         release_reference: bool = False,
@@ -227,8 +232,8 @@ class Pi05Pipeline:
             raise ValueError(f"expert_kernels must be one of {', '.join(EXPERT_KERNELS)}, got {expert_kernels!r}")
         if precision not in ("bf16", "fp8"):
             raise ValueError(f"precision must be bf16 or fp8, got {precision!r}")
-        if attention not in ATTENTION:
-            raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
+        if attention != "auto" and attention not in ATTENTION:
+            raise ValueError(f"attention must be auto or one of {', '.join(ATTENTION)}, got {attention!r}")
         self.device = model.pos_embed.device if isinstance(model, FastModel) else model.device
         if attention == "flash" and not kernels.available(self.device):
             raise ValueError("attention='flash' needs Triton and a CUDA GPU of SM 8.0 or newer; use 'gemm'")
@@ -247,7 +252,10 @@ class Pi05Pipeline:
         else:
             # release_reference: free the reference copy layer by layer while packing (the Policy does; the
             # benchmark keeps it to run the baseline beside the fast path).
-            self.fast = FastModel(model, torch.bfloat16, attention=attention, release_reference=release_reference)
+            self.fast = FastModel(model, torch.bfloat16, release_reference=release_reference)
+        if attention != "auto":  # both stacks; auto keeps the GEMM attention but for the prefill of large batches
+            self.fast.prefix_attention = self.fast.expert_attention = attention
+        self.attention = attention
         start = time.perf_counter()
         self.fp8_layers = fp8_layers + (fp8_vision_layers if fp8_vision else ())
         self.embed_table = self.fast.token_table  # host memory: rows are gathered on the CPU
@@ -424,12 +432,21 @@ class Pi05Pipeline:
         values = [v[:, :, :capacity] for v in value_caches]
         n_valid = self.d_n_valid[:batch]
         text = self.d_text[: batch * text_len].view(batch, text_len, -1)  # packed: row after row
+        attention = self.prefill_attention(batch)
 
         def run() -> None:
             self.fast.embed_text_rows(text, self.d_prefix[:batch, start:length])
-            self.fast.prefill(prefix, n_valid, keys, values)
+            self.fast.prefill(prefix, n_valid, keys, values, attention)
 
         return run
+
+    def prefill_attention(self, batch: int) -> str:
+        """The prefill's attention for a batch bucket: with `attention="auto"`, the flash kernel from
+        FLASH_PREFILL_MIN_BATCH rows where it was measured faster (Hopper), else the FastModel's own."""
+        if (self.attention == "auto" and batch >= FLASH_PREFILL_MIN_BATCH and expert_kernels_measured(self.device)
+                and kernels.available(self.device)):
+            return "flash"
+        return self.fast.prefix_attention
 
     def _cache_rows(self, capacity: int) -> int:
         """Prefix capacity + the suffix's rows, rounded up to 64: cuBLAS takes its Hopper kernels for the

@@ -33,9 +33,12 @@ try:
 except ImportError:  # importable without Triton; blocks.py only offers "flash" where kernels.available()
     triton = None
 
-BLOCK_ROWS = 64  # query rows per program: the float32 accumulator is BM x 256 for Gemma's head dim
-KEY_BLOCK = 64  # keys per iteration
-WARPS = 8
+# Tile shape: the fastest at the batched prefill (8 rows x 560 tokens x 8 heads against 560 keys, H100) of a sweep
+# over 64/128 query rows, 32/64/128 keys per step, 4/8 warps, 2/3 stages (`tools/attention_gpu.py --sweep`,
+# docs/benchmarks.md §51). The float32 accumulator is BLOCK_ROWS x 256 for Gemma's head dim.
+BLOCK_ROWS = 64
+KEY_BLOCK = 32
+WARPS = 4
 STAGES = 2
 
 
