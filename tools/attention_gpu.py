@@ -3,12 +3,12 @@ step's shapes: time and error.
 
     PYTHONPATH=. python3 tools/attention_gpu.py [--batches 1,2,4,8] [--iters 200] [--sweep]
 
-One K/V head of 256, 8 query heads; the prefill: 560 tokens (2 views + a 48-token text tile) against 560 keys; the
-denoise step: 50 tokens against 560 + 50 keys (the expert's mask: each row's valid prefix and the suffix). Each
-row has its own valid prefix length. Ways: "gemm" (torch.compile'd GEMM -> masked softmax -> GEMM, the default),
-"sdpa" (PyTorch SDPA) and "flash" (kernels/attention.py). Each is captured in a CUDA graph of 10 calls; p50 of
-`iters` replays per call, in us. Error: relative L2 against float32 "gemm" on the same bf16 inputs. Writes
-$OUT/attention.json.
+One K/V head of 256, 8 query heads, at the pipeline's shapes (see `shapes`); each row has its own valid prefix
+length. Ways: "gemm" (torch.compile'd GEMM -> masked softmax -> GEMM, the default), "sdpa" (PyTorch SDPA), "flash"
+(kernels/attention.py) and "flash-noskip" (the same, computing fully masked key blocks too). Each is captured in a
+CUDA graph of 10 calls; p50 of `iters` replays per call, in us. Error: relative L2 against float32 "gemm" on the
+same bf16 inputs. Writes $OUT/attention.json. The in-pipeline figures differ (there inductor fuses the GEMM path's
+softmax with its neighbours): compare the ways in the pipeline with batch_stages_gpu.py --attention.
 """
 
 from __future__ import annotations
@@ -44,18 +44,35 @@ def graph_time(fn, iters: int) -> float:
 
 
 def shapes(stage: str, batch: int, gen: torch.Generator) -> tuple:
-    heads, d, horizon, prefix = 8, 256, 50, 560
-    tokens, keys = (prefix, prefix) if stage == "prefill" else (horizon, prefix + horizon)
+    """The pipeline's shapes for 2 views and a short prompt (batch_stages_gpu.py's): the prefill runs 528 tokens
+    against its 720-row capacity (the longest prompt's), the denoise step 50 against 832 cache rows; ~520 valid
+    prefix keys per row."""
+    heads, d, horizon, tokens, capacity, cache_rows = 8, 256, 50, 528, 720, 832
+    tokens, keys = (tokens, capacity) if stage == "prefill" else (horizon, cache_rows)
     dev = torch.device("cuda")
     q = torch.randn(batch, tokens, heads, d, generator=gen, device=dev).to(torch.bfloat16)
     k = torch.randn(batch, 1, keys, d, generator=gen, device=dev).to(torch.bfloat16)
     v = torch.randn(batch, 1, keys, d, generator=gen, device=dev).to(torch.bfloat16)
-    n_valid = torch.tensor([prefix - 13 * i for i in range(batch)], device=dev).view(-1, 1)
+    n_valid = torch.tensor([520 - 3 * i for i in range(batch)], device=dev).view(-1, 1)
     idx = torch.arange(keys, device=dev)
     valid = idx < n_valid
     if stage == "denoise":
         valid |= idx >= keys - horizon
     return q, k, v, valid.view(batch, 1, 1, keys)
+
+
+def flash_way(skip: bool):
+    """The flash kernel with or without skipping fully masked key blocks (called eagerly: one custom op)."""
+    from pi05_ros.engine.fast.kernels import attention as flash
+
+    def run(q, k, v, mask):  # noqa: ANN001, ANN202
+        flash.SKIP_MASKED_BLOCKS = skip
+        try:
+            return flash.flash_gqa_attention(q, k, v, mask)
+        finally:
+            flash.SKIP_MASKED_BLOCKS = True
+
+    return run
 
 
 def sweep(iters: int) -> list[dict]:
@@ -88,7 +105,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="1,2,4,8")
     parser.add_argument("--iters", type=int, default=200)
-    parser.add_argument("--ways", default="gemm,sdpa,flash")
+    parser.add_argument("--ways", default="gemm,sdpa,flash,flash-noskip")
     parser.add_argument("--sweep", action="store_true", help="only time the flash kernel's tile shapes")
     args = parser.parse_args()
     if args.sweep:
@@ -97,7 +114,9 @@ def main() -> None:
             json.dump({"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
         return
     gen = torch.Generator(device="cuda").manual_seed(0)
-    compiled = {way: torch.compile(ATTENTION[way], dynamic=False) for way in args.ways.split(",")}
+    compiled = {way: (flash_way(way == "flash") if way.startswith("flash") else torch.compile(ATTENTION[way],
+                                                                                               dynamic=False))
+                for way in args.ways.split(",")}
     rows = []
     for stage in ("prefill", "denoise"):
         for batch in (int(b) for b in args.batches.split(",")):

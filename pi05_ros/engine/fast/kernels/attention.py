@@ -40,6 +40,7 @@ BLOCK_ROWS = 64
 KEY_BLOCK = 32
 WARPS = 4
 STAGES = 2
+SKIP_MASKED_BLOCKS = True
 
 
 @functools.cache
@@ -52,6 +53,7 @@ def _kernels() -> tuple:
         q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, acc_ptr, m_ptr, l_ptr,
         q_rows, keys, q_bstride, kv_bstride, kv_rstride, mask_bstride, out_bstride, scale, blocks_per_split,
         D: tl.constexpr, BM: tl.constexpr, KB: tl.constexpr, SPLITS: tl.constexpr, DT: tl.constexpr,
+        SKIP: tl.constexpr,
     ):
         """BM folded query rows of one batch row against one split of its keys. One split: the normalized output
         into out [B, rows, D]. Several: unnormalized partials into acc / m / l, indexed (row, block, split)."""
@@ -72,18 +74,20 @@ def _kernels() -> tuple:
             key = (split * blocks_per_split + b) * KB + tl.arange(0, KB)
             in_range = key < keys
             valid = in_range & (tl.load(mask_ptr + key, mask=in_range, other=0) != 0)
-            # masked keys are not read: whatever a padded row's K/V hold (even NaN) cannot reach the output
-            kt = tl.load(k_ptr + key[None, :] * kv_rstride + rd[:, None], mask=valid[None, :], other=0.0)
-            scores = tl.dot(q, kt) * scale
-            scores = tl.where(valid[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: keep exp() finite
-            p = tl.exp(scores - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_ptr + key[:, None] * kv_rstride + rd[None, :], mask=valid[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(DT), v)
-            m_i = m_new
+            # a block with no valid key (the prefix rows past every prompt) is skipped, not computed
+            if not SKIP or tl.max(valid.to(tl.int32), axis=0) > 0:
+                # masked keys are not read: whatever a padded row's K/V hold (even NaN) cannot reach the output
+                kt = tl.load(k_ptr + key[None, :] * kv_rstride + rd[:, None], mask=valid[None, :], other=0.0)
+                scores = tl.dot(q, kt) * scale
+                scores = tl.where(valid[None, :], scores, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: keep exp() finite
+                p = tl.exp(scores - m_safe[:, None])
+                alpha = tl.exp(m_i - m_safe)
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                v = tl.load(v_ptr + key[:, None] * kv_rstride + rd[None, :], mask=valid[:, None], other=0.0)
+                acc = acc * alpha[:, None] + tl.dot(p.to(DT), v)
+                m_i = m_new
         if SPLITS == 1:
             tl.store(out_ptr + pid_b * out_bstride + rm[:, None] * D + rd[None, :], (acc / l_i[:, None]).to(DT),
                      mask=row_ok[:, None])
@@ -184,7 +188,7 @@ def flash_gqa_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor) -> Te
     flash_kernel[(b, blocks, splits)](
         q, k, v, mask, out, acc, m, l_sum,
         rows, keys, rows * d, k.stride(0), k.stride(2), mask.stride(0) if mask.shape[0] > 1 else 0, rows * d,
-        d**-0.5, per_split, D=d, BM=BLOCK_ROWS, KB=KEY_BLOCK, SPLITS=splits, DT=dt, **launch,
+        d**-0.5, per_split, D=d, BM=BLOCK_ROWS, KB=KEY_BLOCK, SPLITS=splits, DT=dt, SKIP=SKIP_MASKED_BLOCKS, **launch,
     )
     if splits > 1:
         br, bd = 16, min(64, d)
