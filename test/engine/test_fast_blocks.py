@@ -92,3 +92,23 @@ def test_fast_model_batch_equals_its_rows(golden_model: Pi05Model, fast_case, st
     assert rel_err(together, alone) < 1e-5
     for row in range(3):
         assert rel_err(together[row], alone[row]) < 1e-5
+
+
+def test_patch_embedding_gemm_equals_the_convolution(golden_model: Pi05Model) -> None:
+    """embed_patches (patches flattened into one GEMM) against SigLIP's stride-p convolution, its definition."""
+    import torch.nn.functional as F
+
+    from pi05_ros.engine.fast.blocks import embed_patches
+
+    emb = golden_model.vision.embeddings
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (3, 224, 224, 3), dtype=torch.uint8, generator=gen)
+    x = images.permute(0, 3, 1, 2).float() / 255.0 * 2.0 - 1.0
+    conv = F.conv2d(x, emb.patch_embedding.weight.float(), emb.patch_embedding.bias.float(),
+                    stride=emb.patch_embedding.stride)
+    want = conv.flatten(2).transpose(1, 2) + emb.position_embedding.weight.float()
+    got = embed_patches(images, emb.patch_embedding.weight.float().flatten(1), emb.patch_embedding.bias.float(),
+                        emb.position_embedding.weight.float(), emb.patch_embedding.stride[0])
+    assert got.shape == want.shape == (3, 256, emb.patch_embedding.weight.shape[0])
+    # float32: the same products, summed in another order
+    assert rel_err(got, want) < 1e-6

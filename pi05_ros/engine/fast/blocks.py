@@ -166,6 +166,25 @@ def _fold_layernorm(ln: nn.LayerNorm, lin: nn.Linear) -> tuple[Tensor, Tensor]:
 # recorder or an emulator that way, and the hot `linear` itself checks nothing.
 
 
+def embed_patches(images_u8: Tensor, weight: Tensor, bias: Tensor, pos_embed: Tensor, patch: int) -> Tensor:
+    """uint8 images [N, H, W, C] -> patch embeddings + positions [N, (H/p)(W/p), width], float32.
+
+    SigLIP's patch convolution (kernel = stride = p) is a GEMM over flattened patches, weight [width, C*p*p] in
+    (channel, row, column) order: the patch gather and the [-1, 1] scaling fuse into one kernel before cuBLAS, where
+    cuDNN's convolution of a 3-channel image ran at ~30 TFLOP/s with a channel-padding kernel of its own (an H100,
+    docs/benchmarks.md §51)."""
+    n, height, width, channels = images_u8.shape
+    rows, cols = height // patch, width // patch
+    x = images_u8.view(n, rows, patch, cols, patch, channels).permute(0, 1, 3, 5, 2, 4)
+    x = (x.reshape(n * rows * cols, channels * patch * patch).float() / 255.0 * 2.0 - 1.0).to(weight.dtype)
+    return F.linear(x, weight, bias).view(n, rows * cols, -1).float() + pos_embed
+
+
+def vision_head(x: Tensor, projector: LinearParams, eps: float, linear_fn: LinearFn = linear) -> Tensor:
+    """SigLIP's final LayerNorm (affine folded into the projector) and the projection to Gemma's width."""
+    return linear_fn(F.layer_norm(x, (x.shape[-1],), eps=eps), projector)
+
+
 def vision_layer(x: Tensor, qkv: LinearParams, out: LinearParams, fc1: LinearParams, fc2: LinearParams,
                  num_heads: int, eps: float, linear_fn: LinearFn = linear) -> Tensor:
     b, n, width = x.shape
@@ -328,7 +347,8 @@ class FastModel(nn.Module):
         # each stack's attention (ATTENTION's keys); the pipeline may choose the prefill's per batch size
         self.prefix_attention = self.expert_attention = attention
         emb = ref.vision.embeddings
-        self.register_buffer("patch_w", emb.patch_embedding.weight.to(dtype))
+        # the stride-14 patch convolution as one GEMM over flattened patches: [width, (channel, kh, kw)]
+        self.register_buffer("patch_w", emb.patch_embedding.weight.flatten(1).to(dtype))
         self.register_buffer("patch_b", emb.patch_embedding.bias.to(dtype))
         self.patch_size = cfg.vision.patch_size
         self.register_buffer("pos_embed", emb.position_embedding.weight.float())
@@ -396,6 +416,8 @@ class FastModel(nn.Module):
         name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
         setattr(config, name, max(getattr(config, name), 64))
         self._vision_layer = torch.compile(vision_layer, dynamic=False)
+        self._embed_patches = torch.compile(embed_patches, dynamic=False)
+        self._vision_head = torch.compile(vision_head, dynamic=False)
         # The token count is marked dynamic in prefill(): one compilation serves every prompt length, and a
         # prompt entering a new 16-token tile costs only a graph capture.
         self._prefix_layer = torch.compile(prefix_layer)
@@ -406,11 +428,12 @@ class FastModel(nn.Module):
 
     _compiled = False
     _vision_layer = staticmethod(vision_layer)
+    _embed_patches = staticmethod(embed_patches)
+    _vision_head = staticmethod(vision_head)
     _prefix_layer = staticmethod(prefix_layer)
     _expert_layer = staticmethod(expert_layer)
     _action_head = staticmethod(action_head)
     _action_delta = staticmethod(action_delta)
-    _linear = staticmethod(linear)  # the projector's, called from `vision` directly
 
     @contextmanager
     def linears_through(self, linear_fn: LinearFn) -> Iterator[None]:
@@ -420,7 +443,7 @@ class FastModel(nn.Module):
         routed = {"_vision_layer": functools.partial(vision_layer, linear_fn=linear_fn),
                   "_prefix_layer": functools.partial(prefix_layer, linear_fn=linear_fn),
                   "_expert_layer": functools.partial(expert_layer, linear_fn=linear_fn),
-                  "_linear": linear_fn}
+                  "_vision_head": functools.partial(vision_head, linear_fn=linear_fn)}
         saved = {name: self.__dict__.get(name) for name in routed}  # compiled functions, once compile() ran
         for name, fn in routed.items():
             setattr(self, name, fn)
@@ -460,13 +483,10 @@ class FastModel(nn.Module):
     def vision(self, images_u8: Tensor, out: Tensor) -> None:
         """uint8 [B * V, 224, 224, 3] -> projected image tokens written into `out` [V * 256, vlm width] (B = 1) or
         [B, V * 256, vlm width] (each row's views in order)."""
-        x = images_u8.permute(0, 3, 1, 2).float() / 255.0 * 2.0 - 1.0
-        x = F.conv2d(x.to(self.dtype), self.patch_w, self.patch_b, stride=self.patch_size)
-        x = x.flatten(2).transpose(1, 2).float() + self.pos_embed
+        x = self._embed_patches(images_u8, self.patch_w, self.patch_b, self.pos_embed, self.patch_size)
         for block in self.vision_blocks:
             x = self._vision_layer(x, *block.args())
-        h = F.layer_norm(x, (x.shape[-1],), eps=self.vision_eps)
-        out.copy_(self._linear(h, self.projector.params).reshape(out.shape))
+        out.copy_(self._vision_head(x, self.projector.params, self.vision_eps).reshape(out.shape))
 
     def prefill(self, prefix: Tensor, n_valid: Tensor, keys: list[Tensor], values: list[Tensor],
                 attention: str | None = None) -> None:
