@@ -48,27 +48,39 @@ def time_batches(runner, prepared: list, steps: int, iters: int) -> dict:
 
 
 def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str = "") -> list[dict]:
-    """The same batch on pipelines with more linears in FP8 (each on a fresh random model: speed only)."""
+    """The same batch on pipelines with more linears in FP8, another attention, or layers compiled with inductor's
+    GEMM autotuning (each on a fresh random model: speed only)."""
     from pi05_ros.engine.demo import random_model
+    from pi05_ros.engine.fast import blocks
     from pi05_ros.engine.fast.pipeline import FP8_DEFAULT_LAYERS, Pi05Pipeline
 
+    expert_fp8 = (*FP8_DEFAULT_LAYERS, "expert_blocks.*.qkv", "expert_blocks.*.down")
     rows = []
-    for name, layers, vision, attention in (
-            ("fp8 prefix all linears", ("prefix_blocks.*",), False, "gemm"),
-            ("fp8 prefix MLP + SigLIP MLP", FP8_DEFAULT_LAYERS, True, "gemm"),
-            ("fp8 prefix all + SigLIP MLP", ("prefix_blocks.*",), True, "gemm"),
-            ("SDPA attention (cuDNN)", FP8_DEFAULT_LAYERS, False, "sdpa"),
+    for name, layers, vision, attention, autotune in (
+            ("fp8 prefix all linears", ("prefix_blocks.*",), False, "auto", ()),
+            ("fp8 prefix MLP + SigLIP MLP", FP8_DEFAULT_LAYERS, True, "auto", ()),
+            ("fp8 prefix all + SigLIP MLP", ("prefix_blocks.*",), True, "auto", ()),
+            ("SDPA attention (cuDNN)", FP8_DEFAULT_LAYERS, False, "sdpa", ()),
             # FP8 in the expert: qkv + down is within the 3e-2 budget in the CPU emulation (§19), all of it is not
-            ("fp8 prefix MLP + expert qkv, down", (*FP8_DEFAULT_LAYERS, "expert_blocks.*.qkv", "expert_blocks.*.down"),
-             False, "gemm"),
-            ("fp8 prefix MLP + expert all", (*FP8_DEFAULT_LAYERS, "expert_blocks.*"), False, "gemm")):
+            ("fp8 prefix MLP + expert qkv, down", expert_fp8, False, "auto", ()),
+            ("fp8 prefix MLP + expert all", (*FP8_DEFAULT_LAYERS, "expert_blocks.*"), False, "auto", ()),
+            # inductor's max-autotune: Triton GEMM templates against cuBLAS per shape, pointwise epilogues fused
+            # into the winners (the expert's GEMMs at M = 400 take cuBLAS tiles at 190-370 TFLOP/s, §51)
+            ("expert layers max-autotune", FP8_DEFAULT_LAYERS, False, "auto", ("expert",)),
+            ("vision + expert layers max-autotune", FP8_DEFAULT_LAYERS, False, "auto", ("vision", "expert"))):
         if words and not any(word in name for word in words.split(",")):
             continue
         model = random_model(policy.config, seed=0, device=torch.device("cuda"), dtype=torch.bfloat16)
         pipe = Pi05Pipeline(model, "fp8", fp8_layers=layers, fp8_vision=vision, attention=attention,
                             max_batch=len(prepared), release_reference=True)
         del model
-        row = {"variant": name, **time_batches(pipe, prepared, steps, iters)}
+        for stack in autotune:  # replaces compile()'s function before anything is compiled or captured
+            setattr(pipe.fast, f"_{stack}_layer", torch.compile(getattr(blocks, f"{stack}_layer"), dynamic=False,
+                                                                mode="max-autotune-no-cudagraphs"))
+        start = time.perf_counter()
+        pipe.run_batch(prepared, steps)  # compiles (and autotunes) this bucket's stages and captures their graphs
+        first_call_s = time.perf_counter() - start
+        row = {"variant": name, "first_call_s": first_call_s, **time_batches(pipe, prepared, steps, iters)}
         print(json.dumps(row), flush=True)
         rows.append(row)
         del pipe
