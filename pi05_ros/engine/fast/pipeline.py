@@ -33,6 +33,11 @@ tile); padded rows compute on whatever their staging holds and are dropped, so a
 GEMM program), larger ones on the torch path, measured faster there, unless `expert_kernels="on"`. Staging and the
 batch K/V caches are sized for `max_batch` (default 1: what a robot needs; batch 1 keeps caches of its own). A row
 with real-time chunking runs alone.
+
+Attention (`attention`): the Gemma layers' one-K/V-head attention runs as GEMM -> masked softmax -> GEMM inside the
+compiled layers, except that `"auto"` (the default) runs the prefill of batch buckets from FLASH_PREFILL_MIN_BATCH
+rows through the flash-style Triton kernel of kernels/attention.py on Hopper, where it measured faster
+(docs/benchmarks.md §51). `"flash"` takes the kernel in both stacks, `"gemm"` nowhere, `"sdpa"` PyTorch's SDPA.
 """
 
 from __future__ import annotations
