@@ -114,6 +114,10 @@ def main() -> None:
             json.dump({"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
         return
     gen = torch.Generator(device="cuda").manual_seed(0)
+    # every (stage, batch) is a compilation of its own: past dynamo's limit a way would silently run eagerly
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), 64))
     compiled = {way: (flash_way(way == "flash") if way.startswith("flash") else torch.compile(ATTENTION[way],
                                                                                                dynamic=False))
                 for way in args.ways.split(",")}

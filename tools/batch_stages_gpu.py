@@ -90,7 +90,8 @@ def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str 
 
 def profile(runner, prepared: list, steps: int, path: str) -> None:
     """Kernel time of 5 batches (CUDA graph replays included), by kernel, largest first; then each stage's graph
-    of this batch size alone (20 replays), so the denoise loop's kernels are not mixed with the prefill's."""
+    of this batch size alone (20 replays; the denoise step's once per step), so the denoise loop's kernels are not
+    mixed with the prefill's."""
     from torch.profiler import ProfilerActivity
 
     def table(fn, count: int) -> str:
@@ -104,8 +105,13 @@ def profile(runner, prepared: list, steps: int, path: str) -> None:
     runner.run_batch(prepared, steps)
     text = "## 5 whole batches\n" + table(lambda: runner.run_batch(prepared, steps), 5)
     for key, graph in getattr(runner, "_graphs", {}).items():
-        if key[-1] == len(prepared):  # every stage key ends with its batch size
-            text += f"\n## {key}: 20 replays\n" + table(graph.replay, 20)
+        if key[-1] != len(prepared):  # every stage key ends with its batch size
+            continue
+        count = 20
+        if key[0] == "denoise_step":  # each replay moves the step table on: stay within this schedule's steps
+            runner._tables[key[2]].index.zero_()
+            count = steps
+        text += f"\n## {key}: {count} replays\n" + table(graph.replay, count)
     with open(path, "w") as f:
         f.write(text)
     print(text[:20000])
@@ -119,7 +125,9 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--buckets", default="1,2,4,8")
     parser.add_argument("--variants", nargs="?", const="", default=None, metavar="WORDS",
-                        help="also time more FP8 linears (prefix, SigLIP MLP) and SDPA attention, largest bucket")
+                        help="also time variants at the largest bucket: more FP8 linears (prefix, SigLIP MLP, expert), "
+                             "SDPA attention, inductor's max-autotune on the expert (and vision) layers; WORDS "
+                             "(comma separated) keeps those whose names contain one")
     parser.add_argument("--profile", type=int, default=0, metavar="B",
                         help="also profile 5 batches of B (torch profiler): kernel table to $OUT/profile_B.txt")
     parser.add_argument("--device", default="cuda", help="cuda (default); cpu checks the tool on the tiny model")
@@ -142,6 +150,7 @@ def main() -> None:
     images = {key: rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for key in policy.image_keys[:args.views]}
     state = rng.uniform(-1, 1, policy.state_dim).astype(np.float32)
     obs = policy.prepare(images, state, "pick up the cup and place it")
+    attention = getattr(runner, "attention", "-")  # the runner may be gone by the table (--variants frees it)
     rows = []
     for batch in buckets:
         row = {"variant": "default", **time_batches(runner, [obs] * batch, args.steps, args.iters)}
@@ -156,7 +165,7 @@ def main() -> None:
         rows += variants(policy, [obs] * max(buckets), args.steps, args.iters, args.variants)
     header = ("variant", "batch", "path", *STAGES, "wall", "wall_p99", "per_row_ms")
     print(f"\n{args.precision}, {args.steps} steps, {args.views} views, expert_kernels={args.expert_kernels}, "
-          f"attention={getattr(runner, 'attention', '-')}, "
+          f"attention={attention}, "
           f"median of {args.iters} (ms)")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -168,7 +177,7 @@ def main() -> None:
         name = name.replace(".json", f"_{args.attention}.json")
     with open(os.path.join(out, name), "w") as f:
         json.dump({"precision": args.precision, "steps": args.steps, "views": args.views,
-                   "expert_kernels": args.expert_kernels, "rows": rows}, f, indent=1)
+                   "expert_kernels": args.expert_kernels, "attention": attention, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def case(batch: int, tokens: int, heads: int, keys: int, head_dim: int = 32, see
 @pytest.mark.parametrize("batch, tokens, heads, keys", [
     (1, 5, 8, 40),  # the expert at batch 1 in small: one query block, the keys split
     (3, 20, 4, 150),  # several query blocks (80 rows > 64), keys past a block boundary
-    (2, 9, 2, 64),  # keys exactly one block
+    (2, 9, 2, 64),  # keys a whole number of blocks
 ])
 def test_flash_matches_gemm_attention(batch: int, tokens: int, heads: int, keys: int) -> None:
     q, k, v = case(batch, tokens, heads, keys)
@@ -56,6 +56,27 @@ def test_flash_matches_gemm_attention(batch: int, tokens: int, heads: int, keys:
     assert out.shape == want.shape == (batch, tokens, heads * q.shape[-1])
     # float32 throughout: only summation order differs (online softmax over key blocks, then the splits)
     assert rel_err(out, want) < 1e-5
+
+
+def test_head_dim_256_as_gemma_has_it() -> None:
+    """Gemma's head dim: the combine kernel merges the splits in four column blocks of 64."""
+    q, k, v = case(1, 2, 8, 70, head_dim=256)
+    key_mask = (torch.arange(70) < 61).view(1, 1, 1, 70)
+    assert key_splits(1, 16, 70, programs=8)[0] > 1
+    assert rel_err(flash_gqa_attention(q, k, v, key_mask), _gqa_attention(q, k, v, key_mask)) < 1e-5
+
+
+def test_inputs_that_do_not_fit_are_refused() -> None:
+    q, k, v = case(2, 3, 2, 40)
+    mask = torch.ones(2, 1, 1, 40, dtype=torch.bool)
+    with pytest.raises(ValueError, match="k must be"):
+        flash_gqa_attention(q, k[:1], v[:1], mask)  # one row of K/V for two rows of queries
+    with pytest.raises(ValueError, match="key_mask must be bool"):
+        flash_gqa_attention(q, k, v, mask.int())
+    with pytest.raises(ValueError, match="key_mask must be bool"):
+        flash_gqa_attention(q, k, v, mask[..., :39])
+    with pytest.raises(ValueError, match="one dtype"):
+        flash_gqa_attention(q.double(), k, v, mask)
 
 
 def test_one_mask_row_serves_every_batch_row_and_masked_keys_do_not_count() -> None:
@@ -111,3 +132,55 @@ def test_fast_model_with_flash_attention_matches_gemm_attention() -> None:
     # float32: summation order only
     assert rel_err(results["flash"][0], results["gemm"][0]) < 1e-5
     assert rel_err(results["flash"][1], results["gemm"][1]) < 1e-5
+
+
+def test_the_pipeline_takes_the_kernel_for_batched_prefills_only_where_measured(monkeypatch) -> None:
+    """attention="auto": the flash kernel for prefill buckets of FLASH_PREFILL_MIN_BATCH+ rows on Hopper, the GEMM
+    attention for batch 1, the denoise loop and other GPUs; explicit choices apply to both stacks; a bad choice or
+    "flash" where Triton cannot run is refused. Real pipelines (no graphs) on the small model."""
+    from pi05_ros.engine.fast import kernels, pipeline
+
+    model = random_model(SMALL, seed=0, device=torch.device("cpu"), dtype=torch.bfloat16)
+    options = {"precision": "bf16", "use_graphs": False, "compile": False, "expert_kernels": "off", "max_batch": 4}
+    auto = pipeline.Pi05Pipeline(model, **options)
+    assert auto.attention == "auto" and auto.fast.expert_attention == "gemm"
+    assert [auto.prefill_attention(b) for b in (1, 2, 4)] == ["gemm"] * 3  # not Hopper: no kernel
+    monkeypatch.setattr(pipeline, "expert_kernels_measured", lambda device: True)  # as on Hopper
+    assert auto.prefill_attention(1) == "gemm"
+    assert auto.prefill_attention(pipeline.FLASH_PREFILL_MIN_BATCH) == "flash"
+    assert auto.prefill_attention(4) == "flash"
+    gemm = pipeline.Pi05Pipeline(model, attention="gemm", **options)
+    assert gemm.prefill_attention(4) == "gemm" and gemm.fast.expert_attention == "gemm"
+    flash = pipeline.Pi05Pipeline(model, attention="flash", **options)
+    assert flash.prefill_attention(1) == "flash" and flash.fast.expert_attention == "flash"
+    with pytest.raises(ValueError, match="attention must be"):
+        pipeline.Pi05Pipeline(model, attention="fast", **options)
+    monkeypatch.setattr(kernels, "available", lambda device: False)  # no Triton here
+    with pytest.raises(ValueError, match="needs Triton"):
+        pipeline.Pi05Pipeline(model, attention="flash", **options)
+    assert auto.prefill_attention(4) == "gemm"
+
+
+def test_real_time_chunking_runs_with_flash_attention_through_the_gemm_path() -> None:
+    """The kernel has no backward: guided steps (autograd through the expert) take the GEMM attention even when
+    the model runs "flash", and follow the "gemm" model's guided steps."""
+    from pi05_ros.engine.reference import euler_schedule
+
+    model = random_model(SMALL, seed=0, device=torch.device("cpu"), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(2)
+    images = torch.randint(0, 255, (2, 224, 224, 3), dtype=torch.uint8, generator=gen)
+    rows = model.embed_tokens[torch.randint(0, 1000, (9,), generator=gen)]
+    noise = torch.randn(1, SMALL.action_horizon, SMALL.action_dim, generator=gen)
+    previous = torch.randn(1, SMALL.action_horizon, SMALL.action_dim, generator=gen)
+    weights = torch.linspace(1, 0, SMALL.action_horizon).view(1, -1, 1).expand_as(previous).contiguous()
+    results = {}
+    for attention in ("gemm", "flash"):
+        fast = FastModel(model, torch.float32, attention=attention)
+        prefix = prefill_eager(fast, images, rows)
+        mods, final, out_w, out_b = fast.step_schedule(3)
+        x = noise.clone()
+        for step, (t, dt) in enumerate(euler_schedule(3)):
+            fast.guided_step(x, prefix.n_valid, prefix.keys, prefix.values, mods[step], final[step], out_w, out_b,
+                             t, dt, previous, weights, 5.0, compiled=False)
+        results[attention] = x
+    assert rel_err(results["flash"], results["gemm"]) < 1e-5  # float32; only the prefill's summation order differs

@@ -343,6 +343,8 @@ class FastModel(nn.Module):
         super().__init__()
         start = time.perf_counter()
         cfg: Pi05Config = ref.cfg
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
         self.cfg, self.dtype = cfg, dtype
         # each stack's attention (ATTENTION's keys); the pipeline may choose the prefill's per batch size
         self.prefix_attention = self.expert_attention = attention

@@ -53,7 +53,7 @@ def _kernels() -> tuple:
         q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, acc_ptr, m_ptr, l_ptr,
         q_rows, keys, q_bstride, kv_bstride, kv_rstride, mask_bstride, out_bstride, scale, blocks_per_split,
         D: tl.constexpr, BM: tl.constexpr, KB: tl.constexpr, SPLITS: tl.constexpr, DT: tl.constexpr,
-        SKIP: tl.constexpr,
+        SKIP: tl.constexpr, PRECISION: tl.constexpr,
     ):
         """BM folded query rows of one batch row against one split of its keys. One split: the normalized output
         into out [B, rows, D]. Several: unnormalized partials into acc / m / l, indexed (row, block, split)."""
@@ -78,7 +78,7 @@ def _kernels() -> tuple:
             if not SKIP or tl.max(valid.to(tl.int32), axis=0) > 0:
                 # masked keys are not read: whatever a padded row's K/V hold (even NaN) cannot reach the output
                 kt = tl.load(k_ptr + key[None, :] * kv_rstride + rd[:, None], mask=valid[None, :], other=0.0)
-                scores = tl.dot(q, kt) * scale
+                scores = tl.dot(q, kt, input_precision=PRECISION) * scale
                 scores = tl.where(valid[None, :], scores, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(scores, axis=1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: keep exp() finite
@@ -86,7 +86,7 @@ def _kernels() -> tuple:
                 alpha = tl.exp(m_i - m_safe)
                 l_i = l_i * alpha + tl.sum(p, axis=1)
                 v = tl.load(v_ptr + key[:, None] * kv_rstride + rd[None, :], mask=valid[:, None], other=0.0)
-                acc = acc * alpha[:, None] + tl.dot(p.to(DT), v)
+                acc = acc * alpha[:, None] + tl.dot(p.to(DT), v, input_precision=PRECISION)
                 m_i = m_new
         if SPLITS == 1:
             tl.store(out_ptr + pid_b * out_bstride + rm[:, None] * D + rd[None, :], (acc / l_i[:, None]).to(DT),
@@ -153,12 +153,22 @@ def _tl_dtype(dtype: torch.dtype):  # noqa: ANN202
     return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
 
 
-@torch.library.custom_op("pi05::flash_gqa_attention", mutates_args=())
+# The schema is spelled out: torch 2.4 cannot infer it from this module's string annotations.
+@torch.library.custom_op("pi05::flash_gqa_attention", mutates_args=(),
+                         schema="(Tensor q, Tensor k, Tensor v, Tensor key_mask) -> Tensor")
 def flash_gqa_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor) -> Tensor:
     """q [B, N, H, D] against one K/V head k, v [B, 1, L, D] -> [B, N, H * D]; key_mask [B, 1, 1, L] bool (each
     row's valid keys; [1, 1, 1, L] serves every row). `blocks._gqa_attention`'s contract."""
+    if triton is None:
+        raise RuntimeError("flash_gqa_attention needs Triton; use the GEMM attention")
     b, n, h, d = q.shape
     keys = k.shape[2]
+    if k.dim() != 4 or k.shape[0] != b or k.shape[1] != 1 or k.shape[3] != d:
+        raise ValueError(f"flash_gqa_attention: k must be [{b}, 1, L, {d}] for q {tuple(q.shape)}, "
+                         f"got {tuple(k.shape)}")
+    if key_mask.dtype != torch.bool or key_mask.numel() not in (keys, b * keys) or key_mask.shape[-1] != keys:
+        raise ValueError(f"flash_gqa_attention: key_mask must be bool [1 or {b}, 1, 1, {keys}], got "
+                         f"{key_mask.dtype} {tuple(key_mask.shape)}")
     if q.dtype not in _DT or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"flash_gqa_attention takes bf16, fp16 or fp32 q, k, v of one dtype; got {q.dtype}, "
                          f"{k.dtype}, {v.dtype}")
@@ -188,7 +198,8 @@ def flash_gqa_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor) -> Te
     flash_kernel[(b, blocks, splits)](
         q, k, v, mask, out, acc, m, l_sum,
         rows, keys, rows * d, k.stride(0), k.stride(2), mask.stride(0) if mask.shape[0] > 1 else 0, rows * d,
-        d**-0.5, per_split, D=d, BM=BLOCK_ROWS, KB=KEY_BLOCK, SPLITS=splits, DT=dt, SKIP=SKIP_MASKED_BLOCKS, **launch,
+        d**-0.5, per_split, D=d, BM=BLOCK_ROWS, KB=KEY_BLOCK, SPLITS=splits, DT=dt, SKIP=SKIP_MASKED_BLOCKS,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **launch,  # float32 stays float32 (no TF32)
     )
     if splits > 1:
         br, bd = 16, min(64, d)
