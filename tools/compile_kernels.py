@@ -1,6 +1,6 @@
-"""Compile the fused expert kernels for a GPU without one: Triton's own compiler (and the cuobjdump it ships), the
-full-size model's tile shapes. What the CPU interpreter cannot check: that each kernel compiles for the target,
-its registers, spills and shared memory, and that one program of each fits an SM.
+"""Compile the fused expert kernels (and the flash attention kernel) for a GPU without one: Triton's own compiler
+(and the cuobjdump it ships), the full-size model's tile shapes. What the CPU interpreter cannot check: that each
+kernel compiles for the target, its registers, spills and shared memory, and that one program of each fits an SM.
 
     python tools/compile_kernels.py [--arch 90] [--batch-shapes 2x2,4x2] [--batch-k-step 64] [--batch-whole-k]
                                                   # exit 1 if a kernel fails to compile or cannot fit an SM
@@ -35,7 +35,7 @@ from triton.compiler import ASTSource  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pi05_ros.engine.config import PRESETS  # noqa: E402
-from pi05_ros.engine.fast.kernels import expert  # noqa: E402
+from pi05_ros.engine.fast.kernels import attention, expert  # noqa: E402
 from pi05_ros.engine.fast.kernels.expert import KernelConfig, gemm_configs  # noqa: E402
 
 SHARED_PER_SM = 227 * 1024  # Hopper's largest shared memory per block (opt-in)
@@ -130,6 +130,19 @@ def main() -> int:
     jobs.append(("combine", expert._combine_kernel, combine,
                  dict(S_K=c.key_splits, D=e.head_dim, BM=bm, BR=c.combine_rows, BD=bd, DT=tl.bfloat16, USE_PDL=pdl),
                  4, 0))
+    # the flash attention of batched prefills (kernels/attention.py) at its default tiles, one split and several
+    flash_kernel, flash_combine = attention._kernels()
+    flash = dict(q_ptr=BF, k_ptr=BF, v_ptr=BF, mask_ptr="*u8", out_ptr=BF, acc_ptr=F32, m_ptr=F32, l_ptr=F32,
+                 q_rows="i32", keys="i32", q_bstride="i32", kv_bstride="i32", kv_rstride="i32", mask_bstride="i32",
+                 out_bstride="i32", scale="fp32", blocks_per_split="i32")
+    d = PRESETS["pi05"].vlm.head_dim
+    for splits in (1, 4):
+        jobs.append((f"flash attention, {'one split' if splits == 1 else f'{splits} key splits'}", flash_kernel,
+                     flash, dict(D=d, BM=attention.BLOCK_ROWS, KB=attention.KEY_BLOCK, SPLITS=splits, DT=tl.bfloat16,
+                                 SKIP=attention.SKIP_MASKED_BLOCKS, PRECISION="tf32"), attention.WARPS, 0))
+    jobs.append(("flash combine", flash_combine,
+                 dict(acc_ptr=F32, m_ptr=F32, l_ptr=F32, out_ptr=BF, q_rows="i32", out_bstride="i32"),
+                 dict(D=d, BM=attention.BLOCK_ROWS, BR=16, BD=min(64, d), SPLITS=4, DT=tl.bfloat16), 4, 0))
     for rows, tiles in shapes:
         jobs += gemm_jobs(8, dataclasses.replace(c, batch_rows=rows, batch_tiles=tiles, batch_k_step=args.batch_k_step,
                                                  batch_split_k=not args.batch_whole_k))

@@ -1,7 +1,7 @@
-"""The fused expert kernels compile for Hopper (sm_90) without a GPU: Triton's compiler for that target, the
-full-size model's tile shapes (tools/compile_kernels.py). The interpreter tests check their math, not that
-the GPU compiler takes them, that a program fits an SM, or that the default shapes (batch 1's and batches')
-compile without spilling registers."""
+"""The fused expert kernels and the flash attention kernel compile for Hopper (sm_90) without a GPU: Triton's
+compiler for that target, the full-size model's tile shapes (tools/compile_kernels.py). The interpreter tests check
+their math, not that the GPU compiler takes them, that a program fits an SM, or that the default shapes (batch 1's
+and batches') compile without spilling registers."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ def test_every_expert_kernel_compiles_for_hopper_and_fits_an_sm() -> None:
     cells = [[cell.strip() for cell in row.split("|")[1:-1]] for row in rows]
     batch = "batch 2x1, 8 warps, 3 stages"  # KernelConfig's batch shape
     assert [c[0] for c in cells] == ["gemm qkv", "gemm o", "gemm gate_up", "gemm down", "attend", "combine",
+                                     "flash attention, one split", "flash attention, 4 key splits", "flash combine",
                                      f"gemm qkv {batch}", f"gemm o {batch}", f"gemm gate_up {batch}",
                                      f"gemm down {batch}"]
     assert all(c[5] == "yes" for c in cells)
