@@ -110,3 +110,29 @@ def test_prepared_views_pass_through_resize_views(method: str) -> None:
         resize_views([early], 112, method, ["base"])
     with pytest.raises(InputError, match="right: expected uint8"):
         resize_views([early, frames[1].astype(np.float32)], 224, method, ["base", "right"])
+
+
+def test_views_already_at_the_model_size_skip_the_resize_threads(monkeypatch) -> None:
+    """Two 224x224 views (a server's usual request) are validated and passed on in the calling thread; views that
+    need resizing still go to the pool, and a bad view is still refused."""
+    from pi05_ros.engine import preprocess
+
+    class CountingPool:
+        def __init__(self) -> None:
+            self.maps = 0
+
+        def map(self, fn, items):  # noqa: ANN001, ANN202
+            self.maps += 1
+            return [fn(item) for item in items]
+
+    pool = CountingPool()
+    monkeypatch.setattr(preprocess, "_pool", pool)
+    rng = np.random.default_rng(6)
+    ready = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(2)]
+    out = resize_views(ready, 224, "openpi_client")
+    assert pool.maps == 0 and all(o is r for o, r in zip(out, ready, strict=True))
+    with pytest.raises(InputError, match="expected uint8"):
+        resize_views([ready[0], ready[1].astype(np.float32)], 224, "openpi_client")
+    big = [rng.integers(0, 256, (480, 640, 3), dtype=np.uint8) for _ in range(2)]
+    resize_views(big, 224, "openpi_client")
+    assert pool.maps == 1
