@@ -17,30 +17,15 @@ import argparse
 import json
 import os
 
-import numpy as np
 import torch
+from expert_kernels_gpu import graph_ms  # this tool's neighbour (the script's folder is on sys.path)
 
 from pi05_ros.engine.fast.blocks import ATTENTION
 
 
 def graph_time(fn, iters: int) -> float:
     """p50 in us of one call, from a CUDA graph of 10 calls replayed `iters` times."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(10):
-            fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(iters):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / 10)
-    return float(np.median(times))
+    return graph_ms(lambda: [fn() for _ in range(10)], iters) * 1e3 / 10
 
 
 def shapes(stage: str, batch: int, gen: torch.Generator) -> tuple:
