@@ -28,3 +28,14 @@ def available(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device) >= (8, 0)
     return device.type == "cpu" and interpreting()
+
+
+# The compute dtypes the kernels take (their DT constexpr).
+KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def tl_dtype(dtype: torch.dtype):  # noqa: ANN201 - a triton.language dtype; Triton is imported only when needed
+    """Triton's element type for one of KERNEL_DTYPES."""
+    import triton.language as tl
+
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[dtype]

@@ -27,6 +27,8 @@ import functools
 import torch
 from torch import Tensor
 
+from pi05_ros.engine.fast.kernels import KERNEL_DTYPES, tl_dtype
+
 try:
     import triton
     import triton.language as tl
@@ -146,13 +148,6 @@ def key_splits(batch: int, q_rows: int, keys: int, programs: int, block_rows: in
     return -(-blocks // per_split), per_split
 
 
-_DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-
-
-def _tl_dtype(dtype: torch.dtype):  # noqa: ANN202
-    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
-
-
 # The schema is spelled out: torch 2.4 cannot infer it from this module's string annotations.
 @torch.library.custom_op("pi05::flash_gqa_attention", mutates_args=(),
                          schema="(Tensor q, Tensor k, Tensor v, Tensor key_mask) -> Tensor")
@@ -169,7 +164,7 @@ def flash_gqa_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor) -> Te
     if key_mask.dtype != torch.bool or key_mask.numel() not in (keys, b * keys) or key_mask.shape[-1] != keys:
         raise ValueError(f"flash_gqa_attention: key_mask must be bool [1 or {b}, 1, 1, {keys}], got "
                          f"{key_mask.dtype} {tuple(key_mask.shape)}")
-    if q.dtype not in _DT or k.dtype != q.dtype or v.dtype != q.dtype:
+    if q.dtype not in KERNEL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"flash_gqa_attention takes bf16, fp16 or fp32 q, k, v of one dtype; got {q.dtype}, "
                          f"{k.dtype}, {v.dtype}")
     if k.stride(-1) != 1 or v.stride() != k.stride() or k.shape != v.shape:
@@ -185,7 +180,7 @@ def flash_gqa_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor) -> Te
     out = q.new_empty(b, n, h * d)
     splits, per_split = key_splits(b, rows, keys, _programs_wanted(q.device), BLOCK_ROWS, KEY_BLOCK)
     blocks = triton.cdiv(rows, BLOCK_ROWS)
-    dt = _tl_dtype(q.dtype)
+    dt = tl_dtype(q.dtype)
     if splits > 1:
         parts = b * blocks * splits * BLOCK_ROWS
         acc = torch.empty(parts * d, dtype=torch.float32, device=q.device)

@@ -46,7 +46,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from pi05_ros.engine.fast.kernels import interpreting
+from pi05_ros.engine.fast.kernels import interpreting, tl_dtype
 
 try:
     import triton
@@ -682,7 +682,7 @@ class ExpertKernels:
 
     @property
     def _dt(self):
-        return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[self.dtype]
+        return tl_dtype(self.dtype)
 
     def _check_batch(self, batch: int) -> int:
         if not 1 <= batch <= self.max_batch:
