@@ -10,7 +10,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
 import pytest
 import torch
 
-from pi05_ros.engine.config import TINY, GemmaConfig
+from pi05_ros.engine.config import TINY
 from pi05_ros.engine.demo import random_model
 from pi05_ros.engine.fast.blocks import ATTENTION, FastModel, _gqa_attention, denoise_eager, prefill_eager
 from pi05_ros.engine.fast.kernels import available
@@ -18,13 +18,6 @@ from pi05_ros.engine.fast.kernels.attention import BLOCK_ROWS, KEY_BLOCK, flash_
 
 pytestmark = pytest.mark.skipif(not available(torch.device("cpu")),
                                 reason="needs Triton (its CPU interpreter runs these kernels)")
-
-
-# test_expert_kernels' small model: heads of 64, 2 query heads, 2 layers each
-SMALL = TINY.replace(
-    expert=GemmaConfig(width=128, depth=2, mlp_dim=256, num_heads=2, num_kv_heads=1, head_dim=64),
-    vlm=GemmaConfig(width=96, depth=2, mlp_dim=192, num_heads=2, num_kv_heads=1, head_dim=64),
-)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -41,7 +34,7 @@ def case(batch: int, tokens: int, heads: int, keys: int, head_dim: int = 32, see
 
 
 @pytest.mark.parametrize("batch, tokens, heads, keys", [
-    (1, 5, 8, 40),  # the expert at batch 1 in small: one query block, the keys split
+    (1, 5, 8, 40),  # a small expert at batch 1: one query block, the keys split
     (3, 20, 4, 150),  # several query blocks (80 rows > 64), keys past a block boundary
     (2, 9, 2, 64),  # keys a whole number of blocks
 ])
@@ -116,12 +109,12 @@ def test_key_splits_fill_the_gpu_and_never_leave_a_split_empty() -> None:
 
 
 def test_fast_model_with_flash_attention_matches_gemm_attention() -> None:
-    """Prefill and denoise through FastModel(attention="flash") against "gemm", float32 on the small model."""
-    model = random_model(SMALL, seed=0, device=torch.device("cpu"), dtype=torch.float32)
+    """Prefill and denoise through FastModel(attention="flash") against "gemm", float32 on the tiny model."""
+    model = random_model(TINY, seed=0, device=torch.device("cpu"), dtype=torch.float32)
     gen = torch.Generator().manual_seed(1)
     images = torch.randint(0, 255, (2, 224, 224, 3), dtype=torch.uint8, generator=gen)
     rows = model.embed_tokens[torch.randint(0, 1000, (9,), generator=gen)]
-    noise = torch.randn(SMALL.action_horizon, SMALL.action_dim, generator=gen)
+    noise = torch.randn(TINY.action_horizon, TINY.action_dim, generator=gen)
     results = {}
     for attention in ("gemm", "flash"):
         fast = FastModel(model, torch.float32, attention=attention)
@@ -137,10 +130,10 @@ def test_fast_model_with_flash_attention_matches_gemm_attention() -> None:
 def test_the_pipeline_takes_the_kernel_for_batched_prefills_only_where_measured(monkeypatch) -> None:
     """attention="auto": the flash kernel for prefill buckets of FLASH_PREFILL_MIN_BATCH+ rows on Hopper, the GEMM
     attention for batch 1, the denoise loop and other GPUs; explicit choices apply to both stacks; a bad choice or
-    "flash" where Triton cannot run is refused. Real pipelines (no graphs) on the small model."""
+    "flash" where Triton cannot run is refused. Real pipelines (no graphs) on the tiny model."""
     from pi05_ros.engine.fast import kernels, pipeline
 
-    model = random_model(SMALL, seed=0, device=torch.device("cpu"), dtype=torch.bfloat16)
+    model = random_model(TINY, seed=0, device=torch.device("cpu"), dtype=torch.bfloat16)
     options = {"precision": "bf16", "use_graphs": False, "compile": False, "expert_kernels": "off", "max_batch": 4}
     auto = pipeline.Pi05Pipeline(model, **options)
     assert auto.attention == "auto" and auto.fast.expert_attention == "gemm"
@@ -166,13 +159,13 @@ def test_real_time_chunking_runs_with_flash_attention_through_the_gemm_path() ->
     the model runs "flash", and follow the "gemm" model's guided steps."""
     from pi05_ros.engine.reference import euler_schedule
 
-    model = random_model(SMALL, seed=0, device=torch.device("cpu"), dtype=torch.float32)
+    model = random_model(TINY, seed=0, device=torch.device("cpu"), dtype=torch.float32)
     gen = torch.Generator().manual_seed(2)
     images = torch.randint(0, 255, (2, 224, 224, 3), dtype=torch.uint8, generator=gen)
     rows = model.embed_tokens[torch.randint(0, 1000, (9,), generator=gen)]
-    noise = torch.randn(1, SMALL.action_horizon, SMALL.action_dim, generator=gen)
-    previous = torch.randn(1, SMALL.action_horizon, SMALL.action_dim, generator=gen)
-    weights = torch.linspace(1, 0, SMALL.action_horizon).view(1, -1, 1).expand_as(previous).contiguous()
+    noise = torch.randn(1, TINY.action_horizon, TINY.action_dim, generator=gen)
+    previous = torch.randn(1, TINY.action_horizon, TINY.action_dim, generator=gen)
+    weights = torch.linspace(1, 0, TINY.action_horizon).view(1, -1, 1).expand_as(previous).contiguous()
     results = {}
     for attention in ("gemm", "flash"):
         fast = FastModel(model, torch.float32, attention=attention)
