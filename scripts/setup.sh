@@ -49,6 +49,7 @@ REQUIREMENTS=(
   urdfdom-py==1.2.1.post1
   websockets==17.4
   msgpack==1.2.4
+  uvloop==0.23.0
   'ray[serve]==2.60.0'
   fastapi==0.165.0
   pytest==9.2.0

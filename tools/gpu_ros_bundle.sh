@@ -4,7 +4,7 @@
 #
 # Here (needs pip access and python3.12):   bash tools/gpu_ros_bundle.sh
 #   - .gpu_ros/wheels/: the cp312 ROS wheels, the same distributions and versions as .venv's (~42 MiB), and
-#     websockets (pi05-serve's),
+#     websockets and uvloop (pi05-serve's),
 #   - .gpu_ros/install/: this package built by colcon against them with Python 3.12 (messages included).
 # There (the tree copied with .gpu_ros):    source tools/gpu_ros_bundle.sh --activate
 #   installs the wheels into that machine's python3 (--no-index) and sets the variables scripts/env.sh would.
@@ -41,7 +41,7 @@ trap 'rm -rf "$WORK"' EXIT
 rm -rf "$BUNDLE" && mkdir -p "$BUNDLE/wheels"
 "$ROOT/.venv/bin/pip" list 2>/dev/null | awk '/^ros-/{print $1"=="$2}' > "$WORK/ros.txt"
 # pi05-serve's websocket library, also missing there (tools/serve_bench.sh)
-"$ROOT/.venv/bin/pip" list 2>/dev/null | awk '$1 == "websockets" {print $1"=="$2}' >> "$WORK/ros.txt"
+"$ROOT/.venv/bin/pip" list 2>/dev/null | awk '$1 == "websockets" || $1 == "uvloop" {print $1"=="$2}' >> "$WORK/ros.txt"
 "$PY312" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   --platform any -d "$BUNDLE/wheels" -r "$WORK/ros.txt" 2>&1 | grep -v "is ignored" || true

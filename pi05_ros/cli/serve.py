@@ -16,6 +16,7 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,18 @@ def _layouts(robot: str) -> tuple[dict, str]:
     return {**BUILT_IN, layout.name: layout}, layout.name
 
 
+def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run the server's event loop on uvloop where it is installed (scripts/setup.sh pins it): its socket reads and
+    callbacks cost less than asyncio's, which counts on the path from a batch's end to the next batch's start
+    (docs/benchmarks.md §54); asyncio's own loop otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
+
+
 def _serve_here(args: argparse.Namespace) -> int:
     from pi05_ros.serve.server import run_server
     from pi05_ros.serve.service import PolicyService, layout_views, warm_up
@@ -136,7 +149,7 @@ def _serve_here(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         await run_server(service, args.host, args.port, stop=stop, on_ready=ready)
 
-    asyncio.run(main())
+    run_event_loop(main())
     print("pi05-serve: stopped", flush=True)
     return 0
 

@@ -120,7 +120,10 @@ class PolicyService:
             layout.check_model(policy.image_keys)
         self.policy, self.layouts, self.default_layout, self.settings = policy, dict(layouts), default_layout, settings
         self._noise = np.random.default_rng(settings.seed)
-        # Preprocessing (resize, tokenize) runs beside the batch thread, so it overlaps the running batch.
+        # Requests whose views need resizing are prepared here, beside the event loop and the batch thread, so that
+        # resizing overlaps the running batch and other connections' reads. Views already at the model's size
+        # (openpi's clients resize before sending) are prepared on the event loop: ~0.1 ms of tokenizing and
+        # checking, less than the hand-off to this pool and back (docs/benchmarks.md §54).
         self._prepare_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pi05-prepare")
         self.batcher = Batcher(self.run_rows, window_s=settings.window_ms / 1e3, max_batch=settings.max_batch,
                                max_pending=settings.max_clients, group=lambda row: row.num_steps,
@@ -247,8 +250,11 @@ class PolicyService:
         request = layout.parse(unpack(frame), self.settings.default_prompt)
         num_steps = request.num_steps or self.settings.num_steps
         noise = self._noise_for(request)
-        prepared, preprocess_ms = await asyncio.get_running_loop().run_in_executor(
-            self._prepare_pool, self._prepare, request, noise)
+        if self._needs_resize(request):
+            prepared, preprocess_ms = await asyncio.get_running_loop().run_in_executor(
+                self._prepare_pool, self._prepare, request, noise)
+        else:
+            prepared, preprocess_ms = self._prepare(request, noise)
         row = Row(prepared, request.state, preprocess_ms, num_steps)
         result = await self._submit(row)
         if isinstance(result.value, BaseException):
@@ -272,6 +278,11 @@ class PolicyService:
         if request.noise_seed is not None:
             return seeded_noise(request.noise_seed, *shape)
         return self._noise.standard_normal(shape, dtype=np.float32)  # drawn on the event loop: arrival order
+
+    def _needs_resize(self, request: Request) -> bool:
+        """Whether any view differs from the model's size (such a request is prepared on the pool)."""
+        size = self.policy.config.vision.image_size
+        return any(getattr(image, "shape", (0, 0))[:2] != (size, size) for image in request.images.values())
 
     def _prepare(self, request: Request, noise: np.ndarray) -> tuple[PreparedObservation, float]:
         start = time.perf_counter()

@@ -56,11 +56,12 @@ def openpi_client_python() -> Path:
 
 @pytest.fixture(scope="module")
 def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ServerProcess]]:
-    """start_server(args): pi05-serve with `args`, stopped (SIGINT) after the module's tests."""
+    """start_server(args, env=None): pi05-serve with `args` (and `env` variables), stopped (SIGINT) after the
+    module's tests."""
     started: list[ServerProcess] = []
 
-    def start(args: list[str]) -> ServerProcess:
-        server = ServerProcess(args, cwd=tmp_path_factory.mktemp("server_cwd"))
+    def start(args: list[str], env: dict[str, str] | None = None) -> ServerProcess:
+        server = ServerProcess(args, cwd=tmp_path_factory.mktemp("server_cwd"), env=env)
         started.append(server)
         return server
 

@@ -36,9 +36,11 @@ class ServerProcess:
     """`python -m pi05_ros.cli.serve ARGS --port 0` until stopped; its output is drained by a thread (a full pipe
     would block the server) and kept in `lines`."""
 
-    def __init__(self, args: list[str], cwd: Path) -> None:
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
+        """`env`: variables set for the server on top of this process's environment."""
         command = [sys.executable, "-m", "pi05_ros.cli.serve", *args, "--host", "127.0.0.1", "--port", "0"]
-        self.proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, **(env or {})})
         self.lines: list[str] = []
         ready = threading.Event()
         address: list[tuple[str, int]] = []
