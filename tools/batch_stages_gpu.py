@@ -8,8 +8,11 @@ The full-size random-weight demo model, sized for batches of up to 8 as pi05-ser
 prepared observation (2 views, a 6-word prompt) per batch. Prints a table per bucket (median stage times, ms, and
 the wall time of the call) and writes it as JSON to $OUT/batch_stages[_<expert kernels>].json (--expert-kernels on:
 batches denoise on the fused kernels, auto: on the torch path, as pi05-serve does). --variants times the largest bucket
-again with more linears in FP8, or SDPA attention (speed only: FP8 fidelity is in docs/benchmarks.md; WORDS, comma
-separated, keeps the variants whose names contain one of them);
+again on fresh pipelines: more linears in FP8, SDPA attention, inductor's max-autotune, SigLIP layers with fc1's GELU
+in a cuBLASLt epilogue or another attention call; each beside a baseline built the same way, with its actions'
+relative L2 difference from the baseline's (FP8 fidelity against float32 is in docs/benchmarks.md; WORDS, comma
+separated, keeps the variants whose names contain one of them; --device cpu runs the CPU-able ones on the tiny model
+in bf16 without graphs, to check the tool);
 --profile B writes the kernel table of batches of B to $OUT/profile_B.txt. Results feed docs/benchmarks.md
 (issue 9: which stage grows with the batch).
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 
 import numpy as np
@@ -47,44 +51,117 @@ def time_batches(runner, prepared: list, steps: int, iters: int) -> dict:
     return row
 
 
+# --- vision-layer variants, timed here before any of them goes into blocks.py (the profile of a batch of 8 on an
+# H100, docs/benchmarks.md §51: per SigLIP layer, a GELU kernel over fc1's output ~25 us and an ATen strided copy
+# ~30 us beside cuDNN's attention).
+
+@torch.library.custom_op("pi05_bench::linear_gelu", mutates_args=())
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(x W^T + b). On CUDA one cuBLASLt GEMM with its GELU epilogue (cuBLASLt's GELU is the tanh form,
+    as ATen's fallback for it says); elsewhere the GEMM, then the GELU (the CPU's _addmm_activation is erf GELU)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x.is_cuda:
+        y = torch._addmm_activation(bias, x2, weight.t(), use_gelu=True)
+    else:
+        y = torch.nn.functional.gelu(torch.nn.functional.linear(x2, weight, bias), approximate="tanh")
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@linear_gelu.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def vision_layer_variant(gelu_epilogue: bool = False, attention: str = "sdpa"):
+    """blocks.vision_layer with fc1's GELU in its GEMM (bf16 fc1 only) and/or another attention call: "flash"
+    (FlashAttention-2 through ATen, CUDA only), "contiguous" (q, k, v copied by inductor's kernel before SDPA)."""
+    from pi05_ros.engine.fast import blocks
+
+    def layer(x, qkv, out, fc1, fc2, num_heads, eps, linear_fn=blocks.linear):  # noqa: ANN001, ANN202
+        b, n, width = x.shape
+        h = torch.nn.functional.layer_norm(x, (width,), eps=eps)
+        q, k, v = linear_fn(h, qkv).view(b, n, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
+        if attention == "flash":
+            attn = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[0]
+        elif attention == "contiguous":
+            attn = torch.nn.functional.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous())
+        else:
+            attn = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        x = x + linear_fn(attn.transpose(1, 2).reshape(b, n, width), out).float()
+        h = torch.nn.functional.layer_norm(x, (width,), eps=eps)
+        weight, bias, w_scale = fc1[:3]
+        if gelu_epilogue and w_scale is None and bias is not None:
+            hidden = linear_gelu(h.to(weight.dtype), weight, bias)
+        else:
+            hidden = torch.nn.functional.gelu(linear_fn(h, fc1), approximate="tanh")
+        return x + linear_fn(hidden, fc2).float()
+
+    return layer
+
+
 def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str = "") -> list[dict]:
-    """The same batch on pipelines with more linears in FP8, another attention, or layers compiled with inductor's
-    GEMM autotuning (each on a fresh random model: speed only)."""
+    """The same batch on pipelines with more linears in FP8, another attention, layers compiled with inductor's
+    GEMM autotuning, or another vision layer. Each runs on a fresh random model with the same seed, after a
+    "baseline" pipeline built the same way: each row's actions are compared with the baseline's (speed is the
+    question; FP8 fidelity against the float32 reference is in docs/benchmarks.md)."""
     from pi05_ros.engine.demo import random_model
     from pi05_ros.engine.fast import blocks
     from pi05_ros.engine.fast.pipeline import FP8_DEFAULT_LAYERS, Pi05Pipeline
 
+    device = torch.device(policy.device)
+    cuda = device.type == "cuda"  # elsewhere: bf16 without graphs, to check the tool and the variants' agreement
     expert_fp8 = (*FP8_DEFAULT_LAYERS, "expert_blocks.*.qkv", "expert_blocks.*.down")
-    rows = []
-    for name, layers, vision, attention, autotune in (
-            ("fp8 prefix all linears", ("prefix_blocks.*",), False, "auto", ()),
-            ("fp8 prefix MLP + SigLIP MLP", FP8_DEFAULT_LAYERS, True, "auto", ()),
-            ("fp8 prefix all + SigLIP MLP", ("prefix_blocks.*",), True, "auto", ()),
-            ("SDPA attention (cuDNN)", FP8_DEFAULT_LAYERS, False, "sdpa", ()),
+    gelu_fc1 = {"vision": vision_layer_variant(gelu_epilogue=True)}
+    rows, baseline = [], None
+    # name, FP8 linears, FP8 SigLIP MLP, attention, stacks compiled with max-autotune, layer functions replaced
+    for name, layers, vision, attention, autotune, replaced in (
+            ("baseline (a fresh model, as the variants)", FP8_DEFAULT_LAYERS, False, "auto", (), {}),
+            ("fp8 prefix all linears", ("prefix_blocks.*",), False, "auto", (), {}),
+            ("fp8 prefix MLP + SigLIP MLP", FP8_DEFAULT_LAYERS, True, "auto", (), {}),
+            ("fp8 prefix all + SigLIP MLP", ("prefix_blocks.*",), True, "auto", (), {}),
+            ("SDPA attention (cuDNN)", FP8_DEFAULT_LAYERS, False, "sdpa", (), {}),
             # FP8 in the expert: qkv + down is within the 3e-2 budget in the CPU emulation (§19), all of it is not
-            ("fp8 prefix MLP + expert qkv, down", expert_fp8, False, "auto", ()),
-            ("fp8 prefix MLP + expert all", (*FP8_DEFAULT_LAYERS, "expert_blocks.*"), False, "auto", ()),
+            ("fp8 prefix MLP + expert qkv, down", expert_fp8, False, "auto", (), {}),
+            ("fp8 prefix MLP + expert all", (*FP8_DEFAULT_LAYERS, "expert_blocks.*"), False, "auto", (), {}),
             # inductor's max-autotune: Triton GEMM templates against cuBLAS per shape, pointwise epilogues fused
             # into the winners (the expert's GEMMs at M = 400 take cuBLAS tiles at 190-370 TFLOP/s, §51)
-            ("expert layers max-autotune", FP8_DEFAULT_LAYERS, False, "auto", ("expert",)),
-            ("vision + expert layers max-autotune", FP8_DEFAULT_LAYERS, False, "auto", ("vision", "expert"))):
-        if words and not any(word in name for word in words.split(",")):
+            ("expert layers max-autotune", FP8_DEFAULT_LAYERS, False, "auto", ("expert",), {}),
+            ("vision + expert layers max-autotune", FP8_DEFAULT_LAYERS, False, "auto", ("vision", "expert"), {}),
+            ("prefix layers max-autotune", FP8_DEFAULT_LAYERS, False, "auto", ("prefix",), {}),
+            ("vision fc1 GELU in the GEMM epilogue", FP8_DEFAULT_LAYERS, False, "auto", (), gelu_fc1),
+            ("vision attention FlashAttention-2", FP8_DEFAULT_LAYERS, False, "auto", (),
+             {"vision": vision_layer_variant(attention="flash")}),
+            ("vision attention q/k/v contiguous", FP8_DEFAULT_LAYERS, False, "auto", (),
+             {"vision": vision_layer_variant(attention="contiguous")}),
+            ("vision fc1 GELU epilogue + FlashAttention-2", FP8_DEFAULT_LAYERS, False, "auto", (),
+             {"vision": vision_layer_variant(gelu_epilogue=True, attention="flash")})):
+        if baseline is not None and words and not any(word in name for word in words.split(",")):
             continue
-        model = random_model(policy.config, seed=0, device=torch.device("cuda"), dtype=torch.bfloat16)
-        pipe = Pi05Pipeline(model, "fp8", fp8_layers=layers, fp8_vision=vision, attention=attention,
-                            max_batch=len(prepared), release_reference=True)
+        if not cuda and ("FlashAttention" in name or autotune):
+            continue  # CUDA only; the CPU run checks the rest of the tool
+        model = random_model(policy.config, seed=0, device=device, dtype=torch.bfloat16)
+        pipe = Pi05Pipeline(model, policy.precision if cuda else "bf16", fp8_layers=layers, fp8_vision=vision,
+                            attention=attention, max_batch=len(prepared), release_reference=True, use_graphs=cuda)
         del model
         for stack in autotune:  # replaces compile()'s function before anything is compiled or captured
-            setattr(pipe.fast, f"_{stack}_layer", torch.compile(getattr(blocks, f"{stack}_layer"), dynamic=False,
+            setattr(pipe.fast, f"_{stack}_layer", torch.compile(getattr(blocks, f"{stack}_layer"),
+                                                                dynamic=None if stack == "prefix" else False,
                                                                 mode="max-autotune-no-cudagraphs"))
+        for stack, layer in replaced.items():
+            setattr(pipe.fast, f"_{stack}_layer", torch.compile(layer, dynamic=False))
         start = time.perf_counter()
-        pipe.run_batch(prepared, steps)  # compiles (and autotunes) this bucket's stages and captures their graphs
+        actions, _ = pipe.run_batch(prepared, steps)  # compiles (and autotunes) this bucket's stages, captures graphs
         first_call_s = time.perf_counter() - start
-        row = {"variant": name, "first_call_s": first_call_s, **time_batches(pipe, prepared, steps, iters)}
+        if baseline is None:
+            baseline = actions
+        diff = float(np.linalg.norm(actions - baseline) / max(np.linalg.norm(baseline), 1e-12))
+        row = {"variant": name, "first_call_s": first_call_s, "rel_l2_vs_baseline": diff,
+               **time_batches(pipe, prepared, steps, iters)}
         print(json.dumps(row), flush=True)
         rows.append(row)
         del pipe
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -163,18 +240,21 @@ def main() -> None:
         policy.runner = None
         torch.cuda.empty_cache()
         rows += variants(policy, [obs] * max(buckets), args.steps, args.iters, args.variants)
-    header = ("variant", "batch", "path", *STAGES, "wall", "wall_p99", "per_row_ms")
+    header = ("variant", "batch", "path", *STAGES, "wall", "wall_p99", "per_row_ms", "rel_l2_vs_baseline")
     print(f"\n{args.precision}, {args.steps} steps, {args.views} views, expert_kernels={args.expert_kernels}, "
           f"attention={attention}, "
           f"median of {args.iters} (ms)")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for row in rows:
-        print("| " + " | ".join(str(row[h]) if isinstance(row[h], (int, str)) else f"{row[h]:.2f}"
-                                for h in header) + " |")
+        cells = [row.get(h, "-") for h in header]
+        print("| " + " | ".join(str(c) if isinstance(c, (int, str)) else f"{c:.3g}" if abs(c) < 0.01 else f"{c:.2f}"
+                                for c in cells) + " |")
     name = "batch_stages.json" if args.expert_kernels == "auto" else f"batch_stages_{args.expert_kernels}.json"
     if args.attention is not None:
         name = name.replace(".json", f"_{args.attention}.json")
+    if args.variants:  # one file per selection: a session runs several
+        name = name.replace(".json", "_" + re.sub(r"[^a-z0-9]+", "-", args.variants.lower()).strip("-") + ".json")
     with open(os.path.join(out, name), "w") as f:
         json.dump({"precision": args.precision, "steps": args.steps, "views": args.views,
                    "expert_kernels": args.expert_kernels, "attention": attention, "rows": rows}, f, indent=1)

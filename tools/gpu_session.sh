@@ -19,8 +19,11 @@
 #   batch    tools/batch_stages_gpu.py, buckets 1-8: batches as pi05-serve denoises them (auto: the kernels up to
 #            2 rows on Hopper, the torch path from 4) and all on the fused kernels (--expert-kernels on), one process
 #            each   (420)
-#   batch-variants  tools/batch_stages_gpu.py --buckets 8 --variants max-autotune,expert: a batch of 8 with inductor's
-#            GEMM autotuning on the expert (and vision) layers, and FP8 in the expert   (540)
+#   batch-variants  tools/batch_stages_gpu.py --buckets 8 --variants expert: a batch of 8 with inductor's GEMM
+#            autotuning on the expert (and vision) layers, and FP8 in the expert   (540)
+#   vision-variants  tools/batch_stages_gpu.py --buckets 8 --variants "vision fc1,vision attention,prefix layers": a
+#            batch of 8 with SigLIP's fc1 GELU in a cuBLASLt epilogue, its attention on FlashAttention-2 or on
+#            contiguous q/k/v, and max-autotune on the prefix layers; each row's actions against a baseline   (540)
 #   serve    tools/serve_bench.sh, fp8, 10 steps, 1/2/4/8 clients, batched and unbatched   (480)
 #   serve-kernels  the same server, batched only, 1/4/8 clients, with --expert-kernels on --fp8-vision   (360)
 #   bench    pi05-bench --iters 1000                    (480)
@@ -35,10 +38,10 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:?usage: PI05_GIT_COMMIT=<hash> gpu_session.sh OUT_DIR STEP [STEP ...]}"
 shift
-[[ $# -gt 0 ]] || { echo "gpu_session.sh: name at least one step: tests kernels kernels-batch kernels-batch-k kernels-batch-gemms attention batch batch-variants serve serve-kernels bench soak-arrival soak-inference" >&2; exit 2; }
+[[ $# -gt 0 ]] || { echo "gpu_session.sh: name at least one step: tests kernels kernels-batch kernels-batch-k kernels-batch-gemms attention batch batch-variants vision-variants serve serve-kernels bench soak-arrival soak-inference" >&2; exit 2; }
 [[ -n "${PI05_GIT_COMMIT:-}" ]] || { echo "gpu_session.sh: set PI05_GIT_COMMIT=<the commit under test>" >&2; exit 2; }
 for step in "$@"; do
-  case "$step" in tests|kernels|kernels-batch|kernels-batch-k|kernels-batch-gemms|attention|batch|batch-variants|serve|serve-kernels|bench|soak-arrival|soak-inference) ;; *) echo "gpu_session.sh: unknown step $step" >&2; exit 2 ;; esac
+  case "$step" in tests|kernels|kernels-batch|kernels-batch-k|kernels-batch-gemms|attention|batch|batch-variants|vision-variants|serve|serve-kernels|bench|soak-arrival|soak-inference) ;; *) echo "gpu_session.sh: unknown step $step" >&2; exit 2 ;; esac
 done
 mkdir -p "$OUT"
 cd "$ROOT"
@@ -92,7 +95,9 @@ for step in "$@"; do
     batch) OUT="$OUT" run_step batch 420 bash -c "'$PY' tools/batch_stages_gpu.py --expert-kernels auto && \
              '$PY' tools/batch_stages_gpu.py --expert-kernels on --buckets 2,4,8" ;;
     batch-variants) OUT="$OUT" run_step batch-variants 540 "$PY" tools/batch_stages_gpu.py --buckets 8 --iters 20 \
-                      --variants max-autotune,expert ;;
+                      --variants expert ;;
+    vision-variants) OUT="$OUT" run_step vision-variants 540 "$PY" tools/batch_stages_gpu.py --buckets 8 --iters 20 \
+                       --variants "vision fc1,vision attention,prefix layers" ;;
     serve) run_step serve 480 bash tools/serve_bench.sh "$OUT/serve" --device cuda --precision fp8 ;;
     serve-kernels) run_step serve-kernels 360 bash tools/serve_bench.sh "$OUT/serve-kernels" --device cuda \
                      --precision fp8 --modes batched --clients "1 4 8" --server-args "--expert-kernels on --fp8-vision" ;;
