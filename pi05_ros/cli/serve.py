@@ -120,9 +120,12 @@ def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
     try:
         import uvloop
     except ImportError:
+        uvloop = None
+    run = getattr(uvloop, "run", None)  # uvloop.run: 0.18 and later
+    if run is None:
         asyncio.run(main)
-        return
-    uvloop.run(main)
+    else:
+        run(main)
 
 
 def _serve_here(args: argparse.Namespace) -> int:

@@ -75,7 +75,8 @@ class PromptTokenizer:
         ids = self.encode(prompt, state_norm)
         if len(ids) > self.max_len:
             if self._warned_for != prompt:
-                log.warning("prompt is %d tokens, truncated to max_token_len=%d: %r", len(ids), self.max_len, prompt)
+                shown = prompt if len(prompt) <= 200 else prompt[:200] + f"... ({len(prompt)} characters)"
+                log.warning("prompt is %d tokens, truncated to max_token_len=%d: %r", len(ids), self.max_len, shown)
                 self._warned_for = prompt
             ids = ids[: self.max_len]
         tokens = np.zeros(self.max_len, dtype=np.int64)

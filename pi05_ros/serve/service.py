@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 SERVER_NAME = "pi05_ros"
 ERROR_CLOSE_CODE = 1011  # internal error: openpi's server closes with it after the error text
 SLOW_CLIENT_CLOSE_CODE = 1008  # policy violation: the client does not read its replies
+# Longer prompts are tokenized on the prepare pool, not the event loop: a frame may carry megabytes of prompt, and
+# tokenizing 7 MB took 1.7 s (the whole string is encoded before it is cut to the model's token limit).
+INLINE_PROMPT_CHARS = 2048
 
 
 @dataclass(frozen=True)
@@ -120,10 +123,10 @@ class PolicyService:
             layout.check_model(policy.image_keys)
         self.policy, self.layouts, self.default_layout, self.settings = policy, dict(layouts), default_layout, settings
         self._noise = np.random.default_rng(settings.seed)
-        # Requests whose views need resizing are prepared here, beside the event loop and the batch thread, so that
-        # resizing overlaps the running batch and other connections' reads. Views already at the model's size
-        # (openpi's clients resize before sending) are prepared on the event loop: ~0.1 ms of tokenizing and
-        # checking, less than the hand-off to this pool and back (docs/benchmarks.md §54).
+        # Requests whose views need resizing (or with a very long prompt) are prepared here, beside the event loop and
+        # the batch thread, so that the work overlaps the running batch and other connections' reads. Views already
+        # at the model's size (openpi's clients resize before sending) are prepared on the event loop: ~0.1 ms of
+        # tokenizing and checking, less than the hand-off to this pool and back (docs/benchmarks.md §54).
         self._prepare_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pi05-prepare")
         self.batcher = Batcher(self.run_rows, window_s=settings.window_ms / 1e3, max_batch=settings.max_batch,
                                max_pending=settings.max_clients, group=lambda row: row.num_steps,
@@ -250,7 +253,7 @@ class PolicyService:
         request = layout.parse(unpack(frame), self.settings.default_prompt)
         num_steps = request.num_steps or self.settings.num_steps
         noise = self._noise_for(request)
-        if self._needs_resize(request):
+        if self._needs_resize(request) or len(request.prompt) > INLINE_PROMPT_CHARS:
             prepared, preprocess_ms = await asyncio.get_running_loop().run_in_executor(
                 self._prepare_pool, self._prepare, request, noise)
         else:
