@@ -24,6 +24,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -99,7 +100,8 @@ def vision_layer_variant(gelu_epilogue: bool = False, attention: str = "sdpa"):
     return layer
 
 
-def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str = "") -> list[dict]:
+def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str = "",
+             on_row: Callable[[dict], None] = lambda row: None) -> list[dict]:
     """The same batch on pipelines with more linears in FP8, another attention, layers compiled with inductor's
     GEMM autotuning, or another vision layer. Each runs on a fresh random model with the same seed, after a
     "baseline" pipeline built the same way: each row's actions are compared with the baseline's (speed is the
@@ -127,18 +129,21 @@ def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str 
             # into the winners (the expert's GEMMs at M = 400 take cuBLAS tiles at 190-370 TFLOP/s, §51)
             ("expert layers max-autotune", FP8_DEFAULT_LAYERS, False, "auto", ("expert",), {}),
             ("vision + expert layers max-autotune", FP8_DEFAULT_LAYERS, False, "auto", ("vision", "expert"), {}),
-            ("prefix layers max-autotune", FP8_DEFAULT_LAYERS, False, "auto", ("prefix",), {}),
             ("vision fc1 GELU in the GEMM epilogue", FP8_DEFAULT_LAYERS, False, "auto", (), gelu_fc1),
             ("vision attention FlashAttention-2", FP8_DEFAULT_LAYERS, False, "auto", (),
              {"vision": vision_layer_variant(attention="flash")}),
             ("vision attention q/k/v contiguous", FP8_DEFAULT_LAYERS, False, "auto", (),
              {"vision": vision_layer_variant(attention="contiguous")}),
             ("vision fc1 GELU epilogue + FlashAttention-2", FP8_DEFAULT_LAYERS, False, "auto", (),
-             {"vision": vision_layer_variant(gelu_epilogue=True, attention="flash")})):
+             {"vision": vision_layer_variant(gelu_epilogue=True, attention="flash")}),
+            # last: a max-autotune compile of a stack can take minutes (§15: 294 s)
+            ("prefix layers max-autotune", FP8_DEFAULT_LAYERS, False, "auto", ("prefix",), {})):
         if baseline is not None and words and not any(word in name for word in words.split(",")):
             continue
         if not cuda and ("FlashAttention" in name or autotune):
             continue  # CUDA only; the CPU run checks the rest of the tool
+        if name.startswith("fp8") and policy.precision != "fp8":
+            continue  # its FP8 linears would run in bf16 under an FP8 name
         model = random_model(policy.config, seed=0, device=device, dtype=torch.bfloat16)
         pipe = Pi05Pipeline(model, policy.precision if cuda else "bf16", fp8_layers=layers, fp8_vision=vision,
                             attention=attention, max_batch=len(prepared), release_reference=True, use_graphs=cuda)
@@ -159,6 +164,7 @@ def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str 
                **time_batches(pipe, prepared, steps, iters)}
         print(json.dumps(row), flush=True)
         rows.append(row)
+        on_row(row)  # written as it comes: a step cut off by its time limit keeps the rows it finished
         del pipe
         if cuda:
             torch.cuda.empty_cache()
@@ -202,9 +208,11 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--buckets", default="1,2,4,8")
     parser.add_argument("--variants", nargs="?", const="", default=None, metavar="WORDS",
-                        help="also time variants at the largest bucket: more FP8 linears (prefix, SigLIP MLP, expert), "
-                             "SDPA attention, inductor's max-autotune on the expert (and vision) layers; WORDS "
-                             "(comma separated) keeps those whose names contain one")
+                        help="also time variants at the largest bucket, each beside a same-seed baseline: more FP8 "
+                             "linears (prefix, SigLIP MLP, expert), SDPA attention, inductor's max-autotune on the "
+                             "expert, vision or prefix layers, SigLIP layers with fc1's GELU in a cuBLASLt epilogue or "
+                             "FlashAttention-2 or contiguous q/k/v; WORDS (comma separated) keeps those whose names "
+                             "contain one")
     parser.add_argument("--profile", type=int, default=0, metavar="B",
                         help="also profile 5 batches of B (torch profiler): kernel table to $OUT/profile_B.txt")
     parser.add_argument("--device", default="cuda", help="cuda (default); cpu checks the tool on the tiny model")
@@ -228,18 +236,31 @@ def main() -> None:
     state = rng.uniform(-1, 1, policy.state_dim).astype(np.float32)
     obs = policy.prepare(images, state, "pick up the cup and place it")
     attention = getattr(runner, "attention", "-")  # the runner may be gone by the table (--variants frees it)
-    rows = []
+    name = "batch_stages.json" if args.expert_kernels == "auto" else f"batch_stages_{args.expert_kernels}.json"
+    if args.attention is not None:
+        name = name.replace(".json", f"_{args.attention}.json")
+    if args.variants:  # one file per selection: a session runs several
+        name = name.replace(".json", "_" + re.sub(r"[^a-z0-9]+", "-", args.variants.lower()).strip("-") + ".json")
+    rows: list[dict] = []
+
+    def save(_row: dict | None = None) -> None:
+        with open(os.path.join(out, name), "w") as f:
+            json.dump({"precision": args.precision, "steps": args.steps, "views": args.views,
+                       "expert_kernels": args.expert_kernels, "attention": attention, "rows": rows}, f, indent=1)
+
     for batch in buckets:
         row = {"variant": "default", **time_batches(runner, [obs] * batch, args.steps, args.iters)}
         print(json.dumps(row), flush=True)
         rows.append(row)
+    save()
     if args.profile:
         profile(runner, [obs] * args.profile, args.steps, os.path.join(out, f"profile_{args.profile}.txt"))
     if args.variants is not None:
         del runner
         policy.runner = None
         torch.cuda.empty_cache()
-        rows += variants(policy, [obs] * max(buckets), args.steps, args.iters, args.variants)
+        variants(policy, [obs] * max(buckets), args.steps, args.iters, args.variants,
+                 on_row=lambda row: (rows.append(row), save()))
     header = ("variant", "batch", "path", *STAGES, "wall", "wall_p99", "per_row_ms", "rel_l2_vs_baseline")
     print(f"\n{args.precision}, {args.steps} steps, {args.views} views, expert_kernels={args.expert_kernels}, "
           f"attention={attention}, "
@@ -250,15 +271,6 @@ def main() -> None:
         cells = [row.get(h, "-") for h in header]
         print("| " + " | ".join(str(c) if isinstance(c, (int, str)) else f"{c:.3g}" if abs(c) < 0.01 else f"{c:.2f}"
                                 for c in cells) + " |")
-    name = "batch_stages.json" if args.expert_kernels == "auto" else f"batch_stages_{args.expert_kernels}.json"
-    if args.attention is not None:
-        name = name.replace(".json", f"_{args.attention}.json")
-    if args.variants:  # one file per selection: a session runs several
-        name = name.replace(".json", "_" + re.sub(r"[^a-z0-9]+", "-", args.variants.lower()).strip("-") + ".json")
-    with open(os.path.join(out, name), "w") as f:
-        json.dump({"precision": args.precision, "steps": args.steps, "views": args.views,
-                   "expert_kernels": args.expert_kernels, "attention": attention, "rows": rows}, f, indent=1)
-
 
 if __name__ == "__main__":
     main()
