@@ -54,28 +54,13 @@ def time_batches(runner, prepared: list, steps: int, iters: int) -> dict:
 
 # --- vision-layer variants, timed here before any of them goes into blocks.py (the profile of a batch of 8 on an
 # H100, docs/benchmarks.md §51: per SigLIP layer, a GELU kernel over fc1's output ~25 us and an ATen strided copy
-# ~30 us beside cuDNN's attention).
-
-@torch.library.custom_op("pi05_bench::linear_gelu", mutates_args=())
-def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """gelu_tanh(x W^T + b). On CUDA one cuBLASLt GEMM with its GELU epilogue (cuBLASLt's GELU is the tanh form,
-    as ATen's fallback for it says); elsewhere the GEMM, then the GELU (the CPU's _addmm_activation is erf GELU)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    if x.is_cuda:
-        y = torch._addmm_activation(bias, x2, weight.t(), use_gelu=True)
-    else:
-        y = torch.nn.functional.gelu(torch.nn.functional.linear(x2, weight, bias), approximate="tanh")
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+# ~30 us beside cuDNN's attention). fc1's GELU in the cuBLASLt epilogue paid (§56) and is now blocks.vision_layer's.
 
 
-@linear_gelu.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
-def vision_layer_variant(gelu_epilogue: bool = False, attention: str = "sdpa"):
-    """blocks.vision_layer with fc1's GELU in its GEMM (bf16 fc1 only) and/or another attention call: "flash"
-    (FlashAttention-2 through ATen, CUDA only), "contiguous" (q, k, v copied by inductor's kernel before SDPA)."""
+def vision_layer_variant(gelu_epilogue: bool = True, attention: str = "sdpa"):
+    """blocks.vision_layer, with fc1's GELU as a kernel of its own (gelu_epilogue=False: the layer before §56) and/or
+    another attention call: "flash" (FlashAttention-2 through ATen, CUDA only), "contiguous" (q, k, v copied by
+    inductor's kernel before SDPA)."""
     from pi05_ros.engine.fast import blocks
 
     def layer(x, qkv, out, fc1, fc2, num_heads, eps, linear_fn=blocks.linear):  # noqa: ANN001, ANN202
@@ -90,9 +75,8 @@ def vision_layer_variant(gelu_epilogue: bool = False, attention: str = "sdpa"):
             attn = torch.nn.functional.scaled_dot_product_attention(q, k, v)
         x = x + linear_fn(attn.transpose(1, 2).reshape(b, n, width), out).float()
         h = torch.nn.functional.layer_norm(x, (width,), eps=eps)
-        weight, bias, w_scale = fc1[:3]
-        if gelu_epilogue and w_scale is None and bias is not None:
-            hidden = linear_gelu(h.to(weight.dtype), weight, bias)
+        if gelu_epilogue:
+            hidden = blocks._mlp_hidden(h, fc1, linear_fn)
         else:
             hidden = torch.nn.functional.gelu(linear_fn(h, fc1), approximate="tanh")
         return x + linear_fn(hidden, fc2).float()
@@ -113,7 +97,6 @@ def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str 
     device = torch.device(policy.device)
     cuda = device.type == "cuda"  # elsewhere: bf16 without graphs, to check the tool and the variants' agreement
     expert_fp8 = (*FP8_DEFAULT_LAYERS, "expert_blocks.*.qkv", "expert_blocks.*.down")
-    gelu_fc1 = {"vision": vision_layer_variant(gelu_epilogue=True)}
     rows, baseline = [], None
     # name, FP8 linears, FP8 SigLIP MLP, attention, stacks compiled with max-autotune, layer functions replaced
     for name, layers, vision, attention, autotune, replaced in (
@@ -129,13 +112,13 @@ def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str 
             # into the winners (the expert's GEMMs at M = 400 take cuBLAS tiles at 190-370 TFLOP/s, §51)
             ("expert layers max-autotune", FP8_DEFAULT_LAYERS, False, "auto", ("expert",), {}),
             ("vision + expert layers max-autotune", FP8_DEFAULT_LAYERS, False, "auto", ("vision", "expert"), {}),
-            ("vision fc1 GELU in the GEMM epilogue", FP8_DEFAULT_LAYERS, False, "auto", (), gelu_fc1),
+            ("vision fc1 GELU as its own kernel (before §56)", FP8_DEFAULT_LAYERS, False, "auto", (),
+             {"vision": vision_layer_variant(gelu_epilogue=False)}),
             ("vision attention FlashAttention-2", FP8_DEFAULT_LAYERS, False, "auto", (),
              {"vision": vision_layer_variant(attention="flash")}),
             ("vision attention q/k/v contiguous", FP8_DEFAULT_LAYERS, False, "auto", (),
              {"vision": vision_layer_variant(attention="contiguous")}),
-            ("vision fc1 GELU epilogue + FlashAttention-2", FP8_DEFAULT_LAYERS, False, "auto", (),
-             {"vision": vision_layer_variant(gelu_epilogue=True, attention="flash")}),
+
             # last: a max-autotune compile of a stack can take minutes (§15: 294 s)
             ("prefix layers max-autotune", FP8_DEFAULT_LAYERS, False, "auto", ("prefix",), {})):
         if baseline is not None and words and not any(word in name for word in words.split(",")):

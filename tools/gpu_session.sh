@@ -21,9 +21,9 @@
 #            each   (420)
 #   batch-variants  tools/batch_stages_gpu.py --buckets 8 --variants expert: a batch of 8 with inductor's GEMM
 #            autotuning on the expert (and vision) layers, and FP8 in the expert   (540)
-#   vision-variants  tools/batch_stages_gpu.py --buckets 8 --variants "vision fc1,vision attention,prefix layers": a
-#            batch of 8 with SigLIP's fc1 GELU in a cuBLASLt epilogue, its attention on FlashAttention-2 or on
-#            contiguous q/k/v, and max-autotune on the prefix layers; each row's actions against a baseline   (540)
+#   vision-variants  tools/batch_stages_gpu.py --buckets 8 --variants "vision fc1,vision attention": a batch of 8
+#            with SigLIP's fc1 GELU as its own kernel (before §56), its attention on FlashAttention-2 or on contiguous
+#            q/k/v; each row's actions against a baseline (160 s on an H100 with the prefix max-autotune too)   (540)
 #   serve    tools/serve_bench.sh, fp8, 10 steps, 1/2/4/8 clients, batched and unbatched   (480)
 #   serve-kernels  the same server, batched only, 1/4/8 clients, with --expert-kernels on --fp8-vision   (360)
 #   bench    pi05-bench --iters 1000                    (480)
@@ -97,7 +97,7 @@ for step in "$@"; do
     batch-variants) OUT="$OUT" run_step batch-variants 540 "$PY" tools/batch_stages_gpu.py --buckets 8 --iters 20 \
                       --variants expert ;;
     vision-variants) OUT="$OUT" run_step vision-variants 540 "$PY" tools/batch_stages_gpu.py --buckets 8 --iters 20 \
-                       --variants "vision fc1,vision attention,prefix layers" ;;
+                       --variants "vision fc1,vision attention" ;;
     serve) run_step serve 480 bash tools/serve_bench.sh "$OUT/serve" --device cuda --precision fp8 ;;
     serve-kernels) run_step serve-kernels 360 bash tools/serve_bench.sh "$OUT/serve-kernels" --device cuda \
                      --precision fp8 --modes batched --clients "1 4 8" --server-args "--expert-kernels on --fp8-vision" ;;

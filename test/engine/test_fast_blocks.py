@@ -112,3 +112,27 @@ def test_patch_embedding_gemm_equals_the_convolution(golden_model: Pi05Model) ->
     assert got.shape == want.shape == (3, 256, emb.patch_embedding.weight.shape[0])
     # float32: the same products, summed in another order
     assert rel_err(got, want) < 1e-6
+
+
+def test_siglip_fc1_gelu_op_and_its_routing() -> None:
+    """fc1 + GELU as one op (a cuBLASLt epilogue on CUDA) equals the linear then the tanh GELU; a routed linear (FP8
+    calibration's recorder, the emulator) and an FP8 fc1 still go through the linear function."""
+    from pi05_ros.engine.fast.blocks import _mlp_hidden, linear, linear_gelu_tanh
+
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 5, 16, generator=gen)
+    weight, bias = torch.randn(24, 16, generator=gen), torch.randn(24, generator=gen)
+    want = torch.nn.functional.gelu(torch.nn.functional.linear(h, weight, bias), approximate="tanh")
+    torch.testing.assert_close(linear_gelu_tanh(h.reshape(10, 16), weight, bias).view(2, 5, 24), want,
+                               rtol=0, atol=0)  # the same float32 ops on the CPU
+    fc1 = (weight, bias, None, None, None)
+    torch.testing.assert_close(_mlp_hidden(h, fc1, linear), want, rtol=0, atol=0)
+    seen = []
+
+    def recording(x, p):  # noqa: ANN001, ANN202
+        seen.append(x.shape)
+        return linear(x, p)
+
+    torch.testing.assert_close(_mlp_hidden(h, fc1, recording), want, rtol=0, atol=0)
+    assert seen == [h.shape]  # calibration still sees fc1's input
+    torch.library.opcheck(linear_gelu_tanh, (h.reshape(10, 16), weight, bias))
