@@ -84,12 +84,12 @@ def vision_layer_variant(gelu_epilogue: bool = True, attention: str = "sdpa"):
     return layer
 
 
-def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str = "",
-             on_row: Callable[[dict], None] = lambda row: None) -> list[dict]:
+def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str,
+             on_row: Callable[[dict], None]) -> None:
     """The same batch on pipelines with more linears in FP8, another attention, layers compiled with inductor's
-    GEMM autotuning, or another vision layer. Each runs on a fresh random model with the same seed, after a
-    "baseline" pipeline built the same way: each row's actions are compared with the baseline's (speed is the
-    question; FP8 fidelity against the float32 reference is in docs/benchmarks.md)."""
+    GEMM autotuning, or another vision layer; `on_row(row)` for each as it is timed. Each runs on a fresh random
+    model with the same seed, after a "baseline" pipeline built the same way: each row's actions are compared with
+    the baseline's (speed is the question; FP8 fidelity against the float32 reference is in docs/benchmarks.md)."""
     from pi05_ros.engine.demo import random_model
     from pi05_ros.engine.fast import blocks
     from pi05_ros.engine.fast.pipeline import FP8_DEFAULT_LAYERS, Pi05Pipeline
@@ -97,7 +97,7 @@ def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str 
     device = torch.device(policy.device)
     cuda = device.type == "cuda"  # elsewhere: bf16 without graphs, to check the tool and the variants' agreement
     expert_fp8 = (*FP8_DEFAULT_LAYERS, "expert_blocks.*.qkv", "expert_blocks.*.down")
-    rows, baseline = [], None
+    baseline = None
     # name, FP8 linears, FP8 SigLIP MLP, attention, stacks compiled with max-autotune, layer functions replaced
     for name, layers, vision, attention, autotune, replaced in (
             ("baseline (a fresh model, as the variants)", FP8_DEFAULT_LAYERS, False, "auto", (), {}),
@@ -118,7 +118,6 @@ def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str 
              {"vision": vision_layer_variant(attention="flash")}),
             ("vision attention q/k/v contiguous", FP8_DEFAULT_LAYERS, False, "auto", (),
              {"vision": vision_layer_variant(attention="contiguous")}),
-
             # last: a max-autotune compile of a stack can take minutes (§15: 294 s)
             ("prefix layers max-autotune", FP8_DEFAULT_LAYERS, False, "auto", ("prefix",), {})):
         if baseline is not None and words and not any(word in name for word in words.split(",")):
@@ -146,12 +145,10 @@ def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str 
         row = {"variant": name, "first_call_s": first_call_s, "rel_l2_vs_baseline": diff,
                **time_batches(pipe, prepared, steps, iters)}
         print(json.dumps(row), flush=True)
-        rows.append(row)
         on_row(row)  # written as it comes: a step cut off by its time limit keeps the rows it finished
         del pipe
         if cuda:
             torch.cuda.empty_cache()
-    return rows
 
 
 def profile(runner, prepared: list, steps: int, path: str) -> None:
@@ -226,7 +223,7 @@ def main() -> None:
         name = name.replace(".json", "_" + re.sub(r"[^a-z0-9]+", "-", args.variants.lower()).strip("-") + ".json")
     rows: list[dict] = []
 
-    def save(_row: dict | None = None) -> None:
+    def save() -> None:
         with open(os.path.join(out, name), "w") as f:
             json.dump({"precision": args.precision, "steps": args.steps, "views": args.views,
                        "expert_kernels": args.expert_kernels, "attention": attention, "rows": rows}, f, indent=1)
@@ -242,8 +239,11 @@ def main() -> None:
         del runner
         policy.runner = None
         torch.cuda.empty_cache()
-        variants(policy, [obs] * max(buckets), args.steps, args.iters, args.variants,
-                 on_row=lambda row: (rows.append(row), save()))
+        def add(row: dict) -> None:
+            rows.append(row)
+            save()
+
+        variants(policy, [obs] * max(buckets), args.steps, args.iters, args.variants, on_row=add)
     header = ("variant", "batch", "path", *STAGES, "wall", "wall_p99", "per_row_ms", "rel_l2_vs_baseline")
     print(f"\n{args.precision}, {args.steps} steps, {args.views} views, expert_kernels={args.expert_kernels}, "
           f"attention={attention}, "
@@ -254,6 +254,7 @@ def main() -> None:
         cells = [row.get(h, "-") for h in header]
         print("| " + " | ".join(str(c) if isinstance(c, (int, str)) else f"{c:.3g}" if abs(c) < 0.01 else f"{c:.2f}"
                                 for c in cells) + " |")
+
 
 if __name__ == "__main__":
     main()

@@ -160,6 +160,12 @@ _PARALLEL_METHODS = (OPENPI_CLIENT,)
 _pool: ThreadPoolExecutor | None = None
 
 
+def needs_resize(image: np.ndarray | PreparedView, size: int) -> bool:
+    """Whether `image` is still to be resized to size x size (a PreparedView was resized on arrival; anything not
+    shaped like an image is left to `validate_image` to refuse, on the resizing path)."""
+    return not isinstance(image, PreparedView) and getattr(image, "shape", (0, 0))[:2] != (size, size)
+
+
 def resize_views(images: Sequence[np.ndarray | PreparedView | None], size: int = 224, method: str = OPENPI_CLIENT,
                  names: Sequence[str] | None = None) -> list[np.ndarray | None]:
     """Validate and `resize_with_pad` each view (None stays None; a PreparedView of this size and method is used as
@@ -170,8 +176,7 @@ def resize_views(images: Sequence[np.ndarray | PreparedView | None], size: int =
     # Views already at the model's size pass through: handing them to the pool would cost two thread hand-offs
     # (0.12-0.14 -> 0.03-0.06 ms per Policy.prepare of two 224x224 views on the 2-core dev box, docs/benchmarks.md
     # §53) for nothing; a server's clients often send 224x224.
-    to_resize = sum(not isinstance(image, PreparedView) and getattr(image, "shape", (0, 0))[:2] != (size, size)
-                    for image, _ in todo)
+    to_resize = sum(needs_resize(image, size) for image, _ in todo)
     if to_resize < 2 or method not in _PARALLEL_METHODS:
         resized = iter([_resize_one(image, size, method, name) for image, name in todo])
     else:

@@ -37,6 +37,7 @@ import numpy as np
 
 from pi05_ros.engine.errors import InputError
 from pi05_ros.engine.policy import MAX_DENOISE_STEPS, Policy, RawObservation
+from pi05_ros.engine.preprocess import needs_resize
 from pi05_ros.engine.runner import ActionChunk, PreparedObservation
 from pi05_ros.serve.batching import Batcher, BatchResult, ServerBusy
 from pi05_ros.serve.layouts import ObservationLayout, Request, seeded_noise
@@ -253,7 +254,9 @@ class PolicyService:
         request = layout.parse(unpack(frame), self.settings.default_prompt)
         num_steps = request.num_steps or self.settings.num_steps
         noise = self._noise_for(request)
-        if self._needs_resize(request) or len(request.prompt) > INLINE_PROMPT_CHARS:
+        size = self.policy.config.vision.image_size
+        resizing = any(needs_resize(image, size) for image in request.images.values())
+        if resizing or len(request.prompt) > INLINE_PROMPT_CHARS:
             prepared, preprocess_ms = await asyncio.get_running_loop().run_in_executor(
                 self._prepare_pool, self._prepare, request, noise)
         else:
@@ -281,11 +284,6 @@ class PolicyService:
         if request.noise_seed is not None:
             return seeded_noise(request.noise_seed, *shape)
         return self._noise.standard_normal(shape, dtype=np.float32)  # drawn on the event loop: arrival order
-
-    def _needs_resize(self, request: Request) -> bool:
-        """Whether any view differs from the model's size (such a request is prepared on the pool)."""
-        size = self.policy.config.vision.image_size
-        return any(getattr(image, "shape", (0, 0))[:2] != (size, size) for image in request.images.values())
 
     def _prepare(self, request: Request, noise: np.ndarray) -> tuple[PreparedObservation, float]:
         start = time.perf_counter()
