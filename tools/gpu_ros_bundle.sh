@@ -8,6 +8,8 @@
 #   - .gpu_ros/install/: this package built by colcon against them with Python 3.12 (messages included).
 # There (the tree copied with .gpu_ros):    source tools/gpu_ros_bundle.sh --activate
 #   installs the wheels into that machine's python3 (--no-index) and sets the variables scripts/env.sh would.
+#   The tree and the whole bundle pass the device's 64 MiB carry limit: for the serve steps, carry only
+#   .gpu_ros/wheels/websockets-*.whl and .gpu_ros/wheels/uvloop-*.whl (tools/gpu_carry.sh serve prints them).
 # .gpu_ros/ is a build output: never commit it (add it to .git/info/exclude).
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BUNDLE="$ROOT/.gpu_ros"
@@ -15,6 +17,13 @@ BUNDLE="$ROOT/.gpu_ros"
 if [[ "${1:-}" == "--activate" ]]; then
   # Sourced into the caller's shell: no `set -e` here (it would stay set there), and a second activation in the same
   # machine leaves install/ alone, since a node started by the first may still be running from it.
+  if [[ ! -d "$BUNDLE/install" ]]; then
+    # Only some wheels were carried (the serve steps: websockets and uvloop; the whole bundle and the tree together
+    # pass the device's 64 MiB limit): install those, no ROS.
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "$BUNDLE"/wheels/*.whl || return 1
+    echo "[gpu_ros_bundle] wheels only, no ROS: $(cd "$BUNDLE/wheels" && echo *.whl)"
+    return 0
+  fi
   if [[ ! -f "$ROOT/install/.from_gpu_ros_bundle" ]]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "$BUNDLE"/wheels/*.whl || return 1
     rm -rf "$ROOT/install" && cp -r "$BUNDLE/install" "$ROOT/install" && touch "$ROOT/install/.from_gpu_ros_bundle" \

@@ -32,8 +32,9 @@
 # Step limits can be changed with LIMIT_<STEP>=seconds.
 #
 # The GPU machine's .git is stale, so the commit comes from PI05_GIT_COMMIT (reports name it). The serve and
-# soak steps need websockets, and soak needs ROS: carry `.gpu_ros` (PYENV_VERSION=3.12.1 bash
-# tools/gpu_ros_bundle.sh) and this script sources its --activate when it is there.
+# soak steps need websockets, and soak needs ROS: build `.gpu_ros` (PYENV_VERSION=3.12.1 bash
+# tools/gpu_ros_bundle.sh), carry what `bash tools/gpu_carry.sh serve|ros` prints (the tree and the whole bundle pass
+# the device's 64 MiB), and this script sources its --activate when it is there.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:?usage: PI05_GIT_COMMIT=<hash> gpu_session.sh OUT_DIR STEP [STEP ...]}"
@@ -54,7 +55,7 @@ if [[ -d .gpu_ros ]]; then
   # The bundle holds a colcon build of this package: the node runs that copy, not the tree's sources. (The
   # message type support colcon generates there is no source of ours: not compared.)
   built=.gpu_ros/install/pi05_ros/lib/python3.12/site-packages/pi05_ros
-  if ! diff -rq --exclude=__pycache__ --exclude=msg --exclude='*.so' --exclude='_pi05_ros_s.ep.*' "$built" pi05_ros > "$OUT/gpu_ros_stale.txt" 2>&1; then
+  if [[ -d .gpu_ros/install ]] && ! diff -rq --exclude=__pycache__ --exclude=msg --exclude='*.so' --exclude='_pi05_ros_s.ep.*' "$built" pi05_ros > "$OUT/gpu_ros_stale.txt" 2>&1; then
     echo "WARNING: .gpu_ros was built from other sources than this tree (rebuild it: PYENV_VERSION=3.12.1 bash" \
       "tools/gpu_ros_bundle.sh); the differences: $OUT/gpu_ros_stale.txt" | tee -a "$OUT/session.md"
   fi
