@@ -119,8 +119,7 @@ def main() -> int:
 
     jobs = gemm_jobs(1, c)
     attend = dict(q_ptr=BF, q_bstride="i32", k_ptr=BF, v_ptr=BF, kv_bstride="i32", n_valid_ptr=I64, acc_ptr=F32,
-                  m_ptr=F32, l_ptr=F32, rows="i32", keys_total="i32", horizon="i32", scale="fp32",
-                  blocks_per_split="i32")
+                  m_ptr=F32, l_ptr=F32, rows="i32", keys_total="i32", horizon="i32", scale="fp32")
     jobs.append(("attend", expert._attend_kernel, attend,
                  dict(S_K=c.key_splits, D=e.head_dim, BM=bm, KB=c.key_block, DT=tl.bfloat16, USE_PDL=pdl),
                  c.attend_warps, 0))

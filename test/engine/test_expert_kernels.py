@@ -111,6 +111,43 @@ def test_layer_equals_its_torch_definition(small, config: KernelConfig) -> None:
         assert not count.any()  # every split-K counter is reset for the next layer
 
 
+@pytest.mark.parametrize("config", [SPLIT, WHOLE_K], ids=["16-key-blocks", "32-key-blocks"])
+@pytest.mark.parametrize("room", [3, 40, 300])
+def test_attention_reads_only_the_blocks_that_hold_valid_keys(small, config: KernelConfig, room: int) -> None:
+    """The cache has room for longer prompts between a row's prefix and its suffix; the key splits share out only
+    the blocks holding valid keys. That room is filled with NaN here: a block read there would turn the layer NaN.
+    With 3 rows of room the prefix's last block and the suffix's first are one block (counted once)."""
+    fast, prefix, _ = small
+    kernels = ExpertKernels(fast, config)
+    sched = kernels.schedule(fast.step_schedule(3))
+    n_valid = int(prefix.n_valid)
+    horizon = SMALL.action_horizon
+    k_prefix, v_prefix = (c[0, 0, :n_valid] for c in (prefix.keys[0], prefix.values[0]))
+
+    def cache(prefix_rows: torch.Tensor, fill: float) -> torch.Tensor:
+        rows = torch.full((n_valid + room + horizon, prefix_rows.shape[-1]), fill)
+        rows[:n_valid] = prefix_rows
+        return rows
+
+    k_kern, v_kern = cache(k_prefix, float("nan")), cache(v_prefix, float("nan"))
+    k_ref, v_ref = cache(k_prefix, 0.0), cache(v_prefix, 0.0)
+    x = torch.randn(horizon, SMALL.expert.width, generator=torch.Generator().manual_seed(5))
+    out = x.clone()
+    ssp = kernels.modulate(out, sched[0][1, 0, 0])
+    kernels.layer(out, 0, sched[0][1, 0], None, sched[4][1, 0], sched[5][1, 0], k_kern, v_kern, prefix.n_valid, ssp)
+    ref = expert_layer_torch(x, sched[0][1, 0], sched[4][1, 0], sched[5][1, 0], *layer_weights_torch(kernels, 0),
+                             k_ref, v_ref, n_valid, fast.rope_cos, fast.rope_sin, kernels.heads, kernels.head_dim,
+                             kernels.eps, torch.float32)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < 1e-5  # float32: summation order only
+    assert k_kern[n_valid:n_valid + room].isnan().all()  # the room stays untouched
+    if config is WHOLE_K and room == 300:
+        # 5 splits over 28 blocks of 32 keys: in turn, splits 3 and 4 would hold only the room (their max -inf);
+        # over the 20 blocks with valid keys, every split has some
+        maxima = kernels.part_m.view(-1, kernels.block_rows)[: kernels.heads * config.key_splits, :horizon]
+        assert maxima.isfinite().all()
+
+
 def test_torch_definition_equals_the_fast_path_layer(small) -> None:
     """The factored adaRMS (scale before the GEMM, row factor and shift after) is the same function."""
     from pi05_ros.engine.fast.blocks import expert_layer

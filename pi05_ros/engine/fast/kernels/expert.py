@@ -276,12 +276,18 @@ if triton is not None:
     @triton.jit
     def _attend_kernel(
         q_ptr, q_bstride, k_ptr, v_ptr, kv_bstride, n_valid_ptr, acc_ptr, m_ptr, l_ptr,
-        rows, keys_total, horizon, scale, blocks_per_split,
+        rows, keys_total, horizon, scale,
         S_K: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, KB: tl.constexpr, DT: tl.constexpr,
         USE_PDL: tl.constexpr,
     ):
         """Queries of one head (rows x D) of one batch row against one slice of its keys: an unnormalized partial
-        softmax. One program per (batch row, head, key split)."""
+        softmax. One program per (batch row, head, key split).
+
+        The splits share out only the key blocks that hold a valid key: the row's prefix (its first n_valid keys)
+        and the suffix (the last `horizon`). The blocks between, the cache's room for longer prompts, are neither
+        read nor computed, so a short prompt costs less than the longest one (with a 48-token prompt and 2 views,
+        20 of 26 blocks of 32 keys). A split left without blocks writes an empty partial (m = -inf, l = 0), which
+        the combine weighs at zero."""
         if USE_PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
@@ -300,8 +306,15 @@ if triton is not None:
         m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BM,), dtype=tl.float32)
         acc = tl.zeros((BM, D), dtype=tl.float32)
-        for b in range(blocks_per_split):
-            key = (split * blocks_per_split + b) * KB + tl.arange(0, KB)
+        prefix_blocks = tl.cdiv(n_valid, KB)
+        total_blocks = tl.cdiv(keys_total, KB)
+        suffix_first = tl.maximum((keys_total - horizon) // KB, prefix_blocks)  # never a prefix block twice
+        valid_blocks = prefix_blocks + total_blocks - suffix_first
+        per_split = tl.cdiv(valid_blocks, S_K)
+        first = split * per_split
+        for j in range(first, tl.minimum(first + per_split, valid_blocks)):
+            block = tl.where(j < prefix_blocks, j, suffix_first + j - prefix_blocks)
+            key = block * KB + tl.arange(0, KB)
             in_range = key < keys_total
             kt = tl.load(k_ptr + key[None, :] * D + rd[:, None], mask=in_range[None, :], other=0.0)
             scores = tl.dot(q, kt) * scale
@@ -313,7 +326,8 @@ if triton is not None:
             p = tl.exp(scores - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_ptr + key[:, None] * D + rd[None, :], mask=in_range[:, None], other=0.0)
+            # masked rows read as 0: a block's rows past the prefix are the cache's room, whatever it holds
+            v = tl.load(v_ptr + key[:, None] * D + rd[None, :], mask=valid[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(DT), v)
             m_i = m_new
         part = (pid_b * heads + head) * S_K + split
@@ -774,11 +788,9 @@ class ExpertKernels:
     def _attention(self, batch: int, k_cache: Tensor, v_cache: Tensor, n_valid: Tensor) -> None:
         c = self.config
         keys_total = k_cache.shape[1]
-        blocks = -(-keys_total // c.key_block)
-        per_split = -(-blocks // c.key_splits)
         _attend_kernel[(batch, self.heads, c.key_splits)](
             self.q, self.q.stride(0), k_cache, v_cache, k_cache.stride(0), n_valid, self.part_acc, self.part_m,
-            self.part_l, self.horizon, keys_total, self.horizon, self.head_dim**-0.5, per_split,
+            self.part_l, self.horizon, keys_total, self.horizon, self.head_dim**-0.5,
             S_K=c.key_splits, D=self.head_dim, BM=self.block_rows, KB=c.key_block, DT=self._dt,
             USE_PDL=self.use_pdl, **self._launch_kwargs(c.attend_warps),
         )
