@@ -7,7 +7,8 @@
 #   PI05_GIT_COMMIT=<hash> bash tools/gpu_session.sh OUT_DIR STEP [STEP ...]
 #
 # Steps (limits in seconds; a device call runs at most 600, so split them over calls):
-#   tests    pytest -m gpu test/gpu                     (420; 155 s at d2829ad, before the batch tests)
+#   tests    pytest -m gpu test/gpu -v                  (420; 225 s on an H100 at 2f36a68); TESTS_ARGS adds pytest
+#            options, e.g. TESTS_ARGS="-k batch_buckets" for the tests a short call left out
 #   kernels  tools/expert_kernels_gpu.py --variants     (300): the denoise loop, default and options
 #   kernels-batch  tools/expert_kernels_gpu.py --batches (360): batches of 2-8 on the torch path and the kernels'
 #            batch shapes (which to make the default, and whether batches should run on the kernels at all)
@@ -87,7 +88,8 @@ run_step() {  # name limit command...
 
 for step in "$@"; do
   case "$step" in
-    tests) run_step tests 420 "$PY" -m pytest -m gpu test/gpu -q -s -p no:cacheprovider --durations=10 ;;
+    # -v: a run cut short by its limit still names each test that passed
+    tests) run_step tests 420 "$PY" -m pytest -m gpu test/gpu -v -s -p no:cacheprovider --durations=10 ${TESTS_ARGS:-} ;;
     kernels) OUT="$OUT" run_step kernels 300 "$PY" tools/expert_kernels_gpu.py --variants ;;
     kernels-batch) OUT="$OUT" run_step kernels-batch 360 "$PY" tools/expert_kernels_gpu.py --batches ;;
     kernels-batch-k) OUT="$OUT" run_step kernels-batch-k 200 "$PY" tools/expert_kernels_gpu.py --batch-k ;;
