@@ -3,13 +3,13 @@
 # python3 is 3.12): how the node-level GPU soak of docs/benchmarks.md §36 ran there.
 #
 # Here (needs pip access and python3.12):   bash tools/gpu_ros_bundle.sh
-#   - .gpu_ros/wheels/: the cp312 ROS wheels, the same distributions and versions as .venv's (~42 MiB), and
-#     websockets and uvloop (pi05-serve's),
+#   - .gpu_ros/wheels/ros/: the cp312 ROS wheels, the same distributions and versions as .venv's (~42 MiB),
+#   - .gpu_ros/wheels/serve/: websockets and uvloop (pi05-serve's, ~4.5 MiB),
 #   - .gpu_ros/install/: this package built by colcon against them with Python 3.12 (messages included).
 # There (the tree copied with .gpu_ros):    source tools/gpu_ros_bundle.sh --activate
 #   installs the wheels into that machine's python3 (--no-index) and sets the variables scripts/env.sh would.
-#   The tree and the whole bundle pass the device's 64 MiB carry limit: for the serve steps, carry only
-#   .gpu_ros/wheels/websockets-*.whl and .gpu_ros/wheels/uvloop-*.whl (tools/gpu_carry.sh serve prints them).
+#   The tree and the whole bundle pass the device's 64 MiB carry limit: carry what a step needs, as
+#   `bash tools/gpu_carry.sh serve|ros` prints it (serve: wheels/serve; the soaks: install/ and wheels/ros).
 # .gpu_ros/ is a build output: never commit it (add it to .git/info/exclude).
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BUNDLE="$ROOT/.gpu_ros"
@@ -18,14 +18,13 @@ if [[ "${1:-}" == "--activate" ]]; then
   # Sourced into the caller's shell: no `set -e` here (it would stay set there), and a second activation in the same
   # machine leaves install/ alone, since a node started by the first may still be running from it.
   if [[ ! -d "$BUNDLE/install" ]]; then
-    # Only some wheels were carried (the serve steps: websockets and uvloop; the whole bundle and the tree together
-    # pass the device's 64 MiB limit): install those, no ROS.
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "$BUNDLE"/wheels/*.whl || return 1
-    echo "[gpu_ros_bundle] wheels only, no ROS: $(cd "$BUNDLE/wheels" && echo *.whl)"
+    # Only wheels were carried (the serve steps: websockets and uvloop): install those, no ROS.
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "$BUNDLE"/wheels/*/*.whl || return 1
+    echo "[gpu_ros_bundle] wheels only, no ROS: $(cd "$BUNDLE/wheels" && echo */*.whl)"
     return 0
   fi
   if [[ ! -f "$ROOT/install/.from_gpu_ros_bundle" ]]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "$BUNDLE"/wheels/*.whl || return 1
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "$BUNDLE"/wheels/*/*.whl || return 1
     rm -rf "$ROOT/install" && cp -r "$BUNDLE/install" "$ROOT/install" && touch "$ROOT/install/.from_gpu_ros_bundle" \
       || return 1
   fi
@@ -47,15 +46,17 @@ set -eo pipefail
 PY312="${PY312:-python3.12}"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
-rm -rf "$BUNDLE" && mkdir -p "$BUNDLE/wheels"
+rm -rf "$BUNDLE" && mkdir -p "$BUNDLE/wheels/ros" "$BUNDLE/wheels/serve"
 "$ROOT/.venv/bin/pip" list 2>/dev/null | awk '/^ros-/{print $1"=="$2}' > "$WORK/ros.txt"
-# pi05-serve's websocket library, also missing there (tools/serve_bench.sh)
-"$ROOT/.venv/bin/pip" list 2>/dev/null | awk '$1 == "websockets" || $1 == "uvloop" {print $1"=="$2}' >> "$WORK/ros.txt"
-"$PY312" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-  --platform any -d "$BUNDLE/wheels" -r "$WORK/ros.txt" 2>&1 | grep -v "is ignored" || true
+# pi05-serve's websocket library and event loop, also missing there (tools/serve_bench.sh)
+"$ROOT/.venv/bin/pip" list 2>/dev/null | awk '$1 == "websockets" || $1 == "uvloop" {print $1"=="$2}' > "$WORK/serve.txt"
+for part in ros serve; do
+  "$PY312" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform any -d "$BUNDLE/wheels/$part" -r "$WORK/$part.txt" 2>&1 | grep -v "is ignored" || true
+done
 "$PY312" -m venv "$WORK/venv"
-"$WORK/venv/bin/pip" install -q "$BUNDLE"/wheels/*.whl colcon-common-extensions==0.3.0 catkin-pkg==1.1.1 \
+"$WORK/venv/bin/pip" install -q "$BUNDLE"/wheels/*/*.whl colcon-common-extensions==0.3.0 catkin-pkg==1.1.1 \
   'setuptools>=77.0.3,<80' numpy==2.4.6 2>&1 | grep -v "is ignored" || true
 # The wheels' CMake exports name their build machine's include dirs (ROS2_WHEELS.md); scripts/setup.sh does same.
 "$WORK/venv/bin/python" - "$WORK/venv" <<'PY'
@@ -76,4 +77,4 @@ export AMENT_PREFIX_PATH="$VIRTUAL_ENV" CMAKE_PREFIX_PATH="$VIRTUAL_ENV"
 colcon --log-base "$WORK/log" build --base-paths "$WORK/src" --build-base "$WORK/build" \
   --install-base "$BUNDLE/install" --event-handlers console_cohesion- summary+ \
   --cmake-args -G Ninja "-DPython3_EXECUTABLE=$VIRTUAL_ENV/bin/python" -DBUILD_TESTING=OFF
-du -sh "$BUNDLE"/wheels "$BUNDLE"/install
+du -sh "$BUNDLE"/wheels/* "$BUNDLE"/install
