@@ -1,7 +1,7 @@
 """The fused expert kernels on the GPU: fidelity against the float32 reference, and denoise time per variant.
 
     PYTHONPATH=. python3 tools/expert_kernels_gpu.py [--quick | --variants | --defaults | --batches | --batch-k |
-                                                      --batch-gemms]
+                                                      --batch-gemms | --attention]
 
 --variants: only the whole denoise loop, for the options and a few tile shapes around the default, and with all
 weights L2-resident (a diagnostic). --defaults: the previous default configuration against the current one.
@@ -9,7 +9,8 @@ weights L2-resident (a diagnostic). --defaults: the previous default configurati
 kernels in several batch shapes (R rows x T tiles per GEMM program), against batch 1: which shape, if any, beats
 the torch path (issue 9: the torch path denoised a batch of 8 in 13.6 ms, docs/benchmarks.md §43). --batch-k: batch 8
 only, with the batch K options (a K step of its own, one program over the whole K). --batch-gemms: batch 8, each
-kernel kind's time per layer (qkv, attention, o, gate_up, down; no PDL) beside cuBLAS at the same M.
+kernel kind's time per layer (qkv, attention, o, gate_up, down; no PDL) beside cuBLAS at the same M. --attention: the
+attend + combine pair alone per key-split option, in the pipeline's cache layout (about a minute).
 (The L2-prefetch and fused-combine variants of docs/benchmarks.md §34 ran as `--prefetch` at commit faf2f49, the
 persistent layer kernel of §42 as `--persistent` at 4e7d08b.)
 
@@ -374,8 +375,9 @@ def sweep_attention(fast: FastModel, prefix) -> tuple[int, int, int]:
     kernels = ExpertKernels(fast, KernelConfig())
     kernels.q.normal_()
     best = None
+    # (7, 32, 4) is the default; with a 48-token prompt 20 blocks of 32 keys hold valid keys (10 of 64, §57)
     for splits, block, warps in ((9, 32, 4), (7, 64, 4), (13, 32, 4), (9, 32, 8), (7, 32, 4), (5, 32, 4),
-                                 (11, 32, 4)):
+                                 (11, 32, 4), (4, 32, 4), (5, 64, 4), (10, 32, 4)):
         kernels.config = dataclasses.replace(kernels.config, key_splits=splits, key_block=block, attend_warps=warps)
         kernels._allocate()
         kernels.q.normal_()
@@ -432,6 +434,9 @@ def main() -> None:
     rows = model.embed_tokens[torch.from_numpy(tokens[mask])]
     prefix = aligned_prefix(fast, prefill_eager(fast, torch.from_numpy(np.stack(images)), rows))
     print("prefix keys", tuple(prefix.keys[0].shape), "n_valid", int(prefix.n_valid), flush=True)
+    if "--attention" in sys.argv:  # the attend + combine pair alone, per key split / block / warps option
+        sweep_attention(fast, prefix)
+        return
     refs = {s: reference_actions(model, images, tokens, mask, noise, s) for s in (1, 10)}
     noise_t = torch.from_numpy(noise)
     results = {}

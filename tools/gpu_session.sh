@@ -16,6 +16,8 @@
 #            batch K options (§49)
 #   kernels-batch-gemms  tools/expert_kernels_gpu.py --batch-gemms (240): batch 8, each kernel kind's time per layer
 #            beside cuBLAS at M = 400: where the batched kernels lose to the torch path
+#   kernels-attention  tools/expert_kernels_gpu.py --attention (150): the expert attention's key splits, blocks and
+#            warps, to re-tune KernelConfig now that only blocks holding valid keys are shared out (§57)
 #   attention  tools/attention_gpu.py: the GEMM path, SDPA and the flash kernel alone at the pipeline's shapes (150)
 #   batch    tools/batch_stages_gpu.py, buckets 1-8: batches as pi05-serve denoises them (auto: the kernels up to
 #            2 rows on Hopper, the torch path from 4) and all on the fused kernels (--expert-kernels on), one process
@@ -40,10 +42,10 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:?usage: PI05_GIT_COMMIT=<hash> gpu_session.sh OUT_DIR STEP [STEP ...]}"
 shift
-[[ $# -gt 0 ]] || { echo "gpu_session.sh: name at least one step: tests kernels kernels-batch kernels-batch-k kernels-batch-gemms attention batch batch-variants vision-variants serve serve-kernels bench soak-arrival soak-inference" >&2; exit 2; }
+[[ $# -gt 0 ]] || { echo "gpu_session.sh: name at least one step: tests kernels kernels-attention kernels-batch kernels-batch-k kernels-batch-gemms attention batch batch-variants vision-variants serve serve-kernels bench soak-arrival soak-inference" >&2; exit 2; }
 [[ -n "${PI05_GIT_COMMIT:-}" ]] || { echo "gpu_session.sh: set PI05_GIT_COMMIT=<the commit under test>" >&2; exit 2; }
 for step in "$@"; do
-  case "$step" in tests|kernels|kernels-batch|kernels-batch-k|kernels-batch-gemms|attention|batch|batch-variants|vision-variants|serve|serve-kernels|bench|soak-arrival|soak-inference) ;; *) echo "gpu_session.sh: unknown step $step" >&2; exit 2 ;; esac
+  case "$step" in tests|kernels|kernels-attention|kernels-batch|kernels-batch-k|kernels-batch-gemms|attention|batch|batch-variants|vision-variants|serve|serve-kernels|bench|soak-arrival|soak-inference) ;; *) echo "gpu_session.sh: unknown step $step" >&2; exit 2 ;; esac
 done
 mkdir -p "$OUT"
 cd "$ROOT"
@@ -91,6 +93,7 @@ for step in "$@"; do
     # -v: a run cut short by its limit still names each test that passed
     tests) run_step tests 420 "$PY" -m pytest -m gpu test/gpu -v -s -p no:cacheprovider --durations=10 ${TESTS_ARGS:-} ;;
     kernels) OUT="$OUT" run_step kernels 300 "$PY" tools/expert_kernels_gpu.py --variants ;;
+    kernels-attention) OUT="$OUT" run_step kernels-attention 150 "$PY" tools/expert_kernels_gpu.py --attention ;;
     kernels-batch) OUT="$OUT" run_step kernels-batch 360 "$PY" tools/expert_kernels_gpu.py --batches ;;
     kernels-batch-k) OUT="$OUT" run_step kernels-batch-k 200 "$PY" tools/expert_kernels_gpu.py --batch-k ;;
     kernels-batch-gemms) OUT="$OUT" run_step kernels-batch-gemms 240 "$PY" tools/expert_kernels_gpu.py --batch-gemms ;;
