@@ -15,16 +15,20 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BUNDLE="$ROOT/.gpu_ros"
 
 if [[ "${1:-}" == "--activate" ]]; then
-  # Sourced into the caller's shell: no `set -e` here (it would stay set there), and a second activation in the same
-  # machine leaves install/ alone, since a node started by the first may still be running from it.
+  # Sourced into the caller's shell: no `set -e` here (it would stay set there). The carried wheels are installed
+  # on every activation (pip skips those already there): a machine kept warm between calls keeps an earlier call's
+  # install/, and a serve call after a soak call still needs its own wheels. A second activation leaves install/
+  # alone, since a node started by the first may still be running from it.
+  _wheels=("$BUNDLE"/wheels/*/*.whl)
+  [[ -e "${_wheels[0]}" ]] || { echo "[gpu_ros_bundle] no wheels under $BUNDLE/wheels/*/" >&2; return 1; }
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "${_wheels[@]}" || return 1
+  unset _wheels
   if [[ ! -d "$BUNDLE/install" ]]; then
-    # Only wheels were carried (the serve steps: websockets and uvloop): install those, no ROS.
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "$BUNDLE"/wheels/*/*.whl || return 1
+    # Only wheels were carried (the serve steps: websockets and uvloop): no ROS.
     echo "[gpu_ros_bundle] wheels only, no ROS: $(cd "$BUNDLE/wheels" && echo */*.whl)"
     return 0
   fi
   if [[ ! -f "$ROOT/install/.from_gpu_ros_bundle" ]]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "$BUNDLE"/wheels/*/*.whl || return 1
     rm -rf "$ROOT/install" && cp -r "$BUNDLE/install" "$ROOT/install" && touch "$ROOT/install/.from_gpu_ros_bundle" \
       || return 1
   fi
@@ -54,6 +58,9 @@ for part in ros serve; do
   "$PY312" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --platform any -d "$BUNDLE/wheels/$part" -r "$WORK/$part.txt" 2>&1 | grep -v "is ignored" || true
+  # the download's errors are filtered above: a part without wheels (.venv lacks them?) stops the build here
+  compgen -G "$BUNDLE/wheels/$part/*.whl" > /dev/null \
+    || { echo "gpu_ros_bundle.sh: no $part wheels downloaded (is .venv set up: bash scripts/setup.sh?)" >&2; exit 1; }
 done
 "$PY312" -m venv "$WORK/venv"
 "$WORK/venv/bin/pip" install -q "$BUNDLE"/wheels/*/*.whl colcon-common-extensions==0.3.0 catkin-pkg==1.1.1 \

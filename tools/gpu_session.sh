@@ -91,7 +91,9 @@ run_step() {  # name limit command...
 for step in "$@"; do
   case "$step" in
     # -v: a run cut short by its limit still names each test that passed
-    tests) run_step tests 420 "$PY" -m pytest -m gpu test/gpu -v -s -p no:cacheprovider --durations=10 ${TESTS_ARGS:-} ;;
+    tests) read -ra tests_args <<< "${TESTS_ARGS:-}"  # split on whitespace: no quotes, no globbing
+           run_step tests 420 "$PY" -m pytest -m gpu test/gpu -v -s -p no:cacheprovider --durations=10 \
+             "${tests_args[@]}" ;;
     kernels) OUT="$OUT" run_step kernels 300 "$PY" tools/expert_kernels_gpu.py --variants ;;
     kernels-attention) OUT="$OUT" run_step kernels-attention 150 "$PY" tools/expert_kernels_gpu.py --attention ;;
     kernels-batch) OUT="$OUT" run_step kernels-batch 360 "$PY" tools/expert_kernels_gpu.py --batches ;;

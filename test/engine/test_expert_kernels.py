@@ -113,10 +113,10 @@ def test_layer_equals_its_torch_definition(small, config: KernelConfig) -> None:
 
 @pytest.mark.parametrize("config", [SPLIT, WHOLE_K], ids=["16-key-blocks", "32-key-blocks"])
 @pytest.mark.parametrize("room", [3, 40, 300])
-def test_attention_reads_only_the_blocks_that_hold_valid_keys(small, config: KernelConfig, room: int) -> None:
-    """The cache has room for longer prompts between a row's prefix and its suffix; the key splits share out only
-    the blocks holding valid keys. That room is filled with NaN here: a block read there would turn the layer NaN.
-    With 3 rows of room the prefix's last block and the suffix's first are one block (counted once)."""
+def test_a_layer_ignores_the_caches_room_whatever_it_holds(small, config: KernelConfig, room: int) -> None:
+    """The cache has room for longer prompts between a row's prefix and its suffix. Filled with NaN here, it must
+    not reach the layer's output (masked V rows read as 0) nor be written. With 3 rows of room the prefix's last
+    block and the suffix's first are one block. Which blocks are read is tested below, through the partials."""
     fast, prefix, _ = small
     kernels = ExpertKernels(fast, config)
     sched = kernels.schedule(fast.step_schedule(3))
@@ -141,11 +141,54 @@ def test_attention_reads_only_the_blocks_that_hold_valid_keys(small, config: Ker
     assert torch.isfinite(out).all()
     assert rel_err(out, ref) < 1e-5  # float32: summation order only
     assert k_kern[n_valid:n_valid + room].isnan().all()  # the room stays untouched
-    if config is WHOLE_K and room == 300:
-        # 5 splits over 28 blocks of 32 keys: in turn, splits 3 and 4 would hold only the room (their max -inf);
-        # over the 20 blocks with valid keys, every split has some
-        maxima = kernels.part_m.view(-1, kernels.block_rows)[: kernels.heads * config.key_splits, :horizon]
-        assert maxima.isfinite().all()
+
+
+def valid_block_schedule(n_valid: int, keys_total: int, horizon: int, block: int, splits: int) -> list[list[int]]:
+    """The key blocks each split should read: the blocks holding a valid key (the prefix's first n_valid keys, the
+    last `horizon`), each once, in order, shared out `ceil(count / splits)` to a split."""
+    valid = sorted({k // block for k in range(keys_total) if k < n_valid or k >= keys_total - horizon})
+    per_split = -(-len(valid) // splits)
+    return [valid[s * per_split:(s + 1) * per_split] for s in range(splits)]
+
+
+@pytest.mark.parametrize("splits", [3, 5, 8])
+@pytest.mark.parametrize(("n_valid", "room", "horizon"), [(521, 300, 10), (512, 37, 10), (513, 0, 10),
+                                                          (64, 100, 16), (100, 5, 3)])
+def test_the_key_splits_share_out_only_the_blocks_holding_valid_keys(small, splits: int, n_valid: int, room: int,
+                                                                     horizon: int) -> None:
+    """Masked keys add nothing to a softmax, so an output cannot show which blocks were read; each split's partial
+    maximum can: it is the largest score over exactly the keys of its blocks (-inf for a split given none). Every
+    partial buffer starts as NaN, so a split that wrote nothing would show too. Geometries: room that is most of
+    the cache, room inside one block, none, a suffix of a whole block's length across two blocks, a block-aligned
+    prefix. (The horizon stays within the small model's 16 query rows.)"""
+    fast, _, _ = small
+    block = 16
+    kernels = ExpertKernels(fast, dataclasses.replace(SPLIT, key_splits=splits, key_block=block))
+    assert horizon <= kernels.block_rows
+    kernels.horizon = horizon  # the attention reads its query rows and suffix length from here
+    gen = torch.Generator().manual_seed(n_valid + room)
+    keys_total, d, heads = n_valid + room + horizon, kernels.head_dim, kernels.heads
+    k = torch.randn(1, keys_total, d, generator=gen)
+    v = torch.randn(1, keys_total, d, generator=gen)
+    k[0, n_valid:keys_total - horizon] = float("nan")  # the room
+    v[0, n_valid:keys_total - horizon] = float("nan")
+    kernels.q.copy_(torch.randn(kernels.q.shape, generator=gen))
+    for buf in (kernels.part_m, kernels.part_l, kernels.part_acc):
+        buf.fill_(float("nan"))
+    kernels._attention(1, k, v, torch.tensor([n_valid]))
+
+    q = kernels.q[0, :, :horizon].float()  # [heads, rows, d]
+    scores = torch.einsum("hrd,kd->hrk", q, torch.nan_to_num(k[0])) * d**-0.5
+    got = kernels.part_m.view(heads, splits, -1)[:, :, :horizon]
+    for split, blocks in enumerate(valid_block_schedule(n_valid, keys_total, horizon, block, splits)):
+        keys = [key for b in blocks for key in range(b * block, min((b + 1) * block, keys_total))
+                if key < n_valid or key >= keys_total - horizon]
+        want = scores[..., keys].amax(-1) if keys else torch.full((heads, horizon), float("-inf"))
+        assert torch.allclose(got[:, split], want, atol=1e-5, rtol=1e-5), f"split {split}: blocks {blocks}"
+    mask = (torch.arange(keys_total) < n_valid) | (torch.arange(keys_total) >= keys_total - horizon)
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    want = torch.einsum("hrk,kd->rhd", probs, torch.nan_to_num(v[0])).reshape(horizon, heads * d)
+    assert rel_err(kernels.attn[0, :horizon], want) < 1e-5  # float32
 
 
 def test_torch_definition_equals_the_fast_path_layer(small) -> None:
