@@ -42,10 +42,13 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:?usage: PI05_GIT_COMMIT=<hash> gpu_session.sh OUT_DIR STEP [STEP ...]}"
 shift
-[[ $# -gt 0 ]] || { echo "gpu_session.sh: name at least one step: tests kernels kernels-attention kernels-batch kernels-batch-k kernels-batch-gemms attention batch batch-variants vision-variants serve serve-kernels bench soak-arrival soak-inference" >&2; exit 2; }
+STEPS="tests kernels kernels-attention kernels-batch kernels-batch-k kernels-batch-gemms attention batch batch-variants
+vision-variants serve serve-kernels bench soak-arrival soak-inference"  # the steps the loop at the end runs
+STEPS="${STEPS//$'\n'/ }"
+[[ $# -gt 0 ]] || { echo "gpu_session.sh: name at least one step: $STEPS" >&2; exit 2; }
 [[ -n "${PI05_GIT_COMMIT:-}" ]] || { echo "gpu_session.sh: set PI05_GIT_COMMIT=<the commit under test>" >&2; exit 2; }
 for step in "$@"; do
-  case "$step" in tests|kernels|kernels-attention|kernels-batch|kernels-batch-k|kernels-batch-gemms|attention|batch|batch-variants|vision-variants|serve|serve-kernels|bench|soak-arrival|soak-inference) ;; *) echo "gpu_session.sh: unknown step $step" >&2; exit 2 ;; esac
+  [[ " $STEPS " == *" $step "* ]] || { echo "gpu_session.sh: unknown step $step" >&2; exit 2; }
 done
 mkdir -p "$OUT"
 cd "$ROOT"
