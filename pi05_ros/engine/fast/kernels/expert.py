@@ -85,22 +85,70 @@ if triton is not None:
         BM: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr, BK: tl.constexpr, S: tl.constexpr,
         R: tl.constexpr, T: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr,
     ):
-        """out = epilogue(A @ W) for the batch's A [batch, M, K] (M <= BM rows each, GEMM dtype) and packed W. One
-        program per (group of R batch rows, group of T column tiles, K split): batch 1 runs R = T = 1, a tile's
-        weight block streamed by its own program; a batch shares each weight chunk among R rows and each A chunk
-        among T tiles (fewer reads from L2). The programs of a tile group are adjacent in the grid, so its weight
-        blocks come from HBM once. Per-row buffers are addressed as base + batch row * their batch stride.
+        """One program of `_gemm_program` per (group of R batch rows, group of T column tiles, K split)."""
+        if USE_PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        _gemm_program(
+            tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(1),
+            a_ptr, a_stride, a_bstride, w_ptr, w_scale_ptr, ws_ptr, count_ptr, ssp_in_ptr, ss_tiles, ss_bstride,
+            bias_ptr, gate_ptr, out_ptr, out_stride, out_bstride, next_mod_ptr, xm_ptr, xm_bstride, ssp_out_ptr,
+            k_ptr, v_ptr, kv_bstride, cos_ptr, sin_ptr, n_valid_ptr, cache_row0, batch, M, K, N, eps,
+            count_ptr, 0, count_ptr,
+            HEADS, HEAD_DIM, MLP, EPILOGUE, NEXT, W_FP8, DT, BM, BN, KC, BK, S, R, T, STAGES, PREFETCH, USE_PDL,
+            0, 0, 1)
+
+    @triton.jit
+    def _wait_for(counter_ptr, target):
+        """Spin until a dependency counter reaches `target`; then an acquire, so that this program's loads that
+        follow see everything its producers wrote before they counted (their release)."""
+        while tl.load(counter_ptr, volatile=True) < target:
+            pass
+        tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+
+    @triton.jit
+    def _signal(counter_ptr):
+        """Count one finished task on a dependency counter, after every thread of the program has stored its
+        results (the barrier) and ordered before them (the release)."""
+        tl.debug_barrier()
+        tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+
+    @triton.jit
+    def _gemm_program(
+        pid_g, pid_t, pid_s, tile_groups,
+        a_ptr, a_stride, a_bstride,
+        w_ptr, w_scale_ptr,
+        ws_ptr, count_ptr,
+        ssp_in_ptr, ss_tiles, ss_bstride,
+        bias_ptr, gate_ptr,
+        out_ptr, out_stride, out_bstride,
+        next_mod_ptr, xm_ptr, xm_bstride, ssp_out_ptr,
+        k_ptr, v_ptr, kv_bstride, cos_ptr, sin_ptr, n_valid_ptr, cache_row0,
+        batch, M, K, N, eps,
+        wait_ptr, wait_target, done_ptr,
+        HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, MLP: tl.constexpr,
+        EPILOGUE: tl.constexpr, NEXT: tl.constexpr, W_FP8: tl.constexpr, DT: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr, BK: tl.constexpr, S: tl.constexpr,
+        R: tl.constexpr, T: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr,
+        WAITS: tl.constexpr, SIGNAL: tl.constexpr, SIGNAL_COLUMNS: tl.constexpr,
+    ):
+        """out = epilogue(A @ W) for the batch's A [batch, M, K] (M <= BM rows each, GEMM dtype) and packed W: the
+        work of one (group of R batch rows, group of T column tiles of `tile_groups`, K split). Batch 1 runs
+        R = T = 1, a tile's weight block streamed by its own program; a batch shares each weight chunk among R
+        rows and each A chunk among T tiles (fewer reads from L2). The programs of a tile group are adjacent in
+        the grid, so its weight blocks come from HBM once. Per-row buffers are addressed as base + batch row *
+        their batch stride.
 
         QKV / GEGLU: A is x * (1 + scale) (written by the previous kernel); the rows' sums of squares arrive as
         `ss_tiles` partials in ssp_in, giving r = rsqrt(mean(x^2) + eps) for y = r * acc + shift @ W.
         RESIDUAL: x += gate * acc; with NEXT it also writes the next GEMM's A (x * next_mod, GEMM dtype) and each
         tile's partial sums of squares of x, so the next kernel needs no norm pass.
+
+        In its own kernel the program waits for the previous kernel (PDL) after loading its first weight chunk. In
+        the persistent kernel it waits instead for WAITS dependency counters from wait_ptr on to reach
+        `wait_target`, and with SIGNAL counts its finished tile on done_ptr's counter: for qkv the tile's head's,
+        for gate_up the counter of the SIGNAL_COLUMNS-wide column chunk the tile lies in (the down GEMM's K
+        split that reads it), for o / down the one counter.
         """
-        if USE_PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-        pid_g = tl.program_id(0)  # row group
-        pid_t = tl.program_id(1)  # tile group
-        pid_s = tl.program_id(2)  # K split
         PAIRED: tl.constexpr = EPILOGUE != _RESIDUAL
         HB: tl.constexpr = BN // 2
         WN: tl.constexpr = HB if PAIRED else BN  # columns per accumulator and tile
@@ -116,7 +164,10 @@ if triton is not None:
             w0 = tl.load(w_base)
             if PAIRED:
                 w0_hi = tl.load(w_base + HB)
-        if USE_PDL:
+        if WAITS > 0:  # in the persistent kernel: its producers' counters (WAITS of them, side by side)
+            for i in tl.static_range(WAITS):
+                _wait_for(wait_ptr + i, wait_target)
+        elif USE_PDL:
             tl.extra.cuda.gdc_wait()
         if not PREFETCH:
             w0 = tl.load(w_base)
@@ -142,7 +193,7 @@ if triton is not None:
             # Split K: partials to the workspace; the last of the S programs of this (row group, tile group) sums
             # them in a fixed order (deterministic). The counter orders the stores (release) before its loads
             # (acquire) and is reset for the next use.
-            group = pid_g * tl.num_programs(1) + pid_t
+            group = pid_g * tile_groups + pid_t
             ws_tile = ws_ptr + (group * S * RB + rr[:, None]) * WS_N + cc[None, :]
             part_stride = RB * WS_N
             tl.store(ws_tile + pid_s * part_stride, lo, mask=row_ok[:, None])
@@ -217,6 +268,13 @@ if triton is not None:
                 if NEXT:
                     _emit_next(x, col, col_ok, mask, row_ok, xm_ptr + b * xm_bstride + rm * N,
                                ssp_out_ptr + b * ss_bstride + rm, pid_t * T, next_mod_ptr, BM, BN, T, DT)
+            if SIGNAL:
+                if EPILOGUE == _QKV:
+                    _signal(done_ptr + (pid_t * T) // (HEAD_DIM // 2 // HB))
+                elif EPILOGUE == _GEGLU:
+                    _signal(done_ptr + (pid_t * CN) // SIGNAL_COLUMNS)
+                else:
+                    _signal(done_ptr)
 
     @triton.jit
     def _emit_next(x, col, col_ok, mask, row_ok, xm_rows, ssp_rows, first_tile, next_mod_ptr,
@@ -291,10 +349,15 @@ if triton is not None:
         if USE_PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
-        pid_b = tl.program_id(0)
-        head = tl.program_id(1)
-        split = tl.program_id(2)
-        heads = tl.num_programs(1)
+        _attend_program(tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(1),
+                        q_ptr, q_bstride, k_ptr, v_ptr, kv_bstride, n_valid_ptr, acc_ptr, m_ptr, l_ptr,
+                        rows, keys_total, horizon, scale, S_K, D, BM, KB, DT)
+
+    @triton.jit
+    def _attend_program(pid_b, head, split, heads, q_ptr, q_bstride, k_ptr, v_ptr, kv_bstride, n_valid_ptr,
+                        acc_ptr, m_ptr, l_ptr, rows, keys_total, horizon, scale,
+                        S_K: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, KB: tl.constexpr, DT: tl.constexpr):
+        """`_attend_kernel`'s work for one (batch row, head, key split)."""
         rm = tl.arange(0, BM)
         rd = tl.arange(0, D)
         row_ok = rm < rows
@@ -346,10 +409,18 @@ if triton is not None:
         if USE_PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
-        pid_bh = tl.program_id(0)  # batch row * heads + head: the head's partials, in _attend_kernel's order
+        _combine_program(tl.program_id(0), tl.program_id(1), tl.program_id(2), acc_ptr, m_ptr, l_ptr, out_ptr,
+                         out_stride, out_bstride, rows, heads, S_K, D, BM, BR, BD, DT)
+
+    @triton.jit
+    def _combine_program(pid_bh, pid_r, pid_d, acc_ptr, m_ptr, l_ptr, out_ptr, out_stride, out_bstride, rows, heads,
+                         S_K: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
+                         DT: tl.constexpr):
+        """`_combine_kernel`'s work for one (batch row x head, row block, column block); pid_bh = batch row * heads
+        + head: the head's partials, in _attend_kernel's order."""
         head = pid_bh % heads
-        r = tl.program_id(1) * BR + tl.arange(0, BR)
-        d = tl.program_id(2) * BD + tl.arange(0, BD)
+        r = pid_r * BR + tl.arange(0, BR)
+        d = pid_d * BD + tl.arange(0, BD)
         row_ok = r < rows
         top = tl.full((BR,), float("-inf"), dtype=tl.float32)
         for s in range(S_K):
