@@ -142,6 +142,25 @@ def main() -> int:
     jobs.append(("flash combine", flash_combine,
                  dict(acc_ptr=F32, m_ptr=F32, l_ptr=F32, out_ptr=BF, q_rows="i32", out_bstride="i32"),
                  dict(D=d, BM=attention.BLOCK_ROWS, BR=16, BD=min(64, d), SPLITS=4, DT=tl.bfloat16), 4, 0))
+    # every layer of a step in one persistent kernel (KernelConfig.persistent): the four GEMMs' default tiles
+    step_types = {name: BF for name in ("wq_ptr", "wo_ptr", "wg_ptr", "wd_ptr", "xm_ptr", "q_ptr", "attn_ptr", "h_ptr",
+                                        "k_ptr", "v_ptr")}
+    step_types.update({name: F32 for name in ("sq_ptr", "so_ptr", "sg_ptr", "sd_ptr", "ws_q", "ws_o", "ws_g", "ws_d",
+                                              "x_ptr", "ssp0_ptr", "ssp1_ptr", "mods_ptr", "bias_qkv_ptr",
+                                              "bias_gu_ptr", "cos_ptr", "sin_ptr", "part_acc_ptr", "part_m_ptr",
+                                              "part_l_ptr")})
+    step_types.update({name: I32 for name in ("cnt_q", "cnt_o", "cnt_g", "cnt_d", "deps_ptr", "ctl_ptr")})
+    step_types.update(n_valid_ptr=I64, eps="fp32", scale="fp32")
+    step_types.update({name: "i32" for name in expert._expert_step_kernel.arg_names if name not in step_types})
+    step_consts = dict(common, S_K=c.key_splits, KB=c.key_block, CBR=c.combine_rows, CBD=bd,
+                       O_WAITS=max(1, fitted["o"].k_chunk // e.head_dim), USE_PDL=pdl)
+    for prefix, name in (("Q", "qkv"), ("O", "o"), ("G", "gate_up"), ("D", "down")):
+        cfg, _, k, _ = cfgs[name]
+        step_consts.update({f"{prefix}_BN": cfg.block_n, f"{prefix}_KC": cfg.k_chunk, f"{prefix}_BK": cfg.step,
+                            f"{prefix}_S": -(-k // cfg.k_chunk), f"{prefix}_ST": cfg.stages, f"{prefix}_FP8": False})
+    step_need = max(expert.shared_bytes(cfg, 1, 1, cfg.stages, epilogue, bm) for cfg, epilogue, _, _ in cfgs.values())
+    jobs.append((f"persistent step, {c.persistent_warps} warps", expert._expert_step_kernel, step_types, step_consts,
+                 c.persistent_warps, step_need))
     for rows, tiles in shapes:
         jobs += gemm_jobs(8, dataclasses.replace(c, batch_rows=rows, batch_tiles=tiles, batch_k_step=args.batch_k_step,
                                                  batch_split_k=not args.batch_whole_k))

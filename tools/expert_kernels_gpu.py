@@ -1,7 +1,7 @@
 """The fused expert kernels on the GPU: fidelity against the float32 reference, and denoise time per variant.
 
     PYTHONPATH=. python3 tools/expert_kernels_gpu.py [--quick | --variants | --defaults | --batches | --batch-k |
-                                                      --batch-gemms | --attention]
+                                                      --batch-gemms | --attention | --persistent-step]
 
 --variants: only the whole denoise loop, for the options and a few tile shapes around the default, and with all
 weights L2-resident (a diagnostic). --defaults: the previous default configuration against the current one.
@@ -10,7 +10,9 @@ kernels in several batch shapes (R rows x T tiles per GEMM program), against bat
 the torch path (issue 9: the torch path denoised a batch of 8 in 13.6 ms, docs/benchmarks.md §43). --batch-k: batch 8
 only, with the batch K options (a K step of its own, one program over the whole K). --batch-gemms: batch 8, each
 kernel kind's time per layer (qkv, attention, o, gate_up, down; no PDL) beside cuBLAS at the same M. --attention: the
-attend + combine pair alone per key-split option, in the pipeline's cache layout (about a minute).
+attend + combine pair alone per key-split option, in the pipeline's cache layout (about a minute). --persistent-step:
+every layer of a step in one persistent kernel (KernelConfig.persistent), in a few launch shapes, against the six
+kernels a layer.
 (The L2-prefetch and fused-combine variants of docs/benchmarks.md §34 ran as `--prefetch` at commit faf2f49, the
 persistent layer kernel of §42 as `--persistent` at 4e7d08b.)
 
@@ -87,8 +89,10 @@ class Denoiser:
         self.noise = (noise if self.batched else noise[None]).cuda().float()
         self.x = self.noise.clone()
         self.n_valid = prefix.n_valid
-        self.keys = [k.clone() for k in prefix.keys]
-        self.values = [v.clone() for v in prefix.values]
+        # one tensor per stack, the layers' views of it: as the pipeline allocates them (the persistent step needs
+        # the layers' caches evenly spaced)
+        self.keys = list(torch.stack(prefix.keys).unbind(0))
+        self.values = list(torch.stack(prefix.values).unbind(0))
         sched = fast.step_schedule(steps)
         self.schedule = kernels.schedule(sched) if kernels else sched
         self.graph = None
@@ -479,6 +483,21 @@ def main() -> None:
         for _ in range(2):
             check("previous default (80aba7f)", ExpertKernels(fast, before))
             check("default", ExpertKernels(fast, KernelConfig()))
+        return
+    if "--persistent-step" in sys.argv:  # every layer of a step in one persistent kernel, against the six kernels
+        base = KernelConfig()
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        check("default (six kernels a layer)", ExpertKernels(fast, base))
+        for label, change in (("persistent, 8 warps, 1 per SM", {}),
+                              ("persistent, 4 warps, 1 per SM", {"persistent_warps": 4}),
+                              ("persistent, 8 warps, 2 per SM", {"persistent_programs": 2 * sms}),
+                              ("persistent, 8 warps, 1 per 2 SMs", {"persistent_programs": sms // 2}),
+                              ("persistent, 8 warps, no PDL", {"pdl": False})):
+            check(label, ExpertKernels(fast, dataclasses.replace(base, persistent=True, **change)))
+        check("default (again)", ExpertKernels(fast, base))
+        print("\nSUMMARY (denoise p50, ms):", flush=True)
+        for (name, steps), ms in results.items():
+            print(f"  {name:<30} {steps:>2} steps {ms:.3f}", flush=True)
         return
     if "--variants" in sys.argv:
         base = KernelConfig()
