@@ -143,13 +143,14 @@ def main() -> int:
                  dict(acc_ptr=F32, m_ptr=F32, l_ptr=F32, out_ptr=BF, q_rows="i32", out_bstride="i32"),
                  dict(D=d, BM=attention.BLOCK_ROWS, BR=16, BD=min(64, d), SPLITS=4, DT=tl.bfloat16), 4, 0))
     # every layer of a step in one persistent kernel (KernelConfig.persistent): the four GEMMs' default tiles
-    step_types = {name: BF for name in ("wq_ptr", "wo_ptr", "wg_ptr", "wd_ptr", "xm_ptr", "q_ptr", "attn_ptr", "h_ptr",
-                                        "k_ptr", "v_ptr")}
+    step_types = {name: BF for name in ("wq_ptr", "wo_ptr", "wg_ptr", "wd_ptr", "xm_ptr", "q_ptr", "attn_ptr",
+                                        "h_ptr")}
     step_types.update({name: F32 for name in ("sq_ptr", "so_ptr", "sg_ptr", "sd_ptr", "ws_q", "ws_o", "ws_g", "ws_d",
                                               "x_ptr", "ssp0_ptr", "ssp1_ptr", "mods_ptr", "bias_qkv_ptr",
                                               "bias_gu_ptr", "cos_ptr", "sin_ptr", "part_acc_ptr", "part_m_ptr",
                                               "part_l_ptr")})
     step_types.update({name: I32 for name in ("cnt_q", "cnt_o", "cnt_g", "cnt_d", "deps_ptr", "ctl_ptr")})
+    step_types.update(kv_table_ptr=I64)
     step_types.update(n_valid_ptr=I64, eps="fp32", scale="fp32")
     step_types.update({name: "i32" for name in expert._expert_step_kernel.arg_names if name not in step_types})
     step_consts = dict(common, S_K=c.key_splits, KB=c.key_block, CBR=c.combine_rows, CBD=bd,

@@ -89,10 +89,8 @@ class Denoiser:
         self.noise = (noise if self.batched else noise[None]).cuda().float()
         self.x = self.noise.clone()
         self.n_valid = prefix.n_valid
-        # one tensor per stack, the layers' views of it: as the pipeline allocates them (the persistent step needs
-        # the layers' caches evenly spaced)
-        self.keys = list(torch.stack(prefix.keys).unbind(0))
-        self.values = list(torch.stack(prefix.values).unbind(0))
+        self.keys = [k.clone() for k in prefix.keys]
+        self.values = [v.clone() for v in prefix.values]
         sched = fast.step_schedule(steps)
         self.schedule = kernels.schedule(sched) if kernels else sched
         self.graph = None

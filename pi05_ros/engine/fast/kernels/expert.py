@@ -442,7 +442,7 @@ if triton is not None:
         ws_q, cnt_q, ws_o, cnt_o, ws_g, cnt_g, ws_d, cnt_d,
         x_ptr, xm_ptr, q_ptr, attn_ptr, h_ptr, ssp0_ptr, ssp1_ptr,
         mods_ptr, bias_qkv_ptr, bias_gu_ptr,
-        k_ptr, v_ptr, kv_lstride, cos_ptr, sin_ptr, n_valid_ptr,
+        kv_table_ptr, cos_ptr, sin_ptr, n_valid_ptr,
         part_acc_ptr, part_m_ptr, part_l_ptr, deps_ptr, ctl_ptr,
         depth, M, W, keys_total, ss_tiles_in, q_tiles, o_tiles, g_tiles, d_tiles, eps, scale,
         HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, MLP: tl.constexpr, DT: tl.constexpr, BM: tl.constexpr,
@@ -501,8 +501,9 @@ if triton is not None:
             i = task - layer * per_layer
             deps = deps_ptr + layer * STRIDE
             mod = mods_ptr + layer * 6 * W
-            k_layer = k_ptr + layer * kv_lstride
-            v_layer = v_ptr + layer * kv_lstride
+            # the layer's K/V caches: kv_table holds every layer's K, then every layer's V (addresses)
+            k_layer = tl.multiple_of(tl.load(kv_table_ptr + layer).to(tl.pointer_type(DT)), 16)
+            v_layer = tl.multiple_of(tl.load(kv_table_ptr + depth + layer).to(tl.pointer_type(DT)), 16)
             if i < e0:
                 s = i // q_tiles
                 t = i - s * q_tiles
@@ -630,8 +631,7 @@ class KernelConfig:
     batch_split_k: bool = True
     # Batch 1: every layer of a step in one persistent kernel, its programs taking the six kernels' work as tasks
     # from a queue and waiting on per-task dependency counters instead of kernel boundaries (`_expert_step_kernel`),
-    # with `persistent_programs` programs (0: one per SM). Needs the layers' K/V caches evenly spaced in memory (the
-    # pipeline allocates them so).
+    # with `persistent_programs` programs (0: one per SM).
     persistent: bool = False
     persistent_programs: int = 0
     persistent_warps: int = 8  # 4 spill registers at full size (the attention's accumulator, 64 x 256 float32)
@@ -947,6 +947,7 @@ class ExpertKernels:
         self.dep_stride = 3 * self.heads + 4 + first.down.splits
         self.deps = torch.zeros(len(self.layers) * self.dep_stride, dtype=torch.int32, device=dev)
         self.queue = torch.zeros(2, dtype=torch.int32, device=dev)
+        self._kv_tables: dict[tuple[int, ...], Tensor] = {}
 
     @property
     def block_rows(self) -> int:
@@ -1094,11 +1095,23 @@ class ExpertKernels:
             return 4
         return torch.cuda.get_device_properties(self.device).multi_processor_count
 
+    def _kv_table(self, keys: list[Tensor], values: list[Tensor]) -> Tensor:
+        """The caches' addresses for the persistent kernel (every K, then every V), made once per set of caches:
+        the pipeline's are fixed buffers, and a CUDA graph replays the table it captured."""
+        key = tuple(t.data_ptr() for t in (*keys, *values))
+        table = self._kv_tables.get(key)
+        if table is None:
+            if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("the persistent step's first call on a set of K/V caches must come before a "
+                                   "CUDA graph captures it (a warm-up run)")
+            table = self._kv_tables[key] = torch.tensor(key, dtype=torch.int64, device=self.device)
+        return table
+
     def layers_persistent(self, x: Tensor, mods: Tensor, bias_qkv: Tensor, bias_gu: Tensor, keys: list[Tensor],
                           values: list[Tensor], n_valid: Tensor, ssp_in: tuple[Tensor, int]) -> None:
         """Every layer of one step in one launch of `_expert_step_kernel`, batch 1; what `layer` does for each
         layer in turn. x [1, horizon, width] (float32, contiguous), mods [L, 6, W], bias_qkv [L, Nqkv], bias_gu
-        [L, 2*MLP], keys/values the layers' caches [1, 1, rows, D] (or [1, rows, D]), evenly spaced in memory."""
+        [L, 2*MLP], keys/values the layers' caches [1, 1, rows, D] (or [1, rows, D])."""
         if self.persistent_refusal:
             raise ValueError(f"the persistent step cannot run: {self.persistent_refusal}")
         x = _rows(x, 3)
@@ -1106,13 +1119,10 @@ class ExpertKernels:
             raise ValueError(f"the persistent step runs batch 1, got {x.shape[0]} rows")
         ks = [k.reshape(k.shape[-2], k.shape[-1]) for k in keys]
         vs = [v.reshape(v.shape[-2], v.shape[-1]) for v in values]
-        kv_stride = ks[1].data_ptr() - ks[0].data_ptr() if len(ks) > 1 else 0
-        if (any(k.data_ptr() - ks[0].data_ptr() != i * kv_stride for i, k in enumerate(ks))
-                or any(v.data_ptr() - vs[0].data_ptr() != i * kv_stride for i, v in enumerate(vs))
-                or kv_stride % ks[0].element_size() or ks[0].stride(0) != self.head_dim
-                or vs[0].stride() != ks[0].stride()):
-            raise ValueError("the persistent step needs the layers' K/V caches evenly spaced in memory, K and V "
-                             "alike, rows contiguous (e.g. views of one [layers, ...] tensor)")
+        if any(t.stride() != (self.head_dim, 1) or t.data_ptr() % 16 for t in (*ks, *vs)) or len(
+                {t.shape[0] for t in (*ks, *vs)}) != 1:
+            raise ValueError("the persistent step needs each layer's K/V cache rows contiguous, 16-byte aligned, "
+                             "and every cache of the same length")
         if x.stride(1) != self.width or not (mods.is_contiguous() and bias_qkv.is_contiguous()
                                              and bias_gu.is_contiguous()):
             raise ValueError("the persistent step needs x's rows and the schedule's rows contiguous")
@@ -1132,7 +1142,7 @@ class ExpertKernels:
             *self.ws["qkv"], *self.ws["o"], *self.ws["gate_up"], *self.ws["down"],
             x, self.xm, self.q, self.attn, self.h, self.ssp[0], self.ssp[1],
             mods, bias_qkv, bias_gu,
-            ks[0], vs[0], kv_stride // ks[0].element_size(), self.fast.rope_cos, self.fast.rope_sin, n_valid,
+            self._kv_table(ks, vs), self.fast.rope_cos, self.fast.rope_sin, n_valid,
             self.part_acc, self.part_m, self.part_l, self.deps, self.queue,
             len(self.layers), self.horizon, self.width, ks[0].shape[0], ssp_in[1],
             first.qkv.tiles, first.o.tiles, first.gate_up.tiles, first.down.tiles, self.eps, self.head_dim**-0.5,
