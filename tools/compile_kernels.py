@@ -42,6 +42,7 @@ SHARED_PER_SM = 227 * 1024  # Hopper's largest shared memory per block (opt-in)
 BF, F32, I32, I64 = "*bf16", "*fp32", "*i32", "*i64"
 # Pointer arguments Triton may assume 16-byte aligned (as it specializes them at launch for these tensors).
 ALIGNED = ("ptr", "w_qkv", "w_o", "w_gu", "w_dn", "ws_", "count_")
+MULTIPLES_OF_16 = ("W", "keys_total", "q_tiles", "o_tiles", "g_tiles", "d_tiles")
 
 
 def build(fn, types: dict[str, str], consts: dict, arch: int, num_warps: int = 4):
@@ -49,8 +50,10 @@ def build(fn, types: dict[str, str], consts: dict, arch: int, num_warps: int = 4
     aligned = [i for i, name in enumerate(fn.arg_names)
                if types.get(name, "").startswith("*") and any(a in name for a in ALIGNED)
                and name != "n_valid_ptr"]
-    # Strides are multiples of 16 at full size, and Triton specializes such integer arguments at launch.
-    aligned += [i for i, name in enumerate(fn.arg_names) if name.endswith("stride") and name not in consts]
+    # Strides are multiples of 16 at full size, and Triton specializes such integer arguments at launch; so are the
+    # persistent step's width, cache length and tile counts (1024, 832; 80, 32, 128, 32).
+    aligned += [i for i, name in enumerate(fn.arg_names)
+                if (name.endswith("stride") or name in MULTIPLES_OF_16) and name not in consts]
     attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
     return triton.compile(ASTSource(fn, signature, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps})
