@@ -18,7 +18,7 @@
 #            beside cuBLAS at M = 400: where the batched kernels lose to the torch path
 #   kernels-attention  tools/expert_kernels_gpu.py --attention (150): the expert attention's key splits, blocks and
 #            warps, to re-tune KernelConfig now that only blocks holding valid keys are shared out (§57)
-#   kernels-persistent  tools/expert_kernels_gpu.py --persistent-step (240): every layer of a step in one persistent
+#   kernels-persistent  tools/expert_kernels_gpu.py --persistent-step (300): every layer of a step in one persistent
 #            kernel (KernelConfig.persistent) in a few launch shapes, against the six kernels a layer
 #   attention  tools/attention_gpu.py: the GEMM path, SDPA and the flash kernel alone at the pipeline's shapes (150)
 #   batch    tools/batch_stages_gpu.py, buckets 1-8: batches as pi05-serve denoises them (auto: the kernels up to
@@ -101,7 +101,7 @@ for step in "$@"; do
              "${tests_args[@]}" ;;
     kernels) OUT="$OUT" run_step kernels 300 "$PY" tools/expert_kernels_gpu.py --variants ;;
     kernels-attention) OUT="$OUT" run_step kernels-attention 150 "$PY" tools/expert_kernels_gpu.py --attention ;;
-    kernels-persistent) OUT="$OUT" run_step kernels-persistent 240 "$PY" tools/expert_kernels_gpu.py --persistent-step ;;
+    kernels-persistent) OUT="$OUT" run_step kernels-persistent 300 "$PY" tools/expert_kernels_gpu.py --persistent-step ;;
     kernels-batch) OUT="$OUT" run_step kernels-batch 360 "$PY" tools/expert_kernels_gpu.py --batches ;;
     kernels-batch-k) OUT="$OUT" run_step kernels-batch-k 200 "$PY" tools/expert_kernels_gpu.py --batch-k ;;
     kernels-batch-gemms) OUT="$OUT" run_step kernels-batch-gemms 240 "$PY" tools/expert_kernels_gpu.py --batch-gemms ;;
