@@ -494,6 +494,7 @@ def main() -> None:
                               ("persistent, 8 warps, 1 per SM, 2 stages", stages2),
                               ("persistent, 4 warps, 2 per SM, 2 stages",
                                {"persistent_warps": 4, "persistent_programs": 2 * sms, **stages2}),
+                              ("persistent, 8 warps, counters packed", {"persistent_counter_bytes": 4}),
                               ("persistent, 8 warps, 1 per 2 SMs", {"persistent_programs": sms // 2}),
                               ("persistent, 8 warps, no PDL", {"pdl": False})):
             check(label, ExpertKernels(fast, dataclasses.replace(base, persistent=True, **change)))

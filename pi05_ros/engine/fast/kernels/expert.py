@@ -95,7 +95,7 @@ if triton is not None:
             k_ptr, v_ptr, kv_bstride, cos_ptr, sin_ptr, n_valid_ptr, cache_row0, batch, M, K, N, eps,
             count_ptr, 0, count_ptr,
             HEADS, HEAD_DIM, MLP, EPILOGUE, NEXT, W_FP8, DT, BM, BN, KC, BK, S, R, T, STAGES, PREFETCH, USE_PDL,
-            0, 0, 1)
+            0, 0, 1, 1)
 
     @triton.jit
     def _wait_for(counter_ptr, target):
@@ -129,7 +129,7 @@ if triton is not None:
         EPILOGUE: tl.constexpr, NEXT: tl.constexpr, W_FP8: tl.constexpr, DT: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr, BK: tl.constexpr, S: tl.constexpr,
         R: tl.constexpr, T: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr,
-        WAITS: tl.constexpr, SIGNAL: tl.constexpr, SIGNAL_COLUMNS: tl.constexpr,
+        WAITS: tl.constexpr, SIGNAL: tl.constexpr, SIGNAL_COLUMNS: tl.constexpr, COUNTER_STRIDE: tl.constexpr,
     ):
         """out = epilogue(A @ W) for the batch's A [batch, M, K] (M <= BM rows each, GEMM dtype) and packed W: the
         work of one (group of R batch rows, group of T column tiles of `tile_groups`, K split). Batch 1 runs
@@ -166,7 +166,7 @@ if triton is not None:
                 w0_hi = tl.load(w_base + HB)
         if WAITS > 0:  # in the persistent kernel: its producers' counters (WAITS of them, side by side)
             for i in tl.static_range(WAITS):
-                _wait_for(wait_ptr + i, wait_target)
+                _wait_for(wait_ptr + i * COUNTER_STRIDE, wait_target)
         elif USE_PDL:
             tl.extra.cuda.gdc_wait()
         if not PREFETCH:
@@ -270,9 +270,9 @@ if triton is not None:
                                ssp_out_ptr + b * ss_bstride + rm, pid_t * T, next_mod_ptr, BM, BN, T, DT)
             if SIGNAL:
                 if EPILOGUE == _QKV:
-                    _signal(done_ptr + (pid_t * T) // (HEAD_DIM // 2 // HB))
+                    _signal(done_ptr + (pid_t * T) // (HEAD_DIM // 2 // HB) * COUNTER_STRIDE)
                 elif EPILOGUE == _GEGLU:
-                    _signal(done_ptr + (pid_t * CN) // SIGNAL_COLUMNS)
+                    _signal(done_ptr + (pid_t * CN) // SIGNAL_COLUMNS * COUNTER_STRIDE)
                 else:
                     _signal(done_ptr)
 
@@ -455,7 +455,7 @@ if triton is not None:
         D_BN: tl.constexpr, D_KC: tl.constexpr, D_BK: tl.constexpr, D_S: tl.constexpr, D_ST: tl.constexpr,
         D_FP8: tl.constexpr,
         S_K: tl.constexpr, KB: tl.constexpr, CBR: tl.constexpr, CBD: tl.constexpr, O_WAITS: tl.constexpr,
-        USE_PDL: tl.constexpr,
+        CS: tl.constexpr, USE_PDL: tl.constexpr,
     ):
         """Every expert layer of one denoise step (batch 1) in one launch: the six kernels' work as tasks.
 
@@ -468,7 +468,8 @@ if triton is not None:
         Triton's interpreter, included). A GEMM task loads its first weight chunk before it waits: the weights
         stream while its inputs are still being made, which six kernels can do only across one kernel boundary.
 
-        Dependency counters per layer (deps_ptr + layer * stride): qkv tiles done per head (q heads, then K, V),
+        Dependency counters per layer (each CS int32s from the next, so that programs spinning on one do not share
+        its cache line with the others' atomics): qkv tiles done per head (q heads, then K, V),
         attention splits done per head, combine blocks done per head, o tiles done, down tiles done, then gate_up
         tiles done per down K split. The last program out resets them and the queue for the next launch.
         """
@@ -499,7 +500,7 @@ if triton is not None:
             upcoming = tl.atomic_add(ctl_ptr, 1, sem="relaxed", scope="gpu")  # its latency hides behind this task
             layer = task // per_layer
             i = task - layer * per_layer
-            deps = deps_ptr + layer * STRIDE
+            deps = deps_ptr + layer * STRIDE * CS
             mod = mods_ptr + layer * 6 * W
             # the layer's K/V caches: kv_table holds every layer's K, then every layer's V (addresses)
             k_layer = tl.multiple_of(tl.load(kv_table_ptr + layer).to(tl.pointer_type(DT)), 16)
@@ -513,29 +514,29 @@ if triton is not None:
                     ssp1_ptr, tl.where(layer == 0, ss_tiles_in, d_tiles), 0, bias_qkv_ptr + layer * NQ, mod,
                     q_ptr, 0, 0, mod, xm_ptr, 0, ssp0_ptr,
                     k_layer, v_layer, 0, cos_ptr, sin_ptr, n_valid_ptr, keys_total - M, 1, M, W, NQ, eps,
-                    deps_ptr + tl.maximum(layer - 1, 0) * STRIDE + DN_D, tl.where(layer > 0, d_tiles, 0),
-                    deps + QKV_D,
+                    deps_ptr + (tl.maximum(layer - 1, 0) * STRIDE + DN_D) * CS, tl.where(layer > 0, d_tiles, 0),
+                    deps + QKV_D * CS,
                     HEADS, HEAD_DIM, MLP, _QKV, False, Q_FP8, DT, BM, Q_BN, Q_KC, Q_BK, Q_S, 1, 1, Q_ST, True, False,
-                    1, True, 1)
+                    1, True, 1, CS)
             elif i < e1:
                 j = i - e0
                 head = j // S_K
-                _wait_for(deps + QKV_D + head, TPH)
-                _wait_for(deps + QKV_D + HEADS, TPH)
-                _wait_for(deps + QKV_D + HEADS + 1, TPH)
+                _wait_for(deps + (QKV_D + head) * CS, TPH)
+                _wait_for(deps + (QKV_D + HEADS) * CS, TPH)
+                _wait_for(deps + (QKV_D + HEADS + 1) * CS, TPH)
                 _attend_program(0, head, j - head * S_K, HEADS, q_ptr, 0, k_layer, v_layer, 0, n_valid_ptr,
                                 part_acc_ptr, part_m_ptr, part_l_ptr, M, keys_total, M, scale, S_K, HEAD_DIM, BM, KB,
                                 DT)
-                _signal(deps + ATT_D + head)
+                _signal(deps + (ATT_D + head) * CS)
             elif i < e2:
                 j = i - e1
                 head = j // cmb_per_head
                 c = j - head * cmb_per_head
                 row_block = c // (HEAD_DIM // CBD)
-                _wait_for(deps + ATT_D + head, S_K)
+                _wait_for(deps + (ATT_D + head) * CS, S_K)
                 _combine_program(head, row_block, c - row_block * (HEAD_DIM // CBD), part_acc_ptr, part_m_ptr,
                                  part_l_ptr, attn_ptr, HEADS * HEAD_DIM, 0, M, HEADS, S_K, HEAD_DIM, BM, CBR, CBD, DT)
-                _signal(deps + CMB_D + head)
+                _signal(deps + (CMB_D + head) * CS)
             elif i < e3:
                 j = i - e2
                 s = j // o_tiles
@@ -544,9 +545,9 @@ if triton is not None:
                     so_ptr + layer * W, ws_o, cnt_o, ssp1_ptr, 0, 0, mod, mod + 2 * W, x_ptr, W, 0, mod + 3 * W,
                     xm_ptr, 0, ssp0_ptr, k_layer, v_layer, 0, cos_ptr, sin_ptr, n_valid_ptr, 0, 1, M,
                     HEADS * HEAD_DIM, W, eps,
-                    deps + CMB_D + (s * O_KC) // HEAD_DIM, cmb_per_head, deps + O_D,
+                    deps + (CMB_D + (s * O_KC) // HEAD_DIM) * CS, cmb_per_head, deps + O_D * CS,
                     HEADS, HEAD_DIM, MLP, _RESIDUAL, True, O_FP8, DT, BM, O_BN, O_KC, O_BK, O_S, 1, 1, O_ST, True,
-                    False, O_WAITS, True, 1)
+                    False, O_WAITS, True, 1, CS)
             elif i < e4:
                 j = i - e3
                 s = j // g_tiles
@@ -555,9 +556,9 @@ if triton is not None:
                     ws_g, cnt_g, ssp0_ptr, o_tiles, 0, bias_gu_ptr + layer * 2 * MLP, mod, h_ptr, MLP, 0, mod,
                     xm_ptr, 0, ssp1_ptr, k_layer, v_layer, 0, cos_ptr, sin_ptr, n_valid_ptr, 0, 1, M, W, 2 * MLP,
                     eps,
-                    deps + O_D, o_tiles, deps + GU_D,
+                    deps + O_D * CS, o_tiles, deps + GU_D * CS,
                     HEADS, HEAD_DIM, MLP, _GEGLU, False, G_FP8, DT, BM, G_BN, G_KC, G_BK, G_S, 1, 1, G_ST, True,
-                    False, 1, True, D_KC)
+                    False, 1, True, D_KC, CS)
             else:
                 j = i - e4
                 s = j // d_tiles
@@ -567,9 +568,9 @@ if triton is not None:
                     0, j - s * d_tiles, s, d_tiles, h_ptr, MLP, 0, wd_ptr + layer * wd_lstride, sd_ptr + layer * W,
                     ws_d, cnt_d, ssp0_ptr, 0, 0, mod, mod + 5 * W, x_ptr, W, 0, next_mod, xm_ptr, 0, ssp1_ptr,
                     k_layer, v_layer, 0, cos_ptr, sin_ptr, n_valid_ptr, 0, 1, M, MLP, W, eps,
-                    deps + GU_D + s, tl.minimum(D_KC, MLP - s * D_KC) // G_HB, deps + DN_D,
+                    deps + (GU_D + s) * CS, tl.minimum(D_KC, MLP - s * D_KC) // G_HB, deps + DN_D * CS,
                     HEADS, HEAD_DIM, MLP, _RESIDUAL, True, D_FP8, DT, BM, D_BN, D_KC, D_BK, D_S, 1, 1, D_ST, True,
-                    False, 1, True, 1)
+                    False, 1, True, 1, CS)
             task = upcoming
         # The last program out resets the counters and the queue for the next launch: every task is done by then.
         tl.debug_barrier()
@@ -577,7 +578,7 @@ if triton is not None:
             n = depth * STRIDE
             for first in range(0, n, 128):
                 idx = first + tl.arange(0, 128)
-                tl.store(deps_ptr + idx, tl.zeros((128,), dtype=tl.int32), mask=idx < n)
+                tl.store(deps_ptr + idx * CS, tl.zeros((128,), dtype=tl.int32), mask=idx < n)
             tl.store(ctl_ptr + tl.arange(0, 2), tl.zeros((2,), dtype=tl.int32))
 
 
@@ -634,7 +635,8 @@ class KernelConfig:
     # with `persistent_programs` programs (0: one per SM).
     persistent: bool = False
     persistent_programs: int = 0
-    persistent_warps: int = 8  # 4 spill registers at full size (the attention's accumulator, 64 x 256 float32)
+    persistent_warps: int = 8
+    persistent_counter_bytes: int = 128  # apart, each dependency counter: a cache line of its own
 
     def __post_init__(self) -> None:
         for name in ("batch_rows", "batch_tiles", "batch_warps"):
@@ -945,7 +947,9 @@ class ExpertKernels:
         # the persistent kernel's dependency counters (per layer) and its queue and exit counters; zero between
         # launches (each launch's last program resets them)
         self.dep_stride = 3 * self.heads + 4 + first.down.splits
-        self.deps = torch.zeros(len(self.layers) * self.dep_stride, dtype=torch.int32, device=dev)
+        self.counter_spacing = max(1, self.config.persistent_counter_bytes // 4)
+        self.deps = torch.zeros(len(self.layers) * self.dep_stride * self.counter_spacing, dtype=torch.int32,
+                                device=dev)
         self.queue = torch.zeros(2, dtype=torch.int32, device=dev)
         self._kv_tables: dict[tuple[int, ...], Tensor] = {}
 
@@ -1152,7 +1156,8 @@ class ExpertKernels:
             G_BN=g_bn, G_KC=g_kc, G_BK=g_bk, G_S=g_s, G_ST=g_st, G_FP8=g_fp8,
             D_BN=d_bn, D_KC=d_kc, D_BK=d_bk, D_S=d_s, D_ST=d_st, D_FP8=d_fp8,
             S_K=c.key_splits, KB=c.key_block, CBR=c.combine_rows, CBD=bd,
-            O_WAITS=max(1, o_kc // self.head_dim), USE_PDL=self.use_pdl, **self._launch_kwargs(c.persistent_warps),
+            O_WAITS=max(1, o_kc // self.head_dim), CS=self.counter_spacing, USE_PDL=self.use_pdl,
+            **self._launch_kwargs(c.persistent_warps),
         )
 
     def denoise(self, x_t: Tensor, n_valid: Tensor, keys: list[Tensor], values: list[Tensor],
