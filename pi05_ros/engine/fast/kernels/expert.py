@@ -99,11 +99,13 @@ if triton is not None:
 
     @triton.jit
     def _wait_for(counter_ptr, target):
-        """Spin until a dependency counter reaches `target`; then an acquire, so that this program's loads that
-        follow see everything its producers wrote before they counted (their release)."""
-        while tl.load(counter_ptr, volatile=True) < target:
+        """Spin until a dependency counter reaches `target`, reading it with an acquire, so that this program's loads
+        that follow see everything its producers wrote before they counted (their release). A scalar atomic: one
+        thread reads and the program shares what it read, so every thread leaves the loop on the same iteration (a
+        plain load per thread could see the count change at different times, and threads that leave early would
+        meet the program's barriers without the others)."""
+        while tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < target:
             pass
-        tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
 
     @triton.jit
     def _signal(counter_ptr):
