@@ -158,7 +158,7 @@ def main() -> int:
     step_types.update({name: "i32" for name in expert._expert_step_kernel.arg_names if name not in step_types})
     step_consts = dict(common, S_K=c.key_splits, KB=c.key_block, CBR=c.combine_rows, CBD=bd,
                        O_WAITS=max(1, fitted["o"].k_chunk // e.head_dim), CS=c.persistent_counter_bytes // 4,
-                       USE_PDL=pdl)
+                       PREFETCH=c.persistent_prefetch, USE_PDL=pdl)
     for prefix, name in (("Q", "qkv"), ("O", "o"), ("G", "gate_up"), ("D", "down")):
         cfg, _, k, _ = cfgs[name]
         step_consts.update({f"{prefix}_BN": cfg.block_n, f"{prefix}_KC": cfg.k_chunk, f"{prefix}_BK": cfg.step,

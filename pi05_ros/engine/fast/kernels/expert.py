@@ -457,7 +457,7 @@ if triton is not None:
         D_BN: tl.constexpr, D_KC: tl.constexpr, D_BK: tl.constexpr, D_S: tl.constexpr, D_ST: tl.constexpr,
         D_FP8: tl.constexpr,
         S_K: tl.constexpr, KB: tl.constexpr, CBR: tl.constexpr, CBD: tl.constexpr, O_WAITS: tl.constexpr,
-        CS: tl.constexpr, USE_PDL: tl.constexpr,
+        CS: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr,
     ):
         """Every expert layer of one denoise step (batch 1) in one launch: the six kernels' work as tasks.
 
@@ -518,8 +518,8 @@ if triton is not None:
                     k_layer, v_layer, 0, cos_ptr, sin_ptr, n_valid_ptr, keys_total - M, 1, M, W, NQ, eps,
                     deps_ptr + (tl.maximum(layer - 1, 0) * STRIDE + DN_D) * CS, tl.where(layer > 0, d_tiles, 0),
                     deps + QKV_D * CS,
-                    HEADS, HEAD_DIM, MLP, _QKV, False, Q_FP8, DT, BM, Q_BN, Q_KC, Q_BK, Q_S, 1, 1, Q_ST, True, False,
-                    1, True, 1, CS)
+                    HEADS, HEAD_DIM, MLP, _QKV, False, Q_FP8, DT, BM, Q_BN, Q_KC, Q_BK, Q_S, 1, 1, Q_ST, PREFETCH,
+                    False, 1, True, 1, CS)
             elif i < e1:
                 j = i - e0
                 head = j // S_K
@@ -548,7 +548,7 @@ if triton is not None:
                     xm_ptr, 0, ssp0_ptr, k_layer, v_layer, 0, cos_ptr, sin_ptr, n_valid_ptr, 0, 1, M,
                     HEADS * HEAD_DIM, W, eps,
                     deps + (CMB_D + (s * O_KC) // HEAD_DIM) * CS, cmb_per_head, deps + O_D * CS,
-                    HEADS, HEAD_DIM, MLP, _RESIDUAL, True, O_FP8, DT, BM, O_BN, O_KC, O_BK, O_S, 1, 1, O_ST, True,
+                    HEADS, HEAD_DIM, MLP, _RESIDUAL, True, O_FP8, DT, BM, O_BN, O_KC, O_BK, O_S, 1, 1, O_ST, PREFETCH,
                     False, O_WAITS, True, 1, CS)
             elif i < e4:
                 j = i - e3
@@ -559,7 +559,7 @@ if triton is not None:
                     xm_ptr, 0, ssp1_ptr, k_layer, v_layer, 0, cos_ptr, sin_ptr, n_valid_ptr, 0, 1, M, W, 2 * MLP,
                     eps,
                     deps + O_D * CS, o_tiles, deps + GU_D * CS,
-                    HEADS, HEAD_DIM, MLP, _GEGLU, False, G_FP8, DT, BM, G_BN, G_KC, G_BK, G_S, 1, 1, G_ST, True,
+                    HEADS, HEAD_DIM, MLP, _GEGLU, False, G_FP8, DT, BM, G_BN, G_KC, G_BK, G_S, 1, 1, G_ST, PREFETCH,
                     False, 1, True, D_KC, CS)
             else:
                 j = i - e4
@@ -571,7 +571,7 @@ if triton is not None:
                     ws_d, cnt_d, ssp0_ptr, 0, 0, mod, mod + 5 * W, x_ptr, W, 0, next_mod, xm_ptr, 0, ssp1_ptr,
                     k_layer, v_layer, 0, cos_ptr, sin_ptr, n_valid_ptr, 0, 1, M, MLP, W, eps,
                     deps + (GU_D + s) * CS, tl.minimum(D_KC, MLP - s * D_KC) // G_HB, deps + DN_D * CS,
-                    HEADS, HEAD_DIM, MLP, _RESIDUAL, True, D_FP8, DT, BM, D_BN, D_KC, D_BK, D_S, 1, 1, D_ST, True,
+                    HEADS, HEAD_DIM, MLP, _RESIDUAL, True, D_FP8, DT, BM, D_BN, D_KC, D_BK, D_S, 1, 1, D_ST, PREFETCH,
                     False, 1, True, 1, CS)
             task = upcoming
         # The last program out resets the counters and the queue for the next launch: every task is done by then.
@@ -639,6 +639,7 @@ class KernelConfig:
     persistent_programs: int = 0
     persistent_warps: int = 8
     persistent_counter_bytes: int = 128  # apart, each dependency counter: a cache line of its own
+    persistent_prefetch: bool = True  # a GEMM task loads its first weight chunk before it waits
 
     def __post_init__(self) -> None:
         for name in ("batch_rows", "batch_tiles", "batch_warps"):
@@ -1158,7 +1159,8 @@ class ExpertKernels:
             G_BN=g_bn, G_KC=g_kc, G_BK=g_bk, G_S=g_s, G_ST=g_st, G_FP8=g_fp8,
             D_BN=d_bn, D_KC=d_kc, D_BK=d_bk, D_S=d_s, D_ST=d_st, D_FP8=d_fp8,
             S_K=c.key_splits, KB=c.key_block, CBR=c.combine_rows, CBD=bd,
-            O_WAITS=max(1, o_kc // self.head_dim), CS=self.counter_spacing, USE_PDL=self.use_pdl,
+            O_WAITS=max(1, o_kc // self.head_dim), CS=self.counter_spacing, PREFETCH=c.persistent_prefetch,
+            USE_PDL=self.use_pdl,
             **self._launch_kwargs(c.persistent_warps),
         )
 
