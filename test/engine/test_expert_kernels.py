@@ -596,3 +596,14 @@ def test_a_batch_failing_on_the_kernels_moves_batches_to_the_torch_path_only(
     np.testing.assert_allclose(batched, torch_path.run_batch(rows, 2)[0], rtol=0, atol=0)  # the torch path's rows
     alone, _ = pipe.run(rows[0], 2)  # batch 1 on the kernels: float32, summation order only
     assert rel_err(torch.from_numpy(alone), torch.from_numpy(batched[0])) < 1e-5
+
+
+def test_the_persistent_step_is_refused_on_a_gpu_until_it_runs_correctly_there(small, monkeypatch) -> None:
+    """At full size on an H100/H200 it faulted (docs/benchmarks.md §59): a pipeline must not be able to pick it.
+    Shown on the CPU with the device check answering as a GPU would."""
+    fast, _, _ = small
+    ExpertKernels(fast, PERSISTENT["split-k"])  # the interpreter: allowed
+    monkeypatch.setattr(ExpertKernels, "_on_gpu", staticmethod(lambda device: True))
+    with pytest.raises(ValueError, match="does not run correctly on a GPU yet"):
+        ExpertKernels(fast, PERSISTENT["split-k"])
+    ExpertKernels(fast, PERSISTENT["split-k"], allow_unverified_persistent=True)  # the investigating tools

@@ -840,10 +840,13 @@ class ExpertKernels:
 
     `fp8` selects the GEMMs whose weights are stored as FP8 e4m3 with one scale per output column
     (weight-only: activations stay in the compute dtype, the GEMM upcasts each weight block in registers).
+    `allow_unverified_persistent` lets `KernelConfig.persistent` run on a GPU, where it has not yet run correctly
+    at full size (for the tools that investigate it).
     """
 
     def __init__(self, fast, config: KernelConfig | None = None, fp8: tuple[str, ...] = (),
-                 compute_dtype: torch.dtype | None = None, max_batch: int = 1) -> None:
+                 compute_dtype: torch.dtype | None = None, max_batch: int = 1,
+                 allow_unverified_persistent: bool = False) -> None:
         if triton is None:
             raise RuntimeError("Triton is not installed; the fused expert kernels cannot run")
         if max_batch < 1:
@@ -883,6 +886,16 @@ class ExpertKernels:
         self.persistent_refusal = self._persistent_refusal()
         if self.config.persistent and self.persistent_refusal:
             raise ValueError(f"KernelConfig.persistent: {self.persistent_refusal}")
+        if self.config.persistent and self._on_gpu(self.device) and not allow_unverified_persistent:
+            # Exact under the interpreter and on the GPU at small sizes, but at full size on an H100/H200 it made
+            # NaN (one program) or an illegal memory access (one per SM) at 367e3f0 (docs/benchmarks.md §59).
+            raise ValueError("KernelConfig.persistent does not run correctly on a GPU yet (docs/benchmarks.md §59): "
+                             "leave it off (the six kernels a layer are the default); tools/persistent_step_gpu.py "
+                             "reproduces the failure")
+
+    @staticmethod
+    def _on_gpu(device: torch.device) -> bool:
+        return device.type == "cuda"
 
     def _stack_layers(self) -> None:
         """Each GEMM's packed blocks (and FP8 scales) of all layers in one tensor, the layers' PackedLinears views
