@@ -23,7 +23,8 @@
 #   persistent-check  tools/persistent_step_gpu.py (300): the persistent step against the six kernels at three
 #            sizes and in several launch shapes, each case in a process of its own (a faulting case cannot stop the
 #            rest); PERSISTENT_CASES overrides the cases
-#   persistent-sanitize  the same under compute-sanitizer (memcheck), PERSISTENT_CASES or mid:1:8 full:0:8 (420)
+#   persistent-sanitize  the same under compute-sanitizer, PERSISTENT_CASES or mid:1:8 full:0:8; SANITIZE_TOOL picks
+#            memcheck (default), racecheck, synccheck or initcheck   (420)
 #   attention  tools/attention_gpu.py: the GEMM path, SDPA and the flash kernel alone at the pipeline's shapes (150)
 #   batch    tools/batch_stages_gpu.py, buckets 1-8: batches as pi05-serve denoises them (auto: the kernels up to
 #            2 rows on Hopper, the torch path from 4) and all on the fused kernels (--expert-kernels on), one process
@@ -109,7 +110,8 @@ for step in "$@"; do
     # shellcheck disable=SC2086
     persistent-check) run_step persistent-check 300 "$PY" tools/persistent_step_gpu.py ${PERSISTENT_CASES:-} ;;
     # shellcheck disable=SC2086
-    persistent-sanitize) run_step persistent-sanitize 420 "$PY" tools/persistent_step_gpu.py --sanitize \
+    persistent-sanitize) run_step persistent-sanitize 420 "$PY" tools/persistent_step_gpu.py \
+      "--sanitize=${SANITIZE_TOOL:-memcheck}" \
       ${PERSISTENT_CASES:-mid:1:8 full:0:8} ;;
     kernels-batch) OUT="$OUT" run_step kernels-batch 360 "$PY" tools/expert_kernels_gpu.py --batches ;;
     kernels-batch-k) OUT="$OUT" run_step kernels-batch-k 200 "$PY" tools/expert_kernels_gpu.py --batch-k ;;

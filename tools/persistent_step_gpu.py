@@ -1,7 +1,7 @@
 """The persistent denoise step (KernelConfig.persistent) against the six kernels a layer, on the GPU, each case in
 a process of its own: a kernel that faults leaves the CUDA context unusable, and the cases after it must still run.
 
-    PYTHONPATH=. python3 tools/persistent_step_gpu.py [--sanitize | --cpu] [CASE ...]
+    PYTHONPATH=. python3 tools/persistent_step_gpu.py [--sanitize[=TOOL] | --cpu] [CASE ...]
 
 A case is SIZE:PROGRAMS:WARPS[:CHANGE], e.g. full:0:8 or mid:1:8:whole-k (PROGRAMS 0: one per SM).
 - SIZE small: the CPU tests' expert (width 128, 2 heads of 64, 2 layers; horizon 10, so no Hopper wgmma), whole-K
@@ -11,7 +11,8 @@ A case is SIZE:PROGRAMS:WARPS[:CHANGE], e.g. full:0:8 or mid:1:8:whole-k (PROGRA
   without split K), packed (dependency counters side by side).
 Prints one line per case: the largest difference from the six kernels (bf16, 1 step), whether the output is
 finite, and whether the counters came back to zero; or how the process ended. --sanitize runs each case under
-compute-sanitizer (memcheck), persistent step only; --cpu runs the cases on Triton's CPU interpreter in float32
+compute-sanitizer (TOOL: memcheck by default, or racecheck for shared-memory hazards, synccheck, initcheck),
+persistent step only; --cpu runs the cases on Triton's CPU interpreter in float32
 (to check this tool without a GPU: slow beyond `small`). With no cases, a default set (docs/benchmarks.md §59).
 """
 
@@ -113,7 +114,8 @@ def main() -> int:
     if "--case" in sys.argv:  # the child
         run_case(args[0], "--only-persistent" in sys.argv, "--cpu" in sys.argv)
         return 0
-    sanitize = "--sanitize" in sys.argv
+    tools = [a.partition("=")[2] or "memcheck" for a in sys.argv if a.startswith("--sanitize")]
+    sanitize = bool(tools)
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     if "--cpu" in sys.argv:
@@ -122,7 +124,7 @@ def main() -> int:
     for case in args or DEFAULT_CASES:
         cmd = [sys.executable, __file__, "--case", case, *(["--cpu"] if "--cpu" in sys.argv else [])]
         if sanitize:
-            cmd = [sanitizer(), "--print-limit", "4", *cmd, "--only-persistent"]
+            cmd = [sanitizer(), "--tool", tools[0], "--print-limit", "4", *cmd, "--only-persistent"]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, env=env,
                                   timeout=300 if sanitize or "--cpu" in sys.argv else 120)
