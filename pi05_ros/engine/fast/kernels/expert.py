@@ -881,7 +881,8 @@ class ExpertKernels:
                                     fp8="gate_up" in fp8),
                 down=pack_linear(self._weight(block.down), EPI_RESIDUAL, self.cfg_down, fp8="down" in fp8),
             ))
-        self._stack_layers()
+        if self.config.persistent:  # only its kernel needs them: no copy of the weights at start-up otherwise
+            self._stack_layers()
         self._allocate()
         self.persistent_refusal = self._persistent_refusal()
         if self.config.persistent and self.persistent_refusal:
@@ -1132,6 +1133,8 @@ class ExpertKernels:
         """Every layer of one step in one launch of `_expert_step_kernel`, batch 1; what `layer` does for each
         layer in turn. x [1, horizon, width] (float32, contiguous), mods [L, 6, W], bias_qkv [L, Nqkv], bias_gu
         [L, 2*MLP], keys/values the layers' caches [1, 1, rows, D] (or [1, rows, D])."""
+        if not self.config.persistent:
+            raise ValueError("the persistent step runs on kernels built with KernelConfig(persistent=True)")
         if self.persistent_refusal:
             raise ValueError(f"the persistent step cannot run: {self.persistent_refusal}")
         x = _rows(x, 3)
