@@ -85,6 +85,8 @@ def main() -> int:
     parser.add_argument("--batch-shapes", help="RxT[,RxT...]: batch GEMM shapes to compile (default: the config's)")
     parser.add_argument("--batch-k-step", type=int, default=0, help="KernelConfig.batch_k_step for the batch shapes")
     parser.add_argument("--batch-whole-k", action="store_true", help="KernelConfig.batch_split_k=False for them")
+    parser.add_argument("--persistent-warps", default=str(KernelConfig().persistent_warps),
+                        help="W[,W...]: warps of the persistent step to compile (default: the config's)")
     args = parser.parse_args()
     arch, pdl = args.arch, args.arch >= 90
     e = PRESETS["pi05"].expert
@@ -164,8 +166,9 @@ def main() -> int:
         step_consts.update({f"{prefix}_BN": cfg.block_n, f"{prefix}_KC": cfg.k_chunk, f"{prefix}_BK": cfg.step,
                             f"{prefix}_S": -(-k // cfg.k_chunk), f"{prefix}_ST": cfg.stages, f"{prefix}_FP8": False})
     step_need = max(expert.shared_bytes(cfg, 1, 1, cfg.stages, epilogue, bm) for cfg, epilogue, _, _ in cfgs.values())
-    jobs.append((f"persistent step, {c.persistent_warps} warps", expert._expert_step_kernel, step_types, step_consts,
-                 c.persistent_warps, step_need))
+    for warps in (int(w) for w in args.persistent_warps.split(",")):
+        jobs.append((f"persistent step, {warps} warps", expert._expert_step_kernel, step_types, step_consts, warps,
+                     step_need))
     for rows, tiles in shapes:
         jobs += gemm_jobs(8, dataclasses.replace(c, batch_rows=rows, batch_tiles=tiles, batch_k_step=args.batch_k_step,
                                                  batch_split_k=not args.batch_whole_k))

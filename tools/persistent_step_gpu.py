@@ -9,8 +9,8 @@ A case is SIZE:PROGRAMS:WARPS[:CHANGE], e.g. full:0:8 or mid:1:8:whole-k (PROGRA
   2 layers, behind a small vision tower and VLM (a cheap prefix); mid1: the same with 1 layer, which also compares
   every work buffer of the two paths (q, the attention partials, attn, h, x: the first that differs names
   the task kind at fault); full: the whole model.
-- CHANGE: no-pdl, no-prefetch (GEMM tasks load their weights after their waits), stages2, whole-k (o and down
-  without split K), packed (dependency counters side by side).
+- CHANGE: no-pdl, no-prefetch (GEMM tasks load their weights after their waits), stagesN (1: no pipelining),
+  whole-k (o and down without split K), packed (dependency counters side by side).
 Prints one line per case: the largest difference from the six kernels (bf16, 1 step), whether the output is
 finite, and whether the counters came back to zero; or how the process ended. --sanitize runs each case under
 compute-sanitizer (TOOL: memcheck by default, or racecheck for shared-memory hazards, synccheck, initcheck),
@@ -76,9 +76,9 @@ def run_case(case: str, only_persistent: bool, cpu: bool) -> None:
             options["pdl"] = False
         elif name == "no-prefetch":
             options["persistent_prefetch"] = False
-        elif name == "stages2":
-            options.update({k: dataclasses.replace(getattr(base, k), stages=2) for k in ("qkv", "o", "gate_up",
-                                                                                         "down")})
+        elif name.startswith("stages"):  # stages1: no software pipelining of the K loops
+            options.update({k: dataclasses.replace(getattr(base, k), stages=int(name[6:]))
+                            for k in ("qkv", "o", "gate_up", "down")})
         elif name == "whole-k":
             width = cfg.expert.num_heads * cfg.expert.head_dim
             options.update(o=dataclasses.replace(base.o, k_chunk=width),
@@ -94,13 +94,13 @@ def run_case(case: str, only_persistent: bool, cpu: bool) -> None:
     images = torch.randint(0, 255, (2, 224, 224, 3), dtype=torch.uint8, generator=gen)
     prefix = prefill_eager(fast, images, fast.token_table[torch.randint(4, 1000, (text,), generator=gen)])
     noise = torch.randn(1, cfg.action_horizon, cfg.action_dim, generator=gen).to(device)
-    outs, buffers = {}, {}
+    outs, buffers, caches = {}, {}, {}
     for persistent in (True,) if only_persistent else (False, True):
         kernels = ExpertKernels(fast, dataclasses.replace(base, persistent=persistent, **options),
                                 allow_unverified_persistent=True)
         x = noise.clone()
-        kernels.denoise(x, prefix.n_valid, [k.clone() for k in prefix.keys], [v.clone() for v in prefix.values],
-                        kernels.schedule(fast.step_schedule(1)))
+        caches[persistent] = ([k.clone() for k in prefix.keys], [v.clone() for v in prefix.values])
+        kernels.denoise(x, prefix.n_valid, *caches[persistent], kernels.schedule(fast.step_schedule(1)))
         if not cpu:
             torch.cuda.synchronize()
         outs[persistent] = x
@@ -119,6 +119,19 @@ def run_case(case: str, only_persistent: bool, cpu: bool) -> None:
                 worst = float((a - b).abs()[ok].max()) if ok.any() else float("nan")
                 print(f"  buffer {name}: non-finite {int((~torch.isfinite(a)).sum())} (six kernels "
                       f"{int((~torch.isfinite(b)).sum())}), largest difference {worst:.2e}", flush=True)
+            # where q and the new K/V rows differ: per head, and per 16 of head 0's pair columns (j and j + D/2)
+            rows, half = cfg.action_horizon, cfg.expert.head_dim // 2
+            q_diff = (buffers[True].q.float() - buffers[False].q.float())[0, :, :rows].abs().nan_to_num(1e30)
+            print("  q by head:", " ".join(f"{float(d):.1e}" for d in q_diff.amax(dim=(1, 2))), flush=True)
+            col = q_diff[0].amax(dim=0)
+            print("  q head 0 by 16 columns:", " ".join(f"{float(col[c:c + 16].max()):.1e}"
+                                                       for c in range(0, 2 * half, 16)), flush=True)
+            print("  q head 0 by 16 rows:", " ".join(f"{float(q_diff[0, r:r + 16].max()):.1e}"
+                                                    for r in range(0, rows, 16)), flush=True)
+            for name, index in (("K", 0), ("V", 1)):
+                a, b = (caches[p][index][0].reshape(-1, cfg.expert.head_dim)[-rows:].float() for p in (True, False))
+                print(f"  new {name} rows: largest difference {float((a - b).abs().nan_to_num(1e30).max()):.2e}",
+                      flush=True)
     print("CASE", line, flush=True)
 
 
@@ -145,7 +158,7 @@ def main() -> int:
             print(f"CASE {case}: TIMED OUT (a wait that never ends?)", flush=True)
             failed += 1
             continue
-        lines = [line for line in done.stdout.splitlines() if line.startswith(("CASE", "  buffer"))]
+        lines = [line for line in done.stdout.splitlines() if line.startswith(("CASE", "  "))]
         if lines and done.returncode == 0:
             print(*lines, sep="\n", flush=True)
         else:
