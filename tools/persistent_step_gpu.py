@@ -10,7 +10,8 @@ A case is SIZE:PROGRAMS:WARPS[:CHANGE], e.g. full:0:8 or mid:1:8:whole-k (PROGRA
   every work buffer of the two paths (q, the attention partials, attn, h, x: the first that differs names
   the task kind at fault); full: the whole model.
 - CHANGE: no-pdl, no-prefetch (GEMM tasks load their weights after their waits), stagesN (1: no pipelining),
-  whole-k (o and down without split K), packed (dependency counters side by side).
+  whole-k (o and down without split K), packed (dependency counters side by side), kindsN (mid1 only: the
+  persistent kernel holds and runs only the first N task kinds of qkv, attention, combine, o, gate_up, down).
 Prints one line per case: the largest difference from the six kernels (bf16, 1 step), whether the output is
 finite, and whether the counters came back to zero; or how the process ended. --sanitize runs each case under
 compute-sanitizer (TOOL: memcheck by default, or racecheck for shared-memory hazards, synccheck, initcheck),
@@ -71,6 +72,7 @@ def run_case(case: str, only_persistent: bool, cpu: bool) -> None:
     else:
         cfg, base, text = full, KernelConfig(), 48
     options = {"persistent_programs": int(programs), "persistent_warps": int(warps)}
+    kinds = 6
     for name in change:
         if name == "no-pdl":
             options["pdl"] = False
@@ -83,6 +85,8 @@ def run_case(case: str, only_persistent: bool, cpu: bool) -> None:
             width = cfg.expert.num_heads * cfg.expert.head_dim
             options.update(o=dataclasses.replace(base.o, k_chunk=width),
                            down=dataclasses.replace(base.down, k_chunk=cfg.expert.mlp_dim))
+        elif name.startswith("kinds"):  # kinds1: the persistent kernel runs (and compiles) the qkv tasks only
+            kinds = int(name[5:])
         elif name == "packed":
             options["persistent_counter_bytes"] = 4
         else:
@@ -98,6 +102,7 @@ def run_case(case: str, only_persistent: bool, cpu: bool) -> None:
     for persistent in (True,) if only_persistent else (False, True):
         kernels = ExpertKernels(fast, dataclasses.replace(base, persistent=persistent, **options),
                                 allow_unverified_persistent=True)
+        kernels.persistent_task_kinds = kinds
         x = noise.clone()
         caches[persistent] = ([k.clone() for k in prefix.keys], [v.clone() for v in prefix.values])
         kernels.denoise(x, prefix.n_valid, *caches[persistent], kernels.schedule(fast.step_schedule(1)))

@@ -457,7 +457,7 @@ if triton is not None:
         D_BN: tl.constexpr, D_KC: tl.constexpr, D_BK: tl.constexpr, D_S: tl.constexpr, D_ST: tl.constexpr,
         D_FP8: tl.constexpr,
         S_K: tl.constexpr, KB: tl.constexpr, CBR: tl.constexpr, CBD: tl.constexpr, O_WAITS: tl.constexpr,
-        CS: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr,
+        CS: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, TASK_KINDS: tl.constexpr = 6,
     ):
         """Every expert layer of one denoise step (batch 1) in one launch: the six kernels' work as tasks.
 
@@ -474,6 +474,9 @@ if triton is not None:
         its cache line with the others' atomics): qkv tiles done per head (q heads, then K, V),
         attention splits done per head, combine blocks done per head, o tiles done, down tiles done, then gate_up
         tiles done per down K split. The last program out resets them and the queue for the next launch.
+
+        TASK_KINDS < 6 (for finding a fault, one layer only): tasks of the kinds after the first TASK_KINDS (qkv,
+        attention, combine, o, gate_up, down) are skipped, and their code is not compiled in.
         """
         if USE_PDL:
             tl.extra.cuda.gdc_launch_dependents()
@@ -508,71 +511,80 @@ if triton is not None:
             k_layer = tl.multiple_of(tl.load(kv_table_ptr + layer).to(tl.pointer_type(DT)), 16)
             v_layer = tl.multiple_of(tl.load(kv_table_ptr + depth + layer).to(tl.pointer_type(DT)), 16)
             if i < e0:
-                s = i // q_tiles
-                t = i - s * q_tiles
-                tile = tl.where(t < 2 * TPH, HEADS * TPH + t, t - 2 * TPH)
-                _gemm_program(
-                    0, tile, s, q_tiles, xm_ptr, W, 0, wq_ptr + layer * wq_lstride, sq_ptr + layer * NQ, ws_q, cnt_q,
-                    ssp1_ptr, tl.where(layer == 0, ss_tiles_in, d_tiles), 0, bias_qkv_ptr + layer * NQ, mod,
-                    q_ptr, 0, 0, mod, xm_ptr, 0, ssp0_ptr,
-                    k_layer, v_layer, 0, cos_ptr, sin_ptr, n_valid_ptr, keys_total - M, 1, M, W, NQ, eps,
-                    deps_ptr + (tl.maximum(layer - 1, 0) * STRIDE + DN_D) * CS, tl.where(layer > 0, d_tiles, 0),
-                    deps + QKV_D * CS,
-                    HEADS, HEAD_DIM, MLP, _QKV, False, Q_FP8, DT, BM, Q_BN, Q_KC, Q_BK, Q_S, 1, 1, Q_ST, PREFETCH,
-                    False, 1, True, 1, CS)
+                if TASK_KINDS > 0:
+                    s = i // q_tiles
+                    t = i - s * q_tiles
+                    tile = tl.where(t < 2 * TPH, HEADS * TPH + t, t - 2 * TPH)
+                    _gemm_program(
+                        0, tile, s, q_tiles, xm_ptr, W, 0, wq_ptr + layer * wq_lstride, sq_ptr + layer * NQ, ws_q,
+                        cnt_q, ssp1_ptr, tl.where(layer == 0, ss_tiles_in, d_tiles), 0, bias_qkv_ptr + layer * NQ, mod,
+                        q_ptr, 0, 0, mod, xm_ptr, 0, ssp0_ptr,
+                        k_layer, v_layer, 0, cos_ptr, sin_ptr, n_valid_ptr, keys_total - M, 1, M, W, NQ, eps,
+                        deps_ptr + (tl.maximum(layer - 1, 0) * STRIDE + DN_D) * CS, tl.where(layer > 0, d_tiles, 0),
+                        deps + QKV_D * CS,
+                        HEADS, HEAD_DIM, MLP, _QKV, False, Q_FP8, DT, BM, Q_BN, Q_KC, Q_BK, Q_S, 1, 1, Q_ST, PREFETCH,
+                        False, 1, True, 1, CS)
             elif i < e1:
-                j = i - e0
-                head = j // S_K
-                _wait_for(deps + (QKV_D + head) * CS, TPH)
-                _wait_for(deps + (QKV_D + HEADS) * CS, TPH)
-                _wait_for(deps + (QKV_D + HEADS + 1) * CS, TPH)
-                _attend_program(0, head, j - head * S_K, HEADS, q_ptr, 0, k_layer, v_layer, 0, n_valid_ptr,
-                                part_acc_ptr, part_m_ptr, part_l_ptr, M, keys_total, M, scale, S_K, HEAD_DIM, BM, KB,
-                                DT)
-                _signal(deps + (ATT_D + head) * CS)
+                if TASK_KINDS > 1:
+                    j = i - e0
+                    head = j // S_K
+                    _wait_for(deps + (QKV_D + head) * CS, TPH)
+                    _wait_for(deps + (QKV_D + HEADS) * CS, TPH)
+                    _wait_for(deps + (QKV_D + HEADS + 1) * CS, TPH)
+                    _attend_program(0, head, j - head * S_K, HEADS, q_ptr, 0, k_layer, v_layer, 0, n_valid_ptr,
+                                    part_acc_ptr, part_m_ptr, part_l_ptr, M, keys_total, M, scale, S_K, HEAD_DIM,
+                                    BM, KB, DT)
+                    _signal(deps + (ATT_D + head) * CS)
             elif i < e2:
-                j = i - e1
-                head = j // cmb_per_head
-                c = j - head * cmb_per_head
-                row_block = c // (HEAD_DIM // CBD)
-                _wait_for(deps + (ATT_D + head) * CS, S_K)
-                _combine_program(head, row_block, c - row_block * (HEAD_DIM // CBD), part_acc_ptr, part_m_ptr,
-                                 part_l_ptr, attn_ptr, HEADS * HEAD_DIM, 0, M, HEADS, S_K, HEAD_DIM, BM, CBR, CBD, DT)
-                _signal(deps + (CMB_D + head) * CS)
+                if TASK_KINDS > 2:
+                    j = i - e1
+                    head = j // cmb_per_head
+                    c = j - head * cmb_per_head
+                    row_block = c // (HEAD_DIM // CBD)
+                    _wait_for(deps + (ATT_D + head) * CS, S_K)
+                    _combine_program(head, row_block, c - row_block * (HEAD_DIM // CBD), part_acc_ptr, part_m_ptr,
+                                     part_l_ptr, attn_ptr, HEADS * HEAD_DIM, 0, M, HEADS, S_K, HEAD_DIM, BM, CBR, CBD,
+                                     DT)
+                    _signal(deps + (CMB_D + head) * CS)
             elif i < e3:
-                j = i - e2
-                s = j // o_tiles
-                _gemm_program(
-                    0, j - s * o_tiles, s, o_tiles, attn_ptr, HEADS * HEAD_DIM, 0, wo_ptr + layer * wo_lstride,
-                    so_ptr + layer * W, ws_o, cnt_o, ssp1_ptr, 0, 0, mod, mod + 2 * W, x_ptr, W, 0, mod + 3 * W,
-                    xm_ptr, 0, ssp0_ptr, k_layer, v_layer, 0, cos_ptr, sin_ptr, n_valid_ptr, 0, 1, M,
-                    HEADS * HEAD_DIM, W, eps,
-                    deps + (CMB_D + (s * O_KC) // HEAD_DIM) * CS, cmb_per_head, deps + O_D * CS,
-                    HEADS, HEAD_DIM, MLP, _RESIDUAL, True, O_FP8, DT, BM, O_BN, O_KC, O_BK, O_S, 1, 1, O_ST, PREFETCH,
-                    False, O_WAITS, True, 1, CS)
+                if TASK_KINDS > 3:
+                    j = i - e2
+                    s = j // o_tiles
+                    _gemm_program(
+                        0, j - s * o_tiles, s, o_tiles, attn_ptr, HEADS * HEAD_DIM, 0, wo_ptr + layer * wo_lstride,
+                        so_ptr + layer * W, ws_o, cnt_o, ssp1_ptr, 0, 0, mod, mod + 2 * W, x_ptr, W, 0, mod + 3 * W,
+                        xm_ptr, 0, ssp0_ptr, k_layer, v_layer, 0, cos_ptr, sin_ptr, n_valid_ptr, 0, 1, M,
+                        HEADS * HEAD_DIM, W, eps,
+                        deps + (CMB_D + (s * O_KC) // HEAD_DIM) * CS, cmb_per_head, deps + O_D * CS,
+                        HEADS, HEAD_DIM, MLP, _RESIDUAL, True, O_FP8, DT, BM, O_BN, O_KC, O_BK, O_S, 1, 1, O_ST,
+                        PREFETCH, False, O_WAITS, True, 1, CS)
             elif i < e4:
-                j = i - e3
-                s = j // g_tiles
-                _gemm_program(
-                    0, j - s * g_tiles, s, g_tiles, xm_ptr, W, 0, wg_ptr + layer * wg_lstride, sg_ptr + layer * 2 * MLP,
-                    ws_g, cnt_g, ssp0_ptr, o_tiles, 0, bias_gu_ptr + layer * 2 * MLP, mod, h_ptr, MLP, 0, mod,
-                    xm_ptr, 0, ssp1_ptr, k_layer, v_layer, 0, cos_ptr, sin_ptr, n_valid_ptr, 0, 1, M, W, 2 * MLP,
-                    eps,
-                    deps + O_D * CS, o_tiles, deps + GU_D * CS,
-                    HEADS, HEAD_DIM, MLP, _GEGLU, False, G_FP8, DT, BM, G_BN, G_KC, G_BK, G_S, 1, 1, G_ST, PREFETCH,
-                    False, 1, True, D_KC, CS)
+                if TASK_KINDS > 4:
+                    j = i - e3
+                    s = j // g_tiles
+                    _gemm_program(
+                        0, j - s * g_tiles, s, g_tiles, xm_ptr, W, 0, wg_ptr + layer * wg_lstride,
+                        sg_ptr + layer * 2 * MLP, ws_g, cnt_g, ssp0_ptr, o_tiles, 0, bias_gu_ptr + layer * 2 * MLP,
+                        mod, h_ptr, MLP, 0, mod,
+                        xm_ptr, 0, ssp1_ptr, k_layer, v_layer, 0, cos_ptr, sin_ptr, n_valid_ptr, 0, 1, M, W, 2 * MLP,
+                        eps,
+                        deps + O_D * CS, o_tiles, deps + GU_D * CS,
+                        HEADS, HEAD_DIM, MLP, _GEGLU, False, G_FP8, DT, BM, G_BN, G_KC, G_BK, G_S, 1, 1, G_ST,
+                        PREFETCH, False, 1, True, D_KC, CS)
             else:
-                j = i - e4
-                s = j // d_tiles
-                # the last layer has no next GEMM: its x * next_mod goes unread (the next step starts afresh)
-                next_mod = mods_ptr + tl.minimum(layer + 1, depth - 1) * 6 * W
-                _gemm_program(
-                    0, j - s * d_tiles, s, d_tiles, h_ptr, MLP, 0, wd_ptr + layer * wd_lstride, sd_ptr + layer * W,
-                    ws_d, cnt_d, ssp0_ptr, 0, 0, mod, mod + 5 * W, x_ptr, W, 0, next_mod, xm_ptr, 0, ssp1_ptr,
-                    k_layer, v_layer, 0, cos_ptr, sin_ptr, n_valid_ptr, 0, 1, M, MLP, W, eps,
-                    deps + (GU_D + s) * CS, tl.minimum(D_KC, MLP - s * D_KC) // G_HB, deps + DN_D * CS,
-                    HEADS, HEAD_DIM, MLP, _RESIDUAL, True, D_FP8, DT, BM, D_BN, D_KC, D_BK, D_S, 1, 1, D_ST, PREFETCH,
-                    False, 1, True, 1, CS)
+                if TASK_KINDS > 5:
+                    j = i - e4
+                    s = j // d_tiles
+                    # the last layer has no next GEMM: its x * next_mod goes unread (the next step starts afresh)
+                    next_mod = mods_ptr + tl.minimum(layer + 1, depth - 1) * 6 * W
+                    _gemm_program(
+                        0, j - s * d_tiles, s, d_tiles, h_ptr, MLP, 0, wd_ptr + layer * wd_lstride,
+                        sd_ptr + layer * W, ws_d, cnt_d, ssp0_ptr, 0, 0, mod, mod + 5 * W, x_ptr, W, 0, next_mod,
+                        xm_ptr, 0, ssp1_ptr,
+                        k_layer, v_layer, 0, cos_ptr, sin_ptr, n_valid_ptr, 0, 1, M, MLP, W, eps,
+                        deps + (GU_D + s) * CS, tl.minimum(D_KC, MLP - s * D_KC) // G_HB, deps + DN_D * CS,
+                        HEADS, HEAD_DIM, MLP, _RESIDUAL, True, D_FP8, DT, BM, D_BN, D_KC, D_BK, D_S, 1, 1, D_ST,
+                        PREFETCH, False, 1, True, 1, CS)
             task = upcoming
         # The last program out resets the counters and the queue for the next launch: every task is done by then.
         tl.debug_barrier()
@@ -885,6 +897,7 @@ class ExpertKernels:
             self._stack_layers()
         self._allocate()
         self.persistent_refusal = self._persistent_refusal()
+        self.persistent_task_kinds = 6  # fewer only to find a fault (tools/persistent_step_gpu.py): see the kernel
         if self.config.persistent and self.persistent_refusal:
             raise ValueError(f"KernelConfig.persistent: {self.persistent_refusal}")
         if self.config.persistent and self._on_gpu(self.device) and not allow_unverified_persistent:
@@ -1176,7 +1189,7 @@ class ExpertKernels:
             D_BN=d_bn, D_KC=d_kc, D_BK=d_bk, D_S=d_s, D_ST=d_st, D_FP8=d_fp8,
             S_K=c.key_splits, KB=c.key_block, CBR=c.combine_rows, CBD=bd,
             O_WAITS=max(1, o_kc // self.head_dim), CS=self.counter_spacing, PREFETCH=c.persistent_prefetch,
-            USE_PDL=self.use_pdl,
+            USE_PDL=self.use_pdl, TASK_KINDS=self.persistent_task_kinds,
             **self._launch_kwargs(c.persistent_warps),
         )
 
