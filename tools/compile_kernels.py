@@ -16,6 +16,7 @@ runs it in CI.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import re
@@ -160,7 +161,7 @@ def main() -> int:
     step_types.update({name: "i32" for name in expert._expert_step_kernel.arg_names if name not in step_types})
     step_consts = dict(common, S_K=c.key_splits, KB=c.key_block, CBR=c.combine_rows, CBD=bd,
                        O_WAITS=max(1, fitted["o"].k_chunk // e.head_dim), CS=c.persistent_counter_bytes // 4,
-                       PREFETCH=c.persistent_prefetch, USE_PDL=pdl)
+                       PREFETCH=c.persistent_prefetch, USE_PDL=pdl, MMA_V3=c.persistent_wgmma)
     for prefix, name in (("Q", "qkv"), ("O", "o"), ("G", "gate_up"), ("D", "down")):
         cfg, _, k, _ = cfgs[name]
         step_consts.update({f"{prefix}_BN": cfg.block_n, f"{prefix}_KC": cfg.k_chunk, f"{prefix}_BK": cfg.step,
@@ -181,7 +182,11 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     for label, fn, types, consts, warps, need in jobs:
         try:
-            kernel = build(fn, types, consts, arch, warps)
+            # the persistent step compiles as it launches: without wgmma unless the config asks for it
+            scope = (expert._without_wgmma() if fn is expert._expert_step_kernel and not consts["MMA_V3"]
+                     else contextlib.nullcontext())
+            with scope:
+                kernel = build(fn, types, consts, arch, warps)
         except Exception as exc:  # report every kernel, then fail
             print(f"| {label} | FAILED: {type(exc).__name__}: {str(exc)[:300]} | | | | |")
             failed = True

@@ -506,7 +506,8 @@ def main() -> None:
                                {"persistent_warps": 4, "persistent_programs": 2 * sms, **stages2}),
                               ("persistent, 8 warps, counters packed", {"persistent_counter_bytes": 4}),
                               ("persistent, 8 warps, 1 per 2 SMs", {"persistent_programs": sms // 2}),
-                              ("persistent, 8 warps, no PDL", {"pdl": False})):
+                              ("persistent, 4 warps, 2 per SM", {"persistent_warps": 4,
+                                                                  "persistent_programs": 2 * sms})):
             check(label, ExpertKernels(fast, dataclasses.replace(base, persistent=True, **change),
                                        allow_unverified_persistent=True))
         check("default (again)", ExpertKernels(fast, base))

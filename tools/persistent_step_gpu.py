@@ -11,7 +11,8 @@ A case is SIZE:PROGRAMS:WARPS[:CHANGE], e.g. full:0:8 or mid:1:8:whole-k (PROGRA
   the task kind at fault); full: the whole model.
 - CHANGE: no-pdl, no-prefetch (GEMM tasks load their weights after their waits), stagesN (1: no pipelining),
   whole-k (o and down without split K), packed (dependency counters side by side), kindsN (mid1 only: the
-  persistent kernel holds and runs only the first N task kinds of qkv, attention, combine, o, gate_up, down).
+  persistent kernel holds and runs only the first N task kinds of qkv, attention, combine, o, gate_up, down),
+  wgmma (the step compiled with Hopper's wgmma, KernelConfig.persistent_wgmma; by default it runs on mma.sync).
 Prints one line per case: the largest difference from the six kernels (bf16, 1 step), whether the output is
 finite, and whether the counters came back to zero; or how the process ended. --sanitize runs each case under
 compute-sanitizer (TOOL: memcheck by default, or racecheck for shared-memory hazards, synccheck, initcheck),
@@ -87,6 +88,8 @@ def run_case(case: str, only_persistent: bool, cpu: bool) -> None:
                            down=dataclasses.replace(base.down, k_chunk=cfg.expert.mlp_dim))
         elif name.startswith("kinds"):  # kinds1: the persistent kernel runs (and compiles) the qkv tasks only
             kinds = int(name[5:])
+        elif name == "wgmma":  # Hopper's wgmma in the step (Triton 3.6 miscompiles it: §60)
+            options["persistent_wgmma"] = True
         elif name == "packed":
             options["persistent_counter_bytes"] = 4
         else:

@@ -598,12 +598,25 @@ def test_a_batch_failing_on_the_kernels_moves_batches_to_the_torch_path_only(
     assert rel_err(torch.from_numpy(alone), torch.from_numpy(batched[0])) < 1e-5
 
 
-def test_the_persistent_step_is_refused_on_a_gpu_until_it_runs_correctly_there(small, monkeypatch) -> None:
-    """At full size on an H100/H200 it faulted (docs/benchmarks.md §59): a pipeline must not be able to pick it.
-    Shown on the CPU with the device check answering as a GPU would."""
+def test_the_persistent_step_with_wgmma_is_refused_on_a_gpu(small, monkeypatch) -> None:
+    """Triton 3.6 miscompiles the step's Hopper wgmma path at full size (docs/benchmarks.md §60): on a GPU a
+    pipeline may pick the step only on mma.sync (the default). Shown on the CPU with the device check answering as
+    a GPU would."""
     fast, _, _ = small
-    ExpertKernels(fast, PERSISTENT["split-k"])  # the interpreter: allowed
+    with_wgmma = dataclasses.replace(PERSISTENT["split-k"], persistent_wgmma=True)
+    ExpertKernels(fast, with_wgmma)  # the interpreter: allowed
     monkeypatch.setattr(ExpertKernels, "_on_gpu", staticmethod(lambda device: True))
-    with pytest.raises(ValueError, match="does not run correctly on a GPU yet"):
-        ExpertKernels(fast, PERSISTENT["split-k"])
-    ExpertKernels(fast, PERSISTENT["split-k"], allow_unverified_persistent=True)  # the investigating tools
+    assert ExpertKernels(fast, PERSISTENT["split-k"]).config.persistent
+    with pytest.raises(ValueError, match="Triton 3.6 miscompiles"):
+        ExpertKernels(fast, with_wgmma)
+    ExpertKernels(fast, with_wgmma, allow_unverified_persistent=True)  # the investigating tools
+
+
+def test_the_wgmma_switch_is_scoped_to_the_persistent_launch() -> None:
+    """DISABLE_MMA_V3 is set only while the persistent step launches (and compiles), and restored after."""
+    from pi05_ros.engine.fast.kernels.expert import _without_wgmma
+
+    before = os.environ.get("DISABLE_MMA_V3")
+    with _without_wgmma():
+        assert os.environ["DISABLE_MMA_V3"] == "1"
+    assert os.environ.get("DISABLE_MMA_V3") == before

@@ -39,7 +39,9 @@ the code is in git history at 4e7d08b).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -56,6 +58,22 @@ except ImportError:  # the module stays importable; `available()` says the kerne
 
 EPI_QKV, EPI_GEGLU, EPI_RESIDUAL = 0, 1, 2
 FP8_MAX = 448.0
+
+
+@contextlib.contextmanager
+def _without_wgmma():
+    """Triton compiles the kernels launched inside with mma.sync instead of Hopper's wgmma: its compiler reads
+    DISABLE_MMA_V3 from the environment when it compiles (Triton 3.6; no per-kernel option exists). A kernel already
+    compiled keeps what it was compiled with, so a kernel compiled here must carry a constexpr that says so."""
+    before = os.environ.get("DISABLE_MMA_V3")
+    os.environ["DISABLE_MMA_V3"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["DISABLE_MMA_V3"]
+        else:
+            os.environ["DISABLE_MMA_V3"] = before
 
 
 # ------------------------------------------------------------------------------------------------ kernels
@@ -457,7 +475,8 @@ if triton is not None:
         D_BN: tl.constexpr, D_KC: tl.constexpr, D_BK: tl.constexpr, D_S: tl.constexpr, D_ST: tl.constexpr,
         D_FP8: tl.constexpr,
         S_K: tl.constexpr, KB: tl.constexpr, CBR: tl.constexpr, CBD: tl.constexpr, O_WAITS: tl.constexpr,
-        CS: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, TASK_KINDS: tl.constexpr = 6,
+        CS: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, MMA_V3: tl.constexpr,
+        TASK_KINDS: tl.constexpr = 6,
     ):
         """Every expert layer of one denoise step (batch 1) in one launch: the six kernels' work as tasks.
 
@@ -474,6 +493,9 @@ if triton is not None:
         its cache line with the others' atomics): qkv tiles done per head (q heads, then K, V),
         attention splits done per head, combine blocks done per head, o tiles done, down tiles done, then gate_up
         tiles done per down K split. The last program out resets them and the queue for the next launch.
+
+        MMA_V3 (unread here) keys the compiled kernel: with False it is compiled with Hopper's wgmma turned off
+        (`_without_wgmma`), and the two must not share Triton's in-memory cache.
 
         TASK_KINDS < 6 (for finding a fault, one layer only): tasks of the kinds after the first TASK_KINDS (qkv,
         attention, combine, o, gate_up, down) are skipped, and their code is not compiled in.
@@ -652,6 +674,10 @@ class KernelConfig:
     persistent_warps: int = 8
     persistent_counter_bytes: int = 128  # apart, each dependency counter: a cache line of its own
     persistent_prefetch: bool = True  # a GEMM task loads its first weight chunk before it waits
+    # Hopper's wgmma in the persistent step. Triton 3.6 miscompiles it there: garbage or an illegal memory access at
+    # full size, growing as task kinds are compiled in, while the same kernel on mma.sync is exact (docs/benchmarks.md
+    # §60). Off: the step is compiled with DISABLE_MMA_V3 (`_without_wgmma`); the six kernels keep wgmma.
+    persistent_wgmma: bool = False
 
     def __post_init__(self) -> None:
         for name in ("batch_rows", "batch_tiles", "batch_warps"):
@@ -900,12 +926,13 @@ class ExpertKernels:
         self.persistent_task_kinds = 6  # fewer only to find a fault (tools/persistent_step_gpu.py): see the kernel
         if self.config.persistent and self.persistent_refusal:
             raise ValueError(f"KernelConfig.persistent: {self.persistent_refusal}")
-        if self.config.persistent and self._on_gpu(self.device) and not allow_unverified_persistent:
-            # Exact under the interpreter and on the GPU at small sizes, but at full size on an H100/H200 it made
-            # NaN (one program) or an illegal memory access (one per SM) at 367e3f0 (docs/benchmarks.md §59).
-            raise ValueError("KernelConfig.persistent does not run correctly on a GPU yet (docs/benchmarks.md §59): "
-                             "leave it off (the six kernels a layer are the default); tools/persistent_step_gpu.py "
-                             "reproduces the failure")
+        if (self.config.persistent and self.config.persistent_wgmma and self._on_gpu(self.device)
+                and not allow_unverified_persistent):
+            # With wgmma, Triton 3.6 miscompiles the step: garbage or an illegal memory access at full size on an
+            # H100 (docs/benchmarks.md §59-60); on mma.sync it is exact.
+            raise ValueError("KernelConfig.persistent_wgmma does not run correctly on a GPU (Triton 3.6 miscompiles "
+                             "it, docs/benchmarks.md §60): leave it off; tools/persistent_step_gpu.py reproduces "
+                             "the failure")
 
     @staticmethod
     def _on_gpu(device: torch.device) -> bool:
@@ -1172,26 +1199,28 @@ class ExpertKernels:
         (q_bn, q_kc, q_bk, q_s, q_st, q_fp8), (o_bn, o_kc, o_bk, o_s, o_st, o_fp8) = cfgs["qkv"], cfgs["o"]
         (g_bn, g_kc, g_bk, g_s, g_st, g_fp8), (d_bn, d_kc, d_bk, d_s, d_st, d_fp8) = cfgs["gate_up"], cfgs["down"]
         bd = min(c.combine_cols, self.head_dim)
-        _expert_step_kernel[(self.persistent_programs(),)](
-            wq, d if sq is None else sq, wo, d if so is None else so, wg, d if sg is None else sg,
-            wd, d if sd is None else sd, wq.stride(0), wo.stride(0), wg.stride(0), wd.stride(0),
-            *self.ws["qkv"], *self.ws["o"], *self.ws["gate_up"], *self.ws["down"],
-            x, self.xm, self.q, self.attn, self.h, self.ssp[0], self.ssp[1],
-            mods, bias_qkv, bias_gu,
-            self._kv_table(ks, vs), self.fast.rope_cos, self.fast.rope_sin, n_valid,
-            self.part_acc, self.part_m, self.part_l, self.deps, self.queue,
-            len(self.layers), self.horizon, self.width, ks[0].shape[0], ssp_in[1],
-            first.qkv.tiles, first.o.tiles, first.gate_up.tiles, first.down.tiles, self.eps, self.head_dim**-0.5,
-            HEADS=self.heads, HEAD_DIM=self.head_dim, MLP=self.mlp, DT=self._dt, BM=self.block_rows,
-            Q_BN=q_bn, Q_KC=q_kc, Q_BK=q_bk, Q_S=q_s, Q_ST=q_st, Q_FP8=q_fp8,
-            O_BN=o_bn, O_KC=o_kc, O_BK=o_bk, O_S=o_s, O_ST=o_st, O_FP8=o_fp8,
-            G_BN=g_bn, G_KC=g_kc, G_BK=g_bk, G_S=g_s, G_ST=g_st, G_FP8=g_fp8,
-            D_BN=d_bn, D_KC=d_kc, D_BK=d_bk, D_S=d_s, D_ST=d_st, D_FP8=d_fp8,
-            S_K=c.key_splits, KB=c.key_block, CBR=c.combine_rows, CBD=bd,
-            O_WAITS=max(1, o_kc // self.head_dim), CS=self.counter_spacing, PREFETCH=c.persistent_prefetch,
-            USE_PDL=self.use_pdl, TASK_KINDS=self.persistent_task_kinds,
-            **self._launch_kwargs(c.persistent_warps),
-        )
+        # the first launch compiles the kernel: with wgmma off unless asked for (KernelConfig.persistent_wgmma)
+        with contextlib.nullcontext() if c.persistent_wgmma else _without_wgmma():
+            _expert_step_kernel[(self.persistent_programs(),)](
+                wq, d if sq is None else sq, wo, d if so is None else so, wg, d if sg is None else sg,
+                wd, d if sd is None else sd, wq.stride(0), wo.stride(0), wg.stride(0), wd.stride(0),
+                *self.ws["qkv"], *self.ws["o"], *self.ws["gate_up"], *self.ws["down"],
+                x, self.xm, self.q, self.attn, self.h, self.ssp[0], self.ssp[1],
+                mods, bias_qkv, bias_gu,
+                self._kv_table(ks, vs), self.fast.rope_cos, self.fast.rope_sin, n_valid,
+                self.part_acc, self.part_m, self.part_l, self.deps, self.queue,
+                len(self.layers), self.horizon, self.width, ks[0].shape[0], ssp_in[1],
+                first.qkv.tiles, first.o.tiles, first.gate_up.tiles, first.down.tiles, self.eps, self.head_dim**-0.5,
+                HEADS=self.heads, HEAD_DIM=self.head_dim, MLP=self.mlp, DT=self._dt, BM=self.block_rows,
+                Q_BN=q_bn, Q_KC=q_kc, Q_BK=q_bk, Q_S=q_s, Q_ST=q_st, Q_FP8=q_fp8,
+                O_BN=o_bn, O_KC=o_kc, O_BK=o_bk, O_S=o_s, O_ST=o_st, O_FP8=o_fp8,
+                G_BN=g_bn, G_KC=g_kc, G_BK=g_bk, G_S=g_s, G_ST=g_st, G_FP8=g_fp8,
+                D_BN=d_bn, D_KC=d_kc, D_BK=d_bk, D_S=d_s, D_ST=d_st, D_FP8=d_fp8,
+                S_K=c.key_splits, KB=c.key_block, CBR=c.combine_rows, CBD=bd,
+                O_WAITS=max(1, o_kc // self.head_dim), CS=self.counter_spacing, PREFETCH=c.persistent_prefetch,
+                USE_PDL=self.use_pdl, MMA_V3=c.persistent_wgmma, TASK_KINDS=self.persistent_task_kinds,
+                **self._launch_kwargs(c.persistent_warps),
+            )
 
     def denoise(self, x_t: Tensor, n_valid: Tensor, keys: list[Tensor], values: list[Tensor],
                 schedule: tuple[Tensor, ...]) -> None:
