@@ -16,7 +16,6 @@ runs it in CI.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import os
 import re
@@ -43,7 +42,6 @@ SHARED_PER_SM = 227 * 1024  # Hopper's largest shared memory per block (opt-in)
 BF, F32, I32, I64 = "*bf16", "*fp32", "*i32", "*i64"
 # Pointer arguments Triton may assume 16-byte aligned (as it specializes them at launch for these tensors).
 ALIGNED = ("ptr", "w_qkv", "w_o", "w_gu", "w_dn", "ws_", "count_")
-MULTIPLES_OF_16 = ("W", "keys_total", "q_tiles", "o_tiles", "g_tiles", "d_tiles")
 
 
 def build(fn, types: dict[str, str], consts: dict, arch: int, num_warps: int = 4):
@@ -51,10 +49,8 @@ def build(fn, types: dict[str, str], consts: dict, arch: int, num_warps: int = 4
     aligned = [i for i, name in enumerate(fn.arg_names)
                if types.get(name, "").startswith("*") and any(a in name for a in ALIGNED)
                and name != "n_valid_ptr"]
-    # Strides are multiples of 16 at full size, and Triton specializes such integer arguments at launch; so are the
-    # persistent step's width, cache length and tile counts (1024, 832; 80, 32, 128, 32).
-    aligned += [i for i, name in enumerate(fn.arg_names)
-                if (name.endswith("stride") or name in MULTIPLES_OF_16) and name not in consts]
+    # Strides are multiples of 16 at full size, and Triton specializes such integer arguments at launch.
+    aligned += [i for i, name in enumerate(fn.arg_names) if name.endswith("stride") and name not in consts]
     attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
     return triton.compile(ASTSource(fn, signature, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps})
@@ -86,8 +82,6 @@ def main() -> int:
     parser.add_argument("--batch-shapes", help="RxT[,RxT...]: batch GEMM shapes to compile (default: the config's)")
     parser.add_argument("--batch-k-step", type=int, default=0, help="KernelConfig.batch_k_step for the batch shapes")
     parser.add_argument("--batch-whole-k", action="store_true", help="KernelConfig.batch_split_k=False for them")
-    parser.add_argument("--persistent-warps", default=str(KernelConfig().persistent_warps),
-                        help="W[,W...]: warps of the persistent step to compile (default: the config's)")
     args = parser.parse_args()
     arch, pdl = args.arch, args.arch >= 90
     e = PRESETS["pi05"].expert
@@ -148,28 +142,6 @@ def main() -> int:
     jobs.append(("flash combine", flash_combine,
                  dict(acc_ptr=F32, m_ptr=F32, l_ptr=F32, out_ptr=BF, q_rows="i32", out_bstride="i32"),
                  dict(D=d, BM=attention.BLOCK_ROWS, BR=16, BD=min(64, d), SPLITS=4, DT=tl.bfloat16), 4, 0))
-    # every layer of a step in one persistent kernel (KernelConfig.persistent): the four GEMMs' default tiles
-    step_types = {name: BF for name in ("wq_ptr", "wo_ptr", "wg_ptr", "wd_ptr", "xm_ptr", "q_ptr", "attn_ptr",
-                                        "h_ptr")}
-    step_types.update({name: F32 for name in ("sq_ptr", "so_ptr", "sg_ptr", "sd_ptr", "ws_q", "ws_o", "ws_g", "ws_d",
-                                              "x_ptr", "ssp0_ptr", "ssp1_ptr", "mods_ptr", "bias_qkv_ptr",
-                                              "bias_gu_ptr", "cos_ptr", "sin_ptr", "part_acc_ptr", "part_m_ptr",
-                                              "part_l_ptr")})
-    step_types.update({name: I32 for name in ("cnt_q", "cnt_o", "cnt_g", "cnt_d", "deps_ptr", "ctl_ptr")})
-    step_types.update(kv_table_ptr=I64)
-    step_types.update(n_valid_ptr=I64, eps="fp32", scale="fp32")
-    step_types.update({name: "i32" for name in expert._expert_step_kernel.arg_names if name not in step_types})
-    step_consts = dict(common, S_K=c.key_splits, KB=c.key_block, CBR=c.combine_rows, CBD=bd,
-                       O_WAITS=max(1, fitted["o"].k_chunk // e.head_dim), CS=c.persistent_counter_bytes // 4,
-                       PREFETCH=c.persistent_prefetch, USE_PDL=pdl, MMA_V3=c.persistent_wgmma)
-    for prefix, name in (("Q", "qkv"), ("O", "o"), ("G", "gate_up"), ("D", "down")):
-        cfg, _, k, _ = cfgs[name]
-        step_consts.update({f"{prefix}_BN": cfg.block_n, f"{prefix}_KC": cfg.k_chunk, f"{prefix}_BK": cfg.step,
-                            f"{prefix}_S": -(-k // cfg.k_chunk), f"{prefix}_ST": cfg.stages, f"{prefix}_FP8": False})
-    step_need = max(expert.shared_bytes(cfg, 1, 1, cfg.stages, epilogue, bm) for cfg, epilogue, _, _ in cfgs.values())
-    for warps in (int(w) for w in args.persistent_warps.split(",")):
-        jobs.append((f"persistent step, {warps} warps", expert._expert_step_kernel, step_types, step_consts, warps,
-                     step_need))
     for rows, tiles in shapes:
         jobs += gemm_jobs(8, dataclasses.replace(c, batch_rows=rows, batch_tiles=tiles, batch_k_step=args.batch_k_step,
                                                  batch_split_k=not args.batch_whole_k))
@@ -182,11 +154,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     for label, fn, types, consts, warps, need in jobs:
         try:
-            # the persistent step compiles as it launches: without wgmma unless the config asks for it
-            scope = (expert._without_wgmma() if fn is expert._expert_step_kernel and not consts["MMA_V3"]
-                     else contextlib.nullcontext())
-            with scope:
-                kernel = build(fn, types, consts, arch, warps)
+            kernel = build(fn, types, consts, arch, warps)
         except Exception as exc:  # report every kernel, then fail
             print(f"| {label} | FAILED: {type(exc).__name__}: {str(exc)[:300]} | | | | |")
             failed = True

@@ -1,7 +1,7 @@
 """The fused expert kernels on the GPU: fidelity against the float32 reference, and denoise time per variant.
 
     PYTHONPATH=. python3 tools/expert_kernels_gpu.py [--quick | --variants | --defaults | --batches | --batch-k |
-                                                      --batch-gemms | --attention | --persistent-step]
+                                                      --batch-gemms | --attention]
 
 --variants: only the whole denoise loop, for the options and a few tile shapes around the default, and with all
 weights L2-resident (a diagnostic). --defaults: the previous default configuration against the current one.
@@ -10,9 +10,7 @@ kernels in several batch shapes (R rows x T tiles per GEMM program), against bat
 the torch path (issue 9: the torch path denoised a batch of 8 in 13.6 ms, docs/benchmarks.md §43). --batch-k: batch 8
 only, with the batch K options (a K step of its own, one program over the whole K). --batch-gemms: batch 8, each
 kernel kind's time per layer (qkv, attention, o, gate_up, down; no PDL) beside cuBLAS at the same M. --attention: the
-attend + combine pair alone per key-split option, in the pipeline's cache layout (about a minute). --persistent-step:
-every layer of a step in one persistent kernel (KernelConfig.persistent), in a few launch shapes, against the six
-kernels a layer.
+attend + combine pair alone per key-split option, in the pipeline's cache layout (about a minute).
 (The L2-prefetch and fused-combine variants of docs/benchmarks.md §34 ran as `--prefetch` at commit faf2f49, the
 persistent layer kernel of §42 as `--persistent` at 4e7d08b.)
 
@@ -481,39 +479,6 @@ def main() -> None:
         for _ in range(2):
             check("previous default (80aba7f)", ExpertKernels(fast, before))
             check("default", ExpertKernels(fast, KernelConfig()))
-        return
-    if "--persistent-step" in sys.argv:  # every layer of a step in one persistent kernel, against the six kernels
-        base = KernelConfig()
-        sms = torch.cuda.get_device_properties(0).multi_processor_count
-        check("default (six kernels a layer)", ExpertKernels(fast, base))
-        # A faulting kernel leaves this process's CUDA context unusable: the full-size step first passes its
-        # check in a process of its own (at 367e3f0 it did not, §59)
-        import subprocess
-
-        gate = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "persistent_step_gpu.py"),
-                               "full:0:8"], capture_output=True, text=True)
-        print(gate.stdout.strip(), flush=True)
-        if gate.returncode:
-            print("persistent step: not timed (its full-size check failed)", flush=True)
-            return
-        # 2 stages: less shared memory a program (gate_up 98 instead of 160 KiB), so that two programs of 4 warps
-        # (255 registers each) can share an SM
-        stages2 = {k: dataclasses.replace(getattr(base, k), stages=2) for k in ALL4}
-        for label, change in (("persistent, 8 warps, 1 per SM", {}),
-                              ("persistent, 4 warps, 1 per SM", {"persistent_warps": 4}),
-                              ("persistent, 8 warps, 1 per SM, 2 stages", stages2),
-                              ("persistent, 4 warps, 2 per SM, 2 stages",
-                               {"persistent_warps": 4, "persistent_programs": 2 * sms, **stages2}),
-                              ("persistent, 8 warps, counters packed", {"persistent_counter_bytes": 4}),
-                              ("persistent, 8 warps, 1 per 2 SMs", {"persistent_programs": sms // 2}),
-                              ("persistent, 4 warps, 2 per SM", {"persistent_warps": 4,
-                                                                  "persistent_programs": 2 * sms})):
-            check(label, ExpertKernels(fast, dataclasses.replace(base, persistent=True, **change),
-                                       allow_unverified_persistent=True))
-        check("default (again)", ExpertKernels(fast, base))
-        print("\nSUMMARY (denoise p50, ms):", flush=True)
-        for (name, steps), ms in results.items():
-            print(f"  {name:<30} {steps:>2} steps {ms:.3f}", flush=True)
         return
     if "--variants" in sys.argv:
         base = KernelConfig()

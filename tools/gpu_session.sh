@@ -18,13 +18,6 @@
 #            beside cuBLAS at M = 400: where the batched kernels lose to the torch path
 #   kernels-attention  tools/expert_kernels_gpu.py --attention (150): the expert attention's key splits, blocks and
 #            warps, to re-tune KernelConfig now that only blocks holding valid keys are shared out (§57)
-#   kernels-persistent  tools/expert_kernels_gpu.py --persistent-step (300): every layer of a step in one persistent
-#            kernel (KernelConfig.persistent) in a few launch shapes, against the six kernels a layer
-#   persistent-check  tools/persistent_step_gpu.py (300): the persistent step against the six kernels at three
-#            sizes and in several launch shapes, each case in a process of its own (a faulting case cannot stop the
-#            rest); PERSISTENT_CASES overrides the cases
-#   persistent-sanitize  the same under compute-sanitizer, PERSISTENT_CASES or mid:1:8 full:0:8; SANITIZE_TOOL picks
-#            memcheck (default), racecheck, synccheck or initcheck   (420)
 #   attention  tools/attention_gpu.py: the GEMM path, SDPA and the flash kernel alone at the pipeline's shapes (150)
 #   batch    tools/batch_stages_gpu.py, buckets 1-8: batches as pi05-serve denoises them (auto: the kernels up to
 #            2 rows on Hopper, the torch path from 4) and all on the fused kernels (--expert-kernels on), one process
@@ -49,7 +42,7 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:?usage: PI05_GIT_COMMIT=<hash> gpu_session.sh OUT_DIR STEP [STEP ...]}"
 shift
-STEPS="tests kernels kernels-attention kernels-persistent persistent-check persistent-sanitize kernels-batch kernels-batch-k kernels-batch-gemms attention batch batch-variants
+STEPS="tests kernels kernels-attention kernels-batch kernels-batch-k kernels-batch-gemms attention batch batch-variants
 vision-variants serve serve-kernels bench soak-arrival soak-inference"  # the steps the loop at the end runs
 STEPS="${STEPS//$'\n'/ }"
 [[ $# -gt 0 ]] || { echo "gpu_session.sh: name at least one step: $STEPS" >&2; exit 2; }
@@ -106,13 +99,6 @@ for step in "$@"; do
              "${tests_args[@]}" ;;
     kernels) OUT="$OUT" run_step kernels 300 "$PY" tools/expert_kernels_gpu.py --variants ;;
     kernels-attention) OUT="$OUT" run_step kernels-attention 150 "$PY" tools/expert_kernels_gpu.py --attention ;;
-    kernels-persistent) OUT="$OUT" run_step kernels-persistent 300 "$PY" tools/expert_kernels_gpu.py --persistent-step ;;
-    # shellcheck disable=SC2086
-    persistent-check) run_step persistent-check 300 "$PY" tools/persistent_step_gpu.py ${PERSISTENT_CASES:-} ;;
-    # shellcheck disable=SC2086
-    persistent-sanitize) run_step persistent-sanitize 420 "$PY" tools/persistent_step_gpu.py \
-      "--sanitize=${SANITIZE_TOOL:-memcheck}" \
-      ${PERSISTENT_CASES:-mid:1:8 full:0:8} ;;
     kernels-batch) OUT="$OUT" run_step kernels-batch 360 "$PY" tools/expert_kernels_gpu.py --batches ;;
     kernels-batch-k) OUT="$OUT" run_step kernels-batch-k 200 "$PY" tools/expert_kernels_gpu.py --batch-k ;;
     kernels-batch-gemms) OUT="$OUT" run_step kernels-batch-gemms 240 "$PY" tools/expert_kernels_gpu.py --batch-gemms ;;

@@ -51,9 +51,6 @@ WHOLE_K = KernelConfig(qkv=GemmConfig(32, 128, k_step=32), o=GemmConfig(32, 128,
 FUSED = dataclasses.replace(SPLIT, fused_step_in=True)
 
 
-ALL4 = ("qkv", "o", "gate_up", "down")
-
-
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
@@ -255,55 +252,6 @@ def test_golden_model_on_the_kernels_matches_openpi(golden_model, golden_cases, 
     # float32 throughout: the reference itself is ~2e-7 from openpi
     assert rel_err(x[0], golden_cases[f"case0/actions_steps{steps}"][0]) < 1e-5
 
-
-# Every layer of a step in one persistent kernel (`_expert_step_kernel`). Under the interpreter its programs run one
-# after another, so the first takes every task in queue order: a task waiting on a later one, or on a count its
-# producers never reach, would spin forever here. That the waits are needed at all (tasks running concurrently) only
-# a GPU shows (test/gpu).
-PERSISTENT = {"split-k": dataclasses.replace(FUSED, persistent=True),
-              "whole-k": dataclasses.replace(WHOLE_K, persistent=True),
-              "gpu-tiles": KernelConfig(persistent=True)}
-
-
-@pytest.mark.parametrize("fp8", [(), ALL4], ids=["weights-f32", "weights-fp8"])
-@pytest.mark.parametrize("config", PERSISTENT.values(), ids=PERSISTENT.keys())
-def test_a_persistent_step_computes_what_the_six_kernels_do(small, config: KernelConfig, fp8: tuple) -> None:
-    fast, prefix, noise = small
-    runs = []
-    for cfg in (dataclasses.replace(config, persistent=False), config):
-        kernels = ExpertKernels(fast, cfg, fp8=fp8)
-        x = noise.clone()[None]
-        keys, values = [k.clone() for k in prefix.keys], [v.clone() for v in prefix.values]
-        kernels.denoise(x, prefix.n_valid, keys, values, kernels.schedule(fast.step_schedule(3)))
-        runs.append((x, keys, values))
-    (x_six, k_six, v_six), (x_one, k_one, v_one) = runs
-    # the same helpers over the same tiles, reductions in the same order: bit for bit
-    assert torch.equal(x_one, x_six)
-    assert all(torch.equal(a, b) for a, b in zip(k_one + v_one, k_six + v_six, strict=True))
-    # and the launch's last program left the counters and the queue at zero for the next launch
-    assert not kernels.deps.any() and not kernels.queue.any()
-    assert rel_err(x_one[0], denoise_eager(fast, prefix, noise, 3)) < (1e-5 if not fp8 else 3e-2)
-
-
-def test_a_persistent_step_refuses_tiles_whose_tasks_cannot_wait_on_whole_producers(small) -> None:
-    fast, _, _ = small
-    # a down K chunk of 16 columns would read half of a gate_up tile (32 columns): no counter says when that is done
-    with pytest.raises(ValueError, match="down GEMM's K chunk"):
-        ExpertKernels(fast, KernelConfig(down=GemmConfig(32, 16), persistent=True))
-    kernels = ExpertKernels(fast, KernelConfig(down=GemmConfig(32, 16)))  # the six kernels run it
-    assert kernels.persistent_refusal is not None
-
-
-def test_a_persistent_step_refuses_caches_it_cannot_address(small) -> None:
-    fast, prefix, noise = small
-    kernels = ExpertKernels(fast, PERSISTENT["split-k"])
-    sched = kernels.schedule(fast.step_schedule(1))
-    x, ssp = kernels.step_in(noise.clone()[None], sched[0][0, 0, 0])
-    short = [k[:, :, :-1].clone() for k in prefix.keys]  # one layer's cache a row shorter than the others
-    keys = [prefix.keys[0].clone(), *short[1:]]
-    with pytest.raises(ValueError, match="every cache of the same length"):
-        kernels.layers_persistent(x, sched[0][0], sched[4][0], sched[5][0], keys,
-                                  [v.clone() for v in prefix.values], prefix.n_valid, ssp)
 
 
 @pytest.fixture(scope="module")
@@ -596,27 +544,3 @@ def test_a_batch_failing_on_the_kernels_moves_batches_to_the_torch_path_only(
     np.testing.assert_allclose(batched, torch_path.run_batch(rows, 2)[0], rtol=0, atol=0)  # the torch path's rows
     alone, _ = pipe.run(rows[0], 2)  # batch 1 on the kernels: float32, summation order only
     assert rel_err(torch.from_numpy(alone), torch.from_numpy(batched[0])) < 1e-5
-
-
-def test_the_persistent_step_with_wgmma_is_refused_on_a_gpu(small, monkeypatch) -> None:
-    """Triton 3.6 miscompiles the step's Hopper wgmma path at full size (docs/benchmarks.md §60): on a GPU a
-    pipeline may pick the step only on mma.sync (the default). Shown on the CPU with the device check answering as
-    a GPU would."""
-    fast, _, _ = small
-    with_wgmma = dataclasses.replace(PERSISTENT["split-k"], persistent_wgmma=True)
-    ExpertKernels(fast, with_wgmma)  # the interpreter: allowed
-    monkeypatch.setattr(ExpertKernels, "_on_gpu", staticmethod(lambda device: True))
-    assert ExpertKernels(fast, PERSISTENT["split-k"]).config.persistent
-    with pytest.raises(ValueError, match="Triton 3.6 miscompiles"):
-        ExpertKernels(fast, with_wgmma)
-    ExpertKernels(fast, with_wgmma, allow_unverified_persistent=True)  # the investigating tools
-
-
-def test_the_wgmma_switch_is_scoped_to_the_persistent_launch() -> None:
-    """DISABLE_MMA_V3 is set only while the persistent step launches (and compiles), and restored after."""
-    from pi05_ros.engine.fast.kernels.expert import _without_wgmma
-
-    before = os.environ.get("DISABLE_MMA_V3")
-    with _without_wgmma():
-        assert os.environ["DISABLE_MMA_V3"] == "1"
-    assert os.environ.get("DISABLE_MMA_V3") == before

@@ -91,32 +91,3 @@ def test_full_size_batch_computes_each_row_as_alone(shape: tuple[int, int]) -> N
     print(f"KERNEL batch of 3, {shape[0]}x{shape[1]} per program, 10 steps against the torch path: rel_l2 {err:.3e}")
     assert err < 2e-2  # bf16 GEMM inputs on both paths (batch 1 measured 2e-3 against the float32 reference)
     assert all(not count.any() for _, count in kernels.ws.values())
-
-
-def test_the_persistent_step_at_full_size_computes_what_the_six_kernels_do() -> None:
-    """Every layer of a step in one persistent kernel (KernelConfig.persistent, on mma.sync), one program per SM,
-    against the six kernels a layer (on wgmma), 1 and 10 steps of the full model; and with wgmma (which Triton 3.6
-    miscompiles there, docs/benchmarks.md §60) refused."""
-    model = random_model(PRESETS["pi05"], seed=0, device="cuda", dtype=torch.bfloat16)
-    fast = FastModel(model, torch.bfloat16, release_reference=True)
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 255, (2, 224, 224, 3), dtype=torch.uint8, generator=gen)
-    prefix = prefill_eager(fast, images, fast.token_table[torch.randint(4, 30_000, (48,), generator=gen)])
-    noise = torch.randn(1, 50, 32, generator=gen).cuda()
-    six, persistent = ExpertKernels(fast, KernelConfig()), ExpertKernels(fast, KernelConfig(persistent=True))
-    for steps in (1, 10):
-        outs = []
-        for kernels in (six, persistent):
-            x = noise.clone()
-            kernels.denoise(x, prefix.n_valid, [k.clone() for k in prefix.keys], [v.clone() for v in prefix.values],
-                            kernels.schedule(fast.step_schedule(steps)))
-            torch.cuda.synchronize()
-            outs.append(x)
-        err = rel_err(outs[1], outs[0])
-        print(f"KERNEL persistent step, {steps} step(s), against the six kernels: rel_l2 {err:.3e}")
-        # the same bf16 GEMM inputs; other MMA instructions sum in another order, and q/k/v/h are stored in bf16,
-        # where such a difference can flip a rounding
-        assert torch.isfinite(outs[1]).all() and err < 1e-2
-        assert not persistent.deps.any() and not persistent.queue.any()  # the last program out reset them
-    with pytest.raises(ValueError, match="Triton 3.6 miscompiles"):
-        ExpertKernels(fast, KernelConfig(persistent=True, persistent_wgmma=True))

@@ -39,9 +39,7 @@ the code is in git history at 4e7d08b).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -58,22 +56,6 @@ except ImportError:  # the module stays importable; `available()` says the kerne
 
 EPI_QKV, EPI_GEGLU, EPI_RESIDUAL = 0, 1, 2
 FP8_MAX = 448.0
-
-
-@contextlib.contextmanager
-def _without_wgmma():
-    """Triton compiles the kernels launched inside with mma.sync instead of Hopper's wgmma: its compiler reads
-    DISABLE_MMA_V3 from the environment when it compiles (Triton 3.6; no per-kernel option exists). A kernel already
-    compiled keeps what it was compiled with, so a kernel compiled here must carry a constexpr that says so."""
-    before = os.environ.get("DISABLE_MMA_V3")
-    os.environ["DISABLE_MMA_V3"] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["DISABLE_MMA_V3"]
-        else:
-            os.environ["DISABLE_MMA_V3"] = before
 
 
 # ------------------------------------------------------------------------------------------------ kernels
@@ -103,72 +85,22 @@ if triton is not None:
         BM: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr, BK: tl.constexpr, S: tl.constexpr,
         R: tl.constexpr, T: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr,
     ):
-        """One program of `_gemm_program` per (group of R batch rows, group of T column tiles, K split)."""
-        if USE_PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-        _gemm_program(
-            tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(1),
-            a_ptr, a_stride, a_bstride, w_ptr, w_scale_ptr, ws_ptr, count_ptr, ssp_in_ptr, ss_tiles, ss_bstride,
-            bias_ptr, gate_ptr, out_ptr, out_stride, out_bstride, next_mod_ptr, xm_ptr, xm_bstride, ssp_out_ptr,
-            k_ptr, v_ptr, kv_bstride, cos_ptr, sin_ptr, n_valid_ptr, cache_row0, batch, M, K, N, eps,
-            count_ptr, 0, count_ptr,
-            HEADS, HEAD_DIM, MLP, EPILOGUE, NEXT, W_FP8, DT, BM, BN, KC, BK, S, R, T, STAGES, PREFETCH, USE_PDL,
-            0, 0, 1, 1)
-
-    @triton.jit
-    def _wait_for(counter_ptr, target):
-        """Spin until a dependency counter reaches `target`, reading it with an acquire, so that this program's loads
-        that follow see everything its producers wrote before they counted (their release). A scalar atomic: one
-        thread reads and the program shares what it read, so every thread leaves the loop on the same iteration (a
-        plain load per thread could see the count change at different times, and threads that leave early would
-        meet the program's barriers without the others)."""
-        while tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < target:
-            pass
-
-    @triton.jit
-    def _signal(counter_ptr):
-        """Count one finished task on a dependency counter, after every thread of the program has stored its
-        results (the barrier) and ordered before them (the release)."""
-        tl.debug_barrier()
-        tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
-
-    @triton.jit
-    def _gemm_program(
-        pid_g, pid_t, pid_s, tile_groups,
-        a_ptr, a_stride, a_bstride,
-        w_ptr, w_scale_ptr,
-        ws_ptr, count_ptr,
-        ssp_in_ptr, ss_tiles, ss_bstride,
-        bias_ptr, gate_ptr,
-        out_ptr, out_stride, out_bstride,
-        next_mod_ptr, xm_ptr, xm_bstride, ssp_out_ptr,
-        k_ptr, v_ptr, kv_bstride, cos_ptr, sin_ptr, n_valid_ptr, cache_row0,
-        batch, M, K, N, eps,
-        wait_ptr, wait_target, done_ptr,
-        HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, MLP: tl.constexpr,
-        EPILOGUE: tl.constexpr, NEXT: tl.constexpr, W_FP8: tl.constexpr, DT: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr, BK: tl.constexpr, S: tl.constexpr,
-        R: tl.constexpr, T: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr,
-        WAITS: tl.constexpr, SIGNAL: tl.constexpr, SIGNAL_COLUMNS: tl.constexpr, COUNTER_STRIDE: tl.constexpr,
-    ):
-        """out = epilogue(A @ W) for the batch's A [batch, M, K] (M <= BM rows each, GEMM dtype) and packed W: the
-        work of one (group of R batch rows, group of T column tiles of `tile_groups`, K split). Batch 1 runs
-        R = T = 1, a tile's weight block streamed by its own program; a batch shares each weight chunk among R
-        rows and each A chunk among T tiles (fewer reads from L2). The programs of a tile group are adjacent in
-        the grid, so its weight blocks come from HBM once. Per-row buffers are addressed as base + batch row *
-        their batch stride.
+        """out = epilogue(A @ W) for the batch's A [batch, M, K] (M <= BM rows each, GEMM dtype) and packed W. One
+        program per (group of R batch rows, group of T column tiles, K split): batch 1 runs R = T = 1, a tile's
+        weight block streamed by its own program; a batch shares each weight chunk among R rows and each A chunk
+        among T tiles (fewer reads from L2). The programs of a tile group are adjacent in the grid, so its weight
+        blocks come from HBM once. Per-row buffers are addressed as base + batch row * their batch stride.
 
         QKV / GEGLU: A is x * (1 + scale) (written by the previous kernel); the rows' sums of squares arrive as
         `ss_tiles` partials in ssp_in, giving r = rsqrt(mean(x^2) + eps) for y = r * acc + shift @ W.
         RESIDUAL: x += gate * acc; with NEXT it also writes the next GEMM's A (x * next_mod, GEMM dtype) and each
         tile's partial sums of squares of x, so the next kernel needs no norm pass.
-
-        In its own kernel the program waits for the previous kernel (PDL) after loading its first weight chunk. In
-        the persistent kernel it waits instead for WAITS dependency counters from wait_ptr on to reach
-        `wait_target`, and with SIGNAL counts its finished tile on done_ptr's counter: for qkv the tile's head's,
-        for gate_up the counter of the SIGNAL_COLUMNS-wide column chunk the tile lies in (the down GEMM's K
-        split that reads it), for o / down the one counter.
         """
+        if USE_PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        pid_g = tl.program_id(0)  # row group
+        pid_t = tl.program_id(1)  # tile group
+        pid_s = tl.program_id(2)  # K split
         PAIRED: tl.constexpr = EPILOGUE != _RESIDUAL
         HB: tl.constexpr = BN // 2
         WN: tl.constexpr = HB if PAIRED else BN  # columns per accumulator and tile
@@ -184,10 +116,7 @@ if triton is not None:
             w0 = tl.load(w_base)
             if PAIRED:
                 w0_hi = tl.load(w_base + HB)
-        if WAITS > 0:  # in the persistent kernel: its producers' counters (WAITS of them, side by side)
-            for i in tl.static_range(WAITS):
-                _wait_for(wait_ptr + i * COUNTER_STRIDE, wait_target)
-        elif USE_PDL:
+        if USE_PDL:
             tl.extra.cuda.gdc_wait()
         if not PREFETCH:
             w0 = tl.load(w_base)
@@ -213,7 +142,7 @@ if triton is not None:
             # Split K: partials to the workspace; the last of the S programs of this (row group, tile group) sums
             # them in a fixed order (deterministic). The counter orders the stores (release) before its loads
             # (acquire) and is reset for the next use.
-            group = pid_g * tile_groups + pid_t
+            group = pid_g * tl.num_programs(1) + pid_t
             ws_tile = ws_ptr + (group * S * RB + rr[:, None]) * WS_N + cc[None, :]
             part_stride = RB * WS_N
             tl.store(ws_tile + pid_s * part_stride, lo, mask=row_ok[:, None])
@@ -288,13 +217,6 @@ if triton is not None:
                 if NEXT:
                     _emit_next(x, col, col_ok, mask, row_ok, xm_ptr + b * xm_bstride + rm * N,
                                ssp_out_ptr + b * ss_bstride + rm, pid_t * T, next_mod_ptr, BM, BN, T, DT)
-            if SIGNAL:
-                if EPILOGUE == _QKV:
-                    _signal(done_ptr + (pid_t * T) // (HEAD_DIM // 2 // HB) * COUNTER_STRIDE)
-                elif EPILOGUE == _GEGLU:
-                    _signal(done_ptr + (pid_t * CN) // SIGNAL_COLUMNS * COUNTER_STRIDE)
-                else:
-                    _signal(done_ptr)
 
     @triton.jit
     def _emit_next(x, col, col_ok, mask, row_ok, xm_rows, ssp_rows, first_tile, next_mod_ptr,
@@ -369,15 +291,10 @@ if triton is not None:
         if USE_PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
-        _attend_program(tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(1),
-                        q_ptr, q_bstride, k_ptr, v_ptr, kv_bstride, n_valid_ptr, acc_ptr, m_ptr, l_ptr,
-                        rows, keys_total, horizon, scale, S_K, D, BM, KB, DT)
-
-    @triton.jit
-    def _attend_program(pid_b, head, split, heads, q_ptr, q_bstride, k_ptr, v_ptr, kv_bstride, n_valid_ptr,
-                        acc_ptr, m_ptr, l_ptr, rows, keys_total, horizon, scale,
-                        S_K: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, KB: tl.constexpr, DT: tl.constexpr):
-        """`_attend_kernel`'s work for one (batch row, head, key split)."""
+        pid_b = tl.program_id(0)
+        head = tl.program_id(1)
+        split = tl.program_id(2)
+        heads = tl.num_programs(1)
         rm = tl.arange(0, BM)
         rd = tl.arange(0, D)
         row_ok = rm < rows
@@ -429,18 +346,10 @@ if triton is not None:
         if USE_PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
-        _combine_program(tl.program_id(0), tl.program_id(1), tl.program_id(2), acc_ptr, m_ptr, l_ptr, out_ptr,
-                         out_stride, out_bstride, rows, heads, S_K, D, BM, BR, BD, DT)
-
-    @triton.jit
-    def _combine_program(pid_bh, pid_r, pid_d, acc_ptr, m_ptr, l_ptr, out_ptr, out_stride, out_bstride, rows, heads,
-                         S_K: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
-                         DT: tl.constexpr):
-        """`_combine_kernel`'s work for one (batch row x head, row block, column block); pid_bh = batch row * heads
-        + head: the head's partials, in _attend_kernel's order."""
+        pid_bh = tl.program_id(0)  # batch row * heads + head: the head's partials, in _attend_kernel's order
         head = pid_bh % heads
-        r = pid_r * BR + tl.arange(0, BR)
-        d = pid_d * BD + tl.arange(0, BD)
+        r = tl.program_id(1) * BR + tl.arange(0, BR)
+        d = tl.program_id(2) * BD + tl.arange(0, BD)
         row_ok = r < rows
         top = tl.full((BR,), float("-inf"), dtype=tl.float32)
         for s in range(S_K):
@@ -455,167 +364,6 @@ if triton is not None:
                                         mask=row_ok[:, None], other=0.0)
         dst = out_ptr + (pid_bh // heads) * out_bstride + r[:, None] * out_stride + head * D + d[None, :]
         tl.store(dst, (num / den[:, None]).to(DT), mask=row_ok[:, None])
-
-    @triton.jit
-    def _expert_step_kernel(
-        wq_ptr, sq_ptr, wo_ptr, so_ptr, wg_ptr, sg_ptr, wd_ptr, sd_ptr, wq_lstride, wo_lstride, wg_lstride, wd_lstride,
-        ws_q, cnt_q, ws_o, cnt_o, ws_g, cnt_g, ws_d, cnt_d,
-        x_ptr, xm_ptr, q_ptr, attn_ptr, h_ptr, ssp0_ptr, ssp1_ptr,
-        mods_ptr, bias_qkv_ptr, bias_gu_ptr,
-        kv_table_ptr, cos_ptr, sin_ptr, n_valid_ptr,
-        part_acc_ptr, part_m_ptr, part_l_ptr, deps_ptr, ctl_ptr,
-        depth, M, W, keys_total, ss_tiles_in, q_tiles, o_tiles, g_tiles, d_tiles, eps, scale,
-        HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, MLP: tl.constexpr, DT: tl.constexpr, BM: tl.constexpr,
-        Q_BN: tl.constexpr, Q_KC: tl.constexpr, Q_BK: tl.constexpr, Q_S: tl.constexpr, Q_ST: tl.constexpr,
-        Q_FP8: tl.constexpr,
-        O_BN: tl.constexpr, O_KC: tl.constexpr, O_BK: tl.constexpr, O_S: tl.constexpr, O_ST: tl.constexpr,
-        O_FP8: tl.constexpr,
-        G_BN: tl.constexpr, G_KC: tl.constexpr, G_BK: tl.constexpr, G_S: tl.constexpr, G_ST: tl.constexpr,
-        G_FP8: tl.constexpr,
-        D_BN: tl.constexpr, D_KC: tl.constexpr, D_BK: tl.constexpr, D_S: tl.constexpr, D_ST: tl.constexpr,
-        D_FP8: tl.constexpr,
-        S_K: tl.constexpr, KB: tl.constexpr, CBR: tl.constexpr, CBD: tl.constexpr, O_WAITS: tl.constexpr,
-        CS: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr, MMA_V3: tl.constexpr,
-        TASK_KINDS: tl.constexpr = 6,
-    ):
-        """Every expert layer of one denoise step (batch 1) in one launch: the six kernels' work as tasks.
-
-        Each layer is a list of tasks in dependency order: its qkv tiles (K and V first: every head's attention
-        needs them), the attention's (head, key split)s, the combine's blocks, then the o, gate_up and down tiles
-        (K splits outermost). The tasks of all layers form one queue; each program takes the next task with an
-        atomic counter, waits until the counters of the tasks it depends on say they are done, runs it, and counts
-        it done on its own counter. A task depends only on earlier tasks, and a program takes tasks in queue order,
-        so the earliest unfinished task can always run: no deadlock, whatever the number of programs (one, as in
-        Triton's interpreter, included). A GEMM task loads its first weight chunk before it waits: the weights
-        stream while its inputs are still being made, which six kernels can do only across one kernel boundary.
-
-        Dependency counters per layer (each CS int32s from the next, so that programs spinning on one do not share
-        its cache line with the others' atomics): qkv tiles done per head (q heads, then K, V),
-        attention splits done per head, combine blocks done per head, o tiles done, down tiles done, then gate_up
-        tiles done per down K split. The last program out resets them and the queue for the next launch.
-
-        MMA_V3 (unread here) keys the compiled kernel: with False it is compiled with Hopper's wgmma turned off
-        (`_without_wgmma`), and the two must not share Triton's in-memory cache.
-
-        TASK_KINDS < 6 (for finding a fault, one layer only): tasks of the kinds after the first TASK_KINDS (qkv,
-        attention, combine, o, gate_up, down) are skipped, and their code is not compiled in.
-        """
-        if USE_PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
-        TPH: tl.constexpr = HEAD_DIM // Q_BN  # qkv tiles per head: Q_BN / 2 pair columns of HEAD_DIM / 2
-        G_HB: tl.constexpr = G_BN // 2
-        QKV_D: tl.constexpr = 0
-        ATT_D: tl.constexpr = HEADS + 2
-        CMB_D: tl.constexpr = 2 * HEADS + 2
-        O_D: tl.constexpr = 3 * HEADS + 2
-        DN_D: tl.constexpr = 3 * HEADS + 3
-        GU_D: tl.constexpr = 3 * HEADS + 4
-        STRIDE: tl.constexpr = 3 * HEADS + 4 + D_S
-        NQ: tl.constexpr = (HEADS + 2) * HEAD_DIM
-        n_att = HEADS * S_K
-        cmb_per_head = tl.cdiv(M, CBR) * (HEAD_DIM // CBD)
-        e0 = q_tiles * Q_S
-        e1 = e0 + n_att
-        e2 = e1 + HEADS * cmb_per_head
-        e3 = e2 + o_tiles * O_S
-        e4 = e3 + g_tiles * G_S
-        per_layer = e4 + d_tiles * D_S
-        total = depth * per_layer
-        task = tl.atomic_add(ctl_ptr, 1, sem="relaxed", scope="gpu")
-        while task < total:
-            upcoming = tl.atomic_add(ctl_ptr, 1, sem="relaxed", scope="gpu")  # its latency hides behind this task
-            layer = task // per_layer
-            i = task - layer * per_layer
-            deps = deps_ptr + layer * STRIDE * CS
-            mod = mods_ptr + layer * 6 * W
-            # the layer's K/V caches: kv_table holds every layer's K, then every layer's V (addresses)
-            k_layer = tl.multiple_of(tl.load(kv_table_ptr + layer).to(tl.pointer_type(DT)), 16)
-            v_layer = tl.multiple_of(tl.load(kv_table_ptr + depth + layer).to(tl.pointer_type(DT)), 16)
-            if i < e0:
-                if TASK_KINDS > 0:
-                    s = i // q_tiles
-                    t = i - s * q_tiles
-                    tile = tl.where(t < 2 * TPH, HEADS * TPH + t, t - 2 * TPH)
-                    _gemm_program(
-                        0, tile, s, q_tiles, xm_ptr, W, 0, wq_ptr + layer * wq_lstride, sq_ptr + layer * NQ, ws_q,
-                        cnt_q, ssp1_ptr, tl.where(layer == 0, ss_tiles_in, d_tiles), 0, bias_qkv_ptr + layer * NQ, mod,
-                        q_ptr, 0, 0, mod, xm_ptr, 0, ssp0_ptr,
-                        k_layer, v_layer, 0, cos_ptr, sin_ptr, n_valid_ptr, keys_total - M, 1, M, W, NQ, eps,
-                        deps_ptr + (tl.maximum(layer - 1, 0) * STRIDE + DN_D) * CS, tl.where(layer > 0, d_tiles, 0),
-                        deps + QKV_D * CS,
-                        HEADS, HEAD_DIM, MLP, _QKV, False, Q_FP8, DT, BM, Q_BN, Q_KC, Q_BK, Q_S, 1, 1, Q_ST, PREFETCH,
-                        False, 1, True, 1, CS)
-            elif i < e1:
-                if TASK_KINDS > 1:
-                    j = i - e0
-                    head = j // S_K
-                    _wait_for(deps + (QKV_D + head) * CS, TPH)
-                    _wait_for(deps + (QKV_D + HEADS) * CS, TPH)
-                    _wait_for(deps + (QKV_D + HEADS + 1) * CS, TPH)
-                    _attend_program(0, head, j - head * S_K, HEADS, q_ptr, 0, k_layer, v_layer, 0, n_valid_ptr,
-                                    part_acc_ptr, part_m_ptr, part_l_ptr, M, keys_total, M, scale, S_K, HEAD_DIM,
-                                    BM, KB, DT)
-                    _signal(deps + (ATT_D + head) * CS)
-            elif i < e2:
-                if TASK_KINDS > 2:
-                    j = i - e1
-                    head = j // cmb_per_head
-                    c = j - head * cmb_per_head
-                    row_block = c // (HEAD_DIM // CBD)
-                    _wait_for(deps + (ATT_D + head) * CS, S_K)
-                    _combine_program(head, row_block, c - row_block * (HEAD_DIM // CBD), part_acc_ptr, part_m_ptr,
-                                     part_l_ptr, attn_ptr, HEADS * HEAD_DIM, 0, M, HEADS, S_K, HEAD_DIM, BM, CBR, CBD,
-                                     DT)
-                    _signal(deps + (CMB_D + head) * CS)
-            elif i < e3:
-                if TASK_KINDS > 3:
-                    j = i - e2
-                    s = j // o_tiles
-                    _gemm_program(
-                        0, j - s * o_tiles, s, o_tiles, attn_ptr, HEADS * HEAD_DIM, 0, wo_ptr + layer * wo_lstride,
-                        so_ptr + layer * W, ws_o, cnt_o, ssp1_ptr, 0, 0, mod, mod + 2 * W, x_ptr, W, 0, mod + 3 * W,
-                        xm_ptr, 0, ssp0_ptr, k_layer, v_layer, 0, cos_ptr, sin_ptr, n_valid_ptr, 0, 1, M,
-                        HEADS * HEAD_DIM, W, eps,
-                        deps + (CMB_D + (s * O_KC) // HEAD_DIM) * CS, cmb_per_head, deps + O_D * CS,
-                        HEADS, HEAD_DIM, MLP, _RESIDUAL, True, O_FP8, DT, BM, O_BN, O_KC, O_BK, O_S, 1, 1, O_ST,
-                        PREFETCH, False, O_WAITS, True, 1, CS)
-            elif i < e4:
-                if TASK_KINDS > 4:
-                    j = i - e3
-                    s = j // g_tiles
-                    _gemm_program(
-                        0, j - s * g_tiles, s, g_tiles, xm_ptr, W, 0, wg_ptr + layer * wg_lstride,
-                        sg_ptr + layer * 2 * MLP, ws_g, cnt_g, ssp0_ptr, o_tiles, 0, bias_gu_ptr + layer * 2 * MLP,
-                        mod, h_ptr, MLP, 0, mod,
-                        xm_ptr, 0, ssp1_ptr, k_layer, v_layer, 0, cos_ptr, sin_ptr, n_valid_ptr, 0, 1, M, W, 2 * MLP,
-                        eps,
-                        deps + O_D * CS, o_tiles, deps + GU_D * CS,
-                        HEADS, HEAD_DIM, MLP, _GEGLU, False, G_FP8, DT, BM, G_BN, G_KC, G_BK, G_S, 1, 1, G_ST,
-                        PREFETCH, False, 1, True, D_KC, CS)
-            else:
-                if TASK_KINDS > 5:
-                    j = i - e4
-                    s = j // d_tiles
-                    # the last layer has no next GEMM: its x * next_mod goes unread (the next step starts afresh)
-                    next_mod = mods_ptr + tl.minimum(layer + 1, depth - 1) * 6 * W
-                    _gemm_program(
-                        0, j - s * d_tiles, s, d_tiles, h_ptr, MLP, 0, wd_ptr + layer * wd_lstride,
-                        sd_ptr + layer * W, ws_d, cnt_d, ssp0_ptr, 0, 0, mod, mod + 5 * W, x_ptr, W, 0, next_mod,
-                        xm_ptr, 0, ssp1_ptr,
-                        k_layer, v_layer, 0, cos_ptr, sin_ptr, n_valid_ptr, 0, 1, M, MLP, W, eps,
-                        deps + (GU_D + s) * CS, tl.minimum(D_KC, MLP - s * D_KC) // G_HB, deps + DN_D * CS,
-                        HEADS, HEAD_DIM, MLP, _RESIDUAL, True, D_FP8, DT, BM, D_BN, D_KC, D_BK, D_S, 1, 1, D_ST,
-                        PREFETCH, False, 1, True, 1, CS)
-            task = upcoming
-        # The last program out resets the counters and the queue for the next launch: every task is done by then.
-        tl.debug_barrier()
-        if tl.atomic_add(ctl_ptr + 1, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
-            n = depth * STRIDE
-            for first in range(0, n, 128):
-                idx = first + tl.arange(0, 128)
-                tl.store(deps_ptr + idx * CS, tl.zeros((128,), dtype=tl.int32), mask=idx < n)
-            tl.store(ctl_ptr + tl.arange(0, 2), tl.zeros((2,), dtype=tl.int32))
 
 
 # ------------------------------------------------------------------------------------------------ packing
@@ -666,18 +414,6 @@ class KernelConfig:
     # [tile][split][chunk][column], reads the same as [tile][K][column], so no second copy of the weights).
     batch_k_step: int = 0
     batch_split_k: bool = True
-    # Batch 1: every layer of a step in one persistent kernel, its programs taking the six kernels' work as tasks
-    # from a queue and waiting on per-task dependency counters instead of kernel boundaries (`_expert_step_kernel`),
-    # with `persistent_programs` programs (0: one per SM).
-    persistent: bool = False
-    persistent_programs: int = 0
-    persistent_warps: int = 8
-    persistent_counter_bytes: int = 128  # apart, each dependency counter: a cache line of its own
-    persistent_prefetch: bool = True  # a GEMM task loads its first weight chunk before it waits
-    # Hopper's wgmma in the persistent step. Triton 3.6 miscompiles it there: garbage or an illegal memory access at
-    # full size, growing as task kinds are compiled in, while the same kernel on mma.sync is exact (docs/benchmarks.md
-    # §60). Off: the step is compiled with DISABLE_MMA_V3 (`_without_wgmma`); the six kernels keep wgmma.
-    persistent_wgmma: bool = False
 
     def __post_init__(self) -> None:
         for name in ("batch_rows", "batch_tiles", "batch_warps"):
@@ -878,13 +614,10 @@ class ExpertKernels:
 
     `fp8` selects the GEMMs whose weights are stored as FP8 e4m3 with one scale per output column
     (weight-only: activations stay in the compute dtype, the GEMM upcasts each weight block in registers).
-    `allow_unverified_persistent` lets `KernelConfig.persistent` run on a GPU, where it has not yet run correctly
-    at full size (for the tools that investigate it).
     """
 
     def __init__(self, fast, config: KernelConfig | None = None, fp8: tuple[str, ...] = (),
-                 compute_dtype: torch.dtype | None = None, max_batch: int = 1,
-                 allow_unverified_persistent: bool = False) -> None:
+                 compute_dtype: torch.dtype | None = None, max_batch: int = 1) -> None:
         if triton is None:
             raise RuntimeError("Triton is not installed; the fused expert kernels cannot run")
         if max_batch < 1:
@@ -919,52 +652,7 @@ class ExpertKernels:
                                     fp8="gate_up" in fp8),
                 down=pack_linear(self._weight(block.down), EPI_RESIDUAL, self.cfg_down, fp8="down" in fp8),
             ))
-        if self.config.persistent:  # only its kernel needs them: no copy of the weights at start-up otherwise
-            self._stack_layers()
         self._allocate()
-        self.persistent_refusal = self._persistent_refusal()
-        self.persistent_task_kinds = 6  # fewer only to find a fault (tools/persistent_step_gpu.py): see the kernel
-        if self.config.persistent and self.persistent_refusal:
-            raise ValueError(f"KernelConfig.persistent: {self.persistent_refusal}")
-        if (self.config.persistent and self.config.persistent_wgmma and self._on_gpu(self.device)
-                and not allow_unverified_persistent):
-            # With wgmma, Triton 3.6 miscompiles the step: garbage or an illegal memory access at full size on an
-            # H100 (docs/benchmarks.md §59-60); on mma.sync it is exact.
-            raise ValueError("KernelConfig.persistent_wgmma does not run correctly on a GPU (Triton 3.6 miscompiles "
-                             "it, docs/benchmarks.md §60): leave it off; tools/persistent_step_gpu.py reproduces "
-                             "the failure")
-
-    @staticmethod
-    def _on_gpu(device: torch.device) -> bool:
-        return device.type == "cuda"
-
-    def _stack_layers(self) -> None:
-        """Each GEMM's packed blocks (and FP8 scales) of all layers in one tensor, the layers' PackedLinears views
-        of it: the persistent kernel reaches layer i at a fixed stride."""
-        self.stacked = {}
-        for name in ("qkv", "o", "gate_up", "down"):
-            packed = [getattr(layer, name) for layer in self.layers]
-            blocks = torch.stack([p.blocks for p in packed])
-            scales = torch.stack([p.scale for p in packed]) if packed[0].scale is not None else None
-            for i, p in enumerate(packed):
-                p.blocks = blocks[i]
-                if scales is not None:
-                    p.scale = scales[i]
-            self.stacked[name] = (blocks, scales)
-
-    def _persistent_refusal(self) -> str | None:
-        """Why these dimensions cannot run as one persistent step (None: they can). A task waits on whole
-        producers: an o K split on whole heads, a down K split on whole gate_up tiles."""
-        o, gu, down = self.cfg_o, self.cfg_gate_up, self.cfg_down
-        q_width = self.heads * self.head_dim
-        if o.k_chunk % self.head_dim and self.head_dim % o.k_chunk:
-            return f"the o GEMM's K chunk ({o.k_chunk}) and the head size ({self.head_dim}) must divide one another"
-        if o.k_chunk > self.head_dim and q_width % o.k_chunk:
-            return f"the o GEMM's K chunk ({o.k_chunk}) must divide the heads' width ({q_width})"
-        if down.k_chunk % (gu.block_n // 2) or self.mlp % (gu.block_n // 2):
-            return (f"the down GEMM's K chunk ({down.k_chunk}) must hold whole gate_up tiles "
-                    f"({gu.block_n // 2} columns)")
-        return None
 
     def _weight(self, linear) -> Tensor:
         """A FastModel Linear's weight in the compute dtype (dequantized if it was made FP8)."""
@@ -1001,14 +689,6 @@ class ExpertKernels:
         self._dummy = torch.zeros(1, dtype=f32, device=dev)
         # the step's residual stream
         self.x_step = torch.zeros(rows, self.horizon, self.width, dtype=f32, device=dev)
-        # the persistent kernel's dependency counters (per layer) and its queue and exit counters; zero between
-        # launches (each launch's last program resets them)
-        self.dep_stride = 3 * self.heads + 4 + first.down.splits
-        self.counter_spacing = max(1, self.config.persistent_counter_bytes // 4)
-        self.deps = torch.zeros(len(self.layers) * self.dep_stride * self.counter_spacing, dtype=torch.int32,
-                                device=dev)
-        self.queue = torch.zeros(2, dtype=torch.int32, device=dev)
-        self._kv_tables: dict[tuple[int, ...], Tensor] = {}
 
     @property
     def block_rows(self) -> int:
@@ -1148,80 +828,6 @@ class ExpertKernels:
                    ssp_out=self.ssp[1])
         return self.ssp[1], w.down.tiles
 
-    def persistent_programs(self) -> int:
-        """Programs of the persistent kernel: the config's, or one per SM (4 under the interpreter)."""
-        if self.config.persistent_programs:
-            return self.config.persistent_programs
-        if self.device.type != "cuda":
-            return 4
-        return torch.cuda.get_device_properties(self.device).multi_processor_count
-
-    def _kv_table(self, keys: list[Tensor], values: list[Tensor]) -> Tensor:
-        """The caches' addresses for the persistent kernel (every K, then every V), made once per set of caches:
-        the pipeline's are fixed buffers, and a CUDA graph replays the table it captured."""
-        key = tuple(t.data_ptr() for t in (*keys, *values))
-        table = self._kv_tables.get(key)
-        if table is None:
-            if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError("the persistent step's first call on a set of K/V caches must come before a "
-                                   "CUDA graph captures it (a warm-up run)")
-            table = self._kv_tables[key] = torch.tensor(key, dtype=torch.int64, device=self.device)
-        return table
-
-    def layers_persistent(self, x: Tensor, mods: Tensor, bias_qkv: Tensor, bias_gu: Tensor, keys: list[Tensor],
-                          values: list[Tensor], n_valid: Tensor, ssp_in: tuple[Tensor, int]) -> None:
-        """Every layer of one step in one launch of `_expert_step_kernel`, batch 1; what `layer` does for each
-        layer in turn. x [1, horizon, width] (float32, contiguous), mods [L, 6, W], bias_qkv [L, Nqkv], bias_gu
-        [L, 2*MLP], keys/values the layers' caches [1, 1, rows, D] (or [1, rows, D])."""
-        if not self.config.persistent:
-            raise ValueError("the persistent step runs on kernels built with KernelConfig(persistent=True)")
-        if self.persistent_refusal:
-            raise ValueError(f"the persistent step cannot run: {self.persistent_refusal}")
-        x = _rows(x, 3)
-        if x.shape[0] != 1:
-            raise ValueError(f"the persistent step runs batch 1, got {x.shape[0]} rows")
-        ks = [k.reshape(k.shape[-2], k.shape[-1]) for k in keys]
-        vs = [v.reshape(v.shape[-2], v.shape[-1]) for v in values]
-        if any(t.stride() != (self.head_dim, 1) or t.data_ptr() % 16 for t in (*ks, *vs)) or len(
-                {t.shape[0] for t in (*ks, *vs)}) != 1:
-            raise ValueError("the persistent step needs each layer's K/V cache rows contiguous, 16-byte aligned, "
-                             "and every cache of the same length")
-        if x.stride(1) != self.width or not (mods.is_contiguous() and bias_qkv.is_contiguous()
-                                             and bias_gu.is_contiguous()):
-            raise ValueError("the persistent step needs x's rows and the schedule's rows contiguous")
-        (wq, sq), (wo, so), (wg, sg), (wd, sd) = (self.stacked[n] for n in ("qkv", "o", "gate_up", "down"))
-        d = self._dummy
-        c = self.config
-        first = self.layers[0]
-        cfgs = {}
-        for name, p in vars(first).items():
-            cfgs[name] = (p.cfg.block_n, p.cfg.k_chunk, p.cfg.step, p.splits, p.cfg.stages, p.scale is not None)
-        (q_bn, q_kc, q_bk, q_s, q_st, q_fp8), (o_bn, o_kc, o_bk, o_s, o_st, o_fp8) = cfgs["qkv"], cfgs["o"]
-        (g_bn, g_kc, g_bk, g_s, g_st, g_fp8), (d_bn, d_kc, d_bk, d_s, d_st, d_fp8) = cfgs["gate_up"], cfgs["down"]
-        bd = min(c.combine_cols, self.head_dim)
-        # the first launch compiles the kernel: with wgmma off unless asked for (KernelConfig.persistent_wgmma)
-        with contextlib.nullcontext() if c.persistent_wgmma else _without_wgmma():
-            _expert_step_kernel[(self.persistent_programs(),)](
-                wq, d if sq is None else sq, wo, d if so is None else so, wg, d if sg is None else sg,
-                wd, d if sd is None else sd, wq.stride(0), wo.stride(0), wg.stride(0), wd.stride(0),
-                *self.ws["qkv"], *self.ws["o"], *self.ws["gate_up"], *self.ws["down"],
-                x, self.xm, self.q, self.attn, self.h, self.ssp[0], self.ssp[1],
-                mods, bias_qkv, bias_gu,
-                self._kv_table(ks, vs), self.fast.rope_cos, self.fast.rope_sin, n_valid,
-                self.part_acc, self.part_m, self.part_l, self.deps, self.queue,
-                len(self.layers), self.horizon, self.width, ks[0].shape[0], ssp_in[1],
-                first.qkv.tiles, first.o.tiles, first.gate_up.tiles, first.down.tiles, self.eps, self.head_dim**-0.5,
-                HEADS=self.heads, HEAD_DIM=self.head_dim, MLP=self.mlp, DT=self._dt, BM=self.block_rows,
-                Q_BN=q_bn, Q_KC=q_kc, Q_BK=q_bk, Q_S=q_s, Q_ST=q_st, Q_FP8=q_fp8,
-                O_BN=o_bn, O_KC=o_kc, O_BK=o_bk, O_S=o_s, O_ST=o_st, O_FP8=o_fp8,
-                G_BN=g_bn, G_KC=g_kc, G_BK=g_bk, G_S=g_s, G_ST=g_st, G_FP8=g_fp8,
-                D_BN=d_bn, D_KC=d_kc, D_BK=d_bk, D_S=d_s, D_ST=d_st, D_FP8=d_fp8,
-                S_K=c.key_splits, KB=c.key_block, CBR=c.combine_rows, CBD=bd,
-                O_WAITS=max(1, o_kc // self.head_dim), CS=self.counter_spacing, PREFETCH=c.persistent_prefetch,
-                USE_PDL=self.use_pdl, MMA_V3=c.persistent_wgmma, TASK_KINDS=self.persistent_task_kinds,
-                **self._launch_kwargs(c.persistent_warps),
-            )
-
     def denoise(self, x_t: Tensor, n_valid: Tensor, keys: list[Tensor], values: list[Tensor],
                 schedule: tuple[Tensor, ...]) -> None:
         """All Euler steps in place on x_t [B, H, action_dim]; `schedule` from `self.schedule(...)`."""
@@ -1242,13 +848,10 @@ class ExpertKernels:
         else:
             x = torch.nn.functional.linear(x_t, fast.action_in_w, fast.action_in_b)
             ssp = self.modulate(x, mods[0, 0])
-        if self.config.persistent and x_t.shape[0] == 1:
-            self.layers_persistent(x, mods, bias_qkv, bias_gu, keys, values, n_valid, ssp)
-        else:
-            for i in range(depth):
-                next_mod = mods[i + 1, 0] if i + 1 < depth else None
-                ssp = self.layer(x, i, mods[i], next_mod, bias_qkv[i], bias_gu[i], keys[i][:, 0], values[i][:, 0],
-                                 n_valid, ssp)
+        for i in range(depth):
+            next_mod = mods[i + 1, 0] if i + 1 < depth else None
+            ssp = self.layer(x, i, mods[i], next_mod, bias_qkv[i], bias_gu[i], keys[i][:, 0], values[i][:, 0],
+                             n_valid, ssp)
         fast._action_head(x_t, x, final_mod, out_w, out_b, fast.expert_eps)
 
 
