@@ -69,8 +69,7 @@ def resource_usage(kernel) -> tuple[int, int]:
 
 
 def gemm_types(out: str) -> dict[str, str]:
-    return dict(a_ptr=BF, a_stride="i32", a_bstride="i32", a_desc=BF, w_ptr=BF, w_scale_ptr=F32, w_desc=BF,
-                ws_ptr=F32, count_ptr=I32,
+    return dict(a_ptr=BF, a_stride="i32", a_bstride="i32", w_ptr=BF, w_scale_ptr=F32, ws_ptr=F32, count_ptr=I32,
                 ssp_in_ptr=F32, ss_tiles="i32", ss_bstride="i32", bias_ptr=F32, gate_ptr=F32, out_ptr=out,
                 out_stride="i32", out_bstride="i32", next_mod_ptr=F32, xm_ptr=BF, xm_bstride="i32", ssp_out_ptr=F32,
                 k_ptr=BF, v_ptr=BF, kv_bstride="i32", cos_ptr=F32, sin_ptr=F32, n_valid_ptr=I64, cache_row0="i32",
@@ -99,7 +98,7 @@ def main() -> int:
 
     n_out = {"qkv": (e.num_heads + 2) * e.head_dim // 2, "o": e.width, "gate_up": e.mlp_dim, "down": e.width}
 
-    def gemm_jobs(batch: int, config: KernelConfig, tma: bool = False) -> list:
+    def gemm_jobs(batch: int, config: KernelConfig) -> list:
         jobs = []
         for name, (cfg, epilogue, k, out) in cfgs.items():
             per_tile = cfg.block_n // 2 if epilogue != expert.EPI_RESIDUAL else cfg.block_n
@@ -109,21 +108,16 @@ def main() -> int:
             rows, tiles, warps, stages = shape.rows, shape.tiles, shape.warps, shape.stages
             consts = dict(common, EPILOGUE=epilogue, NEXT=name in ("o", "down"), W_FP8=False, BN=cfg.block_n,
                           KC=shape.k_chunk, BK=shape.k_step, S=shape.splits, R=rows, T=tiles, STAGES=stages,
-                          PREFETCH=cfg.prefetch, USE_PDL=pdl, W_TMA=tma, A_TMA=tma)
-            types = gemm_types(out)
-            if tma:  # KernelConfig.tma_weights / tma_activations: tensor descriptors, boxes as ExpertKernels makes
-                types.update(a_desc=f"tensordesc<bf16[{rows * bm}, {shape.k_step}]>",
-                             w_desc=f"tensordesc<bf16[{shape.k_step}, {per_tile}]>")
+                          PREFETCH=cfg.prefetch, USE_PDL=pdl)
             label = (f"gemm {name}" if batch == 1
                      else f"gemm {name} batch {rows}x{tiles}, {warps} warps, {stages} stages")
-            label += ", TMA" if tma else ""
             if batch > 1 and (config.batch_k_step or not config.batch_split_k):
                 label += f", BK {shape.k_step}, {shape.splits} K split(s)"
             need = expert.shared_bytes(cfg, rows, tiles, stages, epilogue, bm, shape.k_step)
-            jobs.append((label, expert._expert_gemm_kernel, types, consts, warps, need))
+            jobs.append((label, expert._expert_gemm_kernel, gemm_types(out), consts, warps, need))
         return jobs
 
-    jobs = gemm_jobs(1, c) + gemm_jobs(1, c, tma=True)
+    jobs = gemm_jobs(1, c)
     attend = dict(q_ptr=BF, q_bstride="i32", k_ptr=BF, v_ptr=BF, kv_bstride="i32", n_valid_ptr=I64, acc_ptr=F32,
                   m_ptr=F32, l_ptr=F32, rows="i32", keys_total="i32", horizon="i32", scale="fp32")
     jobs.append(("attend", expert._attend_kernel, attend,

@@ -1,7 +1,7 @@
 """The fused expert kernels on the GPU: fidelity against the float32 reference, and denoise time per variant.
 
     PYTHONPATH=. python3 tools/expert_kernels_gpu.py [--quick | --variants | --defaults | --batches | --batch-k |
-                                                      --batch-gemms | --attention | --tma]
+                                                      --batch-gemms | --attention]
 
 --variants: only the whole denoise loop, for the options and a few tile shapes around the default, and with all
 weights L2-resident (a diagnostic). --defaults: the previous default configuration against the current one.
@@ -10,10 +10,7 @@ kernels in several batch shapes (R rows x T tiles per GEMM program), against bat
 the torch path (issue 9: the torch path denoised a batch of 8 in 13.6 ms, docs/benchmarks.md §43). --batch-k: batch 8
 only, with the batch K options (a K step of its own, one program over the whole K). --batch-gemms: batch 8, each
 kernel kind's time per layer (qkv, attention, o, gate_up, down; no PDL) beside cuBLAS at the same M. --attention: the
-attend + combine pair alone per key-split option, in the pipeline's cache layout (about a minute). --tma: the
-GEMMs' weight and A chunks through tensor descriptors (KernelConfig.tma_weights / tma_activations), alone and
-together, with fewer stages (more programs per SM: the TMA kernels hold ~50-70 registers), more K splits, and FP8
-weights (their conversion kept them off the asynchronous copies before; TMA copies them as they are).
+attend + combine pair alone per key-split option, in the pipeline's cache layout (about a minute).
 (The L2-prefetch and fused-combine variants of docs/benchmarks.md §34 ran as `--prefetch` at commit faf2f49, the
 persistent layer kernel of §42 as `--persistent` at 4e7d08b.)
 
@@ -482,27 +479,6 @@ def main() -> None:
         for _ in range(2):
             check("previous default (80aba7f)", ExpertKernels(fast, before))
             check("default", ExpertKernels(fast, KernelConfig()))
-        return
-    if "--tma" in sys.argv:
-        base = KernelConfig()
-        both = dataclasses.replace(base, tma_weights=True, tma_activations=True)
-        check("default", ExpertKernels(fast, base))
-        check("TMA weights", ExpertKernels(fast, dataclasses.replace(base, tma_weights=True)))
-        check("TMA activations", ExpertKernels(fast, dataclasses.replace(base, tma_activations=True)))
-        check("TMA both", ExpertKernels(fast, both))
-        for stages in (2, 3, 6):
-            check(f"TMA both, {stages} stages", ExpertKernels(fast, dataclasses.replace(
-                both, **{k: dataclasses.replace(getattr(base, k), stages=stages) for k in ALL4})))
-        check("TMA both, qkv/gate_up S2, down S8", ExpertKernels(fast, dataclasses.replace(
-            both, qkv=GemmConfig(32, 512, 4, 128, 4), gate_up=GemmConfig(64, 512, 4, 128, 4),
-            down=GemmConfig(32, 512, 4, 128, 4))))
-        check("TMA both, FP8 qkv + down", ExpertKernels(fast, both, fp8=("qkv", "down")))
-        check("TMA both, FP8 all four", ExpertKernels(fast, both, fp8=ALL4))
-        check("FP8 all four, no TMA", ExpertKernels(fast, base, fp8=ALL4))
-        check("default (again)", ExpertKernels(fast, base))
-        print("\nSUMMARY (denoise p50, ms):", flush=True)
-        for (name, steps), ms in results.items():
-            print(f"  {name:<30} {steps:>2} steps {ms:.3f}", flush=True)
         return
     if "--variants" in sys.argv:
         base = KernelConfig()

@@ -544,28 +544,3 @@ def test_a_batch_failing_on_the_kernels_moves_batches_to_the_torch_path_only(
     np.testing.assert_allclose(batched, torch_path.run_batch(rows, 2)[0], rtol=0, atol=0)  # the torch path's rows
     alone, _ = pipe.run(rows[0], 2)  # batch 1 on the kernels: float32, summation order only
     assert rel_err(torch.from_numpy(alone), torch.from_numpy(batched[0])) < 1e-5
-
-
-@pytest.mark.parametrize("fp8", [False, True], ids=["float", "fp8"])
-def test_tma_loads_compute_what_plain_loads_do(small, small_batch, fp8: bool) -> None:
-    """Weight and A chunks through tensor descriptors (KernelConfig.tma_*): the same numbers as the pointer loads,
-    bit for bit, at batch 1 and for a batch of 3 in 2 x 1 programs (a masked batch row), split K and whole K,
-    float and FP8 weights. Programs of 2 column tiles (2-rows-2-tiles) keep plain weight loads."""
-    fast, prefix, noise = small
-    batch_prefix, batch_noise = small_batch
-    fp8_set = ("qkv", "o", "gate_up", "down") if fp8 else ()
-    for config in (SPLIT, WHOLE_K, BATCHED["2-rows-2-tiles"]):
-        got = {}
-        for use in (False, True):
-            kernels = ExpertKernels(fast, dataclasses.replace(config, tma_weights=use, tma_activations=use),
-                                    fp8=fp8_set, max_batch=4)
-            sched = kernels.schedule(fast.step_schedule(2))
-            one, three = noise.clone()[None], batch_noise.clone()
-            kernels.denoise(one, prefix.n_valid, [k.clone() for k in prefix.keys],
-                            [v.clone() for v in prefix.values], sched)
-            kernels.denoise(three, batch_prefix.n_valid, [k.clone() for k in batch_prefix.keys],
-                            [v.clone() for v in batch_prefix.values], sched)
-            got[use] = (one, three)
-            if use:
-                assert kernels._descriptors, "no tensor descriptor was used"
-        assert torch.equal(got[True][0], got[False][0]) and torch.equal(got[True][1], got[False][1])

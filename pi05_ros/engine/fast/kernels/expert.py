@@ -51,7 +51,6 @@ from pi05_ros.engine.fast.kernels import interpreting, tl_dtype
 try:
     import triton
     import triton.language as tl
-    from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # the module stays importable; `available()` says the kernels cannot run
     triton = None
 
@@ -71,22 +70,9 @@ if triton is not None:
         return x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
 
     @triton.jit
-    def _weight_chunk(w_ptrs, w_desc, w_row, HB: tl.constexpr, BN: tl.constexpr, PAIRED: tl.constexpr,
-                      W_TMA: tl.constexpr):
-        """One K step's weight chunk: through the tensor descriptor (TMA) or the pointers; paired GEMMs get their
-        lo and hi halves (hi is lo for the others, unused)."""
-        if W_TMA:
-            lo = w_desc.load([w_row, 0])
-            hi = w_desc.load([w_row, HB]) if PAIRED else lo
-        else:
-            lo = tl.load(w_ptrs)
-            hi = tl.load(w_ptrs + HB) if PAIRED else lo
-        return lo, hi
-
-    @triton.jit
     def _expert_gemm_kernel(
-        a_ptr, a_stride, a_bstride, a_desc,
-        w_ptr, w_scale_ptr, w_desc,
+        a_ptr, a_stride, a_bstride,
+        w_ptr, w_scale_ptr,
         ws_ptr, count_ptr,
         ssp_in_ptr, ss_tiles, ss_bstride,
         bias_ptr, gate_ptr,
@@ -98,7 +84,6 @@ if triton is not None:
         EPILOGUE: tl.constexpr, NEXT: tl.constexpr, W_FP8: tl.constexpr, DT: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr, BK: tl.constexpr, S: tl.constexpr,
         R: tl.constexpr, T: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr,
-        W_TMA: tl.constexpr, A_TMA: tl.constexpr,
     ):
         """out = epilogue(A @ W) for the batch's A [batch, M, K] (M <= BM rows each, GEMM dtype) and packed W. One
         program per (group of R batch rows, group of T column tiles, K split): batch 1 runs R = T = 1, a tile's
@@ -110,12 +95,6 @@ if triton is not None:
         `ss_tiles` partials in ssp_in, giving r = rsqrt(mean(x^2) + eps) for y = r * acc + shift @ W.
         RESIDUAL: x += gate * acc; with NEXT it also writes the next GEMM's A (x * next_mod, GEMM dtype) and each
         tile's partial sums of squares of x, so the next kernel needs no norm pass.
-
-        W_TMA (one column tile per program, T = 1): the weight chunks arrive through w_desc, a tensor descriptor
-        over the packed blocks as rows [tiles * S * KC, BN] in boxes of [BK, BN / 2] (paired) or [BK, BN]: Hopper's
-        TMA copies them without the program's threads. A_TMA: A through a_desc, rows [batch * BM, K] in boxes of
-        [R * BM, BK] (zero past the batch and K). Rows past M are then read as they lie in the buffer rather than
-        as zeros; each output row depends on its own A row only, and those rows' results are never stored.
         """
         if USE_PDL:
             tl.extra.cuda.gdc_launch_dependents()
@@ -132,36 +111,33 @@ if triton is not None:
         cc = tl.arange(0, CN)
         tile = pid_t * T + cc // WN  # each column's tile
         w_base = w_ptr + ((tile[None, :] * S + pid_s) * KC + rk[:, None]) * BN + (cc % WN)[None, :]
-        w_row = (pid_t * S + pid_s) * KC  # with W_TMA: the program's first row of the packed blocks (T = 1)
         # The first weight chunk before the wait: weights never depend on the previous kernel.
         if PREFETCH:
-            w0, w0_hi = _weight_chunk(w_base, w_desc, w_row, HB, BN, PAIRED, W_TMA)
+            w0 = tl.load(w_base)
+            if PAIRED:
+                w0_hi = tl.load(w_base + HB)
         if USE_PDL:
             tl.extra.cuda.gdc_wait()
         if not PREFETCH:
-            w0, w0_hi = _weight_chunk(w_base, w_desc, w_row, HB, BN, PAIRED, W_TMA)
+            w0 = tl.load(w_base)
+            if PAIRED:
+                w0_hi = tl.load(w_base + HB)
         rr = tl.arange(0, RB)
         b = pid_g * R + rr // BM  # each row's batch row
         rm = rr % BM  # and its row there
         row_ok = (rm < M) & (b < batch)
         ka = pid_s * KC + rk
         a_rows = a_ptr + b[:, None] * a_bstride + rm[:, None] * a_stride + ka[None, :]
-        if A_TMA:
-            a = a_desc.load([pid_g * RB, pid_s * KC])
-        else:
-            a = tl.load(a_rows, mask=row_ok[:, None] & (ka[None, :] < K), other=0.0)
+        a = tl.load(a_rows, mask=row_ok[:, None] & (ka[None, :] < K), other=0.0)
         lo = tl.dot(a, w0.to(DT))
         if PAIRED:
             hi = tl.dot(a, w0_hi.to(DT))
         for kk in tl.range(1, KC // BK, num_stages=STAGES):
-            if A_TMA:
-                a = a_desc.load([pid_g * RB, pid_s * KC + kk * BK])
-            else:
-                a = tl.load(a_rows + kk * BK, mask=row_ok[:, None] & (ka[None, :] + kk * BK < K), other=0.0)
-            w, w_hi = _weight_chunk(w_base + kk * BK * BN, w_desc, w_row + kk * BK, HB, BN, PAIRED, W_TMA)
-            lo += tl.dot(a, w.to(DT))
+            a = tl.load(a_rows + kk * BK, mask=row_ok[:, None] & (ka[None, :] + kk * BK < K), other=0.0)
+            w = w_base + kk * BK * BN
+            lo += tl.dot(a, tl.load(w).to(DT))
             if PAIRED:
-                hi += tl.dot(a, w_hi.to(DT))
+                hi += tl.dot(a, tl.load(w + HB).to(DT))
         if S > 1:
             # Split K: partials to the workspace; the last of the S programs of this (row group, tile group) sums
             # them in a fixed order (deterministic). The counter orders the stores (release) before its loads
@@ -438,12 +414,6 @@ class KernelConfig:
     # [tile][split][chunk][column], reads the same as [tile][K][column], so no second copy of the weights).
     batch_k_step: int = 0
     batch_split_k: bool = True
-    # The GEMMs' weight chunks (for programs of one column tile) and A chunks through Hopper's TMA: tensor
-    # descriptors, whose copies the hardware runs without the program's threads, so more bytes can be in flight
-    # per SM (docs/fast_path.md, next steps). Off until measured faster; without TMA (before Hopper) they are
-    # plain loads whatever these say.
-    tma_weights: bool = False
-    tma_activations: bool = False
 
     def __post_init__(self) -> None:
         for name in ("batch_rows", "batch_tiles", "batch_warps"):
@@ -668,8 +638,6 @@ class ExpertKernels:
             self.device.index if self.device.index is not None else torch.cuda.current_device())["max_shared_mem"]
             if on_gpu else None)
         self.use_pdl = bool(self.config.pdl and on_gpu and torch.cuda.get_device_capability(self.device) >= (9, 0))
-        # tensor descriptors (TMA) from Hopper on; the interpreter runs them as loads
-        self.tma = not on_gpu or torch.cuda.get_device_capability(self.device) >= (9, 0)
         if on_gpu and torch.cuda.get_device_capability(self.device) < (8, 9):
             fp8 = ()  # no FP8 conversions below Ada
         self.fp8 = fp8
@@ -719,7 +687,6 @@ class ExpertKernels:
         tiles = max(first.o.tiles, first.down.tiles, triton.cdiv(self.width, self.modulate_cols))
         self.ssp = [torch.zeros(rows, tiles, bm, dtype=f32, device=dev) for _ in range(2)]
         self._dummy = torch.zeros(1, dtype=f32, device=dev)
-        self._descriptors: dict[tuple, TensorDescriptor] = {}
         # the step's residual stream
         self.x_step = torch.zeros(rows, self.horizon, self.width, dtype=f32, device=dev)
 
@@ -774,11 +741,9 @@ class ExpertKernels:
         qkv = epilogue == EPI_QKV
         ss_bstride = self.ssp[0].stride(0)
         rows, tiles, warps, stages, k_chunk, k_step, splits = self.launch_shape(p, epilogue, batch)
-        w_desc = self._weight_descriptor(p, epilogue, k_step) if tiles == 1 else None
-        a_desc = self._activation_descriptor(a, batch, rows * self.block_rows, k_step)
         _expert_gemm_kernel[(triton.cdiv(batch, rows), p.tiles // tiles, splits)](
-            a, a.stride(1), a.stride(0), a if a_desc is None else a_desc,
-            p.blocks, d if p.scale is None else p.scale, p.blocks if w_desc is None else w_desc,
+            a, a.stride(1), a.stride(0),
+            p.blocks, d if p.scale is None else p.scale,
             ws, count,
             d if ssp_in is None else ssp_in[0], 0 if ssp_in is None else ssp_in[1], ss_bstride,
             d if bias is None else bias, d if gate is None else gate,
@@ -792,37 +757,8 @@ class ExpertKernels:
             EPILOGUE=epilogue, NEXT=next_mod is not None, W_FP8=p.scale is not None, DT=self._dt,
             BM=self.block_rows, BN=p.cfg.block_n, KC=k_chunk, BK=k_step, S=splits,
             R=rows, T=tiles, STAGES=stages, PREFETCH=p.cfg.prefetch, USE_PDL=self.use_pdl,
-            W_TMA=w_desc is not None, A_TMA=a_desc is not None,
             **self._launch_kwargs(warps),
         )
-
-    def _weight_descriptor(self, p: PackedLinear, epilogue: int, k_step: int):
-        """With KernelConfig.tma_weights: a tensor descriptor over p's packed blocks as rows [tiles * S * KC, BN],
-        boxes of one K step of one accumulator's columns (made once per GEMM and step size). None: plain loads."""
-        if not (self.config.tma_weights and self.tma):
-            return None
-        columns = p.cfg.block_n // 2 if epilogue != EPI_RESIDUAL else p.cfg.block_n
-        key = (p.blocks.data_ptr(), columns, k_step)
-        desc = self._descriptors.get(key)
-        if desc is None:
-            blocks = p.blocks.view(-1, p.cfg.block_n)
-            desc = self._descriptors[key] = TensorDescriptor(blocks, list(blocks.shape), list(blocks.stride()),
-                                                             [k_step, columns])
-        return desc
-
-    def _activation_descriptor(self, a: Tensor, batch: int, box_rows: int, k_step: int):
-        """With KernelConfig.tma_activations: a tensor descriptor over the batch's A rows [batch * BM, K] (a's
-        batch rows must follow one another), boxes of R * BM rows by one K step. None: plain loads."""
-        if not (self.config.tma_activations and self.tma) or box_rows > 256:  # TMA boxes: <= 256 per dimension
-            return None
-        if a.stride(2) != 1 or a.stride(0) != a.shape[1] * a.stride(1) or a.shape[1] != self.block_rows:
-            return None
-        key = (a.data_ptr(), batch, a.stride(1), box_rows, k_step)
-        desc = self._descriptors.get(key)
-        if desc is None:
-            desc = self._descriptors[key] = TensorDescriptor(a, [batch * self.block_rows, a.shape[2]],
-                                                             [a.stride(1), 1], [box_rows, k_step])
-        return desc
 
     def modulate(self, x: Tensor, next_mod: Tensor) -> tuple[Tensor, int]:
         """A step's first layer input: x [B, H, W] (or one row [H, W]) * next_mod into self.xm, partial sums of
