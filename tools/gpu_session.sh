@@ -18,6 +18,9 @@
 #            beside cuBLAS at M = 400: where the batched kernels lose to the torch path
 #   kernels-attention  tools/expert_kernels_gpu.py --attention (150): the expert attention's key splits, blocks and
 #            warps, to re-tune KernelConfig now that only blocks holding valid keys are shared out (§57)
+#   stream-floor  tools/stream_floor_gpu.py (180): one persistent CUDA kernel streaming a step's expert weights
+#            (bulk copies into a shared-memory ring), without and with a grid-wide wait between GEMMs: the floor of
+#            a megakernel step before one is built (needs nvcc, which the GPU machine has)
 #   attention  tools/attention_gpu.py: the GEMM path, SDPA and the flash kernel alone at the pipeline's shapes (150)
 #   batch    tools/batch_stages_gpu.py, buckets 1-8: batches as pi05-serve denoises them (auto: the kernels up to
 #            2 rows on Hopper, the torch path from 4) and all on the fused kernels (--expert-kernels on), one process
@@ -42,7 +45,7 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:?usage: PI05_GIT_COMMIT=<hash> gpu_session.sh OUT_DIR STEP [STEP ...]}"
 shift
-STEPS="tests kernels kernels-attention kernels-batch kernels-batch-k kernels-batch-gemms attention batch batch-variants
+STEPS="tests kernels kernels-attention stream-floor kernels-batch kernels-batch-k kernels-batch-gemms attention batch batch-variants
 vision-variants serve serve-kernels bench soak-arrival soak-inference"  # the steps the loop at the end runs
 STEPS="${STEPS//$'\n'/ }"
 [[ $# -gt 0 ]] || { echo "gpu_session.sh: name at least one step: $STEPS" >&2; exit 2; }
@@ -99,6 +102,7 @@ for step in "$@"; do
              "${tests_args[@]}" ;;
     kernels) OUT="$OUT" run_step kernels 300 "$PY" tools/expert_kernels_gpu.py --variants ;;
     kernels-attention) OUT="$OUT" run_step kernels-attention 150 "$PY" tools/expert_kernels_gpu.py --attention ;;
+    stream-floor) run_step stream-floor 180 "$PY" tools/stream_floor_gpu.py ;;
     kernels-batch) OUT="$OUT" run_step kernels-batch 360 "$PY" tools/expert_kernels_gpu.py --batches ;;
     kernels-batch-k) OUT="$OUT" run_step kernels-batch-k 200 "$PY" tools/expert_kernels_gpu.py --batch-k ;;
     kernels-batch-gemms) OUT="$OUT" run_step kernels-batch-gemms 240 "$PY" tools/expert_kernels_gpu.py --batch-gemms ;;

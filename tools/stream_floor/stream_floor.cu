@@ -1,0 +1,171 @@
+// How fast one persistent kernel can stream a denoise step's expert weights (72 GEMMs' worth, 0.62 GB in bf16)
+// through shared memory on Hopper, and what a grid-wide dependency between consecutive GEMMs costs: with the
+// weight copies running ahead across it (they never depend on activations) or held until it passes. No math:
+// the floor of the "megakernel" design issue 12 leaves untried (docs/fast_path.md), before anyone builds one.
+//
+// Per CTA (one per SM): warp 0 is the producer. Its lane 0 issues 1-D bulk copies (cp.async.bulk, TMA without a
+// tensor map) of the CTA's slice of each GEMM's weights into a ring of `stages` shared-memory buffers, each
+// completed on a "full" mbarrier. The other warps consume a buffer (read it, fold it into a checksum) and
+// release it on an "empty" mbarrier. After a GEMM's slice, with SYNC, the consumers wait until every CTA has
+// finished that GEMM (a counter per GEMM, release/acquire). With HOLD the producer waits for that too before
+// copying the next GEMM's slice, as a design would whose copies cannot run ahead.
+//
+// Built by tools/stream_floor_gpu.py with nvcc (-arch=sm_90a) into a shared library it calls through ctypes.
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace {
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_%=;\n"
+      "}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+
+__device__ __forceinline__ void mbar_expect_bytes(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
+      "l"(src), "r"(bytes), "r"(bar)
+      : "memory");
+}
+
+__device__ __forceinline__ uint32_t load_acquire(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void consumers_sync(int consumer_threads) {
+  asm volatile("bar.sync 1, %0;" ::"r"(consumer_threads) : "memory");
+}
+
+// The CTA's byte range of a segment: equal 16-byte-aligned slices, the last CTAs' possibly shorter or empty.
+__device__ __forceinline__ void slice_of(uint64_t size, int cta, int ctas, uint64_t* begin, uint64_t* end) {
+  uint64_t per = ((size + ctas - 1) / ctas + 15) / 16 * 16;
+  uint64_t b = per * cta;
+  *begin = b < size ? b : size;
+  uint64_t e = b + per;
+  *end = e < size ? e : size;
+}
+
+__global__ void stream_kernel(const uint8_t* __restrict__ weights, const uint64_t* __restrict__ seg_offset,
+                              const uint64_t* __restrict__ seg_size, int segments, uint32_t* __restrict__ counters,
+                              uint32_t epoch, int stages, int stage_bytes, int sync, int hold,
+                              uint32_t* __restrict__ checksum) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem);  // full[stages], then empty[stages]
+  uint8_t* ring = smem + 128 * ((2 * stages * 8 + 127) / 128);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int consumer_warps = blockDim.x / 32 - 1;
+  const int consumer_threads = consumer_warps * 32;
+  const int cta = blockIdx.x, ctas = gridDim.x;
+  const uint32_t target = epoch * static_cast<uint32_t>(ctas);  // counters only grow: no reset between launches
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < stages; ++s) {
+      mbar_init(smem_addr(&bars[s]), 1);                         // full: the producer's expect_tx arrival
+      mbar_init(smem_addr(&bars[stages + s]), consumer_warps);  // empty: one arrival per consumer warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warp == 0) {
+    if (lane == 0) {
+      uint64_t piece = 0;  // pieces issued so far: its stage and round
+      for (int g = 0; g < segments; ++g) {
+        if (hold && g > 0) {
+          while (load_acquire(&counters[g - 1]) < target) {
+          }
+        }
+        uint64_t begin, end;
+        slice_of(seg_size[g], cta, ctas, &begin, &end);
+        for (uint64_t at = begin; at < end; at += stage_bytes, ++piece) {
+          const int s = static_cast<int>(piece % stages);
+          const uint32_t round = static_cast<uint32_t>(piece / stages);
+          if (round > 0) mbar_wait(smem_addr(&bars[stages + s]), (round - 1) & 1);
+          const uint32_t bytes = static_cast<uint32_t>(end - at < static_cast<uint64_t>(stage_bytes) ? end - at
+                                                                                                     : stage_bytes);
+          const uint32_t full = smem_addr(&bars[s]);
+          mbar_expect_bytes(full, bytes);
+          bulk_copy(smem_addr(ring + static_cast<size_t>(s) * stage_bytes), weights + seg_offset[g] + at, bytes,
+                    full);
+        }
+      }
+    }
+    return;
+  }
+
+  // consumers
+  const int t = threadIdx.x - 32;
+  uint32_t sum = 0;
+  uint64_t piece = 0;
+  for (int g = 0; g < segments; ++g) {
+    uint64_t begin, end;
+    slice_of(seg_size[g], cta, ctas, &begin, &end);
+    for (uint64_t at = begin; at < end; at += stage_bytes, ++piece) {
+      const int s = static_cast<int>(piece % stages);
+      const uint32_t round = static_cast<uint32_t>(piece / stages);
+      mbar_wait(smem_addr(&bars[s]), round & 1);
+      const int bytes = static_cast<int>(end - at < static_cast<uint64_t>(stage_bytes) ? end - at : stage_bytes);
+      const uint4* words = reinterpret_cast<const uint4*>(ring + static_cast<size_t>(s) * stage_bytes);
+      for (int i = t; i < bytes / 16; i += consumer_threads) {
+        const uint4 v = words[i];
+        sum ^= v.x ^ v.y ^ v.z ^ v.w;
+      }
+      __syncwarp();
+      if (lane == 0) mbar_arrive(smem_addr(&bars[stages + s]));
+    }
+    if (sync) {
+      consumers_sync(consumer_threads);  // this CTA's slice of GEMM g is consumed
+      if (t == 0) {
+        __threadfence();
+        atomicAdd(&counters[g], 1u);
+        while (load_acquire(&counters[g]) < target) {
+        }
+      }
+      consumers_sync(consumer_threads);
+    }
+  }
+  atomicXor(&checksum[cta], sum);
+}
+
+}  // namespace
+
+// Returns a cudaError_t (0: launched). counters: `segments` uint32, zero before the first epoch (1, 2, ...).
+extern "C" int stream_floor_launch(const void* weights, const void* seg_offset, const void* seg_size, int segments,
+                                   void* counters, unsigned epoch, int ctas, int consumer_warps, int stages,
+                                   int stage_bytes, int sync, int hold, void* checksum, void* stream) {
+  const int header = 128 * ((2 * stages * 8 + 127) / 128);
+  const int shared = header + stages * stage_bytes;
+  cudaError_t err = cudaFuncSetAttribute(stream_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared);
+  if (err != cudaSuccess) return static_cast<int>(err);
+  stream_kernel<<<ctas, 32 * (consumer_warps + 1), shared, static_cast<cudaStream_t>(stream)>>>(
+      static_cast<const uint8_t*>(weights), static_cast<const uint64_t*>(seg_offset),
+      static_cast<const uint64_t*>(seg_size), segments, static_cast<uint32_t*>(counters), epoch, stages,
+      stage_bytes, sync, hold, static_cast<uint32_t*>(checksum));
+  return static_cast<int>(cudaGetLastError());
+}
