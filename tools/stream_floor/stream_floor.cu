@@ -25,16 +25,31 @@ __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
 }
 
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+// A wait that has not ended after ~2 s (clock64 cycles at the H100's ~1.7 GHz) traps instead of hanging the
+// device call: a bug shows as a launch error.
+constexpr long long kSpinLimit = 4000000000LL;
+
+__device__ __forceinline__ void give_up_after(long long since) {
+  if (clock64() - since > kSpinLimit) __trap();
+}
+
+__device__ __forceinline__ bool mbar_try_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
   asm volatile(
       "{\n"
-      ".reg .pred done;\n"
-      "WAIT_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT_%=;\n"
-      "}\n" ::"r"(bar),
-      "r"(parity)
+      ".reg .pred p;\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n"
+      "}\n"
+      : "=r"(done)
+      : "r"(bar), "r"(parity)
       : "memory");
+  return done != 0;
+}
+
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  const long long since = clock64();
+  while (!mbar_try_wait(bar, parity)) give_up_after(since);
 }
 
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
@@ -90,6 +105,7 @@ __global__ void stream_kernel(const uint8_t* __restrict__ weights, const uint64_
       mbar_init(smem_addr(&bars[stages + s]), consumer_warps);  // empty: one arrival per consumer warp
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the inits, visible to the bulk copies
   }
   __syncthreads();
 
@@ -98,8 +114,8 @@ __global__ void stream_kernel(const uint8_t* __restrict__ weights, const uint64_
       uint64_t piece = 0;  // pieces issued so far: its stage and round
       for (int g = 0; g < segments; ++g) {
         if (hold && g > 0) {
-          while (load_acquire(&counters[g - 1]) < target) {
-          }
+          const long long since = clock64();
+          while (load_acquire(&counters[g - 1]) < target) give_up_after(since);
         }
         uint64_t begin, end;
         slice_of(seg_size[g], cta, ctas, &begin, &end);
@@ -144,8 +160,8 @@ __global__ void stream_kernel(const uint8_t* __restrict__ weights, const uint64_
       if (t == 0) {
         __threadfence();
         atomicAdd(&counters[g], 1u);
-        while (load_acquire(&counters[g]) < target) {
-        }
+        const long long since = clock64();
+        while (load_acquire(&counters[g]) < target) give_up_after(since);
       }
       consumers_sync(consumer_threads);
     }
@@ -159,6 +175,7 @@ __global__ void stream_kernel(const uint8_t* __restrict__ weights, const uint64_
 extern "C" int stream_floor_launch(const void* weights, const void* seg_offset, const void* seg_size, int segments,
                                    void* counters, unsigned epoch, int ctas, int consumer_warps, int stages,
                                    int stage_bytes, int sync, int hold, void* checksum, void* stream) {
+  if (hold && !sync) return static_cast<int>(cudaErrorInvalidValue);  // held copies wait on the grid's counters
   const int header = 128 * ((2 * stages * 8 + 127) / 128);
   const int shared = header + stages * stage_bytes;
   cudaError_t err = cudaFuncSetAttribute(stream_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared);
