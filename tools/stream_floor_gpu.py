@@ -1,6 +1,7 @@
 """The floor of a persistent "megakernel" denoise step on this GPU: one kernel streaming a step's expert weights
 (the 72 GEMMs of 18 layers, 0.62 GB in bf16) through shared memory, without and with a grid-wide dependency between
-consecutive GEMMs, its copies running ahead across it or held until it passes (tools/stream_floor/stream_floor.cu).
+consecutive GEMMs, its copies running ahead across it or held until it passes, and with every CTA reading each GEMM's
+A operand from L2 (whole, or a K split's quarter) (tools/stream_floor/stream_floor.cu).
 No math: what streaming alone costs, against the six kernels' 0.84 ms per step (H100, docs/benchmarks.md §60).
 
     PYTHONPATH=. python3 tools/stream_floor_gpu.py [--iters 20]
@@ -28,7 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pi05_ros.engine.config import PRESETS  # noqa: E402
 
 SOURCE = Path(__file__).resolve().parent / "stream_floor" / "stream_floor.cu"
-MODES = {"stream": (0, 0), "sync, copies run ahead": (1, 0), "sync, copies held": (1, 1)}
+# mode: (grid-wide wait after each GEMM, copies held at it, activations each CTA reads per GEMM: 0 none, 1 the whole
+# 64 x K operand, 4 a quarter of it, as with K split in 4)
+MODES = {"stream": (0, 0, 0), "sync, copies run ahead": (1, 0, 0), "sync, copies held": (1, 1, 0),
+         "sync, run ahead, + whole A per GEMM": (1, 0, 1), "sync, run ahead, + A / 4 per GEMM": (1, 0, 4)}
 RINGS = ((8, 16384), (12, 16384), (4, 32768), (6, 32768), (16, 8192))  # stages x bytes per stage
 
 
@@ -44,8 +48,16 @@ def build(out_dir: Path) -> ctypes.CDLL:
     so.stream_floor_launch.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint,
                                                                 ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                                                 ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                                                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                                                 ctypes.c_void_p, ctypes.c_void_p]
     return so
+
+
+def activation_bytes(rows: int = 64) -> list[int]:
+    """Each GEMM's A operand in bf16 (its rows padded to the kernels' 64), in segment_bytes' order."""
+    e = PRESETS["pi05"].expert
+    per_layer = [e.width, e.num_heads * e.head_dim, e.width, e.mlp_dim]  # K of qkv, o, gate_up, down
+    return [2 * rows * k for _ in range(e.depth) for k in per_layer]
 
 
 def segment_bytes() -> list[int]:
@@ -72,6 +84,8 @@ def main() -> int:
     words = weights.view(torch.int32).view(-1, 4).cpu().numpy()
     want = int(np.bitwise_xor.reduce(words[:, 0] ^ words[:, 1] ^ words[:, 2] ^ words[:, 3])) & 0xFFFFFFFF
     stream = torch.cuda.current_stream(dev)
+    act = torch.randint(0, 256, (max(activation_bytes()),), dtype=torch.uint8, device=dev, generator=gen)
+    sink = torch.zeros(sms, dtype=torch.int32, device=dev)
 
     copy = torch.empty_like(weights)
     times = []
@@ -91,7 +105,9 @@ def main() -> int:
         so = build(Path(tmp))
         print("| mode | ring | consumer warps | checksum | step p50 | p99 | read TB/s |", flush=True)
         print("|---|---|---|---|---|---|---|", flush=True)
-        for mode, (sync, hold) in MODES.items():
+        for mode, (sync, hold, a_split) in MODES.items():
+            act_bytes = (torch.tensor([n // a_split // 16 * 16 for n in activation_bytes()], dtype=torch.int64,
+                                      device=dev) if a_split else None)
             for stages, stage_bytes in RINGS:
                 for consumer_warps in (4,):
                     counters = torch.zeros(len(sizes), dtype=torch.int32, device=dev)
@@ -108,6 +124,8 @@ def main() -> int:
                         err = so.stream_floor_launch(weights.data_ptr(), offsets.data_ptr(), seg_size.data_ptr(),
                                                      len(sizes), counters.data_ptr(), epoch, sms, consumer_warps,
                                                      stages, stage_bytes, sync, hold, checksum.data_ptr(),
+                                                     act.data_ptr(), None if act_bytes is None else
+                                                     act_bytes.data_ptr(), sink.data_ptr(),
                                                      ctypes.c_void_p(stream.cuda_stream))
                         stop.record()
                         if err:

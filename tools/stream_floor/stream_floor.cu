@@ -6,7 +6,8 @@
 // Per CTA (one per SM): warp 0 is the producer. Its lane 0 issues 1-D bulk copies (cp.async.bulk, TMA without a
 // tensor map) of the CTA's slice of each GEMM's weights into a ring of `stages` shared-memory buffers, each
 // completed on a "full" mbarrier. The other warps consume a buffer (read it, fold it into a checksum) and
-// release it on an "empty" mbarrier. After a GEMM's slice, with SYNC, the consumers wait until every CTA has
+// release it on an "empty" mbarrier. With activations, each GEMM first has every CTA read its A operand (64 rows x
+// K, or a K split's share) from L2. After a GEMM's slice, with SYNC, the consumers wait until every CTA has
 // finished that GEMM (a counter per GEMM, release/acquire). With HOLD the producer waits for that too before
 // copying the next GEMM's slice, as a design would whose copies cannot run ahead.
 //
@@ -89,7 +90,8 @@ __device__ __forceinline__ void slice_of(uint64_t size, int cta, int ctas, uint6
 __global__ void stream_kernel(const uint8_t* __restrict__ weights, const uint64_t* __restrict__ seg_offset,
                               const uint64_t* __restrict__ seg_size, int segments, uint32_t* __restrict__ counters,
                               uint32_t epoch, int stages, int stage_bytes, int sync, int hold,
-                              uint32_t* __restrict__ checksum) {
+                              uint32_t* __restrict__ checksum, const uint8_t* __restrict__ act,
+                              const uint64_t* __restrict__ act_bytes, uint32_t* __restrict__ sink) {
   extern __shared__ __align__(128) uint8_t smem[];
   uint64_t* bars = reinterpret_cast<uint64_t*>(smem);  // full[stages], then empty[stages]
   uint8_t* ring = smem + 128 * ((2 * stages * 8 + 127) / 128);
@@ -137,9 +139,18 @@ __global__ void stream_kernel(const uint8_t* __restrict__ weights, const uint64_
 
   // consumers
   const int t = threadIdx.x - 32;
-  uint32_t sum = 0;
+  uint32_t sum = 0, other = 0;
   uint64_t piece = 0;
   for (int g = 0; g < segments; ++g) {
+    if (act_bytes != nullptr) {
+      // GEMM g's activations, made by GEMM g - 1: every CTA reads them from L2 (.cg: not from its L1), as a real
+      // step would before its first multiply
+      const uint4* a = reinterpret_cast<const uint4*>(act);
+      for (uint64_t i = t; i < act_bytes[g] / 16; i += consumer_threads) {
+        const uint4 v = __ldcg(a + i);
+        other ^= v.x ^ v.y ^ v.z ^ v.w;
+      }
+    }
     uint64_t begin, end;
     slice_of(seg_size[g], cta, ctas, &begin, &end);
     for (uint64_t at = begin; at < end; at += stage_bytes, ++piece) {
@@ -167,14 +178,17 @@ __global__ void stream_kernel(const uint8_t* __restrict__ weights, const uint64_
     }
   }
   atomicXor(&checksum[cta], sum);
+  if (act_bytes != nullptr) atomicXor(&sink[cta], other);
 }
 
 }  // namespace
 
 // Returns a cudaError_t (0: launched). counters: `segments` uint32, zero before the first epoch (1, 2, ...).
+// act_bytes (per GEMM, or null): the activation bytes each CTA reads from `act` before its GEMM's weights.
 extern "C" int stream_floor_launch(const void* weights, const void* seg_offset, const void* seg_size, int segments,
                                    void* counters, unsigned epoch, int ctas, int consumer_warps, int stages,
-                                   int stage_bytes, int sync, int hold, void* checksum, void* stream) {
+                                   int stage_bytes, int sync, int hold, void* checksum, const void* act,
+                                   const void* act_bytes, void* sink, void* stream) {
   if (hold && !sync) return static_cast<int>(cudaErrorInvalidValue);  // held copies wait on the grid's counters
   const int header = 128 * ((2 * stages * 8 + 127) / 128);
   const int shared = header + stages * stage_bytes;
@@ -183,6 +197,7 @@ extern "C" int stream_floor_launch(const void* weights, const void* seg_offset, 
   stream_kernel<<<ctas, 32 * (consumer_warps + 1), shared, static_cast<cudaStream_t>(stream)>>>(
       static_cast<const uint8_t*>(weights), static_cast<const uint64_t*>(seg_offset),
       static_cast<const uint64_t*>(seg_size), segments, static_cast<uint32_t*>(counters), epoch, stages,
-      stage_bytes, sync, hold, static_cast<uint32_t*>(checksum));
+      stage_bytes, sync, hold, static_cast<uint32_t*>(checksum), static_cast<const uint8_t*>(act),
+      static_cast<const uint64_t*>(act_bytes), static_cast<uint32_t*>(sink));
   return static_cast<int>(cudaGetLastError());
 }
