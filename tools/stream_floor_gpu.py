@@ -30,9 +30,10 @@ from pi05_ros.engine.config import PRESETS  # noqa: E402
 
 SOURCE = Path(__file__).resolve().parent / "stream_floor" / "stream_floor.cu"
 # mode: (grid-wide wait after each GEMM, copies held at it, activations each CTA reads per GEMM: 0 none, 1 the whole
-# 64 x K operand, 4 a quarter of it, as with K split in 4)
-MODES = {"stream": (0, 0, 0), "sync, copies run ahead": (1, 0, 0), "sync, copies held": (1, 1, 0),
-         "sync, run ahead, + whole A per GEMM": (1, 0, 1), "sync, run ahead, + A / 4 per GEMM": (1, 0, 4)}
+# A operand, 4 a quarter of it, as with K split in 4; A's rows: 64, batch 1's 50 padded, or 400, a batch of 8)
+MODES = {"stream": (0, 0, 0, 64), "sync, copies run ahead": (1, 0, 0, 64), "sync, copies held": (1, 1, 0, 64),
+         "sync, run ahead, + whole A per GEMM": (1, 0, 1, 64), "sync, run ahead, + A / 4 per GEMM": (1, 0, 4, 64),
+         "batch 8: sync, run ahead, + A / 4 (400 rows)": (1, 0, 4, 400)}
 RINGS = ((8, 16384), (12, 16384), (4, 32768), (6, 32768), (16, 8192))  # stages x bytes per stage
 
 
@@ -84,7 +85,7 @@ def main() -> int:
     words = weights.view(torch.int32).view(-1, 4).cpu().numpy()
     want = int(np.bitwise_xor.reduce(words[:, 0] ^ words[:, 1] ^ words[:, 2] ^ words[:, 3])) & 0xFFFFFFFF
     stream = torch.cuda.current_stream(dev)
-    act = torch.randint(0, 256, (max(activation_bytes()),), dtype=torch.uint8, device=dev, generator=gen)
+    act = torch.randint(0, 256, (max(activation_bytes(400)),), dtype=torch.uint8, device=dev, generator=gen)
     sink = torch.zeros(sms, dtype=torch.int32, device=dev)
 
     copy = torch.empty_like(weights)
@@ -105,8 +106,8 @@ def main() -> int:
         so = build(Path(tmp))
         print("| mode | ring | consumer warps | checksum | step p50 | p99 | read TB/s |", flush=True)
         print("|---|---|---|---|---|---|---|", flush=True)
-        for mode, (sync, hold, a_split) in MODES.items():
-            act_bytes = (torch.tensor([n // a_split // 16 * 16 for n in activation_bytes()], dtype=torch.int64,
+        for mode, (sync, hold, a_split, rows) in MODES.items():
+            act_bytes = (torch.tensor([n // a_split // 16 * 16 for n in activation_bytes(rows)], dtype=torch.int64,
                                       device=dev) if a_split else None)
             for stages, stage_bytes in RINGS:
                 for consumer_warps in (4,):
