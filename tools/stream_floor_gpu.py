@@ -35,10 +35,16 @@ MODES = {"stream": (0, 0, 0, 64), "sync, copies run ahead": (1, 0, 0, 64), "sync
          "sync, run ahead, + whole A per GEMM": (1, 0, 1, 64), "sync, run ahead, + A / 4 per GEMM": (1, 0, 4, 64),
          "batch 8: sync, run ahead, + A / 4 (400 rows)": (1, 0, 4, 400)}
 RINGS = ((8, 16384), (12, 16384), (4, 32768), (6, 32768), (16, 8192))  # stages x bytes per stage
+CONSUMER_WARPS = 4  # beside the producer warp
+
+
+def find_nvcc() -> str | None:
+    """nvcc on PATH, or in a CUDA toolkit under /usr/local (the GPU machine's)."""
+    return shutil.which("nvcc") or next(iter(sorted(glob.glob("/usr/local/cuda*/bin/nvcc"))), None)
 
 
 def build(out_dir: Path) -> ctypes.CDLL:
-    nvcc = shutil.which("nvcc") or next(iter(sorted(glob.glob("/usr/local/cuda*/bin/nvcc"))), None)
+    nvcc = find_nvcc()
     if nvcc is None:
         raise SystemExit("nvcc not found (CUDA toolkit)")
     lib = out_dir / "stream_floor.so"
@@ -110,36 +116,35 @@ def main() -> int:
             act_bytes = (torch.tensor([n // a_split // 16 * 16 for n in activation_bytes(rows)], dtype=torch.int64,
                                       device=dev) if a_split else None)
             for stages, stage_bytes in RINGS:
-                for consumer_warps in (4,):
-                    counters = torch.zeros(len(sizes), dtype=torch.int32, device=dev)
-                    checksum = torch.zeros(sms, dtype=torch.int32, device=dev)
-                    times = []
-                    wrong = 0
-                    for epoch in range(1, iters + 5):
-                        checksum.zero_()
-                        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                        # the GPU busy while the start event and the launch are queued: the time is the kernel's,
-                        # not the host's launch latency
-                        torch.cuda._sleep(200_000)
-                        start.record()
-                        err = so.stream_floor_launch(weights.data_ptr(), offsets.data_ptr(), seg_size.data_ptr(),
-                                                     len(sizes), counters.data_ptr(), epoch, sms, consumer_warps,
-                                                     stages, stage_bytes, sync, hold, checksum.data_ptr(),
-                                                     act.data_ptr(), None if act_bytes is None else
-                                                     act_bytes.data_ptr(), sink.data_ptr(),
-                                                     ctypes.c_void_p(stream.cuda_stream))
-                        stop.record()
-                        if err:
-                            raise SystemExit(f"launch failed: cudaError {err} ({mode}, {stages} x {stage_bytes})")
-                        stop.synchronize()
-                        times.append(start.elapsed_time(stop))
-                        got = int(np.bitwise_xor.reduce(checksum.cpu().numpy())) & 0xFFFFFFFF  # every byte, once
-                        wrong += got != want
-                    ok = "ok" if not wrong else f"WRONG in {wrong} of {iters + 4} launches"
-                    t = np.array(times[4:])
-                    p50, p99 = float(np.median(t)), float(np.percentile(t, 99))
-                    print(f"| {mode} | {stages} x {stage_bytes // 1024} KiB | {consumer_warps} | {ok} | "
-                          f"{p50:.3f} ms | {p99:.3f} ms | {total / p50 / 1e9:.2f} |", flush=True)
+                counters = torch.zeros(len(sizes), dtype=torch.int32, device=dev)
+                checksum = torch.zeros(sms, dtype=torch.int32, device=dev)
+                times = []
+                wrong = 0
+                for epoch in range(1, iters + 5):
+                    checksum.zero_()
+                    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    # the GPU busy while the start event and the launch are queued: the time is the kernel's,
+                    # not the host's launch latency
+                    torch.cuda._sleep(200_000)
+                    start.record()
+                    err = so.stream_floor_launch(weights.data_ptr(), offsets.data_ptr(), seg_size.data_ptr(),
+                                                 len(sizes), counters.data_ptr(), epoch, sms, CONSUMER_WARPS,
+                                                 stages, stage_bytes, sync, hold, checksum.data_ptr(),
+                                                 act.data_ptr(), None if act_bytes is None else
+                                                 act_bytes.data_ptr(), sink.data_ptr(),
+                                                 ctypes.c_void_p(stream.cuda_stream))
+                    stop.record()
+                    if err:
+                        raise SystemExit(f"launch failed: cudaError {err} ({mode}, {stages} x {stage_bytes})")
+                    stop.synchronize()
+                    times.append(start.elapsed_time(stop))
+                    got = int(np.bitwise_xor.reduce(checksum.cpu().numpy())) & 0xFFFFFFFF  # every byte, once
+                    wrong += got != want
+                ok = "ok" if not wrong else f"WRONG in {wrong} of {iters + 4} launches"
+                t = np.array(times[4:])
+                p50, p99 = float(np.median(t)), float(np.percentile(t, 99))
+                print(f"| {mode} | {stages} x {stage_bytes // 1024} KiB | {CONSUMER_WARPS} | {ok} | "
+                      f"{p50:.3f} ms | {p99:.3f} ms | {total / p50 / 1e9:.2f} |", flush=True)
     return 0
 
 

@@ -78,6 +78,9 @@ __device__ __forceinline__ void consumers_sync(int consumer_threads) {
   asm volatile("bar.sync 1, %0;" ::"r"(consumer_threads) : "memory");
 }
 
+// Dynamic shared memory: the mbarriers (full[stages], then empty[stages]) on a 128-byte line, then the ring.
+__host__ __device__ constexpr int ring_offset(int stages) { return 128 * ((2 * stages * 8 + 127) / 128); }
+
 // The CTA's byte range of a segment: equal 16-byte-aligned slices, the last CTAs' possibly shorter or empty.
 __device__ __forceinline__ void slice_of(uint64_t size, int cta, int ctas, uint64_t* begin, uint64_t* end) {
   uint64_t per = ((size + ctas - 1) / ctas + 15) / 16 * 16;
@@ -94,7 +97,7 @@ __global__ void stream_kernel(const uint8_t* __restrict__ weights, const uint64_
                               const uint64_t* __restrict__ act_bytes, uint32_t* __restrict__ sink) {
   extern __shared__ __align__(128) uint8_t smem[];
   uint64_t* bars = reinterpret_cast<uint64_t*>(smem);  // full[stages], then empty[stages]
-  uint8_t* ring = smem + 128 * ((2 * stages * 8 + 127) / 128);
+  uint8_t* ring = smem + ring_offset(stages);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int consumer_warps = blockDim.x / 32 - 1;
   const int consumer_threads = consumer_warps * 32;
@@ -190,8 +193,7 @@ extern "C" int stream_floor_launch(const void* weights, const void* seg_offset, 
                                    int stage_bytes, int sync, int hold, void* checksum, const void* act,
                                    const void* act_bytes, void* sink, void* stream) {
   if (hold && !sync) return static_cast<int>(cudaErrorInvalidValue);  // held copies wait on the grid's counters
-  const int header = 128 * ((2 * stages * 8 + 127) / 128);
-  const int shared = header + stages * stage_bytes;
+  const int shared = ring_offset(stages) + stages * stage_bytes;
   cudaError_t err = cudaFuncSetAttribute(stream_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared);
   if (err != cudaSuccess) return static_cast<int>(err);
   stream_kernel<<<ctas, 32 * (consumer_warps + 1), shared, static_cast<cudaStream_t>(stream)>>>(
