@@ -1,7 +1,8 @@
 """The floor of a persistent "megakernel" denoise step on this GPU: one kernel streaming a step's expert weights
 (the 72 GEMMs of 18 layers, 0.62 GB in bf16) through shared memory, without and with a grid-wide dependency between
 consecutive GEMMs, its copies running ahead across it or held until it passes, and with every CTA reading each GEMM's
-A operand from L2 (whole, or a K split's quarter) (tools/stream_floor/stream_floor.cu).
+A operand from L2 (whole, or a K split's quarter), by its threads' loads or by bulk copies beside the weights'
+(tools/stream_floor/stream_floor.cu).
 No math: what streaming alone costs, against the six kernels' 0.84 ms per step (H100, docs/benchmarks.md §60).
 
     PYTHONPATH=. python3 tools/stream_floor_gpu.py [--iters 20]
@@ -30,11 +31,17 @@ from pi05_ros.engine.config import PRESETS  # noqa: E402
 
 SOURCE = Path(__file__).resolve().parent / "stream_floor" / "stream_floor.cu"
 # mode: (grid-wide wait after each GEMM, copies held at it, activations each CTA reads per GEMM: 0 none, 1 the whole
-# A operand, 4 a quarter of it, as with K split in 4; A's rows: 64, batch 1's 50 padded, or 400, a batch of 8)
-MODES = {"stream": (0, 0, 0, 64), "sync, copies run ahead": (1, 0, 0, 64), "sync, copies held": (1, 1, 0, 64),
-         "sync, run ahead, + whole A per GEMM": (1, 0, 1, 64), "sync, run ahead, + A / 4 per GEMM": (1, 0, 4, 64),
-         "batch 8: sync, run ahead, + A / 4 (400 rows)": (1, 0, 4, 400)}
+# A operand, 4 a quarter of it, as with K split in 4; A's rows: 64, batch 1's 50 padded, or 400, a batch of 8;
+# A read by bulk copies into a ring of its own (64 KiB) instead of the consumer threads' loads)
+MODES = {"stream": (0, 0, 0, 64, 0), "sync, copies run ahead": (1, 0, 0, 64, 0), "sync, copies held": (1, 1, 0, 64, 0),
+         "sync, run ahead, + whole A per GEMM": (1, 0, 1, 64, 0), "sync, run ahead, + A / 4 per GEMM": (1, 0, 4, 64, 0),
+         "batch 8: sync, run ahead, + A / 4 (400 rows)": (1, 0, 4, 400, 0),
+         "sync, run ahead, + whole A, bulk copies": (1, 0, 1, 64, 1),
+         "sync, run ahead, + A / 4, bulk copies": (1, 0, 4, 64, 1),
+         "batch 8: sync, run ahead, + A / 4 (400 rows), bulk copies": (1, 0, 4, 400, 1)}
 RINGS = ((8, 16384), (12, 16384), (4, 32768), (6, 32768), (16, 8192))  # stages x bytes per stage
+ACT_RING_BYTES = 4 * 16384  # kActStages x kActStageBytes in the kernel
+SHARED_LIMIT = 227 * 1024  # the H100's and H200's shared memory per CTA: rings beyond it are left out
 CONSUMER_WARPS = 4  # beside the producer warp
 
 
@@ -56,7 +63,8 @@ def build(out_dir: Path) -> ctypes.CDLL:
                                                                 ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                                                 ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                                                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                                                ctypes.c_void_p, ctypes.c_void_p]
+                                                                ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                                                ctypes.c_void_p]
     return so
 
 
@@ -112,10 +120,12 @@ def main() -> int:
         so = build(Path(tmp))
         print("| mode | ring | consumer warps | checksum | step p50 | p99 | read TB/s |", flush=True)
         print("|---|---|---|---|---|---|---|", flush=True)
-        for mode, (sync, hold, a_split, rows) in MODES.items():
+        for mode, (sync, hold, a_split, rows, act_async) in MODES.items():
             act_bytes = (torch.tensor([n // a_split // 16 * 16 for n in activation_bytes(rows)], dtype=torch.int64,
                                       device=dev) if a_split else None)
             for stages, stage_bytes in RINGS:
+                if act_async and stages * stage_bytes + ACT_RING_BYTES + 1024 > SHARED_LIMIT:
+                    continue  # the two rings and the barriers would not fit
                 counters = torch.zeros(len(sizes), dtype=torch.int32, device=dev)
                 checksum = torch.zeros(sms, dtype=torch.int32, device=dev)
                 times = []
@@ -131,7 +141,7 @@ def main() -> int:
                                                  len(sizes), counters.data_ptr(), epoch, sms, CONSUMER_WARPS,
                                                  stages, stage_bytes, sync, hold, checksum.data_ptr(),
                                                  act.data_ptr(), None if act_bytes is None else
-                                                 act_bytes.data_ptr(), sink.data_ptr(),
+                                                 act_bytes.data_ptr(), sink.data_ptr(), act_async, a_split or 1,
                                                  ctypes.c_void_p(stream.cuda_stream))
                     stop.record()
                     if err:
