@@ -84,6 +84,10 @@ def vision_layer_variant(gelu_epilogue: bool = True, attention: str = "sdpa"):
     return layer
 
 
+PREFIX_MLP_FUSED = "prefix MLP: GeGLU in the FP8 gate_up kernel"
+PREFIX_MLP_TORCH = "prefix MLP: gate_up GEMM, then GeGLU kernel"
+
+
 def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str,
              on_row: Callable[[dict], None]) -> None:
     """The same batch on pipelines with more linears in FP8, another attention, layers compiled with inductor's
@@ -118,6 +122,9 @@ def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str,
              {"vision": vision_layer_variant(attention="flash")}),
             ("vision attention q/k/v contiguous", FP8_DEFAULT_LAYERS, False, "auto", (),
              {"vision": vision_layer_variant(attention="contiguous")}),
+            # the FP8 gate_up GEMM with the GeGLU and down's input quantization in its epilogue (kernels/geglu.py)
+            (PREFIX_MLP_FUSED, FP8_DEFAULT_LAYERS, False, "auto", (), {}),
+            (PREFIX_MLP_TORCH, FP8_DEFAULT_LAYERS, False, "auto", (), {}),
             # last: a max-autotune compile of a stack can take minutes (§15: 294 s)
             ("prefix layers max-autotune", FP8_DEFAULT_LAYERS, False, "auto", ("prefix",), {})):
         if baseline is not None and words and not any(word in name for word in words.split(",")):
@@ -130,6 +137,8 @@ def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str,
         pipe = Pi05Pipeline(model, policy.precision if cuda else "bf16", fp8_layers=layers, fp8_vision=vision,
                             attention=attention, max_batch=len(prepared), release_reference=True, use_graphs=cuda)
         del model
+        if name in (PREFIX_MLP_FUSED, PREFIX_MLP_TORCH):
+            pipe.fast.prefix_fused_mlp = name == PREFIX_MLP_FUSED
         for stack in autotune:  # replaces compile()'s function before anything is compiled or captured
             setattr(pipe.fast, f"_{stack}_layer", torch.compile(getattr(blocks, f"{stack}_layer"),
                                                                 dynamic=None if stack == "prefix" else False,

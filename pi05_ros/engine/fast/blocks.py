@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from pi05_ros.engine.config import Pi05Config
 from pi05_ros.engine.fast.kernels.attention import flash_gqa_attention
+from pi05_ros.engine.fast.kernels.geglu import fp8_geglu
 from pi05_ros.engine.reference import Pi05Model, euler_schedule
 from pi05_ros.engine.rtc import guidance_weight_tensor
 
@@ -132,6 +133,19 @@ class Linear(nn.Module):
             self.bias = self.bias.to(torch.bfloat16)
 
 
+def fp8_mlp_fused(h: Tensor, gate_up: LinearParams, down: LinearParams) -> Tensor:
+    """down(gelu_tanh(gate) * up) for FP8 gate_up and down: the gate_up GEMM, the GeGLU and the quantization of
+    down's input as one kernel (kernels/geglu.py), then down's FP8 GEMM. The same scales as `linear`'s two calls."""
+    w_gu, _, w_scale_gu, x_scale_gu, x_inv_scale_gu = gate_up
+    w_down, bias_down, w_scale_down, x_scale_down, x_inv_scale_down = down
+    lead = h.shape[:-1]
+    xq = (h.reshape(-1, h.shape[-1]).float() * x_inv_scale_gu).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    hidden = fp8_geglu(xq, w_gu, x_scale_gu * w_scale_gu, x_inv_scale_down)
+    y = torch._scaled_mm(hidden, w_down.t(), scale_a=x_scale_down, scale_b=w_scale_down, bias=bias_down,
+                         out_dtype=torch.bfloat16)
+    return y.reshape(*lead, -1)
+
+
 def _rms(x: Tensor, eps: float) -> Tensor:
     x = x.float()
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
@@ -227,8 +241,10 @@ def vision_layer(x: Tensor, qkv: LinearParams, out: LinearParams, fc1: LinearPar
 def prefix_layer(x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor, k_cache: Tensor, v_cache: Tensor,
                  qkv: LinearParams, out: LinearParams | None, gate_up: LinearParams | None, down: LinearParams | None,
                  num_heads: int, head_dim: int, eps: float, attention: str = "gemm",
-                 linear_fn: LinearFn = linear) -> Tensor:
+                 linear_fn: LinearFn = linear, fused_mlp: bool = False) -> Tensor:
     """A Gemma 2B layer over the packed prefix x [B, N, W]; `out` None = K/V only (the last layer).
+    `fused_mlp`: an MLP whose gate_up and down are both FP8 runs through `fp8_mlp_fused` (where
+    kernels.geglu.supported; the caller decides).
 
     Its K/V go into the first N rows of k_cache/v_cache [B, 1, C, D], and attention runs over all C rows with
     key_mask [B, 1, 1, C]: the key length stays fixed whatever the prompt length, so one compiled kernel set
@@ -245,6 +261,8 @@ def prefix_layer(x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor, k_cache:
     q = _rope(y[..., : num_heads * d].view(b, n, num_heads, d), cos.unsqueeze(-2), sin.unsqueeze(-2))
     q = q.to(k_cache.dtype)
     x = x + linear_fn(ATTENTION[attention](q, k_cache, v_cache, key_mask), out).float()
+    if fused_mlp and linear_fn is linear and gate_up[2] is not None and down[2] is not None:
+        return x + fp8_mlp_fused(_rms(x, eps), gate_up, down).float()
     gate, up = linear_fn(_rms(x, eps), gate_up).chunk(2, dim=-1)
     return x + linear_fn(F.gelu(gate, approximate="tanh") * up, down).float()
 
@@ -376,6 +394,9 @@ class FastModel(nn.Module):
         self.cfg, self.dtype = cfg, dtype
         # each stack's attention (ATTENTION's keys); the pipeline may choose the prefill's per batch size
         self.prefix_attention = self.expert_attention = attention
+        # the prefix MLP's FP8 gate_up + GeGLU as one kernel (kernels/geglu.py): the pipeline turns it on where
+        # it runs and was measured faster; layers whose MLP is not FP8 ignore it
+        self.prefix_fused_mlp = False
         emb = ref.vision.embeddings
         # the stride-14 patch convolution as one GEMM over flattened patches: [width, (channel, kh, kw)]
         self.register_buffer("patch_w", emb.patch_embedding.weight.flatten(1).to(dtype))
@@ -532,7 +553,8 @@ class FastModel(nn.Module):
                 torch._dynamo.maybe_mark_dynamic(t, 1 if t is prefix else 0)
         x = prefix
         for block, k, v in zip(self.prefix_blocks, keys, values, strict=True):
-            x = self._prefix_layer(x, cos, sin, key_mask, k, v, *block.args(), attention)
+            x = self._prefix_layer(x, cos, sin, key_mask, k, v, *block.args(), attention,
+                                   fused_mlp=self.prefix_fused_mlp)
 
     def denoise(self, x_t: Tensor, n_valid: Tensor, keys: list[Tensor], values: list[Tensor],
                 schedule: tuple[Tensor, Tensor, Tensor, Tensor]) -> None:

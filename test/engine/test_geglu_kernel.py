@@ -1,0 +1,133 @@
+"""kernels/geglu.py on the CPU (Triton's interpreter): the FP8 gate_up GEMM with GeGLU and quantization in its
+epilogue against its torch definition, and the prefix layer's fused MLP against the two-GEMM FP8 path.
+
+The GPU run at full size, where the kernel stores e4m3 itself: test/gpu/test_pipeline.py and tools/geglu_gpu.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel is defined: it runs as a numpy program
+
+import pytest
+import torch
+
+from pi05_ros.engine.fast import kernels
+from pi05_ros.engine.fast.blocks import FP8_MAX, FastModel, Linear, fp8_mlp_fused, linear, sample_eager
+from pi05_ros.engine.fast.calibration import record_input_amax
+from pi05_ros.engine.fast.kernels import geglu
+from pi05_ros.engine.fast.kernels.geglu import TileConfig
+from pi05_ros.engine.fast.pipeline import FP8_DEFAULT_LAYERS
+from pi05_ros.engine.reference import Pi05Model
+
+E4M3 = torch.float8_e4m3fn
+pytestmark = pytest.mark.skipif(not (kernels.triton_installed() and kernels.interpreting()),
+                                reason="needs Triton's interpreter (TRITON_INTERPRET=1 before Triton loads)")
+
+
+def _scaled_mm_on_cpu() -> bool:
+    one = torch.ones(16, 16).to(E4M3)
+    try:
+        torch._scaled_mm(one, one.t(), scale_a=torch.tensor(1.0), scale_b=torch.tensor(1.0), out_dtype=torch.bfloat16)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+def e4m3_operands(m: int, k: int, f: int, seed: int) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(m, k, generator=gen) * 60).clamp(-FP8_MAX, FP8_MAX).to(E4M3)
+    w = (torch.randn(2 * f, k, generator=gen) * 60).clamp(-FP8_MAX, FP8_MAX).to(E4M3)
+    # scales that put the hidden values across e4m3's range, saturation included
+    return x, w, torch.tensor(2.5e-4), torch.tensor(8.0)
+
+
+@pytest.mark.parametrize("m, k, f, config", [
+    (70, 96, 80, TileConfig(32, 32, 32, 4, 2, 2)),  # ragged rows and columns, K a multiple of the K step
+    (33, 100, 48, TileConfig(16, 32, 32, 4, 2, 4)),  # K not a multiple (masked K tail), one row past two blocks
+    (5, 64, 64, None),  # the op's own config for few rows
+])
+def test_kernel_equals_its_definition(m: int, k: int, f: int, config: TileConfig | None) -> None:
+    x, w, scale, out_inv = e4m3_operands(m, k, f, seed=m)
+    got = geglu.launch(x, w, scale, out_inv, config)
+    want = geglu.fp8_geglu_reference(x, w, scale, out_inv)
+    assert got.dtype == E4M3 and got.shape == (m, f)
+    # e4m3 products are exact in float32 and both sum in float32, in different orders: a value can only move where
+    # it lies within float32 rounding of an e4m3 rounding boundary. None did in these cases: equal bit for bit.
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    assert float(want.float().abs().max()) == FP8_MAX  # the clamp ran
+    assert int((want.float() == 0).sum()) < want.numel() // 2  # and most values are not flushed to zero
+
+
+def test_op_rejects_what_it_cannot_compute() -> None:
+    x, w, scale, out_inv = e4m3_operands(4, 32, 16, seed=0)
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        geglu.fp8_geglu(x.float(), w, scale, out_inv)
+    with pytest.raises(ValueError, match=r"\[2F, K\]"):
+        geglu.fp8_geglu(x, w[:, :16], scale, out_inv)
+    with pytest.raises(ValueError, match="per-tensor"):
+        geglu.fp8_geglu(x, w, torch.ones(2), out_inv)
+
+
+@pytest.mark.skipif(not _scaled_mm_on_cpu(), reason="this torch has no FP8 GEMM on the CPU")
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fused_mlp_rounds_like_the_two_gemm_fp8_path(seed: int) -> None:
+    """fp8_mlp_fused against linear(gelu(gate) * up, down) with the same FP8 linears, both against float32 from the
+    same e4m3 operands (down's input not quantized). The two-GEMM path rounds gate and up to bf16 before the GeGLU,
+    the kernel does not, so down's e4m3 inputs differ by one step here and there: the paths differ by about one
+    e4m3 rounding of the hidden layer, and the fused one is no further from float32 than the other."""
+    gen = torch.Generator().manual_seed(seed)
+    width, hidden, rows = 64, 96, 40
+    h = torch.randn(rows, width, generator=gen)
+    gate_up = Linear(torch.randn(2 * hidden, width, generator=gen) / width**0.5, None, torch.bfloat16)
+    down = Linear(torch.randn(width, hidden, generator=gen) / hidden**0.5, None, torch.bfloat16)
+    gate_up.quantize_fp8(float(h.abs().max()))
+    gate, up = linear(h, gate_up.params).chunk(2, dim=-1)
+    mid = torch.nn.functional.gelu(gate, approximate="tanh") * up
+    down.quantize_fp8(float(mid.abs().max()))
+    two_gemm = linear(mid, down.params).float()
+    fused = fp8_mlp_fused(h, gate_up.params, down.params).float()
+    assert fused.shape == two_gemm.shape
+    w, _, w_scale, x_scale, x_inv_scale = gate_up.params
+    xq = (h * x_inv_scale).clamp(-FP8_MAX, FP8_MAX).to(E4M3).float() * x_scale
+    g, u = (xq @ (w.float() * w_scale).t()).chunk(2, dim=-1)
+    exact = (torch.nn.functional.gelu(g, approximate="tanh") * u) @ (down.weight.float() * down.w_scale).t()
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).norm() / b.norm())
+
+    # e4m3 keeps 3 mantissa bits and the calibrated scale's headroom of 4 leaves the hidden values ~2 bits fewer:
+    # measured 2.6-3.0e-2 from float32 for both paths, 1.6-2.5e-2 between them (seeds 0-3)
+    assert rel(fused, exact) < 4e-2 and rel(two_gemm, exact) < 4e-2
+    assert 0 < rel(fused, two_gemm) < 3e-2
+    assert rel(fused, exact) < 1.1 * rel(two_gemm, exact)
+
+
+@pytest.mark.skipif(not _scaled_mm_on_cpu(), reason="this torch has no FP8 GEMM on the CPU")
+def test_prefix_with_the_fused_mlp_gives_the_same_actions(golden_model: Pi05Model, golden_cases, fast_case) -> None:
+    """The golden model with FP8 Gemma MLPs (the default set), its prefix MLPs fused or not: the actions agree to
+    FP8 rounding, and both stay as close to the oracle as FP8 does."""
+    fast = FastModel(golden_model, torch.bfloat16)
+    with record_input_amax(fast) as amax:
+        for case in (0, 2):
+            sample_eager(fast, *fast_case(case), 10)
+    fast.quantize_fp8(amax, FP8_DEFAULT_LAYERS)
+    images, rows, noise = fast_case(1)
+    oracle = golden_cases["case1/actions_steps10"][0]
+    fast.prefix_fused_mlp = False
+    two_gemm = sample_eager(fast, images, rows, noise, 10)
+    fast.prefix_fused_mlp = True
+    calls = []
+    real = geglu.launch
+    try:
+        geglu.launch = lambda *a, **kw: calls.append(1) or real(*a, **kw)  # noqa: E731 - count the kernel's runs
+        fused = sample_eager(fast, images, rows, noise, 10)
+    finally:
+        geglu.launch = real
+    assert len(calls) == golden_model.cfg.vlm.depth - 1  # every layer with an MLP, the K/V-only last one not
+    diff = float((fused - two_gemm).norm() / two_gemm.norm())
+    err_fused = float((fused - oracle).norm() / oracle.norm())
+    err_two = float((two_gemm - oracle).norm() / oracle.norm())
+    assert 0 < diff < 1e-2, diff  # FP8 rounding apart (the 10-step FP8 budget against the oracle is 3e-2)
+    assert err_fused < 3e-2 and abs(err_fused - err_two) < 5e-3, (err_fused, err_two)

@@ -1,0 +1,139 @@
+"""The prefix MLP's first half at the pipeline's shapes: the torch path (FP8 gate_up GEMM to bf16, then inductor's
+GeGLU-and-quantize kernel) against kernels/geglu.py's one kernel, over tile configs; each in a CUDA graph of
+`--calls` calls, p50 of `--iters` replays, per call.
+
+    PYTHONPATH=. python3 tools/geglu_gpu.py [--rows 528,1056,4224] [--iters 50] [--calls 17]
+
+Rows: the prefix tokens of batches of 1, 2 and 8 (2 views, the tools' short prompt: 528 tokens a row); K = 2048,
+F = 16384 (Gemma 2B). Checks each config's output against the kernel's float32 definition (`fp8_geglu_reference`)
+and against the torch path: the share of e4m3 values that differ and the largest difference in e4m3 steps. Writes
+a table to stdout and JSON to $OUT/geglu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pi05_ros.engine.fast.kernels import geglu
+from pi05_ros.engine.fast.kernels.geglu import FP8_MAX, TileConfig
+
+CONFIGS = (
+    geglu.DEFAULT_CONFIG, geglu.SMALL_M_CONFIG,
+    TileConfig(128, 128, 128, 8, 4, 8), TileConfig(128, 128, 64, 8, 5, 8), TileConfig(128, 64, 128, 4, 4, 8),
+    TileConfig(64, 128, 128, 4, 3, 8), TileConfig(64, 128, 64, 4, 5, 8), TileConfig(64, 64, 128, 4, 4, 8),
+    TileConfig(64, 256, 128, 8, 3, 8), TileConfig(128, 128, 128, 8, 3, 4), TileConfig(128, 128, 128, 4, 3, 8),
+)
+
+
+def e4m3_steps(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
+    """(share of differing values, largest difference in e4m3 steps) of two e4m3 tensors."""
+    # e4m3's bit patterns are ordered like the values for each sign: steps = distance between the codes
+    ai = a.view(torch.uint8).int()
+    bi = b.view(torch.uint8).int()
+    signed = lambda v: torch.where(v >= 128, -(v - 128), v)  # noqa: E731 - sign-magnitude to a signed line
+    diff = (signed(ai) - signed(bi)).abs()
+    return float((diff > 0).float().mean()), int(diff.max())
+
+
+def graph_time(fn, calls: int, iters: int) -> float:
+    """p50 ms per call of `fn` captured `calls` times in one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    times = []
+    for _ in range(iters + 3):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(100_000)
+        start.record()
+        graph.replay()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) / calls)
+    return float(np.median(times[3:]))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="528,1056,4224")
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--calls", type=int, default=17, help="calls per graph (17: a prefill's MLP layers)")
+    args = parser.parse_args()
+    dev = torch.device("cuda")
+    print(f"{torch.cuda.get_device_name(dev)}, torch {torch.__version__}", flush=True)
+    k, f = 2048, 16384
+    gen = torch.Generator(device=dev).manual_seed(0)
+    # weights and inputs in e4m3 with the per-tensor scales blocks.Linear.quantize_fp8 would give them
+    weight = (torch.randn(2 * f, k, device=dev, generator=gen) * 0.02)
+    w_scale = weight.abs().max() / FP8_MAX
+    weight = (weight / w_scale).to(torch.float8_e4m3fn)
+    x_scale = torch.tensor(4.0 * 4.0 / FP8_MAX, device=dev)  # a calibrated amax of 4, headroom 4
+    down_x_scale = torch.tensor(2.0 * 4.0 / FP8_MAX, device=dev)
+    down_inv = 1.0 / down_x_scale
+
+    def torch_path(xq: torch.Tensor) -> torch.Tensor:
+        y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=torch.bfloat16)
+        gate, up = y.chunk(2, dim=-1)
+        h = F.gelu(gate, approximate="tanh") * up
+        return (h.float() * down_inv).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+    compiled = torch.compile(torch_path, dynamic=False)
+    rows_out = []
+    for m in (int(r) for r in args.rows.split(",")):
+        x = torch.randn(m, k, device=dev, generator=gen).clamp(-4, 4)
+        xq = (x / x_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        scale = x_scale * w_scale
+        ref = geglu.fp8_geglu_reference(xq, weight, scale, down_inv)
+        base = compiled(xq)
+        base_ms = graph_time(lambda: compiled(xq), args.calls, args.iters)  # noqa: B023
+        share, steps = e4m3_steps(base, ref)
+        flops = 2 * m * k * 2 * f
+        row = {"rows": m, "variant": "torch path (scaled_mm bf16 + inductor GeGLU-quantize)", "ms": base_ms,
+               "tflops": flops / base_ms / 1e9, "differ_vs_definition": share, "max_steps": steps}
+        print(json.dumps(row), flush=True)
+        rows_out.append(row)
+        for cfg in CONFIGS:
+            try:
+                out = geglu.launch(xq, weight, scale, down_inv, cfg)
+                torch.cuda.synchronize()
+                ms = graph_time(lambda: geglu.launch(xq, weight, scale, down_inv, cfg), args.calls,  # noqa: B023
+                                args.iters)
+            except Exception as exc:  # noqa: BLE001 - a config that does not fit is reported, the sweep goes on
+                print(json.dumps({"rows": m, "variant": str(tuple(cfg)), "error": str(exc)[:200]}), flush=True)
+                continue
+            share, steps = e4m3_steps(out, ref)
+            share_base, steps_base = e4m3_steps(out, base)
+            row = {"rows": m, "variant": "fused " + str(tuple(cfg)), "ms": ms, "tflops": flops / ms / 1e9,
+                   "differ_vs_definition": share, "max_steps": steps, "differ_vs_torch_path": share_base,
+                   "max_steps_vs_torch_path": steps_base,
+                   "default_for_rows": cfg == geglu.config_for(m)}
+            print(json.dumps(row), flush=True)
+            rows_out.append(row)
+    print("| rows | variant | ms per call | TFLOP/s | differ vs definition (max steps) | differ vs torch path |")
+    print("|---|---|---|---|---|---|")
+    for r in rows_out:
+        if "ms" in r:
+            vs = (f"{r['differ_vs_torch_path']:.2e} ({r['max_steps_vs_torch_path']})" if "differ_vs_torch_path" in r
+                  else "-")
+            print(f"| {r['rows']} | {r['variant']} | {r['ms'] * 1e3:.1f} us | {r['tflops']:.0f} | "
+                  f"{r['differ_vs_definition']:.2e} ({r['max_steps']}) | {vs} |")
+    out_dir = os.environ.get("OUT", ".")
+    with open(os.path.join(out_dir, "geglu.json"), "w") as fh:
+        json.dump(rows_out, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
