@@ -35,16 +35,17 @@ from triton.compiler import ASTSource  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pi05_ros.engine.config import PRESETS  # noqa: E402
-from pi05_ros.engine.fast.kernels import attention, expert  # noqa: E402
+from pi05_ros.engine.fast.kernels import attention, expert, geglu  # noqa: E402
 from pi05_ros.engine.fast.kernels.expert import KernelConfig, gemm_configs  # noqa: E402
 
 SHARED_PER_SM = 227 * 1024  # Hopper's largest shared memory per block (opt-in)
 BF, F32, I32, I64 = "*bf16", "*fp32", "*i32", "*i64"
+FP8 = "*fp8e4nv"
 # Pointer arguments Triton may assume 16-byte aligned (as it specializes them at launch for these tensors).
 ALIGNED = ("ptr", "w_qkv", "w_o", "w_gu", "w_dn", "ws_", "count_")
 
 
-def build(fn, types: dict[str, str], consts: dict, arch: int, num_warps: int = 4):
+def build(fn, types: dict[str, str], consts: dict, arch: int, num_warps: int = 4, num_stages: int | None = None):
     signature = {name: "constexpr" if name in consts else types[name] for name in fn.arg_names}
     aligned = [i for i, name in enumerate(fn.arg_names)
                if types.get(name, "").startswith("*") and any(a in name for a in ALIGNED)
@@ -53,7 +54,7 @@ def build(fn, types: dict[str, str], consts: dict, arch: int, num_warps: int = 4
     aligned += [i for i, name in enumerate(fn.arg_names) if name.endswith("stride") and name not in consts]
     attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
     return triton.compile(ASTSource(fn, signature, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": num_warps})
+                          options={"num_warps": num_warps, **({"num_stages": num_stages} if num_stages else {})})
 
 
 def resource_usage(kernel) -> tuple[int, int]:
@@ -142,6 +143,14 @@ def main() -> int:
     jobs.append(("flash combine", flash_combine,
                  dict(acc_ptr=F32, m_ptr=F32, l_ptr=F32, out_ptr=BF, q_rows="i32", out_bstride="i32"),
                  dict(D=d, BM=attention.BLOCK_ROWS, BR=16, BD=min(64, d), SPLITS=4, DT=tl.bfloat16), 4, 0))
+    # the prefix MLP's FP8 gate_up + GeGLU kernel (kernels/geglu.py) in its two tile configs (Gemma's K = 2048)
+    geglu_types = dict(x_ptr=FP8, w_ptr=FP8, out_ptr=FP8, scale_ptr=F32, out_inv_scale_ptr=F32, M="i32", K="i32",
+                       F="i32", x_stride="i32", w_stride="i32", out_stride="i32")
+    for name, g in (("default", geglu.DEFAULT_CONFIG), ("few rows", geglu.SMALL_M_CONFIG)):
+        jobs.append((f"fp8 gate_up + GeGLU, {name} tiles {g.block_m}x{g.block_n}x{g.block_k}, {g.warps} warps, "
+                     f"{g.stages} stages", geglu._kernel(), geglu_types,
+                     dict(BM=g.block_m, BN=g.block_n, BK=g.block_k, GROUP_M=g.group_m, EVEN_K=True, OUT_FP8=True),
+                     (g.warps, g.stages), g.stages * (g.block_m + 2 * g.block_n) * g.block_k))
     for rows, tiles in shapes:
         jobs += gemm_jobs(8, dataclasses.replace(c, batch_rows=rows, batch_tiles=tiles, batch_k_step=args.batch_k_step,
                                                  batch_split_k=not args.batch_whole_k))
@@ -154,7 +163,8 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     for label, fn, types, consts, warps, need in jobs:
         try:
-            kernel = build(fn, types, consts, arch, warps)
+            warps, stages = warps if isinstance(warps, tuple) else (warps, None)
+            kernel = build(fn, types, consts, arch, warps, stages)
         except Exception as exc:  # report every kernel, then fail
             print(f"| {label} | FAILED: {type(exc).__name__}: {str(exc)[:300]} | | | | |")
             failed = True

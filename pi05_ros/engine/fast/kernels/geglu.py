@@ -107,7 +107,7 @@ def _kernel():
         # gelu_tanh(g) = g * sigmoid(2 sqrt(2 / pi) (g + 0.044715 g^3))
         hidden = gate * tl.sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate)) * up
         hidden = hidden * tl.load(out_inv_scale_ptr)
-        hidden = tl.minimum(tl.maximum(hidden, -FP8_MAX), FP8_MAX)
+        hidden = tl.minimum(tl.maximum(hidden, -448.0), 448.0)  # FP8_MAX: kernels read no plain globals
         if OUT_FP8:
             hidden = hidden.to(tl.float8e4nv)
         tl.store(out_ptr + rm[:, None] * out_stride + rn[None, :], hidden, mask=row_ok[:, None] & col_ok[None, :])
