@@ -47,6 +47,7 @@ def e4m3_operands(m: int, k: int, f: int, seed: int) -> tuple[torch.Tensor, ...]
     (70, 96, 80, TileConfig(32, 32, 32, 4, 2, 2)),  # ragged rows and columns, K a multiple of the K step
     (33, 100, 48, TileConfig(16, 32, 32, 4, 2, 4)),  # K not a multiple (masked K tail), one row past two blocks
     (5, 64, 64, None),  # the op's own config for few rows
+    (40, 64, 48, TileConfig(16, 16, 32, 4, 2, 2, precise=True)),  # float32 sums per K step (the GPU's option)
 ])
 def test_kernel_equals_its_definition(m: int, k: int, f: int, config: TileConfig | None) -> None:
     x, w, scale, out_inv = e4m3_operands(m, k, f, seed=m)

@@ -30,10 +30,14 @@ def test_every_expert_kernel_compiles_for_hopper_and_fits_an_sm() -> None:
     batch = "batch 2x1, 8 warps, 3 stages"  # KernelConfig's batch shape
     assert [c[0] for c in cells] == ["gemm qkv", "gemm o", "gemm gate_up", "gemm down", "attend", "combine",
                                      "flash attention, one split", "flash attention, 4 key splits", "flash combine",
+                                     "fp8 gate_up + GeGLU, tiles 128x128x128, 8 warps, 3 stages, MMA accumulation",
+                                     "fp8 gate_up + GeGLU, tiles 128x128x128, 8 warps, 3 stages, float32 sums per K "
+                                     "step (option)",
                                      f"gemm qkv {batch}", f"gemm o {batch}", f"gemm gate_up {batch}",
                                      f"gemm down {batch}"]
     assert all(c[5] == "yes" for c in cells)
-    assert all(c[2] == "0" for c in cells), "a default kernel spills registers"
+    # options the defaults do not take may spill a little (the GeGLU kernel's float32 sums: 16 bytes, Triton 3.9)
+    assert all(c[2] == "0" for c in cells if "(option)" not in c[0]), "a default kernel spills registers"
 
 
 def _stream_floor_tool():

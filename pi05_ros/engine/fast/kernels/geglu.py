@@ -41,17 +41,20 @@ class TileConfig(NamedTuple):
     warps: int
     stages: int
     group_m: int  # programs of GROUP_M row blocks walk the columns together: each weight tile is read once per group
+    # Hopper's FP8 MMA accumulates in less than float32, and Triton's default on SM 9.0 never moves the sum into a
+    # float32 register (cuBLAS's "fast accumulation"; `_scaled_mm` by default adds into float32). True: once per K
+    # step, at the cost of registers (16 bytes of spills with Triton 3.9, none with 3.6 at the default tiles).
+    precise: bool = False
 
 
-# Chosen by `tools/geglu_gpu.py` on an H100 (docs/benchmarks.md §63): per row count, the first config whose
-# block_m covers ... (see `config_for`).
+# The fastest of `tools/geglu_gpu.py`'s sweep on an H100 at 528, 1056 and 4224 rows (batches of 1, 2 and 8), with
+# Triton's default FP8 accumulation (docs/benchmarks.md §63); 64-row tiles were slower at every size. The
+# float32-per-step option is in the sweep, not yet measured.
 DEFAULT_CONFIG = TileConfig(block_m=128, block_n=128, block_k=128, warps=8, stages=3, group_m=8)
-SMALL_M_CONFIG = TileConfig(block_m=64, block_n=128, block_k=128, warps=4, stages=4, group_m=8)
-SMALL_M = 1024  # up to this many rows (batch 1 and 2 prefixes), SMALL_M_CONFIG
 
 
-def config_for(rows: int) -> TileConfig:
-    return SMALL_M_CONFIG if rows <= SMALL_M else DEFAULT_CONFIG
+def config_for(rows: int) -> TileConfig:  # noqa: ARG001 - one config measured best at every row count so far
+    return DEFAULT_CONFIG
 
 
 @functools.cache
@@ -64,7 +67,7 @@ def _kernel():
         x_ptr, w_ptr, out_ptr, scale_ptr, out_inv_scale_ptr,
         M, K, F, x_stride, w_stride, out_stride,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
-        OUT_FP8: tl.constexpr,
+        OUT_FP8: tl.constexpr, PRECISE: tl.constexpr,
     ):
         """out[m, f] = fp8(clamp(gelu_tanh(gate) * up / s_out)), gate = (x @ w[f]^T) * s, up = (x @ w[F + f]^T) * s,
         for x [M, K] e4m3, w [2F, K] e4m3 (gate rows, then up rows: the torch Linear layout)."""
@@ -96,8 +99,12 @@ def _kernel():
                 a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 g = tl.load(gate_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
                 u = tl.load(up_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc_gate = tl.dot(a, g, acc_gate)
-            acc_up = tl.dot(a, u, acc_up)
+            if PRECISE:
+                acc_gate = tl.dot(a, g, acc_gate, max_num_imprecise_acc=BK)
+                acc_up = tl.dot(a, u, acc_up, max_num_imprecise_acc=BK)
+            else:
+                acc_gate = tl.dot(a, g, acc_gate)
+                acc_up = tl.dot(a, u, acc_up)
             x_ptrs += BK
             gate_ptrs += BK
             up_ptrs += BK
@@ -174,7 +181,7 @@ def launch(x: Tensor, weight: Tensor, scale: Tensor, out_inv_scale: Tensor, conf
         x, weight, out, scale.float().reshape(1), out_inv_scale.float().reshape(1),
         m, k, f, x.stride(0), weight.stride(0), out.stride(0),
         BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, GROUP_M=cfg.group_m, EVEN_K=k % cfg.block_k == 0,
-        OUT_FP8=out_fp8, **launch,
+        OUT_FP8=out_fp8, PRECISE=cfg.precise, **launch,
     )
     return out if out_fp8 else out.to(fp8)
 
