@@ -7,8 +7,9 @@
 #   PI05_GIT_COMMIT=<hash> bash tools/gpu_session.sh OUT_DIR STEP [STEP ...]
 #
 # Steps (limits in seconds; a device call runs at most 600, so split them over calls):
-#   tests    pytest -m gpu test/gpu -v                  (560; 225 s on a warm H100 at 2f36a68, 411 s on a fresh one
-#            at 9bad473, where inductor's compile workers then held the exit past 420 s); TESTS_ARGS adds pytest
+#   tests    pytest -m gpu test/gpu -v                  (580; 225 s on a warm H100 at 2f36a68, 411 s on a fresh one
+#            at 9bad473, where inductor's compile workers then held the exit past 420 s; the fused-MLP test since
+#            builds two more pipelines: if it runs out, split with TESTS_ARGS); TESTS_ARGS adds pytest
 #            options, e.g. TESTS_ARGS="-k batch_buckets" for the tests a short call left out
 #   kernels  tools/expert_kernels_gpu.py --variants     (300): the denoise loop, default and options
 #   kernels-batch  tools/expert_kernels_gpu.py --batches (360): batches of 2-8 on the torch path and the kernels'
@@ -25,7 +26,7 @@
 #   geglu    tools/geglu_gpu.py (150): the prefix MLP's FP8 gate_up + GeGLU kernel against the torch path at 528, 1056
 #            and 4224 rows, over tile configs and the float32-per-step accumulation option (§63)
 #   prefix-mlp  tools/batch_stages_gpu.py --variants "prefix MLP:" at buckets 1 and 8: the pipeline with the prefix
-#            MLP's GeGLU in its FP8 GEMM beside the two-GEMM path, each on a fresh model   (400)
+#            MLP's GeGLU in its FP8 GEMM beside the baseline's two GEMMs, each on a fresh model   (400)
 #   attention  tools/attention_gpu.py: the GEMM path, SDPA and the flash kernel alone at the pipeline's shapes (150)
 #   batch    tools/batch_stages_gpu.py, buckets 1-8: batches as pi05-serve denoises them (auto: the kernels up to
 #            2 rows on Hopper, the torch path from 4) and all on the fused kernels (--expert-kernels on), one process
@@ -103,7 +104,7 @@ for step in "$@"; do
   case "$step" in
     # -v: a run cut short by its limit still names each test that passed
     tests) read -ra tests_args <<< "${TESTS_ARGS:-}"  # split on whitespace: no quotes, no globbing
-           run_step tests 560 "$PY" -m pytest -m gpu test/gpu -v -s -p no:cacheprovider --durations=10 \
+           run_step tests 580 "$PY" -m pytest -m gpu test/gpu -v -s -p no:cacheprovider --durations=10 \
              "${tests_args[@]}" ;;
     geglu) OUT="$OUT" run_step geglu 150 "$PY" tools/geglu_gpu.py ;;
     prefix-mlp) OUT="$OUT" run_step prefix-mlp 400 bash -c "'$PY' tools/batch_stages_gpu.py --buckets 1 --iters 30 \

@@ -42,7 +42,7 @@ MODES = {"stream": (0, 0, 0, 64, 0), "sync, copies run ahead": (1, 0, 0, 64, 0),
 RINGS = ((8, 16384), (12, 16384), (4, 32768), (6, 32768), (16, 8192))  # stages x bytes per stage
 ACT_RING_BYTES = 4 * 16384  # kActStages x kActStageBytes in the kernel
 SHARED_LIMIT = 227 * 1024  # the H100's and H200's shared memory per CTA: rings beyond it are left out
-CONSUMER_WARPS = 4  # beside the producer warp
+CONSUMER_WARPS = 4  # beside the two producer warps (weights, and A's bulk copies)
 
 
 def find_nvcc() -> str | None:

@@ -135,7 +135,8 @@ class Linear(nn.Module):
 
 def fp8_mlp_fused(h: Tensor, gate_up: LinearParams, down: LinearParams) -> Tensor:
     """down(gelu_tanh(gate) * up) for FP8 gate_up and down: the gate_up GEMM, the GeGLU and the quantization of
-    down's input as one kernel (kernels/geglu.py), then down's FP8 GEMM. The same scales as `linear`'s two calls."""
+    down's input as one kernel (kernels/geglu.py), then down's FP8 GEMM. The same scales as `linear`'s two calls;
+    gate_up without a bias (the kernel has none)."""
     w_gu, _, w_scale_gu, x_scale_gu, x_inv_scale_gu = gate_up
     w_down, bias_down, w_scale_down, x_scale_down, x_inv_scale_down = down
     lead = h.shape[:-1]
@@ -261,7 +262,8 @@ def prefix_layer(x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor, k_cache:
     q = _rope(y[..., : num_heads * d].view(b, n, num_heads, d), cos.unsqueeze(-2), sin.unsqueeze(-2))
     q = q.to(k_cache.dtype)
     x = x + linear_fn(ATTENTION[attention](q, k_cache, v_cache, key_mask), out).float()
-    if fused_mlp and linear_fn is linear and gate_up[2] is not None and down[2] is not None:
+    # (the kernel has no bias: Gemma's gate_up has none)
+    if fused_mlp and linear_fn is linear and gate_up[2] is not None and down[2] is not None and gate_up[1] is None:
         return x + fp8_mlp_fused(_rms(x, eps), gate_up, down).float()
     gate, up = linear_fn(_rms(x, eps), gate_up).chunk(2, dim=-1)
     return x + linear_fn(F.gelu(gate, approximate="tanh") * up, down).float()
@@ -394,8 +396,8 @@ class FastModel(nn.Module):
         self.cfg, self.dtype = cfg, dtype
         # each stack's attention (ATTENTION's keys); the pipeline may choose the prefill's per batch size
         self.prefix_attention = self.expert_attention = attention
-        # the prefix MLP's FP8 gate_up + GeGLU as one kernel (kernels/geglu.py): the pipeline turns it on where
-        # it runs and was measured faster; layers whose MLP is not FP8 ignore it
+        # the prefix MLP's FP8 gate_up + GeGLU as one kernel (kernels/geglu.py): Pi05Pipeline(prefix_fused_mlp=
+        # True) turns it on where the kernel runs; layers whose MLP is not FP8 ignore it
         self.prefix_fused_mlp = False
         emb = ref.vision.embeddings
         # the stride-14 patch convolution as one GEMM over flattened patches: [width, (channel, kh, kw)]

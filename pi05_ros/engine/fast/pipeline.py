@@ -54,6 +54,7 @@ import torch
 from pi05_ros.engine.fast import kernels
 from pi05_ros.engine.fast.blocks import ATTENTION, FastModel, prefix_capacity
 from pi05_ros.engine.fast.calibration import SYNTHETIC_COUNT, record_input_amax, synthetic_observations
+from pi05_ros.engine.fast.kernels import geglu
 from pi05_ros.engine.preprocess import to_uint8
 from pi05_ros.engine.reference import Pi05Model, euler_schedule
 from pi05_ros.engine.rtc import Guidance
@@ -199,7 +200,8 @@ class Pi05Pipeline:
     `model` is the loaded reference model (packed here) or an already packed FastModel. With precision fp8,
     `fp8_scales` (amax per linear layer) are used as given; without them the pipeline calibrates on
     `calibration_observations`, or on synthetic observations, and keeps what it found in `fp8_scales`
-    (`calibrated_on` then says on what).
+    (`calibrated_on` then says on what). `prefix_fused_mlp` runs the prefix MLP's FP8 gate_up, GeGLU and down's
+    input quantization as one kernel (kernels/geglu.py; off by default, being measured: docs/fast_path.md).
 
     One pipeline runs one call at a time. Two pipelines of one process must not run at once on different streams:
     measured so, their actions differed from each alone, and they gained no throughput (docs/benchmarks.md §48). A
@@ -230,6 +232,7 @@ class Pi05Pipeline:
         expert_kernels: str = "auto",
         expert_kernel_config: KernelConfig | None = None,
         max_batch: int = 1,
+        prefix_fused_mlp: bool = False,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -260,6 +263,12 @@ class Pi05Pipeline:
             self.fast = FastModel(model, torch.bfloat16, release_reference=release_reference)
         if attention != "auto":  # both stacks; auto keeps the GEMM attention but for the prefill of large batches
             self.fast.prefix_attention = self.fast.expert_attention = attention
+        if prefix_fused_mlp:
+            # kernels/geglu.py: off by default until the pipeline measures faster with it (docs/fast_path.md)
+            if precision != "fp8" or not geglu.supported(self.device):
+                raise ValueError("prefix_fused_mlp needs precision fp8 (the FP8 MLP it fuses) on a GPU with FP8 "
+                                 "tensor cores (SM 8.9+) and Triton; leave it off here")
+            self.fast.prefix_fused_mlp = True
         self.attention = attention
         start = time.perf_counter()
         self.fp8_layers = fp8_layers + (fp8_vision_layers if fp8_vision else ())
