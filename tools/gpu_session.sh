@@ -25,8 +25,9 @@
 #            a megakernel step before one is built (needs nvcc, which the GPU machine has)
 #   geglu    tools/geglu_gpu.py (150): the prefix MLP's FP8 gate_up + GeGLU kernel against the torch path at 528, 1056
 #            and 4224 rows, over tile configs and the float32-per-step accumulation option (§63)
-#   prefix-mlp  tools/batch_stages_gpu.py --variants "prefix MLP:" at buckets 1 and 8: the pipeline with the prefix
-#            MLP's GeGLU in its FP8 GEMM beside the baseline's two GEMMs, each on a fresh model   (400)
+#   prefix-mlp  tools/batch_stages_gpu.py --variants "prefix MLP:,fp8 prefix all linears" at buckets 1 and 8: the
+#            pipeline with the prefix MLP's GeGLU in its FP8 GEMM, and with Gemma's qkv and o in FP8 too, beside the
+#            baseline, each on a fresh model   (480)
 #   attention  tools/attention_gpu.py: the GEMM path, SDPA and the flash kernel alone at the pipeline's shapes (150)
 #   batch    tools/batch_stages_gpu.py, buckets 1-8: batches as pi05-serve denoises them (auto: the kernels up to
 #            2 rows on Hopper, the torch path from 4) and all on the fused kernels (--expert-kernels on), one process
@@ -107,9 +108,9 @@ for step in "$@"; do
            run_step tests 580 "$PY" -m pytest -m gpu test/gpu -v -s -p no:cacheprovider --durations=10 \
              "${tests_args[@]}" ;;
     geglu) OUT="$OUT" run_step geglu 150 "$PY" tools/geglu_gpu.py ;;
-    prefix-mlp) OUT="$OUT" run_step prefix-mlp 400 bash -c "'$PY' tools/batch_stages_gpu.py --buckets 1 --iters 30 \
-                  --variants 'prefix MLP:' && '$PY' tools/batch_stages_gpu.py --buckets 8 --iters 20 \
-                  --variants 'prefix MLP:'" ;;
+    prefix-mlp) OUT="$OUT" run_step prefix-mlp 480 bash -c "'$PY' tools/batch_stages_gpu.py --buckets 1 --iters 30 \
+                  --variants 'prefix MLP:,fp8 prefix all linears' && '$PY' tools/batch_stages_gpu.py --buckets 8 \
+                  --iters 20 --variants 'prefix MLP:,fp8 prefix all linears'" ;;
     kernels) OUT="$OUT" run_step kernels 300 "$PY" tools/expert_kernels_gpu.py --variants ;;
     kernels-attention) OUT="$OUT" run_step kernels-attention 150 "$PY" tools/expert_kernels_gpu.py --attention ;;
     stream-floor) run_step stream-floor 180 "$PY" tools/stream_floor_gpu.py ;;
