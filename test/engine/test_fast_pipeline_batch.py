@@ -121,3 +121,33 @@ def test_a_graph_made_after_a_long_run_starts_at_the_step_tables_first_row(
     batched, _ = pipe.run_batch(rows[:2], 10)  # bucket 2: its graphs are made now
     for got, want in zip(batched, alone, strict=True):
         assert rel_err(got, want) < 2e-2  # bf16 (the same path at batch 1 and 2 here), as test_batch_equals...
+
+
+def test_the_vision_tower_starts_before_the_text_is_staged(pipeline: Pi05Pipeline, rows: list[PreparedObservation],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host gathers the token-table rows while the vision tower runs (it needs only the images): the vision
+    stage is launched before the first text row is staged, and the prefill after the last. A batch that must be
+    refused is refused before anything runs."""
+    order: list[str] = []
+    for name in ("_vision_fn", "_prefill_fn"):
+        make = getattr(pipeline, name)
+
+        def traced(*args, _make=make, _name=name):  # noqa: ANN001, ANN202 - wraps the stage's builder
+            fn = _make(*args)
+            return lambda: (order.append(_name), fn())[1]
+
+        monkeypatch.setattr(pipeline, name, traced)
+    pipeline._graphs.clear()  # the stages are built again through the wrappers
+    real_take = np.take
+    monkeypatch.setattr(np, "take", lambda *a, **kw: (order.append("text row"), real_take(*a, **kw))[1])
+    try:
+        actions, timings = pipeline.run_batch(rows[:2], 2)
+        assert actions.shape[0] == 2 and np.isfinite(actions).all()
+        assert order == ["_vision_fn", "text row", "text row", "_prefill_fn"], order
+        assert timings["host_staging"] > 0 and timings["host_copy_in"] >= 0
+        order.clear()
+        with pytest.raises(ValueError, match="same number of camera views"):
+            pipeline._run_group([rows[0], rows[5]], 2)  # one view and two: refused before the vision tower ran
+        assert order == []
+    finally:
+        pipeline._graphs.clear()  # the module's other tests build their stages without the wrappers

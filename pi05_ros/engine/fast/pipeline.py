@@ -285,8 +285,8 @@ class Pi05Pipeline:
         self._rtc_device: list[torch.Tensor] = []
         self._rtc_mode = "compiled" if compile else "plain"  # -> "plain" layers -> "eager" (no graph) on failure
         self._rtc_tried: set[tuple[int, str]] = set()
-        self._events = ([torch.cuda.Event(enable_timing=True) for _ in range(6)] if self.device.type == "cuda"
-                        else [_HostTimer() for _ in range(6)])
+        self._events = ([torch.cuda.Event(enable_timing=True) for _ in range(8)] if self.device.type == "cuda"
+                        else [_HostTimer() for _ in range(8)])
         _synchronize(self.device)
         self.setup_times["prepare_weights"] = self.fast.build_seconds + time.perf_counter() - start
         self.fp8_scales: dict[str, float] | None = None
@@ -698,58 +698,68 @@ class Pi05Pipeline:
             raise ValueError(f"{n_views} camera views; this pipeline was built for 1..{self.max_views}")
         token_ids = [obs.tokens[obs.token_mask] for obs in observations]
         text_len = max(prefix_capacity(self.cfg, n_views, len(ids), self.text_tile)[0] for ids in token_ids)
-        for row, (obs, ids) in enumerate(zip(observations, token_ids, strict=True)):
+        if rows > 1 and any(obs.guided for obs in observations):
+            raise ValueError("a row with real-time chunking runs alone (run_batch keeps it apart)")
+        # Host staging in two parts. The images first: the vision tower needs nothing else, so it starts on the GPU
+        # while the host gathers the text rows, noise and prefix lengths (the second part), which only the prefill
+        # and the denoise read. Every check that can refuse the batch runs before anything is sent.
+        for row, obs in enumerate(observations):
             views = [im for im in obs.images if im is not None]
             if len(views) != n_views:
                 raise ValueError("rows of one batch need the same number of camera views (run_batch groups them)")
-            # Host staging: token-table rows gathered here (the table stays in host memory), images, noise.
-            # numpy row gather over byte views: single-threaded, where torch's CPU index_select woke its thread
-            # pool and made this staging step the one source of latency spikes (p99 2.8 ms vs p50 0.16 ms).
-            text_row = row * text_len
-            np.take(self._table_bytes, ids, axis=0, out=self._h_text_bytes[text_row:text_row + len(ids)])
-            self._h_text_bytes[text_row + len(ids):text_row + text_len] = 0
             for i, image in enumerate(views):
                 # a float (LeRobot-resized) view is rounded to uint8 here: finer than the bf16 the vision tower runs
                 self.h_images[row * n_views + i].numpy()[...] = to_uint8(image)
+        host_ms = (time.perf_counter() - host_start) * 1e3
+        ev = self._events
+        ev[0].record()
+        self.d_images[: batch * n_views].copy_(self.h_images[: batch * n_views], non_blocking=True)
+        # A graph made now (first use of a bucket, view count, text tile) warms up on this observation's inputs,
+        # not on rows never written (n_valid 0: every key masked, NaN K/V): each stage is made after its inputs
+        # are sent. A first use's warm-up and capture fall outside the stages' times (the vision's in host_copy_in).
+        vision = self._stage(("vision", n_views, batch), lambda: self._vision_fn(n_views, batch))
+        ev[1].record()
+        vision()
+        ev[2].record()
+        text_start = time.perf_counter()
+        for row, (obs, ids) in enumerate(zip(observations, token_ids, strict=True)):
+            # Token-table rows gathered here (the table stays in host memory). numpy row gather over byte views:
+            # single-threaded, where torch's CPU index_select woke its thread pool and made this staging step the
+            # one source of latency spikes (p99 2.8 ms vs p50 0.16 ms).
+            text_row = row * text_len
+            np.take(self._table_bytes, ids, axis=0, out=self._h_text_bytes[text_row:text_row + len(ids)])
+            self._h_text_bytes[text_row + len(ids):text_row + text_len] = 0
             self.h_noise[row].numpy()[...] = obs.noise
             self.h_n_valid[row] = n_views * patches + len(ids)
         # Padded rows (up to the bucket) keep whatever their staging held: rows are independent, their results are
         # dropped, and only a valid prefix length is needed (every buffer was zeroed at allocation).
         self.h_n_valid[rows:batch] = n_views * patches
-        if rows > 1 and any(obs.guided for obs in observations):
-            raise ValueError("a row with real-time chunking runs alone (run_batch keeps it apart)")
         guided = observations[0].guided
         if guided:
             self._stage_guidance(observations[0].guidance)
-        host_ms = (time.perf_counter() - host_start) * 1e3
-        ev = self._events
-        ev[0].record()
-        self.d_images[: batch * n_views].copy_(self.h_images[: batch * n_views], non_blocking=True)
+        host_ms += (time.perf_counter() - text_start) * 1e3
         self.d_text[: batch * text_len].copy_(self.h_text[: batch * text_len], non_blocking=True)
         self.d_noise[:batch].copy_(self.h_noise[:batch], non_blocking=True)
         self.d_n_valid[:batch].copy_(self.h_n_valid[:batch], non_blocking=True)
         if guided:
             for device, host in zip(self._rtc_device, self._rtc_host, strict=True):
                 device.copy_(host, non_blocking=True)
-        ev[1].record()
-        # The stages after the copies: a graph made now (first use of a bucket, view count, text tile) warms up on
-        # this observation's inputs, not on rows never written (n_valid 0: every key masked, NaN K/V).
-        vision = self._stage(("vision", n_views, batch), lambda: self._vision_fn(n_views, batch))
+        ev[3].record()
         prefill = self._stage(("prefill", n_views, text_len, batch),
                               lambda: self._prefill_fn(n_views, text_len, batch))
         denoise = self._rtc_stage(num_steps, n_views) if guided else self._denoise_stage(num_steps, n_views, batch)
-        vision()
-        ev[2].record()
-        prefill()
-        ev[3].record()
-        denoise()
         ev[4].record()
-        self.h_actions[:rows].copy_(self.d_x[:rows], non_blocking=True)
+        prefill()
         ev[5].record()
-        ev[5].synchronize()
-        names = ("host_copy_in", "vision", "prefill_kv", "denoise", "host_copy_out")
-        timings = {"host_staging": host_ms}
-        timings.update({n: ev[i].elapsed_time(ev[i + 1]) for i, n in enumerate(names)})
+        denoise()
+        ev[6].record()
+        self.h_actions[:rows].copy_(self.d_x[:rows], non_blocking=True)
+        ev[7].record()
+        ev[7].synchronize()
+        timings = {"host_staging": host_ms,
+                   "host_copy_in": ev[0].elapsed_time(ev[1]) + ev[2].elapsed_time(ev[3]),
+                   "vision": ev[1].elapsed_time(ev[2]), "prefill_kv": ev[4].elapsed_time(ev[5]),
+                   "denoise": ev[5].elapsed_time(ev[6]), "host_copy_out": ev[6].elapsed_time(ev[7])}
         timings["vision_per_view"] = timings["vision"] / (n_views * rows)
         timings["denoise_step"] = timings["denoise"] / num_steps
         return self.h_actions[:rows].numpy().copy(), timings
