@@ -40,6 +40,8 @@
 #   serve    tools/serve_bench.sh, fp8, 10 steps, 1/2/4/8 clients, batched and unbatched   (480)
 #   serve-kernels  the same server, batched only, 1/4/8 clients, with --expert-kernels on --fp8-vision   (360)
 #   bench    pi05-bench --iters 1000                    (480)
+#   bench-mlp  pi05-bench --precision fp8,fp8+fused-mlp --steps 1,10 --iters 300: issue 12's end-to-end figures with
+#            the prefix MLP fused and without, one run   (420)
 #   soak-arrival, soak-inference   tools/soak.py --gpu, 10 steps at 30 Hz, SOAK_N inferences (default 3000), with
 #            prepare_views on_arrival / in_inference: the node's latency and stages either way (needs .gpu_ros)  (360)
 # Step limits can be changed with LIMIT_<STEP>=seconds.
@@ -53,7 +55,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:?usage: PI05_GIT_COMMIT=<hash> gpu_session.sh OUT_DIR STEP [STEP ...]}"
 shift
 STEPS="tests kernels kernels-attention stream-floor geglu prefix-mlp kernels-batch kernels-batch-k kernels-batch-gemms attention batch batch-variants
-vision-variants serve serve-kernels bench soak-arrival soak-inference"  # the steps the loop at the end runs
+vision-variants serve serve-kernels bench bench-mlp soak-arrival soak-inference"  # the steps the loop at the end runs
 STEPS="${STEPS//$'\n'/ }"
 [[ $# -gt 0 ]] || { echo "gpu_session.sh: name at least one step: $STEPS" >&2; exit 2; }
 [[ -n "${PI05_GIT_COMMIT:-}" ]] || { echo "gpu_session.sh: set PI05_GIT_COMMIT=<the commit under test>" >&2; exit 2; }
@@ -128,6 +130,8 @@ for step in "$@"; do
     serve-kernels) run_step serve-kernels 360 bash tools/serve_bench.sh "$OUT/serve-kernels" --device cuda \
                      --precision fp8 --modes batched --clients "1 4 8" --server-args "--expert-kernels on --fp8-vision" ;;
     bench) run_step bench 480 "$PY" -m pi05_ros.cli.bench --iters 1000 --out "$OUT/bench" ;;
+    bench-mlp) run_step bench-mlp 420 "$PY" -m pi05_ros.cli.bench --precision fp8,fp8+fused-mlp --steps 1,10 \
+                 --iters 300 --out "$OUT/bench-mlp" ;;
     soak-arrival|soak-inference)
       views=on_arrival; [[ "$step" == soak-inference ]] && views=in_inference
       mkdir -p "$OUT/$step"

@@ -168,6 +168,31 @@ def test_fast_runner_bookkeeping(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert (again / "breakdown.png").read_bytes().startswith(PNG_MAGIC)
 
 
+def test_a_precision_with_a_pipeline_option_is_timed_beside_the_plain_one(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--precision fp8,fp8+fused-mlp`: two fast runners of one model, the second built with the prefix MLP fused
+    (Pi05Pipeline's prefix_fused_mlp), each reported under its own label; an unknown option is refused first."""
+    monkeypatch.setattr(bench, "fast_runner_unavailable", lambda device: None)
+    built = []
+
+    def make_runner(model, precision: str, runner: str, **options) -> FakeFastRunner:  # noqa: ANN001
+        built.append((precision, options.get("prefix_fused_mlp", False)))
+        return FakeFastRunner(model, precision)
+
+    monkeypatch.setattr(bench, "make_runner", make_runner)
+    out = tmp_path / "bench"
+    rc = bench.main(["--preset", "tiny", "--device", "cpu", "--steps", "1", "--iters", "2", "--warmup", "1",
+                     "--no-baseline", "--precision", "fp8,fp8+fused-mlp", "--out", str(out)])
+    assert rc == 0
+    assert built == [("fp8", False), ("fp8", True)]
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(c["precision"] for c in results["configs"]) == ["fp8", "fp8+fused-mlp"]
+    assert set(results["setup"]["runners"]) == {"fp8", "fp8+fused-mlp"}
+    with pytest.raises(SystemExit):
+        bench.main(["--preset", "tiny", "--device", "cpu", "--precision", "fp8+nope", "--out", str(out)])
+    assert len(built) == 2  # refused while parsing: nothing built
+
+
 def test_stage_order_is_pipeline_order() -> None:
     keys = ["total", "postprocess", "denoise", "mystery", "prefill_kv", "vision_base", "preprocess", "vision",
             "host_copy_out", "embed_prefix", "host_copy_in"]
