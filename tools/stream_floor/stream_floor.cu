@@ -167,6 +167,8 @@ __global__ void stream_kernel(const uint8_t* __restrict__ weights, const uint64_
         if (g > 0) {  // A of GEMM g is GEMM g - 1's output: copied once every CTA has finished that GEMM
           const long long since = clock64();
           while (load_acquire(&counters[g - 1]) < target) give_up_after(since);
+          // A real step would write A with ordinary stores and read it here through the async proxy: it needs a
+          // fence.proxy.async between this acquire and the copy. Here A is never written, so none is issued.
         }
         const uint8_t* src = act + static_cast<uint64_t>(cta % act_split) * act_bytes[g];
         for (uint64_t at = 0; at < act_bytes[g]; at += kActStageBytes, ++piece) {
