@@ -8,8 +8,9 @@
 #
 # Steps (limits in seconds; a device call runs at most 600, so split them over calls):
 #   tests    pytest -m gpu test/gpu -v                  (580; 225 s on a warm H100 at 2f36a68, 411 s on a fresh one
-#            at 9bad473, where inductor's compile workers then held the exit past 420 s; the fused-MLP test since
-#            builds two more pipelines: if it runs out, split with TESTS_ARGS); TESTS_ARGS adds pytest
+#            at 9bad473, where inductor's compile workers then held the exit past 420 s: test/gpu/conftest.py now
+#            ends the process once pytest has reported; the fused-MLP and FP8-prefix tests since build three more
+#            pipelines: if it runs out, split with TESTS_ARGS); TESTS_ARGS adds pytest
 #            options, e.g. TESTS_ARGS="-k batch_buckets" for the tests a short call left out
 #   kernels  tools/expert_kernels_gpu.py --variants     (300): the denoise loop, default and options
 #   kernels-batch  tools/expert_kernels_gpu.py --batches (360): batches of 2-8 on the torch path and the kernels'
