@@ -4,8 +4,10 @@ step's shapes: time and error.
     PYTHONPATH=. python3 tools/attention_gpu.py [--batches 1,2,4,8] [--iters 200] [--sweep]
 
 One K/V head of 256, 8 query heads, at the pipeline's shapes (see `shapes`); each row has its own valid prefix
-length. Ways: "gemm" (torch.compile'd GEMM -> masked softmax -> GEMM, the default), "sdpa" (PyTorch SDPA), "flash"
-(kernels/attention.py) and "flash-noskip" (the same, computing fully masked key blocks too). Each is captured in a
+length. Ways: "gemm" (torch.compile'd GEMM -> masked softmax -> GEMM, the default), "sdpa" (PyTorch SDPA), and the
+flash kernel (kernels/attention.py) by how it walks the keys: "flash-skip" (a branch skips fully masked key blocks),
+"flash-all" (computes them too) and "flash-runs" (visits only the blocks of the mask's leading and trailing runs,
+no branch in the loop). --sweep times the kernel's tile shapes for each walk in --walks. Each is captured in a
 CUDA graph of 10 calls; p50 of `iters` replays per call, in us. Error: relative L2 against float32 "gemm" on the
 same bf16 inputs. Writes $OUT/attention.json. The in-pipeline figures differ (there inductor fuses the GEMM path's
 softmax with its neighbours): compare the ways in the pipeline with batch_stages_gpu.py --attention.
@@ -46,21 +48,21 @@ def shapes(stage: str, batch: int, gen: torch.Generator) -> tuple:
     return q, k, v, valid.view(batch, 1, 1, keys)
 
 
-def flash_way(skip: bool):
-    """The flash kernel with or without skipping fully masked key blocks (called eagerly: one custom op)."""
+def flash_way(walk: str):
+    """The flash kernel walking its keys one way (kernels/attention.py KEY_WALKS; called eagerly: one custom op)."""
     from pi05_ros.engine.fast.kernels import attention as flash
 
     def run(q, k, v, mask):  # noqa: ANN001, ANN202
-        flash.SKIP_MASKED_BLOCKS = skip
+        default, flash.KEY_WALK = flash.KEY_WALK, walk
         try:
             return flash.flash_gqa_attention(q, k, v, mask)
         finally:
-            flash.SKIP_MASKED_BLOCKS = True
+            flash.KEY_WALK = default
 
     return run
 
 
-def sweep(iters: int) -> list[dict]:
+def sweep(iters: int, walks: list[str]) -> list[dict]:
     """The flash kernel's tile shapes (query rows, keys per step, warps, pipeline stages) at the shapes that matter."""
     import itertools
 
@@ -70,13 +72,14 @@ def sweep(iters: int) -> list[dict]:
     cases = {(stage, batch): shapes(stage, batch, gen) for stage, batch in
              (("prefill", 8), ("prefill", 1), ("denoise", 8), ("denoise", 1))}
     rows = []
-    for bm, kb, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)):
+    for walk, bm, kb, warps, stages in itertools.product(walks, (64, 128), (32, 64, 128), (4, 8), (2, 3)):
         flash.BLOCK_ROWS, flash.KEY_BLOCK, flash.WARPS, flash.STAGES = bm, kb, warps, stages
-        row = {"block_rows": bm, "key_block": kb, "warps": warps, "stages": stages}
+        row = {"walk": walk, "block_rows": bm, "key_block": kb, "warps": warps, "stages": stages}
+        run = flash_way(walk)
         for (stage, batch), (q, k, v, mask) in cases.items():
             try:
-                row[f"{stage}{batch}_us"] = graph_time(lambda q=q, k=k, v=v, mask=mask: flash.flash_gqa_attention(
-                    q, k, v, mask), iters)
+                row[f"{stage}{batch}_us"] = graph_time(lambda q=q, k=k, v=v, mask=mask, run=run: run(q, k, v, mask),
+                                                       iters)
             except Exception as exc:  # e.g. more shared memory than the GPU has: recorded, the sweep goes on
                 row[f"{stage}{batch}_us"] = None
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
@@ -90,11 +93,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="1,2,4,8")
     parser.add_argument("--iters", type=int, default=200)
-    parser.add_argument("--ways", default="gemm,sdpa,flash,flash-noskip")
+    parser.add_argument("--ways", default="gemm,sdpa,flash-skip,flash-all,flash-runs")
     parser.add_argument("--sweep", action="store_true", help="only time the flash kernel's tile shapes")
+    parser.add_argument("--walks", default="skip,runs", help="--sweep: the key walks to time each tile shape with")
     args = parser.parse_args()
     if args.sweep:
-        rows = sweep(args.iters)
+        rows = sweep(args.iters, args.walks.split(","))
         with open(os.path.join(os.environ.get("OUT", "/tmp"), "attention_sweep.json"), "w") as f:
             json.dump({"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
         return
@@ -103,8 +107,8 @@ def main() -> None:
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, name, max(getattr(config, name), 64))
-    compiled = {way: (flash_way(way == "flash") if way.startswith("flash") else torch.compile(ATTENTION[way],
-                                                                                               dynamic=False))
+    compiled = {way: (flash_way(way.removeprefix("flash-")) if way.startswith("flash-")
+                      else torch.compile(ATTENTION[way], dynamic=False))
                 for way in args.ways.split(",")}
     rows = []
     for stage in ("prefill", "denoise"):

@@ -85,6 +85,7 @@ def vision_layer_variant(gelu_epilogue: bool = True, attention: str = "sdpa"):
 
 
 PREFIX_MLP_FUSED = "prefix MLP: GeGLU in the FP8 gate_up kernel"
+RUNS_WALK = "runs walk"
 
 
 def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str,
@@ -95,12 +96,14 @@ def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str,
     the baseline's (speed is the question; FP8 fidelity against the float32 reference is in docs/benchmarks.md)."""
     from pi05_ros.engine.demo import random_model
     from pi05_ros.engine.fast import blocks
+    from pi05_ros.engine.fast.kernels import attention as flash_attention
     from pi05_ros.engine.fast.pipeline import FP8_DEFAULT_LAYERS, Pi05Pipeline
 
     device = torch.device(policy.device)
     cuda = device.type == "cuda"  # elsewhere: bf16 without graphs, to check the tool and the variants' agreement
     expert_fp8 = (*FP8_DEFAULT_LAYERS, "expert_blocks.*.qkv", "expert_blocks.*.down")
     baseline = None
+    walk_default = flash_attention.KEY_WALK
     # name, FP8 linears, FP8 SigLIP MLP, attention, stacks compiled with max-autotune, layer functions replaced
     for name, layers, vision, attention, autotune, replaced in (
             ("baseline (a fresh model, as the variants)", FP8_DEFAULT_LAYERS, False, "auto", (), {}),
@@ -124,14 +127,22 @@ def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str,
             # the FP8 gate_up GEMM with the GeGLU and down's input quantization in its epilogue (kernels/geglu.py),
             # against the baseline's two GEMMs
             (PREFIX_MLP_FUSED, FP8_DEFAULT_LAYERS, False, "auto", (), {}),
+            # the flash attention kernel walking only the mask's runs of valid keys, with no branch in its loop
+            # (kernels/attention.py KEY_WALK): for the prefill alone (auto takes the kernel for batches of 2+), and
+            # for both stacks beside both stacks on the measured walk
+            (f"flash prefill {RUNS_WALK}", FP8_DEFAULT_LAYERS, False, "auto", (), {}),
+            ("flash attention, skip walk", FP8_DEFAULT_LAYERS, False, "flash", (), {}),
+            (f"flash attention {RUNS_WALK}", FP8_DEFAULT_LAYERS, False, "flash", (), {}),
             # last: a max-autotune compile of a stack can take minutes (§15: 294 s)
             ("prefix layers max-autotune", FP8_DEFAULT_LAYERS, False, "auto", ("prefix",), {})):
         if baseline is not None and words and not any(word in name for word in words.split(",")):
             continue
-        if not cuda and ("FlashAttention" in name or autotune):
-            continue  # CUDA only; the CPU run checks the rest of the tool
+        if not cuda and ("FlashAttention" in name or autotune or name.startswith("flash")):
+            continue  # CUDA only (the Triton kernels run on the CPU only interpreted); the CPU run checks the rest
         if (name.startswith("fp8") or name == PREFIX_MLP_FUSED) and policy.precision != "fp8":
             continue  # its FP8 linears would run in bf16 under an FP8 name
+        # read when the attention op launches, i.e. when this pipeline's graphs are captured below
+        flash_attention.KEY_WALK = "runs" if RUNS_WALK in name else walk_default
         model = random_model(policy.config, seed=0, device=device, dtype=torch.bfloat16)
         pipe = Pi05Pipeline(model, policy.precision if cuda else "bf16", fp8_layers=layers, fp8_vision=vision,
                             attention=attention, max_batch=len(prepared), release_reference=True, use_graphs=cuda,
@@ -154,6 +165,7 @@ def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str,
         print(json.dumps(row), flush=True)
         on_row(row)  # written as it comes: a step cut off by its time limit keeps the rows it finished
         del pipe
+        flash_attention.KEY_WALK = walk_default
         if cuda:
             torch.cuda.empty_cache()
 

@@ -136,10 +136,15 @@ def main() -> int:
                  q_rows="i32", keys="i32", q_bstride="i32", kv_bstride="i32", kv_rstride="i32", mask_bstride="i32",
                  out_bstride="i32", scale="fp32", blocks_per_split="i32")
     d = PRESETS["pi05"].vlm.head_dim
-    for splits in (1, 4):
-        jobs.append((f"flash attention, {'one split' if splits == 1 else f'{splits} key splits'}", flash_kernel,
+    # the default key walk with one split and several, and the walk over the mask's runs where it is not the default
+    walks = [(attention.KEY_WALK, splits) for splits in (1, 4)]
+    walks += [("runs", 4)] if attention.KEY_WALK != "runs" else []
+    for walk, splits in walks:
+        jobs.append((f"flash attention, {'one split' if splits == 1 else f'{splits} key splits'}"
+                     f"{'' if walk == attention.KEY_WALK else f', {walk} walk (option)'}", flash_kernel,
                      flash, dict(D=d, BM=attention.BLOCK_ROWS, KB=attention.KEY_BLOCK, SPLITS=splits, DT=tl.bfloat16,
-                                 SKIP=attention.SKIP_MASKED_BLOCKS, PRECISION="tf32"), attention.WARPS, 0))
+                                 WALK=attention.KEY_WALKS.index(walk), PRECISION="tf32", KEYS_P2=1024),
+                     attention.WARPS, 0))
     jobs.append(("flash combine", flash_combine,
                  dict(acc_ptr=F32, m_ptr=F32, l_ptr=F32, out_ptr=BF, q_rows="i32", out_bstride="i32"),
                  dict(D=d, BM=attention.BLOCK_ROWS, BR=16, BD=min(64, d), SPLITS=4, DT=tl.bfloat16), 4, 0))

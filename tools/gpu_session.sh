@@ -29,7 +29,12 @@
 #   prefix-mlp  tools/batch_stages_gpu.py --variants "prefix MLP:,fp8 prefix all linears" at buckets 1 and 8: the
 #            pipeline with the prefix MLP's GeGLU in its FP8 GEMM, and with Gemma's qkv and o in FP8 too, beside the
 #            baseline, each on a fresh model   (480)
-#   attention  tools/attention_gpu.py: the GEMM path, SDPA and the flash kernel alone at the pipeline's shapes (150)
+#   attention  tools/attention_gpu.py: the GEMM path, SDPA and the flash kernel (each key walk) alone at the
+#            pipeline's shapes (150)
+#   attention-sweep  tools/attention_gpu.py --sweep --iters 50: the flash kernel's tile shapes with the measured key
+#            walk and the walk over the mask's runs (whose loop has no branch, so Triton can pipeline it)   (300)
+#   flash-walks  tools/batch_stages_gpu.py --variants walk at buckets 1 and 8: the pipeline with the flash prefill on
+#            the runs walk, and both stacks on the flash kernel with either walk, beside the baseline   (480)
 #   batch    tools/batch_stages_gpu.py, buckets 1-8: batches as pi05-serve denoises them (auto: the kernels up to
 #            2 rows on Hopper, the torch path from 4) and all on the fused kernels (--expert-kernels on), one process
 #            each   (420)
@@ -55,7 +60,7 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:?usage: PI05_GIT_COMMIT=<hash> gpu_session.sh OUT_DIR STEP [STEP ...]}"
 shift
-STEPS="tests kernels kernels-attention stream-floor geglu prefix-mlp kernels-batch kernels-batch-k kernels-batch-gemms attention batch batch-variants
+STEPS="tests kernels kernels-attention stream-floor geglu prefix-mlp kernels-batch kernels-batch-k kernels-batch-gemms attention attention-sweep flash-walks batch batch-variants
 vision-variants serve serve-kernels bench bench-mlp soak-arrival soak-inference"  # the steps the loop at the end runs
 STEPS="${STEPS//$'\n'/ }"
 [[ $# -gt 0 ]] || { echo "gpu_session.sh: name at least one step: $STEPS" >&2; exit 2; }
@@ -121,6 +126,9 @@ for step in "$@"; do
     kernels-batch-k) OUT="$OUT" run_step kernels-batch-k 200 "$PY" tools/expert_kernels_gpu.py --batch-k ;;
     kernels-batch-gemms) OUT="$OUT" run_step kernels-batch-gemms 240 "$PY" tools/expert_kernels_gpu.py --batch-gemms ;;
     attention) OUT="$OUT" run_step attention 150 "$PY" tools/attention_gpu.py ;;
+    attention-sweep) OUT="$OUT" run_step attention-sweep 300 "$PY" tools/attention_gpu.py --sweep --iters 50 ;;
+    flash-walks) OUT="$OUT" run_step flash-walks 480 bash -c "'$PY' tools/batch_stages_gpu.py --buckets 1 --iters 30 \
+                   --variants walk && '$PY' tools/batch_stages_gpu.py --buckets 8 --iters 20 --variants walk" ;;
     batch) OUT="$OUT" run_step batch 420 bash -c "'$PY' tools/batch_stages_gpu.py --expert-kernels auto && \
              '$PY' tools/batch_stages_gpu.py --expert-kernels on --buckets 2,4,8" ;;
     batch-variants) OUT="$OUT" run_step batch-variants 540 "$PY" tools/batch_stages_gpu.py --buckets 8 --iters 20 \

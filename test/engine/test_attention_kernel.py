@@ -13,8 +13,9 @@ import torch
 from pi05_ros.engine.config import TINY
 from pi05_ros.engine.demo import random_model
 from pi05_ros.engine.fast.blocks import ATTENTION, FastModel, _gqa_attention, denoise_eager, prefill_eager
+from pi05_ros.engine.fast.kernels import attention as flash_module
 from pi05_ros.engine.fast.kernels import available
-from pi05_ros.engine.fast.kernels.attention import BLOCK_ROWS, KEY_BLOCK, flash_gqa_attention, key_splits
+from pi05_ros.engine.fast.kernels.attention import BLOCK_ROWS, KEY_BLOCK, KEY_WALKS, flash_gqa_attention, key_splits
 
 pytestmark = pytest.mark.skipif(not available(torch.device("cpu")),
                                 reason="needs Triton (its CPU interpreter runs these kernels)")
@@ -22,6 +23,13 @@ pytestmark = pytest.mark.skipif(not available(torch.device("cpu")),
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.fixture(params=KEY_WALKS)
+def walk(request, monkeypatch) -> str:
+    """Each way the kernel walks its keys (all blocks, skipping masked blocks, the mask's runs): same results."""
+    monkeypatch.setattr(flash_module, "KEY_WALK", request.param)
+    return request.param
 
 
 def case(batch: int, tokens: int, heads: int, keys: int, head_dim: int = 32, seed: int = 0):
@@ -38,7 +46,7 @@ def case(batch: int, tokens: int, heads: int, keys: int, head_dim: int = 32, see
     (3, 20, 4, 150),  # several query blocks (80 rows > 64), keys past a block boundary
     (2, 9, 2, 64),  # keys a whole number of blocks
 ])
-def test_flash_matches_gemm_attention(batch: int, tokens: int, heads: int, keys: int) -> None:
+def test_flash_matches_gemm_attention(batch: int, tokens: int, heads: int, keys: int, walk: str) -> None:
     q, k, v = case(batch, tokens, heads, keys)
     n_valid = torch.tensor([keys - 3 - 11 * i for i in range(batch)])
     horizon = 4  # the expert's mask: each row's valid prefix and the suffix's last rows
@@ -51,7 +59,7 @@ def test_flash_matches_gemm_attention(batch: int, tokens: int, heads: int, keys:
     assert rel_err(out, want) < 1e-5
 
 
-def test_head_dim_256_as_gemma_has_it() -> None:
+def test_head_dim_256_as_gemma_has_it(walk: str) -> None:
     """Gemma's head dim: the combine kernel merges the splits in four column blocks of 64."""
     q, k, v = case(1, 2, 8, 70, head_dim=256)
     key_mask = (torch.arange(70) < 61).view(1, 1, 1, 70)
@@ -72,7 +80,7 @@ def test_inputs_that_do_not_fit_are_refused() -> None:
         flash_gqa_attention(q.double(), k, v, mask)
 
 
-def test_one_mask_row_serves_every_batch_row_and_masked_keys_do_not_count() -> None:
+def test_one_mask_row_serves_every_batch_row_and_masked_keys_do_not_count(walk: str) -> None:
     q, k, v = case(2, 6, 4, 100)
     key_mask = (torch.arange(100) < 37).view(1, 1, 1, 100)
     out = flash_gqa_attention(q, k, v, key_mask)
@@ -84,7 +92,7 @@ def test_one_mask_row_serves_every_batch_row_and_masked_keys_do_not_count() -> N
     assert torch.equal(flash_gqa_attention(q, k2, v2, key_mask), out)
 
 
-def test_split_and_unsplit_keys_agree() -> None:
+def test_split_and_unsplit_keys_agree(walk: str) -> None:
     """The combine kernel's merge of partial softmaxes equals one program's pass over all keys."""
     q, k, v = case(1, 4, 8, 300)
     key_mask = (torch.arange(300) < 290).view(1, 1, 1, 300)
@@ -95,6 +103,48 @@ def test_split_and_unsplit_keys_agree() -> None:
     assert key_splits(16, 32, 300, programs=8)[0] == 1
     whole = flash_gqa_attention(q.repeat(16, 1, 1, 1), k.repeat(16, 1, 1, 1), v.repeat(16, 1, 1, 1), key_mask)
     assert rel_err(whole[:1], split) < 1e-6  # float32: summation order only
+
+
+@pytest.mark.parametrize("n_valid, tail", [
+    (0, 4),  # no prefix key: the suffix alone
+    (37, 0),  # a prefix alone (the prefill's mask)
+    (91, 6),  # the runs meet inside one key block (100 - 6 = 94): that block is visited once
+    (100, 0),  # every key valid
+    (12, 60),  # a long trailing run over several blocks
+])
+def test_the_runs_walk_covers_every_key_of_both_runs_once(monkeypatch, n_valid: int, tail: int) -> None:
+    """The runs walk visits the blocks of the mask's leading and trailing runs: each valid key exactly once, however
+    the runs fall on block boundaries, with the keys split over several programs (the interpreter's target) or not.
+    Its rows equal the GEMM attention's, and what the cache holds between the runs (NaN here) cannot reach them."""
+    monkeypatch.setattr(flash_module, "KEY_WALK", "runs")
+    q, k, v = case(2, 5, 8, 100, seed=3)
+    idx = torch.arange(100)
+    key_mask = ((idx < n_valid) | (idx >= 100 - tail)).view(1, 1, 1, 100)
+    want = _gqa_attention(q, k, v, key_mask)
+    k[:, :, ~key_mask.view(-1)] = float("nan")
+    v[:, :, ~key_mask.view(-1)] = float("nan")
+    for rows in (1, 2):  # 40 folded query rows: the keys split over programs at 1 row, fewer splits at 2
+        out = flash_gqa_attention(q[:rows], k[:rows], v[:rows], key_mask)
+        assert rel_err(out, want[:rows]) < 1e-5  # float32: summation order only
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's 0/0, on purpose
+def test_the_runs_walk_gives_nan_for_a_mask_outside_its_contract(monkeypatch) -> None:
+    """A valid key between the leading and the trailing run would be missed by the runs walk: the row's output is
+    NaN (loud), never a softmax quietly missing a key. A row whose keys are all masked is NaN on every walk, as the
+    GEMM attention's softmax is."""
+    monkeypatch.setattr(flash_module, "KEY_WALK", "runs")
+    q, k, v = case(2, 3, 4, 80, seed=4)
+    idx = torch.arange(80)
+    holes = torch.stack([(idx < 30) | (idx == 50) | (idx >= 75),  # a stray valid key between the runs
+                         (idx < 30) | (idx >= 75)])  # the contract's shape
+    out = flash_gqa_attention(q, k, v, holes.view(2, 1, 1, 80))
+    assert torch.isnan(out[0]).all()
+    assert rel_err(out[1:], _gqa_attention(q[1:], k[1:], v[1:], holes[1:].view(1, 1, 1, 80))) < 1e-5
+    nothing = torch.zeros(1, 1, 1, 80, dtype=torch.bool)
+    for walk in KEY_WALKS:
+        monkeypatch.setattr(flash_module, "KEY_WALK", walk)
+        assert torch.isnan(flash_gqa_attention(q, k, v, nothing)).all(), walk
 
 
 def test_key_splits_fill_the_gpu_and_never_leave_a_split_empty() -> None:

@@ -12,6 +12,8 @@ from pi05_ros.engine.config import PRESETS
 from pi05_ros.engine.demo import random_model
 from pi05_ros.engine.fast.blocks import ATTENTION
 from pi05_ros.engine.fast.calibration import synthetic_observations
+from pi05_ros.engine.fast.kernels import attention as flash_module
+from pi05_ros.engine.fast.kernels.attention import KEY_WALKS
 from pi05_ros.engine.fast.pipeline import Pi05Pipeline
 from pi05_ros.engine.rtc import Guidance
 from pi05_ros.engine.runner import PreparedObservation, ReferenceRunner
@@ -26,9 +28,11 @@ def rel_err(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+@pytest.mark.parametrize("walk", KEY_WALKS)
 @pytest.mark.parametrize("stage", ["prefill", "denoise"])
 @pytest.mark.parametrize("batch", [1, 8])
-def test_flash_is_as_close_to_float32_as_the_gemm_path(stage: str, batch: int) -> None:
+def test_flash_is_as_close_to_float32_as_the_gemm_path(stage: str, batch: int, walk: str, monkeypatch) -> None:
+    monkeypatch.setattr(flash_module, "KEY_WALK", walk)  # each way the kernel walks its keys
     gen = torch.Generator(device="cuda").manual_seed(batch)
     tokens, keys = (560, 560) if stage == "prefill" else (50, 610)
     q = torch.randn(batch, tokens, 8, 256, generator=gen, device="cuda").bfloat16()
@@ -42,7 +46,7 @@ def test_flash_is_as_close_to_float32_as_the_gemm_path(stage: str, batch: int) -
     want = ATTENTION["gemm"](q.float(), k.float(), v.float(), mask)
     flash = rel_err(ATTENTION["flash"](q, k, v, mask).float().cpu(), want.cpu())
     gemm = rel_err(ATTENTION["gemm"](q, k, v, mask).float().cpu(), want.cpu())
-    print(f"ATTENTION {stage} batch {batch}: flash {flash:.2e}, gemm {gemm:.2e} against float32")
+    print(f"ATTENTION {stage} batch {batch} {walk} walk: flash {flash:.2e}, gemm {gemm:.2e} against float32")
     # bf16 inputs and output: both ~4e-3; flash keeps its scores in float32, gemm rounds them to bf16 first
     assert flash <= max(1.1 * gemm, 5e-3)
 
@@ -52,9 +56,12 @@ def model():
     return random_model(PRESETS["pi05"], seed=0, device="cuda", dtype=torch.float32)
 
 
-def test_pipeline_with_flash_attention_follows_the_reference(model) -> None:
+@pytest.mark.parametrize("walk", ["skip", "runs"])
+def test_pipeline_with_flash_attention_follows_the_reference(model, walk: str, monkeypatch) -> None:
     """Prefill and the torch denoise path through the kernel (kernels off, so the expert uses it too), batches of
-    rows with their own prompt lengths, and real-time chunking (whose VJP takes the GEMM attention)."""
+    rows with their own prompt lengths, and real-time chunking (whose VJP takes the GEMM attention); the kernel
+    walking every block with a valid key, and only the runs of the pipeline's real masks."""
+    monkeypatch.setattr(flash_module, "KEY_WALK", walk)
     cfg = model.cfg
     rows = []
     for seed, length in ((123, 48), (5, 20), (6, 90)):
@@ -68,18 +75,18 @@ def test_pipeline_with_flash_attention_follows_the_reference(model) -> None:
     for steps in (1, 10):
         got, _ = pipe.run(rows[0], steps)
         err = rel_err(got, reference.run(rows[0], steps)[0])
-        print(f"FLASH pipeline bf16 steps={steps} rel_l2={err:.3e}")
+        print(f"FLASH {walk} pipeline bf16 steps={steps} rel_l2={err:.3e}")
         assert err <= BF16
     alone = np.stack([pipe.run(row, 10)[0] for row in rows])
     batched, _ = pipe.run_batch(rows, 10)
     worst = max(rel_err(batched[i], alone[i]) for i in range(len(rows)))
-    print(f"FLASH batch of 3 against rows alone {worst:.3e}")
+    print(f"FLASH {walk} batch of 3 against rows alone {worst:.3e}")
     assert worst <= BF16
     previous = alone[1]
     guided = dataclasses.replace(rows[0], guidance=Guidance.build(previous, 5, 30, 5.0))
     got, _ = pipe.run(guided, 10)
     err = rel_err(got, reference.run(guided, 10)[0])
-    print(f"FLASH pipeline with RTC rel_l2={err:.3e}")
+    print(f"FLASH {walk} pipeline with RTC rel_l2={err:.3e}")
     assert err <= BF16
 
 

@@ -42,7 +42,15 @@ BLOCK_ROWS = 64
 KEY_BLOCK = 32
 WARPS = 4
 STAGES = 2
-SKIP_MASKED_BLOCKS = True
+# How a program walks its keys (the kernel's WALK):
+# - "all": every key block of its split, masked ones computed too;
+# - "skip": the same, skipping (a branch in the loop) the blocks with no valid key, as measured in the pipeline;
+# - "runs": only the blocks of the mask's leading and trailing runs of valid keys (a row's prefix; the expert's
+#   suffix), found once per program, with no branch in the loop so Triton can pipeline its loads; the splits share
+#   out those blocks alone (expert.py's attention does the same from n_valid). A mask with valid keys between the
+#   two runs is outside this walk's contract: its output is NaN, never a silent wrong answer.
+KEY_WALKS = ("all", "skip", "runs")  # the kernel's WALK is the index
+KEY_WALK = "skip"
 
 
 @functools.cache
@@ -55,10 +63,12 @@ def _kernels() -> tuple:
         q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, acc_ptr, m_ptr, l_ptr,
         q_rows, keys, q_bstride, kv_bstride, kv_rstride, mask_bstride, out_bstride, scale, blocks_per_split,
         D: tl.constexpr, BM: tl.constexpr, KB: tl.constexpr, SPLITS: tl.constexpr, DT: tl.constexpr,
-        SKIP: tl.constexpr, PRECISION: tl.constexpr,
+        WALK: tl.constexpr, PRECISION: tl.constexpr, KEYS_P2: tl.constexpr,
     ):
         """BM folded query rows of one batch row against one split of its keys. One split: the normalized output
-        into out [B, rows, D]. Several: unnormalized partials into acc / m / l, indexed (row, block, split)."""
+        into out [B, rows, D]. Several: unnormalized partials into acc / m / l, indexed (row, block, split).
+        WALK: 0 every block of the split, 1 the same skipping blocks without a valid key, 2 the blocks of the
+        mask's leading and trailing runs of valid keys (KEYS_P2: `keys` rounded up to a power of two)."""
         pid_b = tl.program_id(0)
         block = tl.program_id(1)
         split = tl.program_id(2)
@@ -72,24 +82,56 @@ def _kernels() -> tuple:
         m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BM,), dtype=tl.float32)
         acc = tl.zeros((BM, D), dtype=tl.float32)
-        for b in range(blocks_per_split):
-            key = (split * blocks_per_split + b) * KB + tl.arange(0, KB)
-            in_range = key < keys
-            valid = in_range & (tl.load(mask_ptr + key, mask=in_range, other=0) != 0)
-            # a block with no valid key (the prefix rows past every prompt) is skipped, not computed
-            if not SKIP or tl.max(valid.to(tl.int32), axis=0) > 0:
-                # masked keys are not read: whatever a padded row's K/V hold (even NaN) cannot reach the output
+        if WALK == 2:
+            # The mask row once: its leading run ends at the first masked key, its trailing run starts past the
+            # last one. The loop below visits only those runs' blocks, with no branch in it.
+            kk = tl.arange(0, KEYS_P2)
+            in_keys = kk < keys
+            row_valid = tl.load(mask_ptr + kk, mask=in_keys, other=1) != 0
+            lead = tl.min(tl.where(row_valid, keys, kk), axis=0)
+            trail = tl.maximum(tl.max(tl.where(row_valid, 0, kk + 1), axis=0), lead)
+            # valid keys between the runs would be missed: make the result NaN rather than silently wrong
+            stray = tl.sum((row_valid & in_keys).to(tl.int32), axis=0) - lead - (keys - trail)
+            scale = tl.where(stray == 0, scale, float("nan"))
+            lead_blocks = tl.cdiv(lead, KB)
+            trail_first = tl.maximum(trail // KB, lead_blocks)  # a block holding both runs' keys is visited once
+            run_blocks = lead_blocks + tl.cdiv(keys, KB) - trail_first
+            per_split = tl.cdiv(run_blocks, SPLITS)
+            first = split * per_split
+            for j in range(first, tl.minimum(first + per_split, run_blocks)):
+                key_block = tl.where(j < lead_blocks, j, trail_first + j - lead_blocks)
+                key = key_block * KB + tl.arange(0, KB)
+                valid = (key < lead) | ((key >= trail) & (key < keys))
                 kt = tl.load(k_ptr + key[None, :] * kv_rstride + rd[:, None], mask=valid[None, :], other=0.0)
                 scores = tl.dot(q, kt, input_precision=PRECISION) * scale
                 scores = tl.where(valid[None, :], scores, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: keep exp() finite
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 p = tl.exp(scores - m_safe[:, None])
                 alpha = tl.exp(m_i - m_safe)
                 l_i = l_i * alpha + tl.sum(p, axis=1)
                 v = tl.load(v_ptr + key[:, None] * kv_rstride + rd[None, :], mask=valid[:, None], other=0.0)
                 acc = acc * alpha[:, None] + tl.dot(p.to(DT), v, input_precision=PRECISION)
                 m_i = m_new
+        else:
+            for b in range(blocks_per_split):
+                key = (split * blocks_per_split + b) * KB + tl.arange(0, KB)
+                in_range = key < keys
+                valid = in_range & (tl.load(mask_ptr + key, mask=in_range, other=0) != 0)
+                # a block with no valid key (the prefix rows past every prompt) is skipped, not computed
+                if WALK == 0 or tl.max(valid.to(tl.int32), axis=0) > 0:
+                    # masked keys are not read: whatever a padded row's K/V hold (even NaN) cannot reach the output
+                    kt = tl.load(k_ptr + key[None, :] * kv_rstride + rd[:, None], mask=valid[None, :], other=0.0)
+                    scores = tl.dot(q, kt, input_precision=PRECISION) * scale
+                    scores = tl.where(valid[None, :], scores, float("-inf"))
+                    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: keep exp() finite
+                    p = tl.exp(scores - m_safe[:, None])
+                    alpha = tl.exp(m_i - m_safe)
+                    l_i = l_i * alpha + tl.sum(p, axis=1)
+                    v = tl.load(v_ptr + key[:, None] * kv_rstride + rd[None, :], mask=valid[:, None], other=0.0)
+                    acc = acc * alpha[:, None] + tl.dot(p.to(DT), v, input_precision=PRECISION)
+                    m_i = m_new
         if SPLITS == 1:
             tl.store(out_ptr + pid_b * out_bstride + rm[:, None] * D + rd[None, :], (acc / l_i[:, None]).to(DT),
                      mask=row_ok[:, None])
@@ -193,8 +235,9 @@ def flash_gqa_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor) -> Te
     flash_kernel[(b, blocks, splits)](
         q, k, v, mask, out, acc, m, l_sum,
         rows, keys, rows * d, k.stride(0), k.stride(2), mask.stride(0) if mask.shape[0] > 1 else 0, rows * d,
-        d**-0.5, per_split, D=d, BM=BLOCK_ROWS, KB=KEY_BLOCK, SPLITS=splits, DT=dt, SKIP=SKIP_MASKED_BLOCKS,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **launch,  # float32 stays float32 (no TF32)
+        d**-0.5, per_split, D=d, BM=BLOCK_ROWS, KB=KEY_BLOCK, SPLITS=splits, DT=dt, WALK=KEY_WALKS.index(KEY_WALK),
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", KEYS_P2=triton.next_power_of_2(keys),
+        **launch,  # float32 stays float32 (no TF32)
     )
     if splits > 1:
         br, bd = 16, min(64, d)
