@@ -86,6 +86,7 @@ def vision_layer_variant(gelu_epilogue: bool = True, attention: str = "sdpa"):
 
 PREFIX_MLP_FUSED = "prefix MLP: GeGLU in the FP8 gate_up kernel"
 RUNS_WALK = "runs walk"
+VISION_MLP_FUSED = "fp8 prefix MLP + SigLIP MLP, fc1 GELU in its FP8 kernel"
 
 
 def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str,
@@ -127,6 +128,9 @@ def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str,
             # the FP8 gate_up GEMM with the GeGLU and down's input quantization in its epilogue (kernels/geglu.py),
             # against the baseline's two GEMMs
             (PREFIX_MLP_FUSED, FP8_DEFAULT_LAYERS, False, "auto", (), {}),
+            # SigLIP's FP8 MLP with fc1's bias, GELU and fc2's input quantization in the same kernel's GELU form,
+            # against "fp8 prefix MLP + SigLIP MLP" (the two FP8 GEMMs) and the baseline (bf16 fc1 + GELU epilogue)
+            (VISION_MLP_FUSED, FP8_DEFAULT_LAYERS, True, "auto", (), {}),
             # the flash attention kernel walking only the mask's runs of valid keys, with no branch in its loop
             # (kernels/attention.py KEY_WALK): for the prefill alone (auto takes the kernel for batches of 2+), and
             # for both stacks beside both stacks on the measured walk
@@ -146,7 +150,7 @@ def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str,
         model = random_model(policy.config, seed=0, device=device, dtype=torch.bfloat16)
         pipe = Pi05Pipeline(model, policy.precision if cuda else "bf16", fp8_layers=layers, fp8_vision=vision,
                             attention=attention, max_batch=len(prepared), release_reference=True, use_graphs=cuda,
-                            prefix_fused_mlp=name == PREFIX_MLP_FUSED)
+                            prefix_fused_mlp=name == PREFIX_MLP_FUSED, vision_fused_mlp=name == VISION_MLP_FUSED)
         del model
         for stack in autotune:  # replaces compile()'s function before anything is compiled or captured
             setattr(pipe.fast, f"_{stack}_layer", torch.compile(getattr(blocks, f"{stack}_layer"),

@@ -149,16 +149,23 @@ def main() -> int:
                  dict(acc_ptr=F32, m_ptr=F32, l_ptr=F32, out_ptr=BF, q_rows="i32", out_bstride="i32"),
                  dict(D=d, BM=attention.BLOCK_ROWS, BR=16, BD=min(64, d), SPLITS=4, DT=tl.bfloat16), 4, 0))
     # the prefix MLP's FP8 gate_up + GeGLU kernel (kernels/geglu.py) in its two tile configs (Gemma's K = 2048)
-    geglu_types = dict(x_ptr=FP8, w_ptr=FP8, out_ptr=FP8, scale_ptr=F32, out_inv_scale_ptr=F32, M="i32", K="i32",
-                       F="i32", x_stride="i32", w_stride="i32", out_stride="i32")
+    geglu_types = dict(x_ptr=FP8, w_ptr=FP8, bias_ptr=F32, out_ptr=FP8, scale_ptr=F32, out_inv_scale_ptr=F32,
+                       M="i32", K="i32", F="i32", x_stride="i32", w_stride="i32", out_stride="i32")
     for g in (geglu.DEFAULT_CONFIG, geglu.DEFAULT_CONFIG._replace(precise=not geglu.DEFAULT_CONFIG.precise)):
         jobs.append((f"fp8 gate_up + GeGLU, tiles {g.block_m}x{g.block_n}x{g.block_k}, {g.warps} warps, "
                      f"{g.stages} stages, {'float32 sums per K step' if g.precise else 'MMA accumulation'}"
                      f"{'' if g == geglu.DEFAULT_CONFIG else ' (option)'}",
                      geglu._kernel(), geglu_types,
                      dict(BM=g.block_m, BN=g.block_n, BK=g.block_k, GROUP_M=g.group_m, EVEN_K=True, OUT_FP8=True,
-                          PRECISE=g.precise),
+                          PRECISE=g.precise, GATED=True),
                      (g.warps, g.stages), g.stages * (g.block_m + 2 * g.block_n) * g.block_k))
+    # its GELU form, SigLIP's fc1 (K = 1152, a bf16 bias)
+    g = geglu.GELU_CONFIG
+    jobs.append((f"fp8 fc1 + bias + GELU, tiles {g.block_m}x{g.block_n}x{g.block_k}, {g.warps} warps, {g.stages} "
+                 "stages", geglu._kernel(), {**geglu_types, "bias_ptr": BF},
+                 dict(BM=g.block_m, BN=g.block_n, BK=g.block_k, GROUP_M=g.group_m, EVEN_K=True, OUT_FP8=True,
+                      PRECISE=g.precise, GATED=False),
+                 (g.warps, g.stages), g.stages * (g.block_m + g.block_n) * g.block_k))
     for rows, tiles in shapes:
         jobs += gemm_jobs(8, dataclasses.replace(c, batch_rows=rows, batch_tiles=tiles, batch_k_step=args.batch_k_step,
                                                  batch_split_k=not args.batch_whole_k))

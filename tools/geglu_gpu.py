@@ -3,6 +3,12 @@ GeGLU-and-quantize kernel) against kernels/geglu.py's one kernel, over tile conf
 `--calls` calls, p50 of `--iters` replays, per call.
 
     PYTHONPATH=. python3 tools/geglu_gpu.py [--rows 528,1056,4224] [--iters 50] [--calls 17]
+    PYTHONPATH=. python3 tools/geglu_gpu.py --gelu [--rows 512,4096] [--calls 27]
+
+--gelu times SigLIP's whole MLP instead (K = 1152, F = 4304; 512 rows: 2 views, 4096: a batch of 8): the bf16 path
+(fc1 with its GELU in the cuBLASLt epilogue, then fc2: the default), the FP8 two-GEMM path (`fp8_vision`), and the
+FP8 path with fc1's bias, GELU and fc2's input quantization in kernels/geglu.py's GELU form, over tile configs;
+error as relative L2 against float32 from the same bf16 input. Writes $OUT/geglu_gelu.json.
 
 Rows: the prefix tokens of batches of 1, 2 and 8 (2 views, the tools' short prompt: 528 tokens a row); K = 2048,
 F = 16384 (Gemma 2B). Checks each config's output against the kernel's float32 definition (`fp8_geglu_reference`)
@@ -64,12 +70,85 @@ def graph_time(fn, calls: int, iters: int) -> float:
     return float(np.median(times[3:]))
 
 
+# SigLIP's fc1 in the GELU form: one accumulator, so wider column tiles fit the same registers
+GELU_CONFIGS = tuple(TileConfig(*tiles, precise=False) for tiles in (
+    (128, 256, 128, 8, 3, 8), (128, 128, 128, 8, 3, 8), (128, 128, 128, 8, 4, 8), (64, 256, 128, 8, 3, 8),
+    (128, 256, 64, 8, 4, 8), (256, 128, 64, 8, 3, 8), (128, 128, 128, 4, 3, 8))) + (
+    geglu.GELU_CONFIG._replace(precise=True),)
+
+
+def gelu_sweep(args: argparse.Namespace) -> int:
+    """SigLIP's MLP three ways (the module docstring's --gelu), each in a CUDA graph of `--calls` calls."""
+    from pi05_ros.engine.fast.blocks import Linear, fp8_gelu_mlp_fused, linear, linear_gelu_tanh
+
+    dev = torch.device(args.device)
+    width, hidden = 1152, 4304
+    gen = torch.Generator(device=dev).manual_seed(0)
+    w1, b1 = torch.randn(hidden, width, device=dev, generator=gen) * 0.03, torch.randn(hidden, device=dev) * 0.1
+    w2, b2 = torch.randn(width, hidden, device=dev, generator=gen) * 0.015, torch.randn(width, device=dev) * 0.1
+    bf16 = (Linear(w1, b1, torch.bfloat16), Linear(w2, b2, torch.bfloat16))
+    rows_out = []
+    for m in (int(r) for r in (args.rows if args.rows != "528,1056,4224" else "512,4096").split(",")):
+        h = torch.randn(m, width, device=dev, generator=gen).bfloat16()
+        mid = F.gelu(h.float() @ w1.t() + b1, approximate="tanh")
+        want = mid @ w2.t() + b2  # float32
+        fp8 = (Linear(w1, b1, torch.bfloat16), Linear(w2, b2, torch.bfloat16))
+        fp8[0].quantize_fp8(float(h.float().abs().max()))  # static scales from this input, as calibration would
+        fp8[1].quantize_fp8(float(mid.abs().max()))
+
+        def bf16_path(h=h):  # noqa: ANN202
+            return linear(linear_gelu_tanh(h, bf16[0].weight, bf16[0].bias), bf16[1].params)
+
+        def fp8_two_gemm(h=h, fp8=fp8):  # noqa: ANN202
+            return linear(F.gelu(linear(h, fp8[0].params), approximate="tanh"), fp8[1].params)
+
+        ways = {"bf16 (fc1 + GELU epilogue, fc2)": torch.compile(bf16_path, dynamic=False),
+                "fp8 two GEMMs (fp8_vision)": torch.compile(fp8_two_gemm, dynamic=False)}
+        compiled_fused = torch.compile(fp8_gelu_mlp_fused, dynamic=False)  # the input quantization as one kernel
+        for cfg in GELU_CONFIGS:
+            def fused(h=h, fp8=fp8, cfg=cfg):  # noqa: ANN202 - the kernel reads GELU_CONFIG at each launch
+                geglu.GELU_CONFIG, saved = cfg, geglu.GELU_CONFIG
+                try:
+                    return compiled_fused(h, fp8[0].params, fp8[1].params)  # noqa: B023
+                finally:
+                    geglu.GELU_CONFIG = saved
+
+            ways[f"fp8 fused {tuple(cfg)}"] = fused
+        flops = 2 * m * width * hidden * 2
+        for name, fn in ways.items():
+            try:
+                out = fn()
+                torch.cuda.synchronize()
+                ms = graph_time(fn, args.calls, args.iters)
+            except Exception as exc:  # noqa: BLE001 - a config that does not fit is reported, the sweep goes on
+                print(json.dumps({"rows": m, "variant": name, "error": str(exc)[:200]}), flush=True)
+                continue
+            err = float((out.float() - want).norm() / want.norm())
+            row = {"rows": m, "variant": name, "ms": ms, "tflops": flops / ms / 1e9, "rel_l2_vs_float32": err}
+            print(json.dumps(row), flush=True)
+            rows_out.append(row)
+    print("| rows | variant | us per MLP | TFLOP/s | rel L2 vs float32 |")
+    print("|---|---|---|---|---|")
+    for r in rows_out:
+        print(f"| {r['rows']} | {r['variant']} | {r['ms'] * 1e3:.1f} | {r['tflops']:.0f} | "
+              f"{r['rel_l2_vs_float32']:.2e} |")
+    with open(os.path.join(os.environ.get("OUT", "."), "geglu_gelu.json"), "w") as fh:
+        json.dump(rows_out, fh, indent=1)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="528,1056,4224")
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--calls", type=int, default=17, help="calls per graph (17: a prefill's MLP layers)")
+    parser.add_argument("--gelu", action="store_true", help="SigLIP's MLP with the kernel's GELU form instead")
+    parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: the code path, interpreted
     args = parser.parse_args()
+    if args.gelu:
+        print(f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}, torch {torch.__version__}",
+              flush=True)
+        return gelu_sweep(args)
     dev = torch.device("cuda")
     print(f"{torch.cuda.get_device_name(dev)}, torch {torch.__version__}", flush=True)
     k, f = 2048, 16384

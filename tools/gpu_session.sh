@@ -26,6 +26,10 @@
 #            a megakernel step before one is built (needs nvcc, which the GPU machine has)
 #   geglu    tools/geglu_gpu.py (150): the prefix MLP's FP8 gate_up + GeGLU kernel against the torch path at 528, 1056
 #            and 4224 rows, over tile configs and the float32-per-step accumulation option (§63)
+#   gelu     tools/geglu_gpu.py --gelu (150): SigLIP's MLP at 512 and 4096 rows, bf16 (fc1 GELU epilogue) against
+#            FP8 with two GEMMs and FP8 with fc1's bias + GELU + fc2's input quantization in the kernel's GELU form
+#   vision-mlp  tools/batch_stages_gpu.py --variants "SigLIP MLP" at buckets 1 and 8: the pipeline with SigLIP's MLP
+#            in FP8, two GEMMs or fused, beside the baseline   (480)
 #   prefix-mlp  tools/batch_stages_gpu.py --variants "prefix MLP:,fp8 prefix all linears" at buckets 1 and 8: the
 #            pipeline with the prefix MLP's GeGLU in its FP8 GEMM, and with Gemma's qkv and o in FP8 too, beside the
 #            baseline, each on a fresh model   (480)
@@ -60,7 +64,7 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:?usage: PI05_GIT_COMMIT=<hash> gpu_session.sh OUT_DIR STEP [STEP ...]}"
 shift
-STEPS="tests kernels kernels-attention stream-floor geglu prefix-mlp kernels-batch kernels-batch-k kernels-batch-gemms attention attention-sweep flash-walks batch batch-variants
+STEPS="tests kernels kernels-attention stream-floor geglu gelu vision-mlp prefix-mlp kernels-batch kernels-batch-k kernels-batch-gemms attention attention-sweep flash-walks batch batch-variants
 vision-variants serve serve-kernels bench bench-mlp soak-arrival soak-inference"  # the steps the loop at the end runs
 STEPS="${STEPS//$'\n'/ }"
 [[ $# -gt 0 ]] || { echo "gpu_session.sh: name at least one step: $STEPS" >&2; exit 2; }
@@ -116,6 +120,10 @@ for step in "$@"; do
            run_step tests 580 "$PY" -m pytest -m gpu test/gpu -v -s -p no:cacheprovider --durations=10 \
              "${tests_args[@]}" ;;
     geglu) OUT="$OUT" run_step geglu 150 "$PY" tools/geglu_gpu.py ;;
+    gelu) OUT="$OUT" run_step gelu 150 "$PY" tools/geglu_gpu.py --gelu --calls 27 ;;
+    vision-mlp) OUT="$OUT" run_step vision-mlp 480 bash -c "'$PY' tools/batch_stages_gpu.py --buckets 1 --iters 30 \
+                  --variants 'SigLIP MLP' && '$PY' tools/batch_stages_gpu.py --buckets 8 --iters 20 \
+                  --variants 'SigLIP MLP'" ;;
     prefix-mlp) OUT="$OUT" run_step prefix-mlp 480 bash -c "'$PY' tools/batch_stages_gpu.py --buckets 1 --iters 30 \
                   --variants 'prefix MLP:,fp8 prefix all linears' && '$PY' tools/batch_stages_gpu.py --buckets 8 \
                   --iters 20 --variants 'prefix MLP:,fp8 prefix all linears'" ;;

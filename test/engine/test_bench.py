@@ -176,21 +176,23 @@ def test_a_precision_with_a_pipeline_option_is_timed_beside_the_plain_one(tmp_pa
     built = []
 
     def make_runner(model, precision: str, runner: str, **options) -> FakeFastRunner:  # noqa: ANN001
-        built.append((precision, options.get("prefix_fused_mlp", False)))
+        built.append((precision, options))
         return FakeFastRunner(model, precision)
 
     monkeypatch.setattr(bench, "make_runner", make_runner)
     out = tmp_path / "bench"
+    labels = ["fp8", "fp8+fused-mlp", "fp8+fused-mlp+fused-vision-mlp"]
     rc = bench.main(["--preset", "tiny", "--device", "cpu", "--steps", "1", "--iters", "2", "--warmup", "1",
-                     "--no-baseline", "--precision", "fp8,fp8+fused-mlp", "--out", str(out)])
+                     "--no-baseline", "--precision", ",".join(labels), "--out", str(out)])
     assert rc == 0
-    assert built == [("fp8", False), ("fp8", True)]
+    assert [(p, o.get("prefix_fused_mlp", False), o.get("fp8_vision", False), o.get("vision_fused_mlp", False))
+            for p, o in built] == [("fp8", False, False, False), ("fp8", True, False, False), ("fp8", True, True, True)]
     results = json.loads((out / "results.json").read_text())
-    assert sorted(c["precision"] for c in results["configs"]) == ["fp8", "fp8+fused-mlp"]
-    assert set(results["setup"]["runners"]) == {"fp8", "fp8+fused-mlp"}
+    assert sorted(c["precision"] for c in results["configs"]) == labels
+    assert set(results["setup"]["runners"]) == set(labels)
     with pytest.raises(SystemExit):
         bench.main(["--preset", "tiny", "--device", "cpu", "--precision", "fp8+nope", "--out", str(out)])
-    assert len(built) == 2  # refused while parsing: nothing built
+    assert len(built) == 3  # refused while parsing: nothing built
 
 
 def test_stage_order_is_pipeline_order() -> None:

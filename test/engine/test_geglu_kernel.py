@@ -1,5 +1,6 @@
 """kernels/geglu.py on the CPU (Triton's interpreter): the FP8 gate_up GEMM with GeGLU and quantization in its
-epilogue against its torch definition, and the prefix layer's fused MLP against the two-GEMM FP8 path.
+epilogue against its torch definition, and the prefix layer's fused MLP against the two-GEMM FP8 path; the same
+for its GELU form (SigLIP's fc1 with its bias) and the vision layer's fused MLP.
 
 The GPU run at full size, where the kernel stores e4m3 itself: test/gpu/test_pipeline.py and tools/geglu_gpu.py.
 """
@@ -14,11 +15,19 @@ import pytest
 import torch
 
 from pi05_ros.engine.fast import kernels
-from pi05_ros.engine.fast.blocks import FP8_MAX, FastModel, Linear, fp8_mlp_fused, linear, sample_eager
+from pi05_ros.engine.fast.blocks import (
+    FP8_MAX,
+    FastModel,
+    Linear,
+    fp8_gelu_mlp_fused,
+    fp8_mlp_fused,
+    linear,
+    sample_eager,
+)
 from pi05_ros.engine.fast.calibration import record_input_amax
 from pi05_ros.engine.fast.kernels import geglu
 from pi05_ros.engine.fast.kernels.geglu import TileConfig
-from pi05_ros.engine.fast.pipeline import FP8_DEFAULT_LAYERS
+from pi05_ros.engine.fast.pipeline import FP8_DEFAULT_LAYERS, FP8_VISION_LAYERS
 from pi05_ros.engine.reference import Pi05Model
 
 E4M3 = torch.float8_e4m3fn
@@ -148,3 +157,102 @@ def test_the_pipeline_refuses_the_fused_mlp_where_it_cannot_run(golden_model: Pi
     with pytest.raises(ValueError, match="prefix_fused_mlp needs precision fp8"):
         Pi05Pipeline(golden_model, precision="fp8", use_graphs=False, compile=False, prefix_fused_mlp=True)
     assert Pi05Pipeline(golden_model, precision="bf16", use_graphs=False, compile=False).fast.prefix_fused_mlp is False
+
+
+@pytest.mark.parametrize("m, k, f, config", [
+    (70, 96, 80, TileConfig(32, 32, 32, 4, 2, 2)),  # ragged rows and columns (SigLIP's F = 4304 is ragged too)
+    (33, 100, 48, TileConfig(16, 32, 32, 4, 2, 4)),  # a masked K tail
+    (5, 64, 72, None),  # the op's own config (256 columns a program: one ragged column block)
+])
+def test_gelu_form_equals_its_definition(m: int, k: int, f: int, config: TileConfig | None) -> None:
+    """One accumulator, the bias before the GELU, no gating: bit for bit its float32 definition (e4m3 products
+    are exact in float32; only the summation order differs, and no value fell near a rounding boundary)."""
+    x, w, scale, out_inv = e4m3_operands(m, k, f, seed=m)
+    w, out_inv = w[:f], out_inv * 8  # no up factor here: a larger output scale reaches e4m3's saturation
+    bias = (torch.randn(f, generator=torch.Generator().manual_seed(k)) * 3).to(torch.bfloat16)
+    got = geglu.launch(x, w, scale, out_inv, config, bias=bias)
+    want = geglu.fp8_linear_gelu_reference(x, w, bias, scale, out_inv)
+    assert got.dtype == E4M3 and got.shape == (m, f)
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    assert float(want.float().abs().max()) == FP8_MAX  # the clamp ran
+    # the bias is there: without it the values differ
+    assert not torch.equal(want.view(torch.uint8), geglu.fp8_linear_gelu_reference(x, w, bias * 0, scale,
+                                                                                   out_inv).view(torch.uint8))
+    assert torch.equal(geglu.fp8_linear_gelu(x, w, bias, scale, out_inv).view(torch.uint8), got.view(torch.uint8))
+
+
+def test_gelu_form_rejects_a_bias_of_the_wrong_size() -> None:
+    x, w, scale, out_inv = e4m3_operands(4, 32, 16, seed=0)
+    with pytest.raises(ValueError, match=r"bias must be \[32\]"):
+        geglu.fp8_linear_gelu(x, w, torch.zeros(31, dtype=torch.bfloat16), scale, out_inv)
+
+
+@pytest.mark.skipif(not _scaled_mm_on_cpu(), reason="this torch has no FP8 GEMM on the CPU")
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fused_siglip_mlp_rounds_like_the_two_gemm_fp8_path(seed: int) -> None:
+    """fp8_gelu_mlp_fused against linear(gelu(fc1(h)), fc2) with the same FP8 linears (biases included), both
+    against float32 from the same e4m3 operands: about one e4m3 rounding of the hidden layer apart, and the fused
+    one no further from float32 than the other."""
+    gen = torch.Generator().manual_seed(seed)
+    width, hidden, rows = 64, 96, 40
+    h = torch.randn(rows, width, generator=gen)
+    fc1 = Linear(torch.randn(hidden, width, generator=gen) / width**0.5, torch.randn(hidden, generator=gen),
+                 torch.bfloat16)
+    fc2 = Linear(torch.randn(width, hidden, generator=gen) / hidden**0.5, torch.randn(width, generator=gen),
+                 torch.bfloat16)
+    fc1.quantize_fp8(float(h.abs().max()))
+    mid = torch.nn.functional.gelu(linear(h, fc1.params), approximate="tanh")
+    fc2.quantize_fp8(float(mid.abs().max()))
+    two_gemm = linear(mid, fc2.params).float()
+    fused = fp8_gelu_mlp_fused(h, fc1.params, fc2.params).float()
+    assert fused.shape == two_gemm.shape
+    w, b, w_scale, x_scale, x_inv_scale = fc1.params
+    xq = (h * x_inv_scale).clamp(-FP8_MAX, FP8_MAX).to(E4M3).float() * x_scale
+    exact = torch.nn.functional.gelu(xq @ (w.float() * w_scale).t() + b.float(), approximate="tanh")
+    exact = exact @ (fc2.weight.float() * fc2.w_scale).t() + fc2.bias.float()
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).norm() / b.norm())
+
+    # as the GeGLU's case: e4m3's 3 mantissa bits less the calibration's headroom of 4
+    assert rel(fused, exact) < 4e-2 and rel(two_gemm, exact) < 4e-2
+    assert 0 < rel(fused, two_gemm) < 3e-2
+    assert rel(fused, exact) < 1.1 * rel(two_gemm, exact)
+
+
+@pytest.mark.skipif(not _scaled_mm_on_cpu(), reason="this torch has no FP8 GEMM on the CPU")
+def test_vision_with_the_fused_mlp_gives_the_same_actions(golden_model: Pi05Model, golden_cases, fast_case) -> None:
+    """The golden model with FP8 Gemma and SigLIP MLPs, SigLIP's fused or not: the actions agree to FP8 rounding and
+    both stay as close to the oracle as FP8 does."""
+    fast = FastModel(golden_model, torch.bfloat16)
+    with record_input_amax(fast) as amax:
+        for case in (0, 2):
+            sample_eager(fast, *fast_case(case), 10)
+    fast.quantize_fp8(amax, FP8_DEFAULT_LAYERS + FP8_VISION_LAYERS)
+    images, rows, noise = fast_case(1)
+    oracle = golden_cases["case1/actions_steps10"][0]
+    two_gemm = sample_eager(fast, images, rows, noise, 10)
+    fast.vision_fused_mlp = True
+    calls = []
+    real = geglu.launch
+    try:
+        geglu.launch = lambda *a, **kw: calls.append(kw.get("bias") is not None) or real(*a, **kw)  # noqa: E731
+        fused = sample_eager(fast, images, rows, noise, 10)
+    finally:
+        geglu.launch = real
+    assert calls == [True] * golden_model.cfg.vision.depth  # every SigLIP layer's fc1, the GELU form
+    diff = float((fused - two_gemm).norm() / two_gemm.norm())
+    err_fused = float((fused - oracle).norm() / oracle.norm())
+    err_two = float((two_gemm - oracle).norm() / oracle.norm())
+    assert 0 < diff < 1e-2, diff  # FP8 rounding apart
+    # FP8 with SigLIP's MLP has the 5e-2 budget (pipeline.FP8_VISION_LAYERS)
+    assert err_fused < 5e-2 and abs(err_fused - err_two) < 5e-3, (err_fused, err_two)
+
+
+def test_the_pipeline_refuses_the_fused_vision_mlp_where_it_cannot_run(golden_model: Pi05Model) -> None:
+    from pi05_ros.engine.fast.pipeline import Pi05Pipeline
+
+    with pytest.raises(ValueError, match="vision_fused_mlp needs precision fp8 with fp8_vision"):
+        Pi05Pipeline(golden_model, precision="fp8", fp8_vision=True, use_graphs=False, compile=False,
+                     vision_fused_mlp=True)
+    assert Pi05Pipeline(golden_model, precision="bf16", use_graphs=False, compile=False).fast.vision_fused_mlp is False

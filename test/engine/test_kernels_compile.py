@@ -34,6 +34,7 @@ def test_every_expert_kernel_compiles_for_hopper_and_fits_an_sm() -> None:
                                      "fp8 gate_up + GeGLU, tiles 128x128x128, 8 warps, 3 stages, MMA accumulation",
                                      "fp8 gate_up + GeGLU, tiles 128x128x128, 8 warps, 3 stages, float32 sums per K "
                                      "step (option)",
+                                     "fp8 fc1 + bias + GELU, tiles 128x256x128, 8 warps, 3 stages",
                                      f"gemm qkv {batch}", f"gemm o {batch}", f"gemm gate_up {batch}",
                                      f"gemm down {batch}"]
     assert all(c[5] == "yes" for c in cells)

@@ -98,6 +98,34 @@ def test_prefix_mlp_fused_into_its_fp8_gemm(full_model, observation, reference, 
         assert 0 < apart < 1e-2, (steps, apart)  # one e4m3 rounding of some hidden values apart, not a wrong layer
 
 
+def test_vision_mlp_fused_into_its_fp8_gemm(full_model, observation, reference, monkeypatch) -> None:
+    """kernels/geglu.py's GELU form at full size (SigLIP's fc1 with its bias): the FP8 pipeline with SigLIP's MLP
+    fused stays within the FP8-with-SigLIP budget and follows the same pipeline with the MLP's two FP8 GEMMs."""
+    from pi05_ros.engine.fast.kernels import geglu
+
+    launches: list[tuple[int, ...]] = []
+    real = geglu.launch
+    monkeypatch.setattr(geglu, "launch", lambda *a, **kw: launches.append(tuple(a[1].shape)) or real(*a, **kw))
+    two_gemm = Pi05Pipeline(full_model, precision="fp8", fp8_vision=True)
+    fused = Pi05Pipeline(full_model, precision="fp8", fp8_vision=True, fp8_scales=two_gemm.fp8_scales,
+                         vision_fused_mlp=True)
+    vision = full_model.cfg.vision
+    for steps in (1, 10):
+        launches.clear()
+        want, _ = two_gemm.run(observation, steps)
+        assert launches == []
+        got, _ = fused.run(observation, steps)
+        if steps == 1:  # captured once: every SigLIP layer's fc1 weight [mlp, width] while warming up and capturing
+            assert launches and len(launches) % vision.depth == 0, len(launches)
+            assert set(launches) == {(vision.mlp_dim, vision.width)}
+        err = rel_err(got, reference[steps])
+        apart = rel_err(got, want)
+        print(f"FUSED VISION MLP steps={steps} rel_l2={err:.4e} vs two-GEMM pipeline {apart:.4e} "
+              f"(two-GEMM vs reference {rel_err(want, reference[steps]):.4e})")
+        assert err <= BOUND["fp8_vision"], (steps, err)
+        assert 0 < apart < 2e-2, (steps, apart)  # e4m3 roundings of some hidden values apart, not a wrong layer
+
+
 def test_graph_replay_equals_eager_and_step_switching(full_model, observation) -> None:
     graphs = Pi05Pipeline(full_model, precision="bf16")
     eager = Pi05Pipeline(full_model, precision="bf16", use_graphs=False)

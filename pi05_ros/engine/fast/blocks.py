@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from pi05_ros.engine.config import Pi05Config
 from pi05_ros.engine.fast.kernels.attention import flash_gqa_attention
-from pi05_ros.engine.fast.kernels.geglu import fp8_geglu
+from pi05_ros.engine.fast.kernels.geglu import fp8_geglu, fp8_linear_gelu
 from pi05_ros.engine.reference import Pi05Model, euler_schedule
 from pi05_ros.engine.rtc import guidance_weight_tensor
 
@@ -147,6 +147,19 @@ def fp8_mlp_fused(h: Tensor, gate_up: LinearParams, down: LinearParams) -> Tenso
     return y.reshape(*lead, -1)
 
 
+def fp8_gelu_mlp_fused(h: Tensor, fc1: LinearParams, fc2: LinearParams) -> Tensor:
+    """fc2(gelu_tanh(fc1(h))) for FP8 fc1 and fc2 (SigLIP's MLP): fc1's GEMM, bias, GELU and the quantization of
+    fc2's input as one kernel (kernels/geglu.py `fp8_linear_gelu`), then fc2's FP8 GEMM. The same scales as
+    `linear`'s two calls."""
+    w1, bias1, w_scale1, _, x_inv_scale1 = fc1
+    w2, bias2, w_scale2, x_scale2, x_inv_scale2 = fc2
+    lead = h.shape[:-1]
+    xq = (h.reshape(-1, h.shape[-1]).float() * x_inv_scale1).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    hidden = fp8_linear_gelu(xq, w1, bias1, fc1[3] * w_scale1, x_inv_scale2)
+    y = torch._scaled_mm(hidden, w2.t(), scale_a=x_scale2, scale_b=w_scale2, bias=bias2, out_dtype=torch.bfloat16)
+    return y.reshape(*lead, -1)
+
+
 def _rms(x: Tensor, eps: float) -> Tensor:
     x = x.float()
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
@@ -229,13 +242,17 @@ def vision_head(x: Tensor, projector: LinearParams, eps: float, linear_fn: Linea
 
 
 def vision_layer(x: Tensor, qkv: LinearParams, out: LinearParams, fc1: LinearParams, fc2: LinearParams,
-                 num_heads: int, eps: float, linear_fn: LinearFn = linear) -> Tensor:
+                 num_heads: int, eps: float, linear_fn: LinearFn = linear, fused_mlp: bool = False) -> Tensor:
+    """A SigLIP layer over x [B, N, W] (LayerNorms' affine folded into qkv and fc1). `fused_mlp`: an MLP whose fc1
+    and fc2 are both FP8 runs through `fp8_gelu_mlp_fused` (where kernels.geglu.supported; the caller decides)."""
     b, n, width = x.shape
     h = F.layer_norm(x, (width,), eps=eps)
     q, k, v = linear_fn(h, qkv).view(b, n, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
     attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, width)
     x = x + linear_fn(attn, out).float()
     h = F.layer_norm(x, (width,), eps=eps)
+    if fused_mlp and linear_fn is linear and fc1[2] is not None and fc2[2] is not None and fc1[1] is not None:
+        return x + fp8_gelu_mlp_fused(h, fc1, fc2).float()
     return x + linear_fn(_mlp_hidden(h, fc1, linear_fn), fc2).float()
 
 
@@ -399,6 +416,8 @@ class FastModel(nn.Module):
         # the prefix MLP's FP8 gate_up + GeGLU as one kernel (kernels/geglu.py): Pi05Pipeline(prefix_fused_mlp=
         # True) turns it on where the kernel runs; layers whose MLP is not FP8 ignore it
         self.prefix_fused_mlp = False
+        # SigLIP's FP8 fc1 + GELU the same way (Pi05Pipeline(vision_fused_mlp=True), with fp8_vision)
+        self.vision_fused_mlp = False
         emb = ref.vision.embeddings
         # the stride-14 patch convolution as one GEMM over flattened patches: [width, (channel, kh, kw)]
         self.register_buffer("patch_w", emb.patch_embedding.weight.flatten(1).to(dtype))
@@ -537,8 +556,10 @@ class FastModel(nn.Module):
         """uint8 [B * V, 224, 224, 3] -> projected image tokens written into `out` [V * 256, vlm width] (B = 1) or
         [B, V * 256, vlm width] (each row's views in order)."""
         x = self._embed_patches(images_u8, self.patch_w, self.patch_b, self.pos_embed, self.patch_size)
+        # the option only when on: tools replace _vision_layer with variants that do not take it
+        fused = {"fused_mlp": True} if self.vision_fused_mlp else {}
         for block in self.vision_blocks:
-            x = self._vision_layer(x, *block.args())
+            x = self._vision_layer(x, *block.args(), **fused)
         out.copy_(self._vision_head(x, self.projector.params, self.vision_eps).reshape(out.shape))
 
     def prefill(self, prefix: Tensor, n_valid: Tensor, keys: list[Tensor], values: list[Tensor],

@@ -201,7 +201,8 @@ class Pi05Pipeline:
     `fp8_scales` (amax per linear layer) are used as given; without them the pipeline calibrates on
     `calibration_observations`, or on synthetic observations, and keeps what it found in `fp8_scales`
     (`calibrated_on` then says on what). `prefix_fused_mlp` runs the prefix MLP's FP8 gate_up, GeGLU and down's
-    input quantization as one kernel (kernels/geglu.py; off by default, being measured: docs/fast_path.md).
+    input quantization as one kernel (kernels/geglu.py; off by default, being measured: docs/fast_path.md);
+    `vision_fused_mlp` does the same for SigLIP's FP8 fc1 (bias + GELU; needs fp8_vision).
 
     One pipeline runs one call at a time. Two pipelines of one process must not run at once on different streams:
     measured so, their actions differed from each alone, and they gained no throughput (docs/benchmarks.md §48). A
@@ -233,6 +234,7 @@ class Pi05Pipeline:
         expert_kernel_config: KernelConfig | None = None,
         max_batch: int = 1,
         prefix_fused_mlp: bool = False,
+        vision_fused_mlp: bool = False,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -269,6 +271,12 @@ class Pi05Pipeline:
                 raise ValueError("prefix_fused_mlp needs precision fp8 (the FP8 MLP it fuses) on a GPU with FP8 "
                                  "tensor cores (SM 8.9+) and Triton; leave it off here")
             self.fast.prefix_fused_mlp = True
+        if vision_fused_mlp:
+            # the same kernel's GELU form for SigLIP's FP8 fc1: off by default, as the prefix's
+            if precision != "fp8" or not fp8_vision or not geglu.supported(self.device):
+                raise ValueError("vision_fused_mlp needs precision fp8 with fp8_vision (SigLIP's FP8 MLP it fuses) on "
+                                 "a GPU with FP8 tensor cores (SM 8.9+) and Triton; leave it off here")
+            self.fast.vision_fused_mlp = True
         self.attention = attention
         start = time.perf_counter()
         self.fp8_layers = fp8_layers + (fp8_vision_layers if fp8_vision else ())

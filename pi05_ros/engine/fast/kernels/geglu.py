@@ -18,6 +18,11 @@ the torch path, docs/benchmarks.md §63). A K that is not a multiple of the K st
 (masked loads, one pipeline stage); Gemma's 2048 is one.
 
 `fp8_geglu` is a torch custom op, so the torch.compile'd prefix layer calls it as one opaque node.
+
+The same kernel with one accumulator is SigLIP's FP8 fc1 (`fp8_linear_gelu`): fc1's GEMM, its bias, the tanh GELU
+and the quantization of fc2's input in one pass. SigLIP's MLP in FP8 lost to bf16 at a batch of 8 (§63) because
+the bf16 fc1 has the GELU in its cuBLASLt epilogue and the FP8 one had a GELU-and-quantize pass after it; this
+removes that pass. Off by default (`Pi05Pipeline(vision_fused_mlp=True)`) until the GPU measures it.
 """
 
 from __future__ import annotations
@@ -57,6 +62,11 @@ class TileConfig(NamedTuple):
 DEFAULT_CONFIG = TileConfig(block_m=128, block_n=128, block_k=128, warps=8, stages=3, group_m=8)
 
 
+# SigLIP's fc1 (one accumulator, so twice the columns for the same registers): not yet measured on a GPU;
+# tools/geglu_gpu.py --gelu sweeps it.
+GELU_CONFIG = TileConfig(block_m=128, block_n=256, block_k=128, warps=8, stages=3, group_m=8)
+
+
 def config_for(rows: int) -> TileConfig:  # noqa: ARG001 - one config measured best at every row count so far
     return DEFAULT_CONFIG
 
@@ -68,13 +78,15 @@ def _kernel():
 
     @triton.jit
     def _fp8_geglu_kernel(
-        x_ptr, w_ptr, out_ptr, scale_ptr, out_inv_scale_ptr,
+        x_ptr, w_ptr, bias_ptr, out_ptr, scale_ptr, out_inv_scale_ptr,
         M, K, F, x_stride, w_stride, out_stride,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
-        OUT_FP8: tl.constexpr, PRECISE: tl.constexpr,
+        OUT_FP8: tl.constexpr, PRECISE: tl.constexpr, GATED: tl.constexpr,
     ):
-        """out[m, f] = fp8(clamp(gelu_tanh(gate) * up / s_out)), gate = (x @ w[f]^T) * s, up = (x @ w[F + f]^T) * s,
-        for x [M, K] e4m3, w [2F, K] e4m3 (gate rows, then up rows: the torch Linear layout)."""
+        """GATED: out[m, f] = fp8(clamp(gelu_tanh(gate) * up / s_out)), gate = (x @ w[f]^T) * s,
+        up = (x @ w[F + f]^T) * s, for x [M, K] e4m3, w [2F, K] e4m3 (gate rows, then up rows: the torch Linear
+        layout); bias_ptr is not read. Not GATED: out[m, f] = fp8(clamp(gelu_tanh(gate + bias[f]) / s_out)) for
+        w [F, K], bias [F]."""
         pid = tl.program_id(0)
         blocks_m = tl.cdiv(M, BM)
         blocks_n = tl.cdiv(F, BN)
@@ -97,26 +109,34 @@ def _kernel():
             if EVEN_K:
                 a = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
                 g = tl.load(gate_ptrs, mask=col_ok[None, :], other=0.0)
-                u = tl.load(up_ptrs, mask=col_ok[None, :], other=0.0)
             else:
                 k_ok = rk + k * BK < K
                 a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 g = tl.load(gate_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                u = tl.load(up_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             if PRECISE:
                 acc_gate = tl.dot(a, g, acc_gate, max_num_imprecise_acc=BK)
-                acc_up = tl.dot(a, u, acc_up, max_num_imprecise_acc=BK)
             else:
                 acc_gate = tl.dot(a, g, acc_gate)
-                acc_up = tl.dot(a, u, acc_up)
+            if GATED:
+                if EVEN_K:
+                    u = tl.load(up_ptrs, mask=col_ok[None, :], other=0.0)
+                else:
+                    u = tl.load(up_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                if PRECISE:
+                    acc_up = tl.dot(a, u, acc_up, max_num_imprecise_acc=BK)
+                else:
+                    acc_up = tl.dot(a, u, acc_up)
+                up_ptrs += BK
             x_ptrs += BK
             gate_ptrs += BK
-            up_ptrs += BK
         scale = tl.load(scale_ptr)
         gate = acc_gate * scale
-        up = acc_up * scale
+        if not GATED:
+            gate += tl.load(bias_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)
         # gelu_tanh(g) = g * sigmoid(2 sqrt(2 / pi) (g + 0.044715 g^3))
-        hidden = gate * tl.sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate)) * up
+        hidden = gate * tl.sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate))
+        if GATED:
+            hidden = hidden * (acc_up * scale)
         hidden = hidden * tl.load(out_inv_scale_ptr)
         hidden = tl.minimum(tl.maximum(hidden, -448.0), 448.0)  # FP8_MAX: kernels read no plain globals
         if OUT_FP8:
@@ -154,38 +174,44 @@ def fp8_geglu(x: Tensor, weight: Tensor, scale: Tensor, out_inv_scale: Tensor) -
     return launch(x, weight, scale, out_inv_scale)
 
 
-def launch(x: Tensor, weight: Tensor, scale: Tensor, out_inv_scale: Tensor, config: TileConfig | None = None) -> Tensor:
-    """`fp8_geglu` with a chosen tile config (tools/geglu_gpu.py sweeps them); None: `config_for` the rows."""
+def launch(x: Tensor, weight: Tensor, scale: Tensor, out_inv_scale: Tensor, config: TileConfig | None = None,
+           bias: Tensor | None = None) -> Tensor:
+    """`fp8_geglu` with a chosen tile config (tools/geglu_gpu.py sweeps them); None: `config_for` the rows. With a
+    `bias`, `fp8_linear_gelu` instead: weight [F, K], one accumulator, the bias before the GELU, no gating."""
     if triton is None:
         raise RuntimeError("fp8_geglu needs Triton; use the torch MLP path")
     fp8 = torch.float8_e4m3fn
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] or weight.shape[0] % 2:
-        raise ValueError(f"fp8_geglu: x must be [M, K] and weight [2F, K], got {tuple(x.shape)} and "
-                         f"{tuple(weight.shape)}")
+    gated = bias is None
+    op = "fp8_geglu" if gated else "fp8_linear_gelu"
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] or (gated and weight.shape[0] % 2):
+        raise ValueError(f"{op}: x must be [M, K] and weight [{'2F' if gated else 'F'}, K], got {tuple(x.shape)} "
+                         f"and {tuple(weight.shape)}")
     if x.dtype != fp8 or weight.dtype != fp8:
-        raise ValueError(f"fp8_geglu takes float8_e4m3fn x and weight, got {x.dtype} and {weight.dtype}")
+        raise ValueError(f"{op} takes float8_e4m3fn x and weight, got {x.dtype} and {weight.dtype}")
     if scale.numel() != 1 or out_inv_scale.numel() != 1:
-        raise ValueError("fp8_geglu: scale and out_inv_scale are per-tensor (one element each)")
+        raise ValueError(f"{op}: scale and out_inv_scale are per-tensor (one element each)")
+    if not gated and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"{op}: bias must be [{weight.shape[0]}] (one per output column), got {tuple(bias.shape)}")
     if x.stride(1) != 1:
         x = x.contiguous()
     if weight.stride(1) != 1:
-        raise ValueError("fp8_geglu needs the weight's rows contiguous (the Linear layout)")
+        raise ValueError(f"{op} needs the weight's rows contiguous (the Linear layout)")
     m, k = x.shape
-    f = weight.shape[0] // 2
+    f = weight.shape[0] // 2 if gated else weight.shape[0]
     # Triton 3.9's interpreter rounds float32 -> e4m3 wrongly where the rounding carries into the exponent (7.8 -> 4,
     # not 8): under it the kernel stores float32 and torch converts. On a GPU the kernel stores e4m3 itself.
     out_fp8 = x.is_cuda
     out = torch.empty(m, f, dtype=fp8 if out_fp8 else torch.float32, device=x.device)
     if m == 0:
         return out.to(fp8)
-    cfg = config or config_for(m)
+    cfg = config or (config_for(m) if gated else GELU_CONFIG)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(f, cfg.block_n),)
     launch_options = {"num_warps": cfg.warps, "num_stages": cfg.stages} if x.is_cuda else {}
     _kernel()[grid](
-        x, weight, out, scale.float().reshape(1), out_inv_scale.float().reshape(1),
-        m, k, f, x.stride(0), weight.stride(0), out.stride(0),
+        x, weight, scale if gated else bias.contiguous(), out, scale.float().reshape(1),
+        out_inv_scale.float().reshape(1), m, k, f, x.stride(0), weight.stride(0), out.stride(0),
         BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, GROUP_M=cfg.group_m, EVEN_K=k % cfg.block_k == 0,
-        OUT_FP8=out_fp8, PRECISE=cfg.precise, **launch_options,
+        OUT_FP8=out_fp8, PRECISE=cfg.precise, GATED=gated, **launch_options,
     )
     return out if out_fp8 else out.to(fp8)
 
@@ -193,3 +219,25 @@ def launch(x: Tensor, weight: Tensor, scale: Tensor, out_inv_scale: Tensor, conf
 @fp8_geglu.register_fake
 def _(x: Tensor, weight: Tensor, scale: Tensor, out_inv_scale: Tensor) -> Tensor:
     return x.new_empty(x.shape[0], weight.shape[0] // 2)
+
+
+def fp8_linear_gelu_reference(x: Tensor, weight: Tensor, bias: Tensor, scale: Tensor,
+                              out_inv_scale: Tensor) -> Tensor:
+    """`fp8_linear_gelu`'s definition in torch, float32 throughout: x [M, K], weight [F, K] e4m3, bias [F] ->
+    [M, F] e4m3."""
+    y = (x.float() @ weight.float().t()) * scale.float() + bias.float()
+    hidden = F.gelu(y, approximate="tanh") * out_inv_scale.float()
+    return hidden.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+@torch.library.custom_op("pi05::fp8_linear_gelu", mutates_args=(),
+                         schema="(Tensor x, Tensor weight, Tensor bias, Tensor scale, Tensor out_inv_scale) -> Tensor")
+def fp8_linear_gelu(x: Tensor, weight: Tensor, bias: Tensor, scale: Tensor, out_inv_scale: Tensor) -> Tensor:
+    """x [M, K] e4m3 (SigLIP's quantized, normalized MLP input), weight [F, K] e4m3 (fc1), bias [F], scale and
+    out_inv_scale one-element float32 -> fc2's e4m3 input [M, F]. `fp8_linear_gelu_reference`'s contract."""
+    return launch(x, weight, scale, out_inv_scale, bias=bias)
+
+
+@fp8_linear_gelu.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor, scale: Tensor, out_inv_scale: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float8_e4m3fn)
