@@ -214,9 +214,10 @@ def test_fused_siglip_mlp_rounds_like_the_two_gemm_fp8_path(seed: int) -> None:
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
         return float((a - b).norm() / b.norm())
 
-    # as the GeGLU's case: e4m3's 3 mantissa bits less the calibration's headroom of 4
-    assert rel(fused, exact) < 4e-2 and rel(two_gemm, exact) < 4e-2
-    assert 0 < rel(fused, two_gemm) < 3e-2
+    # e4m3's 3 mantissa bits less the calibration's headroom of 4: measured 1.7-1.9e-2 from float32 for both paths,
+    # 0.9-1.0e-2 between them (seeds 0-2)
+    assert rel(fused, exact) < 3e-2 and rel(two_gemm, exact) < 3e-2
+    assert 0 < rel(fused, two_gemm) < 2e-2
     assert rel(fused, exact) < 1.1 * rel(two_gemm, exact)
 
 
@@ -244,7 +245,8 @@ def test_vision_with_the_fused_mlp_gives_the_same_actions(golden_model: Pi05Mode
     diff = float((fused - two_gemm).norm() / two_gemm.norm())
     err_fused = float((fused - oracle).norm() / oracle.norm())
     err_two = float((two_gemm - oracle).norm() / oracle.norm())
-    assert 0 < diff < 1e-2, diff  # FP8 rounding apart
+    # measured 8.2e-4 apart, 3.8e-3 from the oracle either way: the golden model's small SigLIP (2 layers)
+    assert 0 < diff < 5e-3, diff  # FP8 rounding apart
     # FP8 with SigLIP's MLP has the 5e-2 budget (pipeline.FP8_VISION_LAYERS)
     assert err_fused < 5e-2 and abs(err_fused - err_two) < 5e-3, (err_fused, err_two)
 
