@@ -151,11 +151,11 @@ def fp8_gelu_mlp_fused(h: Tensor, fc1: LinearParams, fc2: LinearParams) -> Tenso
     """fc2(gelu_tanh(fc1(h))) for FP8 fc1 and fc2 (SigLIP's MLP): fc1's GEMM, bias, GELU and the quantization of
     fc2's input as one kernel (kernels/geglu.py `fp8_linear_gelu`), then fc2's FP8 GEMM. The same scales as
     `linear`'s two calls."""
-    w1, bias1, w_scale1, _, x_inv_scale1 = fc1
+    w1, bias1, w_scale1, x_scale1, x_inv_scale1 = fc1
     w2, bias2, w_scale2, x_scale2, x_inv_scale2 = fc2
     lead = h.shape[:-1]
     xq = (h.reshape(-1, h.shape[-1]).float() * x_inv_scale1).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    hidden = fp8_linear_gelu(xq, w1, bias1, fc1[3] * w_scale1, x_inv_scale2)
+    hidden = fp8_linear_gelu(xq, w1, bias1, x_scale1 * w_scale1, x_inv_scale2)
     y = torch._scaled_mm(hidden, w2.t(), scale_a=x_scale2, scale_b=w_scale2, bias=bias2, out_dtype=torch.bfloat16)
     return y.reshape(*lead, -1)
 
