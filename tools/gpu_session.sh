@@ -28,8 +28,8 @@
 #            and 4224 rows, over tile configs and the float32-per-step accumulation option (§63)
 #   gelu     tools/geglu_gpu.py --gelu (150): SigLIP's MLP at 512 and 4096 rows, bf16 (fc1 GELU epilogue) against
 #            FP8 with two GEMMs and FP8 with fc1's bias + GELU + fc2's input quantization in the kernel's GELU form
-#   vision-mlp  tools/batch_stages_gpu.py --variants "SigLIP MLP" at buckets 1 and 8: the pipeline with SigLIP's MLP
-#            in FP8, two GEMMs or fused, beside the baseline   (480)
+#   vision-mlp  tools/batch_stages_gpu.py --variants "prefix MLP + SigLIP" at buckets 1 and 8: the pipeline with
+#            SigLIP's MLP in FP8, two GEMMs or fused, beside the baseline   (480)
 #   prefix-mlp  tools/batch_stages_gpu.py --variants "prefix MLP:,fp8 prefix all linears" at buckets 1 and 8: the
 #            pipeline with the prefix MLP's GeGLU in its FP8 GEMM, and with Gemma's qkv and o in FP8 too, beside the
 #            baseline, each on a fresh model   (480)
@@ -37,8 +37,9 @@
 #            pipeline's shapes (150)
 #   attention-sweep  tools/attention_gpu.py --sweep --iters 50: the flash kernel's tile shapes with the measured key
 #            walk and the walk over the mask's runs (whose loop has no branch, so Triton can pipeline it)   (300)
-#   flash-walks  tools/batch_stages_gpu.py --variants walk at buckets 1 and 8: the pipeline with the flash prefill on
-#            the runs walk, and both stacks on the flash kernel with either walk, beside the baseline   (480)
+#   flash-walks  tools/batch_stages_gpu.py at buckets 1 and 8: both stacks on the flash kernel with either walk
+#            (--variants "flash attention"), and at 8 the flash prefill alone on the runs walk ("walk"), beside the
+#            baseline   (480)
 #   batch    tools/batch_stages_gpu.py, buckets 1-8: batches as pi05-serve denoises them (auto: the kernels up to
 #            2 rows on Hopper, the torch path from 4) and all on the fused kernels (--expert-kernels on), one process
 #            each   (420)
@@ -122,8 +123,8 @@ for step in "$@"; do
     geglu) OUT="$OUT" run_step geglu 150 "$PY" tools/geglu_gpu.py ;;
     gelu) OUT="$OUT" run_step gelu 150 "$PY" tools/geglu_gpu.py --gelu --calls 27 ;;
     vision-mlp) OUT="$OUT" run_step vision-mlp 480 bash -c "'$PY' tools/batch_stages_gpu.py --buckets 1 --iters 30 \
-                  --variants 'SigLIP MLP' && '$PY' tools/batch_stages_gpu.py --buckets 8 --iters 20 \
-                  --variants 'SigLIP MLP'" ;;
+                  --variants 'prefix MLP + SigLIP' && '$PY' tools/batch_stages_gpu.py --buckets 8 --iters 20 \
+                  --variants 'prefix MLP + SigLIP'" ;;
     prefix-mlp) OUT="$OUT" run_step prefix-mlp 480 bash -c "'$PY' tools/batch_stages_gpu.py --buckets 1 --iters 30 \
                   --variants 'prefix MLP:,fp8 prefix all linears' && '$PY' tools/batch_stages_gpu.py --buckets 8 \
                   --iters 20 --variants 'prefix MLP:,fp8 prefix all linears'" ;;
@@ -136,7 +137,7 @@ for step in "$@"; do
     attention) OUT="$OUT" run_step attention 150 "$PY" tools/attention_gpu.py ;;
     attention-sweep) OUT="$OUT" run_step attention-sweep 300 "$PY" tools/attention_gpu.py --sweep --iters 50 ;;
     flash-walks) OUT="$OUT" run_step flash-walks 480 bash -c "'$PY' tools/batch_stages_gpu.py --buckets 1 --iters 30 \
-                   --variants walk && '$PY' tools/batch_stages_gpu.py --buckets 8 --iters 20 --variants walk" ;;
+                   --variants 'flash attention' && '$PY' tools/batch_stages_gpu.py --buckets 8 --iters 20 --variants walk" ;;
     batch) OUT="$OUT" run_step batch 420 bash -c "'$PY' tools/batch_stages_gpu.py --expert-kernels auto && \
              '$PY' tools/batch_stages_gpu.py --expert-kernels on --buckets 2,4,8" ;;
     batch-variants) OUT="$OUT" run_step batch-variants 540 "$PY" tools/batch_stages_gpu.py --buckets 8 --iters 20 \

@@ -123,9 +123,12 @@ def test_the_runs_walk_covers_every_key_of_both_runs_once(monkeypatch, n_valid: 
     want = _gqa_attention(q, k, v, key_mask)
     k[:, :, ~key_mask.view(-1)] = float("nan")
     v[:, :, ~key_mask.view(-1)] = float("nan")
-    for rows in (1, 2):  # 40 folded query rows: the keys split over programs at 1 row, fewer splits at 2
-        out = flash_gqa_attention(q[:rows], k[:rows], v[:rows], key_mask)
-        assert rel_err(out, want[:rows]) < 1e-5  # float32: summation order only
+    assert key_splits(2, 40, 100, programs=8)[0] > 1 and key_splits(8, 40, 100, programs=8)[0] == 1
+    for rows in (2, 8):  # 40 folded query rows a row: the keys split over 4 programs at 2 rows, not at 8
+        reps = rows // 2
+        out = flash_gqa_attention(q.repeat(reps, 1, 1, 1), k.repeat(reps, 1, 1, 1), v.repeat(reps, 1, 1, 1),
+                                  key_mask)
+        assert rel_err(out, want.repeat(reps, 1, 1)) < 1e-5  # float32: summation order only
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's 0/0, on purpose
@@ -138,9 +141,11 @@ def test_the_runs_walk_gives_nan_for_a_mask_outside_its_contract(monkeypatch) ->
     idx = torch.arange(80)
     holes = torch.stack([(idx < 30) | (idx == 50) | (idx >= 75),  # a stray valid key between the runs
                          (idx < 30) | (idx >= 75)])  # the contract's shape
-    out = flash_gqa_attention(q, k, v, holes.view(2, 1, 1, 80))
-    assert torch.isnan(out[0]).all()
-    assert rel_err(out[1:], _gqa_attention(q[1:], k[1:], v[1:], holes[1:].view(1, 1, 1, 80))) < 1e-5
+    for reps in (1, 4):  # the keys split over programs (2 rows), and not (8 rows)
+        out = flash_gqa_attention(q.repeat(reps, 1, 1, 1), k.repeat(reps, 1, 1, 1), v.repeat(reps, 1, 1, 1),
+                                  holes.repeat(reps, 1).view(2 * reps, 1, 1, 80))
+        assert torch.isnan(out[0::2]).all()
+        assert rel_err(out[1:2], _gqa_attention(q[1:], k[1:], v[1:], holes[1:].view(1, 1, 1, 80))) < 1e-5
     nothing = torch.zeros(1, 1, 1, 80, dtype=torch.bool)
     for walk in KEY_WALKS:
         monkeypatch.setattr(flash_module, "KEY_WALK", walk)

@@ -51,6 +51,24 @@ def test_flash_is_as_close_to_float32_as_the_gemm_path(stage: str, batch: int, w
     assert flash <= max(1.1 * gemm, 5e-3)
 
 
+def test_the_runs_walk_gives_nan_for_a_stray_valid_key_on_the_gpu(monkeypatch) -> None:
+    """The runs walk's contract check compiled: the GPU's max reductions drop NaN where numpy's keep it, so the NaN
+    must survive through the softmax sums and the split combine here too; rows within the contract stay right."""
+    monkeypatch.setattr(flash_module, "KEY_WALK", "runs")
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    keys = 610
+    q = torch.randn(2, 50, 8, 256, generator=gen, device="cuda").bfloat16()
+    k = torch.randn(2, 1, keys, 256, generator=gen, device="cuda").bfloat16()
+    v = torch.randn(2, 1, keys, 256, generator=gen, device="cuda").bfloat16()
+    idx = torch.arange(keys, device="cuda")
+    valid = (idx < 500) | (idx >= keys - 50)
+    mask = torch.stack([valid | (idx == 530), valid]).view(2, 1, 1, keys)  # row 0: a valid key between the runs
+    out = ATTENTION["flash"](q, k, v, mask)
+    assert torch.isnan(out[0]).all()
+    want = ATTENTION["gemm"](q[1:].float(), k[1:].float(), v[1:].float(), mask[1:])
+    assert rel_err(out[1:].float().cpu(), want.cpu()) < 5e-3  # bf16 inputs, as the test above
+
+
 @pytest.fixture(scope="module")
 def model():
     return random_model(PRESETS["pi05"], seed=0, device="cuda", dtype=torch.float32)

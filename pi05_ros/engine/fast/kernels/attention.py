@@ -95,7 +95,8 @@ def _kernels() -> tuple:
             scale = tl.where(stray == 0, scale, float("nan"))
             lead_blocks = tl.cdiv(lead, KB)
             trail_first = tl.maximum(trail // KB, lead_blocks)  # a block holding both runs' keys is visited once
-            run_blocks = lead_blocks + tl.cdiv(keys, KB) - trail_first
+            # no trailing run (the prefill's masks): no block past the leading run's, even where keys % KB != 0
+            run_blocks = lead_blocks + tl.where(trail < keys, tl.cdiv(keys, KB) - trail_first, 0)
             per_split = tl.cdiv(run_blocks, SPLITS)
             first = split * per_split
             for j in range(first, tl.minimum(first + per_split, run_blocks)):
