@@ -63,7 +63,10 @@ def vision_layer_variant(gelu_epilogue: bool = True, attention: str = "sdpa"):
     inductor's kernel before SDPA)."""
     from pi05_ros.engine.fast import blocks
 
-    def layer(x, qkv, out, fc1, fc2, num_heads, eps, linear_fn=blocks.linear):  # noqa: ANN001, ANN202
+    def layer(x, qkv, out, fc1, fc2, num_heads, eps, linear_fn=blocks.linear, carry=None,  # noqa: ANN001, ANN202
+              defer=False):
+        if carry is not None:  # blocks.vision_layer's residual carry
+            x = x + carry.float()
         b, n, width = x.shape
         h = torch.nn.functional.layer_norm(x, (width,), eps=eps)
         q, k, v = linear_fn(h, qkv).view(b, n, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
@@ -79,7 +82,8 @@ def vision_layer_variant(gelu_epilogue: bool = True, attention: str = "sdpa"):
             hidden = blocks._mlp_hidden(h, fc1, linear_fn)
         else:
             hidden = torch.nn.functional.gelu(linear_fn(h, fc1), approximate="tanh")
-        return x + linear_fn(hidden, fc2).float()
+        y = linear_fn(hidden, fc2)
+        return (x, y) if defer else x + y.float()
 
     return layer
 
@@ -87,6 +91,7 @@ def vision_layer_variant(gelu_epilogue: bool = True, attention: str = "sdpa"):
 PREFIX_MLP_FUSED = "prefix MLP: GeGLU in the FP8 gate_up kernel"
 RUNS_WALK = "runs walk"
 VISION_MLP_FUSED = "fp8 prefix MLP + SigLIP MLP, fc1 GELU in its FP8 kernel"
+RESIDUAL_AT_LAYER_ENDS = "residual added at each layer's end (no carry)"
 
 
 def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str,
@@ -131,6 +136,8 @@ def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str,
             # SigLIP's FP8 MLP with fc1's bias, GELU and fc2's input quantization in the same kernel's GELU form,
             # against "fp8 prefix MLP + SigLIP MLP" (the two FP8 GEMMs) and the baseline (bf16 fc1 + GELU epilogue)
             (VISION_MLP_FUSED, FP8_DEFAULT_LAYERS, True, "auto", (), {}),
+            # every layer adding its own last residual (before the residual carry, FastModel.carry_residual)
+            (RESIDUAL_AT_LAYER_ENDS, FP8_DEFAULT_LAYERS, False, "auto", (), {}),
             # the flash attention kernel walking only the mask's runs of valid keys, with no branch in its loop
             # (kernels/attention.py KEY_WALK): for the prefill alone (auto takes the kernel for batches of 2+), and
             # for both stacks beside both stacks on the measured walk
@@ -152,6 +159,7 @@ def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str,
                             attention=attention, max_batch=len(prepared), release_reference=True, use_graphs=cuda,
                             prefix_fused_mlp=name == PREFIX_MLP_FUSED, vision_fused_mlp=name == VISION_MLP_FUSED)
         del model
+        pipe.fast.carry_residual = name != RESIDUAL_AT_LAYER_ENDS  # read as the stages run, before any capture
         for stack in autotune:  # replaces compile()'s function before anything is compiled or captured
             setattr(pipe.fast, f"_{stack}_layer", torch.compile(getattr(blocks, f"{stack}_layer"),
                                                                 dynamic=None if stack == "prefix" else False,

@@ -30,6 +30,8 @@
 #            FP8 with two GEMMs and FP8 with fc1's bias + GELU + fc2's input quantization in the kernel's GELU form
 #   vision-mlp  tools/batch_stages_gpu.py --variants "prefix MLP + SigLIP" at buckets 1 and 8: the pipeline with
 #            SigLIP's MLP in FP8, two GEMMs or fused, beside the baseline   (480)
+#   residual-carry  tools/batch_stages_gpu.py --variants carry at buckets 1 and 8: the default (each layer's last
+#            residual add fused into the next layer's first norm) beside every layer adding its own   (300)
 #   prefix-mlp  tools/batch_stages_gpu.py --variants "prefix MLP:,fp8 prefix all linears" at buckets 1 and 8: the
 #            pipeline with the prefix MLP's GeGLU in its FP8 GEMM, and with Gemma's qkv and o in FP8 too, beside the
 #            baseline, each on a fresh model   (480)
@@ -65,7 +67,7 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:?usage: PI05_GIT_COMMIT=<hash> gpu_session.sh OUT_DIR STEP [STEP ...]}"
 shift
-STEPS="tests kernels kernels-attention stream-floor geglu gelu vision-mlp prefix-mlp kernels-batch kernels-batch-k kernels-batch-gemms attention attention-sweep flash-walks batch batch-variants
+STEPS="tests kernels kernels-attention stream-floor geglu gelu vision-mlp residual-carry prefix-mlp kernels-batch kernels-batch-k kernels-batch-gemms attention attention-sweep flash-walks batch batch-variants
 vision-variants serve serve-kernels bench bench-mlp soak-arrival soak-inference"  # the steps the loop at the end runs
 STEPS="${STEPS//$'\n'/ }"
 [[ $# -gt 0 ]] || { echo "gpu_session.sh: name at least one step: $STEPS" >&2; exit 2; }
@@ -125,6 +127,9 @@ for step in "$@"; do
     vision-mlp) OUT="$OUT" run_step vision-mlp 480 bash -c "'$PY' tools/batch_stages_gpu.py --buckets 1 --iters 30 \
                   --variants 'prefix MLP + SigLIP' && '$PY' tools/batch_stages_gpu.py --buckets 8 --iters 20 \
                   --variants 'prefix MLP + SigLIP'" ;;
+    residual-carry) OUT="$OUT" run_step residual-carry 300 bash -c "'$PY' tools/batch_stages_gpu.py --buckets 1 \
+                      --iters 30 --variants carry && '$PY' tools/batch_stages_gpu.py --buckets 8 --iters 20 \
+                      --variants carry" ;;
     prefix-mlp) OUT="$OUT" run_step prefix-mlp 480 bash -c "'$PY' tools/batch_stages_gpu.py --buckets 1 --iters 30 \
                   --variants 'prefix MLP:,fp8 prefix all linears' && '$PY' tools/batch_stages_gpu.py --buckets 8 \
                   --iters 20 --variants 'prefix MLP:,fp8 prefix all linears'" ;;

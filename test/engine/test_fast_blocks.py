@@ -41,6 +41,36 @@ def test_padding_tile_changes_nothing(golden_model: Pi05Model, fast_case) -> Non
     assert rel_err(b, a) < 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_residual_carry_changes_no_value(golden_model: Pi05Model, fast_case, dtype: torch.dtype) -> None:
+    """Each layer's last residual add done by the next layer (FastModel.carry_residual, the default) performs the
+    same additions in the same order as each layer adding its own: the K/V caches and the actions are equal bit for
+    bit, and so is a guided (real-time chunking) step, whose VJP runs through the carried adds."""
+    from pi05_ros.engine.fast.blocks import denoise_eager, prefill_eager
+    from pi05_ros.engine.reference import euler_schedule
+
+    fast = FastModel(golden_model, dtype)
+    images, rows, noise = fast_case(1)
+    previous = torch.randn(1, *noise.shape, generator=torch.Generator().manual_seed(3))
+    weights = torch.linspace(1, 0, noise.shape[0]).view(1, -1, 1).expand_as(previous).contiguous()
+    results = {}
+    for carry in (True, False):
+        fast.carry_residual = carry
+        prefix = prefill_eager(fast, images, rows)
+        actions = denoise_eager(fast, prefix, noise, 3)
+        mods, final, out_w, out_b = fast.step_schedule(2)
+        x = noise[None].to(actions.dtype).clone()
+        for step, (t, dt) in enumerate(euler_schedule(2)):
+            fast.guided_step(x, prefix.n_valid, prefix.keys, prefix.values, mods[step], final[step], out_w, out_b,
+                             t, dt, previous, weights, 5.0, compiled=False)
+        results[carry] = (prefix.keys, prefix.values, actions, x)
+    fast.carry_residual = True
+    for with_carry, without in zip(results[True], results[False], strict=True):
+        for a, b in zip(with_carry if isinstance(with_carry, list) else [with_carry],
+                        without if isinstance(without, list) else [without], strict=True):
+            assert torch.equal(a, b)
+
+
 def test_adarms_dense_is_precomputed(golden_model: Pi05Model) -> None:
     fast = FastModel(golden_model, torch.float32)
     mods, final, out_w, out_b = fast.step_schedule(10)

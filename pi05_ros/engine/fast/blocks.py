@@ -236,15 +236,29 @@ def embed_patches(images_u8: Tensor, weight: Tensor, bias: Tensor, pos_embed: Te
     return F.linear(x, weight, bias).view(n, rows * cols, -1).float() + pos_embed
 
 
-def vision_head(x: Tensor, projector: LinearParams, eps: float, linear_fn: LinearFn = linear) -> Tensor:
-    """SigLIP's final LayerNorm (affine folded into the projector) and the projection to Gemma's width."""
+def vision_head(x: Tensor, projector: LinearParams, eps: float, linear_fn: LinearFn = linear,
+                carry: Tensor | None = None) -> Tensor:
+    """SigLIP's final LayerNorm (affine folded into the projector) and the projection to Gemma's width; `carry`:
+    the last layer's MLP output, added here (see `vision_layer`)."""
+    if carry is not None:
+        x = x + carry.float()
     return linear_fn(F.layer_norm(x, (x.shape[-1],), eps=eps), projector)
 
 
 def vision_layer(x: Tensor, qkv: LinearParams, out: LinearParams, fc1: LinearParams, fc2: LinearParams,
-                 num_heads: int, eps: float, linear_fn: LinearFn = linear, fused_mlp: bool = False) -> Tensor:
+                 num_heads: int, eps: float, linear_fn: LinearFn = linear, fused_mlp: bool = False,
+                 carry: Tensor | None = None, defer: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """A SigLIP layer over x [B, N, W] (LayerNorms' affine folded into qkv and fc1). `fused_mlp`: an MLP whose fc1
-    and fc2 are both FP8 runs through `fp8_gelu_mlp_fused` (where kernels.geglu.supported; the caller decides)."""
+    and fc2 are both FP8 runs through `fp8_gelu_mlp_fused` (where kernels.geglu.supported; the caller decides).
+
+    Residual carry (FastModel.carry_residual): with `defer` the layer returns (x, its MLP output) instead of their
+    sum, and the next layer takes that output as `carry` and adds it first, where the add fuses into its first
+    norm's kernel: one pass over the float32 residual stream less per layer. The same additions in the same order:
+    eagerly equal bit for bit; compiled, the fused norm may sum its squares in another order (5e-4 apart in bf16
+    through inductor on the CPU, tools/batch_stages_gpu.py --device cpu).
+    """
+    if carry is not None:
+        x = x + carry.float()
     b, n, width = x.shape
     h = F.layer_norm(x, (width,), eps=eps)
     q, k, v = linear_fn(h, qkv).view(b, n, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
@@ -252,22 +266,28 @@ def vision_layer(x: Tensor, qkv: LinearParams, out: LinearParams, fc1: LinearPar
     x = x + linear_fn(attn, out).float()
     h = F.layer_norm(x, (width,), eps=eps)
     if fused_mlp and linear_fn is linear and fc1[2] is not None and fc2[2] is not None and fc1[1] is not None:
-        return x + fp8_gelu_mlp_fused(h, fc1, fc2).float()
-    return x + linear_fn(_mlp_hidden(h, fc1, linear_fn), fc2).float()
+        y = fp8_gelu_mlp_fused(h, fc1, fc2)
+    else:
+        y = linear_fn(_mlp_hidden(h, fc1, linear_fn), fc2)
+    return (x, y) if defer else x + y.float()
 
 
 def prefix_layer(x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor, k_cache: Tensor, v_cache: Tensor,
                  qkv: LinearParams, out: LinearParams | None, gate_up: LinearParams | None, down: LinearParams | None,
                  num_heads: int, head_dim: int, eps: float, attention: str = "gemm",
-                 linear_fn: LinearFn = linear, fused_mlp: bool = False) -> Tensor:
+                 linear_fn: LinearFn = linear, fused_mlp: bool = False, carry: Tensor | None = None,
+                 defer: bool = False) -> Tensor | tuple[Tensor, Tensor | None]:
     """A Gemma 2B layer over the packed prefix x [B, N, W]; `out` None = K/V only (the last layer).
     `fused_mlp`: an MLP whose gate_up and down are both FP8 runs through `fp8_mlp_fused` (where
-    kernels.geglu.supported; the caller decides).
+    kernels.geglu.supported; the caller decides). `carry` / `defer`: the residual carry of `vision_layer` (a K/V-only
+    layer defers None).
 
     Its K/V go into the first N rows of k_cache/v_cache [B, 1, C, D], and attention runs over all C rows with
     key_mask [B, 1, 1, C]: the key length stays fixed whatever the prompt length, so one compiled kernel set
     serves every N. Every row's valid tokens come first, so the rows share positions (cos/sin [N, D]).
     """
+    if carry is not None:
+        x = x + carry.float()
     b, n, _ = x.shape
     d = head_dim
     y = linear_fn(_rms(x, eps), qkv)
@@ -275,26 +295,32 @@ def prefix_layer(x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor, k_cache:
     k_cache[:, :, :n].copy_(_rope(kv[..., :d], cos, sin).unsqueeze(1))
     v_cache[:, :, :n].copy_(kv[..., d:].unsqueeze(1))
     if out is None:
-        return x
+        return (x, None) if defer else x
     q = _rope(y[..., : num_heads * d].view(b, n, num_heads, d), cos.unsqueeze(-2), sin.unsqueeze(-2))
     q = q.to(k_cache.dtype)
     x = x + linear_fn(ATTENTION[attention](q, k_cache, v_cache, key_mask), out).float()
     # (the kernel has no bias: Gemma's gate_up has none)
     if fused_mlp and linear_fn is linear and gate_up[2] is not None and down[2] is not None and gate_up[1] is None:
-        return x + fp8_mlp_fused(_rms(x, eps), gate_up, down).float()
-    gate, up = linear_fn(_rms(x, eps), gate_up).chunk(2, dim=-1)
-    return x + linear_fn(F.gelu(gate, approximate="tanh") * up, down).float()
+        y = fp8_mlp_fused(_rms(x, eps), gate_up, down)
+    else:
+        gate, up = linear_fn(_rms(x, eps), gate_up).chunk(2, dim=-1)
+        y = linear_fn(F.gelu(gate, approximate="tanh") * up, down)
+    return (x, y) if defer else x + y.float()
 
 
 def expert_layer(x: Tensor, mod: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor, k_cache: Tensor,
                  v_cache: Tensor, qkv: LinearParams, out: LinearParams, gate_up: LinearParams, down: LinearParams,
                  num_heads: int, head_dim: int, eps: float, attention: str = "gemm",
-                 linear_fn: LinearFn = linear) -> Tensor:
+                 linear_fn: LinearFn = linear, carry: Tensor | None = None, carry_gate: Tensor | None = None,
+                 defer: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """An action-expert layer over x [B, H, W]. mod [6, W]: (1+scale, shift, gate) of the attention norm, then of
     the MLP norm (one step for all rows). cos/sin [B, H, D]: each row's suffix positions follow its own prefix.
 
-    The suffix's own K/V go into the last `horizon` rows of the cache, after the prefix's rows.
+    The suffix's own K/V go into the last `horizon` rows of the cache, after the prefix's rows. `carry` / `defer`:
+    the residual carry of `vision_layer`; the carried MLP output is added times its layer's gate (`carry_gate`).
     """
+    if carry is not None:
+        x = x + carry.float() * carry_gate
     b, n, _ = x.shape
     d = head_dim
     y = linear_fn(_rms(x, eps) * mod[0] + mod[1], qkv)
@@ -304,16 +330,22 @@ def expert_layer(x: Tensor, mod: Tensor, cos: Tensor, sin: Tensor, key_mask: Ten
     q = _rope(y[..., :q_width].view(b, n, num_heads, d), cos.unsqueeze(-2), sin.unsqueeze(-2)).to(k_cache.dtype)
     x = x + linear_fn(ATTENTION[attention](q, k_cache, v_cache, key_mask), out).float() * mod[2]
     gate, up = linear_fn(_rms(x, eps) * mod[3] + mod[4], gate_up).chunk(2, dim=-1)
-    return x + linear_fn(F.gelu(gate, approximate="tanh") * up, down).float() * mod[5]
+    y = linear_fn(F.gelu(gate, approximate="tanh") * up, down)
+    return (x, y) if defer else x + y.float() * mod[5]
 
 
-def action_head(x_t: Tensor, x: Tensor, final_mod: Tensor, out_w: Tensor, out_b: Tensor, eps: float) -> None:
-    """Final adaptive norm, the (dt-folded) output projection and the Euler update, in place on x_t."""
-    x_t.add_(action_delta(x, final_mod, out_w, out_b, eps))
+def action_head(x_t: Tensor, x: Tensor, final_mod: Tensor, out_w: Tensor, out_b: Tensor, eps: float,
+                carry: Tensor | None = None, carry_gate: Tensor | None = None) -> None:
+    """Final adaptive norm, the (dt-folded) output projection and the Euler update, in place on x_t; `carry`: the
+    last expert layer's MLP output and its gate, added first (see `expert_layer`)."""
+    x_t.add_(action_delta(x, final_mod, out_w, out_b, eps, carry, carry_gate))
 
 
-def action_delta(x: Tensor, final_mod: Tensor, out_w: Tensor, out_b: Tensor, eps: float) -> Tensor:
+def action_delta(x: Tensor, final_mod: Tensor, out_w: Tensor, out_b: Tensor, eps: float,
+                 carry: Tensor | None = None, carry_gate: Tensor | None = None) -> Tensor:
     """dt * v: the final adaptive norm and the dt-folded output projection (differentiable; RTC's step)."""
+    if carry is not None:
+        x = x + carry.float() * carry_gate
     return F.linear(_rms(x, eps) * final_mod[0] + final_mod[1], out_w, out_b)
 
 
@@ -418,6 +450,9 @@ class FastModel(nn.Module):
         self.prefix_fused_mlp = False
         # SigLIP's FP8 fc1 + GELU the same way (Pi05Pipeline(vision_fused_mlp=True), with fp8_vision)
         self.vision_fused_mlp = False
+        # Each layer's last residual add is done by the next layer, fused into its first norm (`vision_layer`'s
+        # residual carry); False: every layer adds its own (as before, for comparisons)
+        self.carry_residual = True
         emb = ref.vision.embeddings
         # the stride-14 patch convolution as one GEMM over flattened patches: [width, (channel, kh, kw)]
         self.register_buffer("patch_w", emb.patch_embedding.weight.flatten(1).to(dtype))
@@ -558,9 +593,14 @@ class FastModel(nn.Module):
         x = self._embed_patches(images_u8, self.patch_w, self.patch_b, self.pos_embed, self.patch_size)
         # the option only when on: tools replace _vision_layer with variants that do not take it
         fused = {"fused_mlp": True} if self.vision_fused_mlp else {}
+        carry = None
         for block in self.vision_blocks:
-            x = self._vision_layer(x, *block.args(), **fused)
-        out.copy_(self._vision_head(x, self.projector.params, self.vision_eps).reshape(out.shape))
+            if self.carry_residual:
+                x, carry = self._vision_layer(x, *block.args(), carry=carry, defer=True, **fused)
+            else:
+                x = self._vision_layer(x, *block.args(), **fused)
+        head = {"carry": carry} if carry is not None else {}
+        out.copy_(self._vision_head(x, self.projector.params, self.vision_eps, **head).reshape(out.shape))
 
     def prefill(self, prefix: Tensor, n_valid: Tensor, keys: list[Tensor], values: list[Tensor],
                 attention: str | None = None) -> None:
@@ -574,10 +614,14 @@ class FastModel(nn.Module):
         if self._compiled:
             for t in (prefix, cos, sin):
                 torch._dynamo.maybe_mark_dynamic(t, 1 if t is prefix else 0)
-        x = prefix
+        x, carry = prefix, None
         for block, k, v in zip(self.prefix_blocks, keys, values, strict=True):
-            x = self._prefix_layer(x, cos, sin, key_mask, k, v, *block.args(), attention,
-                                   fused_mlp=self.prefix_fused_mlp)
+            if self.carry_residual:
+                x, carry = self._prefix_layer(x, cos, sin, key_mask, k, v, *block.args(), attention,
+                                              fused_mlp=self.prefix_fused_mlp, carry=carry, defer=True)
+            else:
+                x = self._prefix_layer(x, cos, sin, key_mask, k, v, *block.args(), attention,
+                                       fused_mlp=self.prefix_fused_mlp)
 
     def denoise(self, x_t: Tensor, n_valid: Tensor, keys: list[Tensor], values: list[Tensor],
                 schedule: tuple[Tensor, Tensor, Tensor, Tensor]) -> None:
@@ -608,10 +652,25 @@ class FastModel(nn.Module):
         schedule, out_w / out_b its dt-folded action head."""
         cos, sin, key_mask = where or self.suffix_inputs(x_t, n_valid, keys)
         x = F.linear(x_t, self.action_in_w, self.action_in_b)
+        x, carry = self._expert_layers(self._expert_layer, x, mods, cos, sin, key_mask, keys, values,
+                                       self.expert_attention)
+        self._action_head(x_t, x, final_mod, out_w, out_b, self.expert_eps, *carry)
+
+    def _expert_layers(self, layer_fn: Callable, x: Tensor, mods: Tensor, cos: Tensor, sin: Tensor,
+                       key_mask: Tensor, keys: list[Tensor], values: list[Tensor],
+                       attention: str) -> tuple[Tensor, tuple]:
+        """The expert's layers over x; returns x and what the action head still adds: (the last layer's MLP output,
+        its gate) under the residual carry, () otherwise."""
+        carry = gate = None
         for layer, block in enumerate(self.expert_blocks):
-            x = self._expert_layer(x, mods[layer], cos, sin, key_mask, keys[layer], values[layer],
-                                   *block.args(), self.expert_attention)
-        self._action_head(x_t, x, final_mod, out_w, out_b, self.expert_eps)
+            if self.carry_residual:
+                x, carry = layer_fn(x, mods[layer], cos, sin, key_mask, keys[layer], values[layer], *block.args(),
+                                    attention, carry=carry, carry_gate=gate, defer=True)
+                gate = mods[layer][5]
+            else:
+                x = layer_fn(x, mods[layer], cos, sin, key_mask, keys[layer], values[layer], *block.args(),
+                             attention)
+        return x, ((carry, gate) if carry is not None else ())
 
     def guided_step(self, x_t: Tensor, n_valid: Tensor, keys: list[Tensor], values: list[Tensor], mods: Tensor,
                     final_mod: Tensor, out_w: Tensor, out_b: Tensor, t: Tensor | float, dt: Tensor | float,
@@ -632,10 +691,8 @@ class FastModel(nn.Module):
         with torch.enable_grad():
             x_in = x_t.detach().requires_grad_(True)
             x = F.linear(x_in, self.action_in_w, self.action_in_b)
-            for layer, block in enumerate(self.expert_blocks):
-                x = layer_fn(x, mods[layer], cos, sin, key_mask, keys[layer], values[layer], *block.args(),
-                             attention)
-            delta = delta_fn(x, final_mod, out_w, out_b, self.expert_eps)
+            x, carry = self._expert_layers(layer_fn, x, mods, cos, sin, key_mask, keys, values, attention)
+            delta = delta_fn(x, final_mod, out_w, out_b, self.expert_eps, *carry)
             clean = x_in - (t / dt) * delta  # x - t * v, v = delta / dt
             err = weights * (previous - clean)
             (g,) = torch.autograd.grad(clean, x_in, grad_outputs=err.detach())
