@@ -91,7 +91,7 @@ def vision_layer_variant(gelu_epilogue: bool = True, attention: str = "sdpa"):
 PREFIX_MLP_FUSED = "prefix MLP: GeGLU in the FP8 gate_up kernel"
 RUNS_WALK = "runs walk"
 VISION_MLP_FUSED = "fp8 prefix MLP + SigLIP MLP, fc1 GELU in its FP8 kernel"
-RESIDUAL_AT_LAYER_ENDS = "residual added at each layer's end (no carry)"
+RESIDUAL_CARRY = "residual carry: each layer's last add in the next layer's norm"
 
 
 def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str,
@@ -136,8 +136,8 @@ def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str,
             # SigLIP's FP8 MLP with fc1's bias, GELU and fc2's input quantization in the same kernel's GELU form,
             # against "fp8 prefix MLP + SigLIP MLP" (the two FP8 GEMMs) and the baseline (bf16 fc1 + GELU epilogue)
             (VISION_MLP_FUSED, FP8_DEFAULT_LAYERS, True, "auto", (), {}),
-            # every layer adding its own last residual (before the residual carry, FastModel.carry_residual)
-            (RESIDUAL_AT_LAYER_ENDS, FP8_DEFAULT_LAYERS, False, "auto", (), {}),
+            # each layer's last residual add done by the next layer, in its first norm (FastModel.carry_residual)
+            (RESIDUAL_CARRY, FP8_DEFAULT_LAYERS, False, "auto", (), {}),
             # the flash attention kernel walking only the mask's runs of valid keys, with no branch in its loop
             # (kernels/attention.py KEY_WALK): for the prefill alone (auto takes the kernel for batches of 2+), and
             # for both stacks beside both stacks on the measured walk
@@ -159,7 +159,7 @@ def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str,
                             attention=attention, max_batch=len(prepared), release_reference=True, use_graphs=cuda,
                             prefix_fused_mlp=name == PREFIX_MLP_FUSED, vision_fused_mlp=name == VISION_MLP_FUSED)
         del model
-        pipe.fast.carry_residual = name != RESIDUAL_AT_LAYER_ENDS  # read as the stages run, before any capture
+        pipe.fast.carry_residual = name == RESIDUAL_CARRY  # read as the stages run, before any capture
         for stack in autotune:  # replaces compile()'s function before anything is compiled or captured
             setattr(pipe.fast, f"_{stack}_layer", torch.compile(getattr(blocks, f"{stack}_layer"),
                                                                 dynamic=None if stack == "prefix" else False,

@@ -30,8 +30,8 @@
 #            FP8 with two GEMMs and FP8 with fc1's bias + GELU + fc2's input quantization in the kernel's GELU form
 #   vision-mlp  tools/batch_stages_gpu.py --variants "prefix MLP + SigLIP" at buckets 1 and 8: the pipeline with
 #            SigLIP's MLP in FP8, two GEMMs or fused, beside the baseline   (480)
-#   residual-carry  tools/batch_stages_gpu.py --variants carry at buckets 1 and 8: the default (each layer's last
-#            residual add fused into the next layer's first norm) beside every layer adding its own   (300)
+#   residual-carry  tools/batch_stages_gpu.py --variants carry at buckets 1 and 8: each layer's last residual add
+#            fused into the next layer's first norm (FastModel.carry_residual) beside the baseline   (300)
 #   prefix-mlp  tools/batch_stages_gpu.py --variants "prefix MLP:,fp8 prefix all linears" at buckets 1 and 8: the
 #            pipeline with the prefix MLP's GeGLU in its FP8 GEMM, and with Gemma's qkv and o in FP8 too, beside the
 #            baseline, each on a fresh model   (480)

@@ -43,7 +43,7 @@ def test_padding_tile_changes_nothing(golden_model: Pi05Model, fast_case) -> Non
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_residual_carry_changes_no_value(golden_model: Pi05Model, fast_case, dtype: torch.dtype) -> None:
-    """Each layer's last residual add done by the next layer (FastModel.carry_residual, the default) performs the
+    """Each layer's last residual add done by the next layer (FastModel.carry_residual) performs the
     same additions in the same order as each layer adding its own: the K/V caches and the actions are equal bit for
     bit, and so is a guided (real-time chunking) step, whose VJP runs through the carried adds."""
     from pi05_ros.engine.fast.blocks import denoise_eager, prefill_eager
@@ -64,7 +64,6 @@ def test_the_residual_carry_changes_no_value(golden_model: Pi05Model, fast_case,
             fast.guided_step(x, prefix.n_valid, prefix.keys, prefix.values, mods[step], final[step], out_w, out_b,
                              t, dt, previous, weights, 5.0, compiled=False)
         results[carry] = (prefix.keys, prefix.values, actions, x)
-    fast.carry_residual = True
     for with_carry, without in zip(results[True], results[False], strict=True):
         for a, b in zip(with_carry if isinstance(with_carry, list) else [with_carry],
                         without if isinstance(without, list) else [without], strict=True):

@@ -126,6 +126,25 @@ def test_vision_mlp_fused_into_its_fp8_gemm(full_model, observation, reference, 
         assert 0 < apart < 2e-2, (steps, apart)  # e4m3 roundings of some hidden values apart, not a wrong layer
 
 
+def test_residual_carry_follows_the_per_layer_adds(full_model, observation, reference) -> None:
+    """FastModel.carry_residual at full size, compiled and in graphs: the same additions as per-layer adds (equal
+    bit for bit eagerly, test_fast_blocks.py); compiled, only the fused norms' summation order differs."""
+    # the torch path's expert layers (the fused kernels take batch 1 and 2 on Hopper and carry nothing)
+    plain = Pi05Pipeline(full_model, precision="fp8", max_batch=2, expert_kernels="off")
+    carried = Pi05Pipeline(full_model, precision="fp8", fp8_scales=plain.fp8_scales, max_batch=2,
+                           expert_kernels="off")
+    carried.fast.carry_residual = True
+    for steps in (1, 10):
+        want, _ = plain.run(observation, steps)
+        got, _ = carried.run(observation, steps)
+        apart = rel_err(got, want)
+        err = rel_err(got, reference[steps])
+        print(f"RESIDUAL CARRY steps={steps} {apart:.3e} from per-layer adds, {err:.3e} from the reference")
+        assert apart < 1e-2 and err <= BOUND["fp8"], (steps, apart, err)
+    rows, _ = carried.run_batch([observation, observation], 10)
+    assert rel_err(rows[1], rows[0]) < 1e-2 and rel_err(rows[0], reference[10]) <= BOUND["fp8"]
+
+
 def test_graph_replay_equals_eager_and_step_switching(full_model, observation) -> None:
     graphs = Pi05Pipeline(full_model, precision="bf16")
     eager = Pi05Pipeline(full_model, precision="bf16", use_graphs=False)

@@ -251,11 +251,11 @@ def vision_layer(x: Tensor, qkv: LinearParams, out: LinearParams, fc1: LinearPar
     """A SigLIP layer over x [B, N, W] (LayerNorms' affine folded into qkv and fc1). `fused_mlp`: an MLP whose fc1
     and fc2 are both FP8 runs through `fp8_gelu_mlp_fused` (where kernels.geglu.supported; the caller decides).
 
-    Residual carry (FastModel.carry_residual): with `defer` the layer returns (x, its MLP output) instead of their
-    sum, and the next layer takes that output as `carry` and adds it first, where the add fuses into its first
-    norm's kernel: one pass over the float32 residual stream less per layer. The same additions in the same order:
-    eagerly equal bit for bit; compiled, the fused norm may sum its squares in another order (5e-4 apart in bf16
-    through inductor on the CPU, tools/batch_stages_gpu.py --device cpu).
+    Residual carry (FastModel.carry_residual, off by default): with `defer` the layer returns (x, its MLP output)
+    instead of their sum, and the next layer takes that output as `carry` and adds it first, where the add fuses into
+    its first norm's kernel: one pass over the float32 residual stream less per layer. The same additions in the
+    same order: eagerly equal bit for bit; compiled, the fused norm may sum its squares in another order (5e-4
+    apart in bf16 through inductor on the CPU, tools/batch_stages_gpu.py --device cpu).
     """
     if carry is not None:
         x = x + carry.float()
@@ -450,9 +450,10 @@ class FastModel(nn.Module):
         self.prefix_fused_mlp = False
         # SigLIP's FP8 fc1 + GELU the same way (Pi05Pipeline(vision_fused_mlp=True), with fp8_vision)
         self.vision_fused_mlp = False
-        # Each layer's last residual add is done by the next layer, fused into its first norm (`vision_layer`'s
-        # residual carry); False: every layer adds its own (as before, for comparisons)
-        self.carry_residual = True
+        # Each layer's last residual add done by the next layer, fused into its first norm (`vision_layer`'s
+        # residual carry). Off until a GPU measures it (gpu_session step residual-carry): it saves a float32 pass
+        # per layer, and costs three more compiled variants (each stack's first layer takes no carry).
+        self.carry_residual = False
         emb = ref.vision.embeddings
         # the stride-14 patch convolution as one GEMM over flattened patches: [width, (channel, kh, kw)]
         self.register_buffer("patch_w", emb.patch_embedding.weight.flatten(1).to(dtype))
