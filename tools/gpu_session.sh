@@ -54,7 +54,8 @@
 #   serve-kernels  the same server, batched only, 1/4/8 clients, with --expert-kernels on --fp8-vision   (360)
 #   bench    pi05-bench --iters 1000                    (480)
 #   bench-mlp  pi05-bench --precision fp8,fp8+fused-mlp --steps 1,10 --iters 300: issue 12's end-to-end figures with
-#            the prefix MLP fused and without, one run   (420)
+#            the prefix MLP fused and without, one run; BENCH_PRECISION overrides the list (e.g.
+#            fp8,fp8+fused-mlp+fused-vision-mlp+residual-carry with what paid)   (420)
 #   soak-arrival, soak-inference   tools/soak.py --gpu, 10 steps at 30 Hz, SOAK_N inferences (default 3000), with
 #            prepare_views on_arrival / in_inference: the node's latency and stages either way (needs .gpu_ros)  (360)
 # Step limits can be changed with LIMIT_<STEP>=seconds.
@@ -153,8 +154,8 @@ for step in "$@"; do
     serve-kernels) run_step serve-kernels 360 bash tools/serve_bench.sh "$OUT/serve-kernels" --device cuda \
                      --precision fp8 --modes batched --clients "1 4 8" --server-args "--expert-kernels on --fp8-vision" ;;
     bench) run_step bench 480 "$PY" -m pi05_ros.cli.bench --iters 1000 --out "$OUT/bench" ;;
-    bench-mlp) run_step bench-mlp 420 "$PY" -m pi05_ros.cli.bench --precision fp8,fp8+fused-mlp --steps 1,10 \
-                 --iters 300 --out "$OUT/bench-mlp" ;;
+    bench-mlp) run_step bench-mlp 420 "$PY" -m pi05_ros.cli.bench --precision "${BENCH_PRECISION:-fp8,fp8+fused-mlp}" \
+                 --steps 1,10 --iters 300 --out "$OUT/bench-mlp" ;;
     soak-arrival|soak-inference)
       views=on_arrival; [[ "$step" == soak-inference ]] && views=in_inference
       mkdir -p "$OUT/$step"

@@ -181,18 +181,20 @@ def test_a_precision_with_a_pipeline_option_is_timed_beside_the_plain_one(tmp_pa
 
     monkeypatch.setattr(bench, "make_runner", make_runner)
     out = tmp_path / "bench"
-    labels = ["fp8", "fp8+fused-mlp", "fp8+fused-mlp+fused-vision-mlp"]
+    labels = ["fp8", "fp8+fused-mlp", "fp8+fused-mlp+fused-vision-mlp", "fp8+residual-carry"]
     rc = bench.main(["--preset", "tiny", "--device", "cpu", "--steps", "1", "--iters", "2", "--warmup", "1",
                      "--no-baseline", "--precision", ",".join(labels), "--out", str(out)])
     assert rc == 0
     assert [(p, o.get("prefix_fused_mlp", False), o.get("fp8_vision", False), o.get("vision_fused_mlp", False))
-            for p, o in built] == [("fp8", False, False, False), ("fp8", True, False, False), ("fp8", True, True, True)]
+            for p, o in built] == [("fp8", False, False, False), ("fp8", True, False, False), ("fp8", True, True, True),
+                                   ("fp8", False, False, False)]
+    assert [o.get("carry_residual", False) for _, o in built] == [False, False, False, True]
     results = json.loads((out / "results.json").read_text())
     assert sorted(c["precision"] for c in results["configs"]) == labels
     assert set(results["setup"]["runners"]) == set(labels)
     with pytest.raises(SystemExit):
         bench.main(["--preset", "tiny", "--device", "cpu", "--precision", "fp8+nope", "--out", str(out)])
-    assert len(built) == 3  # refused while parsing: nothing built
+    assert len(built) == 4  # refused while parsing: nothing built
 
 
 def test_stage_order_is_pipeline_order() -> None:

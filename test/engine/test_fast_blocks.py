@@ -64,6 +64,10 @@ def test_the_residual_carry_changes_no_value(golden_model: Pi05Model, fast_case,
             fast.guided_step(x, prefix.n_valid, prefix.keys, prefix.values, mods[step], final[step], out_w, out_b,
                              t, dt, previous, weights, 5.0, compiled=False)
         results[carry] = (prefix.keys, prefix.values, actions, x)
+    from pi05_ros.engine.fast.pipeline import Pi05Pipeline
+
+    pipe = Pi05Pipeline(golden_model, precision="bf16", use_graphs=False, compile=False, carry_residual=True)
+    assert pipe.fast.carry_residual and not FastModel(golden_model, dtype).carry_residual  # opt-in
     for with_carry, without in zip(results[True], results[False], strict=True):
         for a, b in zip(with_carry if isinstance(with_carry, list) else [with_carry],
                         without if isinstance(without, list) else [without], strict=True):

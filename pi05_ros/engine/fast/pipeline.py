@@ -202,7 +202,8 @@ class Pi05Pipeline:
     `calibration_observations`, or on synthetic observations, and keeps what it found in `fp8_scales`
     (`calibrated_on` then says on what). `prefix_fused_mlp` runs the prefix MLP's FP8 gate_up, GeGLU and down's
     input quantization as one kernel (kernels/geglu.py; off by default, being measured: docs/fast_path.md);
-    `vision_fused_mlp` does the same for SigLIP's FP8 fc1 (bias + GELU; needs fp8_vision).
+    `vision_fused_mlp` does the same for SigLIP's FP8 fc1 (bias + GELU; needs fp8_vision). `carry_residual` has each
+    layer's last residual add done in the next layer's first norm (blocks.vision_layer; off, being measured).
 
     One pipeline runs one call at a time. Two pipelines of one process must not run at once on different streams:
     measured so, their actions differed from each alone, and they gained no throughput (docs/benchmarks.md §48). A
@@ -235,6 +236,7 @@ class Pi05Pipeline:
         max_batch: int = 1,
         prefix_fused_mlp: bool = False,
         vision_fused_mlp: bool = False,
+        carry_residual: bool = False,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -277,6 +279,7 @@ class Pi05Pipeline:
                 raise ValueError("vision_fused_mlp needs precision fp8 with fp8_vision (SigLIP's FP8 MLP it fuses) on "
                                  "a GPU with FP8 tensor cores (SM 8.9+) and Triton; leave it off here")
             self.fast.vision_fused_mlp = True
+        self.fast.carry_residual = carry_residual  # blocks.vision_layer's residual carry (off until measured)
         self.attention = attention
         start = time.perf_counter()
         self.fp8_layers = fp8_layers + (fp8_vision_layers if fp8_vision else ())
