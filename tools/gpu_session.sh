@@ -12,6 +12,9 @@
 #            ends the process once pytest has reported; the fused-MLP and FP8-prefix tests since build three more
 #            pipelines: if it runs out, split with TESTS_ARGS); TESTS_ARGS adds pytest
 #            options, e.g. TESTS_ARGS="-k batch_buckets" for the tests a short call left out
+#   tests-kernels, tests-pipeline   the same tests in two halves of ~22 each (test_attention.py +
+#            test_expert_kernels.py; test_pipeline.py + test_worker.py), for a cold machine where all 44 do not fit
+#            one call   (580 each)
 #   kernels  tools/expert_kernels_gpu.py --variants     (300): the denoise loop, default and options
 #   kernels-batch  tools/expert_kernels_gpu.py --batches (360): batches of 2-8 on the torch path and the kernels'
 #            batch shapes (which to make the default, and whether batches should run on the kernels at all)
@@ -68,7 +71,7 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:?usage: PI05_GIT_COMMIT=<hash> gpu_session.sh OUT_DIR STEP [STEP ...]}"
 shift
-STEPS="tests kernels kernels-attention stream-floor geglu gelu vision-mlp residual-carry prefix-mlp kernels-batch kernels-batch-k kernels-batch-gemms attention attention-sweep flash-walks batch batch-variants
+STEPS="tests tests-kernels tests-pipeline kernels kernels-attention stream-floor geglu gelu vision-mlp residual-carry prefix-mlp kernels-batch kernels-batch-k kernels-batch-gemms attention attention-sweep flash-walks batch batch-variants
 vision-variants serve serve-kernels bench bench-mlp soak-arrival soak-inference"  # the steps the loop at the end runs
 STEPS="${STEPS//$'\n'/ }"
 [[ $# -gt 0 ]] || { echo "gpu_session.sh: name at least one step: $STEPS" >&2; exit 2; }
@@ -123,6 +126,10 @@ for step in "$@"; do
     tests) read -ra tests_args <<< "${TESTS_ARGS:-}"  # split on whitespace: no quotes, no globbing
            run_step tests 580 "$PY" -m pytest -m gpu test/gpu -v -s -p no:cacheprovider --durations=10 \
              "${tests_args[@]}" ;;
+    tests-kernels|tests-pipeline)
+      files=(test/gpu/test_attention.py test/gpu/test_expert_kernels.py)
+      [[ "$step" == tests-pipeline ]] && files=(test/gpu/test_pipeline.py test/gpu/test_worker.py)
+      run_step "$step" 580 "$PY" -m pytest -m gpu "${files[@]}" -v -s -p no:cacheprovider --durations=10 ;;
     geglu) OUT="$OUT" run_step geglu 150 "$PY" tools/geglu_gpu.py ;;
     gelu) OUT="$OUT" run_step gelu 150 "$PY" tools/geglu_gpu.py --gelu --calls 27 ;;
     vision-mlp) OUT="$OUT" run_step vision-mlp 480 bash -c "'$PY' tools/batch_stages_gpu.py --buckets 1 --iters 30 \
