@@ -279,7 +279,8 @@ class Pi05Pipeline:
                 raise ValueError("vision_fused_mlp needs precision fp8 with fp8_vision (SigLIP's FP8 MLP it fuses) on "
                                  "a GPU with FP8 tensor cores (SM 8.9+) and Triton; leave it off here")
             self.fast.vision_fused_mlp = True
-        self.fast.carry_residual = carry_residual  # blocks.vision_layer's residual carry (off until measured)
+        if carry_residual:  # blocks.vision_layer's residual carry (off until measured); read when graphs are made
+            self.fast.carry_residual = True
         self.attention = attention
         start = time.perf_counter()
         self.fp8_layers = fp8_layers + (fp8_vision_layers if fp8_vision else ())
