@@ -143,7 +143,8 @@ def main() -> int:
         jobs.append((f"flash attention, {'one split' if splits == 1 else f'{splits} key splits'}"
                      f"{'' if walk == attention.KEY_WALK else f', {walk} walk (option)'}", flash_kernel,
                      flash, dict(D=d, BM=attention.BLOCK_ROWS, KB=attention.KEY_BLOCK, SPLITS=splits, DT=tl.bfloat16,
-                                 WALK=attention.KEY_WALKS.index(walk), PRECISION="tf32", KEYS_P2=1024),
+                                 WALK=attention.KEY_WALKS.index(walk), PRECISION="tf32",
+                                 KEYS_P2=1024 if walk == "runs" else 1),  # as flash_gqa_attention passes it
                      attention.WARPS, 0))
     jobs.append(("flash combine", flash_combine,
                  dict(acc_ptr=F32, m_ptr=F32, l_ptr=F32, out_ptr=BF, q_rows="i32", out_bstride="i32"),

@@ -58,6 +58,28 @@ def _kernels() -> tuple:
     """The two kernels, defined at first use: whether Triton interprets them (TRITON_INTERPRET=1, tests on the CPU)
     is fixed when they are defined, and this module is imported with the fast path, before tests choose."""
 
+    # A module global (defined here, at first use, as the kernels are): the interpreter looks a kernel's callees
+    # up in its module's globals, not in this function's scope.
+    global _key_block
+
+    @triton.jit
+    def _key_block(q, k_ptr, v_ptr, key, valid, kv_rstride, scale, m_i, l_i, acc,
+                   D: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr):
+        """One block of keys into the online softmax: the new (running max, running sum, accumulator). Masked keys
+        are not read: whatever a padded row's K/V hold (even NaN) cannot reach the output."""
+        rd = tl.arange(0, D)
+        kt = tl.load(k_ptr + key[None, :] * kv_rstride + rd[:, None], mask=valid[None, :], other=0.0)
+        scores = tl.dot(q, kt, input_precision=PRECISION) * scale
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: keep exp() finite
+        p = tl.exp(scores - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + key[:, None] * kv_rstride + rd[None, :], mask=valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DT), v, input_precision=PRECISION)
+        return m_new, l_i, acc
+
     @triton.jit
     def _flash_kernel(
         q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, acc_ptr, m_ptr, l_ptr,
@@ -103,17 +125,8 @@ def _kernels() -> tuple:
                 key_block = tl.where(j < lead_blocks, j, trail_first + j - lead_blocks)
                 key = key_block * KB + tl.arange(0, KB)
                 valid = (key < lead) | ((key >= trail) & (key < keys))
-                kt = tl.load(k_ptr + key[None, :] * kv_rstride + rd[:, None], mask=valid[None, :], other=0.0)
-                scores = tl.dot(q, kt, input_precision=PRECISION) * scale
-                scores = tl.where(valid[None, :], scores, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.exp(scores - m_safe[:, None])
-                alpha = tl.exp(m_i - m_safe)
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                v = tl.load(v_ptr + key[:, None] * kv_rstride + rd[None, :], mask=valid[:, None], other=0.0)
-                acc = acc * alpha[:, None] + tl.dot(p.to(DT), v, input_precision=PRECISION)
-                m_i = m_new
+                m_i, l_i, acc = _key_block(q, k_ptr, v_ptr, key, valid, kv_rstride, scale, m_i, l_i, acc,
+                                           D, DT, PRECISION)
         else:
             for b in range(blocks_per_split):
                 key = (split * blocks_per_split + b) * KB + tl.arange(0, KB)
@@ -121,18 +134,8 @@ def _kernels() -> tuple:
                 valid = in_range & (tl.load(mask_ptr + key, mask=in_range, other=0) != 0)
                 # a block with no valid key (the prefix rows past every prompt) is skipped, not computed
                 if WALK == 0 or tl.max(valid.to(tl.int32), axis=0) > 0:
-                    # masked keys are not read: whatever a padded row's K/V hold (even NaN) cannot reach the output
-                    kt = tl.load(k_ptr + key[None, :] * kv_rstride + rd[:, None], mask=valid[None, :], other=0.0)
-                    scores = tl.dot(q, kt, input_precision=PRECISION) * scale
-                    scores = tl.where(valid[None, :], scores, float("-inf"))
-                    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: keep exp() finite
-                    p = tl.exp(scores - m_safe[:, None])
-                    alpha = tl.exp(m_i - m_safe)
-                    l_i = l_i * alpha + tl.sum(p, axis=1)
-                    v = tl.load(v_ptr + key[:, None] * kv_rstride + rd[None, :], mask=valid[:, None], other=0.0)
-                    acc = acc * alpha[:, None] + tl.dot(p.to(DT), v, input_precision=PRECISION)
-                    m_i = m_new
+                    m_i, l_i, acc = _key_block(q, k_ptr, v_ptr, key, valid, kv_rstride, scale, m_i, l_i, acc,
+                                               D, DT, PRECISION)
         if SPLITS == 1:
             tl.store(out_ptr + pid_b * out_bstride + rm[:, None] * D + rd[None, :], (acc / l_i[:, None]).to(DT),
                      mask=row_ok[:, None])
@@ -237,7 +240,9 @@ def flash_gqa_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor) -> Te
         q, k, v, mask, out, acc, m, l_sum,
         rows, keys, rows * d, k.stride(0), k.stride(2), mask.stride(0) if mask.shape[0] > 1 else 0, rows * d,
         d**-0.5, per_split, D=d, BM=BLOCK_ROWS, KB=KEY_BLOCK, SPLITS=splits, DT=dt, WALK=KEY_WALKS.index(KEY_WALK),
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", KEYS_P2=triton.next_power_of_2(keys),
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        # read by the runs walk alone: the others get one value, not a compilation per key count
+        KEYS_P2=triton.next_power_of_2(keys) if KEY_WALK == "runs" else 1,
         **launch,  # float32 stays float32 (no TF32)
     )
     if splits > 1:
