@@ -596,14 +596,11 @@ class FastModel(nn.Module):
         x = self._embed_patches(images_u8, self.patch_w, self.patch_b, self.pos_embed, self.patch_size)
         # the option only when on: tools replace _vision_layer with variants that do not take it
         fused = {"fused_mlp": True} if self.vision_fused_mlp else {}
-        carry = None
+        carry, defer = None, self.carry_residual
         for block in self.vision_blocks:
-            if self.carry_residual:
-                x, carry = self._vision_layer(x, *block.args(), carry=carry, defer=True, **fused)
-            else:
-                x = self._vision_layer(x, *block.args(), **fused)
-        head = {"carry": carry} if carry is not None else {}
-        out.copy_(self._vision_head(x, self.projector.params, self.vision_eps, **head).reshape(out.shape))
+            result = self._vision_layer(x, *block.args(), carry=carry, defer=defer, **fused)
+            x, carry = result if defer else (result, None)
+        out.copy_(self._vision_head(x, self.projector.params, self.vision_eps, carry=carry).reshape(out.shape))
 
     def prefill(self, prefix: Tensor, n_valid: Tensor, keys: list[Tensor], values: list[Tensor],
                 attention: str | None = None) -> None:
@@ -617,14 +614,11 @@ class FastModel(nn.Module):
         if self._compiled:
             for t in (prefix, cos, sin):
                 torch._dynamo.maybe_mark_dynamic(t, 1 if t is prefix else 0)
-        x, carry = prefix, None
+        x, carry, defer = prefix, None, self.carry_residual
         for block, k, v in zip(self.prefix_blocks, keys, values, strict=True):
-            if self.carry_residual:
-                x, carry = self._prefix_layer(x, cos, sin, key_mask, k, v, *block.args(), attention,
-                                              fused_mlp=self.prefix_fused_mlp, carry=carry, defer=True)
-            else:
-                x = self._prefix_layer(x, cos, sin, key_mask, k, v, *block.args(), attention,
-                                       fused_mlp=self.prefix_fused_mlp)
+            result = self._prefix_layer(x, cos, sin, key_mask, k, v, *block.args(), attention,
+                                        fused_mlp=self.prefix_fused_mlp, carry=carry, defer=defer)
+            x, carry = result if defer else (result, None)
 
     def denoise(self, x_t: Tensor, n_valid: Tensor, keys: list[Tensor], values: list[Tensor],
                 schedule: tuple[Tensor, Tensor, Tensor, Tensor]) -> None:
@@ -665,14 +659,12 @@ class FastModel(nn.Module):
         """The expert's layers over x; returns x and what the action head still adds: (the last layer's MLP output,
         its gate) under the residual carry, () otherwise."""
         carry = gate = None
+        defer = self.carry_residual
         for layer, block in enumerate(self.expert_blocks):
-            if self.carry_residual:
-                x, carry = layer_fn(x, mods[layer], cos, sin, key_mask, keys[layer], values[layer], *block.args(),
-                                    attention, carry=carry, carry_gate=gate, defer=True)
-                gate = mods[layer][5]
-            else:
-                x = layer_fn(x, mods[layer], cos, sin, key_mask, keys[layer], values[layer], *block.args(),
-                             attention)
+            result = layer_fn(x, mods[layer], cos, sin, key_mask, keys[layer], values[layer], *block.args(),
+                              attention, carry=carry, carry_gate=gate, defer=defer)
+            x, carry = result if defer else (result, None)
+            gate = mods[layer][5]
         return x, ((carry, gate) if carry is not None else ())
 
     def guided_step(self, x_t: Tensor, n_valid: Tensor, keys: list[Tensor], values: list[Tensor], mods: Tensor,
