@@ -48,6 +48,20 @@ def _scaled_mm_on_cpu() -> bool:
     return True
 
 
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def fp8_golden_fast(golden_model: Pi05Model, fast_case, layers: tuple[str, ...]) -> FastModel:
+    """The golden model's fast path with `layers` in FP8, calibrated on cases 0 and 2 (case 1 is the one timed)."""
+    fast = FastModel(golden_model, torch.bfloat16)
+    with record_input_amax(fast) as amax:
+        for case in (0, 2):
+            sample_eager(fast, *fast_case(case), 10)
+    fast.quantize_fp8(amax, layers)
+    return fast
+
+
 def e4m3_operands(m: int, k: int, f: int, seed: int) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(seed)
     x = (torch.randn(m, k, generator=gen) * 60).clamp(-FP8_MAX, FP8_MAX).to(E4M3)
@@ -110,9 +124,6 @@ def test_fused_mlp_rounds_like_the_two_gemm_fp8_path(seed: int) -> None:
     g, u = (xq @ (w.float() * w_scale).t()).chunk(2, dim=-1)
     exact = (torch.nn.functional.gelu(g, approximate="tanh") * u) @ (down.weight.float() * down.w_scale).t()
 
-    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-        return float((a - b).norm() / b.norm())
-
     # e4m3 keeps 3 mantissa bits and the calibrated scale's headroom of 4 leaves the hidden values ~2 bits fewer:
     # measured 2.6-3.0e-2 from float32 for both paths, 1.6-2.5e-2 between them (seeds 0-3)
     assert rel(fused, exact) < 4e-2 and rel(two_gemm, exact) < 4e-2
@@ -124,11 +135,7 @@ def test_fused_mlp_rounds_like_the_two_gemm_fp8_path(seed: int) -> None:
 def test_prefix_with_the_fused_mlp_gives_the_same_actions(golden_model: Pi05Model, golden_cases, fast_case) -> None:
     """The golden model with FP8 Gemma MLPs (the default set), its prefix MLPs fused or not: the actions agree to
     FP8 rounding, and both stay as close to the oracle as FP8 does."""
-    fast = FastModel(golden_model, torch.bfloat16)
-    with record_input_amax(fast) as amax:
-        for case in (0, 2):
-            sample_eager(fast, *fast_case(case), 10)
-    fast.quantize_fp8(amax, FP8_DEFAULT_LAYERS)
+    fast = fp8_golden_fast(golden_model, fast_case, FP8_DEFAULT_LAYERS)
     images, rows, noise = fast_case(1)
     oracle = golden_cases["case1/actions_steps10"][0]
     fast.prefix_fused_mlp = False
@@ -142,9 +149,7 @@ def test_prefix_with_the_fused_mlp_gives_the_same_actions(golden_model: Pi05Mode
     finally:
         geglu.launch = real
     assert len(calls) == golden_model.cfg.vlm.depth - 1  # every layer with an MLP, the K/V-only last one not
-    diff = float((fused - two_gemm).norm() / two_gemm.norm())
-    err_fused = float((fused - oracle).norm() / oracle.norm())
-    err_two = float((two_gemm - oracle).norm() / oracle.norm())
+    diff, err_fused, err_two = rel(fused, two_gemm), rel(fused, oracle), rel(two_gemm, oracle)
     assert 0 < diff < 1e-2, diff  # FP8 rounding apart (the 10-step FP8 budget against the oracle is 3e-2)
     assert err_fused < 3e-2 and abs(err_fused - err_two) < 5e-3, (err_fused, err_two)
 
@@ -211,9 +216,6 @@ def test_fused_siglip_mlp_rounds_like_the_two_gemm_fp8_path(seed: int) -> None:
     exact = torch.nn.functional.gelu(xq @ (w.float() * w_scale).t() + b.float(), approximate="tanh")
     exact = exact @ (fc2.weight.float() * fc2.w_scale).t() + fc2.bias.float()
 
-    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-        return float((a - b).norm() / b.norm())
-
     # e4m3's 3 mantissa bits less the calibration's headroom of 4: measured 1.7-1.9e-2 from float32 for both paths,
     # 0.9-1.0e-2 between them (seeds 0-2)
     assert rel(fused, exact) < 3e-2 and rel(two_gemm, exact) < 3e-2
@@ -225,11 +227,7 @@ def test_fused_siglip_mlp_rounds_like_the_two_gemm_fp8_path(seed: int) -> None:
 def test_vision_with_the_fused_mlp_gives_the_same_actions(golden_model: Pi05Model, golden_cases, fast_case) -> None:
     """The golden model with FP8 Gemma and SigLIP MLPs, SigLIP's fused or not: the actions agree to FP8 rounding and
     both stay as close to the oracle as FP8 does."""
-    fast = FastModel(golden_model, torch.bfloat16)
-    with record_input_amax(fast) as amax:
-        for case in (0, 2):
-            sample_eager(fast, *fast_case(case), 10)
-    fast.quantize_fp8(amax, FP8_DEFAULT_LAYERS + FP8_VISION_LAYERS)
+    fast = fp8_golden_fast(golden_model, fast_case, FP8_DEFAULT_LAYERS + FP8_VISION_LAYERS)
     images, rows, noise = fast_case(1)
     oracle = golden_cases["case1/actions_steps10"][0]
     two_gemm = sample_eager(fast, images, rows, noise, 10)
@@ -242,9 +240,7 @@ def test_vision_with_the_fused_mlp_gives_the_same_actions(golden_model: Pi05Mode
     finally:
         geglu.launch = real
     assert calls == [True] * golden_model.cfg.vision.depth  # every SigLIP layer's fc1, the GELU form
-    diff = float((fused - two_gemm).norm() / two_gemm.norm())
-    err_fused = float((fused - oracle).norm() / oracle.norm())
-    err_two = float((two_gemm - oracle).norm() / oracle.norm())
+    diff, err_fused, err_two = rel(fused, two_gemm), rel(fused, oracle), rel(two_gemm, oracle)
     # measured 8.2e-4 apart, 3.8e-3 from the oracle either way: the golden model's small SigLIP (2 layers)
     assert 0 < diff < 5e-3, diff  # FP8 rounding apart
     # FP8 with SigLIP's MLP has the 5e-2 budget (pipeline.FP8_VISION_LAYERS)
