@@ -22,9 +22,9 @@ import argparse
 import json
 import os
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from expert_kernels_gpu import graph_ms  # this tool's neighbour (the script's folder is on sys.path)
 
 from pi05_ros.engine.fast.kernels import geglu
 from pi05_ros.engine.fast.kernels.geglu import FP8_MAX, TileConfig
@@ -47,27 +47,9 @@ def e4m3_differences(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
 
 
 def graph_time(fn, calls: int, iters: int) -> float:
-    """p50 ms per call of `fn` captured `calls` times in one CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(iters + 3):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(100_000)
-        start.record()
-        graph.replay()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop) / calls)
-    return float(np.median(times[3:]))
+    """p50 ms per call of `fn` captured `calls` times in one CUDA graph (expert_kernels_gpu.graph_ms, as the
+    attention tool times its calls)."""
+    return graph_ms(lambda: [fn() for _ in range(calls)], iters) / calls
 
 
 # SigLIP's fc1 in the GELU form: one accumulator, so wider column tiles fit the same registers
