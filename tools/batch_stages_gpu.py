@@ -92,6 +92,9 @@ PREFIX_MLP_FUSED = "prefix MLP: GeGLU in the FP8 gate_up kernel"
 RUNS_WALK = "runs walk"
 VISION_MLP_FUSED = "fp8 prefix MLP + SigLIP MLP, fc1 GELU in its FP8 kernel"
 RESIDUAL_CARRY = "residual carry: each layer's last add in the next layer's norm"
+# every option above at once, to see whether their gains add up (they touch different kernels, but share a
+# stream)
+ALL_OPTIONS = "all options: fp8 prefix all + SigLIP, both MLPs fused, residual carry, prefill runs walk"
 
 
 def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str,
@@ -113,6 +116,8 @@ def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str,
     # name, FP8 linears, FP8 SigLIP MLP, attention, stacks compiled with max-autotune, layer functions replaced
     for name, layers, vision, attention, autotune, replaced in (
             ("baseline (a fresh model, as the variants)", FP8_DEFAULT_LAYERS, False, "auto", (), {}),
+            # second: the row a short run must not lose
+            (ALL_OPTIONS, ("prefix_blocks.*",), True, "auto", (), {}),
             ("fp8 prefix all linears", ("prefix_blocks.*",), False, "auto", (), {}),
             ("fp8 prefix MLP + SigLIP MLP", FP8_DEFAULT_LAYERS, True, "auto", (), {}),
             ("fp8 prefix all + SigLIP MLP", ("prefix_blocks.*",), True, "auto", (), {}),
@@ -150,16 +155,17 @@ def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str,
             continue
         if not cuda and ("FlashAttention" in name or autotune or name.startswith("flash")):
             continue  # CUDA only (the Triton kernels run on the CPU only interpreted); the CPU run checks the rest
-        if (name.startswith("fp8") or name == PREFIX_MLP_FUSED) and policy.precision != "fp8":
+        if (name.startswith("fp8") or name in (PREFIX_MLP_FUSED, ALL_OPTIONS)) and policy.precision != "fp8":
             continue  # its FP8 linears would run in bf16 under an FP8 name
         # read when the attention op launches, i.e. when this pipeline's graphs are captured below
-        flash_attention.KEY_WALK = "runs" if RUNS_WALK in name else walk_default
+        flash_attention.KEY_WALK = "runs" if RUNS_WALK in name or name == ALL_OPTIONS else walk_default
         model = random_model(policy.config, seed=0, device=device, dtype=torch.bfloat16)
         pipe = Pi05Pipeline(model, policy.precision if cuda else "bf16", fp8_layers=layers, fp8_vision=vision,
                             attention=attention, max_batch=len(prepared), release_reference=True, use_graphs=cuda,
-                            prefix_fused_mlp=name == PREFIX_MLP_FUSED, vision_fused_mlp=name == VISION_MLP_FUSED)
+                            prefix_fused_mlp=name in (PREFIX_MLP_FUSED, ALL_OPTIONS),
+                            vision_fused_mlp=name in (VISION_MLP_FUSED, ALL_OPTIONS))
         del model
-        pipe.fast.carry_residual = name == RESIDUAL_CARRY  # read as the stages run, before any capture
+        pipe.fast.carry_residual = name in (RESIDUAL_CARRY, ALL_OPTIONS)  # read as the stages run, before any capture
         for stack in autotune:  # replaces compile()'s function before anything is compiled or captured
             setattr(pipe.fast, f"_{stack}_layer", torch.compile(getattr(blocks, f"{stack}_layer"),
                                                                 dynamic=None if stack == "prefix" else False,

@@ -38,6 +38,10 @@
 #   prefix-mlp  tools/batch_stages_gpu.py --variants "prefix MLP:,fp8 prefix all linears" at buckets 1 and 8: the
 #            pipeline with the prefix MLP's GeGLU in its FP8 GEMM, and with Gemma's qkv and o in FP8 too, beside the
 #            baseline, each on a fresh model   (480)
+#   options, options-1  tools/batch_stages_gpu.py --variants at bucket 8 (options) or 1 (options-1): every opt-in
+#            option of the fast path alone (FP8 in all of Gemma's linears, SigLIP's MLP in FP8 with two GEMMs or
+#            fused, the prefix MLP fused, the residual carry, the prefill's runs walk) and all at once, beside the
+#            baseline, one process   (580)
 #   attention  tools/attention_gpu.py: the GEMM path, SDPA and the flash kernel (each key walk) alone at the
 #            pipeline's shapes (150)
 #   attention-sweep  tools/attention_gpu.py --sweep --iters 50: the flash kernel's tile shapes with the measured key
@@ -71,7 +75,7 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:?usage: PI05_GIT_COMMIT=<hash> gpu_session.sh OUT_DIR STEP [STEP ...]}"
 shift
-STEPS="tests tests-kernels tests-pipeline kernels kernels-attention stream-floor geglu gelu vision-mlp residual-carry prefix-mlp kernels-batch kernels-batch-k kernels-batch-gemms attention attention-sweep flash-walks batch batch-variants
+STEPS="tests tests-kernels tests-pipeline kernels kernels-attention stream-floor geglu gelu vision-mlp residual-carry prefix-mlp options options-1 kernels-batch kernels-batch-k kernels-batch-gemms attention attention-sweep flash-walks batch batch-variants
 vision-variants serve serve-kernels bench bench-mlp soak-arrival soak-inference"  # the steps the loop at the end runs
 STEPS="${STEPS//$'\n'/ }"
 [[ $# -gt 0 ]] || { echo "gpu_session.sh: name at least one step: $STEPS" >&2; exit 2; }
@@ -141,6 +145,10 @@ for step in "$@"; do
     prefix-mlp) OUT="$OUT" run_step prefix-mlp 480 bash -c "'$PY' tools/batch_stages_gpu.py --buckets 1 --iters 30 \
                   --variants 'prefix MLP:,fp8 prefix all linears' && '$PY' tools/batch_stages_gpu.py --buckets 8 \
                   --iters 20 --variants 'prefix MLP:,fp8 prefix all linears'" ;;
+    options|options-1)
+      bucket=8; iters=20; [[ "$step" == options-1 ]] && { bucket=1; iters=30; }
+      OUT="$OUT" run_step "$step" 580 "$PY" tools/batch_stages_gpu.py --buckets "$bucket" --iters "$iters" \
+        --variants "all options,fp8 prefix all linears,prefix MLP:,SigLIP,residual carry,flash prefill" ;;
     kernels) OUT="$OUT" run_step kernels 300 "$PY" tools/expert_kernels_gpu.py --variants ;;
     kernels-attention) OUT="$OUT" run_step kernels-attention 150 "$PY" tools/expert_kernels_gpu.py --attention ;;
     stream-floor) run_step stream-floor 180 "$PY" tools/stream_floor_gpu.py ;;
