@@ -3,10 +3,6 @@ the CPU through Triton's interpreter (float32: the interpreter garbles bf16 tens
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined: they run as numpy programs
-
 import pytest
 import torch
 

@@ -4,9 +4,6 @@ outputs, on the CPU through Triton's interpreter. Their speed and the bf16 path 
 from __future__ import annotations
 
 import dataclasses
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported: kernels run as numpy programs
 
 import pytest
 import torch

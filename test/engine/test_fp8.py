@@ -16,17 +16,7 @@ from pi05_ros.engine.reference import Pi05Model
 E4M3 = torch.float8_e4m3fn
 
 
-def _cpu_scaled_mm() -> bool:
-    one = torch.ones(16, 16).to(torch.float8_e4m3fn)
-    try:
-        torch._scaled_mm(one, one.t(), scale_a=torch.tensor(1.0), scale_b=torch.tensor(1.0), out_dtype=torch.bfloat16)
-    except (RuntimeError, NotImplementedError):
-        return False
-    return True
-
-
-# CI's torch (2.13) has it; older CPU builds do not, and then only test/gpu covers FP8.
-pytestmark = pytest.mark.skipif(not _cpu_scaled_mm(), reason="this torch has no FP8 GEMM on the CPU")
+pytestmark = pytest.mark.cpu_fp8
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

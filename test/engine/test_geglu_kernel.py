@@ -7,10 +7,6 @@ The GPU run at full size, where the kernel stores e4m3 itself: test/gpu/test_pip
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel is defined: it runs as a numpy program
-
 import pytest
 import torch
 
@@ -37,15 +33,6 @@ pytestmark = [
     # the GELU's sigmoid of a very negative gate: numpy's exp overflows to inf and the sigmoid is 0, as it should be
     pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning"),
 ]
-
-
-def _scaled_mm_on_cpu() -> bool:
-    one = torch.ones(16, 16).to(E4M3)
-    try:
-        torch._scaled_mm(one, one.t(), scale_a=torch.tensor(1.0), scale_b=torch.tensor(1.0), out_dtype=torch.bfloat16)
-    except (RuntimeError, NotImplementedError):
-        return False
-    return True
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -100,7 +87,7 @@ def test_op_rejects_what_it_cannot_compute() -> None:
         geglu.fp8_geglu(x, w, torch.ones(2), out_inv)
 
 
-@pytest.mark.skipif(not _scaled_mm_on_cpu(), reason="this torch has no FP8 GEMM on the CPU")
+@pytest.mark.cpu_fp8
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_fused_mlp_rounds_like_the_two_gemm_fp8_path(seed: int) -> None:
     """fp8_mlp_fused against linear(gelu(gate) * up, down) with the same FP8 linears, both against float32 from the
@@ -131,7 +118,7 @@ def test_fused_mlp_rounds_like_the_two_gemm_fp8_path(seed: int) -> None:
     assert rel(fused, exact) < 1.1 * rel(two_gemm, exact)
 
 
-@pytest.mark.skipif(not _scaled_mm_on_cpu(), reason="this torch has no FP8 GEMM on the CPU")
+@pytest.mark.cpu_fp8
 def test_prefix_with_the_fused_mlp_gives_the_same_actions(golden_model: Pi05Model, golden_cases, fast_case) -> None:
     """The golden model with FP8 Gemma MLPs (the default set), its prefix MLPs fused or not: the actions agree to
     FP8 rounding, and both stay as close to the oracle as FP8 does."""
@@ -192,7 +179,7 @@ def test_gelu_form_rejects_a_bias_of_the_wrong_size() -> None:
         geglu.fp8_linear_gelu(x, w, torch.zeros(31, dtype=torch.bfloat16), scale, out_inv)
 
 
-@pytest.mark.skipif(not _scaled_mm_on_cpu(), reason="this torch has no FP8 GEMM on the CPU")
+@pytest.mark.cpu_fp8
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_fused_siglip_mlp_rounds_like_the_two_gemm_fp8_path(seed: int) -> None:
     """fp8_gelu_mlp_fused against linear(gelu(fc1(h)), fc2) with the same FP8 linears (biases included), both
@@ -223,7 +210,7 @@ def test_fused_siglip_mlp_rounds_like_the_two_gemm_fp8_path(seed: int) -> None:
     assert rel(fused, exact) < 1.1 * rel(two_gemm, exact)
 
 
-@pytest.mark.skipif(not _scaled_mm_on_cpu(), reason="this torch has no FP8 GEMM on the CPU")
+@pytest.mark.cpu_fp8
 def test_vision_with_the_fused_mlp_gives_the_same_actions(golden_model: Pi05Model, golden_cases, fast_case) -> None:
     """The golden model with FP8 Gemma and SigLIP MLPs, SigLIP's fused or not: the actions agree to FP8 rounding and
     both stay as close to the oracle as FP8 does."""

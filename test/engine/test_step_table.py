@@ -3,10 +3,6 @@ StepTable). On the CPU: the step loop over a table equals FastModel.denoise, on 
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported (the kernels' case below)
-
 import pytest
 import torch
 
