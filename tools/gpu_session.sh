@@ -40,7 +40,8 @@
 #            baseline, each on a fresh model   (480)
 #   options, options-1  tools/batch_stages_gpu.py --variants at bucket 8 (options) or 1 (options-1): every opt-in
 #            option of the fast path alone (FP8 in all of Gemma's linears, SigLIP's MLP in FP8 with two GEMMs or
-#            fused, the prefix MLP fused, the residual carry, the prefill's runs walk) and all at once, beside the
+#            fused, the prefix MLP fused, the residual carry, the flash kernel on either walk for the prefill or both
+#            stacks) and all at once, beside the
 #            baseline, one process   (580)
 #   attention  tools/attention_gpu.py: the GEMM path, SDPA and the flash kernel (each key walk) alone at the
 #            pipeline's shapes (150)
@@ -148,7 +149,7 @@ for step in "$@"; do
     options|options-1)
       bucket=8; iters=20; [[ "$step" == options-1 ]] && { bucket=1; iters=30; }
       OUT="$OUT" run_step "$step" 580 "$PY" tools/batch_stages_gpu.py --buckets "$bucket" --iters "$iters" \
-        --variants "all options,fp8 prefix all linears,prefix MLP:,SigLIP,residual carry,flash prefill" ;;
+        --variants "all options,fp8 prefix all linears,prefix MLP:,SigLIP,residual carry,flash" ;;
     kernels) OUT="$OUT" run_step kernels 300 "$PY" tools/expert_kernels_gpu.py --variants ;;
     kernels-attention) OUT="$OUT" run_step kernels-attention 150 "$PY" tools/expert_kernels_gpu.py --attention ;;
     stream-floor) run_step stream-floor 180 "$PY" tools/stream_floor_gpu.py ;;
