@@ -41,8 +41,7 @@
 #   options, options-1  tools/batch_stages_gpu.py --variants at bucket 8 (options) or 1 (options-1): every opt-in
 #            option of the fast path alone (FP8 in all of Gemma's linears, SigLIP's MLP in FP8 with two GEMMs or
 #            fused, the prefix MLP fused, the residual carry, the flash kernel on either walk for the prefill or both
-#            stacks) and all at once, beside the
-#            baseline, one process   (580)
+#            stacks) and all at once, beside the baseline, one process   (580)
 #   attention  tools/attention_gpu.py: the GEMM path, SDPA and the flash kernel (each key walk) alone at the
 #            pipeline's shapes (150)
 #   attention-sweep  tools/attention_gpu.py --sweep --iters 50: the flash kernel's tile shapes with the measured key
