@@ -49,6 +49,18 @@ def fp8_golden_fast(golden_model: Pi05Model, fast_case, layers: tuple[str, ...])
     return fast
 
 
+def sample_counting_launches(fast: FastModel, images: torch.Tensor, rows: torch.Tensor,
+                             noise: torch.Tensor) -> tuple[torch.Tensor, list[bool]]:
+    """sample_eager's 10-step actions, and for each run of the fused kernel whether it ran its GELU form (a bias)."""
+    forms = []
+    real = geglu.launch
+    try:
+        geglu.launch = lambda *a, **kw: forms.append(kw.get("bias") is not None) or real(*a, **kw)  # noqa: E731
+        return sample_eager(fast, images, rows, noise, 10), forms
+    finally:
+        geglu.launch = real
+
+
 def e4m3_operands(m: int, k: int, f: int, seed: int) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(seed)
     x = (torch.randn(m, k, generator=gen) * 60).clamp(-FP8_MAX, FP8_MAX).to(E4M3)
@@ -128,13 +140,7 @@ def test_prefix_with_the_fused_mlp_gives_the_same_actions(golden_model: Pi05Mode
     fast.prefix_fused_mlp = False
     two_gemm = sample_eager(fast, images, rows, noise, 10)
     fast.prefix_fused_mlp = True
-    calls = []
-    real = geglu.launch
-    try:
-        geglu.launch = lambda *a, **kw: calls.append(1) or real(*a, **kw)  # noqa: E731 - count the kernel's runs
-        fused = sample_eager(fast, images, rows, noise, 10)
-    finally:
-        geglu.launch = real
+    fused, calls = sample_counting_launches(fast, images, rows, noise)
     assert len(calls) == golden_model.cfg.vlm.depth - 1  # every layer with an MLP, the K/V-only last one not
     diff, err_fused, err_two = rel(fused, two_gemm), rel(fused, oracle), rel(two_gemm, oracle)
     assert 0 < diff < 1e-2, diff  # FP8 rounding apart (the 10-step FP8 budget against the oracle is 3e-2)
@@ -219,13 +225,7 @@ def test_vision_with_the_fused_mlp_gives_the_same_actions(golden_model: Pi05Mode
     oracle = golden_cases["case1/actions_steps10"][0]
     two_gemm = sample_eager(fast, images, rows, noise, 10)
     fast.vision_fused_mlp = True
-    calls = []
-    real = geglu.launch
-    try:
-        geglu.launch = lambda *a, **kw: calls.append(kw.get("bias") is not None) or real(*a, **kw)  # noqa: E731
-        fused = sample_eager(fast, images, rows, noise, 10)
-    finally:
-        geglu.launch = real
+    fused, calls = sample_counting_launches(fast, images, rows, noise)
     assert calls == [True] * golden_model.cfg.vision.depth  # every SigLIP layer's fc1, the GELU form
     diff, err_fused, err_two = rel(fused, two_gemm), rel(fused, oracle), rel(two_gemm, oracle)
     # measured 8.2e-4 apart, 3.8e-3 from the oracle either way: the golden model's small SigLIP (2 layers)
@@ -255,13 +255,7 @@ def test_the_options_together_give_the_same_actions(golden_model: Pi05Model, gol
     oracle = golden_cases["case1/actions_steps10"][0]
     plain = sample_eager(fast, images, rows, noise, 10)
     fast.prefix_fused_mlp = fast.vision_fused_mlp = fast.carry_residual = True
-    calls = []
-    real = geglu.launch
-    try:
-        geglu.launch = lambda *a, **kw: calls.append(kw.get("bias") is not None) or real(*a, **kw)  # noqa: E731
-        together = sample_eager(fast, images, rows, noise, 10)
-    finally:
-        geglu.launch = real
+    together, calls = sample_counting_launches(fast, images, rows, noise)
     cfg = golden_model.cfg
     assert sorted(calls) == [False] * (cfg.vlm.depth - 1) + [True] * cfg.vision.depth  # both fused MLPs ran
     diff, err_together, err_plain = rel(together, plain), rel(together, oracle), rel(plain, oracle)
