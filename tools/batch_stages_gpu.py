@@ -103,10 +103,8 @@ def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str,
     GEMM autotuning, or another vision layer; `on_row(row)` for each as it is timed. Each runs on a fresh random
     model with the same seed, after a "baseline" pipeline built the same way: each row's actions are compared with
     the baseline's (speed is the question; FP8 fidelity against the float32 reference is in docs/benchmarks.md)."""
-    from pi05_ros.engine.demo import random_model
-    from pi05_ros.engine.fast import blocks
     from pi05_ros.engine.fast.kernels import attention as flash_attention
-    from pi05_ros.engine.fast.pipeline import FP8_DEFAULT_LAYERS, Pi05Pipeline
+    from pi05_ros.engine.fast.pipeline import FP8_DEFAULT_LAYERS
 
     device = torch.device(policy.device)
     cuda = device.type == "cuda"  # elsewhere: bf16 without graphs, to check the tool and the variants' agreement
@@ -159,33 +157,67 @@ def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str,
             continue  # its FP8 linears would run in bf16 under an FP8 name
         # read when the attention op launches, i.e. when this pipeline's graphs are captured below
         flash_attention.KEY_WALK = "runs" if RUNS_WALK in name or name == ALL_OPTIONS else walk_default
-        model = random_model(policy.config, seed=0, device=device, dtype=torch.bfloat16)
-        pipe = Pi05Pipeline(model, policy.precision if cuda else "bf16", fp8_layers=layers, fp8_vision=vision,
-                            attention=attention, max_batch=len(prepared), release_reference=True, use_graphs=cuda,
-                            prefix_fused_mlp=name in (PREFIX_MLP_FUSED, ALL_OPTIONS),
-                            vision_fused_mlp=name in (VISION_MLP_FUSED, ALL_OPTIONS))
-        del model
-        pipe.fast.carry_residual = name in (RESIDUAL_CARRY, ALL_OPTIONS)  # read as the stages run, before any capture
-        for stack in autotune:  # replaces compile()'s function before anything is compiled or captured
-            setattr(pipe.fast, f"_{stack}_layer", torch.compile(getattr(blocks, f"{stack}_layer"),
-                                                                dynamic=None if stack == "prefix" else False,
-                                                                mode="max-autotune-no-cudagraphs"))
-        for stack, layer in replaced.items():
-            setattr(pipe.fast, f"_{stack}_layer", torch.compile(layer, dynamic=False))
-        start = time.perf_counter()
-        actions, _ = pipe.run_batch(prepared, steps)  # compiles (and autotunes) this bucket's stages, captures graphs
-        first_call_s = time.perf_counter() - start
+        try:
+            actions, row = _time_variant(name, layers, vision, attention, autotune, replaced, policy, prepared,
+                                         steps, iters)
+        except Exception as error:  # noqa: BLE001 - one variant's failure (a kernel that does not compile or
+            # launch on this card) must not cost the rows after it: device time is scarce
+            row = {"variant": name, "error": f"{type(error).__name__}: {error}"[:2000]}
+            print(json.dumps(row), flush=True)
+            on_row(row)
+            if baseline is None:
+                raise  # nothing to compare the others with
+            if cuda and not _cuda_usable():
+                print("the CUDA context is unusable after that failure: no further variants", flush=True)
+                return
+            continue
+        finally:
+            flash_attention.KEY_WALK = walk_default
+            if cuda:
+                torch.cuda.empty_cache()
         if baseline is None:
             baseline = actions
-        diff = float(np.linalg.norm(actions - baseline) / max(np.linalg.norm(baseline), 1e-12))
-        row = {"variant": name, "first_call_s": first_call_s, "rel_l2_vs_baseline": diff,
-               **time_batches(pipe, prepared, steps, iters)}
+        row["rel_l2_vs_baseline"] = float(np.linalg.norm(actions - baseline) / max(np.linalg.norm(baseline), 1e-12))
         print(json.dumps(row), flush=True)
         on_row(row)  # written as it comes: a step cut off by its time limit keeps the rows it finished
-        del pipe
-        flash_attention.KEY_WALK = walk_default
-        if cuda:
-            torch.cuda.empty_cache()
+
+
+def _cuda_usable() -> bool:
+    """Whether CUDA still runs work after a failed variant (an illegal address poisons the context for good)."""
+    try:
+        torch.ones(1, device="cuda").add_(1)
+        torch.cuda.synchronize()
+        return True
+    except Exception:  # noqa: BLE001 - any failure here means the same: stop
+        return False
+
+
+def _time_variant(name: str, layers: tuple[str, ...], vision: bool, attention: str, autotune: tuple[str, ...],
+                  replaced: dict, policy: Policy, prepared: list, steps: int, iters: int) -> tuple[np.ndarray, dict]:
+    """One variant's pipeline on a fresh random model: its first call's actions and its timing row."""
+    from pi05_ros.engine.demo import random_model
+    from pi05_ros.engine.fast import blocks
+    from pi05_ros.engine.fast.pipeline import Pi05Pipeline
+
+    device = torch.device(policy.device)
+    cuda = device.type == "cuda"
+    model = random_model(policy.config, seed=0, device=device, dtype=torch.bfloat16)
+    pipe = Pi05Pipeline(model, policy.precision if cuda else "bf16", fp8_layers=layers, fp8_vision=vision,
+                        attention=attention, max_batch=len(prepared), release_reference=True, use_graphs=cuda,
+                        prefix_fused_mlp=name in (PREFIX_MLP_FUSED, ALL_OPTIONS),
+                        vision_fused_mlp=name in (VISION_MLP_FUSED, ALL_OPTIONS))
+    del model
+    pipe.fast.carry_residual = name in (RESIDUAL_CARRY, ALL_OPTIONS)  # read as the stages run, before any capture
+    for stack in autotune:  # replaces compile()'s function before anything is compiled or captured
+        setattr(pipe.fast, f"_{stack}_layer", torch.compile(getattr(blocks, f"{stack}_layer"),
+                                                            dynamic=None if stack == "prefix" else False,
+                                                            mode="max-autotune-no-cudagraphs"))
+    for stack, layer in replaced.items():
+        setattr(pipe.fast, f"_{stack}_layer", torch.compile(layer, dynamic=False))
+    start = time.perf_counter()
+    actions, _ = pipe.run_batch(prepared, steps)  # compiles (and autotunes) this bucket's stages, captures graphs
+    first_call_s = time.perf_counter() - start
+    return actions, {"variant": name, "first_call_s": first_call_s, **time_batches(pipe, prepared, steps, iters)}
 
 
 def profile(runner, prepared: list, steps: int, path: str) -> None:
@@ -282,7 +314,8 @@ def main() -> None:
             save()
 
         variants(policy, [obs] * max(buckets), args.steps, args.iters, args.variants, on_row=add)
-    header = ("variant", "batch", "path", *STAGES, "wall", "wall_p99", "per_row_ms", "rel_l2_vs_baseline")
+    header = ("variant", "batch", "path", *STAGES, "wall", "wall_p99", "per_row_ms", "rel_l2_vs_baseline",
+              *(("error",) if any("error" in row for row in rows) else ()))
     print(f"\n{args.precision}, {args.steps} steps, {args.views} views, expert_kernels={args.expert_kernels}, "
           f"attention={attention}, "
           f"median of {args.iters} (ms)")
