@@ -88,21 +88,21 @@ def vision_layer_variant(gelu_epilogue: bool = True, attention: str = "sdpa"):
     return layer
 
 
-PREFIX_MLP_FUSED = "prefix MLP: GeGLU in the FP8 gate_up kernel"
-RUNS_WALK = "runs walk"
+PREFIX_MLP_UNFUSED = "prefix MLP: two FP8 GEMMs and a GeGLU kernel (the default before §70)"
+NO_CARRY = "residual carry off: each layer adds its own residual (before §70)"
+SKIP_WALK = "flash prefill skip walk (before §70)"
 VISION_MLP_FUSED = "fp8 prefix MLP + SigLIP MLP, fc1 GELU in its FP8 kernel"
-RESIDUAL_CARRY = "residual carry: each layer's last add in the next layer's norm"
-# every option above at once, to see whether their gains add up (they touch different kernels, but share a
-# stream)
-ALL_OPTIONS = "all options: fp8 prefix all + SigLIP, both MLPs fused, residual carry, prefill runs walk"
+# the opt-in options together (FP8 beyond the default layers: over the plain fp8 budget, docs/benchmarks.md §70)
+ALL_OPTIONS = "all options: fp8 prefix all + SigLIP MLP fused"
 
 
 def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str,
              on_row: Callable[[dict], None]) -> None:
     """The same batch on pipelines with more linears in FP8, another attention, layers compiled with inductor's
-    GEMM autotuning, or another vision layer; `on_row(row)` for each as it is timed. Each runs on a fresh random
-    model with the same seed, after a "baseline" pipeline built the same way: each row's actions are compared with
-    the baseline's (speed is the question; FP8 fidelity against the float32 reference is in docs/benchmarks.md)."""
+    GEMM autotuning, another vision layer, or one of the defaults off; `on_row(row)` for each as it is timed. Each
+    runs on a fresh random model with the same seed, after a "baseline" pipeline built the same way (the pipeline's
+    defaults): each row's actions are compared with the baseline's (speed is the question; FP8 fidelity against the
+    float32 reference is in docs/benchmarks.md)."""
     from pi05_ros.engine.fast.kernels import attention as flash_attention
     from pi05_ros.engine.fast.pipeline import FP8_DEFAULT_LAYERS
 
@@ -111,55 +111,56 @@ def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str,
     expert_fp8 = (*FP8_DEFAULT_LAYERS, "expert_blocks.*.qkv", "expert_blocks.*.down")
     baseline = None
     walk_default = flash_attention.KEY_WALK
-    # name, FP8 linears, FP8 SigLIP MLP, attention, stacks compiled with max-autotune, layer functions replaced
-    for name, layers, vision, attention, autotune, replaced in (
-            ("baseline (a fresh model, as the variants)", FP8_DEFAULT_LAYERS, False, "auto", (), {}),
+    default = FP8_DEFAULT_LAYERS
+    # name, FP8 linears, FP8 SigLIP MLP, attention, stacks compiled with max-autotune, layer functions replaced,
+    # Pi05Pipeline options (and "walk": the flash kernel's KEY_WALK)
+    for name, layers, vision, attention, autotune, replaced, options in (
+            ("baseline (a fresh model, as the variants)", default, False, "auto", (), {}, {}),
             # second: the row a short run must not lose
-            (ALL_OPTIONS, ("prefix_blocks.*",), True, "auto", (), {}),
-            ("fp8 prefix all linears", ("prefix_blocks.*",), False, "auto", (), {}),
-            ("fp8 prefix MLP + SigLIP MLP", FP8_DEFAULT_LAYERS, True, "auto", (), {}),
-            ("fp8 prefix all + SigLIP MLP", ("prefix_blocks.*",), True, "auto", (), {}),
-            ("SDPA attention (cuDNN)", FP8_DEFAULT_LAYERS, False, "sdpa", (), {}),
+            (ALL_OPTIONS, ("prefix_blocks.*",), True, "auto", (), {}, {"vision_fused_mlp": True}),
+            ("fp8 prefix all linears", ("prefix_blocks.*",), False, "auto", (), {}, {}),
+            ("fp8 prefix MLP + SigLIP MLP", default, True, "auto", (), {}, {}),
+            ("fp8 prefix all + SigLIP MLP", ("prefix_blocks.*",), True, "auto", (), {}, {}),
+            # SigLIP's FP8 MLP with fc1's bias, GELU and fc2's input quantization in one kernel (kernels/geglu.py),
+            # against "fp8 prefix MLP + SigLIP MLP" (the two FP8 GEMMs) and the baseline (bf16 fc1 + GELU epilogue)
+            (VISION_MLP_FUSED, default, True, "auto", (), {}, {"vision_fused_mlp": True}),
+            ("SDPA attention (cuDNN)", default, False, "sdpa", (), {}, {}),
             # FP8 in the expert: qkv + down is within the 3e-2 budget in the CPU emulation (§19), all of it is not
-            ("fp8 prefix MLP + expert qkv, down", expert_fp8, False, "auto", (), {}),
-            ("fp8 prefix MLP + expert all", (*FP8_DEFAULT_LAYERS, "expert_blocks.*"), False, "auto", (), {}),
+            ("fp8 prefix MLP + expert qkv, down", expert_fp8, False, "auto", (), {}, {}),
+            ("fp8 prefix MLP + expert all", (*default, "expert_blocks.*"), False, "auto", (), {}, {}),
             # inductor's max-autotune: Triton GEMM templates against cuBLAS per shape, pointwise epilogues fused
             # into the winners (the expert's GEMMs at M = 400 take cuBLAS tiles at 190-370 TFLOP/s, §51)
-            ("expert layers max-autotune", FP8_DEFAULT_LAYERS, False, "auto", ("expert",), {}),
-            ("vision + expert layers max-autotune", FP8_DEFAULT_LAYERS, False, "auto", ("vision", "expert"), {}),
-            ("vision fc1 GELU as its own kernel (before §56)", FP8_DEFAULT_LAYERS, False, "auto", (),
-             {"vision": vision_layer_variant(gelu_epilogue=False)}),
-            ("vision attention FlashAttention-2", FP8_DEFAULT_LAYERS, False, "auto", (),
-             {"vision": vision_layer_variant(attention="flash")}),
-            ("vision attention q/k/v contiguous", FP8_DEFAULT_LAYERS, False, "auto", (),
-             {"vision": vision_layer_variant(attention="contiguous")}),
-            # the FP8 gate_up GEMM with the GeGLU and down's input quantization in its epilogue (kernels/geglu.py),
-            # against the baseline's two GEMMs
-            (PREFIX_MLP_FUSED, FP8_DEFAULT_LAYERS, False, "auto", (), {}),
-            # SigLIP's FP8 MLP with fc1's bias, GELU and fc2's input quantization in the same kernel's GELU form,
-            # against "fp8 prefix MLP + SigLIP MLP" (the two FP8 GEMMs) and the baseline (bf16 fc1 + GELU epilogue)
-            (VISION_MLP_FUSED, FP8_DEFAULT_LAYERS, True, "auto", (), {}),
-            # each layer's last residual add done by the next layer, in its first norm (FastModel.carry_residual)
-            (RESIDUAL_CARRY, FP8_DEFAULT_LAYERS, False, "auto", (), {}),
-            # the flash attention kernel walking only the mask's runs of valid keys, with no branch in its loop
-            # (kernels/attention.py KEY_WALK): for the prefill alone (auto takes the kernel for batches of 2+), and
-            # for both stacks beside both stacks on the measured walk
-            (f"flash prefill {RUNS_WALK}", FP8_DEFAULT_LAYERS, False, "auto", (), {}),
-            ("flash attention, skip walk", FP8_DEFAULT_LAYERS, False, "flash", (), {}),
-            (f"flash attention {RUNS_WALK}", FP8_DEFAULT_LAYERS, False, "flash", (), {}),
+            ("expert layers max-autotune", default, False, "auto", ("expert",), {}, {}),
+            ("vision + expert layers max-autotune", default, False, "auto", ("vision", "expert"), {}, {}),
+            ("vision fc1 GELU as its own kernel (before §56)", default, False, "auto", (),
+             {"vision": vision_layer_variant(gelu_epilogue=False)}, {}),
+            ("vision attention FlashAttention-2", default, False, "auto", (),
+             {"vision": vision_layer_variant(attention="flash")}, {}),
+            ("vision attention q/k/v contiguous", default, False, "auto", (),
+             {"vision": vision_layer_variant(attention="contiguous")}, {}),
+            # the defaults of §70, each off: the prefix MLP's fused FP8 gate_up + GeGLU kernel, the residual carry,
+            # the flash prefill's walk over the mask's runs
+            (PREFIX_MLP_UNFUSED, default, False, "auto", (), {}, {"prefix_fused_mlp": False}),
+            (NO_CARRY, default, False, "auto", (), {}, {"carry_residual": False}),
+            (SKIP_WALK, default, False, "auto", (), {}, {"walk": "skip"}),
+            # both stacks on the flash kernel, either walk
+            ("flash attention, skip walk", default, False, "flash", (), {}, {"walk": "skip"}),
+            ("flash attention, runs walk", default, False, "flash", (), {}, {"walk": "runs"}),
             # last: a max-autotune compile of a stack can take minutes (§15: 294 s)
-            ("prefix layers max-autotune", FP8_DEFAULT_LAYERS, False, "auto", ("prefix",), {})):
+            ("prefix layers max-autotune", default, False, "auto", ("prefix",), {}, {})):
         if baseline is not None and words and not any(word in name for word in words.split(",")):
             continue
-        if not cuda and ("FlashAttention" in name or autotune or name.startswith("flash")):
+        if not cuda and ("FlashAttention" in name or autotune or "flash" in name or "walk" in options
+                         or "prefix_fused_mlp" in options):
             continue  # CUDA only (the Triton kernels run on the CPU only interpreted); the CPU run checks the rest
-        if (name.startswith("fp8") or name in (PREFIX_MLP_FUSED, ALL_OPTIONS)) and policy.precision != "fp8":
+        if (name.startswith("fp8") or name == ALL_OPTIONS) and policy.precision != "fp8":
             continue  # its FP8 linears would run in bf16 under an FP8 name
+        options = dict(options)
         # read when the attention op launches, i.e. when this pipeline's graphs are captured below
-        flash_attention.KEY_WALK = "runs" if RUNS_WALK in name or name == ALL_OPTIONS else walk_default
+        flash_attention.KEY_WALK = options.pop("walk", walk_default)
         try:
-            actions, row = _time_variant(name, layers, vision, attention, autotune, replaced, policy, prepared,
-                                         steps, iters)
+            actions, row = _time_variant(name, layers, vision, attention, autotune, replaced, options, policy,
+                                         prepared, steps, iters)
         except Exception as error:  # noqa: BLE001 - one variant's failure (a kernel that does not compile or
             # launch on this card) must not cost the rows after it: device time is scarce
             row = {"variant": name, "error": f"{type(error).__name__}: {error}"[:2000]}
@@ -193,7 +194,8 @@ def _cuda_usable() -> bool:
 
 
 def _time_variant(name: str, layers: tuple[str, ...], vision: bool, attention: str, autotune: tuple[str, ...],
-                  replaced: dict, policy: Policy, prepared: list, steps: int, iters: int) -> tuple[np.ndarray, dict]:
+                  replaced: dict, options: dict, policy: Policy, prepared: list, steps: int,
+                  iters: int) -> tuple[np.ndarray, dict]:
     """One variant's pipeline on a fresh random model: its first call's actions and its timing row."""
     from pi05_ros.engine.demo import random_model
     from pi05_ros.engine.fast import blocks
@@ -204,10 +206,8 @@ def _time_variant(name: str, layers: tuple[str, ...], vision: bool, attention: s
     model = random_model(policy.config, seed=0, device=device, dtype=torch.bfloat16)
     pipe = Pi05Pipeline(model, policy.precision if cuda else "bf16", fp8_layers=layers, fp8_vision=vision,
                         attention=attention, max_batch=len(prepared), release_reference=True, use_graphs=cuda,
-                        prefix_fused_mlp=name in (PREFIX_MLP_FUSED, ALL_OPTIONS),
-                        vision_fused_mlp=name in (VISION_MLP_FUSED, ALL_OPTIONS))
+                        **options)
     del model
-    pipe.fast.carry_residual = name in (RESIDUAL_CARRY, ALL_OPTIONS)  # read as the stages run, before any capture
     for stack in autotune:  # replaces compile()'s function before anything is compiled or captured
         setattr(pipe.fast, f"_{stack}_layer", torch.compile(getattr(blocks, f"{stack}_layer"),
                                                             dynamic=None if stack == "prefix" else False,

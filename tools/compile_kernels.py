@@ -136,12 +136,14 @@ def main() -> int:
                  q_rows="i32", keys="i32", q_bstride="i32", kv_bstride="i32", kv_rstride="i32", mask_bstride="i32",
                  out_bstride="i32", scale="fp32", blocks_per_split="i32")
     d = PRESETS["pi05"].vlm.head_dim
-    # the default key walk with one split and several, and the walk over the mask's runs where it is not the default
-    walks = [(attention.KEY_WALK, splits) for splits in (1, 4)]
-    walks += [("runs", 4)] if attention.KEY_WALK != "runs" else []
+    # the target's key walk (attention.key_walk: "runs" on Hopper) with one split and several, and the other of
+    # "skip" and "runs" with several
+    default_walk = attention.KEY_WALK or ("runs" if arch // 10 == 9 else "skip")
+    other_walk = "skip" if default_walk == "runs" else "runs"
+    walks = [(default_walk, 1), (default_walk, 4), (other_walk, 4)]
     for walk, splits in walks:
-        jobs.append((f"flash attention, {'one split' if splits == 1 else f'{splits} key splits'}"
-                     f"{'' if walk == attention.KEY_WALK else f', {walk} walk (option)'}", flash_kernel,
+        jobs.append((f"flash attention, {'one split' if splits == 1 else f'{splits} key splits'}, {walk} walk"
+                     f"{'' if walk == default_walk else ' (option)'}", flash_kernel,
                      flash, dict(D=d, BM=attention.BLOCK_ROWS, KB=attention.KEY_BLOCK, SPLITS=splits, DT=tl.bfloat16,
                                  WALK=attention.KEY_WALKS.index(walk), PRECISION="tf32",
                                  KEYS_P2=1024 if walk == "runs" else 1),  # as flash_gqa_attention passes it

@@ -33,22 +33,22 @@
 #            FP8 with two GEMMs and FP8 with fc1's bias + GELU + fc2's input quantization in the kernel's GELU form
 #   vision-mlp  tools/batch_stages_gpu.py --variants "prefix MLP + SigLIP" at buckets 1 and 8: the pipeline with
 #            SigLIP's MLP in FP8, two GEMMs or fused, beside the baseline   (480)
-#   residual-carry  tools/batch_stages_gpu.py --variants carry at buckets 1 and 8: each layer's last residual add
-#            fused into the next layer's first norm (FastModel.carry_residual) beside the baseline   (300)
+#   residual-carry  tools/batch_stages_gpu.py --variants carry at buckets 1 and 8: the baseline (each layer's last
+#            residual add in the next layer's first norm, the default since §70) beside the carry off   (300)
 #   prefix-mlp  tools/batch_stages_gpu.py --variants "prefix MLP:,fp8 prefix all linears" at buckets 1 and 8: the
-#            pipeline with the prefix MLP's GeGLU in its FP8 GEMM, and with Gemma's qkv and o in FP8 too, beside the
-#            baseline, each on a fresh model   (480)
-#   options, options-1  tools/batch_stages_gpu.py --variants at bucket 8 (options) or 1 (options-1): every opt-in
-#            option of the fast path alone (FP8 in all of Gemma's linears, SigLIP's MLP in FP8 with two GEMMs or
-#            fused, the prefix MLP fused, the residual carry, the flash kernel on either walk for the prefill or both
-#            stacks) and all at once, beside the baseline, one process   (580)
+#            baseline (the prefix MLP's GeGLU in its FP8 GEMM on Hopper, the default since §70) beside its two GEMMs,
+#            and with Gemma's qkv and o in FP8 too, each on a fresh model   (480)
+#   options, options-1  tools/batch_stages_gpu.py --variants at bucket 8 (options) or 1 (options-1): the opt-in
+#            options (FP8 in all of Gemma's linears, SigLIP's MLP in FP8 with two GEMMs or fused) alone and at once,
+#            each default of §70 off (the prefix MLP fused, the residual carry, the prefill's runs walk), and both
+#            stacks on the flash kernel on either walk, beside the baseline, one process   (580)
 #   attention  tools/attention_gpu.py: the GEMM path, SDPA and the flash kernel (each key walk) alone at the
 #            pipeline's shapes (150)
 #   attention-sweep  tools/attention_gpu.py --sweep --iters 50: the flash kernel's tile shapes with the measured key
 #            walk and the walk over the mask's runs (whose loop has no branch, so Triton can pipeline it)   (300)
 #   flash-walks  tools/batch_stages_gpu.py at buckets 1 and 8: both stacks on the flash kernel with either walk
-#            (--variants "flash attention"), and at 8 the flash prefill alone on the runs walk ("walk"), beside the
-#            baseline   (480)
+#            (--variants "flash attention"), and at 8 the flash prefill on the skip walk ("walk"), beside the
+#            baseline (its prefill on the runs walk on Hopper, the default since §70)   (480)
 #   batch    tools/batch_stages_gpu.py, buckets 1-8: batches as pi05-serve denoises them (auto: the kernels up to
 #            2 rows on Hopper, the torch path from 4) and all on the fused kernels (--expert-kernels on), one process
 #            each   (420)
@@ -60,9 +60,9 @@
 #   serve    tools/serve_bench.sh, fp8, 10 steps, 1/2/4/8 clients, batched and unbatched   (480)
 #   serve-kernels  the same server, batched only, 1/4/8 clients, with --expert-kernels on --fp8-vision   (360)
 #   bench    pi05-bench --iters 1000                    (480)
-#   bench-mlp  pi05-bench --precision fp8,fp8+fused-mlp --steps 1,10 --iters 300: issue 12's end-to-end figures with
-#            the prefix MLP fused and without, one run; BENCH_PRECISION overrides the list (e.g.
-#            fp8,fp8+fused-mlp+fused-vision-mlp+residual-carry with what paid)   (420)
+#   bench-mlp  pi05-bench --precision fp8,fp8+unfused-mlp --steps 1,10 --iters 300: issue 12's end-to-end figures
+#            with the prefix MLP fused (the default on Hopper) and without, one run; BENCH_PRECISION overrides the list (e.g.
+#            fp8,fp8+unfused-mlp+no-residual-carry: the defaults of §70 against the two they replaced)   (420)
 #   soak-arrival, soak-inference   tools/soak.py --gpu, 10 steps at 30 Hz, SOAK_N inferences (default 3000), with
 #            prepare_views on_arrival / in_inference: the node's latency and stages either way (needs .gpu_ros)  (360)
 # Step limits can be changed with LIMIT_<STEP>=seconds.
@@ -169,7 +169,7 @@ for step in "$@"; do
     serve-kernels) run_step serve-kernels 360 bash tools/serve_bench.sh "$OUT/serve-kernels" --device cuda \
                      --precision fp8 --modes batched --clients "1 4 8" --server-args "--expert-kernels on --fp8-vision" ;;
     bench) run_step bench 480 "$PY" -m pi05_ros.cli.bench --iters 1000 --out "$OUT/bench" ;;
-    bench-mlp) run_step bench-mlp 420 "$PY" -m pi05_ros.cli.bench --precision "${BENCH_PRECISION:-fp8,fp8+fused-mlp}" \
+    bench-mlp) run_step bench-mlp 420 "$PY" -m pi05_ros.cli.bench --precision "${BENCH_PRECISION:-fp8,fp8+unfused-mlp}" \
                  --steps 1,10 --iters 300 --out "$OUT/bench-mlp" ;;
     soak-arrival|soak-inference)
       views=on_arrival; [[ "$step" == soak-inference ]] && views=in_inference

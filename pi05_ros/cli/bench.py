@@ -74,13 +74,16 @@ def _int_list(text: str) -> list[int]:
 
 
 # Pipeline options a precision may carry after '+', timed as a configuration of its own beside the plain one
-# (`--precision fp8,fp8+fused-mlp`): fused-mlp = the prefix MLP's GeGLU in its FP8 gate_up kernel (kernels/geglu.py);
-# fp8-vision = SigLIP's MLP in FP8 too; fused-vision-mlp = that MLP with fc1's GELU in its FP8 kernel (implies it);
-# residual-carry = each layer's last residual add in the next layer's first norm (blocks.vision_layer).
+# (`--precision fp8,fp8+unfused-mlp`). fused-mlp / unfused-mlp: the prefix MLP's GeGLU in its FP8 gate_up kernel
+# (kernels/geglu.py; the default on Hopper) forced on / off; fp8-vision: SigLIP's MLP in FP8 too; fused-vision-mlp:
+# that MLP with fc1's GELU in its FP8 kernel (implies fp8-vision); residual-carry / no-residual-carry: each layer's
+# last residual add in the next layer's first norm (blocks.vision_layer; the default) on / off.
 PRECISION_OPTIONS: dict[str, dict[str, Any]] = {"fused-mlp": {"prefix_fused_mlp": True},
+                                                "unfused-mlp": {"prefix_fused_mlp": False},
                                                 "fp8-vision": {"fp8_vision": True},
                                                 "fused-vision-mlp": {"fp8_vision": True, "vision_fused_mlp": True},
-                                                "residual-carry": {"carry_residual": True}}
+                                                "residual-carry": {"carry_residual": True},
+                                                "no-residual-carry": {"carry_residual": False}}
 
 
 def _precision_list(text: str) -> list[str]:
@@ -124,8 +127,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="camera view counts, comma-separated (2)")
     run.add_argument("--steps", type=_int_list, default="1,3,10", help="denoise step counts (1,3,10)")
     run.add_argument("--precision", type=_precision_list, default="bf16,fp8",
-                     help="fast pipeline precisions (bf16,fp8); options after fp8 ('+fused-mlp', '+fp8-vision', "
-                          "'+fused-vision-mlp', '+residual-carry', combinable) time that configuration too")
+                     help="fast pipeline precisions (bf16,fp8); options after fp8 ('+fused-mlp', '+unfused-mlp', "
+                          "'+fp8-vision', '+fused-vision-mlp', '+residual-carry', '+no-residual-carry', combinable) "
+                          "time that configuration too")
     run.add_argument("--prompt-tokens", type=int, default=48,
                      help="valid prompt tokens to aim for, discretized state included (48)")
     run.add_argument("--warmup", type=int, default=10,

@@ -148,6 +148,19 @@ def test_the_runs_walk_gives_nan_for_a_mask_outside_its_contract(monkeypatch) ->
         assert torch.isnan(flash_gqa_attention(q, k, v, nothing)).all(), walk
 
 
+def test_each_device_gets_its_measured_walk_unless_one_is_forced(monkeypatch) -> None:
+    """key_walk: "runs" on Hopper (measured faster, docs/benchmarks.md §70), "skip" elsewhere (the runs walk's
+    128 KiB of shared memory does not fit Ada; nothing else measured); KEY_WALK, where set, forces its walk."""
+    monkeypatch.setattr(flash_module, "KEY_WALK", None)
+    cuda = torch.device("cuda", 0)
+    for major, walk in ((9, "runs"), (8, "skip"), (10, "skip"), (12, "skip")):
+        monkeypatch.setattr(flash_module, "_major", lambda index, major=major: major)
+        assert flash_module.key_walk(cuda) == walk, major
+    assert flash_module.key_walk(torch.device("cpu")) == "skip"
+    monkeypatch.setattr(flash_module, "KEY_WALK", "all")
+    assert flash_module.key_walk(cuda) == flash_module.key_walk(torch.device("cpu")) == "all"
+
+
 def test_key_splits_fill_the_gpu_and_never_leave_a_split_empty() -> None:
     blocks = -(-610 // KEY_BLOCK)
     for batch, rows in ((1, 400), (8, 400), (1, 4480), (8, 4480)):
@@ -189,7 +202,7 @@ def test_the_pipeline_takes_the_kernel_for_batched_prefills_only_where_measured(
     auto = pipeline.Pi05Pipeline(model, **options)
     assert auto.attention == "auto" and auto.fast.expert_attention == "gemm"
     assert [auto.prefill_attention(b) for b in (1, 2, 4)] == ["gemm"] * 3  # not Hopper: no kernel
-    monkeypatch.setattr(pipeline, "expert_kernels_measured", lambda device: True)  # as on Hopper
+    monkeypatch.setattr(pipeline, "kernels_measured", lambda device: True)  # as on Hopper
     assert auto.prefill_attention(1) == "gemm"
     assert auto.prefill_attention(pipeline.FLASH_PREFILL_MIN_BATCH) == "flash"
     assert auto.prefill_attention(4) == "flash"

@@ -170,8 +170,9 @@ def test_fast_runner_bookkeeping(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 def test_a_precision_with_a_pipeline_option_is_timed_beside_the_plain_one(tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """`--precision fp8,fp8+fused-mlp`: two fast runners of one model, the second built with the prefix MLP fused
-    (Pi05Pipeline's prefix_fused_mlp), each reported under its own label; an unknown option is refused first."""
+    """`--precision fp8,fp8+fused-mlp,...`: fast runners of one model, each built with its label's Pipeline options
+    (the prefix MLP fused or not, SigLIP's MLP in FP8 and fused, the residual carry off) and reported under its own
+    label; an unknown option is refused first."""
     monkeypatch.setattr(bench, "fast_runner_unavailable", lambda device: None)
     built = []
 
@@ -181,14 +182,14 @@ def test_a_precision_with_a_pipeline_option_is_timed_beside_the_plain_one(tmp_pa
 
     monkeypatch.setattr(bench, "make_runner", make_runner)
     out = tmp_path / "bench"
-    labels = ["fp8", "fp8+fused-mlp", "fp8+fused-mlp+fused-vision-mlp", "fp8+residual-carry"]
+    labels = ["fp8", "fp8+fused-mlp", "fp8+fused-mlp+fused-vision-mlp", "fp8+unfused-mlp+no-residual-carry"]
     rc = bench.main(["--preset", "tiny", "--device", "cpu", "--steps", "1", "--iters", "2", "--warmup", "1",
                      "--no-baseline", "--precision", ",".join(labels), "--out", str(out)])
     assert rc == 0
-    assert [(p, o.get("prefix_fused_mlp", False), o.get("fp8_vision", False), o.get("vision_fused_mlp", False))
-            for p, o in built] == [("fp8", False, False, False), ("fp8", True, False, False), ("fp8", True, True, True),
-                                   ("fp8", False, False, False)]
-    assert [o.get("carry_residual", False) for _, o in built] == [False, False, False, True]
+    # None: not passed, the pipeline's default
+    assert [(p, o.get("prefix_fused_mlp"), o.get("fp8_vision"), o.get("vision_fused_mlp")) for p, o in built] == [
+        ("fp8", None, None, None), ("fp8", True, None, None), ("fp8", True, True, True), ("fp8", False, None, None)]
+    assert [o.get("carry_residual") for _, o in built] == [None, None, None, False]
     results = json.loads((out / "results.json").read_text())
     assert sorted(c["precision"] for c in results["configs"]) == labels
     assert set(results["setup"]["runners"]) == set(labels)

@@ -395,7 +395,7 @@ def test_auto_denoises_the_batches_measured_faster_on_the_kernels(small, monkeyp
     fast, _, _ = small
     options = dict(precision="bf16", use_graphs=False, compile=False, max_batch=8, text_tile=8)
     assert Pi05Pipeline(fast, expert_kernels="auto", **options).expert_kernels is None  # the CPU: not measured
-    monkeypatch.setattr(pipeline, "expert_kernels_measured", lambda device: True)
+    monkeypatch.setattr(pipeline, "kernels_measured", lambda device: True)
     auto = Pi05Pipeline(fast, expert_kernels="auto", **options)
     assert AUTO_KERNEL_MAX_BATCH == 2
     assert [auto.path_for(b) for b in (1, 2, 4, 8)] == ["kernels", "kernels", "torch", "torch"]

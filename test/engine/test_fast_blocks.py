@@ -66,8 +66,10 @@ def test_the_residual_carry_changes_no_value(golden_model: Pi05Model, fast_case,
         results[carry] = (prefix.keys, prefix.values, actions, x)
     from pi05_ros.engine.fast.pipeline import Pi05Pipeline
 
-    pipe = Pi05Pipeline(golden_model, precision="bf16", use_graphs=False, compile=False, carry_residual=True)
-    assert pipe.fast.carry_residual and not FastModel(golden_model, dtype).carry_residual  # opt-in
+    options = {"precision": "bf16", "use_graphs": False, "compile": False}
+    assert Pi05Pipeline(golden_model, **options).fast.carry_residual  # the pipeline's default (§70)
+    assert not Pi05Pipeline(golden_model, carry_residual=False, **options).fast.carry_residual
+    assert not FastModel(golden_model, dtype).carry_residual  # the bare model adds per layer until told
     for with_carry, without in zip(results[True], results[False], strict=True):
         for a, b in zip(with_carry if isinstance(with_carry, list) else [with_carry],
                         without if isinstance(without, list) else [without], strict=True):

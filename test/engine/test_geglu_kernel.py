@@ -157,6 +157,24 @@ def test_the_pipeline_refuses_the_fused_mlp_where_it_cannot_run(golden_model: Pi
     assert Pi05Pipeline(golden_model, precision="bf16", use_graphs=False, compile=False).fast.prefix_fused_mlp is False
 
 
+@pytest.mark.cpu_fp8
+@pytest.mark.parametrize("measured", [True, False])
+def test_the_fused_mlp_is_the_default_where_it_was_measured(golden_model: Pi05Model, monkeypatch,
+                                                            measured: bool) -> None:
+    """prefix_fused_mlp=None (the default) takes the kernel with precision fp8 where the kernels were measured
+    faster (Hopper: docs/benchmarks.md §70) and leaves the two-GEMM path elsewhere; bf16 never takes it. The CPU
+    stands in for the GPU: its FP8 GEMM and the interpreter run both paths."""
+    from pi05_ros.engine.fast import pipeline
+
+    monkeypatch.setattr(pipeline, "fp8_supported", lambda device: True)
+    monkeypatch.setattr(pipeline, "kernels_measured", lambda device: measured)
+    options = {"use_graphs": False, "compile": False}
+    assert pipeline.Pi05Pipeline(golden_model, precision="fp8", **options).fast.prefix_fused_mlp is measured
+    assert pipeline.Pi05Pipeline(golden_model, precision="bf16", **options).fast.prefix_fused_mlp is False
+    assert pipeline.Pi05Pipeline(golden_model, precision="fp8", prefix_fused_mlp=False,
+                                 **options).fast.prefix_fused_mlp is False
+
+
 @pytest.mark.parametrize("m, k, f, config", [
     (70, 96, 80, TileConfig(32, 32, 32, 4, 2, 2)),  # ragged rows and columns (SigLIP's F = 4304 is ragged too)
     (33, 100, 48, TileConfig(16, 32, 32, 4, 2, 4)),  # a masked K tail

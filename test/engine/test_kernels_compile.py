@@ -29,8 +29,10 @@ def test_every_expert_kernel_compiles_for_hopper_and_fits_an_sm() -> None:
     cells = [[cell.strip() for cell in row.split("|")[1:-1]] for row in rows]
     batch = "batch 2x1, 8 warps, 3 stages"  # KernelConfig's batch shape
     assert [c[0] for c in cells] == ["gemm qkv", "gemm o", "gemm gate_up", "gemm down", "attend", "combine",
-                                     "flash attention, one split", "flash attention, 4 key splits",
-                                     "flash attention, 4 key splits, runs walk (option)", "flash combine",
+                                     # Hopper's walk (attention.key_walk), then the other
+                                     "flash attention, one split, runs walk",
+                                     "flash attention, 4 key splits, runs walk",
+                                     "flash attention, 4 key splits, skip walk (option)", "flash combine",
                                      "fp8 gate_up + GeGLU, tiles 128x128x128, 8 warps, 3 stages, MMA accumulation",
                                      "fp8 gate_up + GeGLU, tiles 128x128x128, 8 warps, 3 stages, float32 sums per K "
                                      "step (option)",

@@ -20,8 +20,10 @@ from pi05_ros.engine.runner import PreparedObservation, ReferenceRunner
 pytestmark = pytest.mark.gpu
 
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden" / "pi05_tiny"  # in the repository
-# Relative L2 bounds from issue 3 (openpi's own bf16 mixed precision measures ~1e-2).
-BOUND = {"bf16": 2e-2, "fp8": 3e-2, "fp8_vision": 5e-2, "fp8_prefix_all": 3e-2}
+# Relative L2 bounds from issue 3 (openpi's own bf16 mixed precision measures ~1e-2). FP8 in all of Gemma's linears
+# measured 3.05e-2 at 1 step on an H100 (docs/benchmarks.md §70), over the fp8 budget: it stays opt-in, and its
+# bound here only guards it against getting worse.
+BOUND = {"bf16": 2e-2, "fp8": 3e-2, "fp8_vision": 5e-2, "fp8_prefix_all": 4e-2}
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
@@ -49,8 +51,8 @@ def reference(full_model: Pi05Model, observation: PreparedObservation) -> dict[i
     return {steps: reference_actions(full_model, observation, steps) for steps in (1, 10)}
 
 
-# fp8 = the default FP8 layer set (Gemma's MLP); fp8_prefix_all adds Gemma's qkv and o, 0.58 ms less prefill at a
-# batch of 8 (H100, docs/benchmarks.md §63) and within the CPU emulator's budget (§19): a candidate default
+# fp8 = the default FP8 layer set (Gemma's MLP); fp8_prefix_all adds Gemma's qkv and o: 0.58 ms less prefill at a
+# batch of 8 (H100, docs/benchmarks.md §63), within the CPU emulator's budget (§19) but not at full size (§70)
 @pytest.mark.parametrize("variant", ["bf16", "fp8", "fp8_vision", "fp8_prefix_all"])
 def test_full_size_fidelity(full_model, observation, reference, variant: str, record_property) -> None:
     precision = "bf16" if variant == "bf16" else "fp8"
@@ -76,8 +78,9 @@ def test_prefix_mlp_fused_into_its_fp8_gemm(full_model, observation, reference, 
     real = geglu.launch
     monkeypatch.setattr(geglu, "launch", lambda *a, **kw: launches.append(tuple(a[0].shape)) or real(*a, **kw))
     mlp_layers = full_model.cfg.vlm.depth - 1  # the last layer computes K/V only
-    two_gemm = Pi05Pipeline(full_model, precision="fp8")
-    fused = Pi05Pipeline(full_model, precision="fp8", fp8_scales=two_gemm.fp8_scales, prefix_fused_mlp=True)
+    two_gemm = Pi05Pipeline(full_model, precision="fp8", prefix_fused_mlp=False)
+    fused = Pi05Pipeline(full_model, precision="fp8", fp8_scales=two_gemm.fp8_scales)  # the default on Hopper
+    assert fused.fast.prefix_fused_mlp
     for steps in (1, 10):
         launches.clear()
         want, _ = two_gemm.run(observation, steps)
@@ -130,10 +133,9 @@ def test_residual_carry_follows_the_per_layer_adds(full_model, observation, refe
     """FastModel.carry_residual at full size, compiled and in graphs: the same additions as per-layer adds (equal
     bit for bit eagerly, test_fast_blocks.py); compiled, only the fused norms' summation order differs."""
     # the torch path's expert layers (the fused kernels take batch 1 and 2 on Hopper and carry nothing)
-    plain = Pi05Pipeline(full_model, precision="fp8", max_batch=2, expert_kernels="off")
+    plain = Pi05Pipeline(full_model, precision="fp8", max_batch=2, expert_kernels="off", carry_residual=False)
     carried = Pi05Pipeline(full_model, precision="fp8", fp8_scales=plain.fp8_scales, max_batch=2,
-                           expert_kernels="off")
-    carried.fast.carry_residual = True
+                           expert_kernels="off")  # the default: carried
     for steps in (1, 10):
         want, _ = plain.run(observation, steps)
         got, _ = carried.run(observation, steps)

@@ -96,10 +96,11 @@ AUTO_KERNEL_MAX_BATCH = 2
 FLASH_PREFILL_MIN_BATCH = 2
 
 
-def expert_kernels_measured(device: torch.device) -> bool:
-    """Where the fused expert kernels were measured faster than the torch.compile path: Hopper (H200 and H100,
-    SM 9.0), batches up to AUTO_KERNEL_MAX_BATCH (docs/benchmarks.md §20, §48). Other GPUs, and larger batches, keep
-    the torch path unless asked (`expert_kernels="on"`)."""
+def kernels_measured(device: torch.device) -> bool:
+    """Where the Triton kernels of the fast path were measured faster than the torch.compile path: Hopper (H200 and
+    H100, SM 9.0). There the defaults take the fused expert kernels (batches up to AUTO_KERNEL_MAX_BATCH,
+    docs/benchmarks.md §20, §48), the flash attention for batched prefills (§51) and the prefix MLP's fused FP8
+    gate_up + GeGLU (§70). Other GPUs keep the torch path unless asked (`expert_kernels="on"`, ...)."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 
 
@@ -201,9 +202,11 @@ class Pi05Pipeline:
     `fp8_scales` (amax per linear layer) are used as given; without them the pipeline calibrates on
     `calibration_observations`, or on synthetic observations, and keeps what it found in `fp8_scales`
     (`calibrated_on` then says on what). `prefix_fused_mlp` runs the prefix MLP's FP8 gate_up, GeGLU and down's
-    input quantization as one kernel (kernels/geglu.py; off by default, being measured: docs/fast_path.md);
-    `vision_fused_mlp` does the same for SigLIP's FP8 fc1 (bias + GELU; needs fp8_vision). `carry_residual` has each
-    layer's last residual add done in the next layer's first norm (blocks.vision_layer; off, being measured).
+    input quantization as one kernel (kernels/geglu.py); None (the default) takes it with precision fp8 on Hopper,
+    where it was measured faster (a batch of 8's prefill -0.2 ms, batch 1 level: docs/benchmarks.md §70).
+    `vision_fused_mlp` does the same for SigLIP's FP8 fc1 (bias + GELU; needs fp8_vision, which stays opt-in: its
+    error is over the plain fp8 budget). `carry_residual` (default on) has each layer's last residual add done in the
+    next layer's first norm (blocks.vision_layer): the same sums, one pass over the residual stream less a layer.
 
     One pipeline runs one call at a time. Two pipelines of one process must not run at once on different streams:
     measured so, their actions differed from each alone, and they gained no throughput (docs/benchmarks.md §48). A
@@ -234,9 +237,9 @@ class Pi05Pipeline:
         expert_kernels: str = "auto",
         expert_kernel_config: KernelConfig | None = None,
         max_batch: int = 1,
-        prefix_fused_mlp: bool = False,
+        prefix_fused_mlp: bool | None = None,
         vision_fused_mlp: bool = False,
-        carry_residual: bool = False,
+        carry_residual: bool = True,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -267,20 +270,23 @@ class Pi05Pipeline:
             self.fast = FastModel(model, torch.bfloat16, release_reference=release_reference)
         if attention != "auto":  # both stacks; auto keeps the GEMM attention but for the prefill of large batches
             self.fast.prefix_attention = self.fast.expert_attention = attention
+        if prefix_fused_mlp is None:  # kernels/geglu.py where it was measured (H100) to pay: fp8 on Hopper
+            prefix_fused_mlp = (precision == "fp8" and kernels_measured(self.device)
+                                and geglu.supported(self.device))
         if prefix_fused_mlp:
-            # kernels/geglu.py: off by default until the pipeline measures faster with it (docs/fast_path.md)
             if precision != "fp8" or not geglu.supported(self.device):
                 raise ValueError("prefix_fused_mlp needs precision fp8 (the FP8 MLP it fuses) on a GPU with FP8 "
                                  "tensor cores (SM 8.9+) and Triton; leave it off here")
             self.fast.prefix_fused_mlp = True
         if vision_fused_mlp:
-            # the same kernel's GELU form for SigLIP's FP8 fc1: off by default, as the prefix's
+            # the same kernel's GELU form for SigLIP's FP8 fc1 (fp8_vision itself is opt-in)
             if precision != "fp8" or not fp8_vision or not geglu.supported(self.device):
                 raise ValueError("vision_fused_mlp needs precision fp8 with fp8_vision (SigLIP's FP8 MLP it fuses) on "
                                  "a GPU with FP8 tensor cores (SM 8.9+) and Triton; leave it off here")
             self.fast.vision_fused_mlp = True
-        if carry_residual:  # blocks.vision_layer's residual carry (off until measured); read when graphs are made
-            self.fast.carry_residual = True
+        # blocks.vision_layer's residual carry, read when graphs are made: a batch of 8 0.3 ms faster on an H100
+        # (§70), the same sums
+        self.fast.carry_residual = carry_residual
         self.attention = attention
         start = time.perf_counter()
         self.fp8_layers = fp8_layers + (fp8_vision_layers if fp8_vision else ())
@@ -322,7 +328,7 @@ class Pi05Pipeline:
             self.fast.compile()
         self.expert_kernels = None  # set below; calibration above ran the torch path, which records every linear
         self.kernel_max_batch = 1  # the largest batch that denoises on the kernels, where they run
-        if expert_kernels == "on" or (expert_kernels == "auto" and expert_kernels_measured(self.device)):
+        if expert_kernels == "on" or (expert_kernels == "auto" and kernels_measured(self.device)):
             if not kernels.available(self.device):
                 if expert_kernels == "on":
                     raise ValueError("expert_kernels='on' needs Triton and a CUDA GPU of SM 8.0 or newer; "
@@ -469,7 +475,7 @@ class Pi05Pipeline:
     def prefill_attention(self, batch: int) -> str:
         """The prefill's attention for a batch bucket: with `attention="auto"`, the flash kernel from
         FLASH_PREFILL_MIN_BATCH rows where it was measured faster (Hopper), else the FastModel's own."""
-        if (self.attention == "auto" and batch >= FLASH_PREFILL_MIN_BATCH and expert_kernels_measured(self.device)
+        if (self.attention == "auto" and batch >= FLASH_PREFILL_MIN_BATCH and kernels_measured(self.device)
                 and kernels.available(self.device)):
             return "flash"
         return self.fast.prefix_attention

@@ -50,7 +50,23 @@ STAGES = 2
 #   out those blocks alone (expert.py's attention does the same from n_valid). A mask with valid keys between the
 #   two runs is outside this walk's contract: its output is NaN, never a silent wrong answer.
 KEY_WALKS = ("all", "skip", "runs")  # the kernel's WALK is the index
-KEY_WALK = "skip"
+# None: each GPU's measured walk (`key_walk`); a name forces that walk everywhere (tests and tools set it).
+KEY_WALK: str | None = None
+
+
+def key_walk(device: torch.device) -> str:
+    """The walk the kernel takes on `device`: KEY_WALK where set, else "runs" on Hopper, where it measured faster
+    (a batch of 8's prefill 0.56-0.58 ms, same actions, H100, docs/benchmarks.md §70), and "skip" elsewhere: the
+    runs walk's multi-buffered loads hold 128 KiB of shared memory at these tiles, more than Ada's ~100 KiB, and it
+    was measured on no other GPU."""
+    if KEY_WALK is not None:
+        return KEY_WALK
+    return "runs" if device.type == "cuda" and _major(device.index) == 9 else "skip"
+
+
+@functools.cache
+def _major(index: int | None) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 @functools.cache
@@ -235,14 +251,15 @@ def flash_gqa_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor) -> Te
     else:
         acc = m = l_sum = out  # not written
     launch = {"num_warps": WARPS, "num_stages": STAGES} if q.device.type == "cuda" else {}
+    walk = key_walk(q.device)
     flash_kernel, combine_kernel = _kernels()
     flash_kernel[(b, blocks, splits)](
         q, k, v, mask, out, acc, m, l_sum,
         rows, keys, rows * d, k.stride(0), k.stride(2), mask.stride(0) if mask.shape[0] > 1 else 0, rows * d,
-        d**-0.5, per_split, D=d, BM=BLOCK_ROWS, KB=KEY_BLOCK, SPLITS=splits, DT=dt, WALK=KEY_WALKS.index(KEY_WALK),
+        d**-0.5, per_split, D=d, BM=BLOCK_ROWS, KB=KEY_BLOCK, SPLITS=splits, DT=dt, WALK=KEY_WALKS.index(walk),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         # read by the runs walk alone: the others get one value, not a compilation per key count
-        KEYS_P2=triton.next_power_of_2(keys) if KEY_WALK == "runs" else 1,
+        KEYS_P2=triton.next_power_of_2(keys) if walk == "runs" else 1,
         **launch,  # float32 stays float32 (no TF32)
     )
     if splits > 1:
