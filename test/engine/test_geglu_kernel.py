@@ -159,20 +159,26 @@ def test_the_pipeline_refuses_the_fused_mlp_where_it_cannot_run(golden_model: Pi
 
 @pytest.mark.cpu_fp8
 @pytest.mark.parametrize("measured", [True, False])
-def test_the_fused_mlp_is_the_default_where_it_was_measured(golden_model: Pi05Model, monkeypatch,
+def test_the_fused_mlps_are_the_default_where_they_were_measured(golden_model: Pi05Model, monkeypatch,
                                                             measured: bool) -> None:
-    """prefix_fused_mlp=None (the default) takes the kernel with precision fp8 where the kernels were measured
-    faster (Hopper: docs/benchmarks.md §70) and leaves the two-GEMM path elsewhere; bf16 never takes it. The CPU
-    stands in for the GPU: its FP8 GEMM and the interpreter run both paths."""
+    """prefix_fused_mlp=None and vision_fused_mlp=None (the defaults) take the kernel with precision fp8 (SigLIP's:
+    with fp8_vision, which stays opt-in) where the kernels were measured faster (Hopper: docs/benchmarks.md §70),
+    and leave the two-GEMM path elsewhere; bf16 never takes it. The CPU stands in for the GPU: its FP8 GEMM and
+    the interpreter run both paths."""
     from pi05_ros.engine.fast import pipeline
 
     monkeypatch.setattr(pipeline, "fp8_supported", lambda device: True)
     monkeypatch.setattr(pipeline, "kernels_measured", lambda device: measured)
     options = {"use_graphs": False, "compile": False}
-    assert pipeline.Pi05Pipeline(golden_model, precision="fp8", **options).fast.prefix_fused_mlp is measured
-    assert pipeline.Pi05Pipeline(golden_model, precision="bf16", **options).fast.prefix_fused_mlp is False
-    assert pipeline.Pi05Pipeline(golden_model, precision="fp8", prefix_fused_mlp=False,
-                                 **options).fast.prefix_fused_mlp is False
+
+    def fused(**chosen) -> tuple[bool, bool]:
+        fast = pipeline.Pi05Pipeline(golden_model, **options, **chosen).fast
+        return fast.prefix_fused_mlp, fast.vision_fused_mlp
+
+    assert fused(precision="fp8") == (measured, False)
+    assert fused(precision="fp8", fp8_vision=True) == (measured, measured)
+    assert fused(precision="bf16") == fused(precision="bf16", fp8_vision=True) == (False, False)
+    assert fused(precision="fp8", fp8_vision=True, prefix_fused_mlp=False, vision_fused_mlp=False) == (False, False)
 
 
 @pytest.mark.parametrize("m, k, f, config", [

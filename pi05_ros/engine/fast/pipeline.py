@@ -204,9 +204,10 @@ class Pi05Pipeline:
     (`calibrated_on` then says on what). `prefix_fused_mlp` runs the prefix MLP's FP8 gate_up, GeGLU and down's
     input quantization as one kernel (kernels/geglu.py); None (the default) takes it with precision fp8 on Hopper,
     where it was measured faster (a batch of 8's prefill -0.2 ms, batch 1 level: docs/benchmarks.md §70).
-    `vision_fused_mlp` does the same for SigLIP's FP8 fc1 (bias + GELU; needs fp8_vision, which stays opt-in: its
-    error is over the plain fp8 budget). `carry_residual` (default on) has each layer's last residual add done in the
-    next layer's first norm (blocks.vision_layer): the same sums, one pass over the residual stream less a layer.
+    `vision_fused_mlp` does the same for SigLIP's FP8 fc1 (bias + GELU) where fp8_vision is on (opt-in: its error is
+    over the plain fp8 budget); None takes it there on Hopper (vision 0.3 ms faster at a batch of 8, §70).
+    `carry_residual` (default on) has each layer's last residual add done in the next layer's first norm
+    (blocks.vision_layer): the same sums, one pass over the residual stream less a layer.
 
     One pipeline runs one call at a time. Two pipelines of one process must not run at once on different streams:
     measured so, their actions differed from each alone, and they gained no throughput (docs/benchmarks.md §48). A
@@ -238,7 +239,7 @@ class Pi05Pipeline:
         expert_kernel_config: KernelConfig | None = None,
         max_batch: int = 1,
         prefix_fused_mlp: bool | None = None,
-        vision_fused_mlp: bool = False,
+        vision_fused_mlp: bool | None = None,
         carry_residual: bool = True,
     ) -> None:
         if max_batch < 1:
@@ -277,13 +278,15 @@ class Pi05Pipeline:
             if precision != "fp8" or not geglu.supported(self.device):
                 raise ValueError("prefix_fused_mlp needs precision fp8 (the FP8 MLP it fuses) on a GPU with FP8 "
                                  "tensor cores (SM 8.9+) and Triton; leave it off here")
-            self.fast.prefix_fused_mlp = True
+        self.fast.prefix_fused_mlp = prefix_fused_mlp
+        if vision_fused_mlp is None:  # the same kernel's GELU form for SigLIP's FP8 fc1 (fp8_vision is opt-in)
+            vision_fused_mlp = (precision == "fp8" and fp8_vision and kernels_measured(self.device)
+                                and geglu.supported(self.device))
         if vision_fused_mlp:
-            # the same kernel's GELU form for SigLIP's FP8 fc1 (fp8_vision itself is opt-in)
             if precision != "fp8" or not fp8_vision or not geglu.supported(self.device):
                 raise ValueError("vision_fused_mlp needs precision fp8 with fp8_vision (SigLIP's FP8 MLP it fuses) on "
                                  "a GPU with FP8 tensor cores (SM 8.9+) and Triton; leave it off here")
-            self.fast.vision_fused_mlp = True
+        self.fast.vision_fused_mlp = vision_fused_mlp
         # blocks.vision_layer's residual carry, read when graphs are made: a batch of 8 0.3 ms faster on an H100
         # (§70), the same sums
         self.fast.carry_residual = carry_residual
