@@ -20,10 +20,12 @@ in bf16 without graphs, to check the tool);
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import re
 import time
+import traceback
 from collections.abc import Callable
 
 import numpy as np
@@ -118,11 +120,11 @@ def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str,
     for name, layers, vision, attention, autotune, replaced, options in (
             ("baseline (a fresh model, as the variants)", default, False, "auto", (), {}, {}),
             # second: the row a short run must not lose
-            (ALL_OPTIONS, ("prefix_blocks.*",), True, "auto", (), {}, {}),
+            (ALL_OPTIONS, ("prefix_blocks.*",), True, "auto", (), {}, {"vision_fused_mlp": True}),
             ("fp8 prefix all linears", ("prefix_blocks.*",), False, "auto", (), {}, {}),
             # SigLIP's FP8 MLP with fc1's bias, GELU and fc2's input quantization in one kernel (kernels/geglu.py; what
             # fp8_vision takes on Hopper), against its two FP8 GEMMs and the baseline (bf16 fc1 + GELU epilogue)
-            (VISION_MLP_FUSED, default, True, "auto", (), {}, {}),
+            (VISION_MLP_FUSED, default, True, "auto", (), {}, {"vision_fused_mlp": True}),
             ("fp8 prefix MLP + SigLIP MLP, two FP8 GEMMs", default, True, "auto", (), {}, {"vision_fused_mlp": False}),
             ("fp8 prefix all + SigLIP MLP, two FP8 GEMMs", ("prefix_blocks.*",), True, "auto", (), {},
              {"vision_fused_mlp": False}),
@@ -155,8 +157,9 @@ def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str,
         if not cuda and ("FlashAttention" in name or autotune or "flash" in name or "walk" in options
                          or "prefix_fused_mlp" in options):
             continue  # CUDA only (the Triton kernels run on the CPU only interpreted); the CPU run checks the rest
-        if (name.startswith("fp8") or name == ALL_OPTIONS) and policy.precision != "fp8":
-            continue  # its FP8 linears would run in bf16 under an FP8 name
+        fp8_only = name.startswith("fp8") or name == ALL_OPTIONS or "prefix_fused_mlp" in options
+        if fp8_only and policy.precision != "fp8":
+            continue  # its FP8 linears would run in bf16 under an FP8 name (or it would equal the baseline)
         options = dict(options)
         # read when the attention op launches, i.e. when this pipeline's graphs are captured below
         flash_attention.KEY_WALK = options.pop("walk", walk_default)
@@ -165,7 +168,9 @@ def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str,
                                          prepared, steps, iters)
         except Exception as error:  # noqa: BLE001 - one variant's failure (a kernel that does not compile or
             # launch on this card) must not cost the rows after it: device time is scarce
-            row = {"variant": name, "error": f"{type(error).__name__}: {error}"[:2000]}
+            traceback.print_exc()  # the whole of it in the log; the row keeps its first line for the table
+            first_line = (str(error).strip().splitlines() or [""])[0].replace("|", "/")
+            row = {"variant": name, "error": f"{type(error).__name__}: {first_line}"[:300]}
             print(json.dumps(row), flush=True)
             on_row(row)
             if baseline is None:
@@ -176,6 +181,7 @@ def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str,
             continue
         finally:
             flash_attention.KEY_WALK = walk_default
+            gc.collect()  # a failed variant's pipeline may sit in reference cycles: free it before the next one
             if cuda:
                 torch.cuda.empty_cache()
         if baseline is None:

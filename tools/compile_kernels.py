@@ -138,7 +138,7 @@ def main() -> int:
     d = PRESETS["pi05"].vlm.head_dim
     # the target's key walk (attention.key_walk: "runs" on Hopper) with one split and several, and the other of
     # "skip" and "runs" with several
-    default_walk = attention.KEY_WALK or ("runs" if arch // 10 == 9 else "skip")
+    default_walk = attention.KEY_WALK or attention.walk_for(arch // 10)
     other_walk = "skip" if default_walk == "runs" else "runs"
     walks = [(default_walk, 1), (default_walk, 4), (other_walk, 4)]
     for walk, splits in walks:

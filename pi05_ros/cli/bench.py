@@ -76,8 +76,9 @@ def _int_list(text: str) -> list[int]:
 # Pipeline options a precision may carry after '+', timed as a configuration of its own beside the plain one
 # (`--precision fp8,fp8+unfused-mlp`). fused-mlp / unfused-mlp: the prefix MLP's GeGLU in its FP8 gate_up kernel
 # (kernels/geglu.py; the default on Hopper) forced on / off; fp8-vision: SigLIP's MLP in FP8 too; fused-vision-mlp:
-# that MLP with fc1's GELU in its FP8 kernel (implies fp8-vision); residual-carry / no-residual-carry: each layer's
-# last residual add in the next layer's first norm (blocks.vision_layer; the default) on / off.
+# that MLP with fc1's GELU in its FP8 kernel (implies fp8-vision; what fp8-vision takes on Hopper anyway);
+# residual-carry / no-residual-carry: each layer's last residual add in the next layer's first norm
+# (blocks.vision_layer) on (the default: the same as plain) / off.
 PRECISION_OPTIONS: dict[str, dict[str, Any]] = {"fused-mlp": {"prefix_fused_mlp": True},
                                                 "unfused-mlp": {"prefix_fused_mlp": False},
                                                 "fp8-vision": {"fp8_vision": True},

@@ -269,8 +269,9 @@ def test_the_pipeline_refuses_the_fused_vision_mlp_where_it_cannot_run(golden_mo
 
 @pytest.mark.cpu_fp8
 def test_the_options_together_give_the_same_actions(golden_model: Pi05Model, golden_cases, fast_case) -> None:
-    """The opt-in options of the fast path at once, as tools/batch_stages_gpu.py's "all options" variant times them:
-    FP8 for every Gemma linear and SigLIP's MLP, both MLPs fused with their activation, the residual carry. Against
+    """The fast path's speed options at once, as tools/batch_stages_gpu.py's "all options" variant times them on
+    Hopper: FP8 for every Gemma linear and SigLIP's MLP (opt-in), both MLPs fused with their activation and the
+    residual carry (Pipeline defaults there since docs/benchmarks.md §70; off on this bare FastModel). Against
     the same FP8 layers with the options off: they compose (both fused kernels ran), the actions agree to FP8
     rounding and stay within FP8's budget. (That variant's flash kernel is left out: the interpreter computes
     bfloat16 inputs wrongly, ../shared/GPU.md; test/gpu covers it.)"""

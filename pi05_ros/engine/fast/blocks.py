@@ -251,11 +251,11 @@ def vision_layer(x: Tensor, qkv: LinearParams, out: LinearParams, fc1: LinearPar
     """A SigLIP layer over x [B, N, W] (LayerNorms' affine folded into qkv and fc1). `fused_mlp`: an MLP whose fc1
     and fc2 are both FP8 runs through `fp8_gelu_mlp_fused` (where kernels.geglu.supported; the caller decides).
 
-    Residual carry (FastModel.carry_residual, off by default): with `defer` the layer returns (x, its MLP output)
-    instead of their sum, and the next layer takes that output as `carry` and adds it first, where the add fuses into
-    its first norm's kernel: one pass over the float32 residual stream less per layer. The same additions in the
-    same order: eagerly equal bit for bit; compiled, the fused norm may sum its squares in another order (5e-4
-    apart in bf16 through inductor on the CPU, tools/batch_stages_gpu.py --device cpu).
+    Residual carry (FastModel.carry_residual; Pi05Pipeline's default): with `defer` the layer returns (x, its MLP
+    output) instead of their sum, and the next layer takes that output as `carry` and adds it first, where the add
+    fuses into its first norm's kernel: one pass over the float32 residual stream less per layer. The same additions
+    in the same order: eagerly equal bit for bit; compiled, the fused norm may sum its squares in another order
+    (5e-4 apart in bf16 through inductor on the CPU, tools/batch_stages_gpu.py --device cpu).
     """
     if carry is not None:
         x = x + carry.float()
@@ -445,14 +445,16 @@ class FastModel(nn.Module):
         self.cfg, self.dtype = cfg, dtype
         # each stack's attention (ATTENTION's keys); the pipeline may choose the prefill's per batch size
         self.prefix_attention = self.expert_attention = attention
-        # the prefix MLP's FP8 gate_up + GeGLU as one kernel (kernels/geglu.py): Pi05Pipeline(prefix_fused_mlp=
-        # True) turns it on where the kernel runs; layers whose MLP is not FP8 ignore it
+        # The options below are off on a bare FastModel; Pi05Pipeline sets them (its defaults: both fused MLPs
+        # with FP8 on Hopper, SigLIP's with fp8_vision; the carry everywhere; docs/benchmarks.md §70).
+        # The prefix MLP's FP8 gate_up + GeGLU as one kernel (kernels/geglu.py); layers whose MLP is not FP8
+        # ignore it.
         self.prefix_fused_mlp = False
-        # SigLIP's FP8 fc1 + GELU the same way (Pi05Pipeline(vision_fused_mlp=True), with fp8_vision)
+        # SigLIP's FP8 fc1 + GELU the same way (with fp8_vision)
         self.vision_fused_mlp = False
         # Each layer's last residual add done by the next layer, fused into its first norm (`vision_layer`'s
-        # residual carry). Off until a GPU measures it (gpu_session step residual-carry): it saves a float32 pass
-        # per layer, and costs more compiled variants (each stack's first layer takes no carry: on the tiny model
+        # residual carry): it saves a float32 pass per layer (a batch of 8 0.3 ms faster on an H100), and costs
+        # more compiled variants (each stack's first layer takes no carry: on the tiny model
         # 14 graphs against 9 over vision, prefill, denoise and a guided step). Set it before a pipeline's first
         # run: its CUDA graphs are captured once and not keyed by it.
         self.carry_residual = False

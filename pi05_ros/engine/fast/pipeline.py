@@ -207,7 +207,8 @@ class Pi05Pipeline:
     `vision_fused_mlp` does the same for SigLIP's FP8 fc1 (bias + GELU) where fp8_vision is on (opt-in: its error is
     over the plain fp8 budget); None takes it there on Hopper (vision 0.3 ms faster at a batch of 8, §70).
     `carry_residual` (default on) has each layer's last residual add done in the next layer's first norm
-    (blocks.vision_layer): the same sums, one pass over the residual stream less a layer.
+    (blocks.vision_layer): the same sums, one pass over the residual stream less a layer. A FastModel passed in gets
+    these three options set as the pipeline resolves them, whatever they were.
 
     One pipeline runs one call at a time. Two pipelines of one process must not run at once on different streams:
     measured so, their actions differed from each alone, and they gained no throughput (docs/benchmarks.md §48). A

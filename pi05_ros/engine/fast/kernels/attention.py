@@ -44,7 +44,7 @@ WARPS = 4
 STAGES = 2
 # How a program walks its keys (the kernel's WALK):
 # - "all": every key block of its split, masked ones computed too;
-# - "skip": the same, skipping (a branch in the loop) the blocks with no valid key, as measured in the pipeline;
+# - "skip": the same, skipping (a branch in the loop) the blocks with no valid key (the default off Hopper);
 # - "runs": only the blocks of the mask's leading and trailing runs of valid keys (a row's prefix; the expert's
 #   suffix), found once per program, with no branch in the loop so Triton can pipeline its loads; the splits share
 #   out those blocks alone (expert.py's attention does the same from n_valid). A mask with valid keys between the
@@ -61,7 +61,12 @@ def key_walk(device: torch.device) -> str:
     was measured on no other GPU."""
     if KEY_WALK is not None:
         return KEY_WALK
-    return "runs" if device.type == "cuda" and _major(device.index) == 9 else "skip"
+    return walk_for(_major(device.index)) if device.type == "cuda" else "skip"
+
+
+def walk_for(major: int) -> str:
+    """The measured walk for a CUDA GPU of compute capability `major`.x (key_walk's rule; the offline compile's)."""
+    return "runs" if major == 9 else "skip"
 
 
 @functools.cache
