@@ -272,17 +272,18 @@ class Pi05Pipeline:
             self.fast = FastModel(model, torch.bfloat16, release_reference=release_reference)
         if attention != "auto":  # both stacks; auto keeps the GEMM attention but for the prefill of large batches
             self.fast.prefix_attention = self.fast.expert_attention = attention
-        if prefix_fused_mlp is None:  # kernels/geglu.py where it was measured (H100) to pay: fp8 on Hopper
-            prefix_fused_mlp = (precision == "fp8" and kernels_measured(self.device)
-                                and geglu.supported(self.device))
+        # kernels/geglu.py's MLPs by default where they were measured (H100) to pay: fp8 on Hopper (SigLIP's only
+        # where fp8_vision, which is opt-in, puts its MLP in FP8)
+        fused_mlp_measured = precision == "fp8" and kernels_measured(self.device) and geglu.supported(self.device)
+        if prefix_fused_mlp is None:
+            prefix_fused_mlp = fused_mlp_measured
         if prefix_fused_mlp:
             if precision != "fp8" or not geglu.supported(self.device):
                 raise ValueError("prefix_fused_mlp needs precision fp8 (the FP8 MLP it fuses) on a GPU with FP8 "
                                  "tensor cores (SM 8.9+) and Triton; leave it off here")
         self.fast.prefix_fused_mlp = prefix_fused_mlp
-        if vision_fused_mlp is None:  # the same kernel's GELU form for SigLIP's FP8 fc1 (fp8_vision is opt-in)
-            vision_fused_mlp = (precision == "fp8" and fp8_vision and kernels_measured(self.device)
-                                and geglu.supported(self.device))
+        if vision_fused_mlp is None:
+            vision_fused_mlp = fused_mlp_measured and fp8_vision
         if vision_fused_mlp:
             if precision != "fp8" or not fp8_vision or not geglu.supported(self.device):
                 raise ValueError("vision_fused_mlp needs precision fp8 with fp8_vision (SigLIP's FP8 MLP it fuses) on "
