@@ -93,7 +93,6 @@ def vision_layer_variant(gelu_epilogue: bool = True, attention: str = "sdpa"):
 PREFIX_MLP_UNFUSED = "prefix MLP: two FP8 GEMMs and a GeGLU kernel (the default before §70)"
 NO_CARRY = "residual carry off: each layer adds its own residual (before §70)"
 SKIP_WALK = "flash prefill skip walk (before §70)"
-FULL_KEYS = "denoise keys: the longest prompt's cache rows (before §72)"
 VISION_MLP_FUSED = "fp8 prefix MLP + SigLIP MLP, fc1 GELU in its FP8 kernel"
 # the opt-in options together (FP8 beyond the default layers: over the plain fp8 budget, docs/benchmarks.md §70), with
 # SigLIP's MLP fused as fp8_vision takes it on Hopper
@@ -148,9 +147,6 @@ def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str,
             (PREFIX_MLP_UNFUSED, default, False, "auto", (), {}, {"prefix_fused_mlp": False}),
             (NO_CARRY, default, False, "auto", (), {}, {"carry_residual": False}),
             (SKIP_WALK, default, False, "auto", (), {}, {"walk": "skip"}),
-            # the torch path's denoise over the rows the longest prompt would fill (832 for 2 views), not this
-            # batch's (640 for the tool's prompt): the default from §72
-            (FULL_KEYS, default, False, "auto", (), {}, {"prompt_sized_keys": False}),
             # both stacks on the flash kernel, either walk
             ("flash attention, skip walk", default, False, "flash", (), {}, {"walk": "skip"}),
             ("flash attention, runs walk", default, False, "flash", (), {}, {"walk": "runs"}),

@@ -35,9 +35,6 @@
 #            SigLIP's MLP in FP8, two GEMMs or fused, beside the baseline   (480)
 #   residual-carry  tools/batch_stages_gpu.py --variants carry at buckets 1 and 8: the baseline (each layer's last
 #            residual add in the next layer's first norm, the default since §70) beside the carry off   (300)
-#   denoise-keys  tools/batch_stages_gpu.py --variants "denoise keys" at buckets 4 and 8 (the torch path's): the
-#            baseline (the denoise attends over the cache rows its prompts fill, the default since §72) beside the
-#            longest prompt's rows   (420)
 #   prefix-mlp  tools/batch_stages_gpu.py --variants "prefix MLP:,fp8 prefix all linears" at buckets 1 and 8: the
 #            baseline (the prefix MLP's GeGLU in its FP8 GEMM on Hopper, the default since §70) beside its two GEMMs,
 #            and with Gemma's qkv and o in FP8 too, each on a fresh model   (480)
@@ -78,7 +75,7 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:?usage: PI05_GIT_COMMIT=<hash> gpu_session.sh OUT_DIR STEP [STEP ...]}"
 shift
-STEPS="tests tests-kernels tests-pipeline kernels kernels-attention stream-floor geglu gelu vision-mlp residual-carry denoise-keys prefix-mlp options options-1 kernels-batch kernels-batch-k kernels-batch-gemms attention attention-sweep flash-walks batch batch-variants
+STEPS="tests tests-kernels tests-pipeline kernels kernels-attention stream-floor geglu gelu vision-mlp residual-carry prefix-mlp options options-1 kernels-batch kernels-batch-k kernels-batch-gemms attention attention-sweep flash-walks batch batch-variants
 vision-variants serve serve-kernels bench bench-mlp soak-arrival soak-inference"  # the steps the loop at the end runs
 STEPS="${STEPS//$'\n'/ }"
 [[ $# -gt 0 ]] || { echo "gpu_session.sh: name at least one step: $STEPS" >&2; exit 2; }
@@ -145,16 +142,13 @@ for step in "$@"; do
     residual-carry) OUT="$OUT" run_step residual-carry 300 bash -c "'$PY' tools/batch_stages_gpu.py --buckets 1 \
                       --iters 30 --variants carry && '$PY' tools/batch_stages_gpu.py --buckets 8 --iters 20 \
                       --variants carry" ;;
-    denoise-keys) OUT="$OUT" run_step denoise-keys 420 bash -c "'$PY' tools/batch_stages_gpu.py --buckets 4 \
-                    --iters 20 --variants 'denoise keys' && '$PY' tools/batch_stages_gpu.py --buckets 8 --iters 20 \
-                    --variants 'denoise keys'" ;;
     prefix-mlp) OUT="$OUT" run_step prefix-mlp 480 bash -c "'$PY' tools/batch_stages_gpu.py --buckets 1 --iters 30 \
                   --variants 'prefix MLP:,fp8 prefix all linears' && '$PY' tools/batch_stages_gpu.py --buckets 8 \
                   --iters 20 --variants 'prefix MLP:,fp8 prefix all linears'" ;;
     options|options-1)
       bucket=8; iters=20; [[ "$step" == options-1 ]] && { bucket=1; iters=30; }
       OUT="$OUT" run_step "$step" 580 "$PY" tools/batch_stages_gpu.py --buckets "$bucket" --iters "$iters" \
-        --variants "all options,fp8 prefix all linears,prefix MLP:,SigLIP,residual carry,flash,denoise keys" ;;
+        --variants "all options,fp8 prefix all linears,prefix MLP:,SigLIP,residual carry,flash" ;;
     kernels) OUT="$OUT" run_step kernels 300 "$PY" tools/expert_kernels_gpu.py --variants ;;
     kernels-attention) OUT="$OUT" run_step kernels-attention 150 "$PY" tools/expert_kernels_gpu.py --attention ;;
     stream-floor) run_step stream-floor 180 "$PY" tools/stream_floor_gpu.py ;;

@@ -4,18 +4,13 @@ what each row gets alone. The graphs per bucket are tested on the GPU (test/gpu/
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from pi05_ros.engine.config import TINY
-from pi05_ros.engine.demo import random_model
 from pi05_ros.engine.fast.pipeline import Pi05Pipeline
 from pi05_ros.engine.policy import Policy
-from pi05_ros.engine.reference import Pi05Model
 from pi05_ros.engine.runner import PreparedObservation, ReferenceRunner
 
 RNG = np.random.default_rng(11)
@@ -156,78 +151,3 @@ def test_the_vision_tower_starts_before_the_text_is_staged(pipeline: Pi05Pipelin
         assert order == []
     finally:
         pipeline._graphs.clear()  # the module's other tests build their stages without the wrappers
-
-
-@pytest.fixture(scope="module")
-def long_prompt_model() -> Pi05Model:
-    """The tiny model with room for 200-token prompts: TINY's 24 tokens all fit one 64-row size of the cache."""
-    return random_model(dataclasses.replace(TINY, max_token_len=200), seed=5)
-
-
-def _observation(cfg, views: int, length: int, seed: int) -> PreparedObservation:  # noqa: ANN001
-    rng = np.random.default_rng(seed)
-    size, max_len = cfg.vision.image_size, cfg.max_token_len
-    images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) if slot < views else None
-              for slot in range(len(cfg.image_keys))]
-    tokens = np.zeros(max_len, np.int64)
-    tokens[:length] = rng.integers(1, cfg.vocab_size, length)
-    noise = rng.standard_normal((cfg.action_horizon, cfg.action_dim)).astype(np.float32)
-    return PreparedObservation(images, tokens, np.arange(max_len) < length, noise)
-
-
-def test_the_torch_path_attends_over_the_rows_its_prompts_fill(
-        long_prompt_model: Pi05Model, replaying_graphs: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    """prompt_sized_keys (the default): the torch path's denoise attends over the cache rows of the batch's longest
-    prompt tile plus the suffix's, rounded up to 64, not those of the longest prompt the model takes. The actions
-    equal those over the full rows; each size has a graph of its own, and a short prompt after a long one (stale K/V
-    rows between its prefix and its suffix) is unaffected."""
-    cfg = long_prompt_model.cfg
-    options = {"precision": "bf16", "use_graphs": False, "compile": False, "expert_kernels": "off", "max_batch": 2,
-               "text_tile": 8}
-    sized = Pi05Pipeline(long_prompt_model, **options)
-    full = Pi05Pipeline(long_prompt_model, prompt_sized_keys=False, **options)
-    key_rows: list[int] = []
-    layer = sized.fast._expert_layer
-    monkeypatch.setattr(sized.fast, "_expert_layer",
-                        lambda *args, **kw: (key_rows.append(args[5].shape[2]), layer(*args, **kw))[1])
-    for pipe in (sized, full):
-        pipe.use_graphs = True  # the graph path, with the stand-in above
-    patches, horizon = cfg.vision.num_patches, cfg.action_horizon
-    assert (patches, horizon) == (256, 10)  # the sizes below: 64-row multiples of 256 + text + 10
-    cases = [((1, 5), 320), ((1, 70), 384), ((1, 190), 512), ((1, 5), 320), ((2, 5), 576)]
-    for seed, ((views, length), want_rows) in enumerate(cases):
-        obs = _observation(cfg, views, length, seed)
-        key_rows.clear()
-        got, _ = sized.run(obs, 3)
-        assert set(key_rows) == {want_rows}, (views, length, set(key_rows))
-        want, _ = full.run(obs, 3)
-        # the same keys, fewer masked rows (the softmax gives them exactly 0): equal on this CPU (0.0 measured); the
-        # bound leaves room for a BLAS that blocks its float32 sums by the key count
-        assert rel_err(got, want) < 1e-5, (views, length)
-    batch = [_observation(cfg, 1, 5, 10), _observation(cfg, 1, 70, 11)]  # the longer prompt sizes the batch
-    key_rows.clear()
-    got, _ = sized.run_batch(batch, 3)
-    assert set(key_rows) == {384}
-    assert rel_err(got, full.run_batch(batch, 3)[0]) < 1e-5
-    steps = sorted(key[:3] for key in sized._graphs if key[0] == "denoise_step")
-    assert steps == [("denoise_step", 1, 320), ("denoise_step", 1, 384), ("denoise_step", 1, 384),
-                     ("denoise_step", 1, 512), ("denoise_step", 2, 576)]  # 384 at batch 1 and 2
-    assert {key[2] for key in full._graphs if key[0] == "denoise_step"} == {512, 768}  # the longest prompt's
-
-
-def test_a_prompt_in_a_new_key_size_compiles_nothing(long_prompt_model: Pi05Model) -> None:
-    """With prompt_sized_keys the compiled expert layer takes the key length as dynamic: a prompt whose cache rows
-    fall in another 64-row size costs no compilation (on a robot it would stall an inference by seconds), only,
-    on a GPU, a graph capture. Inductor on the CPU, as on a GPU. (Without the dynamic mark each size compiled the
-    expert layer again: 10 -> 12 -> 14 graphs.)"""
-    from torch._dynamo.utils import counters
-
-    cfg = long_prompt_model.cfg
-    torch._dynamo.reset()
-    pipe = Pi05Pipeline(long_prompt_model, precision="bf16", use_graphs=False, compile=True, expert_kernels="off",
-                        text_tile=8)
-    graphs = []
-    for length in (5, 70, 190):  # 320, 384 and 512 key rows
-        pipe.run(_observation(cfg, 1, length, length), 2)
-        graphs.append(counters["stats"]["unique_graphs"])
-    assert graphs[0] > 0 and graphs == [graphs[0]] * 3, graphs

@@ -166,9 +166,7 @@ def test_graph_replay_equals_eager_and_step_switching(full_model, observation) -
             np.testing.assert_array_equal(a, results[steps])  # replay is deterministic
         results[steps] = a
     # one graph of one Euler step serves every count (the step's constants are data)
-    # (its key: name, views, key rows, path, batch)
-    assert [key[:2] + key[3:] for key in graphs._graphs if key[0] == "denoise_step"] == [
-        ("denoise_step", 2, graphs.expert_path, 1)]
+    assert [key for key in graphs._graphs if key[0] == "denoise_step"] == [("denoise_step", 2, graphs.expert_path, 1)]
 
 
 def test_step_counts_capture_nothing_new_and_memory_stays_bounded(full_model, observation) -> None:

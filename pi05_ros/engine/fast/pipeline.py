@@ -11,10 +11,8 @@ Graphs are captured lazily and kept:
   (adaRMS modulation, the kernels' shift products) are data: a `StepTable` holds every step of the current
   schedule in fixed buffers (sized for MAX_STEPS) and the graph copies step `index` of them before running it,
   so a new step count captures nothing and costs only its schedule (a few ms; recent ones are kept, up to
-  SCHEDULE_CACHE_BYTES). On the fused kernels the suffix's K/V sit after the longest prefix those views allow, so
-  the same graph serves every prompt length (the kernels share out only key blocks holding valid keys). On the
-  torch path (`prompt_sized_keys`, default) they sit after the batch's own prefix rounded up to 64 rows, and its
-  attention scans no more: a graph per such size, its layers compiled once with the key length dynamic.
+  SCHEDULE_CACHE_BYTES). The suffix's K/V sit after the longest prefix those views allow, so the same graph
+  serves every prompt length.
 The valid text length travels as data (a device scalar): attention masks and RoPE positions read it, so a
 prompt that grows by a few tokens replays the same graphs, and at most `text_tile - 1` padding tokens are
 computed. Stage times come from CUDA events recorded between the replays.
@@ -211,9 +209,6 @@ class Pi05Pipeline:
     `carry_residual` (default on) has each layer's last residual add done in the next layer's first norm
     (blocks.vision_layer): the same sums, one pass over the residual stream less a layer. A FastModel passed in gets
     these three options set as the pipeline resolves them, whatever they were.
-    `prompt_sized_keys` (default on): the torch path's denoise attends over the cache rows the batch's prompts fill
-    (rounded up to 64) and the suffix's, not the rows the longest prompt would fill: a 48-token prompt with 2 views
-    scans 640 keys instead of 832. Off: the longest prompt's rows, one graph for every prompt length.
 
     One pipeline runs one call at a time. Two pipelines of one process must not run at once on different streams:
     measured so, their actions differed from each alone, and they gained no throughput (docs/benchmarks.md §48). A
@@ -247,7 +242,6 @@ class Pi05Pipeline:
         prefix_fused_mlp: bool | None = None,
         vision_fused_mlp: bool | None = None,
         carry_residual: bool = True,
-        prompt_sized_keys: bool = True,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -298,7 +292,6 @@ class Pi05Pipeline:
         # blocks.vision_layer's residual carry, read when graphs are made: a batch of 8 0.3 ms faster on an H100
         # (§70), the same sums
         self.fast.carry_residual = carry_residual
-        self.prompt_sized_keys = prompt_sized_keys
         self.attention = attention
         start = time.perf_counter()
         self.fp8_layers = fp8_layers + (fp8_vision_layers if fp8_vision else ())
@@ -310,7 +303,7 @@ class Pi05Pipeline:
         self._pool = torch.cuda.graph_pool_handle() if use_graphs else None
         self._schedules: OrderedDict[tuple[int, str], tuple[torch.Tensor, ...]] = OrderedDict()
         self._tables: dict[str, StepTable] = {}
-        self._suffix_refresh: dict[tuple[int, str, int, int], Callable[[], None]] = {}
+        self._suffix_refresh: dict[tuple[int, str], Callable[[], None]] = {}
         self._rtc_host: list[torch.Tensor] = []  # previous chunk, soft mask, beta (pinned), and their device twins
         self._rtc_device: list[torch.Tensor] = []
         self._rtc_mode = "compiled" if compile else "plain"  # -> "plain" layers -> "eager" (no graph) on failure
@@ -498,20 +491,13 @@ class Pi05Pipeline:
         masked out."""
         return -(-(capacity + self.cfg.action_horizon) // 64) * 64
 
-    def denoise_rows(self, views: int, text_len: int, path: str) -> int:
-        """The K/V cache rows a denoise step on `path` attends over (prefix rows first, the suffix's last): the
-        longest prompt's on the kernels (they skip key blocks holding no valid key) or without `prompt_sized_keys`;
-        else those of this batch's text tile, `text_len`."""
-        if path == "torch" and self.prompt_sized_keys:
-            return self._cache_rows(views * self.cfg.vision.num_patches + text_len)
-        return self._cache_rows(self._capacity(views))
-
-    def _step_fn(self, views: int, table: StepTable, batch: int, total: int) -> Callable[[], None]:
-        """One Euler step on d_x's first `batch` rows with the table's current row, attending over the caches'
-        first `total` rows (graph-captured once per views, rows, path and batch)."""
+    def _step_fn(self, views: int, table: StepTable, batch: int) -> Callable[[], None]:
+        """One Euler step on d_x's first `batch` rows with the table's current row (graph-captured once per views,
+        path and batch)."""
         # Making its graph runs the step three times, each moving the table's index on: from where the last
         # inference left it (up to MAX_STEPS) that would read past the table's end, a device-side assert.
         table.index.zero_()
+        total = self._cache_rows(self._capacity(views))
         key_caches, value_caches = self._caches(batch)
         keys = [k[:, :, :total] for k in key_caches]
         values = [v[:, :, :total] for v in value_caches]
@@ -525,12 +511,6 @@ class Pi05Pipeline:
 
             return run
         where = self._suffix_buffers(views, "torch", keys, batch)
-        if self.prompt_sized_keys and self.fast._compiled:
-            # one compilation of the expert layer for every key length (dynamo recompiles per shape otherwise: a
-            # prompt entering a new 64-row size would stall the robot for a compile, not only a graph capture)
-            for t in (*keys, *values):
-                torch._dynamo.maybe_mark_dynamic(t, 2)
-            torch._dynamo.maybe_mark_dynamic(where[2], 3)
 
         def step() -> None:
             table.select()
@@ -541,7 +521,7 @@ class Pi05Pipeline:
     def _suffix_buffers(self, views: int, kind: str, keys: list[torch.Tensor],
                         batch: int) -> tuple[torch.Tensor, ...]:
         """The torch path's RoPE rows and key mask depend on n_valid only: fixed buffers, refreshed once per
-        inference outside the step graph (`_suffix_refresh[(views, kind, batch, key rows)]`), read by every step."""
+        inference outside the step graph (`_suffix_refresh[(views, kind, batch)]`), read by every step."""
         x, n_valid = self.d_x[:batch], self.d_n_valid[:batch]
         where = tuple(t.clone() for t in self.fast.suffix_inputs(x, n_valid, keys))
 
@@ -549,7 +529,7 @@ class Pi05Pipeline:
             for buffer, value in zip(where, self.fast.suffix_inputs(x, n_valid, keys), strict=True):
                 buffer.copy_(value)
 
-        self._suffix_refresh[(views, kind, batch, keys[0].shape[2])] = refresh
+        self._suffix_refresh[(views, kind, batch)] = refresh
         return where
 
     def _stage(self, key: tuple, make: Callable[[], Callable[[], None]]) -> Callable[[], None]:
@@ -566,10 +546,10 @@ class Pi05Pipeline:
             log.info("captured CUDA graph %s in %.2f s", key, time.perf_counter() - start)
         return graph.replay
 
-    def _denoise_stage(self, num_steps: int, views: int, batch: int, text_len: int) -> Callable[[], None]:
+    def _denoise_stage(self, num_steps: int, views: int, batch: int) -> Callable[[], None]:
         """All steps: the noise into d_x, the table's index to 0, then the step graph once per step."""
         try:
-            step = self._step_stage(num_steps, views, batch, text_len)
+            step = self._step_stage(num_steps, views, batch)
         except Exception as exc:  # a Triton build or launch failure on this GPU: keep serving on the torch path
             if self.path_for(batch) != "kernels":
                 raise
@@ -583,11 +563,10 @@ class Pi05Pipeline:
                             "path from now on", type(exc).__name__, exc)
                 self.expert_kernels = None
             _synchronize(self.device)
-            step = self._step_stage(num_steps, views, batch, text_len)
+            step = self._step_stage(num_steps, views, batch)
         path = self.path_for(batch)
         table = self._tables[path]
-        rows = self.denoise_rows(views, text_len, path)
-        refresh = self._suffix_refresh.get((views, "torch", batch, rows)) if path == "torch" else None
+        refresh = self._suffix_refresh.get((views, "torch", batch)) if path == "torch" else None
         x, noise = self.d_x[:batch], self.d_noise[:batch]
 
         def run() -> None:
@@ -600,12 +579,11 @@ class Pi05Pipeline:
 
         return run
 
-    def _step_stage(self, num_steps: int, views: int, batch: int, text_len: int) -> Callable[[], None]:
+    def _step_stage(self, num_steps: int, views: int, batch: int) -> Callable[[], None]:
         path = self.path_for(batch)
         table = self.step_table(num_steps, path)
-        rows = self.denoise_rows(views, text_len, path)
-        key = ("denoise_step", views, rows, path, batch)
-        return self._stage(key, lambda: self._step_fn(views, table, batch, rows))
+        key = ("denoise_step", views, path, batch)
+        return self._stage(key, lambda: self._step_fn(views, table, batch))
 
     # --- real-time chunking (engine/rtc.py): the torch path's layers with their VJP, one step graph
 
@@ -655,7 +633,7 @@ class Pi05Pipeline:
                 self._rtc_mode = "plain" if self._rtc_mode == "compiled" else "eager"
                 self._graphs.pop(("rtc_step", views), None)
                 _synchronize(self.device)
-        refresh = self._suffix_refresh[(views, "rtc", 1, self._cache_rows(self._capacity(views)))]
+        refresh = self._suffix_refresh[(views, "rtc", 1)]
 
         def run() -> None:
             self.d_x[:1].copy_(self.d_noise[:1])
@@ -792,8 +770,7 @@ class Pi05Pipeline:
         ev[3].record()
         prefill = self._stage(("prefill", n_views, text_len, batch),
                               lambda: self._prefill_fn(n_views, text_len, batch))
-        denoise = (self._rtc_stage(num_steps, n_views) if guided
-                   else self._denoise_stage(num_steps, n_views, batch, text_len))
+        denoise = self._rtc_stage(num_steps, n_views) if guided else self._denoise_stage(num_steps, n_views, batch)
         ev[4].record()
         prefill()
         ev[5].record()
