@@ -211,6 +211,10 @@ def _time_variant(name: str, layers: tuple[str, ...], vision: bool, attention: s
 
     device = torch.device(policy.device)
     cuda = device.type == "cuda"
+    # Dynamo keeps compiled layers per function across pipelines: a variant whose inputs pass an earlier one's guards
+    # would run the earlier one's kernels (§72: a dynamic-shape entry served a static variant, 2 ms slower). Each
+    # variant compiles its own (inductor's on-disk cache keeps that quick).
+    torch._dynamo.reset()
     model = random_model(policy.config, seed=0, device=device, dtype=torch.bfloat16)
     pipe = Pi05Pipeline(model, policy.precision if cuda else "bf16", fp8_layers=layers, fp8_vision=vision,
                         attention=attention, max_batch=len(prepared), release_reference=True, use_graphs=cuda,
