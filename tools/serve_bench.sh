@@ -3,7 +3,7 @@
 # over loopback (tools/serve_load.py), batched (--max-batch 8) and unbatched (--max-batch 1), in one run.
 #
 #   bash tools/serve_bench.sh OUT_DIR [--device cuda --precision fp8] [--clients "1 2 4 8"] [--requests 100]
-#       [--window-ms 10] [--modes "batched unbatched"] [--server-args "--expert-kernels on --fp8-vision"]
+#       [--window-ms 10] [--views 2] [--modes "batched unbatched"] [--server-args "--expert-kernels on --fp8-vision"]
 #
 # Runs from a source tree (PYTHONPATH=., no install needed: the GPU machine's way); writes OUT_DIR/serve_<mode>.json
 # and .log per server and prints the tables. Needs websockets and msgpack (the GPU machine lacks websockets: carry
@@ -13,6 +13,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:?usage: serve_bench.sh OUT_DIR [options]}"
 shift
 DEVICE=cuda PRECISION=fp8 CLIENTS="1 2 4 8" REQUESTS=100 STEPS=10 PORT=8791 MODES="batched unbatched" WINDOW_MS=10
+VIEWS=2  # cameras per request; the server is warmed for that count (the layout has three slots)
 SERVER_ARGS=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -23,6 +24,7 @@ while [[ $# -gt 0 ]]; do
     --num-steps) STEPS="$2"; shift 2 ;;
     --modes) MODES="$2"; shift 2 ;;
     --window-ms) WINDOW_MS="$2"; shift 2 ;;
+    --views) VIEWS="$2"; shift 2 ;;
     --server-args) SERVER_ARGS="$2"; shift 2 ;;  # more pi05-serve options, word-split
     *) echo "serve_bench.sh: unknown option $1" >&2; exit 2 ;;
   esac
@@ -36,7 +38,8 @@ for mode in $MODES; do
   log="$OUT/serve_$mode.log"
   # shellcheck disable=SC2086
   "$PY" -m pi05_ros.cli.serve --demo --device "$DEVICE" --precision "$PRECISION" --num-steps "$STEPS" \
-    --max-batch "$batch" --batch-window-ms "$WINDOW_MS" --port "$PORT" $SERVER_ARGS > "$log" 2>&1 &
+    --max-batch "$batch" --batch-window-ms "$WINDOW_MS" --warm-up-views "$VIEWS" --port "$PORT" $SERVER_ARGS \
+    > "$log" 2>&1 &
   server=$!
   # ready once it prints its address (after loading, calibrating and warming every batch bucket)
   for _ in $(seq 1 600); do
@@ -48,7 +51,7 @@ for mode in $MODES; do
   echo "## $mode (--max-batch $batch $SERVER_ARGS), $DEVICE $PRECISION, $STEPS steps"
   # shellcheck disable=SC2086
   "$PY" tools/serve_load.py --url "ws://127.0.0.1:$PORT" --clients $CLIENTS --requests "$REQUESTS" \
-    --num-steps "$STEPS" --json "$OUT/serve_$mode.json"
+    --num-steps "$STEPS" --views "$VIEWS" --json "$OUT/serve_$mode.json"
   kill -INT "$server"
   wait "$server" || true
 done

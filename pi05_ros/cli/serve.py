@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
                               "runs at once when full or when every connection has a request waiting)")
     network.add_argument("--max-batch", type=int, default=8,
                          help="most observations in one batch (the GPU pipeline is built and warmed for it)")
+    network.add_argument("--warm-up-views", default="",
+                         help="camera counts to warm the GPU pipeline for before the first client, comma separated, "
+                              "e.g. 2 for robots that send two of the layout's three cameras (default: the layout's "
+                              "full count; a count not warmed pays seconds of capture and compile on its first batch "
+                              "of each size)")
     network.add_argument("--max-clients", type=int, default=128, help="most connections at once")
     network.add_argument("--max-message-mb", type=float, default=10.0, help="largest observation message (MiB)")
     network.add_argument("--send-timeout-s", type=float, default=10.0,
@@ -89,10 +94,15 @@ def _settings(args: argparse.Namespace) -> Any:
         raise SystemExit(f"pi05-serve: --metadata is not valid JSON ({exc})") from None
     if not isinstance(metadata, dict):
         raise SystemExit("pi05-serve: --metadata must be a JSON object")
+    try:
+        views = tuple(int(part) for part in args.warm_up_views.split(",") if part.strip())
+    except ValueError:
+        raise SystemExit(f"pi05-serve: --warm-up-views takes camera counts like 2 or 2,3, got "
+                         f"{args.warm_up_views!r}") from None
     return ServeSettings(num_steps=args.num_steps, window_ms=args.batch_window_ms, max_batch=args.max_batch,
                          max_clients=args.max_clients, max_message_bytes=int(args.max_message_mb * 2**20),
                          send_timeout_s=args.send_timeout_s, default_prompt=args.default_prompt, seed=args.seed,
-                         metadata=metadata)
+                         metadata=metadata, warm_up_views=views)
 
 
 def _spec(args: argparse.Namespace) -> Any:
@@ -131,13 +141,13 @@ def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
 
 def _serve_here(args: argparse.Namespace) -> int:
     from pi05_ros.serve.server import run_server
-    from pi05_ros.serve.service import PolicyService, layout_views, warm_up
+    from pi05_ros.serve.service import PolicyService, warm_up, warm_up_views
 
     settings = _settings(args)
     layouts, default = _layouts(args.robot)
     policy = _spec(args).load()
     service = PolicyService(policy, layouts, default, settings)
-    warm_up(policy, settings.num_steps, layout_views(layouts[default], policy))
+    warm_up(policy, settings.num_steps, warm_up_views(settings, layouts[default], policy))
 
     def ready(host: str, port: int) -> None:
         others = " ".join(f"/{name}" for name in sorted(layouts) if name != default)

@@ -32,7 +32,15 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from pi05_ros.serve.batching import BatchResult
 from pi05_ros.serve.layouts import ObservationLayout
-from pi05_ros.serve.service import ConnectionGone, PolicyService, PolicySpec, Row, ServeSettings, layout_views, warm_up
+from pi05_ros.serve.service import (
+    ConnectionGone,
+    PolicyService,
+    PolicySpec,
+    Row,
+    ServeSettings,
+    warm_up,
+    warm_up_views,
+)
 
 APP_NAME = "pi05"
 MESSAGE_TOO_BIG = 1009
@@ -92,7 +100,7 @@ class PolicyReplica:
         if batching not in BATCHING:
             raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
         self.policy = spec.load()
-        warm_up(self.policy, settings.num_steps, layout_views(layouts[default_layout], self.policy))
+        warm_up(self.policy, settings.num_steps, warm_up_views(settings, layouts[default_layout], self.policy))
         self.settings = settings
         submit = self._ray_batch if batching == "ray" else None
         self.service = PolicyService(self.policy, layouts, default_layout, settings, submit=submit)

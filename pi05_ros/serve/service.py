@@ -66,6 +66,8 @@ class ServeSettings:
     default_prompt: str | None = None
     seed: int = 0
     metadata: Mapping[str, Any] = field(default_factory=dict)  # extra entries of the metadata frame
+    # camera counts the GPU pipeline is warmed for before the first client (empty: the layout's full count)
+    warm_up_views: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_steps <= MAX_DENOISE_STEPS:
@@ -74,6 +76,8 @@ class ServeSettings:
             raise InputError("the batch window must be >= 0 ms, max batch and max clients >= 1")
         if self.max_message_bytes < 1024 or self.send_timeout_s <= 0:
             raise InputError("the message limit must be at least 1 KiB and the send timeout positive")
+        if any(views < 1 for views in self.warm_up_views):
+            raise InputError(f"warm-up view counts must be >= 1, got {list(self.warm_up_views)}")
 
 
 class ConnectionGone(Exception):
@@ -356,17 +360,36 @@ def layout_views(layout: ObservationLayout, policy: Policy) -> int:
 WARM_UP_PROMPTS = ("warm up", "pick up the red block on the left and put it in the blue bowl next to the cup")
 
 
-def warm_up(policy: Policy, num_steps: int, views: int = 1,
+def warm_up_views(settings: ServeSettings, layout: ObservationLayout, policy: Policy) -> tuple[int, ...]:
+    """The camera counts to warm up for: `settings.warm_up_views`, or the layout's full count (`layout_views`).
+
+    A robot that sends fewer cameras than its layout names (e.g. two of pi05_ros's three) makes graphs of its own:
+    name its count here, or its first batch of each size pays their capture and compile (seconds on a GPU)."""
+    most = layout_views(layout, policy)
+    views = settings.warm_up_views or (most,)
+    if any(not 1 <= n <= most for n in views):
+        raise InputError(f"warm-up view counts must be in 1..{most} (the cameras this layout and model take), "
+                         f"got {list(views)}")
+    return tuple(dict.fromkeys(views))
+
+
+def warm_up(policy: Policy, num_steps: int, views: int | Sequence[int] = 1,
             prompts: tuple[str, ...] = WARM_UP_PROMPTS) -> None:
-    """Inferences before the first client's, so that it does not pay for first-call set-up: for each batch bucket
-    of the fast pipeline one batch per prompt (capturing its CUDA graphs), with `views` cameras (the layout's). A
-    request with another number of views, or a prompt in a tile not warmed, captures (and, at batches of 2 and
-    more, compiles) on its first use: logged as `captured CUDA graph ...`."""
+    """Inferences before the first client's, so that it does not pay for first-call set-up: for each camera count in
+    `views` and each batch bucket of the fast pipeline one batch per prompt (capturing its CUDA graphs). A request
+    with a camera count not warmed, or a prompt in a tile not warmed, captures (and, at batches of 2 and more,
+    compiles) on its first use: logged as `captured CUDA graph ...`. A runner without graphs (the CPU's reference)
+    has nothing to make: one inference checks it runs."""
     size = policy.config.vision.image_size
-    images = {key: np.zeros((size, size, 3), np.uint8) for key in policy.image_keys[:max(1, views)]}
     state = np.zeros(policy.state_dim, np.float32)
-    for bucket in getattr(policy.runner, "batch_buckets", (1,)):
-        start = time.perf_counter()
-        for prompt in prompts:
-            policy.infer_batch([RawObservation(images, state, prompt)] * bucket, num_steps)
-        log.info("warm-up: batches of %d in %.2f s", bucket, time.perf_counter() - start)
+    counts = [views] if isinstance(views, int) else list(views)
+    buckets = getattr(policy.runner, "batch_buckets", None)
+    if buckets is None:  # nothing captured or compiled per camera count or batch size
+        counts, buckets, prompts = counts[:1], (1,), prompts[:1]
+    for count in counts:
+        images = {key: np.zeros((size, size, 3), np.uint8) for key in policy.image_keys[:max(1, count)]}
+        for bucket in buckets:
+            start = time.perf_counter()
+            for prompt in prompts:
+                policy.infer_batch([RawObservation(images, state, prompt)] * bucket, num_steps)
+            log.info("warm-up: %d camera(s), batches of %d in %.2f s", count, bucket, time.perf_counter() - start)
