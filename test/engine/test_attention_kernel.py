@@ -153,10 +153,16 @@ def test_each_device_gets_its_measured_walk_unless_one_is_forced(monkeypatch) ->
     128 KiB of shared memory does not fit Ada; nothing else measured); KEY_WALK, where set, forces its walk."""
     monkeypatch.setattr(flash_module, "KEY_WALK", None)
     cuda = torch.device("cuda", 0)
+    from pi05_ros.engine.fast import kernels
+
     for major, walk in ((9, "runs"), (8, "skip"), (10, "skip"), (12, "skip")):
-        monkeypatch.setattr(flash_module, "_major", lambda index, major=major: major)
+        monkeypatch.setattr(flash_module, "capability_major", lambda device, major=major: major)
         assert flash_module.key_walk(cuda) == walk, major
+        # the one rule of "measured here" the pipeline's defaults follow too (pipeline.kernels_measured)
+        monkeypatch.setattr(kernels, "capability_major", lambda device, major=major: major)
+        assert kernels.measured_on(cuda) == (walk == "runs"), major
     assert flash_module.key_walk(torch.device("cpu")) == "skip"
+    assert not kernels.measured_on(torch.device("cpu"))
     monkeypatch.setattr(flash_module, "KEY_WALK", "all")
     assert flash_module.key_walk(cuda) == flash_module.key_walk(torch.device("cpu")) == "all"
 

@@ -101,7 +101,7 @@ def kernels_measured(device: torch.device) -> bool:
     H100, SM 9.0). There the defaults take the fused expert kernels (batches up to AUTO_KERNEL_MAX_BATCH,
     docs/benchmarks.md §20, §48), the flash attention for batched prefills (§51) and the prefix MLP's fused FP8
     gate_up + GeGLU (§70). Other GPUs keep the torch path unless asked (`expert_kernels="on"`, ...)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+    return kernels.measured_on(device)
 
 
 def fp8_supported(device: torch.device) -> bool:

@@ -6,6 +6,7 @@ a GPU they have not been built for), the fast path keeps its torch.compile'd lay
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -28,6 +29,26 @@ def available(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device) >= (8, 0)
     return device.type == "cpu" and interpreting()
+
+
+# The GPU family the kernels were measured on, and measured faster than the torch.compile path where they are
+# defaults: Hopper (H100, H200; docs/benchmarks.md §20, §48, §51, §70). Elsewhere they run only when asked.
+MEASURED_MAJOR = 9
+
+
+def capability_major(device: torch.device) -> int:
+    """The CUDA compute capability's major number of `device` (9 on Hopper), looked up once per GPU."""
+    return _capability_major(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def measured_on(device: torch.device) -> bool:
+    """Whether `device` is of the GPU family the kernels were measured on (MEASURED_MAJOR)."""
+    return device.type == "cuda" and capability_major(device) == MEASURED_MAJOR
 
 
 # The compute dtypes the kernels take (their DT constexpr).

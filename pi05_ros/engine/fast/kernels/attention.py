@@ -27,7 +27,7 @@ import functools
 import torch
 from torch import Tensor
 
-from pi05_ros.engine.fast.kernels import KERNEL_DTYPES, tl_dtype
+from pi05_ros.engine.fast.kernels import KERNEL_DTYPES, MEASURED_MAJOR, capability_major, tl_dtype
 
 try:
     import triton
@@ -61,17 +61,12 @@ def key_walk(device: torch.device) -> str:
     was measured on no other GPU."""
     if KEY_WALK is not None:
         return KEY_WALK
-    return walk_for(_major(device.index)) if device.type == "cuda" else "skip"
+    return walk_for(capability_major(device)) if device.type == "cuda" else "skip"
 
 
 def walk_for(major: int) -> str:
     """The measured walk for a CUDA GPU of compute capability `major`.x (key_walk's rule; the offline compile's)."""
-    return "runs" if major == 9 else "skip"
-
-
-@functools.cache
-def _major(index: int | None) -> int:
-    return torch.cuda.get_device_capability(index)[0]
+    return "runs" if major == MEASURED_MAJOR else "skip"
 
 
 @functools.cache
