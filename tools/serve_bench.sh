@@ -13,7 +13,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:?usage: serve_bench.sh OUT_DIR [options]}"
 shift
 DEVICE=cuda PRECISION=fp8 CLIENTS="1 2 4 8" REQUESTS=100 STEPS=10 PORT=8791 MODES="batched unbatched" WINDOW_MS=10
-VIEWS=2  # cameras per request; the server is warmed for that count (the layout has three slots)
+VIEWS=2  # cameras per request (one count); the server is warmed for it (the pi05_ros layout has three slots)
 SERVER_ARGS=""
 while [[ $# -gt 0 ]]; do
   case "$1" in

@@ -363,13 +363,18 @@ WARM_UP_PROMPTS = ("warm up", "pick up the red block on the left and put it in t
 def warm_up_views(settings: ServeSettings, layout: ObservationLayout, policy: Policy) -> tuple[int, ...]:
     """The camera counts to warm up for: `settings.warm_up_views`, or the layout's full count (`layout_views`).
 
-    A robot that sends fewer cameras than its layout names (e.g. two of pi05_ros's three) makes graphs of its own:
-    name its count here, or its first batch of each size pays their capture and compile (seconds on a GPU)."""
+    A robot that sends fewer cameras than its layout names (e.g. two of pi05_ros's three, or of aloha's) makes graphs
+    of its own: name its count here, or its first batch of each size pays their capture and compile (seconds on a
+    GPU with cold compile caches). A layout that requires all its cameras (droid, libero) only ever gets its full
+    count."""
     most = layout_views(layout, policy)
     views = settings.warm_up_views or (most,)
     if any(not 1 <= n <= most for n in views):
         raise InputError(f"warm-up view counts must be in 1..{most} (the cameras this layout and model take), "
                          f"got {list(views)}")
+    if layout.images and layout.all_images_required and set(views) != {most}:
+        raise InputError(f"layout '{layout.name}' requires every one of its {most} cameras: its requests only ever "
+                         f"carry {most}; warm up for {most} (the default), got {list(views)}")
     return tuple(dict.fromkeys(views))
 
 
@@ -378,11 +383,13 @@ def warm_up(policy: Policy, num_steps: int, views: int | Sequence[int] = 1,
     """Inferences before the first client's, so that it does not pay for first-call set-up: for each camera count in
     `views` and each batch bucket of the fast pipeline one batch per prompt (capturing its CUDA graphs). A request
     with a camera count not warmed, or a prompt in a tile not warmed, captures (and, at batches of 2 and more,
-    compiles) on its first use: logged as `captured CUDA graph ...`. A runner without graphs (the CPU's reference)
-    has nothing to make: one inference checks it runs."""
+    compiles) on its first use: logged as `captured CUDA graph ...`. A runner without batch buckets (the reference
+    runner) makes no graphs per camera count or batch size: one inference checks it runs."""
     size = policy.config.vision.image_size
     state = np.zeros(policy.state_dim, np.float32)
     counts = [views] if isinstance(views, int) else list(views)
+    if not counts:
+        raise ValueError("warm_up needs at least one camera count")
     buckets = getattr(policy.runner, "batch_buckets", None)
     if buckets is None:  # nothing captured or compiled per camera count or batch size
         counts, buckets, prompts = counts[:1], (1,), prompts[:1]

@@ -167,6 +167,34 @@ def test_each_device_gets_its_measured_walk_unless_one_is_forced(monkeypatch) ->
     assert flash_module.key_walk(cuda) == flash_module.key_walk(torch.device("cpu")) == "all"
 
 
+def test_the_measured_rule_reads_each_gpus_own_capability(monkeypatch) -> None:
+    """kernels.capability_major: a device without an index is the current one, and each GPU's answer is its own
+    (looked up once per GPU): on a host with an H100 as cuda:1 and an Ada card as cuda:0, only cuda:1 takes the
+    measured defaults (pipeline.kernels_measured) and the runs walk."""
+    from pi05_ros.engine.fast import kernels, pipeline
+
+    asked: list[int] = []
+
+    def capability(index: int) -> tuple[int, int]:
+        asked.append(index)
+        return (9, 0) if index == 1 else (8, 9)
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(flash_module, "KEY_WALK", None)
+    kernels._capability_major.cache_clear()
+    try:
+        assert kernels.capability_major(torch.device("cuda")) == 9  # no index: the current device, 1
+        assert kernels.capability_major(torch.device("cuda", 0)) == 8
+        assert pipeline.kernels_measured(torch.device("cuda", 1)) and not pipeline.kernels_measured(
+            torch.device("cuda", 0))
+        assert flash_module.key_walk(torch.device("cuda", 1)) == "runs"
+        assert flash_module.key_walk(torch.device("cuda", 0)) == "skip"
+        assert sorted(set(asked)) == [0, 1] and len(asked) == 2  # once per GPU
+    finally:
+        kernels._capability_major.cache_clear()  # nothing patched stays cached for the tests after
+
+
 def test_key_splits_fill_the_gpu_and_never_leave_a_split_empty() -> None:
     blocks = -(-610 // KEY_BLOCK)
     for batch, rows in ((1, 400), (8, 400), (1, 4480), (8, 4480)):

@@ -5,16 +5,26 @@ cost the rest of a call."""
 
 from __future__ import annotations
 
-import sys
+import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from pi05_ros.engine.fast.blocks import FastModel
 from pi05_ros.engine.policy import Policy
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-import batch_stages_gpu  # noqa: E402 - a tool script, found on its folder's path
+_spec = importlib.util.spec_from_file_location(
+    "batch_stages_gpu", Path(__file__).resolve().parents[2] / "tools" / "batch_stages_gpu.py")
+batch_stages_gpu = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(batch_stages_gpu)
+
+
+@pytest.fixture(autouse=True)
+def eager_layers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The layers run eagerly: what is tested is the tool's handling of its variants, not inductor's C++ compile on
+    the CPU (most of a minute per variant on two cores)."""
+    monkeypatch.setattr(FastModel, "compile", lambda self: None)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +60,7 @@ def test_a_failing_variant_is_an_error_row_and_the_rest_still_run(setup, monkeyp
     # the first line of the message only, its table separator replaced: the row stays one table row
     assert failed["error"] == "RuntimeError: out of resource: shared memory / Required: 262144"
     assert set(failed) == {"variant", "error"}
-    assert "error" not in after and 0 <= after["rel_l2_vs_baseline"] < 1e-2  # the same sums in another order
+    assert "error" not in after and after["rel_l2_vs_baseline"] == 0  # eagerly the carry gives the same sums
     assert after["denoise"] > 0
 
 
