@@ -1,7 +1,7 @@
 """The fused expert kernels on the GPU: fidelity against the float32 reference, and denoise time per variant.
 
     PYTHONPATH=. python3 tools/expert_kernels_gpu.py [--quick | --variants | --defaults | --batches | --batch-k |
-                                                      --batch-gemms | --attention]
+                                                      --batch-gemms | --batch-tune | --attention]
 
 --variants: only the whole denoise loop, for the options and a few tile shapes around the default, and with all
 weights L2-resident (a diagnostic). --defaults: the previous default configuration against the current one.
@@ -9,7 +9,9 @@ weights L2-resident (a diagnostic). --defaults: the previous default configurati
 kernels in several batch shapes (R rows x T tiles per GEMM program), against batch 1: which shape, if any, beats
 the torch path (issue 9: the torch path denoised a batch of 8 in 13.6 ms, docs/benchmarks.md §43). --batch-k: batch 8
 only, with the batch K options (a K step of its own, one program over the whole K). --batch-gemms: batch 8, each
-kernel kind's time per layer (qkv, attention, o, gate_up, down; no PDL) beside cuBLAS at the same M. --attention: the
+kernel kind's time per layer (qkv, attention, o, gate_up, down; no PDL) beside cuBLAS at the same M. --batch-tune:
+batches of 8 and 4, each GEMM kind at many batch shapes and the attention at several key splits, the best per kind
+put together, and the denoise loop on it against the torch path and the default batch shape. --attention: the
 attend + combine pair alone per key-split option, in the pipeline's cache layout (about a minute).
 (The L2-prefetch and fused-combine variants of docs/benchmarks.md §34 ran as `--prefetch` at commit faf2f49, the
 persistent layer kernel of §42 as `--persistent` at 4e7d08b.)
@@ -36,6 +38,7 @@ from pi05_ros.engine.fast.kernels.expert import (
     EPI_GEGLU,
     EPI_QKV,
     EPI_RESIDUAL,
+    BatchShape,
     ExpertKernels,
     GemmConfig,
     KernelConfig,
@@ -243,7 +246,7 @@ def sweep_batches(fast: FastModel, batches=(1, 2, 4, 8), shapes=None) -> None:
 def gemm_chain(kernels: ExpertKernels, name: str, prefix, x: torch.Tensor, sched, batch: int = 1) -> callable:
     """18 layers' worth of one GEMM kind (or "attention": attend + combine) over `batch` rows, with the inputs the
     denoise loop gives it; x [batch, horizon, width] float32 takes the residual GEMMs' output."""
-    mods, bias_qkv, bias_gu = sched[0], sched[4], sched[5]
+    mods, bias_qkv, bias_gu = (sched[0], sched[4], sched[5]) if sched is not None else (None, None, None)
     kernels.xm.normal_()
     kernels.q.normal_()
     kernels.ssp[0].fill_(1.0)
@@ -303,6 +306,104 @@ def batch_gemm_kinds(fast: FastModel, batch: int = 8) -> None:
               + f" | {sum(times) * 1e3:.1f} | {sum(times) * 180:.2f} |", flush=True)
         del kernels
     cublas_chains(fast, batch * cfg.action_horizon)
+
+
+# --batch-tune: every GEMM kind timed alone at each of these batch shapes (rows, tiles, warps, stages, K step, split
+# K), the best per kind put together, and the denoise loop on that against the torch path (issue 9). §48-49 timed
+# shapes only as one shape for all four GEMMs; with the whole K, o and down (N = 1024) ran as 32 programs.
+TUNE_SHAPES = (
+    BatchShape(2, 1, 8, 3, 0, True),  # the default
+    BatchShape(2, 2, 8, 3, 64, True),
+    BatchShape(2, 4, 8, 3, 64, True),
+    BatchShape(2, 4, 8, 3, 64, False),
+    BatchShape(2, 4, 8, 2, 128, True),
+    BatchShape(1, 4, 4, 3, 64, True),
+    BatchShape(1, 4, 8, 3, 64, True),
+    BatchShape(1, 8, 8, 3, 64, True),
+    BatchShape(1, 2, 4, 3, 128, True),
+    BatchShape(4, 2, 8, 2, 64, True),
+    BatchShape(4, 1, 8, 3, 64, True),
+)
+TUNE_KEY_SPLITS = (7, 4, 2, 1, 14)
+
+
+def shape_label(shape: BatchShape) -> str:
+    return (f"{shape.rows}x{shape.tiles} {shape.warps}w {shape.stages}st k{shape.k_step or 'own'} "
+            f"{'split' if shape.split_k else 'whole'}")
+
+
+def batch_tune(fast: FastModel, batches=(8, 4)) -> None:
+    """Per batch: each GEMM kind (18-call chain in a graph, no PDL) at every TUNE_SHAPES shape, and the attention
+    at every TUNE_KEY_SPLITS; then the denoise loop (10 steps, PDL as the pipeline runs it) on the torch path, the
+    kernels' default batch shape and the best shape per kind, with each one's error against the torch path."""
+    import json
+
+    fast.compile()
+    results = {}
+    for batch in batches:
+        prefix, noise = batch_prefix(fast, batch, seed=batch)
+        x = torch.randn(batch, fast.cfg.action_horizon, fast.cfg.expert.width, device="cuda")
+        print(f"\n## batch {batch}: us per layer (18-call chain in a graph, no PDL)", flush=True)
+        print("| shape | " + " | ".join(ALL4) + " |", flush=True)
+        print("|---|---|---|---|---|", flush=True)
+        per_kind: dict[str, list[tuple[float, BatchShape]]] = {name: [] for name in ALL4}
+        for shape in TUNE_SHAPES:
+            cells = []
+            try:
+                kernels = ExpertKernels(fast, KernelConfig(pdl=False, batch_gemms=tuple((n, shape) for n in ALL4)),
+                                        max_batch=batch)
+                sched = kernels.schedule(fast.step_schedule(1))
+                for name in ALL4:
+                    try:
+                        us = graph_ms(gemm_chain(kernels, name, prefix, x.clone(), sched, batch)) / 18 * 1e3
+                        per_kind[name].append((us, shape))
+                        fitted = kernels.launch_shape(getattr(kernels.layers[0], name), GEMMS[name], batch, name)
+                        cells.append(f"{us:.1f} ({fitted.rows}x{fitted.tiles} {fitted.stages}st)")
+                    except Exception as exc:  # keep sweeping
+                        cells.append(f"FAILED {type(exc).__name__}: {str(exc)[:80]}")
+                del kernels
+            except Exception as exc:
+                cells = [f"FAILED {type(exc).__name__}: {str(exc)[:120]}"] + [""] * 3
+            print(f"| {shape_label(shape)} | " + " | ".join(cells) + " |", flush=True)
+        attention = []
+        for splits in TUNE_KEY_SPLITS:
+            try:
+                kernels = ExpertKernels(fast, KernelConfig(pdl=False, batch_key_splits=splits), max_batch=batch)
+                us = graph_ms(gemm_chain(kernels, "attention", prefix, x.clone(), None, batch)) / 18 * 1e3
+                attention.append((us, splits))
+                print(f"  attention (attend + combine), {splits} key splits: {us:.1f} us", flush=True)
+                del kernels
+            except Exception as exc:
+                print(f"  attention, {splits} key splits: FAILED {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+        cublas_chains(fast, batch * fast.cfg.action_horizon)
+        best = {name: min(times, key=lambda t: t[0]) for name, times in per_kind.items() if times}
+        attention_us, best_splits = min(attention) if attention else (0.0, 0)
+        tuned = KernelConfig(batch_gemms=tuple((name, shape) for name, (_, shape) in best.items()),
+                             batch_key_splits=best_splits)
+        print("best per kind: " + ", ".join(f"{n} {shape_label(s)} {us:.1f} us" for n, (us, s) in best.items())
+              + f"; attention {best_splits} splits; sum {sum(us for us, _ in best.values()) + attention_us:.1f}"
+              " us per layer", flush=True)
+        torch_path = Denoiser(fast, prefix, noise, 10, None)
+        want = torch_path.result()
+        rows = [("torch path", *torch_path.time_ms(100), 0.0)]
+        del torch_path
+        for label, config in (("kernels, default batch shape", KernelConfig()), ("kernels, tuned per kind", tuned)):
+            try:
+                d = Denoiser(fast, prefix, noise, 10, ExpertKernels(fast, config, max_batch=batch))
+                err = rel_err(d.result(), want)
+                rows.append((label, *d.time_ms(100), err))
+                del d
+            except Exception as exc:
+                print(f"  {label}: FAILED {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+        print(f"\n| batch {batch}, 10 steps | p50 ms | p99 ms | rel L2 vs torch path |\n|---|---|---|---|", flush=True)
+        for label, p50, p99, err in rows:
+            print(f"| {label} | {p50:.3f} | {p99:.3f} | {err:.1e} |", flush=True)
+        results[batch] = {"per_kind_best": {n: [us, list(s)] for n, (us, s) in best.items()},
+                          "attention": attention, "key_splits": best_splits,
+                          "loop": [list(r) for r in rows]}
+        torch.cuda.empty_cache()
+    with open(f"{OUT}/batch_tune.json", "w") as f:
+        json.dump(results, f, indent=1)
 
 
 SWEEP = {  # (BN, KC, BK, warps, stages) per GEMM kind
@@ -436,9 +537,11 @@ def main() -> None:
     model = random_model(PRESETS["pi05"], seed=0, device="cuda", dtype=torch.float32)
     fast = FastModel(model, torch.bfloat16)
     print(f"model + FastModel in {time.perf_counter() - t0:.1f} s", flush=True)
-    if {"--batches", "--batch-k", "--batch-gemms"} & set(sys.argv):  # against the torch path: no reference needed
+    if {"--batches", "--batch-k", "--batch-gemms", "--batch-tune"} & set(sys.argv):  # against the torch path
         del model
-        if "--batches" in sys.argv:
+        if "--batch-tune" in sys.argv:
+            batch_tune(fast)
+        elif "--batches" in sys.argv:
             sweep_batches(fast)
         elif "--batch-k" in sys.argv:
             sweep_batches(fast, batches=(8,), shapes=BATCH_K_SHAPES)

@@ -16,6 +16,7 @@ from pi05_ros.engine.fast.kernels.expert import (
     EPI_GEGLU,
     EPI_QKV,
     EPI_RESIDUAL,
+    BatchShape,
     ExpertKernels,
     GemmConfig,
     KernelConfig,
@@ -273,6 +274,11 @@ BATCHED = {
     "4-rows-4-tiles-fused-step-in": dataclasses.replace(FUSED, batch_rows=4, batch_tiles=4, batch_warps=4),
     # every GEMM over its whole K in one program (SPLIT packs each in 2 chunks), 16 of K an iteration
     "whole-k-short-step": dataclasses.replace(SPLIT, batch_tiles=2, batch_split_k=False, batch_k_step=16),
+    # each GEMM its own shape (a row and 2 tiles for qkv, 4 rows with split K for o: a workspace for 4 row slots,
+    # 2 x 2 over the whole K for gate_up, down the common 2 x 1) and the attention its own key splits
+    "per-gemm-shapes": dataclasses.replace(SPLIT, batch_key_splits=2, batch_gemms=(
+        ("qkv", BatchShape(1, 2, 4, 2, 16)), ("o", BatchShape(4, 1, 4, 2)),
+        ("gate_up", BatchShape(2, 2, 8, 3, 32, False)))),
 }
 
 
@@ -499,6 +505,34 @@ def test_a_batch_may_take_the_whole_k_and_its_own_k_step() -> None:
     o, tiles, epi, splits = full_size_gemms()[1]
     split = launch_shape(KernelConfig(), o, tiles, epi, head_dim, 8, 64, H100_SHARED, splits)  # the default
     assert (split.k_chunk, split.k_step, split.splits) == (512, 128, 4)
+
+
+def test_a_gemm_may_have_its_own_batch_shape() -> None:
+    own = BatchShape(1, 4, 4, 2, 64, False)
+    config = KernelConfig(batch_gemms=(("o", own),), batch_key_splits=3)
+    head_dim = PRESETS["pi05"].expert.head_dim
+    for name, (cfg, tiles, epi, splits) in zip(("qkv", "o", "gate_up", "down"), full_size_gemms(), strict=True):
+        shape = launch_shape(config, cfg, tiles, epi, head_dim, 8, 64, H100_SHARED, splits, gemm=name)
+        default = launch_shape(KernelConfig(), cfg, tiles, epi, head_dim, 8, 64, H100_SHARED, splits)
+        if name == "o":  # o: 1 row x 4 tiles, 4 warps, 2 stages, its whole K (2048) 64 at a time
+            assert shape == (1, 4, 4, 2, 2048, 64, 1)
+        else:
+            assert shape == default
+        alone = launch_shape(config, cfg, tiles, epi, head_dim, 1, 64, H100_SHARED, splits, gemm=name)
+        assert alone == launch_shape(KernelConfig(), cfg, tiles, epi, head_dim, 1, 64, H100_SHARED, splits)
+    assert (config.key_splits_for(1), config.key_splits_for(2)) == (7, 3)  # batch 1 keeps its measured splits
+    assert KernelConfig().key_splits_for(8) == 7
+
+
+def test_a_gemms_own_batch_shape_is_checked() -> None:
+    with pytest.raises(ValueError, match="batch_gemms names 'up'; the GEMMs are qkv, o, gate_up, down"):
+        KernelConfig(batch_gemms=(("up", BatchShape(2, 1)),))
+    with pytest.raises(ValueError, match=r"batch_gemms\[down\].tiles must be a power of two, got 3"):
+        KernelConfig(batch_gemms=(("down", BatchShape(2, 3)),))
+    with pytest.raises(ValueError, match=r"batch_gemms\[qkv\].k_step must be 0 or a power of two >= 16, got 8"):
+        KernelConfig(batch_gemms=(("qkv", BatchShape(2, 1, 8, 3, 8)),))
+    with pytest.raises(ValueError, match="batch_key_splits must be >= 0, got -1"):
+        KernelConfig(batch_key_splits=-1)
 
 
 def test_batch_shapes_must_be_powers_of_two() -> None:

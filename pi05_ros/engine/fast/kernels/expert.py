@@ -385,6 +385,22 @@ class GemmConfig:
         return self.k_step or self.k_chunk
 
 
+class BatchShape(NamedTuple):
+    """How one GEMM launches over a batch of 2+ rows (KernelConfig.batch_gemms): R batch rows x T column tiles per
+    program, warps, pipeline stages, K per inner-loop iteration (0: the GEMM's own) and whether K is split as
+    batch 1 splits it (False: one program over the whole K)."""
+
+    rows: int
+    tiles: int
+    warps: int = 8
+    stages: int = 3
+    k_step: int = 0
+    split_k: bool = True
+
+
+GEMM_NAMES = ("qkv", "o", "gate_up", "down")
+
+
 @dataclass(frozen=True)
 class KernelConfig:
     # Tile shapes measured fastest on an H200 (docs/benchmarks.md §20, §34): few, long programs that stream their
@@ -414,15 +430,42 @@ class KernelConfig:
     # [tile][split][chunk][column], reads the same as [tile][K][column], so no second copy of the weights).
     batch_k_step: int = 0
     batch_split_k: bool = True
+    # A GEMM's own batch shape, where one shape does not suit all four (("o", BatchShape(2, 4, ...)), ...): the
+    # GEMMs named here ignore the batch_* fields above.
+    batch_gemms: tuple[tuple[str, BatchShape], ...] = ()
+    batch_key_splits: int = 0  # programs per head over the keys for batches (0: key_splits)
 
     def __post_init__(self) -> None:
-        for name in ("batch_rows", "batch_tiles", "batch_warps"):
-            value = getattr(self, name)
-            if value < 1 or value & (value - 1):  # Triton's block shapes and warp counts are powers of two
-                raise ValueError(f"KernelConfig.{name} must be a power of two, got {value}")
-        step = self.batch_k_step
-        if step and (step < 16 or step & (step - 1)):  # tl.dot takes K of 16 or more
-            raise ValueError(f"KernelConfig.batch_k_step must be 0 or a power of two >= 16, got {step}")
+        shapes = [("batch", BatchShape(self.batch_rows, self.batch_tiles, self.batch_warps, self.batch_stages,
+                                       self.batch_k_step, self.batch_split_k))]
+        for name, shape in self.batch_gemms:
+            if name not in GEMM_NAMES:
+                raise ValueError(f"KernelConfig.batch_gemms names {name!r}; the GEMMs are {', '.join(GEMM_NAMES)}")
+            shapes.append((f"batch_gemms[{name}]", BatchShape(*shape)))
+        for where, shape in shapes:
+            for field in ("rows", "tiles", "warps"):
+                value = getattr(shape, field)
+                if value < 1 or value & (value - 1):  # Triton's block shapes and warp counts are powers of two
+                    label = f"KernelConfig.batch_{field}" if where == "batch" else f"KernelConfig.{where}.{field}"
+                    raise ValueError(f"{label} must be a power of two, got {value}")
+            step = shape.k_step
+            if step and (step < 16 or step & (step - 1)):  # tl.dot takes K of 16 or more
+                label = "KernelConfig.batch_k_step" if where == "batch" else f"KernelConfig.{where}.k_step"
+                raise ValueError(f"{label} must be 0 or a power of two >= 16, got {step}")
+        if self.batch_key_splits < 0:
+            raise ValueError(f"KernelConfig.batch_key_splits must be >= 0, got {self.batch_key_splits}")
+
+    def batch_shape(self, gemm: str | None = None) -> BatchShape:
+        """The batch shape a GEMM launches with: its own from batch_gemms, else the batch_* fields."""
+        for name, shape in self.batch_gemms:
+            if name == gemm:
+                return BatchShape(*shape)
+        return BatchShape(self.batch_rows, self.batch_tiles, self.batch_warps, self.batch_stages, self.batch_k_step,
+                          self.batch_split_k)
+
+    def key_splits_for(self, batch: int) -> int:
+        """Programs per head over the keys for a batch of this many rows."""
+        return self.batch_key_splits if batch > 1 and self.batch_key_splits else self.key_splits
 
 
 class LaunchShape(NamedTuple):
@@ -454,11 +497,12 @@ def shared_bytes(cfg: GemmConfig, rows: int, tiles: int, stages: int, epilogue: 
 
 def launch_shape(config: KernelConfig, cfg: GemmConfig, tiles: int, epilogue: int, head_dim: int,
                  batch: int, block_rows: int = 64, shared_limit: int | None = None, splits: int = 1,
-                 element_bytes: int = 2) -> LaunchShape:
+                 element_bytes: int = 2, gemm: str | None = None) -> LaunchShape:
     """How a GEMM of `tiles` column tiles, packed in `splits` K chunks of cfg.k_chunk, launches over `batch` rows.
     Batch 1 runs R = T = 1 with the GEMM's own warps, stages, K step and split. A batch takes the config's batch
-    shape: R up to the batch (rounded to a power of two), T fitted to the tiles (for qkv to one head's tiles: its
-    epilogue is per head), the batch K step, and one program over the whole K unless `batch_split_k`. With
+    shape for this GEMM (`gemm`, one of GEMM_NAMES: its own from batch_gemms, else the batch_* fields): R up to the
+    batch (rounded to a power of two), T fitted to the tiles (for qkv to one head's tiles: its epilogue is per
+    head), the batch K step, and one program over the whole K unless it splits K. With
     `shared_limit` (bytes a program may take on the device; `element_bytes` per element of the compute dtype), a
     shape that would not fit gives up pipeline stages (down to 2), then column tiles, then rows, instead of failing
     to launch."""
@@ -466,15 +510,16 @@ def launch_shape(config: KernelConfig, cfg: GemmConfig, tiles: int, epilogue: in
     if batch == 1:
         rows, per_program, warps, stages, step = 1, 1, cfg.num_warps, cfg.stages, cfg.step
     else:
-        rows = min(config.batch_rows, 1 << (batch - 1).bit_length())
+        shape = config.batch_shape(gemm)
+        rows = min(shape.rows, 1 << (batch - 1).bit_length())
         limit = (head_dim // 2) // (cfg.block_n // 2) if epilogue == EPI_QKV else tiles  # qkv: pair tiles per head
-        per_program = config.batch_tiles
+        per_program = shape.tiles
         while per_program > 1 and (limit % per_program or tiles % per_program):
             per_program //= 2
-        warps, stages = config.batch_warps, config.batch_stages
-        if not config.batch_split_k:
+        warps, stages = shape.warps, shape.stages
+        if not shape.split_k:
             k_chunk, splits = k_chunk * splits, 1
-        step = min(config.batch_k_step or cfg.step, k_chunk)
+        step = min(shape.k_step or cfg.step, k_chunk)
     while shared_limit is not None and shared_bytes(cfg, rows, per_program, stages, epilogue, block_rows,
                                                     step, element_bytes) > shared_limit:
         if stages > 2:
@@ -668,13 +713,16 @@ class ExpertKernels:
         first = self.layers[0]
         # split-K partials and counters per (row group, tile group): as many row slots as the row groups hold; a
         # GEMM without split K has none
-        slots = -(-rows // self.config.batch_rows) * self.config.batch_rows if rows > 1 else 1
-        self.ws = {name: (torch.zeros(slots * p.tiles * p.splits * bm * p.cfg.block_n if p.splits > 1 else 1,
+        def slots(name: str) -> int:
+            per_program = self.config.batch_shape(name).rows
+            return -(-rows // per_program) * per_program if rows > 1 else 1
+
+        self.ws = {name: (torch.zeros(slots(name) * p.tiles * p.splits * bm * p.cfg.block_n if p.splits > 1 else 1,
                                       dtype=f32, device=dev),
-                          torch.zeros(slots * p.tiles if p.splits > 1 else 1, dtype=torch.int32, device=dev))
+                          torch.zeros(slots(name) * p.tiles if p.splits > 1 else 1, dtype=torch.int32, device=dev))
                    for name, p in vars(first).items()}
         self.q = torch.zeros(rows, self.heads, bm, self.head_dim, dtype=self.dtype, device=dev)
-        splits = self.config.key_splits
+        splits = max(self.config.key_splits, self.config.batch_key_splits)
         self.part_acc = torch.zeros(rows * self.heads * splits * bm * self.head_dim, dtype=f32, device=dev)
         self.part_m = torch.zeros(rows * self.heads * splits * bm, dtype=f32, device=dev)
         self.part_l = torch.zeros_like(self.part_m)
@@ -725,10 +773,10 @@ class ExpertKernels:
             kw["launch_pdl"] = self.use_pdl
         return kw
 
-    def launch_shape(self, p: PackedLinear, epilogue: int, batch: int) -> LaunchShape:
-        """`launch_shape` of one of these GEMMs over `batch` rows."""
+    def launch_shape(self, p: PackedLinear, epilogue: int, batch: int, gemm: str | None = None) -> LaunchShape:
+        """`launch_shape` of one of these GEMMs (`gemm`: its name, for its own batch shape) over `batch` rows."""
         return launch_shape(self.config, p.cfg, p.tiles, epilogue, self.head_dim, batch, self.block_rows,
-                            self.shared_limit, p.splits, self.dtype.itemsize)
+                            self.shared_limit, p.splits, self.dtype.itemsize, gemm)
 
     def _gemm(self, name: str, p: PackedLinear, epilogue: int, batch: int, a: Tensor, out: Tensor, *,
               ssp_in: tuple[Tensor, int] | None = None, bias: Tensor | None = None, gate: Tensor | None = None,
@@ -740,7 +788,7 @@ class ExpertKernels:
         d = self._dummy
         qkv = epilogue == EPI_QKV
         ss_bstride = self.ssp[0].stride(0)
-        rows, tiles, warps, stages, k_chunk, k_step, splits = self.launch_shape(p, epilogue, batch)
+        rows, tiles, warps, stages, k_chunk, k_step, splits = self.launch_shape(p, epilogue, batch, name)
         _expert_gemm_kernel[(triton.cdiv(batch, rows), p.tiles // tiles, splits)](
             a, a.stride(1), a.stride(0),
             p.blocks, d if p.scale is None else p.scale,
@@ -788,17 +836,18 @@ class ExpertKernels:
     def _attention(self, batch: int, k_cache: Tensor, v_cache: Tensor, n_valid: Tensor) -> None:
         c = self.config
         keys_total = k_cache.shape[1]
-        _attend_kernel[(batch, self.heads, c.key_splits)](
+        key_splits = c.key_splits_for(batch)
+        _attend_kernel[(batch, self.heads, key_splits)](
             self.q, self.q.stride(0), k_cache, v_cache, k_cache.stride(0), n_valid, self.part_acc, self.part_m,
             self.part_l, self.horizon, keys_total, self.horizon, self.head_dim**-0.5,
-            S_K=c.key_splits, D=self.head_dim, BM=self.block_rows, KB=c.key_block, DT=self._dt,
+            S_K=key_splits, D=self.head_dim, BM=self.block_rows, KB=c.key_block, DT=self._dt,
             USE_PDL=self.use_pdl, **self._launch_kwargs(c.attend_warps),
         )
         bd = min(c.combine_cols, self.head_dim)
         grid = (batch * self.heads, triton.cdiv(self.horizon, c.combine_rows), self.head_dim // bd)
         _combine_kernel[grid](
             self.part_acc, self.part_m, self.part_l, self.attn, self.attn.stride(1), self.attn.stride(0),
-            self.horizon, self.heads, S_K=c.key_splits, D=self.head_dim, BM=self.block_rows, BR=c.combine_rows,
+            self.horizon, self.heads, S_K=key_splits, D=self.head_dim, BM=self.block_rows, BR=c.combine_rows,
             BD=bd, DT=self._dt, USE_PDL=self.use_pdl, **self._launch_kwargs(4),
         )
 
