@@ -38,6 +38,7 @@ from pi05_ros.serve.service import (
     PolicySpec,
     Row,
     ServeSettings,
+    check_warm_up_views,
     warm_up,
     warm_up_views,
 )
@@ -170,6 +171,7 @@ def deploy_on_ray(spec: PolicySpec, settings: ServeSettings, layouts: Mapping[st
     each replica holds (default: 1 where the cluster has GPUs, else 0 and one CPU)."""
     import ray
 
+    check_warm_up_views(settings, layouts[default_layout])  # here, not after each replica's model load
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports leave the machine unless asked
     if not ray.is_initialized():
         ray.init(address=address)

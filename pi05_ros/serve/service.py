@@ -369,13 +369,24 @@ def warm_up_views(settings: ServeSettings, layout: ObservationLayout, policy: Po
     count."""
     most = layout_views(layout, policy)
     views = settings.warm_up_views or (most,)
+    _check_views(views, most, layout, "the cameras this layout and model take")
+    return tuple(dict.fromkeys(views))
+
+
+def check_warm_up_views(settings: ServeSettings, layout: ObservationLayout) -> None:
+    """What `warm_up_views` can check before a model is loaded: the counts against the layout's own cameras (a Ray
+    deployment checks this in the driver, so that a wrong count fails there at once, not in every replica after
+    its model load). The model's camera slots are checked once it is loaded."""
+    if settings.warm_up_views and layout.images:
+        _check_views(settings.warm_up_views, len(layout.images), layout, "the cameras this layout names")
+
+
+def _check_views(views: Sequence[int], most: int, layout: ObservationLayout, what: str) -> None:
     if any(not 1 <= n <= most for n in views):
-        raise InputError(f"warm-up view counts must be in 1..{most} (the cameras this layout and model take), "
-                         f"got {list(views)}")
+        raise InputError(f"warm-up view counts must be in 1..{most} ({what}), got {list(views)}")
     if layout.images and layout.all_images_required and set(views) != {most}:
         raise InputError(f"layout '{layout.name}' requires every one of its {most} cameras: its requests only ever "
                          f"carry {most}; warm up for {most} (the default), got {list(views)}")
-    return tuple(dict.fromkeys(views))
 
 
 def warm_up(policy: Policy, num_steps: int, views: int | Sequence[int] = 1,

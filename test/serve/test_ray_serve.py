@@ -108,3 +108,23 @@ def test_remote_policy_through_ray(ray_port: int, local_policy: OneThreadPolicy)
         chunk = remote.infer(images, state, "put the cup in the sink", NUM_STEPS, noise=noise)
     local = local_policy.infer(images, state, "put the cup in the sink", NUM_STEPS, noise=noise)
     np.testing.assert_allclose(chunk.actions, local.actions, rtol=RTOL, atol=ATOL)
+
+
+def test_a_wrong_warm_up_count_fails_in_the_driver_before_ray_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not in each replica after its model load (a real checkpoint's load is minutes, and Serve retries a failed
+    replica): the layout's own cameras are known before any model is."""
+    import ray
+
+    from pi05_ros.engine.errors import InputError
+    from pi05_ros.serve.ray_app import deploy_on_ray
+
+    def no_ray(*args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        raise AssertionError("Ray must not be started for a request that cannot deploy")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    spec = PolicySpec(device="cpu")  # never loaded
+    for views, message in (((3,), r"in 1\.\.2 \(the cameras this layout names\), got \[3\]"),
+                           ((1,), "layout 'droid' requires every one of its 2 cameras")):
+        with pytest.raises(InputError, match=message):
+            deploy_on_ray(spec, ServeSettings(warm_up_views=views), BUILT_IN, "droid", host="127.0.0.1", port=1)
