@@ -539,8 +539,9 @@ def main() -> None:
     print(f"model + FastModel in {time.perf_counter() - t0:.1f} s", flush=True)
     if {"--batches", "--batch-k", "--batch-gemms", "--batch-tune"} & set(sys.argv):  # against the torch path
         del model
-        if "--batch-tune" in sys.argv:
-            batch_tune(fast)
+        if "--batch-tune" in sys.argv:  # --tune-batches 2,4: other batch sizes than 8 and 4
+            sizes = sys.argv[sys.argv.index("--tune-batches") + 1] if "--tune-batches" in sys.argv else "8,4"
+            batch_tune(fast, tuple(int(n) for n in sizes.split(",")))
         elif "--batches" in sys.argv:
             sweep_batches(fast)
         elif "--batch-k" in sys.argv:

@@ -34,6 +34,12 @@ from pi05_ros.engine.fast.kernels.geglu import FP8_MAX, TileConfig
 _TILES = ((128, 128, 128, 8, 3, 8), (128, 128, 128, 8, 4, 8), (128, 128, 64, 8, 5, 8), (128, 128, 128, 8, 3, 4),
           (64, 256, 128, 8, 3, 8))
 CONFIGS = tuple(TileConfig(*tiles, precise=precise) for tiles in _TILES for precise in (True, False))
+# --deep: the second sweep (§74) around the best of that one at 4224 rows, 64 of K a step with 5 stages: more
+# stages, other group sizes, and the default beside them (Triton's default accumulation)
+DEEP_CONFIGS = tuple(TileConfig(*tiles) for tiles in (
+    (128, 128, 128, 8, 3, 8), (128, 128, 64, 8, 5, 8), (128, 128, 64, 8, 4, 8), (128, 128, 64, 8, 6, 8),
+    (128, 128, 64, 8, 5, 4), (128, 128, 64, 8, 5, 16), (128, 128, 128, 8, 3, 16), (128, 128, 64, 4, 5, 8),
+    (128, 64, 128, 4, 4, 8), (128, 64, 64, 4, 6, 8)))
 
 
 def e4m3_differences(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
@@ -125,6 +131,7 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--calls", type=int, default=17, help="calls per graph (17: a prefill's MLP layers)")
     parser.add_argument("--gelu", action="store_true", help="SigLIP's MLP with the kernel's GELU form instead")
+    parser.add_argument("--deep", action="store_true", help="DEEP_CONFIGS: the second sweep's configs instead")
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: the code path, interpreted
     args = parser.parse_args()
     if args.gelu:
@@ -164,7 +171,7 @@ def main() -> int:
                "tflops": flops / base_ms / 1e9, "differ_vs_definition": share, "max_rel": max_rel}
         print(json.dumps(row), flush=True)
         rows_out.append(row)
-        for cfg in CONFIGS:
+        for cfg in DEEP_CONFIGS if args.deep else CONFIGS:
             try:
                 out = geglu.launch(xq, weight, scale, down_inv, cfg)
                 torch.cuda.synchronize()
