@@ -313,23 +313,25 @@ def batch_gemm_kinds(fast: FastModel, batch: int = 8) -> None:
 # shapes only as one shape for all four GEMMs; with the whole K, o and down (N = 1024) ran as 32 programs.
 TUNE_SHAPES = (
     BatchShape(2, 1, 8, 3, 0, True),  # the default
-    BatchShape(2, 2, 8, 3, 64, True),
+    BatchShape(2, 2, 8, 3, 64, True),  # §74's best for most kinds
     BatchShape(2, 4, 8, 3, 64, True),
-    BatchShape(2, 4, 8, 3, 64, False),
-    BatchShape(2, 4, 8, 2, 128, True),
-    BatchShape(1, 4, 4, 3, 64, True),
-    BatchShape(1, 4, 8, 3, 64, True),
-    BatchShape(1, 8, 8, 3, 64, True),
-    BatchShape(1, 2, 4, 3, 128, True),
-    BatchShape(4, 2, 8, 2, 64, True),
+    BatchShape(2, 4, 8, 3, 64, False),  # §74's best gate_up at 8 rows
+    # K split in programs of their own number (BatchShape.k_splits): wide tiles, fewer A reads, SMs kept busy
+    BatchShape(2, 4, 8, 3, 64, k_splits=2),
+    BatchShape(2, 4, 8, 3, 64, k_splits=4),
+    BatchShape(4, 2, 8, 3, 64, k_splits=2),
+    BatchShape(4, 2, 8, 3, 64, k_splits=4),
+    BatchShape(4, 4, 8, 2, 64, k_splits=4),
+    BatchShape(2, 8, 8, 2, 64, k_splits=2),
+    BatchShape(8, 1, 8, 3, 64, k_splits=4),
     BatchShape(4, 1, 8, 3, 64, True),
 )
 TUNE_KEY_SPLITS = (7, 4, 2, 1, 14)
 
 
 def shape_label(shape: BatchShape) -> str:
-    return (f"{shape.rows}x{shape.tiles} {shape.warps}w {shape.stages}st k{shape.k_step or 'own'} "
-            f"{'split' if shape.split_k else 'whole'}")
+    split = f"K/{shape.k_splits}" if shape.k_splits else "split" if shape.split_k else "whole"
+    return f"{shape.rows}x{shape.tiles} {shape.warps}w {shape.stages}st k{shape.k_step or 'own'} {split}"
 
 
 def batch_tune(fast: FastModel, batches=(8, 4)) -> None:
@@ -358,7 +360,7 @@ def batch_tune(fast: FastModel, batches=(8, 4)) -> None:
                         us = graph_ms(gemm_chain(kernels, name, prefix, x.clone(), sched, batch)) / 18 * 1e3
                         per_kind[name].append((us, shape))
                         fitted = kernels.launch_shape(getattr(kernels.layers[0], name), GEMMS[name], batch, name)
-                        cells.append(f"{us:.1f} ({fitted.rows}x{fitted.tiles} {fitted.stages}st)")
+                        cells.append(f"{us:.1f} ({fitted.rows}x{fitted.tiles} {fitted.stages}st S{fitted.splits})")
                     except Exception as exc:  # keep sweeping
                         cells.append(f"FAILED {type(exc).__name__}: {str(exc)[:80]}")
                 del kernels
