@@ -22,6 +22,10 @@
 #            batch K options (§49)
 #   kernels-batch-gemms  tools/expert_kernels_gpu.py --batch-gemms (240): batch 8, each kernel kind's time per layer
 #            beside cuBLAS at M = 400: where the batched kernels lose to the torch path
+#   batch-tune  tools/expert_kernels_gpu.py --batch-tune --tune-batches 8,2,4 (420; 161 s for 8,4 with 11 shapes on an
+#            H100, §74): each GEMM kind at every TUNE_SHAPES batch shape (K splits of their own included), the best
+#            per kind put together, the denoise loop on it beside the torch path; the batch of 2 decides the default
+#   geglu-deep  tools/geglu_gpu.py --deep (150): the prefix MLP kernel's second tile sweep (§74)
 #   kernels-attention  tools/expert_kernels_gpu.py --attention (150): the expert attention's key splits, blocks and
 #            warps, to re-tune KernelConfig now that only blocks holding valid keys are shared out (§57)
 #   stream-floor  tools/stream_floor_gpu.py (180): one persistent CUDA kernel streaming a step's expert weights
@@ -75,7 +79,7 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:?usage: PI05_GIT_COMMIT=<hash> gpu_session.sh OUT_DIR STEP [STEP ...]}"
 shift
-STEPS="tests tests-kernels tests-pipeline kernels kernels-attention stream-floor geglu gelu vision-mlp residual-carry prefix-mlp options options-1 kernels-batch kernels-batch-k kernels-batch-gemms attention attention-sweep flash-walks batch batch-variants
+STEPS="tests tests-kernels tests-pipeline kernels kernels-attention stream-floor geglu gelu vision-mlp residual-carry prefix-mlp options options-1 kernels-batch kernels-batch-k kernels-batch-gemms batch-tune geglu-deep attention attention-sweep flash-walks batch batch-variants
 vision-variants serve serve-kernels bench bench-mlp soak-arrival soak-inference"  # the steps the loop at the end runs
 STEPS="${STEPS//$'\n'/ }"
 [[ $# -gt 0 ]] || { echo "gpu_session.sh: name at least one step: $STEPS" >&2; exit 2; }
@@ -155,6 +159,8 @@ for step in "$@"; do
     kernels-batch) OUT="$OUT" run_step kernels-batch 360 "$PY" tools/expert_kernels_gpu.py --batches ;;
     kernels-batch-k) OUT="$OUT" run_step kernels-batch-k 200 "$PY" tools/expert_kernels_gpu.py --batch-k ;;
     kernels-batch-gemms) OUT="$OUT" run_step kernels-batch-gemms 240 "$PY" tools/expert_kernels_gpu.py --batch-gemms ;;
+    batch-tune) OUT="$OUT" run_step batch-tune 420 "$PY" tools/expert_kernels_gpu.py --batch-tune --tune-batches 8,2,4 ;;
+    geglu-deep) OUT="$OUT" run_step geglu-deep 150 "$PY" tools/geglu_gpu.py --deep ;;
     attention) OUT="$OUT" run_step attention 150 "$PY" tools/attention_gpu.py ;;
     attention-sweep) OUT="$OUT" run_step attention-sweep 300 "$PY" tools/attention_gpu.py --sweep --iters 50 ;;
     flash-walks) OUT="$OUT" run_step flash-walks 480 bash -c "'$PY' tools/batch_stages_gpu.py --buckets 1 --iters 30 \
