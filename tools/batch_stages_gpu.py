@@ -93,8 +93,6 @@ def vision_layer_variant(gelu_epilogue: bool = True, attention: str = "sdpa"):
 PREFIX_MLP_UNFUSED = "prefix MLP: two FP8 GEMMs and a GeGLU kernel (the default before §70)"
 NO_CARRY = "residual carry off: each layer adds its own residual (before §70)"
 SKIP_WALK = "flash prefill skip walk (before §70)"
-BATCH_SHAPE_BEFORE = "expert batch shape: 2x1 for every GEMM (before §74)"
-GEGLU_TILES_BEFORE = "prefix MLP tiles 128x128x128, 3 stages at every size (before §74)"
 VISION_MLP_FUSED = "fp8 prefix MLP + SigLIP MLP, fc1 GELU in its FP8 kernel"
 # the opt-in options together (FP8 beyond the default layers: over the plain fp8 budget, docs/benchmarks.md §70), with
 # SigLIP's MLP fused as fp8_vision takes it on Hopper
@@ -109,8 +107,6 @@ def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str,
     defaults): each row's actions are compared with the baseline's (speed is the question; FP8 fidelity against the
     float32 reference is in docs/benchmarks.md)."""
     from pi05_ros.engine.fast.kernels import attention as flash_attention
-    from pi05_ros.engine.fast.kernels import geglu
-    from pi05_ros.engine.fast.kernels.expert import KernelConfig
     from pi05_ros.engine.fast.pipeline import FP8_DEFAULT_LAYERS
 
     device = torch.device(policy.device)
@@ -118,10 +114,9 @@ def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str,
     expert_fp8 = (*FP8_DEFAULT_LAYERS, "expert_blocks.*.qkv", "expert_blocks.*.down")
     baseline = None
     walk_default = flash_attention.KEY_WALK
-    tiles_default = geglu.config_for
     default = FP8_DEFAULT_LAYERS
     # name, FP8 linears, FP8 SigLIP MLP, attention, stacks compiled with max-autotune, layer functions replaced,
-    # Pi05Pipeline options (and "walk": the flash kernel's KEY_WALK; "geglu tiles": the prefix MLP kernel's tiles)
+    # Pi05Pipeline options (and "walk": the flash kernel's KEY_WALK)
     for name, layers, vision, attention, autotune, replaced, options in (
             ("baseline (a fresh model, as the variants)", default, False, "auto", (), {}, {}),
             # second: the row a short run must not lose
@@ -152,13 +147,6 @@ def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str,
             (PREFIX_MLP_UNFUSED, default, False, "auto", (), {}, {"prefix_fused_mlp": False}),
             (NO_CARRY, default, False, "auto", (), {}, {"carry_residual": False}),
             (SKIP_WALK, default, False, "auto", (), {}, {"walk": "skip"}),
-            # the tunings of §74 undone: the fused expert kernels' one batch shape for all four GEMMs, and the prefix
-            # MLP kernel's tiles at every row count
-            (BATCH_SHAPE_BEFORE, default, False, "auto", (), {}, {"expert_kernel_config": KernelConfig(
-                batch_rows=2, batch_tiles=1, batch_warps=8, batch_stages=3, batch_k_step=0, batch_split_k=True,
-                batch_gemms=(), batch_key_splits=0)}),
-            (GEGLU_TILES_BEFORE, default, False, "auto", (), {},
-             {"geglu tiles": geglu.TileConfig(128, 128, 128, 8, 3, 8)}),
             # both stacks on the flash kernel, either walk
             ("flash attention, skip walk", default, False, "flash", (), {}, {"walk": "skip"}),
             ("flash attention, runs walk", default, False, "flash", (), {}, {"walk": "runs"}),
@@ -167,19 +155,14 @@ def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str,
         if baseline is not None and words and not any(word in name for word in words.split(",")):
             continue
         if not cuda and ("FlashAttention" in name or autotune or "flash" in name or "walk" in options
-                         or "prefix_fused_mlp" in options or "geglu tiles" in options
-                         or "expert_kernel_config" in options):
+                         or "prefix_fused_mlp" in options):
             continue  # CUDA only (the Triton kernels run on the CPU only interpreted); the CPU run checks the rest
-        fp8_only = (name.startswith("fp8") or name == ALL_OPTIONS or "prefix_fused_mlp" in options
-                    or "geglu tiles" in options)
+        fp8_only = name.startswith("fp8") or name == ALL_OPTIONS or "prefix_fused_mlp" in options
         if fp8_only and policy.precision != "fp8":
             continue  # its FP8 linears would run in bf16 under an FP8 name (or it would equal the baseline)
         options = dict(options)
         # read when the attention op launches, i.e. when this pipeline's graphs are captured below
         flash_attention.KEY_WALK = options.pop("walk", walk_default)
-        if "geglu tiles" in options:  # read when the kernel launches, i.e. at capture
-            tiles = options.pop("geglu tiles")
-            geglu.config_for = lambda rows, tiles=tiles: tiles  # noqa: ARG005
         try:
             actions, row = _time_variant(name, layers, vision, attention, autotune, replaced, options, policy,
                                          prepared, steps, iters)
@@ -198,7 +181,6 @@ def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str,
             continue
         finally:
             flash_attention.KEY_WALK = walk_default
-            geglu.config_for = tiles_default
             gc.collect()  # a failed variant's pipeline may sit in reference cycles: free it before the next one
             if cuda:
                 torch.cuda.empty_cache()
