@@ -438,8 +438,7 @@ class KernelConfig:
     batch_key_splits: int = 0  # programs per head over the keys for batches (0: key_splits)
 
     def __post_init__(self) -> None:
-        shapes = [("batch", BatchShape(self.batch_rows, self.batch_tiles, self.batch_warps, self.batch_stages,
-                                       self.batch_k_step, self.batch_split_k))]
+        shapes = [("batch", self.batch_shape())]
         for name, shape in self.batch_gemms:
             if name not in GEMM_NAMES:
                 raise ValueError(f"KernelConfig.batch_gemms names {name!r}; the GEMMs are {', '.join(GEMM_NAMES)}")
