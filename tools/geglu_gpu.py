@@ -1,6 +1,6 @@
 """The prefix MLP's first half at the pipeline's shapes: the torch path (FP8 gate_up GEMM to bf16, then inductor's
-GeGLU-and-quantize kernel) against kernels/geglu.py's one kernel, over tile configs; each in a CUDA graph of
-`--calls` calls, p50 of `--iters` replays, per call.
+GeGLU-and-quantize kernel) and cuBLAS's FP8 GEMM alone (the ceiling) against kernels/geglu.py's one kernel, over tile
+configs; each in a CUDA graph of `--calls` calls, p50 of `--iters` replays, per call.
 
     PYTHONPATH=. python3 tools/geglu_gpu.py [--rows 528,1056,4224] [--iters 50] [--calls 17]
     PYTHONPATH=. python3 tools/geglu_gpu.py --gelu [--rows 512,4096] [--calls 27]
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from expert_kernels_gpu import graph_ms  # this tool's neighbour (the script's folder is on sys.path)
 
 from pi05_ros.engine.fast.kernels import geglu
-from pi05_ros.engine.fast.kernels.geglu import DEFAULT_CONFIG, FP8_MAX, TileConfig
+from pi05_ros.engine.fast.kernels.geglu import FP8_MAX, TileConfig
 
 # The first sweep (§63: 11 configs at Triton's default FP8 accumulation) kept these; each with float32 sums per K
 # step (as `_scaled_mm` sums) and without
@@ -40,12 +40,6 @@ DEEP_CONFIGS = tuple(TileConfig(*tiles) for tiles in (
     (128, 128, 128, 8, 3, 8), (128, 128, 64, 8, 5, 8), (128, 128, 64, 8, 4, 8), (128, 128, 64, 8, 6, 8),
     (128, 128, 64, 8, 5, 4), (128, 128, 64, 8, 5, 16), (128, 128, 128, 8, 3, 16), (128, 128, 64, 4, 5, 8),
     (128, 64, 128, 4, 4, 8), (128, 64, 64, 4, 6, 8)))
-
-# The persistent kernel (TMA descriptors, one program per SM, the next tile's loads during this one's epilogue)
-PERSISTENT_CONFIGS = tuple(TileConfig(*tiles, persistent=True) for tiles in (
-    (128, 128, 128, 8, 3, 8), (128, 128, 128, 8, 4, 8), (128, 128, 64, 8, 4, 8), (128, 128, 64, 8, 6, 8),
-    (128, 128, 128, 8, 3, 16), (128, 64, 128, 4, 4, 8), (128, 64, 64, 4, 6, 8))) + (DEFAULT_CONFIG,)
-
 
 def e4m3_differences(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     """(share of differing values, largest difference relative to the larger magnitude, counted where that is a
@@ -137,9 +131,6 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=17, help="calls per graph (17: a prefill's MLP layers)")
     parser.add_argument("--gelu", action="store_true", help="SigLIP's MLP with the kernel's GELU form instead")
     parser.add_argument("--deep", action="store_true", help="DEEP_CONFIGS: the second sweep's configs instead")
-    parser.add_argument("--persistent", action="store_true",
-                        help="PERSISTENT_CONFIGS (TileConfig.persistent) beside the default, and cuBLAS's FP8 gate_up "
-                             "GEMM alone (no GeGLU): the GEMM's own ceiling")
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: the code path, interpreted
     args = parser.parse_args()
     if args.gelu:
@@ -179,15 +170,14 @@ def main() -> int:
                "tflops": flops / base_ms / 1e9, "differ_vs_definition": share, "max_rel": max_rel}
         print(json.dumps(row), flush=True)
         rows_out.append(row)
-        if args.persistent:
-            bare_ms = graph_time(lambda: torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=w_scale,  # noqa: B023
-                                                          out_dtype=torch.bfloat16), args.calls, args.iters)
-            row = {"rows": m, "variant": "cuBLAS scaled_mm gate_up alone, bf16 out (no GeGLU)", "ms": bare_ms,
-                   "tflops": flops / bare_ms / 1e9, "differ_vs_definition": float("nan"), "max_rel": float("nan")}
-            print(json.dumps(row), flush=True)
-            rows_out.append(row)
-        configs = PERSISTENT_CONFIGS if args.persistent else DEEP_CONFIGS if args.deep else CONFIGS
-        for cfg in configs:
+        # cuBLAS's FP8 gate_up GEMM alone, without the GeGLU pass: the ceiling a fused kernel is measured against
+        bare_ms = graph_time(lambda: torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=w_scale,  # noqa: B023
+                                                      out_dtype=torch.bfloat16), args.calls, args.iters)
+        row = {"rows": m, "variant": "cuBLAS scaled_mm gate_up alone, bf16 out (no GeGLU)", "ms": bare_ms,
+               "tflops": flops / bare_ms / 1e9, "differ_vs_definition": float("nan"), "max_rel": float("nan")}
+        print(json.dumps(row), flush=True)
+        rows_out.append(row)
+        for cfg in DEEP_CONFIGS if args.deep else CONFIGS:
             try:
                 out = geglu.launch(xq, weight, scale, down_inv, cfg)
                 torch.cuda.synchronize()

@@ -55,10 +55,6 @@ class TileConfig(NamedTuple):
     # float32 register (cuBLAS's "fast accumulation"; `_scaled_mm` by default adds into float32). True: once per K
     # step, at the cost of registers (16 bytes of spills with Triton 3.9, none with 3.6 at the default tiles).
     precise: bool = False
-    # One program per SM walking the output tiles, its operands through TMA tensor descriptors (Hopper and later):
-    # the K loop of the next tile is flattened into this one's, so its loads are in flight during the epilogue,
-    # where a program per tile drains its pipeline and starts the next tile cold (docs/benchmarks.md §76).
-    persistent: bool = False
 
 
 # The fastest of `tools/geglu_gpu.py`'s sweep on an H100 at 528, 1056 and 4224 rows (batches of 1, 2 and 8), with
@@ -80,7 +76,6 @@ def config_for(rows: int) -> TileConfig:  # noqa: ARG001 - one config measured b
 def _kernel():
     """Defined at first use: whether Triton interprets it (TRITON_INTERPRET=1, tests on the CPU) is fixed when it
     is defined, and this module is imported with the fast path, before tests choose."""
-    _define_epilogue()
 
     @triton.jit
     def _fp8_geglu_kernel(
@@ -135,71 +130,6 @@ def _kernel():
                 up_ptrs += BK
             x_ptrs += BK
             gate_ptrs += BK
-        _geglu_epilogue(acc_gate, acc_up, rm, rn, row_ok, col_ok, bias_ptr, out_ptr, out_stride, scale_ptr,
-                  out_inv_scale_ptr, OUT_FP8, GATED)
-
-    return _fp8_geglu_kernel
-
-
-@functools.cache
-def _persistent_kernel():
-    """TileConfig.persistent's kernel, defined at first use as `_kernel` is."""
-    _define_epilogue()
-
-    @triton.jit
-    def _fp8_geglu_persistent_kernel(
-        x_desc, w_desc, bias_ptr, out_ptr, scale_ptr, out_inv_scale_ptr,
-        M, K, F, out_stride, programs,
-        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, STAGES: tl.constexpr,
-        OUT_FP8: tl.constexpr, PRECISE: tl.constexpr, GATED: tl.constexpr,
-    ):
-        """`_fp8_geglu_kernel`'s contract, `programs` programs each walking output tiles pid, pid + programs, ...
-        in the same grouped order. x_desc [M, K] in [BM, BK] boxes, w_desc [2F, K] (GATED) or [F, K] in [BN, BK]
-        boxes; the descriptors read zeros past the tensors' ends, so no K tail or row masks are needed (a gate tile
-        past F reads up rows; those columns are not stored)."""
-        pid = tl.program_id(0)
-        blocks_m = tl.cdiv(M, BM)
-        blocks_n = tl.cdiv(F, BN)
-        in_group = GROUP_M * blocks_n
-        k_steps = tl.cdiv(K, BK)
-        for tile in tl.range(pid, blocks_m * blocks_n, programs, flatten=True, num_stages=STAGES):
-            first_m = (tile // in_group) * GROUP_M
-            group_rows = tl.minimum(blocks_m - first_m, GROUP_M)
-            pid_m = first_m + (tile % in_group) % group_rows
-            pid_n = (tile % in_group) // group_rows
-            acc_gate = tl.zeros((BM, BN), dtype=tl.float32)
-            acc_up = tl.zeros((BM, BN), dtype=tl.float32)
-            for k in range(k_steps):
-                a = x_desc.load([pid_m * BM, k * BK])
-                g = w_desc.load([pid_n * BN, k * BK]).T
-                if PRECISE:
-                    acc_gate = tl.dot(a, g, acc_gate, max_num_imprecise_acc=BK)
-                else:
-                    acc_gate = tl.dot(a, g, acc_gate)
-                if GATED:
-                    u = w_desc.load([F + pid_n * BN, k * BK]).T
-                    if PRECISE:
-                        acc_up = tl.dot(a, u, acc_up, max_num_imprecise_acc=BK)
-                    else:
-                        acc_up = tl.dot(a, u, acc_up)
-            rm = pid_m * BM + tl.arange(0, BM)
-            rn = pid_n * BN + tl.arange(0, BN)
-            _geglu_epilogue(acc_gate, acc_up, rm, rn, rm < M, rn < F, bias_ptr, out_ptr, out_stride, scale_ptr,
-                      out_inv_scale_ptr, OUT_FP8, GATED)
-
-    return _fp8_geglu_persistent_kernel
-
-
-@functools.cache
-def _define_epilogue() -> None:
-    """Both kernels' epilogue, as the module global `_geglu_epilogue`: Triton (and its interpreter) resolves the
-    functions a kernel calls among its module's globals, not in closures."""
-    global _geglu_epilogue
-
-    @triton.jit
-    def _geglu_epilogue(acc_gate, acc_up, rm, rn, row_ok, col_ok, bias_ptr, out_ptr, out_stride, scale_ptr,
-                  out_inv_scale_ptr, OUT_FP8: tl.constexpr, GATED: tl.constexpr):
-        """The float32 accumulators of one output tile -> GeGLU (or bias + GELU) -> scaled, clamped, stored."""
         scale = tl.load(scale_ptr)
         gate = acc_gate * scale
         if not GATED:
@@ -213,6 +143,8 @@ def _define_epilogue() -> None:
         if OUT_FP8:
             hidden = hidden.to(tl.float8e4nv)
         tl.store(out_ptr + rm[:, None] * out_stride + rn[None, :], hidden, mask=row_ok[:, None] & col_ok[None, :])
+
+    return _fp8_geglu_kernel
 
 
 def fp8_geglu_reference(x: Tensor, weight: Tensor, scale: Tensor, out_inv_scale: Tensor) -> Tensor:
@@ -274,43 +206,15 @@ def launch(x: Tensor, weight: Tensor, scale: Tensor, out_inv_scale: Tensor, conf
     if m == 0:
         return out.to(fp8)
     cfg = config or (config_for(m) if gated else GELU_CONFIG)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(f, cfg.block_n),)
     launch_options = {"num_warps": cfg.warps, "num_stages": cfg.stages} if x.is_cuda else {}
-    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(f, cfg.block_n)
-    first_args = (scale if gated else bias.contiguous(), out, scale.float().reshape(1),
-                  out_inv_scale.float().reshape(1))
-    constants = {"BM": cfg.block_m, "BN": cfg.block_n, "BK": cfg.block_k, "GROUP_M": cfg.group_m,
-                 "OUT_FP8": out_fp8, "PRECISE": cfg.precise, "GATED": gated}
-    if cfg.persistent and _persistent_runs(x, weight):
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        programs = min(tiles, _program_slots(x.device))
-        _persistent_kernel()[(programs,)](
-            TensorDescriptor.from_tensor(x, [cfg.block_m, cfg.block_k]),
-            TensorDescriptor.from_tensor(weight, [cfg.block_n, cfg.block_k]), *first_args,
-            m, k, f, out.stride(0), programs, STAGES=cfg.stages, **constants, **launch_options,
-        )
-    else:
-        _kernel()[(tiles,)](
-            x, weight, *first_args, m, k, f, x.stride(0), weight.stride(0), out.stride(0),
-            EVEN_K=k % cfg.block_k == 0, **constants, **launch_options,
-        )
+    _kernel()[grid](
+        x, weight, scale if gated else bias.contiguous(), out, scale.float().reshape(1),
+        out_inv_scale.float().reshape(1), m, k, f, x.stride(0), weight.stride(0), out.stride(0),
+        BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, GROUP_M=cfg.group_m, EVEN_K=k % cfg.block_k == 0,
+        OUT_FP8=out_fp8, PRECISE=cfg.precise, GATED=gated, **launch_options,
+    )
     return out if out_fp8 else out.to(fp8)
-
-
-def _persistent_runs(x: Tensor, weight: Tensor) -> bool:
-    """Whether TileConfig.persistent's kernel runs for these operands: its tensor descriptors are TMA copies, which
-    need Hopper or later and 16-byte aligned bases and row strides (the interpreter runs them as loads). Elsewhere
-    the kernel with pointer loads runs: the same numbers."""
-    aligned = all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 for t in (x, weight))  # e4m3: 1 byte each
-    return aligned and (not x.is_cuda or torch.cuda.get_device_capability(x.device) >= (9, 0))
-
-
-def _program_slots(device: torch.device) -> int:
-    """Programs of the persistent kernel: one per SM (its tiles take a whole SM's registers); 4 under the
-    interpreter, so tests walk several tiles per program."""
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @fp8_geglu.register_fake
