@@ -316,21 +316,13 @@ TUNE_SHAPES = (
     BatchShape(2, 2, 8, 3, 64, True),  # §74's best for most kinds
     BatchShape(2, 4, 8, 3, 64, True),
     BatchShape(2, 4, 8, 3, 64, False),  # §74's best gate_up at 8 rows
-    # K split in programs of their own number (BatchShape.k_splits): wide tiles, fewer A reads, SMs kept busy
-    BatchShape(2, 4, 8, 3, 64, k_splits=2),
-    BatchShape(2, 4, 8, 3, 64, k_splits=4),
-    BatchShape(4, 2, 8, 3, 64, k_splits=2),
-    BatchShape(4, 2, 8, 3, 64, k_splits=4),
-    BatchShape(4, 4, 8, 2, 64, k_splits=4),
-    BatchShape(2, 8, 8, 2, 64, k_splits=2),
-    BatchShape(8, 1, 8, 3, 64, k_splits=4),
     BatchShape(4, 1, 8, 3, 64, True),
 )
 TUNE_KEY_SPLITS = (7, 4, 2, 1, 14)
 
 
 def shape_label(shape: BatchShape) -> str:
-    split = f"K/{shape.k_splits}" if shape.k_splits else "split" if shape.split_k else "whole"
+    split = "split" if shape.split_k else "whole"
     return f"{shape.rows}x{shape.tiles} {shape.warps}w {shape.stages}st k{shape.k_step or 'own'} {split}"
 
 

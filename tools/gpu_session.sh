@@ -23,7 +23,7 @@
 #   kernels-batch-gemms  tools/expert_kernels_gpu.py --batch-gemms (240): batch 8, each kernel kind's time per layer
 #            beside cuBLAS at M = 400: where the batched kernels lose to the torch path
 #   batch-tune  tools/expert_kernels_gpu.py --batch-tune --tune-batches 8,2,4 (420; 161 s for 8,4 with 11 shapes on an
-#            H100, §74): each GEMM kind at every TUNE_SHAPES batch shape (K splits of their own included), the best
+#            H100, §74): each GEMM kind at every TUNE_SHAPES batch shape, the best
 #            per kind put together, the denoise loop on it beside the torch path; the batch of 2 decides the default
 #   geglu-deep  tools/geglu_gpu.py --deep (150): the prefix MLP kernel's second tile sweep (§74)
 #   kernels-attention  tools/expert_kernels_gpu.py --attention (150): the expert attention's key splits, blocks and

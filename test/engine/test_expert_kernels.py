@@ -275,11 +275,10 @@ BATCHED = {
     # every GEMM over its whole K in one program (SPLIT packs each in 2 chunks), 16 of K an iteration
     "whole-k-short-step": dataclasses.replace(SPLIT, batch_tiles=2, batch_split_k=False, batch_k_step=16),
     # each GEMM its own shape (a row and 2 tiles for qkv, 4 rows with split K for o: a workspace for 4 row slots,
-    # 2 x 2 over the whole K for gate_up, down's K of 256 in 4 programs where batch 1 packs 2 chunks: a workspace
-    # for 4 splits) and the attention its own key splits
+    # 2 x 2 over the whole K for gate_up, 2 rows x 1 tile for down) and the attention its own key splits
     "per-gemm-shapes": dataclasses.replace(SPLIT, batch_key_splits=2, batch_gemms=(
         ("qkv", BatchShape(1, 2, 4, 2, 16)), ("o", BatchShape(4, 1, 4, 2)),
-        ("gate_up", BatchShape(2, 2, 8, 3, 32, False)), ("down", BatchShape(2, 1, 4, 2, 32, k_splits=4)))),
+        ("gate_up", BatchShape(2, 2, 8, 3, 32, False)), ("down", BatchShape(2, 1, 4, 2, 32)))),
 }
 
 
@@ -523,18 +522,6 @@ def test_a_gemm_may_have_its_own_batch_shape() -> None:
         assert alone == launch_shape(KernelConfig(), cfg, tiles, epi, head_dim, 1, 64, H100_SHARED, splits)
     assert (config.key_splits_for(1), config.key_splits_for(2)) == (7, 3)  # batch 1 keeps its measured splits
     assert KernelConfig().key_splits_for(8) == 7
-    # K in programs of their own number, whatever batch 1's packing: qkv (K 1024 packed whole) in 2, down (4 x 1024)
-    # in 8; a split below tl.dot's 16 is refused
-    split = KernelConfig(batch_gemms=(("qkv", BatchShape(2, 4, 8, 3, 64, k_splits=2)),
-                                      ("down", BatchShape(2, 4, 8, 3, 64, k_splits=8))))
-    qkv, down = full_size_gemms()[0], full_size_gemms()[3]
-    assert launch_shape(split, qkv[0], qkv[1], qkv[2], head_dim, 8, 64, H100_SHARED, qkv[3], gemm="qkv")[4:] == (
-        512, 64, 2)
-    assert launch_shape(split, down[0], down[1], down[2], head_dim, 8, 64, H100_SHARED, down[3], gemm="down")[4:] == (
-        512, 64, 8)
-    too_many = KernelConfig(batch_gemms=(("qkv", BatchShape(2, 4, k_splits=128)),))
-    with pytest.raises(ValueError, match="a K of 1024 cannot be split in 128 programs of 16 or more"):
-        launch_shape(too_many, qkv[0], qkv[1], qkv[2], head_dim, 8, 64, H100_SHARED, qkv[3], gemm="qkv")
 
 
 def test_a_gemms_own_batch_shape_is_checked() -> None:
@@ -544,8 +531,6 @@ def test_a_gemms_own_batch_shape_is_checked() -> None:
         KernelConfig(batch_gemms=(("down", BatchShape(2, 3)),))
     with pytest.raises(ValueError, match=r"batch_gemms\[qkv\].k_step must be 0 or a power of two >= 16, got 8"):
         KernelConfig(batch_gemms=(("qkv", BatchShape(2, 1, 8, 3, 8)),))
-    with pytest.raises(ValueError, match=r"batch_gemms\[o\].k_splits must be 0 or a power of two, got 3"):
-        KernelConfig(batch_gemms=(("o", BatchShape(2, 1, k_splits=3)),))
     with pytest.raises(ValueError, match="batch_key_splits must be >= 0, got -1"):
         KernelConfig(batch_key_splits=-1)
 

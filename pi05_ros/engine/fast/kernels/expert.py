@@ -388,8 +388,9 @@ class GemmConfig:
 class BatchShape(NamedTuple):
     """How one GEMM launches over a batch of 2+ rows (KernelConfig.batch_gemms): R batch rows x T column tiles per
     program, warps, pipeline stages, K per inner-loop iteration (0: the GEMM's own) and whether K is split as
-    batch 1 splits it (False: one program over the whole K); `k_splits` > 0 splits K in that many programs instead,
-    whatever batch 1's packing (a tile's packed weights read as one [K, columns] block)."""
+    batch 1 splits it (False: one program over the whole K). (K split in programs of a batch's own number, whatever
+    batch 1's packing, was built and measured slower at 2, 4 and 8 rows: docs/benchmarks.md §76; git history keeps
+    it at c19c84d.)"""
 
     rows: int
     tiles: int
@@ -397,7 +398,6 @@ class BatchShape(NamedTuple):
     stages: int = 3
     k_step: int = 0
     split_k: bool = True
-    k_splits: int = 0
 
 
 GEMM_NAMES = ("qkv", "o", "gate_up", "down")
@@ -453,8 +453,6 @@ class KernelConfig:
             if step and (step < 16 or step & (step - 1)):  # tl.dot takes K of 16 or more
                 label = "KernelConfig.batch_k_step" if where == "batch" else f"KernelConfig.{where}.k_step"
                 raise ValueError(f"{label} must be 0 or a power of two >= 16, got {step}")
-            if shape.k_splits < 0 or shape.k_splits & (shape.k_splits - 1):
-                raise ValueError(f"KernelConfig.{where}.k_splits must be 0 or a power of two, got {shape.k_splits}")
         if self.batch_key_splits < 0:
             raise ValueError(f"KernelConfig.batch_key_splits must be >= 0, got {self.batch_key_splits}")
 
@@ -520,12 +518,7 @@ def launch_shape(config: KernelConfig, cfg: GemmConfig, tiles: int, epilogue: in
         while per_program > 1 and (limit % per_program or tiles % per_program):
             per_program //= 2
         warps, stages = shape.warps, shape.stages
-        if shape.k_splits:  # K in k_splits programs: a chunk of the tile's whole (padded) K each
-            total = k_chunk * splits
-            if total % shape.k_splits or total // shape.k_splits < 16:
-                raise ValueError(f"a K of {total} cannot be split in {shape.k_splits} programs of 16 or more")
-            k_chunk, splits = total // shape.k_splits, shape.k_splits
-        elif not shape.split_k:
+        if not shape.split_k:
             k_chunk, splits = k_chunk * splits, 1
         step = min(shape.k_step or cfg.step, k_chunk)
     while shared_limit is not None and shared_bytes(cfg, rows, per_program, stages, epilogue, block_rows,
@@ -724,10 +717,9 @@ class ExpertKernels:
         def workspace(name: str, p: PackedLinear) -> tuple[Tensor, Tensor]:
             shape = self.config.batch_shape(name)
             slots = -(-rows // shape.rows) * shape.rows if rows > 1 else 1
-            splits = max(p.splits, shape.k_splits if rows > 1 else 0)
-            if splits < 2:
+            if p.splits < 2:
                 return torch.zeros(1, dtype=f32, device=dev), torch.zeros(1, dtype=torch.int32, device=dev)
-            return (torch.zeros(slots * p.tiles * splits * bm * p.cfg.block_n, dtype=f32, device=dev),
+            return (torch.zeros(slots * p.tiles * p.splits * bm * p.cfg.block_n, dtype=f32, device=dev),
                     torch.zeros(slots * p.tiles, dtype=torch.int32, device=dev))
 
         self.ws = {name: workspace(name, p) for name, p in vars(first).items()}
