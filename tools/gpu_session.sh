@@ -48,6 +48,9 @@
 #            stacks on the flash kernel on either walk, beside the baseline, one process   (580)
 #   attention  tools/attention_gpu.py: the GEMM path, SDPA and the flash kernel (each key walk) alone at the
 #            pipeline's shapes (150)
+#   attention-pipeline  tools/attention_gpu.py --batches 1,8 --ways gemm,flash-runs at the pipeline's prefill
+#            shapes (560 tokens, K/V sliced from 832-row caches), with one input set and with 4 (no operand left in
+#            L2 by the call before): why the flash kernel took 99.5 us a layer in §76's pipeline and 62.8 alone (150)
 #   attention-sweep  tools/attention_gpu.py --sweep --iters 50: the flash kernel's tile shapes with the measured key
 #            walk and the walk over the mask's runs (whose loop has no branch, so Triton can pipeline it)   (300)
 #   flash-walks  tools/batch_stages_gpu.py at buckets 1 and 8: both stacks on the flash kernel with either walk
@@ -79,7 +82,7 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:?usage: PI05_GIT_COMMIT=<hash> gpu_session.sh OUT_DIR STEP [STEP ...]}"
 shift
-STEPS="tests tests-kernels tests-pipeline kernels kernels-attention stream-floor geglu gelu vision-mlp residual-carry prefix-mlp options options-1 kernels-batch kernels-batch-k kernels-batch-gemms batch-tune geglu-deep attention attention-sweep flash-walks batch batch-variants
+STEPS="tests tests-kernels tests-pipeline kernels kernels-attention stream-floor geglu gelu vision-mlp residual-carry prefix-mlp options options-1 kernels-batch kernels-batch-k kernels-batch-gemms batch-tune geglu-deep attention attention-pipeline attention-sweep flash-walks batch batch-variants
 vision-variants serve serve-kernels bench bench-mlp soak-arrival soak-inference"  # the steps the loop at the end runs
 STEPS="${STEPS//$'\n'/ }"
 [[ $# -gt 0 ]] || { echo "gpu_session.sh: name at least one step: $STEPS" >&2; exit 2; }
@@ -162,6 +165,9 @@ for step in "$@"; do
     batch-tune) OUT="$OUT" run_step batch-tune 420 "$PY" tools/expert_kernels_gpu.py --batch-tune --tune-batches 8,2,4 ;;
     geglu-deep) OUT="$OUT" run_step geglu-deep 150 "$PY" tools/geglu_gpu.py --deep ;;
     attention) OUT="$OUT" run_step attention 150 "$PY" tools/attention_gpu.py ;;
+    attention-pipeline) OUT="$OUT" run_step attention-pipeline 150 bash -c "'$PY' tools/attention_gpu.py --batches 1,8 \
+                          --ways gemm,flash-runs --tokens 560 --cache-rows 832 && '$PY' tools/attention_gpu.py \
+                          --batches 1,8 --ways gemm,flash-runs --tokens 560 --cache-rows 832 --input-sets 4" ;;
     attention-sweep) OUT="$OUT" run_step attention-sweep 300 "$PY" tools/attention_gpu.py --sweep --iters 50 ;;
     flash-walks) OUT="$OUT" run_step flash-walks 480 bash -c "'$PY' tools/batch_stages_gpu.py --buckets 1 --iters 30 \
                    --variants 'flash attention' && '$PY' tools/batch_stages_gpu.py --buckets 8 --iters 20 --variants walk" ;;
