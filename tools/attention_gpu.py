@@ -16,7 +16,8 @@ softmax with its neighbours): compare the ways in the pipeline with batch_stages
 Closer to the pipeline (§76: the flash kernel took 99.5 us a layer in a batch of 8's prefill and 62.8 alone):
 --tokens 560 (2 views and a 48-token prompt tile), --cache-rows 832 (K and V as the first keys of each row's
 832-row cache, as the pipeline slices them) and --input-sets 4 (the graph's 10 calls cycle through 4 sets of
-inputs, ~160 MB at a batch of 8, so no call finds its operands in the 50 MB L2 from the call before).
+inputs and outputs, ~174 MB at a batch of 8, so no call finds its operands in the 50 MB L2 from the call before; at
+a batch of 1 they still fit). --json names the output file under $OUT (default attention.json).
 """
 
 from __future__ import annotations
@@ -105,8 +106,12 @@ def main() -> None:
     parser.add_argument("--walks", default="skip,runs", help="--sweep: the key walks to time each tile shape with")
     parser.add_argument("--tokens", type=int, default=528, help="prefill tokens a row (the pipeline's: 560)")
     parser.add_argument("--cache-rows", type=int, default=0, help="K/V as slices of caches this long (pipeline: 832)")
-    parser.add_argument("--input-sets", type=int, default=1, help="input sets the graph's calls cycle through")
+    parser.add_argument("--input-sets", type=int, default=1, choices=range(1, 11), metavar="1-10",
+                        help="input sets the graph's 10 calls cycle through")
+    parser.add_argument("--json", default="attention.json", help="file name under $OUT for the rows")
     args = parser.parse_args()
+    if args.cache_rows and args.cache_rows < 720:
+        parser.error("--cache-rows must hold the prefill's 720 keys (the pipeline's caches have 832 rows)")
     if args.sweep:
         rows = sweep(args.iters, args.walks.split(","))
         with open(os.path.join(os.environ.get("OUT", "/tmp"), "attention_sweep.json"), "w") as f:
@@ -148,7 +153,7 @@ def main() -> None:
     for row in rows:
         print(f"| {row['stage']} | {row['batch']} | "
               + " | ".join(f"{row[f'{w}_us']:.1f} ({row[f'{w}_err']:.1e})" for w in ways) + " |")
-    with open(os.path.join(os.environ.get("OUT", "/tmp"), "attention.json"), "w") as f:
+    with open(os.path.join(os.environ.get("OUT", "/tmp"), args.json), "w") as f:
         json.dump({"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
 
 

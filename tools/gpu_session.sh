@@ -22,9 +22,9 @@
 #            batch K options (§49)
 #   kernels-batch-gemms  tools/expert_kernels_gpu.py --batch-gemms (240): batch 8, each kernel kind's time per layer
 #            beside cuBLAS at M = 400: where the batched kernels lose to the torch path
-#   batch-tune  tools/expert_kernels_gpu.py --batch-tune --tune-batches 8,2,4 (420; 161 s for 8,4 with 11 shapes on an
-#            H100, §74): each GEMM kind at every TUNE_SHAPES batch shape, the best
-#            per kind put together, the denoise loop on it beside the torch path; the batch of 2 decides the default
+#   batch-tune  tools/expert_kernels_gpu.py --batch-tune --tune-batches 8,2,4 (420; 218 s with 12 shapes on an H100,
+#            §76): each GEMM kind at every TUNE_SHAPES batch shape, the best per kind put together, the denoise loop
+#            on it beside the torch path (§76: the default 2x1 shape stays the fastest at 2 rows)
 #   geglu-deep  tools/geglu_gpu.py --deep (150): the prefix MLP kernel's second tile sweep (§74)
 #   kernels-attention  tools/expert_kernels_gpu.py --attention (150): the expert attention's key splits, blocks and
 #            warps, to re-tune KernelConfig now that only blocks holding valid keys are shared out (§57)
@@ -167,7 +167,8 @@ for step in "$@"; do
     attention) OUT="$OUT" run_step attention 150 "$PY" tools/attention_gpu.py ;;
     attention-pipeline) OUT="$OUT" run_step attention-pipeline 150 bash -c "'$PY' tools/attention_gpu.py --batches 1,8 \
                           --ways gemm,flash-runs --tokens 560 --cache-rows 832 && '$PY' tools/attention_gpu.py \
-                          --batches 1,8 --ways gemm,flash-runs --tokens 560 --cache-rows 832 --input-sets 4" ;;
+                          --batches 1,8 --ways gemm,flash-runs --tokens 560 --cache-rows 832 --input-sets 4 \
+                          --json attention_sets4.json" ;;
     attention-sweep) OUT="$OUT" run_step attention-sweep 300 "$PY" tools/attention_gpu.py --sweep --iters 50 ;;
     flash-walks) OUT="$OUT" run_step flash-walks 480 bash -c "'$PY' tools/batch_stages_gpu.py --buckets 1 --iters 30 \
                    --variants 'flash attention' && '$PY' tools/batch_stages_gpu.py --buckets 8 --iters 20 --variants walk" ;;
