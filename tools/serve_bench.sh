@@ -5,6 +5,9 @@
 #   bash tools/serve_bench.sh OUT_DIR [--device cuda --precision fp8] [--clients "1 2 4 8"] [--requests 100]
 #       [--window-ms 10] [--views 2] [--modes "batched unbatched"] [--server-args "--expert-kernels on --fp8-vision"]
 #
+# Two GPUs under Ray Serve (issue 9's 8 robots, 4 a GPU): --modes batched --server-args "--ray --replicas 2"
+# (ray[serve] must be installed there).
+#
 # Runs from a source tree (PYTHONPATH=., no install needed: the GPU machine's way); writes OUT_DIR/serve_<mode>.json
 # and .log per server and prints the tables. Needs websockets and msgpack (the GPU machine lacks websockets: carry
 # its wheel, see ../.library/device/README.md).
@@ -41,13 +44,15 @@ for mode in $MODES; do
     --max-batch "$batch" --batch-window-ms "$WINDOW_MS" --warm-up-views "$VIEWS" --port "$PORT" $SERVER_ARGS \
     > "$log" 2>&1 &
   server=$!
-  # ready once it prints its address (after loading, calibrating and warming every batch bucket)
+  # ready once it prints its health address (after loading, calibrating and warming every batch bucket; with
+  # --ray, in every replica): one process and Ray Serve both print it last
+  ready="health http://"
   for _ in $(seq 1 600); do
-    grep -q "serving layout" "$log" && break
+    grep -q "$ready" "$log" && break
     kill -0 "$server" 2>/dev/null || { cat "$log"; exit 1; }
     sleep 1
   done
-  grep -q "serving layout" "$log" || { echo "pi05-serve did not start in 600 s" >&2; kill "$server"; exit 1; }
+  grep -q "$ready" "$log" || { echo "pi05-serve did not start in 600 s" >&2; kill "$server"; exit 1; }
   echo "## $mode (--max-batch $batch $SERVER_ARGS), $DEVICE $PRECISION, $STEPS steps"
   # shellcheck disable=SC2086
   "$PY" tools/serve_load.py --url "ws://127.0.0.1:$PORT" --clients $CLIENTS --requests "$REQUESTS" \
