@@ -23,6 +23,7 @@ a batch of 1 they still fit). --json names the output file under $OUT (default a
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 
@@ -37,12 +38,15 @@ def graph_time(fn, iters: int) -> float:
     return graph_ms(lambda: [fn() for _ in range(10)], iters) * 1e3 / 10
 
 
+PREFILL_KEYS = 720  # the prefill's K/V rows for 2 views: the longest prompt's capacity
+
+
 def shapes(stage: str, batch: int, gen: torch.Generator, tokens: int = 528, cache_rows: int = 0) -> tuple:
     """The pipeline's shapes for 2 views and a short prompt (batch_stages_gpu.py's): the prefill runs `tokens`
     against its 720-row capacity (the longest prompt's), the denoise step 50 against 832 cache rows; ~520 valid
     prefix keys per row. `cache_rows` > 0: K and V are the first keys of [batch, 1, cache_rows, D] caches."""
-    heads, d, horizon, capacity, denoise_rows = 8, 256, 50, 720, 832
-    tokens, keys = (tokens, capacity) if stage == "prefill" else (horizon, denoise_rows)
+    heads, d, horizon, denoise_rows = 8, 256, 50, 832
+    tokens, keys = (tokens, PREFILL_KEYS) if stage == "prefill" else (horizon, denoise_rows)
     dev = torch.device("cuda")
     q = torch.randn(batch, tokens, heads, d, generator=gen, device=dev).to(torch.bfloat16)
     rows = max(cache_rows, keys)
@@ -72,8 +76,6 @@ def flash_way(walk: str):
 
 def sweep(iters: int, walks: list[str]) -> list[dict]:
     """The flash kernel's tile shapes (query rows, keys per step, warps, pipeline stages) at the shapes that matter."""
-    import itertools
-
     from pi05_ros.engine.fast.kernels import attention as flash
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -110,8 +112,8 @@ def main() -> None:
                         help="input sets the graph's 10 calls cycle through")
     parser.add_argument("--json", default="attention.json", help="file name under $OUT for the rows")
     args = parser.parse_args()
-    if args.cache_rows and args.cache_rows < 720:
-        parser.error("--cache-rows must hold the prefill's 720 keys (the pipeline's caches have 832 rows)")
+    if args.cache_rows and args.cache_rows < PREFILL_KEYS:
+        parser.error(f"--cache-rows must hold the prefill's {PREFILL_KEYS} keys (the pipeline's caches have 832 rows)")
     if args.sweep:
         rows = sweep(args.iters, args.walks.split(","))
         with open(os.path.join(os.environ.get("OUT", "/tmp"), "attention_sweep.json"), "w") as f:
@@ -136,10 +138,10 @@ def main() -> None:
             for way, fn in compiled.items():
                 outs = [torch.empty(q.shape[0], q.shape[1], q.shape[2] * q.shape[3], dtype=q.dtype, device=q.device)
                         for _ in sets]
-                turn = iter(range(1 << 30))
+                turn = itertools.cycle(range(len(sets)))
 
                 def call(fn=fn, outs=outs, sets=sets, turn=turn) -> None:
-                    i = next(turn) % len(sets)  # each captured call its own set (cycled), so L2 holds no operand
+                    i = next(turn)  # each captured call its own set (cycled), so L2 holds no operand
                     outs[i].copy_(fn(*sets[i]))
 
                 row[f"{way}_us"] = graph_time(call, args.iters)
