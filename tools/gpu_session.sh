@@ -31,6 +31,9 @@
 #   stream-floor  tools/stream_floor_gpu.py (180): one persistent CUDA kernel streaming a step's expert weights
 #            (bulk copies into a shared-memory ring), without and with a grid-wide wait between GEMMs: the floor of
 #            a megakernel step before one is built (needs nvcc, which the GPU machine has)
+#   gemm-chain  tools/gemm_chain_gpu.py --json OUT/gemm-chain.json (150): a step's 72 expert GEMMs in one
+#            persistent CUDA kernel with the math (mma, stream-K atomics, a grid-wide wait per GEMM), checked against
+#            torch, beside the same kernel without math and cuBLAS's chain of the same GEMMs (needs nvcc)
 #   geglu    tools/geglu_gpu.py (150): the prefix MLP's FP8 gate_up + GeGLU kernel against the torch path at 528, 1056
 #            and 4224 rows, over tile configs and the float32-per-step accumulation option (§63)
 #   gelu     tools/geglu_gpu.py --gelu (150): SigLIP's MLP at 512 and 4096 rows, bf16 (fc1 GELU epilogue) against
@@ -82,7 +85,7 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:?usage: PI05_GIT_COMMIT=<hash> gpu_session.sh OUT_DIR STEP [STEP ...]}"
 shift
-STEPS="tests tests-kernels tests-pipeline kernels kernels-attention stream-floor geglu gelu vision-mlp residual-carry prefix-mlp options options-1 kernels-batch kernels-batch-k kernels-batch-gemms batch-tune geglu-deep attention attention-pipeline attention-sweep flash-walks batch batch-variants
+STEPS="tests tests-kernels tests-pipeline kernels kernels-attention stream-floor gemm-chain geglu gelu vision-mlp residual-carry prefix-mlp options options-1 kernels-batch kernels-batch-k kernels-batch-gemms batch-tune geglu-deep attention attention-pipeline attention-sweep flash-walks batch batch-variants
 vision-variants serve serve-kernels bench bench-mlp soak-arrival soak-inference"  # the steps the loop at the end runs
 STEPS="${STEPS//$'\n'/ }"
 [[ $# -gt 0 ]] || { echo "gpu_session.sh: name at least one step: $STEPS" >&2; exit 2; }
@@ -159,6 +162,7 @@ for step in "$@"; do
     kernels) OUT="$OUT" run_step kernels 300 "$PY" tools/expert_kernels_gpu.py --variants ;;
     kernels-attention) OUT="$OUT" run_step kernels-attention 150 "$PY" tools/expert_kernels_gpu.py --attention ;;
     stream-floor) run_step stream-floor 180 "$PY" tools/stream_floor_gpu.py ;;
+    gemm-chain) run_step gemm-chain 150 "$PY" tools/gemm_chain_gpu.py --json "$OUT/gemm-chain.json" ;;
     kernels-batch) OUT="$OUT" run_step kernels-batch 360 "$PY" tools/expert_kernels_gpu.py --batches ;;
     kernels-batch-k) OUT="$OUT" run_step kernels-batch-k 200 "$PY" tools/expert_kernels_gpu.py --batch-k ;;
     kernels-batch-gemms) OUT="$OUT" run_step kernels-batch-gemms 240 "$PY" tools/expert_kernels_gpu.py --batch-gemms ;;

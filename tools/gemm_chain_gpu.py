@@ -1,0 +1,295 @@
+"""A denoise step's 72 expert GEMMs at batch 1 in one persistent CUDA kernel, with the arithmetic
+(tools/stream_floor/gemm_chain.cu): tensor-core mma, the K split across CTAs (stream-K) and its atomic reduction, a
+grid-wide wait between consecutive GEMMs. The GEMM half of issue 12's megakernel, measured before anyone builds
+the rest (attention, norms, RoPE, GeGLU in the same kernel): if its GEMMs alone cost about what the six-kernel step
+costs whole, the megakernel has nothing to win at batch 1.
+
+    PYTHONPATH=. python3 tools/gemm_chain_gpu.py [--iters 50] [--json OUT.json]
+
+Checks the kernel against torch first (one GEMM: float32 accumulation, 1e-5 of the output's scale; one layer and
+the whole chain: each A rounded to bf16 as the kernel does, so only the summation order differs, 1e-3), then times
+per step (p50 of --iters launches): the kernel with its ring shapes, the same kernel streaming the same bytes with
+no math, and cuBLAS's chain of the same 72 GEMMs (torch.mm, bf16, replayed from a CUDA graph) in the same run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from pi05_ros.engine.config import PRESETS  # noqa: E402
+from stream_floor_gpu import find_nvcc  # noqa: E402
+
+SOURCE = Path(__file__).resolve().parent / "stream_floor" / "gemm_chain.cu"
+TILE_N, CHUNK_K, ROW_STRIDE, MAX_ROWS = 256, 32, 40, 64  # the kernel's kTileN, kChunkK, kRowStride, kRows
+RINGS = ((8, 6), (12, 4), (6, 8), (4, 4))  # weight stages (16 KiB) x A stages (10 KiB)
+# a lane's 8 bf16 of one n8 tile in a 32-deep chunk: b0, b1 of the first k16 step, then of the second; b0 holds K
+# rows 2q, 2q + 1 and b1 rows 2q + 8, 2q + 9 of the mma's B fragment (q: the lane's index within its quad)
+LANE_K = np.array([[2 * q, 2 * q + 1, 2 * q + 8, 2 * q + 9, 16 + 2 * q, 17 + 2 * q, 24 + 2 * q, 25 + 2 * q]
+                   for q in range(4)])
+
+
+def expert_gemms(layers: int | None = None) -> list[tuple[int, int]]:
+    """(K, N) of each expert GEMM of a denoise step, layer after layer: qkv, o, gate_up, down."""
+    e = PRESETS["pi05"].expert
+    per_layer = [(e.width, (e.num_heads + 2 * e.num_kv_heads) * e.head_dim), (e.num_heads * e.head_dim, e.width),
+                 (e.width, 2 * e.mlp_dim), (e.mlp_dim, e.width)]
+    return per_layer * (e.depth if layers is None else layers)
+
+
+def pack_weight(w: torch.Tensor) -> torch.Tensor:
+    """W [N, K] bf16 -> the kernel's units, n-tile major: [N/256][K/32][32 n8 tiles][32 lanes][8 bf16], each lane's
+    8 values the B fragments of its two k16 steps (lane = 4 * column-in-tile + quad)."""
+    n, k = w.shape
+    assert n % TILE_N == 0 and k % CHUNK_K == 0, (n, k)
+    tiles = w.reshape(n // TILE_N, 32, 8, k // CHUNK_K, CHUNK_K).permute(0, 3, 1, 2, 4)  # nt, kc, j, col, k
+    lane_k = torch.as_tensor(LANE_K, device=w.device)
+    packed = tiles[..., lane_k]  # nt, kc, j, col, quad, 8
+    return packed.reshape(n // TILE_N, k // CHUNK_K, 32, 32, 8).contiguous().view(torch.uint8).reshape(-1)
+
+
+def pack_activation(x: torch.Tensor, columns: int | None = None) -> torch.Tensor:
+    """x [M, K] float32 -> the kernel's chunked layout [K/32][M][40] (rows padded with zeros past column 32)."""
+    m, k = x.shape
+    out = torch.zeros(k // CHUNK_K, m, ROW_STRIDE, dtype=torch.float32, device=x.device)
+    out[:, :, :CHUNK_K] = x.reshape(m, k // CHUNK_K, CHUNK_K).permute(1, 0, 2)
+    return out.reshape(-1)
+
+
+def unpack_activation(buf: torch.Tensor, m: int, n: int) -> torch.Tensor:
+    """The chunked layout's first n columns back to [M, N]."""
+    chunks = buf[: n // CHUNK_K * m * ROW_STRIDE].reshape(n // CHUNK_K, m, ROW_STRIDE)[:, :, :CHUNK_K]
+    return chunks.permute(1, 0, 2).reshape(m, n)
+
+
+def emulate_gemm(packed_w: np.ndarray, a_chunks: np.ndarray, m: int, k: int, n: int, ctas: int) -> np.ndarray:
+    """What the kernel computes for one GEMM, in numpy, index for index: each CTA's unit range; each consumer warp's
+    A fragments (bf16-rounded from the float32 chunk) and B fragments, read where the kernel reads them; each
+    m16n8k16 product assembled from the lanes' fragments by the PTX ISA's fragment layout and handed back to the
+    lanes by its C layout; the flushes into Y. A CPU check that the host's packing and the kernel's indexing
+    compose into the GEMM."""
+    weights = _bf16_to_float(packed_w.view(np.uint16).reshape(-1, 32, 32, 8))  # unit, n8 tile, lane, 8 values
+    chunks = k // CHUNK_K
+    units = (n // TILE_N) * chunks
+    slots = _round_bf16(a_chunks.reshape(chunks, m, ROW_STRIDE))
+    slots = np.concatenate([slots, np.zeros((chunks, MAX_ROWS - m, ROW_STRIDE), np.float32)], axis=1)
+    lane = np.arange(32)
+    grp, quad = lane >> 2, lane & 3
+    y = np.zeros((m, n), np.float64)
+    for cta in range(ctas):
+        u0, u1 = units * cta // ctas, units * (cta + 1) // ctas
+        acc = np.zeros((8, 16, 32, 4))  # consumer warp, n8 tile, lane, c0..c3
+        for u in range(u0, u1):
+            slot = slots[u % chunks]
+            for w in range(8):
+                row0, col0 = (w & 3) * 16, (w >> 2) * 128
+                for ks in range(2):
+                    col = ks * 16 + 2 * quad
+                    lo, hi = slot[row0 + grp], slot[row0 + grp + 8]  # [lane, 40]
+                    frag = [np.stack([rows[lane, col + dk], rows[lane, col + dk + 1]], 1)
+                            for rows, dk in ((lo, 0), (hi, 0), (lo, 8), (hi, 8))]  # a0..a3: [lane, 2]
+                    a_tile = np.zeros((16, 16))
+                    for reg, (dr, dk) in enumerate(((0, 0), (8, 0), (0, 8), (8, 8))):
+                        a_tile[grp + dr, 2 * quad + dk] = frag[reg][:, 0]
+                        a_tile[grp + dr, 2 * quad + dk + 1] = frag[reg][:, 1]
+                    for j in range(16):
+                        b = weights[u, col0 // 8 + j, :, 4 * ks: 4 * ks + 4]  # [lane, b0 (2), b1 (2)]
+                        b_tile = np.zeros((16, 8))
+                        b_tile[2 * quad, grp], b_tile[2 * quad + 1, grp] = b[:, 0], b[:, 1]
+                        b_tile[2 * quad + 8, grp], b_tile[2 * quad + 9, grp] = b[:, 2], b[:, 3]
+                        d = a_tile @ b_tile
+                        acc[w, j, :, 0] += d[grp, 2 * quad]
+                        acc[w, j, :, 1] += d[grp, 2 * quad + 1]
+                        acc[w, j, :, 2] += d[grp + 8, 2 * quad]
+                        acc[w, j, :, 3] += d[grp + 8, 2 * quad + 1]
+            if u % chunks == chunks - 1 or u + 1 == u1:
+                tile_col = (u // chunks) * TILE_N
+                for w in range(8):
+                    row0, col0 = (w & 3) * 16, (w >> 2) * 128
+                    for j in range(16):
+                        col = tile_col + col0 + j * 8 + 2 * quad
+                        for dr, (c0, c1) in ((0, (0, 1)), (8, (2, 3))):
+                            rows = row0 + grp + dr
+                            keep = rows < m
+                            np.add.at(y, (rows[keep], col[keep]), acc[w, j, keep, c0])
+                            np.add.at(y, (rows[keep], col[keep] + 1), acc[w, j, keep, c1])
+                acc[:] = 0
+    return y.astype(np.float32)
+
+
+def _bf16_to_float(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def _round_bf16(x: np.ndarray) -> np.ndarray:
+    return torch.from_numpy(np.ascontiguousarray(x)).to(torch.bfloat16).float().numpy()
+
+
+def reference_chain(weights: list[torch.Tensor], x0: torch.Tensor) -> torch.Tensor:
+    """The chain in float32, each A rounded to bf16 as the kernel rounds it."""
+    y = x0
+    for w in weights:
+        k = w.shape[1]
+        y = y[:, :k].to(torch.bfloat16).float() @ w.float().t()
+    return y
+
+
+def build(out_dir: Path) -> ctypes.CDLL:
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise SystemExit("nvcc not found (CUDA toolkit)")
+    lib = out_dir / "gemm_chain.so"
+    subprocess.run([nvcc, "-arch=sm_90a", "-O3", "-shared", "-Xcompiler", "-fPIC", "-o", str(lib), str(SOURCE)],
+                   check=True)
+    so = ctypes.CDLL(str(lib))
+    so.gemm_chain_launch.restype = ctypes.c_int
+    so.gemm_chain_launch.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                                             ctypes.c_ulonglong, ctypes.c_int, ctypes.c_void_p,
+                                                             ctypes.c_uint, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                                             ctypes.c_int, ctypes.c_void_p]
+    return so
+
+
+class Chain:
+    """The packed weights, shapes and buffers of one chain on the GPU, and its launches."""
+
+    def __init__(self, so: ctypes.CDLL, weights: list[torch.Tensor], m: int, ctas: int) -> None:
+        dev = weights[0].device
+        self.so, self.m, self.ctas, self.gemms = so, m, ctas, len(weights)
+        packed = [pack_weight(w) for w in weights]
+        self.weights = torch.cat(packed)
+        self.offsets = torch.tensor(np.cumsum([0, *[p.numel() for p in packed[:-1]]]), dtype=torch.int64,
+                                    device=dev)
+        self.k = torch.tensor([w.shape[1] for w in weights], dtype=torch.int32, device=dev)
+        self.n = torch.tensor([w.shape[0] for w in weights], dtype=torch.int32, device=dev)
+        self.n_last = weights[-1].shape[0]
+        self.y_floats = max(w.shape[0] for w in weights) // CHUNK_K * m * ROW_STRIDE
+        self.y = torch.zeros(3 * self.y_floats, dtype=torch.float32, device=dev)
+        self.counters = torch.zeros(self.gemms, dtype=torch.int32, device=dev)
+        self.epoch = 0
+
+    def launch(self, x0_packed: torch.Tensor, weight_stages: int, act_stages: int, compute: int = 1) -> None:
+        self.epoch += 1
+        err = self.so.gemm_chain_launch(self.weights.data_ptr(), self.k.data_ptr(), self.n.data_ptr(),
+                                        self.offsets.data_ptr(), self.gemms, x0_packed.data_ptr(), self.y.data_ptr(),
+                                        self.y_floats, self.m, self.counters.data_ptr(), self.epoch, self.ctas,
+                                        weight_stages, act_stages, compute,
+                                        ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
+        if err:
+            raise SystemExit(f"launch failed: cudaError {err} ({weight_stages} x {act_stages}, compute {compute})")
+
+    def output(self) -> torch.Tensor:
+        last = (self.gemms - 1) % 3
+        return unpack_activation(self.y[last * self.y_floats:(last + 1) * self.y_floats], self.m, self.n_last)
+
+
+def random_weights(gemms: list[tuple[int, int]], dev: torch.device, seed: int = 0) -> list[torch.Tensor]:
+    """Weights ~ N(0, 1/K): each GEMM keeps its output at about the input's scale over the 72."""
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    return [(torch.randn(n, k, device=dev, generator=gen) / k ** 0.5).to(torch.bfloat16) for k, n in gemms]
+
+
+def time_ms(fn, iters: int) -> tuple[float, float]:
+    times = []
+    for _ in range(iters + 3):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(200_000)  # the GPU busy while the launch is queued: the kernel's time, not the host's
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    t = np.array(times[3:])
+    return float(np.median(t)), float(np.percentile(t, 99))
+
+
+def main() -> int:
+    iters = int(sys.argv[sys.argv.index("--iters") + 1]) if "--iters" in sys.argv else 50
+    json_out = sys.argv[sys.argv.index("--json") + 1] if "--json" in sys.argv else None
+    dev = torch.device("cuda")
+    props = torch.cuda.get_device_properties(dev)
+    sms, m = props.multi_processor_count, 50
+    gemms = expert_gemms()
+    weights = random_weights(gemms, dev)
+    total = sum(w.numel() * 2 for w in weights)
+    print(f"{props.name}, {sms} SMs, torch {torch.__version__}; {len(gemms)} GEMMs at M = {m}, "
+          f"{total / 1e9:.3f} GB of bf16 weights a step", flush=True)
+    gen = torch.Generator(device=dev).manual_seed(1)
+    x0 = torch.randn(m, gemms[0][0], device=dev, generator=gen).to(torch.bfloat16).float()
+    x0_packed = pack_activation(x0)
+    result: dict = {"device": props.name, "sms": sms, "m": m, "gemms": len(gemms), "bytes": total, "checks": [],
+                    "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        so = build(Path(tmp))
+        # correctness: 1 GEMM, 1 layer, the whole chain, with the default ring
+        for count, tol in ((1, 1e-5), (4, 1e-3), (len(gemms), 1e-3)):
+            chain = Chain(so, weights[:count], m, sms)
+            chain.launch(x0_packed, *RINGS[0])
+            torch.cuda.synchronize()
+            got = chain.output()
+            want = reference_chain(weights[:count], x0)
+            scale = want.abs().max().item()
+            err = (got - want).abs().max().item() / scale
+            ok = err <= tol
+            # tolerance: one GEMM differs from torch's float32 only in summation order (~1e-6 of the scale); over
+            # more GEMMs an A element can round to the neighbouring bf16 value (2^-9 relative) where the sums differ
+            print(f"check {count} GEMM(s): max |err| / max |y| = {err:.2e} (tolerance {tol:g}) "
+                  f"{'ok' if ok else 'WRONG'}", flush=True)
+            result["checks"].append({"gemms": count, "rel_err": err, "tolerance": tol, "ok": ok})
+            if not ok:
+                print(json.dumps(result)) if json_out is None else Path(json_out).write_text(json.dumps(result))
+                return 1
+        chain = Chain(so, weights, m, sms)
+        print("| what | ring (weights x A) | step p50 | p99 | weights TB/s |", flush=True)
+        print("|---|---|---|---|---|", flush=True)
+        for compute in (1, 0):
+            for ring in RINGS if compute else RINGS[:1]:
+                p50, p99 = time_ms(lambda ring=ring, compute=compute: chain.launch(x0_packed, *ring, compute=compute),
+                                   iters)
+                what = "persistent kernel, mma + stream-K atomics" if compute else "same kernel, no math"
+                print(f"| {what} | {ring[0]} x 16 KiB, {ring[1]} x 10 KiB | {p50:.3f} ms | {p99:.3f} ms | "
+                      f"{total / p50 / 1e9:.2f} |", flush=True)
+                result["runs"].append({"what": what, "ring": list(ring), "p50_ms": p50, "p99_ms": p99})
+        # cuBLAS's chain of the same GEMMs, bf16 in and out, from a CUDA graph
+        a0 = x0.to(torch.bfloat16)
+        static_out: list[torch.Tensor] = []
+
+        def torch_chain() -> None:
+            y = a0
+            for w in weights:
+                y = torch.mm(y[:, : w.shape[1]], w.t())
+            static_out[:] = [y]
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                torch_chain()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            torch_chain()
+        p50, p99 = time_ms(graph.replay, iters)
+        print(f"| cuBLAS chain (torch.mm bf16, CUDA graph of 72) | - | {p50:.3f} ms | {p99:.3f} ms | "
+              f"{total / p50 / 1e9:.2f} |", flush=True)
+        result["runs"].append({"what": "cuBLAS chain, CUDA graph", "ring": None, "p50_ms": p50, "p99_ms": p99})
+        err = (static_out[0].float() - reference_chain(weights, x0)).abs().max().item() / \
+            reference_chain(weights, x0).abs().max().item()
+        print(f"(cuBLAS chain against the same reference: {err:.2e}; its A is bf16 out of each GEMM)", flush=True)
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
