@@ -198,7 +198,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         mbar_arrive(smem_addr(&act_bars[act_stages + as]));
       }
       const bool tile_ends = u % chunks == chunks - 1 || u + 1 == u1;
-      if (compute && tile_ends) {  // this CTA's part of the n-tile: added into Y_g
+      if (compute == 1 && tile_ends) {  // this CTA's part of the n-tile: added into Y_g
         const int tile_col = (u / chunks) * kTileN + col0;
 #pragma unroll
         for (int j = 0; j < 16; ++j) {
@@ -235,7 +235,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // Returns a cudaError_t (0: launched). y: three buffers of y_buffer_floats each, the first zeroed here (GEMM 0's
 // output); the last GEMM's output is in buffer (gemms - 1) % 3. counters: `gemms` uint32, zero before the first
-// epoch (1, 2, ...). compute 0 streams the same bytes with no mma and no atomics.
+// epoch (1, 2, ...). compute 0 streams the same bytes with no mma and no atomics; 2 does the mma but not the
+// atomics (Y stays zero: a timing of the reduction's share, not a result).
 extern "C" int gemm_chain_launch(const void* weights, const void* gemm_k, const void* gemm_n, const void* weight_offset,
                                  int gemms, const void* x0, void* y, unsigned long long y_buffer_floats, int m,
                                  void* counters, unsigned epoch, int ctas, int weight_stages, int act_stages,
