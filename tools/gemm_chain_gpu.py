@@ -16,6 +16,7 @@ from a CUDA graph) in the same run. Each launch includes a 2 MB memset of the fi
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import subprocess
 import sys
@@ -33,8 +34,11 @@ from stream_floor_gpu import find_nvcc  # noqa: E402
 from pi05_ros.engine.config import PRESETS  # noqa: E402
 
 SOURCE = Path(__file__).resolve().parent / "stream_floor" / "gemm_chain.cu"
-TILE_N, CHUNK_K, ROW_STRIDE, MAX_ROWS = 256, 32, 40, 64  # the kernel's kTileN, kChunkK, kRowStride, kRows
-RINGS = ((8, 6), (12, 4), (6, 8), (4, 4))  # weight stages (16 KiB) x A stages (10 KiB)
+UNIT_BYTES, CHUNK, ROW_STRIDE, MAX_ROWS = 16384, 32, 40, 64  # the kernel's kUnitBytes, kChunk, kRowStride, kRows
+TILES_N = (256, 128, 64)  # a unit's columns (its K: 8192 / that)
+# weight stages (16 KiB) x A stages (8000 B per 32 of K at M = 50) per unit width, within 227 KiB of shared memory
+RINGS = {256: ((8, 6), (12, 4), (4, 4)), 128: ((8, 4), (6, 6)), 64: ((6, 3), (4, 4))}
+SHARED_LIMIT = 227 * 1024
 # a lane's 8 bf16 of one n8 tile in a 32-deep chunk: b0, b1 of the first k16 step, then of the second; b0 holds K
 # rows 2q, 2q + 1 and b1 rows 2q + 8, 2q + 9 of the mma's B fragment (q: the lane's index within its quad)
 LANE_K = np.array([[2 * q, 2 * q + 1, 2 * q + 8, 2 * q + 9, 16 + 2 * q, 17 + 2 * q, 24 + 2 * q, 25 + 2 * q]
@@ -49,76 +53,88 @@ def expert_gemms(layers: int | None = None) -> list[tuple[int, int]]:
     return per_layer * (e.depth if layers is None else layers)
 
 
-def pack_weight(w: torch.Tensor) -> torch.Tensor:
-    """W [N, K] bf16 -> the kernel's units, n-tile major: [N/256][K/32][32 n8 tiles][32 lanes][8 bf16], each lane's
-    8 values the B fragments of its two k16 steps (lane = 4 * column-in-tile + quad)."""
+def chunk_k(tile_n: int) -> int:
+    """A unit's K for a unit width: 16 KiB of bf16 weights."""
+    return UNIT_BYTES // 2 // tile_n
+
+
+def pack_weight(w: torch.Tensor, tile_n: int) -> torch.Tensor:
+    """W [N, K] bf16 -> the kernel's units, n-tile major: [N / TN][K / KC][TN / 8 n8 tiles][KC / 32][32 lanes][8 bf16],
+    each lane's 8 values the B fragments of two k16 steps (lane = 4 * column-in-tile + quad)."""
     n, k = w.shape
-    assert n % TILE_N == 0 and k % CHUNK_K == 0, (n, k)
-    tiles = w.reshape(n // TILE_N, 32, 8, k // CHUNK_K, CHUNK_K).permute(0, 3, 1, 2, 4)  # nt, kc, j, col, k
+    kc = chunk_k(tile_n)
+    assert n % tile_n == 0 and k % kc == 0, (n, k, tile_n)
+    tiles = w.reshape(n // tile_n, tile_n // 8, 8, k // kc, kc // CHUNK, CHUNK).permute(0, 3, 1, 4, 2, 5)
     lane_k = torch.as_tensor(LANE_K, device=w.device)
-    packed = tiles[..., lane_k]  # nt, kc, j, col, quad, 8
-    return packed.reshape(n // TILE_N, k // CHUNK_K, 32, 32, 8).contiguous().view(torch.uint8).reshape(-1)
+    packed = tiles[..., lane_k]  # nt, kc, n8 tile, chunk, column, quad, 8
+    return packed.reshape(-1, 32, 8).contiguous().view(torch.uint8).reshape(-1)
 
 
-def pack_activation(x: torch.Tensor, columns: int | None = None) -> torch.Tensor:
+def pack_activation(x: torch.Tensor) -> torch.Tensor:
     """x [M, K] float32 -> the kernel's chunked layout [K/32][M][40] (rows padded with zeros past column 32)."""
     m, k = x.shape
-    out = torch.zeros(k // CHUNK_K, m, ROW_STRIDE, dtype=torch.float32, device=x.device)
-    out[:, :, :CHUNK_K] = x.reshape(m, k // CHUNK_K, CHUNK_K).permute(1, 0, 2)
+    out = torch.zeros(k // CHUNK, m, ROW_STRIDE, dtype=torch.float32, device=x.device)
+    out[:, :, :CHUNK] = x.reshape(m, k // CHUNK, CHUNK).permute(1, 0, 2)
     return out.reshape(-1)
 
 
 def unpack_activation(buf: torch.Tensor, m: int, n: int) -> torch.Tensor:
     """The chunked layout's first n columns back to [M, N]."""
-    chunks = buf[: n // CHUNK_K * m * ROW_STRIDE].reshape(n // CHUNK_K, m, ROW_STRIDE)[:, :, :CHUNK_K]
+    chunks = buf[: n // CHUNK * m * ROW_STRIDE].reshape(n // CHUNK, m, ROW_STRIDE)[:, :, :CHUNK]
     return chunks.permute(1, 0, 2).reshape(m, n)
 
 
-def emulate_gemm(packed_w: np.ndarray, a_chunks: np.ndarray, m: int, k: int, n: int, ctas: int) -> np.ndarray:
+def emulate_gemm(packed_w: np.ndarray, a_chunks: np.ndarray, m: int, k: int, n: int, ctas: int,
+                 tile_n: int) -> np.ndarray:
     """What the kernel computes for one GEMM, in numpy, index for index: each CTA's unit range; each consumer warp's
-    A fragments (bf16-rounded from the float32 chunk) and B fragments, read where the kernel reads them; each
-    m16n8k16 product assembled from the lanes' fragments by the PTX ISA's fragment layout and handed back to the
-    lanes by its C layout; the flushes into Y. A CPU check that the host's packing and the kernel's indexing
+    A fragments (bf16-rounded from the float32 chunks, rows past M zero) and B fragments, read where the kernel reads
+    them; each m16n8k16 product assembled from the lanes' fragments by the PTX ISA's fragment layout and handed back
+    to the lanes by its C layout; the flushes into Y. A CPU check that the host's packing and the kernel's indexing
     compose into the GEMM."""
-    weights = _bf16_to_float(packed_w.view(np.uint16).reshape(-1, 32, 32, 8))  # unit, n8 tile, lane, 8 values
-    chunks = k // CHUNK_K
-    units = (n // TILE_N) * chunks
-    slots = _round_bf16(a_chunks.reshape(chunks, m, ROW_STRIDE))
-    slots = np.concatenate([slots, np.zeros((chunks, MAX_ROWS - m, ROW_STRIDE), np.float32)], axis=1)
+    kc = chunk_k(tile_n)
+    per_unit = kc // CHUNK
+    weights = _bf16_to_float(packed_w.view(np.uint16).reshape(-1, tile_n // 8 * per_unit * 32, 8))  # unit, uint4, 8
+    chunks = k // kc
+    units = (n // tile_n) * chunks
+    act = _round_bf16(a_chunks.reshape(k // CHUNK, m, ROW_STRIDE))
+    act = np.concatenate([act, np.zeros((k // CHUNK, MAX_ROWS - m, ROW_STRIDE), np.float32)], axis=1)  # rows >= M: 0
     lane = np.arange(32)
     grp, quad = lane >> 2, lane & 3
+    tiles = tile_n // 16  # n8 tiles per warp
     y = np.zeros((m, n), np.float64)
     for cta in range(ctas):
         u0, u1 = units * cta // ctas, units * (cta + 1) // ctas
-        acc = np.zeros((8, 16, 32, 4))  # consumer warp, n8 tile, lane, c0..c3
+        acc = np.zeros((8, tiles, 32, 4))  # consumer warp, n8 tile, lane, c0..c3
         for u in range(u0, u1):
-            slot = slots[u % chunks]
             for w in range(8):
-                row0, col0 = (w & 3) * 16, (w >> 2) * 128
-                for ks in range(2):
-                    col = ks * 16 + 2 * quad
+                row0, col0 = (w & 3) * 16, (w >> 2) * tile_n // 2
+                for c in range(per_unit):
+                    slot = act[(u % chunks) * per_unit + c]
                     lo, hi = slot[row0 + grp], slot[row0 + grp + 8]  # [lane, 40]
-                    frag = [np.stack([rows[lane, col + dk], rows[lane, col + dk + 1]], 1)
-                            for rows, dk in ((lo, 0), (hi, 0), (lo, 8), (hi, 8))]  # a0..a3: [lane, 2]
-                    a_tile = np.zeros((16, 16))
-                    for reg, (dr, dk) in enumerate(((0, 0), (8, 0), (0, 8), (8, 8))):
-                        a_tile[grp + dr, 2 * quad + dk] = frag[reg][:, 0]
-                        a_tile[grp + dr, 2 * quad + dk + 1] = frag[reg][:, 1]
-                    for j in range(16):
-                        b = weights[u, col0 // 8 + j, :, 4 * ks: 4 * ks + 4]  # [lane, b0 (2), b1 (2)]
-                        b_tile = np.zeros((16, 8))
-                        b_tile[2 * quad, grp], b_tile[2 * quad + 1, grp] = b[:, 0], b[:, 1]
-                        b_tile[2 * quad + 8, grp], b_tile[2 * quad + 9, grp] = b[:, 2], b[:, 3]
-                        d = a_tile @ b_tile
-                        acc[w, j, :, 0] += d[grp, 2 * quad]
-                        acc[w, j, :, 1] += d[grp, 2 * quad + 1]
-                        acc[w, j, :, 2] += d[grp + 8, 2 * quad]
-                        acc[w, j, :, 3] += d[grp + 8, 2 * quad + 1]
+                    for ks in range(2):
+                        col = ks * 16 + 2 * quad
+                        frag = [np.stack([rows[lane, col + dk], rows[lane, col + dk + 1]], 1)
+                                for rows, dk in ((lo, 0), (hi, 0), (lo, 8), (hi, 8))]  # a0..a3: [lane, 2]
+                        a_tile = np.zeros((16, 16))
+                        for reg, (dr, dk) in enumerate(((0, 0), (8, 0), (0, 8), (8, 8))):
+                            a_tile[grp + dr, 2 * quad + dk] = frag[reg][:, 0]
+                            a_tile[grp + dr, 2 * quad + dk + 1] = frag[reg][:, 1]
+                        for j in range(tiles):
+                            v = weights[u, ((col0 // 8 + j) * per_unit + c) * 32 + lane]  # [lane, 8]
+                            b = v[:, 4 * ks: 4 * ks + 4]  # b0 (2 values), b1 (2)
+                            b_tile = np.zeros((16, 8))
+                            b_tile[2 * quad, grp], b_tile[2 * quad + 1, grp] = b[:, 0], b[:, 1]
+                            b_tile[2 * quad + 8, grp], b_tile[2 * quad + 9, grp] = b[:, 2], b[:, 3]
+                            d = a_tile @ b_tile
+                            acc[w, j, :, 0] += d[grp, 2 * quad]
+                            acc[w, j, :, 1] += d[grp, 2 * quad + 1]
+                            acc[w, j, :, 2] += d[grp + 8, 2 * quad]
+                            acc[w, j, :, 3] += d[grp + 8, 2 * quad + 1]
             if u % chunks == chunks - 1 or u + 1 == u1:
-                tile_col = (u // chunks) * TILE_N
+                tile_col = (u // chunks) * tile_n
                 for w in range(8):
-                    row0, col0 = (w & 3) * 16, (w >> 2) * 128
-                    for j in range(16):
+                    row0, col0 = (w & 3) * 16, (w >> 2) * tile_n // 2
+                    for j in range(tiles):
                         col = tile_col + col0 + j * 8 + 2 * quad
                         for dr, (c0, c1) in ((0, (0, 1)), (8, (2, 3))):
                             rows = row0 + grp + dr
@@ -157,25 +173,24 @@ def build(out_dir: Path) -> ctypes.CDLL:
     so.gemm_chain_launch.restype = ctypes.c_int
     so.gemm_chain_launch.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                                              ctypes.c_ulonglong, ctypes.c_int, ctypes.c_void_p,
-                                                             ctypes.c_uint, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                                             ctypes.c_int, ctypes.c_void_p]
+                                                             ctypes.c_uint] + [ctypes.c_int] * 5 + [ctypes.c_void_p]
     return so
 
 
 class Chain:
     """The packed weights, shapes and buffers of one chain on the GPU, and its launches."""
 
-    def __init__(self, so: ctypes.CDLL, weights: list[torch.Tensor], m: int, ctas: int) -> None:
+    def __init__(self, so: ctypes.CDLL, weights: list[torch.Tensor], m: int, ctas: int, tile_n: int) -> None:
         dev = weights[0].device
-        self.so, self.m, self.ctas, self.gemms = so, m, ctas, len(weights)
-        packed = [pack_weight(w) for w in weights]
+        self.so, self.m, self.ctas, self.gemms, self.tile_n = so, m, ctas, len(weights), tile_n
+        packed = [pack_weight(w, tile_n) for w in weights]
         self.weights = torch.cat(packed)
         self.offsets = torch.tensor(np.cumsum([0, *[p.numel() for p in packed[:-1]]]), dtype=torch.int64,
                                     device=dev)
         self.k = torch.tensor([w.shape[1] for w in weights], dtype=torch.int32, device=dev)
         self.n = torch.tensor([w.shape[0] for w in weights], dtype=torch.int32, device=dev)
         self.n_last = weights[-1].shape[0]
-        self.y_floats = max(w.shape[0] for w in weights) // CHUNK_K * m * ROW_STRIDE
+        self.y_floats = max(w.shape[0] for w in weights) // CHUNK * m * ROW_STRIDE
         self.y = torch.zeros(3 * self.y_floats, dtype=torch.float32, device=dev)
         self.counters = torch.zeros(self.gemms, dtype=torch.int32, device=dev)
         self.epoch = 0
@@ -185,10 +200,11 @@ class Chain:
         err = self.so.gemm_chain_launch(self.weights.data_ptr(), self.k.data_ptr(), self.n.data_ptr(),
                                         self.offsets.data_ptr(), self.gemms, x0_packed.data_ptr(), self.y.data_ptr(),
                                         self.y_floats, self.m, self.counters.data_ptr(), self.epoch, self.ctas,
-                                        weight_stages, act_stages, compute,
+                                        self.tile_n, weight_stages, act_stages, compute,
                                         ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
         if err:
-            raise SystemExit(f"launch failed: cudaError {err} ({weight_stages} x {act_stages}, compute {compute})")
+            raise SystemExit(f"launch failed: cudaError {err} (units {self.tile_n} wide, ring {weight_stages} x "
+                             f"{act_stages}, compute {compute})")
 
     def output(self) -> torch.Tensor:
         last = (self.gemms - 1) % 3
@@ -233,36 +249,38 @@ def main() -> int:
                     "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         so = build(Path(tmp))
-        # correctness: 1 GEMM, 1 layer, the whole chain, with the default ring
-        for count, tol in ((1, 1e-5), (4, 1e-3), (len(gemms), 1e-3)):
-            chain = Chain(so, weights[:count], m, sms)
-            chain.launch(x0_packed, *RINGS[0])
-            torch.cuda.synchronize()
-            got = chain.output()
-            want = reference_chain(weights[:count], x0)
-            scale = want.abs().max().item()
-            err = (got - want).abs().max().item() / scale
-            ok = err <= tol
-            # tolerance: one GEMM differs from torch's float32 only in summation order (~1e-6 of the scale); over
-            # more GEMMs an A element can round to the neighbouring bf16 value (2^-9 relative) where the sums differ
-            print(f"check {count} GEMM(s): max |err| / max |y| = {err:.2e} (tolerance {tol:g}) "
-                  f"{'ok' if ok else 'WRONG'}", flush=True)
-            result["checks"].append({"gemms": count, "rel_err": err, "tolerance": tol, "ok": ok})
-            if not ok:
-                print(json.dumps(result)) if json_out is None else Path(json_out).write_text(json.dumps(result))
-                return 1
-        chain = Chain(so, weights, m, sms)
-        print("| what | ring (weights x A) | step p50 | p99 | weights TB/s |", flush=True)
-        print("|---|---|---|---|---|", flush=True)
-        modes = {1: "persistent kernel, mma + stream-K atomics", 2: "same, mma without the atomics (no result)",
-                 0: "same kernel, no math (streaming only)"}
-        for compute, what in modes.items():
-            for ring in RINGS if compute == 1 else RINGS[:1]:
-                p50, p99 = time_ms(lambda ring=ring, compute=compute: chain.launch(x0_packed, *ring, compute=compute),
-                                   iters)
-                print(f"| {what} | {ring[0]} x 16 KiB, {ring[1]} x 10 KiB | {p50:.3f} ms | {p99:.3f} ms | "
-                      f"{total / p50 / 1e9:.2f} |", flush=True)
-                result["runs"].append({"what": what, "ring": list(ring), "p50_ms": p50, "p99_ms": p99})
+        modes = {1: "mma + stream-K atomics", 2: "mma without the atomics (no result)",
+                 0: "no math (streaming only)"}
+        print("| units (N x K) | what | ring (weights x A) | step p50 | p99 | weights TB/s |", flush=True)
+        print("|---|---|---|---|---|---|", flush=True)
+        for tile_n in TILES_N:
+            # correctness first, with the width's first ring: 1 GEMM, 1 layer, the whole chain
+            right = True
+            for count in (1, 4, len(gemms)):
+                chain = Chain(so, weights[:count], m, sms, tile_n)
+                chain.launch(x0_packed, *RINGS[tile_n][0])
+                torch.cuda.synchronize()
+                want = reference_chain(weights[:count], x0)
+                err = (chain.output() - want).abs().max().item() / want.abs().max().item()
+                # one GEMM differs from torch's float32 only in summation order (~1e-6 of the scale); over more
+                # GEMMs an A element can round to the neighbouring bf16 value (2^-9 relative) where the sums differ
+                tol = 1e-5 if count == 1 else 1e-3
+                ok = err <= tol
+                right &= ok
+                print(f"check, units {tile_n} wide, {count} GEMM(s): max |err| / max |y| = {err:.2e} "
+                      f"(tolerance {tol:g}) {'ok' if ok else 'WRONG'}", flush=True)
+                result["checks"].append({"tile_n": tile_n, "gemms": count, "rel_err": err, "tolerance": tol,
+                                         "ok": ok})
+            if not right:
+                continue
+            chain = Chain(so, weights, m, sms, tile_n)
+            for compute, what in modes.items():
+                for ring in RINGS[tile_n] if compute == 1 else RINGS[tile_n][:1]:
+                    p50, p99 = time_ms(functools.partial(chain.launch, x0_packed, *ring, compute=compute), iters)
+                    print(f"| {tile_n} x {chunk_k(tile_n)} | {what} | {ring[0]} x {ring[1]} | {p50:.3f} ms | "
+                          f"{p99:.3f} ms | {total / p50 / 1e9:.2f} |", flush=True)
+                    result["runs"].append({"tile_n": tile_n, "what": what, "ring": list(ring), "p50_ms": p50,
+                                           "p99_ms": p99})
         # cuBLAS's chain of the same GEMMs, bf16 in and out, from a CUDA graph
         a0 = x0.to(torch.bfloat16)
         static_out: list[torch.Tensor] = []
@@ -283,7 +301,7 @@ def main() -> int:
         with torch.cuda.graph(graph):
             torch_chain()
         p50, p99 = time_ms(graph.replay, iters)
-        print(f"| cuBLAS chain (torch.mm bf16, CUDA graph of 72) | - | {p50:.3f} ms | {p99:.3f} ms | "
+        print(f"| - | cuBLAS chain (torch.mm bf16, CUDA graph of 72) | - | {p50:.3f} ms | {p99:.3f} ms | "
               f"{total / p50 / 1e9:.2f} |", flush=True)
         result["runs"].append({"what": "cuBLAS chain, CUDA graph", "ring": None, "p50_ms": p50, "p99_ms": p99})
         err = (static_out[0].float() - reference_chain(weights, x0)).abs().max().item() / \
@@ -291,7 +309,7 @@ def main() -> int:
         print(f"(cuBLAS chain against the same reference: {err:.2e}; its A is bf16 out of each GEMM)", flush=True)
     if json_out:
         Path(json_out).write_text(json.dumps(result, indent=1))
-    return 0
+    return 0 if all(check["ok"] for check in result["checks"]) else 1
 
 
 if __name__ == "__main__":

@@ -27,15 +27,19 @@ def _tool():
     return gemm_chain_gpu
 
 
-@pytest.mark.parametrize(("m", "k", "n", "ctas"), [(50, 128, 512, 3), (64, 64, 256, 1), (1, 96, 256, 5)])
-def test_packing_and_kernel_indexing_compose_into_the_gemm(m: int, k: int, n: int, ctas: int) -> None:
-    """3 CTAs over 8 units split n-tiles mid-K (a partial sum flushed by two CTAs); 5 CTAs over 3 units leave two
-    without work; M = 50 and 1 leave rows of the 64 unused, M = 64 none."""
+@pytest.mark.parametrize(("m", "k", "n", "ctas", "tile_n"),
+                         [(50, 128, 512, 3, 256), (64, 64, 256, 1, 256), (1, 96, 256, 5, 256),
+                          (50, 256, 256, 3, 128), (50, 512, 128, 3, 64), (7, 256, 128, 4, 64)])
+def test_packing_and_kernel_indexing_compose_into_the_gemm(m: int, k: int, n: int, ctas: int, tile_n: int) -> None:
+    """Units 256 wide x 32 deep, 128 x 64 and 64 x 128 (two and four activation chunks a unit). 3 CTAs over 8 units
+    split n-tiles mid-K (a partial sum flushed by two CTAs); 5 CTAs over 3 units leave two without work; M = 50, 7
+    and 1 leave rows of the 64 unused, M = 64 none."""
     tool = _tool()
     gen = torch.Generator().manual_seed(0)
     w = (torch.randn(n, k, generator=gen) / k**0.5).to(torch.bfloat16)
     x = torch.randn(m, k, generator=gen)
-    got = tool.emulate_gemm(tool.pack_weight(w).numpy(), tool.pack_activation(x).numpy(), m, k, n, ctas)
+    got = tool.emulate_gemm(tool.pack_weight(w, tile_n).numpy(), tool.pack_activation(x).numpy(), m, k, n, ctas,
+                            tile_n)
     want = x.to(torch.bfloat16).double() @ w.double().t()
     # float64 sums of the same bf16 products in another order: ~1e-15 relative; 1e-6 leaves room for float32 output
     np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=1e-6 * want.abs().max().item())

@@ -6,7 +6,8 @@
 // The chain: GEMM g computes Y_g = A_g W_g^T, W_g [N_g, K_g] bf16, A_g the first K_g columns of Y_{g-1} rounded to
 // bf16 (A_0 = X0). Every GEMM waits for the one before it (a grid-wide counter), as a real step's would.
 //
-// Work: a GEMM is cut into units of 256 columns x 32 of K (16 KiB of bf16 weights). The units, n-tile major, are
+// Work: a GEMM is cut into units of 16 KiB of bf16 weights, TN columns x 8192 / TN of K (TN 64, 128 or 256: wider
+// units read less A per weight byte, narrower ones flush smaller partial sums). The units, n-tile major, are
 // shared out in equal contiguous ranges over the CTAs (stream-K): a CTA accumulates in registers across its range
 // and, at the end of an n-tile or of its range, adds its partial sums into Y_g with float2 atomics (Hopper's vector
 // atomicAdd). Y_g is float32 in a chunked layout, [N/32][M][40]: a chunk of 32 columns is one contiguous bulk copy
@@ -16,10 +17,10 @@
 //
 // Per CTA (one per SM): warp 0's lane 0 bulk-copies the CTA's weight units into a ring (they never depend on
 // activations, so they run ahead across the GEMM boundaries); warp 1's lane 0 copies each unit's A chunk into a
-// ring of its own once the grid has finished the GEMM before. Eight consumer warps each compute 16 rows x 128
-// columns of a unit with mma.sync m16n8k16 (bf16 in, float32 accumulate): A from the float32 chunk, converted in
-// registers; B from the weights, which the host packed in the mma's fragment order (one 16-byte load per lane
-// gives two k16 steps of one n8 tile).
+// ring of its own once the grid has finished the GEMM before. Eight consumer warps each compute 16 rows x TN / 2
+// columns of a unit with mma.sync m16n8k16 (bf16 in, float32 accumulate): A from the float32 chunks, converted in
+// registers (rows past M read as zero); B from the weights, which the host packed in the mma's fragment order (one
+// 16-byte load per lane gives two k16 steps of one n8 tile).
 //
 // Built by tools/gemm_chain_gpu.py with nvcc (-arch=sm_90a) into a shared library it calls through ctypes.
 
@@ -34,11 +35,9 @@ namespace {
 using namespace hopper;
 
 constexpr int kRows = 64;                           // the mma rows: M <= 64 valid ones, the rest zero
-constexpr int kTileN = 256;                         // a unit's columns
-constexpr int kChunkK = 32;                         // a unit's K
-constexpr int kUnitBytes = kTileN * kChunkK * 2;    // 16 KiB of bf16 weights
+constexpr int kUnitBytes = 16384;                   // a unit's bf16 weights: TN columns x 8192 / TN of K
+constexpr int kChunk = 32;                          // columns of an activation chunk (Y's layout)
 constexpr int kRowStride = 40;                      // floats a row of an activation chunk takes
-constexpr int kActSlotBytes = kRows * kRowStride * 4;  // 10 KiB: a chunk's M rows, then zero rows up to 64
 constexpr int kConsumerWarps = 8;                   // 4 row blocks of 16 x 2 column halves of 128
 constexpr int kProducerWarps = 2;                   // warp 0: the weights; warp 1: A
 constexpr int kThreads = 32 * (kConsumerWarps + kProducerWarps);
@@ -66,13 +65,16 @@ __device__ __forceinline__ void range_of(int units, int cta, int ctas, int* begi
   *end = static_cast<int>(static_cast<long long>(units) * (cta + 1) / ctas);
 }
 
-__device__ __forceinline__ int units_of(int k, int n) { return (n / kTileN) * (k / kChunkK); }
-
+template <int TN>
 __global__ void __launch_bounds__(kThreads, 1)
     chain_kernel(const uint8_t* __restrict__ weights, const int* __restrict__ gemm_k, const int* __restrict__ gemm_n,
                  const uint64_t* __restrict__ weight_offset, int gemms, const float* __restrict__ x0,
                  float* __restrict__ y, uint64_t y_buffer_floats, int m, uint32_t* __restrict__ counters,
                  uint32_t epoch, int weight_stages, int act_stages, int compute) {
+  constexpr int kChunkK = kUnitBytes / 2 / TN;       // a unit's K
+  constexpr int kChunksPerUnit = kChunkK / kChunk;   // activation chunks a unit takes (adjacent: one copy)
+  constexpr int kTiles = TN / 16;                    // n8 tiles per consumer warp
+  auto units_of = [](int k, int n) { return (n / TN) * (k / kChunkK); };
   extern __shared__ __align__(128) uint8_t smem[];
   uint64_t* bars = reinterpret_cast<uint64_t*>(smem);  // weights' full, empty; A's full, empty
   uint64_t* act_bars = bars + 2 * weight_stages;
@@ -95,11 +97,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
   }
-  // the rows past M of every A slot: zero, never written by a copy (which fills the first M rows only)
-  for (int s = 0; s < act_stages; ++s) {
-    float* slot = reinterpret_cast<float*>(act_ring + static_cast<size_t>(s) * kActSlotBytes);
-    for (int i = static_cast<int>(chunk_floats) + threadIdx.x; i < kRows * kRowStride; i += kThreads) slot[i] = 0.f;
-  }
+  const uint32_t slot_bytes = kChunksPerUnit * chunk_floats * 4;
   __syncthreads();
 
   if (warp == 0) {
@@ -141,18 +139,18 @@ __global__ void __launch_bounds__(kThreads, 1)
           const uint32_t round = piece / act_stages;
           if (round > 0) mbar_wait(smem_addr(&act_bars[act_stages + s]), (round - 1) & 1);
           const uint32_t full = smem_addr(&act_bars[s]);
-          mbar_expect_bytes(full, chunk_floats * 4);
-          bulk_copy(smem_addr(act_ring + static_cast<size_t>(s) * kActSlotBytes),
-                    a + static_cast<uint64_t>(u % chunks) * chunk_floats, chunk_floats * 4, full);
+          mbar_expect_bytes(full, slot_bytes);
+          bulk_copy(smem_addr(act_ring + static_cast<size_t>(s) * slot_bytes),
+                    a + static_cast<uint64_t>(u % chunks) * kChunksPerUnit * chunk_floats, slot_bytes, full);
         }
       }
     }
     return;
   }
 
-  // consumers: warp w computes rows (w % 4) * 16 .. + 16, columns (w / 4) * 128 .. + 128 of each unit
+  // consumers: warp w computes rows (w % 4) * 16 .. + 16, columns (w / 4) * TN / 2 .. + TN / 2 of each unit
   const int w = warp - kProducerWarps;
-  const int row0 = (w & 3) * 16, col0 = (w >> 2) * (kTileN / 2);
+  const int row0 = (w & 3) * 16, col0 = (w >> 2) * (TN / 2);
   const int group = lane >> 2, quad = lane & 3;  // the mma fragments' row within 8, column pair within 4
   const int t = threadIdx.x - 32 * kProducerWarps;
   const int consumer_threads = 32 * kConsumerWarps;
@@ -163,33 +161,38 @@ __global__ void __launch_bounds__(kThreads, 1)
     int u0, u1;
     range_of(units_of(gemm_k[g], gemm_n[g]), cta, ctas, &u0, &u1);
     float* out = y + static_cast<uint64_t>(g % 3) * y_buffer_floats;
-    float acc[16][4];
+    float acc[kTiles][4];
 #pragma unroll
-    for (int j = 0; j < 16; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    for (int j = 0; j < kTiles; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
     for (int u = u0; u < u1; ++u, ++piece) {
       const int ws = static_cast<int>(piece % weight_stages), as = static_cast<int>(piece % act_stages);
       mbar_wait(smem_addr(&bars[ws]), (piece / weight_stages) & 1);
       mbar_wait(smem_addr(&act_bars[as]), (piece / act_stages) & 1);
       if (compute) {
-        const float* a = reinterpret_cast<const float*>(act_ring + static_cast<size_t>(as) * kActSlotBytes);
-        uint32_t frag[2][4];
-#pragma unroll
-        for (int ks = 0; ks < 2; ++ks) {
-          const int col = ks * 16 + 2 * quad;
-          const float* lo = a + (row0 + group) * kRowStride + col;
-          const float* hi = lo + 8 * kRowStride;
-          frag[ks][0] = pack_bf16(*reinterpret_cast<const float2*>(lo));
-          frag[ks][1] = pack_bf16(*reinterpret_cast<const float2*>(hi));
-          frag[ks][2] = pack_bf16(*reinterpret_cast<const float2*>(lo + 8));
-          frag[ks][3] = pack_bf16(*reinterpret_cast<const float2*>(hi + 8));
-        }
+        const float* slot = reinterpret_cast<const float*>(act_ring + static_cast<size_t>(as) * slot_bytes);
         const uint4* b = reinterpret_cast<const uint4*>(weight_ring + static_cast<size_t>(ws) * kUnitBytes) +
-                         (col0 / 8) * 32 + lane;
+                         (col0 / 8) * kChunksPerUnit * 32 + lane;
 #pragma unroll
-        for (int j = 0; j < 16; ++j) {
-          const uint4 v = b[j * 32];
-          mma_bf16(acc[j], frag[0], v.x, v.y);
-          mma_bf16(acc[j], frag[1], v.z, v.w);
+        for (int c = 0; c < kChunksPerUnit; ++c) {  // 32 of K: two k16 steps
+          const float* a = slot + c * chunk_floats;
+          uint32_t frag[2][4];
+#pragma unroll
+          for (int ks = 0; ks < 2; ++ks) {
+            const int col = ks * 16 + 2 * quad;
+            const float* lo = a + (row0 + group) * kRowStride + col;
+            const float* hi = lo + 8 * kRowStride;
+            const float2 zero = make_float2(0.f, 0.f);
+            frag[ks][0] = pack_bf16(rows_lo ? *reinterpret_cast<const float2*>(lo) : zero);
+            frag[ks][1] = pack_bf16(rows_hi ? *reinterpret_cast<const float2*>(hi) : zero);
+            frag[ks][2] = pack_bf16(rows_lo ? *reinterpret_cast<const float2*>(lo + 8) : zero);
+            frag[ks][3] = pack_bf16(rows_hi ? *reinterpret_cast<const float2*>(hi + 8) : zero);
+          }
+#pragma unroll
+          for (int j = 0; j < kTiles; ++j) {
+            const uint4 v = b[(j * kChunksPerUnit + c) * 32];
+            mma_bf16(acc[j], frag[0], v.x, v.y);
+            mma_bf16(acc[j], frag[1], v.z, v.w);
+          }
         }
       }
       __syncwarp();
@@ -199,11 +202,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       const bool tile_ends = u % chunks == chunks - 1 || u + 1 == u1;
       if (compute == 1 && tile_ends) {  // this CTA's part of the n-tile: added into Y_g
-        const int tile_col = (u / chunks) * kTileN + col0;
+        const int tile_col = (u / chunks) * TN + col0;
 #pragma unroll
-        for (int j = 0; j < 16; ++j) {
+        for (int j = 0; j < kTiles; ++j) {
           const int col = tile_col + j * 8 + 2 * quad;
-          float* at = out + static_cast<uint64_t>(col / 32) * chunk_floats + (row0 + group) * kRowStride + col % 32;
+          float* at = out + static_cast<uint64_t>(col / kChunk) * chunk_floats + (row0 + group) * kRowStride +
+                      col % kChunk;
           if (rows_lo) atomicAdd(reinterpret_cast<float2*>(at), make_float2(acc[j][0], acc[j][1]));
           if (rows_hi) atomicAdd(reinterpret_cast<float2*>(at + 8 * kRowStride), make_float2(acc[j][2], acc[j][3]));
           acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
@@ -218,7 +222,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         consumers_sync(consumer_threads);
       }
       float4* next = reinterpret_cast<float4*>(y + static_cast<uint64_t>((g + 1) % 3) * y_buffer_floats);
-      const uint32_t n4 = static_cast<uint32_t>(gemm_n[g + 1] / 32) * chunk_floats / 4;
+      const uint32_t n4 = static_cast<uint32_t>(gemm_n[g + 1] / kChunk) * chunk_floats / 4;
       const uint32_t per = (n4 + ctas - 1) / ctas;
       const uint32_t end = min(n4, per * (cta + 1));
       for (uint32_t i = per * cta + t; i < end; i += consumer_threads) next[i] = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -233,22 +237,29 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 }  // namespace
 
-// Returns a cudaError_t (0: launched). y: three buffers of y_buffer_floats each, the first zeroed here (GEMM 0's
+// Returns a cudaError_t (0: launched). tile_n: 64, 128 or 256 (the weights packed for it). y: three buffers of y_buffer_floats each, the first zeroed here (GEMM 0's
 // output); the last GEMM's output is in buffer (gemms - 1) % 3. counters: `gemms` uint32, zero before the first
 // epoch (1, 2, ...). compute 0 streams the same bytes with no mma and no atomics; 2 does the mma but not the
 // atomics (Y stays zero: a timing of the reduction's share, not a result).
 extern "C" int gemm_chain_launch(const void* weights, const void* gemm_k, const void* gemm_n, const void* weight_offset,
                                  int gemms, const void* x0, void* y, unsigned long long y_buffer_floats, int m,
-                                 void* counters, unsigned epoch, int ctas, int weight_stages, int act_stages,
-                                 int compute, void* stream) {
+                                 void* counters, unsigned epoch, int ctas, int tile_n, int weight_stages,
+                                 int act_stages, int compute, void* stream) {
   if (m < 1 || m > kRows || weight_stages < 1 || act_stages < 1) return static_cast<int>(cudaErrorInvalidValue);
+  void (*kernel)(const uint8_t*, const int*, const int*, const uint64_t*, int, const float*, float*, uint64_t, int,
+                 uint32_t*, uint32_t, int, int, int) = nullptr;
+  if (tile_n == 64) kernel = chain_kernel<64>;
+  if (tile_n == 128) kernel = chain_kernel<128>;
+  if (tile_n == 256) kernel = chain_kernel<256>;
+  if (kernel == nullptr) return static_cast<int>(cudaErrorInvalidValue);
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   cudaError_t err = cudaMemsetAsync(y, 0, y_buffer_floats * sizeof(float), s);
   if (err != cudaSuccess) return static_cast<int>(err);
-  const int shared = ring_offset(weight_stages, act_stages) + weight_stages * kUnitBytes + act_stages * kActSlotBytes;
-  err = cudaFuncSetAttribute(chain_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared);
+  const int slot_bytes = (kUnitBytes / 2 / tile_n) / kChunk * m * kRowStride * 4;
+  const int shared = ring_offset(weight_stages, act_stages) + weight_stages * kUnitBytes + act_stages * slot_bytes;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared);
   if (err != cudaSuccess) return static_cast<int>(err);
-  chain_kernel<<<ctas, kThreads, shared, s>>>(
+  kernel<<<ctas, kThreads, shared, s>>>(
       static_cast<const uint8_t*>(weights), static_cast<const int*>(gemm_k), static_cast<const int*>(gemm_n),
       static_cast<const uint64_t*>(weight_offset), gemms, static_cast<const float*>(x0), static_cast<float*>(y),
       y_buffer_floats, m, static_cast<uint32_t*>(counters), epoch, weight_stages, act_stages, compute);
