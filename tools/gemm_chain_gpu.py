@@ -39,6 +39,12 @@ TILES_N = (256, 128, 64)  # a unit's columns (its K: 8192 / that)
 # weight stages (16 KiB) x A stages (8000 B per 32 of K at M = 50) per unit width, within 227 KiB of shared memory
 RINGS = {256: ((8, 6), (12, 4), (4, 4)), 128: ((8, 4), (6, 6)), 64: ((6, 3), (4, 4))}
 SHARED_LIMIT = 227 * 1024
+CLUSTER_SOURCE = SOURCE.parent / "gemm_chain_cluster.cu"
+# the cluster kernel (gemm_chain_cluster.cu): K split over a cluster of 2 or 4 CTAs, its rings (weight stages of
+# 16 KiB x A stages of 32 KiB, beside 64 KiB of partial sums); a cluster owns at most 32 n8 tiles of a GEMM
+CLUSTER_SPLITS = (2, 4)
+CLUSTER_RINGS = ((6, 2), (4, 3), (8, 1))
+CLUSTER_MAX_TILES = 32
 # a lane's 8 bf16 of one n8 tile in a 32-deep chunk: b0, b1 of the first k16 step, then of the second; b0 holds K
 # rows 2q, 2q + 1 and b1 rows 2q + 8, 2q + 9 of the mma's B fragment (q: the lane's index within its quad)
 LANE_K = np.array([[2 * q, 2 * q + 1, 2 * q + 8, 2 * q + 9, 16 + 2 * q, 17 + 2 * q, 24 + 2 * q, 25 + 2 * q]
@@ -82,6 +88,87 @@ def unpack_activation(buf: torch.Tensor, m: int, n: int) -> torch.Tensor:
     """The chunked layout's first n columns back to [M, N]."""
     chunks = buf[: n // CHUNK * m * ROW_STRIDE].reshape(n // CHUNK, m, ROW_STRIDE)[:, :, :CHUNK]
     return chunks.permute(1, 0, 2).reshape(m, n)
+
+
+def pack_weight_k_major(w: torch.Tensor) -> torch.Tensor:
+    """W [N, K] bf16 -> the cluster kernel's layout, K-chunk major: [K/32][N/8][32 lanes][8 bf16] (a chunk's run of
+    n8 tiles is one bulk copy), each lane's 8 values as pack_weight's."""
+    n, k = w.shape
+    assert n % 8 == 0 and k % CHUNK == 0, (n, k)
+    tiles = w.reshape(n // 8, 8, k // CHUNK, CHUNK).permute(2, 0, 1, 3)  # chunk, n8 tile, column, k
+    packed = tiles[..., torch.as_tensor(LANE_K, device=w.device)]  # chunk, n8 tile, column, quad, 8
+    return packed.reshape(-1, 32, 8).contiguous().view(torch.uint8).reshape(-1)
+
+
+def pack_activation_bf16(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] -> the cluster kernel's bf16 chunks [K/32][M][40] (80-byte rows, zeros past column 32)."""
+    m, k = x.shape
+    out = torch.zeros(k // CHUNK, m, ROW_STRIDE, dtype=torch.bfloat16, device=x.device)
+    out[:, :, :CHUNK] = x.reshape(m, k // CHUNK, CHUNK).permute(1, 0, 2).to(torch.bfloat16)
+    return out.reshape(-1)
+
+
+def cluster_share(k: int, n: int, m: int, cluster: int, clusters: int, rank: int, split: int) -> tuple[int, ...]:
+    """The kernel's share_of: a CTA's n8 tiles [t0, t1), its K chunks [c0, c1), chunks per stage."""
+    tiles, chunks = n // 8, k // CHUNK
+    t0, t1 = tiles * cluster // clusters, tiles * (cluster + 1) // clusters
+    by_weights = 16384 // (512 * max(1, t1 - t0))
+    by_act = 32768 // (m * ROW_STRIDE * 2)
+    return t0, t1, chunks * rank // split, chunks * (rank + 1) // split, max(1, min(by_weights, by_act))
+
+
+def emulate_cluster_gemm(packed_w: np.ndarray, a_chunks: np.ndarray, m: int, k: int, n: int, clusters: int,
+                         split: int) -> np.ndarray:
+    """The cluster kernel's GEMM in numpy, index for index as emulate_gemm: each CTA's tiles and K chunks, stage by
+    stage; each consumer warp's half of the tiles; A's bf16 pairs as 32-bit words; the partial sums in each CTA's
+    [tile][64][8] buffer; each rank's C-th of the tiles summed over the cluster and rounded to bf16."""
+    words = packed_w.view(np.uint16).reshape(k // CHUNK, n // 8, 32, 8)
+    weights = _bf16_to_float(words)
+    act = _bf16_to_float(a_chunks.view(np.uint16).reshape(k // CHUNK, m, ROW_STRIDE))
+    act = np.concatenate([act, np.zeros((k // CHUNK, MAX_ROWS - m, ROW_STRIDE), np.float32)], axis=1)
+    lane = np.arange(32)
+    grp, quad = lane >> 2, lane & 3
+    y = np.zeros((m, n), np.float32)
+    for cluster in range(clusters):
+        partials = np.zeros((split, CLUSTER_MAX_TILES, MAX_ROWS, 8))
+        for rank in range(split):
+            t0, t1, c0, c1, per_stage = cluster_share(k, n, m, cluster, clusters, rank, split)
+            tiles = t1 - t0
+            for w in range(8):
+                row0, half = (w & 3) * 16, w >> 2
+                first = half * ((tiles + 1) // 2)
+                mine = min((tiles + 1) // 2, tiles - first)
+                acc = np.zeros((max(mine, 0), 32, 4))
+                for c in range(c0, c1):  # a stage's chunks one after another, as the kernel's inner loop
+                    slot = act[c]
+                    lo, hi = slot[row0 + grp], slot[row0 + grp + 8]
+                    for ks in range(2):
+                        col = ks * 16 + 2 * quad
+                        a_tile = np.zeros((16, 16))
+                        for rows, dr, dk in ((lo, 0, 0), (hi, 8, 0), (lo, 0, 8), (hi, 8, 8)):
+                            a_tile[grp + dr, 2 * quad + dk] = rows[lane, col + dk]
+                            a_tile[grp + dr, 2 * quad + dk + 1] = rows[lane, col + dk + 1]
+                        for j in range(max(mine, 0)):
+                            b = weights[c, t0 + first + j][:, 4 * ks: 4 * ks + 4]
+                            b_tile = np.zeros((16, 8))
+                            b_tile[2 * quad, grp], b_tile[2 * quad + 1, grp] = b[:, 0], b[:, 1]
+                            b_tile[2 * quad + 8, grp], b_tile[2 * quad + 9, grp] = b[:, 2], b[:, 3]
+                            d = a_tile @ b_tile
+                            acc[j, :, 0] += d[grp, 2 * quad]
+                            acc[j, :, 1] += d[grp, 2 * quad + 1]
+                            acc[j, :, 2] += d[grp + 8, 2 * quad]
+                            acc[j, :, 3] += d[grp + 8, 2 * quad + 1]
+                for j in range(max(mine, 0)):
+                    partials[rank, first + j, row0 + grp, 2 * quad] = acc[j, :, 0]
+                    partials[rank, first + j, row0 + grp, 2 * quad + 1] = acc[j, :, 1]
+                    partials[rank, first + j, row0 + grp + 8, 2 * quad] = acc[j, :, 2]
+                    partials[rank, first + j, row0 + grp + 8, 2 * quad + 1] = acc[j, :, 3]
+        t0, t1 = cluster_share(k, n, m, cluster, clusters, 0, split)[:2]
+        for rank in range(split):
+            for tile in range(rank, t1 - t0, split):
+                total = partials[:, tile, :m].sum(axis=0)  # [m, 8]
+                y[:, (t0 + tile) * 8: (t0 + tile + 1) * 8] = _round_bf16(total.astype(np.float32))
+    return y
 
 
 def emulate_gemm(packed_w: np.ndarray, a_chunks: np.ndarray, m: int, k: int, n: int, ctas: int,
@@ -162,18 +249,35 @@ def reference_chain(weights: list[torch.Tensor], x0: torch.Tensor) -> torch.Tens
     return y
 
 
-def build(out_dir: Path) -> ctypes.CDLL:
+def _nvcc(source: Path, lib: Path) -> ctypes.CDLL:
     nvcc = find_nvcc()
     if nvcc is None:
         raise SystemExit("nvcc not found (CUDA toolkit)")
-    lib = out_dir / "gemm_chain.so"
-    subprocess.run([nvcc, "-arch=sm_90a", "-O3", "-shared", "-Xcompiler", "-fPIC", "-o", str(lib), str(SOURCE)],
+    subprocess.run([nvcc, "-arch=sm_90a", "-O3", "-shared", "-Xcompiler", "-fPIC", "-o", str(lib), str(source)],
                    check=True)
-    so = ctypes.CDLL(str(lib))
+    return ctypes.CDLL(str(lib))
+
+
+def build(out_dir: Path) -> ctypes.CDLL:
+    """The stream-K kernel (gemm_chain.cu) as a shared library with its launcher's argument types."""
+    so = _nvcc(SOURCE, out_dir / "gemm_chain.so")
     so.gemm_chain_launch.restype = ctypes.c_int
     so.gemm_chain_launch.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                                              ctypes.c_ulonglong, ctypes.c_int, ctypes.c_void_p,
                                                              ctypes.c_uint] + [ctypes.c_int] * 5 + [ctypes.c_void_p]
+    return so
+
+
+def build_cluster(out_dir: Path) -> ctypes.CDLL:
+    """The cluster kernel (gemm_chain_cluster.cu) as a shared library with its launcher's argument types."""
+    so = _nvcc(CLUSTER_SOURCE, out_dir / "gemm_chain_cluster.so")
+    so.gemm_chain_cluster_launch.restype = ctypes.c_int
+    so.gemm_chain_cluster_launch.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                                                     ctypes.c_ulonglong, ctypes.c_int,
+                                                                     ctypes.c_void_p, ctypes.c_uint] + \
+        [ctypes.c_int] * 5 + [ctypes.c_void_p]
+    so.gemm_chain_cluster_ctas.restype = ctypes.c_int
+    so.gemm_chain_cluster_ctas.argtypes = [ctypes.c_int] * 3
     return so
 
 
@@ -209,6 +313,44 @@ class Chain:
     def output(self) -> torch.Tensor:
         last = (self.gemms - 1) % 3
         return unpack_activation(self.y[last * self.y_floats:(last + 1) * self.y_floats], self.m, self.n_last)
+
+
+class ClusterChain:
+    """The cluster kernel's packed weights, bf16 buffers and launches for one chain."""
+
+    def __init__(self, so: ctypes.CDLL, weights: list[torch.Tensor], m: int, ctas: int, split: int) -> None:
+        dev = weights[0].device
+        clusters = ctas // split
+        for w in weights:
+            assert -(-w.shape[0] // 8 // clusters) <= CLUSTER_MAX_TILES and w.shape[0] // 8 >= clusters, \
+                (w.shape, clusters)
+        self.so, self.m, self.ctas, self.split, self.gemms = so, m, ctas, split, len(weights)
+        packed = [pack_weight_k_major(w) for w in weights]
+        self.weights = torch.cat(packed)
+        self.offsets = torch.tensor(np.cumsum([0, *[p.numel() for p in packed[:-1]]]), dtype=torch.int64,
+                                    device=dev)
+        self.k = torch.tensor([w.shape[1] for w in weights], dtype=torch.int32, device=dev)
+        self.n = torch.tensor([w.shape[0] for w in weights], dtype=torch.int32, device=dev)
+        self.n_last = weights[-1].shape[0]
+        self.y_halves = max(w.shape[0] for w in weights) // CHUNK * m * ROW_STRIDE
+        self.y = torch.zeros(2 * self.y_halves, dtype=torch.bfloat16, device=dev)
+        self.counters = torch.zeros(self.gemms, dtype=torch.int32, device=dev)
+        self.epoch = 0
+
+    def launch(self, x0_packed: torch.Tensor, weight_stages: int, act_stages: int, compute: int = 1) -> None:
+        self.epoch += 1
+        err = self.so.gemm_chain_cluster_launch(
+            self.weights.data_ptr(), self.k.data_ptr(), self.n.data_ptr(), self.offsets.data_ptr(), self.gemms,
+            x0_packed.data_ptr(), self.y.data_ptr(), self.y_halves, self.m, self.counters.data_ptr(), self.epoch,
+            self.ctas, self.split, weight_stages, act_stages, compute,
+            ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
+        if err:
+            raise SystemExit(f"cluster launch failed: cudaError {err} (split {self.split}, ring {weight_stages} x "
+                             f"{act_stages}, compute {compute})")
+
+    def output(self) -> torch.Tensor:
+        last = (self.gemms - 1) % 2
+        return unpack_activation(self.y[last * self.y_halves:(last + 1) * self.y_halves], self.m, self.n_last).float()
 
 
 def random_weights(gemms: list[tuple[int, int]], dev: torch.device, seed: int = 0) -> list[torch.Tensor]:
@@ -249,38 +391,8 @@ def main() -> int:
                     "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         so = build(Path(tmp))
-        modes = {1: "mma + stream-K atomics", 2: "mma without the atomics (no result)",
-                 0: "no math (streaming only)"}
-        print("| units (N x K) | what | ring (weights x A) | step p50 | p99 | weights TB/s |", flush=True)
+        print("| kernel | what | ring (weights x A) | step p50 | p99 | weights TB/s |", flush=True)
         print("|---|---|---|---|---|---|", flush=True)
-        for tile_n in TILES_N:
-            # correctness first, with the width's first ring: 1 GEMM, 1 layer, the whole chain
-            right = True
-            for count in (1, 4, len(gemms)):
-                chain = Chain(so, weights[:count], m, sms, tile_n)
-                chain.launch(x0_packed, *RINGS[tile_n][0])
-                torch.cuda.synchronize()
-                want = reference_chain(weights[:count], x0)
-                err = (chain.output() - want).abs().max().item() / want.abs().max().item()
-                # one GEMM differs from torch's float32 only in summation order (~1e-6 of the scale); over more
-                # GEMMs an A element can round to the neighbouring bf16 value (2^-9 relative) where the sums differ
-                tol = 1e-5 if count == 1 else 1e-3
-                ok = err <= tol
-                right &= ok
-                print(f"check, units {tile_n} wide, {count} GEMM(s): max |err| / max |y| = {err:.2e} "
-                      f"(tolerance {tol:g}) {'ok' if ok else 'WRONG'}", flush=True)
-                result["checks"].append({"tile_n": tile_n, "gemms": count, "rel_err": err, "tolerance": tol,
-                                         "ok": ok})
-            if not right:
-                continue
-            chain = Chain(so, weights, m, sms, tile_n)
-            for compute, what in modes.items():
-                for ring in RINGS[tile_n] if compute == 1 else RINGS[tile_n][:1]:
-                    p50, p99 = time_ms(functools.partial(chain.launch, x0_packed, *ring, compute=compute), iters)
-                    print(f"| {tile_n} x {chunk_k(tile_n)} | {what} | {ring[0]} x {ring[1]} | {p50:.3f} ms | "
-                          f"{p99:.3f} ms | {total / p50 / 1e9:.2f} |", flush=True)
-                    result["runs"].append({"tile_n": tile_n, "what": what, "ring": list(ring), "p50_ms": p50,
-                                           "p99_ms": p99})
         # cuBLAS's chain of the same GEMMs, bf16 in and out, from a CUDA graph
         a0 = x0.to(torch.bfloat16)
         static_out: list[torch.Tensor] = []
@@ -307,6 +419,75 @@ def main() -> int:
         err = (static_out[0].float() - reference_chain(weights, x0)).abs().max().item() / \
             reference_chain(weights, x0).abs().max().item()
         print(f"(cuBLAS chain against the same reference: {err:.2e}; its A is bf16 out of each GEMM)", flush=True)
+        modes = {1: "mma + stream-K atomics", 2: "mma without the atomics (no result)",
+                 0: "no math (streaming only)"}
+        for tile_n in TILES_N:
+            # correctness first, with the width's first ring: 1 GEMM, 1 layer, the whole chain
+            right = True
+            for count in (1, 4, len(gemms)):
+                chain = Chain(so, weights[:count], m, sms, tile_n)
+                chain.launch(x0_packed, *RINGS[tile_n][0])
+                torch.cuda.synchronize()
+                want = reference_chain(weights[:count], x0)
+                err = (chain.output() - want).abs().max().item() / want.abs().max().item()
+                # one GEMM differs from torch's float32 only in summation order (~1e-6 of the scale); over more
+                # GEMMs an A element can round to the neighbouring bf16 value (2^-9 relative) where the sums differ
+                tol = 1e-5 if count == 1 else 1e-3
+                ok = err <= tol
+                right &= ok
+                print(f"check, units {tile_n} wide, {count} GEMM(s): max |err| / max |y| = {err:.2e} "
+                      f"(tolerance {tol:g}) {'ok' if ok else 'WRONG'}", flush=True)
+                result["checks"].append({"tile_n": tile_n, "gemms": count, "rel_err": err, "tolerance": tol,
+                                         "ok": ok})
+            if not right:
+                continue
+            chain = Chain(so, weights, m, sms, tile_n)
+            for compute, what in modes.items():
+                for ring in RINGS[tile_n] if compute == 1 else RINGS[tile_n][:1]:
+                    p50, p99 = time_ms(functools.partial(chain.launch, x0_packed, *ring, compute=compute), iters)
+                    print(f"| stream-K, units {tile_n} x {chunk_k(tile_n)} | {what} | {ring[0]} x {ring[1]} | "
+                          f"{p50:.3f} ms | {p99:.3f} ms | {total / p50 / 1e9:.2f} |", flush=True)
+                    result["runs"].append({"tile_n": tile_n, "what": what, "ring": list(ring), "p50_ms": p50,
+                                           "p99_ms": p99})
+        # the cluster kernel: K split inside a cluster, partial sums met in distributed shared memory, bf16 out
+        cso = build_cluster(Path(tmp))
+        x0_bf16 = pack_activation_bf16(x0)
+        for split in CLUSTER_SPLITS:
+            for ring in CLUSTER_RINGS:
+                resident = cso.gemm_chain_cluster_ctas(split, *ring)
+                ctas = min(resident, sms) // split * split
+                clusters = ctas // split
+                if resident <= 0 or any(-(-n // 8 // clusters) > CLUSTER_MAX_TILES for _, n in gemms):
+                    print(f"cluster {split}, ring {ring}: {resident} CTAs resident, too few for the widest GEMM "
+                          f"(skipped)", flush=True)
+                    continue
+                right = True
+                for count in (1, 4, len(gemms)):
+                    chain = ClusterChain(cso, weights[:count], m, ctas, split)
+                    chain.launch(x0_bf16, *ring)
+                    torch.cuda.synchronize()
+                    want = reference_chain(weights[:count], x0)
+                    err = (chain.output() - want).abs().max().item() / want.abs().max().item()
+                    # the output is rounded to bf16 (half an ulp: 2^-9 of an element), besides the summation order
+                    tol = 4e-3 if count == 1 else 1e-2
+                    ok = err <= tol
+                    right &= ok
+                    print(f"check, cluster {split} ({ctas} CTAs), ring {ring}, {count} GEMM(s): max |err| / max |y| "
+                          f"= {err:.2e} (tolerance {tol:g}) {'ok' if ok else 'WRONG'}", flush=True)
+                    result["checks"].append({"cluster": split, "ring": list(ring), "ctas": ctas, "gemms": count,
+                                             "rel_err": err, "tolerance": tol, "ok": ok})
+                if not right:
+                    continue
+                chain = ClusterChain(cso, weights, m, ctas, split)
+                for compute, what in ((1, "cluster K split, DSMEM reduction, bf16 out"),
+                                      (0, "cluster kernel, no math (streaming only)")):
+                    p50, p99 = time_ms(functools.partial(chain.launch, x0_bf16, *ring, compute=compute), iters)
+                    print(f"| K / {split} in a cluster, {ctas} CTAs | {what} | {ring[0]} x {ring[1]} | {p50:.3f} ms | "
+                          f"{p99:.3f} ms | {total / p50 / 1e9:.2f} |", flush=True)
+                    result["runs"].append({"cluster": split, "ctas": ctas, "what": what, "ring": list(ring),
+                                           "p50_ms": p50, "p99_ms": p99})
+                if json_out:
+                    Path(json_out).write_text(json.dumps(result, indent=1))
     if json_out:
         Path(json_out).write_text(json.dumps(result, indent=1))
     return 0 if all(check["ok"] for check in result["checks"]) else 1

@@ -73,3 +73,29 @@ def test_reference_chain_feeds_each_gemm_the_first_k_columns_rounded_to_bf16() -
 def test_the_gemm_chain_kernel_compiles_for_hopper(tmp_path: Path) -> None:
     library = _tool().build(tmp_path)
     assert library.gemm_chain_launch.restype is ctypes.c_int
+
+
+@pytest.mark.parametrize(("m", "k", "n", "clusters", "split"),
+                         [(50, 256, 256, 3, 4), (50, 128, 512, 4, 2), (64, 512, 64, 2, 4), (3, 96, 40, 5, 2)])
+def test_cluster_packing_and_kernel_indexing_compose_into_the_gemm(m: int, k: int, n: int, clusters: int,
+                                                                    split: int) -> None:
+    """The cluster kernel (K split over 2 or 4 CTAs, partial sums met across the cluster): clusters of 10-11, 16,
+    4 and 1 n8 tiles (odd counts leave the second half-warp group one tile fewer; one tile leaves it none), K
+    shares of 1-4 chunks, M = 50, 64 and 3."""
+    tool = _tool()
+    gen = torch.Generator().manual_seed(2)
+    w = (torch.randn(n, k, generator=gen) / k**0.5).to(torch.bfloat16)
+    x = torch.randn(m, k, generator=gen)
+    packed_x = tool.pack_activation_bf16(x)
+    got = tool.emulate_cluster_gemm(tool.pack_weight_k_major(w).numpy(), packed_x.view(torch.int16).numpy(), m, k,
+                                    n, clusters, split)
+    want = (x.to(torch.bfloat16).double() @ w.double().t()).numpy()
+    # the kernel rounds its output to bf16: half an ulp, 2^-9 of each element, beside float64's summation order
+    np.testing.assert_allclose(got, want, rtol=2.0**-8, atol=1e-6 * np.abs(want).max())
+
+
+@pytest.mark.skipif(_tool().find_nvcc() is None, reason="needs nvcc (a CUDA toolkit)")
+def test_the_cluster_gemm_chain_kernel_compiles_for_hopper(tmp_path: Path) -> None:
+    library = _tool().build_cluster(tmp_path)
+    assert library.gemm_chain_cluster_launch.restype is ctypes.c_int
+    assert library.gemm_chain_cluster_ctas.restype is ctypes.c_int
