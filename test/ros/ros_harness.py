@@ -77,7 +77,8 @@ def publish_large_frames(segment_mib: int | None = None) -> Path:
 def node_environment(env: dict[str, str] | None = None) -> dict[str, str]:
     """The environment a node process starts with: this process's, less what publish_large_frames set for this
     process alone, plus `env`."""
-    base = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # PYTHONFAULTHANDLER: a node that hangs can be made to print every thread's stack (NodeProcess.dump_stacks)
+    base = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
     for name, before in _PEER_ONLY_ENV.items():
         if before is None:
             base.pop(name, None)
@@ -143,6 +144,17 @@ class NodeProcess:
     def alive(self) -> bool:
         return self.process.poll() is None
 
+    def dump_stacks(self) -> None:
+        """A node that will not end: SIGABRT, which Python's fault handler (on in node_environment) answers with
+        every thread's stack on stderr (merged into the output) before the process dies."""
+        if self.alive():
+            self.process.send_signal(signal.SIGABRT)
+            try:
+                self.process.wait(5.0)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+            self._reader.join(2.0)
+
     def wait(self, timeout: float) -> int:
         code = self.process.wait(timeout)
         self._reader.join(2.0)
@@ -152,7 +164,13 @@ class NodeProcess:
         """Send `sig`; (exit code, seconds until the process ended, as this process saw it)."""
         start = time.monotonic()
         self.process.send_signal(sig)
-        code = self.wait(timeout)
+        try:
+            code = self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            # still running: what it printed since (its last log lines, a stack dump) says where it hangs
+            self.dump_stacks()
+            raise AssertionError(f"the process did not end within {timeout} s of signal {sig}; its output:\n"
+                                 f"{self.output()[-6000:]}") from None
         return code, time.monotonic() - start
 
     def assert_stopped_within(self, sig: int, seconds: float) -> None:
