@@ -4,7 +4,7 @@ grid-wide wait between consecutive GEMMs. The GEMM half of issue 12's megakernel
 the rest (attention, norms, RoPE, GeGLU in the same kernel): if its GEMMs alone cost about what the six-kernel step
 costs whole, the megakernel has nothing to win at batch 1.
 
-    PYTHONPATH=. python3 tools/gemm_chain_gpu.py [--iters 50] [--json OUT.json]
+    PYTHONPATH=. python3 tools/gemm_chain_gpu.py [--iters 50] [--json OUT.json] [--variants 64,64f] [--no-cluster]
 
 Checks the kernel against torch first (one GEMM: float32 accumulation, 1e-5 of the output's scale; one layer and
 the whole chain: each A rounded to bf16 as the kernel does, so only the summation order differs, 1e-3), then times
@@ -42,7 +42,7 @@ SHARED_LIMIT = 227 * 1024
 CLUSTER_SOURCE = SOURCE.parent / "gemm_chain_cluster.cu"
 # the cluster kernel (gemm_chain_cluster.cu): K split over a cluster of 2 or 4 CTAs, its rings (weight stages of
 # 16 KiB x A stages of 32 KiB, beside 64 KiB of partial sums); a cluster owns at most 32 n8 tiles of a GEMM
-CLUSTER_SPLITS = (2, 4)
+CLUSTER_SPLITS = (2, 4)  # 4: on an H200 only 120 CTAs fit in clusters of 4, too few for gate_up's 1024 tiles
 CLUSTER_RINGS = ((6, 2), (4, 3), (8, 1))
 CLUSTER_MAX_TILES = 32
 # a lane's 8 bf16 of one n8 tile in a 32-deep chunk: b0, b1 of the first k16 step, then of the second; b0 holds K
@@ -264,7 +264,8 @@ def build(out_dir: Path) -> ctypes.CDLL:
     so.gemm_chain_launch.restype = ctypes.c_int
     so.gemm_chain_launch.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                                              ctypes.c_ulonglong, ctypes.c_int, ctypes.c_void_p,
-                                                             ctypes.c_uint] + [ctypes.c_int] * 5 + [ctypes.c_void_p]
+                                                             ctypes.c_uint] + [ctypes.c_int] * 5 + \
+        [ctypes.c_void_p] * 3
     return so
 
 
@@ -284,7 +285,9 @@ def build_cluster(out_dir: Path) -> ctypes.CDLL:
 class Chain:
     """The packed weights, shapes and buffers of one chain on the GPU, and its launches."""
 
-    def __init__(self, so: ctypes.CDLL, weights: list[torch.Tensor], m: int, ctas: int, tile_n: int) -> None:
+    def __init__(self, so: ctypes.CDLL, weights: list[torch.Tensor], m: int, ctas: int, tile_n: int,
+                 fine: bool = False) -> None:
+        """fine: per-n-tile counters instead of a grid-wide wait between GEMMs (each GEMM needs >= ctas units)."""
         dev = weights[0].device
         self.so, self.m, self.ctas, self.gemms, self.tile_n = so, m, ctas, len(weights), tile_n
         packed = [pack_weight(w, tile_n) for w in weights]
@@ -297,14 +300,24 @@ class Chain:
         self.y_floats = max(w.shape[0] for w in weights) // CHUNK * m * ROW_STRIDE
         self.y = torch.zeros(3 * self.y_floats, dtype=torch.float32, device=dev)
         self.counters = torch.zeros(self.gemms, dtype=torch.int32, device=dev)
+        self.tile_counters = self.tile_base = None
+        if fine:
+            tiles = [w.shape[0] // tile_n for w in weights]
+            assert all(t * (w.shape[1] // chunk_k(tile_n)) >= ctas for t, w in zip(tiles, weights, strict=True)), \
+                "too few units"
+            self.tile_counters = torch.zeros(sum(tiles), dtype=torch.int32, device=dev)
+            self.tile_base = torch.tensor(np.cumsum([0, *tiles[:-1]]), dtype=torch.int32, device=dev)
         self.epoch = 0
 
     def launch(self, x0_packed: torch.Tensor, weight_stages: int, act_stages: int, compute: int = 1) -> None:
         self.epoch += 1
+        fine = self.tile_counters is not None
         err = self.so.gemm_chain_launch(self.weights.data_ptr(), self.k.data_ptr(), self.n.data_ptr(),
                                         self.offsets.data_ptr(), self.gemms, x0_packed.data_ptr(), self.y.data_ptr(),
                                         self.y_floats, self.m, self.counters.data_ptr(), self.epoch, self.ctas,
                                         self.tile_n, weight_stages, act_stages, compute,
+                                        self.tile_counters.data_ptr() if fine else None,
+                                        self.tile_base.data_ptr() if fine else None,
                                         ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
         if err:
             raise SystemExit(f"launch failed: cudaError {err} (units {self.tile_n} wide, ring {weight_stages} x "
@@ -359,6 +372,17 @@ def random_weights(gemms: list[tuple[int, int]], dev: torch.device, seed: int = 
     return [(torch.randn(n, k, device=dev, generator=gen) / k ** 0.5).to(torch.bfloat16) for k, n in gemms]
 
 
+def chain_tolerance(count: int, chain_length: int, cublas_err: float) -> float:
+    """How far a chain of `count` GEMMs may land from the float32 reference. One GEMM differs only in summation
+    order (~1e-7 of the scale): 1e-5. Over a chain, wherever two sums differ in their last float32 bits an A element
+    can round to the neighbouring bf16 value (2^-8 of it), and the chain of random GEMMs carries and spreads those
+    flips: cuBLAS's own chain lands 1.65e-2 from the reference after 72 (H200, §79). So: twice what cuBLAS's chain
+    shows at the full length, and 5e-3 after a layer's 4 (measured 1.1e-3 for every kernel form)."""
+    if count == 1:
+        return 1e-5
+    return 5e-3 if count < chain_length else max(2 * cublas_err, 5e-3)
+
+
 def time_ms(fn, iters: int) -> tuple[float, float]:
     times = []
     for _ in range(iters + 3):
@@ -376,6 +400,10 @@ def time_ms(fn, iters: int) -> tuple[float, float]:
 def main() -> int:
     iters = int(sys.argv[sys.argv.index("--iters") + 1]) if "--iters" in sys.argv else 50
     json_out = sys.argv[sys.argv.index("--json") + 1] if "--json" in sys.argv else None
+    # stream-K forms: a unit width, "f" for per-n-tile waits instead of a grid-wide wait per GEMM
+    variants = (sys.argv[sys.argv.index("--variants") + 1].split(",") if "--variants" in sys.argv
+                else ["256", "128", "64", "64f", "128f"])
+    cluster = "--no-cluster" not in sys.argv
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
     sms, m = props.multi_processor_count, 50
@@ -416,43 +444,56 @@ def main() -> int:
         print(f"| - | cuBLAS chain (torch.mm bf16, CUDA graph of 72) | - | {p50:.3f} ms | {p99:.3f} ms | "
               f"{total / p50 / 1e9:.2f} |", flush=True)
         result["runs"].append({"what": "cuBLAS chain, CUDA graph", "ring": None, "p50_ms": p50, "p99_ms": p99})
-        err = (static_out[0].float() - reference_chain(weights, x0)).abs().max().item() / \
-            reference_chain(weights, x0).abs().max().item()
-        print(f"(cuBLAS chain against the same reference: {err:.2e}; its A is bf16 out of each GEMM)", flush=True)
+        want = reference_chain(weights, x0)
+        cublas_err = (static_out[0].float() - want).abs().max().item() / want.abs().max().item()
+        print(f"(cuBLAS chain against the same reference: {cublas_err:.2e}; its A is bf16 out of each GEMM)",
+              flush=True)
+        result["cublas_rel_err"] = cublas_err
         modes = {1: "mma + stream-K atomics", 2: "mma without the atomics (no result)",
                  0: "no math (streaming only)"}
-        for tile_n in TILES_N:
+        for variant in variants:
+            tile_n, fine = int(variant.rstrip("f")), variant.endswith("f")
+            form = f"stream-K, units {tile_n} x {chunk_k(tile_n)}" + (", per-tile waits" if fine else "")
             # correctness first, with the width's first ring: 1 GEMM, 1 layer, the whole chain
             right = True
             for count in (1, 4, len(gemms)):
-                chain = Chain(so, weights[:count], m, sms, tile_n)
+                chain = Chain(so, weights[:count], m, sms, tile_n, fine=fine and count > 1)
                 chain.launch(x0_packed, *RINGS[tile_n][0])
                 torch.cuda.synchronize()
                 want = reference_chain(weights[:count], x0)
                 err = (chain.output() - want).abs().max().item() / want.abs().max().item()
-                # one GEMM differs from torch's float32 only in summation order (~1e-6 of the scale); over more
-                # GEMMs an A element can round to the neighbouring bf16 value (2^-9 relative) where the sums differ
-                tol = 1e-5 if count == 1 else 1e-3
+                tol = chain_tolerance(count, len(gemms), cublas_err)
                 ok = err <= tol
                 right &= ok
-                print(f"check, units {tile_n} wide, {count} GEMM(s): max |err| / max |y| = {err:.2e} "
-                      f"(tolerance {tol:g}) {'ok' if ok else 'WRONG'}", flush=True)
-                result["checks"].append({"tile_n": tile_n, "gemms": count, "rel_err": err, "tolerance": tol,
-                                         "ok": ok})
+                print(f"check, {form}, {count} GEMM(s): max |err| / max |y| = {err:.2e} (tolerance {tol:g}) "
+                      f"{'ok' if ok else 'WRONG'}", flush=True)
+                result["checks"].append({"tile_n": tile_n, "fine": fine, "gemms": count, "rel_err": err,
+                                         "tolerance": tol, "ok": ok})
             if not right:
                 continue
-            chain = Chain(so, weights, m, sms, tile_n)
+            chain = Chain(so, weights, m, sms, tile_n, fine=fine)
             for compute, what in modes.items():
                 for ring in RINGS[tile_n] if compute == 1 else RINGS[tile_n][:1]:
                     p50, p99 = time_ms(functools.partial(chain.launch, x0_packed, *ring, compute=compute), iters)
-                    print(f"| stream-K, units {tile_n} x {chunk_k(tile_n)} | {what} | {ring[0]} x {ring[1]} | "
-                          f"{p50:.3f} ms | {p99:.3f} ms | {total / p50 / 1e9:.2f} |", flush=True)
-                    result["runs"].append({"tile_n": tile_n, "what": what, "ring": list(ring), "p50_ms": p50,
-                                           "p99_ms": p99})
+                    print(f"| {form} | {what} | {ring[0]} x {ring[1]} | {p50:.3f} ms | {p99:.3f} ms | "
+                          f"{total / p50 / 1e9:.2f} |", flush=True)
+                    result["runs"].append({"tile_n": tile_n, "fine": fine, "what": what, "ring": list(ring),
+                                           "p50_ms": p50, "p99_ms": p99})
+            # and the result of a launch after the timed ones (a race that shows only when launches follow
+            # each other would show here)
+            chain.launch(x0_packed, *RINGS[tile_n][0])
+            torch.cuda.synchronize()
+            err = (chain.output() - want).abs().max().item() / want.abs().max().item()
+            ok = err <= chain_tolerance(len(gemms), len(gemms), cublas_err)
+            print(f"check after the timed launches, {form}: {err:.2e} {'ok' if ok else 'WRONG'}", flush=True)
+            result["checks"].append({"tile_n": tile_n, "fine": fine, "gemms": len(gemms), "after_timing": True,
+                                     "rel_err": err, "ok": ok})
+            if json_out:
+                Path(json_out).write_text(json.dumps(result, indent=1))
         # the cluster kernel: K split inside a cluster, partial sums met in distributed shared memory, bf16 out
         cso = build_cluster(Path(tmp))
         x0_bf16 = pack_activation_bf16(x0)
-        for split in CLUSTER_SPLITS:
+        for split in CLUSTER_SPLITS if cluster else ():
             for ring in CLUSTER_RINGS:
                 resident = cso.gemm_chain_cluster_ctas(split, *ring)
                 ctas = min(resident, sms) // split * split
@@ -469,7 +510,7 @@ def main() -> int:
                     want = reference_chain(weights[:count], x0)
                     err = (chain.output() - want).abs().max().item() / want.abs().max().item()
                     # the output is rounded to bf16 (half an ulp: 2^-9 of an element), besides the summation order
-                    tol = 4e-3 if count == 1 else 1e-2
+                    tol = 4e-3 if count == 1 else chain_tolerance(count, len(gemms), cublas_err)
                     ok = err <= tol
                     right &= ok
                     print(f"check, cluster {split} ({ctas} CTAs), ring {ring}, {count} GEMM(s): max |err| / max |y| "

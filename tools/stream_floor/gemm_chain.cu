@@ -65,12 +65,21 @@ __device__ __forceinline__ void range_of(int units, int cta, int ctas, int* begi
   *end = static_cast<int>(static_cast<long long>(units) * (cta + 1) / ctas);
 }
 
+// How many CTAs add into n-tile `tile` of a GEMM of `units` units, `chunks` a tile (each flushes it once): the
+// owners of its first and last unit and every CTA between (with units >= ctas, none is without units).
+__device__ __forceinline__ uint32_t contributors(int tile, int chunks, int units, int ctas) {
+  auto owner = [&](long long u) { return static_cast<int>(((u + 1) * ctas + units - 1) / units - 1); };
+  return static_cast<uint32_t>(owner(static_cast<long long>(tile + 1) * chunks - 1) -
+                               owner(static_cast<long long>(tile) * chunks) + 1);
+}
+
 template <int TN>
 __global__ void __launch_bounds__(kThreads, 1)
     chain_kernel(const uint8_t* __restrict__ weights, const int* __restrict__ gemm_k, const int* __restrict__ gemm_n,
                  const uint64_t* __restrict__ weight_offset, int gemms, const float* __restrict__ x0,
                  float* __restrict__ y, uint64_t y_buffer_floats, int m, uint32_t* __restrict__ counters,
-                 uint32_t epoch, int weight_stages, int act_stages, int compute) {
+                 uint32_t epoch, int weight_stages, int act_stages, int compute,
+                 uint32_t* __restrict__ tile_counters, const int* __restrict__ tile_base) {
   constexpr int kChunkK = kUnitBytes / 2 / TN;       // a unit's K
   constexpr int kChunksPerUnit = kChunkK / kChunk;   // activation chunks a unit takes (adjacent: one copy)
   constexpr int kTiles = TN / 16;                    // n8 tiles per consumer warp
@@ -126,9 +135,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int g = 0; g < gemms; ++g) {
         const float* a = x0;
         if (g > 0) {  // A is GEMM g - 1's output: copied once every CTA has added its part and arrived
-          wait_for_count(&counters[g - 1], target);
-          // the other SMs wrote Y with generic atomics; these copies read it through the async proxy
-          asm volatile("fence.proxy.async.global;" ::: "memory");
+          if (!tile_counters) {
+            wait_for_count(&counters[g - 1], target);
+            // the other SMs wrote Y with generic atomics; these copies read it through the async proxy
+            asm volatile("fence.proxy.async.global;" ::: "memory");
+          }
           a = y + static_cast<uint64_t>((g - 1) % 3) * y_buffer_floats;
         }
         const int chunks = gemm_k[g] / kChunkK;
@@ -138,6 +149,16 @@ __global__ void __launch_bounds__(kThreads, 1)
           const int s = static_cast<int>(piece % act_stages);
           const uint32_t round = piece / act_stages;
           if (round > 0) mbar_wait(smem_addr(&act_bars[act_stages + s]), (round - 1) & 1);
+          if (tile_counters && g > 0) {
+            // fine-grained: only the n-tiles of GEMM g - 1 that hold this unit's K columns, each complete once
+            // every CTA adding into it has flushed
+            const int prev_chunks = gemm_k[g - 1] / kChunkK, prev_units = units_of(gemm_k[g - 1], gemm_n[g - 1]);
+            const int col = (u % chunks) * kChunkK;
+            for (int tile = col / TN; tile <= (col + kChunkK - 1) / TN; ++tile)
+              wait_for_count(&tile_counters[tile_base[g - 1] + tile],
+                             epoch * contributors(tile, prev_chunks, prev_units, ctas));
+            asm volatile("fence.proxy.async.global;" ::: "memory");
+          }
           const uint32_t full = smem_addr(&act_bars[s]);
           mbar_expect_bytes(full, slot_bytes);
           bulk_copy(smem_addr(act_ring + static_cast<size_t>(s) * slot_bytes),
@@ -161,6 +182,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     int u0, u1;
     range_of(units_of(gemm_k[g], gemm_n[g]), cta, ctas, &u0, &u1);
     float* out = y + static_cast<uint64_t>(g % 3) * y_buffer_floats;
+    bool flushed = false;
     float acc[kTiles][4];
 #pragma unroll
     for (int j = 0; j < kTiles; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
@@ -201,6 +223,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         mbar_arrive(smem_addr(&act_bars[act_stages + as]));
       }
       const bool tile_ends = u % chunks == chunks - 1 || u + 1 == u1;
+      if (tile_counters && tile_ends && g > 0 && !flushed) {
+        // fine-grained: Y_g's buffer was zeroed by every CTA during GEMM g - 1 (and Y_{g-2}, which this CTA zeroes
+        // after its flushes, read by all): wait for all of GEMM g - 1 before the first atomics of GEMM g
+        if (t == 0) wait_for_count(&counters[g - 1], target);
+        consumers_sync(consumer_threads);
+      }
       if (compute == 1 && tile_ends) {  // this CTA's part of the n-tile: added into Y_g
         const int tile_col = (u / chunks) * TN + col0;
 #pragma unroll
@@ -212,6 +240,14 @@ __global__ void __launch_bounds__(kThreads, 1)
           if (rows_hi) atomicAdd(reinterpret_cast<float2*>(at + 8 * kRowStride), make_float2(acc[j][2], acc[j][3]));
           acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
         }
+      }
+      if (tile_counters && tile_ends) {  // the n-tile's part from this CTA is in: its counter says so
+        consumers_sync(consumer_threads);
+        if (t == 0) {
+          __threadfence();
+          atomicAdd(&tile_counters[tile_base[g] + u / chunks], 1u);
+        }
+        flushed = true;
       }
     }
     if (g + 1 < gemms) {
@@ -237,17 +273,22 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 }  // namespace
 
-// Returns a cudaError_t (0: launched). tile_n: 64, 128 or 256 (the weights packed for it). y: three buffers of y_buffer_floats each, the first zeroed here (GEMM 0's
-// output); the last GEMM's output is in buffer (gemms - 1) % 3. counters: `gemms` uint32, zero before the first
-// epoch (1, 2, ...). compute 0 streams the same bytes with no mma and no atomics; 2 does the mma but not the
-// atomics (Y stays zero: a timing of the reduction's share, not a result).
+// Returns a cudaError_t (0: launched). tile_n: 64, 128 or 256 (the weights packed for it). y: three buffers of
+// y_buffer_floats each, the first zeroed here (GEMM 0's output); the last GEMM's output is in buffer
+// (gemms - 1) % 3. counters: `gemms` uint32, zero before the first epoch (1, 2, ...). tile_counters (or null: a
+// grid-wide wait per GEMM): one uint32 per n-tile of every GEMM, GEMM g's from tile_base[g], zero before the first
+// epoch; with them a CTA copies each A chunk as soon as the n-tiles of the GEMM before that hold it are complete
+// (every GEMM needs at least as many units as there are CTAs), and waits for the whole GEMM before only at its
+// first flush. compute 0 streams the same bytes with no mma and no atomics; 2 does the mma but not the atomics (Y
+// stays zero: a timing of the reduction's share, not a result).
 extern "C" int gemm_chain_launch(const void* weights, const void* gemm_k, const void* gemm_n, const void* weight_offset,
                                  int gemms, const void* x0, void* y, unsigned long long y_buffer_floats, int m,
                                  void* counters, unsigned epoch, int ctas, int tile_n, int weight_stages,
-                                 int act_stages, int compute, void* stream) {
+                                 int act_stages, int compute, void* tile_counters, const void* tile_base,
+                                 void* stream) {
   if (m < 1 || m > kRows || weight_stages < 1 || act_stages < 1) return static_cast<int>(cudaErrorInvalidValue);
   void (*kernel)(const uint8_t*, const int*, const int*, const uint64_t*, int, const float*, float*, uint64_t, int,
-                 uint32_t*, uint32_t, int, int, int) = nullptr;
+                 uint32_t*, uint32_t, int, int, int, uint32_t*, const int*) = nullptr;
   if (tile_n == 64) kernel = chain_kernel<64>;
   if (tile_n == 128) kernel = chain_kernel<128>;
   if (tile_n == 256) kernel = chain_kernel<256>;
@@ -262,6 +303,7 @@ extern "C" int gemm_chain_launch(const void* weights, const void* gemm_k, const 
   kernel<<<ctas, kThreads, shared, s>>>(
       static_cast<const uint8_t*>(weights), static_cast<const int*>(gemm_k), static_cast<const int*>(gemm_n),
       static_cast<const uint64_t*>(weight_offset), gemms, static_cast<const float*>(x0), static_cast<float*>(y),
-      y_buffer_floats, m, static_cast<uint32_t*>(counters), epoch, weight_stages, act_stages, compute);
+      y_buffer_floats, m, static_cast<uint32_t*>(counters), epoch, weight_stages, act_stages, compute,
+      static_cast<uint32_t*>(tile_counters), static_cast<const int*>(tile_base));
   return static_cast<int>(cudaGetLastError());
 }
