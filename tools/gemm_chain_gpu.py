@@ -35,7 +35,8 @@ from pi05_ros.engine.config import PRESETS  # noqa: E402
 
 SOURCE = Path(__file__).resolve().parent / "stream_floor" / "gemm_chain.cu"
 UNIT_BYTES, CHUNK, ROW_STRIDE, MAX_ROWS = 16384, 32, 40, 64  # the kernel's kUnitBytes, kChunk, kRowStride, kRows
-TILES_N = (256, 128, 64)  # a unit's columns (its K: 8192 / that)
+# the stream-K forms timed by default: a unit's columns (its K: 8192 / that), "f" with per-n-tile waits
+DEFAULT_VARIANTS = ("256", "128", "64", "64f", "128f")
 # weight stages (16 KiB) x A stages (8000 B per 32 of K at M = 50) per unit width, within 227 KiB of shared memory
 RINGS = {256: ((8, 6), (12, 4), (4, 4)), 128: ((8, 4), (6, 6)), 64: ((6, 3), (4, 4))}
 SHARED_LIMIT = 227 * 1024
@@ -400,9 +401,8 @@ def time_ms(fn, iters: int) -> tuple[float, float]:
 def main() -> int:
     iters = int(sys.argv[sys.argv.index("--iters") + 1]) if "--iters" in sys.argv else 50
     json_out = sys.argv[sys.argv.index("--json") + 1] if "--json" in sys.argv else None
-    # stream-K forms: a unit width, "f" for per-n-tile waits instead of a grid-wide wait per GEMM
     variants = (sys.argv[sys.argv.index("--variants") + 1].split(",") if "--variants" in sys.argv
-                else ["256", "128", "64", "64f", "128f"])
+                else list(DEFAULT_VARIANTS))
     cluster = "--no-cluster" not in sys.argv
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
