@@ -51,14 +51,6 @@ __device__ __forceinline__ uint32_t pack_bf16(float2 v) {
   return *reinterpret_cast<const uint32_t*>(&h);
 }
 
-__device__ __forceinline__ void mma_bf16(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // The CTA's contiguous range of a GEMM's units.
 __device__ __forceinline__ void range_of(int units, int cta, int ctas, int* begin, int* end) {
   *begin = static_cast<int>(static_cast<long long>(units) * cta / ctas);
@@ -116,9 +108,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         int u0, u1;
         range_of(units_of(gemm_k[g], gemm_n[g]), cta, ctas, &u0, &u1);
         for (int u = u0; u < u1; ++u, ++piece) {
-          const int s = static_cast<int>(piece % weight_stages);
-          const uint32_t round = piece / weight_stages;
-          if (round > 0) mbar_wait(smem_addr(&bars[weight_stages + s]), (round - 1) & 1);
+          const int s = claim_slot(&bars[weight_stages], weight_stages, piece);
           const uint32_t full = smem_addr(&bars[s]);
           mbar_expect_bytes(full, kUnitBytes);
           bulk_copy(smem_addr(weight_ring + static_cast<size_t>(s) * kUnitBytes),
@@ -146,9 +136,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         int u0, u1;
         range_of(units_of(gemm_k[g], gemm_n[g]), cta, ctas, &u0, &u1);
         for (int u = u0; u < u1; ++u, ++piece) {
-          const int s = static_cast<int>(piece % act_stages);
-          const uint32_t round = piece / act_stages;
-          if (round > 0) mbar_wait(smem_addr(&act_bars[act_stages + s]), (round - 1) & 1);
+          const int s = claim_slot(&act_bars[act_stages], act_stages, piece);
           if (tile_counters && g > 0) {
             // fine-grained: only the n-tiles of GEMM g - 1 that hold this unit's K columns, each complete once
             // every CTA adding into it has flushed
@@ -187,9 +175,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int j = 0; j < kTiles; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
     for (int u = u0; u < u1; ++u, ++piece) {
-      const int ws = static_cast<int>(piece % weight_stages), as = static_cast<int>(piece % act_stages);
-      mbar_wait(smem_addr(&bars[ws]), (piece / weight_stages) & 1);
-      mbar_wait(smem_addr(&act_bars[as]), (piece / act_stages) & 1);
+      const int ws = wait_slot(bars, weight_stages, piece), as = wait_slot(act_bars, act_stages, piece);
       if (compute) {
         const float* slot = reinterpret_cast<const float*>(act_ring + static_cast<size_t>(as) * slot_bytes);
         const uint4* b = reinterpret_cast<const uint4*>(weight_ring + static_cast<size_t>(ws) * kUnitBytes) +

@@ -44,14 +44,6 @@ __host__ __device__ inline int shared_bytes(int weight_stages, int act_stages) {
          kPartialBytes;
 }
 
-__device__ __forceinline__ void mma_bf16(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // What a CTA does of GEMM g: its cluster's tiles [t0, t1), its K chunks [c0, c1), and how many chunks a stage takes.
 struct Share {
   int t0, t1, c0, c1, per_stage;
@@ -114,9 +106,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const Share sh = share_of(gemm_k[g], gemm_n[g], m, cluster, clusters, rank, C);
         const int tiles_n = gemm_n[g] / 8;
         for (int c = sh.c0; c < sh.c1; c += sh.per_stage, ++piece) {
-          const int s = static_cast<int>(piece % weight_stages);
-          const uint32_t round = piece / weight_stages;
-          if (round > 0) mbar_wait(smem_addr(&bars[weight_stages + s]), (round - 1) & 1);
+          const int s = claim_slot(&bars[weight_stages], weight_stages, piece);
           const int n_chunks = min(sh.per_stage, sh.c1 - c);
           const uint32_t run = static_cast<uint32_t>(sh.tiles()) * kTileBytes;
           const uint32_t full = smem_addr(&bars[s]);
@@ -143,9 +133,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         const Share sh = share_of(gemm_k[g], gemm_n[g], m, cluster, clusters, rank, C);
         for (int c = sh.c0; c < sh.c1; c += sh.per_stage, ++piece) {
-          const int s = static_cast<int>(piece % act_stages);
-          const uint32_t round = piece / act_stages;
-          if (round > 0) mbar_wait(smem_addr(&act_bars[act_stages + s]), (round - 1) & 1);
+          const int s = claim_slot(&act_bars[act_stages], act_stages, piece);
           const uint32_t bytes = static_cast<uint32_t>(min(sh.per_stage, sh.c1 - c) * chunk_halves * 2);
           const uint32_t full = smem_addr(&act_bars[s]);
           mbar_expect_bytes(full, bytes);
@@ -173,9 +161,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int j = 0; j < kMaxTiles / 2; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
     for (int c = sh.c0; c < sh.c1; c += sh.per_stage, ++piece) {
-      const int ws = static_cast<int>(piece % weight_stages), as = static_cast<int>(piece % act_stages);
-      mbar_wait(smem_addr(&bars[ws]), (piece / weight_stages) & 1);
-      mbar_wait(smem_addr(&act_bars[as]), (piece / act_stages) & 1);
+      const int ws = wait_slot(bars, weight_stages, piece), as = wait_slot(act_bars, act_stages, piece);
       if (compute) {
         const int n_chunks = min(sh.per_stage, sh.c1 - c);
         const uint32_t* a_slot = reinterpret_cast<const uint32_t*>(act_ring + static_cast<size_t>(as) * kActSlotBytes);

@@ -1,6 +1,7 @@
-// Hopper shared-memory rings for the persistent-kernel tools (stream_floor.cu, gemm_chain.cu): mbarriers, 1-D bulk
-// copies (cp.async.bulk, TMA without a tensor map) completing on them, acquire loads of the grid's counters, and a
-// spin limit that traps instead of hanging a device call.
+// Hopper shared-memory rings for the persistent-kernel tools (stream_floor.cu, gemm_chain.cu, gemm_chain_cluster.cu):
+// mbarriers, 1-D bulk copies (cp.async.bulk, TMA without a tensor map) completing on them, a ring's slot claimed by
+// its producer and awaited by its consumers, acquire loads of the grid's counters, a spin limit that traps instead
+// of hanging a device call, thread-block cluster helpers, and the bf16 mma the GEMM tools compute with.
 #pragma once
 
 #include <cstdint>
@@ -56,6 +57,22 @@ __device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_
       "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
       "l"(src), "r"(bytes), "r"(bar)
       : "memory");
+}
+
+// A ring of `stages` slots with a "full" and an "empty" mbarrier each, pieces numbered from 0 in issue order.
+// The producer's slot for `piece`: once the consumers gave back what it held `stages` pieces before.
+__device__ __forceinline__ int claim_slot(const uint64_t* empty, int stages, uint64_t piece) {
+  const int s = static_cast<int>(piece % stages);
+  const uint64_t round = piece / stages;
+  if (round > 0) mbar_wait(smem_addr(&empty[s]), static_cast<uint32_t>((round - 1) & 1));
+  return s;
+}
+
+// The consumers' slot for `piece`: once its bytes have arrived.
+__device__ __forceinline__ int wait_slot(const uint64_t* full, int stages, uint64_t piece) {
+  const int s = static_cast<int>(piece % stages);
+  mbar_wait(smem_addr(&full[s]), static_cast<uint32_t>((piece / stages) & 1));
+  return s;
 }
 
 __device__ __forceinline__ uint32_t load_acquire(const uint32_t* p) {
@@ -116,6 +133,16 @@ __device__ __forceinline__ float2 load_remote_float2(uint32_t cluster_addr) {
   float2 v;
   asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(cluster_addr) : "memory");
   return v;
+}
+
+// D += A B on the tensor cores, m16n8k16, bf16 in, float32 accumulate: a[4] and b0, b1 the lanes' fragments as the
+// PTX ISA lays them out (the host tools pack the weights in that order).
+__device__ __forceinline__ void mma_bf16(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 }  // namespace hopper

@@ -89,9 +89,7 @@ __global__ void stream_kernel(const uint8_t* __restrict__ weights, const uint64_
         uint64_t begin, end;
         slice_of(seg_size[g], cta, ctas, &begin, &end);
         for (uint64_t at = begin; at < end; at += stage_bytes, ++piece) {
-          const int s = static_cast<int>(piece % stages);
-          const uint32_t round = static_cast<uint32_t>(piece / stages);
-          if (round > 0) mbar_wait(smem_addr(&bars[stages + s]), (round - 1) & 1);
+          const int s = claim_slot(&bars[stages], stages, piece);
           const uint32_t bytes = static_cast<uint32_t>(end - at < static_cast<uint64_t>(stage_bytes) ? end - at
                                                                                                      : stage_bytes);
           const uint32_t full = smem_addr(&bars[s]);
@@ -116,9 +114,7 @@ __global__ void stream_kernel(const uint8_t* __restrict__ weights, const uint64_
         }
         const uint8_t* src = act + static_cast<uint64_t>(cta % act_split) * act_bytes[g];
         for (uint64_t at = 0; at < act_bytes[g]; at += kActStageBytes, ++piece) {
-          const int s = static_cast<int>(piece % kActStages);
-          const uint32_t round = static_cast<uint32_t>(piece / kActStages);
-          if (round > 0) mbar_wait(smem_addr(&act_bars[kActStages + s]), (round - 1) & 1);
+          const int s = claim_slot(&act_bars[kActStages], kActStages, piece);
           const uint32_t bytes = static_cast<uint32_t>(
               act_bytes[g] - at < static_cast<uint64_t>(kActStageBytes) ? act_bytes[g] - at : kActStageBytes);
           const uint32_t full = smem_addr(&act_bars[s]);
@@ -136,8 +132,7 @@ __global__ void stream_kernel(const uint8_t* __restrict__ weights, const uint64_
   uint64_t piece = 0, act_piece = 0;
   // one piece of A from its ring, folded into `other`, its stage given back
   auto take_act_piece = [&](uint64_t bytes_left) {
-    const int s = static_cast<int>(act_piece % kActStages);
-    mbar_wait(smem_addr(&act_bars[s]), static_cast<uint32_t>(act_piece / kActStages) & 1);
+    const int s = wait_slot(act_bars, kActStages, act_piece);
     const int bytes = static_cast<int>(bytes_left < static_cast<uint64_t>(kActStageBytes) ? bytes_left
                                                                                           : kActStageBytes);
     const uint4* words = reinterpret_cast<const uint4*>(act_ring + static_cast<size_t>(s) * kActStageBytes);
@@ -169,9 +164,7 @@ __global__ void stream_kernel(const uint8_t* __restrict__ weights, const uint64_
     for (uint64_t at = begin, j = 0; at < end; at += stage_bytes, ++piece, ++j) {
       for (; act_taken < n_act && act_taken * n_weights < (j + 1) * n_act; ++act_taken)
         take_act_piece(act_bytes[g] - act_taken * kActStageBytes);
-      const int s = static_cast<int>(piece % stages);
-      const uint32_t round = static_cast<uint32_t>(piece / stages);
-      mbar_wait(smem_addr(&bars[s]), round & 1);
+      const int s = wait_slot(bars, stages, piece);
       const int bytes = static_cast<int>(end - at < static_cast<uint64_t>(stage_bytes) ? end - at : stage_bytes);
       const uint4* words = reinterpret_cast<const uint4*>(ring + static_cast<size_t>(s) * stage_bytes);
       for (int i = t; i < bytes / 16; i += consumer_threads) {
