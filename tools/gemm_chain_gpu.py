@@ -29,9 +29,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from stream_floor_gpu import find_nvcc  # noqa: E402
+from stream_floor_gpu import find_nvcc, time_ms  # noqa: E402
 
 from pi05_ros.engine.config import PRESETS  # noqa: E402
+from pi05_ros.engine.fast.pipeline import _Graph  # noqa: E402  (a CUDA graph warmed up on a side stream)
 
 SOURCE = Path(__file__).resolve().parent / "stream_floor" / "gemm_chain.cu"
 UNIT_BYTES, CHUNK, ROW_STRIDE, MAX_ROWS = 16384, 32, 40, 64  # the kernel's kUnitBytes, kChunk, kRowStride, kRows
@@ -283,39 +284,54 @@ def build_cluster(out_dir: Path) -> ctypes.CDLL:
     return so
 
 
-class Chain:
-    """The packed weights, shapes and buffers of one chain on the GPU, and its launches."""
+class _PackedChain:
+    """What both kernels' chains hold on the GPU: the packed weights one after another, each GEMM's K, N and byte
+    offset, `buffers` output buffers of the chunk layout in `dtype`, the grid's counters, and the launch epoch."""
 
-    def __init__(self, so: ctypes.CDLL, weights: list[torch.Tensor], m: int, ctas: int, tile_n: int,
-                 fine: bool = False) -> None:
-        """fine: per-n-tile counters instead of a grid-wide wait between GEMMs (each GEMM needs >= ctas units)."""
+    def __init__(self, packed: list[torch.Tensor], weights: list[torch.Tensor], m: int, ctas: int, buffers: int,
+                 dtype: torch.dtype) -> None:
         dev = weights[0].device
-        self.so, self.m, self.ctas, self.gemms, self.tile_n = so, m, ctas, len(weights), tile_n
-        packed = [pack_weight(w, tile_n) for w in weights]
+        self.m, self.ctas, self.gemms, self.buffers = m, ctas, len(weights), buffers
         self.weights = torch.cat(packed)
         self.offsets = torch.tensor(np.cumsum([0, *[p.numel() for p in packed[:-1]]]), dtype=torch.int64,
                                     device=dev)
         self.k = torch.tensor([w.shape[1] for w in weights], dtype=torch.int32, device=dev)
         self.n = torch.tensor([w.shape[0] for w in weights], dtype=torch.int32, device=dev)
         self.n_last = weights[-1].shape[0]
-        self.y_floats = max(w.shape[0] for w in weights) // CHUNK * m * ROW_STRIDE
-        self.y = torch.zeros(3 * self.y_floats, dtype=torch.float32, device=dev)
+        self.y_elements = max(w.shape[0] for w in weights) // CHUNK * m * ROW_STRIDE  # one buffer's
+        self.y = torch.zeros(buffers * self.y_elements, dtype=dtype, device=dev)
         self.counters = torch.zeros(self.gemms, dtype=torch.int32, device=dev)
+        self.epoch = 0
+
+    def output(self) -> torch.Tensor:
+        """The last GEMM's output, [M, N] in float32."""
+        last = (self.gemms - 1) % self.buffers
+        return unpack_activation(self.y[last * self.y_elements:(last + 1) * self.y_elements], self.m,
+                                 self.n_last).float()
+
+
+class Chain(_PackedChain):
+    """The stream-K kernel's chain: float32 outputs in three rotating buffers."""
+
+    def __init__(self, so: ctypes.CDLL, weights: list[torch.Tensor], m: int, ctas: int, tile_n: int,
+                 fine: bool = False) -> None:
+        """fine: per-n-tile counters instead of a grid-wide wait between GEMMs (each GEMM needs >= ctas units)."""
+        super().__init__([pack_weight(w, tile_n) for w in weights], weights, m, ctas, 3, torch.float32)
+        self.so, self.tile_n = so, tile_n
         self.tile_counters = self.tile_base = None
         if fine:
             tiles = [w.shape[0] // tile_n for w in weights]
             assert all(t * (w.shape[1] // chunk_k(tile_n)) >= ctas for t, w in zip(tiles, weights, strict=True)), \
                 "too few units"
-            self.tile_counters = torch.zeros(sum(tiles), dtype=torch.int32, device=dev)
-            self.tile_base = torch.tensor(np.cumsum([0, *tiles[:-1]]), dtype=torch.int32, device=dev)
-        self.epoch = 0
+            self.tile_counters = torch.zeros(sum(tiles), dtype=torch.int32, device=self.y.device)
+            self.tile_base = torch.tensor(np.cumsum([0, *tiles[:-1]]), dtype=torch.int32, device=self.y.device)
 
     def launch(self, x0_packed: torch.Tensor, weight_stages: int, act_stages: int, compute: int = 1) -> None:
         self.epoch += 1
         fine = self.tile_counters is not None
         err = self.so.gemm_chain_launch(self.weights.data_ptr(), self.k.data_ptr(), self.n.data_ptr(),
                                         self.offsets.data_ptr(), self.gemms, x0_packed.data_ptr(), self.y.data_ptr(),
-                                        self.y_floats, self.m, self.counters.data_ptr(), self.epoch, self.ctas,
+                                        self.y_elements, self.m, self.counters.data_ptr(), self.epoch, self.ctas,
                                         self.tile_n, weight_stages, act_stages, compute,
                                         self.tile_counters.data_ptr() if fine else None,
                                         self.tile_base.data_ptr() if fine else None,
@@ -324,47 +340,28 @@ class Chain:
             raise SystemExit(f"launch failed: cudaError {err} (units {self.tile_n} wide, ring {weight_stages} x "
                              f"{act_stages}, compute {compute})")
 
-    def output(self) -> torch.Tensor:
-        last = (self.gemms - 1) % 3
-        return unpack_activation(self.y[last * self.y_floats:(last + 1) * self.y_floats], self.m, self.n_last)
 
-
-class ClusterChain:
-    """The cluster kernel's packed weights, bf16 buffers and launches for one chain."""
+class ClusterChain(_PackedChain):
+    """The cluster kernel's chain: bf16 outputs in two buffers."""
 
     def __init__(self, so: ctypes.CDLL, weights: list[torch.Tensor], m: int, ctas: int, split: int) -> None:
-        dev = weights[0].device
         clusters = ctas // split
         for w in weights:
             assert -(-w.shape[0] // 8 // clusters) <= CLUSTER_MAX_TILES and w.shape[0] // 8 >= clusters, \
                 (w.shape, clusters)
-        self.so, self.m, self.ctas, self.split, self.gemms = so, m, ctas, split, len(weights)
-        packed = [pack_weight_k_major(w) for w in weights]
-        self.weights = torch.cat(packed)
-        self.offsets = torch.tensor(np.cumsum([0, *[p.numel() for p in packed[:-1]]]), dtype=torch.int64,
-                                    device=dev)
-        self.k = torch.tensor([w.shape[1] for w in weights], dtype=torch.int32, device=dev)
-        self.n = torch.tensor([w.shape[0] for w in weights], dtype=torch.int32, device=dev)
-        self.n_last = weights[-1].shape[0]
-        self.y_halves = max(w.shape[0] for w in weights) // CHUNK * m * ROW_STRIDE
-        self.y = torch.zeros(2 * self.y_halves, dtype=torch.bfloat16, device=dev)
-        self.counters = torch.zeros(self.gemms, dtype=torch.int32, device=dev)
-        self.epoch = 0
+        super().__init__([pack_weight_k_major(w) for w in weights], weights, m, ctas, 2, torch.bfloat16)
+        self.so, self.split = so, split
 
     def launch(self, x0_packed: torch.Tensor, weight_stages: int, act_stages: int, compute: int = 1) -> None:
         self.epoch += 1
         err = self.so.gemm_chain_cluster_launch(
             self.weights.data_ptr(), self.k.data_ptr(), self.n.data_ptr(), self.offsets.data_ptr(), self.gemms,
-            x0_packed.data_ptr(), self.y.data_ptr(), self.y_halves, self.m, self.counters.data_ptr(), self.epoch,
+            x0_packed.data_ptr(), self.y.data_ptr(), self.y_elements, self.m, self.counters.data_ptr(), self.epoch,
             self.ctas, self.split, weight_stages, act_stages, compute,
             ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
         if err:
             raise SystemExit(f"cluster launch failed: cudaError {err} (split {self.split}, ring {weight_stages} x "
                              f"{act_stages}, compute {compute})")
-
-    def output(self) -> torch.Tensor:
-        last = (self.gemms - 1) % 2
-        return unpack_activation(self.y[last * self.y_halves:(last + 1) * self.y_halves], self.m, self.n_last).float()
 
 
 def random_weights(gemms: list[tuple[int, int]], dev: torch.device, seed: int = 0) -> list[torch.Tensor]:
@@ -384,18 +381,33 @@ def chain_tolerance(count: int, chain_length: int, cublas_err: float) -> float:
     return 5e-3 if count < chain_length else max(2 * cublas_err, 5e-3)
 
 
-def time_ms(fn, iters: int) -> tuple[float, float]:
-    times = []
-    for _ in range(iters + 3):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(200_000)  # the GPU busy while the launch is queued: the kernel's time, not the host's
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    t = np.array(times[3:])
-    return float(np.median(t)), float(np.percentile(t, 99))
+def check_chain(make_chain, x0_packed: torch.Tensor, ring: tuple[int, int], tolerances: dict[int, float],
+                weights: list[torch.Tensor], x0: torch.Tensor, label: str, facts: dict, result: dict) -> bool:
+    """One launch of `make_chain(count)` for each count of GEMMs in `tolerances`, its output against the float32
+    reference; each check printed and recorded with `facts`. True when all are within their tolerance."""
+    right = True
+    for count, tol in tolerances.items():
+        chain = make_chain(count)
+        chain.launch(x0_packed, *ring)
+        torch.cuda.synchronize()
+        want = reference_chain(weights[:count], x0)
+        err = (chain.output() - want).abs().max().item() / want.abs().max().item()
+        ok = err <= tol
+        right &= ok
+        print(f"check, {label}, {count} GEMM(s): max |err| / max |y| = {err:.2e} (tolerance {tol:g}) "
+              f"{'ok' if ok else 'WRONG'}", flush=True)
+        result["checks"].append({**facts, "gemms": count, "rel_err": err, "tolerance": tol, "ok": ok})
+    return right
+
+
+def time_row(fn, iters: int, form: str, what: str, ring: tuple[int, int] | None, total: int, facts: dict,
+             result: dict) -> None:
+    """Times `fn` (one step), prints the table row and records it with `facts`."""
+    p50, p99 = time_ms(fn, iters)
+    rings = f"{ring[0]} x {ring[1]}" if ring else "-"
+    print(f"| {form} | {what} | {rings} | {p50:.3f} ms | {p99:.3f} ms | {total / p50 / 1e9:.2f} |", flush=True)
+    result["runs"].append({**facts, "what": what, "ring": list(ring) if ring else None, "p50_ms": p50,
+                           "p99_ms": p99})
 
 
 def main() -> int:
@@ -431,19 +443,8 @@ def main() -> int:
                 y = torch.mm(y[:, : w.shape[1]], w.t())
             static_out[:] = [y]
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                torch_chain()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            torch_chain()
-        p50, p99 = time_ms(graph.replay, iters)
-        print(f"| - | cuBLAS chain (torch.mm bf16, CUDA graph of 72) | - | {p50:.3f} ms | {p99:.3f} ms | "
-              f"{total / p50 / 1e9:.2f} |", flush=True)
-        result["runs"].append({"what": "cuBLAS chain, CUDA graph", "ring": None, "p50_ms": p50, "p99_ms": p99})
+        time_row(_Graph(torch_chain, None).replay, iters, "-", "cuBLAS chain (torch.mm bf16, CUDA graph of 72)",
+                 None, total, {}, result)
         want = reference_chain(weights, x0)
         cublas_err = (static_out[0].float() - want).abs().max().item() / want.abs().max().item()
         print(f"(cuBLAS chain against the same reference: {cublas_err:.2e}; its A is bf16 out of each GEMM)",
@@ -451,43 +452,26 @@ def main() -> int:
         result["cublas_rel_err"] = cublas_err
         modes = {1: "mma + stream-K atomics", 2: "mma without the atomics (no result)",
                  0: "no math (streaming only)"}
+        layer, whole = 4, len(gemms)
         for variant in variants:
             tile_n, fine = int(variant.rstrip("f")), variant.endswith("f")
             form = f"stream-K, units {tile_n} x {chunk_k(tile_n)}" + (", per-tile waits" if fine else "")
+            facts = {"tile_n": tile_n, "fine": fine}
+            tolerances = {count: chain_tolerance(count, whole, cublas_err) for count in (1, layer, whole)}
             # correctness first, with the width's first ring: 1 GEMM, 1 layer, the whole chain
-            right = True
-            for count in (1, 4, len(gemms)):
-                chain = Chain(so, weights[:count], m, sms, tile_n, fine=fine and count > 1)
-                chain.launch(x0_packed, *RINGS[tile_n][0])
-                torch.cuda.synchronize()
-                want = reference_chain(weights[:count], x0)
-                err = (chain.output() - want).abs().max().item() / want.abs().max().item()
-                tol = chain_tolerance(count, len(gemms), cublas_err)
-                ok = err <= tol
-                right &= ok
-                print(f"check, {form}, {count} GEMM(s): max |err| / max |y| = {err:.2e} (tolerance {tol:g}) "
-                      f"{'ok' if ok else 'WRONG'}", flush=True)
-                result["checks"].append({"tile_n": tile_n, "fine": fine, "gemms": count, "rel_err": err,
-                                         "tolerance": tol, "ok": ok})
-            if not right:
+            if not check_chain(lambda count, tile_n=tile_n, fine=fine: Chain(so, weights[:count], m, sms, tile_n,
+                                                                             fine=fine and count > 1),
+                               x0_packed, RINGS[tile_n][0], tolerances, weights, x0, form, facts, result):
                 continue
             chain = Chain(so, weights, m, sms, tile_n, fine=fine)
             for compute, what in modes.items():
                 for ring in RINGS[tile_n] if compute == 1 else RINGS[tile_n][:1]:
-                    p50, p99 = time_ms(functools.partial(chain.launch, x0_packed, *ring, compute=compute), iters)
-                    print(f"| {form} | {what} | {ring[0]} x {ring[1]} | {p50:.3f} ms | {p99:.3f} ms | "
-                          f"{total / p50 / 1e9:.2f} |", flush=True)
-                    result["runs"].append({"tile_n": tile_n, "fine": fine, "what": what, "ring": list(ring),
-                                           "p50_ms": p50, "p99_ms": p99})
+                    time_row(functools.partial(chain.launch, x0_packed, *ring, compute=compute), iters, form, what,
+                             ring, total, facts, result)
             # and the result of a launch after the timed ones (a race that shows only when launches follow
             # each other would show here)
-            chain.launch(x0_packed, *RINGS[tile_n][0])
-            torch.cuda.synchronize()
-            err = (chain.output() - want).abs().max().item() / want.abs().max().item()
-            ok = err <= chain_tolerance(len(gemms), len(gemms), cublas_err)
-            print(f"check after the timed launches, {form}: {err:.2e} {'ok' if ok else 'WRONG'}", flush=True)
-            result["checks"].append({"tile_n": tile_n, "fine": fine, "gemms": len(gemms), "after_timing": True,
-                                     "rel_err": err, "ok": ok})
+            check_chain(lambda count, chain=chain: chain, x0_packed, RINGS[tile_n][0], {whole: tolerances[whole]},
+                        weights, x0, f"{form}, after the timed launches", {**facts, "after_timing": True}, result)
             if json_out:
                 Path(json_out).write_text(json.dumps(result, indent=1))
         # the cluster kernel: K split inside a cluster, partial sums met in distributed shared memory, bf16 out
@@ -502,31 +486,20 @@ def main() -> int:
                     print(f"cluster {split}, ring {ring}: {resident} CTAs resident, too few for the widest GEMM "
                           f"(skipped)", flush=True)
                     continue
-                right = True
-                for count in (1, 4, len(gemms)):
-                    chain = ClusterChain(cso, weights[:count], m, ctas, split)
-                    chain.launch(x0_bf16, *ring)
-                    torch.cuda.synchronize()
-                    want = reference_chain(weights[:count], x0)
-                    err = (chain.output() - want).abs().max().item() / want.abs().max().item()
-                    # the output is rounded to bf16 (half an ulp: 2^-9 of an element), besides the summation order
-                    tol = 4e-3 if count == 1 else chain_tolerance(count, len(gemms), cublas_err)
-                    ok = err <= tol
-                    right &= ok
-                    print(f"check, cluster {split} ({ctas} CTAs), ring {ring}, {count} GEMM(s): max |err| / max |y| "
-                          f"= {err:.2e} (tolerance {tol:g}) {'ok' if ok else 'WRONG'}", flush=True)
-                    result["checks"].append({"cluster": split, "ring": list(ring), "ctas": ctas, "gemms": count,
-                                             "rel_err": err, "tolerance": tol, "ok": ok})
-                if not right:
+                form = f"K / {split} in a cluster, {ctas} CTAs"
+                facts = {"cluster": split, "ctas": ctas}
+                # the output is rounded to bf16 (half an ulp: 2^-9 of an element), besides the summation order
+                tolerances = {1: 4e-3, layer: chain_tolerance(layer, whole, cublas_err),
+                              whole: chain_tolerance(whole, whole, cublas_err)}
+                if not check_chain(lambda count, split=split, ctas=ctas: ClusterChain(cso, weights[:count], m, ctas,
+                                                                                      split),
+                                   x0_bf16, ring, tolerances, weights, x0, f"{form}, ring {ring}", facts, result):
                     continue
                 chain = ClusterChain(cso, weights, m, ctas, split)
                 for compute, what in ((1, "cluster K split, DSMEM reduction, bf16 out"),
                                       (0, "cluster kernel, no math (streaming only)")):
-                    p50, p99 = time_ms(functools.partial(chain.launch, x0_bf16, *ring, compute=compute), iters)
-                    print(f"| K / {split} in a cluster, {ctas} CTAs | {what} | {ring[0]} x {ring[1]} | {p50:.3f} ms | "
-                          f"{p99:.3f} ms | {total / p50 / 1e9:.2f} |", flush=True)
-                    result["runs"].append({"cluster": split, "ctas": ctas, "what": what, "ring": list(ring),
-                                           "p50_ms": p50, "p99_ms": p99})
+                    time_row(functools.partial(chain.launch, x0_bf16, *ring, compute=compute), iters, form, what,
+                             ring, total, facts, result)
                 if json_out:
                     Path(json_out).write_text(json.dumps(result, indent=1))
     if json_out:
