@@ -147,13 +147,18 @@ class NodeProcess:
     def dump_stacks(self) -> None:
         """A node that will not end: SIGABRT, which Python's fault handler (on in node_environment) answers with
         every thread's stack on stderr (merged into the output) before the process dies."""
+        self._end_with(signal.SIGABRT)
+
+    def _end_with(self, sig: int) -> None:
+        """Send `sig` if the process still runs, kill it if it has not ended 5 s later; then its output is read."""
         if self.alive():
-            self.process.send_signal(signal.SIGABRT)
+            self.process.send_signal(sig)
             try:
                 self.process.wait(5.0)
             except subprocess.TimeoutExpired:
                 self.process.kill()
-            self._reader.join(2.0)
+                self.process.wait(5.0)
+        self._reader.join(2.0)
 
     def wait(self, timeout: float) -> int:
         code = self.process.wait(timeout)
@@ -189,14 +194,7 @@ class NodeProcess:
         assert elapsed < seconds + 2.0, f"the process took {elapsed:.2f} s to end"
 
     def stop(self) -> None:
-        if self.alive():
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(5.0)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5.0)
-        self._reader.join(2.0)
+        self._end_with(signal.SIGINT)
 
 
 SHM_DIR = Path("/dev/shm")
