@@ -105,6 +105,7 @@ from pi05_ros.ros.problems import Level, quoted_short, shorten
 from pi05_ros.ros.process import init_ros
 from pi05_ros.ros.settings import RuntimeSettings
 from pi05_ros.ros.worker import NO_CLOCK_MESSAGE, InferenceWorker, WorkerStatus
+from pi05_ros.signals import StopEvent
 
 if TYPE_CHECKING:
     from pi05_ros.engine.policy import Policy
@@ -125,7 +126,7 @@ LOG_TEXT_LIMIT = 500  # characters of an instruction or an engine message in one
 
 
 class PolicyNode(LifecycleNode):
-    def __init__(self, stop_event: threading.Event | None = None, **node_kwargs: Any) -> None:
+    def __init__(self, stop_event: StopEvent | None = None, **node_kwargs: Any) -> None:
         super().__init__(NODE_NAME, **node_kwargs)
         self.config: NodeConfig = declare_parameters(self)  # raises ConfigError
         self._runtime: RuntimeSettings = self.config.runtime
@@ -133,7 +134,7 @@ class PolicyNode(LifecycleNode):
         # Parameter callbacks only after declaring: declaration itself runs them.
         self.add_on_set_parameters_callback(self._validate_parameters)
         self.add_post_set_parameters_callback(self._apply_parameters)
-        self._abort = stop_event if stop_event is not None else threading.Event()  # set: stop configuring
+        self._abort = stop_event if stop_event is not None else StopEvent()  # set: stop configuring
         self._transition_lock = threading.RLock()  # remote (service) and local (trigger_*) transitions
         self._guard_change_state()
 

@@ -4,30 +4,14 @@ signal handlers, so each executable shuts down in its own order (and within a se
 from __future__ import annotations
 
 import os
-import signal
 import sys
-import threading
-import time
 from collections.abc import MutableMapping
 from pathlib import Path
 
 import rclpy
 from rclpy.signals import SignalHandlerOptions
 
-
-class StopEvent(threading.Event):
-    """Set by SIGINT/SIGTERM; remembers when, so an executable can report how long its shutdown took."""
-
-    signalled_at: float | None = None
-
-    def on_signal(self, *_: object) -> None:
-        if self.signalled_at is None:
-            self.signalled_at = time.monotonic()
-        self.set()
-
-    def seconds_since_signal(self) -> float | None:
-        return None if self.signalled_at is None else time.monotonic() - self.signalled_at
-
+from pi05_ros.signals import StopEvent, stop_on_signals
 
 DDS_PROFILE_FILE = "fastdds_profile.xml"  # in the package's share/pi05_ros/config/
 _PROFILE_VARIABLES = ("FASTRTPS_DEFAULT_PROFILES_FILE", "FASTDDS_DEFAULT_PROFILES_FILE",
@@ -64,8 +48,6 @@ def init_ros(argv: list[str] | None, dds_profile: bool = False) -> StopEvent:
     `dds_profile`: first apply the package's Fast DDS profile (use_dds_profile)."""
     if dds_profile:
         use_dds_profile()
-    stop = StopEvent()
-    signal.signal(signal.SIGINT, stop.on_signal)
-    signal.signal(signal.SIGTERM, stop.on_signal)
+    stop = stop_on_signals()
     rclpy.init(args=sys.argv if argv is None else argv, signal_handler_options=SignalHandlerOptions.NO)
     return stop

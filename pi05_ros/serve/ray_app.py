@@ -20,8 +20,6 @@ with 1008 (the client sees HTTP 403).
 
 import asyncio
 import os
-import signal
-import threading
 import time
 from collections.abc import Mapping, Sequence
 
@@ -42,6 +40,7 @@ from pi05_ros.serve.service import (
     warm_up,
     warm_up_views,
 )
+from pi05_ros.signals import stop_on_signals
 
 APP_NAME = "pi05"
 MESSAGE_TOO_BIG = 1009
@@ -196,10 +195,7 @@ def serve_on_ray(spec: PolicySpec, settings: ServeSettings, layouts: Mapping[str
     print(f"pi05-serve: Ray Serve, {replicas} replica(s) with {gpus:g} GPU(s) each, {batching} batching; "
           f"layout '{default_layout}' at ws://{host}:{port}/ (also {others}); health http://{host}:{port}/healthz",
           flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    stop_on_signals().wait()
     serve.shutdown()
     ray.shutdown()
     print("pi05-serve: stopped", flush=True)

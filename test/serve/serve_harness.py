@@ -32,13 +32,21 @@ DRIVER_TIMEOUT_S = 300.0
 READY = re.compile(r"at ws://([\d.]+):(\d+)/")
 
 
+def free_port() -> int:
+    """A port free on loopback now (for servers that cannot be given port 0, like Ray's HTTP proxy)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 class ServerProcess:
     """`python -m pi05_ros.cli.serve ARGS --port 0` until stopped; its output is drained by a thread (a full pipe
     would block the server) and kept in `lines`."""
 
-    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
-        """`env`: variables set for the server on top of this process's environment."""
-        command = [sys.executable, "-m", "pi05_ros.cli.serve", *args, "--host", "127.0.0.1", "--port", "0"]
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None, port: int = 0) -> None:
+        """`env`: variables set for the server on top of this process's environment; `port`: 0 for a free one
+        (the plain server's), a fixed one for Ray's HTTP proxy."""
+        command = [sys.executable, "-m", "pi05_ros.cli.serve", *args, "--host", "127.0.0.1", "--port", str(port)]
         self.proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, **(env or {})})
         self.lines: list[str] = []

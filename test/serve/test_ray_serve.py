@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from serve_harness import OneThreadPolicy, droid_observation, run_openpi_client
+from serve_harness import OneThreadPolicy, droid_observation, free_port, run_openpi_client
 
 from pi05_ros.serve.client import RemotePolicy
 from pi05_ros.serve.layouts import BUILT_IN
@@ -22,12 +21,6 @@ from pi05_ros.serve.service import PolicySpec, ServeSettings
 
 RTOL = ATOL = 1e-5  # float32; rows batched with others differ from batch 1 by ~2e-6 (test/engine/test_batch.py)
 NUM_STEPS = 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,53 @@
+"""`pi05-serve --ray` as a user runs it: the command starts its own local Ray instance, serves the openpi protocol
+through Ray's HTTP proxy, and ends on SIGINT with exit code 0, Ray shut down. (test_ray_serve.py drives the same
+deployment from a test process; this is the command's own start and stop.)"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from serve_harness import OneThreadPolicy, ServerProcess, free_port
+
+from pi05_ros.serve.client import RemotePolicy
+
+RTOL = ATOL = 1e-5  # float32, batch 1 on both sides
+NUM_STEPS = 3
+STOP_TIMEOUT_S = 60.0  # Serve removes its replica and the proxy, then Ray's processes end (~5 s here)
+
+
+def test_the_ray_command_serves_and_stops_on_sigint(model_args: list[str], local_policy: OneThreadPolicy,
+                                                    tmp_path: Path) -> None:
+    port = free_port()
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""}  # a Ray of its own, nothing leaves the machine
+    server = ServerProcess([*model_args, "--ray", "--num-steps", str(NUM_STEPS)], cwd=tmp_path, env=env, port=port)
+    try:
+        assert server.port == port
+        rng = np.random.default_rng(51)
+        images = {"base_0_rgb": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)}
+        state = rng.uniform(-2, 2, 8).astype(np.float32)
+        noise = rng.standard_normal((10, 32)).astype(np.float32)
+        with RemotePolicy(f"ws://127.0.0.1:{port}", timeout_s=120) as remote:
+            chunk = remote.infer(images, state, "put the cup in the sink", NUM_STEPS, noise=noise)
+        local = local_policy.infer(images, state, "put the cup in the sink", NUM_STEPS, noise=noise)
+        np.testing.assert_allclose(chunk.actions, local.actions, rtol=RTOL, atol=ATOL)
+    except BaseException:
+        server.stop()
+        raise
+    sent = time.monotonic()
+    server.proc.send_signal(signal.SIGINT)
+    try:
+        code = server.proc.wait(STOP_TIMEOUT_S)
+    except Exception:
+        server.proc.kill()
+        pytest.fail(f"pi05-serve --ray did not end within {STOP_TIMEOUT_S} s of SIGINT:\n"
+                    + "\n".join(server.lines[-40:]))
+    took = time.monotonic() - sent
+    time.sleep(0.5)  # the drain thread reads the last lines
+    output = "\n".join(server.lines)
+    assert code == 0, output[-4000:]
+    assert "pi05-serve: stopped" in output, output[-4000:]
+    print(f"pi05-serve --ray stopped {took:.1f} s after SIGINT")
