@@ -13,6 +13,7 @@ or the fast CUDA pipeline where one is available.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -388,6 +389,8 @@ class Policy:
         noise = np.asarray(noise, dtype=np.float32)
         if noise.shape != shape:
             raise InputError(f"noise must have shape {shape}, got {noise.shape}")
+        if not np.isfinite(noise).all():
+            raise InputError("noise has NaN/inf values; pass standard normal noise or none")
         guidance = self.rtc_guidance(rtc, state) if rtc is not None else None
         return PreparedObservation(prepared, tokens, mask, noise, guidance)
 
@@ -399,9 +402,9 @@ class Policy:
             raise InputError(f"the previous chunk must be [actions, {self.action_dof}], got {previous.shape}")
         if not np.all(np.isfinite(previous)):
             raise InputError("the previous chunk has NaN/inf values; pass the actions the robot is running")
-        if request.delay < 0 or request.beta < 0 or request.start < 0:
+        if request.delay < 0 or not 0 <= request.beta < math.inf or request.start < 0:  # NaN fails it too
             raise InputError(f"rtc delay ({request.delay}), beta ({request.beta}) and start ({request.start}) must "
-                             "be >= 0")
+                             "be >= 0, beta finite")
         if request.schedule not in RTC_SCHEDULES:
             raise InputError(f"unknown rtc schedule {request.schedule!r}; choose one of {', '.join(RTC_SCHEDULES)}")
         horizon, dim = self.config.action_horizon, self.config.action_dim

@@ -88,6 +88,7 @@ class Batcher:
 
     async def submit(self, item: Any) -> BatchResult:
         """Run `item` in the next batch that can take it; raises what `run` raised or returned for it."""
+        self._drop_abandoned()  # clients that left during a long batch must not fill the queue for the others
         if len(self._pending) >= self.max_pending:
             raise ServerBusy(f"{len(self._pending)} requests are already waiting (the server's limit); try again")
         if self._task is None or self._task.done():

@@ -51,6 +51,7 @@ SLOW_CLIENT_CLOSE_CODE = 1008  # policy violation: the client does not read its 
 # Longer prompts are tokenized on the prepare pool, not the event loop: a frame may carry megabytes of prompt, and
 # tokenizing 7 MB took 1.7 s (the whole string is encoded before it is cut to the model's token limit).
 INLINE_PROMPT_CHARS = 2048
+ERROR_TEXT_CHARS = 2000  # an error reply (and its log line) quotes at most this much: it may echo client input
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,8 @@ class PolicyService:
             self.open_connections -= 1
 
     async def _serve(self, transport: Transport, layout: ObservationLayout) -> None:
-        await transport.send(pack(self.metadata(layout)))
+        if not await self._send_or_drop(transport, pack(self.metadata(layout))):
+            return
         prev_total_ms: float | None = None
         while True:
             frame = await transport.receive()
@@ -216,13 +218,7 @@ class PolicyService:
             timing["infer_ms"] = (time.monotonic() - received) * 1e3
             if prev_total_ms is not None:
                 timing["prev_total_ms"] = prev_total_ms
-            try:
-                await asyncio.wait_for(transport.send(pack(reply)), self.settings.send_timeout_s)
-            except TimeoutError:
-                self.counters["slow_clients_closed"] += 1
-                log.warning("closing a connection that has not read its replies for %.0f s",
-                            self.settings.send_timeout_s)
-                transport.abort()
+            if not await self._send_or_drop(transport, pack(reply)):
                 return
             self.counters["replies"] += 1
             prev_total_ms = (time.monotonic() - received) * 1e3
@@ -242,13 +238,28 @@ class PolicyService:
             raise ConnectionGone
         return answer.result()
 
+    async def _send_or_drop(self, transport: Transport, frame: bytes) -> bool:
+        """Send `frame`; a client that has not read for send_timeout_s is closed (False): it must not hold its
+        slot and the server's memory forever."""
+        try:
+            await asyncio.wait_for(transport.send(frame), self.settings.send_timeout_s)
+        except TimeoutError:
+            self.counters["slow_clients_closed"] += 1
+            log.warning("closing a connection that has not read what it was sent for %.0f s",
+                        self.settings.send_timeout_s)
+            transport.abort()
+            return False
+        return True
+
     async def _fail(self, transport: Transport, kind: str, message: str) -> None:
         self.counters[f"errors_{kind}"] += 1
+        if len(message) > ERROR_TEXT_CHARS:
+            message = f"{message[:ERROR_TEXT_CHARS]} ... ({len(message) - ERROR_TEXT_CHARS} more characters)"
         log.info("error reply (%s): %s", kind, message)
         try:
             await asyncio.wait_for(transport.send(f"{kind}: {message}"), self.settings.send_timeout_s)
             await transport.close(ERROR_CLOSE_CODE, "error; the reason is in the previous frame")
-        except (ConnectionGone, TimeoutError):
+        except (TimeoutError, ConnectionGone):
             transport.abort()
 
     async def _answer(self, frame: bytes | str, layout: ObservationLayout, received: float) -> dict[str, Any]:
@@ -270,6 +281,11 @@ class PolicyService:
         if isinstance(result.value, BaseException):
             raise result.value
         chunk: ActionChunk = result.value
+        if not np.isfinite(chunk.actions).all():  # a numeric fault must not reach a robot as actions
+            bad = int((~np.isfinite(chunk.actions)).sum())
+            raise RuntimeError(f"the model returned {bad} non-finite action value(s) (NaN/inf) of "
+                               f"{chunk.actions.size}; nothing was sent. A numeric fault in the engine (fp8 overflow, "
+                               "a GPU error): check the server's log and restart it if it persists")
         now = time.monotonic()
         return {
             "actions": chunk.actions,

@@ -245,6 +245,29 @@ def test_a_full_queue_answers_server_busy() -> None:
     assert all(isinstance(r, ServerBusy) and "3 requests are already waiting" in str(r) for r in results[3:])
 
 
+def test_requests_whose_clients_left_do_not_fill_the_queue() -> None:
+    """Clients that give up during a long batch (a first-use compile) and ask again must not make the queue refuse
+    everyone with ServerBusy: requests withdrawn while waiting do not count against max_pending."""
+    recorder = Recorder(delay_s=0.3)
+
+    async def main() -> list:
+        batcher = Batcher(recorder, window_s=0.0, max_batch=1, max_pending=2)
+        running = asyncio.ensure_future(batcher.submit(1))  # runs alone for 0.3 s
+        await asyncio.sleep(0.05)
+        gone = [asyncio.ensure_future(batcher.submit(i)) for i in (2, 3)]  # the queue is full now
+        await asyncio.sleep(0.05)
+        for job in gone:
+            job.cancel()  # their clients left
+        await asyncio.sleep(0)
+        results = await asyncio.gather(running, batcher.submit(4), batcher.submit(5), return_exceptions=True)
+        await batcher.close()
+        return results
+
+    results = run(main())
+    assert [r.value for r in results] == [10, 40, 50], results
+    assert recorder.batches == [[1], [4], [5]]
+
+
 def test_one_row_per_client_in_a_batch_and_nobody_starves() -> None:
     """Clients that each wait for their answer before sending again (openpi's protocol) share every batch: a
     fast client cannot take two seats of one batch while another waits."""

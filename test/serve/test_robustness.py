@@ -16,6 +16,7 @@ from serve_harness import OneThreadPolicy, RawClient, ServerProcess, droid_obser
 from websockets.exceptions import ConnectionClosedError, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
+from pi05_ros.serve.service import ERROR_TEXT_CHARS
 from pi05_ros.serve.wire import pack, unpack
 
 MAX_MESSAGE_MB = 1
@@ -119,6 +120,19 @@ BAD_FRAMES: dict[str, tuple[Callable[[], bytes | str], str]] = {
                                   "InputError: rtc.previous: expected a float array"),
     "noise and seed": (lambda: pack(with_(noise=np.zeros((10, 32), np.float32))),
                        "InputError: give either noise or noise_seed, not both"),
+    "NaN noise": (lambda: pack(with_(noise_seed=None, noise=np.full((10, 32), np.nan, np.float32))),
+                  "InputError: noise has NaN/inf values"),
+    "rtc beta inf": (lambda: pack(with_(rtc={"previous": np.zeros((2, 8), np.float32), "delay": 1,
+                                             "beta": float("inf")})),
+                     "InputError: rtc delay (1), beta (inf) and start (0) must be >= 0, beta finite"),
+    # frames within the size limit whose decoding alone would hold the event loop (every client) for seconds
+    "too many maps": (lambda: pack(with_(extra={f"group{i}": {f"c{j}": np.zeros((1, 1, 3), np.uint8)
+                                                              for j in range(1000)} for i in range(5)})),
+                      "WireError: the frame holds more than 4096 maps"),
+    "map too long": (lambda: pack(with_(extra={f"k{i}": 0 for i in range(2000)})),
+                     "WireError: the frame is not valid msgpack (ValueError: 2000 exceeds max_map_len(1024))"),
+    "list too long": (lambda: pack(with_(extra=[0] * 70000)),
+                      "WireError: the frame is not valid msgpack (ValueError: 70000 exceeds max_array_len(65536))"),
 }
 
 
@@ -133,6 +147,43 @@ def test_a_bad_frame_gets_a_clear_error_then_close_1011(server: ServerProcess, c
             ws.recv(timeout=30)
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
     answer(server)  # and everyone else is still served
+
+
+def test_an_error_quotes_client_input_only_so_far(server: ServerProcess) -> None:
+    """An error naming what the client sent (here 250 unknown keys of 2000 characters, 0.5 MB) is cut short in the
+    reply and the server's log, instead of sending the client's frame back."""
+    keys = {f"{i:04d}" + "x" * 1996: 0 for i in range(250)}
+    with client(server) as ws:
+        ws.send(pack(with_(**keys)))
+        reply = ws.recv(timeout=60)
+    assert isinstance(reply, str) and reply.startswith("InputError: unexpected key(s) ['0000xxx"), reply[:200]
+    assert reply.endswith(" more characters)") and len(reply) < ERROR_TEXT_CHARS + 100, len(reply)
+    answer(server)
+
+
+def test_a_model_that_returns_nan_gets_an_error_reply_not_actions(start_server, serve_tokenizer,
+                                                                    tmp_path_factory) -> None:
+    """A numeric fault (here a checkpoint with NaN in its action projection) must not reach a robot as actions:
+    the client gets an InternalError naming it, as the node publishes nothing for such a chunk."""
+    import torch
+
+    from pi05_ros.engine.config import TINY
+    from pi05_ros.engine.demo import demo_norm_stats, random_model, write_checkpoint
+
+    model = random_model(TINY.replace(max_token_len=96), seed=11)
+    with torch.no_grad():
+        model.action_out_proj.weight[0, 0] = float("nan")
+    checkpoint = write_checkpoint(model, tmp_path_factory.mktemp("nan_ckpt") / "tiny_nan",
+                                  norm_stats=demo_norm_stats(8))
+    broken = start_server(["--checkpoint", str(checkpoint), "--tokenizer", str(serve_tokenizer), "--device", "cpu",
+                           "--threads", "1", "--robot", "droid"])
+    with client(broken) as ws:
+        ws.send(pack(droid_observation(RNG, seed=1)))
+        reply = ws.recv(timeout=120)
+    # one NaN weight of the output projection poisons one column, which the next step feeds back into every one
+    assert isinstance(reply, str) and reply.startswith("InternalError: RuntimeError: the model returned 80 "
+                                                       "non-finite action value(s) (NaN/inf) of 80"), reply
+    assert broken.alive()
 
 
 def test_unknown_paths_and_http(server: ServerProcess) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from serve_harness import HERE
 
 from pi05_ros.engine.errors import InputError
 from pi05_ros.serve.layouts import ALOHA, DROID, load_layout, native_layout, resolve_layout, seeded_noise
-from pi05_ros.serve.wire import WireError, pack, unpack
+from pi05_ros.serve.wire import MAX_LIST_LEN, MAX_MAP_LEN, MAX_MAPS, WireError, pack, unpack
 
 OPENPI_ENCODE = """
 import sys, numpy as np
@@ -48,6 +49,21 @@ def test_refused_dtypes_and_objects() -> None:
         pack({"x": np.array([None, 1], dtype=object)})
     with pytest.raises(TypeError, match="set"):
         pack({"x": {1, 2}})
+
+
+def test_frames_whose_decoding_would_stall_the_server_are_refused_at_once() -> None:
+    """10.6 MB of 200,000 tiny arrays: decoding each map costs a Python call on the server's event loop (seconds
+    for the frame, every client waiting); it is refused after MAX_MAPS of them."""
+    frame = pack({f"group{i}": {f"c{j}": np.zeros((1, 1, 3), np.uint8) for j in range(1000)} for i in range(200)})
+    start = time.perf_counter()
+    with pytest.raises(WireError, match=f"more than {MAX_MAPS} maps"):
+        unpack(frame)
+    assert time.perf_counter() - start < 1.0  # ~0.07 s on the 2-core dev machine
+    with pytest.raises(WireError, match=r"exceeds max_map_len"):
+        unpack(pack({f"k{i}": 0 for i in range(MAX_MAP_LEN + 1)}))
+    with pytest.raises(WireError, match=r"exceeds max_array_len"):
+        unpack(pack({"state": [0.0] * (MAX_LIST_LEN + 1)}))
+    assert len(unpack(pack({"state": [0.0] * MAX_LIST_LEN}))["state"]) == MAX_LIST_LEN  # the limits themselves pass
 
 
 def test_the_seeded_noise_is_numpy_default_rng() -> None:
