@@ -314,6 +314,8 @@ class PolicyNode(LifecycleNode):
         with self._transition_lock:
             if self.trigger_configure() != _OK:
                 return self._configure_error or "configure failed"
+            if self._abort.is_set():  # a signal while configuring: do not start commanding now
+                return "stopped before activating"
             if self.trigger_activate() != _OK:
                 return "activate failed"
         return None
@@ -609,6 +611,8 @@ class PolicyNode(LifecycleNode):
         """Called by the inference thread; rclpy publishers are safe to use from it."""
         self._latency.add(latency_s)
         with self._command_lock:
+            if not self._active:  # deactivated (its hold sent) while this inference ran: nothing more goes out
+                return
             if self._chunk_pub is not None:
                 self._chunk_pub.publish(action_chunk_message(
                     chunk.actions, stamp_ns=observation.stamp_ns, joint_names=self._action_names,

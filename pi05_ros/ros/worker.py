@@ -375,22 +375,27 @@ class InferenceWorker:
             return
         from pi05_ros.engine.errors import InputError
 
-        assert self.policy is not None
+        policy = self.policy  # a stop that timed out waiting for this inference sets self.policy to None
+        assert policy is not None
         start = time.perf_counter()
         try:
             rtc = self._guidance(observation, settings, started_ns) if self._guidance else None
-            chunk = self.policy.infer(observation.images, observation.state, observation.prompt,
+            chunk = policy.infer(observation.images, observation.state, observation.prompt,
                                       settings.denoise_steps, **({"rtc": rtc} if rtc is not None else {}))
         except InputError as exc:
             self._failed(Problem(Level.ERROR, ProblemCode.BAD_INPUT, f"bad input: {exc}", "observation"))
             return
         except Exception as exc:  # noqa: BLE001 - the node keeps running and reports it
+            if self._stop:  # e.g. a remote policy's connection, shut by the stop during this call
+                return
             self._log_traceback_once("inference failed", exc)
             self._failed(Problem(Level.ERROR, ProblemCode.INFERENCE_FAILED,
                                  f"inference failed: {type(exc).__name__}: {shorten(str(exc), 300)}",
                                  type(exc).__name__))
             return
         latency = time.perf_counter() - start
+        if self._stop:  # the node stopped during this inference: its chunk is not wanted
+            return
         self._stats.add(chunk.timings)
         if not np.isfinite(chunk.actions).all():  # a GPU fault or an overflow: nothing of it may go out
             bad = int((~np.isfinite(chunk.actions)).sum())
@@ -416,7 +421,7 @@ class InferenceWorker:
             self._on_problems(notices)
         if now - self._stats_refreshed >= STATS_REFRESH_S:
             self._stats_refreshed = now
-            self._counters.set_stage_summary(self._stats.summary(), _gpu_memory_mib(self.policy.device))
+            self._counters.set_stage_summary(self._stats.summary(), _gpu_memory_mib(policy.device))
 
     def _skipped(self, problems: tuple[Problem, ...]) -> None:
         self._counters.skipped_tick(problems)

@@ -17,6 +17,7 @@ stages (`preprocess`, `vision`, ..., `postprocess`), `deserialize`, and `total` 
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Mapping
@@ -24,7 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
-from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.sync.client import ClientConnection, connect
 
 from pi05_ros.engine.action_space import ActionSpace
@@ -35,6 +36,7 @@ from pi05_ros.engine.timing import StageStats
 from pi05_ros.serve.wire import WireError, pack, unpack
 
 NATIVE_PATH = "/pi05_ros"
+CLOSE_TIMEOUT_S = 1.0  # closing a dropped connection waits at most this for the server's close frame
 CLIENT_STAGES_BEFORE = ("serialize", "network", "server_queue")
 CLIENT_STAGES_AFTER = ("deserialize", "total")
 
@@ -59,8 +61,9 @@ class RemotePolicy:
                  max_message_bytes: int = 16 * 2**20) -> None:
         self.url = native_url(url)
         self.timeout_s, self.connect_timeout_s, self.max_message_bytes = timeout_s, connect_timeout_s, max_message_bytes
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one round trip at a time
         self._connection: ClientConnection | None = None
+        self._closed = False
         self.metadata: dict[str, Any] = self._connect()
         meta = self.metadata
         space = meta["action_space"]
@@ -102,13 +105,15 @@ class RemotePolicy:
 
     def _connect(self) -> dict[str, Any]:
         try:
+            # held open across calls; a connection dropped after a timeout closes within CLOSE_TIMEOUT_S (the
+            # library's 10 s would be added to the caller's timeout when the server is gone)
             connection = connect(self.url, compression=None, max_size=self.max_message_bytes,
-                                 open_timeout=self.connect_timeout_s, legacy=True)  # held open across calls
+                                 open_timeout=self.connect_timeout_s, close_timeout=CLOSE_TIMEOUT_S, legacy=True)
         except InvalidStatus as exc:
             raise RemotePolicyError(f"the policy server at {self.url} refused the connection: "
                                     f"HTTP {exc.response.status_code} "
                                     f"{exc.response.body.decode(errors='replace').strip()}") from exc
-        except (OSError, TimeoutError, InvalidURI) as exc:
+        except (OSError, TimeoutError, InvalidURI, InvalidHandshake) as exc:  # the last: not a websocket server
             raise RemotePolicyError(f"cannot reach the policy server at {self.url} ({type(exc).__name__}: {exc}); "
                                     "is pi05-serve running there?") from exc
         try:
@@ -123,10 +128,22 @@ class RemotePolicy:
         return metadata
 
     def close(self) -> None:
-        with self._lock:
-            if self._connection is not None:
-                self._connection.close()
-                self._connection = None
+        """Close the connection; later calls raise RemotePolicyError. A call in flight on another thread is not
+        waited for (a stop must not wait on the server, whose reply may take the whole timeout or, from a stalled
+        server, never come): its socket is shut down, and that call ends with RemotePolicyError."""
+        self._closed = True
+        if self._lock.acquire(blocking=False):
+            try:
+                self._drop()
+            finally:
+                self._lock.release()
+            return
+        connection = self._connection
+        if connection is not None:
+            try:
+                connection.socket.shutdown(socket.SHUT_RDWR)  # wakes the blocked send / recv at once
+            except OSError:
+                pass  # already closed
 
     def __enter__(self) -> RemotePolicy:
         return self
@@ -175,6 +192,8 @@ class RemotePolicy:
                            state.copy())
 
     def _round_trip(self, frame: bytes) -> bytes:
+        if self._closed:
+            raise RemotePolicyError(f"this RemotePolicy for {self.url} was closed; create a new one")
         if self._connection is None:
             metadata = self._connect()
             if metadata["model"] != self.metadata["model"] or metadata["layout"] != self.metadata["layout"]:
@@ -184,13 +203,17 @@ class RemotePolicy:
         connection = self._connection
         assert connection is not None
         try:
+            if self._closed:  # closed while this call connected
+                raise ConnectionClosed(None, None)
             connection.send(frame)
             reply = connection.recv(timeout=self.timeout_s)
         except TimeoutError as exc:
             self._drop()  # a late reply would answer the next request
             raise RemotePolicyError(f"no reply from {self.url} within {self.timeout_s:g} s") from exc
-        except ConnectionClosed as exc:
+        except (ConnectionClosed, OSError) as exc:  # OSError: a send into a socket close() shut down
             self._drop()
+            if self._closed:
+                raise RemotePolicyError(f"the RemotePolicy for {self.url} was closed during this call") from exc
             raise RemotePolicyError(f"the connection to {self.url} closed ({exc}); the next call reconnects") from exc
         if isinstance(reply, str):  # openpi's error convention: the reason as text, then close 1011
             self._drop()

@@ -4,10 +4,13 @@ default_rng(seed) in arrival order, as a local Policy draws it in call order).""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
 import threading
+import time
 
 from ros_harness import (
     JOINTS,
@@ -63,3 +66,27 @@ def test_the_remote_backend_gives_the_chunks_of_local_inference(driver_factory) 
         server.terminate()
         server.wait(10)
     assert_chunks_are_local_inference(chunks, SEED, "stack the blocks")
+
+
+def test_a_stop_does_not_wait_for_a_server_that_stopped_answering(driver_factory) -> None:
+    """The server stalls (SIGSTOP: connected, silent) while the node waits for a reply (policy_server_timeout_s,
+    5 s): SIGINT still ends the node within its second, without a traceback: the stop shuts the connection down
+    instead of waiting for the call in flight."""
+    server, url, server_lines = start_server()
+    namespace = unique_namespace("pi05_remote_stall")
+    driver = driver_factory(namespace)
+    driver.say("stack the blocks")
+    node = NodeProcess("policy_node", namespace, "-p", "policy_backend:=remote", "-p", f"policy_server_url:={url}",
+                       "-p", "warmup:=0", "-p", "rate_hz:=4.0", "-p", "policy_server_timeout_s:=5.0",
+                       "-p", f"state_joint_names:=[{', '.join(JOINTS)}]", params_file=installed_params_file())
+    try:
+        assert len(driver.wait_for_chunks(2, 0.0, NODE_START_TIMEOUT_S)) >= 2, node.output()
+        os.kill(server.pid, signal.SIGSTOP)
+        time.sleep(1.0)  # a 4 Hz tick has sent its observation and waits for the reply
+        node.assert_stopped_within(signal.SIGINT, 1.0)
+        assert "Traceback" not in node.output(), node.output()[-3000:]
+    finally:
+        node.stop()
+        os.kill(server.pid, signal.SIGCONT)
+        server.terminate()
+        server.wait(10)

@@ -4,15 +4,19 @@ bad input, reconnecting after errors and timeouts, clear errors for servers that
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import threading
+import time
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from serve_harness import OneThreadPolicy, ServerProcess
+from serve_harness import OneThreadPolicy, ServerProcess, free_port
 
 from pi05_ros.engine.errors import InputError
-from pi05_ros.serve.client import RemotePolicy, RemotePolicyError, native_url
+from pi05_ros.serve.client import CLOSE_TIMEOUT_S, RemotePolicy, RemotePolicyError, native_url
 
 RTOL = ATOL = 1e-5  # float32, the same operations on both sides (one torch thread each)
 RNG = np.random.default_rng(12)
@@ -87,10 +91,50 @@ def test_a_timeout_drops_the_connection_so_no_late_reply_is_taken(server: Server
                                                                  noise=noise).actions, rtol=RTOL, atol=ATOL)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_a_stalled_server_holds_a_call_for_its_timeout_and_a_close_not_at_all(server: ServerProcess) -> None:
+    """A server that stops answering (SIGSTOP: connected, silent). close() from another thread ends a call in
+    flight at once, as the node's stop does (it must not wait out the reply timeout or a server that never
+    answers); a timed-out call ends within its timeout and CLOSE_TIMEOUT_S for the close (the websockets default,
+    10 s, used to be added)."""
+    with RemotePolicy(server.url(), timeout_s=60) as policy:
+        policy.infer(IMAGES, STATE, "wipe the table", 2)  # connected and warm
+        errors: list[Exception] = []
+
+        def call() -> None:
+            try:
+                policy.infer(IMAGES, STATE, "wipe the table", 2)
+            except RemotePolicyError as exc:
+                errors.append(exc)
+
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            caller = threading.Thread(target=call)
+            caller.start()
+            time.sleep(0.3)  # the request is out, its reply will not come
+            start = time.monotonic()
+            policy.close()
+            closed = time.monotonic() - start
+            caller.join(10)
+            ended = time.monotonic() - start
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+    assert closed < 0.5 and ended < 3.0 and not caller.is_alive(), (closed, ended)
+    assert len(errors) == 1 and "was closed during this call" in str(errors[0]), errors
+    with pytest.raises(RemotePolicyError, match="was closed; create a new one"):
+        policy.infer(IMAGES, STATE, "wipe the table", 2)
+
+    with RemotePolicy(server.url(), timeout_s=1.0) as policy:
+        policy.infer(IMAGES, STATE, "wipe the table", 2)
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            with pytest.raises(RemotePolicyError, match="no reply from .* within 1 s"):
+                policy.infer(IMAGES, STATE, "wipe the table", 2)
+            took = time.monotonic() - start
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+    assert took < 1.0 + CLOSE_TIMEOUT_S + 1.5, took  # 1.0 + 1.0 and scheduling (11 s and more before)
+    assert server.alive()
 
 
 def test_servers_that_are_not_there_or_not_ours(server: ServerProcess) -> None:
@@ -98,6 +142,14 @@ def test_servers_that_are_not_there_or_not_ours(server: ServerProcess) -> None:
         RemotePolicy(f"ws://127.0.0.1:{free_port()}", connect_timeout_s=5)
     with pytest.raises(RemotePolicyError, match="refused the connection: HTTP 404 no observation layout at /nope"):
         RemotePolicy(server.url("/nope"))
+    with socket.create_server(("127.0.0.1", 0)) as listener:  # accepts, then hangs up without a word of HTTP
+        def hang_up() -> None:
+            connection, _ = listener.accept()
+            connection.close()
+
+        threading.Thread(target=hang_up, daemon=True).start()
+        with pytest.raises(RemotePolicyError, match="cannot reach the policy server .*InvalidMessage"):
+            RemotePolicy(f"ws://127.0.0.1:{listener.getsockname()[1]}", connect_timeout_s=5)
     with pytest.raises(RemotePolicyError, match="must start with ws:// or wss://"):
         native_url("http://gpu-host:8000")
     assert native_url("gpu-host:8000") == "ws://gpu-host:8000/pi05_ros"
