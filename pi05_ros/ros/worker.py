@@ -381,7 +381,7 @@ class InferenceWorker:
         try:
             rtc = self._guidance(observation, settings, started_ns) if self._guidance else None
             chunk = policy.infer(observation.images, observation.state, observation.prompt,
-                                      settings.denoise_steps, **({"rtc": rtc} if rtc is not None else {}))
+                                 settings.denoise_steps, **({"rtc": rtc} if rtc is not None else {}))
         except InputError as exc:
             self._failed(Problem(Level.ERROR, ProblemCode.BAD_INPUT, f"bad input: {exc}", "observation"))
             return
