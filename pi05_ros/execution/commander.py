@@ -162,9 +162,14 @@ class Commander:
         self.interface = interface
         self.stats = ExecutionStats()
         self._lock = threading.Lock()  # one decision at a time: a chunk and a tick never interleave
-        nan = np.full(len(joints), np.nan)
-        self.last_positions = nan.copy()  # last commanded
-        self.last_velocities = nan.copy()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every earlier command (on activation): the first command then starts from the measured or
+        observed position, at rest (the robot was held, or has not been commanded), so the acceleration limit
+        applies to it too; an earlier session's last command is no longer where the robot is."""
+        self.last_positions = np.full(len(self.joints), np.nan)  # last commanded
+        self.last_velocities = np.zeros(len(self.joints))
 
     @property
     def blend_name(self) -> str:
@@ -222,6 +227,9 @@ class ChunkCommander(Commander):
         super().__init__(joints, dt_ns, max_input_age_ns=max_input_age_ns, on_stale=on_stale, limits=limits,
                          interface=TRAJECTORY)
         self.command_margin_ns = command_margin_ns
+
+    def reset(self) -> None:
+        super().reset()
         # The last published trajectory in absolute times, to know what the controller is commanding now.
         self._times: np.ndarray | None = None
         self._positions: np.ndarray | None = None
@@ -232,6 +240,13 @@ class ChunkCommander(Commander):
         if self._times is None or self._positions is None:
             return None
         return np.array([np.interp(t_ns, self._times, self._positions[:, j]) for j in range(len(self.joints))])
+
+    def commanded_velocity_at(self, t_ns: int) -> np.ndarray | None:
+        """The last published trajectory's mean velocity over the period before `t_ns` (0 where it is held)."""
+        now, before = self.commanded_at(t_ns), self.commanded_at(t_ns - self.dt_ns)
+        if now is None or before is None:
+            return None
+        return (now - before) / self.dt_s
 
     def on_chunk(self, chunk: PlannedChunk, situation: Situation, timing: ChunkTiming) -> TrajectoryCommand | None:
         now = situation.now_ns
@@ -256,12 +271,16 @@ class ChunkCommander(Commander):
                     self.stats.no_action_left += 1
                 return None
             desired = chunk.positions[first:end]
-            previous = self.commanded_at(chunk.due_ns(first) - self.dt_ns)
-            if previous is None:
+            # The controller replaces its trajectory now and moves from what it commands now to the first point,
+            # due in `lead` (margin to margin + dt): the limits apply to that segment, from that velocity.
+            previous, velocity = self.commanded_at(now), self.commanded_velocity_at(now)
+            if previous is None or velocity is None:
                 observed = chunk.positions[0] - chunk.velocities[0] * self.dt_s  # = the state at t_obs
                 previous = np.where(np.isfinite(self.last_positions), self.last_positions, observed)
-            positions, _, counts = clip_positions(desired, previous, np.full(len(self.joints), np.nan), self.limits,
-                                                  self.dt_s)
+                velocity = self.last_velocities  # at rest after a reset
+            lead_s = max(chunk.due_ns(first) - now, 1) / NS_PER_S
+            positions, _, counts = clip_positions(desired, previous, velocity, self.limits, self.dt_s,
+                                                  first_dt_s=lead_s)
             self.stats.clip(counts)
             times = tuple(int(chunk.due_ns(k) - chunk.t_obs_ns) for k in range(first, end))
             self._times = np.array([chunk.t_obs_ns + t for t in times], dtype=np.float64)
@@ -314,10 +333,14 @@ class StreamCommander(Commander):
 
     def __init__(self, joints: tuple[str, ...], dt_ns: int, *, max_input_age_ns: int, on_stale: str,
                  limits: JointLimits, interface: str, blend: BlendSettings) -> None:
+        self.queue = StreamQueue(dt_ns, len(joints))  # before the base class's reset, which clears it
         super().__init__(joints, dt_ns, max_input_age_ns=max_input_age_ns, on_stale=on_stale, limits=limits,
                          interface=interface)
-        self.queue = StreamQueue(dt_ns, len(joints))
         self.blend = blend
+
+    def reset(self) -> None:
+        super().reset()
+        self.queue.clear()
 
     @property
     def blend_name(self) -> str:

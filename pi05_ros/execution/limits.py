@@ -6,7 +6,8 @@ v_{k-1}, are clipped in this order:
     v = (p*_k - p_{k-1}) / dt
     v = clip(v, v_{k-1} - a_max dt, v_{k-1} + a_max dt)      acceleration
     v = clip(v, -v_max, v_max)                               velocity
-    p_k = clip(p_{k-1} + v dt, min_position, max_position)   position (last: it is the hard one)
+    p_k = clip(p_{k-1} + v dt, min_position, max_position)   position (last: it is the hard one; a p_{k-1}
+                                                             already outside widens the range to itself)
 Velocity commands v*_k (a velocity interface) from the estimated position p: acceleration and velocity as
 above, then v = clip(v, (min_position - p) / dt, (max_position - p) / dt) so the joint stays in range.
 A value no limit changes is returned bit for bit. Where no previous command is known (NaN), only the position
@@ -72,13 +73,13 @@ class JointLimits:
             return np.array([getattr(row, attribute) for row in rows], dtype=np.float64)
 
         low, high = column("min_position"), column("max_position")
-        bad = [n for n, lo, hi in zip(names, low, high, strict=True) if lo > hi]
+        bad = [n for n, lo, hi in zip(names, low, high, strict=True) if not lo <= hi]  # NaN fails it too
         if bad:
-            raise ValueError(f"joint(s) {bad} have min_position > max_position; fix the limits")
+            raise ValueError(f"joint(s) {bad} have min_position > max_position or a NaN bound; fix the limits")
         for attribute in ("max_velocity", "max_acceleration"):
-            negative = [n for n, v in zip(names, column(attribute), strict=True) if v <= 0]
+            negative = [n for n, v in zip(names, column(attribute), strict=True) if not v > 0]
             if negative:
-                raise ValueError(f"joint(s) {negative} have {attribute} <= 0; give a positive value or none")
+                raise ValueError(f"joint(s) {negative} have {attribute} <= 0 or NaN; give a positive value or none")
         return cls(tuple(names), low, high, column("max_velocity"), column("max_acceleration"))
 
     @classmethod
@@ -97,16 +98,22 @@ class JointLimits:
 
 
 def clip_positions(desired: np.ndarray, previous: np.ndarray, previous_velocity: np.ndarray,
-                   limits: JointLimits, dt_s: float) -> tuple[np.ndarray, np.ndarray, ClipCounts]:
+                   limits: JointLimits, dt_s: float,
+                   first_dt_s: float | None = None) -> tuple[np.ndarray, np.ndarray, ClipCounts]:
     """Position commands [steps, joints], one period apart, after `previous` (positions, NaN: unknown) moving at
-    `previous_velocity` (NaN: unknown). Returns (positions, velocities, counts); see the module docstring."""
+    `previous_velocity` (NaN: unknown). `first_dt_s`: the time from `previous` to the first command when it is not
+    a period (a trajectory that replaces another now, its first point due later). A previous position outside the
+    range may stay there or move back at the rate limits, never further out, and is never snapped into the range.
+    Returns (positions, velocities, counts); see the module docstring."""
     desired = np.asarray(desired, dtype=np.float64)
     out = desired.copy()
     velocities = np.full_like(out, np.nan)
     counts = ClipCounts(values=desired.size, commands=desired.shape[0])
     p_prev = np.array(previous, dtype=np.float64)
     v_prev = np.array(previous_velocity, dtype=np.float64)
+    period_s = dt_s
     for k in range(desired.shape[0]):
+        dt_s = first_dt_s if k == 0 and first_dt_s is not None else period_s
         target = desired[k]
         known = np.isfinite(p_prev)
         v = np.where(known, (target - p_prev) / dt_s, np.nan)
@@ -120,7 +127,10 @@ def clip_positions(desired: np.ndarray, previous: np.ndarray, previous_velocity:
         by_velocity = known & (v != v_before_speed)
         rate_limited = by_acceleration | by_velocity
         p = np.where(rate_limited, p_prev + v * dt_s, target)
-        p_clipped = np.clip(p, limits.min_position, limits.max_position)
+        # out of range already (a robot resting past its URDF bound): the range widens to where it is
+        low = np.where(known, np.minimum(limits.min_position, p_prev), limits.min_position)
+        high = np.where(known, np.maximum(limits.max_position, p_prev), limits.max_position)
+        p_clipped = np.clip(p, low, high)
         by_position = p_clipped != p
         out[k] = p_clipped
         changed = rate_limited | by_position

@@ -49,10 +49,11 @@ def limits_from_urdf(robot_description: str, joints: Sequence[str]) -> dict[str,
             limits[name] = JointLimit()
             continue
         bounded = joint.type in ("revolute", "prismatic")
-        velocity = float(limit.velocity) if limit.velocity else math.inf
-        limits[name] = JointLimit(
-            min_position=float(limit.lower) if bounded and limit.lower is not None else -math.inf,
-            max_position=float(limit.upper) if bounded and limit.upper is not None else math.inf,
-            max_velocity=velocity if velocity > 0 else math.inf,
-        )
+        velocity = float(limit.velocity) if limit.velocity else math.inf  # 0 or absent: no limit given
+        lower = float(limit.lower) if bounded and limit.lower is not None else -math.inf
+        upper = float(limit.upper) if bounded and limit.upper is not None else math.inf
+        if math.isnan(lower) or math.isnan(upper) or math.isnan(velocity) or velocity < 0:
+            raise ExecutionConfigError(f"URDF joint '{name}' has an invalid <limit> (lower {limit.lower}, upper "
+                                       f"{limit.upper}, velocity {limit.velocity}); fix the URDF")
+        limits[name] = JointLimit(min_position=lower, max_position=upper, max_velocity=velocity)
     return limits

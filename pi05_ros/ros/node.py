@@ -361,6 +361,9 @@ class PolicyNode(LifecycleNode):
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         result = super().on_activate(state)  # enables the lifecycle publishers
         assert self.worker is not None
+        with self._command_lock:
+            if self._commander is not None:  # the robot may have moved while inactive: no command from before
+                self._commander.reset()
         self._active = True
         self.worker.set_active(True)
         self._prepare_views_with(self.worker.policy)  # while inactive no inference uses the frames

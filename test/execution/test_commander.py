@@ -180,3 +180,66 @@ def test_control_loop_waits_for_a_clock_and_survives_a_failing_tick() -> None:
     clock["now"] = 1_100 * MS  # ten periods later: one tick, nine missed
     time.sleep(0.1)
     assert loop.stop() and loop.stats().missed >= 9
+
+
+def assert_within_limits(start: np.ndarray, start_velocity: np.ndarray, start_ns: int, times_ns: list[int],
+                         positions: np.ndarray, v_max: float, a_max: float) -> None:
+    """Joint a's segments from (start, start_velocity) at start_ns through each point at times_ns: speed <= v_max,
+    velocity change between segments <= a_max times the segment's duration (1e-9: float rounding)."""
+    p, v, t = start[0], start_velocity[0], start_ns
+    for when, point in zip(times_ns, positions[:, 0], strict=True):
+        span = (when - t) / 1e9
+        speed = (point - p) / span
+        assert abs(speed) <= v_max + 1e-9, (when, speed)
+        assert abs(speed - v) <= a_max * span + 1e-9, (when, speed, v)
+        p, v, t = point, speed, when
+
+
+def test_chunk_hand_over_limits_the_segment_the_controller_runs_from_now() -> None:
+    """The controller replaces its trajectory on arrival and runs from what it commands now to the first point,
+    due `margin` to `margin + dt` later: the limits hold on that segment and from the velocity it had."""
+    limits = JointLimits.of(NAMES, {"a": JointLimit(max_velocity=1.0, max_acceleration=2.0)})
+    commander = chunk_commander(limits=limits)
+    moving = np.stack([np.arange(1, 51) * 0.05, np.zeros(50)], axis=1)  # 1 rad/s from 0
+    first = commander.on_chunk(planned(0, moving, np.full((50, 2), 1.0)), Situation(30 * MS, True), TIMING)
+    assert first is not None
+    # the first chunk starts at rest from the observed state (0) and 20 ms before its first point is due
+    assert_within_limits(np.zeros(2), np.zeros(2), 30 * MS, list(np.array(first.times_from_start_ns)),
+                         first.positions, 1.0, 2.0)
+    now = 430 * MS
+    start, start_velocity = commander.commanded_at(now), commander.commanded_velocity_at(now)
+    back = np.zeros((50, 2))  # the next chunk wants the joint back at 0, far behind
+    second = commander.on_chunk(planned(400 * MS, back), Situation(now, True), TIMING)
+    assert second is not None and second.times_from_start_ns[0] + 400 * MS - now == 20 * MS
+    assert start_velocity[0] > 0.3  # it was moving forward
+    assert_within_limits(start, start_velocity, now, [400 * MS + t for t in second.times_from_start_ns],
+                         second.positions, 1.0, 2.0)
+    assert commander.status().clipped.acceleration > 0
+
+
+def test_reset_forgets_the_last_command_so_reactivation_starts_where_the_robot_is() -> None:
+    limits = JointLimits.of(NAMES, {"a": JointLimit(max_velocity=1.0, max_acceleration=2.0)})
+    stream = stream_commander(limits=limits)
+    stream.on_chunk(planned(0, np.full((4, 2), 0.8)), Situation(0, True), TIMING)
+    stream.on_tick(DT, Situation(DT, True, None, np.full(2, 0.8)))
+    assert stream.hold_now(2 * DT, Situation(2 * DT, True)).positions[0] == 0.8
+    stream.reset()  # deactivated, the robot moved by hand to -0.5, activated again
+    measured = np.full(2, -0.5)
+    assert stream.on_tick(10 * DT, Situation(10 * DT, True, None, measured)) is None  # no hold back to 0.8
+    stream.on_chunk(planned(10 * DT, np.full((8, 2), 0.5)), Situation(10 * DT, True, None, measured), TIMING)
+    command = stream.on_tick(11 * DT, Situation(11 * DT, True, None, measured))
+    # from the measured -0.5 at rest: a_max * dt = 0.1 rad/s, so 0.005 rad in the first period
+    assert command.positions[0] == pytest.approx(-0.495) and command.velocities[0] == pytest.approx(0.1)
+
+    chunk = chunk_commander(limits=limits)
+    chunk.on_chunk(planned(0, np.full((50, 2), 0.8)), Situation(0, True), TIMING)
+    chunk.hold_now(Situation(100 * MS, True))
+    chunk.reset()
+    assert chunk.commanded_at(200 * MS) is None and chunk.hold_now(Situation(200 * MS, True)) is None
+    # the next chunk starts from its own observed state (-0.5), at rest
+    wanted = np.full((50, 2), 0.5)
+    velocities = np.zeros((50, 2))
+    velocities[0] = (0.5 - -0.5) / (DT / 1e9)
+    command = chunk.on_chunk(planned(1000 * MS, wanted, velocities), Situation(1000 * MS, True), TIMING)
+    assert_within_limits(np.full(2, -0.5), np.zeros(2), 1000 * MS,
+                         [1000 * MS + t for t in command.times_from_start_ns], command.positions, 1.0, 2.0)

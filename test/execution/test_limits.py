@@ -68,6 +68,28 @@ def test_bad_limits_are_refused() -> None:
         limits(a=JointLimit(1.0, -1.0))
     with pytest.raises(ValueError, match="max_velocity <= 0"):
         limits(a=JointLimit(max_velocity=0.0))
+    # NaN would pass every comparison and turn commands into NaN (or no limit at all)
+    with pytest.raises(ValueError, match="a NaN bound"):
+        limits(a=JointLimit(min_position=math.nan))
+    with pytest.raises(ValueError, match="max_acceleration <= 0 or NaN"):
+        limits(a=JointLimit(max_acceleration=math.nan))
+
+
+def test_a_joint_already_past_its_bound_moves_back_at_the_rate_limits_not_at_once() -> None:
+    lim = limits(a=JointLimit(-1.0, 1.0, max_velocity=1.0), b=JointLimit(-1.0, 1.0))
+    out, velocities, _ = clip_positions(np.array([[1.0, 1.0], [1.0, 1.5]]), np.array([1.4, 1.4]), NAN2, lim, DT)
+    assert out[0, 0] == pytest.approx(1.35) and velocities[0, 0] == pytest.approx(-1.0)  # 1 rad/s back in
+    assert out[1, 0] == pytest.approx(1.30)
+    assert out[0, 1] == 1.0  # no speed limit: straight to the target, inside the range
+    assert out[1, 1] == 1.0  # and never out again
+
+
+def test_the_first_step_may_have_its_own_duration() -> None:
+    lim = limits(a=JointLimit(max_velocity=1.0))
+    out, velocities, _ = clip_positions(np.array([[1.0], [1.0]]), np.array([0.0]), np.array([np.nan]), lim, DT,
+                                        first_dt_s=0.02)
+    assert out[0, 0] == pytest.approx(0.02) and velocities[0, 0] == pytest.approx(1.0)  # 20 ms at 1 rad/s
+    assert out[1, 0] == pytest.approx(0.07)  # then a period of 50 ms
 
 
 URDF = """<?xml version="1.0"?>
@@ -101,3 +123,10 @@ def test_urdf_errors_name_the_cause() -> None:
     no_limit = URDF.replace('<limit lower="-2.5" upper="2.5" velocity="1.5" effort="40"/>', "")
     with pytest.raises(ExecutionConfigError, match="has no <limit>"):
         limits_from_urdf(no_limit, ["shoulder"])
+    for bad in ('lower="nan" upper="2.5" velocity="1.5"', 'lower="-2.5" upper="2.5" velocity="-2"',
+                'lower="-2.5" upper="2.5" velocity="nan"'):
+        broken = URDF.replace('lower="-2.5" upper="2.5" velocity="1.5"', bad)
+        with pytest.raises(ExecutionConfigError, match="URDF joint 'shoulder' has an invalid <limit>"):
+            limits_from_urdf(broken, ["shoulder"])
+    zero = URDF.replace('velocity="1.5"', 'velocity="0"')  # what many generated URDFs write for "not given"
+    assert limits_from_urdf(zero, ["shoulder"])["shoulder"] == JointLimit(-2.5, 2.5)
