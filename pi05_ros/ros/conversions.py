@@ -110,7 +110,11 @@ def compressed_to_rgb(msg: Any, out: np.ndarray | None = None) -> np.ndarray:
     if len(msg.data) == 0:
         raise ConversionError(f"compressed {kind} image has no data; the publisher sent an empty message")
     encoded = np.frombuffer(msg.data, dtype=np.uint8)
-    bgr = cv2.imdecode(encoded, cv2.IMREAD_COLOR)
+    try:  # the header's orientation is ignored: the size checked before decoding is the size decoded
+        bgr = cv2.imdecode(encoded, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    except cv2.error as exc:  # OpenCV's own limits (e.g. more than 2^30 pixels) raise instead of returning None
+        raise ConversionError(f"could not decode the {len(msg.data)}-byte compressed image as {kind}: "
+                              f"{str(exc).strip().splitlines()[-1]}") from exc
     if bgr is None or bgr.size == 0:
         raise ConversionError(
             f"could not decode the {len(msg.data)}-byte compressed image as {kind} (format field "
@@ -152,6 +156,11 @@ class JointSelector:
         if message_names != self._cached_message_names:
             self._cached_indices = self._indices(message_names)
             self._cached_message_names = message_names
+        if message_names and len(position) != len(message_names):
+            raise ConversionError(
+                f"joint_states has {len(message_names)} names but {len(position)} positions; "
+                "the driver must publish one position per name"
+            )
         if not self.names:
             values = np.asarray(position, dtype=np.float64)
             if values.size == 0:

@@ -5,7 +5,8 @@ the subscription callback before a frame is copied anywhere, so a huge frame nev
   the model would see one colour stretched over 224x224.
 - A frame larger than its camera's `camera.<name>.max_width` x `max_height` is refused: these bound what one
   camera's buffers can hold (three frames of max_width * max_height * 3 bytes, ros/inputs.py). A compressed frame's
-  size is read from its PNG/JPEG header, before decoding.
+  size is read from its PNG/JPEG header, before decoding; one that is neither, or whose header has no size, is
+  refused undecoded.
 
 Joint values (NaN, inf, beyond `max_abs_joint_position`) and duplicate joint names are judged where the joints are
 selected (conversions.JointSelector); stamps by execution/stamps.py. No ROS imports.
@@ -54,6 +55,25 @@ class FrameBounds:
     def max_buffer_bytes(self) -> int:
         """The most one buffer of this camera holds (RGB, one byte a channel)."""
         return self.max_width * self.max_height * 3
+
+
+def compressed_size_before_decoding(data: bytes | bytearray | memoryview, bounds: FrameBounds) -> tuple[int, int]:
+    """(width, height) of a compressed frame from its header, checked against `bounds`, before it is decoded.
+    The decoder goes by the data, not the message's format field, so the header is read in the format the data's
+    first bytes say; data that is not PNG or JPEG, or whose header gives no size, is refused here (it would be
+    decoded whole first: a 140 KB PNG can hold 12000x12000 pixels)."""
+    head = bytes(memoryview(data).cast("B")[:8]) if not isinstance(data, memoryview) else bytes(data.cast("B")[:8])
+    kind = "png" if head == _PNG_SIGNATURE else "jpeg" if head[:2] == b"\xff\xd8" else None
+    if kind is None:
+        raise ConversionError("the compressed frame's data is neither PNG nor JPEG (its first bytes "
+                              f"{head.hex()}); publish jpeg or png, or switch this camera's transport to 'raw'")
+    size = compressed_frame_size(data, kind)
+    if size is None:
+        raise ConversionError(f"the {kind} data's header gives no image size (truncated or corrupt, or a JPEG whose "
+                              "height comes in a DNL marker); the frame is not decoded. Publish standard "
+                              f"{kind} frames")
+    bounds.check(*size)
+    return size
 
 
 def compressed_frame_size(data: bytes | bytearray | memoryview, kind: str) -> tuple[int, int] | None:

@@ -51,7 +51,7 @@ class InputState:
 
     name: str
     messages: int
-    age_s: float | None  # seconds since the newest good message arrived; None before the first
+    age_s: float | None  # since the newest good message arrived (< 0: the clock went back since); None: none yet
     error: str | None  # why the newest message could not be used; None when it was fine
     dropped: int  # good messages replaced before any inference used them
     stamp_issue: str | None = None  # why the newest message's stamp was not used as is (stamps.py)
@@ -153,7 +153,7 @@ class LatestBuffer:
         now_ns = self._clock_ns() if now_ns is None else now_ns
         with self._lock:
             meta = self._reading_meta if self._newest_taken else self._newest_meta
-            age = None if meta is None else max(0.0, (now_ns - meta[1]) / NS_PER_S)
+            age = None if meta is None else (now_ns - meta[1]) / NS_PER_S  # < 0: the clock went back since
             return InputState(self.name, self._messages, age, self._error, self._dropped, self._stamp_issue,
                               self._bad_stamps)
 

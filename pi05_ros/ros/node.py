@@ -80,7 +80,7 @@ from pi05_ros.ros.diagnostics import (
     build_status,
     gather_problems,
 )
-from pi05_ros.ros.input_rules import FrameBounds, compressed_frame_size
+from pi05_ros.ros.input_rules import FrameBounds, compressed_size_before_decoding
 from pi05_ros.ros.inputs import CameraBuffer, InputBuffers, LatestBuffer, StampRule
 from pi05_ros.ros.memory import HeapTrimmer
 from pi05_ros.ros.observation import (
@@ -123,6 +123,11 @@ COMMANDS_OFF_DEMO = ("commands off: the demo model never commands a robot (allow
                      "only for a synthetic loop)")
 _OK, _FAIL = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
 LOG_TEXT_LIMIT = 500  # characters of an instruction or an engine message in one log line
+
+
+def _unexpected(doing: str, exc: Exception) -> str:
+    return (f"{doing} failed: {type(exc).__name__}: {shorten(str(exc), 300)}; the message is malformed in a way "
+            "this node does not name yet (please report it)")
 
 
 class PolicyNode(LifecycleNode):
@@ -220,6 +225,9 @@ class PolicyNode(LifecycleNode):
         except ConversionError as exc:
             self._input_failed(buffer, topic, str(exc))
             return
+        except Exception as exc:  # noqa: BLE001 - an exception out of a callback ends the executor thread
+            self._input_failed(buffer, topic, _unexpected("converting the frame", exc))
+            return
         self._commit_frame(buffer, topic, filled, msg)
 
     def _commit_frame(self, buffer: CameraBuffer, topic: str, frame: Any, msg: Image | CompressedImage) -> None:
@@ -234,14 +242,15 @@ class PolicyNode(LifecycleNode):
 
     def _on_compressed(self, buffer: CameraBuffer, bounds: FrameBounds, topic: str, msg: CompressedImage) -> None:
         try:
-            size = compressed_frame_size(msg.data, compressed_format(msg))
-            if size is not None:
-                bounds.check(*size)  # from the PNG/JPEG header: a huge frame is refused before decoding
+            compressed_format(msg)  # a format this node reads (names the fix for compressedDepth and the like)
+            compressed_size_before_decoding(msg.data, bounds)  # a huge frame is refused before decoding
             filled = compressed_to_rgb(msg, buffer.frame_buffer())
-            if size is None:
-                bounds.check(filled.shape[1], filled.shape[0])
+            bounds.check(filled.shape[1], filled.shape[0])
         except ConversionError as exc:
             self._input_failed(buffer, topic, str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - an exception out of a callback ends the executor thread
+            self._input_failed(buffer, topic, _unexpected("decoding the frame", exc))
             return
         self._commit_frame(buffer, topic, filled, msg)
 
@@ -252,6 +261,9 @@ class PolicyNode(LifecycleNode):
             filled = self._joint_selector.positions(msg, buffer.spare((size,)))
         except ConversionError as exc:
             self._input_failed(buffer, "joint_states", str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - an exception out of a callback ends the executor thread
+            self._input_failed(buffer, "joint_states", _unexpected("reading the joint state", exc))
             return
         buffer.commit(filled, stamp_to_ns(msg.header.stamp))
 

@@ -13,6 +13,10 @@ from pi05_ros.ros.inputs import InputBuffers, LatestBuffer
 from pi05_ros.ros.problems import Level, Problem, ProblemCode
 from pi05_ros.ros.settings import CameraConfig
 
+# An arrival time later than "now" by more than this means the ROS clock went back (sim time): such inputs are stale.
+# Arrival and now come from one clock, so only the moment between reading them separates them when it did not.
+CLOCK_BACK_TOLERANCE_S = 0.05
+
 
 @dataclass(frozen=True)
 class Observation:
@@ -63,11 +67,15 @@ class ObservationCollector:
             elif state.age_s is None:
                 problems.append(Problem(Level.WARN, ProblemCode.MISSING_INPUT, f"no usable message yet on '{topic}'",
                                         buffer.name))
-            elif state.age_s > self._max_age:
+            elif not -CLOCK_BACK_TOLERANCE_S <= state.age_s <= self._max_age:
                 problems.append(self._stale(topic, buffer.name, state.age_s))
         return tuple(problems)
 
     def _stale(self, topic: str, name: str, age_s: float) -> Problem:
+        if age_s < 0:  # received "later" than now: messages from before a jump say nothing about the inputs now
+            return Problem(Level.WARN, ProblemCode.STALE_INPUT,
+                           f"'{topic}': the clock went back {-age_s:.2f} s since its newest message arrived (a bag "
+                           "replayed in a loop, a simulator reset); waiting for a message after the jump", name)
         return Problem(Level.WARN, ProblemCode.STALE_INPUT,
                        f"'{topic}' is stale: newest message is {age_s:.2f} s old > max_input_age_s {self._max_age:g}; "
                        "check that its publisher runs", name)
@@ -91,7 +99,7 @@ class ObservationCollector:
                                         buffer.name))
                 continue
             age = (now_ns - sample.received_ns) / 1e9
-            if age > self._max_age:
+            if not -CLOCK_BACK_TOLERANCE_S <= age <= self._max_age:
                 problems.append(self._stale(topic, buffer.name, age))
                 continue
             stamps.append(sample.stamp_ns)

@@ -4,7 +4,9 @@ chunk -> ActionChunk / JointTrajectory messages."""
 from __future__ import annotations
 
 import re
+import struct
 import warnings
+import zlib
 
 import cv2
 import numpy as np
@@ -181,6 +183,23 @@ def test_compressed_errors(fmt: str, data: bytes, expected: str) -> None:
         compressed_to_rgb(CompressedImage(format=fmt, data=data))
 
 
+def png_header_only(width: int, height: int) -> bytes:
+    """A 65-byte PNG whose header claims width x height (8-bit RGB) and whose pixel data is empty."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_a_frame_opencv_refuses_to_decode_is_a_conversion_error() -> None:
+    """OpenCV raises (not returns None) for a header over its pixel limit; out of a callback that would end the
+    node's executor thread."""
+    with pytest.raises(ConversionError,
+                       match="could not decode the 65-byte compressed image as jpeg: .*CV_IO_MAX_IMAGE_PIXELS"):
+        compressed_to_rgb(CompressedImage(format="jpeg", data=png_header_only(40000, 40000)))
+
+
 def test_joint_selector_orders_by_name_and_ignores_extra_joints() -> None:
     msg = JointState(name=["c", "x", "a", "b"], position=[3.0, 99.0, 1.0, 2.0])
     selector = JointSelector(["a", "b", "c"])
@@ -246,6 +265,9 @@ def test_joint_selector_refuses_a_used_joint_named_twice() -> None:
         (JointState(name=["a", "b"], position=[1.0, 2.0]), ["a", "z"], r"lacks joint\(s\) z"),
         (JointState(name=["a", "b"], position=[1.0]), ["a"], "2 names but 1 positions"),
         (JointState(name=[], position=[]), [], "has no positions"),
+        # without state_joint_names too: which value is which joint would be a guess
+        (JointState(name=["a", "b", "c"], position=[1.0, 2.0]), [], "3 names but 2 positions"),
+        (JointState(name=["a"], position=[1.0, 2.0, 3.0]), [], "1 names but 3 positions"),
     ],
 )
 def test_joint_selector_errors(msg: JointState, names: list[str], expected: str) -> None:

@@ -13,6 +13,7 @@ from pi05_ros.ros.input_rules import (
     MIN_IMAGE_SIDE,
     FrameBounds,
     compressed_frame_size,
+    compressed_size_before_decoding,
 )
 from pi05_ros.ros.settings import CameraConfig
 
@@ -80,3 +81,21 @@ def test_jpeg_header_found_past_app_segments() -> None:
 )
 def test_header_without_a_size_gives_none(data: bytes, kind: str) -> None:
     assert compressed_frame_size(data, kind) is None
+
+
+def test_a_compressed_frame_is_sized_by_what_its_data_is_and_refused_undecoded_when_it_cannot_be() -> None:
+    """The decoder ignores the format field, so the header is read as the data says: a PNG sent as "jpeg" is still
+    sized (and a 140 KB one can hold 12000x12000 pixels, 432 MB decoded); data that is neither, or whose header
+    has no size, is refused before anything is decoded."""
+    from test_conversions import png_header_only
+
+    bounds = FrameBounds("front")
+    assert compressed_size_before_decoding(encoded(64, 48, ".png"), bounds) == (64, 48)
+    assert compressed_size_before_decoding(encoded(64, 48, ".jpg"), bounds) == (64, 48)
+    with pytest.raises(ConversionError, match="frame is 12000x12000, larger than camera.front.max_width"):
+        compressed_size_before_decoding(png_header_only(12000, 12000), bounds)
+    ok, bmp = cv2.imencode(".bmp", np.zeros((32, 32, 3), np.uint8))
+    with pytest.raises(ConversionError, match=r"neither PNG nor JPEG \(its first bytes 424d"):
+        compressed_size_before_decoding(bmp.tobytes(), bounds)
+    with pytest.raises(ConversionError, match="the jpeg data's header gives no image size"):
+        compressed_size_before_decoding(b"\xff\xd8\xff\xda\x00\x02", bounds)

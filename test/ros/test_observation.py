@@ -122,3 +122,19 @@ def test_problems_name_their_input_and_an_empty_instruction_is_an_error() -> Non
         assert observation is None and [(p.level, p.code, p.subject) for p in problems] == [
             (Level.ERROR, ProblemCode.BAD_INPUT, "instruction")]
         assert "prompt is empty" in problems[0].message and skip_reason(problems) is ProblemCode.BAD_INPUT
+
+
+def test_inputs_from_before_the_clock_went_back_are_stale() -> None:
+    """Sim time jumps back (a bag replayed in a loop, a simulator reset): what arrived before says nothing about
+    now, however young its age looks (negative)."""
+    inputs = InputBuffers([c.name for c in CAMERAS])
+    _fill(inputs, 1)
+    inputs.instruction.set("stack the blocks")
+    collector = ObservationCollector(inputs, CAMERAS, 0.5)
+    back = time.monotonic_ns() - 30_000_000_000
+    observation, problems = collector.collect("", now_ns=back)
+    assert observation is None and {p.code for p in problems} == {ProblemCode.STALE_INPUT}
+    assert "the clock went back 30.0" in problems[0].message and "waiting for a message after the jump" in \
+        problems[0].message
+    assert [p.code for p in collector.freshness_problems(back)] == [ProblemCode.STALE_INPUT] * 3
+    assert collector.collect("")[0] is not None  # on the clock they arrived by, the same inputs are fresh
