@@ -31,7 +31,7 @@ from lifecycle_msgs.msg import State
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.clock import Clock, ClockType
 from rclpy.exceptions import ParameterUninitializedException
-from rclpy.executors import SingleThreadedExecutor
+from rclpy.executors import ExternalShutdownException, ShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.logging import get_logger
 from rclpy.node import Node
@@ -820,7 +820,13 @@ def main(argv: list[str] | None = None) -> NoReturn:
         # No timeout: a timeout makes rclpy create a timer on the context for every wait, which can outlive the
         # wait and hold the context, and with it the DDS participant, past the process's exit.
         while spinning.is_set():
-            executor.spin_once()
+            try:
+                executor.spin_once()
+            except (ExternalShutdownException, ShutdownException):
+                break
+            except Exception as exc:  # noqa: BLE001 - rclpy re-raises a callback's exception; one bad message
+                # must not end every subscription, /diagnostics and the lifecycle services
+                node.get_logger().error(f"a callback failed: {type(exc).__name__}: {shorten(str(exc), 300)}")
 
     spinner = threading.Thread(target=spin, name="ros_executor", daemon=True)
     spinner.start()

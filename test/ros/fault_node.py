@@ -3,8 +3,9 @@
 
 While the file named by PI05_FAULT_FILE exists, every inference raises, from inside the runner (where a GPU error
 surfaces), the RuntimeError PI05_FAULT_MESSAGE names (default: an illegal memory access, as CUDA reports one); when
-the file says `nan`, the runner returns NaN actions instead (a numeric fault). Everything else is the installed
-node, started as `policy_node` is.
+the file says `nan`, the runner returns NaN actions instead (a numeric fault); when it says `callback`, inference
+runs and the instruction subscription's callback raises instead (a bug in a callback, which rclpy re-raises from
+the executor's spin). Everything else is the installed node, started as `policy_node` is.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ def _with_faults(policy: Any) -> Any:
                 kind = fault.read().strip()
         except FileNotFoundError:
             return run(observation, num_steps)
+        if kind == "callback":
+            return run(observation, num_steps)
         if kind == "nan":
             actions, timings = run(observation, num_steps)
             return actions * float("nan"), timings
@@ -41,6 +44,18 @@ _demo = policy_module.Policy.demo
 policy_module.Policy.demo = staticmethod(lambda *args, **kwargs: _with_faults(_demo(*args, **kwargs)))
 
 if __name__ == "__main__":
-    from pi05_ros.ros.node import main
+    from pi05_ros.ros import node as node_module
 
-    main()
+    on_instruction = node_module.PolicyNode._on_instruction
+
+    def faulty_instruction(self: Any, msg: Any) -> None:
+        try:
+            with open(FAULT_FILE) as fault:
+                if fault.read().strip() == "callback":
+                    raise RuntimeError("injected callback fault")
+        except FileNotFoundError:
+            pass
+        on_instruction(self, msg)
+
+    node_module.PolicyNode._on_instruction = faulty_instruction  # before the node subscribes with it
+    node_module.main()

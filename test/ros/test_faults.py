@@ -286,6 +286,28 @@ def test_a_gpu_error_inside_an_inference_is_reported_holds_and_recovers(faulty) 
     assert sum("cleared after" in line and "inference failed" in line for line in lines) == 1, lines
 
 
+def test_an_exception_in_a_callback_leaves_the_executor_serving(faulty) -> None:
+    """rclpy re-raises a callback's exception from spin_once; the executor thread must go on (it serves every
+    subscription, /diagnostics and the parameter and lifecycle services)."""
+    node, driver, fault_file = faulty
+    log_from = len(node.output())
+    fault_file.write_text("callback")
+    try:
+        driver.say("open the drawer")  # this instruction's callback raises
+        assert node.wait_for_log(log_from, lambda log: "a callback failed: RuntimeError: injected callback fault"
+                                 in log, 10.0), node.output()[-3000:]
+    finally:
+        fault_file.unlink(missing_ok=True)
+    assert driver.set_parameter("denoise_steps", 5, timeout=10.0).successful
+    later = driver.wait_for_chunks(3, time.monotonic() + 0.3, 10.0)
+    assert len(later) >= 3 and all(c.denoise_steps == 5 for c in later)
+    driver.say(INSTRUCTION)
+    assert node.wait_for_log(log_from, lambda log: f"instruction: '{INSTRUCTION}'" in log, 10.0)
+    assert driver.set_parameter("denoise_steps", 10).successful
+    assert node.alive()
+    assert_nothing_lost(driver)
+
+
 def test_an_inference_returning_nan_actions_publishes_nothing_and_recovers(faulty) -> None:
     node, driver, fault_file = faulty
     fault_file.write_text("nan")
