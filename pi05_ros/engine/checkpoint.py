@@ -84,11 +84,13 @@ class CheckpointInfo:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     shape_mismatches: list[str] = field(default_factory=list)
+    dtype_mismatches: list[str] = field(default_factory=list)  # weights stored as integers or bools
 
     @property
     def problems(self) -> list[str]:
         out = [f"missing tensor: {name}" for name in self.missing]
         out += [f"shape mismatch: {m}" for m in self.shape_mismatches]
+        out += [f"dtype: {m}" for m in self.dtype_mismatches]
         if self.embed_name is None:
             out.append("missing tensor: the token embedding table (embed_tokens or paligemma.lm_head)")
         return out
@@ -178,6 +180,10 @@ def inspect_checkpoint(path: str | Path, config_preset: str | None = None) -> Ch
     return info
 
 
+FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")  # safetensors' names of the dtypes weights may be stored in
+_FLOAT_DTYPE_NAMES = {*FLOAT_DTYPES, "float32", "bfloat16", "float16", "float64"}  # and torch's (state dict lists)
+
+
 def _expected_shapes(config: Pi05Config) -> dict[str, tuple[int, ...]]:
     model = build_on_meta(config)
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
@@ -193,7 +199,9 @@ def _check_names(info: CheckpointInfo) -> None:
         if shape != want:
             info.shape_mismatches.append(f"{info.prefix + info.embed_name}: file {list(shape)}, model {list(want)}")
     seen: set[str] = set()
-    for stored, (shape, _) in info.tensors.items():
+    for stored, (shape, dtype) in info.tensors.items():
+        if stored.startswith(info.prefix) and dtype not in _FLOAT_DTYPE_NAMES:  # a cast would load them silently
+            info.dtype_mismatches.append(f"{stored} is {dtype}, expected a float type ({', '.join(FLOAT_DTYPES)})")
         if not stored.startswith(info.prefix):
             info.unexpected.append(stored)
             continue

@@ -140,22 +140,26 @@ def _gemma_from_tiny_dict(d: dict[str, Any]) -> GemmaConfig:
     )
 
 
+def _positive_int(raw: dict[str, Any], key: str) -> int:
+    value = raw[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value) or value < 1:
+        raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def config_from_dict(raw: dict[str, Any], base: Pi05Config) -> Pi05Config:
-    """Overlay what a checkpoint's config.json says (openpi or LeRobot keys) onto `base`."""
+    """Overlay what a checkpoint's config.json says (openpi or LeRobot keys) onto `base`. Raises ValueError
+    naming the key when a value has the wrong type (load_config turns it into a CheckpointError)."""
     changes: dict[str, Any] = {}
     # openpi keys
     for key in ("action_dim", "action_horizon", "max_token_len"):
         if key in raw:
-            changes[key] = int(raw[key])
+            changes[key] = _positive_int(raw, key)
     # LeRobot keys
-    if "chunk_size" in raw:
-        changes["action_horizon"] = int(raw["chunk_size"])
-    if "max_action_dim" in raw:
-        changes["action_dim"] = int(raw["max_action_dim"])
-    if "max_state_dim" in raw:
-        changes["max_state_dim"] = int(raw["max_state_dim"])
-    if "tokenizer_max_length" in raw:
-        changes["max_token_len"] = int(raw["tokenizer_max_length"])
+    for key, field_name in (("chunk_size", "action_horizon"), ("max_action_dim", "action_dim"),
+                            ("max_state_dim", "max_state_dim"), ("tokenizer_max_length", "max_token_len")):
+        if key in raw:
+            changes[field_name] = _positive_int(raw, key)
     for key, part in (("paligemma_variant", "vlm"), ("action_expert_variant", "expert")):
         variant = raw.get(key)
         if variant in _VARIANTS:
@@ -173,7 +177,10 @@ def config_from_dict(raw: dict[str, Any], base: Pi05Config) -> Pi05Config:
         changes["vocab_size"] = int(tiny["vlm"]["vocab_size"])
         changes["name"] = "tiny"
     if "image_keys" in raw:
-        changes["image_keys"] = tuple(raw["image_keys"])
+        keys = raw["image_keys"]
+        if not isinstance(keys, list) or not keys or not all(isinstance(k, str) and k for k in keys):
+            raise ValueError(f"image_keys must be a list of camera slot names, got {keys!r}")
+        changes["image_keys"] = tuple(keys)
     return dataclasses.replace(base, **changes)
 
 
@@ -192,4 +199,8 @@ def load_config(checkpoint_dir: Path, preset_name: str | None = None) -> Pi05Con
                               "checkpoint's config.json")
     if preset_name is None and raw.get("paligemma_variant") == "tiny":
         base = TINY
-    return config_from_dict(raw, base)
+    try:
+        return config_from_dict(raw, base)
+    except (KeyError, TypeError, ValueError) as exc:  # a field missing or of the wrong type
+        what = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise CheckpointError(f"{path}: {what}; restore the checkpoint's config.json") from exc

@@ -67,6 +67,14 @@ class NormalizationModes:
     source: str  # which file said so
 
 
+def _eps(step_config: dict[str, Any], default: float, path: Path) -> float:
+    raw = step_config.get("eps", default)
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or not 0 <= raw < 1:
+        raise CheckpointError(f"{path}: the normalizer's eps must be a small non-negative number, got {raw!r}; "
+                              "restore the processor file")
+    return float(raw)
+
+
 def normalization_modes(checkpoint_dir: Path) -> NormalizationModes:
     """Each feature's mode: the state's from the pre-processor's normalizer step, the action's from the
     post-processor's unnormalizer step; else config.json's `normalization_mapping`; else PI05's defaults."""
@@ -79,11 +87,11 @@ def normalization_modes(checkpoint_dir: Path) -> NormalizationModes:
     eps = DEFAULT_EPS
     if pre is not None and isinstance(pre["config"].get("norm_map"), dict):
         state = pre["config"]["norm_map"].get("STATE", "IDENTITY")
-        eps = float(pre["config"].get("eps", eps))
+        eps = _eps(pre["config"], eps, checkpoint_dir / "policy_preprocessor.json")
         sources.append("policy_preprocessor.json")
     if post is not None and isinstance(post["config"].get("norm_map"), dict):
         action = post["config"]["norm_map"].get("ACTION", "IDENTITY")
-        eps = float(post["config"].get("eps", eps))
+        eps = _eps(post["config"], eps, checkpoint_dir / "policy_postprocessor.json")
         sources.append("policy_postprocessor.json")
     if isinstance(mapping, dict) and (state is None or action is None):
         state = state or mapping.get("STATE", "IDENTITY")
@@ -145,8 +153,13 @@ def camera_features(checkpoint_dir: Path) -> list[str]:
     `empty_cameras` LeRobot adds (`observation.images.empty_camera_<i>`, never fed: always masked)."""
     config = read_config(checkpoint_dir)
     features = config.get("input_features") or {}
+    empty = config.get("empty_cameras") or 0
+    if not isinstance(features, dict) or isinstance(empty, bool) or not isinstance(empty, int) or empty < 0:
+        raise CheckpointError(f"{Path(checkpoint_dir) / 'config.json'}: input_features must be an object and "
+                              f"empty_cameras a count (got {type(features).__name__}, {empty!r}); restore the "
+                              "checkpoint's config.json")
     names = [name for name, spec in features.items() if isinstance(spec, dict) and spec.get("type") == "VISUAL"]
-    for i in range(int(config.get("empty_cameras") or 0)):
+    for i in range(empty):
         name = f"{CAMERA_PREFIX}empty_camera_{i}"
         if name not in names:
             names.append(name)

@@ -14,6 +14,7 @@ Only the first `len(stats)` dims are touched, which are the robot's real dims.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,6 +22,8 @@ import numpy as np
 
 from pi05_ros.engine.errors import CheckpointError
 from pi05_ros.engine.lerobot_files import normalization_modes, processor_step
+
+log = logging.getLogger(__name__)
 
 OPENPI_EPS = 1e-6
 LEROBOT_EPS = 1e-8
@@ -81,6 +84,20 @@ class NormStats:
                 raise CheckpointError(
                     f"{self.source or 'the norm stats'}: {feature} is normalized with {mode} but has no "
                     f"{'/'.join(missing)} statistics; give stats that have them, or choose another mode")
+            for k in _MODE_STATS[mode]:  # NaN or inf would pass into every state token or action silently
+                bad = np.flatnonzero(~np.isfinite(getattr(stats, k))).tolist()
+                if bad:
+                    raise CheckpointError(
+                        f"{self.source or 'the norm stats'}: {feature}.{k} has NaN/inf at index {bad[:8]}; "
+                        "recompute the norm stats")
+            if mode == IDENTITY:
+                continue
+            lo, hi = (getattr(stats, k) for k in _MODE_STATS[mode])
+            flat = np.flatnonzero(hi == 0) if mode == MEAN_STD else np.flatnonzero(hi == lo)
+            if flat.size:  # legitimate for a joint that never moved; said once, at load
+                log.warning("%s: %s has a zero %s at index %s: those values are divided by eps (%g)",
+                            self.source or "the norm stats", feature,
+                            "std" if mode == MEAN_STD else "range", flat[:8].tolist(), self.eps)
 
     @property
     def use_quantiles(self) -> bool:
@@ -138,7 +155,8 @@ def _stats_from_dict(raw: dict, name: str, path: Path) -> Stats:
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: norm stats for {name!r} must be an object of number lists")
     try:
-        fields = {k: np.asarray(raw[k], dtype=np.float32).reshape(-1) for k in STAT_NAMES if k in raw}
+        with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, which NormStats then names
+            fields = {k: np.asarray(raw[k], dtype=np.float32).reshape(-1) for k in STAT_NAMES if k in raw}
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: norm stats for {name!r} are not numeric arrays ({exc})") from exc
     if not fields:

@@ -142,6 +142,25 @@ class RawObservation:
     rtc: RtcRequest | None = None  # real-time chunking toward the previous chunk (as in infer)
 
 
+def _check_dof(dof: int, model_action_dim: int, stats: NormStats) -> None:
+    """The robot's action columns: within the model's, and each one un-normalized by the norm stats (a column
+    beyond them would come back in model units, about +-1, not the robot's)."""
+    if not 1 <= dof <= model_action_dim:
+        raise CheckpointError(f"action_dim {dof} must be within 1..{model_action_dim} (the model's action width); "
+                              f"the norm stats ({stats.source or 'given'}) describe {stats.actions.dim} action "
+                              "columns")
+    if dof > stats.actions.dim:
+        raise CheckpointError(f"action_dim {dof} is more than the {stats.actions.dim} action columns the norm stats "
+                              f"({stats.source or 'given'}) describe: the extra columns would not be un-normalized; "
+                              "give the robot's action_dim or norm stats for every column")
+
+
+def _vocab_message(tokenizer_vocab: int, model_vocab: int) -> str:
+    return (f"the tokenizer has {tokenizer_vocab} pieces but the model's embedding table has {model_vocab} rows: "
+            "its token ids would index past the table. Use the checkpoint's own tokenizer (PaliGemma's "
+            "paligemma_tokenizer.model for Pi0.5)")
+
+
 class Policy:
     """Pi0.5 with its tokenizer and norm stats; see the module docstring."""
 
@@ -168,8 +187,9 @@ class Policy:
         self.precision = precision
         self.runner: Runner = runner or ReferenceRunner(model)
         self.action_dof = int(action_dim or norm_stats.actions.dim)
-        if not 1 <= self.action_dof <= self.config.action_dim:
-            raise CheckpointError(f"action_dim {self.action_dof} must be within 1..{self.config.action_dim}")
+        _check_dof(self.action_dof, self.config.action_dim, norm_stats)
+        if tokenizer.vocab_size > self.config.vocab_size:
+            raise CheckpointError(_vocab_message(tokenizer.vocab_size, self.config.vocab_size))
         self.state_dim = norm_stats.state.dim
         self.conventions = conventions or default_conventions(self.config.name, self.config.image_keys,
                                                               self.config.prompt_format, self.config.max_state_dim)
@@ -237,7 +257,10 @@ class Policy:
         conventions = resolve_conventions(info, prompt_format=prompt_format, image_resize=image_resize)
         stats = resolve_norm_stats(info.path, info.format, norm_stats, use_quantiles)
         tok = PromptTokenizer(tokenizer, info.config.max_token_len, conventions.prompt_format != PI0)
+        if tok.vocab_size > info.config.vocab_size:
+            raise CheckpointError(_vocab_message(tok.vocab_size, info.config.vocab_size))
         dof = int(action_dim or stats.actions.dim)
+        _check_dof(dof, info.config.action_dim, stats)
         space, why = resolve_action_space(conventions, dof, action_space, action_space_mask)
         space.check_state(stats.state.dim)
         model, info = load_model(checkpoint, config_preset=config_preset, device=dev,

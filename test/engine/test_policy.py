@@ -161,3 +161,79 @@ def test_load_and_demo_reject_an_unknown_expert_kernels_choice(golden_dir, tmp_p
         Policy.load(golden_dir, demo_tokenizer(tmp_path / "tok"), expert_kernels="fast")
     with pytest.raises(CheckpointError, match="expert_kernels must be one of auto, on, off"):
         Policy.demo(device="cpu", expert_kernels="fast")
+
+
+def test_files_that_would_load_a_silently_wrong_policy_are_refused(tiny_checkpoint: Path, tokenizer_path: Path,
+                                                                    tmp_path: Path, caplog) -> None:
+    """Each of these loaded and ran before, giving NaN, inf or wrong-unit actions, or an IndexError mid-inference."""
+    import json
+    import logging
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from pi05_ros.engine.config import TINY
+    from pi05_ros.engine.demo import random_model, write_checkpoint
+
+    def copy(name: str) -> Path:
+        return Path(shutil.copytree(tiny_checkpoint, tmp_path / name))
+
+    # weights stored as integers: a cast would have loaded them (actions up to 467 from an int32 projection)
+    ints = copy("ints")
+    tensors = load_file(str(ints / "model.safetensors"))
+    tensors["action_out_proj.weight"] = (tensors["action_out_proj.weight"] * 100).to(torch.int32)
+    save_file(tensors, str(ints / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="dtype: action_out_proj.weight is I32, expected a float type"):
+        Policy.load(ints, tokenizer_path, device="cpu")
+
+    # norm stats with NaN (or a value beyond float32) in a statistic the mode uses
+    stats_file = next(tiny_checkpoint.glob("assets/*/norm_stats.json"))
+    for value, shown in ((float("nan"), "NaN"), (1e39, "1e39")):
+        bad = json.loads(stats_file.read_text())
+        bad["norm_stats"]["actions"]["q99"][2] = value
+        path = tmp_path / f"stats_{shown}.json"
+        path.write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match=r"actions.q99 has NaN/inf at index \[2\]; recompute"):
+            Policy.load(tiny_checkpoint, tokenizer_path, device="cpu", norm_stats=path)
+    # a zero range is legitimate (a joint that never moved) and is said once, at load
+    flat = json.loads(stats_file.read_text())
+    flat["norm_stats"]["state"]["q99"][1] = flat["norm_stats"]["state"]["q01"][1]
+    (tmp_path / "flat.json").write_text(json.dumps(flat))
+    with caplog.at_level(logging.WARNING, logger="pi05_ros.engine.normalize"):
+        Policy.load(tiny_checkpoint, tokenizer_path, device="cpu", norm_stats=tmp_path / "flat.json")
+    assert any("state has a zero range at index [1]" in r.getMessage() for r in caplog.records)
+
+    # more action columns than the norm stats describe: the extra ones would stay in model units
+    dof = len(json.loads(stats_file.read_text())["norm_stats"]["actions"]["q99"])
+    with pytest.raises(CheckpointError, match=f"action_dim {dof + 2} is more than the {dof} action columns"):
+        Policy.load(tiny_checkpoint, tokenizer_path, device="cpu", action_dim=dof + 2)
+
+    # a tokenizer whose ids run past the model's embedding table (an IndexError at the first inference)
+    small = write_checkpoint(random_model(TINY.replace(vocab_size=300), seed=1), tmp_path / "vocab300")
+    with pytest.raises(CheckpointError, match="the tokenizer has 400 pieces but the model's embedding table has 300"):
+        Policy.load(small, tokenizer_path, device="cpu")
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"action_horizon": "ten"}, "action_horizon must be a positive integer, got 'ten'"),
+    ({"action_horizon": None}, "action_horizon must be a positive integer, got None"),
+    ({"action_horizon": 10.7}, "action_horizon must be a positive integer, got 10.7"),
+    ({"action_horizon": 0}, "action_horizon must be a positive integer, got 0"),
+    ({"max_token_len": -5}, "max_token_len must be a positive integer, got -5"),
+    ({"chunk_size": True}, "chunk_size must be a positive integer, got True"),
+    ({"image_keys": "base_0_rgb"}, "image_keys must be a list of camera slot names, got 'base_0_rgb'"),
+    ({"tiny": {"vision": 3}}, "config.json: .*restore the checkpoint's config.json"),
+])
+def test_config_json_fields_of_the_wrong_type_are_named(tiny_checkpoint: Path, tmp_path: Path, change: dict,
+                                                        message: str) -> None:
+    import json
+    import shutil
+
+    from pi05_ros.engine.checkpoint import load_model
+
+    broken = Path(shutil.copytree(tiny_checkpoint, tmp_path / "cfg"))
+    config = json.loads((broken / "config.json").read_text())
+    config.update(change)
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=message):
+        load_model(broken)
