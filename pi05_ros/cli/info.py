@@ -65,7 +65,9 @@ def _conventions(conventions: Conventions, stats: NormStats | None, args: argpar
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pi05-info", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="checkpoint directory or its model.safetensors")
-    parser.add_argument("--config-preset", default=None, help="pi05, pi05_droid, pi05_libero or tiny")
+    parser.add_argument("--config-preset", default=None,
+                        help="the preset config.json is laid over: pi05, pi05_droid, pi05_droid_joint_position, "
+                             "pi05_aloha, pi05_libero or tiny")
     parser.add_argument("--norm-stats", default=None,
                         help="check this norm_stats.json, LeRobot .safetensors or asset id instead of the one found")
     parser.add_argument("--prompt-format", default=None, help="pi05, pi05_padded or pi0 instead of the checkpoint's")

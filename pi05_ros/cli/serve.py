@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--demo", action="store_true", help="serve the built-in random-weight demo model")
     model.add_argument("--norm-stats", help="norm_stats.json, LeRobot processor .safetensors or asset id")
     model.add_argument("--config-preset",
-                       help="pi05, pi05_droid, pi05_libero or tiny (for checkpoints without config.json)")
+                       help="the preset config.json is laid over: pi05, pi05_droid, "
+                            "pi05_droid_joint_position, pi05_aloha, pi05_libero or tiny")
     model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     model.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp8")
     model.add_argument("--action-dim", type=int, help="the robot's action columns (default: the norm stats')")

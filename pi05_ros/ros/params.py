@@ -83,9 +83,9 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "checkpoint.", _S),
     ParamSpec("norm_stats", "", "norm_stats.json path, or the asset id under <checkpoint>/assets/. Empty: the "
               "checkpoint's only assets/*/norm_stats.json.", _S),
-    ParamSpec("config_preset", "", "Model preset when the checkpoint has no config.json: pi05, pi05_droid, "
-              "pi05_libero or tiny. Empty: from the checkpoint.", _S,
-              constraints="'', pi05, pi05_droid, pi05_libero, tiny"),
+    ParamSpec("config_preset", "", "The preset the checkpoint's config.json is laid over: pi05, pi05_droid, "
+              "pi05_droid_joint_position, pi05_aloha, pi05_libero or tiny. Empty: pi05 (tiny for tiny checkpoints).",
+              _S, constraints="'', pi05, pi05_droid, pi05_droid_joint_position, pi05_aloha, pi05_libero, tiny"),
     ParamSpec("demo", False, "Run the built-in random-weight model even if a checkpoint is set (tiny on CPU, "
               "full size on a GPU). Its actions are meaningless: never drive a robot with it.", _B),
     ParamSpec("device", "auto", "Torch device: auto (cuda if present), cpu, cuda or cuda:N.", _S),
