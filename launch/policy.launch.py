@@ -37,7 +37,8 @@ ARGUMENTS: dict[str, tuple[object, str]] = {
                            "params_file"),
     "policy_server_url": ("", "remote: the policy server's websocket URL; empty: from params_file"),
     "namespace": ("", "namespace of the nodes (and so of their relative topics)"),
-    "demo": ("false", "true: run the random-weight demo model and start demo_sources for synthetic inputs"),
+    "demo": ("", "true: run the random-weight demo model and start demo_sources for synthetic inputs; false: "
+                 "neither, whatever params_file says; empty: from params_file (demo_sources not started)"),
     "autostart": ("true", "true: configure and activate the node from this launch file; false: leave it "
                           "unconfigured for a lifecycle manager"),
 }
@@ -56,10 +57,14 @@ def _launch_nodes(context: LaunchContext) -> list[object]:
         if value(name):
             overrides[name] = value(name)
     if value("denoise_steps"):
-        overrides["denoise_steps"] = int(value("denoise_steps"))
+        try:
+            overrides["denoise_steps"] = int(value("denoise_steps"))
+        except ValueError:
+            raise ValueError(f"launch argument denoise_steps must be an integer in 1..100, got "
+                             f"{value('denoise_steps')!r}") from None
     demo = _is_true(value("demo"))
-    if demo:
-        overrides["demo"] = True
+    if value("demo"):
+        overrides["demo"] = demo
 
     namespace = value("namespace")
     # The launch file drives the transitions (or a manager does), never the node itself: see the docstring.

@@ -66,9 +66,15 @@ def blend(settings: BlendSettings, old: Blended | None, new: np.ndarray, j: int)
     if strategy == TEMPORAL_ENSEMBLE:
         if old is None:
             return Blended(new.copy(), 1, new.copy(), 1.0)
-        w = ensemble_weight(old.predictions, settings.ensemble_decay)
-        total = (old.weighted_sum if old.weighted_sum is not None else old.value * old.weight_sum) + w * new
-        weight = old.weight_sum + w
+        decay = settings.ensemble_decay
+        previous = old.weighted_sum if old.weighted_sum is not None else old.value * old.weight_sum
+        if decay >= 0:  # weights e^(-m i) shrink: kept as they are
+            w = ensemble_weight(old.predictions, decay)
+            total, weight = previous + w * new, old.weight_sum + w
+        else:  # weights grow (newer counts more): the sums are kept relative to the newest weight, which is 1,
+            # since e^(-m i) itself overflows a float past i = 709 / |m| (71 predictions at m = -10)
+            shrink = math.exp(decay)
+            total, weight = previous * shrink + new, old.weight_sum * shrink + 1.0
         return Blended(total / weight, old.predictions + 1, total, weight)
     if old is None or strategy in (REPLACE, RTC):
         return Blended(new.copy())

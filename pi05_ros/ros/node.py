@@ -756,7 +756,13 @@ class PolicyNode(LifecycleNode):
         if self.worker is not None:
             self.worker.wake()
         for parameter in changed:
-            self.get_logger().info(f"{parameter.name} = {parameter.value!r} from the next inference")
+            when = "from the next chunk merged" if parameter.name in BLEND_PARAMETERS else "from the next inference"
+            self.get_logger().info(f"{parameter.name} = {parameter.value!r} {when}")
+
+
+# The stream hand-over's parameters: used when a chunk is merged into the queue, so a change applies to the next
+# chunk merged (possibly one inferred before the change), not only to the next inference's.
+BLEND_PARAMETERS = ("blend", "crossfade_actions", "weighted_average_new_weight", "temporal_ensemble_decay")
 
 
 def _blend_settings(runtime: RuntimeSettings) -> BlendSettings:

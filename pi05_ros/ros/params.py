@@ -294,6 +294,12 @@ def declare_parameters(node: Node) -> NodeConfig:
         raise ConfigError("parameter `cameras` is empty; list at least one camera input, e.g. [base_image]")
     if len(set(cameras)) != len(cameras):
         raise ConfigError(f"parameter `cameras` names a camera twice: {list(cameras)}")
+    for name in ("state_joint_names", "action_joint_names"):
+        joints = list(values[name])
+        twice = sorted({j for j in joints if joints.count(j) > 1})
+        if twice:
+            raise ConfigError(f"parameter `{name}` names joint(s) {twice} more than once: {joints}; each joint "
+                              "once, in the model's order")
     camera_configs = []
     for camera in cameras:
         slot_spec, transport_spec, max_width_spec, max_height_spec = camera_parameters(camera)

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from pi05_ros.execution.blend import BlendSettings, crossfade_weight, ensemble_weight
+from pi05_ros.execution.blend import BlendSettings, blend, crossfade_weight, ensemble_weight
 from pi05_ros.execution.plan import CommandColumns, PlannedChunk
 from pi05_ros.execution.queue import StreamQueue
 
@@ -77,6 +77,22 @@ def test_weighted_average_is_0_3_old_plus_0_7_new_and_compounds() -> None:
     q2.merge(chunk(0, [1.0] * 3), 1, other)
     q2.merge(chunk(0, [3.0] * 3), 1, other)
     assert drain(q2, 1, 1) == [2.0]
+
+
+@pytest.mark.parametrize("decay", [-10.0, -0.3, 10.0])
+def test_temporal_ensemble_runs_for_as_many_predictions_as_a_fast_node_makes(decay: float) -> None:
+    """At 30 Hz and 50 actions a target is predicted ~70 times: e^(-m i) overflowed a float at m = -10 from the
+    71st (an OverflowError out of every merge: no chunk reached the queue); the mean is the same weighted one."""
+    settings = BlendSettings("temporal_ensemble", ensemble_decay=decay)
+    value = None
+    predictions = [float(i % 7) for i in range(300)]
+    for i, prediction in enumerate(predictions):
+        value = blend(settings, value, np.array([prediction]), i)
+    assert value.predictions == 300 and np.isfinite(value.value).all()
+    # the exact weighted mean, from the weights relative to the heaviest (which never overflow)
+    exponents = -decay * np.arange(300)
+    weights = np.exp(exponents - exponents.max())
+    assert value.value[0] == pytest.approx(float(np.dot(weights, predictions) / weights.sum()), rel=1e-9)
 
 
 @pytest.mark.parametrize("decay", [0.01, 0.5, -0.3, 0.0])

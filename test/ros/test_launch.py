@@ -118,7 +118,7 @@ def launch_module(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
 
 def _nodes(module: types.ModuleType, **configuration: str) -> list[Any]:
     defaults = {"checkpoint": "", "tokenizer": "", "params_file": "/cfg/pi05.yaml", "denoise_steps": "",
-                "precision": "", "namespace": "", "demo": "false", "autostart": "true", "policy_backend": "",
+                "precision": "", "namespace": "", "demo": "", "autostart": "true", "policy_backend": "",
                 "policy_server_url": ""}
     context = types.SimpleNamespace(launch_configurations={**defaults, **configuration})
     description = module.generate_launch_description()
@@ -132,7 +132,7 @@ def test_description_declares_arguments_with_descriptions(launch_module: types.M
     assert set(declared) == EXPECTED_ARGUMENTS
     for name, kwargs in declared.items():
         assert len(kwargs["description"]) > 10, name
-    assert declared["demo"]["default_value"] == "false"
+    assert declared["demo"]["default_value"] == ""  # empty: the params file decides
     share = declared["params_file"]["default_value"]  # PathJoinSubstitution([FindPackageShare, config, file])
     assert share.args[0][0].args == ("pi05_ros",) and share.args[0][1:] == ["config", "pi05.yaml"]
 
@@ -182,6 +182,11 @@ def test_arguments_become_typed_parameter_overrides(launch_module) -> None:
     assert set(overrides) <= declared
     assert sources.kwargs["executable"] == "demo_sources" and sources.kwargs["namespace"] == "arm"
     assert policy.kwargs["namespace"] == "arm"
+    # demo:=false overrides a params file that says demo: true (and starts no demo_sources)
+    (policy,) = _of(_nodes(launch_module, demo="false"), "LifecycleNode")
+    assert policy.kwargs["parameters"][1] == {"demo": False, "autostart": False}
+    with pytest.raises(ValueError, match="launch argument denoise_steps must be an integer in 1..100, got '5.0'"):
+        _nodes(launch_module, denoise_steps="5.0")
     remote = _nodes(launch_module, policy_backend="remote", policy_server_url="ws://gpu-host:8000/pi05_ros")
     (policy,) = _of(remote, "LifecycleNode")
     assert policy.kwargs["parameters"][1] == {"policy_backend": "remote",
