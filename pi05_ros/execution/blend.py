@@ -57,6 +57,7 @@ class Blended:
     predictions: int = 1
     weighted_sum: np.ndarray | None = None  # sum_i w_i a_i (temporal_ensemble)
     weight_sum: float = 1.0
+    relative: bool = False  # the sums are relative to the newest weight (a negative decay), not absolute
 
 
 def blend(settings: BlendSettings, old: Blended | None, new: np.ndarray, j: int) -> Blended:
@@ -65,17 +66,21 @@ def blend(settings: BlendSettings, old: Blended | None, new: np.ndarray, j: int)
     strategy = settings.strategy
     if strategy == TEMPORAL_ENSEMBLE:
         if old is None:
-            return Blended(new.copy(), 1, new.copy(), 1.0)
+            return Blended(new.copy(), 1, new.copy(), 1.0, settings.ensemble_decay < 0)
         decay = settings.ensemble_decay
-        previous = old.weighted_sum if old.weighted_sum is not None else old.value * old.weight_sum
-        if decay >= 0:  # weights e^(-m i) shrink: kept as they are
+        relative = decay < 0
+        if old.weighted_sum is None or old.relative != relative:
+            # blended by another strategy, or its sums kept on the other scale (the decay's sign changed at run
+            # time): the value queued so far counts as the first prediction of a new ensemble
+            old = Blended(old.value.copy(), 1, old.value.copy(), 1.0, relative)
+        if not relative:  # weights e^(-m i) shrink: kept as they are
             w = ensemble_weight(old.predictions, decay)
-            total, weight = previous + w * new, old.weight_sum + w
+            total, weight = old.weighted_sum + w * new, old.weight_sum + w
         else:  # weights grow (newer counts more): the sums are kept relative to the newest weight, which is 1,
             # since e^(-m i) itself overflows a float past i = 709 / |m| (71 predictions at m = -10)
             shrink = math.exp(decay)
-            total, weight = previous * shrink + new, old.weight_sum * shrink + 1.0
-        return Blended(total / weight, old.predictions + 1, total, weight)
+            total, weight = old.weighted_sum * shrink + new, old.weight_sum * shrink + 1.0
+        return Blended(total / weight, old.predictions + 1, total, weight, relative)
     if old is None or strategy in (REPLACE, RTC):
         return Blended(new.copy())
     if strategy == CROSSFADE:

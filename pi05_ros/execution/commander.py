@@ -362,6 +362,8 @@ class StreamCommander(Commander):
         with self.stats.lock:
             self.stats.skipped_late_total += report.skipped_late
             self.stats.skipped_late_last = report.skipped_late
+            if report.merged == 0:  # all of it late, or observed before a chunk already queued
+                self.stats.no_action_left += 1
 
     def on_tick(self, tick_ns: int, situation: Situation) -> PointCommand | None:
         target_ns = tick_ns + self.dt_ns

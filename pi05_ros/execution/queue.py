@@ -45,13 +45,16 @@ class StreamQueue:
         self._joints = joints
         self._lock = threading.Lock()
         self._entries: dict[int, tuple[Blended, int, int]] = {}  # index -> (blended, t_obs_ns, sequence)
+        self._newest_t_obs_ns: int | None = None  # of the chunks merged since the last clear
 
     def next_target(self, now_ns: int) -> int:
         """The target of the next tick that runs after `now_ns` (tick m = now // P + 1, target m + 1)."""
         return now_ns // self.period_ns + 2
 
     def merge(self, chunk: PlannedChunk, first_index: int, settings: BlendSettings) -> MergeReport:
-        """Blend `chunk` into the targets from `first_index` on (see the module docstring)."""
+        """Blend `chunk` into the targets from `first_index` on (see the module docstring). A chunk observed
+        before one already merged changes nothing (its stamp came out of order: it would overwrite newer targets
+        with older ones and drop the newer tail): its report says merged 0."""
         period = self.period_ns
         start_of_first_period = (first_index - 1) * period
         skipped = sum(1 for k in range(chunk.horizon) if chunk.due_ns(k) <= start_of_first_period)
@@ -59,6 +62,9 @@ class StreamQueue:
         high = chunk.last_due_ns // period
         merged = 0
         with self._lock:
+            if self._newest_t_obs_ns is not None and chunk.t_obs_ns < self._newest_t_obs_ns:
+                return MergeReport(first_index, 0, skipped, 0)
+            self._newest_t_obs_ns = chunk.t_obs_ns
             dropped = [n for n in self._entries if n > high]
             for n in dropped:
                 del self._entries[n]
@@ -89,6 +95,7 @@ class StreamQueue:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._newest_t_obs_ns = None
 
     def __len__(self) -> int:
         with self._lock:

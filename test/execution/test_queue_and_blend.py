@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from pi05_ros.execution.blend import BlendSettings, blend, crossfade_weight, ensemble_weight
+from pi05_ros.execution.blend import Blended, BlendSettings, blend, crossfade_weight, ensemble_weight
 from pi05_ros.execution.plan import CommandColumns, PlannedChunk
 from pi05_ros.execution.queue import StreamQueue
 
@@ -124,3 +124,32 @@ def test_between_grid_points_the_chunk_is_interpolated() -> None:
     queue.merge(chunk(P // 2, np.arange(6.0)), 1, BlendSettings())  # due at 75, 125, ... ms
     assert drain(queue, 2, 3) == [0.5, 1.5, 2.5]
     assert queue.pending(0) == [] or queue.pending(0)[0].index > 4
+
+
+def test_a_chunk_observed_before_one_already_queued_changes_nothing() -> None:
+    """Stamps can come out of order (a topic's messages arriving out of stamp order, the stamp rule switching
+    between header and arrival time): the older chunk would overwrite newer targets and drop the newer tail."""
+    queue = StreamQueue(P, 1)
+    queue.merge(chunk(100 * P, [2.0] * 10, sequence=2), 102, BlendSettings())
+    before = [(c.index, float(c.positions[0]), c.sequence) for c in queue.pending(0)]
+    report = queue.merge(chunk(95 * P, [1.0] * 10, sequence=1), 102, BlendSettings())
+    assert report.merged == 0 and report.dropped == 0
+    assert [(c.index, float(c.positions[0]), c.sequence) for c in queue.pending(0)] == before
+    queue.clear()  # a hold or a reactivation starts over: any stamp is taken again
+    assert queue.merge(chunk(95 * P, [1.0] * 10, sequence=1), 97, BlendSettings()).merged > 0
+
+
+def test_a_temporal_ensemble_restarts_from_the_queued_value_when_its_weights_change_scale() -> None:
+    """The decay's sign changed at run time, or the value was blended by another strategy: the sums kept so far are
+    on another scale, so the queued value counts as the first prediction of a new ensemble."""
+    values = [np.array([v]) for v in (1.0, 0.0, 0.0, 0.0, 0.0)]
+    old = None
+    for v in values[:4]:
+        old = blend(BlendSettings("temporal_ensemble", ensemble_decay=-1.0), old, v, 0)
+    after = blend(BlendSettings("temporal_ensemble", ensemble_decay=1.0), old, values[4], 0)
+    fresh = blend(BlendSettings("temporal_ensemble", ensemble_decay=1.0),
+                  blend(BlendSettings("temporal_ensemble", ensemble_decay=1.0), None, old.value, 0), values[4], 0)
+    assert after.value[0] == pytest.approx(fresh.value[0], rel=1e-12) and after.predictions == 2
+    averaged = blend(BlendSettings("weighted_average", new_weight=0.5), Blended(np.array([0.0])), np.array([1.0]), 0)
+    ensemble = blend(BlendSettings("temporal_ensemble", ensemble_decay=0.0), averaged, np.array([1.0]), 0)
+    assert ensemble.value[0] == pytest.approx((0.5 + 1.0) / 2)  # two predictions of equal weight: 0.5 and 1.0
