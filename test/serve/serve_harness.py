@@ -124,6 +124,21 @@ class OneThreadPolicy:
             torch.set_num_threads(threads)
 
 
+def assert_remote_equals_local(url: str, local_policy: OneThreadPolicy, num_steps: int, seed: int) -> None:
+    """One random observation (its noise given) through RemotePolicy at `url` gets the actions `local_policy` gives:
+    float32 on both sides at batch 1, so within 1e-5."""
+    from pi05_ros.serve.client import RemotePolicy
+
+    rng = np.random.default_rng(seed)
+    images = {"base_0_rgb": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)}
+    state = rng.uniform(-2, 2, 8).astype(np.float32)
+    noise = rng.standard_normal((10, 32)).astype(np.float32)
+    with RemotePolicy(url, timeout_s=120) as remote:
+        chunk = remote.infer(images, state, "put the cup in the sink", num_steps, noise=noise)
+    local = local_policy.infer(images, state, "put the cup in the sink", num_steps, noise=noise)
+    np.testing.assert_allclose(chunk.actions, local.actions, rtol=1e-5, atol=1e-5)
+
+
 def run_openpi_client(python: str | Path, uri: str, plan: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
     """Run openpi_driver.py (the real openpi client, in the peer venv of scripts/peers.sh) with `plan`; returns
     what it recorded. A clean environment: nothing of the project's venv or ROS overlay reaches the client."""

@@ -8,13 +8,9 @@ import signal
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from serve_harness import OneThreadPolicy, ServerProcess, free_port
+from serve_harness import OneThreadPolicy, ServerProcess, assert_remote_equals_local, free_port
 
-from pi05_ros.serve.client import RemotePolicy
-
-RTOL = ATOL = 1e-5  # float32, batch 1 on both sides
 NUM_STEPS = 3
 STOP_TIMEOUT_S = 60.0  # Serve removes its replica and the proxy, then Ray's processes end (~5 s here)
 
@@ -26,14 +22,7 @@ def test_the_ray_command_serves_and_stops_on_sigint(model_args: list[str], local
     server = ServerProcess([*model_args, "--ray", "--num-steps", str(NUM_STEPS)], cwd=tmp_path, env=env, port=port)
     try:
         assert server.port == port
-        rng = np.random.default_rng(51)
-        images = {"base_0_rgb": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)}
-        state = rng.uniform(-2, 2, 8).astype(np.float32)
-        noise = rng.standard_normal((10, 32)).astype(np.float32)
-        with RemotePolicy(f"ws://127.0.0.1:{port}", timeout_s=120) as remote:
-            chunk = remote.infer(images, state, "put the cup in the sink", NUM_STEPS, noise=noise)
-        local = local_policy.infer(images, state, "put the cup in the sink", NUM_STEPS, noise=noise)
-        np.testing.assert_allclose(chunk.actions, local.actions, rtol=RTOL, atol=ATOL)
+        assert_remote_equals_local(f"ws://127.0.0.1:{port}", local_policy, NUM_STEPS, seed=51)
     except BaseException:
         server.stop()
         raise

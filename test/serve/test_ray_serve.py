@@ -13,9 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from serve_harness import OneThreadPolicy, droid_observation, free_port, run_openpi_client
+from serve_harness import (
+    OneThreadPolicy,
+    assert_remote_equals_local,
+    droid_observation,
+    free_port,
+    run_openpi_client,
+)
 
-from pi05_ros.serve.client import RemotePolicy
 from pi05_ros.serve.layouts import BUILT_IN
 from pi05_ros.serve.service import PolicySpec, ServeSettings
 
@@ -93,14 +98,7 @@ def test_the_openpi_client_through_ray(ray_port: int, prefix: str, local_policy:
 
 
 def test_remote_policy_through_ray(ray_port: int, local_policy: OneThreadPolicy) -> None:
-    rng = np.random.default_rng(50)
-    images = {"base_0_rgb": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)}
-    state = rng.uniform(-2, 2, 8).astype(np.float32)
-    noise = rng.standard_normal((10, 32)).astype(np.float32)
-    with RemotePolicy(f"ws://127.0.0.1:{ray_port}", timeout_s=120) as remote:
-        chunk = remote.infer(images, state, "put the cup in the sink", NUM_STEPS, noise=noise)
-    local = local_policy.infer(images, state, "put the cup in the sink", NUM_STEPS, noise=noise)
-    np.testing.assert_allclose(chunk.actions, local.actions, rtol=RTOL, atol=ATOL)
+    assert_remote_equals_local(f"ws://127.0.0.1:{ray_port}", local_policy, NUM_STEPS, seed=50)
 
 
 def test_a_wrong_warm_up_count_fails_in_the_driver_before_ray_starts(monkeypatch: pytest.MonkeyPatch) -> None:
