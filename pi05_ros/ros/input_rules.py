@@ -57,12 +57,16 @@ class FrameBounds:
         return self.max_width * self.max_height * 3
 
 
+def _byte_view(data: bytes | bytearray | memoryview) -> memoryview:
+    return memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
+
+
 def compressed_size_before_decoding(data: bytes | bytearray | memoryview, bounds: FrameBounds) -> tuple[int, int]:
     """(width, height) of a compressed frame from its header, checked against `bounds`, before it is decoded.
     The decoder goes by the data, not the message's format field, so the header is read in the format the data's
     first bytes say; data that is not PNG or JPEG, or whose header gives no size, is refused here (it would be
     decoded whole first: a 140 KB PNG can hold 12000x12000 pixels)."""
-    head = bytes(memoryview(data).cast("B")[:8]) if not isinstance(data, memoryview) else bytes(data.cast("B")[:8])
+    head = bytes(_byte_view(data)[:8])
     kind = "png" if head == _PNG_SIGNATURE else "jpeg" if head[:2] == b"\xff\xd8" else None
     if kind is None:
         raise ConversionError("the compressed frame's data is neither PNG nor JPEG (its first bytes "
@@ -79,7 +83,7 @@ def compressed_size_before_decoding(data: bytes | bytearray | memoryview, bounds
 def compressed_frame_size(data: bytes | bytearray | memoryview, kind: str) -> tuple[int, int] | None:
     """(width, height) from the header of a PNG or JPEG (`kind` 'png' or 'jpeg'), without decoding it; None when
     the header does not say (not that format, truncated, or a JPEG whose height comes later in a DNL marker)."""
-    view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
+    view = _byte_view(data)
     if kind == "png":
         # signature, then the IHDR chunk: length (4), "IHDR" (4), width (4), height (4), big-endian
         if len(view) < 24 or bytes(view[:8]) != _PNG_SIGNATURE or bytes(view[12:16]) != b"IHDR":

@@ -67,9 +67,13 @@ class ObservationCollector:
             elif state.age_s is None:
                 problems.append(Problem(Level.WARN, ProblemCode.MISSING_INPUT, f"no usable message yet on '{topic}'",
                                         buffer.name))
-            elif not -CLOCK_BACK_TOLERANCE_S <= state.age_s <= self._max_age:
+            elif not self._fresh(state.age_s):
                 problems.append(self._stale(topic, buffer.name, state.age_s))
         return tuple(problems)
+
+    def _fresh(self, age_s: float) -> bool:
+        """Young enough, and not from before a backward jump of the clock (a negative age)."""
+        return -CLOCK_BACK_TOLERANCE_S <= age_s <= self._max_age
 
     def _stale(self, topic: str, name: str, age_s: float) -> Problem:
         if age_s < 0:  # received "later" than now: messages from before a jump say nothing about the inputs now
@@ -99,7 +103,7 @@ class ObservationCollector:
                                         buffer.name))
                 continue
             age = (now_ns - sample.received_ns) / 1e9
-            if not -CLOCK_BACK_TOLERANCE_S <= age <= self._max_age:
+            if not self._fresh(age):
                 problems.append(self._stale(topic, buffer.name, age))
                 continue
             stamps.append(sample.stamp_ns)
