@@ -113,7 +113,7 @@ class RemotePolicy:
             raise RemotePolicyError(f"the policy server at {self.url} refused the connection: "
                                     f"HTTP {exc.response.status_code} "
                                     f"{exc.response.body.decode(errors='replace').strip()}") from exc
-        except (OSError, TimeoutError, InvalidURI, InvalidHandshake) as exc:  # the last: not a websocket server
+        except (OSError, TimeoutError, InvalidURI, InvalidHandshake, ConnectionClosed) as exc:  # not a ws server
             raise RemotePolicyError(f"cannot reach the policy server at {self.url} ({type(exc).__name__}: {exc}); "
                                     "is pi05-serve running there?") from exc
         try:
