@@ -97,6 +97,8 @@ VISION_MLP_FUSED = "fp8 prefix MLP + SigLIP MLP, fc1 GELU in its FP8 kernel"
 # the opt-in options together (FP8 beyond the default layers: over the plain fp8 budget, docs/benchmarks.md §70), with
 # SigLIP's MLP fused as fp8_vision takes it on Hopper
 ALL_OPTIONS = "all options: fp8 prefix all + SigLIP MLP fused"
+INDUCTOR_PDL = "inductor PDL"
+INDUCTOR_TUNING = "inductor coordinate descent"
 
 
 def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str,
@@ -150,11 +152,20 @@ def variants(policy: Policy, prepared: list, steps: int, iters: int, words: str,
             # both stacks on the flash kernel, either walk
             ("flash attention, skip walk", default, False, "flash", (), {}, {"walk": "skip"}),
             ("flash attention, runs walk", default, False, "flash", (), {}, {"walk": "runs"}),
+            # inductor options for the compiled stacks (vision, prefix, expert): programmatic dependent launch on its
+            # Triton kernels (each waits in-kernel for its predecessor, so its launch and prologue overlap the
+            # predecessor's tail; cuBLAS's GEMMs between them are launched without it), and coordinate-descent
+            # tuning of the pointwise and reduction kernels' block sizes
+            (INDUCTOR_PDL, default, False, "auto", (), {}, {"inductor": {"triton.enable_pdl": True}}),
+            (INDUCTOR_TUNING, default, False, "auto", (), {}, {"inductor": {"coordinate_descent_tuning": True}}),
+            (INDUCTOR_PDL + " + " + INDUCTOR_TUNING, default, False, "auto", (), {},
+             {"inductor": {"triton.enable_pdl": True, "coordinate_descent_tuning": True}}),
             # last: a max-autotune compile of a stack can take minutes (§15: 294 s)
             ("prefix layers max-autotune", default, False, "auto", ("prefix",), {}, {})):
         if baseline is not None and words and not any(word in name for word in words.split(",")):
             continue
         if not cuda and ("FlashAttention" in name or autotune or "flash" in name or "walk" in options
+                         or "inductor" in options
                          or "prefix_fused_mlp" in options):
             continue  # CUDA only (the Triton kernels run on the CPU only interpreted); the CPU run checks the rest
         fp8_only = name.startswith("fp8") or name == ALL_OPTIONS or "prefix_fused_mlp" in options
@@ -215,11 +226,21 @@ def _time_variant(name: str, layers: tuple[str, ...], vision: bool, attention: s
     # would run the earlier one's kernels (§72: a dynamic-shape entry served a static variant, 2 ms slower). Each
     # variant compiles its own (inductor's on-disk cache keeps that quick).
     torch._dynamo.reset()
+    inductor = options.pop("inductor", None)
     model = random_model(policy.config, seed=0, device=device, dtype=torch.bfloat16)
     pipe = Pi05Pipeline(model, policy.precision if cuda else "bf16", fp8_layers=layers, fp8_vision=vision,
                         attention=attention, max_batch=len(prepared), release_reference=True, use_graphs=cuda,
                         **options)
     del model
+    if inductor:  # the stacks compiled with these inductor options (an unknown option fails here, by name)
+        known = torch._inductor.config.get_config_copy()
+        unknown = [key for key in inductor if key not in known]
+        if unknown:
+            raise ValueError(f"inductor in torch {torch.__version__} has no option {unknown}")
+        for stack in ("vision", "prefix", "expert"):
+            setattr(pipe.fast, f"_{stack}_layer", torch.compile(getattr(blocks, f"{stack}_layer"),
+                                                                dynamic=None if stack == "prefix" else False,
+                                                                options=dict(inductor)))
     for stack in autotune:  # replaces compile()'s function before anything is compiled or captured
         setattr(pipe.fast, f"_{stack}_layer", torch.compile(getattr(blocks, f"{stack}_layer"),
                                                             dynamic=None if stack == "prefix" else False,

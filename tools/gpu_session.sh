@@ -15,6 +15,9 @@
 #   tests-kernels, tests-pipeline   the same tests in two halves of ~22 each (test_attention.py +
 #            test_expert_kernels.py; test_pipeline.py + test_worker.py), for a cold machine where all 44 do not fit
 #            one call   (580 each)
+#   inductor-options, inductor-options-1  tools/batch_stages_gpu.py --variants inductor at bucket 8 or 1: the vision,
+#            prefix and expert stacks compiled with programmatic dependent launch on inductor's Triton kernels, with
+#            coordinate-descent tuning of its pointwise/reduction kernels, and both, beside the baseline   (580)
 #   kernels  tools/expert_kernels_gpu.py --variants     (300): the denoise loop, default and options
 #   kernels-batch  tools/expert_kernels_gpu.py --batches (360): batches of 2-8 on the torch path and the kernels'
 #            batch shapes (which to make the default, and whether batches should run on the kernels at all)
@@ -85,7 +88,7 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:?usage: PI05_GIT_COMMIT=<hash> gpu_session.sh OUT_DIR STEP [STEP ...]}"
 shift
-STEPS="tests tests-kernels tests-pipeline kernels kernels-attention stream-floor gemm-chain geglu gelu vision-mlp residual-carry prefix-mlp options options-1 kernels-batch kernels-batch-k kernels-batch-gemms batch-tune geglu-deep attention attention-pipeline attention-sweep flash-walks batch batch-variants
+STEPS="tests tests-kernels tests-pipeline kernels kernels-attention stream-floor gemm-chain geglu gelu vision-mlp residual-carry prefix-mlp options options-1 inductor-options inductor-options-1 kernels-batch kernels-batch-k kernels-batch-gemms batch-tune geglu-deep attention attention-pipeline attention-sweep flash-walks batch batch-variants
 vision-variants serve serve-kernels bench bench-mlp soak-arrival soak-inference"  # the steps the loop at the end runs
 STEPS="${STEPS//$'\n'/ }"
 [[ $# -gt 0 ]] || { echo "gpu_session.sh: name at least one step: $STEPS" >&2; exit 2; }
@@ -159,6 +162,10 @@ for step in "$@"; do
       bucket=8; iters=20; [[ "$step" == options-1 ]] && { bucket=1; iters=30; }
       OUT="$OUT" run_step "$step" 580 "$PY" tools/batch_stages_gpu.py --buckets "$bucket" --iters "$iters" \
         --variants "all options,fp8 prefix all linears,prefix MLP:,SigLIP,residual carry,flash" ;;
+    inductor-options|inductor-options-1)
+      bucket=8; iters=20; [[ "$step" == inductor-options-1 ]] && { bucket=1; iters=30; }
+      OUT="$OUT" run_step "$step" 580 "$PY" tools/batch_stages_gpu.py --buckets "$bucket" --iters "$iters" \
+        --variants inductor ;;
     kernels) OUT="$OUT" run_step kernels 300 "$PY" tools/expert_kernels_gpu.py --variants ;;
     kernels-attention) OUT="$OUT" run_step kernels-attention 150 "$PY" tools/expert_kernels_gpu.py --attention ;;
     stream-floor) run_step stream-floor 180 "$PY" tools/stream_floor_gpu.py ;;
