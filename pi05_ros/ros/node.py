@@ -95,6 +95,7 @@ from pi05_ros.ros.params import (
     NodeConfig,
     declare_joint_limits,
     declare_parameters,
+    ignored_by_remote_backend,
     unused_joint_limit_overrides,
     unused_overrides,
     updated_runtime,
@@ -182,6 +183,11 @@ class PolicyNode(LifecycleNode):
                 f"ignored startup parameter(s) that {NODE_NAME} does not have: {shorten(', '.join(unused), 800)} "
                 "(a typo, a camera.<name>.* for a camera not in `cameras`, or another node's entry in a shared "
                 "params file)")
+        ignored = ignored_by_remote_backend(self)
+        if ignored:
+            self.get_logger().warning(
+                f"policy_backend is remote, so these local-model parameter(s) have no effect: {', '.join(ignored)}; "
+                "the policy server's model, conventions and noise apply (set them on pi05-serve, docs/serving.md)")
 
         if self.config.use_demo_model:
             why = "demo:=true" if self.config.demo else "no checkpoint parameter is set"

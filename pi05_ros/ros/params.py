@@ -16,7 +16,11 @@ from rcl_interfaces.msg import (
     IntegerRange,
     ParameterDescriptor,
 )
-from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
+from rclpy.exceptions import (
+    InvalidParameterTypeException,
+    InvalidParameterValueException,
+    ParameterUninitializedException,
+)
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
@@ -452,6 +456,34 @@ def unused_overrides(node: Node) -> list[str]:
     judged there (`unused_joint_limit_overrides`)."""
     return sorted(name for name in _startup_overrides(node)
                   if not node.has_parameter(name) and not name.startswith("joint_limits."))
+
+
+# What only a model loaded in this node reads: with policy_backend remote the server's model, conventions and noise
+# apply (pi05-serve's own options set them), so a value here would silently do nothing.
+LOCAL_MODEL_PARAMETERS = ("checkpoint", "tokenizer", "norm_stats", "config_preset", "demo", "device", "precision",
+                          "fp8_calibration_data", "cpu_threads", "seed", "prompt_format", "image_resize",
+                          "action_space", "action_space_mask")
+
+
+def ignored_by_remote_backend(node: Node) -> list[str]:
+    """The local-model parameters set to something other than their default while policy_backend is remote (they
+    have no effect there); empty with the local backend."""
+    if node.get_parameter("policy_backend").value != "remote":
+        return []
+    ignored = []
+    for name in LOCAL_MODEL_PARAMETERS:
+        try:
+            value = node.get_parameter(name).value
+        except ParameterUninitializedException:  # a list parameter left unset
+            continue
+        default = _SPECS_BY_NAME[name].default
+        if isinstance(value, (list, tuple)) or isinstance(default, (list, tuple)):
+            changed = list(value or []) != list(default or [])
+        else:
+            changed = value != default
+        if changed:
+            ignored.append(name)
+    return ignored
 
 
 def unused_joint_limit_overrides(node: Node) -> list[str]:

@@ -23,6 +23,7 @@ from pi05_ros.ros.params import (
     camera_parameters,
     declare_joint_limits,
     declare_parameters,
+    ignored_by_remote_backend,
     unused_joint_limit_overrides,
     unused_overrides,
     updated_runtime,
@@ -279,3 +280,18 @@ def test_prepare_views_auto_resizes_on_arrival_only_on_a_gpu(make_node) -> None:
     assert not in_inference.views_on_arrival("cuda")
     with pytest.raises(ConfigError, match="prepare_views is 'sometimes'; use one of auto, on_arrival, in_inference"):
         declare_parameters(make_node("-p", "prepare_views:=sometimes"))
+
+
+def test_local_model_parameters_set_with_a_remote_backend_are_named(make_node) -> None:
+    # the shipped params file holds the defaults: with it alone nothing is reported
+    shipped = make_node("--params-file", str(SOURCE_CONFIG), "-p", "policy_backend:=remote")
+    declare_parameters(shipped)
+    assert ignored_by_remote_backend(shipped) == []
+    remote = make_node("--params-file", str(SOURCE_CONFIG), "-p", "policy_backend:=remote",
+                       "-p", "checkpoint:=/ckpt", "-p", "precision:=bf16", "-p", "seed:=3",
+                       "-p", "action_space_mask:=[true, false]", "-p", "rate_hz:=5.0")
+    declare_parameters(remote)
+    assert ignored_by_remote_backend(remote) == ["checkpoint", "precision", "seed", "action_space_mask"]
+    local = make_node("-p", "checkpoint:=/ckpt", "-p", "precision:=bf16")
+    declare_parameters(local)
+    assert ignored_by_remote_backend(local) == []
