@@ -7,7 +7,8 @@ are dropped (JTC would jump onto the trajectory at `now` instead of blending int
 points due after t_obs + max_input_age_s + dt: no trajectory runs on stale data beyond that bound. At every
 control tick the commander checks the situation; when commanding must stop it publishes one hold (a one-point
 trajectory to the position the last trajectory commands now, stamp 0) with `on_stale: hold`, nothing with
-`stop` (JTC then ends the bounded trajectory and keeps its last point).
+`stop` (JTC then ends the bounded trajectory and keeps its last point). A chunk with no action left inside those
+bounds (it came too late) holds the same way and says so until a chunk runs.
 
 Stream mode (`execution: stream`): chunks merge into the StreamQueue; every tick publishes one command (the
 target at the end of the coming period). A tick without a fresh queued command (none, or one whose
@@ -15,9 +16,10 @@ observation is older than max_input_age_s + dt) holds: the last commanded positi
 `stop` it publishes nothing (refused at startup for a velocity interface: forward_command_controller keeps
 its last velocity).
 
-Every command passes the joint limits (limits.py). Counters and timings for /diagnostics are in
-ExecutionStats. No ROS imports; the node calls `on_chunk` from the inference thread and `on_tick` from the
-control loop.
+Every command passes the joint limits (limits.py). What was commanded is forgotten while commanding is off and
+when the ROS clock goes back, so the next command starts from the robot's own position. Counters and timings for
+/diagnostics are in ExecutionStats. No ROS imports; the node calls `on_chunk` from the inference thread and
+`on_tick` from the control loop.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ ON_STALE = (HOLD, STOP)
 # States shown on /diagnostics
 IDLE, WAITING, COMMANDING, HOLDING, STOPPED = "idle", "waiting for a chunk", "commanding", "holding", "stopped"
 WINDOW = 200  # timings and clip fractions over the last this many chunks / commands
+# The ROS clock going back by more than this (sim reset, looped bag) voids earlier commands (the inputs' own
+# tolerance, ros/observation.py: a wall clock's small steps do not)
+CLOCK_BACK_TOLERANCE_NS = 50_000_000
 FREQUENT_CLIPPING = 0.1  # more than this fraction of recent commands clipped: WARN
 
 
@@ -165,11 +170,25 @@ class Commander:
         self.reset()
 
     def reset(self) -> None:
-        """Forget every earlier command (on activation): the first command then starts from the measured or
-        observed position, at rest (the robot was held, or has not been commanded), so the acceleration limit
-        applies to it too; an earlier session's last command is no longer where the robot is."""
+        """Forget every earlier command (on activation, after the clock went back): the first command then starts
+        from the measured or observed position, at rest (the robot was held, or has not been commanded), so the
+        acceleration limit applies to it too; an earlier session's last command is no longer where the robot is."""
+        self.forget_commands()
+        self._latest_now_ns: int | None = None
+
+    def forget_commands(self) -> None:
+        """Forget what was commanded (while commanding is off: something else may move the robot meanwhile, so
+        the next command starts from the measured or observed position, at rest)."""
         self.last_positions = np.full(len(self.joints), np.nan)  # last commanded
         self.last_velocities = np.zeros(len(self.joints))
+
+    def _check_clock(self, now_ns: int) -> None:
+        """A ROS clock that went back (a simulation reset, a looped bag) voids every command planned in the old
+        times: what was commanded 'now' is another moment's, queued targets would come due again. Call with
+        self._lock held."""
+        if self._latest_now_ns is not None and now_ns < self._latest_now_ns - CLOCK_BACK_TOLERANCE_NS:
+            self.reset()
+        self._latest_now_ns = now_ns if self._latest_now_ns is None else max(self._latest_now_ns, now_ns)
 
     @property
     def blend_name(self) -> str:
@@ -228,29 +247,36 @@ class ChunkCommander(Commander):
                          interface=TRAJECTORY)
         self.command_margin_ns = command_margin_ns
 
-    def reset(self) -> None:
-        super().reset()
-        # The last published trajectory in absolute times, to know what the controller is commanding now.
+    def forget_commands(self) -> None:
+        super().forget_commands()
+        # What the controller runs since the last published trajectory, in absolute times: the hand-over point
+        # (where it was when that trajectory arrived) and the trajectory's points; it interpolates linearly
+        # between them (joint_trajectory_controller with positions only) and keeps the last.
         self._times: np.ndarray | None = None
         self._positions: np.ndarray | None = None
         self._held = False
+        self._late: str | None = None  # why the last chunk had no action to run (a WARN until one has)
 
     def commanded_at(self, t_ns: int) -> np.ndarray | None:
-        """The position the last published trajectory commands at `t_ns` (held at its ends)."""
+        """The position the controller is commanded at `t_ns` (held at the ends)."""
         if self._times is None or self._positions is None:
             return None
         return np.array([np.interp(t_ns, self._times, self._positions[:, j]) for j in range(len(self.joints))])
 
     def commanded_velocity_at(self, t_ns: int) -> np.ndarray | None:
-        """The last published trajectory's mean velocity over the period before `t_ns` (0 where it is held)."""
-        now, before = self.commanded_at(t_ns), self.commanded_at(t_ns - self.dt_ns)
-        if now is None or before is None:
+        """The commanded velocity at `t_ns`: the slope of the segment the controller runs then (0 where it holds)."""
+        if self._times is None or self._positions is None:
             return None
-        return (now - before) / self.dt_s
+        times = self._times
+        if len(times) < 2 or not times[0] <= t_ns < times[-1]:
+            return np.zeros(len(self.joints))
+        i = int(np.searchsorted(times, t_ns, side="right")) - 1  # times[i] <= t_ns < times[i + 1]
+        return (self._positions[i + 1] - self._positions[i]) / ((times[i + 1] - times[i]) / NS_PER_S)
 
     def on_chunk(self, chunk: PlannedChunk, situation: Situation, timing: ChunkTiming) -> TrajectoryCommand | None:
         now = situation.now_ns
         with self._lock:
+            self._check_clock(now)
             self.stats.chunk_timing(timing, chunk.t_obs_ns, now)
             first = chunk.first_index_after(now + self.command_margin_ns)
             last_allowed = chunk.t_obs_ns + self.max_input_age_ns + self.dt_ns
@@ -260,6 +286,7 @@ class ChunkCommander(Commander):
                 self.stats.skipped_late_last = first
             if not situation.commanding:
                 self._set_state(IDLE)
+                self.forget_commands()
                 return None
             if situation.stop_reason is not None:
                 return None  # on_tick holds (or stops); a chunk never overrides that
@@ -269,7 +296,19 @@ class ChunkCommander(Commander):
             if first >= end:
                 with self.stats.lock:
                     self.stats.no_action_left += 1
-                return None
+                # Every action was due before now + command_margin_s or after the stale bound: the observation
+                # was too old by the time its chunk came. Hold (or stop) as for stale input, and say why until a
+                # chunk runs again.
+                age_s = (now - chunk.t_obs_ns) / NS_PER_S
+                self._late = (f"no action of the last chunk is due between now + command_margin_s and its "
+                              f"observation + max_input_age_s + action_dt: the observation was {age_s:.2f} s old "
+                              f"when its chunk came (inference {timing.latency_s:.2f} s); raise max_input_age_s "
+                              "or make inference faster")
+                self._set_state(HOLDING if self.on_stale == HOLD else STOPPED, self._late)
+                if self._held or self.on_stale == STOP:
+                    return None
+                self._held = True
+                return self._hold(situation)
             desired = chunk.positions[first:end]
             # The controller replaces its trajectory now and moves from what it commands now to the first point,
             # due in `lead` (margin to margin + dt): the limits apply to that segment, from that velocity.
@@ -283,28 +322,35 @@ class ChunkCommander(Commander):
                                                   first_dt_s=lead_s)
             self.stats.clip(counts)
             times = tuple(int(chunk.due_ns(k) - chunk.t_obs_ns) for k in range(first, end))
-            self._times = np.array([chunk.t_obs_ns + t for t in times], dtype=np.float64)
-            self._positions = positions
+            self._times = np.array([now] + [chunk.t_obs_ns + t for t in times], dtype=np.float64)
+            self._positions = np.concatenate([np.where(np.isfinite(previous), previous, positions[0])[None, :],
+                                              positions])
             self.last_positions = positions[-1].copy()
             self._held = False
+            self._late = None
             self._set_state(COMMANDING)
             self._count(hold=False)
             return TrajectoryCommand(chunk.t_obs_ns, times, positions, hold=False, first_action=first)
 
     def on_tick(self, situation: Situation) -> TrajectoryCommand | None:
         with self._lock:
+            self._check_clock(situation.now_ns)
             if not situation.commanding:
                 self._set_state(IDLE)
+                self.forget_commands()
                 return None
             if situation.stop_reason is None:
+                if self._late is not None:  # held for a late chunk: its reason stays until a chunk runs
+                    self._set_state(HOLDING if self.on_stale == HOLD else STOPPED, self._late)
+                    return None
                 # Held, never commanded, or the bounded trajectory has ended (JTC keeps its last point).
                 if self._times is None or self._held or situation.now_ns > self._times[-1]:
                     self._set_state(WAITING)
                 return None
+            self._set_state(HOLDING if self.on_stale == HOLD else STOPPED, situation.stop_reason)
             if self._held:
                 return None
             self._held = True
-            self._set_state(HOLDING if self.on_stale == HOLD else STOPPED, situation.stop_reason)
             if self.on_stale == STOP:
                 return None
             return self._hold(situation)
@@ -354,6 +400,8 @@ class StreamCommander(Commander):
 
     def on_chunk(self, chunk: PlannedChunk, situation: Situation, timing: ChunkTiming) -> None:
         now = situation.now_ns
+        with self._lock:
+            self._check_clock(now)
         self.stats.chunk_timing(timing, chunk.t_obs_ns, now)
         if not np.all(np.isfinite(chunk.positions)) or not np.all(np.isfinite(chunk.velocities)):
             self._set_state(HOLDING if self.on_stale == HOLD else STOPPED, "the chunk has non-finite actions")
@@ -368,9 +416,11 @@ class StreamCommander(Commander):
     def on_tick(self, tick_ns: int, situation: Situation) -> PointCommand | None:
         target_ns = tick_ns + self.dt_ns
         with self._lock:
+            self._check_clock(situation.now_ns)
             queued = self.queue.pop(target_ns // self.dt_ns)
             if not situation.commanding:
                 self._set_state(IDLE)
+                self.forget_commands()
                 return None
             reason = situation.stop_reason
             if reason is None and queued is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 JITTER_WINDOW = 1000  # ticks
+MAX_CLOCK_RATE = 100.0  # the fastest sim clock (real-time factor) the loop keeps up with
 
 
 def summarize(samples: Iterable[float]) -> dict[str, float]:
@@ -73,15 +75,22 @@ class ControlLoop:
     def _run(self) -> None:
         period = self.period_ns
         next_tick: int | None = None
+        rate = 1.0  # ROS-clock seconds per wall second (a sim clock may run faster)
+        last: tuple[int, int] | None = None  # (ROS clock, monotonic) when the clock was last read
         while not self._stop.is_set():
-            now = self._clock_ns()
+            now, wall = self._clock_ns(), time.monotonic_ns()
+            if last is not None and wall > last[1] and now >= last[0]:
+                # the clock's pace over the last wait, smoothed; waits shrink with it, never grow past the
+                # clock's own interval (a slow clock is only polled more often)
+                rate = 0.5 * rate + 0.5 * min(max((now - last[0]) / (wall - last[1]), 1.0), MAX_CLOCK_RATE)
+            last = (now, wall)
             if now <= 0:  # sim time before the first /clock message
                 self._stop.wait(period / 1e9)
                 continue
             if next_tick is None or next_tick - now > 2 * period:  # first tick, or the clock went back
                 next_tick = -(-now // period) * period
             if now < next_tick:
-                self._stop.wait(min(next_tick - now, period) / 1e9)
+                self._stop.wait(min(next_tick - now, period) / rate / 1e9)
                 continue
             late = now - next_tick
             missed = late // period

@@ -426,8 +426,10 @@ class PolicyNode(LifecycleNode):
             self.worker.set_active(False)
         with self._command_lock:
             commander = self._commander
-            if commander is None or self._commands_off():
-                return
+            trajectory_off = (self._exec.command_interface == TRAJECTORY
+                              and not self._runtime.publish_joint_trajectory)
+            if commander is None or self._commands_off() or trajectory_off:
+                return  # nothing was commanded (something else may drive the robot): nothing to hold
             now = self.now_ns()
             situation = Situation(now, True, None, self._measured())
             if isinstance(commander, ChunkCommander):

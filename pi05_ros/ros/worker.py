@@ -38,6 +38,8 @@ RATE_WINDOW_S = 3.0  # achieved rate is measured over the chunks of the last few
 STATS_REFRESH_S = 0.5  # how often the worker recomputes the stage summary for diagnostics
 WARMUP_PROMPT = "warm up"
 NO_CLOCK_MESSAGE = "no clock yet: use_sim_time is true and nothing has been published on /clock"
+# Problems of a failed attempt, which stop commands until an inference succeeds
+_FAILURE_CODES = (ProblemCode.BAD_INPUT, ProblemCode.INFERENCE_FAILED, ProblemCode.PUBLISH_FAILED)
 TRACEBACKS_KEPT = 32  # distinct engine errors whose traceback was logged (each is logged once)
 
 
@@ -164,11 +166,15 @@ class WorkerCounters:
             self._problems = ()
             self._prompt, self._notices = prompt, notices
 
+    def clear_failure(self) -> None:
+        """An inference succeeded: the last attempt's failure is over (before its chunk is published)."""
+        with self._lock:
+            self._problems = tuple(p for p in self._problems if p.code not in _FAILURE_CODES)
+
     def last_failure(self) -> str | None:
         """The message of the last attempt when it was a failed inference (bad input or engine error)."""
         with self._lock:
-            failed = [p for p in self._problems if p.code in (ProblemCode.BAD_INPUT, ProblemCode.INFERENCE_FAILED,
-                                                              ProblemCode.PUBLISH_FAILED) and p.level is Level.ERROR]
+            failed = [p for p in self._problems if p.code in _FAILURE_CODES and p.level is Level.ERROR]
             return failed[0].message if failed and self._problems else None
 
     def missed_ticks(self, count: int) -> None:
@@ -405,6 +411,8 @@ class InferenceWorker:
                                  "(fp8 overflow, a GPU error): check /diagnostics' precision, restart the node if it "
                                  "persists", "non_finite_actions"))
             return
+        # This inference succeeded: an earlier failure no longer stops commands, also not this chunk's own.
+        self._counters.clear_failure()
         try:
             self._publish(chunk, observation, latency, settings, started_ns)
         except Exception as exc:  # noqa: BLE001 - a chunk that cannot be published must not end the thread

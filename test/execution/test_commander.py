@@ -56,10 +56,24 @@ def test_chunk_trajectory_is_stamped_t_obs_starts_at_the_first_due_action_and_en
     assert status.skipped_late_last == 6 and status.obs_age_at_publish_ms["max"] == pytest.approx(300.0)
 
 
-def test_chunk_with_nothing_left_inside_the_bound_publishes_nothing() -> None:
+def test_chunk_with_nothing_left_inside_the_bound_holds_and_says_why_until_a_chunk_runs() -> None:
     commander = chunk_commander()
-    assert commander.on_chunk(planned(0, ramp()), Situation(560 * MS, True), TIMING) is None
+    assert commander.on_chunk(planned(0, ramp()), Situation(560 * MS, True), TIMING) is None  # nothing to hold yet
     assert commander.status().no_action_left == 1
+    commander.on_chunk(planned(1000 * MS, ramp()), Situation(1060 * MS, True), TIMING)  # runs 1.1 .. 1.55 s
+    late = commander.on_chunk(planned(1050 * MS, ramp()), Situation(1620 * MS, True), TIMING)
+    # the observation is 0.57 s old when its chunk comes: no action due inside the bound, so hold where the last
+    # trajectory is now (as for stale input), once
+    assert late is not None and late.hold and late.stamp_ns == 0
+    np.testing.assert_allclose(late.positions[0], ramp()[10])  # action 10, due 1.55 s: the last trajectory's end
+    assert commander.on_chunk(planned(1100 * MS, ramp()), Situation(1700 * MS, True), TIMING) is None
+    for now in (1750 * MS, 1800 * MS):  # the ticks keep the reason (a WARN on /diagnostics), not "waiting"
+        assert commander.on_tick(Situation(now, True)) is None
+        status = commander.status()
+        assert status.state == "holding" and "0.60 s old" in status.reason and status.no_action_left == 3
+    command = commander.on_chunk(planned(1800 * MS, ramp()), Situation(1850 * MS, True), TIMING)
+    assert command is not None and not command.hold and commander.status().state == "commanding"
+    assert commander.on_tick(Situation(1900 * MS, True)) is None and commander.status().state == "commanding"
 
 
 def test_chunk_stale_input_holds_once_at_the_commanded_position_now() -> None:
@@ -243,3 +257,83 @@ def test_reset_forgets_the_last_command_so_reactivation_starts_where_the_robot_i
     command = chunk.on_chunk(planned(1000 * MS, wanted, velocities), Situation(1000 * MS, True), TIMING)
     assert_within_limits(np.full(2, -0.5), np.zeros(2), 1000 * MS,
                          [1000 * MS + t for t in command.times_from_start_ns], command.positions, 1.0, 2.0)
+
+
+def test_chunk_velocity_at_hand_over_is_the_segment_the_controller_runs_at_any_rate() -> None:
+    """A steady 1 rad/s motion, chunks at 10 and 30 Hz, 20 ms after their observation: the commanded velocity
+    at each hand-over is the one the controller runs (the segment from the previous hand-over), so an
+    acceleration limit leaves the motion alone instead of braking it at every chunk above the action rate."""
+    limits = JointLimits.of(NAMES, {"a": JointLimit(max_acceleration=5.0)})
+    for period_ms in (100, 33):
+        commander = chunk_commander(limits=limits)
+        t_obs = 1000 * MS
+        for i in range(30):
+            now = t_obs + 20 * MS
+            velocity = commander.commanded_velocity_at(now)
+            start = commander.commanded_at(now)
+            q = t_obs / 1e9  # where the robot is at t_obs, moving at 1 rad/s
+            wanted = np.stack([q + 0.05 * np.arange(1, 51), np.zeros(50)], axis=1)
+            velocities = np.stack([np.ones(50), np.zeros(50)], axis=1)
+            command = commander.on_chunk(planned(t_obs, wanted, velocities), Situation(now, True), TIMING)
+            assert command is not None
+            if i >= 10:  # once up to speed (the first chunk starts at rest)
+                assert velocity[0] == pytest.approx(1.0, abs=1e-6), (period_ms, i)
+                times = [t_obs + t for t in command.times_from_start_ns]
+                assert_within_limits(start, velocity, now, times, command.positions, np.inf, 5.0)
+                speeds = np.diff(command.positions[:, 0]) / (DT / 1e9)
+                np.testing.assert_allclose(speeds, 1.0, atol=1e-6)
+            t_obs += period_ms * MS
+
+
+def test_commanding_off_forgets_what_was_commanded_so_it_resumes_where_the_robot_is() -> None:
+    """publish_joint_trajectory off (or any pause without deactivation) while something else moves the robot: the
+    next command starts from the observed / measured position, not from the last command of long ago."""
+    limits = JointLimits.of(NAMES, {"a": JointLimit(max_velocity=1.0)})
+    chunk = chunk_commander(limits=limits)
+    chunk.on_chunk(planned(0, np.full((50, 2), 0.1)), Situation(20 * MS, True), TIMING)
+    for k in range(1, 4):  # commanding off; the arm is moved to 1.5
+        chunk.on_tick(Situation(k * 1000 * MS, False, None, np.full(2, 1.5)))
+    assert chunk.commanded_at(4000 * MS) is None and chunk.hold_now(Situation(4000 * MS, True)) is None
+    back = chunk.on_chunk(planned(5000 * MS, np.full((50, 2), 1.5)), Situation(5020 * MS, True), TIMING)
+    np.testing.assert_allclose(back.positions[:, 0], 1.5)  # the policy holds 1.5 and so does the command
+
+    stream = stream_commander(limits=limits)
+    stream.on_chunk(planned(0, np.full((8, 2), 0.1)), Situation(0, True), TIMING)
+    stream.on_tick(DT, Situation(DT, True, None, np.full(2, 0.1)))
+    stream.on_tick(2 * DT, Situation(2 * DT, False, None, np.full(2, 1.5)))  # off; the arm is moved
+    stream.on_chunk(planned(10 * DT, np.full((8, 2), 1.5)), Situation(10 * DT, True), TIMING)
+    command = stream.on_tick(11 * DT, Situation(11 * DT, True, None, np.full(2, 1.5)))
+    assert command.positions[0] == pytest.approx(1.5)
+
+
+def test_a_clock_that_goes_back_voids_earlier_commands_and_queued_targets() -> None:
+    """A simulation reset or a looped bag: nothing planned in the old times is held toward or replayed."""
+    chunk = chunk_commander()
+    chunk.on_chunk(planned(100_000 * MS, np.full((50, 2), 1.0)), Situation(100_020 * MS, True), TIMING)
+    command = chunk.on_chunk(planned(1000 * MS, np.zeros((50, 2))), Situation(1020 * MS, True), TIMING)
+    np.testing.assert_allclose(command.positions, 0.0)  # not from the old trajectory's 1.0
+    assert chunk.hold_now(Situation(1100 * MS, True)).positions[0, 0] == pytest.approx(0.0)
+
+    stream = stream_commander()
+    stream.on_chunk(planned(100_000 * MS, np.full((50, 2), 1.0)), Situation(100_020 * MS, True), TIMING)
+    assert stream.on_tick(100_050 * MS, Situation(100_050 * MS, True)).positions[0] == 1.0
+    for i in range(3):  # back to 1 s: new chunks are taken, and every tick commands the new targets
+        t_obs = 1000 * MS + i * 100 * MS
+        stream.on_chunk(planned(t_obs, np.full((50, 2), 0.5)), Situation(t_obs + 20 * MS, True), TIMING)
+        tick = t_obs + 50 * MS
+        command = stream.on_tick(tick, Situation(tick, True, None, np.full(2, 0.5)))
+        assert command is not None and not command.hold and command.positions[0] == 0.5
+    assert stream.status().no_action_left == 0
+    assert max(c.index for c in stream.queue.pending(0)) < 100_000 * MS // DT  # nothing of the old times left
+
+
+def test_control_loop_keeps_its_period_on_a_faster_sim_clock() -> None:
+    start = time.monotonic_ns()
+    ticks: list[int] = []
+    period = 50 * MS
+    loop = ControlLoop(lambda: 10**9 + 5 * (time.monotonic_ns() - start), period, ticks.append)  # 5x real time
+    loop.start()
+    time.sleep(1.0)
+    assert loop.stop()
+    # 5 s of sim time: 100 periods (at least 60 on a loaded CI machine; a wall-time wait gave ~38)
+    assert len(ticks) >= 60 and loop.stats().missed <= len(ticks) // 2, (len(ticks), loop.stats())

@@ -5,7 +5,8 @@ While the file named by PI05_FAULT_FILE exists, every inference raises, from ins
 surfaces), the RuntimeError PI05_FAULT_MESSAGE names (default: an illegal memory access, as CUDA reports one); when
 the file says `nan`, the runner returns NaN actions instead (a numeric fault); when it says `callback`, inference
 runs and the instruction subscription's callback raises instead (a bug in a callback, which rclpy re-raises from
-the executor's spin). Everything else is the installed node, started as `policy_node` is.
+the executor's spin); when it says `alternate`, every second inference raises (an intermittent fault, such as a
+policy server's timeouts). Everything else is the installed node, started as `policy_node` is.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ MESSAGE = os.environ.get("PI05_FAULT_MESSAGE", "CUDA error: an illegal memory ac
 def _with_faults(policy: Any) -> Any:
     runner = policy.runner
     run = runner.run
+    calls = [0]
 
     def faulty_run(observation: Any, num_steps: int) -> Any:
         try:
@@ -31,6 +33,10 @@ def _with_faults(policy: Any) -> Any:
             return run(observation, num_steps)
         if kind == "callback":
             return run(observation, num_steps)
+        if kind == "alternate":
+            calls[0] += 1
+            if calls[0] % 2:
+                return run(observation, num_steps)
         if kind == "nan":
             actions, timings = run(observation, num_steps)
             return actions * float("nan"), timings

@@ -248,6 +248,18 @@ def test_lifecycle_transitions_do_what_they_say(driver_factory) -> None:
         time.sleep(1.0)
         assert driver.chunks_since(quiet) == [] and driver.trajectories_since(quiet) == []
         assert "inactive: held, not commanding" in node.output()
+
+        # With publish_joint_trajectory off nothing was commanded (something else may drive the robot): the
+        # deactivation holds nothing either
+        assert driver.lifecycle("activate")
+        assert driver.wait_for_chunks(1, time.monotonic(), 30.0)
+        assert driver.set_parameter("publish_joint_trajectory", False).successful
+        time.sleep(0.3)
+        off = time.monotonic()
+        assert driver.lifecycle("deactivate")
+        time.sleep(0.5)
+        assert driver.trajectories_since(off) == []
+        assert driver.set_parameter("publish_joint_trajectory", True).successful
         assert driver.lifecycle("cleanup") and driver.lifecycle_state() == "unconfigured"
         assert driver.lifecycle("shutdown")
         assert node.wait(5.0) == 0, node.output()[-2000:]

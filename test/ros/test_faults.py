@@ -286,6 +286,26 @@ def test_a_gpu_error_inside_an_inference_is_reported_holds_and_recovers(faulty) 
     assert sum("cleared after" in line and "inference failed" in line for line in lines) == 1, lines
 
 
+def test_every_good_chunk_between_intermittent_failures_is_commanded(faulty) -> None:
+    """A failed inference stops commands until one succeeds: that success's own chunk runs (it used to be judged
+    by the failure before it, so failures every second inference left the robot without a command)."""
+    node, driver, fault_file = faulty
+    fault_file.write_text("alternate")
+    try:
+        assert driver.wait_for_status(time.monotonic(), 10.0, lambda s: "inference failed" in s.message)
+        since = time.monotonic()
+        time.sleep(3.0)  # ~30 inferences at 10 Hz, every second one failing
+        chunks = driver.chunks_since(since)
+        commanded = [t for t in driver.trajectories_since(since) if stamp_ns(t.header.stamp) != 0]
+    finally:
+        fault_file.unlink(missing_ok=True)
+    assert len(chunks) >= 5, node.output()[-3000:]
+    # each chunk is commanded (a trajectory stamped with its observation), beside the holds after each failure
+    assert {stamp_ns(t.header.stamp) for t in commanded} >= {stamp_ns(c.header.stamp) for c in chunks[1:-1]}
+    assert node.alive()
+    wait_healthy(node, driver)
+
+
 def test_an_exception_in_a_callback_leaves_the_executor_serving(faulty) -> None:
     """rclpy re-raises a callback's exception from spin_once; the executor thread must go on (it serves every
     subscription, /diagnostics and the parameter and lifecycle services)."""
