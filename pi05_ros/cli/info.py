@@ -2,8 +2,8 @@
 
 Prints the detected format, the resolved config, parameter counts per part, the norm stats found, the
 conventions Policy.load will apply around the network (prompt format, normalization per feature, action
-space per column, camera names, image resize, time grid; each with why), and every missing, unexpected or
-mis-shaped tensor. Exits 1 when `Policy.load` would fail on the checkpoint as it is
+space per column, camera names, image resize, time grid, joint convention; each with why), and every missing,
+unexpected or mis-shaped tensor. Exits 1 when `Policy.load` would fail on the checkpoint as it is
 (a tensor problem, or no norm stats it can find), and then says what it needs.
 """
 
@@ -16,6 +16,7 @@ import sys
 from pi05_ros.engine.checkpoint import CheckpointInfo, inspect_checkpoint
 from pi05_ros.engine.conventions import Conventions, resolve_action_space, resolve_conventions
 from pi05_ros.engine.errors import Pi05Error
+from pi05_ros.engine.joint_conventions import joint_convention
 from pi05_ros.engine.normalize import NormStats, find_checkpoint_norm_stats, resolve_norm_stats
 
 
@@ -44,6 +45,7 @@ def _conventions(conventions: Conventions, stats: NormStats | None, args: argpar
     print(f"  image resize   {c.image_resize}: {c.reasons['image_resize']}")
     print(f"  time grid      {c.time_grid}: {c.reasons['time_grid']}")
     print(f"  cameras        {c.describe_cameras()} ({c.reasons['cameras']})")
+    print(f"  joints         {joint_convention(c.joint_convention).describe()}: {c.reasons['joint_convention']}")
     if stats is None:
         print("  normalization  unknown until norm stats are found")
         print("  action space   unknown until norm stats are found (their action dim)")
@@ -54,6 +56,7 @@ def _conventions(conventions: Conventions, stats: NormStats | None, args: argpar
             if args.action_space_mask else None
         space, why = resolve_action_space(c, stats.actions.dim, args.action_space, mask)
         space.check_state(stats.state.dim)
+        joint_convention(c.joint_convention).check(stats.state.dim, space.dof)
     except Pi05Error as exc:
         print(f"  action space   impossible: {exc}")
         return f"a possible action space: {exc}"
@@ -73,13 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-format", default=None, help="pi05, pi05_padded or pi0 instead of the checkpoint's")
     parser.add_argument("--image-resize", default=None,
                         help="openpi_client, openpi_server or lerobot instead of the family's")
+    parser.add_argument("--joint-convention", default=None,
+                        help="none or aloha_to_pi instead of the preset's (engine/joint_conventions.py)")
     parser.add_argument("--action-space", default=None,
                         help="absolute, delta, velocity, end_effector or a kind per column (comma-separated)")
     parser.add_argument("--action-space-mask", default=None, help="comma-separated true/false per column")
     args = parser.parse_args(argv)
     try:
         info = inspect_checkpoint(args.checkpoint, args.config_preset)
-        conventions = resolve_conventions(info, prompt_format=args.prompt_format, image_resize=args.image_resize)
+        conventions = resolve_conventions(info, prompt_format=args.prompt_format, image_resize=args.image_resize,
+                                          joint_convention=args.joint_convention)
     except Pi05Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -76,6 +76,8 @@ class Pi05Config:
     time_grid: str = "openpi"
     # What the action columns mean, when the family is known (openpi's configs); None: not known.
     action_space: ActionSpace | None = None
+    # the robot joint convention the checkpoint was trained in (engine/joint_conventions.py): none, aloha_to_pi
+    joint_convention: str = "none"
     time_min_period: float = 4e-3
     time_max_period: float = 4.0
     image_keys: tuple[str, ...] = IMAGE_KEYS
@@ -101,7 +103,8 @@ TINY = Pi05Config(
 # Action spaces of openpi's configs (openpi src/openpi/training/config.py, policies/*_policy.py):
 # - pi05_droid: DROID's joint velocities (7) and an absolute gripper position; no delta transform.
 # - pi05_full_droid_finetune (joint position): AbsoluteActions(make_bool_mask(7, -1)).
-# - pi05_aloha: AbsoluteActions(make_bool_mask(6, -1, 6, -1)): 6 joints delta, gripper absolute, per arm.
+# - pi05_aloha: AbsoluteActions(make_bool_mask(6, -1, 6, -1)): 6 joints delta, gripper absolute, per arm; around
+#   it AlohaInputs / AlohaOutputs with adapt_to_pi=True (joint flips, gripper conversion: joint_conventions.py).
 # - pi05_libero: LIBERO's end-effector commands, passed through (extra_delta_transform=False): not joint space.
 DROID_VELOCITY = ActionSpace((VELOCITY,) * 7 + (ABSOLUTE,))
 DROID_JOINT_POSITION = ActionSpace.from_mask([True] * 7 + [False], 8, DELTA)
@@ -113,7 +116,7 @@ PRESETS: dict[str, Pi05Config] = {
     "pi05_droid": Pi05Config(name="pi05_droid", action_horizon=15, action_space=DROID_VELOCITY),
     "pi05_droid_joint_position": Pi05Config(name="pi05_droid_joint_position", action_horizon=16,
                                             action_space=DROID_JOINT_POSITION),
-    "pi05_aloha": Pi05Config(name="pi05_aloha", action_space=ALOHA_JOINT_POSITION),
+    "pi05_aloha": Pi05Config(name="pi05_aloha", action_space=ALOHA_JOINT_POSITION, joint_convention="aloha_to_pi"),
     "pi05_libero": Pi05Config(name="pi05_libero", action_horizon=10, prompt_format="pi0",
                               action_space=LIBERO_END_EFFECTOR),
     "tiny": TINY,

@@ -10,7 +10,9 @@ only works when it sees inputs made the way it was trained:
 - the flow time grid (engine/reference.py euler_schedule) and the normalization formulas (engine/normalize.py);
 - the camera names (LeRobot names its image features; openpi has fixed slots);
 - what the action columns mean (engine/action_space.py): openpi's configs know it per robot (the presets in
-  engine/config.py), LeRobot's config says when actions are relative to the state.
+  engine/config.py), LeRobot's config says when actions are relative to the state;
+- the robot's joint convention (engine/joint_conventions.py): openpi's ALOHA checkpoints flip some joints and
+  convert the grippers around the network.
 
 `resolve_conventions` says, for each, what will be used and why, so `pi05-info` can print it and
 `Policy.load` can apply it; the caller's overrides win.
@@ -24,6 +26,8 @@ from dataclasses import dataclass, field
 from pi05_ros.engine.action_space import ABSOLUTE, DELTA, KINDS, ActionSpace
 from pi05_ros.engine.checkpoint import EMBED_NAMES, CheckpointInfo
 from pi05_ros.engine.errors import CheckpointError
+from pi05_ros.engine.joint_conventions import NONE
+from pi05_ros.engine.joint_conventions import joint_convention as check_joint_convention
 from pi05_ros.engine.lerobot_files import (
     CAMERA_PREFIX,
     RELATIVE_ACTION_KEYS,
@@ -55,6 +59,7 @@ class Conventions:
     relative: RelativeActions | None = None  # LeRobot's relative actions, when the checkpoint has them
     preset_action_space: ActionSpace | None = None
     reasons: dict[str, str] = field(default_factory=dict)
+    joint_convention: str = NONE  # engine/joint_conventions.py
 
     def slot_for(self, name: str) -> str | None:
         return self.camera_names.get(name)
@@ -79,8 +84,9 @@ def _lerobot_version(info: CheckpointInfo, config: dict) -> tuple[str | None, st
 
 
 def resolve_conventions(info: CheckpointInfo, *, prompt_format: str | None = None,
-                        image_resize: str | None = None) -> Conventions:
-    """The conventions of the checkpoint `info` describes; `prompt_format` / `image_resize` override."""
+                        image_resize: str | None = None, joint_convention: str | None = None) -> Conventions:
+    """The conventions of the checkpoint `info` describes; `prompt_format` / `image_resize` / `joint_convention`
+    override."""
     cfg = info.config
     reasons: dict[str, str] = {}
     relative = None
@@ -118,21 +124,28 @@ def resolve_conventions(info: CheckpointInfo, *, prompt_format: str | None = Non
             raise CheckpointError(f"unknown image_resize {image_resize!r}; choose one of "
                                   f"{', '.join(RESIZE_METHODS)} (or leave it empty for the family's own)")
         resize, resize_why = image_resize, "given"
+    joints = check_joint_convention(cfg.joint_convention).name
+    reasons["joint_convention"] = (f"the {cfg.name} preset's (openpi's adapt_to_pi)" if joints != NONE
+                                   else "the robot's joints as they come")
+    if joint_convention is not None:
+        joints, reasons["joint_convention"] = check_joint_convention(joint_convention).name, "given"
     reasons["prompt_format"] = why
     reasons["image_resize"] = resize_why
     reasons["time_grid"] = ("LeRobot: t = 1 + k * dt per step" if cfg.time_grid == "lerobot"
                             else "openpi: t += dt accumulated in float32")
     return Conventions(info.format, fmt, cfg.max_state_dim, resize, cfg.time_grid, tuple(cfg.image_keys), cameras,
-                       version, relative, cfg.action_space, reasons)
+                       version, relative, cfg.action_space, reasons, joints)
 
 
 def default_conventions(config_name: str, slots: Sequence[str], prompt_format: str = PI05,
-                        max_state_dim: int = 32) -> Conventions:
+                        max_state_dim: int = 32, joint_convention: str = NONE) -> Conventions:
     """openpi's conventions for a model that has no checkpoint (the demo)."""
     return Conventions("openpi", prompt_format, max_state_dim, OPENPI_CLIENT, "openpi", tuple(slots),
                        {s: s for s in slots}, None,
                        reasons={"prompt_format": f"{config_name} preset", "image_resize": "openpi's clients",
-                                "time_grid": "openpi", "cameras": "fixed slots"})
+                                "time_grid": "openpi", "cameras": "fixed slots",
+                                "joint_convention": f"{config_name} preset"},
+                       joint_convention=check_joint_convention(joint_convention).name)
 
 
 def parse_action_space(action_space: str | ActionSpace | None, mask: Sequence[bool] | None,

@@ -36,6 +36,7 @@ from pi05_ros.engine.conventions import (
 )
 from pi05_ros.engine.errors import CheckpointError, InputError
 from pi05_ros.engine.fast.calibration import CALIBRATION_FILE, scales_path, user_cache_dir
+from pi05_ros.engine.joint_conventions import joint_convention as joint_convention_of
 from pi05_ros.engine.normalize import NormStats, resolve_norm_stats
 from pi05_ros.engine.preprocess import PreparedView, prepare_view, resize_views
 from pi05_ros.engine.recordings import load_observations, recording_files
@@ -192,7 +193,9 @@ class Policy:
             raise CheckpointError(_vocab_message(tokenizer.vocab_size, self.config.vocab_size))
         self.state_dim = norm_stats.state.dim
         self.conventions = conventions or default_conventions(self.config.name, self.config.image_keys,
-                                                              self.config.prompt_format, self.config.max_state_dim)
+                                                              self.config.prompt_format, self.config.max_state_dim,
+                                                              self.config.joint_convention)
+        self.joints = joint_convention_of(self.conventions.joint_convention)
         # what the action columns mean; absolute positions unless the checkpoint or the caller says otherwise
         self.action_space = action_space or ActionSpace.uniform(ABSOLUTE, self.action_dof)
         self.action_space_reason = action_space_reason or ("given" if action_space else "absolute (default)")
@@ -200,6 +203,7 @@ class Policy:
             raise CheckpointError(f"the action space describes {self.action_space.dof} columns but the policy "
                                   f"outputs {self.action_dof}; give one kind per action column")
         self.action_space.check_state(self.state_dim)
+        self.joints.check(self.state_dim, self.action_dof)
         self.is_demo = is_demo
         self.checkpoint = checkpoint
         self.seed = seed
@@ -231,6 +235,7 @@ class Policy:
         action_space_mask: Sequence[bool] | None = None,
         max_batch: int = 1,
         fp8_vision: bool = False,
+        joint_convention: str | None = None,
     ) -> Policy:
         """Load an openpi or LeRobot Pi0.5 checkpoint. `norm_stats` is a norm_stats.json path or an asset id.
 
@@ -238,7 +243,8 @@ class Policy:
         (pi05, pi05_padded, pi0), `image_resize` (openpi_client, openpi_server, lerobot), `use_quantiles`
         (both features' normalization mode), `action_space` (absolute, delta, velocity, end_effector, or a
         comma-separated kind per column) with `action_space_mask` (True = that kind, default delta; False =
-        absolute; openpi's make_bool_mask). `describe_conventions()` says what was chosen and why.
+        absolute; openpi's make_bool_mask), `joint_convention` (none, aloha_to_pi: engine/joint_conventions.py).
+        `describe_conventions()` says what was chosen and why.
 
         On a GPU the fast pipeline runs (bf16/fp8); its FP8 scales are calibrated on the first start and saved
         beside the checkpoint (`pi05_ros_fp8_calibration.json`) so later starts skip calibration. They come
@@ -254,7 +260,8 @@ class Policy:
         prec = resolve_precision(precision, dev)
         # Everything a user can get wrong is checked before the weights are read.
         info = inspect_checkpoint(checkpoint, config_preset)
-        conventions = resolve_conventions(info, prompt_format=prompt_format, image_resize=image_resize)
+        conventions = resolve_conventions(info, prompt_format=prompt_format, image_resize=image_resize,
+                                          joint_convention=joint_convention)
         stats = resolve_norm_stats(info.path, info.format, norm_stats, use_quantiles)
         tok = PromptTokenizer(tokenizer, info.config.max_token_len, conventions.prompt_format != PI0)
         if tok.vocab_size > info.config.vocab_size:
@@ -263,6 +270,7 @@ class Policy:
         _check_dof(dof, info.config.action_dim, stats)
         space, why = resolve_action_space(conventions, dof, action_space, action_space_mask)
         space.check_state(stats.state.dim)
+        joint_convention_of(conventions.joint_convention).check(stats.state.dim, dof)
         model, info = load_model(checkpoint, config_preset=config_preset, device=dev,
                                  dtype=torch.float32 if prec == "fp32" else torch.bfloat16)
         policy = cls(model, tok, stats, precision=prec, action_dim=action_dim, seed=seed, checkpoint=info,
@@ -364,6 +372,7 @@ class Policy:
             f"cameras:        {c.describe_cameras()}",
             f"image resize:   {c.image_resize}: {c.reasons.get('image_resize', '')}",
             f"time grid:      {c.time_grid}",
+            f"joints:         {self.joints.describe()}: {c.reasons.get('joint_convention', '')}",
         ]
 
     def stage_stats(self) -> dict[str, dict[str, float]]:
@@ -405,6 +414,7 @@ class Policy:
         if state.shape[0] != self.state_dim:
             raise InputError(f"state has {state.shape[0]} values but the norm stats describe {self.state_dim}; "
                              "select the robot's joints in the order the model was trained with")
+        state = self.joints.state_to_model(state)  # the state as the checkpoint was trained on (flips, grippers)
         tokens, mask = self.tokenizer(prompt, self.prompt_state(state))
         shape = (self.config.action_horizon, self.config.action_dim)
         if noise is None:
@@ -418,8 +428,9 @@ class Policy:
         return PreparedObservation(prepared, tokens, mask, noise, guidance)
 
     def rtc_guidance(self, request: RtcRequest, state: np.ndarray) -> Guidance:
-        """The previous chunk in the model's units (the action-space step undone against this observation's
-        state, then normalized), padded to the horizon, with its soft mask."""
+        """The previous chunk in the model's units (the joint convention and the action-space step undone against
+        this observation's state, given in the model's joint convention, then normalized), padded to the horizon,
+        with its soft mask."""
         previous = np.asarray(request.previous, dtype=np.float32)
         if previous.ndim != 2 or previous.shape[1] != self.action_dof:
             raise InputError(f"the previous chunk must be [actions, {self.action_dof}], got {previous.shape}")
@@ -433,7 +444,8 @@ class Policy:
         horizon, dim = self.config.action_horizon, self.config.action_dim
         start = min(request.start, horizon)
         rows = min(len(previous), horizon - start)
-        model = self.norm_stats.normalize_actions(self.action_space.from_robot(previous[:rows], state))
+        model = self.norm_stats.normalize_actions(
+            self.action_space.from_robot(self.joints.actions_to_model(previous[:rows]), state))
         padded = np.zeros((horizon, dim), np.float32)
         padded[start:start + rows, : self.action_dof] = model
         end = start + rows if request.end is None else min(request.end, start + rows)
@@ -485,9 +497,11 @@ class Policy:
 
     def robot_actions(self, normalized: np.ndarray, state: np.ndarray) -> np.ndarray:
         """A runner's normalized actions [horizon, action_dim] -> robot units [horizon, action dof] (un-normalized,
-        delta columns made positions with the observed `state`)."""
+        delta columns made positions with the observed `state`, in the checkpoint's joint convention, then the
+        robot's)."""
         actions = self.norm_stats.unnormalize_actions(normalized[:, : self.action_dof])
-        return self.action_space.to_robot(actions, state)
+        actions = self.action_space.to_robot(actions, self.joints.state_to_model(state))
+        return self.joints.actions_to_robot(actions)
 
     def infer_batch(self, observations: Sequence[RawObservation], num_steps: int = 10) -> list[ActionChunk]:
         """Actions for several observations run as one batch (per-row prompts, views and noise), one chunk per

@@ -557,7 +557,7 @@ class PolicyNode(LifecycleNode):
     def _convention_overrides(self) -> dict[str, Any]:
         """The checkpoint-convention parameters (params.py), None where empty: the checkpoint's own apply."""
         overrides: dict[str, Any] = {}
-        for name in ("prompt_format", "image_resize", "action_space", "action_space_mask"):
+        for name in ("prompt_format", "image_resize", "joint_convention", "action_space", "action_space_mask"):
             try:
                 value = self.get_parameter(name).value
             except ParameterUninitializedException:  # a list parameter left unset (no default value)

@@ -126,6 +126,9 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("image_resize", "", "Resize-with-pad of camera images: openpi_client (PIL bilinear), "
               "openpi_server (antialiased bilinear), lerobot (torch bilinear on floats). Empty: the family's own.",
               _S, constraints="'', openpi_client, openpi_server, lerobot"),
+    ParamSpec("joint_convention", "", "The joint convention the checkpoint was trained in: none, or aloha_to_pi "
+              "(openpi's ALOHA adapt_to_pi: joints 1, 2, 8, 9 flipped and the grippers converted, both ways). Empty: "
+              "the preset's (pi05_aloha: aloha_to_pi).", _S, constraints="'', none, aloha_to_pi"),
     ParamSpec("action_space", "", "What the action columns mean: absolute, delta (added to the observed state), "
               "velocity, end_effector (not joint commands), or a comma-separated kind per column. Empty: the "
               "checkpoint's / preset's, else absolute.", _S),
@@ -462,7 +465,7 @@ def unused_overrides(node: Node) -> list[str]:
 # apply (pi05-serve's own options set them), so a value here would silently do nothing.
 LOCAL_MODEL_PARAMETERS = ("checkpoint", "tokenizer", "norm_stats", "config_preset", "demo", "device", "precision",
                           "fp8_calibration_data", "cpu_threads", "seed", "prompt_format", "image_resize",
-                          "action_space", "action_space_mask")
+                          "joint_convention", "action_space", "action_space_mask")
 
 
 def ignored_by_remote_backend(node: Node) -> list[str]:

@@ -183,3 +183,67 @@ def test_pi05_info_reports_the_conventions(tiny_checkpoint: Path, capsys) -> Non
     assert info_cli.main([str(tiny_checkpoint), "--action-space", "delta,delta"]) == 1
     assert "action space   impossible: action_space lists 2 kinds" in capsys.readouterr().out
     assert inspect_checkpoint(tiny_checkpoint).config.time_grid == "openpi"
+
+
+# openpi's policies/aloha_policy.py (adapt_to_pi=True), restated here from its text to check ours against
+ALOHA_FLIP = np.array([1, -1, -1, 1, 1, 1, 1, 1, -1, -1, 1, 1, 1, 1], np.float64)
+
+
+def openpi_aloha_state(state: np.ndarray) -> np.ndarray:
+    """_decode_state: flip, then each gripper linear position -> pi's normalized gripper angle."""
+    out = ALOHA_FLIP * state.astype(np.float64)
+    linear = out[[6, 13]] * (0.05800 - 0.01844) + 0.01844
+    angle = np.arcsin(np.clip((0.022 ** 2 + linear ** 2 - 0.036 ** 2) / (2 * 0.022 * linear), -1.0, 1.0))
+    out[[6, 13]] = (angle - 0.5476) / (1.6296 - 0.5476)
+    return out
+
+
+def openpi_aloha_actions(actions: np.ndarray) -> np.ndarray:
+    """_encode_actions: flip, then each gripper output + 0.5476 normalized over ALOHA's gripper joint range."""
+    out = ALOHA_FLIP * actions.astype(np.float64)
+    out[:, [6, 13]] = (out[:, [6, 13]] + 0.5476 - -0.6213) / (1.4910 - -0.6213)
+    return out
+
+
+@pytest.fixture(scope="module")
+def aloha_checkpoint(tiny_model: Pi05Model, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_checkpoint(tiny_model, tmp_path_factory.mktemp("aloha") / "pi05_aloha", fmt="openpi",
+                            norm_stats=demo_norm_stats(14))
+
+
+def test_the_aloha_preset_runs_openpis_joint_flips_and_gripper_conversion(aloha_checkpoint: Path,
+                                                                         tokenizer_path: Path) -> None:
+    from pi05_ros.engine.rtc import RtcRequest
+
+    aloha = Policy.load(aloha_checkpoint, tokenizer_path, device="cpu", config_preset="pi05_aloha")
+    plain = Policy.load(aloha_checkpoint, tokenizer_path, device="cpu", config_preset="pi05_aloha",
+                        joint_convention="none")
+    assert any("aloha_to_pi" in line and "preset" in line for line in aloha.describe_conventions())
+    assert plain.joints.identity and aloha.action_space.kinds == ((DELTA,) * 6 + (ABSOLUTE,)) * 2
+    state = np.array([0.3, 0.4, -0.2, 0.1, 0.5, -0.6, 0.5, -0.3, 0.2, 0.7, 0.0, -0.1, 0.2, 0.8], np.float32)
+    noise = RNG.standard_normal((aloha.config.action_horizon, aloha.config.action_dim)).astype(np.float32)
+    pi_state = openpi_aloha_state(state)
+    # the model sees pi's state: the prompt's discretized state is the plain policy's for that state
+    prepared = aloha.prepare({"base_0_rgb": IMG}, state, "fold the towel", noise)
+    np.testing.assert_array_equal(prepared.tokens, plain.prepare({"base_0_rgb": IMG}, pi_state.astype(np.float32),
+                                                                 "fold the towel", noise).tokens)
+    # and its actions, the state added back in pi's space, come back in ALOHA's (float32 chain: 1e-5)
+    pi_actions = plain.infer({"base_0_rgb": IMG}, pi_state.astype(np.float32), "fold the towel", 2, noise=noise)
+    chunk = aloha.infer({"base_0_rgb": IMG}, state, "fold the towel", 2, noise=noise)
+    np.testing.assert_allclose(chunk.actions, openpi_aloha_actions(pi_actions.actions), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(chunk.state, state)  # the chunk keeps the robot's own state
+    # real-time chunking's previous chunk goes back to the model's units through the same steps
+    normalized, _ = aloha.runner.run(prepared, 2)
+    guidance = aloha.rtc_guidance(RtcRequest(chunk.actions, delay=2, beta=5.0), aloha.joints.state_to_model(state))
+    np.testing.assert_allclose(guidance.previous[:, :14], normalized[:, :14], rtol=1e-4, atol=1e-4)
+
+
+def test_the_aloha_convention_needs_alohas_fourteen_values(tiny_checkpoint: Path, tokenizer_path: Path,
+                                                          aloha_checkpoint: Path) -> None:
+    with pytest.raises(CheckpointError, match="joint_convention aloha_to_pi .* needs ALOHA's 14 state values"):
+        Policy.load(tiny_checkpoint, tokenizer_path, device="cpu", config_preset="pi05_aloha",
+                    action_space="absolute")
+    with pytest.raises(CheckpointError, match="unknown joint_convention 'aloha'"):
+        Policy.load(aloha_checkpoint, tokenizer_path, device="cpu", joint_convention="aloha")
+    aloha = Policy.load(aloha_checkpoint, tokenizer_path, device="cpu", joint_convention="aloha_to_pi")
+    assert any("aloha_to_pi" in line and "given" in line for line in aloha.describe_conventions())
