@@ -122,6 +122,15 @@ class NormStats:
         return f"state {self.state_mode}, actions {self.action_mode} ({eps})"
 
 
+def unpadded_dim(stats: Stats) -> int:
+    """The dims before a trailing run of padding: statistics computed on zero-padded data (openpi's older
+    32-dim norm stats) are exactly 0 in every field there. At least 1."""
+    fields = [getattr(stats, k) for k in stats.present()]
+    padding = np.all([f == 0 for f in fields], axis=0)
+    real = np.flatnonzero(~padding)
+    return max(int(real[-1]) + 1 if len(real) else 1, 1)
+
+
 def _apply(x: np.ndarray, s: Stats, mode: str, convention: str, eps: float, inverse: bool) -> np.ndarray:
     """One feature's (un)normalization in float32, in the peer's own order of operations."""
     x = np.asarray(x, dtype=np.float32).copy()

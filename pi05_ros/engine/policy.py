@@ -37,7 +37,7 @@ from pi05_ros.engine.conventions import (
 from pi05_ros.engine.errors import CheckpointError, InputError
 from pi05_ros.engine.fast.calibration import CALIBRATION_FILE, scales_path, user_cache_dir
 from pi05_ros.engine.joint_conventions import joint_convention as joint_convention_of
-from pi05_ros.engine.normalize import NormStats, resolve_norm_stats
+from pi05_ros.engine.normalize import NormStats, resolve_norm_stats, unpadded_dim
 from pi05_ros.engine.preprocess import PreparedView, prepare_view, resize_views
 from pi05_ros.engine.recordings import load_observations, recording_files
 from pi05_ros.engine.reference import Pi05Model
@@ -191,7 +191,10 @@ class Policy:
         _check_dof(self.action_dof, self.config.action_dim, norm_stats)
         if tokenizer.vocab_size > self.config.vocab_size:
             raise CheckpointError(_vocab_message(tokenizer.vocab_size, self.config.vocab_size))
-        self.state_dim = norm_stats.state.dim
+        # The state takes state_dim values, or up to the stats' own length where those end in padding (openpi's
+        # Normalize uses the first len(state) dims of its stats, so 32-dim stats of an 8-joint robot take 8).
+        self.state_dim = unpadded_dim(norm_stats.state)
+        self.max_state_values = norm_stats.state.dim
         self.conventions = conventions or default_conventions(self.config.name, self.config.image_keys,
                                                               self.config.prompt_format, self.config.max_state_dim,
                                                               self.config.joint_convention)
@@ -269,8 +272,8 @@ class Policy:
         dof = int(action_dim or stats.actions.dim)
         _check_dof(dof, info.config.action_dim, stats)
         space, why = resolve_action_space(conventions, dof, action_space, action_space_mask)
-        space.check_state(stats.state.dim)
-        joint_convention_of(conventions.joint_convention).check(stats.state.dim, dof)
+        space.check_state(unpadded_dim(stats.state))
+        joint_convention_of(conventions.joint_convention).check(unpadded_dim(stats.state), dof)
         model, info = load_model(checkpoint, config_preset=config_preset, device=dev,
                                  dtype=torch.float32 if prec == "fp32" else torch.bfloat16)
         policy = cls(model, tok, stats, precision=prec, action_dim=action_dim, seed=seed, checkpoint=info,
@@ -402,6 +405,9 @@ class Policy:
             if slot in by_slot:
                 raise InputError(f"two images given for camera slot {slot!r} (one named {name!r}); give one per slot")
             by_slot[slot] = image
+        if all(image is None for image in by_slot.values()):  # every view masked: the model would see text only
+            raise InputError(f"no camera image given (every one is None); provide at least one of "
+                             f"{list(self.image_keys)}")
         size = self.config.vision.image_size
         method = self.conventions.image_resize
         prepared = resize_views([by_slot.get(k) for k in self.image_keys], size, method, self.image_keys)
@@ -411,9 +417,11 @@ class Policy:
         if not np.all(np.isfinite(state)):
             bad = np.flatnonzero(~np.isfinite(state)).tolist()
             raise InputError(f"state has NaN/inf at index {bad}; check the joint-state source")
-        if state.shape[0] != self.state_dim:
-            raise InputError(f"state has {state.shape[0]} values but the norm stats describe {self.state_dim}; "
-                             "select the robot's joints in the order the model was trained with")
+        if not self.state_dim <= state.shape[0] <= self.max_state_values:
+            padded = (f" (then {self.max_state_values - self.state_dim} padding dims)"
+                      if self.max_state_values > self.state_dim else "")
+            raise InputError(f"state has {state.shape[0]} values but the norm stats describe {self.state_dim}"
+                             f"{padded}; select the robot's joints in the order the model was trained with")
         state = self.joints.state_to_model(state)  # the state as the checkpoint was trained on (flips, grippers)
         tokens, mask = self.tokenizer(prompt, self.prompt_state(state))
         shape = (self.config.action_horizon, self.config.action_dim)

@@ -1,9 +1,9 @@
 """Camera images -> the model's 224x224 input in [-1, 1], resized the way the checkpoint's family resizes.
 
 Every family keeps the aspect ratio and centres the picture on black (-1.0 after scaling), but each resamples
-differently, and a model sees best what it was trained on: openpi's clients use PIL bilinear, openpi's server
-an antialiased bilinear, LeRobot torch bilinear without antialias on floats (RESIZE_METHODS; the default per
-family is chosen in engine/conventions.py). No ImageNet mean/std: Pi0.5's SigLIP sees `x / 255 * 2 - 1`.
+differently, and a model sees best what it was trained on: openpi's clients and its server (transforms.ResizeImages)
+use openpi_client's PIL bilinear, LeRobot torch bilinear without antialias on floats (RESIZE_METHODS; the default
+per family is chosen in engine/conventions.py). No ImageNet mean/std: Pi0.5's SigLIP sees `x / 255 * 2 - 1`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def validate_image(image: np.ndarray, name: str = "image") -> np.ndarray:
 # ratio = max(w / size, h / size) to int(h / ratio) x int(w / ratio), and centres the picture (the extra row or
 # column of padding at the bottom / right) on black (-1 in model range).
 OPENPI_CLIENT = "openpi_client"  # openpi_client.image_tools.resize_with_pad: PIL bilinear on uint8 (antialiased)
-OPENPI_SERVER = "openpi_server"  # openpi's ResizeImages (jax.image.resize linear, antialiased), rounded to uint8
+# openpi's server-side transforms.ResizeImages calls the same openpi_client function: the same resize, a second name
+OPENPI_SERVER = "openpi_server"
 LEROBOT = "lerobot"  # LeRobot PI05 _preprocess_images: torch bilinear, no antialias, on float [0, 1]
 RESIZE_METHODS = (OPENPI_CLIENT, OPENPI_SERVER, LEROBOT)
 
@@ -67,19 +68,6 @@ def _resize_pil(image: np.ndarray, size: int) -> np.ndarray:
     return _pad_to_square(resized, size)
 
 
-def _resize_antialiased_float(image: np.ndarray, size: int) -> np.ndarray:
-    """Antialiased bilinear on the uint8 values as floats, rounded and clipped back to uint8 (openpi's JAX
-    resize_with_pad for uint8 input; torch's antialias filter is the same triangle kernel)."""
-    import torch
-    import torch.nn.functional as F  # noqa: N812
-
-    new_h, new_w = resized_shape(*image.shape[:2], size)
-    x = torch.from_numpy(image).to(torch.float32).permute(2, 0, 1)[None]
-    resized = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
-    resized = resized.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy()
-    return _pad_to_square(resized, size)
-
-
 def _resize_lerobot(image: np.ndarray, size: int) -> np.ndarray:
     """LeRobot's order of operations: uint8 / 255 -> float [0, 1], torch bilinear (align_corners=False, no
     antialias) on the channels-last batch, clamp to [0, 1], centred pad with 0, then * 2 - 1.
@@ -96,7 +84,7 @@ def _resize_lerobot(image: np.ndarray, size: int) -> np.ndarray:
     return (padded.permute(0, 2, 3, 1)[0] * 2.0 - 1.0).numpy()
 
 
-_RESIZERS = {OPENPI_CLIENT: _resize_pil, OPENPI_SERVER: _resize_antialiased_float, LEROBOT: _resize_lerobot}
+_RESIZERS = {OPENPI_CLIENT: _resize_pil, OPENPI_SERVER: _resize_pil, LEROBOT: _resize_lerobot}
 
 
 def resize_with_pad(image: np.ndarray, size: int = 224, method: str = OPENPI_CLIENT) -> np.ndarray:

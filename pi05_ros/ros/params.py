@@ -124,8 +124,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               ">= 0.5), pi05_padded (state zero-padded to max_state_dim: LeRobot <= 0.4), pi0 (no state: "
               "pi05_libero). Empty: what the checkpoint's files say.", _S, constraints="'', pi05, pi05_padded, pi0"),
     ParamSpec("image_resize", "", "Resize-with-pad of camera images: openpi_client (PIL bilinear), "
-              "openpi_server (antialiased bilinear), lerobot (torch bilinear on floats). Empty: the family's own.",
-              _S, constraints="'', openpi_client, openpi_server, lerobot"),
+              "openpi_server (the same: openpi's ResizeImages calls it), lerobot (torch bilinear on floats). "
+              "Empty: the family's own.", _S, constraints="'', openpi_client, openpi_server, lerobot"),
     ParamSpec("joint_convention", "", "The joint convention the checkpoint was trained in: none, or aloha_to_pi "
               "(openpi's ALOHA adapt_to_pi: joints 1, 2, 8, 9 flipped and the grippers converted, both ways). Empty: "
               "the preset's (pi05_aloha: aloha_to_pi).", _S, constraints="'', none, aloha_to_pi"),

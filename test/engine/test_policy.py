@@ -75,6 +75,7 @@ def test_state_changes_the_prompt_and_actions(policy: Policy) -> None:
     ({"prompt": ""}, "prompt is empty"),
     ({"images": {"top_cam": IMG}}, "unknown camera slot"),
     ({"images": {}}, "no camera image"),
+    ({"images": {"base_0_rgb": None}}, r"no camera image given \(every one is None\)"),
     ({"images": {"base_0_rgb": IMG.astype(np.float32)}}, "expected uint8"),
     ({"num_steps": 0}, "num_steps"),
     ({"noise": np.zeros((3, 3), np.float32)}, "noise must have shape"),
@@ -237,3 +238,27 @@ def test_config_json_fields_of_the_wrong_type_are_named(tiny_checkpoint: Path, t
     (broken / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=message):
         load_model(broken)
+
+
+def test_a_state_shorter_than_padded_norm_stats_takes_their_first_dims(policy: Policy) -> None:
+    """openpi's older norm stats were computed on states zero-padded to 32: its Normalize uses the first len(state)
+    dims, so an 8-joint robot sends 8 values. Padding is a trailing run of dims whose every statistic is 0."""
+    from pi05_ros.engine.normalize import NormStats, Stats
+
+    real = policy.norm_stats.state
+    padded = Stats(**{k: np.pad(getattr(real, k), (0, 32 - real.dim)) for k in real.present()})
+    wide = Policy(policy.model, policy.tokenizer, NormStats(padded, policy.norm_stats.actions), precision="fp32")
+    assert (wide.state_dim, wide.max_state_values) == (7, 32)
+    state = np.linspace(-1, 1, 7).astype(np.float32)
+    noise = np.random.default_rng(0).standard_normal((10, 32)).astype(np.float32)
+    images = {"base_0_rgb": np.zeros((224, 224, 3), np.uint8)}
+    # the same prompt (7 state values) and actions as with the unpadded stats
+    np.testing.assert_array_equal(wide.prepare(images, state, "pick", noise).tokens,
+                                  policy.prepare(images, state, "pick", noise).tokens)
+    np.testing.assert_array_equal(wide.infer(images, state, "pick", 2, noise=noise).actions,
+                                  policy.infer(images, state, "pick", 2, noise=noise).actions)
+    wide.infer(images, np.zeros(32, np.float32), "pick", 2)  # the padded length itself is taken too
+    with pytest.raises(InputError, match=r"state has 6 values but the norm stats describe 7 \(then 25 padding"):
+        wide.infer(images, state[:6], "pick", 2)
+    with pytest.raises(InputError, match="state has 33 values"):
+        wide.infer(images, np.zeros(33, np.float32), "pick", 2)
