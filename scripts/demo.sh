@@ -8,6 +8,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 SECONDS_TO_WATCH="${1:-20}"
 DEVICE="${PI05_DEVICE:-cpu}"
+if ! [[ "$SECONDS_TO_WATCH" =~ ^[0-9]+([.][0-9]+)?$ ]]; then
+  echo "usage: bash scripts/demo.sh [SECONDS]   (a number of seconds, got '$SECONDS_TO_WATCH')" >&2
+  exit 2
+fi
 
 bash scripts/setup.sh
 # shellcheck disable=SC1091
@@ -40,12 +44,29 @@ pids+=($!)
   -r __ns:=$NAMESPACE -p demo:=true -p "device:=$DEVICE" \
   -p "state_joint_names:=[joint_1, joint_2, joint_3, joint_4, joint_5, joint_6, gripper]" \
   > "$LOGS/policy_node.log" 2>&1 &
-pids+=($!)
+node=$!
+pids+=("$node")
 
 status=0
-"$EXE/policy_monitor" --namespace "$NAMESPACE" --duration "$SECONDS_TO_WATCH" || status=$?
+"$EXE/policy_monitor" --namespace "$NAMESPACE" --duration "$SECONDS_TO_WATCH" &
+monitor=$!
+# The monitor waits minutes for a first chunk (a cold GPU compile): stop waiting as soon as the node has exited.
+node_exited=0
+while kill -0 "$monitor" 2>/dev/null; do
+  if ! kill -0 "$node" 2>/dev/null; then
+    node_exited=1
+    kill -TERM "$monitor" 2>/dev/null || true
+    break
+  fi
+  sleep 1
+done
+wait "$monitor" || status=$?
 stop_nodes
-if [[ $status != 0 ]]; then
+if [[ $node_exited == 1 ]]; then
+  echo "[demo] the policy node exited; its log:" >&2
+  tail -30 "$LOGS/policy_node.log" >&2
+  exit 1
+elif [[ $status != 0 ]]; then
   echo "[demo] no action chunks arrived; the policy node's log:" >&2
   tail -30 "$LOGS/policy_node.log" >&2
 fi

@@ -56,6 +56,10 @@ REQUIREMENTS=(
   pytest-timeout==2.4.0
   ruff==0.17.6
 )
+if ! command -v "$PYTHON" > /dev/null; then
+  echo "[setup] $PYTHON was not found: install Python 3.11 (or point PYTHON= at one)" >&2
+  exit 1
+fi
 STAMP="$VENV/.pi05_requirements"
 WANTED="$("$PYTHON" --version 2>&1) ${REQUIREMENTS[*]}"
 

@@ -87,9 +87,20 @@ PRECISION_OPTIONS: dict[str, dict[str, Any]] = {"fused-mlp": {"prefix_fused_mlp"
                                                 "no-residual-carry": {"carry_residual": False}}
 
 
+FP8_ONLY_OPTIONS = ("fused-mlp", "unfused-mlp", "fp8-vision", "fused-vision-mlp")
+
+
 def _precision_list(text: str) -> list[str]:
     values = _str_list(text)
     for value in values:
+        base = value.split("+")[0]
+        if base not in ("bf16", "fp8", "fp32"):
+            raise argparse.ArgumentTypeError(f"unknown precision {base!r} in {value!r}; the fast pipeline runs bf16 "
+                                             "or fp8 (fp32: the CPU's baseline only)")
+        needs_fp8 = [name for name in value.split("+")[1:] if name in FP8_ONLY_OPTIONS]
+        if base != "fp8" and needs_fp8:
+            raise argparse.ArgumentTypeError(f"{value!r}: {'+'.join(needs_fp8)} are options of the fp8 pipeline; "
+                                             "use fp8+...")
         unknown = [name for name in value.split("+")[1:] if name not in PRECISION_OPTIONS]
         if unknown:
             raise argparse.ArgumentTypeError(f"unknown option {'+'.join(unknown)!r} in {value!r}; options: "
@@ -104,6 +115,23 @@ def _pipeline_options(precision: str) -> tuple[str, dict[str, Any]]:
     for name in names:
         options.update(PRECISION_OPTIONS[name])
     return base, options
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = _non_negative(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
 
 
 def _str_list(text: str) -> list[str]:
@@ -122,7 +150,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--preset", default=None, choices=sorted(PRESETS),
                      help="config preset (default for random weights: pi05 on a GPU, tiny on the CPU; with "
                      "--checkpoint the base its config.json overlays)")
-    src.add_argument("--seed", type=int, default=0, help="seed of weights, observations and noise (0)")
+    src.add_argument("--seed", type=_non_negative, default=0, help="seed of weights, observations and noise (0)")
     run = parser.add_argument_group("what to time")
     run.add_argument("--views", type=_int_list, default=str(HEADLINE_VIEWS),
                      help="camera view counts, comma-separated (2)")
@@ -131,7 +159,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="fast pipeline precisions (bf16,fp8); options after fp8 ('+fused-mlp', '+unfused-mlp', "
                           "'+fp8-vision', '+fused-vision-mlp', '+residual-carry', '+no-residual-carry', combinable) "
                           "time that configuration too")
-    run.add_argument("--prompt-tokens", type=int, default=48,
+    run.add_argument("--prompt-tokens", type=_positive, default=48,
                      help="valid prompt tokens to aim for, discretized state included (48)")
     run.add_argument("--warmup", type=int, default=10,
                      help="untimed runs per configuration (10; at most 3 for the baseline)")
@@ -151,6 +179,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.checkpoint and not args.tokenizer:
         parser.error("--checkpoint needs --tokenizer (the PaliGemma SentencePiece model)")
+    if not args.checkpoint and (args.tokenizer or args.norm_stats):
+        parser.error("--tokenizer and --norm-stats go with --checkpoint (random weights use the demo tokenizer)")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file; name a folder for the report")
+
     if args.warmup < 0 or args.iters < 1 or (args.baseline_iters is not None and args.baseline_iters < 1):
         parser.error("--warmup must be >= 0, --iters and --baseline-iters >= 1")
     if args.baseline_iters is None:
@@ -403,18 +436,36 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.from_results:
-        results = json.loads(args.from_results.read_text())
+        try:
+            results = json.loads(args.from_results.read_text())
+            if not isinstance(results, dict) or "configs" not in results:
+                raise ValueError("not a pi05-bench results.json (no 'configs')")
+        except (OSError, ValueError) as exc:
+            print(f"error: --from-results {args.from_results}: {exc}", file=sys.stderr)
+            return 2
         if targets is not None:
             results["targets"] = evaluate_targets(results, targets)
             results["targets_title"] = targets.get("title", str(args.targets))
         written = write_report(results, args.out, write_json=False)
         print("wrote " + ", ".join(str(p) for p in written.values()))
         return 0
+    try:  # before anything runs: a report that cannot be written would lose the whole run
+        args.out.mkdir(parents=True, exist_ok=True)
+        probe = args.out / ".pi05-bench-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        print(f"error: --out {args.out} cannot be written: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     try:
         device = resolve_device(args.device)
     except Pi05Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if device.type == "cuda" and any(p.split("+")[0] == "fp32" for p in args.precision):
+        print("error: --precision fp32: the fast pipeline runs bf16 or fp8 (the baseline is the bf16 reference "
+              "on a GPU)", file=sys.stderr)
+        return 2
     if device.type == "cpu" and not args.checkpoint and args.preset is None:
         # The full-size model in fp32 on a CPU takes about a minute to build and minutes per inference.
         args.preset = "tiny"

@@ -231,8 +231,8 @@ def load_targets(path: Path) -> dict[str, Any]:
         bounds = [k for k in ("max", "min") if k in t]
         if len(bounds) != 1 or not isinstance(t[bounds[0]], int | float):
             raise TargetsError(f"{where}: give exactly one number, \"max\" or \"min\"")
-        unknown = set(t.get("where", {})) - set(_SELECTORS)
-        if not isinstance(t.get("where", {}), dict) or unknown:
+        selectors = t.get("where", {})
+        if not isinstance(selectors, dict) or set(selectors) - set(_SELECTORS):
             raise TargetsError(f"{where}: \"where\" takes {', '.join(_SELECTORS)}")
     return raw
 

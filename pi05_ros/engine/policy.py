@@ -73,8 +73,13 @@ def resolve_device(device: str) -> torch.device:
         dev = torch.device(device)
     except RuntimeError as exc:
         raise CheckpointError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from exc
+    if dev.type not in ("cpu", "cuda"):  # torch knows mps, xpu, meta ...: this engine runs on neither
+        raise CheckpointError(f"device {device!r} is not supported; use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CheckpointError(f"device {device!r} was asked for but no CUDA GPU is visible; use device=cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise CheckpointError(f"device {device!r} was asked for but only {torch.cuda.device_count()} CUDA GPU(s) "
+                              f"are visible (cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
     return dev
 
 

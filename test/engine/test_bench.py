@@ -252,6 +252,7 @@ def test_targets_judge_the_worst_matching_run(tmp_path: Path) -> None:
     ('{"targets": [{"name": "x", "metric": "speed", "max": 1}]}', "unknown metric 'speed'"),
     ('{"targets": [{"name": "x", "metric": "p99_p50", "max": 1, "min": 0}]}', "exactly one number"),
     ('{"targets": [{"name": "x", "metric": "p99_p50", "max": 1, "where": {"gpu": "h100"}}]}', "where"),
+    ('{"targets": [{"name": "x", "metric": "p99_p50", "max": 1, "where": 5}]}', "\"where\" takes"),
     ("{not json", "not readable JSON"),
 ])
 def test_bad_targets_file_is_refused_before_any_run(tmp_path: Path, content: str, message: str,
@@ -271,3 +272,34 @@ def test_bare_bench_on_cpu_times_the_tiny_preset_and_shows_no_targets(tmp_path: 
     assert results["model"]["preset"] == "tiny" and "targets" not in results
     report = (out / "report.md").read_text()
     assert "## Targets" not in report and "issue" not in report.lower()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--precision", "int4"], "unknown precision 'int4'"),
+    (["--precision", "bf16+fused-mlp"], "options of the fp8 pipeline"),
+    (["--seed", "-1"], "expected an integer >= 0"),
+    (["--prompt-tokens", "0"], "expected an integer >= 1"),
+    (["--tokenizer", "tok.model"], "go with --checkpoint"),
+])
+def test_arguments_that_would_be_ignored_or_fail_late_are_refused_at_once(args: list[str], message: str,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--device", "cpu", *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_unwritable_out_or_unreadable_results_fail_before_any_run(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cpu", "--out", str(a_file)])
+    assert "is a file" in capsys.readouterr().err
+    assert bench.main(["--device", "cpu", "--out", str(a_file / "below")]) == 2
+    assert "cannot be written" in capsys.readouterr().err
+    for bad in (tmp_path / "missing.json", tmp_path, a_file):
+        assert bench.main(["--from-results", str(bad), "--out", str(tmp_path / "r")]) == 2
+        assert "--from-results" in capsys.readouterr().err
+    with pytest.raises(Exception, match="not supported"):
+        from pi05_ros.engine.policy import resolve_device
+        resolve_device("mps")

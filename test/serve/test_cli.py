@@ -15,6 +15,8 @@ from pi05_ros.cli.serve import main
     (["--demo", "--checkpoint", "/ckpt"], "give --checkpoint DIR --tokenizer FILE, or --demo"),
     (["--demo", "--metadata", "{oops"], "--metadata is not valid JSON"),
     (["--demo", "--metadata", "[1, 2]"], "--metadata must be a JSON object"),
+    (["--demo", "--config-preset", "pi05_aloha"], "--config-preset go with --checkpoint"),
+    (["--demo", "--tokenizer", "t.model", "--norm-stats", "n.json"], "--tokenizer, --norm-stats go with"),
 ])
 def test_usage_errors_exit_with_a_reason(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exited:
@@ -31,6 +33,22 @@ def test_usage_errors_exit_with_a_reason(argv: list[str], message: str, capsys: 
 def test_bad_settings_exit_1_with_the_reason(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
     assert main(argv) == 1
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--demo", "--port", "99999"], "argument --port: expected an integer in 0..65535, got 99999"),
+    (["--demo", "--port", "-1"], "argument --port: expected an integer in 0..65535, got -1"),
+    (["--demo", "--seed", "-1"], "argument --seed: expected an integer in 0.., got -1"),
+    (["--demo", "--threads", "-2"], "argument --threads: expected an integer in 1.., got -2"),
+    (["--demo", "--ray", "--replicas", "0"], "argument --replicas: expected an integer in 1.., got 0"),
+    (["--demo", "--action-dim", "x"], "argument --action-dim: expected an integer, got 'x'"),
+])
+def test_out_of_range_numbers_are_argument_errors(argv: list[str], message: str,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    """Before any model or Ray cluster starts (a port past 65535 used to wrap around to another port)."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_a_checkpoint_needs_a_tokenizer(droid_checkpoint: Path, capsys: pytest.CaptureFixture) -> None:
