@@ -210,7 +210,7 @@ class Policy:
         if self.action_space.dof != self.action_dof:
             raise CheckpointError(f"the action space describes {self.action_space.dof} columns but the policy "
                                   f"outputs {self.action_dof}; give one kind per action column")
-        self.action_space.check_state(self.state_dim)
+        self.action_space.check_state(self.max_state_values)
         self.joints.check(self.state_dim, self.action_dof)
         self.is_demo = is_demo
         self.checkpoint = checkpoint
@@ -277,7 +277,7 @@ class Policy:
         dof = int(action_dim or stats.actions.dim)
         _check_dof(dof, info.config.action_dim, stats)
         space, why = resolve_action_space(conventions, dof, action_space, action_space_mask)
-        space.check_state(unpadded_dim(stats.state))
+        space.check_state(stats.state.dim)
         joint_convention_of(conventions.joint_convention).check(unpadded_dim(stats.state), dof)
         model, info = load_model(checkpoint, config_preset=config_preset, device=dev,
                                  dtype=torch.float32 if prec == "fp32" else torch.bfloat16)
@@ -427,6 +427,11 @@ class Policy:
                       if self.max_state_values > self.state_dim else "")
             raise InputError(f"state has {state.shape[0]} values but the norm stats describe {self.state_dim}"
                              f"{padded}; select the robot's joints in the order the model was trained with")
+        if state.shape[0] < self.max_state_values:
+            try:  # a delta column relative to a state value this (shorter) state does not have
+                self.action_space.check_state(state.shape[0])
+            except CheckpointError as exc:
+                raise InputError(str(exc)) from None
         state = self.joints.state_to_model(state)  # the state as the checkpoint was trained on (flips, grippers)
         tokens, mask = self.tokenizer(prompt, self.prompt_state(state))
         shape = (self.config.action_horizon, self.config.action_dim)
