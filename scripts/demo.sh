@@ -23,7 +23,11 @@ LOGS="$ROOT/log/demo"
 mkdir -p "$LOGS"
 
 pids=()
+monitor=""
 stop_nodes() {
+  # the monitor runs in the background (started with SIGINT ignored, as every background job of a script): a
+  # Ctrl-C of the demo ends it here
+  [[ -n "$monitor" ]] && kill -TERM "$monitor" 2>/dev/null || true
   # SIGTERM, not SIGINT: bash starts background jobs of a script with SIGINT ignored, so a SIGINT sent
   # before a node has installed its own handler would be lost. Both nodes stop cleanly on either.
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done

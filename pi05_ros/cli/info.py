@@ -17,7 +17,7 @@ from pi05_ros.engine.checkpoint import CheckpointInfo, inspect_checkpoint
 from pi05_ros.engine.conventions import Conventions, resolve_action_space, resolve_conventions
 from pi05_ros.engine.errors import Pi05Error
 from pi05_ros.engine.joint_conventions import joint_convention
-from pi05_ros.engine.normalize import NormStats, find_checkpoint_norm_stats, resolve_norm_stats
+from pi05_ros.engine.normalize import NormStats, find_checkpoint_norm_stats, resolve_norm_stats, unpadded_dim
 
 
 def _norm_stats(info: CheckpointInfo, given: str | None) -> tuple[str, str | None, NormStats | None]:
@@ -56,7 +56,7 @@ def _conventions(conventions: Conventions, stats: NormStats | None, args: argpar
             if args.action_space_mask else None
         space, why = resolve_action_space(c, stats.actions.dim, args.action_space, mask)
         space.check_state(stats.state.dim)
-        joint_convention(c.joint_convention).check(stats.state.dim, space.dof)
+        joint_convention(c.joint_convention).check(unpadded_dim(stats.state), stats.state.dim, space.dof)
     except Pi05Error as exc:
         print(f"  action space   impossible: {exc}")
         return f"a possible action space: {exc}"

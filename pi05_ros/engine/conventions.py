@@ -127,6 +127,10 @@ def resolve_conventions(info: CheckpointInfo, *, prompt_format: str | None = Non
     joints = check_joint_convention(cfg.joint_convention).name
     reasons["joint_convention"] = (f"the {cfg.name} preset's (openpi's adapt_to_pi)" if joints != NONE
                                    else "the robot's joints as they come")
+    if info.format == "lerobot" and joints != NONE:  # LeRobot trains on the dataset's joints as they are
+        joints = NONE
+        reasons["joint_convention"] = (f"LeRobot has no adapt_to_pi: the {cfg.name} preset's {cfg.joint_convention} "
+                                       "is not applied (joint_convention sets it)")
     if joint_convention is not None:
         joints, reasons["joint_convention"] = check_joint_convention(joint_convention).name, "given"
     reasons["prompt_format"] = why

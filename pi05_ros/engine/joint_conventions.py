@@ -68,12 +68,15 @@ class JointConvention:
     def identity(self) -> bool:
         return self.name == NONE
 
-    def check(self, state_dim: int, action_dof: int) -> None:
-        """A convention made for one robot needs that robot's state and actions: a startup error otherwise."""
-        if self.name == ALOHA_TO_PI and (state_dim < ALOHA_DIM or action_dof != ALOHA_DIM):
+    def check(self, state_dim: int, max_state_values: int, action_dof: int) -> None:
+        """A convention made for one robot needs that robot's state and actions: a startup error otherwise. The
+        state takes state_dim .. max_state_values values (padded norm stats: policy.py)."""
+        if self.name == ALOHA_TO_PI and not (state_dim <= ALOHA_DIM <= max_state_values
+                                              and action_dof == ALOHA_DIM):
+            states = str(state_dim) if state_dim == max_state_values else f"{state_dim}..{max_state_values}"
             raise CheckpointError(
                 f"joint_convention {ALOHA_TO_PI} (the pi05_aloha preset's) needs ALOHA's {ALOHA_DIM} state values "
-                f"and {ALOHA_DIM} action columns, but the norm stats / policy give {state_dim} and {action_dof}; "
+                f"and {ALOHA_DIM} action columns, but the norm stats / policy give {states} and {action_dof}; "
                 f"use the norm stats of an ALOHA checkpoint, or joint_convention={NONE} for another robot")
 
     def state_to_model(self, state: np.ndarray) -> np.ndarray:

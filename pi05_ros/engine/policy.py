@@ -211,7 +211,7 @@ class Policy:
             raise CheckpointError(f"the action space describes {self.action_space.dof} columns but the policy "
                                   f"outputs {self.action_dof}; give one kind per action column")
         self.action_space.check_state(self.max_state_values)
-        self.joints.check(self.state_dim, self.action_dof)
+        self.joints.check(self.state_dim, self.max_state_values, self.action_dof)
         self.is_demo = is_demo
         self.checkpoint = checkpoint
         self.seed = seed
@@ -278,7 +278,7 @@ class Policy:
         _check_dof(dof, info.config.action_dim, stats)
         space, why = resolve_action_space(conventions, dof, action_space, action_space_mask)
         space.check_state(stats.state.dim)
-        joint_convention_of(conventions.joint_convention).check(unpadded_dim(stats.state), dof)
+        joint_convention_of(conventions.joint_convention).check(unpadded_dim(stats.state), stats.state.dim, dof)
         model, info = load_model(checkpoint, config_preset=config_preset, device=dev,
                                  dtype=torch.float32 if prec == "fp32" else torch.bfloat16)
         policy = cls(model, tok, stats, precision=prec, action_dim=action_dim, seed=seed, checkpoint=info,
@@ -312,7 +312,9 @@ class Policy:
             cfg = cfg.replace(max_token_len=DEMO_MAX_TOKEN_LEN)
         model = random_model(cfg, seed=seed, device=dev, dtype=torch.float32 if prec == "fp32" else torch.bfloat16)
         tok = demo_prompt_tokenizer(cfg.max_token_len, cfg.prompt_format != PI0)
-        state, actions = demo_norm_stats()
+        # a preset made for one robot (pi05_droid: 8 columns, pi05_aloha: 14 and its joint convention) gets stats of
+        # that robot's size
+        state, actions = demo_norm_stats(cfg.action_space.dof) if cfg.action_space else demo_norm_stats()
         policy = cls(model, tok, NormStats(state, actions), precision=prec, seed=seed, is_demo=True)
         scales = user_cache_dir(f"demo_{cfg.name}_seed{seed}") / CALIBRATION_FILE  # written only if it calibrates
         policy.runner = make_runner(model, prec, runner, scales_file=scales, max_batch=max_batch,
@@ -485,8 +487,10 @@ class Policy:
         return state_norm
 
     def prompt_tokens(self, prompt: str, state: np.ndarray) -> int:
-        """How many tokens `prompt` with `state` encodes to (the model keeps at most max_token_len of them)."""
-        return len(self.tokenizer.encode(prompt, self.prompt_state(state)))
+        """How many tokens `prompt` with `state` (the robot's) encodes to (the model keeps at most max_token_len of
+        them)."""
+        model_state = self.joints.state_to_model(np.asarray(state, dtype=np.float32))
+        return len(self.tokenizer.encode(prompt, self.prompt_state(model_state)))
 
     def infer(self, images: Mapping[str, np.ndarray | PreparedView], state: np.ndarray, prompt: str,
               num_steps: int = 10, noise: np.ndarray | None = None, rtc: RtcRequest | None = None) -> ActionChunk:

@@ -143,8 +143,8 @@ def _resize_one(image: np.ndarray | PreparedView, size: int, method: str, name: 
 
 # Views resized at once: PIL releases the GIL while it resamples, so two or three cameras resize in parallel. On the
 # 2-core dev box (docs/benchmarks.md §37) two 640x480 views took 3.3-3.4 -> 2.3-2.5 ms, three 1280x720 views
-# 11.1-11.6 -> 7.8-8.0 ms; the torch-based resizes already use torch's threads and gained little or lost: serial.
-_PARALLEL_METHODS = (OPENPI_CLIENT,)
+# 11.1-11.6 -> 7.8-8.0 ms; LeRobot's torch resize already uses torch's threads and gained little or lost: serial.
+_PARALLEL_METHODS = (OPENPI_CLIENT, OPENPI_SERVER)
 _pool: ThreadPoolExecutor | None = None
 
 

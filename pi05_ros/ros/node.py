@@ -417,11 +417,14 @@ class PolicyNode(LifecycleNode):
 
     def _deactivate(self) -> None:
         """Stop commanding: no tick, no inference; one hold (whatever on_stale says) while publishers still work."""
-        self._active = False
-        self._prepare_views_with(None)
+        # The control loop first: a tick that saw the node inactive would take commanding as paused and forget
+        # what was commanded, and the hold below would have nowhere to hold.
         if self._loop is not None:
             self._loop.stop()
             self._loop = None
+        with self._command_lock:
+            self._active = False
+        self._prepare_views_with(None)
         if self.worker is not None:
             self.worker.set_active(False)
         with self._command_lock:
@@ -469,7 +472,8 @@ class PolicyNode(LifecycleNode):
         ExecutionConfigError naming the cause and the fix."""
         ex = self._exec
         space = policy.action_space
-        columns = command_columns(self._action_names, space.output_kinds, policy.state_dim, ex.command_joint_names,
+        state_values = len(self.config.state_joint_names) or policy.state_dim  # what the observations carry
+        columns = command_columns(self._action_names, space.output_kinds, state_values, ex.command_joint_names,
                                   space.state_index, interface=ex.command_interface)
         from_urdf = limits_from_urdf(ex.robot_description, columns.names) if ex.robot_description else {}
         overrides = declare_joint_limits(self, columns.names)
@@ -522,7 +526,7 @@ class PolicyNode(LifecycleNode):
         from pi05_ros.engine.policy import Policy
 
         config = self.config
-        if config.cpu_threads:
+        if config.cpu_threads and config.policy_backend != "remote":
             import torch
 
             torch.set_num_threads(config.cpu_threads)

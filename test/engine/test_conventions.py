@@ -247,3 +247,18 @@ def test_the_aloha_convention_needs_alohas_fourteen_values(tiny_checkpoint: Path
         Policy.load(aloha_checkpoint, tokenizer_path, device="cpu", joint_convention="aloha")
     aloha = Policy.load(aloha_checkpoint, tokenizer_path, device="cpu", joint_convention="aloha_to_pi")
     assert any("aloha_to_pi" in line and "given" in line for line in aloha.describe_conventions())
+    sixteen = write_checkpoint(aloha.model, aloha_checkpoint.parent / "sixteen", norm_stats=demo_norm_stats(16))
+    with pytest.raises(CheckpointError, match="needs ALOHA's 14 state values .* give 16 and 14"):
+        Policy.load(sixteen, tokenizer_path, device="cpu", config_preset="pi05_aloha", action_dim=14)
+
+
+def test_the_aloha_preset_on_a_lerobot_checkpoint_keeps_the_joints(tiny_model: Pi05Model, tmp_path: Path) -> None:
+    """adapt_to_pi is openpi's: LeRobot trains on the dataset's joints as they are."""
+    from pi05_ros.engine.conventions import resolve_conventions
+
+    folder = lerobot_checkpoint(tiny_model, tmp_path / "lerobot_aloha")
+    conventions = resolve_conventions(inspect_checkpoint(folder, "pi05_aloha"))
+    assert conventions.joint_convention == "none" and "LeRobot has no adapt_to_pi" in \
+        conventions.reasons["joint_convention"]
+    given = resolve_conventions(inspect_checkpoint(folder, "pi05_aloha"), joint_convention="aloha_to_pi")
+    assert given.joint_convention == "aloha_to_pi"
