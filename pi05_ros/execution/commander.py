@@ -194,6 +194,10 @@ class Commander:
     def blend_name(self) -> str:
         return "n/a"
 
+    def set_idle(self) -> None:
+        """Not commanding (deactivated): /diagnostics says so instead of the last state."""
+        self._set_state(IDLE)
+
     def _set_state(self, state: str, reason: str | None = None) -> None:
         with self.stats.lock:
             self.stats.state, self.stats.reason = state, reason

@@ -12,6 +12,7 @@ control loop's jitter, and untrusted input stamps (WARN).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -62,10 +63,14 @@ def gather_problems(
     *,
     rate_mode: str,
     commands: CommandFacts | None = None,
+    input_problems: Iterable[Problem] = (),
 ) -> list[Problem]:
-    """Every problem the status names, in the order its message joins them."""
+    """Every problem the status names, in the order its message joins them. `input_problems`: the inputs' own
+    problems now (trigger mode: once the trigger camera is quiet no tick looks at the inputs)."""
     inputs = list(inputs)
     problems: list[Problem] = list(worker.problems)
+    known = {(p.code, p.subject) for p in problems}
+    problems += [p for p in input_problems if (p.code, p.subject) not in known]
     if commands is not None:
         problems += _command_problems(commands, problems)
     problems += [Problem(Level.WARN, ProblemCode.BAD_STAMP, state.stamp_issue, state.name)
@@ -197,8 +202,10 @@ def _command_problems(commands: CommandFacts, already: list[Problem]) -> list[Pr
     status = commands.execution
     if status is None or commands.lifecycle_state != "active":
         return found
-    said = " ".join(p.message for p in already)
-    if status.state in ("holding", "stopped") and status.reason and status.reason not in said:
+    # the hold's reason is usually a problem already named (a stale input the worker found a moment earlier, with
+    # another age): compared without their numbers, it is named once
+    said = " ".join(_without_numbers(p.message) for p in already)
+    if status.state in ("holding", "stopped") and status.reason and _without_numbers(status.reason) not in said:
         verb = "commands hold" if status.state == "holding" else "commands stopped"
         found.append(Problem(Level.WARN, ProblemCode.HOLDING, f"{verb}: {status.reason}"))
     if status.clipping_frequent:
@@ -209,6 +216,10 @@ def _command_problems(commands: CommandFacts, already: list[Problem]) -> list[Pr
             f"{c.position}, velocity {c.velocity}, acceleration {c.acceleration} values so far); check the limits "
             "(robot_description, joint_limits.*) and that the policy fits this robot"))
     return found
+
+
+def _without_numbers(text: str) -> str:
+    return re.sub(r"[-+]?\d+(\.\d+)?", "#", text)
 
 
 def _stat_values(key: str, stats: dict[str, float], last: float | None) -> list[tuple[str, str]]:

@@ -105,7 +105,7 @@ from pi05_ros.ros.problem_log import ProblemLog
 from pi05_ros.ros.problems import Level, quoted_short, shorten
 from pi05_ros.ros.process import init_ros
 from pi05_ros.ros.settings import RuntimeSettings
-from pi05_ros.ros.worker import NO_CLOCK_MESSAGE, InferenceWorker, WorkerStatus
+from pi05_ros.ros.worker import NO_CLOCK_MESSAGE, InferenceWorker, Phase, WorkerStatus
 from pi05_ros.signals import StopEvent
 
 if TYPE_CHECKING:
@@ -439,6 +439,8 @@ class PolicyNode(LifecycleNode):
                 self._publish_trajectory(commander.hold_now(situation))
             else:
                 self._publish_point(commander.hold_now(now, situation))
+            commander.set_idle()
+            self._logged_state = ""  # the next activation logs its first state again
         self.get_logger().info("inactive: held, not commanding (the model stays loaded)")
 
     def _release(self, wait_s: float = STOP_TIMEOUT_S) -> None:
@@ -455,6 +457,8 @@ class PolicyNode(LifecycleNode):
             if close is not None:
                 close()
             worker.policy = None
+        self.model_facts = None  # the freed model's facts are not shown beside "unconfigured"
+        self._latency, self._rtc_last = LatencyEstimate(), None
         with self._command_lock:
             self._commander = None
             self._columns = None
@@ -735,8 +739,11 @@ class PolicyNode(LifecycleNode):
         worker_status = worker.status() if worker is not None else WorkerStatus.without_worker()
         inputs = self.inputs.states()
         rate_mode = f"trigger:{trigger}" if trigger else "timer"
+        # In trigger mode a quiet trigger camera makes no tick, so nothing would see it (or another input) go stale
+        quiet = (self._freshness.freshness_problems(self.now_ns())
+                 if trigger and self._active and worker_status.phase is Phase.RUNNING else ())
         problems = gather_problems(worker_status, inputs, self._runtime, self.model_facts, rate_mode=rate_mode,
-                                   commands=facts)
+                                   commands=facts, input_problems=quiet)
         status = build_status(
             f"{self.get_fully_qualified_name()}: policy", worker_status, inputs, self._runtime, self.model_facts,
             rate_mode=rate_mode, demo_requested=self.config.use_demo_model, commands=facts, problems=problems,

@@ -99,7 +99,7 @@ class ObservationCollector:
                 continue
             sample = buffer.take()
             if sample is None:
-                problems.append(Problem(Level.WARN, ProblemCode.MISSING_INPUT, f"no message yet on '{topic}'",
+                problems.append(Problem(Level.WARN, ProblemCode.MISSING_INPUT, f"no usable message yet on '{topic}'",
                                         buffer.name))
                 continue
             age = (now_ns - sample.received_ns) / 1e9

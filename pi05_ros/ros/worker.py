@@ -146,6 +146,14 @@ class WorkerCounters:
             self._problems = problems
             self._streak_start = None
 
+    def paused(self) -> None:
+        """Inference stops (deactivated): the last tick's problems are no longer what the node sees, and the rate
+        is measured afresh over a full window of publishing after the pause."""
+        with self._lock:
+            self._problems = ()
+            self._notices = ()
+            self._streak_start = None
+
     def failed_inference(self, problem: Problem) -> None:
         with self._lock:
             self._inferences += 1
@@ -276,6 +284,7 @@ class InferenceWorker:
             self._active.set()
         else:
             self._active.clear()
+            self._counters.paused()
         if self._counters.phase in (Phase.RUNNING, Phase.INACTIVE):
             self._counters.set_phase(Phase.RUNNING if active else Phase.INACTIVE)
         self._wake.set()

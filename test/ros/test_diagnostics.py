@@ -142,3 +142,52 @@ def test_long_problem_messages_are_shortened_in_the_status() -> None:
     status, values = build(dataclasses.replace(RUNNING, phase=Phase.INACTIVE), inputs_override=inputs)
     assert len(status.message) < 1100 and "characters)" in status.message
     assert len(values["input.joint_states.error"]) == 1000
+
+
+def test_a_quiet_trigger_camera_is_named_and_a_hold_for_a_named_problem_only_once() -> None:
+    """Trigger mode: no frame, no tick; the inputs' own problems are passed in and named once."""
+    stale = Problem(Level.WARN, ProblemCode.STALE_INPUT, "'front' is stale: newest message is 5.05 s old", "front")
+    problems = gather_problems(RUNNING, INPUTS, RUNTIME, MODEL, rate_mode="trigger:front", input_problems=(stale,))
+    assert [p.code for p in problems] == [ProblemCode.STALE_INPUT]
+    ticked = dataclasses.replace(RUNNING, problems=(dataclasses.replace(stale, message="'front' is stale: 0.61"),))
+    again = gather_problems(ticked, INPUTS, RUNTIME, MODEL, rate_mode="trigger:front", input_problems=(stale,))
+    assert len(again) == 1  # the worker named it (with another age): not twice
+
+
+def test_a_hold_for_a_problem_already_named_with_another_age_is_not_repeated() -> None:
+    from pi05_ros.execution.commander import ChunkCommander
+    from pi05_ros.execution.limits import JointLimits
+    from pi05_ros.ros.diagnostics import CommandFacts
+
+    commander = ChunkCommander(("a",), 50_000_000, max_input_age_ns=500_000_000, on_stale="hold",
+                               limits=JointLimits.none(("a",)), command_margin_ns=10_000_000)
+    commander._set_state("holding", "'front' is stale: newest message is 0.71 s old > max_input_age_s 0.5")
+    worker = dataclasses.replace(RUNNING, problems=(Problem(
+        Level.WARN, ProblemCode.STALE_INPUT, "'front' is stale: newest message is 0.62 s old > max_input_age_s 0.5",
+        "front"),))
+    facts = CommandFacts("active", commander.status(), None)
+    problems = gather_problems(worker, INPUTS, RUNTIME, MODEL, rate_mode="timer", commands=facts)
+    assert [p.code for p in problems] == [ProblemCode.STALE_INPUT]
+    commander._set_state("holding", "no queued command (chunks come slower than they run out)")
+    problems = gather_problems(worker, INPUTS, RUNTIME, MODEL, rate_mode="timer",
+                               commands=CommandFacts("active", commander.status(), None))
+    assert [p.code for p in problems] == [ProblemCode.STALE_INPUT, ProblemCode.HOLDING]
+
+
+def test_a_pause_forgets_the_last_ticks_problems_and_measures_the_rate_again() -> None:
+    import time
+
+    from pi05_ros.ros.worker import WorkerCounters
+
+    counters = WorkerCounters()
+    counters.set_phase(Phase.RUNNING)
+    now = time.monotonic()
+    for k in range(40):  # 4 s of steady publishing at 10 Hz: measured
+        counters.published_chunk(now - 4.0 + 0.1 * k, 0.05, 10)
+    assert counters.snapshot().rate_measured
+    counters.failed_inference(Problem(Level.ERROR, ProblemCode.INFERENCE_FAILED, "inference failed: x"))
+    counters.paused()  # deactivated
+    snapshot = counters.snapshot()
+    assert snapshot.problems == () and not snapshot.rate_measured
+    counters.published_chunk(time.monotonic(), 0.05, 10)  # reactivated: a new window starts
+    assert not counters.snapshot().rate_measured
