@@ -195,7 +195,7 @@ def load_config(checkpoint_dir: Path, preset_name: str | None = None) -> Pi05Con
         return base
     try:
         raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON, or bytes that are not UTF-8 text
         raise CheckpointError(f"{path} is not valid JSON ({exc}); restore the checkpoint's config.json") from exc
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path} must hold a JSON object (got a {type(raw).__name__}); restore the "

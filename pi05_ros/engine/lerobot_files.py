@@ -29,7 +29,7 @@ RELATIVE_ACTION_KEYS = ("use_relative_actions", "relative_exclude_joints", "acti
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON, or bytes that are not UTF-8 text
         raise CheckpointError(f"{path} is not valid JSON ({exc}); restore the checkpoint's file") from exc
 
 

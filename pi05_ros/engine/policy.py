@@ -332,7 +332,15 @@ class Policy:
 
     def recorded_observations(self, folder: str | Path) -> list[PreparedObservation]:
         """The observations recorded in `folder` (engine/recordings.py), prepared for a runner (FP8 calibration)."""
-        return [self.prepare(*observation) for observation in load_observations(folder)]
+        rng = np.random.default_rng(0)  # its own noise: calibrating must not move the policy's seeded stream
+        shape = (self.config.action_horizon, self.config.action_dim)
+        prepared = []
+        for path, (images, state, prompt) in load_observations(folder):
+            try:
+                prepared.append(self.prepare(images, state, prompt, rng.standard_normal(shape, dtype=np.float32)))
+            except InputError as exc:
+                raise CheckpointError(f"recorded observation {path}: {exc}") from exc
+        return prepared
 
     # --- properties the node and the benchmark read
 

@@ -262,3 +262,14 @@ def test_a_state_shorter_than_padded_norm_stats_takes_their_first_dims(policy: P
         wide.infer(images, state[:6], "pick", 2)
     with pytest.raises(InputError, match="state has 33 values"):
         wide.infer(images, np.zeros(33, np.float32), "pick", 2)
+
+
+def test_a_config_json_that_is_not_text_is_named(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from pi05_ros.engine.checkpoint import load_model
+
+    broken = Path(shutil.copytree(tiny_checkpoint, tmp_path / "binary"))
+    (broken / "config.json").write_bytes(b"\xff\xfe\x00\x01 not utf-8")
+    with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
+        load_model(broken)

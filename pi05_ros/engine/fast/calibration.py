@@ -4,16 +4,20 @@ Static FP8 scales come from the largest |input| (amax) each linear layer sees ov
 eagerly in bf16. The pipeline calibrates when it is handed no scales (engine/fast/pipeline.py); this module
 reads and writes the scales as `pi05_ros_fp8_calibration.json` so later starts skip that:
 
-    {"amax": {"prefix_blocks.0.gate_up": 3.1, ...}, "fingerprint": 0.0123, "observations": "synthetic x8"}
+    {"amax": {"prefix_blocks.0.gate_up": 3.1, ...}, "fingerprint": {"prefix_blocks.0.gate_up": 0.0123, ...},
+     "observations": "synthetic x8"}
 
-`fingerprint` ties a file to the weights it was calibrated on (a replaced checkpoint of the same shape must
-not reuse it); a file that is unreadable or does not fit means calibrating again, never a crash.
+`fingerprint` ties a file to the weights it was calibrated on, layer by layer (a replaced or fine-tuned
+checkpoint of the same shape must not reuse it); a file that is unreadable, damaged or does not fit means
+calibrating again, never a crash.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -36,41 +40,62 @@ SYNTHETIC_COUNT = 8  # observations calibrated on when none are handed in
 
 
 def user_cache_dir(name: str) -> Path:
-    """~/.cache/pi05_ros/<name>; not created here (only writing a file creates it)."""
-    return Path.home() / ".cache" / "pi05_ros" / name
+    """~/.cache/pi05_ros/<name> (XDG_CACHE_HOME when set); not created here (only writing a file creates it)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pi05_ros" / name
 
 
 def scales_path(checkpoint_dir: Path) -> Path:
-    """Where a checkpoint's FP8 scales live: beside it, or in the user cache when that folder is read-only."""
+    """Where a checkpoint's FP8 scales live: beside it, or in the user cache when that folder is read-only, under
+    its name and a hash of its full path (every LeRobot run's folder is called pretrained_model)."""
     if checkpoint_dir.is_dir() and os.access(checkpoint_dir, os.W_OK):
         return checkpoint_dir / CALIBRATION_FILE
-    return user_cache_dir(checkpoint_dir.name) / CALIBRATION_FILE
+    full = str(checkpoint_dir.expanduser().resolve())
+    digest = hashlib.sha1(full.encode()).hexdigest()[:12]
+    return user_cache_dir(f"{checkpoint_dir.resolve().name or 'checkpoint'}-{digest}") / CALIBRATION_FILE
 
 
-def weights_fingerprint(fast: FastModel) -> float:
-    """A number that changes with the weights; computed before any layer is quantized."""
-    return float(fast.prefix_blocks[0].qkv.weight.float().abs().mean())
+FINGERPRINT_STRIDE = 997  # every 997th weight of each linear: cheap, and any fine-tuned layer changes its sum
+
+
+def weights_fingerprint(fast: FastModel) -> dict[str, float]:
+    """Per linear layer, the mean |w| over a strided sample of its weights: changes with the weights of any
+    layer (an expert-only fine-tune included); computed before any layer is quantized."""
+    return {name: float(layer.weight.detach().reshape(-1)[::FINGERPRINT_STRIDE].float().abs().mean())
+            for name, layer in fast.linears().items()}
+
+
+def _finite_positive(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def load_scales(path: Path | None, fast: FastModel) -> dict[str, float] | None:
-    """The amax per linear saved at `path`, or None when there is none or it does not fit `fast`'s weights."""
+    """The amax per linear saved at `path`, or None when there is none or it does not fit `fast`'s weights
+    (unreadable, damaged, of other weights, or with values that are not finite positive numbers)."""
     if path is None or not path.is_file():
         return None
     try:
         saved = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bytes that are not text
         log.warning("%s is unreadable (%s); calibrating again", path, exc)
         return None
-    fits = (isinstance(saved, dict) and set(saved.get("amax", {})) == set(fast.linears())
-            and abs(saved.get("fingerprint", -1) - weights_fingerprint(fast)) < 1e-6)
-    if not fits:
+    if not isinstance(saved, dict):
+        saved = {}
+    amax, fingerprint, names = saved.get("amax"), saved.get("fingerprint"), set(fast.linears())
+    valid = (isinstance(amax, dict) and set(amax) == names and all(_finite_positive(v) for v in amax.values())
+             and isinstance(fingerprint, dict) and set(fingerprint) == names
+             and all(isinstance(v, int | float) and not isinstance(v, bool) for v in fingerprint.values()))
+    if valid:
+        ours = weights_fingerprint(fast)
+        valid = all(math.isclose(fingerprint[n], ours[n], rel_tol=1e-5, abs_tol=1e-9) for n in names)
+    if not valid:
         log.warning("%s does not fit these weights; calibrating again", path)
         return None
     log.info("FP8 scales from %s", path)
-    return saved["amax"]
+    return {name: float(value) for name, value in amax.items()}
 
 
-def save_scales(path: Path, amax: dict[str, float], fingerprint: float, observations: str) -> None:
+def save_scales(path: Path, amax: dict[str, float], fingerprint: dict[str, float], observations: str) -> None:
     """Write the scales (creating the folder); a failure is logged: the next start calibrates again."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
