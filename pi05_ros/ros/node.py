@@ -742,6 +742,11 @@ class PolicyNode(LifecycleNode):
         # In trigger mode a quiet trigger camera makes no tick, so nothing would see it (or another input) go stale
         quiet = (self._freshness.freshness_problems(self.now_ns())
                  if trigger and self._active and worker_status.phase is Phase.RUNNING else ())
+        # An empty instruction is refused whether or not a tick looks at it (inactive, loading): named until a
+        # non-empty one arrives, not logged as cleared at once
+        text = self.inputs.instruction.get()
+        if text is not None and not text.strip():
+            quiet = (*quiet, empty_instruction_problem(self.inputs.instruction.name, text))
         problems = gather_problems(worker_status, inputs, self._runtime, self.model_facts, rate_mode=rate_mode,
                                    commands=facts, input_problems=quiet)
         status = build_status(
