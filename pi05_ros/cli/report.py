@@ -215,7 +215,7 @@ def load_targets(path: Path) -> dict[str, Any]:
     """Read and check a targets file (its format: docs/benchmark_cli.md)."""
     try:
         raw = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON, or bytes that are not UTF-8 text
         raise TargetsError(f"targets file {path} is not readable JSON ({exc})") from exc
     if not isinstance(raw, dict) or not isinstance(raw.get("targets"), list) or not raw["targets"]:
         raise TargetsError(f"targets file {path} needs a non-empty list under \"targets\"")

@@ -184,7 +184,7 @@ def read_norm_stats_json(path: str | Path) -> tuple[Stats, Stats]:
     except FileNotFoundError:
         raise CheckpointError(f"norm stats file {path} does not exist; pass the checkpoint's "
                               "assets/<asset_id>/norm_stats.json") from None
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON, or bytes that are not UTF-8 text
         raise CheckpointError(f"{path} is not a readable JSON file ({exc})") from exc
     stats = raw.get("norm_stats", raw) if isinstance(raw, dict) else None
     if not isinstance(stats, dict) or "state" not in stats or "actions" not in stats:

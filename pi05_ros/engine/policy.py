@@ -338,7 +338,7 @@ class Policy:
         for path, (images, state, prompt) in load_observations(folder):
             try:
                 prepared.append(self.prepare(images, state, prompt, rng.standard_normal(shape, dtype=np.float32)))
-            except InputError as exc:
+            except (InputError, ValueError, TypeError) as exc:  # e.g. a state of strings
                 raise CheckpointError(f"recorded observation {path}: {exc}") from exc
         return prepared
 

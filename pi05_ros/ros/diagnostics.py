@@ -68,9 +68,9 @@ def gather_problems(
     """Every problem the status names, in the order its message joins them. `input_problems`: the inputs' own
     problems now (trigger mode: once the trigger camera is quiet no tick looks at the inputs)."""
     inputs = list(inputs)
-    problems: list[Problem] = list(worker.problems)
-    known = {(p.code, p.subject) for p in problems}
-    problems += [p for p in input_problems if (p.code, p.subject) not in known]
+    input_problems = list(input_problems)
+    fresh = {(p.code, p.subject) for p in input_problems}  # seen now: the last tick's version is older
+    problems: list[Problem] = [p for p in worker.problems if (p.code, p.subject) not in fresh] + input_problems
     if commands is not None:
         problems += _command_problems(commands, problems)
     problems += [Problem(Level.WARN, ProblemCode.BAD_STAMP, state.stamp_issue, state.name)

@@ -398,10 +398,11 @@ class InferenceWorker:
             chunk = policy.infer(observation.images, observation.state, observation.prompt,
                                  settings.denoise_steps, **({"rtc": rtc} if rtc is not None else {}))
         except InputError as exc:
-            self._failed(Problem(Level.ERROR, ProblemCode.BAD_INPUT, f"bad input: {exc}", "observation"))
+            if self._active.is_set():  # a deactivation during it cleared the problems: it stays paused
+                self._failed(Problem(Level.ERROR, ProblemCode.BAD_INPUT, f"bad input: {exc}", "observation"))
             return
         except Exception as exc:  # noqa: BLE001 - the node keeps running and reports it
-            if self._stop:  # e.g. a remote policy's connection, shut by the stop during this call
+            if self._stop or not self._active.is_set():  # e.g. a remote policy's connection, shut by the stop
                 return
             self._log_traceback_once("inference failed", exc)
             self._failed(Problem(Level.ERROR, ProblemCode.INFERENCE_FAILED,
@@ -409,8 +410,8 @@ class InferenceWorker:
                                  type(exc).__name__))
             return
         latency = time.perf_counter() - start
-        if self._stop:  # the node stopped during this inference: its chunk is not wanted
-            return
+        if self._stop or not self._active.is_set():  # stopped or deactivated meanwhile: its chunk is not wanted,
+            return  # and counting it would start the rate window of a paused node
         self._stats.add(chunk.timings)
         if not np.isfinite(chunk.actions).all():  # a GPU fault or an overflow: nothing of it may go out
             bad = int((~np.isfinite(chunk.actions)).sum())

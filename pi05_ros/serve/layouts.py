@@ -359,7 +359,7 @@ def load_layout(path: str | Path) -> ObservationLayout:
     path = Path(path).expanduser()
     try:
         raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON, or bytes that are not UTF-8 text
         raise InputError(f"cannot read the layout file {path}: {exc}") from exc
     if not isinstance(raw, dict):
         raise InputError(f"{path}: a layout file holds a JSON object, got a {type(raw).__name__}")

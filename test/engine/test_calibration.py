@@ -66,13 +66,15 @@ def test_a_bad_scales_file_means_calibrating_again(calibrated, tmp_path: Path, c
     assert load_scales(tmp_path / "missing.json", calibrated[0]) is None and load_scales(None, calibrated[0]) is None
 
 
-def test_scales_with_values_that_are_not_finite_positive_numbers_are_not_used(calibrated, tmp_path: Path) -> None:  # noqa: ANN001,E501
+def test_scales_with_values_that_are_not_finite_non_negative_numbers_are_not_used(calibrated, tmp_path: Path) -> None:  # noqa: ANN001,E501
     fast, amax = calibrated
     name = next(iter(amax))
-    for bad in (float("nan"), -1.0, 0.0, "3.0", True):
+    for bad in (float("nan"), float("inf"), -1.0, "3.0", True):
         path = tmp_path / CALIBRATION_FILE
         path.write_text(json.dumps({"amax": amax | {name: bad}, "fingerprint": weights_fingerprint(fast)}))
         assert load_scales(path, fast) is None, bad
+    path.write_text(json.dumps({"amax": amax | {name: 0.0}, "fingerprint": weights_fingerprint(fast)}))
+    assert load_scales(path, fast)[name] == 0.0  # a layer that only saw zeros: as calibration saves it
 
 
 def test_scales_are_not_reused_after_an_expert_only_fine_tune(calibrated, tmp_path: Path) -> None:  # noqa: ANN001

@@ -147,3 +147,16 @@ def test_the_documented_norm_stats_example_and_recipe_work(tmp_path: Path) -> No
     exec(compile("\n".join(line[2:] for line in recipe.splitlines()), "checkpoints.md", "exec"), scope)
     made = load_norm_stats(tmp_path / "ckpt" / "assets" / "my_robot" / "norm_stats.json")
     np.testing.assert_allclose(made.state.q01, np.quantile(scope["states"], 0.01, 0), rtol=1e-6)
+
+
+def test_norm_stats_and_layout_files_that_are_not_text_are_named(tmp_path: Path) -> None:
+    from pi05_ros.engine.errors import InputError
+    from pi05_ros.engine.normalize import read_norm_stats_json
+    from pi05_ros.serve.layouts import load_layout
+
+    binary = tmp_path / "norm_stats.json"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(CheckpointError, match="norm_stats.json is not a readable JSON file"):
+        read_norm_stats_json(binary)
+    with pytest.raises(InputError, match="cannot read the layout file"):
+        load_layout(binary)

@@ -151,7 +151,7 @@ def test_a_quiet_trigger_camera_is_named_and_a_hold_for_a_named_problem_only_onc
     assert [p.code for p in problems] == [ProblemCode.STALE_INPUT]
     ticked = dataclasses.replace(RUNNING, problems=(dataclasses.replace(stale, message="'front' is stale: 0.61"),))
     again = gather_problems(ticked, INPUTS, RUNTIME, MODEL, rate_mode="trigger:front", input_problems=(stale,))
-    assert len(again) == 1  # the worker named it (with another age): not twice
+    assert [p.message for p in again] == [stale.message]  # named once, with the age of now
 
 
 def test_a_hold_for_a_problem_already_named_with_another_age_is_not_repeated() -> None:
@@ -191,3 +191,67 @@ def test_a_pause_forgets_the_last_ticks_problems_and_measures_the_rate_again() -
     assert snapshot.problems == () and not snapshot.rate_measured
     counters.published_chunk(time.monotonic(), 0.05, 10)  # reactivated: a new window starts
     assert not counters.snapshot().rate_measured
+
+
+def test_an_inference_that_ends_after_a_deactivation_leaves_the_pause_clean() -> None:
+    """The executor thread deactivates while the inference thread is inside an inference: what that inference
+    ends with (a failure, a chunk) must not bring back a problem or start the rate window of the paused node."""
+    import threading
+    import time
+
+    import numpy as np
+
+    from pi05_ros.engine.runner import ActionChunk
+    from pi05_ros.ros.inputs import InputBuffers
+    from pi05_ros.ros.settings import CameraConfig
+    from pi05_ros.ros.worker import InferenceWorker
+
+    inside = threading.Event()
+
+    class SlowPolicy:
+        state_dim, device, config = 7, "cpu", None
+        fail = False
+
+        def infer(self, images, state, prompt, steps, **kwargs):  # noqa: ANN001, ANN201
+            inside.set()
+            time.sleep(0.3)
+            if self.fail:
+                raise RuntimeError("cuda error")
+            return ActionChunk(np.zeros((10, 7), np.float32), steps)
+
+    cameras = (CameraConfig("base_image", "base_0_rgb", "raw"),)
+    inputs = InputBuffers([c.name for c in cameras])
+    stop = threading.Event()
+
+    def feed() -> None:
+        while not stop.is_set():
+            frame = inputs.cameras["base_image"].spare((8, 8, 3))
+            frame[...] = 0
+            inputs.cameras["base_image"].commit(frame, time.time_ns())
+            joints = inputs.joints.spare((7,))
+            joints[...] = 0
+            inputs.joints.commit(joints, time.time_ns())
+            time.sleep(0.01)
+
+    threading.Thread(target=feed, daemon=True).start()
+    inputs.instruction.set("pick")
+    settings = RuntimeSettings(denoise_steps=2, rate_hz=3.0, default_instruction="", publish_joint_trajectory=True)
+    try:
+        for fail in (True, False):
+            policy = SlowPolicy()
+            policy.fail = fail
+            worker = InferenceWorker(lambda p=policy: p, inputs, cameras, lambda: settings, lambda *a: None,
+                                     max_input_age_s=5.0)
+            worker.set_active(True)
+            worker.start()
+            assert worker.ready.wait(10)
+            inside.clear()
+            assert inside.wait(5)
+            published = worker.status().published  # the inference in flight sleeps 0.3 s more
+            worker.set_active(False)  # mid-inference
+            time.sleep(0.6)  # the inference has ended
+            status = worker.status()
+            assert status.problems == () and status.published == published and status.steady_for_s == 0.0, status
+            worker.stop(1.0)
+    finally:
+        stop.set()

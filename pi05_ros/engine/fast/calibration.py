@@ -65,13 +65,14 @@ def weights_fingerprint(fast: FastModel) -> dict[str, float]:
             for name, layer in fast.linears().items()}
 
 
-def _finite_positive(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+def _finite_non_negative(value: object) -> bool:
+    """An amax as calibration writes it (0 for a layer that only saw zeros: quantize_fp8 floors it)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
 def load_scales(path: Path | None, fast: FastModel) -> dict[str, float] | None:
     """The amax per linear saved at `path`, or None when there is none or it does not fit `fast`'s weights
-    (unreadable, damaged, of other weights, or with values that are not finite positive numbers)."""
+    (unreadable, damaged, of other weights, or with values that are not finite non-negative numbers)."""
     if path is None or not path.is_file():
         return None
     try:
@@ -82,7 +83,7 @@ def load_scales(path: Path | None, fast: FastModel) -> dict[str, float] | None:
     if not isinstance(saved, dict):
         saved = {}
     amax, fingerprint, names = saved.get("amax"), saved.get("fingerprint"), set(fast.linears())
-    valid = (isinstance(amax, dict) and set(amax) == names and all(_finite_positive(v) for v in amax.values())
+    valid = (isinstance(amax, dict) and set(amax) == names and all(_finite_non_negative(v) for v in amax.values())
              and isinstance(fingerprint, dict) and set(fingerprint) == names
              and all(isinstance(v, int | float) and not isinstance(v, bool) for v in fingerprint.values()))
     if valid:
