@@ -132,7 +132,8 @@ def build_status(
         text = f"{DEMO_BANNER}: {text}"
 
     values: list[tuple[str, str]] = [
-        ("model", model.description if model else ("demo (loading)" if demo_requested else "loading")),
+        ("model", model.description if model else "none (unconfigured)" if worker.phase is Phase.UNCONFIGURED
+         else "demo (loading)" if demo_requested else "loading"),
         ("demo_model", str(is_demo).lower()),
         ("phase", worker.phase.value),
         # How many problems the message joins (with "; "): a monitor can tell one warning from several.

@@ -255,3 +255,10 @@ def test_an_inference_that_ends_after_a_deactivation_leaves_the_pause_clean() ->
             worker.stop(1.0)
     finally:
         stop.set()
+
+
+def test_an_unconfigured_node_shows_no_model_rather_than_loading() -> None:
+    _, values = build(WorkerStatus.without_worker(), model=None)
+    assert values["model"] == "none (unconfigured)" and values["device"] == "?"
+    loading = dataclasses.replace(WorkerStatus.without_worker(), phase=Phase.LOADING)
+    assert build(loading, model=None)[1]["model"] == "loading"
