@@ -151,3 +151,49 @@ def test_the_vision_tower_starts_before_the_text_is_staged(pipeline: Pi05Pipelin
         assert order == []
     finally:
         pipeline._graphs.clear()  # the module's other tests build their stages without the wrappers
+
+
+def _observation(cfg, length: int, used: tuple[int, ...]) -> PreparedObservation:  # noqa: ANN001
+    size = cfg.vision.image_size
+    images = [RNG.integers(0, 256, (size, size, 3), dtype=np.uint8) if slot in used else None
+              for slot in range(len(cfg.image_keys))]
+    tokens = np.zeros(cfg.max_token_len, np.int64)
+    tokens[:length] = RNG.integers(1, cfg.vocab_size, length)
+    return PreparedObservation(images, tokens, np.arange(cfg.max_token_len) < length,
+                               RNG.standard_normal((cfg.action_horizon, cfg.action_dim)).astype(np.float32))
+
+
+@pytest.mark.parametrize(("keys", "horizon", "length"), [
+    (("a", "b", "c", "d"), 10, 12),  # a LeRobot checkpoint with four cameras of its own (built for 3 before)
+    (("front",), 10, 12),  # one camera: its FP8 calibration took two views
+    (("a", "b", "c"), 4, 20),  # text padded to its tile past the positions a short horizon left spare
+])
+def test_models_with_their_own_camera_count_and_a_short_horizon_run_as_the_reference(
+        keys: tuple[str, ...], horizon: int, length: int) -> None:
+    import torch
+
+    from pi05_ros.engine.config import TINY
+    from pi05_ros.engine.demo import random_model
+    from pi05_ros.engine.fast.blocks import FastModel
+    from pi05_ros.engine.fast.calibration import synthetic_observations
+
+    cfg = TINY.replace(image_keys=keys, action_horizon=horizon)
+    model = random_model(cfg, seed=3)
+    observation = _observation(cfg, length, tuple(range(len(keys))))
+    expected, _ = ReferenceRunner(model).run(observation, 3)
+    # float32 packing: the fast path equals the reference to float rounding (1e-5), a view or position mix-up O(1)
+    pipe = Pi05Pipeline(FastModel(model, torch.float32), use_graphs=False, compile=False, expert_kernels="off")
+    assert pipe.max_views == len(keys)
+    actions, _ = pipe.run(observation, 3)
+    assert rel_err(actions, expected) < 1e-5
+    views = min(2, pipe.max_views)  # what FP8 calibration runs on when it has no recordings
+    pipe.calibrate(list(synthetic_observations(cfg, 1, views=views)), 2)
+
+
+def test_a_prompt_longer_than_the_model_takes_is_refused(pipeline: Pi05Pipeline, policy: Policy) -> None:
+    cfg = policy.config
+    long = _observation(cfg, cfg.max_token_len, (0,))
+    tokens = np.concatenate([long.tokens, np.ones(4, np.int64)])
+    too_long = PreparedObservation(long.images, tokens, np.ones(len(tokens), bool), long.noise)
+    with pytest.raises(ValueError, match=f"at most {cfg.max_token_len}"):
+        pipeline.run(too_long, 2)

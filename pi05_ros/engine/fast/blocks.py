@@ -494,8 +494,9 @@ class FastModel(nn.Module):
             release_parameters(ref)
             ref.released = True
         self.text_scale = cfg.text_embed_scale
-        # One RoPE table for every position the prefix + suffix can take.
-        max_pos = len(cfg.image_keys) * cfg.vision.num_patches + cfg.max_token_len + cfg.action_horizon
+        # One RoPE table for every position the prefix + suffix can take: the text padded up to its tile (at most 64
+        # tokens; the pipeline's default is 16) may add positions the tokens never reach.
+        max_pos = len(cfg.image_keys) * cfg.vision.num_patches + cfg.max_token_len + 64 + cfg.action_horizon
         inv_freq = 1.0 / (cfg.vlm.rope_theta ** (torch.arange(0, cfg.vlm.head_dim, 2).float() / cfg.vlm.head_dim))
         angles = torch.arange(max_pos).float()[:, None] * inv_freq[None, :]
         angles = torch.cat([angles, angles], dim=-1).to(self.pos_embed.device)

@@ -224,7 +224,7 @@ class Pi05Pipeline:
         self,
         model: Pi05Model | FastModel,
         precision: str = "bf16",
-        max_views: int = 3,
+        max_views: int | None = None,
         fp8_scales: Mapping[str, float] | None = None,
         calibration_observations: Iterable[PreparedObservation] | None = None,
         text_tile: int = 16,
@@ -245,6 +245,8 @@ class Pi05Pipeline:
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if not 1 <= text_tile <= 64:  # FastModel's RoPE table has room for 64 positions of text padding
+            raise ValueError(f"text_tile must be in 1..64, got {text_tile}")
         if expert_kernels not in EXPERT_KERNELS:
             raise ValueError(f"expert_kernels must be one of {', '.join(EXPERT_KERNELS)}, got {expert_kernels!r}")
         if precision not in ("bf16", "fp8"):
@@ -298,7 +300,8 @@ class Pi05Pipeline:
         self.embed_table = self.fast.token_table  # host memory: rows are gathered on the CPU
         self.max_batch = max_batch
         self.batch_buckets = tuple(b for b in BATCH_BUCKETS if b < max_batch) + (max_batch,)
-        self._allocate(max_views)
+        # every camera slot the model has (a LeRobot checkpoint names its own: an ALOHA one has 4)
+        self._allocate(max_views or len(self.cfg.image_keys))
         self._graphs: dict[tuple, _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle() if use_graphs else None
         self._schedules: OrderedDict[tuple[int, str], tuple[torch.Tensor, ...]] = OrderedDict()
@@ -720,6 +723,9 @@ class Pi05Pipeline:
         if not 1 <= n_views <= self.max_views:
             raise ValueError(f"{n_views} camera views; this pipeline was built for 1..{self.max_views}")
         token_ids = [obs.tokens[obs.token_mask] for obs in observations]
+        longest = max(len(ids) for ids in token_ids)
+        if longest > self.cfg.max_token_len:  # its rows would run into the next row's; the tokenizer truncates
+            raise ValueError(f"a prompt of {longest} tokens; this model takes at most {self.cfg.max_token_len}")
         text_len = max(prefix_capacity(self.cfg, n_views, len(ids), self.text_tile)[0] for ids in token_ids)
         if rows > 1 and any(obs.guided for obs in observations):
             raise ValueError("a row with real-time chunking runs alone (run_batch keeps it apart)")
