@@ -197,3 +197,14 @@ def test_a_prompt_longer_than_the_model_takes_is_refused(pipeline: Pi05Pipeline,
     too_long = PreparedObservation(long.images, tokens, np.ones(len(tokens), bool), long.noise)
     with pytest.raises(ValueError, match=f"at most {cfg.max_token_len}"):
         pipeline.run(too_long, 2)
+
+
+def test_calibration_after_graphs_exist_is_refused(policy: Policy, rows: list[PreparedObservation],
+                                                  replaying_graphs: None) -> None:
+    """Its eager runs replace the suffix buffers the captured denoise graphs read (a later replay was 1.4e-2 off)."""
+    pipe = Pi05Pipeline(policy.model, precision="bf16", use_graphs=False, compile=False, expert_kernels="off")
+    pipe.calibrate(rows[:1], 2)  # before any graph: fine
+    pipe.use_graphs = True
+    pipe.run(rows[0], 2)
+    with pytest.raises(RuntimeError, match="before any CUDA graph"):
+        pipe.calibrate(rows[:1], 2)

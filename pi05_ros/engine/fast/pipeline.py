@@ -391,7 +391,11 @@ class Pi05Pipeline:
         self.d_batch_values = [torch.zeros_like(k) for k in self.d_batch_keys]
 
     def calibrate(self, observations: Iterable[PreparedObservation], num_steps: int = 10) -> dict[str, float]:
-        """Largest |input| of every linear layer over the observations (bf16 path, eager, all denoise steps)."""
+        """Largest |input| of every linear layer over the observations (bf16 path, eager, all denoise steps).
+        Only before any graph is made: its eager runs replace buffers that captured graphs would go on reading."""
+        if self._graphs:
+            raise RuntimeError("calibrate() must run before any CUDA graph is made (a captured graph would keep "
+                               "reading buffers it replaces); build a new Pi05Pipeline with fp8_scales instead")
         use_graphs, self.use_graphs = self.use_graphs, False
         # the torch path, whose linears the recorder sees (the fused kernels bypass them)
         expert_kernels, self.expert_kernels = getattr(self, "expert_kernels", None), None
