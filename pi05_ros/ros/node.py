@@ -102,7 +102,7 @@ from pi05_ros.ros.params import (
     validate_runtime_value,
 )
 from pi05_ros.ros.problem_log import ProblemLog
-from pi05_ros.ros.problems import Level, quoted_short, shorten
+from pi05_ros.ros.problems import Level, Problem, ProblemCode, quoted_short, shorten
 from pi05_ros.ros.process import init_ros
 from pi05_ros.ros.settings import RuntimeSettings
 from pi05_ros.ros.worker import NO_CLOCK_MESSAGE, InferenceWorker, Phase, WorkerStatus
@@ -739,9 +739,12 @@ class PolicyNode(LifecycleNode):
         worker_status = worker.status() if worker is not None else WorkerStatus.without_worker()
         inputs = self.inputs.states()
         rate_mode = f"trigger:{trigger}" if trigger else "timer"
-        # In trigger mode a quiet trigger camera makes no tick, so nothing would see it (or another input) go stale
-        quiet = (self._freshness.freshness_problems(self.now_ns())
-                 if trigger and self._active and worker_status.phase is Phase.RUNNING else ())
+        # In trigger mode a quiet trigger camera makes no tick, so nothing would see it (or another input) go stale.
+        # A refused input is named as its callback named it (by topic: 'front/compressed'), also with no tick.
+        current = self._freshness.freshness_problems(self.now_ns())
+        quiet: tuple[Problem, ...] = tuple(
+            p for p in current
+            if p.code is ProblemCode.BAD_INPUT or (trigger and self._active and worker_status.phase is Phase.RUNNING))
         # An empty instruction is refused whether or not a tick looks at it (inactive, loading): named until a
         # non-empty one arrives, not logged as cleared at once
         text = self.inputs.instruction.get()

@@ -262,3 +262,15 @@ def test_an_unconfigured_node_shows_no_model_rather_than_loading() -> None:
     assert values["model"] == "none (unconfigured)" and values["device"] == "?"
     loading = dataclasses.replace(WorkerStatus.without_worker(), phase=Phase.LOADING)
     assert build(loading, model=None)[1]["model"] == "loading"
+
+
+def test_a_refused_input_is_named_once_as_its_callback_named_it() -> None:
+    """A compressed camera's callback names its topic ('front/compressed'); the diagnostics timer passes the same
+    problem in, so the generic one by input name is not added beside it (the log had two lines for one frame)."""
+    from pi05_ros.ros.observation import bad_input_problem
+
+    refused = bad_input_problem("front/compressed", "front", "not a JPEG or PNG")
+    inputs = [InputState("front", 3, 0.02, "not a JPEG or PNG", 0)]
+    idle = WorkerStatus.without_worker()
+    problems = gather_problems(idle, inputs, RUNTIME, None, rate_mode="timer", input_problems=(refused,))
+    assert [p.message for p in problems] == ["'front/compressed': not a JPEG or PNG"]
