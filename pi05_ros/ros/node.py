@@ -305,7 +305,16 @@ class PolicyNode(LifecycleNode):
         original = service.callback
 
         def guarded(request: Any, response: Any) -> Any:
-            with self._transition_lock:
+            # This runs in the executor thread: waiting here for a transition of another thread (autostart's
+            # configure loads the model for seconds to minutes) would stop /diagnostics and every subscription.
+            if not self._transition_lock.acquire(blocking=False):
+                self.get_logger().warning(
+                    f"rejected lifecycle transition {request.transition.label or request.transition.id!r}: another "
+                    f"transition is in progress (state '{self.lifecycle_state}', e.g. autostart loading the "
+                    "model); request it again when that one has ended")
+                response.success = False
+                return response
+            try:
                 available = {tid: label for tid, label, *_ in self._state_machine.available_transitions}
                 wanted = request.transition.id
                 if request.transition.label:
@@ -317,6 +326,8 @@ class PolicyNode(LifecycleNode):
                     response.success = False
                     return response
                 return original(request, response)
+            finally:
+                self._transition_lock.release()
 
         service.callback = guarded
 

@@ -6,7 +6,8 @@ surfaces), the RuntimeError PI05_FAULT_MESSAGE names (default: an illegal memory
 the file says `nan`, the runner returns NaN actions instead (a numeric fault); when it says `callback`, inference
 runs and the instruction subscription's callback raises instead (a bug in a callback, which rclpy re-raises from
 the executor's spin); when it says `alternate`, every second inference raises (an intermittent fault, such as a
-policy server's timeouts). Everything else is the installed node, started as `policy_node` is.
+policy server's timeouts). PI05_LOAD_DELAY_S makes the model load take that long. Everything else is the
+installed node, started as `policy_node` is.
 """
 
 from __future__ import annotations
@@ -47,7 +48,18 @@ def _with_faults(policy: Any) -> Any:
 
 
 _demo = policy_module.Policy.demo
-policy_module.Policy.demo = staticmethod(lambda *args, **kwargs: _with_faults(_demo(*args, **kwargs)))
+LOAD_DELAY_S = float(os.environ.get("PI05_LOAD_DELAY_S", "0"))  # a slow model load (a GPU compile, a big checkpoint)
+
+
+def _slow_demo(*args: Any, **kwargs: Any) -> Any:
+    if LOAD_DELAY_S:
+        import time
+
+        time.sleep(LOAD_DELAY_S)
+    return _with_faults(_demo(*args, **kwargs))
+
+
+policy_module.Policy.demo = staticmethod(_slow_demo)
 
 if __name__ == "__main__":
     from pi05_ros.ros import node as node_module

@@ -357,3 +357,28 @@ def test_a_signal_during_a_persistent_fault_stops_cleanly(faulty) -> None:
     node.assert_stopped_within(signal.SIGINT, 1.0)
     assert "Traceback" in node.output()  # the one injected traceback; the stop itself adds none
     assert node.output().count("Traceback") == 1
+
+
+def test_a_lifecycle_request_during_autostarts_load_is_refused_at_once_and_diagnostics_go_on(tmp_path) -> None:
+    """autostart configures from the main thread and holds the transition lock through the model load; a
+    lifecycle request (served in the executor thread) used to wait for it, and /diagnostics stopped meanwhile."""
+    namespace = unique_namespace("pi05_slow_load")
+    driver = Driver(namespace)
+    driver.say(INSTRUCTION)
+    node = NodeProcess(FAULT_NODE, namespace, "-p", f"state_joint_names:=[{', '.join(JOINTS)}]",
+                       "-p", "warmup:=0", "-p", "cpu_threads:=1", params_file=installed_params_file(),
+                       env={"PI05_FAULT_FILE": str(tmp_path / "no_fault"), "PI05_LOAD_DELAY_S": "6"})
+    try:
+        assert driver.wait_for_status(time.monotonic(), NODE_START_TIMEOUT_S,
+                                      lambda s: "loading" in s.message), node.output()[-3000:]
+        start = time.monotonic()
+        assert not driver.lifecycle("deactivate", timeout=3.0)  # answered, not after the load
+        assert time.monotonic() - start < 3.0
+        since = time.monotonic()
+        assert driver.wait_for_status(since, 2.5, lambda s: "loading" in s.message)  # still reporting
+        assert node.wait_for_log(0, lambda log: "another transition is in progress" in log, 5.0)
+        assert driver.wait_for_chunks(1, time.monotonic(), NODE_START_TIMEOUT_S), node.output()[-3000:]
+        assert node.alive()
+    finally:
+        node.stop()
+        driver.close()
