@@ -39,6 +39,14 @@ def _int_at_least(low: int, high: int | None = None) -> Any:
     return parse
 
 
+def _bool_list(text: str) -> tuple[bool, ...]:
+    words = {"true": True, "1": True, "t": True, "false": False, "0": False, "f": False}
+    try:
+        return tuple(words[part.strip().lower()] for part in text.split(",") if part.strip())
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated true/false, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pi05-serve", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -64,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--expert-kernels", choices=("auto", "on", "off"), default="auto",
                        help="the fused Triton kernels for the denoise loop: auto = batches of 1-2 rows on Hopper "
                             "(measured faster); on = every batch, on any GPU Triton supports; off = the torch path")
+    conventions = parser.add_argument_group("the checkpoint's conventions (default: its own; pi05-info shows them)")
+    conventions.add_argument("--prompt-format", help="pi05, pi05_padded (LeRobot <= 0.4) or pi0")
+    conventions.add_argument("--image-resize", help="openpi_client, openpi_server or lerobot")
+    conventions.add_argument("--joint-convention", help="none or aloha_to_pi (openpi's ALOHA adapt_to_pi)")
+    conventions.add_argument("--action-space",
+                             help="absolute, delta, velocity, end_effector, or a kind per column (comma-separated)")
+    conventions.add_argument("--action-space-mask", type=_bool_list,
+                             help="per column true/false, comma-separated (openpi's make_bool_mask)")
     protocol = parser.add_argument_group("protocol")
     protocol.add_argument("--robot", default="pi05_ros",
                           help="observation layout at '/': droid, libero, aloha, pi05_ros, or a layout .json file "
@@ -129,7 +145,12 @@ def _spec(args: argparse.Namespace) -> Any:
         raise SystemExit("pi05-serve: give --checkpoint DIR --tokenizer FILE, or --demo")
     if args.demo:
         ignored = [flag for flag, value in (("--tokenizer", args.tokenizer), ("--norm-stats", args.norm_stats),
-                                            ("--config-preset", args.config_preset), ("--action-dim", args.action_dim))
+                                            ("--config-preset", args.config_preset), ("--action-dim", args.action_dim),
+                                            ("--prompt-format", args.prompt_format),
+                                            ("--image-resize", args.image_resize),
+                                            ("--joint-convention", args.joint_convention),
+                                            ("--action-space", args.action_space),
+                                            ("--action-space-mask", args.action_space_mask))
                    if value is not None]
         if ignored:
             raise SystemExit(f"pi05-serve: {', '.join(ignored)} go with --checkpoint; the demo model has its own")
@@ -137,7 +158,10 @@ def _spec(args: argparse.Namespace) -> Any:
                       tokenizer=str(Path(args.tokenizer).expanduser()) if args.tokenizer else None,
                       norm_stats=args.norm_stats, config_preset=args.config_preset, device=args.device,
                       precision=args.precision, action_dim=args.action_dim, seed=args.seed, cpu_threads=args.threads,
-                      max_batch=args.max_batch, fp8_vision=args.fp8_vision, expert_kernels=args.expert_kernels)
+                      max_batch=args.max_batch, fp8_vision=args.fp8_vision, expert_kernels=args.expert_kernels,
+                      prompt_format=args.prompt_format, image_resize=args.image_resize,
+                      joint_convention=args.joint_convention, action_space=args.action_space,
+                      action_space_mask=args.action_space_mask)
 
 
 def _layouts(robot: str) -> tuple[dict, str]:

@@ -36,6 +36,7 @@ from pi05_ros.engine.conventions import (
 )
 from pi05_ros.engine.errors import CheckpointError, InputError
 from pi05_ros.engine.fast.calibration import CALIBRATION_FILE, scales_path, user_cache_dir
+from pi05_ros.engine.joint_conventions import ALOHA_DIM, ALOHA_TO_PI
 from pi05_ros.engine.joint_conventions import joint_convention as joint_convention_of
 from pi05_ros.engine.normalize import NormStats, resolve_norm_stats, unpadded_dim
 from pi05_ros.engine.preprocess import PreparedView, prepare_view, resize_views
@@ -329,6 +330,12 @@ class Policy:
                       runner=runner, action_dim=self.action_dof, seed=self.seed, is_demo=self.is_demo,
                       checkpoint=self.checkpoint, action_space=self.action_space, conventions=self.conventions,
                       action_space_reason=self.action_space_reason)
+
+    def example_state(self) -> np.ndarray:
+        """Zeros of a length every part of the policy takes (warm-ups): the stats' full length (a delta column may
+        refer to its last value), or ALOHA's 14 under that joint convention."""
+        size = ALOHA_DIM if self.joints.name == ALOHA_TO_PI else self.max_state_values
+        return np.zeros(size, np.float32)
 
     def recorded_observations(self, folder: str | Path) -> list[PreparedObservation]:
         """The observations recorded in `folder` (engine/recordings.py), prepared for a runner (FP8 calibration)."""

@@ -337,7 +337,8 @@ class InferenceWorker:
     def _warm_up(self, policy: Policy) -> None:
         steps = self._runtime().denoise_steps
         images = {camera.slot: np.zeros((224, 224, 3), np.uint8) for camera in self._cameras}
-        state = np.zeros(policy.state_dim, np.float32)
+        example = getattr(policy, "example_state", None)  # a remote policy has none: its state_dim
+        state = example() if example is not None else np.zeros(policy.state_dim, np.float32)
         for _ in range(self._warmup):
             if self._stop:
                 return

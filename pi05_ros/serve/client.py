@@ -72,6 +72,7 @@ class RemotePolicy:
         self.image_keys: tuple[str, ...] = tuple(meta["image_keys"])
         self.camera_names: dict[str, str] = dict(meta["camera_names"])  # camera name -> model slot
         self.state_dim: int = int(meta["state_dim"])
+        self.max_state_values: int = int(meta.get("max_state_values", self.state_dim))  # older servers: state_dim
         self.action_dof: int = int(meta["action_dof"])
         self.action_horizon: int = int(meta["action_horizon"])
         self.action_dim: int = int(meta["action_dim"])

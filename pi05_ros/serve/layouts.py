@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 
-from pi05_ros.engine.config import IMAGE_KEYS
 from pi05_ros.engine.errors import InputError
 from pi05_ros.engine.policy import MAX_DENOISE_STEPS
 from pi05_ros.engine.preprocess import validate_image
@@ -88,10 +87,8 @@ class ObservationLayout:
     _tree: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.images) - set(IMAGE_KEYS))
-        if unknown:
-            raise InputError(f"layout {self.name!r} maps images to unknown model slot(s) {unknown}; "
-                             f"the slots are {list(IMAGE_KEYS)}")
+        # The slot names are the model's, checked against it when served (check_model): openpi's fixed slots, or a
+        # LeRobot checkpoint's own camera names
         if bool(self.images) == bool(self.camera_map) or not self.state:
             raise InputError(f"layout {self.name!r} needs image keys (or else a camera map) and a state key")
         keys = [*self.images.values(), *([self.camera_map] if self.camera_map else []), *self.state, self.prompt,

@@ -125,9 +125,15 @@ class PolicyService:
                  settings: ServeSettings, submit: Submit | None = None) -> None:
         if default_layout not in layouts:
             raise InputError(f"default layout {default_layout!r} is not among {list(layouts)}")
-        for layout in layouts.values():
-            layout.check_model(policy.image_keys)
-        self.policy, self.layouts, self.default_layout, self.settings = policy, dict(layouts), default_layout, settings
+        layouts[default_layout].check_model(policy.image_keys)  # the one asked for must fit: a startup error
+        usable = {default_layout: layouts[default_layout]}
+        for name, layout in layouts.items():  # the other built-in ones are served where they fit the model
+            try:
+                layout.check_model(policy.image_keys)
+                usable[name] = layout
+            except InputError as exc:
+                log.info("layout %r is not served: %s", name, exc)
+        self.policy, self.layouts, self.default_layout, self.settings = policy, usable, default_layout, settings
         self._noise = np.random.default_rng(settings.seed)
         # Requests whose views need resizing (or with a very long prompt) are prepared here, beside the event loop and
         # the batch thread, so that the work overlaps the running batch and other connections' reads. Views already
@@ -163,6 +169,8 @@ class PolicyService:
             "camera_names": dict(policy.camera_names),  # every camera name the model takes -> its slot
             "conventions": list(policy.describe_conventions()),
             "state_dim": policy.state_dim,
+            # a state may have up to this many values (norm stats padded past the robot's joints)
+            "max_state_values": getattr(policy, "max_state_values", policy.state_dim),
             "action_dof": policy.action_dof,
             "action_horizon": policy.action_horizon,
             "action_dim": policy.config.action_dim,  # the noise's second dimension
@@ -346,6 +354,12 @@ class PolicySpec:
     max_batch: int = 1  # the fast pipeline's largest batch (ServeSettings.max_batch)
     fp8_vision: bool = False
     expert_kernels: str = "auto"
+    # the checkpoint's conventions, overridden (Policy.load's arguments; None: the checkpoint's own)
+    prompt_format: str | None = None
+    image_resize: str | None = None
+    joint_convention: str | None = None
+    action_space: str | None = None
+    action_space_mask: tuple[bool, ...] | None = None
 
     def load(self) -> Policy:
         if self.cpu_threads:
@@ -361,7 +375,10 @@ class PolicySpec:
         return Policy.load(self.checkpoint, self.tokenizer, norm_stats=self.norm_stats,
                            config_preset=self.config_preset, device=self.device, precision=self.precision,
                            action_dim=self.action_dim, seed=self.seed, max_batch=self.max_batch,
-                           fp8_vision=self.fp8_vision, expert_kernels=self.expert_kernels)
+                           fp8_vision=self.fp8_vision, expert_kernels=self.expert_kernels,
+                           prompt_format=self.prompt_format, image_resize=self.image_resize,
+                           joint_convention=self.joint_convention, action_space=self.action_space,
+                           action_space_mask=list(self.action_space_mask) if self.action_space_mask else None)
 
 
 def layout_views(layout: ObservationLayout, policy: Policy) -> int:
@@ -413,7 +430,7 @@ def warm_up(policy: Policy, num_steps: int, views: int | Sequence[int] = 1,
     compiles) on its first use: logged as `captured CUDA graph ...`. A runner without batch buckets (the reference
     runner) makes no graphs per camera count or batch size: one inference checks it runs."""
     size = policy.config.vision.image_size
-    state = np.zeros(policy.state_dim, np.float32)
+    state = policy.example_state()
     counts = [views] if isinstance(views, int) else list(views)
     if not counts:
         raise ValueError("warm_up needs at least one camera count")

@@ -17,6 +17,7 @@ from pi05_ros.cli.serve import main
     (["--demo", "--metadata", "[1, 2]"], "--metadata must be a JSON object"),
     (["--demo", "--config-preset", "pi05_aloha"], "--config-preset go with --checkpoint"),
     (["--demo", "--tokenizer", "t.model", "--norm-stats", "n.json"], "--tokenizer, --norm-stats go with"),
+    (["--demo", "--joint-convention", "none"], "--joint-convention go with --checkpoint"),
 ])
 def test_usage_errors_exit_with_a_reason(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exited:
@@ -63,6 +64,11 @@ def test_model_options_reach_the_policy_spec() -> None:
     assert (spec.fp8_vision, spec.expert_kernels, spec.max_batch) == (True, "on", 4)
     spec = _spec(build_parser().parse_args(["--demo"]))
     assert (spec.fp8_vision, spec.expert_kernels) == (False, "auto")  # what was measured (docs/serving.md)
+    spec = _spec(build_parser().parse_args(["--checkpoint", "/ckpt", "--tokenizer", "t", "--joint-convention",
+                                            "none", "--action-space", "delta", "--action-space-mask",
+                                            "true,false", "--prompt-format", "pi0", "--image-resize", "lerobot"]))
+    assert (spec.joint_convention, spec.action_space, spec.action_space_mask, spec.prompt_format,
+            spec.image_resize) == ("none", "delta", (True, False), "pi0", "lerobot")
 
 
 def test_an_unknown_expert_kernels_choice_is_refused(capsys: pytest.CaptureFixture) -> None:

@@ -60,3 +60,43 @@ def test_requests_are_prepared_on_the_loop_or_the_pool(service: PolicyService, m
     # the same seed, the same 224x224 images: the long prompt is cut to the model's tokens, so the answer differs
     # from the short prompt's only through the prompt
     assert not np.allclose(actions[0], actions[2])
+
+
+def test_built_in_layouts_that_do_not_fit_the_model_are_not_served_and_the_default_must_fit() -> None:
+    """A LeRobot checkpoint with cameras of its own names: the droid/libero/aloha layouts feed openpi's slots, which
+    it lacks; the server starts with the layouts that fit (it refused to start at all before)."""
+    from pi05_ros.engine.config import TINY
+    from pi05_ros.engine.demo import demo_norm_stats, demo_prompt_tokenizer, random_model
+    from pi05_ros.engine.errors import InputError
+    from pi05_ros.engine.normalize import NormStats
+    from pi05_ros.serve.layouts import BUILT_IN
+
+    cfg = TINY.replace(image_keys=("front", "wrist", "side", "top"))
+    policy = Policy(random_model(cfg, seed=0), demo_prompt_tokenizer(cfg.max_token_len), NormStats(*demo_norm_stats()),
+                    precision="fp32")
+    served = PolicyService(policy, BUILT_IN, "pi05_ros", ServeSettings(num_steps=1, window_ms=0))
+    assert set(served.layouts) == {"pi05_ros"}
+    with pytest.raises(InputError, match="layout 'droid' feeds camera slot"):
+        PolicyService(policy, BUILT_IN, "droid", ServeSettings(num_steps=1, window_ms=0))
+
+
+def test_metadata_and_warm_up_take_the_state_lengths_the_policy_takes() -> None:
+    """Norm stats padded past the robot's joints (or a constant-zero last joint): the metadata says how many values
+    a state may have, and the warm-up uses a length every action column can refer to."""
+    from pi05_ros.engine.action_space import DELTA, ActionSpace
+    from pi05_ros.engine.demo import demo_norm_stats
+    from pi05_ros.engine.normalize import NormStats, Stats
+    from pi05_ros.serve.service import warm_up
+
+    demo = Policy.demo(device="cpu", precision="fp32")
+    state, actions = demo_norm_stats()
+    zero_last = Stats(**{k: np.concatenate([getattr(state, k)[:6], [0.0]]).astype(np.float32)
+                         for k in state.present()})  # a joint that never moved from 0
+    policy = Policy(demo.model, demo.tokenizer, NormStats(zero_last, actions), precision="fp32",
+                    action_space=ActionSpace.uniform(DELTA, 7))
+    assert (policy.state_dim, policy.max_state_values, len(policy.example_state())) == (6, 7, 7)
+    warm_up(policy, 1)  # every column relative to the state: a 6-value warm-up state was refused
+    layout = native_layout()
+    meta = PolicyService(policy, {layout.name: layout}, layout.name,
+                         ServeSettings(num_steps=1, window_ms=0)).metadata(layout)
+    assert (meta["state_dim"], meta["max_state_values"]) == (6, 7)
