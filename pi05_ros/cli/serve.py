@@ -42,9 +42,12 @@ def _int_at_least(low: int, high: int | None = None) -> Any:
 def _bool_list(text: str) -> tuple[bool, ...]:
     words = {"true": True, "1": True, "t": True, "false": False, "0": False, "f": False}
     try:
-        return tuple(words[part.strip().lower()] for part in text.split(",") if part.strip())
+        values = tuple(words[part.strip().lower()] for part in text.split(",") if part.strip())
     except KeyError:
         raise argparse.ArgumentTypeError(f"expected comma-separated true/false, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected comma-separated true/false, got nothing")
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,7 +200,7 @@ def _serve_here(args: argparse.Namespace) -> int:
     warm_up(policy, settings.num_steps, warm_up_views(settings, layouts[default], policy))
 
     def ready(host: str, port: int) -> None:
-        others = " ".join(f"/{name}" for name in sorted(layouts) if name != default)
+        others = " ".join(f"/{name}" for name in sorted(service.layouts) if name != default)  # those that fit
         print(f"pi05-serve: {policy.describe()}", flush=True)
         print(f"pi05-serve: serving layout '{default}' at ws://{host}:{port}/ (also {others}); "
               f"health http://{host}:{port}/healthz; batches of up to {settings.max_batch} within "

@@ -14,6 +14,7 @@ chunking's previous chunk, robot units -> model units).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,3 +117,14 @@ def joint_convention(name: str | None) -> JointConvention:
         raise CheckpointError(f"unknown joint_convention {name!r}; choose one of {', '.join(JOINT_CONVENTIONS)} "
                               "(or leave it empty for the checkpoint's / preset's own)")
     return JointConvention(name)
+
+
+def example_state_length(convention: str, state_dim: int, max_state_values: int,
+                         delta_state_index: Iterable[int] = ()) -> int:
+    """How many values a warm-up state has: what the robot sends (state_dim, the unpadded length: the prompt's
+    state tokens, and so the text tiles warmed, are the real requests'), longer only where a delta column refers
+    to a later value; ALOHA's 14 under aloha_to_pi."""
+    if convention == ALOHA_TO_PI:
+        return ALOHA_DIM
+    needed = max((int(i) + 1 for i in delta_state_index), default=0)
+    return min(max(state_dim, needed), max_state_values)

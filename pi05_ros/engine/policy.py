@@ -36,7 +36,7 @@ from pi05_ros.engine.conventions import (
 )
 from pi05_ros.engine.errors import CheckpointError, InputError
 from pi05_ros.engine.fast.calibration import CALIBRATION_FILE, scales_path, user_cache_dir
-from pi05_ros.engine.joint_conventions import ALOHA_DIM, ALOHA_TO_PI
+from pi05_ros.engine.joint_conventions import example_state_length
 from pi05_ros.engine.joint_conventions import joint_convention as joint_convention_of
 from pi05_ros.engine.normalize import NormStats, resolve_norm_stats, unpadded_dim
 from pi05_ros.engine.preprocess import PreparedView, prepare_view, resize_views
@@ -332,9 +332,9 @@ class Policy:
                       action_space_reason=self.action_space_reason)
 
     def example_state(self) -> np.ndarray:
-        """Zeros of a length every part of the policy takes (warm-ups): the stats' full length (a delta column may
-        refer to its last value), or ALOHA's 14 under that joint convention."""
-        size = ALOHA_DIM if self.joints.name == ALOHA_TO_PI else self.max_state_values
+        """Zeros of the length a robot sends (warm-ups; joint_conventions.example_state_length)."""
+        size = example_state_length(self.joints.name, self.state_dim, self.max_state_values,
+                                    self.action_space.delta_columns()[1])
         return np.zeros(size, np.float32)
 
     def recorded_observations(self, folder: str | Path) -> list[PreparedObservation]:

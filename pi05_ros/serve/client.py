@@ -30,6 +30,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from pi05_ros.engine.action_space import ActionSpace
 from pi05_ros.engine.errors import InputError, Pi05Error
+from pi05_ros.engine.joint_conventions import example_state_length
 from pi05_ros.engine.rtc import RtcRequest
 from pi05_ros.engine.runner import ActionChunk
 from pi05_ros.engine.timing import StageStats
@@ -73,6 +74,7 @@ class RemotePolicy:
         self.camera_names: dict[str, str] = dict(meta["camera_names"])  # camera name -> model slot
         self.state_dim: int = int(meta["state_dim"])
         self.max_state_values: int = int(meta.get("max_state_values", self.state_dim))  # older servers: state_dim
+        self.joint_convention: str = str(meta.get("joint_convention", "none"))
         self.action_dof: int = int(meta["action_dof"])
         self.action_horizon: int = int(meta["action_horizon"])
         self.action_dim: int = int(meta["action_dim"])
@@ -90,6 +92,12 @@ class RemotePolicy:
 
     def describe(self) -> str:
         return f"{self.metadata['model']}, served at {self.url}"
+
+    def example_state(self) -> np.ndarray:
+        """Zeros of the length a robot sends (the node's warm-up), as the served Policy's."""
+        size = example_state_length(self.joint_convention, self.state_dim, self.max_state_values,
+                                    self.action_space.delta_columns()[1])
+        return np.zeros(size, np.float32)
 
     def describe_conventions(self) -> list[str]:
         """The server policy's conventions, one line each (Policy.describe_conventions)."""

@@ -193,7 +193,8 @@ def serve_on_ray(spec: PolicySpec, settings: ServeSettings, layouts: Mapping[str
                          gpus_per_replica=gpus_per_replica, address=address, batching=batching)
     others = " ".join(f"/{name}" for name in sorted(layouts) if name != default_layout)
     print(f"pi05-serve: Ray Serve, {replicas} replica(s) with {gpus:g} GPU(s) each, {batching} batching; "
-          f"layout '{default_layout}' at ws://{host}:{port}/ (also {others}); health http://{host}:{port}/healthz",
+          f"layout '{default_layout}' at ws://{host}:{port}/ (also, where they fit the model: {others}); "
+          f"health http://{host}:{port}/healthz",
           flush=True)
     stop_on_signals().wait()
     serve.shutdown()

@@ -171,6 +171,7 @@ class PolicyService:
             "state_dim": policy.state_dim,
             # a state may have up to this many values (norm stats padded past the robot's joints)
             "max_state_values": getattr(policy, "max_state_values", policy.state_dim),
+            "joint_convention": policy.joints.name,
             "action_dof": policy.action_dof,
             "action_horizon": policy.action_horizon,
             "action_dim": policy.config.action_dim,  # the noise's second dimension

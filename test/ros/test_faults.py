@@ -367,7 +367,7 @@ def test_a_lifecycle_request_during_autostarts_load_is_refused_at_once_and_diagn
     driver.say(INSTRUCTION)
     node = NodeProcess(FAULT_NODE, namespace, "-p", f"state_joint_names:=[{', '.join(JOINTS)}]",
                        "-p", "warmup:=0", "-p", "cpu_threads:=1", params_file=installed_params_file(),
-                       env={"PI05_FAULT_FILE": str(tmp_path / "no_fault"), "PI05_LOAD_DELAY_S": "6"})
+                       env={"PI05_FAULT_FILE": str(tmp_path / "no_fault"), "PI05_LOAD_DELAY_S": "10"})
     try:
         assert driver.wait_for_status(time.monotonic(), NODE_START_TIMEOUT_S,
                                       lambda s: "loading" in s.message), node.output()[-3000:]

@@ -59,6 +59,7 @@ def test_the_model_facts_come_from_the_server(remote: RemotePolicy, local_policy
     assert remote.describe_conventions() == local_policy.describe_conventions()
     assert (remote.state_dim, remote.action_dof, remote.action_horizon) == (8, 8, 10)
     assert remote.max_state_values == 8  # the metadata says how many values a state may have
+    assert len(remote.example_state()) == len(local_policy.example_state())  # the node's warm-up, as the server's
     assert remote.precision == "fp32" and not remote.is_demo
     assert remote.url.endswith("/pi05_ros") and "served at ws://" in remote.describe()
     assert remote.device.startswith("remote ws://") and "(cpu)" in remote.device

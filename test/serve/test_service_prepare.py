@@ -95,6 +95,9 @@ def test_metadata_and_warm_up_take_the_state_lengths_the_policy_takes() -> None:
     policy = Policy(demo.model, demo.tokenizer, NormStats(zero_last, actions), precision="fp32",
                     action_space=ActionSpace.uniform(DELTA, 7))
     assert (policy.state_dim, policy.max_state_values, len(policy.example_state())) == (6, 7, 7)
+    padded = Stats(**{k: np.pad(getattr(state, k), (0, 25)) for k in state.present()})  # 32 dims, 7 real
+    absolute = Policy(demo.model, demo.tokenizer, NormStats(padded, actions), precision="fp32")
+    assert len(absolute.example_state()) == 7  # what the robot sends: the warmed text tiles are its requests
     warm_up(policy, 1)  # every column relative to the state: a 6-value warm-up state was refused
     layout = native_layout()
     meta = PolicyService(policy, {layout.name: layout}, layout.name,
