@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pi05_ros.cli import int_in_range
 from pi05_ros.cli.report import (
     UNATTRIBUTED,
     TargetsError,
@@ -117,23 +118,6 @@ def _pipeline_options(precision: str) -> tuple[str, dict[str, Any]]:
     return base, options
 
 
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def _positive(text: str) -> int:
-    value = _non_negative(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
 def _str_list(text: str) -> list[str]:
     values = [v.strip() for v in text.split(",") if v.strip()]
     if not values:
@@ -150,7 +134,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--preset", default=None, choices=sorted(PRESETS),
                      help="config preset (default for random weights: pi05 on a GPU, tiny on the CPU; with "
                      "--checkpoint the base its config.json overlays)")
-    src.add_argument("--seed", type=_non_negative, default=0, help="seed of weights, observations and noise (0)")
+    src.add_argument("--seed", type=int_in_range(0), default=0, help="seed of weights, observations and noise (0)")
     run = parser.add_argument_group("what to time")
     run.add_argument("--views", type=_int_list, default=str(HEADLINE_VIEWS),
                      help="camera view counts, comma-separated (2)")
@@ -159,7 +143,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="fast pipeline precisions (bf16,fp8); options after fp8 ('+fused-mlp', '+unfused-mlp', "
                           "'+fp8-vision', '+fused-vision-mlp', '+residual-carry', '+no-residual-carry', combinable) "
                           "time that configuration too")
-    run.add_argument("--prompt-tokens", type=_positive, default=48,
+    run.add_argument("--prompt-tokens", type=int_in_range(1), default=48,
                      help="valid prompt tokens to aim for, discretized state included (48)")
     run.add_argument("--warmup", type=int, default=10,
                      help="untimed runs per configuration (10; at most 3 for the baseline)")

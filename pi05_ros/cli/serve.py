@@ -20,23 +20,10 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from pi05_ros.cli import int_in_range
 from pi05_ros.engine.errors import Pi05Error
 
 log = logging.getLogger("pi05-serve")
-
-
-def _int_at_least(low: int, high: int | None = None) -> Any:
-    """An argparse type: an integer in low..high (a port past 65535 wrapped around, a seed below 0 failed late)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"expected an integer in {low}..{high if high is not None else ''}, "
-                                             f"got {value}")
-        return value
-    return parse
 
 
 def _bool_list(text: str) -> tuple[bool, ...]:
@@ -63,11 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "pi05_droid_joint_position, pi05_aloha, pi05_libero or tiny")
     model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     model.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp8")
-    model.add_argument("--action-dim", type=_int_at_least(1),
+    model.add_argument("--action-dim", type=int_in_range(1),
                        help="the robot's action columns (default: the norm stats')")
-    model.add_argument("--seed", type=_int_at_least(0), default=0,
+    model.add_argument("--seed", type=int_in_range(0), default=0,
                        help="seed of the server's noise generator (requests without noise or noise_seed)")
-    model.add_argument("--threads", type=_int_at_least(1), help="torch CPU threads (default: torch's choice)")
+    model.add_argument("--threads", type=int_in_range(1), help="torch CPU threads (default: torch's choice)")
     model.add_argument("--fp8-vision", action="store_true",
                        help="SigLIP's MLP in FP8 too (precision fp8; action error 3.3e-2 against the float32 "
                             "reference, over plain fp8's 3e-2 budget), on Hopper with fc1's GELU in its FP8 kernel: "
@@ -94,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "'{\"reset_pose\": [0, -1.5, 1.5, 0, 0, 0]}'")
     network = parser.add_argument_group("network and limits")
     network.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    network.add_argument("--port", type=_int_at_least(0, 65535), default=8000,
+    network.add_argument("--port", type=int_in_range(0, 65535), default=8000,
                          help="port (0: a free one, printed at start)")
     network.add_argument("--batch-window-ms", type=float, default=10.0,
                          help="how long the oldest waiting request waits for others to batch with, at most (a batch "
@@ -112,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="drop a client whose reply cannot be written for this long (it does not read)")
     ray = parser.add_argument_group("Ray Serve (many GPUs, many hosts)")
     ray.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment instead of one process")
-    ray.add_argument("--replicas", type=_int_at_least(1), default=1, help="Ray replicas (one per GPU)")
+    ray.add_argument("--replicas", type=int_in_range(1), default=1, help="Ray replicas (one per GPU)")
     ray.add_argument("--gpus-per-replica", type=float,
                      help="GPUs each replica holds (default: 1 when the cluster has GPUs, else 0)")
     ray.add_argument("--ray-address", help="an existing Ray cluster ('auto' or host:port); default: start one here")

@@ -14,7 +14,7 @@ chunking's previous chunk, robot units -> model units).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,17 +92,17 @@ class JointConvention:
         return out.astype(np.float32)
 
     def actions_to_robot(self, actions: np.ndarray) -> np.ndarray:
-        if self.name == NONE:
-            return actions
-        out = np.asarray(actions, dtype=np.float64) * ALOHA_JOINT_FLIP
-        out[:, ALOHA_GRIPPERS] = pi_gripper_to_aloha(out[:, ALOHA_GRIPPERS])
-        return out.astype(np.float32)
+        return self._flip_actions(actions, pi_gripper_to_aloha)
 
     def actions_to_model(self, actions: np.ndarray) -> np.ndarray:
+        return self._flip_actions(actions, aloha_gripper_to_model)
+
+    def _flip_actions(self, actions: np.ndarray, gripper: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """ALOHA's joint flips (their own inverse) and `gripper` on the gripper columns; as they are for none."""
         if self.name == NONE:
             return actions
         out = np.asarray(actions, dtype=np.float64) * ALOHA_JOINT_FLIP
-        out[:, ALOHA_GRIPPERS] = aloha_gripper_to_model(out[:, ALOHA_GRIPPERS])
+        out[:, ALOHA_GRIPPERS] = gripper(out[:, ALOHA_GRIPPERS])
         return out.astype(np.float32)
 
     def describe(self) -> str:

@@ -603,7 +603,7 @@ class PolicyNode(LifecycleNode):
                                   "each camera its own slot")
             fed[slot] = camera.name
         if config.state_joint_names and not (policy.state_dim <= len(config.state_joint_names)
-                                             <= getattr(policy, "max_state_values", policy.state_dim)):
+                                             <= policy.max_state_values):
             raise ConfigError(
                 f"state_joint_names lists {len(config.state_joint_names)} joints but the model's state has "
                 f"{policy.state_dim} values; list exactly the joints the policy was trained with"

@@ -335,10 +335,11 @@ class InferenceWorker:
                 self._counters.set_phase(Phase.STOPPED)
 
     def _warm_up(self, policy: Policy) -> None:
+        if not self._warmup:
+            return
         steps = self._runtime().denoise_steps
         images = {camera.slot: np.zeros((224, 224, 3), np.uint8) for camera in self._cameras}
-        example = getattr(policy, "example_state", None)  # a remote policy has none: its state_dim
-        state = example() if example is not None else np.zeros(policy.state_dim, np.float32)
+        state = policy.example_state()
         for _ in range(self._warmup):
             if self._stop:
                 return

@@ -125,14 +125,16 @@ class PolicyService:
                  settings: ServeSettings, submit: Submit | None = None) -> None:
         if default_layout not in layouts:
             raise InputError(f"default layout {default_layout!r} is not among {list(layouts)}")
-        layouts[default_layout].check_model(policy.image_keys)  # the one asked for must fit: a startup error
-        usable = {default_layout: layouts[default_layout]}
-        for name, layout in layouts.items():  # the other built-in ones are served where they fit the model
+        usable = {}
+        for name, layout in layouts.items():  # the one asked for must fit; the others are served where they fit
             try:
                 layout.check_model(policy.image_keys)
-                usable[name] = layout
             except InputError as exc:
+                if name == default_layout:
+                    raise
                 log.info("layout %r is not served: %s", name, exc)
+                continue
+            usable[name] = layout
         self.policy, self.layouts, self.default_layout, self.settings = policy, usable, default_layout, settings
         self._noise = np.random.default_rng(settings.seed)
         # Requests whose views need resizing (or with a very long prompt) are prepared here, beside the event loop and
@@ -170,7 +172,7 @@ class PolicyService:
             "conventions": list(policy.describe_conventions()),
             "state_dim": policy.state_dim,
             # a state may have up to this many values (norm stats padded past the robot's joints)
-            "max_state_values": getattr(policy, "max_state_values", policy.state_dim),
+            "max_state_values": policy.max_state_values,
             "joint_convention": policy.joints.name,
             "action_dof": policy.action_dof,
             "action_horizon": policy.action_horizon,

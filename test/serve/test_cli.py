@@ -39,9 +39,9 @@ def test_bad_settings_exit_1_with_the_reason(argv: list[str], message: str, caps
 @pytest.mark.parametrize(("argv", "message"), [
     (["--demo", "--port", "99999"], "argument --port: expected an integer in 0..65535, got 99999"),
     (["--demo", "--port", "-1"], "argument --port: expected an integer in 0..65535, got -1"),
-    (["--demo", "--seed", "-1"], "argument --seed: expected an integer in 0.., got -1"),
-    (["--demo", "--threads", "-2"], "argument --threads: expected an integer in 1.., got -2"),
-    (["--demo", "--ray", "--replicas", "0"], "argument --replicas: expected an integer in 1.., got 0"),
+    (["--demo", "--seed", "-1"], "argument --seed: expected an integer >= 0, got -1"),
+    (["--demo", "--threads", "-2"], "argument --threads: expected an integer >= 1, got -2"),
+    (["--demo", "--ray", "--replicas", "0"], "argument --replicas: expected an integer >= 1, got 0"),
     (["--demo", "--action-dim", "x"], "argument --action-dim: expected an integer, got 'x'"),
 ])
 def test_out_of_range_numbers_are_argument_errors(argv: list[str], message: str,

@@ -65,9 +65,13 @@ def weights_fingerprint(fast: FastModel) -> dict[str, float]:
             for name, layer in fast.linears().items()}
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _finite_non_negative(value: object) -> bool:
     """An amax as calibration writes it (0 for a layer that only saw zeros: quantize_fp8 floors it)."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    return _is_number(value) and math.isfinite(value) and value >= 0
 
 
 def load_scales(path: Path | None, fast: FastModel) -> dict[str, float] | None:
@@ -85,7 +89,7 @@ def load_scales(path: Path | None, fast: FastModel) -> dict[str, float] | None:
     amax, fingerprint, names = saved.get("amax"), saved.get("fingerprint"), set(fast.linears())
     valid = (isinstance(amax, dict) and set(amax) == names and all(_finite_non_negative(v) for v in amax.values())
              and isinstance(fingerprint, dict) and set(fingerprint) == names
-             and all(isinstance(v, int | float) and not isinstance(v, bool) for v in fingerprint.values()))
+             and all(_is_number(v) for v in fingerprint.values()))
     if valid:
         ours = weights_fingerprint(fast)
         valid = all(math.isclose(fingerprint[n], ours[n], rel_tol=1e-5, abs_tol=1e-9) for n in names)
