@@ -70,6 +70,9 @@
 #   vision-variants  tools/batch_stages_gpu.py --buckets 8 --variants "vision fc1,vision attention": a batch of 8
 #            with SigLIP's fc1 GELU as its own kernel (before §56), its attention on FlashAttention-2 or on contiguous
 #            q/k/v; each row's actions against a baseline (160 s on an H100 with the prefix max-autotune too)   (540)
+#   lanes    tools/concurrent_lanes_gpu.py: lanes (pipelines on streams of their own, one thread each) at once
+#            against one batch of as many rows, the denoise on the lane's stream or a high-priority one; actions
+#            checked against each lane alone. LANES_CONFIGS, LANES_ITERS   (540)
 #   serve    tools/serve_bench.sh, fp8, 10 steps, 1/2/4/8 clients, batched and unbatched   (480)
 #   serve-kernels  the same server, batched only, 1/4/8 clients, with --expert-kernels on --fp8-vision   (360)
 #   bench    pi05-bench --iters 1000                    (480)
@@ -189,6 +192,8 @@ for step in "$@"; do
                       --variants expert ;;
     vision-variants) OUT="$OUT" run_step vision-variants 540 "$PY" tools/batch_stages_gpu.py --buckets 8 --iters 20 \
                        --variants "vision fc1,vision attention" ;;
+    lanes) OUT="$OUT" run_step lanes 540 "$PY" tools/concurrent_lanes_gpu.py --iters "${LANES_ITERS:-40}" \
+        --configs "${LANES_CONFIGS:-1x8,2x4,2x4p,1x4,2x2p}" ;;
     serve) run_step serve 480 bash tools/serve_bench.sh "$OUT/serve" --device cuda --precision fp8 ;;
     serve-kernels) run_step serve-kernels 360 bash tools/serve_bench.sh "$OUT/serve-kernels" --device cuda \
                      --precision fp8 --modes batched --clients "1 4 8" --server-args "--expert-kernels on --fp8-vision" ;;

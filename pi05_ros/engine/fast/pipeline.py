@@ -112,7 +112,7 @@ def fp8_supported(device: torch.device) -> bool:
 class _Graph:
     """A CUDA graph of `fn`, warmed up on a side stream first (so lazy initialisation stays out of it)."""
 
-    def __init__(self, fn: Callable[[], None], pool: object) -> None:
+    def __init__(self, fn: Callable[[], None], pool: object, capture_stream: torch.cuda.Stream) -> None:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -120,7 +120,10 @@ class _Graph:
                 fn()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        # Captured on the pipeline's own stream: cuBLAS keeps a workspace per stream, and a graph keeps the one it
+        # was captured with. On torch's shared default capture stream, two pipelines' graphs would share one
+        # workspace and race when replayed at once (docs/benchmarks.md §48 saw their actions differ).
+        with torch.cuda.graph(self.graph, pool=pool, stream=capture_stream):
             fn()
 
     def replay(self) -> None:
@@ -304,6 +307,11 @@ class Pi05Pipeline:
         self._allocate(max_views or len(self.cfg.image_keys))
         self._graphs: dict[tuple, _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle() if use_graphs else None
+        self._capture_stream = torch.cuda.Stream(self.device) if use_graphs else None
+        # Where the denoise loop runs: None, the caller's current stream, as every other stage. A lane of the
+        # server's (serve/lanes.py) gives it a stream of higher priority, so another lane's compute-bound prefill
+        # does not hold this chain of small kernels back.
+        self.denoise_stream: torch.cuda.Stream | None = None
         self._schedules: OrderedDict[tuple[int, str], tuple[torch.Tensor, ...]] = OrderedDict()
         self._tables: dict[str, StepTable] = {}
         self._suffix_refresh: dict[tuple[int, str], Callable[[], None]] = {}
@@ -547,7 +555,7 @@ class Pi05Pipeline:
             start = time.perf_counter()
             fn = make()
             fn()  # first run on the current stream: torch.compile compiles here, outside any capture
-            graph = _Graph(fn, self._pool)
+            graph = _Graph(fn, self._pool, self._capture_stream)
             self._graphs[key] = graph
             self.setup_times["capture"] += time.perf_counter() - start
             log.info("captured CUDA graph %s in %.2f s", key, time.perf_counter() - start)
@@ -784,8 +792,16 @@ class Pi05Pipeline:
         ev[4].record()
         prefill()
         ev[5].record()
-        denoise()
-        ev[6].record()
+        if self.denoise_stream is None:
+            denoise()
+            ev[6].record()
+        else:
+            main = torch.cuda.current_stream(self.device)
+            self.denoise_stream.wait_stream(main)
+            with torch.cuda.stream(self.denoise_stream):
+                denoise()
+                ev[6].record()
+            main.wait_stream(self.denoise_stream)
         self.h_actions[:rows].copy_(self.d_x[:rows], non_blocking=True)
         ev[7].record()
         ev[7].synchronize()
