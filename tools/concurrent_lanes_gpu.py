@@ -15,7 +15,8 @@ prefill, so the GPU hands a freed SM to the waiting small kernel before the next
 was gained; each pipeline now captures on a stream of its own. The tool reports each call's latency (p50 / p99)
 and the rows per second of all lanes together, and checks that every lane's actions under concurrency equal, bit
 for bit, what its pipeline gives for the same rows alone. Full-size random weights (each lane its own copy), fp8,
-2 views, distinct images and noise per row. JSON to $OUT/lanes.json.
+2 views, distinct images and noise per row; lanes share one model's weights (Pi05Pipeline.lane(), what
+pi05-serve --lanes runs) unless --copies gives each its own. JSON to $OUT/lanes.json.
 """
 
 from __future__ import annotations
@@ -89,6 +90,8 @@ def main() -> None:
                              "high-priority stream")
     parser.add_argument("--iters", type=int, default=40)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--copies", action="store_true",
+                        help="each lane a Policy of its own (weights copied, as §48) instead of Pi05Pipeline.lane()")
     parser.add_argument("--device", default="cuda", help="cuda (default); cpu checks the tool on the tiny model")
     args = parser.parse_args()
     configs = []
@@ -99,8 +102,14 @@ def main() -> None:
     max_batch = max(c[1] for c in configs)
     precision = "fp8" if args.device == "cuda" else "auto"
     begin = time.perf_counter()
-    policies = [Policy.demo(device=args.device, precision=precision, max_batch=max_batch) for _ in range(max_lanes)]
-    runners = [policy.runner for policy in policies]
+    if args.copies:
+        policies = [Policy.demo(device=args.device, precision=precision, max_batch=max_batch)
+                    for _ in range(max_lanes)]
+        runners = [policy.runner for policy in policies]
+    else:
+        policies = [Policy.demo(device=args.device, precision=precision, max_batch=max_batch)]
+        runners = [policies[0].runner]
+        runners += [runners[0].lane() for _ in range(max_lanes - 1)]
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     memory = torch.cuda.memory_allocated() / 1e9 if args.device == "cuda" else 0.0
     print(f"{name}, {max_lanes} lanes built ({type(runners[0]).__name__}) in {time.perf_counter() - begin:.0f} s, "

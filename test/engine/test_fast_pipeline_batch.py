@@ -208,3 +208,35 @@ def test_calibration_after_graphs_exist_is_refused(policy: Policy, rows: list[Pr
     pipe.run(rows[0], 2)
     with pytest.raises(RuntimeError, match="before any CUDA graph"):
         pipe.calibrate(rows[:1], 2)
+
+
+def test_lanes_share_the_weights_and_run_at_once_as_each_alone(pipeline: Pi05Pipeline,
+                                                                rows: list[PreparedObservation]) -> None:
+    """Pi05Pipeline.lane(): the same packed model, buffers of its own. Two lanes on two threads at once (torch's CPU
+    ops release the GIL, so they do overlap) give, bit for bit, what each gives alone: no buffer is shared."""
+    import threading
+
+    other = pipeline.lane()
+    assert other.fast is pipeline.fast
+    assert other.d_x.data_ptr() != pipeline.d_x.data_ptr()
+    assert other.h_images.data_ptr() != pipeline.h_images.data_ptr()
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(other.d_batch_keys, pipeline.d_batch_keys, strict=True))
+    work = {pipeline: rows[:2], other: [rows[3], rows[0], rows[1]]}
+    alone = {lane: lane.run_batch(lane_rows, 3)[0] for lane, lane_rows in work.items()}
+    together: dict[Pi05Pipeline, list[np.ndarray]] = {lane: [] for lane in work}
+    start = threading.Barrier(2)
+
+    def loop(lane: Pi05Pipeline) -> None:
+        start.wait()
+        for _ in range(4):
+            together[lane].append(lane.run_batch(work[lane], 3)[0])
+
+    threads = [threading.Thread(target=loop, args=(lane,)) for lane in work]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for lane in work:
+        assert len(together[lane]) == 4
+        for actions in together[lane]:
+            np.testing.assert_array_equal(actions, alone[lane])  # exact: the same ops on the same inputs

@@ -42,6 +42,7 @@ rows through the flash-style Triton kernel of kernels/attention.py on Hopper, wh
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections import OrderedDict
@@ -303,24 +304,10 @@ class Pi05Pipeline:
         self.embed_table = self.fast.token_table  # host memory: rows are gathered on the CPU
         self.max_batch = max_batch
         self.batch_buckets = tuple(b for b in BATCH_BUCKETS if b < max_batch) + (max_batch,)
-        # every camera slot the model has (a LeRobot checkpoint names its own: an ALOHA one has 4)
-        self._allocate(max_views or len(self.cfg.image_keys))
-        self._graphs: dict[tuple, _Graph] = {}
-        self._pool = torch.cuda.graph_pool_handle() if use_graphs else None
-        self._capture_stream = torch.cuda.Stream(self.device) if use_graphs else None
-        # Where the denoise loop runs: None, the caller's current stream, as every other stage. A lane of the
-        # server's (serve/lanes.py) gives it a stream of higher priority, so another lane's compute-bound prefill
-        # does not hold this chain of small kernels back.
-        self.denoise_stream: torch.cuda.Stream | None = None
-        self._schedules: OrderedDict[tuple[int, str], tuple[torch.Tensor, ...]] = OrderedDict()
-        self._tables: dict[str, StepTable] = {}
-        self._suffix_refresh: dict[tuple[int, str], Callable[[], None]] = {}
-        self._rtc_host: list[torch.Tensor] = []  # previous chunk, soft mask, beta (pinned), and their device twins
-        self._rtc_device: list[torch.Tensor] = []
         self._rtc_mode = "compiled" if compile else "plain"  # -> "plain" layers -> "eager" (no graph) on failure
         self._rtc_tried: set[tuple[int, str]] = set()
-        self._events = ([torch.cuda.Event(enable_timing=True) for _ in range(8)] if self.device.type == "cuda"
-                        else [_HostTimer() for _ in range(8)])
+        # every camera slot the model has (a LeRobot checkpoint names its own: an ALOHA one has 4)
+        self._fresh_run_state(max_views or len(self.cfg.image_keys))
         _synchronize(self.device)
         self.setup_times["prepare_weights"] = self.fast.build_seconds + time.perf_counter() - start
         self.fp8_scales: dict[str, float] | None = None
@@ -364,7 +351,39 @@ class Pi05Pipeline:
         """What runs the denoise loop: "kernels" (fused Triton) or "torch" (torch.compile'd layers)."""
         return "kernels" if self.expert_kernels is not None else "torch"
 
+    def lane(self) -> Pi05Pipeline:
+        """Another pipeline over the same weights, to run beside this one in the same process (pi05-serve's
+        `--lanes`): the packed and FP8-quantized model, its compiled layers and the fused kernels' packed weights
+        are shared; input and output buffers, K/V caches, step tables, kernel workspaces, CUDA graphs, their
+        memory pool and capture stream are the lane's own. Each lane runs on its own thread and CUDA stream."""
+        other = copy.copy(self)
+        other.setup_times = {**self.setup_times, "capture": 0.0}
+        other._rtc_tried = set(self._rtc_tried)
+        other._fresh_run_state(self.max_views)
+        if self.expert_kernels is not None:
+            other.expert_kernels = self.expert_kernels.lane()
+        return other
+
     # --- setup
+
+    def _fresh_run_state(self, max_views: int) -> None:
+        """Everything one call writes: buffers, caches, graphs (and their pool and capture stream), step tables."""
+        use_graphs = self.use_graphs
+        self._allocate(max_views)
+        self._graphs: dict[tuple, _Graph] = {}
+        self._pool = torch.cuda.graph_pool_handle() if use_graphs else None
+        self._capture_stream = torch.cuda.Stream(self.device) if use_graphs else None
+        # Where the denoise loop runs: None, the caller's current stream, as every other stage. A lane
+        # (serve/lanes.py) gives it a stream of higher priority, so another lane's compute-bound prefill does not
+        # hold this chain of small kernels back.
+        self.denoise_stream: torch.cuda.Stream | None = None
+        self._schedules: OrderedDict[tuple[int, str], tuple[torch.Tensor, ...]] = OrderedDict()
+        self._tables: dict[str, StepTable] = {}
+        self._suffix_refresh: dict[tuple[int, str], Callable[[], None]] = {}
+        self._rtc_host: list[torch.Tensor] = []  # previous chunk, soft mask, beta (pinned), and their device twins
+        self._rtc_device: list[torch.Tensor] = []
+        self._events = ([torch.cuda.Event(enable_timing=True) for _ in range(8)] if self.device.type == "cuda"
+                        else [_HostTimer() for _ in range(8)])
 
     def _allocate(self, max_views: int) -> None:
         cfg, dev = self.cfg, self.device

@@ -39,6 +39,7 @@ the code is in git history at 4e7d08b).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -706,6 +707,12 @@ class ExpertKernels:
         if linear.w_scale is not None:
             w = w.float() * linear.w_scale
         return w.to(self.dtype)
+
+    def lane(self) -> ExpertKernels:
+        """These kernels over the same packed weights, with workspaces of their own (Pi05Pipeline.lane)."""
+        other = copy.copy(self)
+        other._allocate()
+        return other
 
     def _allocate(self) -> None:
         """Every buffer the launches write, with room for max_batch rows (a batch uses the first rows)."""
