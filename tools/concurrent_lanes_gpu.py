@@ -22,7 +22,6 @@ pi05-serve --lanes runs) unless --copies gives each its own. JSON to $OUT/lanes.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import threading
@@ -31,6 +30,7 @@ import time
 import numpy as np
 import torch
 
+from pi05_ros.engine.fast.pipeline import Pi05Pipeline
 from pi05_ros.engine.policy import Policy
 
 
@@ -46,28 +46,25 @@ def observations(policy: Policy, rows: int, seed: int) -> list:
     return out
 
 
-def closed_loop(runner, rows: list, steps: int, iters: int, stream, start: threading.Barrier,
+def closed_loop(runner, rows: list, steps: int, iters: int, start: threading.Barrier,
                 latencies: list, results: list) -> None:
-    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-        runner.run_batch(rows, steps)  # this lane's streams warm
-        start.wait()
-        for _ in range(iters):
-            begin = time.perf_counter()
-            actions, _ = runner.run_batch(rows, steps)
-            latencies.append((time.perf_counter() - begin) * 1e3)
-        results.append(actions)
+    runner.run_batch(rows, steps)  # this lane's streams warm
+    start.wait()
+    for _ in range(iters):
+        begin = time.perf_counter()
+        actions, _ = runner.run_batch(rows, steps)
+        latencies.append((time.perf_counter() - begin) * 1e3)
+    results.append(actions)
 
 
 def run(lanes: list, rows: list[list], steps: int, iters: int, priority: bool) -> dict:
-    cuda = torch.cuda.is_available()
-    streams = [torch.cuda.Stream() if cuda else None for _ in lanes]
-    for lane in lanes:
-        lane.denoise_stream = torch.cuda.Stream(priority=-1) if cuda and priority else None
+    for lane in lanes:  # every lane (the first too) on a stream of its own, its denoise loop maybe on a second
+        lane.use_own_streams(denoise_priority=priority)
     start = threading.Barrier(len(lanes) + 1)
     latencies = [[] for _ in lanes]
     results = [[] for _ in lanes]
-    threads = [threading.Thread(target=closed_loop, args=(lane, r, steps, iters, s, start, lat, res))
-               for lane, r, s, lat, res in zip(lanes, rows, streams, latencies, results, strict=True)]
+    threads = [threading.Thread(target=closed_loop, args=(lane, r, steps, iters, start, lat, res))
+               for lane, r, lat, res in zip(lanes, rows, latencies, results, strict=True)]
     for t in threads:
         t.start()
     start.wait()
@@ -76,7 +73,7 @@ def run(lanes: list, rows: list[list], steps: int, iters: int, priority: bool) -
         t.join()
     elapsed = time.perf_counter() - begin
     for lane in lanes:
-        lane.denoise_stream = None
+        lane.stream = lane.denoise_stream = None
     every = np.concatenate([np.asarray(lat) for lat in latencies])
     return {"lanes": len(lanes), "batch": len(rows[0]), "priority": priority, "p50_ms": float(np.median(every)),
             "p99_ms": float(np.percentile(every, 99)), "rows_per_s": len(lanes) * len(rows[0]) * iters / elapsed,
@@ -108,6 +105,10 @@ def main() -> None:
         runners = [policy.runner for policy in policies]
     else:
         policies = [Policy.demo(device=args.device, precision=precision, max_batch=max_batch)]
+        if args.device == "cpu":  # the fast pipeline without graphs: checks this tool's lanes on the tiny model
+            policies[0] = policies[0].with_runner(Pi05Pipeline(policies[0].model, "bf16", use_graphs=False,
+                                                               compile=False, expert_kernels="off",
+                                                               max_batch=max_batch))
         runners = [policies[0].runner]
         runners += [runners[0].lane() for _ in range(max_lanes - 1)]
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"

@@ -42,6 +42,7 @@ rows through the flash-style Triton kernel of kernels/attention.py on Hopper, wh
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -364,6 +365,15 @@ class Pi05Pipeline:
             other.expert_kernels = self.expert_kernels.lane()
         return other
 
+    def use_own_streams(self, denoise_priority: bool = True) -> None:
+        """Run every call on a CUDA stream of this pipeline's own, and with `denoise_priority` its denoise loop on
+        one of higher priority: for lanes at once, where one lane's chain of small denoise kernels should get an SM
+        as soon as one frees, before the next tiles of another lane's compute-bound prefill GEMMs."""
+        if self.device.type != "cuda":
+            return
+        self.stream = torch.cuda.Stream(self.device)
+        self.denoise_stream = torch.cuda.Stream(self.device, priority=-1) if denoise_priority else None
+
     # --- setup
 
     def _fresh_run_state(self, max_views: int) -> None:
@@ -373,9 +383,9 @@ class Pi05Pipeline:
         self._graphs: dict[tuple, _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle() if use_graphs else None
         self._capture_stream = torch.cuda.Stream(self.device) if use_graphs else None
-        # Where the denoise loop runs: None, the caller's current stream, as every other stage. A lane
-        # (serve/lanes.py) gives it a stream of higher priority, so another lane's compute-bound prefill does not
-        # hold this chain of small kernels back.
+        # Where calls run: None, the caller's current stream (use_own_streams: a lane's own), and the denoise loop
+        # on the same, or on a stream of higher priority.
+        self.stream: torch.cuda.Stream | None = None
         self.denoise_stream: torch.cuda.Stream | None = None
         self._schedules: OrderedDict[tuple[int, str], tuple[torch.Tensor, ...]] = OrderedDict()
         self._tables: dict[str, StepTable] = {}
@@ -708,8 +718,12 @@ class Pi05Pipeline:
 
     @torch.no_grad()
     def run(self, obs: PreparedObservation, num_steps: int) -> tuple[np.ndarray, dict[str, float]]:
-        actions, timings = self._run_group([obs], num_steps)
+        with self._on_own_stream():
+            actions, timings = self._run_group([obs], num_steps)
         return actions[0], timings
+
+    def _on_own_stream(self) -> contextlib.AbstractContextManager:
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
 
     @torch.no_grad()
     def run_batch(self, observations: Sequence[PreparedObservation],
@@ -728,7 +742,8 @@ class Pi05Pipeline:
         for indices in groups.values():
             for first in range(0, len(indices), self.max_batch):
                 chunk = indices[first:first + self.max_batch]
-                rows, row_timings = self._run_group([observations[i] for i in chunk], num_steps)
+                with self._on_own_stream():
+                    rows, row_timings = self._run_group([observations[i] for i in chunk], num_steps)
                 actions[chunk] = rows
                 for stage, ms in row_timings.items():
                     timings[stage] = timings.get(stage, 0.0) + ms
