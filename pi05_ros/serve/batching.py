@@ -18,8 +18,11 @@ holds at most one row per connection and no client can crowd out another. Reques
 (another denoise step count: `group`) keep their place and lead a later batch. A request whose client has gone
 (its awaiting task cancelled) is dropped before it runs.
 
-Batches run one at a time on one worker thread (the model is one device), so the event loop stays free to
-read, decode and answer other connections while a batch runs. The queue is bounded (`max_pending`):
+Batches run on worker threads, so the event loop stays free to read, decode and answer other connections while
+a batch runs. One run function is one lane: batches run one at a time, on its one thread. Several (`Batcher([run_a,
+run_b], ...)`, pi05-serve's `--lanes`) run batches at once, each lane on its own thread; the next batch forms when
+a lane is free and goes to it. Requests of a running batch count as in flight: with every open connection either
+waiting or in flight, the batch runs without waiting out its window. The queue is bounded (`max_pending`):
 `submit` raises `ServerBusy` when it is full.
 """
 
@@ -35,6 +38,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+
+RunBatch = Callable[[Sequence[Any]], Sequence[Any]]
 
 
 class ServerBusy(RuntimeError):
@@ -62,9 +68,10 @@ class BatchResult:
 
 class Batcher:
     """Collects items from many coroutines and runs them in batches through `run(items) -> results` (one result
-    per item, in order; a result that is an Exception is raised in that item's `submit`)."""
+    per item, in order; a result that is an Exception is raised in that item's `submit`). `run` may be a list of
+    such functions: lanes, each running its own batches on its own thread."""
 
-    def __init__(self, run: Callable[[Sequence[Any]], Sequence[Any]], *, window_s: float = 0.005,
+    def __init__(self, run: RunBatch | Sequence[RunBatch], *, window_s: float = 0.005,
                  max_batch: int = 8, max_pending: int = 256,
                  group: Callable[[Any], Hashable] = lambda item: None,
                  senders: Callable[[], int] | None = None) -> None:
@@ -72,13 +79,19 @@ class Batcher:
         with at most one request in flight); None: unknown, every batch waits out its window unless full."""
         if window_s < 0 or max_batch < 1 or max_pending < 1:
             raise ValueError("window_s must be >= 0, max_batch and max_pending >= 1")
-        self.run, self.window_s, self.max_batch, self.max_pending = run, window_s, max_batch, max_pending
+        self.lanes: list[RunBatch] = list(run) if isinstance(run, Sequence) else [run]
+        if not self.lanes:
+            raise ValueError("a Batcher needs at least one run function")
+        self.window_s, self.max_batch, self.max_pending = window_s, max_batch, max_pending
         self.group, self.senders = group, senders
-        self._free_since = 0.0  # monotonic time the last batch ended
+        self._free_since = 0.0  # monotonic time a lane last became free
         self._pending: deque[_Job] = deque()
+        self._in_flight = 0  # requests in running batches
         self._arrival = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pi05-batch")
+        self._running: set[asyncio.Task] = set()
+        self._executors = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pi05-batch{i}")
+                           for i in range(len(self.lanes))]
         self.batch_sizes: Counter[int] = Counter()
         self.dropped = 0  # requests whose client left before their batch ran
 
@@ -105,41 +118,56 @@ class Batcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        for task in list(self._running):
+            task.cancel()
         for job in self._pending:
             job.future.cancel()
         self._pending.clear()
-        self._executor.shutdown(wait=True)
+        for executor in self._executors:
+            executor.shutdown(wait=True)
 
     # --- the batching loop
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
+        free: asyncio.Queue[int] = asyncio.Queue()
+        for lane in range(len(self.lanes)):
+            free.put_nowait(lane)
         while True:
+            lane = await free.get()
             batch = await self._next_batch()
-            start = time.monotonic()
-            try:
-                results, run_ms, finished = await loop.run_in_executor(self._executor, self._timed_run,
-                                                                       [job.item for job in batch])
-                if len(results) != len(batch):
-                    raise RuntimeError(f"the batch function returned {len(results)} results for {len(batch)} rows")
-            except Exception as exc:  # noqa: BLE001 - every row of the batch hears of it; the loop goes on
-                log.exception("a batch of %d failed", len(batch))
-                results, run_ms, finished = [exc] * len(batch), 0.0, 0.0
-            self.batch_sizes[len(batch)] += 1
-            self._free_since = time.monotonic()
-            for job, result in zip(batch, results, strict=True):
-                if job.future.done():  # the client left while its batch ran
-                    continue
-                if isinstance(result, BaseException):
-                    job.future.set_exception(result)
-                else:
-                    job.future.set_result(BatchResult(result, len(batch), (start - job.arrived) * 1e3, run_ms,
-                                                      finished))
+            self._in_flight += len(batch)
+            task = asyncio.get_running_loop().create_task(self._run_batch(lane, batch, free), name="pi05-batch")
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
 
-    def _timed_run(self, items: list[Any]) -> tuple[Sequence[Any], float, float]:
-        """`run(items)` on the batch thread, with its duration (ms) and the time it ended (time.monotonic())."""
+    async def _run_batch(self, lane: int, batch: list[_Job], free: asyncio.Queue[int]) -> None:
         start = time.monotonic()
-        results = self.run(items)
+        try:
+            results, run_ms, finished = await asyncio.get_running_loop().run_in_executor(
+                self._executors[lane], self._timed_run, self.lanes[lane], [job.item for job in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"the batch function returned {len(results)} results for {len(batch)} rows")
+        except Exception as exc:  # noqa: BLE001 - every row of the batch hears of it; the loop goes on
+            log.exception("a batch of %d failed", len(batch))
+            results, run_ms, finished = [exc] * len(batch), 0.0, 0.0
+        finally:
+            self._in_flight -= len(batch)
+            self._free_since = time.monotonic()
+            free.put_nowait(lane)
+        self.batch_sizes[len(batch)] += 1
+        for job, result in zip(batch, results, strict=True):
+            if job.future.done():  # the client left while its batch ran
+                continue
+            if isinstance(result, BaseException):
+                job.future.set_exception(result)
+            else:
+                job.future.set_result(BatchResult(result, len(batch), (start - job.arrived) * 1e3, run_ms, finished))
+
+    @staticmethod
+    def _timed_run(run: RunBatch, items: list[Any]) -> tuple[Sequence[Any], float, float]:
+        """`run(items)` on a lane's thread, with its duration (ms) and the time it ended (time.monotonic())."""
+        start = time.monotonic()
+        results = run(items)
         finished = time.monotonic()
         return results, (finished - start) * 1e3, finished
 
@@ -158,7 +186,8 @@ class Batcher:
             head = self._pending[0]  # the oldest waiting request opens the window
             mates = sum(1 for job in self._pending if job.group == head.group)
             remaining = max(head.arrived, self._free_since) + self.window_s - time.monotonic()
-            nobody_else = self.senders is not None and len(self._pending) >= self.senders()
+            # every open connection has a request waiting or in a running batch: no other can come
+            nobody_else = self.senders is not None and len(self._pending) + self._in_flight >= self.senders()
             if mates >= self.max_batch or remaining <= 0 or nobody_else:
                 break
             self._arrival.clear()

@@ -296,3 +296,70 @@ def test_bad_settings_are_refused() -> None:
         Batcher(Recorder(), window_s=-1)
     with pytest.raises(ValueError, match="max_batch"):
         Batcher(Recorder(), max_batch=0)
+
+
+class LaneRecorder(Recorder):
+    """A Recorder that also notes, per batch, which thread ran it and when it started and ended."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__(delay_s)
+        self.spans: list[tuple[str, float, float]] = []
+
+    def __call__(self, items: Sequence[Any]) -> list[Any]:
+        start = time.monotonic()
+        out = super().__call__(items)
+        with self.lock:
+            self.spans.append((threading.current_thread().name, start, time.monotonic()))
+        return out
+
+
+def test_lanes_run_batches_at_once_and_a_full_fleet_fills_both() -> None:
+    """Two lanes of 4 and 8 robots in closed loop (all connections known): the first four requests run on one lane,
+    the next four start on the other while the first batch runs (they do not wait out the 30 s window: the other
+    four connections are in flight), and from then on every batch holds 4 and the two lanes overlap in time."""
+    lanes = [LaneRecorder(delay_s=0.1), LaneRecorder(delay_s=0.1)]
+    rounds = 4
+
+    async def main() -> None:
+        batcher = Batcher(lanes, window_s=30.0, max_batch=4, senders=lambda: 8)
+
+        async def robot(name: int) -> None:
+            for round_ in range(rounds):
+                result = await batcher.submit(name * 100 + round_)
+                assert result.value == (name * 100 + round_) * 10
+                await asyncio.sleep(0.002)
+
+        await asyncio.gather(*(robot(r) for r in range(8)))
+        await batcher.close()
+
+    start = time.monotonic()
+    run(main())
+    elapsed = time.monotonic() - start
+    for lane in lanes:
+        assert [len(batch) for batch in lane.batches] == [4] * rounds
+        assert len({thread for thread, _, _ in lane.spans}) == 1  # a lane is one thread
+    assert lanes[0].spans[0][0] != lanes[1].spans[0][0]
+    # the two lanes' batches overlap: 8 batches of 0.1 s in about 4 x 0.1 s, not 8 x 0.1
+    overlap = sum(max(0.0, min(a_end, b_end) - max(a_start, b_start))
+                  for (_, a_start, a_end), (_, b_start, b_end) in zip(lanes[0].spans, lanes[1].spans, strict=True))
+    assert overlap > 0.2, overlap
+    assert elapsed < 0.7, elapsed
+
+
+def test_a_failing_lane_fails_only_its_own_batch() -> None:
+    def broken(items: Sequence[Any]) -> list[Any]:
+        time.sleep(0.05)  # still running when the other lane's batch starts
+        raise RuntimeError("lane 0 is broken")
+
+    working = Recorder(delay_s=0.0)
+
+    async def main() -> list:
+        batcher = Batcher([broken, working], window_s=30.0, max_batch=2, senders=lambda: 4)
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(4)), return_exceptions=True)
+        await batcher.close()
+        return results
+
+    results = run(main())
+    assert [type(r).__name__ for r in results[:2]] == ["RuntimeError", "RuntimeError"]
+    assert [r.value for r in results[2:]] == [20, 30]
+    assert working.batches == [[2, 3]]
