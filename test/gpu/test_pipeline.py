@@ -409,3 +409,41 @@ def test_batch_buckets_equal_rows_alone(full_model, observation, precision: str,
     three_views, _ = pipe.run_batch(wide, 10)  # 3 views: a new vision / prefill / step graph for bucket 2
     assert np.isfinite(three_views).all()
     assert max(rel_err(three_views[i], pipe.run(wide[i], 10)[0]) for i in range(2)) < BOUND[precision]
+
+
+@pytest.mark.parametrize("batch", [2, 4])
+def test_lanes_at_once_equal_each_lane_alone(full_model, observation, batch: int) -> None:
+    """Two lanes (Pi05Pipeline.lane: the same weights, their own buffers, graphs and capture streams) replayed at
+    once from two threads, each on its own streams with the denoise at high priority (pi05-serve --lanes), give bit
+    for bit what each gives alone. §48's lanes captured on torch's shared capture stream, so their graphs shared a
+    cuBLAS workspace, and their actions differed under concurrency. Batch 2 runs the fused kernels (their
+    workspaces per lane), batch 4 the torch path."""
+    import threading
+
+    rng = np.random.default_rng(batch)
+    rows = [[PreparedObservation([rng.integers(0, 256, im.shape, dtype=np.uint8) if im is not None else None
+                                  for im in observation.images], observation.tokens, observation.token_mask,
+                                 rng.standard_normal(observation.noise.shape).astype(np.float32))
+             for _ in range(batch)] for _ in range(2)]
+    first = Pi05Pipeline(full_model, precision="fp8", max_batch=4)
+    lanes = [first, first.lane()]
+    alone = [lane.run_batch(lane_rows, 10)[0] for lane, lane_rows in zip(lanes, rows, strict=True)]
+    for lane in lanes:
+        lane.use_own_streams(denoise_priority=True)
+    results: list[list[np.ndarray]] = [[], []]
+    start = threading.Barrier(2)
+
+    def loop(index: int) -> None:
+        start.wait()
+        for _ in range(20):
+            results[index].append(lanes[index].run_batch(rows[index], 10)[0])
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for index in range(2):
+        assert len(results[index]) == 20
+        for actions in results[index]:
+            np.testing.assert_array_equal(actions, alone[index])
