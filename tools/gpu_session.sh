@@ -73,6 +73,8 @@
 #   lanes    tools/concurrent_lanes_gpu.py: lanes (pipelines on streams of their own, one thread each) at once
 #            against one batch of as many rows, the denoise on the lane's stream or a high-priority one; actions
 #            checked against each lane alone. LANES_CONFIGS, LANES_ITERS   (540)
+#   serve-lanes  tools/serve_bench.sh, fp8, LANES_CLIENTS robots (default 8), batched: one lane of 8 (the default
+#            server), then --lanes 2 --max-batch 4   (580)
 #   serve    tools/serve_bench.sh, fp8, 10 steps, 1/2/4/8 clients, batched and unbatched   (480)
 #   serve-kernels  the same server, batched only, 1/4/8 clients, with --expert-kernels on --fp8-vision   (360)
 #   bench    pi05-bench --iters 1000                    (480)
@@ -194,6 +196,10 @@ for step in "$@"; do
                        --variants "vision fc1,vision attention" ;;
     lanes) OUT="$OUT" run_step lanes 540 "$PY" tools/concurrent_lanes_gpu.py --iters "${LANES_ITERS:-40}" \
         --configs "${LANES_CONFIGS:-1x8,2x4,2x4p,1x4,2x2p}" ;;
+    serve-lanes) run_step serve-lanes 580 bash -c "bash tools/serve_bench.sh '$OUT/serve-lanes-1' --device cuda \
+        --precision fp8 --modes batched --clients '${LANES_CLIENTS:-8}' && bash tools/serve_bench.sh \
+        '$OUT/serve-lanes-2' --device cuda --precision fp8 --modes batched --clients '${LANES_CLIENTS:-8}' \
+        --server-args '--lanes 2 --max-batch 4'" ;;
     serve) run_step serve 480 bash tools/serve_bench.sh "$OUT/serve" --device cuda --precision fp8 ;;
     serve-kernels) run_step serve-kernels 360 bash tools/serve_bench.sh "$OUT/serve-kernels" --device cuda \
                      --precision fp8 --modes batched --clients "1 4 8" --server-args "--expert-kernels on --fp8-vision" ;;
