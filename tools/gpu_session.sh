@@ -94,7 +94,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:?usage: PI05_GIT_COMMIT=<hash> gpu_session.sh OUT_DIR STEP [STEP ...]}"
 shift
 STEPS="tests tests-kernels tests-pipeline kernels kernels-attention stream-floor gemm-chain geglu gelu vision-mlp residual-carry prefix-mlp options options-1 inductor-options inductor-options-1 kernels-batch kernels-batch-k kernels-batch-gemms batch-tune geglu-deep attention attention-pipeline attention-sweep flash-walks batch batch-variants
-vision-variants serve serve-kernels bench bench-mlp soak-arrival soak-inference"  # the steps the loop at the end runs
+vision-variants lanes serve-lanes serve serve-kernels bench bench-mlp soak-arrival soak-inference"  # the steps the loop at the end runs
 STEPS="${STEPS//$'\n'/ }"
 [[ $# -gt 0 ]] || { echo "gpu_session.sh: name at least one step: $STEPS" >&2; exit 2; }
 [[ -n "${PI05_GIT_COMMIT:-}" ]] || { echo "gpu_session.sh: set PI05_GIT_COMMIT=<the commit under test>" >&2; exit 2; }
