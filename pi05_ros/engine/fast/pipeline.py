@@ -215,9 +215,11 @@ class Pi05Pipeline:
     (blocks.vision_layer): the same sums, one pass over the residual stream less a layer. A FastModel passed in gets
     these three options set as the pipeline resolves them, whatever they were.
 
-    One pipeline runs one call at a time. Two pipelines of one process must not run at once on different streams:
-    measured so, their actions differed from each alone, and they gained no throughput (docs/benchmarks.md §48). A
-    second model at once belongs in another process, as pi05-serve's Ray replicas are.
+    One pipeline runs one call at a time. Pipelines that run at once, on threads of their own, are lanes (`lane()`:
+    the same weights, their own buffers, graphs, memory pool and capture stream; `use_own_streams()`): each captures
+    its graphs on a stream of its own, since cuBLAS keeps a workspace per stream and a graph keeps the one it was
+    captured with (§48's two pipelines captured on torch's shared capture stream, and their actions differed when
+    replayed at once). test/gpu/test_pipeline.py checks two lanes at once against each alone, bit for bit.
     """
 
     name = "fast"
