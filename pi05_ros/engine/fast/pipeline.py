@@ -125,7 +125,10 @@ class _Graph:
         # Captured on the pipeline's own stream: cuBLAS keeps a workspace per stream, and a graph keeps the one it
         # was captured with. On torch's shared default capture stream, two pipelines' graphs would share one
         # workspace and race when replayed at once (docs/benchmarks.md §48 saw their actions differ).
-        with torch.cuda.graph(self.graph, pool=pool, stream=capture_stream):
+        # thread_local: another lane's thread may synchronize or allocate while this one captures (a new prompt tile
+        # or camera count); only this thread's own unsafe calls would break this capture. Nobody else ever launches
+        # on the capture stream, so nothing of theirs is captured.
+        with torch.cuda.graph(self.graph, pool=pool, stream=capture_stream, capture_error_mode="thread_local"):
             fn()
 
     def replay(self) -> None:
