@@ -447,3 +447,23 @@ def test_lanes_at_once_equal_each_lane_alone(full_model, observation, batch: int
         assert len(results[index]) == 20
         for actions in results[index]:
             np.testing.assert_array_equal(actions, alone[index])
+    # A capture in one lane while the other runs: a prompt in a text tile lane 1 has not seen makes its prefill graph
+    # (thread_local capture: lane 0's synchronize calls meanwhile must not break it), then equals itself alone.
+    longer = PreparedObservation(rows[1][0].images, observation.tokens, np.arange(observation.tokens.size) < 100,
+                                 rows[1][0].noise)
+    stop = threading.Event()
+    busy: list[np.ndarray] = []
+
+    def keep_busy() -> None:
+        while not stop.is_set():
+            busy.append(lanes[0].run_batch(rows[0], 10)[0])
+
+    worker = threading.Thread(target=keep_busy)
+    worker.start()
+    try:
+        captured = lanes[1].run_batch([longer] * batch, 10)[0]
+    finally:
+        stop.set()
+        worker.join()
+    assert busy and all(np.array_equal(actions, alone[0]) for actions in busy)
+    np.testing.assert_array_equal(lanes[1].run_batch([longer] * batch, 10)[0], captured)
