@@ -461,6 +461,8 @@ def test_lanes_at_once_equal_each_lane_alone(full_model, observation, batch: int
     worker = threading.Thread(target=keep_busy)
     worker.start()
     try:
+        while not busy:  # lane 0 is running
+            threading.Event().wait(0.001)
         captured = lanes[1].run_batch([longer] * batch, 10)[0]
     finally:
         stop.set()
