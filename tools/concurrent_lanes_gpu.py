@@ -14,8 +14,8 @@ prefill, so the GPU hands a freed SM to the waiting small kernel before the next
 §48 ran `2x4` on torch's shared capture stream (every graph one cuBLAS workspace): actions differed and nothing
 was gained; each pipeline now captures on a stream of its own. The tool reports each call's latency (p50 / p99)
 and the rows per second of all lanes together, and checks that every lane's actions under concurrency equal, bit
-for bit, what its pipeline gives for the same rows alone. Full-size random weights (each lane its own copy), fp8,
-2 views, distinct images and noise per row; lanes share one model's weights (Pi05Pipeline.lane(), what
+for bit, what its pipeline gives for the same rows alone. Full-size random weights, fp8, 2 views, distinct images
+and noise per row; lanes share one model's weights (Pi05Pipeline.lane(), what
 pi05-serve --lanes runs) unless --copies gives each its own. JSON to $OUT/lanes.json.
 """
 
@@ -54,7 +54,7 @@ def closed_loop(runner, rows: list, steps: int, iters: int, start: threading.Bar
         begin = time.perf_counter()
         actions, _ = runner.run_batch(rows, steps)
         latencies.append((time.perf_counter() - begin) * 1e3)
-    results.append(actions)
+        results.append(actions)
 
 
 def run(lanes: list, rows: list[list], steps: int, iters: int, priority: bool) -> dict:
@@ -77,7 +77,7 @@ def run(lanes: list, rows: list[list], steps: int, iters: int, priority: bool) -
     every = np.concatenate([np.asarray(lat) for lat in latencies])
     return {"lanes": len(lanes), "batch": len(rows[0]), "priority": priority, "p50_ms": float(np.median(every)),
             "p99_ms": float(np.percentile(every, 99)), "rows_per_s": len(lanes) * len(rows[0]) * iters / elapsed,
-            "actions": [res[0] for res in results]}
+            "actions": results}
 
 
 def main() -> None:
@@ -127,8 +127,9 @@ def main() -> None:
         result = run(runners[:lanes], [rows[(lane, batch)][0] for lane in range(lanes)], args.steps, args.iters,
                      priority)
         alone = [rows[(lane, batch)][1] for lane in range(lanes)]
-        result["equal_to_alone"] = all(np.array_equal(got, want)
-                                       for got, want in zip(result.pop("actions"), alone, strict=True))
+        result["equal_to_alone"] = all(np.array_equal(got, want)  # every call of every lane
+                                       for calls, want in zip(result.pop("actions"), alone, strict=True)
+                                       for got in calls)
         print(json.dumps(result), flush=True)
         report.append(result)
     print("\n| lanes | rows a call | denoise stream | robots | call p50 ms | p99 ms | rows/s | equal to alone |")

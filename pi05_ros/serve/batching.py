@@ -84,9 +84,8 @@ class Batcher:
             raise ValueError("a Batcher needs at least one run function")
         self.window_s, self.max_batch, self.max_pending = window_s, max_batch, max_pending
         self.group, self.senders = group, senders
-        self._free_since = 0.0  # monotonic time a lane last became free
         self._pending: deque[_Job] = deque()
-        self._in_flight = 0  # requests in running batches
+        self._jobs_by_id: dict[int, _Job] = {}  # the jobs of running batches
         self._arrival = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()
@@ -119,41 +118,46 @@ class Batcher:
             except asyncio.CancelledError:
                 pass
         for task in list(self._running):
-            task.cancel()
+            task.cancel()  # its rows' submit() calls are cancelled (_run_batch)
         for job in self._pending:
             job.future.cancel()
         self._pending.clear()
-        for executor in self._executors:
-            executor.shutdown(wait=True)
+        for executor in self._executors:  # a batch already on a lane's thread finishes; the loop stays free
+            await asyncio.to_thread(executor.shutdown, wait=True)
 
     # --- the batching loop
 
     async def _loop(self) -> None:
-        free: asyncio.Queue[int] = asyncio.Queue()
+        free: asyncio.Queue[tuple[int, float]] = asyncio.Queue()  # (lane, monotonic time it became free)
         for lane in range(len(self.lanes)):
-            free.put_nowait(lane)
+            free.put_nowait((lane, 0.0))
         while True:
-            lane = await free.get()
-            batch = await self._next_batch()
-            self._in_flight += len(batch)
+            lane, free_since = await free.get()
+            batch = await self._next_batch(free_since)
+            for job in batch:
+                self._jobs_by_id[id(job)] = job
             task = asyncio.get_running_loop().create_task(self._run_batch(lane, batch, free), name="pi05-batch")
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    async def _run_batch(self, lane: int, batch: list[_Job], free: asyncio.Queue[int]) -> None:
+    async def _run_batch(self, lane: int, batch: list[_Job], free: asyncio.Queue[tuple[int, float]]) -> None:
         start = time.monotonic()
         try:
             results, run_ms, finished = await asyncio.get_running_loop().run_in_executor(
                 self._executors[lane], self._timed_run, self.lanes[lane], [job.item for job in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"the batch function returned {len(results)} results for {len(batch)} rows")
+        except asyncio.CancelledError:  # close(): nobody waits for these rows any more
+            for job in batch:
+                job.future.cancel()
+            raise
         except Exception as exc:  # noqa: BLE001 - every row of the batch hears of it; the loop goes on
             log.exception("a batch of %d failed", len(batch))
             results, run_ms, finished = [exc] * len(batch), 0.0, 0.0
         finally:
-            self._in_flight -= len(batch)
-            self._free_since = time.monotonic()
-            free.put_nowait(lane)
+            for job in batch:
+                self._jobs_by_id.pop(id(job), None)
+            free.put_nowait((lane, time.monotonic()))
         self.batch_sizes[len(batch)] += 1
         for job, result in zip(batch, results, strict=True):
             if job.future.done():  # the client left while its batch ran
@@ -162,6 +166,11 @@ class Batcher:
                 job.future.set_exception(result)
             else:
                 job.future.set_result(BatchResult(result, len(batch), (start - job.arrived) * 1e3, run_ms, finished))
+
+    def _in_flight(self) -> int:
+        """Requests in running batches whose client still waits (one that left can send again on a new
+        connection, which senders() counts)."""
+        return sum(1 for job in self._jobs_by_id.values() if not job.future.done())
 
     @staticmethod
     def _timed_run(run: RunBatch, items: list[Any]) -> tuple[Sequence[Any], float, float]:
@@ -176,7 +185,9 @@ class Batcher:
         self.dropped += len(self._pending) - len(kept)
         self._pending = deque(kept)
 
-    async def _next_batch(self) -> list[_Job]:
+    async def _next_batch(self, free_since: float) -> list[_Job]:
+        """The next batch for a lane free since `free_since` (its window counts from then at the earliest: the
+        robots that lane answered send again a moment after)."""
         while True:
             self._drop_abandoned()
             if not self._pending:
@@ -185,9 +196,9 @@ class Batcher:
                 continue
             head = self._pending[0]  # the oldest waiting request opens the window
             mates = sum(1 for job in self._pending if job.group == head.group)
-            remaining = max(head.arrived, self._free_since) + self.window_s - time.monotonic()
+            remaining = max(head.arrived, free_since) + self.window_s - time.monotonic()
             # every open connection has a request waiting or in a running batch: no other can come
-            nobody_else = self.senders is not None and len(self._pending) + self._in_flight >= self.senders()
+            nobody_else = self.senders is not None and len(self._pending) + self._in_flight() >= self.senders()
             if mates >= self.max_batch or remaining <= 0 or nobody_else:
                 break
             self._arrival.clear()

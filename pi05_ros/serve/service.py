@@ -52,8 +52,8 @@ SLOW_CLIENT_CLOSE_CODE = 1008  # policy violation: the client does not read its 
 # Longer prompts are tokenized on the prepare pool, not the event loop: a frame may carry megabytes of prompt, and
 # tokenizing 7 MB took 1.7 s (the whole string is encoded before it is cut to the model's token limit).
 INLINE_PROMPT_CHARS = 2048
-ERROR_TEXT_CHARS = 2000
-MAX_LANES = 4  # an error reply (and its log line) quotes at most this much: it may echo client input
+ERROR_TEXT_CHARS = 2000  # an error reply (and its log line) quotes at most this much: it may echo client input
+MAX_LANES = 4  # pipelines over one model at once (pi05-serve --lanes)
 
 
 @dataclass(frozen=True)
@@ -150,10 +150,10 @@ class PolicyService:
         self._prepare_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pi05-prepare")
         # Lanes: the policy, and as many more over the same weights (Policy.lane), each on CUDA streams of its own
         # with its denoise loop at higher priority, so one lane's denoise runs beside another's prefill.
+        if settings.lanes > 1 and submit is not None:
+            raise InputError("lanes need this server's own batching (not Ray's @serve.batch)")
         self.lanes = [policy] + [policy.lane() for _ in range(settings.lanes - 1)]
         if settings.lanes > 1:
-            if submit is not None:
-                raise InputError("lanes need this server's own batching (not Ray's @serve.batch)")
             for lane in self.lanes:
                 lane.runner.use_own_streams(denoise_priority=True)
         runs = [functools.partial(self.run_rows, policy=lane) for lane in self.lanes]

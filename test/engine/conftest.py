@@ -107,7 +107,7 @@ class _ReplayingGraph:
     """On the CPU, where CUDA graphs do not exist: runs `fn` where `_Graph` does (two warm-ups; its capture only
     records), and replay runs it again, so the state a graph's making leaves behind is what a GPU's would be."""
 
-    def __init__(self, fn, pool, capture_stream) -> None:
+    def __init__(self, fn, pool, capture_stream=None, warm_stream=None) -> None:
         for _ in range(2):
             fn()
         self.replay = fn

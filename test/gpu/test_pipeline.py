@@ -448,9 +448,11 @@ def test_lanes_at_once_equal_each_lane_alone(full_model, observation, batch: int
         for actions in results[index]:
             np.testing.assert_array_equal(actions, alone[index])
     # A capture in one lane while the other runs: a prompt in a text tile lane 1 has not seen makes its prefill graph
-    # (thread_local capture: lane 0's synchronize calls meanwhile must not break it), then equals itself alone.
-    longer = PreparedObservation(rows[1][0].images, observation.tokens, np.arange(observation.tokens.size) < 100,
-                                 rows[1][0].noise)
+    # while lane 0 replays (thread_local capture: lane 0's synchronize calls meanwhile must not break it).
+    def prompt_of(length: int) -> PreparedObservation:
+        return PreparedObservation(rows[1][0].images, observation.tokens,
+                                   np.arange(observation.tokens.size) < length, rows[1][0].noise)
+
     stop = threading.Event()
     busy: list[np.ndarray] = []
 
@@ -463,9 +465,25 @@ def test_lanes_at_once_equal_each_lane_alone(full_model, observation, batch: int
     try:
         while not busy:  # lane 0 is running
             threading.Event().wait(0.001)
-        captured = lanes[1].run_batch([longer] * batch, 10)[0]
+        captured = lanes[1].run_batch([prompt_of(100)] * batch, 10)[0]
     finally:
         stop.set()
         worker.join()
     assert busy and all(np.array_equal(actions, alone[0]) for actions in busy)
-    np.testing.assert_array_equal(lanes[1].run_batch([longer] * batch, 10)[0], captured)
+    # lane 0 makes the same tile's graphs alone: the same kernels on the same inputs (a capture that took in other
+    # work would differ far beyond rounding)
+    np.testing.assert_array_equal(lanes[0].run_batch([prompt_of(100)] * batch, 10)[0], captured)
+    # Both lanes meet a new tile at once (a fleet's shared prompt): their graph making takes turns, both answer alike.
+    together: list[np.ndarray | None] = [None, None]
+
+    def first_use(index: int) -> None:
+        start.wait()
+        together[index] = lanes[index].run_batch([prompt_of(150)] * batch, 10)[0]
+
+    threads = [threading.Thread(target=first_use, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    np.testing.assert_array_equal(together[0], together[1])
+    assert np.isfinite(together[0]).all()

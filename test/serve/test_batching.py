@@ -332,18 +332,15 @@ def test_lanes_run_batches_at_once_and_a_full_fleet_fills_both() -> None:
         await asyncio.gather(*(robot(r) for r in range(8)))
         await batcher.close()
 
-    start = time.monotonic()
     run(main())
-    elapsed = time.monotonic() - start
     for lane in lanes:
         assert [len(batch) for batch in lane.batches] == [4] * rounds
         assert len({thread for thread, _, _ in lane.spans}) == 1  # a lane is one thread
     assert lanes[0].spans[0][0] != lanes[1].spans[0][0]
-    # the two lanes' batches overlap: 8 batches of 0.1 s in about 4 x 0.1 s, not 8 x 0.1
+    # the two lanes' batches overlap in time (4 pairs of 0.1 s batches: up to 0.4 s; one lane after the other: 0)
     overlap = sum(max(0.0, min(a_end, b_end) - max(a_start, b_start))
                   for (_, a_start, a_end), (_, b_start, b_end) in zip(lanes[0].spans, lanes[1].spans, strict=True))
     assert overlap > 0.2, overlap
-    assert elapsed < 0.7, elapsed
 
 
 def test_a_failing_lane_fails_only_its_own_batch() -> None:
@@ -363,3 +360,18 @@ def test_a_failing_lane_fails_only_its_own_batch() -> None:
     assert [type(r).__name__ for r in results[:2]] == ["RuntimeError", "RuntimeError"]
     assert [r.value for r in results[2:]] == [20, 30]
     assert working.batches == [[2, 3]]
+
+
+def test_closing_while_batches_run_ends_their_requests() -> None:
+    """close() while both lanes run a batch: those requests end (cancelled), nobody waits for ever."""
+    lanes = [Recorder(delay_s=0.3), Recorder(delay_s=0.3)]
+
+    async def main() -> list:
+        batcher = Batcher(lanes, window_s=0.0, max_batch=1)
+        waiting = [asyncio.ensure_future(batcher.submit(i)) for i in range(3)]
+        await asyncio.sleep(0.1)  # two running, one queued
+        await batcher.close()
+        return await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 5)
+
+    results = run(main())
+    assert [type(r).__name__ for r in results] == ["CancelledError"] * 3

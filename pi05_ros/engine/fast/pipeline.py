@@ -45,7 +45,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
@@ -111,11 +113,38 @@ def fp8_supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+# Graph making (compile, warm-up, capture) one pipeline at a time in a process: lanes meet a new prompt tile or
+# camera count together, torch.compile is not thread-safe, and a capture's device-wide synchronize stalls the other
+# lanes anyway. Replays stay concurrent.
+_GRAPH_MAKING = threading.RLock()
+_claimed_streams: set[tuple[int, int]] = set()  # (device, handle) of the streams live pipelines hold as their own
+
+
+def _private_stream(device: torch.device, priority: int = 0) -> torch.cuda.Stream:
+    """A stream no other live pipeline holds. torch.cuda.Stream() does not create a stream: it hands out torch's
+    pooled streams (32 a priority) in turn, so two draws can return the same one, and a lane's capture stream must
+    be nobody else's (what is launched on it during a capture is captured)."""
+    with _GRAPH_MAKING:
+        for _ in range(64):
+            stream = torch.cuda.Stream(device, priority=priority)
+            key = (stream.device_index, stream.cuda_stream)
+            if key not in _claimed_streams:
+                _claimed_streams.add(key)
+                return stream
+    raise RuntimeError("every CUDA stream of torch's pool is held by a live pipeline: fewer pipelines (lanes) at once")
+
+
+def _release_streams(keys: list[tuple[int, int]]) -> None:
+    with _GRAPH_MAKING:
+        _claimed_streams.difference_update(keys)
+
+
 class _Graph:
     """A CUDA graph of `fn`, warmed up on a side stream first (so lazy initialisation stays out of it)."""
 
-    def __init__(self, fn: Callable[[], None], pool: object, capture_stream: torch.cuda.Stream) -> None:
-        stream = torch.cuda.Stream()
+    def __init__(self, fn: Callable[[], None], pool: object, capture_stream: torch.cuda.Stream | None = None,
+                 warm_stream: torch.cuda.Stream | None = None) -> None:
+        stream = warm_stream or torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
@@ -125,9 +154,9 @@ class _Graph:
         # Captured on the pipeline's own stream: cuBLAS keeps a workspace per stream, and a graph keeps the one it
         # was captured with. On torch's shared default capture stream, two pipelines' graphs would share one
         # workspace and race when replayed at once (docs/benchmarks.md §48 saw their actions differ).
-        # thread_local: another lane's thread may synchronize or allocate while this one captures (a new prompt tile
-        # or camera count); only this thread's own unsafe calls would break this capture. Nobody else ever launches
-        # on the capture stream, so nothing of theirs is captured.
+        # thread_local: another lane's thread may synchronize or allocate while this one captures; only this
+        # thread's own unsafe calls would break this capture. Nobody else launches on a pipeline's capture stream
+        # (_private_stream), so nothing of theirs is captured.
         with torch.cuda.graph(self.graph, pool=pool, stream=capture_stream, capture_error_mode="thread_local"):
             fn()
 
@@ -376,8 +405,17 @@ class Pi05Pipeline:
         as soon as one frees, before the next tiles of another lane's compute-bound prefill GEMMs."""
         if self.device.type != "cuda":
             return
-        self.stream = torch.cuda.Stream(self.device)
-        self.denoise_stream = torch.cuda.Stream(self.device, priority=-1) if denoise_priority else None
+        if self._lane_streams is None:  # claimed once: a second call switches the priority on or off
+            self._lane_streams = (self._claim_stream(), self._claim_stream(priority=-1))
+        self.stream = self._lane_streams[0]
+        self.denoise_stream = self._lane_streams[1] if denoise_priority else None
+
+    def _claim_stream(self, priority: int = 0) -> torch.cuda.Stream:
+        """A stream of this pipeline's own (_private_stream), given back when the pipeline is collected."""
+        stream = _private_stream(self.device, priority)
+        key = (stream.device_index, stream.cuda_stream)
+        weakref.finalize(self, _release_streams, [key])
+        return stream
 
     # --- setup
 
@@ -387,11 +425,14 @@ class Pi05Pipeline:
         self._allocate(max_views)
         self._graphs: dict[tuple, _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle() if use_graphs else None
-        self._capture_stream = torch.cuda.Stream(self.device) if use_graphs else None
+        # graphs warm up and capture on streams of this pipeline's own, drawn once (see _private_stream)
+        self._capture_stream = self._claim_stream() if use_graphs else None
+        self._warm_stream = self._claim_stream() if use_graphs else None
         # Where calls run: None, the caller's current stream (use_own_streams: a lane's own), and the denoise loop
         # on the same, or on a stream of higher priority.
         self.stream: torch.cuda.Stream | None = None
         self.denoise_stream: torch.cuda.Stream | None = None
+        self._lane_streams: tuple[torch.cuda.Stream, torch.cuda.Stream] | None = None
         self._schedules: OrderedDict[tuple[int, str], tuple[torch.Tensor, ...]] = OrderedDict()
         self._tables: dict[str, StepTable] = {}
         self._suffix_refresh: dict[tuple[int, str], Callable[[], None]] = {}
@@ -587,9 +628,10 @@ class Pi05Pipeline:
         graph = self._graphs.get(key)
         if graph is None:
             start = time.perf_counter()
-            fn = make()
-            fn()  # first run on the current stream: torch.compile compiles here, outside any capture
-            graph = _Graph(fn, self._pool, self._capture_stream)
+            with _GRAPH_MAKING:
+                fn = make()
+                fn()  # first run on the current stream: torch.compile compiles here, outside any capture
+                graph = _Graph(fn, self._pool, self._capture_stream, self._warm_stream)
             self._graphs[key] = graph
             self.setup_times["capture"] += time.perf_counter() - start
             log.info("captured CUDA graph %s in %.2f s", key, time.perf_counter() - start)
@@ -699,7 +741,8 @@ class Pi05Pipeline:
             return self._stage(("rtc_step", views), make)  # its warm-up runs fail here if this mode cannot
         fn = make()
         if (views, self._rtc_mode) not in self._rtc_tried:
-            fn()  # once: fail here, where the next mode can still be tried, not inside the inference
+            with _GRAPH_MAKING:
+                fn()  # once: fail here, where the next mode can still be tried, not inside the inference
             self._rtc_tried.add((views, self._rtc_mode))
         return fn
 
