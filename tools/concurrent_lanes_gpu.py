@@ -6,7 +6,8 @@ Why (issue 9): at batch 8 the denoise loop is a chain of ~110 small dependent ke
 §43, §48): the GPU waits on launches more than it computes, while the prefill's GEMMs are compute-bound. "Lanes"
 (each its own Pi05Pipeline, buffers and CUDA graphs, on its own stream, driven by its own thread) let one batch's
 prefill run beside another's denoise. If two lanes of 4 beat one batch of 8 on latency at the same throughput,
-the server should run lanes.
+the server should run lanes. Measured twice, they do not (docs/benchmarks.md §48, §86: on an H100 two lanes of 4
+took 45.3 ms a call against 41.4 for one batch of 8, with the denoise at high priority or not).
 
 A config `LxB` runs L lanes of B rows a call, all at once, in closed loop (each call starts when the previous one
 of its lane returned); `LxBp` also runs each lane's denoise loop on a stream of higher priority than its vision and

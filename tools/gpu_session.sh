@@ -72,9 +72,8 @@
 #            q/k/v; each row's actions against a baseline (160 s on an H100 with the prefix max-autotune too)   (540)
 #   lanes    tools/concurrent_lanes_gpu.py: lanes (pipelines on streams of their own, one thread each) at once
 #            against one batch of as many rows, the denoise on the lane's stream or a high-priority one; actions
-#            checked against each lane alone. LANES_CONFIGS, LANES_ITERS   (540)
-#   serve-lanes  tools/serve_bench.sh, fp8, LANES_CLIENTS robots (default 8), batched: one lane of 8 (the default
-#            server), then --lanes 2 --max-batch 4   (580)
+#            checked against each lane alone. LANES_CONFIGS, LANES_ITERS   (540; 78 s on an H100 with 3 configs,
+#            §86: two lanes of 4 slower than one batch of 8)
 #   serve    tools/serve_bench.sh, fp8, 10 steps, 1/2/4/8 clients, batched and unbatched   (480)
 #   serve-kernels  the same server, batched only, 1/4/8 clients, with --expert-kernels on --fp8-vision   (360)
 #   bench    pi05-bench --iters 1000                    (480)
@@ -94,7 +93,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:?usage: PI05_GIT_COMMIT=<hash> gpu_session.sh OUT_DIR STEP [STEP ...]}"
 shift
 STEPS="tests tests-kernels tests-pipeline kernels kernels-attention stream-floor gemm-chain geglu gelu vision-mlp residual-carry prefix-mlp options options-1 inductor-options inductor-options-1 kernels-batch kernels-batch-k kernels-batch-gemms batch-tune geglu-deep attention attention-pipeline attention-sweep flash-walks batch batch-variants
-vision-variants lanes serve-lanes serve serve-kernels bench bench-mlp soak-arrival soak-inference"  # the steps the loop at the end runs
+vision-variants lanes serve serve-kernels bench bench-mlp soak-arrival soak-inference"  # the steps the loop at the end runs
 STEPS="${STEPS//$'\n'/ }"
 [[ $# -gt 0 ]] || { echo "gpu_session.sh: name at least one step: $STEPS" >&2; exit 2; }
 [[ -n "${PI05_GIT_COMMIT:-}" ]] || { echo "gpu_session.sh: set PI05_GIT_COMMIT=<the commit under test>" >&2; exit 2; }
@@ -196,10 +195,6 @@ for step in "$@"; do
                        --variants "vision fc1,vision attention" ;;
     lanes) OUT="$OUT" run_step lanes 540 "$PY" tools/concurrent_lanes_gpu.py --iters "${LANES_ITERS:-40}" \
         --configs "${LANES_CONFIGS:-1x8,2x4,2x4p,1x4,2x2p}" ;;
-    serve-lanes) run_step serve-lanes 580 bash -c "bash tools/serve_bench.sh '$OUT/serve-lanes-1' --device cuda \
-        --precision fp8 --modes batched --clients '${LANES_CLIENTS:-8}' && bash tools/serve_bench.sh \
-        '$OUT/serve-lanes-2' --device cuda --precision fp8 --modes batched --clients '${LANES_CLIENTS:-8}' \
-        --server-args '--lanes 2 --max-batch 4'" ;;
     serve) run_step serve 480 bash tools/serve_bench.sh "$OUT/serve" --device cuda --precision fp8 ;;
     serve-kernels) run_step serve-kernels 360 bash tools/serve_bench.sh "$OUT/serve-kernels" --device cuda \
                      --precision fp8 --modes batched --clients "1 4 8" --server-args "--expert-kernels on --fp8-vision" ;;

@@ -88,10 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
                               "runs at once when full or when every connection has a request waiting)")
     network.add_argument("--max-batch", type=int, default=8,
                          help="most observations in one batch (the GPU pipeline is built and warmed for it)")
-    network.add_argument("--lanes", type=int_in_range(1, 4), default=1,
-                         help="pipelines over the one model that run batches at once, each of up to --max-batch "
-                              "rows, one's denoise beside another's prefill (GPU only; e.g. --lanes 2 --max-batch 4 "
-                              "for 8 robots: docs/serving.md)")
     network.add_argument("--warm-up-views", default="",
                          help="camera counts to warm the GPU pipeline for before the first client, comma separated, "
                               "e.g. 2 for robots that send two of the layout's three cameras (default: the layout's "
@@ -129,7 +125,7 @@ def _settings(args: argparse.Namespace) -> Any:
     return ServeSettings(num_steps=args.num_steps, window_ms=args.batch_window_ms, max_batch=args.max_batch,
                          max_clients=args.max_clients, max_message_bytes=int(args.max_message_mb * 2**20),
                          send_timeout_s=args.send_timeout_s, default_prompt=args.default_prompt, seed=args.seed,
-                         metadata=metadata, warm_up_views=views, lanes=args.lanes)
+                         metadata=metadata, warm_up_views=views)
 
 
 def _spec(args: argparse.Namespace) -> Any:
@@ -182,20 +178,20 @@ def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
 
 def _serve_here(args: argparse.Namespace) -> int:
     from pi05_ros.serve.server import run_server
-    from pi05_ros.serve.service import PolicyService, warm_up_views
+    from pi05_ros.serve.service import PolicyService, warm_up, warm_up_views
 
     settings = _settings(args)
     layouts, default = _layouts(args.robot)
     policy = _spec(args).load()
     service = PolicyService(policy, layouts, default, settings)
-    service.warm_up(warm_up_views(settings, layouts[default], policy))
+    warm_up(policy, settings.num_steps, warm_up_views(settings, layouts[default], policy))
 
     def ready(host: str, port: int) -> None:
         others = " ".join(f"/{name}" for name in sorted(service.layouts) if name != default)  # those that fit
         print(f"pi05-serve: {policy.describe()}", flush=True)
         print(f"pi05-serve: serving layout '{default}' at ws://{host}:{port}/ (also {others}); "
               f"health http://{host}:{port}/healthz; batches of up to {settings.max_batch} within "
-              f"{settings.window_ms:g} ms" + (f", {settings.lanes} lanes" if settings.lanes > 1 else ""), flush=True)
+              f"{settings.window_ms:g} ms", flush=True)
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -331,15 +331,6 @@ class Policy:
                       checkpoint=self.checkpoint, action_space=self.action_space, conventions=self.conventions,
                       action_space_reason=self.action_space_reason)
 
-    def lane(self) -> Policy:
-        """Another Policy over the same model and weights whose runner has buffers, CUDA graphs and streams of its
-        own (Pi05Pipeline.lane): it runs batches at once with this one, on another thread (pi05-serve --lanes)."""
-        make = getattr(self.runner, "lane", None)
-        if make is None:
-            raise CheckpointError(f"lanes need the fast GPU pipeline (a CUDA device, precision bf16 or fp8); this "
-                                  f"policy runs the {self.runner.name} runner: use one lane")
-        return self.with_runner(make())
-
     def example_state(self) -> np.ndarray:
         """Zeros of the length a robot sends (warm-ups; joint_conventions.example_state_length)."""
         size = example_state_length(self.joints.name, self.state_dim, self.max_state_values,

@@ -28,7 +28,6 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from pi05_ros.engine.errors import InputError
 from pi05_ros.serve.batching import BatchResult
 from pi05_ros.serve.layouts import ObservationLayout
 from pi05_ros.serve.service import (
@@ -38,6 +37,7 @@ from pi05_ros.serve.service import (
     Row,
     ServeSettings,
     check_warm_up_views,
+    warm_up,
     warm_up_views,
 )
 from pi05_ros.signals import stop_on_signals
@@ -100,10 +100,10 @@ class PolicyReplica:
         if batching not in BATCHING:
             raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
         self.policy = spec.load()
+        warm_up(self.policy, settings.num_steps, warm_up_views(settings, layouts[default_layout], self.policy))
         self.settings = settings
         submit = self._ray_batch if batching == "ray" else None
         self.service = PolicyService(self.policy, layouts, default_layout, settings, submit=submit)
-        self.service.warm_up(warm_up_views(settings, layouts[default_layout], self.policy))
         if batching == "ray":
             self._ray_batch.set_max_batch_size(settings.max_batch)
             self._ray_batch.set_batch_wait_timeout_s(settings.window_ms / 1e3)
@@ -171,8 +171,6 @@ def deploy_on_ray(spec: PolicySpec, settings: ServeSettings, layouts: Mapping[st
     import ray
 
     check_warm_up_views(settings, layouts[default_layout])  # here, not after each replica's model load
-    if settings.lanes > 1 and batching == "ray":
-        raise InputError("lanes need this server's own batching: use --ray-batching ours (the default) with --lanes")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports leave the machine unless asked
     if not ray.is_initialized():
         ray.init(address=address)

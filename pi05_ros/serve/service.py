@@ -25,7 +25,6 @@ client in sequence, not across concurrent clients).
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections import Counter
@@ -53,7 +52,6 @@ SLOW_CLIENT_CLOSE_CODE = 1008  # policy violation: the client does not read its 
 # tokenizing 7 MB took 1.7 s (the whole string is encoded before it is cut to the model's token limit).
 INLINE_PROMPT_CHARS = 2048
 ERROR_TEXT_CHARS = 2000  # an error reply (and its log line) quotes at most this much: it may echo client input
-MAX_LANES = 4  # pipelines over one model at once (pi05-serve --lanes)
 
 
 @dataclass(frozen=True)
@@ -71,8 +69,6 @@ class ServeSettings:
     metadata: Mapping[str, Any] = field(default_factory=dict)  # extra entries of the metadata frame
     # camera counts the GPU pipeline is warmed for before the first client (empty: the layout's full count)
     warm_up_views: tuple[int, ...] = ()
-    # pipelines over the one model that run batches at once, each of up to max_batch rows (serve/batching.py)
-    lanes: int = 1
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_steps <= MAX_DENOISE_STEPS:
@@ -83,8 +79,6 @@ class ServeSettings:
             raise InputError("the message limit must be at least 1 KiB and the send timeout positive")
         if any(views < 1 for views in self.warm_up_views):
             raise InputError(f"warm-up view counts must be >= 1, got {list(self.warm_up_views)}")
-        if not 1 <= self.lanes <= MAX_LANES:
-            raise InputError(f"lanes must be in 1..{MAX_LANES}, got {self.lanes}")
 
 
 class ConnectionGone(Exception):
@@ -148,16 +142,7 @@ class PolicyService:
         # at the model's size (openpi's clients resize before sending) are prepared on the event loop: ~0.1 ms of
         # tokenizing and checking, less than the hand-off to this pool and back (docs/benchmarks.md §54).
         self._prepare_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pi05-prepare")
-        # Lanes: the policy, and as many more over the same weights (Policy.lane), each on CUDA streams of its own
-        # with its denoise loop at higher priority, so one lane's denoise runs beside another's prefill.
-        if settings.lanes > 1 and submit is not None:
-            raise InputError("lanes need this server's own batching (not Ray's @serve.batch)")
-        self.lanes = [policy] + [policy.lane() for _ in range(settings.lanes - 1)]
-        if settings.lanes > 1:
-            for lane in self.lanes:
-                lane.runner.use_own_streams(denoise_priority=True)
-        runs = [functools.partial(self.run_rows, policy=lane) for lane in self.lanes]
-        self.batcher = Batcher(runs, window_s=settings.window_ms / 1e3, max_batch=settings.max_batch,
+        self.batcher = Batcher(self.run_rows, window_s=settings.window_ms / 1e3, max_batch=settings.max_batch,
                                max_pending=settings.max_clients, group=lambda row: row.num_steps,
                                senders=lambda: self.open_connections)
         self._submit: Submit = submit or self.batcher.submit
@@ -199,8 +184,7 @@ class PolicyService:
             "stage_names": list(policy.stage_names),
             "layout": layout.describe(),
             "layouts": sorted(self.layouts),
-            "batching": {"window_ms": self.settings.window_ms, "max_batch": self.settings.max_batch,
-                         "lanes": self.settings.lanes},
+            "batching": {"window_ms": self.settings.window_ms, "max_batch": self.settings.max_batch},
             "max_message_bytes": self.settings.max_message_bytes,
         }
 
@@ -339,24 +323,18 @@ class PolicyService:
 
     # --- the batch function (the batch thread)
 
-    def run_rows(self, rows: Sequence[Row], policy: Policy | None = None) -> list[ActionChunk | Exception]:
-        """One batch through the policy (or a lane's); if it fails, its rows one by one, so that only a failing
-        row's client hears of it."""
-        policy = policy or self.policy
+    def run_rows(self, rows: Sequence[Row]) -> list[ActionChunk | Exception]:
+        """One batch through the policy; if it fails, its rows one by one, so that only a failing row's client
+        hears of it."""
         try:
-            return list(policy.infer_prepared_batch([r.prepared for r in rows], [r.state for r in rows],
-                                                    rows[0].num_steps, [r.preprocess_ms for r in rows]))
+            return list(self.policy.infer_prepared_batch([r.prepared for r in rows], [r.state for r in rows],
+                                                         rows[0].num_steps, [r.preprocess_ms for r in rows]))
         except Exception as exc:  # noqa: BLE001
             if len(rows) == 1:
                 return [exc]
             log.warning("a batch of %d failed (%s: %s); running its rows one by one", len(rows),
                         type(exc).__name__, exc)
-            return [self.run_rows([row], policy)[0] for row in rows]
-
-    def warm_up(self, views: int | Sequence[int]) -> None:
-        """`warm_up` for every lane (each makes its own graphs)."""
-        for lane in self.lanes:
-            warm_up(lane, self.settings.num_steps, views)
+            return [self.run_rows([row])[0] for row in rows]
 
     async def close(self) -> None:
         await self.batcher.close()

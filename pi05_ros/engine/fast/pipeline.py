@@ -251,7 +251,9 @@ class Pi05Pipeline:
     the same weights, their own buffers, graphs, memory pool and capture stream; `use_own_streams()`): each captures
     its graphs on a stream of its own, since cuBLAS keeps a workspace per stream and a graph keeps the one it was
     captured with (§48's two pipelines captured on torch's shared capture stream, and their actions differed when
-    replayed at once). test/gpu/test_pipeline.py checks two lanes at once against each alone, bit for bit.
+    replayed at once). test/gpu/test_pipeline.py checks two lanes at once against each alone, bit for bit. Lanes
+    gain nothing over one batch of their rows (docs/benchmarks.md §86: two lanes of 4 took 45.3 ms a call, one
+    batch of 8 41.4, on an H100): the server runs one batch at a time; tools/concurrent_lanes_gpu.py times them.
     """
 
     name = "fast"
