@@ -414,10 +414,10 @@ def test_batch_buckets_equal_rows_alone(full_model, observation, precision: str,
 @pytest.mark.parametrize("batch", [2, 4])
 def test_lanes_at_once_equal_each_lane_alone(full_model, observation, batch: int) -> None:
     """Two lanes (Pi05Pipeline.lane: the same weights, their own buffers, graphs and capture streams) replayed at
-    once from two threads, each on its own streams with the denoise at high priority (pi05-serve --lanes), give bit
-    for bit what each gives alone. §48's lanes captured on torch's shared capture stream, so their graphs shared a
-    cuBLAS workspace, and their actions differed under concurrency. Batch 2 runs the fused kernels (their
-    workspaces per lane), batch 4 the torch path."""
+    once from two threads, each on its own streams with the denoise at high priority (as tools/concurrent_lanes_gpu.py
+    times them), give bit for bit what each gives alone. §48's lanes captured on torch's shared capture stream, so
+    their graphs shared a cuBLAS workspace, and their actions differed under concurrency. Batch 2 runs the fused
+    kernels (their workspaces per lane), batch 4 the torch path."""
     import threading
 
     rng = np.random.default_rng(batch)
