@@ -747,7 +747,7 @@ class PolicyNode(LifecycleNode):
             rtc = (delay, overlap, self._latency.value())
         facts = CommandFacts(self.lifecycle_state, execution, loop.stats() if loop is not None else None,
                              self._commands_off(), self._configure_error, rtc)
-        worker_status = worker.status() if worker is not None else WorkerStatus.without_worker()
+        worker_status = worker.report_status() if worker is not None else WorkerStatus.without_worker()
         inputs = self.inputs.states()
         rate_mode = f"trigger:{trigger}" if trigger else "timer"
         # In trigger mode a quiet trigger camera makes no tick, so nothing would see it (or another input) go stale.

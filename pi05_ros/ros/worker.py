@@ -59,7 +59,9 @@ class WorkerStatus:
 
     phase: Phase
     fatal_error: str | None
-    problems: tuple[Problem, ...]  # why the last tick published nothing; empty after a published chunk
+    # why the last tick published nothing; empty after a published chunk (a report's: with the last failure since
+    # the previous report, WorkerCounters.snapshot)
+    problems: tuple[Problem, ...]
     inferences: int
     published: int
     skipped: dict[str, int]  # reason (a ProblemCode value) -> ticks without inference
@@ -127,6 +129,9 @@ class WorkerCounters:
         self._gpu_memory: dict[str, float] = {}
         self._notices: tuple[Problem, ...] = ()
         self._prompt: PromptFacts | None = None
+        # The last failed attempt since the last diagnostics report: failures between successes (every other
+        # inference, say) are reported even when each report happens to come after a success.
+        self._unreported_failure: Problem | None = None
 
     @property
     def phase(self) -> Phase:
@@ -153,6 +158,7 @@ class WorkerCounters:
             self._problems = ()
             self._notices = ()
             self._streak_start = None
+            self._unreported_failure = None
 
     def failed_inference(self, problem: Problem) -> None:
         with self._lock:
@@ -160,6 +166,7 @@ class WorkerCounters:
             self._errors += 1
             self._problems = (problem,)
             self._streak_start = None
+            self._unreported_failure = problem
 
     def published_chunk(self, now: float, latency_s: float, num_steps: int, prompt: PromptFacts | None = None,
                         notices: tuple[Problem, ...] = ()) -> None:
@@ -198,13 +205,22 @@ class WorkerCounters:
         with self._lock:
             self._stage_summary, self._gpu_memory = summary, gpu_memory
 
-    def snapshot(self, now: float | None = None) -> WorkerStatus:
+    def snapshot(self, now: float | None = None, report: bool = False) -> WorkerStatus:
+        """The counters now. `report` (the diagnostics publisher's call): the problems also name the last failed
+        attempt since the previous report when the last attempt succeeded, so that a report between intermittent
+        failures still shows them (at 10 Hz with every other inference failing, a 1 Hz report could otherwise
+        always fall after a success); the next report forgets it unless another failure came."""
         now = time.monotonic() if now is None else now
         with self._lock:
             recent = sum(1 for t in self._publish_times if now - t <= RATE_WINDOW_S)
             steady = 0.0 if self._streak_start is None else now - self._streak_start
+            problems = self._problems
+            if report:
+                missed, self._unreported_failure = self._unreported_failure, None
+                if missed is not None and not any(p.code in _FAILURE_CODES for p in problems):
+                    problems = (missed, *problems)
             return WorkerStatus(
-                phase=self._phase, fatal_error=self._fatal_error, problems=self._problems,
+                phase=self._phase, fatal_error=self._fatal_error, problems=problems,
                 inferences=self._inferences, published=self._published, skipped=dict(self._skipped),
                 overruns=self._overruns, errors=self._errors, achieved_rate_hz=recent / RATE_WINDOW_S,
                 steady_for_s=steady, last_latency_ms=self._last_latency_ms, last_denoise_steps=self._last_steps,
@@ -306,6 +322,10 @@ class InferenceWorker:
 
     def status(self) -> WorkerStatus:
         return self._counters.snapshot()
+
+    def report_status(self) -> WorkerStatus:
+        """status() for a diagnostics report: with the failures since the previous report (WorkerCounters)."""
+        return self._counters.snapshot(report=True)
 
     # --- the thread
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 from pi05_ros.ros.diagnostics import DEMO_BANNER, ModelFacts, build_status, gather_problems
 from pi05_ros.ros.inputs import InputState
@@ -191,6 +192,29 @@ def test_a_pause_forgets_the_last_ticks_problems_and_measures_the_rate_again() -
     assert snapshot.problems == () and not snapshot.rate_measured
     counters.published_chunk(time.monotonic(), 0.05, 10)  # reactivated: a new window starts
     assert not counters.snapshot().rate_measured
+
+
+def test_a_report_names_a_failure_between_successes_once() -> None:
+    """Every other inference failing, a report that falls after a success still names the failure since the last
+    report (before, a 1 Hz report in step with a 10 Hz loop could show OK for ever); the report after a clean
+    period does not, and a plain snapshot (what the node's other readers take) shows the last attempt only."""
+    from pi05_ros.ros.worker import WorkerCounters
+
+    counters = WorkerCounters()
+    counters.set_phase(Phase.RUNNING)
+    failure = Problem(Level.ERROR, ProblemCode.INFERENCE_FAILED, "inference failed: RuntimeError: x", "RuntimeError")
+    for _ in range(3):  # a report period: fail, succeed, fail, succeed
+        counters.failed_inference(failure)
+        counters.published_chunk(time.monotonic(), 0.05, 10)
+    assert counters.snapshot().problems == ()  # the last attempt succeeded
+    assert counters.snapshot(report=True).problems == (failure,)
+    counters.published_chunk(time.monotonic(), 0.05, 10)  # a clean period
+    assert counters.snapshot(report=True).problems == ()
+    counters.failed_inference(failure)  # the last attempt failed: named once, not twice
+    assert counters.snapshot(report=True).problems == (failure,)
+    counters.failed_inference(failure)
+    counters.paused()  # a deactivation forgets it
+    assert counters.snapshot(report=True).problems == ()
 
 
 def test_an_inference_that_ends_after_a_deactivation_leaves_the_pause_clean() -> None:
