@@ -217,7 +217,7 @@ class WorkerCounters:
             problems = self._problems
             if report:
                 missed, self._unreported_failure = self._unreported_failure, None
-                if missed is not None and not any(p.code in _FAILURE_CODES for p in problems):
+                if missed is not None and missed not in problems:  # the last attempt's own failure: named once
                     problems = (missed, *problems)
             return WorkerStatus(
                 phase=self._phase, fatal_error=self._fatal_error, problems=problems,

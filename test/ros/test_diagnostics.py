@@ -198,6 +198,7 @@ def test_a_report_names_a_failure_between_successes_once() -> None:
     """Every other inference failing, a report that falls after a success still names the failure since the last
     report (before, a 1 Hz report in step with a 10 Hz loop could show OK for ever); the report after a clean
     period does not, and a plain snapshot (what the node's other readers take) shows the last attempt only."""
+    from pi05_ros.ros.observation import bad_input_problem
     from pi05_ros.ros.worker import WorkerCounters
 
     counters = WorkerCounters()
@@ -212,6 +213,11 @@ def test_a_report_names_a_failure_between_successes_once() -> None:
     assert counters.snapshot(report=True).problems == ()
     counters.failed_inference(failure)  # the last attempt failed: named once, not twice
     assert counters.snapshot(report=True).problems == (failure,)
+    # a failure, then a tick skipped for a bad camera frame (a failure code of its own): both are named
+    counters.failed_inference(failure)
+    frame = bad_input_problem("front/image", "front", "unsupported encoding 'yuv422'")
+    counters.skipped_tick((frame,))
+    assert set(counters.snapshot(report=True).problems) == {failure, frame}
     counters.failed_inference(failure)
     counters.paused()  # a deactivation forgets it
     assert counters.snapshot(report=True).problems == ()
@@ -276,6 +282,7 @@ def test_an_inference_that_ends_after_a_deactivation_leaves_the_pause_clean() ->
             time.sleep(0.6)  # the inference has ended
             status = worker.status()
             assert status.problems == () and status.published == published and status.steady_for_s == 0.0, status
+            assert worker.report_status().problems == ()  # nor a failure kept for the next report
             worker.stop(1.0)
     finally:
         stop.set()
