@@ -170,7 +170,9 @@ def deploy_on_ray(spec: PolicySpec, settings: ServeSettings, layouts: Mapping[st
     each replica holds (default: 1 where the cluster has GPUs, else 0 and one CPU)."""
     import ray
 
-    check_warm_up_views(settings, layouts[default_layout])  # here, not after each replica's model load
+    # here, not after each replica's model load (minutes for a real checkpoint, and Serve retries a failed replica)
+    check_warm_up_views(settings, layouts[default_layout])
+    layouts[default_layout].check_model(spec.model_image_keys())
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports leave the machine unless asked
     if not ray.is_initialized():
         ray.init(address=address)

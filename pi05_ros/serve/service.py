@@ -35,6 +35,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from pi05_ros.engine.checkpoint import inspect_checkpoint
+from pi05_ros.engine.config import PRESETS
 from pi05_ros.engine.errors import InputError
 from pi05_ros.engine.policy import MAX_DENOISE_STEPS, Policy, RawObservation
 from pi05_ros.engine.preprocess import needs_resize
@@ -363,6 +365,13 @@ class PolicySpec:
     joint_convention: str | None = None
     action_space: str | None = None
     action_space_mask: tuple[bool, ...] | None = None
+
+    def model_image_keys(self) -> tuple[str, ...]:
+        """The model's camera slots, read from the checkpoint's config and names without loading a tensor (a Ray
+        driver checks the default layout with them before any replica loads; a bad path fails here too)."""
+        if self.checkpoint is None:
+            return PRESETS["pi05"].image_keys  # the demo model, tiny or full size: openpi's three slots
+        return inspect_checkpoint(self.checkpoint, self.config_preset).config.image_keys
 
     def load(self) -> Policy:
         if self.cpu_threads:

@@ -21,7 +21,7 @@ from serve_harness import (
     run_openpi_client,
 )
 
-from pi05_ros.serve.layouts import BUILT_IN
+from pi05_ros.serve.layouts import BUILT_IN, ObservationLayout
 from pi05_ros.serve.service import PolicySpec, ServeSettings
 
 RTOL = ATOL = 1e-5  # float32; rows batched with others differ from batch 1 by ~2e-6 (test/engine/test_batch.py)
@@ -101,12 +101,13 @@ def test_remote_policy_through_ray(ray_port: int, local_policy: OneThreadPolicy)
     assert_remote_equals_local(f"ws://127.0.0.1:{ray_port}", local_policy, NUM_STEPS, seed=50)
 
 
-def test_a_wrong_warm_up_count_fails_in_the_driver_before_ray_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_wrong_warm_up_count_fails_in_the_driver_before_ray_starts(monkeypatch: pytest.MonkeyPatch,
+                                                                    droid_checkpoint: Path) -> None:
     """Not in each replica after its model load (a real checkpoint's load is minutes, and Serve retries a failed
-    replica): the layout's own cameras are known before any model is."""
+    replica): the layout's own cameras are known before any model is, the model's slots from its files."""
     import ray
 
-    from pi05_ros.engine.errors import InputError
+    from pi05_ros.engine.errors import CheckpointError, InputError
     from pi05_ros.serve.ray_app import deploy_on_ray
 
     def no_ray(*args, **kwargs) -> None:  # noqa: ANN002, ANN003
@@ -119,3 +120,14 @@ def test_a_wrong_warm_up_count_fails_in_the_driver_before_ray_starts(monkeypatch
                            ((1,), "layout 'droid' requires every one of its 2 cameras")):
         with pytest.raises(InputError, match=message):
             deploy_on_ray(spec, ServeSettings(warm_up_views=views), BUILT_IN, "droid", host="127.0.0.1", port=1)
+    # a layout that feeds a camera slot the model does not have (read from the checkpoint without loading it), and
+    # a checkpoint that is not there: both before Ray too
+    odd = ObservationLayout("odd", {"cam_high": ("observation/image",)}, (("observation/state",),))
+    with pytest.raises(InputError, match=r"feeds camera slot\(s\) \['cam_high'\]"):
+        deploy_on_ray(spec, ServeSettings(), {"odd": odd}, "odd", host="127.0.0.1", port=1)
+    with pytest.raises(InputError, match=r"feeds camera slot\(s\) \['cam_high'\]"):
+        deploy_on_ray(PolicySpec(checkpoint=str(droid_checkpoint), device="cpu"), ServeSettings(), {"odd": odd},
+                      "odd", host="127.0.0.1", port=1)
+    with pytest.raises(CheckpointError):
+        deploy_on_ray(PolicySpec(checkpoint=str(droid_checkpoint / "nowhere"), device="cpu"), ServeSettings(),
+                      BUILT_IN, "droid", host="127.0.0.1", port=1)
