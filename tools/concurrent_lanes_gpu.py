@@ -47,6 +47,14 @@ def observations(policy: Policy, rows: int, seed: int) -> list:
     return out
 
 
+def demo_policy(device: str, precision: str, max_batch: int) -> Policy:
+    policy = Policy.demo(device=device, precision=precision, max_batch=max_batch)
+    if device == "cpu":  # the fast pipeline without graphs: checks this tool's lanes on the tiny model
+        policy = policy.with_runner(Pi05Pipeline(policy.model, "bf16", use_graphs=False, compile=False,
+                                                 expert_kernels="off", max_batch=max_batch))
+    return policy
+
+
 def closed_loop(runner, rows: list, steps: int, iters: int, start: threading.Barrier,
                 latencies: list, results: list) -> None:
     runner.run_batch(rows, steps)  # this lane's streams warm
@@ -100,18 +108,9 @@ def main() -> None:
     max_batch = max(c[1] for c in configs)
     precision = "fp8" if args.device == "cuda" else "auto"
     begin = time.perf_counter()
-    if args.copies:
-        policies = [Policy.demo(device=args.device, precision=precision, max_batch=max_batch)
-                    for _ in range(max_lanes)]
-        runners = [policy.runner for policy in policies]
-    else:
-        policies = [Policy.demo(device=args.device, precision=precision, max_batch=max_batch)]
-        if args.device == "cpu":  # the fast pipeline without graphs: checks this tool's lanes on the tiny model
-            policies[0] = policies[0].with_runner(Pi05Pipeline(policies[0].model, "bf16", use_graphs=False,
-                                                               compile=False, expert_kernels="off",
-                                                               max_batch=max_batch))
-        runners = [policies[0].runner]
-        runners += [runners[0].lane() for _ in range(max_lanes - 1)]
+    policies = [demo_policy(args.device, precision, max_batch) for _ in range(max_lanes if args.copies else 1)]
+    runners = [policy.runner for policy in policies]
+    runners += [runners[0].lane() for _ in range(max_lanes - len(runners))]
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     memory = torch.cuda.memory_allocated() / 1e9 if args.device == "cuda" else 0.0
     print(f"{name}, {max_lanes} lanes built ({type(runners[0]).__name__}) in {time.perf_counter() - begin:.0f} s, "

@@ -389,10 +389,11 @@ class Pi05Pipeline:
         return "kernels" if self.expert_kernels is not None else "torch"
 
     def lane(self) -> Pi05Pipeline:
-        """Another pipeline over the same weights, to run beside this one in the same process (pi05-serve's
-        `--lanes`): the packed and FP8-quantized model, its compiled layers and the fused kernels' packed weights
-        are shared; input and output buffers, K/V caches, step tables, kernel workspaces, CUDA graphs, their
-        memory pool and capture stream are the lane's own. Each lane runs on its own thread and CUDA stream."""
+        """Another pipeline over the same weights, to run beside this one in the same process
+        (tools/concurrent_lanes_gpu.py): the packed and FP8-quantized model, its compiled layers and the fused
+        kernels' packed weights are shared; input and output buffers, K/V caches, step tables, kernel workspaces,
+        CUDA graphs, their memory pool and capture stream are the lane's own. Each lane runs on its own thread and
+        CUDA stream."""
         other = copy.copy(self)
         other.setup_times = {**self.setup_times, "capture": 0.0}
         other._rtc_tried = set(self._rtc_tried)
