@@ -3,12 +3,18 @@
 # (the tree and the carried paths), and the tree with the whole .gpu_ros bundle passes that.
 #   bash tools/gpu_carry.sh serve   -> the websockets and uvloop wheels (serve, serve-kernels; ~4.5 MiB)
 #   bash tools/gpu_carry.sh ros     -> the colcon build and the ROS wheels (soak-arrival, soak-inference; ~42 MiB)
+#   bash tools/gpu_carry.sh ray-a   -> Ray's wheel, first part, and websockets (serve-batched; ~40 MiB)
+#   bash tools/gpu_carry.sh ray-b   -> its second part and ray[serve]'s other wheels (serve-ray; ~44 MiB): the call
+#                                      right after ray-a's, on the same warm machine (gpu_ros_bundle.sh --ray)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-case "${1:?usage: gpu_carry.sh serve|ros}" in
+case "${1:?usage: gpu_carry.sh serve|ros|ray-a|ray-b}" in
   serve) paths=(.gpu_ros/wheels/serve) ;;
   ros) paths=(.gpu_ros/install .gpu_ros/wheels/ros) ;;
-  *) echo "gpu_carry.sh: serve or ros" >&2; exit 2 ;;
+  ray-a|ray-b) paths=(".gpu_ros/wheels/$1") ;;
+  *) echo "gpu_carry.sh: serve, ros, ray-a or ray-b" >&2; exit 2 ;;
 esac
-for path in "${paths[@]}"; do [[ -e "$path" ]] || { echo "gpu_carry.sh: $path is missing: PYENV_VERSION=3.12.1 bash tools/gpu_ros_bundle.sh" >&2; exit 1; }; done
+build="PYENV_VERSION=3.12.1 bash tools/gpu_ros_bundle.sh"
+[[ "$1" == ray-* ]] && build="$build --ray"
+for path in "${paths[@]}"; do [[ -e "$path" ]] || { echo "gpu_carry.sh: $path is missing: $build" >&2; exit 1; }; done
 printf '%s\n' "${paths[@]}" | python3 -c 'import json, sys; print(json.dumps(sys.stdin.read().split()))'

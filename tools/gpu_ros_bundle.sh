@@ -10,9 +10,39 @@
 #   installs the wheels into that machine's python3 (--no-index) and sets the variables scripts/env.sh would.
 #   The tree and the whole bundle pass the device's 64 MiB carry limit: carry what a step needs, as
 #   `bash tools/gpu_carry.sh serve|ros` prints it (serve: wheels/serve; the soaks: install/ and wheels/ros).
+#
+# Ray Serve for `pi05-serve --ray` there (gpu_session.sh serve-ray):   bash tools/gpu_ros_bundle.sh --ray
+#   adds .gpu_ros/wheels/ray-a/ and ray-b/ (the rest of the bundle stays): the cp312 wheels of ray[serve] and of
+#   the runtime dependencies that machine's image lacks, same versions as .venv's. Ray's own wheel (~76 MiB) is
+#   over the carry limit, so it travels in two byte-exact parts: carry `gpu_carry.sh ray-a` in one call and
+#   `gpu_carry.sh ray-b` in the next, at once, while the machine is still warm (a warm machine keeps the first
+#   call's part); --activate joins them, checks the whole wheel's sha256 and installs it.
 # .gpu_ros/ is a build output: never commit it (add it to .git/info/exclude).
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BUNDLE="$ROOT/.gpu_ros"
+
+_gpu_ros_join_ray() {  # Ray's wheel from its two carried parts (see --ray above); installed once per machine
+  local sums name joined
+  sums="$(cat "$BUNDLE"/wheels/ray-[ab]/ray.sha256 2>/dev/null | head -n 1)"
+  name="${sums##* }"
+  if python3 -c "import importlib.metadata as m, sys; sys.exit(m.version('ray') != sys.argv[1])" \
+      "$(echo "$name" | cut -d- -f2)" 2>/dev/null; then
+    echo "[gpu_ros_bundle] Ray $(echo "$name" | cut -d- -f2) is already installed here"
+    return 0
+  fi
+  if [[ ! -f "$BUNDLE/wheels/ray-a/$name.part" || ! -f "$BUNDLE/wheels/ray-b/$name.part" ]]; then
+    echo "[gpu_ros_bundle] Ray: only part $(cd "$BUNDLE/wheels" && ls -d ray-? | tr '\n' ' ')of $name is here;" \
+      "carry ray-a and then ray-b (tools/gpu_carry.sh) in two calls on one warm machine"
+    return 0  # the first call's steps need no Ray
+  fi
+  joined="$(mktemp -d)/$name"
+  cat "$BUNDLE/wheels/ray-a/$name.part" "$BUNDLE/wheels/ray-b/$name.part" > "$joined"
+  (cd "$(dirname "$joined")" && echo "$sums" | sha256sum --check --quiet) \
+    || { echo "[gpu_ros_bundle] the joined $name does not match its sha256: rebuild with --ray" >&2; return 1; }
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "$joined" || return 1
+  rm -rf "$(dirname "$joined")"
+  echo "[gpu_ros_bundle] installed $name from its two parts"
+}
 
 if [[ "${1:-}" == "--activate" ]]; then
   # Sourced into the caller's shell: no `set -e` here (it would stay set there). The carried wheels are installed
@@ -21,11 +51,16 @@ if [[ "${1:-}" == "--activate" ]]; then
   # alone, since a node started by the first may still be running from it.
   _wheels=("$BUNDLE"/wheels/*/*.whl)
   [[ -e "${_wheels[0]}" ]] || { echo "[gpu_ros_bundle] no wheels under $BUNDLE/wheels/*/" >&2; return 1; }
+  # one of each file name (websockets is in serve/ and ray-a/): pip refuses the same wheel twice
+  mapfile -t _wheels < <(printf '%s\n' "${_wheels[@]}" | awk -F/ '!seen[$NF]++')
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "${_wheels[@]}" || return 1
   unset _wheels
+  if [[ -f "$BUNDLE/wheels/ray-a/ray.sha256" || -f "$BUNDLE/wheels/ray-b/ray.sha256" ]]; then
+    _gpu_ros_join_ray || return 1
+  fi
   if [[ ! -d "$BUNDLE/install" ]]; then
     # Only wheels were carried (the serve steps: websockets and uvloop): no ROS.
-    echo "[gpu_ros_bundle] wheels only, no ROS: $(cd "$BUNDLE/wheels" && echo */*.whl)"
+    echo "[gpu_ros_bundle] wheels only, no ROS: ${#_wheels[@]} from $(cd "$BUNDLE/wheels" && echo */)"
     return 0
   fi
   if [[ ! -f "$ROOT/install/.from_gpu_ros_bundle" ]]; then
@@ -50,14 +85,51 @@ set -eo pipefail
 PY312="${PY312:-python3.12}"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
-rm -rf "$BUNDLE" && mkdir -p "$BUNDLE/wheels/ros" "$BUNDLE/wheels/serve"
+
+download_cp312() {  # into DIR, the requirements file FILE, no dependencies
+  "$PY312" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform any -d "$1" -r "$2" 2>&1 | grep -v "is ignored" || true
+}
+
+if [[ "${1:-}" == "--ray" ]]; then
+  # What ray[serve] needs at run time and that machine's image (../.library/device/KINDS.md) lacks; the rest
+  # (aiohttp, grpcio, protobuf, pyyaml, requests, msgpack, uvloop, ...) is there. Tried with Python 3.12 on a venv
+  # of those base packages: a two-replica Serve app with a FastAPI websocket ingress runs.
+  missing=(ray fastapi starlette uvicorn pydantic pydantic-core annotated-types typing-inspection jsonschema
+    jsonschema-specifications referencing rpds-py websockets httptools python-dotenv watchfiles colorful aiohttp-cors
+    opencensus opencensus-context google-api-core google-auth googleapis-common-protos proto-plus pyasn1
+    pyasn1-modules opentelemetry-api opentelemetry-sdk opentelemetry-proto opentelemetry-exporter-prometheus
+    opentelemetry-semantic-conventions smart-open mmh3 grpcio-reflection)
+  "$ROOT/.venv/bin/pip" list --format=freeze 2>/dev/null | python3 -c '
+import re, sys
+wanted = {re.sub(r"[-_.]+", "-", n).lower() for n in sys.argv[1:]}
+for line in sys.stdin:
+    name = line.split("==")[0]
+    if re.sub(r"[-_.]+", "-", name).lower() in wanted:
+        print(line.strip())' "${missing[@]}" > "$WORK/ray.txt"
+  [[ "$(wc -l < "$WORK/ray.txt")" -eq "${#missing[@]}" ]] \
+    || { echo "gpu_ros_bundle.sh: .venv lacks some of ${missing[*]} (bash scripts/setup.sh)" >&2; exit 1; }
+  rm -rf "$BUNDLE/wheels/ray-a" "$BUNDLE/wheels/ray-b" && mkdir -p "$BUNDLE/wheels/ray-a" "$BUNDLE/wheels/ray-b"
+  download_cp312 "$BUNDLE/wheels/ray-b" "$WORK/ray.txt"
+  wheel="$(cd "$BUNDLE/wheels/ray-b" && ls ray-[0-9]*.whl)"
+  mv "$BUNDLE/wheels/ray-b/$wheel" "$WORK/$wheel"
+  (cd "$WORK" && sha256sum "$wheel") | tee "$BUNDLE/wheels/ray-a/ray.sha256" > "$BUNDLE/wheels/ray-b/ray.sha256"
+  # part a: 39 MiB (with the 18 MiB tree, one call's carry); part b: the rest beside the other wheels (~7 MiB)
+  head -c $((39 * 1024 * 1024)) "$WORK/$wheel" > "$BUNDLE/wheels/ray-a/$wheel.part"
+  tail -c +$((39 * 1024 * 1024 + 1)) "$WORK/$wheel" > "$BUNDLE/wheels/ray-b/$wheel.part"
+  # websockets in part a too: the call carrying it runs the one-process server (serve-batched)
+  cp "$BUNDLE/wheels/ray-b"/websockets-*.whl "$BUNDLE/wheels/ray-a/"
+  du -sh "$BUNDLE/wheels/ray-a" "$BUNDLE/wheels/ray-b"
+  exit 0
+fi
+
+rm -rf "$BUNDLE" && mkdir -p "$BUNDLE/wheels/ros" "$BUNDLE/wheels/serve"  # Ray's parts too: --ray again after
 "$ROOT/.venv/bin/pip" list 2>/dev/null | awk '/^ros-/{print $1"=="$2}' > "$WORK/ros.txt"
 # pi05-serve's websocket library and event loop, also missing there (tools/serve_bench.sh)
 "$ROOT/.venv/bin/pip" list 2>/dev/null | awk '$1 == "websockets" || $1 == "uvloop" {print $1"=="$2}' > "$WORK/serve.txt"
 for part in ros serve; do
-  "$PY312" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    --platform any -d "$BUNDLE/wheels/$part" -r "$WORK/$part.txt" 2>&1 | grep -v "is ignored" || true
+  download_cp312 "$BUNDLE/wheels/$part" "$WORK/$part.txt"
   # the download's errors are filtered above: a part without wheels (.venv lacks them?) stops the build here
   compgen -G "$BUNDLE/wheels/$part/*.whl" > /dev/null \
     || { echo "gpu_ros_bundle.sh: no $part wheels downloaded (is .venv set up: bash scripts/setup.sh?)" >&2; exit 1; }
