@@ -3,7 +3,7 @@
 # (the tree and the carried paths), and the tree with the whole .gpu_ros bundle passes that.
 #   bash tools/gpu_carry.sh serve   -> the websockets and uvloop wheels (serve, serve-kernels; ~4.5 MiB)
 #   bash tools/gpu_carry.sh ros     -> the colcon build and the ROS wheels (soak-arrival, soak-inference; ~42 MiB)
-#   bash tools/gpu_carry.sh ray-a   -> Ray's wheel, first part, and websockets (serve-batched; ~40 MiB)
+#   bash tools/gpu_carry.sh ray-a   -> Ray's wheel, first part, HAProxy and websockets (serve-batched; ~44 MiB)
 #   bash tools/gpu_carry.sh ray-b   -> its second part and ray[serve]'s other wheels (serve-ray; ~44 MiB): the call
 #                                      right after ray-a's, on the same warm machine (gpu_ros_bundle.sh --ray)
 set -euo pipefail

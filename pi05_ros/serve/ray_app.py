@@ -13,6 +13,13 @@ replicas; requests of one connection stay on its replica, where they batch with 
 Every websocket session counts as one of Ray's "ongoing requests" for as long as it is open, so a replica takes
 `max_ongoing_requests` = `max_clients` connections.
 
+The ingress (`ingress=`): "haproxy" (the default) is Serve's HAProxy ingress: HAProxy, in C, tunnels each
+websocket to a replica's own HTTP server (leastconn: each new robot to the replica with the fewest), so a message
+crosses no Python proxy. "proxy" is Serve's Python proxy actor, which relays every websocket message to the replica
+as a Ray call: ~3 ms more per 300 KB observation round trip than HAProxy on the 2-core dev machine (docs/benchmarks.md
+§88). Serve's processes read the choice from their environment (RAY_SERVE_ENABLE_HA_PROXY) when they start: a
+local Ray started here gets it from this process; a cluster's, from `ray start`'s environment on each host.
+
 No `from __future__ import annotations` in this module: FastAPI resolves the `websocket: WebSocket` parameter from
 its annotation, and a postponed (string) annotation of a name FastAPI cannot resolve makes it close every websocket
 with 1008 (the client sees HTTP 403).
@@ -45,6 +52,8 @@ from pi05_ros.signals import stop_on_signals
 APP_NAME = "pi05"
 MESSAGE_TOO_BIG = 1009
 BATCHING = ("ours", "ray")
+INGRESSES = ("haproxy", "proxy")
+HAPROXY_VARIABLE = "RAY_SERVE_ENABLE_HA_PROXY"
 
 app = FastAPI(title="pi05-serve")
 
@@ -165,16 +174,21 @@ def build_app(spec: PolicySpec, settings: ServeSettings, layouts: Mapping[str, O
 def deploy_on_ray(spec: PolicySpec, settings: ServeSettings, layouts: Mapping[str, ObservationLayout],
                   default_layout: str, *, host: str, port: int, replicas: int = 1,
                   gpus_per_replica: "float | None" = None, address: "str | None" = None,
-                  batching: str = "ours") -> float:
-    """Join (or start) Ray, start Serve's HTTP proxy on host:port and run the application at '/'; returns the GPUs
-    each replica holds (default: 1 where the cluster has GPUs, else 0 and one CPU)."""
+                  batching: str = "ours", ingress: str = "haproxy") -> float:
+    """Join (or start) Ray, start Serve's ingress on host:port and run the application at '/'; returns the GPUs
+    each replica holds (default: 1 where the cluster has GPUs, else 0 and one CPU). `ingress` takes effect where
+    Ray starts here; a running Ray (`address`, or one this process started) keeps the ingress it started with."""
     import ray
 
+    if ingress not in INGRESSES:
+        raise ValueError(f"ingress must be one of {INGRESSES}, got {ingress!r}")
     # here, not after each replica's model load (minutes for a real checkpoint, and Serve retries a failed replica)
     check_warm_up_views(settings, layouts[default_layout])
     layouts[default_layout].check_model(spec.model_image_keys())
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports leave the machine unless asked
     if not ray.is_initialized():
+        if address is None:  # Ray starts here: its processes inherit this environment
+            os.environ[HAPROXY_VARIABLE] = "1" if ingress == "haproxy" else "0"
         ray.init(address=address)
     if gpus_per_replica is None:
         gpus_per_replica = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
@@ -187,14 +201,17 @@ def deploy_on_ray(spec: PolicySpec, settings: ServeSettings, layouts: Mapping[st
 
 def serve_on_ray(spec: PolicySpec, settings: ServeSettings, layouts: Mapping[str, ObservationLayout],
                  default_layout: str, *, host: str, port: int, replicas: int, gpus_per_replica: "float | None",
-                 address: "str | None", batching: str) -> int:
+                 address: "str | None", batching: str, ingress: str = "haproxy") -> int:
     """`pi05-serve --ray`: deploy (above), then serve until SIGINT / SIGTERM."""
     import ray
 
     gpus = deploy_on_ray(spec, settings, layouts, default_layout, host=host, port=port, replicas=replicas,
-                         gpus_per_replica=gpus_per_replica, address=address, batching=batching)
+                         gpus_per_replica=gpus_per_replica, address=address, batching=batching, ingress=ingress)
+    if address is not None:
+        ingress = f"the cluster's ({HAPROXY_VARIABLE} in `ray start`'s environment)"
     others = " ".join(f"/{name}" for name in sorted(layouts) if name != default_layout)
-    print(f"pi05-serve: Ray Serve, {replicas} replica(s) with {gpus:g} GPU(s) each, {batching} batching; "
+    print(f"pi05-serve: Ray Serve, {replicas} replica(s) with {gpus:g} GPU(s) each, {batching} batching, "
+          f"{ingress} ingress; "
           f"layout '{default_layout}' at ws://{host}:{port}/ (also, where they fit the model: {others}); "
           f"health http://{host}:{port}/healthz",
           flush=True)

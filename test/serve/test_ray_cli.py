@@ -1,6 +1,7 @@
 """`pi05-serve --ray` as a user runs it: the command starts its own local Ray instance, serves the openpi protocol
-through Ray's HTTP proxy, and ends on SIGINT with exit code 0, Ray shut down. (test_ray_serve.py drives the same
-deployment from a test process; this is the command's own start and stop.)"""
+through Serve's Python proxy (`--ray-ingress proxy`; test_ray_serve.py runs the default, HAProxy), and ends on
+SIGINT with exit code 0, Ray shut down. (test_ray_serve.py drives the same deployment from a test process; this is
+the command's own start and stop.)"""
 
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ def test_the_ray_command_serves_and_stops_on_sigint(model_args: list[str], local
                                                     tmp_path: Path) -> None:
     port = free_port()
     env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""}  # a Ray of its own, nothing leaves the machine
-    server = ServerProcess([*model_args, "--ray", "--num-steps", str(NUM_STEPS)], cwd=tmp_path, env=env, port=port)
+    server = ServerProcess([*model_args, "--ray", "--ray-ingress", "proxy", "--num-steps", str(NUM_STEPS)],
+                           cwd=tmp_path, env=env, port=port)
     try:
         assert server.port == port
+        assert any("ours batching, proxy ingress" in line for line in server.lines), server.lines[-20:]
         assert_remote_equals_local(f"ws://127.0.0.1:{port}", local_policy, NUM_STEPS, seed=51)
     except BaseException:
         server.stop()

@@ -1,11 +1,13 @@
 """The Ray Serve deployment on a real local Ray instance started here (2 CPUs, no GPU): the real openpi client and
-RemotePolicy through Ray's HTTP proxy get the same answers as the local Policy.infer, with this package's batching
-(app at /) and with Ray's @serve.batch (app at /ray)."""
+RemotePolicy through Serve's HAProxy ingress (pi05-serve --ray's default; test_ray_cli.py runs the Python proxy) get
+the same answers as the local Policy.infer, with this package's batching (app at /) and with Ray's @serve.batch (app
+at /ray)."""
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -28,8 +30,38 @@ RTOL = ATOL = 1e-5  # float32; rows batched with others differ from batch 1 by ~
 NUM_STEPS = 3
 
 
+def haproxy_environment(directory: Path) -> dict[str, str]:
+    """Serve's HAProxy ingress with its files and metrics port of its own: Serve's defaults (/tmp/haproxy-serve/,
+    port 9101) are one per host, and two test runs (two clones' CI) may run at once on one machine."""
+    return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(directory / "haproxy.cfg"),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(directory / "admin.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(directory),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(directory / "server-state")}
+
+
+def processes_running(text: str) -> list[str]:
+    """Command lines of this machine's processes that contain `text`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            line = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # ended meanwhile
+            continue
+        if text in line:
+            found.append(line)
+    return found
+
+
 @pytest.fixture(scope="module")
-def ray_port(droid_checkpoint: Path, serve_tokenizer: Path,
+def haproxy_directory() -> Iterator[Path]:
+    # short: Serve puts the admin socket in a 40-character subfolder of it, and HAProxy takes 97 characters at most
+    with tempfile.TemporaryDirectory(prefix="hap", dir="/tmp") as directory:
+        yield Path(directory)
+
+
+@pytest.fixture(scope="module")
+def ray_port(droid_checkpoint: Path, serve_tokenizer: Path, haproxy_directory: Path,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # nothing leaves the machine
     import ray
@@ -37,6 +69,10 @@ def ray_port(droid_checkpoint: Path, serve_tokenizer: Path,
 
     from pi05_ros.serve.ray_app import build_app, deploy_on_ray
 
+    saved = dict(os.environ)
+    # Ray's processes inherit the environment ray.init sees (deploy_on_ray would set the ingress variable had it
+    # started Ray itself)
+    os.environ.update(haproxy_environment(haproxy_directory))
     port = free_port()
     start = time.monotonic()
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20, log_to_driver=False,
@@ -54,6 +90,16 @@ def ray_port(droid_checkpoint: Path, serve_tokenizer: Path,
     finally:
         serve.shutdown()
         ray.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def test_the_ingress_is_haproxy(ray_port: int, haproxy_directory: Path) -> None:
+    """The answers below come through HAProxy, not through Serve's Python proxy."""
+    configs = list(haproxy_directory.glob("**/haproxy.cfg"))
+    assert len(configs) == 1, configs
+    assert processes_running(str(configs[0])), f"no HAProxy process runs with {configs[0]}"
+    assert f":{ray_port}" in configs[0].read_text()
 
 
 def seeded(policy: OneThreadPolicy, obs: dict) -> np.ndarray:
