@@ -80,6 +80,8 @@
 #            GPUs>` (one replica a GPU): Serve's HAProxy ingress (the default) or its Python proxy, this package's
 #            batching or Ray's @serve.batch (with HAProxy)   (480 each; needs Ray there: carry `gpu_carry.sh ray-a`
 #            in one call, then `ray-b` in the next, see gpu_ros_bundle.sh)
+#   ray-ingress  tools/ray_ingress_overhead.py: one 300 KB websocket round trip through plain uvicorn, Serve's Python
+#            proxy and its HAProxy ingress, no model (needs Ray, as serve-ray)   (180)
 #   serve-kernels  the same server, batched only, 1/4/8 clients, with --expert-kernels on --fp8-vision   (360)
 #   bench    pi05-bench --iters 1000                    (480)
 #   bench-mlp  pi05-bench --precision fp8,fp8+unfused-mlp --steps 1,10 --iters 300: issue 12's end-to-end figures
@@ -98,7 +100,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:?usage: PI05_GIT_COMMIT=<hash> gpu_session.sh OUT_DIR STEP [STEP ...]}"
 shift
 STEPS="tests tests-kernels tests-pipeline kernels kernels-attention stream-floor gemm-chain geglu gelu vision-mlp residual-carry prefix-mlp options options-1 inductor-options inductor-options-1 kernels-batch kernels-batch-k kernels-batch-gemms batch-tune geglu-deep attention attention-pipeline attention-sweep flash-walks batch batch-variants
-vision-variants lanes serve serve-batched serve-ray serve-ray-proxy serve-ray-batch serve-kernels bench bench-mlp soak-arrival soak-inference"  # the steps the loop at the end runs
+vision-variants lanes serve serve-batched serve-ray serve-ray-proxy serve-ray-batch ray-ingress serve-kernels bench bench-mlp soak-arrival soak-inference"  # the steps the loop at the end runs
 STEPS="${STEPS//$'\n'/ }"
 [[ $# -gt 0 ]] || { echo "gpu_session.sh: name at least one step: $STEPS" >&2; exit 2; }
 [[ -n "${PI05_GIT_COMMIT:-}" ]] || { echo "gpu_session.sh: set PI05_GIT_COMMIT=<the commit under test>" >&2; exit 2; }
@@ -209,6 +211,7 @@ for step in "$@"; do
       ingress=haproxy; [[ "$step" == serve-ray-proxy ]] && ingress=proxy
       run_step "$step" 480 bash tools/serve_bench.sh "$OUT/$step" --device cuda --precision fp8 --modes batched \
         --clients "1 4 8" --server-args "--ray --replicas $gpus --ray-batching $batching --ray-ingress $ingress" ;;
+    ray-ingress) run_step ray-ingress 180 "$PY" tools/ray_ingress_overhead.py --json "$OUT/ray-ingress.json" ;;
     serve-kernels) run_step serve-kernels 360 bash tools/serve_bench.sh "$OUT/serve-kernels" --device cuda \
                      --precision fp8 --modes batched --clients "1 4 8" --server-args "--expert-kernels on --fp8-vision" ;;
     bench) run_step bench 480 "$PY" -m pi05_ros.cli.bench --iters 1000 --out "$OUT/bench" ;;
