@@ -60,7 +60,7 @@ if [[ "${1:-}" == "--activate" ]]; then
   fi
   if [[ ! -d "$BUNDLE/install" ]]; then
     # Only wheels were carried (the serve steps: websockets and uvloop): no ROS.
-    echo "[gpu_ros_bundle] wheels only, no ROS: ${#_wheels[@]} from $(cd "$BUNDLE/wheels" && echo */)"
+    echo "[gpu_ros_bundle] wheels only, no ROS: $(cd "$BUNDLE/wheels" && echo */)"
     return 0
   fi
   if [[ ! -f "$ROOT/install/.from_gpu_ros_bundle" ]]; then
@@ -81,6 +81,12 @@ if [[ "${1:-}" == "--activate" ]]; then
   return 0
 fi
 
+# Sourced, only --activate above runs: an error there must never fall through to the build below (which empties
+# .gpu_ros, carried parts included).
+if [[ "${BASH_SOURCE[0]}" != "$0" ]]; then
+  echo "[gpu_ros_bundle] sourced without a finished --activate: nothing built here" >&2
+  return 1
+fi
 set -eo pipefail
 PY312="${PY312:-python3.12}"
 WORK="$(mktemp -d)"
