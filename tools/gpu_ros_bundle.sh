@@ -116,6 +116,9 @@ for line in sys.stdin:
         print(line.strip())' "${missing[@]}" > "$WORK/ray.txt"
   [[ "$(wc -l < "$WORK/ray.txt")" -eq "${#missing[@]}" ]] \
     || { echo "gpu_ros_bundle.sh: .venv lacks some of ${missing[*]} (bash scripts/setup.sh)" >&2; exit 1; }
+  # grpcio-reflection's generated code refuses an older grpcio, and that machine's grpcio (1.84.0, seen there on
+  # 2026-12-07) is older than .venv's: take the reflection package of its version
+  sed -i "s/^grpcio[-_]reflection==.*/grpcio-reflection==${DEVICE_GRPCIO:-1.84.0}/I" "$WORK/ray.txt"
   rm -rf "$BUNDLE/wheels/ray-a" "$BUNDLE/wheels/ray-b" && mkdir -p "$BUNDLE/wheels/ray-a" "$BUNDLE/wheels/ray-b"
   download_cp312 "$BUNDLE/wheels/ray-b" "$WORK/ray.txt"
   wheel="$(cd "$BUNDLE/wheels/ray-b" && ls ray-[0-9]*.whl)"
