@@ -177,3 +177,5 @@ def test_a_wrong_warm_up_count_fails_in_the_driver_before_ray_starts(monkeypatch
     with pytest.raises(CheckpointError):
         deploy_on_ray(PolicySpec(checkpoint=str(droid_checkpoint / "nowhere"), device="cpu"), ServeSettings(),
                       BUILT_IN, "droid", host="127.0.0.1", port=1)
+    with pytest.raises(ValueError, match=r"ingress must be one of \('haproxy', 'proxy'\), got 'nginx'"):
+        deploy_on_ray(spec, ServeSettings(), BUILT_IN, "droid", host="127.0.0.1", port=1, ingress="nginx")
