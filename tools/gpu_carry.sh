@@ -17,4 +17,15 @@ esac
 build="PYENV_VERSION=3.12.1 bash tools/gpu_ros_bundle.sh"
 [[ "$1" == ray-* ]] && build="$build --ray"
 for path in "${paths[@]}"; do [[ -e "$path" ]] || { echo "gpu_carry.sh: $path is missing: $build" >&2; exit 1; }; done
+# The device copies the tree (tracked files and untracked ones git does not ignore) and the carried paths: 64 MiB
+tree="$( (git ls-files -z; git ls-files -z --others --exclude-standard) | xargs -0 stat -c %s 2>/dev/null \
+  | awk '{s += $1} END {print s + 0}')"
+carried="$(du -sb "${paths[@]}" | awk '{s += $1} END {print s + 0}')"
+limit=$((64 * 1024 * 1024))
+if (( tree + carried > limit )); then
+  echo "gpu_carry.sh: the tree ($((tree >> 20)) MiB) and ${paths[*]} ($((carried >> 20)) MiB) pass the device's" \
+    "64 MiB carry limit" >&2
+  exit 1
+fi
+echo "gpu_carry.sh: $(((limit - tree - carried) >> 20)) MiB to spare under the 64 MiB limit" >&2
 printf '%s\n' "${paths[@]}" | python3 -c 'import json, sys; print(json.dumps(sys.stdin.read().split()))'

