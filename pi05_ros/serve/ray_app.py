@@ -257,8 +257,8 @@ def deploy_on_ray(spec: PolicySpec, settings: ServeSettings, layouts: Mapping[st
         if started_here:
             serve.shutdown()
             ray.shutdown()
-        alerts = [line.strip() for line in str(exc).splitlines() if "[ALERT]" in line][:2]
-        raise InputError(f"Serve's HAProxy ingress did not start: {' '.join(alerts) or str(exc).splitlines()[0]}. "
+        alerts = " ".join([line.strip() for line in str(exc).splitlines() if "[ALERT]" in line][:2])
+        raise InputError(f"Serve's HAProxy ingress did not start: {(alerts or str(exc).splitlines()[0]).rstrip('.')}. "
                          f"It listens on --port ({port}), 8404 (stats), 9101 (metrics) and 8500 (Serve's fallback "
                          "proxy), which another pi05-serve --ray or Ray Serve on this host may hold: stop it, move "
                          "these with RAY_SERVE_HAPROXY_STATS_PORT, RAY_SERVE_HAPROXY_METRICS_PORT and "
