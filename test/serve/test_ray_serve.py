@@ -173,6 +173,14 @@ def test_a_wrong_warm_up_count_fails_in_the_driver_before_ray_starts(monkeypatch
         deploy_on_ray(spec, ServeSettings(), BUILT_IN, "droid", host="127.0.0.1", port=1, ingress="nginx")
 
 
+def deploy_droid(checkpoint: Path, **options) -> float:  # noqa: ANN003
+    """deploy_on_ray with the droid layout and a checkpoint that is never loaded (Ray is a stand-in here)."""
+    from pi05_ros.serve.ray_app import deploy_on_ray
+
+    return deploy_on_ray(PolicySpec(checkpoint=str(checkpoint), device="cpu"), ServeSettings(), BUILT_IN, "droid",
+                         host="127.0.0.1", **options)
+
+
 class RayStarted(Exception):
     """Raised by the stand-in ray.init once it has recorded what Ray would start with."""
 
@@ -188,7 +196,7 @@ def test_a_ray_started_here_gets_the_chosen_ingress(monkeypatch: pytest.MonkeyPa
     process's own environment is as it was."""
     import ray
 
-    from pi05_ros.serve.ray_app import HAPROXY_VARIABLE, deploy_on_ray
+    from pi05_ros.serve.ray_app import HAPROXY_VARIABLE
 
     seen: dict = {}
 
@@ -203,15 +211,13 @@ def test_a_ray_started_here_gets_the_chosen_ingress(monkeypatch: pytest.MonkeyPa
     else:
         monkeypatch.setenv(HAPROXY_VARIABLE, variable)
     with pytest.raises(RayStarted):
-        deploy_on_ray(PolicySpec(checkpoint=str(droid_checkpoint), device="cpu"), ServeSettings(), BUILT_IN, "droid",
-                      host="127.0.0.1", port=1, ingress=ingress)
+        deploy_droid(droid_checkpoint, port=1, ingress=ingress)
     assert seen == {"address": "local", "variable": expected}  # "local": a new Ray, never one RAY_ADDRESS names
     assert os.environ.get(HAPROXY_VARIABLE) == variable
     # a cluster's address: its processes run already, with their own environment; nothing is set here
     seen.clear()
     with pytest.raises(RayStarted):
-        deploy_on_ray(PolicySpec(checkpoint=str(droid_checkpoint), device="cpu"), ServeSettings(), BUILT_IN, "droid",
-                      host="127.0.0.1", port=1, address="ray-head:6379", ingress=ingress)
+        deploy_droid(droid_checkpoint, port=1, address="ray-head:6379", ingress=ingress)
     assert seen == {"address": "ray-head:6379", "variable": variable}
 
 
@@ -223,7 +229,6 @@ def test_an_haproxy_that_cannot_start_is_a_clear_error(monkeypatch: pytest.Monke
     from ray import serve
 
     from pi05_ros.engine.errors import InputError
-    from pi05_ros.serve.ray_app import deploy_on_ray
 
     calls = []
     crash = RuntimeError(
@@ -242,26 +247,22 @@ def test_an_haproxy_that_cannot_start_is_a_clear_error(monkeypatch: pytest.Monke
     monkeypatch.setattr(serve, "start", start)
     with pytest.raises(InputError, match=r"HAProxy ingress did not start: \[ALERT\].*0\.0\.0\.0:8404.*"
                                          r"--ray-ingress proxy") as error:
-        deploy_on_ray(PolicySpec(checkpoint=str(droid_checkpoint), device="cpu"), ServeSettings(), BUILT_IN, "droid",
-                      host="127.0.0.1", port=8000, ingress="haproxy")
+        deploy_droid(droid_checkpoint, port=8000, ingress="haproxy")
     assert error.value.__cause__ is crash
     assert calls == ["init", "serve.shutdown", "ray.shutdown"]
     # another RuntimeError is not HAProxy's: it is not dressed up
     monkeypatch.setattr(serve, "start", lambda **kwargs: (_ for _ in ()).throw(RuntimeError("something else")))
     with pytest.raises(RuntimeError, match="something else"):
-        deploy_on_ray(PolicySpec(checkpoint=str(droid_checkpoint), device="cpu"), ServeSettings(), BUILT_IN, "droid",
-                      host="127.0.0.1", port=8000, ingress="haproxy")
+        deploy_droid(droid_checkpoint, port=8000, ingress="haproxy")
 
 
 def test_haproxy_needs_a_ray_that_has_it(monkeypatch: pytest.MonkeyPatch, droid_checkpoint: Path) -> None:
     import ray
 
     from pi05_ros.engine.errors import InputError
-    from pi05_ros.serve.ray_app import deploy_on_ray
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: pytest.fail("Ray must not start"))
     monkeypatch.setattr(ray, "__version__", "2.55.0")
     with pytest.raises(InputError, match=r"needs Ray >= 2\.56 .*this is Ray 2\.55\.0.*--ray-ingress proxy"):
-        deploy_on_ray(PolicySpec(checkpoint=str(droid_checkpoint), device="cpu"), ServeSettings(), BUILT_IN, "droid",
-                      host="127.0.0.1", port=1, ingress="haproxy")
+        deploy_droid(droid_checkpoint, port=1, ingress="haproxy")
