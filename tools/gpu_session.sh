@@ -75,9 +75,11 @@
 #            checked against each lane alone. LANES_CONFIGS, LANES_ITERS   (540; 78 s on an H100 with 3 configs,
 #            §86: two lanes of 4 slower than one batch of 8)
 #   serve    tools/serve_bench.sh, fp8, 10 steps, 1/2/4/8 clients, batched and unbatched   (480)
-#   serve-batched  the same, batched only, 1/4/8 clients: the one-process server beside serve-ray   (360)
+#   serve-batched  the same, batched only, SERVE_CLIENTS (default 1 2 4 8): the one-process server beside serve-ray
+#            (360)
 #   serve-ray, serve-ray-proxy, serve-ray-batch  the same load through `pi05-serve --ray --replicas <the machine's
-#            GPUs>` (one replica a GPU): Serve's HAProxy ingress (the default) or its Python proxy, this package's
+#            GPUs>` (one replica a GPU), SERVE_CLIENTS as serve-batched: Serve's HAProxy ingress (the default) or
+#            its Python proxy, this package's
 #            batching or Ray's @serve.batch (with HAProxy)   (480 each; needs Ray there: carry `gpu_carry.sh ray-a`
 #            in one call, then `ray-b` in the next, see gpu_ros_bundle.sh)
 #   ray-ingress  tools/ray_ingress_overhead.py: one 300 KB websocket round trip through plain uvicorn, Serve's Python
@@ -204,13 +206,13 @@ for step in "$@"; do
         --configs "${LANES_CONFIGS:-1x8,2x4,2x4p,1x4,2x2p}" ;;
     serve) run_step serve 480 bash tools/serve_bench.sh "$OUT/serve" --device cuda --precision fp8 ;;
     serve-batched) run_step serve-batched 360 bash tools/serve_bench.sh "$OUT/serve-batched" --device cuda \
-                     --precision fp8 --modes batched --clients "1 4 8" ;;
+                     --precision fp8 --modes batched --clients "${SERVE_CLIENTS:-1 2 4 8}" ;;
     serve-ray|serve-ray-proxy|serve-ray-batch)
       gpus="$(nvidia-smi -L | grep -c '^GPU')"
       batching=ours; [[ "$step" == serve-ray-batch ]] && batching=ray
       ingress=haproxy; [[ "$step" == serve-ray-proxy ]] && ingress=proxy
       run_step "$step" 480 bash tools/serve_bench.sh "$OUT/$step" --device cuda --precision fp8 --modes batched \
-        --clients "1 4 8" --server-args "--ray --replicas $gpus --ray-batching $batching --ray-ingress $ingress" ;;
+        --clients "${SERVE_CLIENTS:-1 2 4 8}" --server-args "--ray --replicas $gpus --ray-batching $batching --ray-ingress $ingress" ;;
     ray-ingress) run_step ray-ingress 180 "$PY" tools/ray_ingress_overhead.py --json "$OUT/ray-ingress.json" ;;
     serve-kernels) run_step serve-kernels 360 bash tools/serve_bench.sh "$OUT/serve-kernels" --device cuda \
                      --precision fp8 --modes batched --clients "1 4 8" --server-args "--expert-kernels on --fp8-vision" ;;
