@@ -30,6 +30,7 @@ import asyncio
 import importlib.util
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 
 from fastapi import FastAPI, WebSocket
@@ -41,6 +42,7 @@ from pi05_ros.engine.errors import InputError
 from pi05_ros.serve.batching import BatchResult
 from pi05_ros.serve.layouts import ObservationLayout
 from pi05_ros.serve.service import (
+    RECEIVE_QUEUE_FRAMES,
     ConnectionGone,
     PolicyService,
     PolicySpec,
@@ -54,6 +56,7 @@ from pi05_ros.signals import stop_on_signals
 
 APP_NAME = "pi05"
 MESSAGE_TOO_BIG = 1009
+POLICY_VIOLATION = 1008
 BATCHING = ("ours", "ray")
 INGRESSES = ("haproxy", "proxy")
 HAPROXY_VARIABLE = "RAY_SERVE_ENABLE_HA_PROXY"
@@ -62,23 +65,72 @@ app = FastAPI(title="pi05-serve")
 
 
 class StarletteTransport:
-    """A Starlette websocket as the service's Transport."""
+    """A Starlette websocket as the service's Transport, read by a task of its own.
 
-    def __init__(self, websocket: WebSocket, max_message_bytes: int) -> None:
-        self.websocket, self.max_message_bytes = websocket, max_message_bytes
+    Ray's replica drains the websocket into an unbounded queue as fast as the client sends (its receive proxy,
+    which watches for disconnects), so the read-ahead bound of the one-process server (stop reading, let TCP hold the
+    client back) cannot exist here: measured, 200 frames of 1 MB sent without reading went into the replica in 0.4 s
+    and raised its memory by 184 MiB. This reader takes every message as Ray delivers it and closes the connection
+    (1008) once a client has more than `RECEIVE_QUEUE_FRAMES` observations waiting behind the one being answered:
+    openpi's clients send the next observation only after reading the reply, so only a client that floods or never
+    reads gets there. It also sees a disconnect at once (`wait_closed`), so a request whose client has left is
+    withdrawn from its batch, as in the one-process server."""
+
+    def __init__(self, websocket: WebSocket, max_message_bytes: int, on_flood: Callable[[], None]) -> None:
+        self.websocket, self.max_message_bytes, self.on_flood = websocket, max_message_bytes, on_flood
+        self._frames: deque = deque()
+        self._arrived = asyncio.Event()
+        self._gone = asyncio.Event()
+        self._reader: asyncio.Task | None = None
+
+    def start(self) -> None:
+        """Start reading (after the handshake is accepted)."""
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def stop(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except asyncio.CancelledError:
+                pass
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                message = await self.websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                frame = message.get("bytes")
+                frame = frame if frame is not None else message.get("text", "")
+                if len(frame) > self.max_message_bytes:  # uvicorn has already read it (its own limit is 16 MiB)
+                    await self.close(MESSAGE_TOO_BIG, f"message over {self.max_message_bytes} bytes")
+                    return
+                if len(self._frames) >= RECEIVE_QUEUE_FRAMES:
+                    self.on_flood()
+                    await self.close(POLICY_VIOLATION, f"more than {RECEIVE_QUEUE_FRAMES} observations sent ahead "
+                                                       "of their replies; send the next after reading the reply")
+                    return
+                self._frames.append(frame)
+                self._arrived.set()
+        except (WebSocketDisconnect, RuntimeError, OSError):  # the connection ended under the reader
+            return
+        finally:
+            self._frames.clear()  # a gone client's observations are not run
+            self._gone.set()
+            self._arrived.set()
 
     async def receive(self) -> "bytes | str":
-        message = await self.websocket.receive()
-        if message["type"] == "websocket.disconnect":
-            raise ConnectionGone
-        frame = message.get("bytes")
-        frame = frame if frame is not None else message.get("text", "")
-        if len(frame) > self.max_message_bytes:  # uvicorn has already read it (its own limit is 16 MiB)
-            await self.close(MESSAGE_TOO_BIG, f"message over {self.max_message_bytes} bytes")
-            raise ConnectionGone
-        return frame
+        while not self._frames:
+            if self._gone.is_set():
+                raise ConnectionGone
+            self._arrived.clear()
+            await self._arrived.wait()
+        return self._frames.popleft()
 
     async def send(self, frame: "bytes | str") -> None:
+        if self._gone.is_set():
+            raise ConnectionGone
         try:
             if isinstance(frame, bytes):
                 await self.websocket.send_bytes(frame)
@@ -95,11 +147,10 @@ class StarletteTransport:
                 pass
 
     def abort(self) -> None:
-        asyncio.get_running_loop().create_task(self.close(1008, "client does not read its replies"))
+        asyncio.get_running_loop().create_task(self.close(POLICY_VIOLATION, "client does not read its replies"))
 
     async def wait_closed(self) -> None:
-        # Starlette reports a disconnect only through receive(), which the protocol loop owns: never here.
-        await asyncio.Event().wait()
+        await self._gone.wait()
 
 
 @serve.deployment(name="PolicyReplica")
@@ -143,7 +194,15 @@ class PolicyReplica:
             await websocket.close(code=1008)  # before accept: the client sees HTTP 403
             return
         await websocket.accept()
-        await self.service.serve(StarletteTransport(websocket, self.settings.max_message_bytes), layout)
+        transport = StarletteTransport(websocket, self.settings.max_message_bytes, self._count_flood)
+        transport.start()
+        try:
+            await self.service.serve(transport, layout)
+        finally:
+            await transport.stop()
+
+    def _count_flood(self) -> None:
+        self.service.counters["clients_closed_sending_ahead"] += 1
 
     @app.websocket("/")
     async def default_layout(self, websocket: WebSocket) -> None:

@@ -31,11 +31,10 @@ from urllib.parse import urlsplit
 from websockets.asyncio.server import Request, Response, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from pi05_ros.serve.service import ConnectionGone, PolicyService
+from pi05_ros.serve.service import RECEIVE_QUEUE_FRAMES, ConnectionGone, PolicyService
 
 log = logging.getLogger(__name__)
 
-RECEIVE_QUEUE_FRAMES = 2
 WRITE_LIMIT_BYTES = 16 * 1024
 SEND_BUFFER_BYTES = 16 * 1024
 OPEN_TIMEOUT_S = 10.0

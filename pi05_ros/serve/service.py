@@ -87,6 +87,11 @@ class ConnectionGone(Exception):
     """The client closed the connection or it broke."""
 
 
+# Observations a connection may have waiting behind the one being answered: the one-process server stops reading the
+# socket beyond them (TCP holds the client back); the Ray replica, which cannot stop Ray reading, closes the connection.
+RECEIVE_QUEUE_FRAMES = 2
+
+
 class Transport(Protocol):
     """One client connection, as the service needs it."""
 

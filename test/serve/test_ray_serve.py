@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 from serve_harness import (
     OneThreadPolicy,
+    RawClient,
     assert_remote_equals_local,
     droid_observation,
     free_port,
@@ -25,6 +27,7 @@ from serve_harness import (
 
 from pi05_ros.serve.layouts import BUILT_IN, ObservationLayout
 from pi05_ros.serve.service import PolicySpec, ServeSettings
+from pi05_ros.serve.wire import pack
 
 RTOL = ATOL = 1e-5  # float32; rows batched with others differ from batch 1 by ~2e-6 (test/engine/test_batch.py)
 NUM_STEPS = 3
@@ -266,3 +269,51 @@ def test_haproxy_needs_a_ray_that_has_it(monkeypatch: pytest.MonkeyPatch, droid_
     monkeypatch.setattr(ray, "__version__", "2.55.0")
     with pytest.raises(InputError, match=r"needs Ray >= 2\.56 .*this is Ray 2\.55\.0.*--ray-ingress proxy"):
         deploy_droid(droid_checkpoint, port=1, ingress="haproxy")
+
+
+def replica_pids(app: str) -> list[int]:
+    """Process ids of the Serve replicas of application `app` (Ray titles them ray::ServeReplica:<app>:...)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            line = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if f"ServeReplica:{app}:" in line:
+            pids.append(int(cmdline.parent.name))
+    return pids
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The process's peak resident memory (VmHWM) so far."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM")
+
+
+def test_a_client_that_floods_without_reading_is_closed_and_memory_stays_bounded(
+        ray_port: int, local_policy: OneThreadPolicy) -> None:
+    """Ray's replica reads a websocket as fast as the client sends (before this transport's reader, 200 frames of
+    1 MB sent without reading were in the replica within 0.4 s, +184 MiB); the connection must be closed after a few
+    frames ahead of their replies, its memory stay bounded, and others be answered meanwhile."""
+    (pid,) = replica_pids("pi05")
+    frame = pack(droid_observation(np.random.default_rng(60), seed=61, size=(390, 430)) | {"num_steps": 1})
+    closed_before = json.loads(get(ray_port, "/stats")[1]).get("clients_closed_sending_ahead", 0)
+    peak_before = peak_rss_mib(pid)
+    flood = RawClient("127.0.0.1", ray_port)
+    sent: list[int] = []
+    flooding = threading.Thread(target=lambda: sent.append(flood.send_without_reading(frame, 200, timeout_s=20)))
+    flooding.start()
+    assert_remote_equals_local(f"ws://127.0.0.1:{ray_port}", local_policy, NUM_STEPS, seed=62)  # others served
+    flooding.join(timeout=120)
+    assert flood.server_closed(within_s=60)
+    flood.close()
+    assert sent, "the flooding thread did not finish"  # (HAProxy may take and drop the rest once the replica closed)
+    # MiB of peak memory, while up to 200 MB were sent at it: the 3 frames it may hold, what Ray read meanwhile
+    grown = peak_rss_mib(pid) - peak_before
+    print(f"replica peak memory +{grown:.1f} MiB")
+    assert grown < 48
+    stats = json.loads(get(ray_port, "/stats")[1])
+    assert stats["clients_closed_sending_ahead"] == closed_before + 1, stats
+    assert_remote_equals_local(f"ws://127.0.0.1:{ray_port}", local_policy, NUM_STEPS, seed=63)
