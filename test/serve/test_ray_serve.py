@@ -24,10 +24,11 @@ from serve_harness import (
     free_port,
     run_openpi_client,
 )
+from websockets.sync.client import connect
 
 from pi05_ros.serve.layouts import BUILT_IN, ObservationLayout
 from pi05_ros.serve.service import PolicySpec, ServeSettings
-from pi05_ros.serve.wire import pack
+from pi05_ros.serve.wire import pack, unpack
 
 RTOL = ATOL = 1e-5  # float32; rows batched with others differ from batch 1 by ~2e-6 (test/engine/test_batch.py)
 NUM_STEPS = 3
@@ -317,3 +318,46 @@ def test_a_client_that_floods_without_reading_is_closed_and_memory_stays_bounded
     stats = json.loads(get(ray_port, "/stats")[1])
     assert stats["clients_closed_sending_ahead"] == closed_before + 1, stats
     assert_remote_equals_local(f"ws://127.0.0.1:{ray_port}", local_policy, NUM_STEPS, seed=63)
+
+
+def test_100_clients_at_once_through_haproxy_each_get_their_own_answer(ray_port: int,
+                                                                        local_policy: OneThreadPolicy) -> None:
+    count = 100
+    rng = np.random.default_rng(70)
+    observations = [droid_observation(rng, seed=700 + i) for i in range(count)]
+    replies: list = [None] * count
+    barrier = threading.Barrier(count)
+
+    def run(i: int) -> None:
+        try:
+            barrier.wait(timeout=120)
+            with connect(f"ws://127.0.0.1:{ray_port}/", compression=None, max_size=None, open_timeout=120) as ws:
+                assert unpack(ws.recv(timeout=120))["server"] == "pi05_ros"  # metadata first
+                ws.send(pack(observations[i]))
+                replies[i] = unpack(ws.recv(timeout=240))
+        except Exception as exc:  # noqa: BLE001 - recorded and reported below
+            replies[i] = exc
+
+    before = json.loads(get(ray_port, "/stats")[1])["batch_sizes"]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    failures = [reply for reply in replies if not isinstance(reply, dict)]
+    assert not failures, failures[:3]
+    for obs, reply in zip(observations, replies, strict=True):
+        np.testing.assert_allclose(reply["actions"], seeded(local_policy, obs), rtol=RTOL, atol=ATOL)
+    after = json.loads(get(ray_port, "/stats")[1])
+    new_batches = {int(size): n - before.get(size, 0) for size, n in after["batch_sizes"].items()}
+    assert max(size for size, n in new_batches.items() if n > 0) > 1, new_batches  # they did batch
+    assert after["connections_open"] == 0 or wait_for_no_connections(ray_port)
+
+
+def wait_for_no_connections(port: int, within_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if json.loads(get(port, "/stats")[1])["connections_open"] == 0:
+            return True
+        time.sleep(0.2)
+    return False
