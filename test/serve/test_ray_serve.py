@@ -361,3 +361,23 @@ def wait_for_no_connections(port: int, within_s: float = 30.0) -> bool:
             return True
         time.sleep(0.2)
     return False
+
+
+def test_clients_that_leave_mid_request_through_haproxy(ray_port: int, local_policy: OneThreadPolicy) -> None:
+    """As test_robustness.py's: whether a request sent just before its client left still runs is a race; the
+    replica must clean up after each (no connection or queued request left behind) and serve the next client."""
+    good = pack(droid_observation(np.random.default_rng(80), seed=81))
+    with connect(f"ws://127.0.0.1:{ray_port}/", compression=None, max_size=None, open_timeout=60) as ws:
+        ws.recv(timeout=60)
+        ws.send(good)  # a clean close right after sending
+    raw = RawClient("127.0.0.1", ray_port)  # a dropped socket right after sending, no close frame
+    raw.send_without_reading(good, 1, timeout_s=30)
+    raw.close()
+    half = RawClient("127.0.0.1", ray_port)  # a socket dropped halfway through a frame
+    half.protocol.send_binary(good)
+    data = b"".join(half.protocol.data_to_send())
+    half.sock.sendall(data[: len(data) // 2])
+    half.close()
+    assert wait_for_no_connections(ray_port)
+    assert json.loads(get(ray_port, "/stats")[1])["pending"] == 0
+    assert_remote_equals_local(f"ws://127.0.0.1:{ray_port}", local_policy, NUM_STEPS, seed=82)
