@@ -28,6 +28,7 @@ with 1008 (the client sees HTTP 403).
 
 import asyncio
 import importlib.util
+import logging
 import os
 import time
 from collections import deque
@@ -62,6 +63,10 @@ INGRESSES = ("haproxy", "proxy")
 HAPROXY_VARIABLE = "RAY_SERVE_ENABLE_HA_PROXY"
 
 app = FastAPI(title="pi05-serve")
+log = logging.getLogger(__name__)
+# A client header that makes Ray hand uvicorn's own receive to this code across event loops (no receive proxy):
+# seconds a round trip (measured on the dev machine); such a connection is closed with the reason
+DISCONNECT_DISABLED_HEADER = "x-request-disconnect-disabled"
 
 
 class StarletteTransport:
@@ -70,30 +75,36 @@ class StarletteTransport:
     Ray's replica drains the websocket into an unbounded queue as fast as the client sends (its receive proxy,
     which watches for disconnects), so the read-ahead bound of the one-process server (stop reading, let TCP hold the
     client back) cannot exist here: measured, 200 frames of 1 MB sent without reading went into the replica in 0.4 s
-    and raised its memory by 184 MiB. This reader takes every message as Ray delivers it and closes the connection
+    and raised its memory by 184-220 MiB. This reader takes every message as Ray delivers it and closes the connection
     (1008) once a client has more than `RECEIVE_QUEUE_FRAMES` observations waiting behind the one being answered:
     openpi's clients send the next observation only after reading the reply, so only a client that floods or never
-    reads gets there. It also sees a disconnect at once (`wait_closed`), so a request whose client has left is
-    withdrawn from its batch, as in the one-process server."""
+    reads gets there. What such a client still puts into the replica is what Ray reads before the close takes
+    effect (the rate it sends at, times that delay), not a count of frames. The reader also sees a disconnect at once
+    (`wait_closed`), so a request whose client has left is withdrawn from its batch, as in the one-process server."""
 
     def __init__(self, websocket: WebSocket, max_message_bytes: int, on_flood: Callable[[], None]) -> None:
         self.websocket, self.max_message_bytes, self.on_flood = websocket, max_message_bytes, on_flood
         self._frames: deque = deque()
+        self._answering = False  # the protocol loop holds a frame it took and has not answered yet
         self._arrived = asyncio.Event()
         self._gone = asyncio.Event()
-        self._reader: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()  # the reader, and closes started by abort()
 
     def start(self) -> None:
         """Start reading (after the handshake is accepted)."""
-        self._reader = asyncio.get_running_loop().create_task(self._read())
+        self._spawn(self._read())
 
     async def stop(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            try:
-                await self._reader
-            except asyncio.CancelledError:
-                pass
+        for task in self._tasks:
+            task.cancel()
+        # their own ends (cancelled, or an error of a connection already over) are nobody's; a cancellation of the
+        # caller while it waits still reaches the caller
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _read(self) -> None:
         try:
@@ -106,29 +117,31 @@ class StarletteTransport:
                 if len(frame) > self.max_message_bytes:  # uvicorn has already read it (its own limit is 16 MiB)
                     await self.close(MESSAGE_TOO_BIG, f"message over {self.max_message_bytes} bytes")
                     return
-                if len(self._frames) >= RECEIVE_QUEUE_FRAMES:
+                if len(self._frames) + self._answering >= 1 + RECEIVE_QUEUE_FRAMES:
                     self.on_flood()
                     await self.close(POLICY_VIOLATION, f"more than {RECEIVE_QUEUE_FRAMES} observations sent ahead "
                                                        "of their replies; send the next after reading the reply")
                     return
                 self._frames.append(frame)
                 self._arrived.set()
-        except (WebSocketDisconnect, RuntimeError, OSError):  # the connection ended under the reader
-            return
+        except Exception:  # noqa: BLE001 - the connection ended under the reader (or Ray's proxy failed): it is gone
+            log.debug("websocket reader ended", exc_info=True)
         finally:
             self._frames.clear()  # a gone client's observations are not run
             self._gone.set()
             self._arrived.set()
 
-    async def receive(self) -> "bytes | str":
+    async def receive(self) -> bytes | str:
+        self._answering = False  # the protocol loop asks for the next frame once it has answered the last
         while not self._frames:
             if self._gone.is_set():
                 raise ConnectionGone
             self._arrived.clear()
             await self._arrived.wait()
+        self._answering = True
         return self._frames.popleft()
 
-    async def send(self, frame: "bytes | str") -> None:
+    async def send(self, frame: bytes | str) -> None:
         if self._gone.is_set():
             raise ConnectionGone
         try:
@@ -143,11 +156,11 @@ class StarletteTransport:
         if self.websocket.application_state != WebSocketState.DISCONNECTED:
             try:
                 await self.websocket.close(code, reason)
-            except (RuntimeError, OSError):
+            except (WebSocketDisconnect, RuntimeError, OSError):
                 pass
 
     def abort(self) -> None:
-        asyncio.get_running_loop().create_task(self.close(POLICY_VIOLATION, "client does not read its replies"))
+        self._spawn(self.close(POLICY_VIOLATION, "client does not read its replies"))
 
     async def wait_closed(self) -> None:
         await self._gone.wait()
@@ -191,9 +204,13 @@ class PolicyReplica:
     async def _session(self, websocket: WebSocket, path: str) -> None:
         layout = self.service.layout_for(path)
         if layout is None or self.service.open_connections >= self.settings.max_clients:
-            await websocket.close(code=1008)  # before accept: the client sees HTTP 403
+            await websocket.close(code=POLICY_VIOLATION)  # before accept: the client sees HTTP 403
             return
         await websocket.accept()
+        if websocket.headers.get(DISCONNECT_DISABLED_HEADER) is not None:
+            await websocket.close(POLICY_VIOLATION, f"this server does not take the {DISCONNECT_DISABLED_HEADER} "
+                                                    "header (Ray's): connect without it")
+            return
         transport = StarletteTransport(websocket, self.settings.max_message_bytes, self._count_flood)
         transport.start()
         try:

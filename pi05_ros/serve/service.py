@@ -248,13 +248,24 @@ class PolicyService:
         gone = asyncio.ensure_future(transport.wait_closed())
         try:
             await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the session itself cancelled (Ray does so when a client leaves)
+            self._withdraw(answer)
+            raise
         finally:
             gone.cancel()
         if not answer.done():
-            answer.cancel()
-            self.counters["abandoned"] += 1
+            self._withdraw(answer)
             raise ConnectionGone
         return answer.result()
+
+    def _withdraw(self, answer: asyncio.Future) -> None:
+        """A request whose client has gone: out of its batch if it has not run (Batcher drops cancelled rows)."""
+        if answer.done():
+            return
+        answer.cancel()
+        # an answer that failed as it was cancelled: its exception is nobody's ("never retrieved" otherwise)
+        answer.add_done_callback(lambda done: done.cancelled() or done.exception())
+        self.counters["abandoned"] += 1
 
     async def _send_or_drop(self, transport: Transport, frame: bytes) -> bool:
         """Send `frame`; a client that has not read for send_timeout_s is closed (False): it must not hold its

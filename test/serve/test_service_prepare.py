@@ -1,7 +1,8 @@
 """Where pi05-serve prepares a request: views already at the model's size with a prompt of ordinary length on the
 event loop (the hand-off to a thread cost more than the work, docs/benchmarks.md §54); views that need resizing, and
 very long prompts (megabytes fit in a frame; tokenizing them takes seconds), on the prepare pool, off the loop. In
-process, with the demo model on the CPU and the real protocol code; the answers are checked too."""
+process, with the demo model on the CPU and the real protocol code; the answers are checked too. And a request
+whose session is cancelled while it waits for its batch leaves the queue."""
 
 from __future__ import annotations
 
@@ -103,3 +104,37 @@ def test_metadata_and_warm_up_take_the_state_lengths_the_policy_takes() -> None:
     meta = PolicyService(policy, {layout.name: layout}, layout.name,
                          ServeSettings(num_steps=1, window_ms=0)).metadata(layout)
     assert (meta["state_dim"], meta["max_state_values"]) == (6, 7)
+
+
+class _OpenTransport:
+    """A connection that never closes by itself (Ray's, when Ray cancels the session before its reader sees the
+    client leave)."""
+
+    async def wait_closed(self) -> None:
+        await asyncio.Event().wait()
+
+
+def test_a_session_cancelled_while_its_request_waits_withdraws_the_request() -> None:
+    """Ray cancels a websocket session when its client leaves; if that cancellation comes before the transport's own
+    disconnect, the request must still leave its batch (before, it ran for nobody)."""
+    policy = Policy.demo(device="cpu", precision="fp32", seed=0)
+    layout = native_layout()
+    # a 2 s window and two connections said open: the row waits in the queue for a batch mate
+    service = PolicyService(policy, {layout.name: layout}, layout.name, ServeSettings(num_steps=1, window_ms=2000))
+    service.open_connections = 2
+
+    async def cancel_while_queued() -> None:
+        session = asyncio.ensure_future(service._answer_unless_gone(
+            _OpenTransport(), frame(policy, (policy.config.vision.image_size,) * 2, "pick up the cup"), layout,
+            time.monotonic()))
+        while service.batcher.pending == 0:  # prepared and queued
+            await asyncio.sleep(0.01)
+        session.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await session
+        await asyncio.sleep(2.5)  # past the window: a batch would have run by now
+        await service.close()
+
+    asyncio.run(cancel_while_queued())
+    assert service.counters["abandoned"] == 1
+    assert not service.batcher.batch_sizes  # no batch ran
