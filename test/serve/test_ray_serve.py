@@ -273,16 +273,34 @@ def test_haproxy_needs_a_ray_that_has_it(monkeypatch: pytest.MonkeyPatch, droid_
         deploy_droid(droid_checkpoint, port=1, ingress="haproxy")
 
 
+def parent_pid(pid: int) -> int:
+    # /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces and parentheses
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def descends_from(pid: int, ancestor: int) -> bool:
+    try:
+        while pid > 1:
+            pid = parent_pid(pid)
+            if pid == ancestor:
+                return True
+    except OSError:  # ended meanwhile
+        pass
+    return False
+
+
 def replica_pids(app: str) -> list[int]:
-    """Process ids of the Serve replicas of application `app` (Ray titles them ray::ServeReplica:<app>:...)."""
+    """Process ids of the Serve replicas of application `app` (Ray titles them ray::ServeReplica:<app>:...) in the
+    Ray this test process started (its raylet is our child): another test run's Ray may be on the machine too."""
     pids = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             line = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if f"ServeReplica:{app}:" in line:
-            pids.append(int(cmdline.parent.name))
+        pid = int(cmdline.parent.name)
+        if f"ServeReplica:{app}:" in line and descends_from(pid, os.getpid()):
+            pids.append(pid)
     return pids
 
 
