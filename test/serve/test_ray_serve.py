@@ -35,16 +35,16 @@ RTOL = ATOL = 1e-5  # float32; rows batched with others differ from batch 1 by ~
 NUM_STEPS = 3
 
 
-def processes_running(text: str) -> list[str]:
-    """Command lines of this machine's processes that contain `text`."""
-    found = []
+def processes_running(text: str) -> dict[int, str]:
+    """This machine's processes whose command line contains `text`: pid -> command line."""
+    found = {}
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             line = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:  # ended meanwhile
             continue
         if text in line:
-            found.append(line)
+            found[int(cmdline.parent.name)] = line
     return found
 
 
@@ -292,16 +292,7 @@ def descends_from(pid: int, ancestor: int) -> bool:
 def replica_pids(app: str) -> list[int]:
     """Process ids of the Serve replicas of application `app` (Ray titles them ray::ServeReplica:<app>:...) in the
     Ray this test process started (its raylet is our child): another test run's Ray may be on the machine too."""
-    pids = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            line = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        pid = int(cmdline.parent.name)
-        if f"ServeReplica:{app}:" in line and descends_from(pid, os.getpid()):
-            pids.append(pid)
-    return pids
+    return [pid for pid in processes_running(f"ServeReplica:{app}:") if descends_from(pid, os.getpid())]
 
 
 def peak_rss_mib(pid: int, reset: bool = False) -> float:
