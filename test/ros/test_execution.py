@@ -124,12 +124,14 @@ def test_chunk_mode_latency_compensation_and_untrusted_stamps_on_sim_time(driver
         # Held: the node's own counts stand still between two consecutive reports (1 s apart). Judged by the node's
         # counts, not by when chunks reach this driver: on a loaded machine (two CI runs on 2 cores) the driver took in
         # 7 chunks stamped before the clock moved 2-3 s after it moved (the node's sim clock or this driver lagging).
-        def counts(report) -> tuple[str, str, str]:
+        count_keys = ("inferences", "execution.chunks", "execution.commands")
+
+        def counts(report) -> tuple[str, ...]:
             values = status_values(report)
-            return values["inferences"], values["execution.chunks"], values["execution.commands"]
+            return tuple(values[key] for key in count_keys)
 
         def has_counts(report) -> bool:
-            return {"inferences", "execution.chunks", "execution.commands"} <= status_values(report).keys()
+            return set(count_keys) <= status_values(report).keys()
 
         def held() -> bool:
             first = driver.wait_for_status(time.monotonic(), 5.0, has_counts)

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from websockets.client import ClientProtocol
 from websockets.http11 import Response
+from websockets.sync.client import ClientConnection, connect
 from websockets.uri import parse_uri
 
 from pi05_ros.engine.policy import Policy
@@ -206,6 +208,44 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def open_client(url: str, open_timeout_s: float = 60.0) -> ClientConnection:
+    """A websocket to a policy server whose metadata frame (the first) has been read."""
+    ws = connect(url, compression=None, max_size=None, open_timeout=open_timeout_s, legacy=True)
+    assert unpack(ws.recv(timeout=open_timeout_s))["server"] == "pi05_ros"
+    return ws
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 60.0) -> bool:
+    """Whether `condition()` comes true within `timeout_s` (polled every 0.1 s)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def all_at_once(count: int, run: Callable[[int], Any], join_timeout_s: float = 300.0) -> list[Any]:
+    """`run(i)` for i in 0..count-1, each on a thread of its own, released together (a barrier): the results, or the
+    exception a run raised in its place (reported by the caller)."""
+    results: list[Any] = [None] * count
+    barrier = threading.Barrier(count)
+
+    def one(i: int) -> None:
+        try:
+            barrier.wait(timeout=120)
+            results[i] = run(i)
+        except Exception as exc:  # noqa: BLE001 - recorded for the caller
+            results[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=join_timeout_s)
+    return results
 
 
 def droid_observation(rng: np.random.Generator, prompt: str = "put the cup in the sink", seed: int | None = None,

@@ -19,13 +19,16 @@ import pytest
 from serve_harness import (
     OneThreadPolicy,
     RawClient,
+    all_at_once,
     assert_remote_equals_local,
     droid_observation,
     free_port,
+    open_client,
     run_openpi_client,
+    wait_for,
 )
 from websockets.exceptions import ConnectionClosedError
-from websockets.sync.client import connect
+from websockets.sync.client import ClientConnection, connect
 
 from pi05_ros.serve.layouts import BUILT_IN, ObservationLayout
 from pi05_ros.serve.service import PolicySpec, ServeSettings
@@ -112,6 +115,14 @@ def get(port: int, path: str) -> tuple[int, str]:
         return response.status, response.read().decode()
 
 
+def stats(port: int, prefix: str = "") -> dict:
+    return json.loads(get(port, f"{prefix}/stats")[1])
+
+
+def client(port: int) -> ClientConnection:
+    return open_client(f"ws://127.0.0.1:{port}/", open_timeout_s=120.0)  # 100 at once through Ray on 2 cores
+
+
 @pytest.mark.parametrize("prefix", ["", "/ray"], ids=["our batching", "ray batching"])
 def test_the_openpi_client_through_ray(ray_port: int, prefix: str, local_policy: OneThreadPolicy,
                                        openpi_client_python: Path, tmp_path: Path) -> None:
@@ -136,7 +147,7 @@ def test_the_openpi_client_through_ray(ray_port: int, prefix: str, local_policy:
     for obs, rounds in zip(together, result["results"], strict=True):
         for entry in rounds:
             np.testing.assert_allclose(entry["reply"]["actions"], seeded(local_policy, obs), rtol=RTOL, atol=ATOL)
-    sizes = json.loads(get(ray_port, f"{prefix}/stats")[1])["batch_sizes"]
+    sizes = stats(ray_port, prefix)["batch_sizes"]
     assert max(int(size) for size in sizes) >= 2, sizes
 
 
@@ -318,7 +329,7 @@ def test_a_client_that_floods_without_reading_is_closed_and_memory_stays_bounded
     meanwhile."""
     (pid,) = replica_pids("pi05")
     frame = pack(droid_observation(np.random.default_rng(60), seed=61, size=(390, 430)) | {"num_steps": 1})
-    closed_before = json.loads(get(ray_port, "/stats")[1]).get("clients_closed_sending_ahead", 0)
+    closed_before = stats(ray_port).get("clients_closed_sending_ahead", 0)
     peak_before = peak_rss_mib(pid, reset=True)
     flood = RawClient("127.0.0.1", ray_port)
     sent: list[int] = []
@@ -333,8 +344,8 @@ def test_a_client_that_floods_without_reading_is_closed_and_memory_stays_bounded
     grown = peak_rss_mib(pid) - peak_before
     print(f"{sent[0]} frames of {len(frame)} bytes sent; replica peak memory +{grown:.1f} MiB")
     assert grown < FLOOD_GROWTH_MIB, grown
-    stats = json.loads(get(ray_port, "/stats")[1])
-    assert stats["clients_closed_sending_ahead"] == closed_before + 1, stats
+    after = stats(ray_port)
+    assert after["clients_closed_sending_ahead"] == closed_before + 1, after
     assert_remote_equals_local(f"ws://127.0.0.1:{ray_port}", local_policy, NUM_STEPS, seed=63)
 
 
@@ -344,8 +355,7 @@ def test_two_observations_sent_ahead_are_answered(ray_port: int, local_policy: O
     rng = np.random.default_rng(90)
     for round_ in range(5):
         observations = [droid_observation(rng, seed=900 + 3 * round_ + i) for i in range(3)]
-        with connect(f"ws://127.0.0.1:{ray_port}/", compression=None, max_size=None, open_timeout=60) as ws:
-            ws.recv(timeout=60)  # metadata
+        with client(ray_port) as ws:
             for obs in observations:
                 ws.send(pack(obs))
             for obs in observations:
@@ -359,50 +369,28 @@ def test_100_clients_at_once_through_haproxy_each_get_their_own_answer(ray_port:
     count = 100
     rng = np.random.default_rng(70)
     observations = [droid_observation(rng, seed=700 + i) for i in range(count)]
-    replies: list = [None] * count
-    barrier = threading.Barrier(count)
 
-    def run(i: int) -> None:
-        try:
-            barrier.wait(timeout=120)
-            with connect(f"ws://127.0.0.1:{ray_port}/", compression=None, max_size=None, open_timeout=120) as ws:
-                assert unpack(ws.recv(timeout=120))["server"] == "pi05_ros"  # metadata first
-                ws.send(pack(observations[i]))
-                replies[i] = unpack(ws.recv(timeout=240))
-        except Exception as exc:  # noqa: BLE001 - recorded and reported below
-            replies[i] = exc
+    def run(i: int) -> dict:
+        with client(ray_port) as ws:
+            ws.send(pack(observations[i]))
+            return unpack(ws.recv(timeout=240))
 
-    before = json.loads(get(ray_port, "/stats")[1])["batch_sizes"]
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=300)
+    before = stats(ray_port)["batch_sizes"]
+    replies = all_at_once(count, run)
     failures = [reply for reply in replies if not isinstance(reply, dict)]
     assert not failures, failures[:3]
     for obs, reply in zip(observations, replies, strict=True):
         np.testing.assert_allclose(reply["actions"], seeded(local_policy, obs), rtol=RTOL, atol=ATOL)
-    after = json.loads(get(ray_port, "/stats")[1])
-    new_batches = {int(size): n - before.get(size, 0) for size, n in after["batch_sizes"].items()}
+    new_batches = {int(size): n - before.get(size, 0) for size, n in stats(ray_port)["batch_sizes"].items()}
     assert max(size for size, n in new_batches.items() if n > 0) > 1, new_batches  # they did batch
-    assert after["connections_open"] == 0 or wait_for_no_connections(ray_port)
-
-
-def wait_for_no_connections(port: int, within_s: float = 30.0) -> bool:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        if json.loads(get(port, "/stats")[1])["connections_open"] == 0:
-            return True
-        time.sleep(0.2)
-    return False
+    assert wait_for(lambda: stats(ray_port)["connections_open"] == 0, 30.0)
 
 
 def test_clients_that_leave_mid_request_through_haproxy(ray_port: int, local_policy: OneThreadPolicy) -> None:
     """As test_robustness.py's: whether a request sent just before its client left still runs is a race; the
     replica must clean up after each (no connection or queued request left behind) and serve the next client."""
     good = pack(droid_observation(np.random.default_rng(80), seed=81))
-    with connect(f"ws://127.0.0.1:{ray_port}/", compression=None, max_size=None, open_timeout=60) as ws:
-        ws.recv(timeout=60)
+    with client(ray_port) as ws:
         ws.send(good)  # a clean close right after sending
     raw = RawClient("127.0.0.1", ray_port)  # a dropped socket right after sending, no close frame
     raw.send_without_reading(good, 1, timeout_s=30)
@@ -412,8 +400,8 @@ def test_clients_that_leave_mid_request_through_haproxy(ray_port: int, local_pol
     data = b"".join(half.protocol.data_to_send())
     half.sock.sendall(data[: len(data) // 2])
     half.close()
-    assert wait_for_no_connections(ray_port)
-    assert json.loads(get(ray_port, "/stats")[1])["pending"] == 0
+    assert wait_for(lambda: stats(ray_port)["connections_open"] == 0, 30.0)
+    assert stats(ray_port)["pending"] == 0
     assert_remote_equals_local(f"ws://127.0.0.1:{ray_port}", local_policy, NUM_STEPS, seed=82)
 
 

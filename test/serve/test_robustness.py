@@ -6,13 +6,20 @@ and its memory stays bounded."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
-from serve_harness import OneThreadPolicy, RawClient, ServerProcess, droid_observation
+from serve_harness import (
+    OneThreadPolicy,
+    RawClient,
+    ServerProcess,
+    all_at_once,
+    droid_observation,
+    open_client,
+    wait_for,
+)
 from websockets.exceptions import ConnectionClosedError, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
@@ -40,9 +47,7 @@ def server(start_server, model_args: list[str]) -> ServerProcess:
 
 
 def client(server: ServerProcess, path: str = "/") -> ClientConnection:
-    ws = connect(server.url(path), compression=None, max_size=None, open_timeout=60, legacy=True)
-    assert unpack(ws.recv(timeout=60))["server"] == "pi05_ros"  # the metadata frame comes first
-    return ws
+    return open_client(server.url(path))
 
 
 def answer(server: ServerProcess, obs: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -203,15 +208,6 @@ def test_a_message_over_the_limit_closes_that_connection_only(server: ServerProc
     answer(server)
 
 
-def wait_for(condition: Callable[[], bool], timeout_s: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def test_clients_that_leave_mid_request(server: ServerProcess) -> None:
     """Whether the server still reads a request sent just before the client left is a race; what must hold is that
     it cleans up after each of them, answers nobody wrongly and serves the next client."""
@@ -237,23 +233,13 @@ def test_100_clients_connect_at_once_and_each_gets_its_own_answer(server: Server
     def round_of_100(seed: int) -> None:
         rng = np.random.default_rng(seed)
         observations = [droid_observation(rng, seed=seed + i) | {"num_steps": 1} for i in range(count)]
-        replies: list[Any] = [None] * count
-        barrier = threading.Barrier(count)
 
-        def run(i: int) -> None:
-            try:
-                barrier.wait(timeout=120)
-                with client(server) as ws:
-                    ws.send(pack(observations[i]))
-                    replies[i] = unpack(ws.recv(timeout=240))
-            except Exception as exc:  # noqa: BLE001 - recorded and reported below
-                replies[i] = exc
+        def run(i: int) -> dict[str, Any]:
+            with client(server) as ws:
+                ws.send(pack(observations[i]))
+                return unpack(ws.recv(timeout=240))
 
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=300)
+        replies = all_at_once(count, run)
         failures = [r for r in replies if not isinstance(r, dict)]
         assert not failures, failures[:3]
         for obs, reply in zip(observations, replies, strict=True):
