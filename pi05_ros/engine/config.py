@@ -76,6 +76,9 @@ class Pi05Config:
     time_grid: str = "openpi"
     # What the action columns mean, when the family is known (openpi's configs); None: not known.
     action_space: ActionSpace | None = None
+    # How many state values the preset's robot sends where that differs from its action columns (LIBERO: 8, the
+    # end effector's position and axis-angle and two gripper fingers, for 7 action columns); for Policy.demo's stats
+    robot_state_values: int | None = None
     # the robot joint convention the checkpoint was trained in (engine/joint_conventions.py): none, aloha_to_pi
     joint_convention: str = "none"
     time_min_period: float = 4e-3
@@ -118,7 +121,7 @@ PRESETS: dict[str, Pi05Config] = {
                                             action_space=DROID_JOINT_POSITION),
     "pi05_aloha": Pi05Config(name="pi05_aloha", action_space=ALOHA_JOINT_POSITION, joint_convention="aloha_to_pi"),
     "pi05_libero": Pi05Config(name="pi05_libero", action_horizon=10, prompt_format="pi0",
-                              action_space=LIBERO_END_EFFECTOR),
+                              action_space=LIBERO_END_EFFECTOR, robot_state_values=8),
     "tiny": TINY,
 }
 

@@ -62,13 +62,24 @@ def demo_prompt_tokenizer(max_len: int, state_in_prompt: bool = True) -> PromptT
         return PromptTokenizer(demo_tokenizer(folder), max_len, state_in_prompt)
 
 
-def demo_norm_stats(dof: int = DEMO_DOF) -> tuple[Stats, Stats]:
-    """Plausible stats for a 6-joint arm with a gripper: joints within +-2.5 rad, gripper in [0, 1]."""
-    q01 = np.array([-2.5] * (dof - 1) + [0.0], dtype=np.float32)
-    q99 = np.array([2.5] * (dof - 1) + [1.0], dtype=np.float32)
-    mean, std = (q01 + q99) / 2, (q99 - q01) / 4
-    s = Stats(mean=mean, std=std, q01=q01, q99=q99)
-    return s, s
+def demo_norm_stats(dof: int = DEMO_DOF, state_values: int | None = None) -> tuple[Stats, Stats]:
+    """Plausible (state, action) stats for an arm of `dof` - 1 joints with a gripper: joints within +-2.5 rad,
+    gripper in [0, 1]; the state has `state_values` of them where the robot sends another count (default dof)."""
+
+    def stats(size: int) -> Stats:
+        q01 = np.array([-2.5] * (size - 1) + [0.0], dtype=np.float32)
+        q99 = np.array([2.5] * (size - 1) + [1.0], dtype=np.float32)
+        return Stats(mean=(q01 + q99) / 2, std=(q99 - q01) / 4, q01=q01, q99=q99)
+
+    return stats(state_values or dof), stats(dof)
+
+
+def demo_norm_stats_for(cfg: Pi05Config) -> tuple[Stats, Stats]:
+    """demo_norm_stats of the size of the robot a preset was made for (pi05_droid: 8 columns, pi05_aloha: 14,
+    pi05_libero: 8 state values for 7 columns); the demo arm's otherwise."""
+    if cfg.action_space is None:
+        return demo_norm_stats()
+    return demo_norm_stats(cfg.action_space.dof, cfg.robot_state_values)
 
 
 def _init_mean_std(name: str, shape: torch.Size) -> tuple[float, float]:

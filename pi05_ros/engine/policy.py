@@ -303,7 +303,7 @@ class Policy:
              fp8_vision: bool = False) -> Policy:
         """The built-in random-weight model (tiny on CPU, full size on a GPU). Its actions mean nothing.
         `max_batch`, `expert_kernels` and `fp8_vision` as for `load`."""
-        from pi05_ros.engine.demo import DEMO_MAX_TOKEN_LEN, demo_norm_stats, demo_prompt_tokenizer, random_model
+        from pi05_ros.engine.demo import DEMO_MAX_TOKEN_LEN, demo_norm_stats_for, demo_prompt_tokenizer, random_model
 
         _check_expert_kernels(expert_kernels)
         dev = resolve_device(device)
@@ -313,9 +313,7 @@ class Policy:
             cfg = cfg.replace(max_token_len=DEMO_MAX_TOKEN_LEN)
         model = random_model(cfg, seed=seed, device=dev, dtype=torch.float32 if prec == "fp32" else torch.bfloat16)
         tok = demo_prompt_tokenizer(cfg.max_token_len, cfg.prompt_format != PI0)
-        # a preset made for one robot (pi05_droid: 8 columns, pi05_aloha: 14 and its joint convention) gets stats of
-        # that robot's size
-        state, actions = demo_norm_stats(cfg.action_space.dof) if cfg.action_space else demo_norm_stats()
+        state, actions = demo_norm_stats_for(cfg)
         policy = cls(model, tok, NormStats(state, actions), precision=prec, seed=seed, is_demo=True)
         scales = user_cache_dir(f"demo_{cfg.name}_seed{seed}") / CALIBRATION_FILE  # written only if it calibrates
         policy.runner = make_runner(model, prec, runner, scales_file=scales, max_batch=max_batch,

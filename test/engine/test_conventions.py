@@ -118,6 +118,14 @@ def test_presets_carry_openpis_action_spaces(tiny_checkpoint: Path, tokenizer_pa
     assert PRESETS["pi05_droid_joint_position"].action_space.kinds == (DELTA,) * 7 + (ABSOLUTE,)
     libero = PRESETS["pi05_libero"]
     assert libero.prompt_format == "pi0" and libero.action_space.output_kinds == ("other",) * 7
+    # the demo model of a preset takes its robot's state: LIBERO sends 8 values (end effector position and
+    # axis-angle, two gripper fingers) for 7 action columns
+    from pi05_ros.engine.demo import demo_norm_stats_for
+
+    for name, state_values, columns in (("pi05_libero", 8, 7), ("pi05_droid", 8, 8), ("pi05_aloha", 14, 14),
+                                        ("pi05", 7, 7)):
+        state, actions = demo_norm_stats_for(PRESETS[name])
+        assert (state.mean.shape, actions.mean.shape) == ((state_values,), (columns,)), name
     # the tiny checkpoint's 7 columns do not fit DROID's 8: a startup error that names the fix
     with pytest.raises(CheckpointError, match="describes 8 columns .* but the policy outputs 7; pass action_space"):
         Policy.load(tiny_checkpoint, tokenizer_path, device="cpu", config_preset="pi05_droid")
