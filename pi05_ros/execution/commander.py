@@ -4,17 +4,23 @@ Chunk mode (`execution: chunk`, for joint_trajectory_controller): each chunk bec
 with t_obs, point k at time_from_start (k + 1) * dt, so JTC runs every point at its intended time
 (FACTS/ros_node.md: JTC keeps a past stamp and samples at `now`). Points due before now + `command_margin_s`
 are dropped (JTC would jump onto the trajectory at `now` instead of blending into its first point), and so are
-points due after t_obs + max_input_age_s + dt: no trajectory runs on stale data beyond that bound. At every
-control tick the commander checks the situation; when commanding must stop it publishes one hold (a one-point
-trajectory to the position the last trajectory commands now, stamp 0) with `on_stale: hold`, nothing with
-`stop` (JTC then ends the bounded trajectory and keeps its last point). A chunk with no action left inside those
-bounds (it came too late) holds the same way and says so until a chunk runs.
+points due after t_obs + max_input_age_s + dt: no policy action runs on stale data beyond that bound. Where
+max_acceleration is set, points after the last bring its motion to rest (limits.braking), so a trajectory that
+no chunk replaces ends in a stop within the limits, not within one segment. At every
+control tick the commander checks the situation; when commanding must stop it publishes one hold (stamped now: a
+trajectory from the position and velocity the last trajectory commands at now + command_margin_s to rest, braking
+at max_acceleration (limits.py); stamp 0, one point at the position commanded now, where nothing is to be braked:
+at rest, or without acceleration limits) with `on_stale: hold`, nothing
+with `stop` (JTC then ends the bounded trajectory, braking tail included, and keeps its last point). A chunk with
+no action left inside those bounds (it came too late) holds the same way and says so until a chunk runs.
 
 Stream mode (`execution: stream`): chunks merge into the StreamQueue; every tick publishes one command (the
 target at the end of the coming period). A tick without a fresh queued command (none, or one whose
-observation is older than max_input_age_s + dt) holds: the last commanded position, zero velocity; with
-`stop` it publishes nothing (refused at startup for a velocity interface: forward_command_controller keeps
-its last velocity).
+observation is older than max_input_age_s + dt) holds: one period of braking from the last command (limits.py;
+at once, the last commanded position and zero velocity, without acceleration limits); with `stop` it publishes
+nothing (refused at startup for a velocity interface: forward_command_controller keeps its last velocity).
+Deactivation's hold stops at once: nothing is published after it, and a velocity controller would keep a
+braking velocity.
 
 Every command passes the joint limits (limits.py). What was commanded is forgotten while commanding is off and
 when the ROS clock goes back, so the next command starts from the robot's own position. Counters and timings for
@@ -31,7 +37,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pi05_ros.execution.blend import BlendSettings
-from pi05_ros.execution.limits import ClipCounts, JointLimits, clip_positions, clip_velocities
+from pi05_ros.execution.limits import (
+    MAX_BRAKING_PERIODS,
+    ClipCounts,
+    JointLimits,
+    braking,
+    braking_step,
+    clip_positions,
+    clip_velocities,
+)
 from pi05_ros.execution.loop import summarize
 from pi05_ros.execution.plan import NS_PER_S, PlannedChunk
 from pi05_ros.execution.queue import StreamQueue
@@ -76,6 +90,7 @@ class TrajectoryCommand:
     positions: np.ndarray  # [points, joints]
     hold: bool = False
     first_action: int = -1  # index of the chunk action of the first point (-1 for a hold)
+    braking_points: int = 0  # the last this many points bring the motion to rest (limits.braking): not the chunk's
 
 
 @dataclass(frozen=True)
@@ -146,6 +161,12 @@ class ExecutionStats:
             self.recent_clipped.extend([True] * counts.clipped_commands
                                        + [False] * (counts.commands - counts.clipped_commands))
 
+    def clip_braking(self, counts: ClipCounts) -> None:
+        """A stop's clips at the position range: counted, but its rows (most of which never run: the next chunk
+        replaces a trajectory's tail) stay out of the commands and the recent fraction the WARN reads."""
+        with self.lock:
+            self.clipped.position += counts.position
+
 
 def _stats(values: deque[float]) -> dict[str, float]:
     return summarize(values)
@@ -175,6 +196,10 @@ class Commander:
         acceleration limit applies to it too; an earlier session's last command is no longer where the robot is."""
         self.forget_commands()
         self._latest_now_ns: int | None = None
+
+    def reactivate(self, now_ns: int) -> None:
+        """On activation: the robot may have moved while inactive, so forget every earlier command (reset)."""
+        self.reset()
 
     def forget_commands(self) -> None:
         """Forget what was commanded (while commanding is off: something else may move the robot meanwhile, so
@@ -260,6 +285,16 @@ class ChunkCommander(Commander):
         self._positions: np.ndarray | None = None
         self._held = False
         self._late: str | None = None  # why the last chunk had no action to run (a WARN until one has)
+        self._chunk_end_ns: float | None = None  # when the last chunk's own points end (its braking tail follows)
+
+    def reactivate(self, now_ns: int) -> None:
+        """On activation: as reset, unless deactivation's braking hold still runs (JTC is still moving on it): the
+        next trajectory then hands over from that motion, not from rest."""
+        held = self._held and self._times is not None and self._latest_now_ns is not None
+        if held and self._latest_now_ns - CLOCK_BACK_TOLERANCE_NS <= now_ns < self._times[-1]:
+            self._late = None
+            return
+        self.reset()
 
     def commanded_at(self, t_ns: int) -> np.ndarray | None:
         """The position the controller is commanded at `t_ns` (held at the ends)."""
@@ -322,19 +357,30 @@ class ChunkCommander(Commander):
                 previous = np.where(np.isfinite(self.last_positions), self.last_positions, observed)
                 velocity = self.last_velocities  # at rest after a reset
             lead_s = max(chunk.due_ns(first) - now, 1) / NS_PER_S
-            positions, _, counts = clip_positions(desired, previous, velocity, self.limits, self.dt_s,
-                                                  first_dt_s=lead_s)
+            positions, velocities, counts = clip_positions(desired, previous, velocity, self.limits, self.dt_s,
+                                                           first_dt_s=lead_s)
             self.stats.clip(counts)
             times = tuple(int(chunk.due_ns(k) - chunk.t_obs_ns) for k in range(first, end))
+            # If no chunk replaces it, the trajectory's end must not stop the arm within one segment: it goes on
+            # braking to rest within max_acceleration (nothing is added where no limit makes braking take time)
+            chunk_end_ns = chunk.t_obs_ns + times[-1]
+            tail, _, tail_counts = braking(positions[-1], velocities[-1], self.limits, self.dt_s)
+            braking_points = 0 if len(tail) == 1 and np.array_equal(tail[0], positions[-1]) else len(tail)
+            if braking_points:
+                self.stats.clip_braking(tail_counts)
+                positions = np.concatenate([positions, tail])
+                times = times + tuple(times[-1] + self.dt_ns * k for k in range(1, braking_points + 1))
             self._times = np.array([now] + [chunk.t_obs_ns + t for t in times], dtype=np.float64)
             self._positions = np.concatenate([np.where(np.isfinite(previous), previous, positions[0])[None, :],
                                               positions])
             self.last_positions = positions[-1].copy()
+            self._chunk_end_ns = chunk_end_ns
             self._held = False
             self._late = None
             self._set_state(COMMANDING)
             self._count(hold=False)
-            return TrajectoryCommand(chunk.t_obs_ns, times, positions, hold=False, first_action=first)
+            return TrajectoryCommand(chunk.t_obs_ns, times, positions, hold=False, first_action=first,
+                                     braking_points=braking_points)
 
     def on_tick(self, situation: Situation) -> TrajectoryCommand | None:
         with self._lock:
@@ -347,8 +393,9 @@ class ChunkCommander(Commander):
                 if self._late is not None:  # held for a late chunk: its reason stays until a chunk runs
                     self._set_state(HOLDING if self.on_stale == HOLD else STOPPED, self._late)
                     return None
-                # Held, never commanded, or the bounded trajectory has ended (JTC keeps its last point).
-                if self._times is None or self._held or situation.now_ns > self._times[-1]:
+                # Held, never commanded, or the chunk's points have ended (its braking tail runs, then JTC keeps
+                # the last point).
+                if self._chunk_end_ns is None or self._held or situation.now_ns > self._chunk_end_ns:
                     self._set_state(WAITING)
                 return None
             self._set_state(HOLDING if self.on_stale == HOLD else STOPPED, situation.stop_reason)
@@ -366,14 +413,34 @@ class ChunkCommander(Commander):
             return self._hold(situation)
 
     def _hold(self, situation: Situation) -> TrajectoryCommand | None:
-        position = self.commanded_at(situation.now_ns)
+        now = situation.now_ns
+        position = self.commanded_at(now)
         if position is None:
             return None  # nothing was ever commanded: the controller holds where it is
-        self._times = np.array([float(situation.now_ns)])
-        self._positions = position[None, :]
-        self.last_positions = position.copy()
+        # The stop starts where the controller is commanded at now + command_margin_s, at the velocity it runs
+        # then, and is stamped with now: JTC samples a stamped trajectory at its own clock, so the transport's
+        # delay (up to the margin) shifts nothing, where a stamp 0 ("start on arrival") would start the ramp that
+        # much late, from a position the arm has already passed.
+        start = now + self.command_margin_ns
+        from_position, velocity = self.commanded_at(start), self.commanded_velocity_at(start)
+        assert from_position is not None and velocity is not None
+        rows, _, counts = braking(from_position, velocity, self.limits, self.dt_s)
+        self.stats.clip_braking(counts)
+        self._chunk_end_ns = now
         self._count(hold=True)
-        return TrajectoryCommand(0, (self.dt_ns,), position[None, :], hold=True)
+        if len(rows) == 1 and np.array_equal(rows[0], from_position):
+            # at rest, or nothing limits the deceleration: one point where the controller is commanded now,
+            # reached one period after arrival
+            self._times = np.array([float(now)])
+            self._positions = position[None, :]
+            self.last_positions = position.copy()
+            return TrajectoryCommand(0, (self.dt_ns,), position[None, :], hold=True)
+        positions = np.concatenate([from_position[None, :], rows])
+        times = tuple(self.command_margin_ns + self.dt_ns * k for k in range(len(positions)))
+        self._times = np.array([now] + [now + t for t in times], dtype=np.float64)
+        self._positions = np.concatenate([position[None, :], positions])
+        self.last_positions = positions[-1].copy()
+        return TrajectoryCommand(now, times, positions, hold=True, braking_points=len(rows))
 
 
 class StreamCommander(Commander):
@@ -391,6 +458,10 @@ class StreamCommander(Commander):
     def reset(self) -> None:
         super().reset()
         self.queue.clear()
+
+    def forget_commands(self) -> None:
+        super().forget_commands()
+        self._braking_ticks = 0  # hold ticks since the last command: a stop ends within MAX_BRAKING_PERIODS
 
     @property
     def blend_name(self) -> str:
@@ -458,6 +529,7 @@ class StreamCommander(Commander):
                                                                self.last_velocities, self.limits, self.dt_s)
             self.stats.clip(counts)
             self.last_positions, self.last_velocities = positions[0].copy(), velocities[0].copy()
+            self._braking_ticks = 0
             self._count(hold=False)
             return PointCommand(tick_ns, target_ns, positions[0], velocities[0])
 
@@ -465,13 +537,18 @@ class StreamCommander(Commander):
         """One hold, whatever on_stale says (deactivate)."""
         with self._lock:
             self.queue.clear()
-            return self._hold(tick_ns, tick_ns + self.dt_ns, situation.measured)
+            return self._hold(tick_ns, tick_ns + self.dt_ns, situation.measured, brake=False)
 
-    def _hold(self, tick_ns: int, target_ns: int, measured: np.ndarray | None) -> PointCommand | None:
+    def _hold(self, tick_ns: int, target_ns: int, measured: np.ndarray | None,
+              brake: bool = True) -> PointCommand | None:
         position = self._hold_position(measured)
         if self.interface != VELOCITY_INTERFACE and not np.all(np.isfinite(position)):
             return None  # nowhere known to hold: publish nothing
-        self.last_positions = position
-        self.last_velocities = np.zeros(len(self.joints))
+        velocity = self.last_velocities if brake else np.zeros(len(self.joints))
+        within_s = max(MAX_BRAKING_PERIODS - self._braking_ticks, 1) * self.dt_s
+        position, velocity, counts = braking_step(position, velocity, self.limits, self.dt_s, within_s)
+        self.stats.clip_braking(counts)
+        self._braking_ticks += 1
+        self.last_positions, self.last_velocities = position, velocity
         self._count(hold=True)
-        return PointCommand(tick_ns, target_ns, position, np.zeros(len(self.joints)), hold=True)
+        return PointCommand(tick_ns, target_ns, position, velocity, hold=True)

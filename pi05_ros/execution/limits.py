@@ -11,7 +11,15 @@ v_{k-1}, are clipped in this order:
 Velocity commands v*_k (a velocity interface) from the estimated position p: acceleration and velocity as
 above, then v = clip(v, (min_position - p) / dt, (max_position - p) / dt) so the joint stays in range.
 A value no limit changes is returned bit for bit. Where no previous command is known (NaN), only the position
-(and velocity magnitude) limits apply. No ROS imports.
+(and velocity magnitude) limits apply.
+
+A hold brakes (`braking_step`, `braking`): from the last segment velocity u, every joint with a max_acceleration
+slows by the same factor each period, u_k = u_{k-1} * max(0, 1 - dt / T) with T = max_j |u_j| / a_max_j, so the
+joint that needs longest at its limit decelerates at exactly that limit, the others less, and the motion keeps its
+direction in joint space until it rests T later (T shrinks by dt a period); positions p_k = p_{k-1} + u_k dt,
+clipped to the range as above (a range bound overrides the acceleration limit: that joint stops at the bound).
+A joint without a max_acceleration stops at once (nothing bounds its deceleration, and it moves on stale data
+no further). No ROS imports.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 INF = math.inf
+MAX_BRAKING_PERIODS = 1000  # the longest hold trajectory, in periods (20 s at 50 Hz)
 
 
 @dataclass(frozen=True)
@@ -91,6 +100,14 @@ class JointLimits:
         return JointLimit(float(self.min_position[i]), float(self.max_position[i]), float(self.max_velocity[i]),
                           float(self.max_acceleration[i]))
 
+    def range_from(self, position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(low, high): the position range for a move from `position`, widened to where a joint already is when it
+        is outside (a robot resting past its URDF bound may stay or come back, never go further out); NaN: the
+        range as it is."""
+        known = np.isfinite(position)
+        return (np.where(known, np.minimum(self.min_position, position), self.min_position),
+                np.where(known, np.maximum(self.max_position, position), self.max_position))
+
     @property
     def any(self) -> bool:
         return bool(np.isfinite(np.concatenate([self.min_position, self.max_position, self.max_velocity,
@@ -127,9 +144,7 @@ def clip_positions(desired: np.ndarray, previous: np.ndarray, previous_velocity:
         by_velocity = known & (v != v_before_speed)
         rate_limited = by_acceleration | by_velocity
         p = np.where(rate_limited, p_prev + v * dt_s, target)
-        # out of range already (a robot resting past its URDF bound): the range widens to where it is
-        low = np.where(known, np.minimum(limits.min_position, p_prev), limits.min_position)
-        high = np.where(known, np.maximum(limits.max_position, p_prev), limits.max_position)
+        low, high = limits.range_from(p_prev)
         p_clipped = np.clip(p, low, high)
         by_position = p_clipped != p
         out[k] = p_clipped
@@ -176,3 +191,71 @@ def clip_velocities(desired: np.ndarray, position: np.ndarray, previous_velocity
         counts.clipped_commands += int((by_acceleration | by_velocity | by_position).any())
         p, v_prev = positions[k], out[k]
     return out, positions, counts
+
+
+def _braking_speeds(velocity: np.ndarray, limits: JointLimits, within_s: float) -> tuple[np.ndarray, float]:
+    """(speeds, T): the speeds a stop starts from (unknown ones count as rest; a joint without an acceleration limit
+    may stop at once, and does) and the time to rest, T = max_j |u_j| / a_max_j, at most `within_s`."""
+    u = np.asarray(velocity, dtype=np.float64)
+    u = np.where(np.isfinite(u) & np.isfinite(limits.max_acceleration), u, 0.0)
+    moving = u != 0.0
+    stop_s = float(np.max(np.abs(u[moving]) / limits.max_acceleration[moving])) if moving.any() else 0.0
+    return u, min(stop_s, within_s)
+
+
+def braking_step(position: np.ndarray, velocity: np.ndarray, limits: JointLimits, dt_s: float,
+                 within_s: float = INF) -> tuple[np.ndarray, np.ndarray, ClipCounts]:
+    """One period of a controlled stop from `position` (NaN: unknown, stays unknown) moving at `velocity` (the last
+    segment's or velocity command's; NaN: unknown, taken as at rest): (position, velocity) at its end and what the
+    position range clipped; see the module docstring. The ramp ends within `within_s` (decelerating harder than
+    max_acceleration where the limit would need longer). Velocities reach exactly 0 at the end."""
+    p = np.array(position, dtype=np.float64)
+    u, stop_s = _braking_speeds(velocity, limits, within_s)
+    # the last period of the ramp (and float rounding at its end) stops exactly
+    scale = 1.0 - dt_s / stop_s if stop_s > dt_s * (1 + 1e-9) else 0.0
+    u_next = u * scale
+    p_next = p + u_next * dt_s
+    low, high = limits.range_from(p)
+    clipped = np.isfinite(p) & ((p_next < low) | (p_next > high))
+    p_next = np.where(clipped, np.clip(p_next, low, high), p_next)
+    u_next = np.where(clipped, (p_next - p) / dt_s, u_next)
+    counts = ClipCounts(values=p.size, commands=1, clipped_commands=int(clipped.any()), position=int(clipped.sum()))
+    return p_next, u_next, counts
+
+
+def braking(position: np.ndarray, velocity: np.ndarray, limits: JointLimits,
+            dt_s: float) -> tuple[np.ndarray, np.ndarray, ClipCounts]:
+    """A whole controlled stop, one row a period: (positions, velocities) [periods, joints] until every joint rests
+    (the last row's velocities are 0, and its positions the row's before), and what the position range clipped:
+    braking_step repeated, in closed form (u_k = u_0 (1 - k dt / T)) so that a chunk's tail costs microseconds
+    inside the command margin; stepwise where the range clips. Joints at rest, or without an acceleration limit,
+    give one row: the hold at `position`. A stop that would take longer than MAX_BRAKING_PERIODS (a speed far beyond
+    max_acceleration's reach) ramps down harder, to end at rest within them, so a hold trajectory stays a message of
+    bounded size."""
+    p0 = np.asarray(position, dtype=np.float64)
+    u0, stop_s = _braking_speeds(velocity, limits, MAX_BRAKING_PERIODS * dt_s)
+    periods = max(1, math.ceil(stop_s / dt_s - 1e-9))
+    elapsed = np.arange(1, periods + 1) * dt_s
+    # braking_step's exact stop in its last period (and float rounding there)
+    left = np.where(elapsed < stop_s - dt_s * 1e-9, 1.0 - elapsed / max(stop_s, dt_s), 0.0)
+    velocities = left[:, None] * u0[None, :]
+    positions = p0[None, :] + np.cumsum(velocities * dt_s, axis=0)
+    low, high = limits.range_from(p0)
+    if (np.isfinite(p0) & ((positions < low) | (positions > high))).any():
+        return braking_by_steps(position, velocity, limits, dt_s)
+    return positions, velocities, ClipCounts(values=positions.size, commands=periods)
+
+
+def braking_by_steps(position: np.ndarray, velocity: np.ndarray, limits: JointLimits,
+                     dt_s: float) -> tuple[np.ndarray, np.ndarray, ClipCounts]:
+    """`braking` by repeating braking_step (its definition; what it runs where the position range clips)."""
+    rows_p, rows_u = [], []
+    counts = ClipCounts()
+    p, u = np.asarray(position, dtype=np.float64), np.asarray(velocity, dtype=np.float64)
+    while True:
+        p, u, step = braking_step(p, u, limits, dt_s, within_s=(MAX_BRAKING_PERIODS - len(rows_p)) * dt_s)
+        counts.add(step)
+        rows_p.append(p)
+        rows_u.append(u)
+        if not u.any():
+            return np.stack(rows_p), np.stack(rows_u), counts

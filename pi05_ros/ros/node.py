@@ -392,7 +392,7 @@ class PolicyNode(LifecycleNode):
         assert self.worker is not None
         with self._command_lock:
             if self._commander is not None:  # the robot may have moved while inactive: no command from before
-                self._commander.reset()
+                self._commander.reactivate(self.now_ns())
         self._active = True
         self.worker.set_active(True)
         self._prepare_views_with(self.worker.policy)  # while inactive no inference uses the frames

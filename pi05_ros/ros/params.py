@@ -175,7 +175,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("command_joint_names", [], "Joints the commands carry, in this order (forward_command_controller's "
               "`joints`); each an action column name. Empty: every action column in order.", _SA),
     ParamSpec("on_stale", "hold", "When inputs go stale or missing, an inference fails or the model is not "
-              "loaded: hold (command the last commanded position, zero velocity) or stop (publish nothing more; "
+              "loaded: hold (come to rest: at once at the last commanded position, or braking within "
+              "joint_limits.<joint>.max_acceleration where set) or stop (publish nothing more; "
               "not allowed with command_interface velocity).", _S, choices=("hold", "stop")),
     ParamSpec("command_margin_s", 0.01, "Chunk mode: trajectory points due sooner than this after now are "
               "dropped (transport + one controller cycle), so JTC blends into the first point instead of jumping.",

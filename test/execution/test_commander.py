@@ -16,7 +16,7 @@ from pi05_ros.execution.commander import (
     Situation,
     StreamCommander,
 )
-from pi05_ros.execution.limits import JointLimit, JointLimits
+from pi05_ros.execution.limits import MAX_BRAKING_PERIODS, JointLimit, JointLimits
 from pi05_ros.execution.loop import ControlLoop
 from pi05_ros.execution.plan import PlannedChunk
 
@@ -51,6 +51,7 @@ def test_chunk_trajectory_is_stamped_t_obs_starts_at_the_first_due_action_and_en
     assert command.first_action == 6 and command.times_from_start_ns[0] == 7 * DT
     # the last point is due by t_obs + max_input_age_s + dt = 0.55 s: action 10 (0.55 s), not 11
     assert command.times_from_start_ns[-1] == 11 * DT and len(command.times_from_start_ns) == 5
+    assert command.braking_points == 0  # no acceleration limit: the bound's point is the last
     np.testing.assert_array_equal(command.positions, ramp()[6:11])
     status = commander.status()
     assert status.skipped_late_last == 6 and status.obs_age_at_publish_ms["max"] == pytest.approx(300.0)
@@ -231,6 +232,157 @@ def test_chunk_hand_over_limits_the_segment_the_controller_runs_from_now() -> No
     assert commander.status().clipped.acceleration > 0
 
 
+def test_chunk_hold_brakes_from_the_commanded_motion_within_the_acceleration_limit() -> None:
+    """Stale input while the arm moves at 1 rad/s with max_acceleration 2 rad/s^2: the hold is a trajectory to rest
+    that starts from what the controller runs now and slows at 2 rad/s^2 at most (0.5 s, ten points), not a stop
+    within one period (20 rad/s^2). Deactivation's hold brakes the same way; without limits a hold is one point."""
+    limits = JointLimits.of(NAMES, {"a": JointLimit(max_velocity=1.5, max_acceleration=2.0),
+                                    "b": JointLimit(max_acceleration=2.0)})
+    for stale in (True, False):
+        commander = chunk_commander(limits=limits)
+        t_obs = 1000 * MS
+        for _ in range(20):  # up to speed first: chunks of a steady 1 rad/s (joint b 0.5 rad/s)
+            q = t_obs / 1e9
+            wanted = np.stack([q + 0.05 * np.arange(1, 51), 0.5 * q + 0.025 * np.arange(1, 51)], axis=1)
+            assert commander.on_chunk(planned(t_obs, wanted, np.tile([1.0, 0.5], (50, 1))),
+                                      Situation(t_obs + 20 * MS, True), TIMING) is not None
+            t_obs += 100 * MS
+        now = t_obs - 70 * MS
+        start, start_velocity = commander.commanded_at(now), commander.commanded_velocity_at(now)
+        assert start_velocity[0] == pytest.approx(1.0, abs=1e-6)
+        margin = 10 * MS
+        lead = commander.commanded_at(now + margin)
+        hold = (commander.on_tick(Situation(now, True, "input stale")) if stale
+                else commander.hold_now(Situation(now, True)))
+        # stamped now, not 0: JTC samples it on its own clock, so a transport delay up to command_margin_s shifts
+        # nothing; its first point continues the running motion to now + margin, then ten braking periods
+        assert hold is not None and hold.hold and hold.stamp_ns == now and hold.braking_points == 10
+        assert hold.times_from_start_ns == tuple(margin + DT * k for k in range(11))
+        np.testing.assert_allclose(hold.positions[0], lead)
+        assert_within_limits(start, start_velocity, now, [now + t for t in hold.times_from_start_ns],
+                             hold.positions, 1.5, 2.0)
+        speeds = np.diff(hold.positions, axis=0) / (DT / 1e9)
+        assert speeds[-1].tolist() == [0.0, 0.0] and speeds[0, 0] > 0.85  # at rest on the last point, not sooner
+        np.testing.assert_allclose(speeds[:, 1], 0.5 * speeds[:, 0], atol=1e-9)  # b keeps the direction
+        assert commander.commanded_velocity_at(now + margin + 2 * DT + 1)[0] == pytest.approx(speeds[2, 0])
+    unlimited = chunk_commander()
+    unlimited.on_chunk(planned(0, ramp()), Situation(60 * MS, True), TIMING)
+    assert unlimited.on_tick(Situation(200 * MS, True, "input stale")).times_from_start_ns == (DT,)
+
+
+def test_chunk_braking_tail_is_not_commanding_and_reactivation_during_a_braking_hold_hands_over_from_it() -> None:
+    """The tail after a chunk's last point is no policy action: /diagnostics says "waiting" once the chunk's own
+    points have run. Deactivated mid-motion (a braking hold) and activated again before it has stopped, the next
+    chunk starts from the braking motion within the limits, not from rest; activated after it, from rest."""
+    limits = JointLimits.of(NAMES, {"a": JointLimit(max_acceleration=2.0), "b": JointLimit(max_acceleration=2.0)})
+    moving = np.stack([0.05 * np.arange(1, 51), np.zeros(50)], axis=1)
+    run = np.tile([1.0, 0.0], (50, 1))
+    commander = chunk_commander(limits=limits)
+    command = commander.on_chunk(planned(0, moving, run), Situation(20 * MS, True), TIMING)
+    assert command.braking_points > 0
+    chunk_end = command.times_from_start_ns[-1 - command.braking_points]  # 0.55 s: the stale bound
+    assert commander.on_tick(Situation(chunk_end - 10 * MS, True)) is None
+    assert commander.status().state == "commanding"
+    assert commander.on_tick(Situation(chunk_end + 10 * MS, True)) is None  # the tail runs: not a policy action
+    assert commander.status().state == "waiting for a chunk"
+
+    for pause_ms, from_rest in ((100, False), (5000, True)):
+        commander = chunk_commander(limits=limits)
+        t_obs = 0
+        for _ in range(40):  # up to speed: chunks of a steady 1 rad/s (settled after ~2 s)
+            q = t_obs / 1e9
+            wanted = np.stack([q + 0.05 * np.arange(1, 51), np.zeros(50)], axis=1)
+            commander.on_chunk(planned(t_obs, wanted, run), Situation(t_obs + 20 * MS, True), TIMING)
+            commander.on_tick(Situation(t_obs + 50 * MS, True))
+            t_obs += 100 * MS
+        stopped = t_obs
+        hold = commander.hold_now(Situation(stopped, True))  # deactivate
+        assert hold.braking_points > 5
+        commander.set_idle()
+        now = stopped + pause_ms * MS
+        commander.reactivate(now)
+        start, velocity = commander.commanded_at(now), commander.commanded_velocity_at(now)
+        if from_rest:
+            assert start is None
+            continue
+        assert velocity[0] > 0.5  # still braking from 1 rad/s
+        q = now / 1e9
+        wanted = np.stack([q + 0.05 * np.arange(1, 51), np.zeros(50)], axis=1)
+        command = commander.on_chunk(planned(now - 20 * MS, wanted, run), Situation(now, True), TIMING)
+        assert_within_limits(start, velocity, now, [now - 20 * MS + t for t in command.times_from_start_ns],
+                             command.positions, np.inf, 2.0)
+
+
+def test_braking_clips_at_the_range_are_counted_but_not_as_commands() -> None:
+    """A tail or hold that would brake past max_position stops at it: counted in clipped.position, while its rows
+    (a tail never runs when the next chunk comes) stay out of the recent fraction behind the clipping WARN."""
+    limits = JointLimits.of(NAMES, {"a": JointLimit(max_position=0.4, max_acceleration=2.0),
+                                    "b": JointLimit(max_acceleration=2.0)})
+    commander = chunk_commander(limits=limits)
+    # from rest at 2 rad/s^2 the chunk's points reach 0.33 at 1.1 rad/s, which needs 0.3 rad more to stop
+    wanted = np.stack([0.05 * np.arange(1, 12), np.zeros(11)], axis=1)
+    command = commander.on_chunk(planned(0, wanted, np.tile([1.0, 0.0], (11, 1))), Situation(0, True), TIMING)
+    assert command.braking_points > 0 and command.positions[:, 0].max() == 0.4
+    status = commander.status()
+    # the tail's clip is counted; its rows are not commands (the chunk's 11 are: its run-up from rest is
+    # acceleration-clipped, which is what the recent fraction then shows)
+    assert status.clipped.position >= 1 and status.clipped.commands == len(command.positions) - command.braking_points
+    before = status.clipped.position
+    late = command.times_from_start_ns[-1 - command.braking_points] - 2 * DT  # fast, close to the bound
+    assert commander.commanded_at(late)[0] + commander.commanded_velocity_at(late)[0] ** 2 / 4 > 0.4
+    hold = commander.on_tick(Situation(late, True, "input stale"))
+    assert hold.positions[:, 0].max() == 0.4 and commander.status().clipped.position > before
+
+
+def test_stream_braking_ends_within_max_braking_periods() -> None:
+    """A speed far beyond the acceleration limit's reach (100 rad/s at 1 rad/s^2: 100 s, 2000 periods) still ends at
+    rest within MAX_BRAKING_PERIODS ticks of holding, ramping down harder."""
+    limits = JointLimits.of(NAMES, {"a": JointLimit(max_acceleration=1.0), "b": JointLimit()})
+    commander = stream_commander(limits=limits)
+    commander.last_positions, commander.last_velocities = np.zeros(2), np.array([100.0, 0.0])  # as after a run
+    speeds = []
+    for k in range(MAX_BRAKING_PERIODS + 5):
+        hold = commander.on_tick(k * DT, Situation(k * DT, True, "stale", np.zeros(2)))
+        speeds.append(hold.velocities[0])
+    assert speeds[MAX_BRAKING_PERIODS - 1] == 0.0 and speeds[MAX_BRAKING_PERIODS - 2] > 0
+    assert np.all(np.diff(speeds) <= 0)
+
+
+def test_stream_hold_brakes_each_tick_and_deactivation_stops_at_once() -> None:
+    """Stale input in stream mode with max_acceleration 2 rad/s^2 and 1 rad/s: each hold tick takes 0.1 rad/s off
+    (position interface: the positions come closer together until they repeat; velocity interface: the velocity
+    commands ramp down to 0). Deactivation's hold is zero velocity at once: nothing follows it."""
+    limits = JointLimits.of(NAMES, {"a": JointLimit(max_velocity=1.0, max_acceleration=2.0),
+                                    "b": JointLimit(max_acceleration=2.0)})
+    moving = np.stack([0.05 * np.arange(1, 31), np.zeros(30)], axis=1)
+    run = np.tile([1.0, 0.0], (30, 1))
+    for interface in ("position", "velocity"):
+        commander = stream_commander(limits=limits, interface=interface, max_input_age_ns=2000 * MS)
+        commander.on_chunk(planned(0, moving, run), Situation(0, True), TIMING)
+        measured = np.zeros(2)
+        for k in range(1, 20):  # up to 1 rad/s at 2 rad/s^2 (0.1 rad/s a tick), then steady
+            command = commander.on_tick(k * DT, Situation(k * DT, True, None, measured))
+            measured = command.positions
+        assert command.velocities[0] == pytest.approx(1.0)
+        holds = [commander.on_tick(k * DT, Situation(k * DT, True, "stale", measured)) for k in range(20, 32)]
+        assert all(h.hold for h in holds)
+        speeds = [h.velocities[0] for h in holds]
+        np.testing.assert_allclose(speeds[:10], 1.0 - 0.1 * np.arange(1, 11), atol=1e-9)
+        assert speeds[10:] == [0.0, 0.0]
+        if interface == "position":
+            steps = np.diff([command.positions[0]] + [h.positions[0] for h in holds]) / (DT / 1e9)
+            np.testing.assert_allclose(steps, speeds, atol=1e-9)  # the positions follow the ramp
+        again = stream_commander(limits=limits, interface=interface, max_input_age_ns=2000 * MS)
+        again.on_chunk(planned(0, moving, run), Situation(0, True), TIMING)
+        seen = np.zeros(2)
+        for k in range(1, 20):
+            last = again.on_tick(k * DT, Situation(k * DT, True, None, seen))
+            seen = last.positions
+        assert last.velocities[0] == pytest.approx(1.0)
+        stop = again.hold_now(20 * DT, Situation(20 * DT, True, None, last.positions))
+        assert stop.hold and not stop.velocities.any() and np.array_equal(stop.positions, last.positions)
+
+
 def test_reset_forgets_the_last_command_so_reactivation_starts_where_the_robot_is() -> None:
     limits = JointLimits.of(NAMES, {"a": JointLimit(max_velocity=1.0, max_acceleration=2.0)})
     stream = stream_commander(limits=limits)
@@ -281,7 +433,10 @@ def test_chunk_velocity_at_hand_over_is_the_segment_the_controller_runs_at_any_r
                 times = [t_obs + t for t in command.times_from_start_ns]
                 assert_within_limits(start, velocity, now, times, command.positions, np.inf, 5.0)
                 speeds = np.diff(command.positions[:, 0]) / (DT / 1e9)
-                np.testing.assert_allclose(speeds, 1.0, atol=1e-6)
+                steady = len(command.positions) - command.braking_points
+                np.testing.assert_allclose(speeds[:steady - 1], 1.0, atol=1e-6)
+                # then the trajectory brakes to rest at 5 rad/s^2 (0.25 rad/s a period) in case no chunk follows
+                np.testing.assert_allclose(speeds[steady - 1:], [0.75, 0.5, 0.25, 0.0], atol=1e-6)
             t_obs += period_ms * MS
 
 

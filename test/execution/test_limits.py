@@ -7,7 +7,16 @@ import math
 import numpy as np
 import pytest
 
-from pi05_ros.execution.limits import JointLimit, JointLimits, clip_positions, clip_velocities
+from pi05_ros.execution.limits import (
+    MAX_BRAKING_PERIODS,
+    JointLimit,
+    JointLimits,
+    braking,
+    braking_by_steps,
+    braking_step,
+    clip_positions,
+    clip_velocities,
+)
 from pi05_ros.execution.plan import ExecutionConfigError
 from pi05_ros.execution.urdf import limits_from_urdf
 
@@ -106,6 +115,80 @@ URDF = """<?xml version="1.0"?>
   </ros2_control>
 </robot>
 """
+
+
+def test_braking_slows_every_joint_together_the_slowest_to_stop_at_exactly_its_acceleration_limit() -> None:
+    lim = limits(a=JointLimit(max_acceleration=2.0), b=JointLimit(max_acceleration=4.0), c=JointLimit())
+    start, speed = np.array([0.0, 1.0, -1.0]), np.array([1.0, 1.0, -0.5])
+    positions, velocities, counts = braking(start, speed, lim, DT)
+    # joint a needs 1 / 2 = 0.5 s to stop at 2 rad/s^2 (b 0.25 s alone): 10 periods, each 0.1 rad/s less for a
+    assert len(positions) == 10 and not velocities[-1].any() and counts.clipped_commands == 0
+    np.testing.assert_allclose(velocities[:, 0], 1.0 - 0.1 * np.arange(1, 11), atol=1e-12)  # float rounding
+    np.testing.assert_allclose(velocities[:, 1], velocities[:, 0], atol=1e-12)  # b slows with a: one direction
+    # c has no acceleration limit: nothing bounds its deceleration, so it moves no further on stale data
+    assert not velocities[:, 2].any() and (positions[:, 2] == -1.0).all()
+    # positions are the segments' sums: joint a moves 0.05 * (0.9 + 0.8 + ... + 0) = 0.225 rad more
+    np.testing.assert_allclose(positions, start + np.cumsum(velocities * DT, axis=0), atol=1e-12)
+    assert positions[-1, 0] == pytest.approx(0.225, abs=1e-12)
+    assert np.array_equal(positions[-1], positions[-2])  # at rest: the last segment does not move
+    changes = np.abs(np.diff(np.vstack([speed, velocities]), axis=0))
+    assert (changes[:, :2] <= np.array([2.0, 4.0]) * DT + 1e-12).all()
+
+
+def test_braking_without_an_acceleration_limit_or_motion_holds_where_it_is() -> None:
+    start = np.array([0.3, -0.2])
+    for lim, speed in ((JointLimits.none(["a", "b"]), np.array([1.0, 1.0])),
+                       (limits(a=JointLimit(max_acceleration=1.0), b=JointLimit()), np.array([0.0, 1.0])),
+                       (limits(a=JointLimit(max_acceleration=1.0), b=JointLimit()), NAN2)):  # NaN: unknown
+        positions, velocities, _ = braking(start, speed, lim, DT)
+        assert np.array_equal(positions, start[None, :]) and not velocities.any()
+
+
+def test_braking_stops_at_the_position_range_counts_it_and_unknown_positions_stay_unknown() -> None:
+    lim = limits(a=JointLimit(max_position=0.1, max_acceleration=1.0), b=JointLimit(max_acceleration=1.0))
+    positions, velocities, counts = braking(np.array([0.0, np.nan]), np.array([1.0, 1.0]), lim, DT)
+    # 1 rad/s at 1 rad/s^2 would go 0.475 rad on: a stops at its bound (the range overrides the acceleration
+    # limit), b's speed still ramps down to 0
+    assert positions[:, 0].max() == 0.1 and np.isnan(positions[:, 1]).all()
+    assert len(positions) == 20 and not velocities[-1].any()
+    # clipped twice: the period that reaches the bound, and the next (what is left of its speed, stopped there)
+    assert counts.position == 2 and counts.clipped_commands == 2 and counts.commands == 20
+    step_p, step_u, _ = braking_step(np.array([0.1, 0.0]), np.array([0.5, 0.5]), lim, DT)
+    assert step_p[0] == 0.1 and step_u[0] == 0.0 and step_u[1] == pytest.approx(0.45)
+
+
+def test_a_stop_beyond_max_braking_periods_ramps_down_harder_to_rest_within_them() -> None:
+    positions, velocities, _ = braking(np.zeros(1), np.array([2.0]), limits(a=JointLimit(max_acceleration=0.05)),
+                                       0.02)
+    # 2 rad/s at 0.05 rad/s^2 would need 40 s (2000 periods of 20 ms): it ramps down over the 1000 instead
+    assert len(positions) == MAX_BRAKING_PERIODS and not velocities[-1].any()
+    assert positions[-1, 0] == positions[-2, 0]  # at rest on the last row: JTC sees positions only
+    speeds = np.diff(np.concatenate([[0.0], positions[:, 0]])) / 0.02
+    assert (np.abs(np.diff(np.concatenate([[2.0], speeds]))) <= 2.0 / 20.0 * 0.02 + 1e-9).all()  # 0.1 rad/s^2
+
+
+def test_braking_in_closed_form_equals_its_stepwise_definition() -> None:
+    """braking's closed form (what a chunk's tail runs) against braking_step repeated, over random motions: limited
+    and unlimited joints, unknown speeds and positions, stops past the period cap; where the range clips, braking
+    runs the steps itself. 1e-9: float rounding of sums over up to 1000 periods."""
+    rng = np.random.default_rng(0)
+    for case in range(200):
+        accel = rng.choice([0.05, 0.5, 2.0, 10.0, np.inf], size=4)
+        bound = rng.choice([np.inf, 0.3])
+        lim = JointLimits.of(list("abcd"), {n: JointLimit(-bound, bound, max_acceleration=a)
+                                            for n, a in zip("abcd", accel, strict=True)})
+        start = rng.uniform(-0.2, 0.2, 4)
+        speed = rng.uniform(-3, 3, 4) * rng.choice([0.0, 0.01, 1.0], size=4)
+        if case % 10 == 0:
+            speed[0], start[1] = np.nan, np.nan
+        dt = rng.choice([0.01, 0.02, 0.05])
+        fast = braking(start, speed, lim, dt)
+        steps = braking_by_steps(start, speed, lim, dt)
+        assert fast[0].shape == steps[0].shape, case
+        np.testing.assert_allclose(fast[0], steps[0], atol=1e-9, err_msg=str(case))
+        np.testing.assert_allclose(fast[1], steps[1], atol=1e-9, err_msg=str(case))
+        assert vars(fast[2]) == vars(steps[2]), case
+        assert not fast[1][-1].any() and len(fast[0]) <= MAX_BRAKING_PERIODS
 
 
 def test_urdf_limits_with_continuous_joints_unbounded() -> None:

@@ -5,6 +5,8 @@
   follow the documented rule and are reported;
 - stream mode: Float64MultiArray commands at 1/action_dt, joint limits clip exactly, stale input holds within
   one control period (measured), the hand-over changes at run time (real-time chunking included);
+- chunk mode with max_acceleration: every trajectory (chunks and the hold) changes speed within the limit from
+  segment to segment and ends at rest;
 - the lifecycle: each transition does what it says, an invalid one is refused without harm.
 ros2_control cannot be installed here (no wheels): the controller side is checked against its documented
 behaviour (joint_trajectory_controller keeps a past header.stamp and runs point i at stamp + time_from_start;
@@ -212,6 +214,45 @@ def test_stream_mode_commands_at_the_control_rate_clip_and_hold_within_a_period(
         since = time.monotonic()
         assert wait_for(lambda: len(driver.commands_since(since)) >= 20, 5.0), "commands stopped under rtc"
     finally:
+        node.stop()
+
+
+def test_chunk_trajectories_and_holds_brake_within_max_acceleration(driver_factory) -> None:
+    """With max_acceleration on every joint, what reaches JTC never changes speed by more than a_max * dt from one
+    segment to the next inside a trajectory, and every trajectory ends at rest (its braking tail), chunks and the
+    hold alike; without such a tail a trajectory no chunk replaces would stop within one segment."""
+    a_max = 2.0
+    limits = [arg for joint in JOINTS for arg in ("-p", f"joint_limits.{joint}.max_acceleration:={a_max}")]
+    node, driver = start(driver_factory, "pi05_braking", "-p", "rate_hz:=10.0", "-p", "max_input_age_s:=0.3",
+                         *limits)
+    try:
+        assert driver.wait_for_chunks(3, 0.0, NODE_START_TIMEOUT_S), node.output()
+        since = time.monotonic()
+        time.sleep(2.0)
+        driver.feeding.clear()  # inputs go stale: the node holds
+        holding = driver.wait_for_status(time.monotonic(), 10.0,
+                                         lambda s: status_values(s).get("execution.state") == "holding")
+        assert holding is not None and int(status_values(holding)["execution.holds"]) >= 1, node.output()[-2000:]
+        time.sleep(0.3)  # the hold's trajectory reaches this driver
+        trajectories = [t for t in driver.trajectories_since(since) if len(t.points) >= 3]
+        assert len(trajectories) >= 10
+        tails = 0
+        for trajectory in trajectories:
+            times = np.array([duration_ns(p.time_from_start) for p in trajectory.points]) / S
+            positions = np.array([p.positions for p in trajectory.points])
+            speeds = np.diff(positions, axis=0) / np.diff(times)[:, None]
+            # segment to segment (the first segment's start is the previous trajectory's: not known here);
+            # 1e-6: float rounding of positions near 1 rad over 50 ms
+            assert (np.abs(np.diff(speeds, axis=0)) <= a_max * DT + 1e-6).all(), (speeds, times)
+            # at rest at its end: a last segment slower than a_max * dt stops within the limit without a tail
+            assert np.abs(speeds[-1]).max() <= a_max * DT + 1e-6
+            # a braking tail: the fastest joint's last three segments slow down to rest from above a_max * dt
+            joint = int(np.argmax(np.abs(speeds[-3])))
+            last = np.abs(speeds[-3:, joint])
+            tails += bool(last[0] > a_max * DT and last[0] > last[1] > last[2] == 0.0)
+        assert tails >= 1, [np.abs(np.diff([p.positions for p in t.points], axis=0)).max() for t in trajectories]
+    finally:
+        driver.feeding.set()
         node.stop()
 
 
