@@ -652,7 +652,9 @@ class PolicyNode(LifecycleNode):
     def _publish_chunk(self, chunk: ActionChunk, observation: Observation, latency_s: float,
                        settings: RuntimeSettings, started_ns: int) -> None:
         """Called by the inference thread; rclpy publishers are safe to use from it."""
-        self._latency.add(latency_s)
+        # RTC's delay estimate: the tick's start to its chunk's publication on the ROS clock, the queue's own time
+        # (collecting the observation included; under use_sim_time at the simulation's rate, not the wall's)
+        self._latency.add(max(self.now_ns() - started_ns, 0) / 1e9)
         with self._command_lock:
             if not self._active:  # deactivated (its hold sent) while this inference ran: nothing more goes out
                 return
@@ -732,7 +734,7 @@ class PolicyNode(LifecycleNode):
             rows = rows[: settings.rtc_overlap]
         if not len(rows):
             return None  # nothing queued yet: the first chunk is plain
-        arrival_ns = started_ns + int((self._latency.value() or 0.0) * 1e9)
+        arrival_ns = started_ns + int((self._latency.value() or 0.0) * 1e9)  # the estimate counts from the tick's start
         delay = delay_actions(observation.stamp_ns, commander.queue.next_target(arrival_ns), self._dt_ns)
         self._rtc_last = (delay, len(rows))
         return RtcRequest(rows, delay=delay, beta=settings.rtc_beta, schedule=settings.rtc_schedule, start=start)

@@ -5,6 +5,8 @@
   follow the documented rule and are reported;
 - stream mode: Float64MultiArray commands at 1/action_dt, joint limits clip exactly, stale input holds within
   one control period (measured), the hand-over changes at run time (real-time chunking included);
+- stream mode with real-time chunking under a simulation at 5x real time: the delay estimate is taken on the sim
+  clock;
 - chunk mode with max_acceleration: every trajectory (chunks and the hold) changes speed within the limit from
   segment to segment and ends at rest;
 - the lifecycle: each transition does what it says, an invalid one is refused without harm.
@@ -15,6 +17,7 @@ forward_command_controller applies data[i] to joints[i]; docs/ros_node.md, "Conn
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -253,6 +256,49 @@ def test_chunk_trajectories_and_holds_brake_within_max_acceleration(driver_facto
         assert tails >= 1, [np.abs(np.diff([p.positions for p in t.points], axis=0)).max() for t in trajectories]
     finally:
         driver.feeding.set()
+        node.stop()
+
+
+def test_rtc_delay_is_measured_on_the_ros_clock_under_a_fast_simulation(driver_factory) -> None:
+    """Under use_sim_time at 5x real time the queue's actions run at the simulation's rate, so RTC's latency
+    estimate (how many of them pass during an inference) is taken on the sim clock: ~5x the inference's wall time.
+    (Added to the ROS clock as wall time, as before, it came out ~1x: the delay in actions 5x too short.)"""
+    rate, start_ns = 5.0, 5_000 * S
+    node, driver = start(driver_factory, "pi05_rtc_sim", "-p", "use_sim_time:=true", "-p", "execution:=stream",
+                         "-p", "command_interface:=position", "-p", "blend:=rtc", "-p", "max_input_age_s:=2.0",
+                         sim_clock_ns=start_ns)
+    from builtin_interfaces.msg import Time
+    from rosgraph_msgs.msg import Clock
+
+    running = threading.Event()
+
+    def run_clock() -> None:  # /clock every 5 ms of wall time (the driver's feed sends it only with each frame)
+        began = time.monotonic()
+        while not running.wait(0.005):
+            now = start_ns + int(rate * (time.monotonic() - began) * S)
+            driver.clock_ns = now
+            driver.clock_pub.publish(Clock(clock=Time(sec=now // S, nanosec=now % S)))
+
+    clock = threading.Thread(target=run_clock, daemon=True)
+    clock.start()
+    try:
+        assert driver.wait_for_chunks(3, 0.0, NODE_START_TIMEOUT_S), node.output()[-3000:]
+
+        def measured(report) -> bool:
+            values = status_values(report)
+            return (values.get("rtc.latency_estimate_ms", "n/a") != "n/a"
+                    and values.get("execution.inference_latency_ms.p50", "n/a") != "n/a"
+                    and int(values.get("execution.chunks", "0")) >= 20)
+
+        status = driver.wait_for_status(time.monotonic(), 60.0, measured)
+        assert status is not None, node.output()[-3000:]
+        values = status_values(status)
+        estimate, wall = float(values["rtc.latency_estimate_ms"]), float(values["execution.inference_latency_ms.p50"])
+        # at least 3x where 5x is expected: the largest of the last 20 on the sim clock against a wall-time median
+        assert estimate >= 3 * wall, (estimate, wall)
+    finally:
+        running.set()
+        clock.join(2.0)
         node.stop()
 
 
