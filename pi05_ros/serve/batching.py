@@ -84,7 +84,9 @@ class Batcher:
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        """Requests waiting for a batch; one whose client has left stops counting at once (the loop sweeps it out
+        of the queue when it next looks, which may be after the running batch)."""
+        return sum(1 for job in self._pending if not job.future.done())
 
     async def submit(self, item: Any) -> BatchResult:
         """Run `item` in the next batch that can take it; raises what `run` raised or returned for it."""
