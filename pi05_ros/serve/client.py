@@ -162,14 +162,19 @@ class RemotePolicy:
 
     # --- inference
 
-    def infer(self, images: Mapping[str, np.ndarray], state: np.ndarray, prompt: str, num_steps: int = 10,
+    def infer(self, images: Mapping[str, np.ndarray], state: np.ndarray, prompt: str, num_steps: int | None = None,
               noise: np.ndarray | None = None, rtc: RtcRequest | None = None) -> ActionChunk:
         """Actions for one observation, from the server. InputError for input the server's model cannot use,
-        RemotePolicyError when the server cannot be reached or fails. `rtc`: real-time chunking, as in
-        Policy.infer (the previous chunk travels with the request)."""
+        RemotePolicyError when the server cannot be reached or fails. `num_steps`: None, the server's own
+        (`pi05-serve --num-steps`, in the metadata). `rtc`: real-time chunking, as in Policy.infer (the previous
+        chunk travels with the request)."""
         start = time.perf_counter()
         state = np.asarray(state, dtype=np.float32)
-        request: dict[str, Any] = {"images": dict(images), "state": state, "prompt": prompt, "num_steps": num_steps}
+        request: dict[str, Any] = {"images": dict(images), "state": state, "prompt": prompt}
+        if num_steps is not None:
+            request["num_steps"] = num_steps
+        else:
+            num_steps = int(self.metadata["num_steps"])
         if noise is not None:
             request["noise"] = np.asarray(noise, dtype=np.float32)
         if rtc is not None:

@@ -30,9 +30,11 @@ import asyncio
 import importlib.util
 import logging
 import os
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from fastapi import FastAPI, WebSocket
@@ -167,6 +169,13 @@ class StarletteTransport:
         await self._gone.wait()
 
 
+def replica_rank() -> int:
+    """This replica's rank in its deployment (0 .. replicas - 1), from Serve's replica context. (Above the
+    deployment class: defined below it, the replica raised NameError, Serve shipping what the class saw.)"""
+    rank = serve.get_replica_context().rank
+    return int(getattr(rank, "rank", rank))  # a ReplicaRank, whose .rank is the integer
+
+
 @serve.deployment(name="PolicyReplica")
 @serve.ingress(app)
 class PolicyReplica:
@@ -178,6 +187,11 @@ class PolicyReplica:
             raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
         self.policy = spec.load()
         warm_up(self.policy, settings.num_steps, warm_up_views(settings, layouts[default_layout], self.policy))
+        # Each replica draws its own noise (--seed + its rank: replica 0 draws what the one-process server would),
+        # so robots on different replicas do not share one noise stream; its rank is in the metadata and /stats.
+        self.rank = replica_rank()
+        settings = replace(settings, seed=settings.seed + self.rank,
+                           metadata={**settings.metadata, "replica": self.rank})
         self.settings = settings
         submit = self._ray_batch if batching == "ray" else None
         self.service = PolicyService(self.policy, layouts, default_layout, settings, submit=submit)
@@ -204,7 +218,7 @@ class PolicyReplica:
 
     async def _session(self, websocket: WebSocket, path: str) -> None:
         layout = self.service.layout_for(path)
-        if layout is None or self.service.open_connections >= self.settings.max_clients:
+        if layout is None or self.service.full():
             await websocket.close(code=POLICY_VIOLATION)  # before accept: the client sees HTTP 403
             return
         await websocket.accept()
@@ -236,7 +250,8 @@ class PolicyReplica:
 
     @app.get("/stats")
     def stats(self) -> JSONResponse:
-        return JSONResponse(self.service.stats())
+        """This replica's counters (the ingress picks the replica): "replica" says which."""
+        return JSONResponse({"replica": self.rank, **self.service.stats()})
 
 
 def build_app(spec: PolicySpec, settings: ServeSettings, layouts: Mapping[str, ObservationLayout],
@@ -249,6 +264,13 @@ def build_app(spec: PolicySpec, settings: ServeSettings, layouts: Mapping[str, O
         num_replicas=replicas, max_ongoing_requests=settings.max_clients,
         ray_actor_options={"num_gpus": gpus_per_replica, "num_cpus": cpus_per_replica},
     ).bind(spec, settings, dict(layouts), default_layout, batching)
+
+
+def free_port(host: str) -> int:
+    """A TCP port free on `host` now (the operating system's pick)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 def haproxy_environment_of_its_own(directory: str, free_port: "Callable[[], int]") -> dict[str, str]:
@@ -300,8 +322,10 @@ def deploy_on_ray(spec: PolicySpec, settings: ServeSettings, layouts: Mapping[st
 
     ingress = resolve_ingress(ingress)
     # here, not after each replica's model load (minutes for a real checkpoint, and Serve retries a failed replica)
-    check_warm_up_views(settings, layouts[default_layout])
-    layouts[default_layout].check_model(spec.model_image_keys())
+    model_image_keys = spec.model_image_keys()
+    check_warm_up_views(settings, layouts[default_layout], len(model_image_keys))
+    layouts[default_layout].check_model(model_image_keys)
+    spec.check_files()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports leave the machine unless asked
     started_here = not ray.is_initialized()
     if started_here and address is None:
@@ -351,6 +375,8 @@ def serve_on_ray(spec: PolicySpec, settings: ServeSettings, layouts: Mapping[str
     import ray
 
     ingress = resolve_ingress(ingress)
+    if port == 0:  # Serve's ingress takes a port as given: pick the free one here, so the start-up line names it
+        port = free_port(host)
     gpus = deploy_on_ray(spec, settings, layouts, default_layout, host=host, port=port, replicas=replicas,
                          gpus_per_replica=gpus_per_replica, address=address, batching=batching, ingress=ingress)
     if address is not None:

@@ -11,7 +11,9 @@ Memory stays bounded whatever clients do:
 - a reply that cannot be written within `send_timeout_s` (a client that does not read) drops the connection; the
   kernel's send buffer of a connection is fixed at `SEND_BUFFER_BYTES` (replies are a few KiB), so unread replies
   back up into that timeout instead of into megabytes of autotuned socket buffer;
-- at most `max_clients` connections (checked at each handshake; more get HTTP 503) and a bounded batch queue;
+- at most `max_clients` connections (checked at each handshake, where more get HTTP 503, and again as a
+  session begins, where one that got through in a burst of handshakes is closed with 1013) and a bounded batch
+  queue;
 - a TCP connection that does not finish its websocket handshake within `OPEN_TIMEOUT_S` is dropped, and one that
   stops answering keepalive pings within `PING_INTERVAL_S + PING_TIMEOUT_S`.
 So the worst case is about max_clients x (RECEIVE_QUEUE_FRAMES + 1) x max_message_bytes, plus socket buffers.
@@ -93,8 +95,7 @@ async def run_server(service: PolicyService, host: str, port: int, *, stop: asyn
             return _text(connection, http.HTTPStatus.NOT_FOUND,
                          f"no observation layout at {path}; connect to / ({service.default_layout}) or to one of "
                          f"{['/' + name for name in sorted(service.layouts)]}\n")
-        if service.open_connections >= settings.max_clients:
-            service.counters["rejected_full"] += 1
+        if service.full():
             return _text(connection, http.HTTPStatus.SERVICE_UNAVAILABLE,
                          f"the server is full ({settings.max_clients} clients); try again later\n")
         return None

@@ -16,10 +16,10 @@ on, `prev_total_ms` (the previous request, reply sent included), plus `batch_siz
 batch), `run_ms` (the batch's run) and `wake_ms` (batch done to this reply ready: the event loop answering the
 batch's rows).
 
-The noise of a request, so that answers can be reproduced: the `noise` key (the array itself), else the
-`noise_seed` key (`seeded_noise(seed, ...)`: numpy's default_rng(seed), float32 standard normal), else the
+The noise of a request, so that answers can be reproduced: the `noise` key (the array itself) or the `noise_seed`
+key (`seeded_noise(seed, ...)`: numpy's default_rng(seed), float32 standard normal), not both; without either, the
 server's own generator seeded with `seed` at start, drawn in the order requests arrive (reproducible for one
-client in sequence, not across concurrent clients).
+client in sequence, not across concurrent clients; a Ray replica's seed is `seed` + its rank).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -50,6 +51,11 @@ log = logging.getLogger(__name__)
 SERVER_NAME = "pi05_ros"
 ERROR_CLOSE_CODE = 1011  # internal error: openpi's server closes with it after the error text
 SLOW_CLIENT_CLOSE_CODE = 1008  # policy violation: the client does not read its replies
+FULL_CLOSE_CODE = 1013  # try again later: the server was full when this connection's session began
+# /stats' counters, there from the start (0) so that a reader finds every key on a fresh server
+STAT_COUNTERS = ("connections", "requests", "replies", "abandoned", "rejected_full", "slow_clients_closed",
+                 "clients_closed_sending_ahead", "errors_InputError", "errors_WireError", "errors_ServerBusy",
+                 "errors_InternalError")
 # Longer prompts are tokenized on the prepare pool, not the event loop: a frame may carry megabytes of prompt, and
 # tokenizing 7 MB took 1.7 s (the whole string is encoded before it is cut to the model's token limit).
 INLINE_PROMPT_CHARS = 2048
@@ -154,7 +160,7 @@ class PolicyService:
                                senders=lambda: self.open_connections)
         self._submit: Submit = submit or self.batcher.submit
         self.open_connections = 0
-        self.counters: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter(dict.fromkeys(STAT_COUNTERS, 0))
 
     # --- what clients see besides replies
 
@@ -195,6 +201,13 @@ class PolicyService:
             "max_message_bytes": self.settings.max_message_bytes,
         }
 
+    def full(self) -> bool:
+        """No room for another connection (`max_clients`); counts the refusal it leads to."""
+        if self.open_connections < self.settings.max_clients:
+            return False
+        self.counters["rejected_full"] += 1
+        return True
+
     def stats(self) -> dict[str, Any]:
         return {"connections_open": self.open_connections, "pending": self.batcher.pending,
                 "batch_sizes": {str(k): v for k, v in sorted(self.batcher.batch_sizes.items())},
@@ -204,6 +217,15 @@ class PolicyService:
 
     async def serve(self, transport: Transport, layout: ObservationLayout) -> None:
         """The protocol loop of one connection, until the client leaves or an error closes it."""
+        # The handshake's check (HTTP 503 / 403) lets a burst of simultaneous handshakes through; this one, with no
+        # await before the count goes up, holds max_clients exactly.
+        if self.full():
+            try:
+                await transport.close(FULL_CLOSE_CODE, f"the server is full ({self.settings.max_clients} clients); "
+                                                       "try again later")
+            except ConnectionGone:
+                pass
+            return
         self.open_connections += 1
         self.counters["connections"] += 1
         try:
@@ -382,6 +404,13 @@ class PolicySpec:
     action_space: str | None = None
     action_space_mask: tuple[bool, ...] | None = None
 
+    def check_files(self) -> None:
+        """The tokenizer file exists (a Ray driver checks it before any replica loads; the checkpoint's own
+        check is model_image_keys)."""
+        if self.checkpoint is not None and not (self.tokenizer and Path(self.tokenizer).is_file()):
+            raise InputError(f"--tokenizer {self.tokenizer}: no such file; give PaliGemma's SentencePiece model "
+                             "(paligemma_tokenizer.model)")
+
     def model_image_keys(self) -> tuple[str, ...]:
         """The model's camera slots, read from the checkpoint's config and names without loading a tensor (a Ray
         driver checks the default layout with them before any replica loads; a bad path fails here too)."""
@@ -434,12 +463,17 @@ def warm_up_views(settings: ServeSettings, layout: ObservationLayout, policy: Po
     return tuple(dict.fromkeys(views))
 
 
-def check_warm_up_views(settings: ServeSettings, layout: ObservationLayout) -> None:
-    """What `warm_up_views` can check before a model is loaded: the counts against the layout's own cameras (a Ray
-    deployment checks this in the driver, so that a wrong count fails there at once, not in every replica after
-    its model load). The model's camera slots are checked once it is loaded."""
-    if settings.warm_up_views and layout.images:
+def check_warm_up_views(settings: ServeSettings, layout: ObservationLayout, model_views: int) -> None:
+    """What `warm_up_views` can check before a model is loaded: the counts against the layout's own cameras, or for
+    a layout that maps camera names (pi05_ros) the model's camera slots, `model_views` (read from the checkpoint
+    without loading it). A Ray deployment checks this in the driver, so that a wrong count fails there at once,
+    not in every replica after its model load. What the loaded runner takes is checked once it is loaded."""
+    if not settings.warm_up_views:
+        return
+    if layout.images:
         _check_views(settings.warm_up_views, len(layout.images), layout, "the cameras this layout names")
+    else:
+        _check_views(settings.warm_up_views, model_views, layout, "the model's camera slots")
 
 
 def _check_views(views: Sequence[int], most: int, layout: ObservationLayout, what: str) -> None:

@@ -55,6 +55,27 @@ def test_out_of_range_numbers_are_argument_errors(argv: list[str], message: str,
 def test_a_checkpoint_needs_a_tokenizer(droid_checkpoint: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["--checkpoint", str(droid_checkpoint), "--device", "cpu"]) == 1
     assert "--checkpoint needs --tokenizer" in capsys.readouterr().err
+    # with --ray too, before Ray starts (it used to fail in every replica, after Ray and Serve had started)
+    import ray
+
+    assert main(["--checkpoint", str(droid_checkpoint), "--device", "cpu", "--ray"]) == 1
+    assert "--checkpoint needs --tokenizer" in capsys.readouterr().err
+    assert main(["--checkpoint", str(droid_checkpoint), "--tokenizer", "/no/tok.model", "--device", "cpu",
+                 "--ray"]) == 1
+    assert "--tokenizer /no/tok.model: no such file" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
+def test_ray_checks_warm_up_views_against_the_model_before_ray_starts(droid_checkpoint: Path, serve_tokenizer: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    """The pi05_ros layout names no cameras of its own: the counts are checked against the checkpoint's camera
+    slots (3), read without loading it; a wrong count used to fail in every replica after its model load."""
+    import ray
+
+    assert main(["--checkpoint", str(droid_checkpoint), "--tokenizer", str(serve_tokenizer), "--device", "cpu",
+                 "--ray", "--robot", "pi05_ros", "--warm-up-views", "2,4"]) == 1
+    assert "warm-up view counts must be in 1..3 (the model's camera slots), got [2, 4]" in capsys.readouterr().err
+    assert not ray.is_initialized()
 
 
 def test_model_options_reach_the_policy_spec() -> None:
@@ -69,6 +90,9 @@ def test_model_options_reach_the_policy_spec() -> None:
                                             "true,false", "--prompt-format", "pi0", "--image-resize", "lerobot"]))
     assert (spec.joint_convention, spec.action_space, spec.action_space_mask, spec.prompt_format,
             spec.image_resize) == ("none", "delta", (True, False), "pi0", "lerobot")
+    # relative paths are made absolute: a Ray worker resolves them against its own working directory
+    spec = _spec(build_parser().parse_args(["--checkpoint", "ckpt", "--tokenizer", "~/t.model"]))
+    assert spec.checkpoint == str(Path.cwd() / "ckpt") and spec.tokenizer == str(Path.home() / "t.model")
 
 
 def test_an_unknown_expert_kernels_choice_is_refused(capsys: pytest.CaptureFixture) -> None:

@@ -155,6 +155,19 @@ def test_remote_policy_through_ray(ray_port: int, local_policy: OneThreadPolicy)
     assert_remote_equals_local(f"ws://127.0.0.1:{ray_port}", local_policy, NUM_STEPS, seed=50)
 
 
+def test_the_replica_names_itself_and_every_counter_is_there(ray_port: int) -> None:
+    """/stats comes from whichever replica the ingress picks: it says which (its rank, also in the metadata; the rank
+    is added to --seed for the replica's noise, so replica 0 draws the one-process server's); a fresh replica's
+    counters are all there, at 0 where nothing was counted yet."""
+    from pi05_ros.serve.service import STAT_COUNTERS
+
+    with connect(f"ws://127.0.0.1:{ray_port}/", open_timeout=120, legacy=True) as ws:
+        assert unpack(ws.recv(timeout=120))["replica"] == 0
+    for prefix in ("", "/ray"):
+        counters = stats(ray_port, prefix)
+        assert counters["replica"] == 0 and set(STAT_COUNTERS) <= set(counters), counters
+
+
 def test_a_wrong_warm_up_count_fails_in_the_driver_before_ray_starts(monkeypatch: pytest.MonkeyPatch,
                                                                     droid_checkpoint: Path) -> None:
     """Not in each replica after its model load (a real checkpoint's load is minutes, and Serve retries a failed
@@ -190,11 +203,12 @@ def test_a_wrong_warm_up_count_fails_in_the_driver_before_ray_starts(monkeypatch
 
 
 def deploy_droid(checkpoint: Path, **options) -> float:  # noqa: ANN003
-    """deploy_on_ray with the droid layout and a checkpoint that is never loaded (Ray is a stand-in here)."""
+    """deploy_on_ray with the droid layout and a checkpoint that is never loaded (Ray is a stand-in here); the
+    tokenizer path must name a file, so the checkpoint's config stands in for one."""
     from pi05_ros.serve.ray_app import deploy_on_ray
 
-    return deploy_on_ray(PolicySpec(checkpoint=str(checkpoint), device="cpu"), ServeSettings(), BUILT_IN, "droid",
-                         host="127.0.0.1", **options)
+    spec = PolicySpec(checkpoint=str(checkpoint), tokenizer=str(checkpoint / "config.json"), device="cpu")
+    return deploy_on_ray(spec, ServeSettings(), BUILT_IN, "droid", host="127.0.0.1", **options)
 
 
 class RayStarted(Exception):

@@ -166,12 +166,15 @@ def test_without_noise_a_fresh_server_repeats_a_local_policy_call_for_call(
     inference would give: both draw each observation's noise from default_rng(seed) in call order."""
     from pi05_ros.engine.policy import Policy
 
-    fresh = start_server([*model_args, "--seed", "5"])
+    fresh = start_server([*model_args, "--seed", "5", "--num-steps", "2"])
     local = OneThreadPolicy(Policy.load(droid_checkpoint, serve_tokenizer, device="cpu", seed=5))
     with RemotePolicy(fresh.url(), timeout_s=120) as remote:
-        for prompt in ("put the cup in the sink", "stack the blocks", "fold the towel"):
-            np.testing.assert_allclose(remote.infer(IMAGES, STATE, prompt, 2).actions,
-                                       local.infer(IMAGES, STATE, prompt, 2).actions, rtol=RTOL, atol=ATOL)
+        for prompt, steps in (("put the cup in the sink", 2), ("stack the blocks", 3), ("fold the towel", None)):
+            chunk = remote.infer(IMAGES, STATE, prompt, steps)
+            # no num_steps: the server's own (--num-steps 2), as the metadata says
+            assert chunk.num_steps == (steps or 2)
+            np.testing.assert_allclose(chunk.actions, local.infer(IMAGES, STATE, prompt, steps or 2).actions,
+                                       rtol=RTOL, atol=ATOL)
 
 
 def test_real_time_chunking_travels_with_the_request(remote: RemotePolicy, local_policy: OneThreadPolicy) -> None:

@@ -276,6 +276,36 @@ def test_a_client_over_the_connection_limit_gets_503(server: ServerProcess) -> N
     answer(server)
 
 
+def test_a_burst_of_handshakes_at_the_limit_never_opens_more_than_max_clients(server: ServerProcess) -> None:
+    """With 100 held, 40 connecting at once leave exactly 110 open: the others are refused with 503 at the
+    handshake or, should one pass it in the burst, closed with 1013 (try again later) before any metadata."""
+    held = [client(server) for _ in range(MAX_CLIENTS - 10)]
+
+    def connect_one(_: int) -> tuple[str, ClientConnection | None]:
+        try:
+            ws = connect(server.url(), open_timeout=120, legacy=True)
+        except InvalidStatus as exc:
+            return f"http {exc.response.status_code}", None
+        try:
+            unpack(ws.recv(timeout=120))
+            return "served", ws
+        except ConnectionClosedError as exc:
+            return f"closed {exc.rcvd.code if exc.rcvd else None}", None
+
+    try:
+        outcomes = all_at_once(40, connect_one)
+        kinds = [outcome[0] if isinstance(outcome, tuple) else repr(outcome) for outcome in outcomes]
+        held += [outcome[1] for outcome in outcomes if isinstance(outcome, tuple) and outcome[1] is not None]
+        assert set(kinds) <= {"served", "http 503", "closed 1013"}, kinds
+        assert kinds.count("served") == 10, kinds
+        assert server.stats()["connections_open"] == MAX_CLIENTS
+    finally:
+        for ws in held:
+            ws.close()
+    assert wait_for(lambda: server.stats()["connections_open"] == 0)
+    answer(server)
+
+
 def test_a_client_that_never_reads_is_dropped_and_memory_stays_bounded(server: ServerProcess) -> None:
     # Frames of ~1 MB (two 390x430 images, just under the limit), sent as fast as TCP lets them; replies never read.
     frame = pack(droid_observation(RNG, seed=9, size=(390, 430)) | {"num_steps": 1})

@@ -63,6 +63,44 @@ def test_requests_are_prepared_on_the_loop_or_the_pool(service: PolicyService, m
     assert not np.allclose(actions[0], actions[2])
 
 
+def test_a_fresh_service_reports_every_counter() -> None:
+    """A /stats reader finds every key from the start (a Counter's keys used to appear only once counted)."""
+    from pi05_ros.serve.service import STAT_COUNTERS
+
+    policy = Policy.demo(device="cpu", precision="fp32", seed=0)
+    layout = native_layout()
+    stats = PolicyService(policy, {layout.name: layout}, layout.name, ServeSettings(num_steps=1)).stats()
+    assert {key: stats[key] for key in STAT_COUNTERS} == dict.fromkeys(STAT_COUNTERS, 0)
+    assert (stats["connections_open"], stats["pending"], stats["dropped"], stats["batch_sizes"]) == (0, 0, 0, {})
+
+
+class _RecordingTransport:
+    """A connection that records what the service does with it."""
+
+    def __init__(self) -> None:
+        self.sent: list = []
+        self.closed: tuple[int, str] | None = None
+
+    async def send(self, frame: bytes | str) -> None:
+        self.sent.append(frame)
+
+    async def close(self, code: int, reason: str) -> None:
+        self.closed = (code, reason)
+
+
+def test_a_session_that_begins_on_a_full_server_is_closed_with_1013() -> None:
+    """The handshake's check and the session's start are apart on Ray (an await of the accept between them), so a
+    burst can pass the first: the session's own check, with no await before the count goes up, holds the limit."""
+    policy = Policy.demo(device="cpu", precision="fp32", seed=0)
+    layout = native_layout()
+    service = PolicyService(policy, {layout.name: layout}, layout.name, ServeSettings(num_steps=1, max_clients=2))
+    service.open_connections = 2
+    transport = _RecordingTransport()
+    asyncio.run(service.serve(transport, layout))
+    assert transport.sent == [] and transport.closed == (1013, "the server is full (2 clients); try again later")
+    assert (service.open_connections, service.counters["rejected_full"], service.counters["connections"]) == (2, 1, 0)
+
+
 def test_built_in_layouts_that_do_not_fit_the_model_are_not_served_and_the_default_must_fit() -> None:
     """A LeRobot checkpoint with cameras of its own names: the droid/libero/aloha layouts feed openpi's slots, which
     it lacks; the server starts with the layouts that fit (it refused to start at all before)."""
