@@ -515,6 +515,9 @@ class StreamCommander(Commander):
             if reason is not None:
                 self._set_state(HOLDING if self.on_stale == HOLD else STOPPED, reason)
                 if self.on_stale == STOP:
+                    # nothing is sent, so the position controller stays at the last command: the next command
+                    # starts from rest there (its acceleration limited from 0, not from the motion before the stop)
+                    self.last_velocities = np.zeros(len(self.joints))
                     return None
                 return self._hold(tick_ns, target_ns, situation.measured)
             assert queued is not None

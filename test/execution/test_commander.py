@@ -165,6 +165,25 @@ def test_stream_stop_publishes_nothing_and_blend_changes_at_run_time() -> None:
     assert commander.status().blend == "crossfade"
 
 
+def test_stream_stop_then_resume_accelerates_from_rest_within_the_limit() -> None:
+    """on_stale: stop sends nothing, so the position controller rests at the last command; the first command after
+    the stop must be limited from rest (it was limited from the motion before the stop: 1.1 rad/s from rest where
+    2 rad/s^2 allows 0.1 rad/s in the first period)."""
+    limits = JointLimits.of(NAMES, {"a": JointLimit(max_acceleration=2.0), "b": JointLimit(max_acceleration=2.0)})
+    commander = stream_commander(limits=limits, on_stale="stop", max_input_age_ns=5000 * MS)
+    moving = np.stack([0.05 * np.arange(1, 81), np.zeros(80)], axis=1)  # 1 rad/s on joint a
+    commander.on_chunk(planned(0, moving), Situation(0, True), TIMING)
+    for k in range(1, 20):  # up to 1 rad/s at 0.1 rad/s a tick
+        command = commander.on_tick(k * DT, Situation(k * DT, True))
+    assert command.velocities[0] == pytest.approx(1.0)
+    assert all(commander.on_tick(k * DT, Situation(k * DT, True, "stale")) is None for k in range(20, 60))
+    resumed = commander.on_tick(60 * DT, Situation(60 * DT, True))  # fresh again: the queue's action for 61 * DT
+    assert resumed is not None and not resumed.hold
+    # 2 rad/s^2 x 50 ms: 0.1 rad/s, i.e. 5 mm further than the position the controller rests at
+    assert resumed.velocities[0] == pytest.approx(0.1)
+    assert resumed.positions[0] == pytest.approx(command.positions[0] + 0.005)
+
+
 def test_control_loop_ticks_on_the_clock_grid_and_counts_missed_ticks() -> None:
     ticks: list[int] = []
     period = 20 * MS
