@@ -632,8 +632,10 @@ class PolicyNode(LifecycleNode):
         columns = self._columns
         return None if columns is None else columns.measured(self.inputs.joints.latest_copy())
 
-    def _situation(self, now_ns: int, settings: RuntimeSettings | None = None) -> Situation:
-        settings = settings or self._runtime
+    def _situation(self, now_ns: int) -> Situation:
+        # the settings of now, not of an inference's start: commanding turned off while an inference ran (the
+        # controller handed to another source) must keep that inference's chunk off the robot
+        settings = self._runtime
         commanding = (self._active and self._commands_off() is None
                       and (self._exec.command_interface != TRAJECTORY or settings.publish_joint_trajectory))
         reason: str | None = None
@@ -671,7 +673,7 @@ class PolicyNode(LifecycleNode):
                 return
             plan = plan_chunk(chunk.actions, chunk.state, columns, t_obs_ns=observation.stamp_ns,
                               dt_ns=self._dt_ns, sequence=sequence)
-            situation = self._situation(self.now_ns(), settings)
+            situation = self._situation(self.now_ns())
             timing = ChunkTiming(started_ns, latency_s)
             if isinstance(commander, ChunkCommander):
                 self._publish_trajectory(commander.on_chunk(plan, situation, timing))

@@ -6,8 +6,9 @@ surfaces), the RuntimeError PI05_FAULT_MESSAGE names (default: an illegal memory
 the file says `nan`, the runner returns NaN actions instead (a numeric fault); when it says `callback`, inference
 runs and the instruction subscription's callback raises instead (a bug in a callback, which rclpy re-raises from
 the executor's spin); when it says `alternate`, every second inference raises (an intermittent fault, such as a
-policy server's timeouts). PI05_LOAD_DELAY_S makes the model load take that long. Everything else is the
-installed node, started as `policy_node` is.
+policy server's timeouts); when it says `slow S`, every inference takes S seconds more.
+PI05_LOAD_DELAY_S makes the model load take that long. Everything else is the installed node, started as
+`policy_node` is.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ def _with_faults(policy: Any) -> Any:
         except FileNotFoundError:
             return run(observation, num_steps)
         if kind == "callback":
+            return run(observation, num_steps)
+        if kind.startswith("slow"):
+            import time
+
+            time.sleep(float(kind.split()[1]))
             return run(observation, num_steps)
         if kind == "alternate":
             calls[0] += 1

@@ -254,6 +254,31 @@ def test_parameter_changes_during_inference_all_get_replies_and_apply(faulty) ->
           f"{1e3 * max(replies):.0f} ms (max)")
 
 
+def test_commanding_turned_off_during_an_inference_keeps_its_chunk_off_the_robot(faulty) -> None:
+    """publish_joint_trajectory set false while an inference runs (an operator handing the controller to another
+    source): that inference's chunk is still published on the chunk topic but commands nothing (it was judged by
+    the settings at its start and went out as a trajectory); commanding turned on again resumes."""
+    node, driver, fault_file = faulty
+    # each inference 0.25 s longer: its chunk still has actions inside max_input_age_s (0.5 s), and one that begins
+    # as the last ends is under way well past the parameter change
+    fault_file.write_text("slow 0.25")
+    try:
+        assert driver.wait_for_chunks(2, time.monotonic(), 10.0), node.output()[-3000:]  # the slow ones run
+        assert driver.wait_for_chunks(1, time.monotonic(), 10.0)  # one just ended: the next has just begun
+        assert driver.set_parameter("publish_joint_trajectory", False, timeout=10.0).successful
+        off = time.monotonic()
+        assert driver.wait_for_chunks(2, off, 10.0), node.output()[-3000:]  # inferences ended after the change
+        # 0.1 s for what was in flight when the parameter changed
+        assert driver.trajectories_since(off + 0.1) == []
+    finally:
+        fault_file.unlink(missing_ok=True)
+        assert driver.set_parameter("publish_joint_trajectory", True, timeout=10.0).successful
+    on = time.monotonic()
+    wait_healthy(node, driver)
+    assert driver.trajectories_since(on), node.output()[-3000:]
+    assert_nothing_lost(driver)
+
+
 def test_a_gpu_error_inside_an_inference_is_reported_holds_and_recovers(faulty) -> None:
     node, driver, fault_file = faulty
     log_from = len(node.output())
