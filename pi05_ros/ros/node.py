@@ -167,6 +167,7 @@ class PolicyNode(LifecycleNode):
         self._configure_error: str | None = None
         self._command_lock = threading.Lock()  # a decision and its publication are one step
         self._latency = LatencyEstimate()  # blend rtc: the delay estimate in actions comes from it
+        self._activated_ns = 0  # ROS clock at the last activation (a chunk begun before it is not a latency sample)
         self._rtc_last: tuple[int, int] | None = None  # (delay, overlap) of the last RTC request
         self._logged_state = ""
         self._chunk_pub: Any = None
@@ -391,8 +392,9 @@ class PolicyNode(LifecycleNode):
         result = super().on_activate(state)  # enables the lifecycle publishers
         assert self.worker is not None
         with self._command_lock:
-            if self._commander is not None:  # the robot may have moved while inactive: no command from before
-                self._commander.reactivate(self.now_ns())
+            if self._commander is not None:  # no command from before (the robot may have moved while inactive),
+                self._commander.reactivate(self.now_ns())  # except a braking hold JTC still runs (commander.py)
+        self._activated_ns = self.now_ns()
         self._active = True
         self.worker.set_active(True)
         self._prepare_views_with(self.worker.policy)  # while inactive no inference uses the frames
@@ -652,11 +654,15 @@ class PolicyNode(LifecycleNode):
         return Situation(now_ns, commanding, reason, self._measured())
 
     def _publish_chunk(self, chunk: ActionChunk, observation: Observation, latency_s: float,
-                       settings: RuntimeSettings, started_ns: int) -> None:
+                       settings: RuntimeSettings, started_ns: int, elapsed_s: float) -> None:
         """Called by the inference thread; rclpy publishers are safe to use from it."""
-        # RTC's delay estimate: the tick's start to its chunk's publication on the ROS clock, the queue's own time
-        # (collecting the observation included; under use_sim_time at the simulation's rate, not the wall's)
-        self._latency.add(max(self.now_ns() - started_ns, 0) / 1e9)
+        # RTC's delay estimate: the tick's start to its chunk's publication in the queue's own time (collecting the
+        # observation included): on the ROS clock under use_sim_time (the simulation's rate, not the wall's), else
+        # on a steady clock, which a step of the system clock does not move. An inference during which the node
+        # was (re)activated counts its inactive time: not a sample.
+        if self._activated_ns <= started_ns:
+            sim = self.get_clock().ros_time_is_active
+            self._latency.add(max(self.now_ns() - started_ns, 0) / 1e9 if sim else elapsed_s)
         with self._command_lock:
             if not self._active:  # deactivated (its hold sent) while this inference ran: nothing more goes out
                 return

@@ -229,8 +229,9 @@ class WorkerCounters:
             )
 
 
-# chunk, its observation, inference wall time (s), the settings it ran with, clock (ns) when it started
-PublishFn = Callable[["ActionChunk", Observation, float, "RuntimeSettings", int], None]
+# chunk, its observation, inference wall time (s), the settings it ran with, ROS clock (ns) when its tick started,
+# and the time (s) from the tick's start to now on a steady clock
+PublishFn = Callable[["ActionChunk", Observation, float, "RuntimeSettings", int, float], None]
 # (observation, settings, inference start ns) -> the engine's RtcRequest for this inference, or None
 GuidanceFn = Callable[[Observation, "RuntimeSettings", int], Any]
 
@@ -403,6 +404,7 @@ class InferenceWorker:
 
     def _tick(self, settings: RuntimeSettings) -> None:
         started_ns = self._clock_ns()
+        started_steady = time.monotonic()
         if started_ns <= 0:  # use_sim_time and no /clock yet
             self._skipped((Problem(Level.WARN, ProblemCode.NO_CLOCK, NO_CLOCK_MESSAGE),))
             return
@@ -446,7 +448,7 @@ class InferenceWorker:
         # This inference succeeded: an earlier failure no longer stops commands, also not this chunk's own.
         self._counters.clear_failure()
         try:
-            self._publish(chunk, observation, latency, settings, started_ns)
+            self._publish(chunk, observation, latency, settings, started_ns, time.monotonic() - started_steady)
         except Exception as exc:  # noqa: BLE001 - a chunk that cannot be published must not end the thread
             self._log_traceback_once("publishing a chunk failed", exc)
             self._failed(Problem(Level.ERROR, ProblemCode.PUBLISH_FAILED,
