@@ -6,8 +6,9 @@ the robot will run while the new chunk is denoised are committed. `committed_act
 rows at the new chunk's due times (interpolated between grid points, as the queue itself samples chunks) for as
 long as the queue covers them: the previous chunk of engine/rtc.py, row 0 = the new chunk's action 0.
 `delay_actions` is how many of the new chunk's actions will not be commanded from it: those before the first
-target the queue can still give it when it arrives (StreamQueue.next_target(now + latency)), the latency
-estimated as the largest of the recent ones (as LeRobot does). The queue then merges the new chunk with `replace`
+target the queue can still give it when it arrives (StreamQueue.next_target(tick start + latency)), the latency
+(an inference tick's start to its chunk's publication, in the queue's clock) estimated as the largest of the
+recent ones (as LeRobot does). The queue then merges the new chunk with `replace`
 from that target: it already agrees. No ROS imports.
 """
 
@@ -65,8 +66,8 @@ def delay_actions(t_obs_ns: int, first_target: int, period_ns: int) -> int:
 
 
 class LatencyEstimate:
-    """The largest of the last LATENCY_WINDOW inference latencies (a cautious delay: too small a delay lets the
-    guidance bend actions that will already have run)."""
+    """The largest of the last LATENCY_WINDOW latencies, tick start to publication (a cautious delay: too small a
+    delay lets the guidance bend actions that will already have run)."""
 
     def __init__(self, window: int = LATENCY_WINDOW) -> None:
         self._recent: deque[float] = deque(maxlen=window)

@@ -142,8 +142,10 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "inference.", _F, dynamic=True, float_range=(MIN_RATE_HZ, MAX_RATE_HZ)),
     ParamSpec("default_instruction", "", "Task prompt used while no message has arrived on `instruction`. "
               "Takes effect on the next inference.", _S, dynamic=True),
-    ParamSpec("publish_joint_trajectory", True, "Also publish each chunk as trajectory_msgs/JointTrajectory on "
-              "`joint_trajectory`. Takes effect on the next inference.", _B, dynamic=True),
+    ParamSpec("publish_joint_trajectory", True, "Command the robot on `joint_trajectory` "
+              "(trajectory_msgs/JointTrajectory: each chunk's trajectory, holds, stream ticks); false pauses every "
+              "command there at once, a chunk whose inference is running included (the chunks still go out on "
+              "`action_chunk`).", _B, dynamic=True),
     # --- timing of the actions
     ParamSpec("action_dt", 0.05, "Seconds between consecutive actions of a chunk (the rate the policy was "
               "trained at, e.g. 0.066 for 15 Hz DROID).", _F, float_range=(1e-4, 10.0)),
