@@ -167,7 +167,6 @@ class PolicyNode(LifecycleNode):
         self._configure_error: str | None = None
         self._command_lock = threading.Lock()  # a decision and its publication are one step
         self._latency = LatencyEstimate()  # blend rtc: the delay estimate in actions comes from it
-        self._activated_ns = 0  # ROS clock at the last activation (a chunk begun before it is not a latency sample)
         self._rtc_last: tuple[int, int] | None = None  # (delay, overlap) of the last RTC request
         self._logged_state = ""
         self._chunk_pub: Any = None
@@ -394,7 +393,6 @@ class PolicyNode(LifecycleNode):
         with self._command_lock:
             if self._commander is not None:  # no command from before (the robot may have moved while inactive),
                 self._commander.reactivate(self.now_ns())  # except a braking hold JTC still runs (commander.py)
-        self._activated_ns = self.now_ns()
         self._active = True
         self.worker.set_active(True)
         self._prepare_views_with(self.worker.policy)  # while inactive no inference uses the frames
@@ -658,11 +656,10 @@ class PolicyNode(LifecycleNode):
         """Called by the inference thread; rclpy publishers are safe to use from it."""
         # RTC's delay estimate: the tick's start to its chunk's publication in the queue's own time (collecting the
         # observation included): on the ROS clock under use_sim_time (the simulation's rate, not the wall's), else
-        # on a steady clock, which a step of the system clock does not move. An inference during which the node
-        # was (re)activated counts its inactive time: not a sample.
-        if self._activated_ns <= started_ns:
-            sim = self.get_clock().ros_time_is_active
-            self._latency.add(max(self.now_ns() - started_ns, 0) / 1e9 if sim else elapsed_s)
+        # on a steady clock, which a step of the system clock does not move. (A chunk whose inference spanned a
+        # deactivation comes here only if the node is active again; its time is that inference's own.)
+        sim = self.get_clock().ros_time_is_active
+        self._latency.add(max(self.now_ns() - started_ns, 0) / 1e9 if sim else elapsed_s)
         with self._command_lock:
             if not self._active:  # deactivated (its hold sent) while this inference ran: nothing more goes out
                 return
