@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pi05_ros.cli import int_in_range
-from pi05_ros.engine.errors import InputError, Pi05Error
+from pi05_ros.engine.errors import Pi05Error
 
 log = logging.getLogger("pi05-serve")
 
@@ -149,8 +149,6 @@ def _spec(args: argparse.Namespace) -> Any:
                    if value is not None]
         if ignored:
             raise SystemExit(f"pi05-serve: {', '.join(ignored)} go with --checkpoint; the demo model has its own")
-    elif not args.tokenizer:  # here, so that --ray fails before Ray starts, not in every replica
-        raise InputError("--checkpoint needs --tokenizer (PaliGemma's paligemma_tokenizer.model)")
 
     def absolute(path: str) -> str:  # Ray's workers resolve paths against their own working directory
         return str(Path(path).expanduser().absolute())

@@ -651,8 +651,8 @@ class PolicyNode(LifecycleNode):
                 reason = problems[0].message if problems else None
         return Situation(now_ns, commanding, reason, self._measured())
 
-    def _publish_chunk(self, chunk: ActionChunk, observation: Observation, latency_s: float,
-                       settings: RuntimeSettings, started_ns: int, elapsed_s: float) -> None:
+    def _publish_chunk(self, chunk: ActionChunk, observation: Observation, latency_s: float, started_ns: int,
+                       elapsed_s: float) -> None:
         """Called by the inference thread; rclpy publishers are safe to use from it."""
         # RTC's delay estimate: the tick's start to its chunk's publication in the queue's own time (collecting the
         # observation included): on the ROS clock under use_sim_time (the simulation's rate, not the wall's), else

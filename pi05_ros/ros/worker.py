@@ -229,9 +229,9 @@ class WorkerCounters:
             )
 
 
-# chunk, its observation, inference wall time (s), the settings it ran with, ROS clock (ns) when its tick started,
-# and the time (s) from the tick's start to now on a steady clock
-PublishFn = Callable[["ActionChunk", Observation, float, "RuntimeSettings", int, float], None]
+# chunk, its observation, inference wall time (s), ROS clock (ns) when its tick started, and the time (s) from the
+# tick's start to now on a steady clock (the node judges the chunk by the settings of the moment, not its tick's)
+PublishFn = Callable[["ActionChunk", Observation, float, int, float], None]
 # (observation, settings, inference start ns) -> the engine's RtcRequest for this inference, or None
 GuidanceFn = Callable[[Observation, "RuntimeSettings", int], Any]
 
@@ -448,7 +448,7 @@ class InferenceWorker:
         # This inference succeeded: an earlier failure no longer stops commands, also not this chunk's own.
         self._counters.clear_failure()
         try:
-            self._publish(chunk, observation, latency, settings, started_ns, time.monotonic() - started_steady)
+            self._publish(chunk, observation, latency, started_ns, time.monotonic() - started_steady)
         except Exception as exc:  # noqa: BLE001 - a chunk that cannot be published must not end the thread
             self._log_traceback_once("publishing a chunk failed", exc)
             self._failed(Problem(Level.ERROR, ProblemCode.PUBLISH_FAILED,

@@ -59,6 +59,7 @@ STAT_COUNTERS = ("connections", "requests", "replies", "abandoned", "rejected_fu
 # Longer prompts are tokenized on the prepare pool, not the event loop: a frame may carry megabytes of prompt, and
 # tokenizing 7 MB took 1.7 s (the whole string is encoded before it is cut to the model's token limit).
 INLINE_PROMPT_CHARS = 2048
+NEEDS_TOKENIZER = "--checkpoint needs --tokenizer (PaliGemma's paligemma_tokenizer.model)"
 ERROR_TEXT_CHARS = 2000  # an error reply (and its log line) quotes at most this much: it may echo client input
 
 
@@ -405,9 +406,13 @@ class PolicySpec:
     action_space_mask: tuple[bool, ...] | None = None
 
     def check_files(self) -> None:
-        """The tokenizer file exists (a Ray driver checks it before any replica loads; the checkpoint's own
-        check is model_image_keys)."""
-        if self.checkpoint is not None and not (self.tokenizer and Path(self.tokenizer).is_file()):
+        """A checkpoint's tokenizer is given and is a file (a Ray driver checks it before any replica loads; the
+        checkpoint's own check is model_image_keys)."""
+        if self.checkpoint is None:
+            return
+        if not self.tokenizer:
+            raise InputError(NEEDS_TOKENIZER)
+        if not Path(self.tokenizer).is_file():
             raise InputError(f"--tokenizer {self.tokenizer}: no such file; give PaliGemma's SentencePiece model "
                              "(paligemma_tokenizer.model)")
 
@@ -428,7 +433,7 @@ class PolicySpec:
                                max_batch=self.max_batch, fp8_vision=self.fp8_vision,
                                expert_kernels=self.expert_kernels)
         if not self.tokenizer:
-            raise InputError("--checkpoint needs --tokenizer (PaliGemma's paligemma_tokenizer.model)")
+            raise InputError(NEEDS_TOKENIZER)
         return Policy.load(self.checkpoint, self.tokenizer, norm_stats=self.norm_stats,
                            config_preset=self.config_preset, device=self.device, precision=self.precision,
                            action_dim=self.action_dim, seed=self.seed, max_batch=self.max_batch,

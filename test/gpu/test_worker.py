@@ -25,7 +25,7 @@ def test_worker_runs_fast_policy_at_rate_and_follows_step_changes() -> None:
     chunks: list = []
     got = threading.Event()
 
-    def publish(chunk, observation, latency_s, runtime, started_ns, elapsed_s) -> None:  # noqa: ANN001
+    def publish(chunk, observation, latency_s, started_ns, elapsed_s) -> None:  # noqa: ANN001
         chunks.append(chunk)
         if len(chunks) >= 150:  # 5 s at 30 Hz: longer than the worker's 3 s rate window
             got.set()
